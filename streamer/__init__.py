@@ -1,0 +1,3 @@
+"""streamer: online per-sensor stateful LSTM forecasting over Kafka."""
+
+__version__ = "0.1.0"

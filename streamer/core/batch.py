@@ -1,0 +1,93 @@
+"""The learner's input (a micro-batch of readings) and its outputs, as plain arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Batch:
+    """N readings in arrival order.
+
+    ``values`` is (N, F) float64; a reading that carried fewer or more than F numbers has its
+    true count in ``n_values`` (it will be rejected as WRONG_FEATURE_COUNT); missing cells are NaN.
+    """
+
+    sensor_ids: Sequence[str]  # (N,)
+    ts: np.ndarray  # (N,) float64, epoch seconds
+    values: np.ndarray  # (N, F) float64
+    n_values: np.ndarray  # (N,) int64, how many numbers each reading carried
+
+    def __len__(self) -> int:
+        return len(self.sensor_ids)
+
+    @classmethod
+    def from_arrays(cls, sensor_ids: Sequence[str], ts: np.ndarray, values: np.ndarray) -> Batch:
+        """Build from well-formed arrays; ``values`` may be (N,) for one feature."""
+        values = np.asarray(values, dtype=np.float64)
+        if values.ndim == 1:
+            values = values[:, None]
+        ts = np.asarray(ts, dtype=np.float64)
+        n_values = np.full(len(sensor_ids), values.shape[1], dtype=np.int64)
+        return cls(list(sensor_ids), ts, values, n_values)
+
+    @classmethod
+    def from_records(
+        cls, records: Sequence[tuple[str, float, Sequence[float]]], n_features: int
+    ) -> Batch:
+        """Build from (sensor_id, ts, values) tuples whose value lists may have any length."""
+        n = len(records)
+        values = np.full((n, n_features), np.nan, dtype=np.float64)
+        n_values = np.zeros(n, dtype=np.int64)
+        for i, (_, _, vals) in enumerate(records):
+            n_values[i] = len(vals)
+            k = min(len(vals), n_features)
+            values[i, :k] = vals[:k]
+        ts = np.array([r[1] for r in records], dtype=np.float64)
+        return cls([r[0] for r in records], ts, values, n_values)
+
+    def take(self, index: np.ndarray) -> Batch:
+        """The readings at ``index``, in that order."""
+        return Batch(
+            [self.sensor_ids[i] for i in index.tolist()],
+            self.ts[index],
+            self.values[index],
+            self.n_values[index],
+        )
+
+
+@dataclass(frozen=True)
+class UpdateStats:
+    """What one truncated-BPTT update did."""
+
+    update_index: int  # 1-based count of updates attempted, skipped ones included
+    loss: float  # masked MSE in normalized units (nan when non-finite)
+    grad_norm: float  # total global norm before clipping, as clip_grad_norm_ returned it
+    clipped: bool  # grad_norm exceeded max_grad_norm
+    skipped: bool  # non-finite loss or norm: weights untouched
+    slots: int  # windows trained (n_ready)
+    steps: int  # (slot, step) pairs that contributed to the loss
+    duration_seconds: float
+
+
+@dataclass
+class StepResult:
+    """Outputs of one ``Learner.step`` call, aligned with the input batch."""
+
+    status: np.ndarray  # (N,) int8 Reason values; 0 = accepted
+    forecasts: np.ndarray  # (N, F) float64 next-reading forecasts; NaN where rejected
+    update_count: np.ndarray  # (N,) int64 weight updates applied when the forecast was made
+    # Prequential errors in normalized units of the forecast made for this reading earlier,
+    # and of persistence; NaN where the sensor had no scored forecast yet.
+    model_error: np.ndarray  # (N,) float64, mean over features
+    persistence_error: np.ndarray  # (N,) float64
+    updates: list[UpdateStats] = field(default_factory=list)
+    new_sensors: int = 0
+    evicted_sensors: int = 0
+
+    @property
+    def accepted(self) -> np.ndarray:
+        return self.status == 0

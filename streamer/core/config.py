@@ -1,0 +1,78 @@
+"""Plain, frozen configuration of the learner (the core never sees pydantic)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """Everything that shapes the learner's tensors and its online training."""
+
+    n_features: int = 1
+    hidden_size: int = 32
+    num_layers: int = 1
+    # Truncated BPTT: a slot's window is ready once it holds this many (input, target) steps.
+    tbptt_steps: int = 32
+    # One update runs after every `train_every` accepted readings (a count, never a clock).
+    train_every: int = 256
+    lr: float = 3e-3
+    max_grad_norm: float = 1.0
+    # Slot table.
+    initial_capacity: int = 1024
+    max_sensors: int = 100_000
+    sensor_ttl_seconds: float | None = None
+    max_sensor_id_length: int = 256
+    # Normalization: exponentially weighted mean/variance with this weight; 0 means Welford
+    # (equal weights). Early readings use max(alpha, 1/n) so the first estimates are unbiased.
+    norm_alpha: float = 0.01
+    # A new sensor's forecast is persistence (its last value) until it has this many readings.
+    warmup_readings: int = 8
+    # Inputs and targets in normalized units are clipped to +-clip so outliers cannot dominate.
+    clip_z: float = 6.0
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive = ("n_features", "hidden_size", "num_layers", "tbptt_steps", "train_every",
+                    "initial_capacity", "max_sensors", "max_sensor_id_length")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if not 0.0 <= self.norm_alpha < 1.0:
+            raise ValueError(f"norm_alpha must be in [0, 1), got {self.norm_alpha}")
+        if self.warmup_readings < 1:
+            raise ValueError(f"warmup_readings must be >= 1, got {self.warmup_readings}")
+        if not self.clip_z > 0:
+            raise ValueError(f"clip_z must be > 0, got {self.clip_z}")
+        if self.sensor_ttl_seconds is not None and not self.sensor_ttl_seconds > 0:
+            raise ValueError(f"sensor_ttl_seconds must be > 0, got {self.sensor_ttl_seconds}")
+        if self.initial_capacity > self.max_sensors:
+            raise ValueError(
+                f"initial_capacity ({self.initial_capacity}) must not exceed "
+                f"max_sensors ({self.max_sensors})"
+            )
+
+    # Fields whose change makes a snapshot's tensors meaningless for this learner.
+    SHAPE_FIELDS = ("n_features", "hidden_size", "num_layers", "tbptt_steps", "clip_z")
+
+    def fingerprint(self) -> str:
+        """A short hash of the fields that a snapshot must agree on."""
+        shape = {name: getattr(self, name) for name in self.SHAPE_FIELDS}
+        shape["input_layout"] = INPUT_LAYOUT_VERSION
+        blob = json.dumps(shape, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Bump when the model's input features change meaning, so old snapshots are refused.
+INPUT_LAYOUT_VERSION = 1
