@@ -1,0 +1,315 @@
+"""Every Prometheus metric the worker exports, declared once against an injected registry.
+
+Labels are bounded by construction: rejection reasons, topic/partition of the consumer's own
+assignment, device. A sensor id is never a label; per-sensor state is summarised as counts.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from collections.abc import Callable, Iterable, Mapping
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.process_collector import ProcessCollector
+
+from streamer import __version__
+from streamer.core.batch import StepResult, UpdateStats
+from streamer.core.rejections import REJECTION_REASONS, Reason
+
+# Readings per poll: 1 .. ~10k.
+BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+# Reading timestamp (or broker append time) to forecast produced: milliseconds .. tens of seconds.
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+# Four buckets per decade from 1e-3 to 1e3 so histogram_quantile resolves p50/p99 near the clip
+# threshold; the threshold itself is added as a bucket bound so "fraction clipped" is exact.
+GRAD_NORM_BUCKETS = tuple(float(f"{10.0 ** (k / 4):.3g}") for k in range(-12, 13))
+# Normalized-units MSE: 1e-4 .. 1e2, two per decade.
+LOSS_BUCKETS = tuple(float(f"{10.0 ** (k / 2):.3g}") for k in range(-8, 5))
+SLOT_BUCKETS = tuple(float(2**k) for k in range(0, 15))  # 1 .. 16384 windows
+STEP_BUCKETS = tuple(float(4**k) for k in range(0, 12))  # 1 .. ~4M (slot, step) pairs
+UPDATE_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+CHECKPOINT_DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+def _with_bound(buckets: Iterable[float], bound: float) -> tuple[float, ...]:
+    """``buckets`` plus ``bound`` (if finite and positive), sorted and de-duplicated."""
+    bounds = set(buckets)
+    if math.isfinite(bound) and bound > 0:
+        bounds.add(float(bound))
+    return tuple(sorted(bounds))
+
+
+def _device_kind(device: str) -> str:
+    """``cuda`` for ``cuda:1``, ``cpu`` for ``cpu``: the part before any index."""
+    return device.split(":", 1)[0]
+
+
+class Metrics:
+    """The worker's metrics; pass a fresh ``CollectorRegistry`` per test."""
+
+    def __init__(self, registry: CollectorRegistry, *, max_grad_norm: float, device: str) -> None:
+        if not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm!r}")
+        if not device:
+            raise ValueError("device must be a non-empty string such as 'cpu' or 'cuda:0'")
+        self.registry = registry
+        r = registry
+
+        # Throughput and latency.
+        self.readings_consumed = Counter(
+            "streamer_readings_consumed", "Readings polled from the input topic.", registry=r
+        )
+        self.forecasts_produced = Counter(
+            "streamer_forecasts_produced", "Forecasts emitted for accepted readings.", registry=r
+        )
+        self.dlq_records = Counter(
+            "streamer_dlq_records", "Readings sent to the dead-letter topic.", ["reason"],
+            registry=r,
+        )
+        for reason in REJECTION_REASONS:  # so rate() exists at 0 before the first rejection
+            self.dlq_records.labels(reason=reason.label)
+        self.batch_size = Histogram(
+            "streamer_batch_size_readings", "Readings per polled micro-batch.",
+            buckets=BATCH_SIZE_BUCKETS, registry=r,
+        )
+        self.latency = Histogram(
+            "streamer_reading_to_forecast_latency_seconds",
+            "Time from a reading's timestamp to its forecast being produced.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.consumer_lag = Gauge(
+            "streamer_consumer_lag_records", "Records behind the log end, per assigned partition.",
+            ["topic", "partition"], registry=r,
+        )
+        self._lag_keys: set[tuple[str, str]] = set()
+        self.broker_errors = Counter(
+            "streamer_broker_errors", "Kafka client errors (poll, produce, commit).", registry=r
+        )
+
+        # Training.
+        self.updates = Counter(
+            "streamer_updates", "Truncated-BPTT updates attempted, skipped ones included.",
+            registry=r,
+        )
+        self.updates_skipped = Counter(
+            "streamer_updates_skipped",
+            "Updates skipped because the loss or gradient norm was non-finite.", registry=r,
+        )
+        self.clip_events = Counter(
+            "streamer_clip_events", "Updates whose gradient norm exceeded the clip threshold.",
+            registry=r,
+        )
+        self.update_loss = Histogram(
+            "streamer_update_loss", "Masked MSE of each applied update (normalized units).",
+            buckets=LOSS_BUCKETS, registry=r,
+        )
+        self.grad_norm = Histogram(
+            "streamer_grad_norm", "Global gradient norm before clipping, per applied update.",
+            buckets=_with_bound(GRAD_NORM_BUCKETS, max_grad_norm), registry=r,
+        )
+        self.update_loss_last = Gauge(
+            "streamer_update_loss_last", "Loss of the most recent applied update.", registry=r
+        )
+        self.grad_norm_last = Gauge(
+            "streamer_grad_norm_last", "Pre-clip gradient norm of the most recent applied update.",
+            registry=r,
+        )
+        self.grad_norm_clip_threshold = Gauge(
+            "streamer_grad_norm_clip_threshold", "Configured max_grad_norm.", registry=r
+        )
+        self.grad_norm_clip_threshold.set(max_grad_norm)
+        self.update_slots = Histogram(
+            "streamer_update_slots", "Sensor windows trained per update.",
+            buckets=SLOT_BUCKETS, registry=r,
+        )
+        self.update_steps = Histogram(
+            "streamer_update_steps", "(slot, step) pairs contributing to each update's loss.",
+            buckets=STEP_BUCKETS, registry=r,
+        )
+        self.update_duration = Histogram(
+            "streamer_update_duration_seconds", "Wall time of one update.",
+            buckets=UPDATE_DURATION_BUCKETS, registry=r,
+        )
+
+        # Forecast quality: sums, so skill over any window is 1 - rate(model) / rate(persistence).
+        self.model_abs_error = Counter(
+            "streamer_model_abs_error", "Sum of the model's absolute forecast errors "
+            "(normalized units) over scored readings.", registry=r,
+        )
+        self.persistence_abs_error = Counter(
+            "streamer_persistence_abs_error", "Sum of the persistence baseline's absolute errors "
+            "(normalized units) over the same scored readings.", registry=r,
+        )
+        self.scored_readings = Counter(
+            "streamer_scored_readings", "Readings with both a model and a persistence error.",
+            registry=r,
+        )
+
+        # Capacity.
+        self.sensors_active = Gauge(
+            "streamer_sensors_active", "Sensors holding a slot.", registry=r
+        )
+        self.sensor_slots_capacity = Gauge(
+            "streamer_sensor_slots_capacity", "Slots in the sensor table.", registry=r
+        )
+        self.sensor_evictions = Counter(
+            "streamer_sensor_evictions", "Sensors evicted from the slot table.", registry=r
+        )
+        self.new_sensors = Counter(
+            "streamer_new_sensors", "Sensors given a slot for the first time.", registry=r
+        )
+
+        # Checkpoints.
+        self.checkpoint_last_success = Gauge(
+            "streamer_checkpoint_last_success_timestamp_seconds",
+            "Unix time of the last successful checkpoint.", registry=r,
+        )
+        self.checkpoint_duration = Histogram(
+            "streamer_checkpoint_duration_seconds", "Wall time to write a checkpoint.",
+            buckets=CHECKPOINT_DURATION_BUCKETS, registry=r,
+        )
+        self.checkpoint_size = Gauge(
+            "streamer_checkpoint_size_bytes", "Size of the last checkpoint written.", registry=r
+        )
+        self.checkpoint_failures = Counter(
+            "streamer_checkpoint_failures", "Checkpoint writes that failed.", registry=r
+        )
+
+        # Process, device, build.
+        self.ready = Gauge("streamer_ready", "1 when the worker is ready to serve.", registry=r)
+        kind = _device_kind(device)
+        self.device_info = Info("streamer_device", "Device the model runs on.", registry=r)
+        self.device_info.info({"device": device, "kind": kind})
+        self.device_memory_allocated = Gauge(
+            "streamer_device_memory_allocated_bytes",
+            "Accelerator memory held by tensors (0 on CPU).", registry=r,
+        )
+        if kind == "cuda":
+            self.device_memory_allocated.set_function(_cuda_memory_reader(device))
+        self.build_info = Info("streamer_build", "Versions this worker runs.", registry=r)
+        self.build_info.info(
+            {"version": __version__, "python": platform.python_version(), "torch": _torch_version()}
+        )
+        ProcessCollector(registry=r)
+
+    # -- the core's results ---------------------------------------------------------------
+
+    def observe_step(self, result: StepResult) -> None:
+        """Count one ``Learner.step``: forecasts, rejections, quality sums, sensors, updates.
+
+        Rejections in ``result.status`` are counted here; use ``observe_dlq`` only for readings
+        rejected before the learner (by the codec), or they would be counted twice. Updates in
+        ``result.updates`` are observed here too.
+        """
+        status = np.asarray(result.status)
+        self.forecasts_produced.inc(int(np.count_nonzero(status == Reason.ACCEPTED)))
+        codes, counts = np.unique(status[status != Reason.ACCEPTED], return_counts=True)
+        for code, count in zip(codes.tolist(), counts.tolist(), strict=True):
+            self.observe_dlq(Reason(code), count)
+
+        model = np.asarray(result.model_error, dtype=np.float64)
+        persistence = np.asarray(result.persistence_error, dtype=np.float64)
+        scored = np.isfinite(model) & np.isfinite(persistence)
+        n_scored = int(np.count_nonzero(scored))
+        if n_scored:
+            self.model_abs_error.inc(float(np.nansum(np.abs(model[scored]))))
+            self.persistence_abs_error.inc(float(np.nansum(np.abs(persistence[scored]))))
+            self.scored_readings.inc(n_scored)
+
+        if result.new_sensors:
+            self.new_sensors.inc(result.new_sensors)
+        if result.evicted_sensors:
+            self.sensor_evictions.inc(result.evicted_sensors)
+        for stats in result.updates:
+            self.observe_update(stats)
+
+    def observe_update(self, stats: UpdateStats) -> None:
+        """Record one update; a skipped (non-finite) one only counts, never poisons histograms."""
+        self.updates.inc()
+        self.update_duration.observe(stats.duration_seconds)
+        if stats.skipped or not (math.isfinite(stats.loss) and math.isfinite(stats.grad_norm)):
+            self.updates_skipped.inc()
+            return
+        if stats.clipped:
+            self.clip_events.inc()
+        self.update_loss.observe(stats.loss)
+        self.grad_norm.observe(stats.grad_norm)
+        self.update_loss_last.set(stats.loss)
+        self.grad_norm_last.set(stats.grad_norm)
+        self.update_slots.observe(stats.slots)
+        self.update_steps.observe(stats.steps)
+
+    def observe_dlq(self, reason: Reason, n: int = 1) -> None:
+        """Count ``n`` readings sent to the dead-letter topic for ``reason``."""
+        if reason is Reason.ACCEPTED:
+            raise ValueError("Reason.ACCEPTED is not a rejection reason")
+        self.dlq_records.labels(reason=Reason(reason).label).inc(n)
+
+    # -- the worker loop ------------------------------------------------------------------
+
+    def observe_batch(self, size: int, latencies_seconds: np.ndarray) -> None:
+        """Count a polled micro-batch of ``size`` readings and each forecast's latency."""
+        self.readings_consumed.inc(size)
+        self.batch_size.observe(size)
+        latencies = np.asarray(latencies_seconds, dtype=np.float64).ravel()
+        # Histogram has no bulk observe; one call per forecast is ~1 us, cheap beside the model.
+        for latency in latencies[np.isfinite(latencies)].tolist():
+            self.latency.observe(latency)
+
+    def set_sensors(self, active: int, capacity: int) -> None:
+        """Publish the slot table's occupancy."""
+        self.sensors_active.set(active)
+        self.sensor_slots_capacity.set(capacity)
+
+    def set_lag(self, lag: Mapping[tuple[str, int], int]) -> None:
+        """Replace the lag series with ``{(topic, partition): records behind}``.
+
+        Partitions no longer assigned disappear, so a rebalance leaves no stale series behind.
+        """
+        keys = {(topic, str(partition)): value for (topic, partition), value in lag.items()}
+        for topic, partition in self._lag_keys - keys.keys():
+            self.consumer_lag.remove(topic, partition)
+        for (topic, partition), value in keys.items():
+            self.consumer_lag.labels(topic=topic, partition=partition).set(value)
+        self._lag_keys = set(keys)
+
+    def observe_checkpoint(self, duration_s: float, size_bytes: int, timestamp: float) -> None:
+        """Record a successful checkpoint written at unix time ``timestamp``."""
+        self.checkpoint_duration.observe(duration_s)
+        self.checkpoint_size.set(size_bytes)
+        self.checkpoint_last_success.set(timestamp)
+
+    def observe_checkpoint_failure(self) -> None:
+        """Count a checkpoint write that failed."""
+        self.checkpoint_failures.inc()
+
+    def observe_broker_error(self) -> None:
+        """Count a Kafka client error."""
+        self.broker_errors.inc()
+
+    def set_ready(self, ready: bool) -> None:
+        """Publish readiness as 0/1."""
+        self.ready.set(1 if ready else 0)
+
+
+def _torch_version() -> str:
+    """The installed torch version, or ``none`` where torch is absent."""
+    try:
+        import torch
+    except ImportError:
+        return "none"
+    return str(torch.__version__)
+
+
+def _cuda_memory_reader(device: str) -> Callable[[], float]:
+    """A callable reading ``torch.cuda.memory_allocated`` at scrape time (no device sync)."""
+    import torch
+
+    def read() -> float:
+        return float(torch.cuda.memory_allocated(device))
+
+    return read

@@ -1,0 +1,277 @@
+"""Metrics: exact values after each observe_*, bounded labels, valid exposition."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from streamer.core.batch import StepResult, UpdateStats
+from streamer.core.rejections import REJECTION_REASONS, Reason
+from streamer.metrics import Metrics
+
+NAN = math.nan
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def metrics(registry: CollectorRegistry) -> Metrics:
+    return Metrics(registry, max_grad_norm=1.0, device="cpu")
+
+
+def stats(**overrides: object) -> UpdateStats:
+    """An applied, unclipped update with overridable fields."""
+    fields: dict[str, object] = dict(
+        update_index=1, loss=0.25, grad_norm=0.5, clipped=False, skipped=False,
+        slots=8, steps=96, duration_seconds=0.02,
+    )
+    fields.update(overrides)
+    return UpdateStats(**fields)  # type: ignore[arg-type]
+
+
+def step_result(
+    status: list[int],
+    model_error: list[float],
+    persistence_error: list[float],
+    **overrides: object,
+) -> StepResult:
+    n = len(status)
+    return StepResult(
+        status=np.array(status, dtype=np.int8),
+        forecasts=np.zeros((n, 1)),
+        update_count=np.zeros(n, dtype=np.int64),
+        model_error=np.array(model_error, dtype=np.float64),
+        persistence_error=np.array(persistence_error, dtype=np.float64),
+        **overrides,  # type: ignore[arg-type]
+    )
+
+
+def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
+    return registry.get_sample_value(name, labels)
+
+
+def test_every_dlq_reason_exists_at_zero_before_any_rejection(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    for reason in REJECTION_REASONS:
+        assert value(registry, "streamer_dlq_records_total", reason=reason.label) == 0.0
+    assert value(registry, "streamer_dlq_records_total", reason="accepted") is None
+
+
+def test_observe_step_counts_forecasts_rejections_and_sensors(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    result = step_result(
+        status=[0, 0, Reason.NON_FINITE, Reason.TABLE_FULL, Reason.NON_FINITE, 0],
+        model_error=[NAN] * 6,
+        persistence_error=[NAN] * 6,
+        new_sensors=3,
+        evicted_sensors=2,
+    )
+    metrics.observe_step(result)
+    assert value(registry, "streamer_forecasts_produced_total") == 3.0
+    assert value(registry, "streamer_dlq_records_total", reason="non_finite") == 2.0
+    assert value(registry, "streamer_dlq_records_total", reason="table_full") == 1.0
+    assert value(registry, "streamer_dlq_records_total", reason="not_json") == 0.0
+    assert value(registry, "streamer_new_sensors_total") == 3.0
+    assert value(registry, "streamer_sensor_evictions_total") == 2.0
+    assert value(registry, "streamer_scored_readings_total") == 0.0
+
+
+def test_quality_sums_only_readings_where_both_errors_are_finite(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    result = step_result(
+        status=[0, 0, 0, 0, 0],
+        model_error=[0.5, 0.25, NAN, 1.0, 2.0],
+        persistence_error=[1.0, 0.75, 3.0, NAN, 2.0],
+    )
+    metrics.observe_step(result)
+    metrics.observe_step(result)
+    # Scored: readings 0, 1, 4; twice.
+    assert value(registry, "streamer_scored_readings_total") == 6.0
+    assert value(registry, "streamer_model_abs_error_total") == 2 * (0.5 + 0.25 + 2.0)
+    assert value(registry, "streamer_persistence_abs_error_total") == 2 * (1.0 + 0.75 + 2.0)
+
+
+def test_observe_step_observes_the_updates_it_carries(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    result = step_result([0], [NAN], [NAN], updates=[stats(), stats(update_index=2, loss=0.5)])
+    metrics.observe_step(result)
+    assert value(registry, "streamer_updates_total") == 2.0
+    assert value(registry, "streamer_update_loss_count") == 2.0
+    assert value(registry, "streamer_update_loss_sum") == 0.75
+    assert value(registry, "streamer_update_loss_last") == 0.5
+
+
+def test_applied_update_fills_training_metrics(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    metrics.observe_update(stats(loss=0.25, grad_norm=3.0, clipped=True, slots=8, steps=96))
+    assert value(registry, "streamer_updates_total") == 1.0
+    assert value(registry, "streamer_updates_skipped_total") == 0.0
+    assert value(registry, "streamer_clip_events_total") == 1.0
+    assert value(registry, "streamer_update_loss_last") == 0.25
+    assert value(registry, "streamer_grad_norm_last") == 3.0
+    assert value(registry, "streamer_grad_norm_sum") == 3.0
+    assert value(registry, "streamer_grad_norm_bucket", le="1.0") == 0.0
+    assert value(registry, "streamer_grad_norm_bucket", le="3.16") == 1.0
+    assert value(registry, "streamer_update_slots_sum") == 8.0
+    assert value(registry, "streamer_update_steps_sum") == 96.0
+    assert value(registry, "streamer_update_duration_seconds_sum") == 0.02
+
+
+def test_skipped_update_counts_without_poisoning_histograms(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    metrics.observe_update(stats(loss=0.25, grad_norm=0.5))
+    metrics.observe_update(stats(loss=NAN, grad_norm=math.inf, skipped=True, clipped=True))
+    assert value(registry, "streamer_updates_total") == 2.0
+    assert value(registry, "streamer_updates_skipped_total") == 1.0
+    assert value(registry, "streamer_clip_events_total") == 0.0
+    assert value(registry, "streamer_update_loss_sum") == 0.25
+    assert value(registry, "streamer_grad_norm_sum") == 0.5
+    assert value(registry, "streamer_grad_norm_last") == 0.5
+    assert value(registry, "streamer_update_duration_seconds_count") == 2.0
+
+
+def test_clip_threshold_is_published_and_is_a_bucket_bound(registry: CollectorRegistry) -> None:
+    Metrics(registry, max_grad_norm=0.7, device="cpu")
+    assert value(registry, "streamer_grad_norm_clip_threshold") == 0.7
+    assert value(registry, "streamer_grad_norm_bucket", le="0.7") == 0.0
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, NAN])
+def test_non_positive_clip_threshold_is_rejected(bad: float) -> None:
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        Metrics(CollectorRegistry(), max_grad_norm=bad, device="cpu")
+
+
+def test_observe_dlq_counts_by_reason_and_refuses_accepted(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    metrics.observe_dlq(Reason.NOT_JSON)
+    metrics.observe_dlq(Reason.NOT_JSON, 4)
+    assert value(registry, "streamer_dlq_records_total", reason="not_json") == 5.0
+    with pytest.raises(ValueError, match="ACCEPTED"):
+        metrics.observe_dlq(Reason.ACCEPTED)
+
+
+def test_observe_batch_counts_readings_and_latencies(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    metrics.observe_batch(4, np.array([0.004, 0.02, 0.3, NAN]))
+    assert value(registry, "streamer_readings_consumed_total") == 4.0
+    assert value(registry, "streamer_batch_size_readings_sum") == 4.0
+    assert value(registry, "streamer_batch_size_readings_count") == 1.0
+    latency = "streamer_reading_to_forecast_latency_seconds"
+    assert value(registry, f"{latency}_count") == 3.0
+    assert value(registry, f"{latency}_bucket", le="0.005") == 1.0
+    assert value(registry, f"{latency}_bucket", le="0.025") == 2.0
+    assert value(registry, f"{latency}_bucket", le="0.5") == 3.0
+
+
+def test_set_lag_replaces_the_partition_set_on_rebalance(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    lag = "streamer_consumer_lag_records"
+    metrics.set_lag({("sensor-readings", 0): 10, ("sensor-readings", 1): 20})
+    assert value(registry, lag, topic="sensor-readings", partition="1") == 20.0
+    metrics.set_lag({("sensor-readings", 1): 5, ("sensor-readings", 2): 7})
+    assert value(registry, lag, topic="sensor-readings", partition="0") is None
+    assert value(registry, lag, topic="sensor-readings", partition="1") == 5.0
+    assert value(registry, lag, topic="sensor-readings", partition="2") == 7.0
+    metrics.set_lag({})
+    assert value(registry, lag, topic="sensor-readings", partition="2") is None
+
+
+def test_sensors_checkpoint_ready_and_broker_errors(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    metrics.set_sensors(active=37, capacity=64)
+    metrics.observe_checkpoint(duration_s=0.4, size_bytes=123_456, timestamp=1_700_000_000.0)
+    metrics.observe_checkpoint_failure()
+    metrics.observe_broker_error()
+    metrics.set_ready(True)
+    assert value(registry, "streamer_sensors_active") == 37.0
+    assert value(registry, "streamer_sensor_slots_capacity") == 64.0
+    assert value(registry, "streamer_checkpoint_last_success_timestamp_seconds") == 1.7e9
+    assert value(registry, "streamer_checkpoint_size_bytes") == 123_456.0
+    assert value(registry, "streamer_checkpoint_duration_seconds_sum") == 0.4
+    assert value(registry, "streamer_checkpoint_failures_total") == 1.0
+    assert value(registry, "streamer_broker_errors_total") == 1.0
+    assert value(registry, "streamer_ready") == 1.0
+    metrics.set_ready(False)
+    assert value(registry, "streamer_ready") == 0.0
+
+
+def test_device_and_build_info(registry: CollectorRegistry) -> None:
+    import torch
+
+    Metrics(registry, max_grad_norm=1.0, device="cpu")
+    assert value(registry, "streamer_device_info", device="cpu", kind="cpu") == 1.0
+    assert value(registry, "streamer_device_memory_allocated_bytes") == 0.0
+    build = [
+        s for m in registry.collect() if m.name == "streamer_build" for s in m.samples
+    ]
+    assert len(build) == 1
+    assert build[0].labels["torch"] == torch.__version__
+    assert set(build[0].labels) == {"version", "python", "torch"}
+
+
+def test_process_metrics_are_on_the_injected_registry(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    rss = value(registry, "process_resident_memory_bytes")
+    if rss is None:
+        pytest.skip("no /proc on this platform")
+    assert rss > 0
+
+
+def test_no_metric_is_labelled_by_sensor(registry: CollectorRegistry, metrics: Metrics) -> None:
+    metrics.set_lag({("sensor-readings", 0): 1})
+    labels = {
+        label for family in registry.collect() for s in family.samples for label in s.labels
+    }
+    assert not {label for label in labels if "sensor" in label.lower()}
+    assert labels <= {"reason", "topic", "partition", "device", "kind", "version", "python",
+                      "torch", "le"}
+
+
+def test_every_streamer_metric_uses_prometheus_naming(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    for family in registry.collect():
+        if family.name.startswith("process_"):
+            continue
+        assert family.name.startswith("streamer_"), family.name
+        if family.type == "counter":
+            assert {s.name for s in family.samples} <= {
+                f"{family.name}_total", f"{family.name}_created"
+            }
+
+
+def test_exposition_passes_promtool_check_metrics(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed")
+    metrics.observe_step(step_result([0, 1], [0.1, NAN], [0.2, NAN], updates=[stats()]))
+    metrics.observe_batch(2, np.array([0.01, 0.02]))
+    metrics.set_lag({("sensor-readings", 3): 9})
+    proc = subprocess.run(
+        [promtool, "check", "metrics"], input=generate_latest(registry),
+        capture_output=True, timeout=30,
+    )
+    assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
+    assert proc.stdout.decode() + proc.stderr.decode() == ""
