@@ -1,0 +1,231 @@
+"""The learner: per-sensor stateful forecasting over micro-batches, training as it goes."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from streamer.core.batch import Batch, StepResult, UpdateStats
+from streamer.core.config import LearnerConfig
+from streamer.core.device import resolve_device
+from streamer.core.model import Forecaster
+from streamer.core.normalizer import SensorStats, input_size
+from streamer.core.rejections import Reason
+from streamer.core.slots import SlotTable
+from streamer.core.trainer import Trainer
+from streamer.core.windows import SlotTensors
+
+MAX_SLOTS_PER_UPDATE = 8192  # bounds one update's memory and time in a 100k-sensor fleet
+
+
+class Learner:
+    """Keeps one LSTM state per sensor (batch slot i is sensor i), forecasts, and learns.
+
+    ``step`` is the only hot-path call. Each sensor's readings are applied in order; a sensor
+    with several readings in one micro-batch is advanced through all of them in one LSTM call.
+    Every ``train_every`` accepted readings one truncated-BPTT update runs, exactly after the
+    reading that completes the count, however the stream is cut into micro-batches.
+    """
+
+    def __init__(self, config: LearnerConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
+        n_inputs = input_size(config.n_features)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            model = Forecaster(n_inputs, config.n_features, config.hidden_size, config.num_layers)
+        self.model = model.to(self.device)
+        self.trainer = Trainer(self.model, config.lr, config.max_grad_norm)
+        self.table = SlotTable(config.initial_capacity, config.max_sensors)
+        self.stats = SensorStats(self.table.capacity, config.n_features, config.norm_alpha,
+                                 config.warmup_readings, config.clip_z)
+        self.state = SlotTensors(self.table.capacity, config.num_layers, config.hidden_size,
+                                 config.tbptt_steps, n_inputs, config.n_features, self.device)
+        self.accepted_total = 0  # accepted readings ever: drives the training trigger
+        self.event_time = -np.inf  # newest timestamp seen: the clock for idle eviction
+
+    @property
+    def updates(self) -> int:
+        """Weight updates applied so far."""
+        return self.trainer.applied
+
+    @property
+    def n_sensors(self) -> int:
+        return len(self.table)
+
+    @property
+    def capacity(self) -> int:
+        return self.table.capacity
+
+    # -- the step -------------------------------------------------------------------------
+    def step(self, batch: Batch) -> StepResult:
+        """Apply a micro-batch (arrival order); one forecast per accepted reading."""
+        n, f = len(batch), self.config.n_features
+        result = StepResult(
+            status=np.zeros(n, dtype=np.int8),
+            forecasts=np.full((n, f), np.nan),
+            update_count=np.zeros(n, dtype=np.int64),
+            model_error=np.full(n, np.nan),
+            persistence_error=np.full(n, np.nan),
+        )
+        if n == 0:
+            return result
+        slots = self._admit(batch, result)
+        accepted = np.flatnonzero(result.status == 0)
+        # Cut the accepted readings after each one that completes a train_every count.
+        every = self.config.train_every
+        done = self.accepted_total
+        first_due = every - done % every  # 1-based index within `accepted` of the first trigger
+        cuts = list(range(first_due, len(accepted) + 1, every))
+        start = 0
+        for end in cuts:
+            self._apply(batch, accepted[start:end], slots, result)
+            update = self._train()
+            if update is not None:
+                result.updates.append(update)
+            start = end
+        if start < len(accepted):
+            self._apply(batch, accepted[start:], slots, result)
+        self.accepted_total += len(accepted)
+        return result
+
+    def _admit(self, batch: Batch, result: StepResult) -> np.ndarray:
+        """Validate every reading, evict idle sensors, give new sensors slots; (N,) slots."""
+        cfg, status = self.config, result.status
+        slots = self.table.lookup(batch.sensor_ids)
+        unknown = np.flatnonzero(slots < 0)
+        for i in unknown.tolist():
+            sensor_id = batch.sensor_ids[i]
+            if not isinstance(sensor_id, str) or not 0 < len(sensor_id) <= cfg.max_sensor_id_length:
+                status[i] = Reason.BAD_SENSOR_ID
+        ok = status == 0
+        status[ok & (batch.n_values != cfg.n_features)] = Reason.WRONG_FEATURE_COUNT
+        ok = status == 0
+        finite = np.isfinite(batch.ts) & np.isfinite(batch.values).all(axis=1)
+        status[ok & ~finite] = Reason.NON_FINITE
+        ok = status == 0
+        if cfg.sensor_ttl_seconds is not None and ok.any():
+            result.evicted_sensors = self._evict_idle(float(batch.ts[ok].max()), slots[ok])
+        new = np.flatnonzero(ok & (slots < 0))
+        if len(new):
+            new_ids = list(dict.fromkeys(batch.sensor_ids[i] for i in new.tolist()))
+            given, grew_to = self.table.allocate(new_ids)
+            if grew_to is not None:
+                self.stats.grow(grew_to)
+                self.state.grow(grew_to)
+            result.new_sensors = int((given >= 0).sum())
+            slot_of_new = dict(zip(new_ids, given.tolist()))
+            slots[new] = [slot_of_new[batch.sensor_ids[i]] for i in new.tolist()]
+            status[new[slots[new] < 0]] = Reason.TABLE_FULL
+        ok = np.flatnonzero(status == 0)
+        late = ~self._timestamps_increase(slots[ok], batch.ts[ok])
+        status[ok[late]] = Reason.TIMESTAMP_NOT_AFTER_LAST
+        return slots
+
+    def _timestamps_increase(self, slots: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        """Whether each ts is after its sensor's last applied ts and every earlier one here."""
+        pos, n_pos = _ranks(slots)
+        distinct, member = np.unique(slots, return_inverse=True)
+        newest = self.stats.last_ts[distinct].copy()  # (S,) running max per slot
+        ok = np.zeros(len(slots), dtype=bool)
+        by_pos = np.argsort(pos, kind="stable")
+        bounds = np.searchsorted(pos[by_pos], np.arange(n_pos + 1))
+        for p in range(n_pos):
+            r = by_pos[bounds[p] : bounds[p + 1]]  # distinct slots
+            ok[r] = ts[r] > newest[member[r]]
+            newest[member[r]] = np.maximum(newest[member[r]], ts[r])
+        return ok
+
+    def _evict_idle(self, batch_time: float, active_slots: np.ndarray) -> int:
+        """Free slots idle longer than the TTL (event time), except those being fed now."""
+        self.event_time = max(self.event_time, batch_time)
+        occupied = self.table.occupied
+        if not len(occupied):
+            return 0
+        cutoff = self.event_time - self.config.sensor_ttl_seconds
+        idle = occupied[self.stats.last_ts[occupied] < cutoff]
+        idle = idle[~np.isin(idle, active_slots)]
+        if len(idle):
+            self.table.release(idle)
+            self.stats.reset(idle)
+            self.state.reset(idle)
+        return len(idle)
+
+    @torch.no_grad()
+    def _apply(self, batch: Batch, rows: np.ndarray, slots_all: np.ndarray,
+               result: StepResult) -> None:
+        """Advance the slots of accepted readings ``rows`` (arrival order) and forecast."""
+        slots = slots_all[rows]
+        pos, n_pos = _ranks(slots)
+        distinct, member = np.unique(slots, return_inverse=True)  # S slots; member: (M,) -> S
+        values = batch.values[rows]
+        enc = self.stats.encode(slots, pos, n_pos, batch.ts[rows], values)
+
+        dev = self.device
+        x = torch.zeros(len(distinct), n_pos, enc.features.shape[1])  # (S, T, D)
+        x[member, pos] = torch.from_numpy(enc.features)
+        x = x.to(dev)
+        index = torch.as_tensor(distinct, device=dev)
+        state = (self.state.h[:, index], self.state.c[:, index])  # (L, S, H)
+        if n_pos == 1:
+            pred, (h, c) = self.model(x, state)
+        else:
+            lengths = torch.from_numpy(np.bincount(member, minlength=len(distinct)))
+            pred, (h, c) = self.model.forward_ragged(x, lengths, state)
+        self.state.h[:, index], self.state.c[:, index] = h, c
+        member_t, pos_t = torch.as_tensor(member, device=dev), torch.as_tensor(pos, device=dev)
+        self.state.record(slots, pos, x[member_t, pos_t],
+                          torch.from_numpy(enc.targets).to(dev),
+                          torch.from_numpy(enc.target_valid).to(dev))
+        change = pred[member_t, pos_t].clamp(-self.config.clip_z, self.config.clip_z)
+        change = change.double().cpu().numpy()  # the one device->host copy of the chunk
+
+        forecast = np.where(enc.warm[:, None], values + enc.scale * change, values)
+        prev_forecast = self._previous_forecasts(slots, pos, forecast)
+        scored = enc.target_valid  # the previous reading was past warm-up: a model forecast
+        model_err = np.abs(values - prev_forecast) / enc.prev_scale
+        naive_err = np.abs(values - enc.prev_value) / enc.prev_scale
+        result.forecasts[rows] = forecast
+        result.update_count[rows] = self.updates
+        result.model_error[rows] = np.where(scored, model_err.mean(axis=1), np.nan)
+        result.persistence_error[rows] = np.where(scored, naive_err.mean(axis=1), np.nan)
+        last = np.flatnonzero(pos == np.bincount(member)[member] - 1)
+        self.stats.last_forecast[slots[last]] = forecast[last]
+
+    def _previous_forecasts(self, slots: np.ndarray, pos: np.ndarray,
+                            forecast: np.ndarray) -> np.ndarray:
+        """For each reading, the forecast made for it: stored, or from the same chunk."""
+        prev = self.stats.last_forecast[slots].copy()
+        later = np.flatnonzero(pos > 0)
+        if len(later):
+            order = np.lexsort((pos, slots))  # readings grouped by slot, in rank order
+            before = np.empty(len(slots), dtype=np.int64)
+            before[order[1:]] = order[:-1]  # the reading ranked just before, same slot if pos>0
+            prev[later] = forecast[before[later]]
+        return prev
+
+    # -- training -------------------------------------------------------------------------
+    def _train(self) -> UpdateStats | None:
+        """One update over every ready window; None when no window is ready."""
+        ready = self.state.ready(MAX_SLOTS_PER_UPDATE)
+        if not len(ready):
+            return None
+        with torch.enable_grad():
+            stats = self.trainer.update(self.state.windows(ready))
+        self.state.restart(ready)
+        return stats
+
+    def train_now(self) -> UpdateStats | None:
+        """Run an update immediately (tests and offline tools; the stream never needs it)."""
+        return self._train()
+
+
+def _ranks(slots: np.ndarray) -> tuple[np.ndarray, int]:
+    """Each reading's rank among the readings of its slot (arrival order), and the max + 1."""
+    order = np.argsort(slots, kind="stable")
+    sorted_slots = slots[order]
+    starts = np.flatnonzero(np.r_[True, sorted_slots[1:] != sorted_slots[:-1]])
+    group_start = np.repeat(starts, np.diff(np.r_[starts, len(slots)]))
+    pos = np.empty(len(slots), dtype=np.int64)
+    pos[order] = np.arange(len(slots)) - group_start
+    return pos, int(pos.max()) + 1 if len(slots) else 0

@@ -1,0 +1,161 @@
+"""Per-sensor online normalization, and the model's input features built from it.
+
+The model works in normalized units and predicts the *change* to the next reading, scaled by
+the sensor's typical change. An untrained model (zero head) therefore forecasts persistence,
+and a sensor in units of 1e-3 shares one model with a sensor in units of 1e6.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+N_CALENDAR = 4  # sin/cos of time of day, sin/cos of day of week
+SECONDS_PER_DAY = 86_400.0
+GAP_CLIP = 3.0  # |log(dt / typical dt)| is clipped here: a 20x gap looks like any long gap
+_TINY = 1e-12
+
+
+def input_size(n_features: int) -> int:
+    """Model input width: level z-score and change z-score per feature, calendar, gap."""
+    return 2 * n_features + N_CALENDAR + 1
+
+
+def calendar_features(ts: np.ndarray) -> np.ndarray:
+    """(N,) epoch seconds -> (N, 4) sin/cos of time of day and of day of week (UTC)."""
+    days = ts / SECONDS_PER_DAY
+    tod = 2.0 * np.pi * (days % 1.0)
+    dow = 2.0 * np.pi * (((days + 3.0) % 7.0) / 7.0)  # 1970-01-01 was a Thursday; Monday = 0
+    return np.stack([np.sin(tod), np.cos(tod), np.sin(dow), np.cos(dow)], axis=1)
+
+
+@dataclass
+class Encoded:
+    """One chunk of readings, normalized; every array is aligned with the chunk's readings."""
+
+    features: np.ndarray  # (M, D) float32 model inputs
+    targets: np.ndarray  # (M, F) float32 normalized change from the previous reading
+    target_valid: np.ndarray  # (M,) bool: the previous reading exists and was past warm-up
+    scale: np.ndarray  # (M, F) float64 change scale after this reading (forecast units)
+    prev_scale: np.ndarray  # (M, F) float64 change scale at the previous reading
+    prev_value: np.ndarray  # (M, F) float64 previous reading (this reading where none)
+    warm: np.ndarray  # (M,) bool: past warm-up after this reading, so the model forecasts
+
+
+class SensorStats:
+    """Running statistics per slot (host memory, float64): level, change, interval, last values.
+
+    Each statistic is exponentially weighted with weight ``max(alpha, 1/n)``: the first
+    ``1/alpha`` readings are averaged equally (Welford), later ones forget old data. With
+    ``alpha == 0`` it is Welford throughout.
+    """
+
+    def __init__(self, capacity: int, n_features: int, alpha: float, warmup: int, clip: float):
+        self.n_features, self.alpha, self.warmup, self.clip = n_features, alpha, warmup, clip
+        self.count = np.zeros(0, dtype=np.int64)
+        self.grow(capacity)
+
+    _PER_FEATURE = ("mean", "var", "change_ms", "last_value", "last_scale", "last_forecast")
+    _PER_SLOT = ("count", "last_ts", "log_dt")
+
+    def grow(self, capacity: int) -> None:
+        """Enlarge to ``capacity`` slots, keeping every existing value."""
+        old = len(self.count)
+        fresh = SensorStats.__new__(SensorStats)
+        fresh._allocate(capacity, self.n_features)
+        if old:
+            for name in self._PER_FEATURE + self._PER_SLOT:
+                getattr(fresh, name)[:old] = getattr(self, name)
+        for name in self._PER_FEATURE + self._PER_SLOT:
+            setattr(self, name, getattr(fresh, name))
+
+    def _allocate(self, capacity: int, n_features: int) -> None:
+        for name in self._PER_FEATURE:
+            setattr(self, name, np.zeros((capacity, n_features), dtype=np.float64))
+        self.last_scale[:] = 1.0
+        self.count = np.zeros(capacity, dtype=np.int64)
+        self.last_ts = np.full(capacity, -np.inf, dtype=np.float64)
+        self.log_dt = np.zeros(capacity, dtype=np.float64)
+
+    def reset(self, slots: np.ndarray) -> None:
+        """Forget everything about ``slots`` (eviction, reuse)."""
+        for name in self._PER_FEATURE:
+            getattr(self, name)[slots] = 0.0
+        self.last_scale[slots] = 1.0
+        self.count[slots] = 0
+        self.last_ts[slots] = -np.inf
+        self.log_dt[slots] = 0.0
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in self._PER_FEATURE + self._PER_SLOT}
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        for name in self._PER_FEATURE + self._PER_SLOT:
+            setattr(self, name, np.array(arrays[name], dtype=getattr(self, name).dtype))
+
+    def encode(
+        self, slots: np.ndarray, pos: np.ndarray, n_pos: int, ts: np.ndarray, values: np.ndarray
+    ) -> Encoded:
+        """Advance the statistics through a chunk and return the model's inputs.
+
+        ``slots`` (M,) and ``pos`` (M,) give each reading's slot and its rank among that slot's
+        readings in the chunk. The loop runs over ranks (``n_pos`` of them), each iteration
+        vectorized over all slots, because a sensor's statistics are a sequential recurrence.
+        """
+        m, f, clip = len(slots), self.n_features, self.clip
+        features = np.zeros((m, input_size(f)), dtype=np.float64)
+        features[:, 2 * f : 2 * f + N_CALENDAR] = calendar_features(ts)
+        targets = np.zeros((m, f), dtype=np.float64)
+        target_valid = np.zeros(m, dtype=bool)
+        scale = np.empty((m, f), dtype=np.float64)
+        prev_scale = np.empty((m, f), dtype=np.float64)
+        prev_value = np.empty((m, f), dtype=np.float64)
+        warm = np.empty(m, dtype=bool)
+        by_pos = np.argsort(pos, kind="stable")
+        bounds = np.searchsorted(pos[by_pos], np.arange(n_pos + 1))
+        for p in range(n_pos):
+            r = by_pos[bounds[p] : bounds[p + 1]]  # readings of rank p: distinct slots
+            s, v, t = slots[r], values[r], ts[r]
+            n = self.count[s]  # readings seen before this one
+            has_prev = (n > 0)[:, None]
+            last_value, last_scale = self.last_value[s], self.last_scale[s]
+            change = np.where(has_prev, v - last_value, 0.0)
+            prev_value[r] = np.where(has_prev, last_value, v)
+            prev_scale[r] = last_scale
+            targets[r] = np.clip(change / last_scale, -clip, clip)
+            target_valid[r] = n >= self.warmup
+
+            a = np.maximum(self.alpha, 1.0 / (n + 1))[:, None]
+            mean = self.mean[s]
+            diff = v - mean
+            mean = mean + a * diff
+            var = (1.0 - a) * (self.var[s] + a * diff * diff)
+            a_prev = np.maximum(self.alpha, 1.0 / np.maximum(n, 1))  # weight among n changes
+            change_ms = np.where(
+                has_prev, (1 - a_prev[:, None]) * self.change_ms[s] + a_prev[:, None] * change**2,
+                self.change_ms[s],
+            )
+            log_dt = np.log(np.maximum(t - self.last_ts[s], 1e-9))
+            gap = np.where(n >= 2, np.clip(log_dt - self.log_dt[s], -GAP_CLIP, GAP_CLIP), 0.0)
+            self.log_dt[s] = np.where(n >= 1, (1 - a_prev) * self.log_dt[s] + a_prev * log_dt,
+                                      self.log_dt[s])
+            sd = np.sqrt(var)
+            # The change scale has floors so a flat stretch cannot shrink it to zero: a share of
+            # the level's spread, a relative share of its magnitude, and an absolute minimum.
+            sc = np.maximum(np.maximum(np.sqrt(change_ms), 1e-3 * sd),
+                            np.maximum(1e-9 * np.abs(mean), _TINY))
+            features[r, :f] = np.clip((v - mean) / np.maximum(sd, sc), -clip, clip)
+            features[r, f : 2 * f] = np.clip(change / sc, -clip, clip)
+            features[r, -1] = gap
+            scale[r] = sc
+
+            warm[r] = n + 1 >= self.warmup
+            self.count[s] = n + 1
+            self.mean[s], self.var[s], self.change_ms[s] = mean, var, change_ms
+            self.last_value[s], self.last_scale[s], self.last_ts[s] = v, sc, t
+        return Encoded(
+            features.astype(np.float32), targets.astype(np.float32), target_valid, scale,
+            prev_scale, prev_value, warm,
+        )
+

@@ -1,0 +1,101 @@
+"""Snapshots of the whole learner as tensors plus plain data; loading never runs code."""
+
+from __future__ import annotations
+
+import io
+
+import torch
+
+from streamer.core.config import LearnerConfig
+from streamer.core.learner import Learner
+from streamer.core.slots import SlotTable
+
+FORMAT = "streamer.learner/1"
+
+
+class IncompatibleSnapshot(ValueError):
+    """The snapshot was made by a learner whose tensors mean something else."""
+
+
+def snapshot(learner: Learner) -> dict:
+    """Everything needed to continue exactly where ``learner`` is, on the CPU."""
+    cpu = {name: t.detach().cpu().clone() for name, t in learner.state.tensors().items()}
+    return {
+        "format": FORMAT,
+        "fingerprint": learner.config.fingerprint(),
+        "config": learner.config.to_dict(),
+        "model": {k: v.detach().cpu().clone() for k, v in learner.model.state_dict().items()},
+        "optimizer": _to_cpu(learner.trainer.optimizer.state_dict()),
+        "table": learner.table.to_plain(),
+        "stats": {k: torch.from_numpy(v.copy()) for k, v in learner.stats.arrays().items()},
+        "slot_tensors": cpu,
+        "seen": torch.from_numpy(learner.state.seen.copy()),
+        "counters": {
+            "accepted_total": learner.accepted_total,
+            "event_time": float(learner.event_time),
+            "attempts": learner.trainer.attempts,
+            "applied": learner.trainer.applied,
+        },
+    }
+
+
+def restore(state: dict, config: LearnerConfig) -> Learner:
+    """A learner that continues exactly as the one ``state`` was taken from."""
+    check_compatible(state, config)
+    learner = Learner(config)
+    learner.model.load_state_dict(state["model"])
+    learner.trainer.optimizer.load_state_dict(state["optimizer"])
+    learner.table = SlotTable.from_plain(state["table"], config.max_sensors)
+    learner.stats.load_arrays({k: v.numpy() for k, v in state["stats"].items()})
+    learner.state.load_tensors(state["slot_tensors"], state["seen"].numpy())
+    counters = state["counters"]
+    learner.accepted_total = int(counters["accepted_total"])
+    learner.event_time = float(counters["event_time"])
+    learner.trainer.attempts = int(counters["attempts"])
+    learner.trainer.applied = int(counters["applied"])
+    return learner
+
+
+def check_compatible(state: dict, config: LearnerConfig) -> None:
+    """Raise IncompatibleSnapshot with a message naming what differs."""
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise IncompatibleSnapshot(f"not a learner snapshot of format {FORMAT}: found {found!r}")
+    if state["fingerprint"] != config.fingerprint():
+        theirs = state["config"]
+        diffs = [
+            f"{name}: snapshot {theirs.get(name)!r} vs config {getattr(config, name)!r}"
+            for name in LearnerConfig.SHAPE_FIELDS
+            if theirs.get(name) != getattr(config, name)
+        ]
+        detail = "; ".join(diffs) or "input layout version differs"
+        raise IncompatibleSnapshot(f"snapshot was made with an incompatible config ({detail})")
+    if len(state["table"]["ids"]) > config.max_sensors:
+        raise IncompatibleSnapshot(
+            f"snapshot holds {len(state['table']['ids'])} slots but max_sensors is "
+            f"{config.max_sensors}"
+        )
+
+
+def dumps(state: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def loads(data: bytes) -> dict:
+    """Parse snapshot bytes; ``weights_only=True`` refuses anything but tensors and plain data."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    return obj
+
+
+__all__ = ["IncompatibleSnapshot", "snapshot", "restore", "check_compatible", "dumps", "loads"]
