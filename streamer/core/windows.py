@@ -93,7 +93,8 @@ class SlotTensors:
             s = torch.as_tensor(slots[has_target], device=dev)
             t = torch.as_tensor(index[has_target] - 1, device=dev)
             self.targets[s, t] = targets[sel]
-            self.mask[s, t] = target_valid[sel].to(torch.float32)[:, None].expand(-1, targets.shape[1])
+            valid = target_valid[sel].to(torch.float32)[:, None]  # (m, 1)
+            self.mask[s, t] = valid.expand(-1, targets.shape[1])
         np.add.at(self.seen, slots, 1)
 
     def ready(self, limit: int) -> np.ndarray:

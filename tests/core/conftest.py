@@ -9,14 +9,19 @@ from streamer.core import Batch, LearnerConfig
 
 
 def sine_fleet(n_sensors: int, n_steps: int, seed: int = 0, dt: float = 600.0,
-               n_features: int = 1) -> Batch:
-    """Round-robin readings of sensors with different periods, phases, noise and scales."""
+               n_features: int = 1, noise: tuple[float, float] = (0.01, 0.1),
+               log10_scale: tuple[float, float] = (-3, 6)) -> Batch:
+    """Round-robin readings of sensors with different periods, phases, noise and scales.
+
+    Tests of forecast equality use unit scales: the model computes in float32, so at 1e6 an
+    equal forecast is equal to ~0.1 in sensor units.
+    """
     rng = np.random.default_rng(seed)
     period = rng.uniform(12, 96, n_sensors)
     phase = rng.uniform(0, 2 * np.pi, n_sensors)
-    scale = 10.0 ** rng.uniform(-3, 6, n_sensors)
+    scale = 10.0 ** rng.uniform(*log10_scale, n_sensors)
     offset = scale * rng.uniform(-5, 5, n_sensors)
-    noise = rng.uniform(0.01, 0.1, n_sensors)
+    noise = rng.uniform(*noise, n_sensors)
     t = np.arange(n_steps)[:, None]  # (T, 1)
     base = np.sin(2 * np.pi * t / period + phase)  # (T, N)
     values = offset + scale * (base + noise * rng.standard_normal((n_steps, n_sensors)))

@@ -1,0 +1,195 @@
+"""Behaviour of the learner's stateful step."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from streamer.core import Batch, Learner, LearnerConfig, Reason
+from streamer.core.snapshot import snapshot
+from tests.core.conftest import chunks, sine_fleet
+
+NO_TRAINING = dict(train_every=10**9)
+
+
+def feed(learner: Learner, batches: list[Batch]) -> np.ndarray:
+    return np.concatenate([learner.step(b).forecasts for b in batches])
+
+
+def test_core_imports_no_kafka_pydantic_or_prometheus():
+    code = (
+        "import sys, streamer.core, streamer.core.snapshot\n"
+        "bad = {m for m in sys.modules if m.split('.')[0] in "
+        "{'kafka', 'pydantic', 'pydantic_settings', 'prometheus_client'}}\n"
+        "print(sorted(bad)); sys.exit(1 if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_untrained_model_forecasts_persistence(small_config):
+    learner = Learner(small_config)
+    stream = sine_fleet(3, 5)
+    result = learner.step(stream)
+    np.testing.assert_array_equal(result.forecasts, stream.values)
+
+
+def test_other_sensors_readings_never_change_a_sensors_forecasts(small_config):
+    cfg = LearnerConfig(**{**small_config.to_dict(), **NO_TRAINING})
+    a = sine_fleet(1, 40, seed=1)
+    b1, b2 = sine_fleet(1, 40, seed=2), sine_fleet(1, 40, seed=3)
+    make = lambda b: Batch.from_arrays(  # noqa: E731  interleave A with a variant of B
+        [x for pair in zip(["A"] * 40, ["B"] * 40) for x in pair],
+        np.stack([a.ts, b.ts], 1).ravel(), np.stack([a.values[:, 0], b.values[:, 0]], 1).ravel())
+    one, two = Learner(cfg).step(make(b1)), Learner(cfg).step(make(b2))
+    np.testing.assert_array_equal(one.forecasts[0::2], two.forecasts[0::2])
+    assert not np.allclose(one.forecasts[1::2], two.forecasts[1::2])
+
+
+def test_one_reading_at_a_time_equals_all_at_once(small_config):
+    cfg = LearnerConfig(**{**small_config.to_dict(), **NO_TRAINING, "warmup_readings": 1})
+    stream = sine_fleet(5, 30, log10_scale=(0, 0))
+    # Shuffle arrival order across sensors but keep each sensor's order: ragged ranks.
+    order = np.argsort(np.random.default_rng(0).permutation(len(stream)) % 7 * 1000
+                       + np.arange(len(stream)) // 5, kind="stable")
+    stream = stream.take(np.sort(order))
+    _perturb_weights(learner_a := Learner(cfg))
+    _perturb_weights(learner_b := Learner(cfg))
+    together = learner_a.step(stream).forecasts
+    apart = feed(learner_b, chunks(stream, 1))
+    np.testing.assert_allclose(together, apart, atol=1e-5, rtol=0)
+    assert not np.allclose(together, stream.values)  # the model, not persistence, spoke
+
+
+def test_state_survives_capacity_growth_bitwise(small_config):
+    cfg = LearnerConfig(**{**small_config.to_dict(), **NO_TRAINING})
+    grown = Learner(LearnerConfig(**{**cfg.to_dict(), "initial_capacity": 2}))
+    roomy = Learner(LearnerConfig(**{**cfg.to_dict(), "initial_capacity": 64}))
+    for learner in (grown, roomy):
+        _perturb_weights(learner)
+    first, second = sine_fleet(2, 10, seed=4), sine_fleet(12, 10, seed=5)
+    grown.step(first), roomy.step(first)
+    h_before = grown.state.h[:, :2].clone()
+    grown.step(Batch.from_arrays([f"new{i}" for i in range(12)], np.full(12, 2e9), np.ones(12)))
+    assert grown.capacity == 16
+    assert torch.equal(grown.state.h[:, :2], h_before)
+    roomy.step(Batch.from_arrays([f"new{i}" for i in range(12)], np.full(12, 2e9), np.ones(12)))
+    later = Batch.from_arrays(second.sensor_ids[:2] and ["s0", "s1"], [3e9, 3e9], [0.5, 0.7])
+    np.testing.assert_array_equal(grown.step(later).forecasts, roomy.step(later).forecasts)
+
+
+def test_evicted_slot_is_reused_with_zeroed_state(small_config):
+    cfg = LearnerConfig(**{**small_config.to_dict(), **NO_TRAINING, "initial_capacity": 2,
+                           "max_sensors": 2, "sensor_ttl_seconds": 3600.0})
+    learner = Learner(cfg)
+    _perturb_weights(learner)
+    old = sine_fleet(2, 10, seed=6)
+    learner.step(old)
+    fresh = Batch.from_arrays(["late"] * 6, 1.7e9 + 10**6 + 600.0 * np.arange(6),
+                              np.linspace(1, 3, 6))
+    reused = learner.step(fresh)
+    assert reused.evicted_sensors == 2 and learner.table.slot_for("late") == 0
+    clean = Learner(cfg)
+    clean.model.load_state_dict(learner.model.state_dict())
+    np.testing.assert_allclose(reused.forecasts, clean.step(fresh).forecasts, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [7, 500])
+def test_grouping_into_micro_batches_does_not_change_forecasts_or_weights(small_config, size):
+    stream = sine_fleet(20, 30, seed=7, log10_scale=(0, 0))
+    ref, other = Learner(small_config), Learner(small_config)
+    expected = feed(ref, chunks(stream, 1))
+    got = feed(other, chunks(stream, size))
+    assert ref.updates == other.updates >= 10
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-5)
+    for p, q in zip(ref.model.parameters(), other.model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-4, rtol=0)
+
+
+def test_update_runs_exactly_after_the_reading_completing_the_count(small_config):
+    learner = Learner(small_config)  # train_every 10, tbptt 4
+    stream = sine_fleet(2, 12, seed=8)
+    result = learner.step(stream)
+    assert [u.update_index for u in result.updates] == [1, 2]
+    counts = result.update_count
+    # Readings 1..10 were forecast before update 1, readings 11..20 after it.
+    assert counts[:10].tolist() == [0] * 10 and counts[10:20].tolist() == [1] * 10
+
+
+def test_rejected_readings_leave_all_state_untouched(small_config):
+    cfg = LearnerConfig(**{**small_config.to_dict(), "max_sensors": 3, "initial_capacity": 3})
+    learner = Learner(cfg)
+    learner.step(sine_fleet(3, 6, seed=9))
+    before = _flat_state(learner)
+    bad = Batch.from_records(
+        [
+            ("s0", 1.7e9 + 6 * 600, [float("nan")]),
+            ("s0", float("inf"), [1.0]),
+            ("s1", 1.7e9 + 6 * 600, [1.0, 2.0]),
+            ("", 1.7e9 + 6 * 600, [1.0]),
+            ("x" * 257, 1.7e9 + 6 * 600, [1.0]),
+            ("s2", 1.7e9 + 5 * 600, [1.0]),
+            ("s2", 1.7e9 + 4 * 600, [1.0]),
+            ("brand-new", 1.7e9 + 6 * 600, [1.0]),
+        ],
+        n_features=1,
+    )
+    result = learner.step(bad)
+    assert [Reason(s) for s in result.status] == [
+        Reason.NON_FINITE, Reason.NON_FINITE, Reason.WRONG_FEATURE_COUNT, Reason.BAD_SENSOR_ID,
+        Reason.BAD_SENSOR_ID, Reason.TIMESTAMP_NOT_AFTER_LAST, Reason.TIMESTAMP_NOT_AFTER_LAST,
+        Reason.TABLE_FULL,
+    ]
+    assert np.isnan(result.forecasts).all() and not result.updates
+    after = _flat_state(learner)
+    assert before.keys() == after.keys()
+    for name in before:
+        np.testing.assert_array_equal(before[name], after[name], err_msg=name)
+    assert learner.table.to_plain() == learner.table.to_plain() and "brand-new" not in learner.table
+
+
+def test_duplicate_timestamp_in_one_batch_rejects_only_the_later_reading(small_config):
+    learner = Learner(small_config)
+    result = learner.step(Batch.from_arrays(["a", "a", "a", "b"], [5.0, 5.0, 6.0, 5.0],
+                                            [1.0, 2.0, 3.0, 4.0]))
+    assert result.status.tolist() == [0, Reason.TIMESTAMP_NOT_AFTER_LAST, 0, 0]
+    assert result.forecasts[2, 0] == 3.0  # persistence in warm-up, from the accepted reading
+
+
+def test_it_learns_to_beat_persistence_by_half_on_a_diverse_fleet():
+    cfg = LearnerConfig(device="cpu")
+    stream = sine_fleet(100, 2000, seed=11, noise=(0.001, 0.01))
+    learner = Learner(cfg)
+    model_err, naive_err = [], []
+    for part in chunks(stream, 2000):
+        result = learner.step(part)
+        model_err.append(result.model_error)
+        naive_err.append(result.persistence_error)
+    m, n = np.concatenate(model_err), np.concatenate(naive_err)
+    ids = np.array(stream.sensor_ids)
+    late = np.arange(len(m)) >= len(m) // 2
+    ratios = [np.nanmean(m[late & (ids == s)]) / np.nanmean(n[late & (ids == s)])
+              for s in np.unique(ids)]
+    assert np.mean(ratios) <= 0.5, np.mean(ratios)
+
+
+def _perturb_weights(learner: Learner) -> None:
+    """Give the (zero-initialised) head weights so forecasts differ from persistence."""
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for p in learner.model.head.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+
+
+def _flat_state(learner: Learner) -> dict[str, np.ndarray]:
+    state = snapshot(learner)
+    flat = {f"stats.{k}": v.numpy() for k, v in state["stats"].items()}
+    flat.update({f"tensors.{k}": v.numpy() for k, v in state["slot_tensors"].items()})
+    flat.update({f"model.{k}": v.numpy() for k, v in state["model"].items()})
+    flat["seen"] = state["seen"].numpy()
+    flat["accepted"] = np.array(state["counters"]["accepted_total"])
+    return flat

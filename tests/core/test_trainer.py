@@ -1,0 +1,113 @@
+"""Truncated BPTT, global-norm clipping and non-finite protection of one update."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from streamer.core import Learner, LearnerConfig
+from streamer.core.trainer import masked_mse
+from tests.core.conftest import sine_fleet
+
+
+@pytest.fixture
+def ready_learner() -> Learner:
+    """A learner whose windows are all full and which has not yet trained."""
+    cfg = LearnerConfig(hidden_size=6, tbptt_steps=5, train_every=10**9, warmup_readings=2,
+                        initial_capacity=8, device="cpu", max_grad_norm=1e-3)
+    learner = Learner(cfg)
+    with torch.no_grad():  # non-zero head so the LSTM weights get gradient too
+        learner.model.head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    learner.step(sine_fleet(4, 9, seed=3, log10_scale=(0, 0)))
+    return learner
+
+
+def reference_loss(model, window) -> torch.Tensor:
+    """The same update's loss, written out from the LSTM equations, from the stored h0/c0."""
+    lstm = model.lstm
+    w_ih, w_hh, b_ih, b_hh = lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0
+    h, c = window.h0[0], window.c0[0]  # (n, H): constants, nothing before the window start
+    preds = []
+    for t in range(window.inputs.shape[1]):
+        x = window.inputs[:, t]
+        i, f, g, o = (x @ w_ih.T + b_ih + h @ w_hh.T + b_hh).chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        preds.append(model.head(torch.cat([h, x], dim=1)))
+    pred = torch.stack(preds, dim=1)
+    return ((pred - window.targets) ** 2 * window.mask).sum() / window.mask.sum()
+
+
+def test_update_gradient_equals_hand_written_tbptt_reference(ready_learner):
+    ready = ready_learner.state.ready(100)
+    assert ready.tolist() == [0, 1, 2, 3]
+    window = ready_learner.state.windows(ready)
+    assert window.h0.grad_fn is None and not window.h0.requires_grad
+    model, trainer = ready_learner.model, ready_learner.trainer
+    loss = trainer.backward(window)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    trainer.optimizer.zero_grad()
+    ref = reference_loss(model, window)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert window.h0.grad is None  # no gradient reached the window-start state
+
+
+def test_window_start_state_is_a_constant_so_earlier_history_does_not_matter(ready_learner):
+    window = ready_learner.state.windows(ready_learner.state.ready(100))
+    h0 = window.h0.clone().requires_grad_(True)
+    pred, _ = ready_learner.model(window.inputs, (h0, window.c0))
+    masked_mse(pred, window.targets, window.mask).backward()
+    assert h0.grad is not None  # gradient would reach h0 only if it were made a leaf on purpose
+    assert ready_learner.state.h0.grad is None and not ready_learner.state.h0.requires_grad
+
+
+def test_clipping_scales_the_gradient_to_max_norm_keeping_its_direction(ready_learner):
+    window = ready_learner.state.windows(ready_learner.state.ready(100))
+    trainer, params = ready_learner.trainer, list(ready_learner.model.parameters())
+    trainer.backward(window)
+    raw = [p.grad.clone() for p in params]
+    raw_norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in raw))
+    reported = float(trainer.clip())
+    assert reported == pytest.approx(raw_norm, rel=1e-5) and raw_norm > 1e-3
+    applied = torch.cat([p.grad.flatten() for p in params])
+    assert float(applied.norm()) == pytest.approx(1e-3, rel=1e-4)
+    direction = torch.cat([g.flatten() for g in raw])
+    cosine = torch.nn.functional.cosine_similarity(applied, direction, dim=0)
+    assert float(cosine) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_update_reports_torchs_pre_clip_norm_and_clip_event(ready_learner):
+    probe = copy.deepcopy(ready_learner)
+    probe.trainer.backward(probe.state.windows(probe.state.ready(100)))
+    expected = float(torch.nn.utils.clip_grad_norm_(probe.model.parameters(), 1e-3))
+    stats = ready_learner.train_now()
+    assert stats.grad_norm == pytest.approx(expected, rel=1e-6)
+    assert stats.clipped and not stats.skipped
+    assert stats.slots == 4 and stats.steps == 4 * 5 - 4  # first target of each is in warm-up
+    assert ready_learner.updates == 1 and ready_learner.state.seen[:4].tolist() == [0] * 4
+
+
+def test_non_finite_gradient_leaves_every_weight_bitwise_unchanged(ready_learner):
+    before = {k: v.clone() for k, v in ready_learner.model.state_dict().items()}
+    ready_learner.state.targets[1, 2, 0] = float("nan")
+    stats = ready_learner.train_now()
+    assert stats.skipped and math.isnan(stats.loss) and math.isnan(stats.grad_norm)
+    for name, value in ready_learner.model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert ready_learner.updates == 0 and not ready_learner.trainer.optimizer.state
+    assert all(p.grad is None for p in ready_learner.model.parameters())
+
+
+def test_learner_keeps_serving_after_a_skipped_update(ready_learner):
+    ready_learner.state.targets[0, 0, 0] = float("inf")
+    assert ready_learner.train_now().skipped
+    later = sine_fleet(4, 12, seed=3, log10_scale=(0, 0)).take(np.arange(36, 48))
+    result = ready_learner.step(later)
+    assert (result.status == 0).all() and np.isfinite(result.forecasts).all()
