@@ -1,0 +1,141 @@
+"""Grafana dashboard: fixed uid, variables, and queries that match what the worker exports."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from dashboard_queries import (
+    iter_panels,
+    load_dashboard,
+    metric_names,
+    panel_queries,
+    runnable_queries,
+    substitute,
+    variable_selectors,
+)
+from prometheus_client import CollectorRegistry
+
+from streamer.metrics import Metrics
+
+DATASOURCE_UID = "streamer-prometheus"
+# Series Prometheus itself adds to every target; not exported by the worker.
+PROMETHEUS_SERIES = {"up"}
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict:
+    return load_dashboard()
+
+
+def exported_sample_names() -> set[str]:
+    """Every sample name a fully-exercised ``Metrics`` registry exposes."""
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, max_grad_norm=1.0, device="cpu")
+    metrics.set_lag({("sensor-readings", 0): 0})
+    return {sample.name for family in registry.collect() for sample in family.samples}
+
+
+def test_uid_and_title_are_fixed(dashboard: dict) -> None:
+    assert dashboard["uid"] == "streamer-overview"
+    assert dashboard["title"] == "streamer"
+
+
+def test_job_and_instance_are_label_values_query_variables(dashboard: dict) -> None:
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert {"job", "instance"} <= variables.keys()
+    for name in ("job", "instance"):
+        assert variables[name]["type"] == "query"
+        assert variables[name]["includeAll"] is True
+        assert variables[name]["allValue"] == ".*"
+        assert variables[name]["datasource"]["uid"] == DATASOURCE_UID
+    selectors = variable_selectors(dashboard)
+    assert selectors["job"] == ("streamer_build_info", "job")
+    assert selectors["instance"] == ('streamer_build_info{job=~".*"}', "instance")
+
+
+def test_rows_cover_every_area(dashboard: dict) -> None:
+    rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
+    assert rows == ["Throughput", "Training", "Forecast quality", "Capacity", "Process"]
+
+
+def test_every_panel_has_targets_on_the_provisioned_datasource(dashboard: dict) -> None:
+    panels = list(iter_panels(dashboard))
+    assert len(panels) >= 20
+    for panel in panels:
+        assert panel["targets"], panel["title"]
+        assert panel["datasource"]["uid"] == DATASOURCE_UID, panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == DATASOURCE_UID, panel["title"]
+
+
+def test_panel_ids_are_unique(dashboard: dict) -> None:
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_every_rate_uses_rate_interval(dashboard: dict) -> None:
+    for query in panel_queries(dashboard):
+        for call in re.finditer(r"\b(?:rate|irate|increase)\s*\([^()]*\[([^\]]+)\]", query.expr):
+            assert call.group(1) == "$__rate_interval", f"{query.panel}: {query.expr}"
+
+
+def test_every_selector_filters_on_job_and_instance(dashboard: dict) -> None:
+    for query in panel_queries(dashboard):
+        expr = re.sub(r"\b(?:by|without|on)\s*\([^)]*\)", "", query.expr)
+        names = metric_names(query.expr)
+        assert names, f"{query.panel}: no metric in {query.expr}"
+        for name in names:
+            for use in re.finditer(rf"\b{re.escape(name)}\b(\{{[^}}]*\}})?", expr):
+                matchers = use.group(1) or ""
+                assert 'job=~"$job"' in matchers, f"{query.panel}: {name} in {query.expr}"
+                assert 'instance=~"$instance"' in matchers, f"{query.panel}: {name}"
+
+
+def test_every_metric_referenced_is_exported(dashboard: dict) -> None:
+    exported = exported_sample_names() | PROMETHEUS_SERIES
+    referenced = {name for q in panel_queries(dashboard) for name in metric_names(q.expr)}
+    assert referenced - exported == set()
+
+
+def test_every_training_and_quality_metric_is_on_the_dashboard(dashboard: dict) -> None:
+    referenced = {name for q in panel_queries(dashboard) for name in metric_names(q.expr)}
+    for name in (
+        "streamer_grad_norm_bucket", "streamer_grad_norm_clip_threshold",
+        "streamer_clip_events_total", "streamer_updates_skipped_total",
+        "streamer_model_abs_error_total", "streamer_persistence_abs_error_total",
+        "streamer_consumer_lag_records", "streamer_sensor_slots_capacity",
+        "streamer_checkpoint_last_success_timestamp_seconds",
+        "streamer_device_memory_allocated_bytes", "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+    ):
+        assert name in referenced, name
+
+
+def test_grad_norm_panel_shows_the_clip_threshold(dashboard: dict) -> None:
+    (panel,) = [p for p in iter_panels(dashboard) if "Gradient norm" in p["title"]]
+    exprs = " ".join(t["expr"] for t in panel["targets"])
+    assert "streamer_grad_norm_clip_threshold" in exprs
+    assert "histogram_quantile(0.99" in exprs
+
+
+def test_substitution_leaves_no_variables(dashboard: dict) -> None:
+    for where, expr in runnable_queries(dashboard):
+        assert "$" not in expr, where
+        assert "[1m]" in expr or "rate(" not in expr, where
+
+
+def test_substitute_handles_every_variable_syntax() -> None:
+    assert substitute('x{a=~"${job}", b=~"[[instance]]"}[$__rate_interval]') == (
+        'x{a=~".*", b=~".*"}[1m]'
+    )
+    with pytest.raises(KeyError, match="nope"):
+        substitute("x{a=\"$nope\"}")
+
+
+def test_metric_names_skips_functions_labels_and_keywords() -> None:
+    expr = (
+        'histogram_quantile(0.99, sum by (le) (rate(a_bucket{job=~"$job"}[$__rate_interval])))'
+        " / on (job) group_left b_total offset 5m and time() - c > 1e-3"
+    )
+    assert metric_names(expr) == {"a_bucket", "b_total", "c"}
