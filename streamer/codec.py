@@ -1,0 +1,248 @@
+"""The message contract: readings in, forecasts out, rejected records to the dead-letter topic.
+
+Input record: key = sensor id (UTF-8, optional; an empty key counts as absent), value = JSON
+``{"sensor_id": str?, "ts": <epoch seconds> | "<RFC 3339 with offset>", "value": number}`` or
+``"values": [numbers]`` instead of ``value``. Other fields are ignored. Decoding never raises on
+bad data: each record becomes a ``Reading`` or a ``Rejection``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Any, NamedTuple
+
+import numpy as np
+from pydantic import (
+    AwareDatetime,
+    BeforeValidator,
+    ConfigDict,
+    Strict,
+    TypeAdapter,
+    ValidationError,
+    with_config,
+)
+from pydantic_core import PydanticCustomError
+from typing_extensions import NotRequired, TypedDict
+
+from streamer.core.batch import Batch
+from streamer.core.rejections import Reason
+
+DLQ_REASON = "streamer.reason"
+DLQ_DETAIL = "streamer.detail"
+DLQ_SOURCE_TOPIC = "streamer.source.topic"
+DLQ_SOURCE_PARTITION = "streamer.source.partition"
+DLQ_SOURCE_OFFSET = "streamer.source.offset"
+# Headers count against the broker's message size limit; a detail is a hint, not a payload.
+MAX_DETAIL_CHARS = 512
+
+# Date, 'T' (or space, as RFC 3339 allows), time with seconds, optional fraction, optional offset.
+# The offset is optional here only so that pydantic reports a missing one as such.
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})?", re.ASCII
+)
+
+
+def _rfc3339_shape(value: Any) -> str:
+    # pydantic alone would also take "1700000000" or "2024-01-01_00:00Z" as datetimes.
+    if not isinstance(value, str):
+        raise PydanticCustomError("timestamp_type", "not a number or a string")
+    if not _RFC3339.fullmatch(value):
+        raise PydanticCustomError("rfc3339", "not an RFC 3339 timestamp")
+    return value
+
+
+# Strict: booleans and numeric strings are not numbers. NaN and +-inf pass the schema and are
+# rejected afterwards as NON_FINITE, which is the more useful reason; 1e999 parses as inf.
+@with_config(ConfigDict(strict=True, extra="ignore"))
+class _ReadingBody(TypedDict):
+    sensor_id: NotRequired[str]
+    # Lax datetime parsing of a string that already has RFC 3339's shape (the validator hands
+    # pydantic a Python str, which strict mode would refuse).
+    ts: float | Annotated[AwareDatetime, Strict(False), BeforeValidator(_rfc3339_shape)]
+    value: NotRequired[float]
+    values: NotRequired[list[float]]
+
+
+_READING_BODY = TypeAdapter(_ReadingBody)
+
+
+class Reading(NamedTuple):
+    """A decoded reading; ``values`` keeps whatever count the record carried."""
+
+    sensor_id: str
+    ts: float
+    values: tuple[float, ...]
+
+
+class Rejection(NamedTuple):
+    """Why a record could not be decoded."""
+
+    reason: Reason
+    detail: str
+
+
+@dataclass(frozen=True)
+class DecodedBatch:
+    """The good readings of a micro-batch and the rejections, both tied to input positions."""
+
+    batch: Batch  # (N_good,) readings in input order
+    index: np.ndarray  # (N_good,) int64 input position of each reading in ``batch``
+    rejections: list[tuple[int, Reason, str]]  # (input position, reason, detail), in order
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _describe_ts_errors(errors: list[Any]) -> str:
+    types = {error["type"] for error in errors}
+    if "missing" in types:
+        return "ts: Field required"
+    if "timezone_aware" in types:
+        return "ts: RFC 3339 timestamp must carry a timezone (Z or +hh:mm)"
+    if "rfc3339" in types:
+        return "ts: string is not an RFC 3339 timestamp"
+    for error in errors:
+        if error["type"] in ("datetime_parsing", "datetime_from_date_parsing"):
+            reason = error.get("ctx", {}).get("error", error["msg"])
+            return f"ts: not a valid RFC 3339 timestamp: {reason}"
+    return "ts: must be epoch seconds (a number) or an RFC 3339 string"
+
+
+def _schema_rejection(err: ValidationError) -> Rejection:
+    errors = err.errors(include_url=False, include_input=False)
+    if errors[0]["type"] == "json_invalid":
+        return Rejection(Reason.NOT_JSON, errors[0]["msg"])
+    parts: list[str] = []
+    ts_errors = [error for error in errors if error["loc"][:1] == ("ts",)]
+    for error in errors:
+        loc = error["loc"]
+        if not loc:
+            parts.append("body must be a JSON object")
+        elif loc[0] != "ts":
+            parts.append(".".join(str(part) for part in loc) + ": " + error["msg"])
+    if ts_errors:
+        parts.append(_describe_ts_errors(ts_errors))
+    return Rejection(Reason.SCHEMA_VIOLATION, "; ".join(parts))
+
+
+def decode_reading(key: bytes | None, value: bytes | None) -> Reading | Rejection:
+    """Decode one record's key and value into a reading, or say why not."""
+    if value is None:
+        return Rejection(Reason.NOT_JSON, "record has no value")
+    try:
+        body = _READING_BODY.validate_json(value)
+    except ValidationError as err:
+        return _schema_rejection(err)
+
+    body_id = body.get("sensor_id")
+    if key:
+        try:
+            sensor_id = key.decode("utf-8")
+        except UnicodeDecodeError:
+            return Rejection(Reason.SCHEMA_VIOLATION, "key is not valid UTF-8")
+        if body_id is not None and body_id != sensor_id:
+            return Rejection(
+                Reason.KEY_MISMATCH,
+                f"key {_clip(sensor_id)!r} differs from body sensor_id {_clip(body_id)!r}",
+            )
+    elif body_id is None:
+        return Rejection(Reason.SCHEMA_VIOLATION, "sensor_id: required when the record has no key")
+    else:
+        sensor_id = body_id
+
+    if "value" in body:
+        if "values" in body:
+            return Rejection(
+                Reason.SCHEMA_VIOLATION, "give exactly one of value and values, not both"
+            )
+        values: tuple[float, ...] = (body["value"],)
+    elif "values" in body:
+        values = tuple(body["values"])
+    else:
+        return Rejection(Reason.SCHEMA_VIOLATION, "give exactly one of value and values")
+
+    ts = body["ts"]
+    if isinstance(ts, datetime):
+        ts = ts.timestamp()
+    elif not math.isfinite(ts):
+        return Rejection(Reason.NON_FINITE, "ts is not finite")
+    if not all(map(math.isfinite, values)):
+        return Rejection(
+            Reason.NON_FINITE,
+            "value is not finite" if "value" in body else "values hold a non-finite number",
+        )
+    return Reading(sensor_id, ts, values)
+
+
+def decode_batch(
+    records: Sequence[tuple[bytes | None, bytes | None]], n_features: int
+) -> DecodedBatch:
+    """Decode (key, value) records into a ``Batch`` of the good ones plus the rejections."""
+    readings: list[Reading] = []
+    index: list[int] = []
+    rejections: list[tuple[int, Reason, str]] = []
+    for position, (key, value) in enumerate(records):
+        decoded = decode_reading(key, value)
+        if isinstance(decoded, Reading):
+            readings.append(decoded)
+            index.append(position)
+        else:
+            rejections.append((position, decoded.reason, decoded.detail))
+    return DecodedBatch(
+        Batch.from_records(readings, n_features), np.asarray(index, dtype=np.int64), rejections
+    )
+
+
+def _finite_or_none(number: float) -> float | None:
+    return number if math.isfinite(number) else None
+
+
+def encode_forecast(
+    sensor_id: str,
+    ts: float,
+    forecast_values: Sequence[float] | np.ndarray,
+    partition: int,
+    offset: int,
+    update_count: int,
+    n_features: int,
+) -> bytes:
+    """The forecast that follows the reading at (partition, offset), as UTF-8 JSON.
+
+    A non-finite forecast number is written as ``null``: the output stays valid JSON.
+    """
+    numbers = [_finite_or_none(float(number)) for number in forecast_values]
+    if len(numbers) != n_features:
+        raise ValueError(f"expected {n_features} forecast values, got {len(numbers)}")
+    body: dict[str, Any] = {"sensor_id": sensor_id, "ts": float(ts)}
+    if n_features == 1:
+        body["value"] = numbers[0]
+    else:
+        body["values"] = numbers
+    body["partition"] = int(partition)
+    body["offset"] = int(offset)
+    body["model_updates"] = int(update_count)
+    return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+def forecast_key(sensor_id: str) -> bytes:
+    """The output record's key: the sensor id, so one sensor's forecasts share a partition."""
+    return sensor_id.encode("utf-8")
+
+
+def dlq_headers(
+    reason: Reason, detail: str, topic: str, partition: int, offset: int
+) -> list[tuple[str, bytes]]:
+    """Headers of a dead-letter record; its key and value are the original bytes, unchanged."""
+    return [
+        (DLQ_REASON, reason.label.encode()),
+        (DLQ_DETAIL, _clip(detail, MAX_DETAIL_CHARS).encode("utf-8", "backslashreplace")),
+        (DLQ_SOURCE_TOPIC, topic.encode("utf-8")),
+        (DLQ_SOURCE_PARTITION, str(int(partition)).encode()),
+        (DLQ_SOURCE_OFFSET, str(int(offset)).encode()),
+    ]

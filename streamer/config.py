@@ -1,0 +1,518 @@
+"""The service's settings: one frozen, typed tree read once at start-up from env and CLI flags.
+
+Every leaf has an env var (``STREAMER_<SECTION>__<FIELD>``) and a CLI flag
+(``--<section>-<field>``); both names are derived from the field's path, so they cannot drift.
+The core never sees this module: ``Settings.learner_config()`` hands it a plain dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from streamer.core.config import LearnerConfig
+
+ENV_PREFIX = "STREAMER_"
+ENV_NESTED_DELIMITER = "__"
+
+# The learner's defaults live in one place, the core's dataclass; the settings read them from it.
+_LEARNER_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(LearnerConfig)}
+
+# Kafka's own rule for topic names (kafka.common.internals.Topic).
+_TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(\d{1,5})$")
+# kafka-python can only be configured for these from plain values (OAUTHBEARER needs a token
+# provider object, GSSAPI a Kerberos setup), so only these are offered.
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; ``str()`` is one message a user can act on."""
+
+
+def env_var_name(path: tuple[str, ...]) -> str:
+    """The env var that sets the setting at ``path``, e.g. ``STREAMER_KAFKA__GROUP_ID``."""
+    return ENV_PREFIX + ENV_NESTED_DELIMITER.join(part.upper() for part in path)
+
+
+def cli_flag(path: tuple[str, ...]) -> str:
+    """The CLI flag that sets the setting at ``path``, e.g. ``--kafka-group-id``."""
+    return "--" + "-".join(path).replace("_", "-")
+
+
+def _named(dotted: str) -> str:
+    """``kafka.group_id (STREAMER_KAFKA__GROUP_ID / --kafka-group-id)`` for messages."""
+    path = tuple(dotted.split("."))
+    return f"{dotted} ({env_var_name(path)} / {cli_flag(path)})"
+
+
+def _conflict(message: str) -> PydanticCustomError:
+    """A cross-field error whose message already names the fields involved."""
+    return PydanticCustomError("config_conflict", "{detail}", {"detail": message})
+
+
+class _Section(BaseModel):
+    """A frozen settings section; typos in env var names are errors, not silently ignored."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_means_unset(cls, data: Any) -> Any:
+        # An empty env var or flag (`STREAMER_SENSORS__IDLE_TTL_SECONDS=`) unsets an optional field.
+        if not isinstance(data, dict):
+            return data
+        cleaned = dict(data)
+        for name, value in data.items():
+            info = cls.model_fields.get(name)
+            if info is not None and value == "" and type(None) in typing.get_args(info.annotation):
+                cleaned[name] = None
+        return cleaned
+
+
+class KafkaSettings(_Section):
+    """Where readings come from and forecasts and rejected records go."""
+
+    bootstrap_servers: str = Field(
+        "localhost:9092", description="Comma-separated host:port list of Kafka brokers."
+    )
+    input_topic: str = Field("sensor-readings", description="Topic the readings are read from.")
+    output_topic: str = Field("sensor-forecasts", description="Topic the forecasts go to.")
+    dlq_topic: str = Field(
+        "sensor-readings-dlq",
+        description="Dead-letter topic: rejected records, unchanged, with the reason in headers.",
+    )
+    group_id: str = Field("streamer", min_length=1, description="Consumer group id.")
+    client_id: str = Field("streamer", min_length=1, description="Client id sent to the brokers.")
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        "earliest", description="Where a group with no committed offset starts reading."
+    )
+    security_protocol: SecurityProtocol = Field(
+        "PLAINTEXT", description="Protocol used to talk to the brokers."
+    )
+    sasl_mechanism: SaslMechanism | None = Field(
+        None, description="SASL mechanism; required with SASL_PLAINTEXT or SASL_SSL."
+    )
+    sasl_username: str | None = Field(None, description="SASL user name.")
+    sasl_password: SecretStr | None = Field(
+        None, description="SASL password (prefer the env var: command lines are visible to all)."
+    )
+    ssl_cafile: Path | None = Field(
+        None, description="CA bundle (PEM) to verify the brokers; system CAs when unset."
+    )
+    ssl_certfile: Path | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
+    ssl_keyfile: Path | None = Field(
+        None, description="Private key (PEM) of the client certificate."
+    )
+    session_timeout_ms: int = Field(
+        45_000, ge=1, description="A consumer silent this long is removed from the group."
+    )
+    heartbeat_interval_ms: int = Field(
+        3_000, ge=1, description="Heartbeat period; must be below a third of the session timeout."
+    )
+    fetch_max_wait_ms: int = Field(
+        500, ge=0, description="How long a broker may hold a fetch while waiting for data."
+    )
+    max_poll_records: int = Field(
+        500, ge=1, description="Micro-batch size: the most records one poll returns."
+    )
+    poll_timeout_ms: int = Field(
+        1_000, ge=0, description="How long one poll waits for records before returning empty."
+    )
+    produce_timeout_s: float = Field(
+        30.0, gt=0, description="How long to wait for the brokers to acknowledge produced records."
+    )
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _host_port_list(cls, value: str) -> str:
+        servers = [part.strip() for part in value.split(",")]
+        for server in servers:
+            match = _HOST_PORT.match(server)
+            if match is None or not 0 < int(match.group(2)) < 65536:
+                raise ValueError(
+                    f"expected a comma-separated list of host:port, got entry {server!r}"
+                )
+        return ",".join(servers)
+
+    @field_validator("input_topic", "output_topic", "dlq_topic")
+    @classmethod
+    def _topic_name(cls, value: str) -> str:
+        if not _TOPIC_NAME.match(value) or value in (".", ".."):
+            raise ValueError(
+                f"{value!r} is not a Kafka topic name: "
+                "use 1 to 249 letters, digits, '.', '_' or '-'"
+            )
+        return value
+
+    @field_validator("security_protocol", "sasl_mechanism", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KafkaSettings:
+        self._check_topics_distinct()
+        self._check_sasl()
+        self._check_ssl()
+        if self.heartbeat_interval_ms * 3 >= self.session_timeout_ms:
+            raise _conflict(
+                f"{_named('kafka.heartbeat_interval_ms')} is {self.heartbeat_interval_ms} but must "
+                f"be below a third of {_named('kafka.session_timeout_ms')}, which is "
+                f"{self.session_timeout_ms}; lower the heartbeat interval or raise the session "
+                "timeout"
+            )
+        return self
+
+    def _check_topics_distinct(self) -> None:
+        names = ("input_topic", "output_topic", "dlq_topic")
+        for i, first in enumerate(names):
+            for second in names[i + 1 :]:
+                if getattr(self, first) == getattr(self, second):
+                    raise _conflict(
+                        f"{_named('kafka.' + first)} and {_named('kafka.' + second)} are both "
+                        f"{getattr(self, first)!r}; each must name its own topic"
+                    )
+
+    def _check_sasl(self) -> None:
+        sasl_fields = ("sasl_mechanism", "sasl_username", "sasl_password")
+        if not self.security_protocol.startswith("SASL_"):
+            given = [name for name in sasl_fields if getattr(self, name) is not None]
+            if given:
+                raise _conflict(
+                    f"{_named('kafka.' + given[0])} is set but {_named('kafka.security_protocol')} "
+                    f"is {self.security_protocol}; set the protocol to SASL_SSL or SASL_PLAINTEXT, "
+                    "or unset the SASL settings"
+                )
+            return
+        if self.sasl_mechanism is None:
+            raise _conflict(
+                f"{_named('kafka.sasl_mechanism')} is required when kafka.security_protocol is "
+                f"{self.security_protocol}; set it to PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"
+            )
+        for name in ("sasl_username", "sasl_password"):
+            if getattr(self, name) is None:
+                raise _conflict(
+                    f"{_named('kafka.' + name)} is required when kafka.sasl_mechanism is "
+                    f"{self.sasl_mechanism}"
+                )
+
+    def _check_ssl(self) -> None:
+        ssl_fields = ("ssl_cafile", "ssl_certfile", "ssl_keyfile")
+        if self.security_protocol not in ("SSL", "SASL_SSL"):
+            given = [name for name in ssl_fields if getattr(self, name) is not None]
+            if given:
+                raise _conflict(
+                    f"{_named('kafka.' + given[0])} is set but {_named('kafka.security_protocol')} "
+                    f"is {self.security_protocol}; set the protocol to SSL or SASL_SSL, or unset "
+                    "the SSL files"
+                )
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            raise _conflict(
+                f"{_named('kafka.ssl_keyfile')} is set without {_named('kafka.ssl_certfile')}; "
+                "a private key is only used together with its client certificate"
+            )
+
+
+class ModelSettings(_Section):
+    """The shape of each sensor's LSTM."""
+
+    n_features: int = Field(
+        _LEARNER_DEFAULTS["n_features"], ge=1, description="Numbers per reading (F)."
+    )
+    hidden_size: int = Field(
+        _LEARNER_DEFAULTS["hidden_size"], ge=1, description="LSTM hidden units per layer."
+    )
+    num_layers: int = Field(
+        _LEARNER_DEFAULTS["num_layers"], ge=1, description="Stacked LSTM layers."
+    )
+
+
+class TrainingSettings(_Section):
+    """Online learning: truncated BPTT, the optimizer and input normalization."""
+
+    tbptt_steps: int = Field(
+        _LEARNER_DEFAULTS["tbptt_steps"],
+        ge=1,
+        description="Truncated-BPTT window length, in steps.",
+    )
+    train_every: int = Field(
+        _LEARNER_DEFAULTS["train_every"],
+        ge=1,
+        description="Run one weight update after this many accepted readings.",
+    )
+    lr: float = Field(_LEARNER_DEFAULTS["lr"], gt=0, description="Optimizer learning rate.")
+    max_grad_norm: float = Field(
+        _LEARNER_DEFAULTS["max_grad_norm"],
+        gt=0,
+        description="Clip the global gradient norm to this.",
+    )
+    norm_alpha: float = Field(
+        _LEARNER_DEFAULTS["norm_alpha"],
+        ge=0,
+        lt=1,
+        description="Weight of the running mean/variance per reading; 0 weighs all equally.",
+    )
+    warmup_readings: int = Field(
+        _LEARNER_DEFAULTS["warmup_readings"],
+        ge=1,
+        description="A new sensor's forecast is its last value until it has this many readings.",
+    )
+    clip_z: float = Field(
+        _LEARNER_DEFAULTS["clip_z"],
+        gt=0,
+        description="Clip normalized inputs and targets to +-this.",
+    )
+    seed: int = Field(
+        _LEARNER_DEFAULTS["seed"], ge=0, description="Seed of the weight initialization."
+    )
+
+
+class SensorSettings(_Section):
+    """The table of per-sensor state."""
+
+    max_sensors: int = Field(
+        _LEARNER_DEFAULTS["max_sensors"], ge=1, description="Most sensors held at once."
+    )
+    initial_capacity: int = Field(
+        _LEARNER_DEFAULTS["initial_capacity"],
+        ge=1,
+        description="Sensor slots allocated up front; the table grows up to max_sensors.",
+    )
+    idle_ttl_seconds: float | None = Field(
+        _LEARNER_DEFAULTS["sensor_ttl_seconds"],
+        gt=0,
+        description="Evict a sensor silent this long (reading time); never when unset.",
+    )
+    max_sensor_id_length: int = Field(
+        _LEARNER_DEFAULTS["max_sensor_id_length"],
+        ge=1,
+        description="Longer sensor ids are rejected.",
+    )
+
+    @model_validator(mode="after")
+    def _capacity_within_max(self) -> SensorSettings:
+        if self.initial_capacity > self.max_sensors:
+            raise _conflict(
+                f"{_named('sensors.initial_capacity')} is {self.initial_capacity} but must not "
+                f"exceed {_named('sensors.max_sensors')}, which is {self.max_sensors}"
+            )
+        return self
+
+
+class MetricsSettings(_Section):
+    """The Prometheus scrape endpoint."""
+
+    enabled: bool = Field(True, description="Serve Prometheus metrics over HTTP.")
+    host: str = Field("0.0.0.0", min_length=1, description="Address the metrics server binds.")
+    port: int = Field(9100, ge=0, le=65535, description="Metrics port; 0 picks a free one.")
+
+
+class CheckpointSettings(_Section):
+    """Periodic snapshots of weights, optimizer and per-sensor state."""
+
+    dir: Path = Field(Path("./checkpoints"), description="Directory the checkpoints are kept in.")
+    interval_seconds: float | None = Field(
+        60.0, gt=0, description="Checkpoint after this many seconds; never by time when unset."
+    )
+    interval_readings: int | None = Field(
+        None, ge=1, description="Checkpoint after this many readings; never by count when unset."
+    )
+    keep: int = Field(3, ge=1, description="How many of the latest checkpoints to keep.")
+    allow_fresh_start: bool = Field(
+        True,
+        description="Start from fresh weights when no usable checkpoint exists; when off, "
+        "start-up fails instead.",
+    )
+
+
+class LogSettings(_Section):
+    """Logging."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="Lowest level logged."
+    )
+    format: Literal["plain", "json"] = Field(
+        "plain", description="plain for people, json for log collectors."
+    )
+
+    @field_validator("level", "format", mode="before")
+    @classmethod
+    def _normalize_case(cls, value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, str):
+            return value
+        return value.upper() if info.field_name == "level" else value.lower()
+
+
+class Settings(BaseSettings):
+    """All of streamer's settings; each component receives only its own section."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        case_sensitive=False,
+        frozen=True,
+        extra="forbid",
+    )
+
+    kafka: KafkaSettings = Field(
+        default_factory=KafkaSettings, description="Kafka connection, topics and consumer tuning."
+    )
+    model: ModelSettings = Field(
+        default_factory=ModelSettings, description="Shape of the per-sensor LSTM."
+    )
+    training: TrainingSettings = Field(
+        default_factory=TrainingSettings, description="Online training and input normalization."
+    )
+    sensors: SensorSettings = Field(
+        default_factory=SensorSettings, description="Table of per-sensor state."
+    )
+    metrics: MetricsSettings = Field(
+        default_factory=MetricsSettings, description="Prometheus metrics endpoint."
+    )
+    checkpoint: CheckpointSettings = Field(
+        default_factory=CheckpointSettings, description="Periodic snapshots of the learner's state."
+    )
+    log: LogSettings = Field(default_factory=LogSettings, description="Log level and format.")
+    device: str = Field(
+        _LEARNER_DEFAULTS["device"],
+        description="Torch device: auto (cuda when available), cpu, cuda or cuda:N.",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
+        return value
+
+    def learner_config(self) -> LearnerConfig:
+        """The core's plain config, built from the model, training and sensors sections."""
+        return LearnerConfig(
+            n_features=self.model.n_features,
+            hidden_size=self.model.hidden_size,
+            num_layers=self.model.num_layers,
+            tbptt_steps=self.training.tbptt_steps,
+            train_every=self.training.train_every,
+            lr=self.training.lr,
+            max_grad_norm=self.training.max_grad_norm,
+            initial_capacity=self.sensors.initial_capacity,
+            max_sensors=self.sensors.max_sensors,
+            sensor_ttl_seconds=self.sensors.idle_ttl_seconds,
+            max_sensor_id_length=self.sensors.max_sensor_id_length,
+            norm_alpha=self.training.norm_alpha,
+            warmup_readings=self.training.warmup_readings,
+            clip_z=self.training.clip_z,
+            device=self.device,
+            seed=self.training.seed,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """All settings as plain JSON-able values, secrets masked: safe to log."""
+        # mode="json" renders SecretStr as "**********" and paths as strings.
+        return self.model_dump(mode="json")
+
+
+@dataclass(frozen=True)
+class SettingField:
+    """One leaf of the settings tree, with the names a user sets it by."""
+
+    path: tuple[str, ...]
+    info: FieldInfo
+
+    @property
+    def dotted(self) -> str:
+        return ".".join(self.path)
+
+    @property
+    def env_var(self) -> str:
+        return env_var_name(self.path)
+
+    @property
+    def flag(self) -> str:
+        return cli_flag(self.path)
+
+
+def _walk(model: type[BaseModel], prefix: tuple[str, ...]) -> Iterator[SettingField]:
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from _walk(annotation, (*prefix, name))
+        else:
+            yield SettingField((*prefix, name), info)
+
+
+def setting_fields() -> tuple[SettingField, ...]:
+    """Every leaf setting, in declaration order (sections first, then top-level fields)."""
+    return tuple(_walk(Settings, ()))
+
+
+def _nest(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    known = {field.dotted for field in setting_fields()}
+    nested: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        if dotted not in known:
+            raise ConfigError(f"invalid configuration: unknown setting {dotted!r}")
+        *sections, leaf = dotted.split(".")
+        node = nested
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[leaf] = value
+    return nested
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Settings from ``STREAMER_*`` env vars, with ``overrides`` (dotted paths) taking precedence.
+
+    Raises ``ConfigError`` with a message naming each bad field's env var and CLI flag.
+    """
+    try:
+        return Settings(**_nest(overrides or {}))
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from err
+
+
+def _describe_location(loc: tuple[int | str, ...]) -> str | None:
+    """The leaf named by the longest leading part of ``loc``, with its env var and flag."""
+    names = tuple(part for part in loc if isinstance(part, str))
+    known = {field.path for field in setting_fields()}
+    for end in range(len(names), 0, -1):
+        if names[:end] in known:
+            return _named(".".join(names[:end]))
+    return None
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line naming every invalid field by its env var and CLI flag, and what is wrong."""
+    problems: list[str] = []
+    for error in err.errors(include_url=False, include_input=False):
+        message = error["msg"].removeprefix("Value error, ")
+        loc = tuple(error["loc"])
+        if error["type"] == "extra_forbidden":
+            path = tuple(str(part) for part in loc)
+            problems.append(f"{'.'.join(path)} ({env_var_name(path)}): unknown setting")
+            continue
+        where = _describe_location(loc)
+        problems.append(f"{where}: {message}" if where else message)
+    return "invalid configuration: " + "; ".join(problems)

@@ -1,0 +1,274 @@
+"""The message contract: every rejection reason, timestamps, forecasts and DLQ headers."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from streamer.codec import (
+    Reading,
+    Rejection,
+    decode_batch,
+    decode_reading,
+    dlq_headers,
+    encode_forecast,
+    forecast_key,
+)
+from streamer.core.rejections import Reason
+
+GOOD = b'{"sensor_id": "s1", "ts": 1700000000.5, "value": 21.5}'
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason", "detail"),
+    [
+        (b"s1", b'{"not json', Reason.NOT_JSON, None),
+        (b"s1", b"", Reason.NOT_JSON, None),
+        (b"s1", b'{"sensor_id": "s\xff1", "ts": 1, "value": 1}', Reason.NOT_JSON, None),
+        (b"s1", b"\xef\xbb\xbf" + GOOD, Reason.NOT_JSON, None),  # a BOM is not JSON
+        (b"s1", None, Reason.NOT_JSON, "record has no value"),
+        (b"s1", b"[1, 2]", Reason.SCHEMA_VIOLATION, "body must be a JSON object"),
+        (b"s1", b'"s1"', Reason.SCHEMA_VIOLATION, "body must be a JSON object"),
+        (b"s1", b'{"value": 1}', Reason.SCHEMA_VIOLATION, "ts: Field required"),
+        (
+            b"s1",
+            b'{"ts": 1, "value": true}',
+            Reason.SCHEMA_VIOLATION,
+            "value: Input should be a valid number",
+        ),
+        (
+            b"s1",
+            b'{"ts": 1, "value": "1.5"}',
+            Reason.SCHEMA_VIOLATION,
+            "value: Input should be a valid number",
+        ),
+        (
+            b"s1",
+            b'{"ts": 1, "values": [1, false]}',
+            Reason.SCHEMA_VIOLATION,
+            "values.1: Input should be a valid number",
+        ),
+        (
+            b"s1",
+            b'{"ts": 1, "value": 1, "values": [1]}',
+            Reason.SCHEMA_VIOLATION,
+            "give exactly one of value and values, not both",
+        ),
+        (b"s1", b'{"ts": 1}', Reason.SCHEMA_VIOLATION, "give exactly one of value and values"),
+        (
+            b"s1",
+            b'{"ts": true, "value": 1}',
+            Reason.SCHEMA_VIOLATION,
+            "ts: must be epoch seconds (a number) or an RFC 3339 string",
+        ),
+        (
+            b"s1",
+            b'{"ts": "1700000000", "value": 1}',
+            Reason.SCHEMA_VIOLATION,
+            "ts: string is not an RFC 3339 timestamp",
+        ),
+        (
+            b"s1",
+            b'{"ts": "2024-03-10T14:30:15", "value": 1}',
+            Reason.SCHEMA_VIOLATION,
+            "ts: RFC 3339 timestamp must carry a timezone (Z or +hh:mm)",
+        ),
+        (
+            b"s1",
+            b'{"ts": "2024-13-10T14:30:15Z", "value": 1}',
+            Reason.SCHEMA_VIOLATION,
+            "ts: not a valid RFC 3339 timestamp: month value is outside expected range of 1-12",
+        ),
+        (
+            b"s1",
+            b'{"sensor_id": 7, "ts": 1, "value": 1}',
+            Reason.SCHEMA_VIOLATION,
+            "sensor_id: Input should be a valid string",
+        ),
+        (
+            None,
+            b'{"ts": 1, "value": 1}',
+            Reason.SCHEMA_VIOLATION,
+            "sensor_id: required when the record has no key",
+        ),
+        (b"s\xff", b'{"ts": 1, "value": 1}', Reason.SCHEMA_VIOLATION, "key is not valid UTF-8"),
+        (b"s2", GOOD, Reason.KEY_MISMATCH, "key 's2' differs from body sensor_id 's1'"),
+        (b"s1", b'{"ts": 1, "value": NaN}', Reason.NON_FINITE, "value is not finite"),
+        (b"s1", b'{"ts": 1, "value": 1e999}', Reason.NON_FINITE, "value is not finite"),
+        (
+            b"s1",
+            b'{"ts": 1, "value": -1' + b"0" * 400 + b"}",
+            Reason.NON_FINITE,
+            "value is not finite",
+        ),
+        (
+            b"s1",
+            b'{"ts": 1, "values": [1, -Infinity]}',
+            Reason.NON_FINITE,
+            "values hold a non-finite number",
+        ),
+        (b"s1", b'{"ts": NaN, "value": 1}', Reason.NON_FINITE, "ts is not finite"),
+    ],
+)
+def test_bad_record_is_rejected_with_its_reason(
+    key: bytes | None, value: bytes | None, reason: Reason, detail: str | None
+) -> None:
+    rejection = decode_reading(key, value)
+    assert isinstance(rejection, Rejection)
+    assert rejection.reason is reason
+    if detail is None:  # the JSON parser's own wording
+        assert rejection.detail.startswith("Invalid JSON: ")
+    else:
+        assert rejection.detail == detail
+
+
+def test_key_and_body_that_agree_give_the_reading() -> None:
+    assert decode_reading(b"s1", GOOD) == Reading("s1", 1700000000.5, (21.5,))
+
+
+def test_sensor_id_may_come_from_the_key_alone() -> None:
+    assert decode_reading(b"s1", b'{"ts": 5, "value": 2}') == Reading("s1", 5.0, (2.0,))
+
+
+def test_sensor_id_may_come_from_the_body_alone_and_an_empty_key_counts_as_absent() -> None:
+    assert decode_reading(None, GOOD) == Reading("s1", 1700000000.5, (21.5,))
+    assert decode_reading(b"", GOOD) == Reading("s1", 1700000000.5, (21.5,))
+
+
+def test_non_ascii_sensor_ids_survive() -> None:
+    value = json.dumps({"sensor_id": "Kühlhaus-3", "ts": 1, "value": 1}).encode()
+    assert decode_reading("Kühlhaus-3".encode(), value) == Reading("Kühlhaus-3", 1.0, (1.0,))
+
+
+def test_extra_fields_are_ignored_even_when_they_hold_nan() -> None:
+    value = b'{"ts": 1, "value": 2, "unit": "C", "quality": NaN, "meta": {"a": [1]}}'
+    assert decode_reading(b"s1", value) == Reading("s1", 1.0, (2.0,))
+
+
+def test_integers_are_numbers_and_values_keep_their_count() -> None:
+    assert decode_reading(b"s1", b'{"ts": 10, "values": [1, 2.5, -3]}') == Reading(
+        "s1", 10.0, (1.0, 2.5, -3.0)
+    )
+    assert decode_reading(b"s1", b'{"ts": 10, "values": []}') == Reading("s1", 10.0, ())
+
+
+@pytest.mark.parametrize(
+    ("ts", "epoch"),
+    [
+        ("2024-03-10T14:30:15.25+05:30", 1710061215.25),
+        ("2024-03-10T09:00:15.25Z", 1710061215.25),
+        ("2024-03-10T04:00:15.25-05:00", 1710061215.25),
+        ("2024-03-10 09:00:15.25z", 1710061215.25),
+        ("2024-03-10T09:00:15-00:00", 1710061215.0),
+        ("1970-01-01T00:00:00Z", 0.0),
+    ],
+)
+def test_rfc3339_timestamp_with_offset_becomes_exact_epoch_seconds(ts: str, epoch: float) -> None:
+    value = json.dumps({"ts": ts, "value": 1.0}).encode()
+    reading = decode_reading(b"s1", value)
+    assert isinstance(reading, Reading)
+    assert reading.ts == epoch
+
+
+def test_decode_batch_keeps_good_readings_in_order_with_their_input_positions() -> None:
+    records: list[tuple[bytes | None, bytes | None]] = [
+        (b"a", b'{"ts": 1, "value": 10}'),
+        (b"b", b"garbage"),
+        (b"b", b'{"ts": 2, "values": [20, 21]}'),
+        (None, b'{"sensor_id": "c", "ts": "1970-01-01T00:00:03Z", "value": 30}'),
+        (b"d", b'{"ts": 4, "value": NaN}'),
+    ]
+    decoded = decode_batch(records, n_features=1)
+    assert decoded.index.dtype == np.int64
+    assert decoded.index.tolist() == [0, 2, 3]
+    assert list(decoded.batch.sensor_ids) == ["a", "b", "c"]
+    assert decoded.batch.ts.tolist() == [1.0, 2.0, 3.0]
+    assert decoded.batch.values.tolist() == [[10.0], [20.0], [30.0]]
+    assert decoded.batch.n_values.tolist() == [1, 2, 1]  # the learner rejects the 2-value one
+    assert [(i, reason) for i, reason, _ in decoded.rejections] == [
+        (1, Reason.NOT_JSON),
+        (4, Reason.NON_FINITE),
+    ]
+    assert decoded.rejections[1][2] == "value is not finite"
+
+
+def test_decode_batch_of_nothing_is_an_empty_batch_of_the_right_width() -> None:
+    decoded = decode_batch([], n_features=3)
+    assert len(decoded.batch) == 0
+    assert decoded.batch.values.shape == (0, 3)
+    assert decoded.index.tolist() == []
+    assert decoded.rejections == []
+
+
+def test_decoding_never_raises_on_garbage() -> None:
+    rng = random.Random(1234)
+    samples = [bytes(rng.randrange(256) for _ in range(rng.randrange(40))) for _ in range(500)]
+    # Mutations of a good message reach the validator rather than dying in the parser.
+    for _ in range(1500):
+        mutated = bytearray(GOOD)
+        for _ in range(rng.randrange(1, 4)):
+            mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+        samples.append(bytes(mutated))
+    records = [(rng.choice([None, b"", b"s1", b"\xff"]), value) for value in samples]
+    decoded = decode_batch(records, n_features=1)
+    assert len(decoded.batch) + len(decoded.rejections) == len(records)
+    assert {reason for _, reason, _ in decoded.rejections} <= {
+        Reason.NOT_JSON,
+        Reason.SCHEMA_VIOLATION,
+        Reason.KEY_MISMATCH,
+        Reason.NON_FINITE,
+    }
+
+
+def test_single_feature_forecast_is_exact_json() -> None:
+    encoded = encode_forecast("s1", 1700000000.5, np.array([21.75]), 3, 42, np.int64(7), 1)
+    assert encoded == (
+        b'{"sensor_id":"s1","ts":1700000000.5,"value":21.75,'
+        b'"partition":3,"offset":42,"model_updates":7}'
+    )
+
+
+def test_multi_feature_forecast_round_trips_through_json() -> None:
+    encoded = encode_forecast("Kühlhaus-3", 12.0, [1.5, -2.25, 1e-7], 0, 9, 0, 3)
+    assert json.loads(encoded) == {
+        "sensor_id": "Kühlhaus-3",
+        "ts": 12.0,
+        "values": [1.5, -2.25, 1e-7],
+        "partition": 0,
+        "offset": 9,
+        "model_updates": 0,
+    }
+
+
+def test_non_finite_forecast_numbers_are_written_as_null() -> None:
+    encoded = encode_forecast("s1", 1.0, [np.nan, 2.0], 0, 1, 1, 2)
+    assert json.loads(encoded)["values"] == [None, 2.0]
+
+
+def test_forecast_with_the_wrong_number_of_values_is_a_programming_error() -> None:
+    with pytest.raises(ValueError, match="expected 2 forecast values, got 1"):
+        encode_forecast("s1", 1.0, [1.0], 0, 1, 1, 2)
+
+
+def test_forecast_key_is_the_utf8_sensor_id() -> None:
+    assert forecast_key("Kühlhaus-3") == "Kühlhaus-3".encode()
+
+
+def test_dlq_headers_name_the_reason_and_the_source_record() -> None:
+    headers = dlq_headers(Reason.KEY_MISMATCH, "key 's2' differs", "sensor-readings", 3, 1234)
+    assert headers == [
+        ("streamer.reason", b"key_mismatch"),
+        ("streamer.detail", b"key 's2' differs"),
+        ("streamer.source.topic", b"sensor-readings"),
+        ("streamer.source.partition", b"3"),
+        ("streamer.source.offset", b"1234"),
+    ]
+
+
+def test_dlq_detail_is_bounded() -> None:
+    headers = dict(dlq_headers(Reason.NOT_JSON, "x" * 10_000, "t", 0, 0))
+    assert len(headers["streamer.detail"]) == 512
+    assert headers["streamer.detail"].endswith(b"...")

@@ -1,0 +1,391 @@
+"""The settings tree: env contract, CLI precedence, error messages, cross-field rules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from streamer.cli_options import add_settings_arguments, settings_from_args, settings_overrides
+from streamer.config import ConfigError, Settings, load_settings, setting_fields
+from streamer.core.config import LearnerConfig
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with no STREAMER_* variables from the machine it runs on."""
+    for name in list(os.environ):
+        if name.upper().startswith("STREAMER_"):
+            monkeypatch.delenv(name)
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="streamer run")
+    add_settings_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def error_message(overrides: dict[str, object] | None = None) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(overrides)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("env_var", "value", "section", "field", "expected"),
+    [
+        (
+            "STREAMER_KAFKA__BOOTSTRAP_SERVERS",
+            "k1:9092,k2:9093",
+            "kafka",
+            "bootstrap_servers",
+            "k1:9092,k2:9093",
+        ),
+        ("STREAMER_KAFKA__INPUT_TOPIC", "in", "kafka", "input_topic", "in"),
+        ("STREAMER_KAFKA__OUTPUT_TOPIC", "out", "kafka", "output_topic", "out"),
+        ("STREAMER_KAFKA__DLQ_TOPIC", "dead", "kafka", "dlq_topic", "dead"),
+        ("STREAMER_KAFKA__GROUP_ID", "group-7", "kafka", "group_id", "group-7"),
+        ("STREAMER_METRICS__PORT", "9200", "metrics", "port", 9200),
+        (
+            "STREAMER_CHECKPOINT__DIR",
+            "/var/lib/streamer",
+            "checkpoint",
+            "dir",
+            Path("/var/lib/streamer"),
+        ),
+        ("STREAMER_DEVICE", "cuda:1", None, "device", "cuda:1"),
+    ],
+)
+def test_each_contract_env_var_sets_its_field(
+    monkeypatch: pytest.MonkeyPatch,
+    env_var: str,
+    value: str,
+    section: str | None,
+    field: str,
+    expected: object,
+) -> None:
+    monkeypatch.setenv(env_var, value)
+    settings = load_settings()
+    owner = getattr(settings, section) if section else settings
+    assert getattr(owner, field) == expected
+
+
+def test_env_var_and_flag_names_are_derived_from_the_field_path() -> None:
+    by_path = {field.dotted: field for field in setting_fields()}
+    assert by_path["kafka.bootstrap_servers"].env_var == "STREAMER_KAFKA__BOOTSTRAP_SERVERS"
+    assert by_path["kafka.bootstrap_servers"].flag == "--kafka-bootstrap-servers"
+    assert by_path["training.lr"].flag == "--training-lr"
+    assert by_path["device"].env_var == "STREAMER_DEVICE"
+    assert by_path["device"].flag == "--device"
+
+
+def test_defaults_come_from_learner_config() -> None:
+    assert load_settings().learner_config() == LearnerConfig()
+
+
+def test_documented_defaults() -> None:
+    settings = load_settings()
+    assert settings.kafka.bootstrap_servers == "localhost:9092"
+    assert settings.kafka.input_topic == "sensor-readings"
+    assert settings.kafka.output_topic == "sensor-forecasts"
+    assert settings.kafka.dlq_topic == "sensor-readings-dlq"
+    assert settings.kafka.group_id == "streamer"
+    assert settings.kafka.max_poll_records == 500
+    assert (settings.metrics.host, settings.metrics.port) == ("0.0.0.0", 9100)
+    assert settings.checkpoint.dir == Path("./checkpoints")
+    assert settings.log.format == "plain"
+    assert settings.device == "auto"
+
+
+def test_learner_config_carries_every_value_through() -> None:
+    settings = load_settings(
+        {
+            "model.n_features": 3,
+            "model.hidden_size": 64,
+            "model.num_layers": 2,
+            "training.tbptt_steps": 16,
+            "training.train_every": 100,
+            "training.lr": 0.01,
+            "training.max_grad_norm": 0.5,
+            "training.norm_alpha": 0.0,
+            "training.warmup_readings": 4,
+            "training.clip_z": 5.0,
+            "training.seed": 7,
+            "sensors.max_sensors": 5000,
+            "sensors.initial_capacity": 64,
+            "sensors.idle_ttl_seconds": 3600.0,
+            "sensors.max_sensor_id_length": 64,
+            "device": "cpu",
+        }
+    )
+    assert settings.learner_config() == LearnerConfig(
+        n_features=3,
+        hidden_size=64,
+        num_layers=2,
+        tbptt_steps=16,
+        train_every=100,
+        lr=0.01,
+        max_grad_norm=0.5,
+        initial_capacity=64,
+        max_sensors=5000,
+        sensor_ttl_seconds=3600.0,
+        max_sensor_id_length=64,
+        norm_alpha=0.0,
+        warmup_readings=4,
+        clip_z=5.0,
+        device="cpu",
+        seed=7,
+    )
+
+
+def test_cli_flag_beats_env_and_other_env_vars_still_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMER_KAFKA__GROUP_ID", "from-env")
+    monkeypatch.setenv("STREAMER_KAFKA__INPUT_TOPIC", "topic-from-env")
+    settings = settings_from_args(parse("--kafka-group-id", "from-flag"))
+    assert settings.kafka.group_id == "from-flag"
+    assert settings.kafka.input_topic == "topic-from-env"
+
+
+def test_flags_not_passed_are_not_overrides() -> None:
+    assert settings_overrides(parse("--training-lr", "0.1", "--no-metrics-enabled")) == {
+        "training.lr": "0.1",
+        "metrics.enabled": False,
+    }
+
+
+def test_boolean_flags_come_in_on_and_off_forms(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMER_METRICS__ENABLED", "false")
+    assert load_settings().metrics.enabled is False
+    assert settings_from_args(parse("--metrics-enabled")).metrics.enabled is True
+    assert settings_from_args(parse()).metrics.enabled is False
+    assert (
+        settings_from_args(parse("--no-checkpoint-allow-fresh-start")).checkpoint.allow_fresh_start
+        is False
+    )
+
+
+def test_flag_values_are_typed_by_the_settings_model() -> None:
+    settings = settings_from_args(
+        parse("--training-lr", "0.1", "--metrics-port", "9300", "--checkpoint-dir", "/tmp/ck")
+    )
+    assert settings.training.lr == 0.1
+    assert settings.metrics.port == 9300
+    assert settings.checkpoint.dir == Path("/tmp/ck")
+
+
+def test_empty_value_unsets_an_optional_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMER_SENSORS__IDLE_TTL_SECONDS", "")
+    assert load_settings().sensors.idle_ttl_seconds is None
+    settings = settings_from_args(parse("--checkpoint-interval-seconds", ""))
+    assert settings.checkpoint.interval_seconds is None
+
+
+def test_invalid_env_value_names_env_var_and_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMER_KAFKA__GROUP_ID", "")
+    assert error_message() == (
+        "invalid configuration: kafka.group_id (STREAMER_KAFKA__GROUP_ID / --kafka-group-id): "
+        "String should have at least 1 character"
+    )
+
+
+def test_invalid_flag_value_names_env_var_and_flag() -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings_from_args(parse("--metrics-port", "http"))
+    assert str(caught.value) == (
+        "invalid configuration: metrics.port (STREAMER_METRICS__PORT / --metrics-port): "
+        "Input should be a valid integer, unable to parse string as an integer"
+    )
+
+
+def test_every_invalid_field_is_reported_in_one_message() -> None:
+    assert error_message({"metrics.port": 70000, "device": "gpu"}) == (
+        "invalid configuration: "
+        "metrics.port (STREAMER_METRICS__PORT / --metrics-port): "
+        "Input should be less than or equal to 65535; "
+        "device (STREAMER_DEVICE / --device): expected auto, cpu, cuda or cuda:N, got 'gpu'"
+    )
+
+
+def test_config_error_keeps_the_validation_error_as_its_cause() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"training.lr": 0})
+    assert isinstance(caught.value.__cause__, ValidationError)
+
+
+def test_misspelt_nested_env_var_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMER_KAFKA__BOOTSTRAP_SERVER", "k1:9092")
+    assert error_message() == (
+        "invalid configuration: kafka.bootstrap_server (STREAMER_KAFKA__BOOTSTRAP_SERVER): "
+        "unknown setting"
+    )
+
+
+def test_unknown_override_is_refused() -> None:
+    assert error_message({"kafka.group": "g"}) == (
+        "invalid configuration: unknown setting 'kafka.group'"
+    )
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
+def test_device_accepts_auto_cpu_cuda_and_cuda_n(device: str) -> None:
+    assert load_settings({"device": device}).device == device
+
+
+def test_bootstrap_servers_must_be_host_port_pairs() -> None:
+    assert load_settings(
+        {"kafka.bootstrap_servers": "k1:9092, [::1]:9093"}
+    ).kafka.bootstrap_servers == ("k1:9092,[::1]:9093")
+    assert error_message({"kafka.bootstrap_servers": "k1:9092,k2"}) == (
+        "invalid configuration: kafka.bootstrap_servers "
+        "(STREAMER_KAFKA__BOOTSTRAP_SERVERS / --kafka-bootstrap-servers): "
+        "expected a comma-separated list of host:port, got entry 'k2'"
+    )
+
+
+def test_topic_names_follow_kafka_rules() -> None:
+    assert error_message({"kafka.input_topic": "sensor readings"}) == (
+        "invalid configuration: kafka.input_topic (STREAMER_KAFKA__INPUT_TOPIC / "
+        "--kafka-input-topic): 'sensor readings' is not a Kafka topic name: "
+        "use 1 to 249 letters, digits, '.', '_' or '-'"
+    )
+
+
+def test_case_of_enumerated_values_does_not_matter() -> None:
+    settings = load_settings(
+        {"log.level": "debug", "log.format": "JSON", "kafka.security_protocol": "ssl"}
+    )
+    assert (settings.log.level, settings.log.format) == ("DEBUG", "json")
+    assert settings.kafka.security_protocol == "SSL"
+
+
+def test_sasl_protocol_requires_a_mechanism() -> None:
+    assert error_message({"kafka.security_protocol": "SASL_SSL"}) == (
+        "invalid configuration: kafka.sasl_mechanism (STREAMER_KAFKA__SASL_MECHANISM / "
+        "--kafka-sasl-mechanism) is required when kafka.security_protocol is SASL_SSL; "
+        "set it to PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"
+    )
+
+
+def test_sasl_mechanism_requires_username_and_password() -> None:
+    message = error_message(
+        {
+            "kafka.security_protocol": "SASL_PLAINTEXT",
+            "kafka.sasl_mechanism": "SCRAM-SHA-512",
+            "kafka.sasl_username": "svc",
+        }
+    )
+    assert message == (
+        "invalid configuration: kafka.sasl_password (STREAMER_KAFKA__SASL_PASSWORD / "
+        "--kafka-sasl-password) is required when kafka.sasl_mechanism is SCRAM-SHA-512"
+    )
+
+
+def test_sasl_settings_without_sasl_protocol_are_refused() -> None:
+    assert error_message({"kafka.sasl_username": "svc"}) == (
+        "invalid configuration: kafka.sasl_username (STREAMER_KAFKA__SASL_USERNAME / "
+        "--kafka-sasl-username) is set but kafka.security_protocol "
+        "(STREAMER_KAFKA__SECURITY_PROTOCOL / --kafka-security-protocol) is PLAINTEXT; "
+        "set the protocol to SASL_SSL or SASL_PLAINTEXT, or unset the SASL settings"
+    )
+
+
+def test_ssl_files_without_ssl_protocol_are_refused() -> None:
+    assert error_message({"kafka.ssl_cafile": "/etc/ca.pem"}) == (
+        "invalid configuration: kafka.ssl_cafile (STREAMER_KAFKA__SSL_CAFILE / "
+        "--kafka-ssl-cafile) is set but kafka.security_protocol "
+        "(STREAMER_KAFKA__SECURITY_PROTOCOL / --kafka-security-protocol) is PLAINTEXT; "
+        "set the protocol to SSL or SASL_SSL, or unset the SSL files"
+    )
+
+
+def test_ssl_key_needs_its_certificate() -> None:
+    overrides = {"kafka.security_protocol": "SSL", "kafka.ssl_keyfile": "/etc/client.key"}
+    assert error_message(overrides) == (
+        "invalid configuration: kafka.ssl_keyfile (STREAMER_KAFKA__SSL_KEYFILE / "
+        "--kafka-ssl-keyfile) is set without kafka.ssl_certfile (STREAMER_KAFKA__SSL_CERTFILE / "
+        "--kafka-ssl-certfile); a private key is only used together with its client certificate"
+    )
+
+
+def test_heartbeat_must_be_below_a_third_of_the_session_timeout() -> None:
+    overrides = {"kafka.session_timeout_ms": 6000, "kafka.heartbeat_interval_ms": 2000}
+    assert error_message(overrides) == (
+        "invalid configuration: kafka.heartbeat_interval_ms "
+        "(STREAMER_KAFKA__HEARTBEAT_INTERVAL_MS / --kafka-heartbeat-interval-ms) is 2000 but "
+        "must be below a third of kafka.session_timeout_ms (STREAMER_KAFKA__SESSION_TIMEOUT_MS / "
+        "--kafka-session-timeout-ms), which is 6000; lower the heartbeat interval or raise the "
+        "session timeout"
+    )
+    # The test broker's settings (see TEST-BROKER.md) are valid.
+    overrides = {"kafka.session_timeout_ms": 2000, "kafka.heartbeat_interval_ms": 500}
+    assert load_settings(overrides).kafka.heartbeat_interval_ms == 500
+
+
+def test_topics_must_differ() -> None:
+    assert error_message({"kafka.dlq_topic": "sensor-forecasts"}) == (
+        "invalid configuration: kafka.output_topic (STREAMER_KAFKA__OUTPUT_TOPIC / "
+        "--kafka-output-topic) and kafka.dlq_topic (STREAMER_KAFKA__DLQ_TOPIC / "
+        "--kafka-dlq-topic) are both 'sensor-forecasts'; each must name its own topic"
+    )
+
+
+def test_initial_capacity_must_not_exceed_max_sensors() -> None:
+    assert error_message({"sensors.max_sensors": 100, "sensors.initial_capacity": 1024}) == (
+        "invalid configuration: sensors.initial_capacity (STREAMER_SENSORS__INITIAL_CAPACITY / "
+        "--sensors-initial-capacity) is 1024 but must not exceed sensors.max_sensors "
+        "(STREAMER_SENSORS__MAX_SENSORS / --sensors-max-sensors), which is 100"
+    )
+
+
+def test_settings_and_sections_are_frozen() -> None:
+    settings = load_settings()
+    with pytest.raises(ValidationError, match="frozen"):
+        settings.device = "cpu"  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="frozen"):
+        settings.kafka.group_id = "other"  # type: ignore[misc]
+
+
+def test_describe_masks_secrets_and_is_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMER_KAFKA__SASL_PASSWORD", "hunter2-secret")
+    settings = load_settings(
+        {
+            "kafka.security_protocol": "SASL_SSL",
+            "kafka.sasl_mechanism": "PLAIN",
+            "kafka.sasl_username": "svc",
+        }
+    )
+    assert settings.kafka.sasl_password is not None
+    assert settings.kafka.sasl_password.get_secret_value() == "hunter2-secret"
+    described = settings.describe()
+    assert described["kafka"]["sasl_password"] == "**********"
+    assert described["kafka"]["sasl_username"] == "svc"
+    assert described["checkpoint"]["dir"] == "checkpoints"
+    assert "hunter2" not in json.dumps(described)
+
+
+def test_help_documents_every_setting_with_env_var_and_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("COLUMNS", "400")  # no wrapping inside names
+    parser = argparse.ArgumentParser(prog="streamer run")
+    add_settings_arguments(parser)
+    text = parser.format_help()
+    for field in setting_fields():
+        assert field.flag in text
+        assert f"env {field.env_var};" in text
+    assert (
+        "--training-lr FLOAT Optimizer learning rate. [env STREAMER_TRAINING__LR; default 0.003]"
+        in " ".join(text.split())
+    )
+    assert "--metrics-enabled, --no-metrics-enabled" in text
+
+
+def test_every_field_has_a_description() -> None:
+    for field in setting_fields():
+        assert field.info.description, field.dotted
+    for name, info in Settings.model_fields.items():
+        assert info.description, name
