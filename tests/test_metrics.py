@@ -275,3 +275,17 @@ def test_exposition_passes_promtool_check_metrics(
     )
     assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
     assert proc.stdout.decode() + proc.stderr.decode() == ""
+
+
+def test_device_memory_reads_cuda_allocations_at_scrape_time(registry: CollectorRegistry) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    Metrics(registry, max_grad_norm=1.0, device="cuda:0")
+    assert value(registry, "streamer_device_info", device="cuda:0", kind="cuda") == 1.0
+    before = value(registry, "streamer_device_memory_allocated_bytes")
+    block = torch.empty(1 << 20, dtype=torch.float32, device="cuda:0")  # 4 MiB
+    after = value(registry, "streamer_device_memory_allocated_bytes")
+    assert after is not None and before is not None
+    assert after - before >= block.numel() * 4
