@@ -1,0 +1,88 @@
+"""Explicit topic creation and deletion (never rely on a broker's auto-creation)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+
+import kafka.errors as kerr
+from kafka import KafkaAdminClient
+
+from streamer.kafka.connection import KafkaConnection
+from streamer.kafka.errors import KafkaClientError, converted_errors
+
+log = logging.getLogger(__name__)
+
+_TOPIC_ALREADY_EXISTS = kerr.TopicAlreadyExistsError.errno
+_UNKNOWN_TOPIC = kerr.UnknownTopicOrPartitionError.errno
+
+
+@contextmanager
+def admin_client(connection: KafkaConnection) -> Iterator[KafkaAdminClient]:
+    """A connected admin client, closed on exit; BrokerUnavailable if none answers."""
+    with converted_errors("connecting the admin client"):
+        admin = KafkaAdminClient(**connection.kafka_python_config())
+    try:
+        yield admin
+    finally:
+        admin.close()
+
+
+def ensure_topics(
+    connection: KafkaConnection | str,
+    partitions: Mapping[str, int],
+    *,
+    replication_factor: int = -1,
+    timeout_s: float = 10.0,
+) -> list[str]:
+    """Create the topics that do not exist yet; return the names actually created.
+
+    ``replication_factor=-1`` takes the broker's default, which is what production clusters
+    configure; an existing topic is left as it is, whatever its partition count.
+    """
+    for name, count in partitions.items():
+        if count < 1:
+            raise ValueError(f"topic {name!r} needs at least 1 partition, got {count}")
+    if not partitions:
+        return []
+    spec = {
+        name: {"num_partitions": count, "replication_factor": replication_factor}
+        for name, count in partitions.items()
+    }
+    with admin_client(KafkaConnection.of(connection)) as admin:
+        with converted_errors("creating topics"):
+            result = admin.create_topics(spec, timeout_ms=int(timeout_s * 1000),
+                                         raise_errors=False)
+    created = []
+    for topic in result["topics"]:
+        code = topic["error_code"]
+        if code == 0:
+            created.append(topic["name"])
+        elif code != _TOPIC_ALREADY_EXISTS:
+            error = kerr.for_code(code)
+            raise KafkaClientError(
+                f"creating topic {topic['name']!r} failed: {error.__name__}: "
+                f"{topic.get('error_message') or error.description}"
+            )
+    if created:
+        log.info("created topics %s", sorted(created))
+    return created
+
+
+def delete_topics(
+    connection: KafkaConnection | str, names: Iterable[str], *, timeout_s: float = 10.0
+) -> None:
+    """Delete the topics; ones that do not exist are ignored."""
+    names = list(names)
+    if not names:
+        return
+    with admin_client(KafkaConnection.of(connection)) as admin:
+        with converted_errors("deleting topics"):
+            result = admin.delete_topics(names, timeout_ms=int(timeout_s * 1000),
+                                         raise_errors=False)
+    for topic in result["topics"]:
+        code = topic["error_code"]
+        if code not in (0, _UNKNOWN_TOPIC):
+            error = kerr.for_code(code)
+            raise KafkaClientError(f"deleting topic {topic['name']!r} failed: {error.__name__}")

@@ -1,0 +1,135 @@
+"""What the worker loop needs from Kafka, independent of the client library behind it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+# (topic, partition): plain tuples so no library type leaks into the worker.
+PartitionId = tuple[str, int]
+PartitionsCallback = Callable[[list[PartitionId]], None]
+
+
+@dataclass(frozen=True)
+class InputRecord:
+    """One consumed record."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class OutputRecord:
+    """One record to produce; the partition follows from the key."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ConsumerSettings:
+    """Consumer-group tuning; Kafka's defaults except where a streaming worker needs less."""
+
+    group_id: str
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 3_000
+    fetch_max_wait_ms: int = 500
+    max_poll_records: int = 500
+    max_poll_interval_ms: int = 300_000
+    # poll_batch raises BrokerUnavailable once no broker connection has been up for this long,
+    # instead of returning empty batches forever (kafka-python reconnects silently).
+    unreachable_after_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.group_id:
+            raise ValueError("group_id must not be empty")
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            raise ValueError(
+                f"heartbeat_interval_ms ({self.heartbeat_interval_ms}) must be below "
+                f"session_timeout_ms ({self.session_timeout_ms})"
+            )
+        if self.max_poll_records < 1:
+            raise ValueError(f"max_poll_records must be >= 1, got {self.max_poll_records}")
+
+
+@dataclass(frozen=True)
+class ProducerSettings:
+    """Producer tuning: acks=all always; small linger to batch a poll's worth of outputs."""
+
+    linger_ms: int = 5
+    compression_type: str | None = None  # None, "gzip", "snappy", "lz4" or "zstd"
+    # send() blocks this long when topic metadata is missing (e.g. broker down).
+    max_block_ms: int = 10_000
+    request_timeout_ms: int = 10_000
+    # A record not acknowledged within this time fails (retries happen inside it); Kafka
+    # requires it to exceed linger_ms + request_timeout_ms.
+    delivery_timeout_ms: int = 30_000
+
+    def __post_init__(self) -> None:
+        allowed = (None, "gzip", "snappy", "lz4", "zstd")
+        if self.compression_type not in allowed:
+            raise ValueError(
+                f"compression_type must be one of {allowed}, got {self.compression_type!r}"
+            )
+        if self.delivery_timeout_ms <= self.linger_ms + self.request_timeout_ms:
+            raise ValueError(
+                f"delivery_timeout_ms ({self.delivery_timeout_ms}) must exceed linger_ms + "
+                f"request_timeout_ms ({self.linger_ms + self.request_timeout_ms})"
+            )
+
+
+class StreamClient(Protocol):
+    """Consume, produce and commit for one worker; errors are streamer.kafka.errors types."""
+
+    def subscribe(
+        self,
+        topics: Collection[str],
+        on_assign: PartitionsCallback | None = None,
+        on_revoke: PartitionsCallback | None = None,
+    ) -> None:
+        """Join the group for ``topics``; callbacks run inside ``poll_batch`` on its thread."""
+        ...
+
+    def poll_batch(self, max_records: int, timeout_s: float) -> list[InputRecord]:
+        """Up to ``max_records`` records, waiting at most ``timeout_s`` for the first."""
+        ...
+
+    def produce_and_wait(self, records: Sequence[OutputRecord], timeout_s: float) -> None:
+        """Send all records; return only once the broker acknowledged every one."""
+        ...
+
+    def commit(self, offsets: Mapping[PartitionId, int], timeout_s: float = 10.0) -> None:
+        """Commit synchronously; an offset is the next one to read (last processed + 1)."""
+        ...
+
+    def seek(self, offsets: Mapping[PartitionId, int]) -> None:
+        """Read these assigned partitions from these offsets on the next poll."""
+        ...
+
+    def assignment(self) -> set[PartitionId]:
+        """Partitions currently assigned to this member."""
+        ...
+
+    def lag(self) -> dict[PartitionId, int]:
+        """Records behind the partition end, per assigned partition with a known end."""
+        ...
+
+    def pause(self, partitions: Collection[PartitionId]) -> None:
+        """Stop fetching from these partitions without leaving the group."""
+        ...
+
+    def resume(self, partitions: Collection[PartitionId]) -> None:
+        """Fetch again from paused partitions."""
+        ...
+
+    def close(self) -> None:
+        """Leave the group and release connections; never raises."""
+        ...

@@ -1,0 +1,75 @@
+"""Where the brokers are and how to authenticate: shared by consumer, producer and admin."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI")
+_NEEDS_PASSWORD = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+@dataclass(frozen=True)
+class KafkaConnection:
+    """Bootstrap servers, client id and security settings (the config layer builds this)."""
+
+    bootstrap_servers: str  # "host:port[,host:port...]"
+    client_id: str = "streamer"
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: str | None = field(default=None, repr=False)
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    # kafka-python waits 30 s by default for a first broker; a worker would rather fail fast
+    # with BrokerUnavailable and retry on its own schedule (and report not-ready meanwhile).
+    bootstrap_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.bootstrap_servers.strip():
+            raise ValueError("bootstrap_servers must name at least one host:port")
+        if self.security_protocol not in _PROTOCOLS:
+            raise ValueError(
+                f"security_protocol must be one of {_PROTOCOLS}, got {self.security_protocol!r}"
+            )
+        uses_sasl = self.security_protocol.startswith("SASL_")
+        if uses_sasl and self.sasl_mechanism not in _MECHANISMS:
+            raise ValueError(
+                f"security_protocol {self.security_protocol} needs sasl_mechanism in "
+                f"{_MECHANISMS}, got {self.sasl_mechanism!r}"
+            )
+        if uses_sasl and self.sasl_mechanism in _NEEDS_PASSWORD and not (
+            self.sasl_plain_username and self.sasl_plain_password
+        ):
+            raise ValueError(
+                f"sasl_mechanism {self.sasl_mechanism} needs sasl_plain_username and "
+                "sasl_plain_password"
+            )
+        if not self.bootstrap_timeout_s > 0:
+            raise ValueError(f"bootstrap_timeout_s must be > 0, got {self.bootstrap_timeout_s}")
+
+    @classmethod
+    def of(cls, connection: KafkaConnection | str) -> KafkaConnection:
+        """Accept either a full connection or a bare bootstrap string (tests, local runs)."""
+        return connection if isinstance(connection, KafkaConnection) else cls(connection)
+
+    def kafka_python_config(self) -> dict[str, Any]:
+        """Keyword arguments shared by KafkaConsumer, KafkaProducer and KafkaAdminClient."""
+        config: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+            "bootstrap_timeout_ms": int(self.bootstrap_timeout_s * 1000),
+        }
+        optional = {
+            "sasl_mechanism": self.sasl_mechanism,
+            "sasl_plain_username": self.sasl_plain_username,
+            "sasl_plain_password": self.sasl_plain_password,
+            "ssl_cafile": self.ssl_cafile,
+            "ssl_certfile": self.ssl_certfile,
+            "ssl_keyfile": self.ssl_keyfile,
+        }
+        config.update({key: value for key, value in optional.items() if value is not None})
+        return config

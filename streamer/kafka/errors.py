@@ -1,0 +1,56 @@
+"""streamer's own infrastructure errors, converted at the edge from kafka-python's."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import kafka.errors as kerr
+
+
+class KafkaClientError(Exception):
+    """A Kafka operation failed in a way retrying the same call will not fix."""
+
+
+class BrokerUnavailable(KafkaClientError):
+    """The broker could not be reached or did not answer in time; retry with backoff."""
+
+
+class CommitFailed(KafkaClientError):
+    """Offsets were not committed because the group rebalanced; the records will be redelivered."""
+
+
+class LocalBrokerError(Exception):
+    """The local test broker could not be started or stopped."""
+
+
+# Membership errors mean our generation is stale: retrying the same commit cannot succeed, the
+# partitions may already belong to another member, so the caller must drop the batch's offsets.
+_MEMBERSHIP_ERRORS: tuple[type[Exception], ...] = (
+    kerr.CommitFailedError,
+    kerr.RebalanceInProgressError,
+    kerr.IllegalGenerationError,
+    kerr.UnknownMemberIdError,
+)
+
+
+def convert(exc: Exception, action: str) -> KafkaClientError:
+    """The project's exception for a kafka-python error raised while doing ``action``."""
+    # kafka-python errors already start their str() with the class name.
+    message = f"{action} failed: {exc}"
+    if isinstance(exc, _MEMBERSHIP_ERRORS):
+        return CommitFailed(message)
+    # Every retriable kafka-python error (timeouts, lost connections, leader moves, coordinator
+    # unknown) means "the cluster is not answering right now", which is what backoff is for.
+    if getattr(exc, "retriable", False) or isinstance(exc, kerr.KafkaTimeoutError):
+        return BrokerUnavailable(message)
+    return KafkaClientError(message)
+
+
+@contextmanager
+def converted_errors(action: str) -> Iterator[None]:
+    """Re-raise kafka-python errors inside the block as the project's own."""
+    try:
+        yield
+    except kerr.KafkaError as exc:
+        raise convert(exc, action) from exc

@@ -1,0 +1,282 @@
+"""StreamClient on kafka-python: one group consumer and one acks=all producer."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+import kafka.errors as kerr
+from kafka import (
+    ConsumerRebalanceListener,
+    KafkaConsumer,
+    KafkaProducer,
+    OffsetAndMetadata,
+    TopicPartition,
+)
+
+from streamer.kafka.client import (
+    ConsumerSettings,
+    InputRecord,
+    OutputRecord,
+    PartitionId,
+    PartitionsCallback,
+    ProducerSettings,
+)
+from streamer.kafka.connection import KafkaConnection
+from streamer.kafka.errors import (
+    BrokerUnavailable,
+    KafkaClientError,
+    convert,
+    converted_errors,
+)
+
+log = logging.getLogger(__name__)
+
+
+class _RecordingListener(ConsumerRebalanceListener):
+    """Only records rebalance events; the client replays them on the caller's thread.
+
+    kafka-python 3 runs listeners on its IO thread, where a blocking call (commit, position)
+    raises, and possibly while the worker thread is busy between polls, which would race with
+    the worker's own state. Replaying inside poll_batch keeps every callback on the worker's
+    thread, in order, before the records fetched under the new assignment are handed out.
+    The price: on_revoke is a notification after the fact, so it must not commit; the worker
+    commits each batch before polling again, so nothing processed is left uncommitted.
+    """
+
+    def __init__(self) -> None:
+        self.events: deque[tuple[str, list[PartitionId]]] = deque()
+
+    def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
+        self.events.append(("revoke", _ids(revoked)))
+
+    def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
+        self.events.append(("assign", _ids(assigned)))
+
+    def on_partitions_lost(self, lost: Collection[TopicPartition]) -> None:
+        self.events.append(("revoke", _ids(lost)))
+
+
+def _ids(partitions: Collection[TopicPartition]) -> list[PartitionId]:
+    return sorted((tp.topic, tp.partition) for tp in partitions)
+
+
+class KafkaPythonClient:
+    """A StreamClient backed by kafka-python; BrokerUnavailable if no broker answers at start."""
+
+    def __init__(
+        self,
+        connection: KafkaConnection,
+        consumer: ConsumerSettings,
+        producer: ProducerSettings | None = None,
+    ) -> None:
+        self._connection = connection
+        self._settings = consumer
+        self._producer_settings = producer or ProducerSettings()
+        self._listener = _RecordingListener()
+        self._on_assign: PartitionsCallback | None = None
+        self._on_revoke: PartitionsCallback | None = None
+        self._seeked: set[PartitionId] = set()
+        self._unreachable_since: float | None = None
+        self._lock = threading.Lock()  # guards lazy producer (re)creation
+        with converted_errors("connecting the consumer"):
+            self._consumer = KafkaConsumer(
+                **connection.kafka_python_config(),
+                group_id=consumer.group_id,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                session_timeout_ms=consumer.session_timeout_ms,
+                heartbeat_interval_ms=consumer.heartbeat_interval_ms,
+                fetch_max_wait_ms=consumer.fetch_max_wait_ms,
+                max_poll_records=consumer.max_poll_records,
+                max_poll_interval_ms=consumer.max_poll_interval_ms,
+            )
+        self._producer: KafkaProducer | None = None
+        try:
+            self._producer = self._new_producer()
+        except KafkaClientError:
+            self._consumer.close(autocommit=False, timeout_ms=0)
+            raise
+
+    def subscribe(
+        self,
+        topics: Collection[str],
+        on_assign: PartitionsCallback | None = None,
+        on_revoke: PartitionsCallback | None = None,
+    ) -> None:
+        """Join the group for ``topics``; callbacks run inside ``poll_batch`` on its thread."""
+        self._on_assign, self._on_revoke = on_assign, on_revoke
+        with converted_errors("subscribing"):
+            self._consumer.subscribe(sorted(topics), listener=self._listener)
+
+    def poll_batch(self, max_records: int, timeout_s: float) -> list[InputRecord]:
+        """Up to ``max_records`` records; rebalance callbacks run first, on this thread."""
+        with converted_errors("polling"):
+            fetched = self._consumer.poll(timeout_ms=int(timeout_s * 1000),
+                                          max_records=max_records)
+        self._seeked.clear()
+        self._replay_rebalance_events(fetched)
+        assigned = self._consumer.assignment()
+        records = [
+            InputRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp,
+                        list(r.headers or ()))
+            for tp, batch in fetched.items()
+            # A callback may have moved a partition away or seeked it: those records are stale.
+            if tp in assigned and (tp.topic, tp.partition) not in self._seeked
+            for r in batch
+        ]
+        self._check_reachable(got_records=bool(fetched))
+        return records
+
+    def produce_and_wait(self, records: Sequence[OutputRecord], timeout_s: float) -> None:
+        """Send all records; return only once the broker acknowledged every one."""
+        if not records:
+            return
+        deadline = time.monotonic() + timeout_s
+        producer = self._current_producer()
+        try:
+            futures = [
+                producer.send(r.topic, key=r.key, value=r.value, headers=list(r.headers))
+                for r in records
+            ]
+            producer.flush(timeout=max(deadline - time.monotonic(), 0.0))
+            for future in futures:
+                future.get(timeout=max(deadline - time.monotonic(), 0.0))
+        except kerr.KafkaError as exc:
+            # A producer that failed may hold stale state (e.g. a producer id the restarted
+            # broker no longer knows): start the next attempt from a fresh one.
+            self._discard_producer()
+            raise convert(exc, f"producing {len(records)} records") from exc
+
+    def commit(self, offsets: Mapping[PartitionId, int], timeout_s: float = 10.0) -> None:
+        """Commit synchronously; an offset is the next one to read (last processed + 1)."""
+        if not offsets:
+            return
+        payload = {
+            TopicPartition(topic, partition): OffsetAndMetadata(offset, "", -1)
+            for (topic, partition), offset in offsets.items()
+        }
+        with converted_errors("committing offsets"):
+            self._consumer.commit(payload, timeout_ms=int(timeout_s * 1000))
+
+    def seek(self, offsets: Mapping[PartitionId, int]) -> None:
+        """Read these assigned partitions from these offsets on the next poll."""
+        with converted_errors("seeking"):
+            for (topic, partition), offset in offsets.items():
+                self._consumer.seek(TopicPartition(topic, partition), offset)
+        self._seeked.update(offsets)
+
+    def assignment(self) -> set[PartitionId]:
+        """Partitions currently assigned to this member."""
+        return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+
+    def lag(self) -> dict[PartitionId, int]:
+        """highwater - position per assigned partition that has been fetched from.
+
+        end_offsets() is avoided on purpose: some brokers (Tansu) answer it wrongly, while the
+        highwater mark comes back with every fetch response.
+        """
+        lags = {}
+        for tp in self._consumer.assignment():
+            highwater = self._consumer.highwater(tp)
+            if highwater is None:
+                continue
+            try:
+                position = self._consumer.position(tp, timeout_ms=0)
+            except kerr.KafkaError:
+                continue
+            if position is not None:
+                lags[(tp.topic, tp.partition)] = max(highwater - position, 0)
+        return lags
+
+    def pause(self, partitions: Collection[PartitionId]) -> None:
+        """Stop fetching from these partitions without leaving the group."""
+        self._consumer.pause(*(TopicPartition(t, p) for t, p in partitions))
+
+    def resume(self, partitions: Collection[PartitionId]) -> None:
+        """Fetch again from paused partitions."""
+        self._consumer.resume(*(TopicPartition(t, p) for t, p in partitions))
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Leave the group and release connections; never raises."""
+        self._discard_producer(timeout_s)
+        try:
+            self._consumer.close(autocommit=False, timeout_ms=int(timeout_s * 1000))
+        except kerr.KafkaError as exc:
+            log.warning("closing the consumer failed: %s", exc)
+
+    def _replay_rebalance_events(self, fetched: Mapping[TopicPartition, Any]) -> None:
+        events = self._listener.events
+        try:
+            while events:
+                kind, partitions = events.popleft()
+                callback = self._on_assign if kind == "assign" else self._on_revoke
+                # kafka-python reports an empty revocation on the first join: not an event.
+                if callback is not None and partitions:
+                    callback(partitions)
+        except BaseException:
+            # The records were taken from the consumer's position already: rewind so a retry
+            # of poll_batch hands them out again rather than skipping them.
+            for tp, batch in fetched.items():
+                if batch and tp in self._consumer.assignment():
+                    self._consumer.seek(tp, batch[0].offset)
+            raise
+
+    def _check_reachable(self, got_records: bool) -> None:
+        # kafka-python keeps reconnecting in the background and poll() just returns nothing,
+        # so "no connection at all for a while" is the only sign that the broker is gone.
+        connections = self._consumer.metrics().get("consumer-metrics", {}).get(
+            "connection-count", 1.0)
+        if got_records or connections > 0:
+            self._unreachable_since = None
+            return
+        now = time.monotonic()
+        if self._unreachable_since is None:
+            self._unreachable_since = now
+        down_for = now - self._unreachable_since
+        if down_for >= self._settings.unreachable_after_s:
+            raise BrokerUnavailable(
+                f"no connection to {self._connection.bootstrap_servers} for {down_for:.1f} s"
+            )
+
+    def _new_producer(self) -> KafkaProducer:
+        settings = self._producer_settings
+        with converted_errors("connecting the producer"):
+            return KafkaProducer(
+                **self._connection.kafka_python_config(),
+                acks="all",
+                linger_ms=settings.linger_ms,
+                compression_type=settings.compression_type,
+                max_block_ms=settings.max_block_ms,
+                request_timeout_ms=settings.request_timeout_ms,
+                delivery_timeout_ms=settings.delivery_timeout_ms,
+            )
+
+    def _current_producer(self) -> KafkaProducer:
+        with self._lock:
+            if self._producer is None:
+                self._producer = self._new_producer()
+            return self._producer
+
+    def _discard_producer(self, timeout_s: float = 0.0) -> None:
+        with self._lock:
+            producer, self._producer = self._producer, None
+        if producer is None:
+            return
+        try:
+            producer.close(timeout=timeout_s)
+        except kerr.KafkaTimeoutError:
+            # kafka-python 3.0.12's close() raises from its flush() before reaching its own
+            # force-close when records are still pending; abort them ourselves (they would
+            # otherwise be delivered late, duplicating the batch the worker retries).
+            producer._sender.force_close()
+            try:
+                producer.close(timeout=1.0)
+            except kerr.KafkaError as exc:
+                log.warning("force-closing the producer failed: %s", exc)
+        except kerr.KafkaError as exc:
+            log.warning("closing the producer failed: %s", exc)

@@ -1,0 +1,186 @@
+"""Shared fixtures: one real local broker per session, fresh topics and groups per test."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import pytest
+
+# kafka-python 3 warns from its protocol schema loader on import and from its IO thread.
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"kafka(\.|$)")
+warnings.filterwarnings("ignore", message="open_text is deprecated", category=DeprecationWarning)
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
+
+from streamer.kafka import (  # noqa: E402
+    ConsumerSettings,
+    InputRecord,
+    KafkaConnection,
+    KafkaPythonClient,
+    delete_topics,
+    ensure_topics,
+)
+
+if TYPE_CHECKING:
+    from streamer.kafka.broker import LocalBroker
+
+# Tansu holds every JoinGroup for ~max(1 s, session_timeout / 2): short sessions keep the first
+# assignment near 1.2 s; a short fetch wait keeps the ~250 ms new-data latency from adding up.
+TEST_CONSUMER_TIMEOUTS = {
+    "session_timeout_ms": 2000,
+    "heartbeat_interval_ms": 500,
+    "fetch_max_wait_ms": 100,
+}
+
+RawRecord = tuple[bytes | None, bytes | None] | tuple[bytes | None, bytes | None, list]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # kafka-python 3 loads its protocol schemas lazily through importlib.resources.open_text,
+    # which warns from importlib's module, so pyproject's "kafka.*" module filter misses it.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:open_text is deprecated:DeprecationWarning:importlib.*"
+    )
+
+
+def _unique(prefix: str, request: pytest.FixtureRequest) -> str:
+    test = re.sub(r"[^A-Za-z0-9._-]", "-", request.node.name)[:60]
+    return f"{prefix}-{test}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[LocalBroker]:
+    """One Tansu broker on a free loopback port for the whole session."""
+    try:
+        from streamer.kafka.broker import LocalBroker, resolve_broker_binary
+
+        resolve_broker_binary()
+    except ModuleNotFoundError as exc:
+        pytest.skip(f"no local broker: {exc}")
+    with LocalBroker() as local:
+        yield local
+
+
+@pytest.fixture
+def kafka_connection(broker: LocalBroker) -> KafkaConnection:
+    """A connection to the session broker that gives up quickly if it is gone."""
+    return KafkaConnection(broker.bootstrap, client_id="streamer-tests", bootstrap_timeout_s=5.0)
+
+
+@pytest.fixture
+def topic_factory(
+    broker: LocalBroker, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., str]]:
+    """``make(partitions=1) -> name``: a fresh topic created explicitly, deleted after the test."""
+    created: list[str] = []
+
+    def make(partitions: int = 1) -> str:
+        name = _unique("t", request)
+        ensure_topics(broker.bootstrap, {name: partitions})
+        created.append(name)
+        return name
+
+    yield make
+    delete_topics(broker.bootstrap, created)
+
+
+@pytest.fixture
+def group_id(request: pytest.FixtureRequest) -> str:
+    """A consumer group id no other test uses."""
+    return _unique("g", request)
+
+
+@pytest.fixture
+def consumer_timeouts() -> dict[str, int]:
+    """ConsumerSettings overrides every test consumer should use (see TEST-BROKER.md)."""
+    return dict(TEST_CONSUMER_TIMEOUTS)
+
+
+@pytest.fixture
+def client_factory(kafka_connection: KafkaConnection) -> Iterator[Callable[..., KafkaPythonClient]]:
+    """``make(group_id, **consumer_overrides)``: a KafkaPythonClient with test timeouts."""
+    clients: list[KafkaPythonClient] = []
+
+    def make(group_id: str, **overrides: object) -> KafkaPythonClient:
+        settings = ConsumerSettings(group_id, **{**TEST_CONSUMER_TIMEOUTS, **overrides})
+        client = KafkaPythonClient(kafka_connection, settings)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close(timeout_s=1.0)
+
+
+@pytest.fixture
+def produce_raw(broker: LocalBroker) -> Iterator[Callable[..., list[tuple[int, int]]]]:
+    """``produce(topic, [(key, value[, headers]), ...]) -> [(partition, offset)]``, acks=all.
+
+    Plain kafka-python, independent of the client under test.
+    """
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=2)
+
+    def produce(topic: str, records: Sequence[RawRecord]) -> list[tuple[int, int]]:
+        futures = [
+            producer.send(topic, key=r[0], value=r[1], headers=r[2] if len(r) > 2 else None)
+            for r in records
+        ]
+        producer.flush(timeout=10)
+        return [(m.partition, m.offset) for m in (f.get(timeout=10) for f in futures)]
+
+    yield produce
+    producer.close(timeout=2)
+
+
+@pytest.fixture
+def consume_raw(broker: LocalBroker) -> Callable[..., list[InputRecord]]:
+    """``consume(topic, n, timeout_s=10) -> records``: every partition from the start, no group.
+
+    Manual assignment skips the group join, so it returns as soon as ``n`` records are in; it
+    returns what it has at the timeout, so a test can assert on fewer.
+    """
+
+    def consume(topic: str, n: int, timeout_s: float = 10.0) -> list[InputRecord]:
+        consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False,
+                                 fetch_max_wait_ms=100)
+        try:
+            deadline = time.monotonic() + timeout_s
+            partitions = consumer.partitions_for_topic(topic)
+            while not partitions and time.monotonic() < deadline:
+                time.sleep(0.05)
+                partitions = consumer.partitions_for_topic(topic)
+            consumer.assign([TopicPartition(topic, p) for p in sorted(partitions or ())])
+            consumer.seek_to_beginning()
+            records: list[InputRecord] = []
+            while len(records) < n and time.monotonic() < deadline:
+                for batch in consumer.poll(timeout_ms=200).values():
+                    records.extend(
+                        InputRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp,
+                                    list(r.headers or ()))
+                        for r in batch
+                    )
+            return records
+        finally:
+            consumer.close(autocommit=False)
+
+    return consume
+
+
+@pytest.fixture
+def poll_until() -> Callable[..., list[InputRecord]]:
+    """``poll(client, n, timeout_s=10)``: poll until ``n`` records came back or time is up."""
+
+    def poll(client: KafkaPythonClient, n: int, timeout_s: float = 10.0,
+             max_records: int = 500) -> list[InputRecord]:
+        deadline = time.monotonic() + timeout_s
+        records: list[InputRecord] = []
+        while len(records) < n and time.monotonic() < deadline:
+            records.extend(client.poll_batch(max_records, timeout_s=0.2))
+        return records
+
+    return poll

@@ -1,0 +1,288 @@
+"""KafkaPythonClient against the real local broker: records, offsets, rebalances, outages."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from streamer.kafka import (
+    BrokerUnavailable,
+    ConsumerSettings,
+    KafkaConnection,
+    KafkaPythonClient,
+    OutputRecord,
+    ensure_topics,
+)
+from streamer.kafka.broker import LocalBroker, free_port
+
+pytestmark = pytest.mark.broker
+
+
+def test_poll_batch_returns_exactly_the_produced_records(
+    topic_factory, group_id, client_factory, produce_raw, poll_until
+):
+    topic = topic_factory(partitions=1)
+    before_ms = int(time.time() * 1000)
+    produce_raw(topic, [(b"s1", b"1.5", [("schema", b"v1")]), (None, b"2.5"), (b"s2", None)])
+    client = client_factory(group_id)
+    client.subscribe([topic])
+
+    records = poll_until(client, 3)
+
+    got = [(r.topic, r.partition, r.offset, r.key, r.value, r.headers) for r in records]
+    assert got == [
+        (topic, 0, 0, b"s1", b"1.5", [("schema", b"v1")]),
+        (topic, 0, 1, None, b"2.5", []),
+        (topic, 0, 2, b"s2", None, []),
+    ]
+    assert all(before_ms <= r.timestamp_ms <= time.time() * 1000 for r in records)
+
+
+def test_produce_and_wait_leaves_every_record_readable(
+    topic_factory, group_id, client_factory, consume_raw
+):
+    topic = topic_factory(partitions=3)
+    client = client_factory(group_id)
+    outputs = [
+        OutputRecord(topic, f"sensor-{i % 4}".encode(), f"{i}".encode(), [("n", bytes([i]))])
+        for i in range(40)
+    ]
+
+    client.produce_and_wait(outputs, timeout_s=10)
+
+    # No waiting: everything must already be on the broker when produce_and_wait returns.
+    records = consume_raw(topic, 40, timeout_s=3)
+    assert len(records) == 40
+    by_key: dict[bytes | None, list] = {}
+    for r in sorted(records, key=lambda r: (r.partition, r.offset)):
+        by_key.setdefault(r.key, []).append(r)
+    for i in range(4):
+        same_key = by_key[f"sensor-{i}".encode()]
+        # One key, one partition, and the producer's order kept.
+        assert len({r.partition for r in same_key}) == 1
+        assert [r.value for r in same_key] == [f"{j}".encode() for j in range(i, 40, 4)]
+        assert [r.headers for r in same_key] == [[("n", bytes([j]))] for j in range(i, 40, 4)]
+
+
+def test_poll_batch_returns_at_most_max_records(
+    topic_factory, group_id, client_factory, produce_raw, poll_until
+):
+    topic = topic_factory(partitions=1)
+    produce_raw(topic, [(None, b"x")] * 10)
+    client = client_factory(group_id)
+    client.subscribe([topic])
+
+    first = poll_until(client, 1, max_records=4)
+    rest = poll_until(client, 10 - len(first), max_records=4)
+
+    assert len(first) == 4
+    assert [r.offset for r in first + rest] == list(range(10))
+
+
+def test_committed_offsets_resume_a_new_consumer(
+    topic_factory, group_id, client_factory, produce_raw, poll_until
+):
+    topic = topic_factory(partitions=1)
+    produce_raw(topic, [(None, f"{i}".encode()) for i in range(10)])
+    first = client_factory(group_id)
+    first.subscribe([topic])
+    assert len(poll_until(first, 10)) == 10
+    first.commit({(topic, 0): 6})  # records 0..5 processed
+    first.close()
+
+    second = client_factory(group_id)
+    second.subscribe([topic])
+
+    assert [r.offset for r in poll_until(second, 4)] == [6, 7, 8, 9]
+
+
+def test_seek_in_on_assign_overrides_committed_offsets(
+    topic_factory, group_id, client_factory, produce_raw, poll_until
+):
+    topic = topic_factory(partitions=1)
+    produce_raw(topic, [(None, f"{i}".encode()) for i in range(10)])
+    first = client_factory(group_id)
+    first.subscribe([topic])
+    poll_until(first, 10)
+    first.commit({(topic, 0): 8})
+    first.close()
+
+    # The worker restores offsets from its checkpoint when partitions arrive.
+    second = client_factory(group_id)
+    second.subscribe([topic], on_assign=lambda parts: second.seek({p: 2 for p in parts}))
+
+    assert [r.offset for r in poll_until(second, 8)] == [2, 3, 4, 5, 6, 7, 8, 9]
+
+
+def test_seek_rewinds_an_assigned_partition(
+    topic_factory, group_id, client_factory, produce_raw, poll_until
+):
+    topic = topic_factory(partitions=1)
+    produce_raw(topic, [(None, f"{i}".encode()) for i in range(5)])
+    client = client_factory(group_id)
+    client.subscribe([topic])
+    assert len(poll_until(client, 5)) == 5
+
+    client.seek({(topic, 0): 3})
+
+    assert [r.offset for r in poll_until(client, 2)] == [3, 4]
+
+
+class PollingMember:
+    """A group member polling on its own thread, as each worker process does."""
+
+    def __init__(self, client, topic: str) -> None:
+        self.client = client
+        self.events: list[tuple[str, list]] = []
+        client.subscribe([topic], on_assign=lambda parts: self.events.append(("assign", parts)),
+                         on_revoke=lambda parts: self.events.append(("revoke", parts)))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.client.poll_batch(100, 0.2)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def wait_for(condition, timeout_s: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+def test_second_member_splits_partitions_and_callbacks_report_each_move(
+    topic_factory, group_id, client_factory
+):
+    topic = topic_factory(partitions=4)
+    everything = [(topic, p) for p in range(4)]
+    a = PollingMember(client_factory(group_id), topic)
+    assert wait_for(lambda: a.events == [("assign", everything)])
+
+    b = PollingMember(client_factory(group_id), topic)
+    assert wait_for(lambda: len(a.events) == 3 and len(b.events) == 1)
+    a.stop()
+    b.stop()
+
+    # Eager rebalancing: the first member gives everything back, then gets its half.
+    a_half, b_half = a.events[2][1], b.events[0][1]
+    assert a.events == [("assign", everything), ("revoke", everything), ("assign", a_half)]
+    assert b.events == [("assign", b_half)]
+    assert sorted(a_half + b_half) == everything
+    assert len(a_half) == len(b_half) == 2
+    assert a.client.assignment() == set(a_half)
+
+    b.client.close()  # leaves the group at once
+    a = PollingMember(a.client, topic)
+    assert wait_for(lambda: len(a.events) == 2)
+    a.stop()
+    assert a.events == [("revoke", a_half), ("assign", everything)]
+
+
+def test_lag_is_highwater_minus_position(
+    topic_factory, group_id, client_factory, produce_raw, poll_until
+):
+    topic = topic_factory(partitions=1)
+    produce_raw(topic, [(None, b"x")] * 10)
+    client = client_factory(group_id)
+    client.subscribe([topic])
+
+    first = poll_until(client, 1, max_records=3)
+    assert len(first) == 3
+    assert client.lag() == {(topic, 0): 7}
+
+    poll_until(client, 7)
+    assert client.lag() == {(topic, 0): 0}
+
+    produce_raw(topic, [(None, b"y")] * 5)
+    poll_until(client, 1, max_records=1)
+    assert client.lag() == {(topic, 0): 4}
+
+
+def test_paused_partition_delivers_nothing_until_resumed(
+    topic_factory, group_id, client_factory, produce_raw, poll_until
+):
+    topic = topic_factory(partitions=1)
+    client = client_factory(group_id)
+    client.subscribe([topic])
+    deadline = time.monotonic() + 10
+    while not client.assignment() and time.monotonic() < deadline:
+        client.poll_batch(10, 0.2)
+    client.pause([(topic, 0)])
+    produce_raw(topic, [(None, b"x")] * 3)
+
+    assert poll_until(client, 1, timeout_s=1.0) == []
+
+    client.resume([(topic, 0)])
+    assert [r.offset for r in poll_until(client, 3)] == [0, 1, 2]
+
+
+def test_failing_on_assign_hands_the_same_records_out_again(
+    topic_factory, group_id, client_factory, produce_raw, poll_until
+):
+    topic = topic_factory(partitions=1)
+    produce_raw(topic, [(None, f"{i}".encode()) for i in range(3)])
+    calls = []
+
+    def on_assign(parts):
+        calls.append(parts)
+        if len(calls) == 1:
+            raise RuntimeError("state store not ready")
+
+    client = client_factory(group_id)
+    client.subscribe([topic], on_assign=on_assign)
+    with pytest.raises(RuntimeError, match="state store not ready"):
+        poll_until(client, 3)
+
+    assert [r.offset for r in poll_until(client, 3)] == [0, 1, 2]
+
+
+def test_client_without_a_broker_raises_broker_unavailable_quickly(consumer_timeouts):
+    connection = KafkaConnection(f"127.0.0.1:{free_port()}", bootstrap_timeout_s=0.5)
+    started = time.monotonic()
+
+    with pytest.raises(BrokerUnavailable, match="connecting"):
+        KafkaPythonClient(connection, ConsumerSettings("g", **consumer_timeouts))
+
+    assert time.monotonic() - started < 5
+
+
+def test_outage_surfaces_broker_unavailable_and_client_recovers_after_restart(
+    consumer_timeouts, poll_until
+):
+    with LocalBroker() as broker:
+        ensure_topics(broker.bootstrap, {"readings": 1})
+        connection = KafkaConnection(broker.bootstrap, bootstrap_timeout_s=2.0)
+        settings = ConsumerSettings("worker", **consumer_timeouts, unreachable_after_s=1.0)
+        client = KafkaPythonClient(connection, settings)
+        try:
+            client.subscribe(["readings"])
+            client.produce_and_wait([OutputRecord("readings", b"k", b"before")], timeout_s=5)
+            assert [r.value for r in poll_until(client, 1)] == [b"before"]
+
+            broker.kill()
+            with pytest.raises(BrokerUnavailable, match="producing 1 records"):
+                client.produce_and_wait([OutputRecord("readings", b"k", b"lost")], timeout_s=1)
+            with pytest.raises(BrokerUnavailable, match="no connection"):
+                poll_until(client, 1, timeout_s=5)
+
+            broker.start()  # same port, empty memory storage
+            ensure_topics(broker.bootstrap, {"readings": 1})
+            client.produce_and_wait([OutputRecord("readings", b"k", b"after")], timeout_s=10)
+            deadline = time.monotonic() + 20
+            values: list = []
+            while not values and time.monotonic() < deadline:
+                try:
+                    values = [r.value for r in client.poll_batch(10, 0.5)]
+                except BrokerUnavailable:
+                    time.sleep(0.2)  # the worker's backoff while kafka-python reconnects
+            assert values == [b"after"]
+        finally:
+            client.close(timeout_s=1.0)
