@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pytest
 import yaml
@@ -29,12 +31,12 @@ CONTRACT_ENV = {
     "STREAMER_CHECKPOINT__DIR",
     "STREAMER_DEVICE",
 }
-# Security settings, named after KafkaConnection's fields; only the example Secret uses them.
+# Security settings (KafkaSettings in streamer/config.py); only the example Secret uses them.
 SASL_ENV = {
     "STREAMER_KAFKA__SECURITY_PROTOCOL",
     "STREAMER_KAFKA__SASL_MECHANISM",
-    "STREAMER_KAFKA__SASL_PLAIN_USERNAME",
-    "STREAMER_KAFKA__SASL_PLAIN_PASSWORD",
+    "STREAMER_KAFKA__SASL_USERNAME",
+    "STREAMER_KAFKA__SASL_PASSWORD",
 }
 DEFAULT_TOPICS = {
     "STREAMER_KAFKA__INPUT_TOPIC": "sensor-readings",
@@ -379,3 +381,38 @@ def test_kustomize_builds(overlay: Path) -> None:
     if overlay.name == "gpu":
         assert container["image"].endswith("-cuda")
         assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+# -- the real settings tree ------------------------------------------------------------------
+
+
+def settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``streamer.config.Settings`` built from exactly ``env`` (no other STREAMER_ vars)."""
+    config = pytest.importorskip("streamer.config")
+    for name in [n for n in os.environ if n.upper().startswith("STREAMER_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(value))
+    return config.Settings()
+
+
+def test_compose_worker_env_builds_the_real_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for file in (COMPOSE, COMPOSE_GPU):
+        env = load_yaml(COMPOSE)["services"]["streamer"]["environment"]
+        env = {**env, **load_yaml(file)["services"]["streamer"].get("environment", {})}
+        settings = settings_from(env, monkeypatch)
+        assert settings.kafka.input_topic == "sensor-readings"
+        assert settings.metrics.port == METRICS_PORT
+        assert str(settings.checkpoint.dir) == CHECKPOINT_DIR
+        assert settings.device == ("cuda" if file == COMPOSE_GPU else "cpu")
+
+
+def test_k8s_configmap_and_secret_build_the_real_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = {**k8s_kind("ConfigMap")["data"], **k8s_kind("Secret")["stringData"]}
+    settings = settings_from(env, monkeypatch)
+    assert settings.kafka.group_id == "streamer"
+    assert settings.kafka.security_protocol == "SASL_SSL"
+    assert settings.kafka.sasl_username == "streamer"
+    assert settings.metrics.port == METRICS_PORT
