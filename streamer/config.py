@@ -340,6 +340,12 @@ class CheckpointSettings(_Section):
         None, ge=1, description="Checkpoint after this many readings; never by count when unset."
     )
     keep: int = Field(3, ge=1, description="How many of the latest checkpoints to keep.")
+    worker_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Name of this worker's checkpoint files in a directory shared by the "
+        "group; defaults to the host name (the pod name on Kubernetes).",
+    )
     allow_fresh_start: bool = Field(
         True,
         description="Start from fresh weights when no usable checkpoint exists; when off, "

@@ -183,8 +183,11 @@ class Learner:
         forecast = np.where(enc.warm[:, None], values + enc.scale * change, values)
         prev_forecast = self._previous_forecasts(slots, pos, forecast)
         scored = enc.target_valid  # the previous reading was past warm-up: a model forecast
-        model_err = np.abs(values - prev_forecast) / enc.prev_scale
-        naive_err = np.abs(values - enc.prev_value) / enc.prev_scale
+        # Errors in units of the sensor's typical change, capped like the inputs so a jump out of
+        # a flat stretch (a tiny scale) cannot swamp every other sensor's contribution.
+        cap = self.config.clip_z
+        model_err = np.minimum(np.abs(values - prev_forecast) / enc.prev_scale, cap)
+        naive_err = np.minimum(np.abs(values - enc.prev_value) / enc.prev_scale, cap)
         result.forecasts[rows] = forecast
         result.update_count[rows] = self.updates
         result.model_error[rows] = np.where(scored, model_err.mean(axis=1), np.nan)

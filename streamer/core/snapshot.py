@@ -98,4 +98,78 @@ def _to_cpu(obj):
     return obj
 
 
-__all__ = ["IncompatibleSnapshot", "snapshot", "restore", "check_compatible", "dumps", "loads"]
+
+
+
+def export_sensors(learner: Learner, sensor_ids: list[str]) -> dict:
+    """The per-sensor state (statistics, LSTM state, window) of those ids the learner holds."""
+    slots = learner.table.lookup(sensor_ids)
+    known = slots >= 0
+    slots = slots[known]
+    index = torch.as_tensor(slots, device=learner.device)
+    tensors = {}
+    for name, tensor in learner.state.tensors().items():
+        axis = 1 if name in ("h", "c", "h0", "c0") else 0
+        tensors[name] = tensor.index_select(axis, index).cpu().clone()
+    return {
+        "ids": [s for s, k in zip(sensor_ids, known.tolist()) if k],
+        "stats": {k: torch.from_numpy(v[slots].copy()) for k, v in learner.stats.arrays().items()},
+        "slot_tensors": tensors,
+        "seen": torch.from_numpy(learner.state.seen[slots].copy()),
+    }
+
+
+def import_sensors(learner: Learner, exported: dict) -> int:
+    """Give each exported sensor a slot (replacing any state it had here); returns the count."""
+    ids = list(exported["ids"])
+    if not ids:
+        return 0
+    drop_sensors(learner, ids)
+    slots, grew_to = learner.table.allocate(ids)
+    if grew_to is not None:
+        learner.stats.grow(grew_to)
+        learner.state.grow(grew_to)
+    placed = slots >= 0
+    if not placed.all():
+        missing = [s for s, ok in zip(ids, placed.tolist()) if not ok]
+        learner.table.release(slots[placed])
+        raise ValueError(f"sensor table full: cannot import {len(missing)} sensors")
+    for name, rows in exported["stats"].items():
+        getattr(learner.stats, name)[slots] = rows.numpy()
+    index = torch.as_tensor(slots, device=learner.device)
+    for name, rows in exported["slot_tensors"].items():
+        target = getattr(learner.state, name)
+        if name in ("h", "c", "h0", "c0"):
+            target[:, index] = rows.to(learner.device)
+        else:
+            target[index] = rows.to(learner.device)
+    learner.state.seen[slots] = exported["seen"].numpy()
+    return len(ids)
+
+
+def drop_sensors(learner: Learner, sensor_ids: list[str]) -> int:
+    """Forget those sensors (a partition moved away); their slots become free."""
+    slots = learner.table.lookup(sensor_ids)
+    slots = slots[slots >= 0]
+    if len(slots):
+        learner.table.release(slots)
+        learner.stats.reset(slots)
+        learner.state.reset(slots)
+    return len(slots)
+
+
+def sensors_of(state: dict, sensor_ids: list[str]) -> dict:
+    """``export_sensors`` applied to a saved full snapshot instead of a live learner."""
+    position = {s: i for i, s in enumerate(state["table"]["ids"]) if s is not None}
+    wanted = [s for s in sensor_ids if s in position]
+    slots = torch.as_tensor([position[s] for s in wanted], dtype=torch.long)
+    tensors = {}
+    for name, tensor in state["slot_tensors"].items():
+        axis = 1 if name in ("h", "c", "h0", "c0") else 0
+        tensors[name] = tensor.index_select(axis, slots)
+    return {
+        "ids": wanted,
+        "stats": {k: v.index_select(0, slots) for k, v in state["stats"].items()},
+        "slot_tensors": tensors,
+        "seen": state["seen"].index_select(0, slots),
+    }

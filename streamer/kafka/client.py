@@ -118,6 +118,10 @@ class StreamClient(Protocol):
         """Partitions currently assigned to this member."""
         ...
 
+    def end_offset(self, partition: PartitionId) -> int | None:
+        """The partition's end offset (a lower bound on some brokers); None if unknown."""
+        ...
+
     def lag(self) -> dict[PartitionId, int]:
         """Records behind the partition end, per assigned partition with a known end."""
         ...

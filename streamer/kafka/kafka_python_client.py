@@ -174,6 +174,18 @@ class KafkaPythonClient:
         """Partitions currently assigned to this member."""
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
 
+    def end_offset(self, partition: PartitionId) -> int | None:
+        """The partition's end offset asked of the broker; None if it cannot be had now.
+
+        Tansu answers with the last batch's base offset + 1 (at most the true end): callers
+        may only use it to detect a log that ends before an offset they hold.
+        """
+        tp = TopicPartition(*partition)
+        try:
+            return self._consumer.end_offsets([tp]).get(tp)
+        except kerr.KafkaError:
+            return None
+
     def lag(self) -> dict[PartitionId, int]:
         """highwater - position per assigned partition that has been fetched from.
 

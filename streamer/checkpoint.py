@@ -1,0 +1,204 @@
+"""Durable checkpoints: learner snapshot plus the next offset of every owned partition.
+
+Layout of the checkpoint directory (shared by the workers of one group):
+
+    <worker>-<seq>.ckpt   torch.save of tensors and plain data (loaded with weights_only=True)
+    <worker>-<seq>.json   manifest: sha256 and size of the .ckpt, config fingerprint, offsets
+
+A manifest is written (atomically) only after its data file is durable, so a manifest
+always names a complete file; the checksum catches later corruption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from streamer.core import snapshot as snap
+
+log = logging.getLogger(__name__)
+
+PartitionKey = tuple[str, int]
+_NAME = re.compile(r"^(?P<worker>[A-Za-z0-9_.-]+)-(?P<seq>\d{10})\.json$")
+
+
+class CheckpointError(Exception):
+    """No usable checkpoint where one was required."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A verified checkpoint read back from disk."""
+
+    path: Path
+    worker: str
+    seq: int
+    created: float
+    state: dict  # the learner snapshot (see streamer.core.snapshot)
+    offsets: dict[PartitionKey, int]  # next offset to apply, per partition
+    sensors: dict[PartitionKey, list[str]]  # the sensors whose readings came from it
+
+
+@dataclass(frozen=True)
+class SaveStats:
+    path: Path
+    size_bytes: int
+    duration_seconds: float
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Temporary file, fsync, rename over ``path``, fsync of the directory."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _key(tp: PartitionKey) -> str:
+    return f"{tp[0]}:{tp[1]}"
+
+
+def _unkey(text: str) -> PartitionKey:
+    topic, _, partition = text.rpartition(":")
+    return topic, int(partition)
+
+
+class CheckpointStore:
+    """Writes this worker's checkpoints and reads anyone's back, newest valid first."""
+
+    def __init__(self, directory: str | Path, worker: str, fingerprint: str, keep: int = 3):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", worker):
+            raise ValueError(f"worker id must be letters, digits, '_', '.', '-': {worker!r}")
+        self.directory = Path(directory)
+        self.worker, self.fingerprint, self.keep = worker, fingerprint, keep
+        self.directory.mkdir(parents=True, exist_ok=True)
+        mine = [seq for w, seq, _ in self._manifests() if w == worker]
+        self._next_seq = max(mine, default=0) + 1
+
+    def save(self, state: dict, offsets: dict[PartitionKey, int],
+             sensors: dict[PartitionKey, list[str]]) -> SaveStats:
+        """Write a checkpoint durably, then prune this worker's older ones beyond ``keep``."""
+        started = time.perf_counter()
+        seq, self._next_seq = self._next_seq, self._next_seq + 1
+        stem = f"{self.worker}-{seq:010d}"
+        payload = dict(state)
+        payload["partitions"] = {_key(tp): list(ids) for tp, ids in sensors.items()}
+        data = snap.dumps(payload)
+        data_path = self.directory / f"{stem}.ckpt"
+        _write_atomic(data_path, data)
+        manifest = {
+            "format": "streamer.checkpoint/1",
+            "worker": self.worker,
+            "seq": seq,
+            "created": time.time(),
+            "fingerprint": self.fingerprint,
+            "data": data_path.name,
+            "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "offsets": {_key(tp): int(o) for tp, o in offsets.items()},
+        }
+        _write_atomic(self.directory / f"{stem}.json", json.dumps(manifest, indent=1).encode())
+        self._prune()
+        return SaveStats(data_path, len(data), time.perf_counter() - started)
+
+    def latest(self, worker: str | None = None) -> Checkpoint | None:
+        """The newest checkpoint (of ``worker``, or of anyone) that verifies; None if none."""
+        candidates = [(created, path) for w, created, path in self._by_time()
+                      if worker is None or w == worker]
+        for _, path in sorted(candidates, reverse=True):
+            checkpoint = self._read(path)
+            if checkpoint is not None:
+                return checkpoint
+        return None
+
+    def latest_for(self, partition: PartitionKey, newer_than: float = 0.0) -> Checkpoint | None:
+        """The most recently written valid checkpoint, by any worker, that holds ``partition``."""
+        holding = [(created, path) for _, created, path in self._by_time(partition)
+                   if created > newer_than]
+        for _, path in sorted(holding, reverse=True):
+            checkpoint = self._read(path)
+            if checkpoint is not None:
+                return checkpoint
+        return None
+
+    def _by_time(self, partition: PartitionKey | None = None) -> list[tuple[str, float, Path]]:
+        """(worker, created, manifest path) of every readable manifest, optionally filtered."""
+        found = []
+        for worker, _, path in self._manifests():
+            try:
+                manifest = json.loads(path.read_text())
+                created = float(manifest["created"])
+                offsets = manifest["offsets"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if partition is None or _key(partition) in offsets:
+                found.append((worker, created, path))
+        return found
+
+    def has_any(self) -> bool:
+        """Whether any checkpoint manifest exists, usable or not."""
+        return bool(self._manifests())
+
+    def _manifests(self) -> list[tuple[str, int, Path]]:
+        found = []
+        for path in self.directory.glob("*.json"):
+            match = _NAME.match(path.name)
+            if match:
+                found.append((match["worker"], int(match["seq"]), path))
+        return found
+
+    def _read(self, manifest_path: Path) -> Checkpoint | None:
+        """Verify and load one checkpoint; log and return None when it is unusable."""
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            data = (self.directory / manifest["data"]).read_bytes()
+            if len(data) != manifest["size"] or hashlib.sha256(data).hexdigest() != manifest[
+                "sha256"
+            ]:
+                raise ValueError("checksum mismatch: the file is truncated or corrupt")
+            if manifest["fingerprint"] != self.fingerprint:
+                raise ValueError(
+                    f"config fingerprint {manifest['fingerprint']} differs from this worker's "
+                    f"{self.fingerprint} (model shape settings changed)"
+                )
+            state = snap.loads(data)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            log.error("checkpoint %s unusable, trying an older one: %s", manifest_path.name, exc)
+            return None
+        except Exception as exc:  # noqa: BLE001 - unpickling errors of many kinds: never fatal
+            log.error("checkpoint %s unreadable, trying an older one: %s", manifest_path.name,
+                      exc)
+            return None
+        partitions = state.pop("partitions", {})
+        return Checkpoint(
+            path=manifest_path,
+            worker=manifest["worker"],
+            seq=int(manifest["seq"]),
+            created=float(manifest["created"]),
+            state=state,
+            offsets={_unkey(k): int(v) for k, v in manifest["offsets"].items()},
+            sensors={_unkey(k): list(v) for k, v in partitions.items()},
+        )
+
+    def _prune(self) -> None:
+        mine = sorted((seq, path) for w, seq, path in self._manifests() if w == self.worker)
+        for _, path in mine[: max(0, len(mine) - self.keep)]:
+            stem = path.with_suffix("")
+            for victim in (path, stem.with_suffix(".ckpt")):
+                try:
+                    victim.unlink()
+                except FileNotFoundError:
+                    pass

@@ -1,0 +1,176 @@
+"""The `streamer` command: run, produce, replay, broker, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from streamer import __version__
+from streamer.cli_options import add_settings_arguments, settings_from_args
+from streamer.config import ConfigError
+
+EXIT_CONFIG = 2
+
+
+def sample_dataset() -> Path:
+    """The small real dataset shipped inside the package."""
+    return Path(str(resources.files("streamer") / "data" / "appliances-sample.csv.gz"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamer", description="Online per-sensor LSTM forecasting over Kafka.")
+    parser.add_argument("--version", action="version", version=f"streamer {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run", help="run the worker", description="Consume readings, publish forecasts, learn. "
+        "Every option can also be set by its STREAMER_* environment variable; flags win.")
+    add_settings_arguments(run)
+
+    produce = commands.add_parser("produce", help="replay a CSV into the input topic")
+    produce.add_argument("file", type=Path, help="CSV (optionally .gz): sensor_id,ts,value")
+    pace = produce.add_mutually_exclusive_group()
+    pace.add_argument("--rate", type=float, help="readings per second")
+    pace.add_argument("--speedup", type=float, help="speed relative to the data's timestamps")
+    produce.add_argument("--limit", type=int, help="stop after this many readings")
+    produce.add_argument("--loop", action="store_true",
+                         help="repeat the file forever, shifting timestamps forward each round")
+    produce.add_argument("--bootstrap-servers", help="default: STREAMER_KAFKA__BOOTSTRAP_SERVERS")
+    produce.add_argument("--topic", help="default: STREAMER_KAFKA__INPUT_TOPIC")
+
+    replay = commands.add_parser(
+        "replay", help="backtest the learner over a CSV, no Kafka",
+        description="Prequential (test-then-train) replay of the learner over a CSV; prints "
+        "MAE per sensor and overall against persistence, and throughput.")
+    replay.add_argument("file", type=Path, help="CSV (optionally .gz): sensor_id,ts,value")
+    replay.add_argument("--out", type=Path, help="write sensor_id,ts,forecast here")
+    replay.add_argument("--json", type=Path, dest="json_out", help="write the report as JSON")
+    replay.add_argument("--plot", type=Path, help="write a PNG of forecasts and rolling skill")
+    replay.add_argument("--plot-sensors", default="",
+                        help="comma-separated sensors to plot (default: the 3 worst)")
+    replay.add_argument("--batch-size", type=int, default=2048, help="readings per step")
+    replay.add_argument("--limit", type=int, help="only the first N readings")
+    replay.add_argument("--top", type=int, default=10, help="sensors listed (0: all)")
+    add_settings_arguments(replay)
+
+    broker = commands.add_parser("broker", help="run a local Kafka-protocol broker (dev)")
+    broker.add_argument("--port", type=int, default=9092)
+
+    demo = commands.add_parser(
+        "demo", help="local broker + producer + worker on the bundled sample, live status")
+    demo.add_argument("--file", type=Path, default=None,
+                      help="CSV to replay (default: the bundled sample)")
+    demo.add_argument("--rate", type=float, default=1000.0, help="readings per second")
+    demo.add_argument("--duration", type=float, default=None,
+                      help="stop after this many seconds (default: until Ctrl-C)")
+    demo.add_argument("--metrics-port", type=int, default=9100)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"streamer {args.command}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _settings(args: argparse.Namespace):
+    settings = settings_from_args(args)  # raises ConfigError before anything connects
+    from streamer.logs import configure_logging
+
+    configure_logging(settings.log.level, settings.log.format)
+    return settings
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    from streamer.checkpoint import CheckpointError
+    from streamer.worker import Worker
+
+    try:
+        worker = Worker(settings)
+        worker.install_signal_handlers()
+        return worker.run()
+    except CheckpointError as exc:
+        logging.getLogger("streamer").error("%s", exc)
+        return 1
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    overrides = {}
+    if args.bootstrap_servers:
+        overrides["kafka.bootstrap_servers"] = args.bootstrap_servers
+    if args.topic:
+        overrides["kafka.input_topic"] = args.topic
+    from streamer.config import load_settings
+    from streamer.logs import configure_logging
+    from streamer.produce import Pace, produce
+    from streamer.readings_csv import read_csv
+    from streamer.worker import connection_from
+
+    settings = load_settings(overrides)
+    configure_logging(settings.log.level, settings.log.format)
+    try:
+        pace = Pace(rate=args.rate, speedup=args.speedup)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    readings = read_csv(args.file)
+    sent = produce(readings, connection_from(settings.kafka), settings.kafka.input_topic, pace,
+                   limit=args.limit, loop=args.loop)
+    print(f"sent {sent} readings to {settings.kafka.input_topic}")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    from streamer.readings_csv import read_csv
+    from streamer.replay import format_report, replay, write_forecasts
+
+    readings = read_csv(args.file, limit=args.limit)
+    forecasts, status, report = replay(readings, settings.learner_config(), args.batch_size)
+    print(format_report(report, top=args.top))
+    if args.out:
+        write_forecasts(args.out, readings, forecasts, status)
+    if args.json_out:
+        args.json_out.write_text(report.to_json())
+    if args.plot:
+        from streamer.plot import plot_replay
+
+        chosen = [s for s in args.plot_sensors.split(",") if s]
+        plot_replay(args.plot, readings, forecasts, status, report, sensors=chosen)
+    return 0
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from streamer.kafka.broker import LocalBroker
+
+    with LocalBroker(port=args.port) as broker:
+        print(f"broker listening on {broker.bootstrap} (log {broker.log_path}); Ctrl-C stops it",
+              flush=True)
+        try:
+            while broker.running:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from streamer.demo import run_demo
+
+    return run_demo(args.file or sample_dataset(), rate=args.rate, duration=args.duration,
+                    metrics_port=args.metrics_port)
+
+
+COMMANDS = {"run": cmd_run, "produce": cmd_produce, "replay": cmd_replay, "broker": cmd_broker,
+            "demo": cmd_demo}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""`streamer demo`: a local broker, a steady producer and the worker, with one live status line."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from streamer.config import load_settings
+from streamer.core import REJECTION_REASONS
+from streamer.kafka.admin import ensure_topics
+from streamer.kafka.broker import LocalBroker
+from streamer.logs import configure_logging
+from streamer.produce import Pace, produce
+from streamer.readings_csv import read_csv
+from streamer.worker import Worker, connection_from
+
+STATUS_EVERY_S = 1.0
+
+
+def run_demo(path: Path, rate: float, duration: float | None, metrics_port: int) -> int:
+    """Run everything until Ctrl-C (or ``duration``); returns the exit status."""
+    configure_logging("WARNING")
+    readings = read_csv(path)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with LocalBroker() as broker, tempfile.TemporaryDirectory(prefix="streamer-demo-") as ckpt:
+        settings = load_settings({
+            "kafka.bootstrap_servers": broker.bootstrap, "kafka.group_id": "streamer-demo",
+            "kafka.session_timeout_ms": "6000", "kafka.heartbeat_interval_ms": "1000",
+            "kafka.fetch_max_wait_ms": "100", "metrics.port": str(metrics_port),
+            "checkpoint.dir": ckpt, "checkpoint.interval_seconds": "30",
+        })
+        k = settings.kafka
+        ensure_topics(broker.bootstrap, {k.input_topic: 4, k.output_topic: 4, k.dlq_topic: 1})
+        worker = Worker(settings)
+        worker_thread = threading.Thread(target=worker.run, name="worker", daemon=True)
+        producer = threading.Thread(
+            target=produce, name="producer", daemon=True,
+            args=(readings, connection_from(k), k.input_topic, Pace(rate=rate)),
+            kwargs={"loop": True, "stop": stop})
+        worker_thread.start()
+        producer.start()
+        print(f"streamer demo: broker {broker.bootstrap}, {len(readings):,} readings of "
+              f"{len(set(readings.sensor_ids))} sensors from {path.name} at {rate:g}/s, metrics "
+              f"http://127.0.0.1:{worker.health.port}/metrics. Ctrl-C stops.", flush=True)
+        started = time.monotonic()
+        status = StatusLine(worker)
+        while not stop.wait(STATUS_EVERY_S):
+            status.print()
+            if duration is not None and time.monotonic() - started >= duration:
+                stop.set()
+        producer.join(timeout=10)
+        worker.stop()
+        worker_thread.join(timeout=15)
+        status.print(final=True)
+    logging.getLogger("streamer").info("demo stopped")
+    return 0
+
+
+class StatusLine:
+    """Rates and training figures read back from the worker's own metrics registry."""
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self.last = (time.monotonic(), 0.0, 0.0)
+
+    def _get(self, name: str, labels: dict | None = None) -> float:
+        return self.worker.registry.get_sample_value(name, labels or {}) or 0.0
+
+    def print(self, final: bool = False) -> None:
+        now = time.monotonic()
+        consumed = self._get("streamer_readings_consumed_total")
+        produced = self._get("streamer_forecasts_produced_total")
+        then, consumed0, produced0 = self.last
+        dt = max(now - then, 1e-9)
+        self.last = (now, consumed, produced)
+        dlq = sum(self._get("streamer_dlq_records_total", {"reason": r.label})
+                  for r in REJECTION_REASONS)
+        model = self._get("streamer_model_abs_error_total")
+        naive = self._get("streamer_persistence_abs_error_total")
+        skill = 1.0 - model / naive if naive > 0 else float("nan")
+        line = (f"in {(consumed - consumed0) / dt:7.0f}/s  out {(produced - produced0) / dt:7.0f}/s"
+                f"  total {int(produced):>9,}  dlq {int(dlq):>5}  updates "
+                f"{int(self._get('streamer_updates_total')):>5}  loss "
+                f"{self._get('streamer_update_loss_last'):7.4f}  grad_norm "
+                f"{self._get('streamer_grad_norm_last'):7.3f}  skill vs persistence {skill:+.3f}")
+        sys.stdout.write(("\n" if final else "\r") + line + ("\n" if final else ""))
+        sys.stdout.flush()

@@ -1,0 +1,70 @@
+"""`streamer replay --plot`: forecast against actual for a few sensors, and rolling skill."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from streamer.core import Batch
+from streamer.replay import ReplayReport
+
+FIGURE_SIZE = (12.0, 9.0)  # inches
+DPI = 100  # -> 1200 x 900 pixels
+
+
+def plot_replay(path: str | Path, readings: Batch, forecasts: np.ndarray, status: np.ndarray,
+                report: ReplayReport, sensors: Sequence[str] = (), n_worst: int = 3,
+                window: int = 2000) -> None:
+    """Write a PNG: one panel per chosen (or worst) sensor, then skill over time."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # matplotlib is the optional `plot` extra
+        raise RuntimeError("--plot needs matplotlib: pip install 'streamer[plot]'") from exc
+    chosen = list(sensors) or [s.sensor_id for s in report.worst(n_worst)]
+    ids = np.asarray(readings.sensor_ids, dtype=object)
+    fig, axes = plt.subplots(len(chosen) + 1, 1, figsize=FIGURE_SIZE, dpi=DPI, squeeze=False)
+    for ax, name in zip(axes[:-1, 0], chosen):
+        rows = np.flatnonzero((ids == name) & (status == 0))[-500:]  # the last 500 readings
+        when = readings.ts[rows].astype("datetime64[s]")
+        ax.plot(when, readings.values[rows, 0], label="actual", lw=1.0)
+        # The forecast made at reading i is for reading i+1: draw it there.
+        ax.plot(when[1:], forecasts[rows[:-1], 0], label="forecast", lw=1.0, alpha=0.8)
+        rel = next((s.rel_mae for s in report.sensors if s.sensor_id == name), float("nan"))
+        ax.set_title(f"{name} (relMAE {rel:.3f})", fontsize=9)
+        ax.legend(loc="upper right", fontsize=7)
+    ax = axes[-1, 0]
+    skill_t, skill = rolling_skill(readings, forecasts, status, report, window)
+    ax.plot(skill_t.astype("datetime64[s]"), skill, lw=1.0)
+    ax.axhline(0.0, color="grey", lw=0.8, ls="--")
+    ax.set_title(f"skill = 1 - MAE/persistence MAE, rolling over {window} forecasts", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def rolling_skill(readings: Batch, forecasts: np.ndarray, status: np.ndarray,
+                  report: ReplayReport, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Skill over time from scale-free errors (each divided by its sensor's persistence MAE)."""
+    ids = np.asarray(readings.sensor_ids, dtype=object)
+    ok = np.flatnonzero(status == 0)
+    order = ok[np.argsort(ids[ok], kind="stable")]
+    same = ids[order][1:] == ids[order][:-1]
+    cur, nxt = order[:-1][same], order[1:][same]
+    model = np.abs(readings.values[nxt] - forecasts[cur]).mean(axis=1)
+    naive = np.abs(readings.values[nxt] - readings.values[cur]).mean(axis=1)
+    unit = {s.sensor_id: s.persistence_mae for s in report.sensors}
+    per = np.array([unit.get(name, np.nan) for name in ids[cur]], dtype=np.float64)
+    per = np.where(per > 0, per, np.nan)
+    model, naive = np.nan_to_num(model / per), np.nan_to_num(naive / per)
+    by_time = np.argsort(nxt, kind="stable")
+    model, naive, t = model[by_time], naive[by_time], readings.ts[nxt[by_time]]
+    kernel = np.ones(min(window, max(len(model), 1)))
+    m = np.convolve(model, kernel, mode="valid")
+    n = np.convolve(naive, kernel, mode="valid")
+    skill = 1.0 - m / np.where(n > 0, n, np.nan)
+    return t[len(kernel) - 1 :], skill

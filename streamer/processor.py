@@ -1,0 +1,104 @@
+"""One micro-batch of Kafka records through the learner: forecasts, DLQ records, offsets."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from streamer.codec import decode_batch, dlq_headers, encode_forecast, forecast_key
+from streamer.core import Learner, Reason, StepResult
+from streamer.kafka.client import InputRecord, OutputRecord, PartitionId
+
+# What the learner's rejections say in the DLQ detail header.
+_LEARNER_DETAIL = {
+    Reason.NON_FINITE: "timestamp or value is not a finite number",
+    Reason.WRONG_FEATURE_COUNT: "number of values differs from the model's n_features",
+    Reason.BAD_SENSOR_ID: "sensor id is empty or longer than the configured maximum",
+    Reason.TIMESTAMP_NOT_AFTER_LAST: "timestamp is not after the sensor's previous reading",
+    Reason.TABLE_FULL: "sensor table is full (max_sensors) and no sensor is idle long enough",
+}
+
+
+@dataclass
+class Processed:
+    """What one micro-batch produced; nothing here has reached the broker yet."""
+
+    outputs: list[OutputRecord]
+    next_offsets: dict[PartitionId, int]  # per partition: last offset in the batch + 1
+    consumed: int
+    forecasts: int
+    rejected: dict[Reason, int]  # all rejections, by reason
+    decode_rejected: dict[Reason, int]  # the codec's share (the learner's are in `result`)
+    record_timestamps_ms: np.ndarray  # (forecasts,) source record timestamps, for latency
+    result: StepResult | None = None
+    skipped_duplicates: int = 0
+    sensors_by_partition: dict[PartitionId, set[str]] = field(default_factory=dict)
+
+
+class BatchProcessor:
+    """Decodes, steps the learner, and encodes; keeps the next offset applied per partition.
+
+    Records below a partition's applied offset were already applied (a re-delivery after a
+    reconnect or a restored checkpoint) and are skipped, so each reading changes state once.
+    """
+
+    def __init__(self, learner: Learner, output_topic: str, dlq_topic: str):
+        self.learner = learner
+        self.output_topic, self.dlq_topic = output_topic, dlq_topic
+        self.applied: dict[PartitionId, int] = {}  # next offset to apply, per partition
+        self.sensors: dict[PartitionId, set[str]] = {}  # sensors fed from each partition
+
+    def process(self, records: Sequence[InputRecord]) -> Processed:
+        fresh = [r for r in records if r.offset >= self.applied.get((r.topic, r.partition), 0)]
+        n_f = self.learner.config.n_features
+        decoded = decode_batch([(r.key, r.value) for r in fresh], n_f)
+        result = self.learner.step(decoded.batch)
+        outputs: list[OutputRecord] = []
+        rejected: dict[Reason, int] = {}
+
+        def reject(record: InputRecord, reason: Reason, detail: str) -> None:
+            rejected[reason] = rejected.get(reason, 0) + 1
+            outputs.append(OutputRecord(
+                self.dlq_topic, record.key, record.value if record.value is not None else b"",
+                dlq_headers(reason, detail, record.topic, record.partition, record.offset)))
+
+        for position, reason, detail in decoded.rejections:
+            reject(fresh[position], reason, detail)
+        decode_rejected = dict(rejected)
+        accepted = np.flatnonzero(result.status == 0)
+        for i in np.flatnonzero(result.status != 0).tolist():
+            reason = Reason(int(result.status[i]))
+            reject(fresh[int(decoded.index[i])], reason, _LEARNER_DETAIL[reason])
+        batch, stamps = decoded.batch, []
+        for i in accepted.tolist():
+            record = fresh[int(decoded.index[i])]
+            sensor_id = batch.sensor_ids[i]
+            outputs.append(OutputRecord(self.output_topic, forecast_key(sensor_id), encode_forecast(
+                sensor_id, batch.ts[i], result.forecasts[i], record.partition, record.offset,
+                int(result.update_count[i]), n_f)))
+            self.sensors.setdefault((record.topic, record.partition), set()).add(sensor_id)
+            stamps.append(record.timestamp_ms)
+        next_offsets: dict[PartitionId, int] = {}
+        for r in fresh:
+            tp = (r.topic, r.partition)
+            next_offsets[tp] = max(next_offsets.get(tp, 0), r.offset + 1)
+        self.applied.update(next_offsets)
+        return Processed(outputs, next_offsets, len(fresh), len(accepted), rejected,
+                         decode_rejected, np.asarray(stamps, dtype=np.float64), result,
+                         skipped_duplicates=len(records) - len(fresh))
+
+    def forget(self, partitions: Sequence[PartitionId]) -> list[str]:
+        """Stop tracking partitions (revoked); returns the sensors that were fed from them."""
+        dropped: list[str] = []
+        for tp in partitions:
+            self.applied.pop(tp, None)
+            dropped.extend(sorted(self.sensors.pop(tp, set())))
+        return dropped
+
+
+def latency_seconds(record_timestamps_ms: np.ndarray) -> np.ndarray:
+    """Seconds from each source record's timestamp to now (when its forecast was acked)."""
+    return np.maximum(time.time() - record_timestamps_ms / 1000.0, 0.0)

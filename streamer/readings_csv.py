@@ -1,0 +1,70 @@
+"""Reading sensor CSV files (`sensor_id,ts,value[,value...]`) into batches."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from streamer.core.batch import Batch
+
+
+def open_text(path: str | Path) -> io.TextIOBase:
+    """Open a CSV, transparently gunzipping ``.gz`` files."""
+    path = Path(path)
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def _parse_ts(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        try:
+            return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return float("nan")  # the learner rejects it as non-finite
+
+
+def _parse_value(text: str) -> float:
+    try:
+        return float(text) if text else float("nan")
+    except ValueError:
+        return float("nan")
+
+
+def read_csv(path: str | Path, limit: int | None = None) -> Batch:
+    """The whole file as one batch, in file order. Extra value columns are extra features."""
+    with open_text(path) as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None or len(header) < 3 or [h.strip() for h in header[:2]] != ["sensor_id",
+                                                                                    "ts"]:
+            raise ValueError(f"{path}: expected a header 'sensor_id,ts,value', got {header!r}")
+        width = len(header) - 2
+        ids: list[str] = []
+        ts: list[float] = []
+        values: list[list[float]] = []
+        for row in reader:
+            if limit is not None and len(ids) >= limit:
+                break
+            if not row:
+                continue
+            ids.append(row[0])
+            ts.append(_parse_ts(row[1]) if len(row) > 1 else float("nan"))
+            cells = row[2 : 2 + width] + [""] * (width - len(row[2:]))
+            values.append([_parse_value(c) for c in cells])
+    return Batch.from_arrays(ids, np.array(ts, dtype=np.float64),
+                             np.array(values, dtype=np.float64).reshape(len(ids), width))
+
+
+def iter_chunks(batch: Batch, size: int) -> Iterator[Batch]:
+    """Consecutive micro-batches of at most ``size`` readings."""
+    for start in range(0, len(batch), size):
+        yield batch.take(np.arange(start, min(start + size, len(batch))))

@@ -1,0 +1,287 @@
+"""The long-running worker: Kafka in, forecasts out, learning online."""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import socket
+import threading
+import time
+
+from prometheus_client import CollectorRegistry
+
+from streamer.checkpoint import CheckpointError, CheckpointStore
+from streamer.config import KafkaSettings, Settings
+from streamer.core import Learner
+from streamer.core import snapshot as snap
+from streamer.health import HealthServer
+from streamer.kafka.client import ConsumerSettings, PartitionId, ProducerSettings, StreamClient
+from streamer.kafka.connection import KafkaConnection
+from streamer.kafka.errors import KafkaClientError
+from streamer.kafka.kafka_python_client import KafkaPythonClient
+from streamer.metrics import Metrics
+from streamer.processor import BatchProcessor, Processed, latency_seconds
+
+log = logging.getLogger("streamer.worker")
+BACKOFF_START_S, BACKOFF_MAX_S = 0.5, 30.0
+LIVENESS_TIMEOUT_S = 120.0  # the loop must come round at least this often to count as alive
+UPDATE_LOG_EVERY = 50
+
+
+class Worker:
+    """poll -> decode -> step (trains when due) -> produce -> commit, checkpointing as it goes."""
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None):
+        self.settings, k = settings, settings.kafka
+        self.learner = Learner(settings.learner_config())
+        self.processor = BatchProcessor(self.learner, k.output_topic, k.dlq_topic)
+        self.registry = registry or CollectorRegistry()
+        self.metrics = Metrics(self.registry, max_grad_norm=self.learner.config.max_grad_norm,
+                               device=str(self.learner.device))
+        self.health = HealthServer(self.registry, liveness=self._alive,
+                                   readiness=self._readiness, host=settings.metrics.host,
+                                   port=settings.metrics.port)
+        c = settings.checkpoint
+        self.worker_id = c.worker_id or _host_worker_id()
+        self.store = CheckpointStore(c.dir, self.worker_id, self.learner.config.fingerprint(),
+                                     c.keep)
+        self._origin: dict[PartitionId, float] = {}  # when our state of a partition was current
+        self._client: StreamClient | None = None
+        self._pending: Processed | None = None
+        self._stop = threading.Event()
+        self._backoff = BACKOFF_START_S
+        self._heartbeat = time.monotonic()
+        self._not_ready_reason = "not connected to the broker yet"
+        self._since_checkpoint = (time.monotonic(), 0)  # (when, readings applied since)
+
+    # -- the loop (one screen) --------------------------------------------------------------
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; returns the process exit status."""
+        self._restore_on_start()
+        if self.settings.metrics.enabled:
+            self.health.start()
+        log.info("worker %s started on %s, consuming %s", self.worker_id, self.learner.device,
+                 self.settings.kafka.input_topic)
+        while not self._stop.is_set():
+            self._heartbeat = time.monotonic()
+            try:
+                client = self._connected()
+                if self._pending is None:
+                    records = client.poll_batch(self.settings.kafka.max_poll_records,
+                                                self.settings.kafka.poll_timeout_ms / 1000)
+                    self._pending = self.processor.process(records) if records else None
+                if self._pending is not None:
+                    self._deliver(client, self._pending)  # produce, wait for acks, commit
+                    self._pending = None
+                self._backoff = BACKOFF_START_S
+                self._maybe_checkpoint()
+            except KafkaClientError as exc:
+                self._broker_trouble(exc)
+        self._shutdown()
+        return 0
+
+    def stop(self, *_: object) -> None:
+        """Ask the loop to finish the batch in flight and exit (signal-handler safe)."""
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    # -- steps of the loop ------------------------------------------------------------------
+    def _connected(self) -> StreamClient:
+        if self._client is None:
+            k = self.settings.kafka
+            self._client = KafkaPythonClient(
+                connection_from(self.settings.kafka),
+                ConsumerSettings(group_id=k.group_id, session_timeout_ms=k.session_timeout_ms,
+                                 heartbeat_interval_ms=k.heartbeat_interval_ms,
+                                 fetch_max_wait_ms=k.fetch_max_wait_ms,
+                                 max_poll_records=k.max_poll_records),
+                ProducerSettings(),
+            )
+            self._client.subscribe([k.input_topic], on_assign=self._on_assign,
+                                   on_revoke=self._on_revoke)
+            self._set_ready(True, "")
+            log.info("connected to %s as group %s", k.bootstrap_servers, k.group_id)
+        return self._client
+
+    def _deliver(self, client: StreamClient, processed: Processed) -> None:
+        """Outputs acknowledged first, offsets committed after: a crash never loses a reading."""
+        client.produce_and_wait(processed.outputs, self.settings.kafka.produce_timeout_s)
+        client.commit(processed.next_offsets)
+        m = self.metrics
+        m.observe_batch(processed.consumed, latency_seconds(processed.record_timestamps_ms))
+        for reason, count in processed.decode_rejected.items():
+            m.observe_dlq(reason, count)
+        if processed.result is not None:
+            m.observe_step(processed.result)
+            self._log_updates(processed)
+        m.set_sensors(self.learner.n_sensors, self.learner.capacity)
+        m.set_lag(client.lag())
+        now = time.time()
+        for tp in processed.next_offsets:
+            self._origin[tp] = now
+        when, count = self._since_checkpoint
+        self._since_checkpoint = (when, count + processed.consumed)
+
+    def _broker_trouble(self, exc: KafkaClientError) -> None:
+        """Log, report not ready, drop the client and wait before reconnecting."""
+        log.warning("broker trouble (%s); retrying in %.1f s", exc, self._backoff)
+        self.metrics.observe_broker_error()
+        self._set_ready(False, f"broker unavailable: {exc}")
+        self._close_client()
+        self._stop.wait(self._backoff)
+        self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
+
+    def _maybe_checkpoint(self) -> None:
+        c = self.settings.checkpoint
+        when, count = self._since_checkpoint
+        due_time = c.interval_seconds is not None and time.monotonic() - when >= c.interval_seconds
+        due_count = c.interval_readings is not None and count >= c.interval_readings
+        if count and (due_time or due_count):
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Save the learner and the next offset of each partition; never with outputs pending."""
+        if self._pending is not None:
+            return
+        assigned = set(self.processor.applied)
+        try:
+            saved = self.store.save(
+                snap.snapshot(self.learner), dict(self.processor.applied),
+                {tp: sorted(self.processor.sensors.get(tp, ())) for tp in assigned})
+        except OSError as exc:
+            log.error("checkpoint failed: %s", exc)
+            self.metrics.observe_checkpoint_failure()
+            return
+        self.metrics.observe_checkpoint(saved.duration_seconds, saved.size_bytes, time.time())
+        self._since_checkpoint = (time.monotonic(), 0)
+        log.debug("checkpoint %s (%d bytes)", saved.path.name, saved.size_bytes)
+
+    # -- partitions coming and going ---------------------------------------------------------
+    def _on_assign(self, partitions: list[PartitionId]) -> None:
+        """Adopt each partition's newest state (ours or a checkpoint's) and seek to it."""
+        log.info("assigned %s", _names(partitions))
+        client = self._client
+        current = client.assignment() if client is not None else set(partitions)
+        stale = [tp for tp in list(self.processor.applied) if tp not in current]
+        if stale:
+            self._release(stale)
+        seeks = {}
+        for tp in partitions:
+            checkpoint = self.store.latest_for(tp, newer_than=self._origin.get(tp, -math.inf))
+            mine = checkpoint is not None and checkpoint.worker == self.worker_id
+            if checkpoint is not None and not (mine and tp in self.processor.applied):
+                ids = checkpoint.sensors.get(tp, [])
+                snap.import_sensors(self.learner, snap.sensors_of(checkpoint.state, ids))
+                self.processor.applied[tp] = checkpoint.offsets[tp]
+                self.processor.sensors[tp] = set(ids)
+                self._origin[tp] = checkpoint.created
+                log.info("partition %s: restored %d sensors from %s at offset %d", _names([tp]),
+                         len(ids), checkpoint.path.name, checkpoint.offsets[tp])
+            end = None if client is None else client.end_offset(tp)
+            applied = self.processor.applied.get(tp)
+            if applied is not None and end is not None and end < applied:
+                # The log ends before what we applied: the topic was recreated or the broker lost
+                # its data. Fall back to the group's committed offset instead of skipping ahead.
+                log.warning("partition %s ends at %d, before our offset %d: reading it from the "
+                            "group's committed offset", _names([tp]), end,
+                            applied)
+                del self.processor.applied[tp]
+            if tp in self.processor.applied:
+                seeks[tp] = self.processor.applied[tp]
+        if seeks and client is not None:
+            client.seek(seeks)
+
+    def _on_revoke(self, partitions: list[PartitionId]) -> None:
+        log.info("revoked %s", _names(partitions))
+        self.checkpoint()  # the next owner starts from here
+        self._release(partitions)
+
+    def _release(self, partitions: list[PartitionId]) -> None:
+        dropped = self.processor.forget(partitions)
+        snap.drop_sensors(self.learner, dropped)
+        for tp in partitions:
+            self._origin.pop(tp, None)
+
+    # -- start and stop ----------------------------------------------------------------------
+    def _restore_on_start(self) -> None:
+        """Resume from our newest valid checkpoint (else anyone's, for the weights)."""
+        found = self.store.latest(self.worker_id) or self.store.latest()
+        if found is None:
+            if self.store.has_any() and not self.settings.checkpoint.allow_fresh_start:
+                raise CheckpointError(
+                    f"no usable checkpoint in {self.store.directory} and "
+                    "checkpoint.allow_fresh_start is off (STREAMER_CHECKPOINT__ALLOW_FRESH_START)"
+                )
+            log.info("no checkpoint found in %s: starting fresh", self.store.directory)
+            return
+        self.learner = snap.restore(found.state, self.learner.config)
+        self.processor.learner = self.learner
+        self.processor.applied = dict(found.offsets)
+        self.processor.sensors = {tp: set(ids) for tp, ids in found.sensors.items()}
+        self._origin = {tp: found.created for tp in found.offsets}
+        log.info("restored %s: %d sensors, %d updates, offsets %s", found.path.name,
+                 self.learner.n_sensors, self.learner.updates, found.offsets)
+
+    def _shutdown(self) -> None:
+        log.info("stopping: flushing and checkpointing")
+        if self._client is not None and self._pending is not None:
+            try:
+                self._deliver(self._client, self._pending)
+                self._pending = None
+            except KafkaClientError as exc:
+                log.error("could not deliver the last batch (it will be re-read): %s", exc)
+        self.checkpoint()
+        self._close_client()
+        self.health.stop()
+        log.info("stopped")
+
+    def _close_client(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    # -- health ------------------------------------------------------------------------------
+    def _set_ready(self, ready: bool, reason: str) -> None:
+        self._not_ready_reason = reason
+        self.metrics.set_ready(ready)
+
+    def _readiness(self) -> tuple[bool, str]:
+        ready = self._client is not None and not self._not_ready_reason
+        return ready, "ready" if ready else self._not_ready_reason
+
+    def _alive(self) -> bool:
+        return time.monotonic() - self._heartbeat < LIVENESS_TIMEOUT_S
+
+    def _log_updates(self, processed: Processed) -> None:
+        for u in processed.result.updates:
+            if u.update_index % UPDATE_LOG_EVERY == 0:
+                log.info("update %d: loss %.4g grad_norm %.4g%s slots %d (%.1f ms)",
+                         u.update_index, u.loss, u.grad_norm, " clipped" if u.clipped else "",
+                         u.slots, u.duration_seconds * 1e3,
+                         extra={"update": u.update_index, "loss": u.loss,
+                                "grad_norm": u.grad_norm})
+
+
+def connection_from(k: KafkaSettings) -> KafkaConnection:
+    """The Kafka edge's connection settings from the config's kafka section."""
+    return KafkaConnection(
+        bootstrap_servers=k.bootstrap_servers, client_id=k.client_id,
+        security_protocol=k.security_protocol, sasl_mechanism=k.sasl_mechanism,
+        sasl_plain_username=k.sasl_username,
+        sasl_plain_password=k.sasl_password.get_secret_value() if k.sasl_password else None,
+        ssl_cafile=str(k.ssl_cafile) if k.ssl_cafile else None,
+        ssl_certfile=str(k.ssl_certfile) if k.ssl_certfile else None,
+        ssl_keyfile=str(k.ssl_keyfile) if k.ssl_keyfile else None,
+    )
+
+
+def _host_worker_id() -> str:
+    return "".join(ch if ch.isalnum() or ch in "_.-" else "-" for ch in socket.gethostname())
+
+
+def _names(partitions: list[PartitionId]) -> str:
+    return ", ".join(f"{t}[{p}]" for t, p in sorted(partitions)) or "nothing"

@@ -1,0 +1,127 @@
+"""Running the real worker (`python -m streamer run`) as a subprocess against the test broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from streamer.kafka.broker import free_port
+from tests.conftest import TEST_CONSUMER_TIMEOUTS
+
+
+class WorkerProcess:
+    """One worker subprocess with its own env, log file and metrics port."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.env, self.log_path = env, log_path
+        self.port = int(env["STREAMER_METRICS__PORT"])
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> WorkerProcess:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "streamer", "run"], env=self.env,
+                                     stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        return self
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+        except OSError:
+            return 0, ""
+
+    def metric(self, name: str) -> float:
+        _, text = self.get("/metrics")
+        for line in text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.get("/readyz")[0] == 200:
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"worker not ready in {timeout_s}s:\n{self.log()}")
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout_s: float) -> int:
+        return self.proc.wait(timeout=timeout_s)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+
+@pytest.fixture
+def worker_factory(broker, tmp_path) -> Iterator[Callable[..., WorkerProcess]]:
+    """``make(topics, group, **env) -> WorkerProcess`` (not started); killed after the test."""
+    made: list[WorkerProcess] = []
+
+    def make(inp: str, out: str, dlq: str, group: str, name: str = "w1",
+             **env: str) -> WorkerProcess:
+        full = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("STREAMER_")},
+            "STREAMER_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
+            "STREAMER_KAFKA__INPUT_TOPIC": inp,
+            "STREAMER_KAFKA__OUTPUT_TOPIC": out,
+            "STREAMER_KAFKA__DLQ_TOPIC": dlq,
+            "STREAMER_KAFKA__GROUP_ID": group,
+            "STREAMER_KAFKA__POLL_TIMEOUT_MS": "200",
+            "STREAMER_METRICS__PORT": str(free_port()),
+            "STREAMER_METRICS__HOST": "127.0.0.1",
+            "STREAMER_CHECKPOINT__DIR": str(tmp_path / "checkpoints"),
+            "STREAMER_CHECKPOINT__WORKER_ID": name,
+            "STREAMER_DEVICE": "cpu",
+            "STREAMER_TRAINING__TBPTT_STEPS": "4",
+            "STREAMER_TRAINING__TRAIN_EVERY": "20",
+            "STREAMER_TRAINING__WARMUP_READINGS": "2",
+            "OMP_NUM_THREADS": "1",
+            **{f"STREAMER_KAFKA__{k.upper()}": str(v) for k, v in TEST_CONSUMER_TIMEOUTS.items()},
+            **env,
+        }
+        worker = WorkerProcess(full, tmp_path / f"{name}-{len(made)}.log")
+        made.append(worker)
+        return worker
+
+    yield make
+    for worker in made:
+        worker.stop()
+
+
+def reading(sensor: str, ts: float, value: float | None = None, **body) -> tuple[bytes, bytes]:
+    payload = {"sensor_id": sensor, "ts": ts, **body}
+    if value is not None:
+        payload["value"] = value
+    return sensor.encode(), json.dumps(payload).encode()
+
+
+def forecasts_by_source(records) -> dict[tuple[int, int], list[dict]]:
+    """Output records grouped by the (partition, offset) of the reading they follow."""
+    grouped: dict[tuple[int, int], list[dict]] = {}
+    for r in records:
+        body = json.loads(r.value)
+        grouped.setdefault((body["partition"], body["offset"]), []).append(
+            {**body, "_key": r.key.decode()})
+    return grouped

@@ -1,0 +1,196 @@
+"""The worker against the real local broker: contract, DLQ, crashes, signals, broker loss."""
+
+from __future__ import annotations
+
+import math
+import signal
+import subprocess
+import sys
+import time
+
+from kafka import KafkaConsumer, TopicPartition
+
+from streamer.codec import DLQ_REASON, DLQ_SOURCE_OFFSET, DLQ_SOURCE_PARTITION
+from streamer.kafka.admin import ensure_topics
+from streamer.kafka.broker import LocalBroker
+from tests.worker.conftest import forecasts_by_source, reading
+
+
+def _stream(n_sensors: int, n_steps: int, first_sensor: int = 0, t0: float = 1.7e9):
+    return [reading(f"sensor-{s}", t0 + 60.0 * t, math.sin(t / 5 + s) * (s + 1))
+            for t in range(n_steps) for s in range(first_sensor, first_sensor + n_sensors)]
+
+
+def _topics(topic_factory, partitions: int = 3):
+    return topic_factory(partitions), topic_factory(partitions), topic_factory(1)
+
+
+def test_every_valid_reading_gets_exactly_one_forecast_with_its_source(
+        topic_factory, group_id, worker_factory, produce_raw, consume_raw):
+    inp, out, dlq = _topics(topic_factory)
+    worker = worker_factory(inp, out, dlq, group_id).start()
+    worker.wait_ready()
+    first = _stream(10, 20)
+    placed = produce_raw(inp, first)
+    later = _stream(5, 10, first_sensor=10, t0=1.7e9 + 3600)  # sensors appearing mid-stream
+    placed += produce_raw(inp, later)
+    sent = dict(zip(placed, first + later))
+    got = forecasts_by_source(consume_raw(out, len(sent), timeout_s=30))
+    assert set(got) == set(sent), worker.log()
+    partitions = {p for p, _ in placed}
+    assert len(partitions) == 3
+    for source, (key, value) in sent.items():
+        (forecast,) = got[source]
+        body = __import__("json").loads(value)
+        assert forecast["_key"] == key.decode() == forecast["sensor_id"]
+        assert forecast["ts"] == body["ts"]
+        assert math.isfinite(forecast["value"]) and forecast["model_updates"] >= 0
+    assert consume_raw(dlq, 1, timeout_s=1) == []
+    assert worker.metric("streamer_sensors_active") == 15
+
+
+def test_each_bad_message_lands_in_the_dlq_with_its_reason_and_the_worker_goes_on(
+        topic_factory, group_id, worker_factory, produce_raw, consume_raw):
+    inp, out, dlq = topic_factory(1), topic_factory(1), topic_factory(1)
+    worker = worker_factory(inp, out, dlq, group_id,
+                            STREAMER_SENSORS__MAX_SENSORS="2",
+                            STREAMER_SENSORS__INITIAL_CAPACITY="2").start()
+    worker.wait_ready()
+    bad = [
+        (b"a", b"not json {", "not_json"),
+        (b"a", b'{"sensor_id": "a", "value": 1.0}', "schema_violation"),
+        (b"a", b'{"sensor_id": "b", "ts": 1, "value": 1.0}', "key_mismatch"),
+        (b"a", b'{"sensor_id": "a", "ts": 1, "value": NaN}', "non_finite"),
+        (b"a", b'{"sensor_id": "a", "ts": 1, "values": [1.0, 2.0]}', "wrong_feature_count"),
+        (b"a", b'{"sensor_id": "a", "ts": 5, "value": 1.0}', None),
+        (b"a", b'{"sensor_id": "a", "ts": 5, "value": 2.0}', "timestamp_not_after_last"),
+        (b"b", b'{"sensor_id": "b", "ts": 5, "value": 2.0}', None),
+        (b"c", b'{"sensor_id": "c", "ts": 5, "value": 2.0}', "table_full"),
+        (b"a", b'{"sensor_id": "a", "ts": 6, "value": 3.0}', None),
+    ]
+    placed = produce_raw(inp, [(k, v) for k, v, _ in bad])
+    expected = {off: (k, v, reason) for (_, off), (k, v, reason) in zip(placed, bad) if reason}
+    dead = consume_raw(dlq, len(expected), timeout_s=20)
+    assert len(dead) == len(expected), worker.log()
+    for record in dead:
+        headers = dict(record.headers)
+        offset = int(headers[DLQ_SOURCE_OFFSET])
+        key, value, reason = expected[offset]
+        assert headers[DLQ_REASON].decode() == reason
+        assert headers[DLQ_SOURCE_PARTITION] == b"0"
+        assert (record.key, record.value) == (key, value)
+    good = consume_raw(out, 3, timeout_s=10)
+    assert sorted(__import__("json").loads(r.value)["offset"] for r in good) == [5, 7, 9]
+    assert worker.proc.poll() is None
+    assert worker.metric('streamer_dlq_records_total{reason="not_json"}') == 1
+
+
+def test_sigkill_mid_stream_then_restart_loses_no_reading(
+        topic_factory, group_id, worker_factory, produce_raw, consume_raw):
+    inp, out, dlq = _topics(topic_factory)
+    first = worker_factory(inp, out, dlq, group_id).start()
+    first.wait_ready()
+    stream = _stream(20, 60)
+    placed = produce_raw(inp, stream[:600])
+    deadline = time.monotonic() + 20
+    while first.metric("streamer_forecasts_produced_total") < 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first.signal(signal.SIGKILL)
+    first.wait(5)
+    placed += produce_raw(inp, stream[600:])
+    second = worker_factory(inp, out, dlq, group_id).start()
+    got = forecasts_by_source(consume_raw(out, len(placed) + 200, timeout_s=30))
+    missing = set(placed) - set(got)
+    assert not missing, f"{len(missing)} readings without a forecast\n{second.log()}"
+    assert consume_raw(dlq, 1, timeout_s=1) == []  # nothing applied twice (no ts rejections)
+
+
+def test_sigterm_exits_zero_within_ten_seconds_with_offsets_committed(
+        topic_factory, group_id, worker_factory, produce_raw, consume_raw, broker):
+    inp, out, dlq = _topics(topic_factory)
+    worker = worker_factory(inp, out, dlq, group_id).start()
+    worker.wait_ready()
+    placed = produce_raw(inp, _stream(10, 30))
+    assert len(consume_raw(out, len(placed), timeout_s=20)) == len(placed)
+    started = time.monotonic()
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(10) == 0
+    assert time.monotonic() - started < 10
+    ends = {}
+    for partition, offset in placed:
+        ends[partition] = max(ends.get(partition, 0), offset + 1)
+    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=group_id,
+                             enable_auto_commit=False)
+    try:
+        committed = {p: consumer.committed(TopicPartition(inp, p)) for p in ends}
+    finally:
+        consumer.close()
+    assert committed == ends
+    assert "stopped" in worker.log()
+
+
+def test_worker_survives_a_broker_restart_and_resumes(tmp_path, worker_factory, group_id):
+    with LocalBroker(log_path=tmp_path / "own-broker.log") as own:
+        topics = {"in-r": 1, "out-r": 1, "dlq-r": 1}
+        ensure_topics(own.bootstrap, topics)
+        worker = worker_factory("in-r", "out-r", "dlq-r", group_id,
+                                STREAMER_KAFKA__BOOTSTRAP_SERVERS=own.bootstrap).start()
+        worker.wait_ready()
+        _produce(own.bootstrap, "in-r", _stream(3, 5))
+        assert len(_consume(own.bootstrap, "out-r", 15)) == 15
+        own.kill()
+        deadline = time.monotonic() + 30
+        while worker.get("/readyz")[0] != 503 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert worker.get("/readyz")[0] == 503, worker.log()
+        assert worker.get("/healthz")[0] == 200
+        own.start()  # memory storage: topics and offsets are gone
+        ensure_topics(own.bootstrap, topics)
+        deadline = time.monotonic() + 60
+        while worker.log().count("assigned in-r") < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        _produce(own.bootstrap, "in-r", _stream(3, 5, t0=1.8e9))
+        assert len(_consume(own.bootstrap, "out-r", 15, timeout_s=60)) == 15, worker.log()
+        assert worker.proc.poll() is None
+        assert worker.get("/readyz")[0] == 200
+
+
+def test_invalid_config_exits_2_naming_the_field():
+    done = subprocess.run([sys.executable, "-m", "streamer", "run", "--training-lr", "-1"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "training.lr" in done.stderr and "STREAMER_TRAINING__LR" in done.stderr
+    assert "--training-lr" in done.stderr
+
+
+def test_run_help_documents_every_setting():
+    from streamer.config import setting_fields
+
+    done = subprocess.run([sys.executable, "-m", "streamer", "run", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    for field in setting_fields():
+        assert field.flag in done.stdout and field.env_var in done.stdout
+
+
+def _produce(bootstrap: str, topic: str, records) -> None:
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    for key, value in records:
+        producer.send(topic, key=key, value=value)
+    producer.flush(10)
+    producer.close()
+
+
+def _consume(bootstrap: str, topic: str, n: int, timeout_s: float = 20.0):
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             enable_auto_commit=False, fetch_max_wait_ms=100)
+    got, deadline = [], time.monotonic() + timeout_s
+    try:
+        while len(got) < n and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=200).values():
+                got.extend(batch)
+    finally:
+        consumer.close()
+    return got
