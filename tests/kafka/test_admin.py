@@ -1,0 +1,63 @@
+"""Explicit topic creation and deletion against the real local broker."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from kafka import KafkaAdminClient
+
+from streamer.kafka import BrokerUnavailable, KafkaConnection, delete_topics, ensure_topics
+from streamer.kafka.broker import free_port
+
+pytestmark = pytest.mark.broker
+
+
+def partition_counts(bootstrap: str, names: list[str]) -> dict[str, int]:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, bootstrap_timeout_ms=2000)
+    try:
+        return {t["name"]: len(t["partitions"]) for t in admin.describe_topics(names)}
+    finally:
+        admin.close()
+
+
+def test_ensure_topics_creates_each_topic_with_its_partition_count(broker):
+    names = {f"in-{uuid.uuid4().hex[:8]}": 4, f"out-{uuid.uuid4().hex[:8]}": 2}
+
+    created = ensure_topics(broker.bootstrap, names)
+
+    assert sorted(created) == sorted(names)
+    assert partition_counts(broker.bootstrap, list(names)) == names
+    delete_topics(broker.bootstrap, names)
+
+
+def test_ensure_topics_is_idempotent_and_creates_only_the_missing(broker):
+    old, new = f"old-{uuid.uuid4().hex[:8]}", f"new-{uuid.uuid4().hex[:8]}"
+    ensure_topics(broker.bootstrap, {old: 3})
+
+    assert ensure_topics(broker.bootstrap, {old: 3, new: 1}) == [new]
+    assert ensure_topics(broker.bootstrap, {old: 3, new: 1}) == []
+    assert partition_counts(broker.bootstrap, [old, new]) == {old: 3, new: 1}
+    delete_topics(broker.bootstrap, [old, new])
+
+
+def test_deleted_topic_can_be_created_again_and_unknown_names_are_ignored(broker):
+    name = f"gone-{uuid.uuid4().hex[:8]}"
+    ensure_topics(broker.bootstrap, {name: 1})
+
+    delete_topics(broker.bootstrap, [name, f"never-{uuid.uuid4().hex[:8]}"])
+
+    assert ensure_topics(broker.bootstrap, {name: 2}) == [name]
+    delete_topics(broker.bootstrap, [name])
+
+
+def test_zero_partitions_is_refused_before_any_request():
+    with pytest.raises(ValueError, match="topic 'x' needs at least 1 partition, got 0"):
+        ensure_topics("127.0.0.1:1", {"x": 0})
+
+
+def test_unreachable_broker_raises_broker_unavailable():
+    connection = KafkaConnection(f"127.0.0.1:{free_port()}", bootstrap_timeout_s=0.5)
+
+    with pytest.raises(BrokerUnavailable, match="connecting the admin client"):
+        ensure_topics(connection, {"x": 1})
