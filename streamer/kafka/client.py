@@ -58,6 +58,8 @@ class ConsumerSettings:
             )
         if self.max_poll_records < 1:
             raise ValueError(f"max_poll_records must be >= 1, got {self.max_poll_records}")
+        if not self.unreachable_after_s > 0:
+            raise ValueError(f"unreachable_after_s must be > 0, got {self.unreachable_after_s}")
 
 
 @dataclass(frozen=True)
