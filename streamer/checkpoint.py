@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from streamer.core import snapshot as snap
+from streamer.core.failpoints import failpoint
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,9 @@ def _write_atomic(path: Path, data: bytes) -> None:
     """Temporary file, fsync, rename over ``path``, fsync of the directory."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as handle:
-        handle.write(data)
+        handle.write(data[: len(data) // 2])
+        failpoint("checkpoint_half_written")
+        handle.write(data[len(data) // 2 :])
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
@@ -99,6 +102,7 @@ class CheckpointStore:
         data = snap.dumps(payload)
         data_path = self.directory / f"{stem}.ckpt"
         _write_atomic(data_path, data)
+        failpoint("checkpoint_before_manifest")
         manifest = {
             "format": "streamer.checkpoint/1",
             "worker": self.worker,

@@ -15,6 +15,7 @@ from streamer.checkpoint import CheckpointError, CheckpointStore
 from streamer.config import KafkaSettings, Settings
 from streamer.core import Learner
 from streamer.core import snapshot as snap
+from streamer.core.failpoints import failpoint
 from streamer.health import HealthServer
 from streamer.kafka.client import ConsumerSettings, PartitionId, ProducerSettings, StreamClient
 from streamer.kafka.connection import KafkaConnection
@@ -71,6 +72,7 @@ class Worker:
                     records = client.poll_batch(self.settings.kafka.max_poll_records,
                                                 self.settings.kafka.poll_timeout_ms / 1000)
                     self._pending = self.processor.process(records) if records else None
+                    failpoint("after_step")
                 if self._pending is not None:
                     self._deliver(client, self._pending)  # produce, wait for acks, commit
                     self._pending = None
@@ -110,6 +112,7 @@ class Worker:
     def _deliver(self, client: StreamClient, processed: Processed) -> None:
         """Outputs acknowledged first, offsets committed after: a crash never loses a reading."""
         client.produce_and_wait(processed.outputs, self.settings.kafka.produce_timeout_s)
+        failpoint("after_produce")
         client.commit(processed.next_offsets)
         m = self.metrics
         m.observe_batch(processed.consumed, latency_seconds(processed.record_timestamps_ms))

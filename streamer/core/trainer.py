@@ -8,6 +8,7 @@ import time
 import torch
 
 from streamer.core.batch import UpdateStats
+from streamer.core.failpoints import failpoint
 from streamer.core.model import Forecaster
 from streamer.core.windows import WindowBatch
 
@@ -45,6 +46,7 @@ class Trainer:
         started = time.perf_counter()
         self.attempts += 1
         loss = self.backward(window)
+        failpoint("in_update")
         norm = self.clip()
         loss_value, norm_value = float(loss.item()), float(norm.item())  # one sync per update
         skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))

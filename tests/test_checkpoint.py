@@ -1,0 +1,97 @@
+"""The checkpoint store: atomic, verified, pruned, and falling back past damaged files."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from streamer.checkpoint import CheckpointStore
+from streamer.core import Learner, LearnerConfig
+from streamer.core import snapshot as snap
+from tests.core.conftest import sine_fleet
+
+CFG = LearnerConfig(hidden_size=8, tbptt_steps=4, train_every=10, initial_capacity=4,
+                    warmup_readings=2, device="cpu")
+TP = ("readings", 0)
+
+
+def _learner(steps: int) -> Learner:
+    learner = Learner(CFG)
+    learner.step(sine_fleet(5, steps, seed=1))
+    return learner
+
+
+def _save(store: CheckpointStore, learner: Learner, offset: int):
+    return store.save(snap.snapshot(learner), {TP: offset}, {TP: ["s0", "s1", "s2", "s3", "s4"]})
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a["table"] == b["table"] and a["counters"] == b["counters"]
+    for group in ("model", "stats", "slot_tensors"):
+        for name, tensor in a[group].items():
+            assert torch.equal(tensor, b[group][name]), f"{group}.{name}"
+    assert torch.equal(a["seen"], b["seen"])
+
+
+def test_restored_state_equals_the_checkpoint_bitwise(tmp_path):
+    store = CheckpointStore(tmp_path, "w1", CFG.fingerprint())
+    learner = _learner(20)
+    _save(store, learner, 100)
+    found = store.latest()
+    assert found.offsets == {TP: 100} and found.sensors[TP] == ["s0", "s1", "s2", "s3", "s4"]
+    restored = snap.restore(found.state, CFG)
+    _assert_same_state(snap.snapshot(learner), snap.snapshot(restored))
+
+
+def test_only_the_last_k_checkpoints_are_kept(tmp_path):
+    store = CheckpointStore(tmp_path, "w1", CFG.fingerprint(), keep=2)
+    learner = _learner(4)
+    for offset in (10, 20, 30):
+        _save(store, learner, offset)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "w1-0000000002.ckpt", "w1-0000000002.json", "w1-0000000003.ckpt", "w1-0000000003.json"]
+    assert CheckpointStore(tmp_path, "w1", CFG.fingerprint()).latest().offsets == {TP: 30}
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_one_byte"])
+def test_a_damaged_checkpoint_is_reported_and_the_previous_one_used(tmp_path, caplog, damage):
+    store = CheckpointStore(tmp_path, "w1", CFG.fingerprint())
+    _save(store, _learner(4), 10)
+    newest = _save(store, _learner(8), 20).path
+    data = bytearray(newest.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 3] ^= 0x01
+    newest.write_bytes(bytes(data))
+    with caplog.at_level(logging.ERROR):
+        found = store.latest()
+    assert found.offsets == {TP: 10}
+    assert "w1-0000000002.json unusable" in caplog.text and "checksum mismatch" in caplog.text
+
+
+def test_a_checkpoint_from_another_model_shape_is_refused_with_the_reason(tmp_path, caplog):
+    CheckpointStore(tmp_path, "w1", "0123456789abcdef").save(
+        snap.snapshot(_learner(4)), {TP: 5}, {TP: []})
+    with caplog.at_level(logging.ERROR):
+        assert CheckpointStore(tmp_path, "w1", CFG.fingerprint()).latest() is None
+    assert "model shape settings changed" in caplog.text
+
+
+def test_partition_state_moves_between_learners_through_a_checkpoint(tmp_path):
+    store = CheckpointStore(tmp_path, "w1", CFG.fingerprint())
+    source = _learner(20)
+    _save(store, source, 100)
+    target = Learner(CFG)
+    target.step(sine_fleet(2, 3, seed=9))  # holds other sensors already: s0, s1 get replaced
+    found = store.latest_for(TP)
+    snap.import_sensors(target, snap.sensors_of(found.state, found.sensors[TP]))
+    later = sine_fleet(5, 22, seed=1).take(np.arange(100, 110))
+    # Same weights, same per-sensor state: the moved sensors forecast as at the source (float32
+    # LSTM over a batch of another size: equal to rounding).
+    target.model.load_state_dict(source.model.state_dict())
+    expected = source.step(later).forecasts
+    np.testing.assert_allclose(target.step(later).forecasts, expected, rtol=1e-7, atol=1e-9)
