@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 import uuid
@@ -184,3 +185,18 @@ def poll_until() -> Callable[..., list[InputRecord]]:
         return records
 
     return poll
+
+
+# Tools CI installs; a skip for lack of one there would hide a broken set-up, so it fails instead.
+_MISSING_TOOL = re.compile(r"not installed|no local broker|no docker compose", re.IGNORECASE)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("CI") == "true" and report.skipped and isinstance(report.longrepr, tuple):
+        reason = str(report.longrepr[2])
+        if _MISSING_TOOL.search(reason):
+            report.outcome = "failed"
+            report.longrepr = f"CI must provide this tool, but the test skipped: {reason}"
