@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_arguments(run)
 
     produce = commands.add_parser("produce", help="replay a CSV into the input topic")
-    produce.add_argument("file", type=Path, help="CSV (optionally .gz): sensor_id,ts,value")
+    produce.add_argument("file", type=Path, nargs="?", default=None,
+                         help="CSV (optionally .gz): sensor_id,ts,value (default: the bundled "
+                         "sample of 26 real sensors)")
     pace = produce.add_mutually_exclusive_group()
     pace.add_argument("--rate", type=float, help="readings per second")
     pace.add_argument("--speedup", type=float, help="speed relative to the data's timestamps")
@@ -121,7 +123,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
         pace = Pace(rate=args.rate, speedup=args.speedup)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    readings = read_csv(args.file)
+    readings = read_csv(args.file or sample_dataset())
     sent = produce(readings, connection_from(settings.kafka), settings.kafka.input_topic, pace,
                    limit=args.limit, loop=args.loop)
     print(f"sent {sent} readings to {settings.kafka.input_topic}")

@@ -177,7 +177,11 @@ def test_worker_exposes_the_metrics_port_and_keeps_checkpoints_on_a_volume() -> 
 def test_producer_replays_the_packaged_sample_in_a_loop() -> None:
     command = compose()["services"]["producer"]["command"]
     assert command[0] == "produce"
-    assert command[1].endswith("/streamer/data/appliances-sample.csv.gz")
+    # No file argument: `streamer produce` then replays the sample bundled in the package.
+    from streamer.cli import build_parser, sample_dataset
+
+    args = build_parser().parse_args(command)
+    assert args.file is None and sample_dataset().is_file()
     assert "--rate" in command
     assert "--loop" in command
 
