@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -124,9 +126,9 @@ class Learner:
 
     def _timestamps_increase(self, slots: np.ndarray, ts: np.ndarray) -> np.ndarray:
         """Whether each ts is after its sensor's last applied ts and every earlier one here."""
-        pos, n_pos = _ranks(slots)
-        distinct, member = np.unique(slots, return_inverse=True)
-        newest = self.stats.last_ts[distinct].copy()  # (S,) running max per slot
+        g = _group(slots)
+        pos, n_pos, member = g.pos, g.n_pos, g.member
+        newest = self.stats.last_ts[g.distinct].copy()  # (S,) running max per slot
         ok = np.zeros(len(slots), dtype=bool)
         by_pos = np.argsort(pos, kind="stable")
         bounds = np.searchsorted(pos[by_pos], np.arange(n_pos + 1))
@@ -156,8 +158,8 @@ class Learner:
                result: StepResult) -> None:
         """Advance the slots of accepted readings ``rows`` (arrival order) and forecast."""
         slots = slots_all[rows]
-        pos, n_pos = _ranks(slots)
-        distinct, member = np.unique(slots, return_inverse=True)  # S slots; member: (M,) -> S
+        g = _group(slots)
+        pos, n_pos, distinct, member = g.pos, g.n_pos, g.distinct, g.member
         values = batch.values[rows]
         enc = self.stats.encode(slots, pos, n_pos, batch.ts[rows], values)
 
@@ -170,7 +172,7 @@ class Learner:
         if n_pos == 1:
             pred, (h, c) = self.model(x, state)
         else:
-            lengths = torch.from_numpy(np.bincount(member, minlength=len(distinct)))
+            lengths = torch.from_numpy(g.counts)
             pred, (h, c) = self.model.forward_ragged(x, lengths, state)
         self.state.h[:, index], self.state.c[:, index] = h, c
         member_t, pos_t = torch.as_tensor(member, device=dev), torch.as_tensor(pos, device=dev)
@@ -192,7 +194,7 @@ class Learner:
         result.update_count[rows] = self.updates
         result.model_error[rows] = np.where(scored, model_err.mean(axis=1), np.nan)
         result.persistence_error[rows] = np.where(scored, naive_err.mean(axis=1), np.nan)
-        last = np.flatnonzero(pos == np.bincount(member)[member] - 1)
+        last = np.flatnonzero(pos == g.counts[member] - 1)
         self.stats.last_forecast[slots[last]] = forecast[last]
 
     def _previous_forecasts(self, slots: np.ndarray, pos: np.ndarray,
@@ -223,12 +225,26 @@ class Learner:
         return self._train()
 
 
-def _ranks(slots: np.ndarray) -> tuple[np.ndarray, int]:
-    """Each reading's rank among the readings of its slot (arrival order), and the max + 1."""
+@dataclass(frozen=True)
+class _Groups:
+    """Readings grouped by slot: one stable sort shared by everything that needs it."""
+
+    pos: np.ndarray  # (M,) rank of each reading among its slot's readings (arrival order)
+    n_pos: int  # max rank + 1
+    distinct: np.ndarray  # (S,) the slots, ascending
+    member: np.ndarray  # (M,) index into ``distinct`` of each reading's slot
+    counts: np.ndarray  # (S,) readings per slot
+
+
+def _group(slots: np.ndarray) -> _Groups:
     order = np.argsort(slots, kind="stable")
     sorted_slots = slots[order]
-    starts = np.flatnonzero(np.r_[True, sorted_slots[1:] != sorted_slots[:-1]])
-    group_start = np.repeat(starts, np.diff(np.r_[starts, len(slots)]))
+    first = np.r_[True, sorted_slots[1:] != sorted_slots[:-1]]
+    starts = np.flatnonzero(first)
+    counts = np.diff(np.r_[starts, len(slots)])
+    member = np.empty(len(slots), dtype=np.int64)
+    member[order] = np.cumsum(first) - 1
     pos = np.empty(len(slots), dtype=np.int64)
-    pos[order] = np.arange(len(slots)) - group_start
-    return pos, int(pos.max()) + 1 if len(slots) else 0
+    pos[order] = np.arange(len(slots)) - np.repeat(starts, counts)
+    n_pos = int(counts.max()) if len(slots) else 0
+    return _Groups(pos, n_pos, sorted_slots[starts], member, counts)

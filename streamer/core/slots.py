@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
+from itertools import repeat
 
 import numpy as np
 
@@ -34,8 +35,8 @@ class SlotTable:
 
     def lookup(self, sensor_ids: Sequence[str]) -> np.ndarray:
         """(N,) slots, -1 for unknown ids."""
-        get = self._slot_of.get
-        return np.fromiter((get(s, -1) for s in sensor_ids), dtype=np.int64, count=len(sensor_ids))
+        found = map(self._slot_of.get, sensor_ids, repeat(-1))
+        return np.fromiter(found, dtype=np.int64, count=len(sensor_ids))
 
     def sensor_at(self, slot: int) -> str | None:
         return self._id_of[slot]
