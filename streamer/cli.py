@@ -135,6 +135,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from streamer.readings_csv import read_csv
     from streamer.replay import format_report, replay, write_forecasts
 
+    if settings.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     readings = read_csv(args.file, limit=args.limit)
     forecasts, status, report = replay(readings, settings.learner_config(), args.batch_size)
     print(format_report(report, top=args.top))

@@ -406,6 +406,13 @@ class Settings(BaseSettings):
         description="Torch device: auto (cuda when available), cpu, cuda or cuda:N.",
     )
 
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads torch may use; unset: torch's default (every core it sees). "
+        "Set it to the container's CPU limit so torch does not oversubscribe a shared host.",
+    )
+
     @field_validator("device")
     @classmethod
     def _device_name(cls, value: str) -> str:

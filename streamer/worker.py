@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 
+import torch
 from prometheus_client import CollectorRegistry
 
 from streamer.checkpoint import CheckpointError, CheckpointStore
@@ -35,6 +36,8 @@ class Worker:
 
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None):
         self.settings, k = settings, settings.kafka
+        if settings.torch_threads is not None:
+            torch.set_num_threads(settings.torch_threads)
         self.learner = Learner(settings.learner_config())
         self.processor = BatchProcessor(self.learner, k.output_topic, k.dlq_topic)
         self.registry = registry or CollectorRegistry()
