@@ -302,7 +302,10 @@ def test_kustomizations_list_existing_files() -> None:
 
 def test_k8s_env_names_are_in_the_contract() -> None:
     config = k8s_kind("ConfigMap")["data"]
-    assert set(config) <= CONTRACT_ENV
+    from streamer.config import setting_fields
+
+    read_by_worker = {field.env_var for field in setting_fields()}
+    assert CONTRACT_ENV <= set(config) <= read_by_worker, set(config) - read_by_worker
     assert set(k8s_kind("Secret")["stringData"]) <= SASL_ENV
     for key, topic in DEFAULT_TOPICS.items():
         assert config[key] == topic
