@@ -8,6 +8,7 @@ import signal
 import socket
 import threading
 import time
+from collections import deque
 
 import torch
 from prometheus_client import CollectorRegistry
@@ -18,7 +19,13 @@ from streamer.core import Learner
 from streamer.core import snapshot as snap
 from streamer.core.failpoints import failpoint
 from streamer.health import HealthServer
-from streamer.kafka.client import ConsumerSettings, PartitionId, ProducerSettings, StreamClient
+from streamer.kafka.client import (
+    ConsumerSettings,
+    Delivery,
+    PartitionId,
+    ProducerSettings,
+    StreamClient,
+)
 from streamer.kafka.connection import KafkaConnection
 from streamer.kafka.errors import KafkaClientError
 from streamer.kafka.kafka_python_client import KafkaPythonClient
@@ -32,7 +39,7 @@ UPDATE_LOG_EVERY = 50
 
 
 class Worker:
-    """poll -> decode -> step (trains when due) -> produce -> commit, checkpointing as it goes."""
+    """poll -> decode -> step (trains when due) -> produce -> await acks -> checkpoint + commit."""
 
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None):
         self.settings, k = settings, settings.kafka
@@ -52,7 +59,8 @@ class Worker:
                                      c.keep)
         self._origin: dict[PartitionId, float] = {}  # when our state of a partition was current
         self._client: StreamClient | None = None
-        self._pending: Processed | None = None
+        # Stepped batches whose outputs are sent but not yet acknowledged, oldest first.
+        self._in_flight: deque[tuple[Processed, Delivery]] = deque()
         self._stop = threading.Event()
         self._backoff = BACKOFF_START_S
         self._heartbeat = time.monotonic()
@@ -71,16 +79,18 @@ class Worker:
             self._heartbeat = time.monotonic()
             try:
                 client = self._connected()
-                if self._pending is None:
-                    records = client.poll_batch(self.settings.kafka.max_poll_records,
-                                                self.settings.kafka.poll_timeout_ms / 1000)
-                    self._pending = self.processor.process(records) if records else None
+                records = client.poll_batch(self.settings.kafka.max_poll_records,
+                                            self.settings.kafka.poll_timeout_ms / 1000)
+                self._reset_recreated(client, {(r.topic, r.partition) for r in records}
+                                      or client.assignment())
+                if records:
+                    processed = self.processor.process(records)  # decode, step, train when due
                     failpoint("after_step")
-                if self._pending is not None:
-                    self._deliver(client, self._pending)  # produce, wait for acks, commit
-                    self._pending = None
+                    self._in_flight.append((processed, client.send(processed.outputs)))
+                # Batch k's acks are awaited after k+1 was polled and stepped (pipelining).
+                self._complete(client, keep=1 if records else 0)
                 self._backoff = BACKOFF_START_S
-                self._maybe_checkpoint()
+                self._maybe_checkpoint(client)
             except KafkaClientError as exc:
                 self._broker_trouble(exc)
         self._shutdown()
@@ -108,15 +118,40 @@ class Worker:
             )
             self._client.subscribe([k.input_topic], on_assign=self._on_assign,
                                    on_revoke=self._on_revoke)
+            for i, (processed, _) in enumerate(self._in_flight):  # unacknowledged: send again
+                self._in_flight[i] = (processed, self._client.send(processed.outputs))
             self._set_ready(True, "")
             log.info("connected to %s as group %s", k.bootstrap_servers, k.group_id)
         return self._client
 
-    def _deliver(self, client: StreamClient, processed: Processed) -> None:
-        """Outputs acknowledged first, offsets committed after: a crash never loses a reading."""
-        client.produce_and_wait(processed.outputs, self.settings.kafka.produce_timeout_s)
-        failpoint("after_produce")
-        client.commit(processed.next_offsets)
+    def _reset_recreated(self, client: StreamClient, partitions: set[PartitionId]) -> None:
+        """Forget applied offsets beyond a partition's end: its log was recreated or lost.
+
+        Re-deliveries below our offset are skipped as already applied; but a log that now ends
+        before that offset (topic deleted and recreated, broker storage lost) holds new
+        readings, so it is read again from its start.
+        """
+        reset = {}
+        for tp in partitions:
+            applied, end = self.processor.applied.get(tp), client.highwater(tp)
+            if applied is not None and end is not None and end < applied:
+                log.warning("partition %s ends at %d, before our offset %d: it was recreated or "
+                            "lost its data; reading it from its start", _names([tp]), end, applied)
+                del self.processor.applied[tp]
+                reset[tp] = 0  # out of range on a log that starts later: the client resets
+        if reset:
+            client.seek(reset)
+
+    def _complete(self, client: StreamClient, keep: int) -> None:
+        """Wait for the acks of all but the newest ``keep`` in-flight batches."""
+        while len(self._in_flight) > keep:
+            processed, delivery = self._in_flight[0]
+            client.wait(delivery, self.settings.kafka.produce_timeout_s)
+            failpoint("after_produce")
+            self._in_flight.popleft()
+            self._observe(client, processed)
+
+    def _observe(self, client: StreamClient, processed: Processed) -> None:
         m = self.metrics
         m.observe_batch(processed.consumed, latency_seconds(processed.record_timestamps_ms))
         for reason, count in processed.decode_rejected.items():
@@ -141,23 +176,30 @@ class Worker:
         self._stop.wait(self._backoff)
         self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
 
-    def _maybe_checkpoint(self) -> None:
+    def _maybe_checkpoint(self, client: StreamClient) -> None:
         c = self.settings.checkpoint
         when, count = self._since_checkpoint
         due_time = c.interval_seconds is not None and time.monotonic() - when >= c.interval_seconds
         due_count = c.interval_readings is not None and count >= c.interval_readings
         if count and (due_time or due_count):
+            self._complete(client, keep=0)  # a checkpoint never covers unacknowledged outputs
             self.checkpoint()
 
     def checkpoint(self) -> None:
-        """Save the learner and the next offset of each partition; never with outputs pending."""
-        if self._pending is not None:
+        """Save the learner and the next offset of each partition, then commit those offsets.
+
+        Kafka offsets are committed here and only here, after the outputs of every applied
+        reading were acknowledged: a committed offset is never ahead of a durable checkpoint, so
+        a worker that crashes, even before its first checkpoint, replays into exactly the state
+        it had.
+        """
+        if self._in_flight:
             return
-        assigned = set(self.processor.applied)
+        offsets = dict(self.processor.applied)
         try:
             saved = self.store.save(
-                snap.snapshot(self.learner), dict(self.processor.applied),
-                {tp: sorted(self.processor.sensors.get(tp, ())) for tp in assigned})
+                snap.snapshot(self.learner), offsets,
+                {tp: sorted(self.processor.sensors.get(tp, ())) for tp in offsets})
         except OSError as exc:
             log.error("checkpoint failed: %s", exc)
             self.metrics.observe_checkpoint_failure()
@@ -165,6 +207,11 @@ class Worker:
         self.metrics.observe_checkpoint(saved.duration_seconds, saved.size_bytes, time.time())
         self._since_checkpoint = (time.monotonic(), 0)
         log.debug("checkpoint %s (%d bytes)", saved.path.name, saved.size_bytes)
+        if self._client is not None and offsets:
+            try:
+                self._client.commit(offsets)
+            except KafkaClientError as exc:  # e.g. after a rebalance: the checkpoint has them
+                log.info("offsets not committed (%s); the checkpoint holds them", exc)
 
     # -- partitions coming and going ---------------------------------------------------------
     def _on_assign(self, partitions: list[PartitionId]) -> None:
@@ -187,15 +234,6 @@ class Worker:
                 self._origin[tp] = checkpoint.created
                 log.info("partition %s: restored %d sensors from %s at offset %d", _names([tp]),
                          len(ids), checkpoint.path.name, checkpoint.offsets[tp])
-            end = None if client is None else client.end_offset(tp)
-            applied = self.processor.applied.get(tp)
-            if applied is not None and end is not None and end < applied:
-                # The log ends before what we applied: the topic was recreated or the broker lost
-                # its data. Fall back to the group's committed offset instead of skipping ahead.
-                log.warning("partition %s ends at %d, before our offset %d: reading it from the "
-                            "group's committed offset", _names([tp]), end,
-                            applied)
-                del self.processor.applied[tp]
             if tp in self.processor.applied:
                 seeks[tp] = self.processor.applied[tp]
         if seeks and client is not None:
@@ -203,6 +241,8 @@ class Worker:
 
     def _on_revoke(self, partitions: list[PartitionId]) -> None:
         log.info("revoked %s", _names(partitions))
+        if self._client is not None:
+            self._complete(self._client, keep=0)
         self.checkpoint()  # the next owner starts from here
         self._release(partitions)
 
@@ -234,12 +274,11 @@ class Worker:
 
     def _shutdown(self) -> None:
         log.info("stopping: flushing and checkpointing")
-        if self._client is not None and self._pending is not None:
+        if self._client is not None:
             try:
-                self._deliver(self._client, self._pending)
-                self._pending = None
+                self._complete(self._client, keep=0)
             except KafkaClientError as exc:
-                log.error("could not deliver the last batch (it will be re-read): %s", exc)
+                log.error("could not deliver the last batches (they will be re-read): %s", exc)
         self.checkpoint()
         self._close_client()
         self.health.stop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 # (topic, partition): plain tuples so no library type leaks into the worker.
 PartitionId = tuple[str, int]
@@ -32,6 +32,14 @@ class OutputRecord:
     key: bytes | None
     value: bytes
     headers: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Records handed to a producer, not yet known to be acknowledged."""
+
+    futures: list[Any]
+    producer: Any  # the library's producer that holds them
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,9 @@ class ProducerSettings:
     """Producer tuning: acks=all always; small linger to batch a poll's worth of outputs."""
 
     linger_ms: int = 5
+    # Large batches: a poll's worth of forecasts goes out in a few requests, and the client's
+    # network thread is woken far less often (the e2e benchmark saw 14% of time in wake-ups).
+    batch_size_bytes: int = 1 << 20
     compression_type: str | None = None  # None, "gzip", "snappy", "lz4" or "zstd"
     # send() blocks this long when topic metadata is missing (e.g. broker down).
     max_block_ms: int = 10_000
@@ -104,6 +115,14 @@ class StreamClient(Protocol):
         """Up to ``max_records`` records, waiting at most ``timeout_s`` for the first."""
         ...
 
+    def send(self, records: Sequence[OutputRecord]) -> Delivery:
+        """Start sending ``records`` (in order); acknowledgements are awaited with ``wait``."""
+        ...
+
+    def wait(self, delivery: Delivery, timeout_s: float) -> None:
+        """Return once every record of ``delivery`` is acknowledged; raise if one failed."""
+        ...
+
     def produce_and_wait(self, records: Sequence[OutputRecord], timeout_s: float) -> None:
         """Send all records; return only once the broker acknowledged every one."""
         ...
@@ -120,8 +139,8 @@ class StreamClient(Protocol):
         """Partitions currently assigned to this member."""
         ...
 
-    def end_offset(self, partition: PartitionId) -> int | None:
-        """The partition's end offset (a lower bound on some brokers); None if unknown."""
+    def highwater(self, partition: PartitionId) -> int | None:
+        """The partition's end offset as of the last fetch; None if not fetched yet."""
         ...
 
     def lag(self) -> dict[PartitionId, int]:

@@ -20,6 +20,7 @@ from kafka import (
 
 from streamer.kafka.client import (
     ConsumerSettings,
+    Delivery,
     InputRecord,
     OutputRecord,
     PartitionId,
@@ -132,25 +133,39 @@ class KafkaPythonClient:
         self._check_reachable(got_records=bool(fetched))
         return records
 
-    def produce_and_wait(self, records: Sequence[OutputRecord], timeout_s: float) -> None:
-        """Send all records; return only once the broker acknowledged every one."""
-        if not records:
-            return
-        deadline = time.monotonic() + timeout_s
+    def send(self, records: Sequence[OutputRecord]) -> Delivery:
+        """Start sending; the returned Delivery is waited on with ``wait``."""
         producer = self._current_producer()
         try:
             futures = [
                 producer.send(r.topic, key=r.key, value=r.value, headers=list(r.headers))
                 for r in records
             ]
-            producer.flush(timeout=max(deadline - time.monotonic(), 0.0))
-            for future in futures:
+        except kerr.KafkaError as exc:
+            self._discard_producer()
+            raise convert(exc, f"producing {len(records)} records") from exc
+        return Delivery(futures, producer)
+
+    def wait(self, delivery: Delivery, timeout_s: float) -> None:
+        """Return once the broker acknowledged every record of ``delivery``."""
+        if not delivery.futures:
+            return
+        deadline = time.monotonic() + timeout_s
+        try:
+            if delivery.producer is not self._producer:
+                raise kerr.KafkaConnectionError("the producer of this delivery was discarded")
+            delivery.producer.flush(timeout=max(deadline - time.monotonic(), 0.0))
+            for future in delivery.futures:
                 future.get(timeout=max(deadline - time.monotonic(), 0.0))
         except kerr.KafkaError as exc:
             # A producer that failed may hold stale state (e.g. a producer id the restarted
             # broker no longer knows): start the next attempt from a fresh one.
             self._discard_producer()
-            raise convert(exc, f"producing {len(records)} records") from exc
+            raise convert(exc, f"producing {len(delivery.futures)} records") from exc
+
+    def produce_and_wait(self, records: Sequence[OutputRecord], timeout_s: float) -> None:
+        """Send all records; return only once the broker acknowledged every one."""
+        self.wait(self.send(records), timeout_s)
 
     def commit(self, offsets: Mapping[PartitionId, int], timeout_s: float = 10.0) -> None:
         """Commit synchronously; an offset is the next one to read (last processed + 1)."""
@@ -174,17 +189,13 @@ class KafkaPythonClient:
         """Partitions currently assigned to this member."""
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
 
-    def end_offset(self, partition: PartitionId) -> int | None:
-        """The partition's end offset asked of the broker; None if it cannot be had now.
+    def highwater(self, partition: PartitionId) -> int | None:
+        """The partition's end offset from the last fetch response; None before any fetch.
 
-        Tansu answers with the last batch's base offset + 1 (at most the true end): callers
-        may only use it to detect a log that ends before an offset they hold.
+        Exact on every broker (unlike end_offsets(), which Tansu answers with the last batch's
+        base offset + 1), but only as fresh as the last fetch.
         """
-        tp = TopicPartition(*partition)
-        try:
-            return self._consumer.end_offsets([tp]).get(tp)
-        except kerr.KafkaError:
-            return None
+        return self._consumer.highwater(TopicPartition(*partition))
 
     def lag(self) -> dict[PartitionId, int]:
         """highwater - position per assigned partition that has been fetched from.
@@ -266,6 +277,7 @@ class KafkaPythonClient:
                 max_block_ms=settings.max_block_ms,
                 request_timeout_ms=settings.request_timeout_ms,
                 delivery_timeout_ms=settings.delivery_timeout_ms,
+                batch_size=settings.batch_size_bytes,
             )
 
     def _current_producer(self) -> KafkaProducer:
