@@ -284,6 +284,18 @@ class TrainingSettings(_Section):
         gt=0,
         description="Clip normalized inputs and targets to +-this.",
     )
+    robust_stats: bool = Field(
+        _LEARNER_DEFAULTS["robust_stats"],
+        description="Winsorize readings at +-clip_z scales in the running statistics, so a "
+        "sentinel value cannot inflate a sensor's scale.",
+    )
+    guard_alpha: float = Field(
+        _LEARNER_DEFAULTS["guard_alpha"],
+        ge=0,
+        lt=1,
+        description="Weight of the per-sensor guard's running errors (it shrinks the predicted "
+        "change where it loses to persistence); 0 turns the guard off.",
+    )
     seed: int = Field(
         _LEARNER_DEFAULTS["seed"], ge=0, description="Seed of the weight initialization."
     )
@@ -437,6 +449,8 @@ class Settings(BaseSettings):
             norm_alpha=self.training.norm_alpha,
             warmup_readings=self.training.warmup_readings,
             clip_z=self.training.clip_z,
+            robust_stats=self.training.robust_stats,
+            guard_alpha=self.training.guard_alpha,
             device=self.device,
             seed=self.training.seed,
         )

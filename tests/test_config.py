@@ -378,7 +378,7 @@ def test_help_documents_every_setting_with_env_var_and_default(
         assert field.flag in text
         assert f"env {field.env_var};" in text
     assert (
-        "--training-lr FLOAT Optimizer learning rate. [env STREAMER_TRAINING__LR; default 0.003]"
+        "--training-lr FLOAT Optimizer learning rate. [env STREAMER_TRAINING__LR; default 0.005]"
         in " ".join(text.split())
     )
     assert "--metrics-enabled, --no-metrics-enabled" in text

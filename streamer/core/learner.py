@@ -10,8 +10,9 @@ import torch
 from streamer.core.batch import Batch, StepResult, UpdateStats
 from streamer.core.config import LearnerConfig
 from streamer.core.device import resolve_device
+from streamer.core.guard import SHRINKS, choose_shrink
 from streamer.core.model import Forecaster
-from streamer.core.normalizer import SensorStats, input_size
+from streamer.core.normalizer import Encoded, SensorStats, input_size
 from streamer.core.rejections import Reason
 from streamer.core.slots import SlotTable
 from streamer.core.trainer import Trainer
@@ -40,7 +41,7 @@ class Learner:
         self.trainer = Trainer(self.model, config.lr, config.max_grad_norm)
         self.table = SlotTable(config.initial_capacity, config.max_sensors)
         self.stats = SensorStats(self.table.capacity, config.n_features, config.norm_alpha,
-                                 config.warmup_readings, config.clip_z)
+                                 config.warmup_readings, config.clip_z, config.robust_stats)
         self.state = SlotTensors(self.table.capacity, config.num_layers, config.hidden_size,
                                  config.tbptt_steps, n_inputs, config.n_features, self.device)
         self.accepted_total = 0  # accepted readings ever: drives the training trigger
@@ -78,9 +79,9 @@ class Learner:
         every = self.config.train_every
         done = self.accepted_total
         first_due = every - done % every  # 1-based index within `accepted` of the first trigger
-        cuts = list(range(first_due, len(accepted) + 1, every))
+        cuts = np.arange(first_due, len(accepted) + 1, every)
         start = 0
-        for end in cuts:
+        while (end := self._next_useful_cut(slots[accepted[start:]], cuts, start)) is not None:
             self._apply(batch, accepted[start:end], slots, result)
             update = self._train()
             if update is not None:
@@ -90,6 +91,26 @@ class Learner:
             self._apply(batch, accepted[start:], slots, result)
         self.accepted_total += len(accepted)
         return result
+
+    def _next_useful_cut(self, rest_slots: np.ndarray, cuts: np.ndarray,
+                         start: int) -> int | None:
+        """The first trigger in ``cuts`` after ``start`` by which some window will be full.
+
+        A trigger with no ready window is a no-op, so the readings up to it need no chunk of
+        their own: fewer, larger chunks, exactly the same updates (a small train_every is
+        then nearly free). ``rest_slots`` are the slots of the accepted readings from ``start``.
+        """
+        k = self.config.tbptt_steps
+        if len(self.state.ready(1)):
+            first = start + 1
+        else:
+            pos = _group(rest_slots).pos
+            full = np.flatnonzero(self.state.seen[rest_slots] + pos + 1 > k)  # window full after
+            if not len(full):
+                return None
+            first = start + int(full[0]) + 1
+        i = int(np.searchsorted(cuts, first))
+        return int(cuts[i]) if i < len(cuts) else None
 
     def _admit(self, batch: Batch, result: StepResult) -> np.ndarray:
         """Validate every reading, evict idle sensors, give new sensors slots; (N,) slots."""
@@ -182,8 +203,9 @@ class Learner:
         change = pred[member_t, pos_t].clamp(-self.config.clip_z, self.config.clip_z)
         change = change.double().cpu().numpy()  # the one device->host copy of the chunk
 
-        forecast = np.where(enc.warm[:, None], values + enc.scale * change, values)
-        prev_forecast = self._previous_forecasts(slots, pos, forecast)
+        raw = np.where(enc.warm[:, None], enc.scale * change, 0.0)  # (M, F) predicted change
+        forecast = self._guard(slots, pos, n_pos, member, values, raw, enc)
+        prev_forecast = self._previous(slots, pos, forecast, self.stats.last_forecast)
         scored = enc.target_valid  # the previous reading was past warm-up: a model forecast
         # Errors in units of the sensor's typical change, capped like the inputs so a jump out of
         # a flat stretch (a tiny scale) cannot swamp every other sensor's contribution.
@@ -196,17 +218,43 @@ class Learner:
         result.persistence_error[rows] = np.where(scored, naive_err.mean(axis=1), np.nan)
         last = np.flatnonzero(pos == g.counts[member] - 1)
         self.stats.last_forecast[slots[last]] = forecast[last]
+        self.stats.last_change[slots[last]] = raw[last]
+        self.stats.last_outlier[slots[last]] = enc.outlier[last]
+        self.stats.before_last_value[slots[last]] = enc.prev_value[last]
 
-    def _previous_forecasts(self, slots: np.ndarray, pos: np.ndarray,
-                            forecast: np.ndarray) -> np.ndarray:
-        """For each reading, the forecast made for it: stored, or from the same chunk."""
-        prev = self.stats.last_forecast[slots].copy()
+    def _guard(self, slots: np.ndarray, pos: np.ndarray, n_pos: int, member: np.ndarray,
+               values: np.ndarray, raw: np.ndarray, enc: Encoded) -> np.ndarray:
+        """(M, F) forecasts: the predicted change shrunk, or a spike reverted, per the guard."""
+        if self.config.guard_alpha == 0.0:
+            return values + raw
+        stats = self.stats
+        prev_raw = self._previous(slots, pos, raw, stats.last_change)  # (M, F)
+        candidates = enc.prev_value[..., None] + prev_raw[..., None] * SHRINKS  # (M, F, K)
+        errors = np.abs(values[..., None] - candidates) / enc.prev_scale[..., None]
+        # After a spike: did "it was a one-off, back to the value before" beat persistence?
+        after_spike = self._previous(slots, pos, enc.outlier, stats.last_outlier) > 0
+        before_spike = self._previous(slots, pos, enc.prev_value, stats.before_last_value)
+        gain = np.sign(np.abs(values - enc.prev_value) - np.abs(values - before_spike))
+        # Readings this slot has had before this one, hence its scored ones including this.
+        n_before = stats.count[slots] - np.bincount(member)[member] + pos
+        n_scored = n_before - self.config.warmup_readings + 1
+        shrink, revert = choose_shrink(
+            stats.guard_err, stats.revert_score, slots, pos, n_pos, errors, enc.target_valid,
+            n_scored, self.config.guard_alpha, np.where(after_spike, gain, np.nan),
+        )
+        return np.where(enc.outlier & revert, enc.prev_value, values + shrink * raw)
+
+    def _previous(self, slots: np.ndarray, pos: np.ndarray, current: np.ndarray,
+                  stored: np.ndarray) -> np.ndarray:
+        """For each reading, its slot's value of ``current`` at the reading before: ``stored``
+        (from an earlier chunk) or from the same chunk."""
+        prev = stored[slots].copy()
         later = np.flatnonzero(pos > 0)
         if len(later):
             order = np.lexsort((pos, slots))  # readings grouped by slot, in rank order
             before = np.empty(len(slots), dtype=np.int64)
             before[order[1:]] = order[:-1]  # the reading ranked just before, same slot if pos>0
-            prev[later] = forecast[before[later]]
+            prev[later] = current[before[later]]
         return prev
 
     # -- training -------------------------------------------------------------------------
@@ -237,6 +285,9 @@ class _Groups:
 
 
 def _group(slots: np.ndarray) -> _Groups:
+    if not len(slots):
+        empty = np.zeros(0, dtype=np.int64)
+        return _Groups(empty, 0, empty, empty, empty)
     order = np.argsort(slots, kind="stable")
     sorted_slots = slots[order]
     first = np.r_[True, sorted_slots[1:] != sorted_slots[:-1]]
@@ -246,5 +297,5 @@ def _group(slots: np.ndarray) -> _Groups:
     member[order] = np.cumsum(first) - 1
     pos = np.empty(len(slots), dtype=np.int64)
     pos[order] = np.arange(len(slots)) - np.repeat(starts, counts)
-    n_pos = int(counts.max()) if len(slots) else 0
+    n_pos = int(counts.max())
     return _Groups(pos, n_pos, sorted_slots[starts], member, counts)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from streamer.core.guard import SHRINKS
+
 N_CALENDAR = 4  # sin/cos of time of day, sin/cos of day of week
 SECONDS_PER_DAY = 86_400.0
 GAP_CLIP = 3.0  # |log(dt / typical dt)| is clipped here: a 20x gap looks like any long gap
@@ -41,6 +43,7 @@ class Encoded:
     prev_scale: np.ndarray  # (M, F) float64 change scale at the previous reading
     prev_value: np.ndarray  # (M, F) float64 previous reading (this reading where none)
     warm: np.ndarray  # (M,) bool: past warm-up after this reading, so the model forecasts
+    outlier: np.ndarray  # (M, F) bool: far from both the level and the last value (a spike)
 
 
 class SensorStats:
@@ -51,12 +54,16 @@ class SensorStats:
     ``alpha == 0`` it is Welford throughout.
     """
 
-    def __init__(self, capacity: int, n_features: int, alpha: float, warmup: int, clip: float):
+    def __init__(self, capacity: int, n_features: int, alpha: float, warmup: int, clip: float,
+                 robust: bool = True):
         self.n_features, self.alpha, self.warmup, self.clip = n_features, alpha, warmup, clip
+        self.robust = robust
         self.count = np.zeros(0, dtype=np.int64)
         self.grow(capacity)
 
-    _PER_FEATURE = ("mean", "var", "change_ms", "last_value", "last_scale", "last_forecast")
+    _PER_FEATURE = ("mean", "var", "change_ms", "last_value", "last_scale", "last_forecast",
+                    "last_change", "last_outlier", "before_last_value", "revert_score",
+                    "guard_err")
     _PER_SLOT = ("count", "last_ts", "log_dt")
 
     def grow(self, capacity: int) -> None:
@@ -73,6 +80,8 @@ class SensorStats:
     def _allocate(self, capacity: int, n_features: int) -> None:
         for name in self._PER_FEATURE:
             setattr(self, name, np.zeros((capacity, n_features), dtype=np.float64))
+        # The guard's running error of each candidate shrink (see guard.py): (C, F, K).
+        self.guard_err = np.zeros((capacity, n_features, len(SHRINKS)), dtype=np.float64)
         self.last_scale[:] = 1.0
         self.count = np.zeros(capacity, dtype=np.int64)
         self.last_ts = np.full(capacity, -np.inf, dtype=np.float64)
@@ -112,6 +121,7 @@ class SensorStats:
         prev_scale = np.empty((m, f), dtype=np.float64)
         prev_value = np.empty((m, f), dtype=np.float64)
         warm = np.empty(m, dtype=bool)
+        outlier = np.zeros((m, f), dtype=bool)
         by_pos = np.argsort(pos, kind="stable")
         bounds = np.searchsorted(pos[by_pos], np.arange(n_pos + 1))
         for p in range(n_pos):
@@ -129,11 +139,22 @@ class SensorStats:
             a = np.maximum(self.alpha, 1.0 / (n + 1))[:, None]
             mean = self.mean[s]
             diff = v - mean
-            mean = mean + a * diff
-            var = (1.0 - a) * (self.var[s] + a * diff * diff)
+            # Past warm-up, the statistics see outliers winsorized at +-clip scales, so one
+            # sentinel (-9999) cannot inflate the scales for hundreds of readings; a real
+            # regime change still gets through, geometrically fast (x(1 + a clip^2) per step).
+            robust = (n >= self.warmup)[:, None] & self.robust
+            sd_old = np.sqrt(self.var[s])
+            lim = clip * np.maximum(sd_old, last_scale)
+            diff_w = np.where(robust, np.clip(diff, -lim, lim), diff)
+            far = np.abs(diff) > lim
+            mean = mean + a * diff_w
+            var = (1.0 - a) * (self.var[s] + a * diff_w * diff_w)
+            lim = clip * last_scale
+            change_w = np.where(robust, np.clip(change, -lim, lim), change)
+            outlier[r] = robust & far & (np.abs(change) > lim)
             a_prev = np.maximum(self.alpha, 1.0 / np.maximum(n, 1))  # weight among n changes
             change_ms = np.where(
-                has_prev, (1 - a_prev[:, None]) * self.change_ms[s] + a_prev[:, None] * change**2,
+                has_prev, (1 - a_prev[:, None]) * self.change_ms[s] + a_prev[:, None] * change_w**2,
                 self.change_ms[s],
             )
             log_dt = np.log(np.maximum(t - self.last_ts[s], 1e-9))
@@ -156,6 +177,6 @@ class SensorStats:
             self.last_value[s], self.last_scale[s], self.last_ts[s] = v, sc, t
         return Encoded(
             features.astype(np.float32), targets.astype(np.float32), target_valid, scale,
-            prev_scale, prev_value, warm,
+            prev_scale, prev_value, warm, outlier,
         )
 

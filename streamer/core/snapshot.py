@@ -10,7 +10,7 @@ from streamer.core.config import LearnerConfig
 from streamer.core.learner import Learner
 from streamer.core.slots import SlotTable
 
-FORMAT = "streamer.learner/1"
+FORMAT = "streamer.learner/2"  # 2: guard and spike state in the stats
 
 
 class IncompatibleSnapshot(ValueError):
