@@ -61,6 +61,15 @@ def _sensor(kind: str, ts: np.ndarray, rng: np.random.Generator, scale: float) -
     return (x + offset) * scale
 
 
+def _in_file_order(ids: list[str], tss: list[np.ndarray],
+                   vals: list[np.ndarray]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Concatenate per-sensor series and sort rows by (ts, sensor_id), like the CSV files."""
+    ts_all, v_all = np.concatenate(tss), np.concatenate(vals)
+    ids_arr = np.array(ids)
+    order = np.lexsort((ids_arr, ts_all))
+    return ids_arr[order].tolist(), ts_all[order], v_all[order]
+
+
 def make_fleet(
     seed: int = 0, days_fast: int = 90, days_daily: int = 3 * 365
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -97,10 +106,7 @@ def make_fleet(
         ids += [name] * len(ts)
         tss.append(ts)
         vals.append(v)
-    ts_all, v_all = np.concatenate(tss), np.concatenate(vals)
-    ids_arr = np.array(ids)
-    order = np.lexsort((ids_arr, ts_all))
-    return ids_arr[order].tolist(), ts_all[order], v_all[order]
+    return _in_file_order(ids, tss, vals)
 
 
 def seasonal_fleet(seed: int = 0) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -126,10 +132,7 @@ def seasonal_fleet(seed: int = 0) -> tuple[list[str], np.ndarray, np.ndarray]:
         ids += [f"x{i:02d}"] * len(ts)
         tss.append(ts)
         vals.append(v)
-    ts_all, v_all = np.concatenate(tss), np.concatenate(vals)
-    ids_arr = np.array(ids)
-    order = np.lexsort((ids_arr, ts_all))
-    return ids_arr[order].tolist(), ts_all[order], v_all[order]
+    return _in_file_order(ids, tss, vals)
 
 
 if __name__ == "__main__":

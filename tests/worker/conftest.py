@@ -125,3 +125,14 @@ def forecasts_by_source(records) -> dict[tuple[int, int], list[dict]]:
         grouped.setdefault((body["partition"], body["offset"]), []).append(
             {**body, "_key": r.key.decode()})
     return grouped
+
+
+def produce_to(bootstrap: str, topic: str, records) -> None:
+    """Produce (key, value) pairs to a broker other than the session one, acks=all."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    for key, value in records:
+        producer.send(topic, key=key, value=value)
+    producer.flush(10)
+    producer.close()

@@ -17,7 +17,7 @@ import yaml
 from streamer.kafka.admin import ensure_topics
 from streamer.kafka.broker import LocalBroker, free_port
 from tests.deploy.dashboard_queries import load_dashboard, runnable_queries
-from tests.worker.conftest import reading
+from tests.worker.conftest import produce_to, reading
 
 pytestmark = pytest.mark.prometheus
 
@@ -26,16 +26,6 @@ def _query(base: str, promql: str) -> dict:
     url = f"{base}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
     with urllib.request.urlopen(url, timeout=10) as resp:
         return json.load(resp)
-
-
-def _produce(bootstrap: str, topic: str, records) -> None:
-    from kafka import KafkaProducer
-
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
-    for key, value in records:
-        producer.send(topic, key=key, value=value)
-    producer.flush(10)
-    producer.close()
 
 
 def test_worker_metrics_feed_every_dashboard_query_and_health_follows_the_broker(
@@ -68,7 +58,7 @@ def test_worker_metrics_feed_every_dashboard_query_and_health_follows_the_broker
             while (worker.metric("streamer_updates_total") < 3
                    or worker.metric("streamer_checkpoint_last_success_timestamp_seconds") == 0):
                 assert time.monotonic() < deadline, worker.log()
-                _produce(own.bootstrap, "obs-in", [
+                produce_to(own.bootstrap, "obs-in", [
                     reading(f"s{s}", 1.7e9 + 60 * (t + k), math.sin((t + k) / 3 + s))
                     for k in range(10) for s in range(12)] + [(b"s0", b"garbage")])
                 t += 10

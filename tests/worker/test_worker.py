@@ -13,7 +13,7 @@ from kafka import KafkaConsumer, TopicPartition
 from streamer.codec import DLQ_REASON, DLQ_SOURCE_OFFSET, DLQ_SOURCE_PARTITION
 from streamer.kafka.admin import ensure_topics
 from streamer.kafka.broker import LocalBroker
-from tests.worker.conftest import forecasts_by_source, reading
+from tests.worker.conftest import forecasts_by_source, produce_to, reading
 
 
 def _stream(n_sensors: int, n_steps: int, first_sensor: int = 0, t0: float = 1.7e9):
@@ -140,7 +140,7 @@ def test_worker_survives_a_broker_restart_and_resumes(tmp_path, worker_factory, 
         worker = worker_factory("in-r", "out-r", "dlq-r", group_id,
                                 STREAMER_KAFKA__BOOTSTRAP_SERVERS=own.bootstrap).start()
         worker.wait_ready()
-        _produce(own.bootstrap, "in-r", _stream(3, 5))
+        produce_to(own.bootstrap, "in-r", _stream(3, 5))
         assert len(_consume(own.bootstrap, "out-r", 15)) == 15
         own.kill()
         deadline = time.monotonic() + 30
@@ -155,7 +155,7 @@ def test_worker_survives_a_broker_restart_and_resumes(tmp_path, worker_factory, 
             time.sleep(0.2)  # produce only once the worker is back in its group
         # Fewer than before: a log that now ends before the worker's offset is recognisably new
         # (one that already grew past it is indistinguishable from a re-delivery).
-        _produce(own.bootstrap, "in-r", _stream(3, 3, t0=1.8e9))
+        produce_to(own.bootstrap, "in-r", _stream(3, 3, t0=1.8e9))
         assert len(_consume(own.bootstrap, "out-r", 9, timeout_s=60)) == 9, worker.log()
         assert worker.proc.poll() is None
         assert worker.get("/readyz")[0] == 200
@@ -177,16 +177,6 @@ def test_run_help_documents_every_setting():
     assert done.returncode == 0
     for field in setting_fields():
         assert field.flag in done.stdout and field.env_var in done.stdout
-
-
-def _produce(bootstrap: str, topic: str, records) -> None:
-    from kafka import KafkaProducer
-
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    for key, value in records:
-        producer.send(topic, key=key, value=value)
-    producer.flush(10)
-    producer.close()
 
 
 def _consume(bootstrap: str, topic: str, n: int, timeout_s: float = 20.0):
