@@ -12,7 +12,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from streamer.codec import DLQ_REASON, DLQ_SOURCE_OFFSET, DLQ_SOURCE_PARTITION
 from streamer.kafka.admin import ensure_topics
-from streamer.kafka.broker import LocalBroker
+from streamer.kafka.broker import LocalBroker, free_port
 from tests.worker.conftest import forecasts_by_source, produce_to, reading
 
 
@@ -190,3 +190,35 @@ def _consume(bootstrap: str, topic: str, n: int, timeout_s: float = 20.0):
     finally:
         consumer.close()
     return got
+
+
+def test_worker_waits_for_a_broker_that_is_down_at_start(tmp_path, worker_factory, group_id):
+    port = free_port()
+    worker = worker_factory("in-s", "out-s", "dlq-s", group_id,
+                            STREAMER_KAFKA__BOOTSTRAP_SERVERS=f"127.0.0.1:{port}").start()
+    deadline = time.monotonic() + 40
+    while "broker trouble" not in worker.log():  # the first attempt gives up, then it retries
+        assert time.monotonic() < deadline and worker.proc.poll() is None, worker.log()
+        time.sleep(0.2)
+    status, body = worker.get("/readyz")
+    assert status == 503 and "broker unavailable" in body
+    assert worker.get("/healthz")[0] == 200
+    with LocalBroker(port=port, log_path=tmp_path / "late-broker.log") as late:
+        ensure_topics(late.bootstrap, {"in-s": 1, "out-s": 1, "dlq-s": 1})
+        worker.wait_ready(timeout_s=60)  # backoff is at most 30 s
+        produce_to(late.bootstrap, "in-s", _stream(2, 3))
+        assert len(_consume(late.bootstrap, "out-s", 6, timeout_s=30)) == 6, worker.log()
+        assert worker.proc.poll() is None
+
+
+def test_worker_refuses_to_start_fresh_over_unusable_checkpoints_when_told_to(
+        tmp_path, worker_factory, group_id):
+    checkpoints = tmp_path / "damaged"
+    checkpoints.mkdir()
+    (checkpoints / "w1-0000000001.json").write_text('{"data": "w1-0000000001.ckpt"}')
+    worker = worker_factory("in-x", "out-x", "dlq-x", group_id,
+                            STREAMER_CHECKPOINT__DIR=str(checkpoints),
+                            STREAMER_CHECKPOINT__ALLOW_FRESH_START="false").start()
+    assert worker.wait(60) == 1
+    assert "no usable checkpoint" in worker.log()
+    assert "STREAMER_CHECKPOINT__ALLOW_FRESH_START" in worker.log()
