@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from streamer.codec import decode_batch, dlq_headers, encode_forecast, forecast_key
+from streamer.codec import decode_batch, dlq_headers, encode_forecasts, forecast_key
 from streamer.core import Learner, Reason, StepResult
 from streamer.kafka.client import InputRecord, OutputRecord, PartitionId
 
@@ -72,15 +72,18 @@ class BatchProcessor:
         for i in np.flatnonzero(result.status != 0).tolist():
             reason = Reason(int(result.status[i]))
             reject(fresh[int(decoded.index[i])], reason, _LEARNER_DETAIL[reason])
-        batch, stamps = decoded.batch, []
-        for i in accepted.tolist():
-            record = fresh[int(decoded.index[i])]
-            sensor_id = batch.sensor_ids[i]
-            outputs.append(OutputRecord(self.output_topic, forecast_key(sensor_id), encode_forecast(
-                sensor_id, batch.ts[i], result.forecasts[i], record.partition, record.offset,
-                int(result.update_count[i]), n_f)))
+        batch = decoded.batch
+        sources = [fresh[i] for i in decoded.index[accepted].tolist()]
+        ids = [batch.sensor_ids[i] for i in accepted.tolist()]
+        values = encode_forecasts(ids, batch.ts[accepted], result.forecasts[accepted],
+                                  [r.partition for r in sources], [r.offset for r in sources],
+                                  result.update_count[accepted])
+        topic = self.output_topic
+        outputs.extend(OutputRecord(topic, forecast_key(sid), value)
+                       for sid, value in zip(ids, values))
+        for record, sensor_id in zip(sources, ids):
             self.sensors.setdefault((record.topic, record.partition), set()).add(sensor_id)
-            stamps.append(record.timestamp_ms)
+        stamps = [r.timestamp_ms for r in sources]
         next_offsets: dict[PartitionId, int] = {}
         for r in fresh:
             tp = (r.topic, r.partition)

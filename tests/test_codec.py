@@ -272,3 +272,20 @@ def test_dlq_detail_is_bounded() -> None:
     headers = dict(dlq_headers(Reason.NOT_JSON, "x" * 10_000, "t", 0, 0))
     assert len(headers["streamer.detail"]) == 512
     assert headers["streamer.detail"].endswith(b"...")
+
+
+def test_batch_encoding_is_byte_identical_to_one_by_one():
+    import numpy as np
+
+    from streamer.codec import encode_forecasts
+
+    ids = ["a", 'q"uote', "ünï", "back\\slash", "tab\tnl\n"]
+    ts = np.array([1.5, 1.7e9, 3.25, 1e20, -0.0])
+    for forecasts in (np.array([[1.0], [np.nan], [1e-300], [-2.5e10], [np.inf]]),
+                      np.array([[1.0, 2.0], [np.inf, 3.0], [0.1, 0.2], [5, 6], [-1e-5, 7]])):
+        f = forecasts.shape[1]
+        batch = encode_forecasts(ids, ts, forecasts, [0, 1, 2, 3, 4], [5, 6, 7, 8, 9],
+                                 np.array([1, 2, 3, 4, 5]))
+        single = [encode_forecast(i, t, v, p, o, u, f) for i, t, v, p, o, u in
+                  zip(ids, ts, forecasts, [0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [1, 2, 3, 4, 5])]
+        assert batch == single

@@ -154,7 +154,8 @@ class KafkaPythonClient:
         try:
             if delivery.producer is not self._producer:
                 raise kerr.KafkaConnectionError("the producer of this delivery was discarded")
-            delivery.producer.flush(timeout=max(deadline - time.monotonic(), 0.0))
+            # No flush(): it would also wait for batches sent after this one (pipelining);
+            # linger_ms bounds how long these records sit before they go out.
             for future in delivery.futures:
                 future.get(timeout=max(deadline - time.monotonic(), 0.0))
         except kerr.KafkaError as exc:
@@ -165,7 +166,10 @@ class KafkaPythonClient:
 
     def produce_and_wait(self, records: Sequence[OutputRecord], timeout_s: float) -> None:
         """Send all records; return only once the broker acknowledged every one."""
-        self.wait(self.send(records), timeout_s)
+        delivery = self.send(records)
+        with converted_errors("flushing"):
+            self._current_producer().flush(timeout=timeout_s)  # no linger: nothing follows
+        self.wait(delivery, timeout_s)
 
     def commit(self, offsets: Mapping[PartitionId, int], timeout_s: float = 10.0) -> None:
         """Commit synchronously; an offset is the next one to read (last processed + 1)."""
