@@ -99,8 +99,11 @@ def test_evicted_slot_is_reused_with_zeroed_state(small_config):
 
 
 @pytest.mark.parametrize("size", [7, 500])
-def test_grouping_into_micro_batches_does_not_change_forecasts_or_weights(small_config, size):
-    stream = sine_fleet(20, 30, seed=7, log10_scale=(0, 0))
+@pytest.mark.parametrize("n_sensors", [20, 70])  # 70: updates wait for 4 ready windows
+def test_grouping_into_micro_batches_does_not_change_forecasts_or_weights(
+        small_config, size, n_sensors):
+    stream = sine_fleet(n_sensors, 30, seed=7, log10_scale=(0, 0))
+    small_config = LearnerConfig(**{**small_config.to_dict(), "max_sensors": 128})
     ref, other = Learner(small_config), Learner(small_config)
     expected = feed(ref, chunks(stream, 1))
     got = feed(other, chunks(stream, size))
