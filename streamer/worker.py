@@ -113,7 +113,8 @@ class Worker:
                 ConsumerSettings(group_id=k.group_id, session_timeout_ms=k.session_timeout_ms,
                                  heartbeat_interval_ms=k.heartbeat_interval_ms,
                                  fetch_max_wait_ms=k.fetch_max_wait_ms,
-                                 max_poll_records=k.max_poll_records),
+                                 max_poll_records=k.max_poll_records,
+                                 auto_offset_reset=k.auto_offset_reset),
                 ProducerSettings(),
             )
             self._client.subscribe([k.input_topic], on_assign=self._on_assign,

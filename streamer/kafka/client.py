@@ -52,6 +52,8 @@ class ConsumerSettings:
     fetch_max_wait_ms: int = 500
     max_poll_records: int = 500
     max_poll_interval_ms: int = 300_000
+    # Where a partition with no committed offset (and no checkpoint) starts.
+    auto_offset_reset: str = "earliest"
     # poll_batch raises BrokerUnavailable once no broker connection has been up for this long,
     # instead of returning empty batches forever (kafka-python reconnects silently).
     unreachable_after_s: float = 10.0
@@ -63,6 +65,10 @@ class ConsumerSettings:
             raise ValueError(
                 f"heartbeat_interval_ms ({self.heartbeat_interval_ms}) must be below "
                 f"session_timeout_ms ({self.session_timeout_ms})"
+            )
+        if self.auto_offset_reset not in ("earliest", "latest"):
+            raise ValueError(
+                f"auto_offset_reset must be earliest or latest, got {self.auto_offset_reset!r}"
             )
         if self.max_poll_records < 1:
             raise ValueError(f"max_poll_records must be >= 1, got {self.max_poll_records}")

@@ -286,3 +286,14 @@ def test_outage_surfaces_broker_unavailable_and_client_recovers_after_restart(
             assert values == [b"after"]
         finally:
             client.close(timeout_s=1.0)
+
+
+def test_auto_offset_reset_latest_skips_what_came_before_a_new_group(
+        topic_factory, group_id, client_factory, produce_raw, poll_until):
+    topic = topic_factory(1)
+    produce_raw(topic, [(b"k", b"old")])
+    client = client_factory(group_id, auto_offset_reset="latest")
+    client.subscribe([topic])
+    assert poll_until(client, 1, timeout_s=3) == []
+    produce_raw(topic, [(b"k", b"new")])
+    assert [r.value for r in poll_until(client, 1, timeout_s=10)] == [b"new"]
