@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from streamer.core.grouping import rank_rows
+
 # Candidate shrink factors of the predicted change. 1.25 lets the guard undo the shrinkage an
 # MSE-trained model shows on trending sensors. Exact ties (an untrained model predicts no
 # change, so every candidate scores the same) go to the first entry: the model's own forecast.
@@ -46,10 +48,7 @@ def choose_shrink(
     after_spike = ~np.isnan(revert_gain)  # (M, F)
     after = np.empty_like(errors)  # (M, F, K) running errors after each reading
     revert = np.empty(revert_gain.shape, dtype=bool)
-    by_pos = np.argsort(pos, kind="stable")
-    bounds = np.searchsorted(pos[by_pos], np.arange(n_pos + 1))
-    for p in range(n_pos):
-        r = by_pos[bounds[p] : bounds[p + 1]]  # readings of rank p: distinct slots
+    for r in rank_rows(pos, n_pos):  # readings of one rank: distinct slots
         s = slots[r]
         e = err_state[s]
         e += a[r] * (errors[r] - e)

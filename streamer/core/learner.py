@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from streamer.core.batch import Batch, StepResult, UpdateStats
 from streamer.core.config import LearnerConfig
 from streamer.core.device import resolve_device
+from streamer.core.grouping import Groups, group_by_slot, rank_rows
 from streamer.core.guard import SHRINKS, choose_shrink
 from streamer.core.model import Forecaster
 from streamer.core.normalizer import Encoded, SensorStats, input_size
@@ -109,7 +108,7 @@ class Learner:
         if need <= 0:
             first = start + 1
         else:
-            pos = _group(rest_slots).pos
+            pos = group_by_slot(rest_slots).pos
             k = self.config.tbptt_steps
             # The reading after which a slot's window becomes full (once per slot).
             fills = np.flatnonzero(self.state.seen[rest_slots] + pos + 1 == k + 1)
@@ -163,14 +162,11 @@ class Learner:
 
     def _timestamps_increase(self, slots: np.ndarray, ts: np.ndarray) -> np.ndarray:
         """Whether each ts is after its sensor's last applied ts and every earlier one here."""
-        g = _group(slots)
+        g = group_by_slot(slots)
         pos, n_pos, member = g.pos, g.n_pos, g.member
         newest = self.stats.last_ts[g.distinct].copy()  # (S,) running max per slot
         ok = np.zeros(len(slots), dtype=bool)
-        by_pos = np.argsort(pos, kind="stable")
-        bounds = np.searchsorted(pos[by_pos], np.arange(n_pos + 1))
-        for p in range(n_pos):
-            r = by_pos[bounds[p] : bounds[p + 1]]  # distinct slots
+        for r in rank_rows(pos, n_pos):  # distinct slots
             ok[r] = ts[r] > newest[member[r]]
             newest[member[r]] = np.maximum(newest[member[r]], ts[r])
         return ok
@@ -184,18 +180,22 @@ class Learner:
         cutoff = self.event_time - self.config.sensor_ttl_seconds
         idle = occupied[self.stats.last_ts[occupied] < cutoff]
         idle = idle[~np.isin(idle, active_slots)]
-        if len(idle):
-            self.table.release(idle)
-            self.stats.reset(idle)
-            self.state.reset(idle)
+        self.release(idle)
         return len(idle)
+
+    def release(self, slots: np.ndarray) -> None:
+        """Free ``slots`` and zero their state, statistics and window, for reuse."""
+        if len(slots):
+            self.table.release(slots)
+            self.stats.reset(slots)
+            self.state.reset(slots)
 
     @torch.no_grad()
     def _apply(self, batch: Batch, rows: np.ndarray, slots_all: np.ndarray,
                result: StepResult) -> None:
         """Advance the slots of accepted readings ``rows`` (arrival order) and forecast."""
         slots = slots_all[rows]
-        g = _group(slots)
+        g = group_by_slot(slots)
         pos, n_pos, distinct, member = g.pos, g.n_pos, g.distinct, g.member
         values = batch.values[rows]
         enc = self.stats.encode(slots, pos, n_pos, batch.ts[rows], values)
@@ -220,8 +220,8 @@ class Learner:
         change = change.double().cpu().numpy()  # the one device->host copy of the chunk
 
         raw = np.where(enc.warm[:, None], enc.scale * change, 0.0)  # (M, F) predicted change
-        forecast = self._guard(slots, pos, n_pos, member, values, raw, enc)
-        prev_forecast = self._previous(slots, pos, forecast, self.stats.last_forecast)
+        forecast = self._guard(slots, g, values, raw, enc)
+        prev_forecast = _previous(slots, g, forecast, self.stats.last_forecast)
         scored = enc.target_valid  # the previous reading was past warm-up: a model forecast
         # Errors in units of the sensor's typical change, capped like the inputs so a jump out of
         # a flat stretch (a tiny scale) cannot swamp every other sensor's contribution.
@@ -238,40 +238,27 @@ class Learner:
         self.stats.last_outlier[slots[last]] = enc.outlier[last]
         self.stats.before_last_value[slots[last]] = enc.prev_value[last]
 
-    def _guard(self, slots: np.ndarray, pos: np.ndarray, n_pos: int, member: np.ndarray,
-               values: np.ndarray, raw: np.ndarray, enc: Encoded) -> np.ndarray:
+    def _guard(self, slots: np.ndarray, g: Groups, values: np.ndarray, raw: np.ndarray,
+               enc: Encoded) -> np.ndarray:
         """(M, F) forecasts: the predicted change shrunk, or a spike reverted, per the guard."""
         if self.config.guard_alpha == 0.0:
             return values + raw
         stats = self.stats
-        prev_raw = self._previous(slots, pos, raw, stats.last_change)  # (M, F)
+        prev_raw = _previous(slots, g, raw, stats.last_change)  # (M, F)
         candidates = enc.prev_value[..., None] + prev_raw[..., None] * SHRINKS  # (M, F, K)
         errors = np.abs(values[..., None] - candidates) / enc.prev_scale[..., None]
         # After a spike: did "it was a one-off, back to the value before" beat persistence?
-        after_spike = self._previous(slots, pos, enc.outlier, stats.last_outlier) > 0
-        before_spike = self._previous(slots, pos, enc.prev_value, stats.before_last_value)
+        after_spike = _previous(slots, g, enc.outlier, stats.last_outlier) > 0
+        before_spike = _previous(slots, g, enc.prev_value, stats.before_last_value)
         gain = np.sign(np.abs(values - enc.prev_value) - np.abs(values - before_spike))
         # Readings this slot has had before this one, hence its scored ones including this.
-        n_before = stats.count[slots] - np.bincount(member)[member] + pos
+        n_before = stats.count[slots] - g.counts[g.member] + g.pos
         n_scored = n_before - self.config.warmup_readings + 1
         shrink, revert = choose_shrink(
-            stats.guard_err, stats.revert_score, slots, pos, n_pos, errors, enc.target_valid,
+            stats.guard_err, stats.revert_score, slots, g.pos, g.n_pos, errors, enc.target_valid,
             n_scored, self.config.guard_alpha, np.where(after_spike, gain, np.nan),
         )
         return np.where(enc.outlier & revert, enc.prev_value, values + shrink * raw)
-
-    def _previous(self, slots: np.ndarray, pos: np.ndarray, current: np.ndarray,
-                  stored: np.ndarray) -> np.ndarray:
-        """For each reading, its slot's value of ``current`` at the reading before: ``stored``
-        (from an earlier chunk) or from the same chunk."""
-        prev = stored[slots].copy()
-        later = np.flatnonzero(pos > 0)
-        if len(later):
-            order = np.lexsort((pos, slots))  # readings grouped by slot, in rank order
-            before = np.empty(len(slots), dtype=np.int64)
-            before[order[1:]] = order[:-1]  # the reading ranked just before, same slot if pos>0
-            prev[later] = current[before[later]]
-        return prev
 
     # -- training -------------------------------------------------------------------------
     def _train(self, min_ready: int | None = None) -> UpdateStats | None:
@@ -289,29 +276,11 @@ class Learner:
         return self._train(min_ready=1)
 
 
-@dataclass(frozen=True)
-class _Groups:
-    """Readings grouped by slot: one stable sort shared by everything that needs it."""
-
-    pos: np.ndarray  # (M,) rank of each reading among its slot's readings (arrival order)
-    n_pos: int  # max rank + 1
-    distinct: np.ndarray  # (S,) the slots, ascending
-    member: np.ndarray  # (M,) index into ``distinct`` of each reading's slot
-    counts: np.ndarray  # (S,) readings per slot
-
-
-def _group(slots: np.ndarray) -> _Groups:
-    if not len(slots):
-        empty = np.zeros(0, dtype=np.int64)
-        return _Groups(empty, 0, empty, empty, empty)
-    order = np.argsort(slots, kind="stable")
-    sorted_slots = slots[order]
-    first = np.r_[True, sorted_slots[1:] != sorted_slots[:-1]]
-    starts = np.flatnonzero(first)
-    counts = np.diff(np.r_[starts, len(slots)])
-    member = np.empty(len(slots), dtype=np.int64)
-    member[order] = np.cumsum(first) - 1
-    pos = np.empty(len(slots), dtype=np.int64)
-    pos[order] = np.arange(len(slots)) - np.repeat(starts, counts)
-    n_pos = int(counts.max())
-    return _Groups(pos, n_pos, sorted_slots[starts], member, counts)
+def _previous(slots: np.ndarray, g: Groups, current: np.ndarray,
+              stored: np.ndarray) -> np.ndarray:
+    """For each reading, its slot's value at the reading before: ``current`` at the same slot's
+    previous reading in this chunk, else ``stored`` (left by an earlier chunk)."""
+    prev = stored[slots].copy()
+    later = np.flatnonzero(g.before >= 0)
+    prev[later] = current[g.before[later]]
+    return prev

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from streamer.core.grouping import rank_rows
 from streamer.core.guard import SHRINKS
 
 N_CALENDAR = 4  # sin/cos of time of day, sin/cos of day of week
@@ -122,10 +123,7 @@ class SensorStats:
         prev_value = np.empty((m, f), dtype=np.float64)
         warm = np.empty(m, dtype=bool)
         outlier = np.zeros((m, f), dtype=bool)
-        by_pos = np.argsort(pos, kind="stable")
-        bounds = np.searchsorted(pos[by_pos], np.arange(n_pos + 1))
-        for p in range(n_pos):
-            r = by_pos[bounds[p] : bounds[p + 1]]  # readings of rank p: distinct slots
+        for r in rank_rows(pos, n_pos):  # readings of one rank: distinct slots
             s, v, t = slots[r], values[r], ts[r]
             n = self.count[s]  # readings seen before this one
             has_prev = (n > 0)[:, None]

@@ -9,6 +9,7 @@ import torch
 from streamer.core.config import LearnerConfig
 from streamer.core.learner import Learner
 from streamer.core.slots import SlotTable
+from streamer.core.windows import slot_axis
 
 FORMAT = "streamer.learner/2"  # 2: guard and spike state in the stats
 
@@ -101,24 +102,6 @@ def _to_cpu(obj):
 
 
 
-def export_sensors(learner: Learner, sensor_ids: list[str]) -> dict:
-    """The per-sensor state (statistics, LSTM state, window) of those ids the learner holds."""
-    slots = learner.table.lookup(sensor_ids)
-    known = slots >= 0
-    slots = slots[known]
-    index = torch.as_tensor(slots, device=learner.device)
-    tensors = {}
-    for name, tensor in learner.state.tensors().items():
-        axis = 1 if name in ("h", "c", "h0", "c0") else 0
-        tensors[name] = tensor.index_select(axis, index).cpu().clone()
-    return {
-        "ids": [s for s, k in zip(sensor_ids, known.tolist()) if k],
-        "stats": {k: torch.from_numpy(v[slots].copy()) for k, v in learner.stats.arrays().items()},
-        "slot_tensors": tensors,
-        "seen": torch.from_numpy(learner.state.seen[slots].copy()),
-    }
-
-
 def import_sensors(learner: Learner, exported: dict) -> int:
     """Give each exported sensor a slot (replacing any state it had here); returns the count."""
     ids = list(exported["ids"])
@@ -139,7 +122,7 @@ def import_sensors(learner: Learner, exported: dict) -> int:
     index = torch.as_tensor(slots, device=learner.device)
     for name, rows in exported["slot_tensors"].items():
         target = getattr(learner.state, name)
-        if name in ("h", "c", "h0", "c0"):
+        if slot_axis(name) == 1:
             target[:, index] = rows.to(learner.device)
         else:
             target[index] = rows.to(learner.device)
@@ -151,21 +134,19 @@ def drop_sensors(learner: Learner, sensor_ids: list[str]) -> int:
     """Forget those sensors (a partition moved away); their slots become free."""
     slots = learner.table.lookup(sensor_ids)
     slots = slots[slots >= 0]
-    if len(slots):
-        learner.table.release(slots)
-        learner.stats.reset(slots)
-        learner.state.reset(slots)
+    learner.release(slots)
     return len(slots)
 
 
 def sensors_of(state: dict, sensor_ids: list[str]) -> dict:
-    """``export_sensors`` applied to a saved full snapshot instead of a live learner."""
+    """The per-sensor state (statistics, LSTM state, window) of those ids in a saved snapshot,
+    in the form ``import_sensors`` takes."""
     position = {s: i for i, s in enumerate(state["table"]["ids"]) if s is not None}
     wanted = [s for s in sensor_ids if s in position]
     slots = torch.as_tensor([position[s] for s in wanted], dtype=torch.long)
     tensors = {}
     for name, tensor in state["slot_tensors"].items():
-        axis = 1 if name in ("h", "c", "h0", "c0") else 0
+        axis = slot_axis(name)
         tensors[name] = tensor.index_select(axis, slots)
     return {
         "ids": wanted,

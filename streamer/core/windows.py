@@ -20,6 +20,15 @@ class WindowBatch:
     c0: torch.Tensor  # (L, n, H)
 
 
+# Tensors laid out (L, capacity, H): their slot axis is 1; every other per-slot tensor's is 0.
+STATE_TENSORS = ("h", "c", "h0", "c0")
+
+
+def slot_axis(name: str) -> int:
+    """The axis that indexes slots in the per-slot tensor ``name``."""
+    return 1 if name in STATE_TENSORS else 0
+
+
 class SlotTensors:
     """Live state ``h``, ``c`` (L, capacity, H) and windows, all on the learner's device.
 
@@ -58,7 +67,7 @@ class SlotTensors:
         for name, tensor in fresh.items():
             if old:
                 current = getattr(self, name)
-                if current.dim() == 3 and name in ("h", "c", "h0", "c0"):
+                if slot_axis(name) == 1:
                     tensor[:, :old] = current
                 else:
                     tensor[:old] = current
@@ -70,7 +79,7 @@ class SlotTensors:
     def reset(self, slots: np.ndarray) -> None:
         """Zero the state and window of ``slots``."""
         index = torch.as_tensor(slots, device=self.device)
-        for name in ("h", "c", "h0", "c0"):
+        for name in STATE_TENSORS:
             getattr(self, name)[:, index] = 0.0
         for name in ("inputs", "targets", "mask"):
             getattr(self, name)[index] = 0.0
