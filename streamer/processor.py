@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,14 +28,10 @@ class Processed:
 
     outputs: list[OutputRecord]
     next_offsets: dict[PartitionId, int]  # per partition: last offset in the batch + 1
-    consumed: int
-    forecasts: int
-    rejected: dict[Reason, int]  # all rejections, by reason
-    decode_rejected: dict[Reason, int]  # the codec's share (the learner's are in `result`)
+    consumed: int  # records applied (re-deliveries below the applied offset excluded)
+    decode_rejected: dict[Reason, int]  # the codec's rejections (the learner's are in `result`)
     record_timestamps_ms: np.ndarray  # (forecasts,) source record timestamps, for latency
-    result: StepResult | None = None
-    skipped_duplicates: int = 0
-    sensors_by_partition: dict[PartitionId, set[str]] = field(default_factory=dict)
+    result: StepResult
 
 
 class BatchProcessor:
@@ -57,17 +53,16 @@ class BatchProcessor:
         decoded = decode_batch([(r.key, r.value) for r in fresh], n_f)
         result = self.learner.step(decoded.batch)
         outputs: list[OutputRecord] = []
-        rejected: dict[Reason, int] = {}
 
         def reject(record: InputRecord, reason: Reason, detail: str) -> None:
-            rejected[reason] = rejected.get(reason, 0) + 1
             outputs.append(OutputRecord(
                 self.dlq_topic, record.key, record.value if record.value is not None else b"",
                 dlq_headers(reason, detail, record.topic, record.partition, record.offset)))
 
+        decode_rejected: dict[Reason, int] = {}
         for position, reason, detail in decoded.rejections:
             reject(fresh[position], reason, detail)
-        decode_rejected = dict(rejected)
+            decode_rejected[reason] = decode_rejected.get(reason, 0) + 1
         accepted = np.flatnonzero(result.status == 0)
         for i in np.flatnonzero(result.status != 0).tolist():
             reason = Reason(int(result.status[i]))
@@ -89,9 +84,8 @@ class BatchProcessor:
             tp = (r.topic, r.partition)
             next_offsets[tp] = max(next_offsets.get(tp, 0), r.offset + 1)
         self.applied.update(next_offsets)
-        return Processed(outputs, next_offsets, len(fresh), len(accepted), rejected,
-                         decode_rejected, np.asarray(stamps, dtype=np.float64), result,
-                         skipped_duplicates=len(records) - len(fresh))
+        return Processed(outputs, next_offsets, len(fresh), decode_rejected,
+                         np.asarray(stamps, dtype=np.float64), result)
 
     def forget(self, partitions: Sequence[PartitionId]) -> list[str]:
         """Stop tracking partitions (revoked); returns the sensors that were fed from them."""

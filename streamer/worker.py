@@ -157,9 +157,8 @@ class Worker:
         m.observe_batch(processed.consumed, latency_seconds(processed.record_timestamps_ms))
         for reason, count in processed.decode_rejected.items():
             m.observe_dlq(reason, count)
-        if processed.result is not None:
-            m.observe_step(processed.result)
-            self._log_updates(processed)
+        m.observe_step(processed.result)
+        self._log_updates(processed)
         m.set_sensors(self.learner.n_sensors, self.learner.capacity)
         m.set_lag(client.lag())
         now = time.time()
