@@ -36,6 +36,7 @@ log = logging.getLogger("streamer.worker")
 BACKOFF_START_S, BACKOFF_MAX_S = 0.5, 30.0
 LIVENESS_TIMEOUT_S = 120.0  # the loop must come round at least this often to count as alive
 UPDATE_LOG_EVERY = 50
+IN_FLIGHT_POLL_TIMEOUT_S = 0.005  # about the producer's linger: the acks come no sooner
 
 
 class Worker:
@@ -80,7 +81,7 @@ class Worker:
             try:
                 client = self._connected()
                 records = client.poll_batch(self.settings.kafka.max_poll_records,
-                                            self.settings.kafka.poll_timeout_ms / 1000)
+                                            self._poll_timeout_s())
                 self._reset_recreated(client, {(r.topic, r.partition) for r in records}
                                       or client.assignment())
                 if records:
@@ -105,6 +106,12 @@ class Worker:
         signal.signal(signal.SIGINT, self.stop)
 
     # -- steps of the loop ------------------------------------------------------------------
+    def _poll_timeout_s(self) -> float:
+        """Wait briefly while a batch awaits its acks: when the input goes quiet, that batch
+        is completed (metrics, checkpoint eligibility) within milliseconds, not a full poll."""
+        full = self.settings.kafka.poll_timeout_ms / 1000
+        return min(full, IN_FLIGHT_POLL_TIMEOUT_S) if self._in_flight else full
+
     def _connected(self) -> StreamClient:
         if self._client is None:
             k = self.settings.kafka
