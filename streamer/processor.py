@@ -79,10 +79,8 @@ class BatchProcessor:
         for record, sensor_id in zip(sources, ids):
             self.sensors.setdefault((record.topic, record.partition), set()).add(sensor_id)
         stamps = [r.timestamp_ms for r in sources]
-        next_offsets: dict[PartitionId, int] = {}
-        for r in fresh:
-            tp = (r.topic, r.partition)
-            next_offsets[tp] = max(next_offsets.get(tp, 0), r.offset + 1)
+        # A poll hands out each partition's records in offset order: the last one wins.
+        next_offsets = {(r.topic, r.partition): r.offset + 1 for r in fresh}
         self.applied.update(next_offsets)
         return Processed(outputs, next_offsets, len(fresh), decode_rejected,
                          np.asarray(stamps, dtype=np.float64), result)

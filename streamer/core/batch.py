@@ -40,12 +40,15 @@ class Batch:
     ) -> Batch:
         """Build from (sensor_id, ts, values) tuples whose value lists may have any length."""
         n = len(records)
-        values = np.full((n, n_features), np.nan, dtype=np.float64)
-        n_values = np.zeros(n, dtype=np.int64)
-        for i, (_, _, vals) in enumerate(records):
-            n_values[i] = len(vals)
-            k = min(len(vals), n_features)
-            values[i, :k] = vals[:k]
+        counts = [len(r[2]) for r in records]
+        n_values = np.array(counts, dtype=np.int64).reshape(n)
+        if counts.count(n_features) == n:  # the usual case: one array call, no per-row writes
+            values = np.array([r[2] for r in records], dtype=np.float64).reshape(n, n_features)
+        else:
+            values = np.full((n, n_features), np.nan, dtype=np.float64)
+            for i, (_, _, vals) in enumerate(records):
+                k = min(len(vals), n_features)
+                values[i, :k] = vals[:k]
         ts = np.array([r[1] for r in records], dtype=np.float64)
         return cls([r[0] for r in records], ts, values, n_values)
 

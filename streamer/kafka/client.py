@@ -118,7 +118,10 @@ class StreamClient(Protocol):
         ...
 
     def poll_batch(self, max_records: int, timeout_s: float) -> list[InputRecord]:
-        """Up to ``max_records`` records, waiting at most ``timeout_s`` for the first."""
+        """Up to ``max_records`` records, waiting at most ``timeout_s`` for the first.
+
+        Each partition's records come in offset order (partitions may interleave).
+        """
         ...
 
     def send(self, records: Sequence[OutputRecord]) -> Delivery:
