@@ -29,10 +29,13 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import datetime
 import gc
+import importlib.util
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -51,6 +54,7 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
+import kafka  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
@@ -79,19 +83,28 @@ KAFKA_OVERRIDES = {
 class Plan:
     """How much work each measurement does."""
 
-    # Pre-produced backlog per sensor. A sensor's TBPTT window fills after tbptt_steps + 1
-    # readings and is trained at the next update, so tbptt_steps + 2 readings (the default,
-    # 34) hold one full cycle of forecasting *and* training for every sensor: the steady-state
-    # mix. With fewer (say 20), no window is ever ready and the figure leaves training out.
-    readings_per_sensor: int
+    # Pre-produced backlog: whole TBPTT cycles per sensor, at least ``min_backlog`` readings.
+    # A sensor's window fills after tbptt_steps + 1 readings and is trained at the next update,
+    # so tbptt_steps + 2 readings (34 by default) hold one full cycle of forecasting *and*
+    # training for every sensor: the steady-state mix. With fewer (say 20) no window is ever
+    # ready and the figure leaves training out. The floor keeps small fleets from being timed
+    # over a second or less (34k readings at 1k sensors), where one GC pause or scheduling
+    # hiccup moves the figure by 20 %.
+    min_backlog: int
     live_seconds: float  # how long live readings are produced for the latency figures
     settle_seconds: float  # the live phase's first seconds are not counted (rate change)
     rate_fraction: float  # live rate as a fraction of the streamer's measured throughput
+    readings: int | None = None  # readings per sensor, overriding the cycles above
+
+    def readings_per_sensor(self, n_sensors: int) -> int:
+        if self.readings is not None:
+            return self.readings
+        return CYCLE * max(1, math.ceil(self.min_backlog / (n_sensors * CYCLE)))
 
 
 CYCLE = load_settings().training.tbptt_steps + 2
-FULL = Plan(readings_per_sensor=CYCLE, live_seconds=12.0, settle_seconds=2.0, rate_fraction=0.5)
-QUICK = Plan(readings_per_sensor=CYCLE, live_seconds=4.0, settle_seconds=1.0, rate_fraction=0.5)
+FULL = Plan(min_backlog=300_000, live_seconds=12.0, settle_seconds=2.0, rate_fraction=0.5)
+QUICK = Plan(min_backlog=30_000, live_seconds=4.0, settle_seconds=1.0, rate_fraction=0.5)
 
 
 @dataclass
@@ -392,9 +405,9 @@ def bench_fleet(broker: LocalBroker, n_sensors: int, plan: Plan, workdir: Path,
               "ceiling": f"{run}-ceiling-out"}
     ensure_topics(broker.bootstrap, {topics["in"]: PARTITIONS, topics["out"]: PARTITIONS,
                                      topics["dlq"]: 1, topics["ceiling"]: PARTITIONS})
-    backlog = n_sensors * plan.readings_per_sensor
-    produce_rate = pre_produce(broker.bootstrap, topics["in"], n_sensors,
-                               plan.readings_per_sensor)
+    per_sensor = plan.readings_per_sensor(n_sensors)
+    backlog = n_sensors * per_sensor
+    produce_rate = pre_produce(broker.bootstrap, topics["in"], n_sensors, per_sensor)
     print(f"[{n_sensors} sensors] pre-produced {backlog} readings at {produce_rate:,.0f}/s",
           flush=True)
     timeout_s = max(120.0, backlog / 500.0)
@@ -582,7 +595,8 @@ def machine() -> str:
     except OSError:
         pass
     return (f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+            f"torch {torch.__version__}, kafka-python {kafka.__version__}, crc32c "
+            f"{'C' if importlib.util.find_spec('crc32c') else 'pure Python'}")
 
 
 def broker_version() -> str:
@@ -601,8 +615,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sensors", default="1000,10000",
                         help="comma-separated fleet sizes (default 1000,10000)")
     parser.add_argument("--readings", type=int, default=None,
-                        help=f"pre-produced readings per sensor (default {CYCLE}: one TBPTT "
-                             "cycle, so training is in the figure)")
+                        help=f"pre-produced readings per sensor (default: whole TBPTT cycles "
+                             f"of {CYCLE}, at least 300k readings in all)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--profile", choices=["cprofile"], default=None,
                         help="profile the worker thread with cProfile (slows it; figures "
@@ -610,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.readings is not None:
-        plan = Plan(args.readings, plan.live_seconds, plan.settle_seconds, plan.rate_fraction)
+        plan = dataclasses.replace(plan, readings=args.readings)
     fleets = [int(n) for n in args.sensors.split(",")]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -625,7 +639,8 @@ def main(argv: list[str] | None = None) -> int:
           f"producer={ProducerSettings()} (acks=all); model hidden={defaults.model.hidden_size} "
           f"layers={defaults.model.num_layers}; training tbptt={t.tbptt_steps} "
           f"train_every={t.train_every} (defaults); checkpoint every "
-          f"{defaults.checkpoint.interval_seconds} s; device cpu")
+          f"{defaults.checkpoint.interval_seconds} s; device cpu, torch_threads="
+          f"{defaults.torch_threads}")
     print(f"plan: {plan}; input topic {PARTITIONS} partitions; load average at start "
           f"{os.getloadavg()[0]:.2f} (other tenants of this machine count too)\n", flush=True)
 
