@@ -43,6 +43,30 @@ def _with_bound(buckets: Iterable[float], bound: float) -> tuple[float, ...]:
     return tuple(sorted(bounds))
 
 
+def observe_many(histogram: Histogram, amounts: np.ndarray) -> None:
+    """``histogram.observe(a)`` for every ``a``, touching each bucket once instead of per value.
+
+    prometheus_client has no bulk observe, and one call per forecast was ~4 % of the worker
+    thread. This adds to the same bucket counters and sum that ``observe`` does (a value goes
+    to the first bucket whose bound is >= it), so the exposition is the same; a client
+    version without those internals gets the plain loop.
+    """
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for amount in amounts.tolist():
+            histogram.observe(amount)
+        return
+    if amounts.size == 0:
+        return
+    counts = np.bincount(np.searchsorted(bounds, amounts, side="left"), minlength=len(bounds))
+    for bucket, count in zip(buckets, counts.tolist()):
+        if count:
+            bucket.inc(count)
+    total.inc(float(amounts.sum()))
+
+
 def _device_kind(device: str) -> str:
     """``cuda`` for ``cuda:1``, ``cpu`` for ``cpu``: the part before any index."""
     return device.split(":", 1)[0]
@@ -256,9 +280,7 @@ class Metrics:
         self.readings_consumed.inc(size)
         self.batch_size.observe(size)
         latencies = np.asarray(latencies_seconds, dtype=np.float64).ravel()
-        # Histogram has no bulk observe; one call per forecast is ~1 us, cheap beside the model.
-        for latency in latencies[np.isfinite(latencies)].tolist():
-            self.latency.observe(latency)
+        observe_many(self.latency, latencies[np.isfinite(latencies)])
 
     def set_sensors(self, active: int, capacity: int) -> None:
         """Publish the slot table's occupancy."""

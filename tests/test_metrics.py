@@ -8,11 +8,11 @@ import subprocess
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from streamer.core.batch import StepResult, UpdateStats
 from streamer.core.rejections import REJECTION_REASONS, Reason
-from streamer.metrics import Metrics
+from streamer.metrics import LATENCY_BUCKETS, Metrics, observe_many
 
 NAN = math.nan
 
@@ -178,6 +178,28 @@ def test_observe_batch_counts_readings_and_latencies(
     assert value(registry, f"{latency}_bucket", le="0.005") == 1.0
     assert value(registry, f"{latency}_bucket", le="0.025") == 2.0
     assert value(registry, f"{latency}_bucket", le="0.5") == 3.0
+
+
+def test_observe_many_exposes_exactly_what_one_observe_per_value_does() -> None:
+    rng = np.random.default_rng(0)
+    # Values on and around every bound (a value equal to a bound belongs to that bucket),
+    # beyond the last finite bound, zero and negative.
+    bounds = np.array(LATENCY_BUCKETS)
+    amounts = np.concatenate([bounds, np.nextafter(bounds, 0), np.nextafter(bounds, 1e9),
+                              rng.exponential(0.3, 500), [0.0, -0.5, 120.0]])
+    one_by_one, bulk = CollectorRegistry(), CollectorRegistry()
+    h1 = Histogram("h", "h", buckets=LATENCY_BUCKETS, registry=one_by_one)
+    h2 = Histogram("h", "h", buckets=LATENCY_BUCKETS, registry=bulk)
+    for amount in amounts.tolist():
+        h1.observe(amount)
+
+    observe_many(h2, amounts)
+    observe_many(h2, np.array([]))
+
+    for le in [*(str(b) for b in LATENCY_BUCKETS), "+Inf"]:
+        assert value(bulk, "h_bucket", le=le) == value(one_by_one, "h_bucket", le=le), le
+    assert value(bulk, "h_count") == value(one_by_one, "h_count") == len(amounts)
+    assert value(bulk, "h_sum") == pytest.approx(value(one_by_one, "h_sum"), rel=1e-12)
 
 
 def test_set_lag_replaces_the_partition_set_on_rebalance(
