@@ -17,6 +17,8 @@ from kafka import (
     OffsetAndMetadata,
     TopicPartition,
 )
+from kafka.cluster import ClusterMetadata
+from kafka.partitioner.default import DefaultPartitioner, murmur2
 
 from streamer.kafka.client import (
     ConsumerSettings,
@@ -60,6 +62,34 @@ class _RecordingListener(ConsumerRebalanceListener):
 
     def on_partitions_lost(self, lost: Collection[TopicPartition]) -> None:
         self.events.append(("revoke", _ids(lost)))
+
+
+class _KeyHashCachingPartitioner(DefaultPartitioner):
+    """kafka-python's DefaultPartitioner placement, hashing each key once.
+
+    The keys are sensor ids, a bounded set seen over and over, and murmur2 is pure Python
+    (about a tenth of the worker thread's time in tests/bench_e2e.py). Same partition for the
+    same key and partition count as the Java client and DefaultPartitioner.
+    """
+
+    def __init__(self, max_keys: int = 1 << 20) -> None:
+        self._hashes: dict[bytes, int] = {}
+        self._max_keys = max_keys
+
+    def partition(
+        self, topic: str, key: object, serialized_key: bytes | None, value: object,
+        serialized_value: bytes | None, cluster: ClusterMetadata,
+    ) -> int:
+        partitions = cluster.partitions_for_topic(topic) if serialized_key is not None else None
+        if not partitions:  # no key (random placement) or unknown topic (its error): as before
+            return super().partition(topic, key, serialized_key, value, serialized_value,
+                                     cluster)
+        hashed = self._hashes.get(serialized_key)
+        if hashed is None:
+            if len(self._hashes) >= self._max_keys:
+                self._hashes.clear()
+            hashed = self._hashes[serialized_key] = murmur2(serialized_key) & 0x7FFFFFFF
+        return sorted(partitions)[hashed % len(partitions)]
 
 
 def _ids(partitions: Collection[TopicPartition]) -> list[PartitionId]:
@@ -259,9 +289,8 @@ class KafkaPythonClient:
     def _check_reachable(self, got_records: bool) -> None:
         # kafka-python keeps reconnecting in the background and poll() just returns nothing,
         # so "no connection at all for a while" is the only sign that the broker is gone.
-        connections = self._consumer.metrics().get("consumer-metrics", {}).get(
-            "connection-count", 1.0)
-        if got_records or connections > 0:
+        if got_records or self._consumer.metrics().get("consumer-metrics", {}).get(
+                "connection-count", 1.0) > 0:  # metrics() builds every metric: only when idle
             self._unreachable_since = None
             return
         now = time.monotonic()
@@ -285,6 +314,7 @@ class KafkaPythonClient:
                 request_timeout_ms=settings.request_timeout_ms,
                 delivery_timeout_ms=settings.delivery_timeout_ms,
                 batch_size=settings.batch_size_bytes,
+                partitioner=_KeyHashCachingPartitioner(),
             )
 
     def _current_producer(self) -> KafkaProducer:

@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+from kafka.partitioner.default import murmur2
 
 from streamer.kafka import (
     BrokerUnavailable,
@@ -64,6 +65,24 @@ def test_produce_and_wait_leaves_every_record_readable(
         assert len({r.partition for r in same_key}) == 1
         assert [r.value for r in same_key] == [f"{j}".encode() for j in range(i, 40, 4)]
         assert [r.headers for r in same_key] == [[("n", bytes([j]))] for j in range(i, 40, 4)]
+
+
+def test_keyed_records_land_on_the_java_clients_murmur2_partition(
+    topic_factory, group_id, client_factory, consume_raw
+):
+    # Downstream readers (and other producers) place a sensor by murmur2(key) % partitions:
+    # the client's key-hash cache must not move any sensor. Each key is sent twice so the
+    # second placement comes from the cache.
+    topic = topic_factory(partitions=5)
+    client = client_factory(group_id)
+    keys = [f"sensor-{i:05d}".encode() for i in range(60)] + ["☃ sensor".encode()]
+    client.produce_and_wait([OutputRecord(topic, k, b"x") for k in keys + keys], timeout_s=10)
+
+    records = consume_raw(topic, 2 * len(keys), timeout_s=5)
+
+    assert len(records) == 2 * len(keys)
+    for r in records:
+        assert r.partition == (murmur2(r.key) & 0x7FFFFFFF) % 5, r.key
 
 
 def test_poll_batch_returns_at_most_max_records(
