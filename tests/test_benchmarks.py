@@ -1,0 +1,46 @@
+"""The benchmark scripts keep running: smoke runs of each, their figures are not judged here."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*args: str, timeout_s: float) -> str:
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout_s)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+def _row(out: str, first_cell: str) -> list[str]:
+    rows = [line for line in out.splitlines() if line.startswith(f"| {first_cell} |")]
+    assert rows, f"no table row for {first_cell!r} in:\n{out[-2000:]}"
+    return [cell.strip() for cell in rows[0].strip("|").split("|")]
+
+
+def _number(cell: str) -> float:
+    return float(re.sub(r"[^0-9.]", "", cell.split()[0]))
+
+
+def test_core_benchmark_quick_run_reports_step_and_update_figures() -> None:
+    out = _run("tests/bench_core.py", "--quick", "--threads", "1", "--device", "cpu",
+               timeout_s=120)
+    row = _row(out, "cpu")
+    assert _number(row[3]) > 0 and _number(row[4]) > 0  # step readings/s, without and with training
+    assert "update / raw LSTM" in out
+
+
+@pytest.mark.broker
+def test_e2e_benchmark_quick_run_drains_the_backlog_through_streamer_and_ceiling(broker) -> None:
+    # ``broker`` only proves the local broker is installed; the script starts its own.
+    out = _run("tests/bench_e2e.py", "--quick", "--sensors", "100", timeout_s=240)
+    streamer, ceiling = _row(out, "100")[1:3]
+    assert _number(streamer) > 0 and _number(ceiling) > 0
+    assert "bench threads all stopped: True" in out
