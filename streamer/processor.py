@@ -74,8 +74,9 @@ class BatchProcessor:
                                   [r.partition for r in sources], [r.offset for r in sources],
                                   result.update_count[accepted])
         topic = self.output_topic
-        outputs.extend(OutputRecord(topic, forecast_key(sid), value)
-                       for sid, value in zip(ids, values))
+        # A record's key, when it has one, is already its sensor id in UTF-8 (decoding checked).
+        outputs.extend(OutputRecord(topic, r.key or forecast_key(sid), value)
+                       for r, sid, value in zip(sources, ids, values))
         for record, sensor_id in zip(sources, ids):
             self.sensors.setdefault((record.topic, record.partition), set()).add(sensor_id)
         stamps = [r.timestamp_ms for r in sources]
