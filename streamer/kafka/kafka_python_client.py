@@ -69,21 +69,23 @@ class _KeyHashCachingPartitioner(DefaultPartitioner):
 
     The keys are sensor ids, a bounded set seen over and over, and murmur2 is pure Python
     (about a tenth of the worker thread's time in tests/bench_e2e.py). Same partition for the
-    same key and partition count as the Java client and DefaultPartitioner. The cache holds up
-    to 262k keys (~100 bytes each; default max_sensors is 100k) and starts over when full.
+    same key and partition count as the Java client and DefaultPartitioner. Only keys of up
+    to 256 bytes are cached (a dead-letter record keeps whatever key it came with), at most
+    262k of them (~27 MB; default max_sensors is 100k); a full cache starts over.
     """
 
-    def __init__(self, max_keys: int = 1 << 18) -> None:
+    def __init__(self, max_keys: int = 1 << 18, max_key_bytes: int = 256) -> None:
         self._hashes: dict[bytes, int] = {}
-        self._max_keys = max_keys
+        self._max_keys, self._max_key_bytes = max_keys, max_key_bytes
 
     def partition(
         self, topic: str, key: object, serialized_key: bytes | None, value: object,
         serialized_value: bytes | None, cluster: ClusterMetadata,
     ) -> int:
-        keyed = isinstance(serialized_key, bytes)  # a bytearray key would not be hashable
-        partitions = cluster.partitions_for_topic(topic) if keyed else None
-        if not partitions:  # no key (random placement) or unknown topic (its error): as before
+        cacheable = (isinstance(serialized_key, bytes)  # (a bytearray is not hashable)
+                     and len(serialized_key) <= self._max_key_bytes)
+        partitions = cluster.partitions_for_topic(topic) if cacheable else None
+        if not partitions:  # no/long key, or unknown topic (its error): DefaultPartitioner
             return super().partition(topic, key, serialized_key, value, serialized_value,
                                      cluster)
         hashed = self._hashes.get(serialized_key)

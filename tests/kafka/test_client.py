@@ -75,7 +75,8 @@ def test_keyed_records_land_on_the_java_clients_murmur2_partition(
     # second placement comes from the cache.
     topic = topic_factory(partitions=5)
     client = client_factory(group_id)
-    keys = [f"sensor-{i:05d}".encode() for i in range(60)] + ["☃ sensor".encode()]
+    # (the long key is past the cache's 256-byte bound: placed by the uncached path)
+    keys = [f"sensor-{i:05d}".encode() for i in range(60)] + ["☃ sensor".encode(), b"k" * 300]
     client.produce_and_wait([OutputRecord(topic, k, b"x") for k in keys + keys], timeout_s=10)
 
     records = consume_raw(topic, 2 * len(keys), timeout_s=5)
