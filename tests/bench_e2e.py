@@ -33,7 +33,6 @@ import argparse
 import cProfile
 import dataclasses
 import datetime
-import gc
 import importlib.util
 import json
 import logging
@@ -68,7 +67,7 @@ from streamer.kafka.broker import LocalBroker  # noqa: E402
 from streamer.kafka.client import ConsumerSettings, OutputRecord, ProducerSettings  # noqa: E402
 from streamer.kafka.kafka_python_client import KafkaPythonClient  # noqa: E402
 from streamer.produce import encode_reading  # noqa: E402
-from streamer.worker import Worker, connection_from, tune_gc  # noqa: E402
+from streamer.worker import Worker, connection_from, gc_tuned_for_serving  # noqa: E402
 
 PARTITIONS = 4
 READING_INTERVAL_S = 60.0  # pre-produced readings are a minute apart per sensor, a day ago
@@ -393,8 +392,11 @@ class PassThrough:
         self._stop = threading.Event()
 
     def run(self) -> None:
+        with gc_tuned_for_serving():  # as the worker does: the same collector costs
+            self._run()
+
+    def _run(self) -> None:
         k = self.settings.kafka
-        thresholds = tune_gc()  # as the worker does at start: the same collector costs
         try:
             while not self._stop.is_set():
                 records = self.client.poll_batch(k.max_poll_records, k.poll_timeout_ms / 1000)
@@ -411,8 +413,6 @@ class PassThrough:
                 self.count += len(records)
         finally:
             self.client.close()
-            gc.unfreeze()
-            gc.set_threshold(*thresholds)
 
     def stop(self) -> None:
         self._stop.set()
@@ -439,7 +439,9 @@ def bench_fleet(broker: LocalBroker, n_sensors: int, plan: Plan, workdir: Path,
     rounds = []
     for r in range(plan.rounds - 1):
         pair = {}
-        for kind in ("streamer", "ceiling") if r % 2 else ("ceiling", "streamer"):
+        # The last pair (below) goes streamer first: alternate so that it ends the sequence.
+        first_streamer = (plan.rounds - 1 - r) % 2 == 0
+        for kind in ("streamer", "ceiling") if first_streamer else ("ceiling", "streamer"):
             pair[kind] = drain(kind, broker.bootstrap, topics, f"{run}-{kind}-{r}",
                                workdir / run / f"round-{r}", backlog, timeout_s).rate
         rounds.append((pair["streamer"], pair["ceiling"]))
@@ -514,10 +516,16 @@ def drain(kind: str, bootstrap: str, topics: dict[str, str], group: str, checkpo
     thread = threading.Thread(target=target, name=f"bench-{kind}")
     thread.start()
     try:
-        return wait_for_count(count, 0, backlog, timeout_s, thread.is_alive)
+        drained = wait_for_count(count, 0, backlog, timeout_s, thread.is_alive)
     finally:
         stop()
         thread.join(timeout=60)
+    if thread.is_alive():
+        raise RuntimeError(f"the {kind} did not stop within 60 s")
+    if not drained.complete:
+        raise RuntimeError(f"the {kind} drained {drained.readings} of {backlog} readings in "
+                           f"{timeout_s:.0f} s")
+    return drained
 
 
 def _cores(cpu: dict[str, float]) -> str:
