@@ -138,7 +138,9 @@ class KafkaSettings(_Section):
         500, ge=1, description="Micro-batch size: the most records one poll returns."
     )
     poll_timeout_ms: int = Field(
-        1_000, ge=0, description="How long one poll waits for records before returning empty."
+        1_000, ge=0, le=5_000,
+        description="How long one poll waits for records before returning empty (at most 5 s: "
+        "a SIGTERM is acted on after the current poll).",
     )
     produce_timeout_s: float = Field(
         30.0, gt=0, description="How long to wait for the brokers to acknowledge produced records."

@@ -49,6 +49,25 @@ def test_every_valid_reading_gets_exactly_one_forecast_with_its_source(
     assert worker.metric("streamer_sensors_active") == 15
 
 
+def test_last_batch_of_a_burst_is_completed_without_waiting_out_a_poll(
+        topic_factory, group_id, worker_factory, produce_raw, consume_raw):
+    # Delivery is pipelined: a batch is completed (acks awaited, counted, eligible for a
+    # checkpoint) after the next poll. When the input goes quiet that poll must not wait the
+    # full poll timeout (5 s here) first, or the last forecasts are counted 5 s late.
+    inp, out, dlq = _topics(topic_factory)
+    worker = worker_factory(inp, out, dlq, group_id,
+                            STREAMER_KAFKA__POLL_TIMEOUT_MS="5000").start()
+    worker.wait_ready()
+    placed = produce_raw(inp, _stream(6, 10))
+    assert len(consume_raw(out, len(placed), timeout_s=30)) == len(placed)
+
+    deadline = time.monotonic() + 2.0
+    while (worker.metric("streamer_forecasts_produced_total") < len(placed)
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
+    assert worker.metric("streamer_forecasts_produced_total") == len(placed), worker.log()
+
+
 def test_each_bad_message_lands_in_the_dlq_with_its_reason_and_the_worker_goes_on(
         topic_factory, group_id, worker_factory, produce_raw, consume_raw):
     inp, out, dlq = topic_factory(1), topic_factory(1), topic_factory(1)
