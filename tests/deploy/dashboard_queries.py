@@ -1,13 +1,15 @@
 """Extract the Grafana dashboard's PromQL, with Grafana's variables substituted, for real queries.
 
 Used by the dashboard structure test and by tests that run every panel query against a real
-Prometheus (``test_prometheus_server.py`` here, the end-to-end worker test later).
+Prometheus (``test_prometheus_server.py`` here, ``tests/worker/test_observability.py``).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,3 +123,22 @@ def metric_names(expr: str) -> set[str]:
             continue
         names.add(name)
     return names
+
+
+def query(base: str, promql: str) -> dict:
+    """The JSON answer of a real Prometheus at ``base`` to an instant query."""
+    url = f"{base}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.load(resp)
+
+
+def panels_without_data(base: str) -> list[str]:
+    """Run every dashboard query against ``base``; each must succeed. Returns the
+    ``panel/refId`` of those that returned no series."""
+    empty = []
+    for where, promql in runnable_queries(load_dashboard()):
+        response = query(base, promql)
+        assert response["status"] == "success", f"{where}: {promql}: {response}"
+        if not response["data"]["result"]:
+            empty.append(where)
+    return empty

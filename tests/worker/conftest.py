@@ -110,6 +110,17 @@ def worker_factory(broker, tmp_path) -> Iterator[Callable[..., WorkerProcess]]:
         worker.stop()
 
 
+def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str,
+             log: Callable[[], str] = lambda: "") -> None:
+    """Poll ``predicate`` every 0.1 s; fail naming ``what`` (and ``log()``) after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}\n{log()}")
+
+
 def reading(sensor: str, ts: float, value: float | None = None, **body) -> tuple[bytes, bytes]:
     payload = {"sensor_id": sensor, "ts": ts, **body}
     if value is not None:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import math
 import signal
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from streamer.checkpoint import CheckpointStore
-from tests.worker.conftest import forecasts_by_source, reading
+from tests.worker.conftest import forecasts_by_source, reading, wait_for
 
 CRASH_POINTS = [  # (failpoint, how many passes before the crash)
     ("after_step", 3),  # during a micro-batch: stepped, nothing produced
@@ -26,15 +25,6 @@ CRASH_POINTS = [  # (failpoint, how many passes before the crash)
 def _stream(n_sensors: int, n_steps: int, t0: float = 1.7e9, step0: int = 0):
     return [reading(f"s{s}", t0 + 60.0 * t, math.sin(t / 4 + s) * (s + 1) + 0.01 * t)
             for t in range(step0, step0 + n_steps) for s in range(n_sensors)]
-
-
-def _wait_for(predicate, timeout_s: float, what: str, log=lambda: "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}\n{log()}")
 
 
 def _final_weights(directory: Path, worker: str) -> dict[str, torch.Tensor]:
@@ -59,8 +49,8 @@ def test_kill_9_at_five_points_then_restart_matches_an_uninterrupted_run(
     inp, out, dlq, ckpt = runs["steady"]
     steady = worker_factory(inp, out, dlq, group_id + "-steady", name="steady",
                             STREAMER_CHECKPOINT__DIR=str(ckpt), **common).start()
-    _wait_for(lambda: steady.metric("streamer_forecasts_produced_total") >= len(data), 60,
-              "the uninterrupted run", steady.log)
+    wait_for(lambda: steady.metric("streamer_forecasts_produced_total") >= len(data), 60,
+             "the uninterrupted run", steady.log)
     steady.signal(signal.SIGTERM)
     assert steady.wait(10) == 0
     expected = {k: v[0]["value"] for k, v in forecasts_by_source(
@@ -80,7 +70,7 @@ def test_kill_9_at_five_points_then_restart_matches_an_uninterrupted_run(
         got.update(forecasts_by_source(consume_raw(out, 10**6, timeout_s=1)))
         return len(got) >= len(data)
 
-    _wait_for(all_forecast, 90, "every reading to be forecast", last.log)
+    wait_for(all_forecast, 90, "every reading to be forecast", last.log)
     last.signal(signal.SIGTERM)
     assert last.wait(10) == 0
     assert set(got) == set(expected)
@@ -109,11 +99,11 @@ def test_partitions_move_between_two_workers_with_their_sensors_state(
     def phase(step0: int, live: list) -> None:
         records = _stream(n_sensors, 15, step0=step0)
         sent.update(zip(produce_raw(inp, records), records))
-        _wait_for(lambda: sum(w.metric("streamer_forecasts_produced_total") for w in live)
-                  + phase.done >= len(sent), 60, "forecasts", lambda: a.log() + b.log())
+        wait_for(lambda: sum(w.metric("streamer_forecasts_produced_total") for w in live)
+                 + phase.done >= len(sent), 60, "forecasts", lambda: a.log() + b.log())
 
     phase.done = 0
-    _wait_for(lambda: "assigned" in a.log() and "assigned" in b.log(), 30, "both assigned")
+    wait_for(lambda: "assigned" in a.log() and "assigned" in b.log(), 30, "both assigned")
     phase(0, [a, b])
     assert b.metric("streamer_sensors_active") > 0 and a.metric("streamer_sensors_active") > 0
     new_sensors += b.metric("streamer_new_sensors_total")
@@ -122,7 +112,7 @@ def test_partitions_move_between_two_workers_with_their_sensors_state(
     assert b.wait(10) == 0
     phase(15, [a])
     b = worker_factory(inp, out, dlq, group_id, name="b", **shared).start()  # b returns
-    _wait_for(lambda: "restored" in b.log(), 30, "b to adopt partitions", b.log)
+    wait_for(lambda: "restored" in b.log(), 30, "b to adopt partitions", b.log)
     phase(30, [a, b])
     new_sensors += a.metric("streamer_new_sensors_total") + b.metric("streamer_new_sensors_total")
 

@@ -8,24 +8,16 @@ import re
 import shutil
 import subprocess
 import time
-import urllib.parse
-import urllib.request
 
 import pytest
 import yaml
 
 from streamer.kafka.admin import ensure_topics
 from streamer.kafka.broker import LocalBroker, free_port
-from tests.deploy.dashboard_queries import load_dashboard, runnable_queries
-from tests.worker.conftest import produce_to, reading
+from tests.deploy.dashboard_queries import panels_without_data, query
+from tests.worker.conftest import produce_to, reading, wait_for
 
 pytestmark = pytest.mark.prometheus
-
-
-def _query(base: str, promql: str) -> dict:
-    url = f"{base}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return json.load(resp)
 
 
 def test_worker_metrics_feed_every_dashboard_query_and_health_follows_the_broker(
@@ -73,22 +65,14 @@ def test_worker_metrics_feed_every_dashboard_query_and_health_follows_the_broker
             assert not {name for name, _ in labels if "sensor" in name}
             assert not {value for _, value in labels} & {f"s{i}" for i in range(12)}
 
-            empty = []
-            for where, promql in runnable_queries(load_dashboard()):
-                answer = _query(base, promql)
-                assert answer["status"] == "success", f"{where}: {promql}: {answer}"
-                if not answer["data"]["result"]:
-                    empty.append(where)
-            assert empty == []
-            consumed = _query(base, 'streamer_readings_consumed_total{job="streamer"}')
+            assert panels_without_data(base) == []
+            consumed = query(base, 'streamer_readings_consumed_total{job="streamer"}')
             assert float(consumed["data"]["result"][0]["value"][1]) > 0
 
             assert worker.get("/healthz")[0] == 200 and worker.get("/readyz")[0] == 200
             own.kill()
-            deadline = time.monotonic() + 30
-            while worker.get("/readyz")[0] != 503:
-                assert time.monotonic() < deadline, worker.log()
-                time.sleep(0.2)
+            wait_for(lambda: worker.get("/readyz")[0] == 503, 30, "/readyz to turn 503",
+                     worker.log)
             status, body = worker.get("/readyz")
             assert "broker unavailable" in body
             assert worker.get("/healthz")[0] == 200  # alive, just not ready

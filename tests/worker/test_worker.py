@@ -13,7 +13,7 @@ from kafka import KafkaConsumer, TopicPartition
 from streamer.codec import DLQ_REASON, DLQ_SOURCE_OFFSET, DLQ_SOURCE_PARTITION
 from streamer.kafka.admin import ensure_topics
 from streamer.kafka.broker import LocalBroker, free_port
-from tests.worker.conftest import forecasts_by_source, produce_to, reading
+from tests.worker.conftest import forecasts_by_source, produce_to, reading, wait_for
 
 
 def _stream(n_sensors: int, n_steps: int, first_sensor: int = 0, t0: float = 1.7e9):
@@ -61,10 +61,8 @@ def test_last_batch_of_a_burst_is_completed_without_waiting_out_a_poll(
     placed = produce_raw(inp, _stream(6, 10))
     assert len(consume_raw(out, len(placed), timeout_s=30)) == len(placed)
 
-    deadline = time.monotonic() + 2.0
-    while (worker.metric("streamer_forecasts_produced_total") < len(placed)
-           and time.monotonic() < deadline):
-        time.sleep(0.05)
+    wait_for(lambda: worker.metric("streamer_forecasts_produced_total") >= len(placed), 2.0,
+             "every forecast to be counted", worker.log)
     assert worker.metric("streamer_forecasts_produced_total") == len(placed), worker.log()
 
 
@@ -101,10 +99,9 @@ def test_each_bad_message_lands_in_the_dlq_with_its_reason_and_the_worker_goes_o
     good = consume_raw(out, 3, timeout_s=10)
     assert sorted(__import__("json").loads(r.value)["offset"] for r in good) == [5, 7, 9]
     assert worker.proc.poll() is None
-    deadline = time.monotonic() + 10  # counted once the batch's acks were awaited
-    while worker.metric('streamer_dlq_records_total{reason="not_json"}') != 1:
-        assert time.monotonic() < deadline, worker.log()
-        time.sleep(0.1)
+    # Counted once the batch's acks were awaited.
+    wait_for(lambda: worker.metric('streamer_dlq_records_total{reason="not_json"}') == 1, 10,
+             "the not_json rejection to be counted", worker.log)
 
 
 def test_sigkill_mid_stream_then_restart_loses_no_reading(
