@@ -50,7 +50,8 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -451,13 +452,10 @@ def bench_fleet(broker: LocalBroker, n_sensors: int, plan: Plan, workdir: Path,
 
     # The last pair, each followed by its latency phase: the streamer.
     settings = streamer_settings(broker.bootstrap, topics, f"{run}-streamer", workdir / run)
-    worker = Worker(settings)
-    counter = lambda: worker.registry.get_sample_value(FORECASTS) or 0.0  # noqa: E731
-    thread = threading.Thread(target=_profiled(worker.run, profile, workdir, n_sensors),
-                              name="bench-worker")
-    thread.start()
-    try:
-        streamer = wait_for_count(counter, 0, backlog, timeout_s, thread.is_alive, cpu)
+    profiled = lambda run: _profiled(run, profile, workdir, n_sensors)  # noqa: E731
+    with running("streamer", settings, topics["ceiling"], profiled) as serving:
+        worker = serving.worker
+        streamer = wait_for_count(serving.count, 0, backlog, timeout_s, serving.alive, cpu)
         updates = worker.learner.updates
         print(f"[{n_sensors} sensors] streamer {streamer.rate:,.0f} readings/s, {updates} "
               f"updates; cores {_cores(streamer.cpu)}", flush=True)
@@ -466,62 +464,67 @@ def bench_fleet(broker: LocalBroker, n_sensors: int, plan: Plan, workdir: Path,
                                       rate, plan.live_seconds, plan.settle_seconds, cpu)
         print(f"[{n_sensors} sensors] streamer live {_live_summary(streamer_latency)}",
               flush=True)
-        wait_for_count(counter, 0, backlog + streamer_latency.sent, 30.0, thread.is_alive)
+        wait_for_count(serving.count, 0, backlog + streamer_latency.sent, 30.0, serving.alive)
         batches = worker.registry.get_sample_value("streamer_batch_size_readings_count") or 1
         readings = worker.registry.get_sample_value("streamer_batch_size_readings_sum") or 0
-    finally:
-        worker.stop()
-        thread.join(timeout=60)
-    if thread.is_alive():
-        raise RuntimeError("the worker did not stop within 60 s")
 
     # The ceiling, on the same topic (now backlog + the streamer's live readings).
-    ceiling_settings = streamer_settings(broker.bootstrap, topics, f"{run}-ceiling",
-                                         workdir / run)
-    passthrough = PassThrough(ceiling_settings, topics["ceiling"])
-    thread = threading.Thread(target=passthrough.run, name="bench-ceiling")
-    thread.start()
-    try:
-        ceiling = wait_for_count(lambda: passthrough.count, 0, backlog, timeout_s,
-                                 thread.is_alive, cpu)
+    settings = streamer_settings(broker.bootstrap, topics, f"{run}-ceiling", workdir / run)
+    with running("ceiling", settings, topics["ceiling"]) as serving:
+        ceiling = wait_for_count(serving.count, 0, backlog, timeout_s, serving.alive, cpu)
         print(f"[{n_sensors} sensors] ceiling {ceiling.rate:,.0f} readings/s; cores "
               f"{_cores(ceiling.cpu)}", flush=True)
-        wait_for_count(lambda: passthrough.count, 0, backlog + streamer_latency.sent, 60.0,
-                       thread.is_alive)
+        wait_for_count(serving.count, 0, backlog + streamer_latency.sent, 60.0, serving.alive)
         ceiling_latency = live_phase(broker.bootstrap, topics["in"], topics["ceiling"],
                                      n_sensors, rate, plan.live_seconds, plan.settle_seconds,
                                      cpu)
         print(f"[{n_sensors} sensors] ceiling live {_live_summary(ceiling_latency)}",
               flush=True)
-    finally:
-        passthrough.stop()
-        thread.join(timeout=30)
     rounds.append((streamer.rate, ceiling.rate))
     return Row(n_sensors, backlog, streamer, ceiling, streamer_latency, ceiling_latency,
                readings / batches, updates, rounds)
+
+
+@dataclass(frozen=True)
+class Serving:
+    """A streamer or ceiling running in a thread of this process."""
+
+    count: Callable[[], float]  # readings through so far
+    alive: Callable[[], bool]
+    worker: Worker | None  # the streamer's Worker (None for the ceiling)
+
+
+@contextmanager
+def running(kind: str, settings: Settings, ceiling_topic: str,
+            wrap: Callable[[Callable[[], object]], Callable[[], object]] = lambda run: run,
+            ) -> Iterator[Serving]:
+    """A fresh streamer (``Worker``) or pass-through ceiling serving until the block ends."""
+    worker = None
+    if kind == "streamer":
+        worker = Worker(settings)
+        count = lambda: worker.registry.get_sample_value(FORECASTS) or 0.0  # noqa: E731
+        target, stop = worker.run, worker.stop
+    else:
+        passthrough = PassThrough(settings, ceiling_topic)
+        count = lambda: passthrough.count  # noqa: E731
+        target, stop = passthrough.run, passthrough.stop
+    thread = threading.Thread(target=wrap(target), name=f"bench-{kind}")
+    thread.start()
+    try:
+        yield Serving(count, thread.is_alive, worker)
+    finally:
+        stop()
+        thread.join(timeout=60)
+    if thread.is_alive():
+        raise RuntimeError(f"the {kind} did not stop within 60 s")
 
 
 def drain(kind: str, bootstrap: str, topics: dict[str, str], group: str, checkpoints: Path,
           backlog: int, timeout_s: float) -> Throughput:
     """Readings/s of a fresh streamer or pass-through ceiling through the whole backlog."""
     settings = streamer_settings(bootstrap, topics, group, checkpoints)
-    if kind == "streamer":
-        worker = Worker(settings)
-        count = lambda: worker.registry.get_sample_value(FORECASTS) or 0.0  # noqa: E731
-        target, stop = worker.run, worker.stop
-    else:
-        passthrough = PassThrough(settings, topics["ceiling"])
-        count = lambda: passthrough.count  # noqa: E731
-        target, stop = passthrough.run, passthrough.stop
-    thread = threading.Thread(target=target, name=f"bench-{kind}")
-    thread.start()
-    try:
-        drained = wait_for_count(count, 0, backlog, timeout_s, thread.is_alive)
-    finally:
-        stop()
-        thread.join(timeout=60)
-    if thread.is_alive():
-        raise RuntimeError(f"the {kind} did not stop within 60 s")
+    with running(kind, settings, topics["ceiling"]) as serving:
+        drained = wait_for_count(serving.count, 0, backlog, timeout_s, serving.alive)
     if not drained.complete:
         raise RuntimeError(f"the {kind} drained {drained.readings} of {backlog} readings in "
                            f"{timeout_s:.0f} s")
