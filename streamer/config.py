@@ -145,6 +145,10 @@ class KafkaSettings(_Section):
     produce_timeout_s: float = Field(
         30.0, gt=0, description="How long to wait for the brokers to acknowledge produced records."
     )
+    compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        "none", description="Compression of the batches streamer produces; input batches are "
+        "read in any of these whatever this says.",
+    )
 
     @field_validator("bootstrap_servers")
     @classmethod

@@ -113,6 +113,15 @@ class Metrics:
         self.broker_errors = Counter(
             "streamer_broker_errors", "Kafka client errors (poll, produce, commit).", registry=r
         )
+        self.undecodable_batches = Counter(
+            "streamer_undecodable_batches",
+            "Fetched record batches that could not be decoded (codec, corruption, CRC).",
+            registry=r,
+        )
+        self.stalled_partitions = Gauge(
+            "streamer_stalled_partitions",
+            "Assigned partitions held at a batch that could not be decoded.", registry=r,
+        )
 
         # Training.
         self.updates = Counter(
@@ -308,6 +317,14 @@ class Metrics:
     def observe_checkpoint_failure(self) -> None:
         """Count a checkpoint write that failed."""
         self.checkpoint_failures.inc()
+
+    def observe_undecodable_batch(self) -> None:
+        """Count a fetched batch that could not be decoded."""
+        self.undecodable_batches.inc()
+
+    def set_stalled_partitions(self, n: int) -> None:
+        """Publish how many assigned partitions are held at an undecodable batch."""
+        self.stalled_partitions.set(n)
 
     def observe_broker_error(self) -> None:
         """Count a Kafka client error."""

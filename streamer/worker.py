@@ -30,7 +30,7 @@ from streamer.kafka.client import (
     StreamClient,
 )
 from streamer.kafka.connection import KafkaConnection
-from streamer.kafka.errors import KafkaClientError
+from streamer.kafka.errors import KafkaClientError, UndecodableBatch
 from streamer.kafka.kafka_python_client import KafkaPythonClient
 from streamer.metrics import Metrics
 from streamer.processor import BatchProcessor, Processed, latency_seconds
@@ -70,6 +70,7 @@ class Worker:
         self._backoff = BACKOFF_START_S
         self._heartbeat = time.monotonic()
         self._not_ready_reason = "not connected to the broker yet"
+        self._stalled_reason = ""  # partitions held at an undecodable batch, if any
         self._since_checkpoint = (time.monotonic(), 0)  # (when, readings applied since)
 
     # -- the loop (one screen) --------------------------------------------------------------
@@ -100,6 +101,8 @@ class Worker:
                 self._complete(client, keep=1 if records else 0)
                 self._backoff = BACKOFF_START_S
                 self._maybe_checkpoint(client)
+            except UndecodableBatch as exc:  # that partition is paused; the others go on
+                self._undecodable(exc)
             except KafkaClientError as exc:
                 self._broker_trouble(exc)
         self._shutdown()
@@ -130,13 +133,15 @@ class Worker:
                                  fetch_max_wait_ms=k.fetch_max_wait_ms,
                                  max_poll_records=k.max_poll_records,
                                  auto_offset_reset=k.auto_offset_reset),
-                ProducerSettings(),
+                ProducerSettings(compression_type=None if k.compression_type == "none"
+                                 else k.compression_type),
             )
             self._client.subscribe([k.input_topic], on_assign=self._on_assign,
                                    on_revoke=self._on_revoke)
             for i, (processed, _) in enumerate(self._in_flight):  # unacknowledged: send again
                 self._in_flight[i] = (processed, self._client.send(processed.outputs))
             self._set_ready(True, "")
+            self._track_stalled(self._client)
             log.info("connected to %s as group %s", k.bootstrap_servers, k.group_id)
         return self._client
 
@@ -181,6 +186,22 @@ class Worker:
             self._origin[tp] = now
         when, count = self._since_checkpoint
         self._since_checkpoint = (when, count + processed.consumed)
+
+    def _undecodable(self, exc: UndecodableBatch) -> None:
+        """A batch no retry can decode: its partition waits there, loudly, for an operator."""
+        log.error("cannot decode the record batch of %s; the partition is held there "
+                  "(nothing skipped) until an operator acts, see README 'Undecodable batches'",
+                  exc, extra={"partition": _names([exc.partition]), "offset": exc.offset})
+        self.metrics.observe_undecodable_batch()
+        if self._client is not None:
+            self._track_stalled(self._client)
+
+    def _track_stalled(self, client: StreamClient) -> None:
+        stalled = client.stalled()
+        self._stalled_reason = "; ".join(f"undecodable batch in {error}"
+                                         for error in stalled.values())
+        self.metrics.set_stalled_partitions(len(stalled))
+        self.metrics.set_ready(self._readiness()[0])
 
     def _broker_trouble(self, exc: KafkaClientError) -> None:
         """Log, report not ready, drop the client and wait before reconnecting."""
@@ -253,6 +274,8 @@ class Worker:
                 seeks[tp] = self.processor.applied[tp]
         if seeks and client is not None:
             client.seek(seeks)
+        if client is not None and self._stalled_reason:  # a stalled partition may have left
+            self._track_stalled(client)
 
     def _on_revoke(self, partitions: list[PartitionId]) -> None:
         log.info("revoked %s", _names(partitions))
@@ -310,8 +333,9 @@ class Worker:
         self.metrics.set_ready(ready)
 
     def _readiness(self) -> tuple[bool, str]:
-        ready = self._client is not None and not self._not_ready_reason
-        return ready, "ready" if ready else self._not_ready_reason
+        reason = self._not_ready_reason or self._stalled_reason
+        ready = self._client is not None and not reason
+        return ready, "ready" if ready else reason
 
     def _alive(self) -> bool:
         return time.monotonic() - self._heartbeat < LIVENESS_TIMEOUT_S

@@ -14,7 +14,12 @@ from streamer.kafka.client import (
     StreamClient,
 )
 from streamer.kafka.connection import KafkaConnection
-from streamer.kafka.errors import BrokerUnavailable, CommitFailed, KafkaClientError
+from streamer.kafka.errors import (
+    BrokerUnavailable,
+    CommitFailed,
+    KafkaClientError,
+    UndecodableBatch,
+)
 from streamer.kafka.kafka_python_client import KafkaPythonClient
 
 __all__ = [
@@ -29,6 +34,7 @@ __all__ = [
     "PartitionId",
     "ProducerSettings",
     "StreamClient",
+    "UndecodableBatch",
     "delete_topics",
     "ensure_topics",
 ]

@@ -6,6 +6,8 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from streamer.kafka.errors import UndecodableBatch
+
 # (topic, partition): plain tuples so no library type leaks into the worker.
 PartitionId = tuple[str, int]
 PartitionsCallback = Callable[[list[PartitionId]], None]
@@ -30,7 +32,7 @@ class OutputRecord:
 
     topic: str
     key: bytes | None
-    value: bytes
+    value: bytes | None  # None: a tombstone (a dead letter of a record that had no value)
     headers: list[tuple[str, bytes]] = field(default_factory=list)
 
 
@@ -85,6 +87,9 @@ class ProducerSettings:
     # network thread is woken far less often (the e2e benchmark saw 14% of time in wake-ups).
     batch_size_bytes: int = 1 << 20
     compression_type: str | None = None  # None, "gzip", "snappy", "lz4" or "zstd"
+    # The producer refuses a record larger than this (Kafka's default max.request.size, and
+    # about the brokers' default message.max.bytes); see codec.fit_dead_letter.
+    max_request_bytes: int = 1 << 20
     # send() blocks this long when topic metadata is missing (e.g. broker down).
     max_block_ms: int = 10_000
     request_timeout_ms: int = 10_000
@@ -120,7 +125,9 @@ class StreamClient(Protocol):
     def poll_batch(self, max_records: int, timeout_s: float) -> list[InputRecord]:
         """Up to ``max_records`` records, waiting at most ``timeout_s`` for the first.
 
-        Each partition's records come in offset order (partitions may interleave).
+        Each partition's records come in offset order (partitions may interleave). A batch
+        that cannot be decoded raises UndecodableBatch after its partition was paused there;
+        the other partitions go on with the next poll.
         """
         ...
 
@@ -162,6 +169,10 @@ class StreamClient(Protocol):
 
     def resume(self, partitions: Collection[PartitionId]) -> None:
         """Fetch again from paused partitions."""
+        ...
+
+    def stalled(self) -> dict[PartitionId, UndecodableBatch]:
+        """Assigned partitions held at a batch that could not be decoded, with the error."""
         ...
 
     def close(self) -> None:

@@ -20,6 +20,19 @@ class CommitFailed(KafkaClientError):
     """Offsets were not committed because the group rebalanced; the records will be redelivered."""
 
 
+class UndecodableBatch(KafkaClientError):
+    """A fetched record batch cannot be decoded (unknown codec, corrupt data, failed CRC).
+
+    Retrying cannot help: the same bytes come back. The client has paused the partition at
+    ``offset`` (nothing before it is lost, nothing after it is skipped); the others go on.
+    """
+
+    def __init__(self, partition: tuple[str, int], offset: int, cause: str):
+        topic, number = partition
+        super().__init__(f"partition {topic}[{number}] at offset {offset}: {cause}")
+        self.partition, self.offset, self.cause = partition, offset, cause
+
+
 class LocalBrokerError(Exception):
     """The local test broker could not be started or stopped."""
 

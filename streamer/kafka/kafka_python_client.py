@@ -33,6 +33,7 @@ from streamer.kafka.connection import KafkaConnection
 from streamer.kafka.errors import (
     BrokerUnavailable,
     KafkaClientError,
+    UndecodableBatch,
     convert,
     converted_errors,
 )
@@ -48,7 +49,7 @@ class _RecordingListener(ConsumerRebalanceListener):
     the worker's own state. Replaying inside poll_batch keeps every callback on the worker's
     thread, in order, before the records fetched under the new assignment are handed out.
     The price: on_revoke is a notification after the fact, so it must not commit; the worker
-    commits each batch before polling again, so nothing processed is left uncommitted.
+    commits only with its checkpoints, and the next owner resumes from the newest of those.
     """
 
     def __init__(self) -> None:
@@ -116,6 +117,7 @@ class KafkaPythonClient:
         self._on_assign: PartitionsCallback | None = None
         self._on_revoke: PartitionsCallback | None = None
         self._seeked: set[PartitionId] = set()
+        self._stalled: dict[PartitionId, UndecodableBatch] = {}
         self._unreachable_since: float | None = None
         self._lock = threading.Lock()  # guards lazy producer (re)creation
         with converted_errors("connecting the consumer"):
@@ -149,12 +151,20 @@ class KafkaPythonClient:
             self._consumer.subscribe(sorted(topics), listener=self._listener)
 
     def poll_batch(self, max_records: int, timeout_s: float) -> list[InputRecord]:
-        """Up to ``max_records`` records; rebalance callbacks run first, on this thread."""
-        with converted_errors("polling"):
+        """Up to ``max_records`` records; rebalance callbacks run first, on this thread.
+
+        Raises UndecodableBatch (its partition paused at the batch) when a fetched batch cannot
+        be decoded; the next poll goes on with the other partitions.
+        """
+        try:
             fetched = self._consumer.poll(timeout_ms=int(timeout_s * 1000),
                                           max_records=max_records)
+        except Exception as exc:  # decompressors raise their own types, not KafkaError
+            raise self._poll_failure(exc) from exc
         self._seeked.clear()
         self._replay_rebalance_events(fetched)
+        if self._stalled:  # a rebalance may have handed a stalled partition back
+            self._consumer.pause(*(TopicPartition(*tp) for tp in self.stalled()))
         assigned = self._consumer.assignment()
         records = [
             InputRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp,
@@ -265,6 +275,16 @@ class KafkaPythonClient:
         """Fetch again from paused partitions."""
         self._consumer.resume(*(TopicPartition(t, p) for t, p in partitions))
 
+    def stalled(self) -> dict[PartitionId, UndecodableBatch]:
+        """Assigned partitions held at a batch that could not be decoded, with the error.
+
+        A stalled partition stays paused for this client's lifetime: kafka-python keeps the
+        failed batch parked and would spin on it if resumed. A new client (a restart or a
+        reconnect) reads the batch again.
+        """
+        assigned = self.assignment()
+        return {tp: error for tp, error in self._stalled.items() if tp in assigned}
+
     def close(self, timeout_s: float = 5.0) -> None:
         """Leave the group and release connections; never raises."""
         self._discard_producer(timeout_s)
@@ -289,6 +309,39 @@ class KafkaPythonClient:
                 if batch and tp in self._consumer.assignment():
                     self._consumer.seek(tp, batch[0].offset)
             raise
+
+    def _poll_failure(self, exc: Exception) -> KafkaClientError:
+        """The project's error for a failed poll; an undecodable batch stalls its partition."""
+        decoding = (not isinstance(exc, kerr.KafkaError)
+                    or isinstance(exc, (kerr.UnsupportedCodecError, kerr.CorruptRecordError)))
+        where = self._failed_batch() if decoding else None
+        if where is None:
+            if isinstance(exc, kerr.KafkaError):
+                return convert(exc, "polling")
+            return KafkaClientError(f"polling failed: {type(exc).__name__}: {exc}")
+        tp, offset = where
+        error = UndecodableBatch((tp.topic, tp.partition), offset,
+                                 f"{type(exc).__name__}: {exc}")
+        # Pause, then seek: kafka-python parks the failed batch of a paused partition and
+        # fetches the others; without both its next poll spins on the failed batch forever.
+        self._consumer.pause(tp)
+        self._consumer.seek(tp, offset)
+        self._stalled[(tp.topic, tp.partition)] = error
+        return error
+
+    def _failed_batch(self) -> tuple[TopicPartition, int] | None:
+        """Partition and offset of the batch whose decoding just failed, if known.
+
+        kafka-python's exception does not say; its fetcher still holds the records it was
+        unpacking (pinned by tests/kafka/test_client.py for the kafka-python 3 we depend on).
+        """
+        fetcher = getattr(self._consumer, "_fetcher", None)
+        records = getattr(fetcher, "_next_partition_records", None)
+        tp = getattr(records, "topic_partition", None)
+        offset = getattr(records, "next_fetch_offset", None)
+        if tp is None or not isinstance(offset, int) or tp not in self._consumer.assignment():
+            return None
+        return tp, offset
 
     def _check_reachable(self, got_records: bool) -> None:
         # kafka-python keeps reconnecting in the background and poll() just returns nothing,
@@ -318,6 +371,7 @@ class KafkaPythonClient:
                 request_timeout_ms=settings.request_timeout_ms,
                 delivery_timeout_ms=settings.delivery_timeout_ms,
                 batch_size=settings.batch_size_bytes,
+                max_request_size=settings.max_request_bytes,
                 partitioner=_KeyHashCachingPartitioner(),
             )
 

@@ -14,9 +14,11 @@ from streamer.kafka import (
     KafkaConnection,
     KafkaPythonClient,
     OutputRecord,
+    UndecodableBatch,
     ensure_topics,
 )
 from streamer.kafka.broker import LocalBroker, free_port
+from tests.hostile_records import produce_undecodable, produce_with_librdkafka
 
 pytestmark = pytest.mark.broker
 
@@ -317,3 +319,34 @@ def test_auto_offset_reset_latest_skips_what_came_before_a_new_group(
     assert poll_until(client, 1, timeout_s=3) == []
     produce_raw(topic, [(b"k", b"new")])
     assert [r.value for r in poll_until(client, 1, timeout_s=10)] == [b"new"]
+
+
+def test_undecodable_batch_stalls_its_partition_at_its_offset_and_the_others_go_on(
+    broker, topic_factory, group_id, client_factory, poll_until
+):
+    topic = topic_factory(partitions=2)
+    produce_with_librdkafka(broker.bootstrap, topic, [(b"a", b"before", None, 0),
+                                                      (b"b", b"other", None, 1)])
+    bad_offset = produce_undecodable(broker.bootstrap, topic, partition=0)
+    produce_with_librdkafka(broker.bootstrap, topic, [(b"a", b"after", None, 0)])
+    client = client_factory(group_id)
+    client.subscribe([topic])
+
+    got, error = [], None
+    deadline = time.monotonic() + 15
+    while error is None and time.monotonic() < deadline:
+        try:
+            got += client.poll_batch(500, 0.2)
+        except UndecodableBatch as exc:
+            error = exc
+    assert error is not None, "no UndecodableBatch raised"
+    assert (error.partition, error.offset) == ((topic, 0), bad_offset) == ((topic, 0), 1)
+    assert "decompressing" in error.cause
+    assert client.stalled() == {(topic, 0): error}
+
+    # Nothing at or past the bad batch comes out of partition 0; partition 1 keeps flowing.
+    produce_with_librdkafka(broker.bootstrap, topic, [(b"b", b"later", None, 1)])
+    got += poll_until(client, 3, timeout_s=3)
+    assert sorted((r.partition, r.value) for r in got) == [
+        (0, b"before"), (1, b"later"), (1, b"other")]
+    assert client.stalled() == {(topic, 0): error}

@@ -1,0 +1,89 @@
+"""Records our own client would never write: undecodable batches, every codec from librdkafka."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from kafka import KafkaProducer
+from kafka.record.default_records import DefaultRecordBatchBuilder
+from kafka.record.util import calc_crc32c
+
+CODECS = ("gzip", "snappy", "lz4", "zstd")
+
+
+@contextmanager
+def _garbled_payloads() -> Iterator[None]:
+    """While open, kafka-python writes batches whose compressed payload is garbage.
+
+    The CRC is computed over the garbage, so the broker stores the batch as valid (Tansu and
+    Apache Kafka do not decompress what a producer sends) and only a consumer finds it cannot
+    be decompressed: what a buggy or hostile producer, or a broken codec, leaves in a log.
+    """
+    build = DefaultRecordBatchBuilder.build
+
+    def garbled(self: DefaultRecordBatchBuilder) -> bytearray:
+        buf = build(self)
+        for i in range(DefaultRecordBatchBuilder.HEADER_STRUCT.size + 4, len(buf)):
+            buf[i] ^= 0x5A
+        crc = calc_crc32c(memoryview(buf)[DefaultRecordBatchBuilder.ATTRIBUTES_OFFSET:])
+        struct.pack_into(">I", buf, DefaultRecordBatchBuilder.CRC_OFFSET, crc)
+        return buf
+
+    DefaultRecordBatchBuilder.build = garbled
+    try:
+        yield
+    finally:
+        DefaultRecordBatchBuilder.build = build
+
+
+def produce_undecodable(bootstrap: str, topic: str, partition: int, n: int = 3) -> int:
+    """Write one gzip batch of ``n`` records that no consumer can decompress; its offset."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", compression_type="gzip",
+                             linger_ms=50)
+    try:
+        with _garbled_payloads():
+            futures = [producer.send(topic, key=b"k", value=b'{"ts": 1, "value": 1}',
+                                     partition=partition) for _ in range(n)]
+            producer.flush(10)
+            offsets = [f.get(timeout=10).offset for f in futures]
+    finally:
+        producer.close(timeout=2)
+    assert offsets == list(range(offsets[0], offsets[0] + n)), "expected one batch"
+    return offsets[0]
+
+
+def produce_with_librdkafka(
+    bootstrap: str, topic: str, records: Sequence[tuple], compression: str = "none",
+    **config: object,
+) -> list[tuple[int, int]]:
+    """Produce ``(key, value[, headers[, partition]])`` with confluent-kafka; (partition, offset).
+
+    A second client, so tests see what producers other than kafka-python write.
+    """
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": bootstrap, "compression.type": compression,
+                         "linger.ms": 20, "acks": "all", **config})
+    placed: list[tuple[int, int] | None] = [None] * len(records)
+    errors: list[str] = []
+
+    def report(i: int):
+        def on_delivery(err, msg) -> None:
+            if err is not None:
+                errors.append(str(err))
+            else:
+                placed[i] = (msg.partition(), msg.offset())
+        return on_delivery
+
+    for i, record in enumerate(records):
+        key, value = record[0], record[1]
+        headers = record[2] if len(record) > 2 else None
+        extra = {"partition": record[3]} if len(record) > 3 else {}
+        producer.produce(topic, key=key, value=value, headers=headers, on_delivery=report(i),
+                         **extra)
+        producer.poll(0)
+    remaining = producer.flush(15)
+    assert remaining == 0 and not errors, f"librdkafka could not deliver: {errors[:3]}"
+    return [p for p in placed if p is not None]
