@@ -8,6 +8,7 @@ bad data: each record becomes a ``Reading`` or a ``Rejection``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -39,6 +40,14 @@ DLQ_SOURCE_PARTITION = "streamer.source.partition"
 DLQ_SOURCE_OFFSET = "streamer.source.offset"
 # Headers count against the broker's message size limit; a detail is a hint, not a payload.
 MAX_DETAIL_CHARS = 512
+# A dead letter larger than this (key + value + headers) is cut so that it can be delivered:
+# producers refuse records over 1 MiB by default and brokers accept about that much, while a
+# default Apache Kafka broker accepts an input record of up to ~1,048,500 bytes.
+MAX_DEAD_LETTER_BYTES = 1_000_000
+CUT_KEEP_BYTES = 65_536  # what a cut dead letter keeps of the key, of the value, of the headers
+DLQ_CUT = "streamer.cut"  # what was cut: "key", "value", "headers", comma-separated
+DLQ_ORIGINAL_SIZE = "streamer.original.{}.size"  # bytes of the original key/value/headers
+DLQ_ORIGINAL_SHA256 = "streamer.original.{}.sha256"  # hex digest of the original key/value
 
 # Date, 'T' (or space, as RFC 3339 allows), time with seconds, optional fraction, optional offset.
 # The offset is optional here only so that pydantic reports a missing one as such.
@@ -266,10 +275,55 @@ def forecast_key(sensor_id: str) -> bytes:
     return sensor_id.encode("utf-8")
 
 
+class DeadLetter(NamedTuple):
+    """A rejected record as it goes to the dead-letter topic."""
+
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+
+
+def dead_letter(
+    key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]],
+    reason: Reason, detail: str, topic: str, partition: int, offset: int,
+) -> DeadLetter:
+    """The dead letter of a rejected record: its key, value (None stays None) and headers
+    unchanged, then streamer's headers; cut to fit when over ``MAX_DEAD_LETTER_BYTES``.
+
+    A cut dead letter keeps the first ``CUT_KEEP_BYTES`` of an oversized key and value, and the
+    original headers only if they total at most that; for each part cut, headers give its
+    original size (and, for key and value, its SHA-256), and ``streamer.cut`` names the parts.
+    """
+    ours = dlq_headers(reason, detail, topic, partition, offset)
+    theirs = list(headers)
+    header_bytes = sum(len(k.encode()) + len(v or b"") for k, v in theirs)
+    if _size(key) + _size(value) + header_bytes <= MAX_DEAD_LETTER_BYTES:
+        return DeadLetter(key, value, theirs + ours)
+    cut: list[str] = []
+    notes: list[tuple[str, bytes]] = []
+    parts = {"key": key, "value": value}
+    for part, data in parts.items():
+        if data is not None and len(data) > CUT_KEEP_BYTES:
+            cut.append(part)
+            notes += [(DLQ_ORIGINAL_SIZE.format(part), str(len(data)).encode()),
+                      (DLQ_ORIGINAL_SHA256.format(part), hashlib.sha256(data).hexdigest().encode())]
+            parts[part] = data[:CUT_KEEP_BYTES]
+    if header_bytes > CUT_KEEP_BYTES:
+        cut.append("headers")
+        notes.append((DLQ_ORIGINAL_SIZE.format("headers"), str(header_bytes).encode()))
+        theirs = []
+    return DeadLetter(parts["key"], parts["value"],
+                      theirs + ours + notes + [(DLQ_CUT, ",".join(cut).encode())])
+
+
+def _size(data: bytes | None) -> int:
+    return 0 if data is None else len(data)
+
+
 def dlq_headers(
     reason: Reason, detail: str, topic: str, partition: int, offset: int
 ) -> list[tuple[str, bytes]]:
-    """Headers of a dead-letter record; its key and value are the original bytes, unchanged."""
+    """streamer's headers on a dead letter: why, and where the record came from."""
     return [
         (DLQ_REASON, reason.label.encode()),
         (DLQ_DETAIL, _clip(detail, MAX_DETAIL_CHARS).encode("utf-8", "backslashreplace")),

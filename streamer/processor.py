@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from streamer.codec import decode_batch, dlq_headers, encode_forecasts, forecast_key
+from streamer.codec import dead_letter, decode_batch, encode_forecasts, forecast_key
 from streamer.core import Learner, Reason, StepResult
 from streamer.kafka.client import InputRecord, OutputRecord, PartitionId
 
@@ -55,9 +55,9 @@ class BatchProcessor:
         outputs: list[OutputRecord] = []
 
         def reject(record: InputRecord, reason: Reason, detail: str) -> None:
-            outputs.append(OutputRecord(
-                self.dlq_topic, record.key, record.value if record.value is not None else b"",
-                dlq_headers(reason, detail, record.topic, record.partition, record.offset)))
+            outputs.append(OutputRecord(self.dlq_topic, *dead_letter(
+                record.key, record.value, record.headers, reason, detail, record.topic,
+                record.partition, record.offset)))
 
         decode_rejected: dict[Reason, int] = {}
         for position, reason, detail in decoded.rejections:

@@ -12,6 +12,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from prometheus_client import CollectorRegistry
@@ -64,8 +65,10 @@ class Worker:
                                      c.keep)
         self._origin: dict[PartitionId, float] = {}  # when our state of a partition was current
         self._client: StreamClient | None = None
-        # Stepped batches whose outputs are sent but not yet acknowledged, oldest first.
-        self._in_flight: deque[tuple[Processed, Delivery]] = deque()
+        # Stepped batches whose outputs are not acknowledged yet, oldest first. A batch joins
+        # before its outputs are handed to the producer and leaves only once every one of them
+        # is acknowledged: state and offsets never move past output that could still be lost.
+        self._in_flight: deque[_Pending] = deque()
         self._stop = threading.Event()
         self._backoff = BACKOFF_START_S
         self._heartbeat = time.monotonic()
@@ -94,9 +97,10 @@ class Worker:
                 self._reset_recreated(client, {(r.topic, r.partition) for r in records}
                                       or client.assignment())
                 if records:
-                    processed = self.processor.process(records)  # decode, step, train when due
+                    pending = _Pending(self.processor.process(records))  # decode, step, train
+                    self._in_flight.append(pending)  # from here on: sent until acknowledged
                     failpoint("after_step")
-                    self._in_flight.append((processed, client.send(processed.outputs)))
+                    pending.delivery = client.send(pending.processed.outputs)
                 # Batch k's acks are awaited after k+1 was polled and stepped (pipelining).
                 self._complete(client, keep=1 if records else 0)
                 self._backoff = BACKOFF_START_S
@@ -138,8 +142,8 @@ class Worker:
             )
             self._client.subscribe([k.input_topic], on_assign=self._on_assign,
                                    on_revoke=self._on_revoke)
-            for i, (processed, _) in enumerate(self._in_flight):  # unacknowledged: send again
-                self._in_flight[i] = (processed, self._client.send(processed.outputs))
+            for pending in self._in_flight:  # unacknowledged: send again
+                pending.delivery = self._client.send(pending.processed.outputs)
             self._set_ready(True, "")
             self._track_stalled(self._client)
             log.info("connected to %s as group %s", k.bootstrap_servers, k.group_id)
@@ -166,8 +170,11 @@ class Worker:
     def _complete(self, client: StreamClient, keep: int) -> None:
         """Wait for the acks of all but the newest ``keep`` in-flight batches."""
         while len(self._in_flight) > keep:
-            processed, delivery = self._in_flight[0]
-            client.wait(delivery, self.settings.kafka.produce_timeout_s)
+            pending = self._in_flight[0]
+            processed = pending.processed
+            if pending.delivery is None:  # its send failed before a reconnect: send it now
+                pending.delivery = client.send(processed.outputs)
+            client.wait(pending.delivery, self.settings.kafka.produce_timeout_s)
             failpoint("after_produce")
             self._in_flight.popleft()
             self._observe(client, processed)
@@ -348,6 +355,14 @@ class Worker:
                          u.slots, u.duration_seconds * 1e3,
                          extra={"update": u.update_index, "loss": u.loss,
                                 "grad_norm": u.grad_norm})
+
+
+@dataclass
+class _Pending:
+    """A stepped batch whose outputs are not all acknowledged yet."""
+
+    processed: Processed
+    delivery: Delivery | None = None  # None until handed to the producer (again)
 
 
 def connection_from(k: KafkaSettings) -> KafkaConnection:

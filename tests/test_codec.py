@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 
@@ -9,8 +10,11 @@ import numpy as np
 import pytest
 
 from streamer.codec import (
+    CUT_KEEP_BYTES,
+    MAX_DEAD_LETTER_BYTES,
     Reading,
     Rejection,
+    dead_letter,
     decode_batch,
     decode_reading,
     dlq_headers,
@@ -272,6 +276,38 @@ def test_dlq_detail_is_bounded() -> None:
     headers = dict(dlq_headers(Reason.NOT_JSON, "x" * 10_000, "t", 0, 0))
     assert len(headers["streamer.detail"]) == 512
     assert headers["streamer.detail"].endswith(b"...")
+
+
+def test_dead_letter_keeps_key_value_and_headers_and_a_tombstone_stays_null() -> None:
+    theirs = [("trace", b"t-1"), ("none", None)]
+    letter = dead_letter(b"k", None, theirs, Reason.NOT_JSON, "record has no value", "in", 2, 7)
+    assert letter.key == b"k" and letter.value is None
+    assert letter.headers == theirs + dlq_headers(Reason.NOT_JSON, "record has no value",
+                                                  "in", 2, 7)
+
+
+def test_dead_letter_just_under_the_limit_is_whole() -> None:
+    value = b"v" * (MAX_DEAD_LETTER_BYTES - 1 - len("trace") - 3)
+    letter = dead_letter(b"k", value, [("trace", b"t-1")], Reason.NOT_JSON, "", "in", 0, 0)
+    assert letter.value == value and "streamer.cut" not in dict(letter.headers)
+
+
+def test_oversized_dead_letter_is_cut_to_fit_saying_what_it_was() -> None:
+    key, value = b"k" * 70_000, bytes(range(256)) * 5000
+    headers = [("big", b"h" * 70_000)]
+    letter = dead_letter(key, value, headers, Reason.BAD_SENSOR_ID, "too long", "in", 1, 9)
+    assert letter.key == key[:CUT_KEEP_BYTES] and letter.value == value[:CUT_KEEP_BYTES]
+    got = dict(letter.headers)
+    assert "big" not in got
+    assert got["streamer.reason"] == b"bad_sensor_id"
+    assert got["streamer.cut"] == b"key,value,headers"
+    assert got["streamer.original.key.size"] == b"70000"
+    assert got["streamer.original.value.size"] == b"1280000"
+    assert got["streamer.original.value.sha256"] == hashlib.sha256(value).hexdigest().encode()
+    assert got["streamer.original.key.sha256"] == hashlib.sha256(key).hexdigest().encode()
+    assert got["streamer.original.headers.size"] == str(3 + 70_000).encode()
+    size = len(letter.key) + len(letter.value) + sum(len(k) + len(v) for k, v in letter.headers)
+    assert size < MAX_DEAD_LETTER_BYTES // 4
 
 
 def test_batch_encoding_is_byte_identical_to_one_by_one():

@@ -109,6 +109,16 @@ class LocalBroker:
         """SIGKILL the broker at once, as a crash would."""
         self._terminate(signal.SIGKILL)
 
+    def freeze(self) -> None:
+        """Stop the broker answering (SIGSTOP), keeping its data, as a hung broker would."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Let a frozen broker answer again (SIGCONT)."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGCONT)
+
     def restart(self, *, crash: bool = False) -> None:
         """Stop (or kill, if ``crash``) and start again on the same port; all data is lost."""
         self.kill() if crash else self.stop()

@@ -147,3 +147,19 @@ def produce_to(bootstrap: str, topic: str, records) -> None:
         producer.send(topic, key=key, value=value)
     producer.flush(10)
     producer.close()
+
+
+def consume_from(bootstrap: str, topic: str, n: int, timeout_s: float = 20.0) -> list:
+    """Up to ``n`` records of all partitions of ``topic`` on a broker other than the session's."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             enable_auto_commit=False, fetch_max_wait_ms=100)
+    got, deadline = [], time.monotonic() + timeout_s
+    try:
+        while len(got) < n and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=200).values():
+                got.extend(batch)
+    finally:
+        consumer.close()
+    return got

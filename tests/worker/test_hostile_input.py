@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import signal
+import time
 
 import pytest
 
+from streamer.codec import (
+    CUT_KEEP_BYTES,
+    DLQ_CUT,
+    DLQ_ORIGINAL_SHA256,
+    DLQ_ORIGINAL_SIZE,
+    DLQ_REASON,
+    DLQ_SOURCE_OFFSET,
+)
+from streamer.kafka.admin import ensure_topics
+from streamer.kafka.broker import LocalBroker
 from tests.hostile_records import CODECS, produce_undecodable, produce_with_librdkafka
-from tests.worker.conftest import forecasts_by_source, reading, wait_for
+from tests.worker.conftest import consume_from, forecasts_by_source, reading, wait_for
 
 pytestmark = pytest.mark.broker
 
@@ -60,3 +73,89 @@ def test_undecodable_batch_holds_its_partition_not_ready_while_the_others_are_se
     assert f"ERROR streamer.worker: cannot decode the record batch of partition {where}" \
         in worker.log()
     assert worker.proc.poll() is None
+
+
+def test_tombstone_is_dead_lettered_as_null_and_input_headers_are_kept(
+        broker, topic_factory, group_id, worker_factory, consume_raw):
+    inp, out, dlq = topic_factory(1), topic_factory(1), topic_factory(1)
+    worker = worker_factory(inp, out, dlq, group_id).start()
+    worker.wait_ready()
+    produce_with_librdkafka(broker.bootstrap, inp, [
+        (b"s", None, [("trace", b"t-9"), ("empty", b"")]),
+        (b"s", b"{broken", [("trace", b"t-10")]),
+    ])
+
+    tombstone, broken = sorted(consume_raw(dlq, 2, timeout_s=20), key=lambda r: r.offset)
+    assert tombstone.value is None and tombstone.key == b"s"
+    assert tombstone.headers[:2] == [("trace", b"t-9"), ("empty", b"")]
+    assert dict(tombstone.headers)[DLQ_REASON] == b"not_json"
+    assert broken.value == b"{broken" and broken.headers[0] == ("trace", b"t-10")
+    assert DLQ_CUT not in dict(broken.headers)
+
+
+@pytest.mark.parametrize("size", [1_100_000, 1_048_400])
+def test_oversized_record_is_dead_lettered_cut_and_the_readings_around_it_are_forecast(
+        size, broker, topic_factory, group_id, worker_factory, consume_raw):
+    inp, out, dlq = topic_factory(1), topic_factory(1), topic_factory(1)
+    worker = worker_factory(inp, out, dlq, group_id).start()
+    worker.wait_ready()
+    huge = b"x" * size  # not JSON; a default Apache Kafka broker accepts it
+    stream = [(*reading("s", 1.7e9 + 60.0 * t, float(t)), [("trace", b"t-1")])
+              for t in range(11)]
+    stream[5] = (b"s", huge, [("trace", b"t-1")])
+    placed = produce_with_librdkafka(broker.bootstrap, inp, stream,
+                                     **{"message.max.bytes": 2_000_000})
+
+    got = forecasts_by_source(consume_raw(out, 10, timeout_s=20))
+    assert sorted(got) == [placed[i] for i in range(11) if i != 5], worker.log()
+    (dead,) = consume_raw(dlq, 1, timeout_s=10)
+    headers = dict(dead.headers)
+    assert dead.key == b"s" and dead.value == huge[:CUT_KEEP_BYTES]
+    assert headers["trace"] == b"t-1"
+    assert headers[DLQ_REASON] == b"not_json"
+    assert headers[DLQ_SOURCE_OFFSET] == b"5"
+    assert headers[DLQ_CUT] == b"value"
+    assert headers[DLQ_ORIGINAL_SIZE.format("value")] == str(size).encode()
+    assert headers[DLQ_ORIGINAL_SHA256.format("value")] == hashlib.sha256(huge).hexdigest().encode()
+
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(15) == 0
+    assert _committed(broker.bootstrap, group_id, inp) == 11  # everything was delivered
+
+
+def test_a_broker_that_stops_answering_mid_stream_costs_no_forecast(
+        tmp_path, worker_factory, group_id):
+    with LocalBroker(log_path=tmp_path / "own-broker.log") as own:
+        ensure_topics(own.bootstrap, {"in-f": 2, "out-f": 2, "dlq-f": 1})
+        stream = [(*reading(f"s{s}", 1.7e9 + 60.0 * t, math.sin(t / 3 + s)), None, s % 2)
+                  for t in range(300) for s in range(50)]
+        placed = produce_with_librdkafka(own.bootstrap, "in-f", stream)
+        worker = worker_factory("in-f", "out-f", "dlq-f", group_id,
+                                STREAMER_KAFKA__BOOTSTRAP_SERVERS=own.bootstrap,
+                                STREAMER_KAFKA__PRODUCE_TIMEOUT_S="1.5").start()
+        wait_for(lambda: worker.metric("streamer_forecasts_produced_total") >= 1000, 30,
+                 "forecasts before the freeze", worker.log)
+        own.freeze()  # the worker is draining a backlog: its batches in flight cannot be acked
+        time.sleep(4)
+        own.thaw()
+
+        got: dict = {}
+        deadline = time.monotonic() + 60
+        while set(got) != set(placed) and time.monotonic() < deadline:
+            # At least once: re-sent batches may repeat forecasts, so read past len(stream).
+            got = forecasts_by_source(consume_from(own.bootstrap, "out-f", 2 * len(stream),
+                                                   timeout_s=3))
+        assert sorted(got) == sorted(placed), worker.log()
+        assert "broker trouble" in worker.log() and worker.proc.poll() is None
+
+
+def _committed(bootstrap: str, group: str, topic: str) -> int:
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
+                             enable_auto_commit=False)
+    try:
+        return consumer.committed(TopicPartition(topic, 0)) or 0
+    finally:
+        consumer.close(autocommit=False)
+

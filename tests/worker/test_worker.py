@@ -13,7 +13,13 @@ from kafka import KafkaConsumer, TopicPartition
 from streamer.codec import DLQ_REASON, DLQ_SOURCE_OFFSET, DLQ_SOURCE_PARTITION
 from streamer.kafka.admin import ensure_topics
 from streamer.kafka.broker import LocalBroker, free_port
-from tests.worker.conftest import forecasts_by_source, produce_to, reading, wait_for
+from tests.worker.conftest import (
+    consume_from,
+    forecasts_by_source,
+    produce_to,
+    reading,
+    wait_for,
+)
 
 
 def _stream(n_sensors: int, n_steps: int, first_sensor: int = 0, t0: float = 1.7e9):
@@ -157,7 +163,7 @@ def test_worker_survives_a_broker_restart_and_resumes(tmp_path, worker_factory, 
                                 STREAMER_KAFKA__BOOTSTRAP_SERVERS=own.bootstrap).start()
         worker.wait_ready()
         produce_to(own.bootstrap, "in-r", _stream(3, 5))
-        assert len(_consume(own.bootstrap, "out-r", 15)) == 15
+        assert len(consume_from(own.bootstrap, "out-r", 15)) == 15
         own.kill()
         deadline = time.monotonic() + 30
         while worker.get("/readyz")[0] != 503 and time.monotonic() < deadline:
@@ -172,7 +178,7 @@ def test_worker_survives_a_broker_restart_and_resumes(tmp_path, worker_factory, 
         # Fewer than before: a log that now ends before the worker's offset is recognisably new
         # (one that already grew past it is indistinguishable from a re-delivery).
         produce_to(own.bootstrap, "in-r", _stream(3, 3, t0=1.8e9))
-        assert len(_consume(own.bootstrap, "out-r", 9, timeout_s=60)) == 9, worker.log()
+        assert len(consume_from(own.bootstrap, "out-r", 9, timeout_s=60)) == 9, worker.log()
         assert worker.proc.poll() is None
         assert worker.get("/readyz")[0] == 200
 
@@ -195,19 +201,6 @@ def test_run_help_documents_every_setting():
         assert field.flag in done.stdout and field.env_var in done.stdout
 
 
-def _consume(bootstrap: str, topic: str, n: int, timeout_s: float = 20.0):
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                             enable_auto_commit=False, fetch_max_wait_ms=100)
-    got, deadline = [], time.monotonic() + timeout_s
-    try:
-        while len(got) < n and time.monotonic() < deadline:
-            for batch in consumer.poll(timeout_ms=200).values():
-                got.extend(batch)
-    finally:
-        consumer.close()
-    return got
-
-
 def test_worker_waits_for_a_broker_that_is_down_at_start(tmp_path, worker_factory, group_id):
     port = free_port()
     worker = worker_factory("in-s", "out-s", "dlq-s", group_id,
@@ -223,7 +216,7 @@ def test_worker_waits_for_a_broker_that_is_down_at_start(tmp_path, worker_factor
         ensure_topics(late.bootstrap, {"in-s": 1, "out-s": 1, "dlq-s": 1})
         worker.wait_ready(timeout_s=60)  # backoff is at most 30 s
         produce_to(late.bootstrap, "in-s", _stream(2, 3))
-        assert len(_consume(late.bootstrap, "out-s", 6, timeout_s=30)) == 6, worker.log()
+        assert len(consume_from(late.bootstrap, "out-s", 6, timeout_s=30)) == 6, worker.log()
         assert worker.proc.poll() is None
 
 
