@@ -132,6 +132,11 @@ class Metrics:
             "streamer_updates_skipped",
             "Updates skipped because the loss or gradient norm was non-finite.", registry=r,
         )
+        self.update_windows_left_out = Counter(
+            "streamer_update_windows_left_out",
+            "TBPTT windows left out of an update because they held a non-finite number.",
+            registry=r,
+        )
         self.clip_events = Counter(
             "streamer_clip_events", "Updates whose gradient norm exceeded the clip threshold.",
             registry=r,
@@ -264,6 +269,8 @@ class Metrics:
         """Record one update; a skipped (non-finite) one only counts, never poisons histograms."""
         self.updates.inc()
         self.update_duration.observe(stats.duration_seconds)
+        if stats.windows_left_out:
+            self.update_windows_left_out.inc(stats.windows_left_out)
         if stats.skipped or not (math.isfinite(stats.loss) and math.isfinite(stats.grad_norm)):
             self.updates_skipped.inc()
             return

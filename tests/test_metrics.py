@@ -130,6 +130,25 @@ def test_applied_update_fills_training_metrics(
     assert value(registry, "streamer_update_duration_seconds_sum") == 0.02
 
 
+def test_windows_left_out_of_an_applied_update_are_counted(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    metrics.observe_update(stats(windows_left_out=3))
+    metrics.observe_update(stats())
+    assert value(registry, "streamer_update_windows_left_out_total") == 3.0
+    assert value(registry, "streamer_updates_skipped_total") == 0.0
+
+
+def test_undecodable_batches_and_stalled_partitions(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    assert value(registry, "streamer_undecodable_batches_total") == 0.0
+    metrics.observe_undecodable_batch()
+    metrics.set_stalled_partitions(2)
+    assert value(registry, "streamer_undecodable_batches_total") == 1.0
+    assert value(registry, "streamer_stalled_partitions") == 2.0
+
+
 def test_skipped_update_counts_without_poisoning_histograms(
     registry: CollectorRegistry, metrics: Metrics
 ) -> None:

@@ -74,6 +74,7 @@ class UpdateStats:
     slots: int  # windows trained (n_ready)
     steps: int  # (slot, step) pairs that contributed to the loss
     duration_seconds: float
+    windows_left_out: int = 0  # windows holding a non-finite number, excluded from the update
 
 
 @dataclass

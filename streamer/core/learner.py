@@ -11,7 +11,7 @@ from streamer.core.device import resolve_device
 from streamer.core.grouping import Groups, group_by_slot, rank_rows
 from streamer.core.guard import SHRINKS, choose_shrink
 from streamer.core.model import Forecaster
-from streamer.core.normalizer import Encoded, SensorStats, input_size
+from streamer.core.normalizer import MAX_ABS_VALUE, Encoded, SensorStats, input_size
 from streamer.core.rejections import Reason
 from streamer.core.slots import SlotTable
 from streamer.core.trainer import Trainer
@@ -142,6 +142,9 @@ class Learner:
         finite = np.isfinite(batch.ts) & np.isfinite(batch.values).all(axis=1)
         status[ok & ~finite] = Reason.NON_FINITE
         ok = status == 0
+        huge = (np.abs(batch.values) > MAX_ABS_VALUE).any(axis=1)
+        status[ok & huge] = Reason.VALUE_OUT_OF_RANGE
+        ok = status == 0
         if cfg.sensor_ttl_seconds is not None and ok.any():
             result.evicted_sensors = self._evict_idle(float(batch.ts[ok].max()), slots[ok])
         new = np.flatnonzero(ok & (slots < 0))
@@ -221,6 +224,9 @@ class Learner:
 
         raw = np.where(enc.warm[:, None], enc.scale * change, 0.0)  # (M, F) predicted change
         forecast = self._guard(slots, g, values, raw, enc)
+        # Finite by construction (bounded inputs and statistics); should the weights ever go
+        # non-finite, every valid reading still gets a number: persistence.
+        forecast = np.where(np.isfinite(forecast), forecast, values)
         prev_forecast = _previous(slots, g, forecast, self.stats.last_forecast)
         scored = enc.target_valid  # the previous reading was past warm-up: a model forecast
         # Errors in units of the sensor's typical change, capped like the inputs so a jump out of

@@ -18,6 +18,10 @@ N_CALENDAR = 4  # sin/cos of time of day, sin/cos of day of week
 SECONDS_PER_DAY = 86_400.0
 GAP_CLIP = 3.0  # |log(dt / typical dt)| is clipped here: a 20x gap looks like any long gap
 _TINY = 1e-12
+# The largest magnitude a reading may have. Differences of two such readings, the spreads
+# (updated with hypot, never squared) and forecasts of up to ~10 scales beyond them all stay
+# finite in float64; a reading beyond it is rejected as VALUE_OUT_OF_RANGE.
+MAX_ABS_VALUE = 1e300
 
 
 def input_size(n_features: int) -> int:
@@ -62,7 +66,9 @@ class SensorStats:
         self.count = np.zeros(0, dtype=np.int64)
         self.grow(capacity)
 
-    _PER_FEATURE = ("mean", "var", "change_ms", "last_value", "last_scale", "last_forecast",
+    # Spreads are kept as standard deviations, not variances, and updated with hypot: the
+    # square of a reading near the largest accepted magnitude (MAX_ABS_VALUE) would overflow.
+    _PER_FEATURE = ("mean", "sd", "change_rms", "last_value", "last_scale", "last_forecast",
                     "last_change", "last_outlier", "before_last_value", "revert_score",
                     "guard_err")
     _PER_SLOT = ("count", "last_ts", "log_dt")
@@ -141,28 +147,29 @@ class SensorStats:
             # sentinel (-9999) cannot inflate the scales for hundreds of readings; a real
             # regime change still gets through, geometrically fast (x(1 + a clip^2) per step).
             robust = (n >= self.warmup)[:, None] & self.robust
-            sd_old = np.sqrt(self.var[s])
+            sd_old = self.sd[s]
             lim = clip * np.maximum(sd_old, last_scale)
             diff_w = np.where(robust, np.clip(diff, -lim, lim), diff)
             far = np.abs(diff) > lim
             mean = mean + a * diff_w
-            var = (1.0 - a) * (self.var[s] + a * diff_w * diff_w)
+            # sd^2 = (1 - a) (sd_old^2 + a diff^2), without squaring a possibly huge number.
+            sd = np.sqrt(1.0 - a) * np.hypot(sd_old, np.sqrt(a) * diff_w)
             lim = clip * last_scale
             change_w = np.where(robust, np.clip(change, -lim, lim), change)
             outlier[r] = robust & far & (np.abs(change) > lim)
             a_prev = np.maximum(self.alpha, 1.0 / np.maximum(n, 1))  # weight among n changes
-            change_ms = np.where(
-                has_prev, (1 - a_prev[:, None]) * self.change_ms[s] + a_prev[:, None] * change_w**2,
-                self.change_ms[s],
+            w = a_prev[:, None]
+            change_rms = np.where(  # rms^2 = (1 - w) rms_old^2 + w change^2, as above
+                has_prev, np.hypot(np.sqrt(1 - w) * self.change_rms[s], np.sqrt(w) * change_w),
+                self.change_rms[s],
             )
             log_dt = np.log(np.maximum(t - self.last_ts[s], 1e-9))
             gap = np.where(n >= 2, np.clip(log_dt - self.log_dt[s], -GAP_CLIP, GAP_CLIP), 0.0)
             self.log_dt[s] = np.where(n >= 1, (1 - a_prev) * self.log_dt[s] + a_prev * log_dt,
                                       self.log_dt[s])
-            sd = np.sqrt(var)
             # The change scale has floors so a flat stretch cannot shrink it to zero: a share of
             # the level's spread, a relative share of its magnitude, and an absolute minimum.
-            sc = np.maximum(np.maximum(np.sqrt(change_ms), 1e-3 * sd),
+            sc = np.maximum(np.maximum(change_rms, 1e-3 * sd),
                             np.maximum(1e-9 * np.abs(mean), _TINY))
             features[r, :f] = np.clip((v - mean) / np.maximum(sd, sc), -clip, clip)
             features[r, f : 2 * f] = np.clip(change / sc, -clip, clip)
@@ -171,7 +178,7 @@ class SensorStats:
 
             warm[r] = n + 1 >= self.warmup
             self.count[s] = n + 1
-            self.mean[s], self.var[s], self.change_ms[s] = mean, var, change_ms
+            self.mean[s], self.sd[s], self.change_rms[s] = mean, sd, change_rms
             self.last_value[s], self.last_scale[s], self.last_ts[s] = v, sc, t
         return Encoded(
             features.astype(np.float32), targets.astype(np.float32), target_valid, scale,

@@ -23,6 +23,7 @@ class Reason(enum.IntEnum):
     BAD_SENSOR_ID = 6
     TIMESTAMP_NOT_AFTER_LAST = 7
     TABLE_FULL = 8
+    VALUE_OUT_OF_RANGE = 9  # |value| > MAX_ABS_VALUE: finite, but beyond what the model holds
 
     @property
     def label(self) -> str:

@@ -11,7 +11,10 @@ from streamer.core.learner import Learner
 from streamer.core.slots import SlotTable
 from streamer.core.windows import slot_axis
 
-FORMAT = "streamer.learner/2"  # 2: guard and spike state in the stats
+# 2: guard and spike state in the stats; 3: spreads as deviations (sd, change_rms), not
+# variances. Format 2 is still read: its variances are converted on load.
+FORMAT = "streamer.learner/3"
+_READABLE = ("streamer.learner/2", FORMAT)
 
 
 class IncompatibleSnapshot(ValueError):
@@ -47,7 +50,7 @@ def restore(state: dict, config: LearnerConfig) -> Learner:
     learner.model.load_state_dict(state["model"])
     learner.trainer.optimizer.load_state_dict(state["optimizer"])
     learner.table = SlotTable.from_plain(state["table"], config.max_sensors)
-    learner.stats.load_arrays({k: v.numpy() for k, v in state["stats"].items()})
+    learner.stats.load_arrays({k: v.numpy() for k, v in _stats(state).items()})
     learner.state.load_tensors(state["slot_tensors"], state["seen"].numpy())
     counters = state["counters"]
     learner.accepted_total = int(counters["accepted_total"])
@@ -59,7 +62,7 @@ def restore(state: dict, config: LearnerConfig) -> Learner:
 
 def check_compatible(state: dict, config: LearnerConfig) -> None:
     """Raise IncompatibleSnapshot with a message naming what differs."""
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in _READABLE:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise IncompatibleSnapshot(f"not a learner snapshot of format {FORMAT}: found {found!r}")
     if state["fingerprint"] != config.fingerprint():
@@ -76,6 +79,15 @@ def check_compatible(state: dict, config: LearnerConfig) -> None:
             f"snapshot holds {len(state['table']['ids'])} slots but max_sensors is "
             f"{config.max_sensors}"
         )
+
+
+def _stats(state: dict) -> dict[str, torch.Tensor]:
+    """The snapshot's per-slot statistics in the current layout."""
+    stats = dict(state["stats"])
+    if "var" in stats:  # format 2
+        stats["sd"] = stats.pop("var").sqrt()
+        stats["change_rms"] = stats.pop("change_ms").sqrt()
+    return stats
 
 
 def dumps(state: dict) -> bytes:
@@ -150,7 +162,7 @@ def sensors_of(state: dict, sensor_ids: list[str]) -> dict:
         tensors[name] = tensor.index_select(axis, slots)
     return {
         "ids": wanted,
-        "stats": {k: v.index_select(0, slots) for k, v in state["stats"].items()},
+        "stats": {k: v.index_select(0, slots) for k, v in _stats(state).items()},
         "slot_tensors": tensors,
         "seen": state["seen"].index_select(0, slots),
     }

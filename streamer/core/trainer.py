@@ -28,13 +28,24 @@ class Trainer:
         self.attempts = 0
         self.applied = 0
 
-    def backward(self, window: WindowBatch) -> torch.Tensor:
-        """Forward over the windows and backpropagate the masked MSE; returns the loss."""
+    def backward(self, window: WindowBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward over the windows and backpropagate the masked MSE of the finite ones.
+
+        A window holding a non-finite input, target or start state is zeroed and masked out,
+        so it adds nothing to the loss or the gradient while the others still train. Returns
+        the loss, the windows left out and the steps trained (on the device: no sync here).
+        """
+        finite = _finite_windows(window)  # (n,) bool
+        keep = finite[:, None, None]
+        inputs = torch.where(keep, window.inputs, 0.0)  # (n, k, D)
+        targets = torch.where(keep, window.targets, 0.0)  # (n, k, F)
+        mask = window.mask * keep  # (n, k, F)
+        state = tuple(torch.where(finite[None, :, None], s, 0.0) for s in (window.h0, window.c0))
         # The window-start state is a detached leaf: no gradient flows past the window start.
-        pred, _ = self.model(window.inputs, (window.h0, window.c0))  # (n, k, F)
-        loss = masked_mse(pred, window.targets, window.mask)
+        pred, _ = self.model(inputs, state)  # (n, k, F)
+        loss = masked_mse(pred, targets, mask)
         loss.backward()
-        return loss
+        return loss, (~finite).sum(), mask.amax(dim=-1).sum()
 
     def clip(self) -> torch.Tensor:
         """Scale gradients to a global norm of at most max_grad_norm; the pre-clip norm."""
@@ -45,10 +56,11 @@ class Trainer:
         """forward -> masked MSE -> backward -> clip -> step, unless loss or norm is non-finite."""
         started = time.perf_counter()
         self.attempts += 1
-        loss = self.backward(window)
+        loss, left_out, steps = self.backward(window)
         failpoint("in_update")
         norm = self.clip()
-        loss_value, norm_value = float(loss.item()), float(norm.item())  # one sync per update
+        loss_value, norm_value, n_left_out, n_steps = torch.stack(  # one sync per update
+            [loss.detach(), norm, left_out.to(loss.dtype), steps.to(loss.dtype)]).tolist()
         skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
         if not skipped:
             self.optimizer.step()
@@ -61,6 +73,16 @@ class Trainer:
             clipped=norm_value > self.max_grad_norm,
             skipped=skipped,
             slots=len(window.slots),
-            steps=int(window.mask.amax(dim=-1).sum().item()),
+            steps=int(n_steps),
+            windows_left_out=int(n_left_out),
             duration_seconds=time.perf_counter() - started,
         )
+
+
+def _finite_windows(window: WindowBatch) -> torch.Tensor:
+    """(n,) whether each window's inputs, targets and start state are all finite."""
+    n = window.inputs.shape[0]
+    per_window = [window.inputs.reshape(n, -1), window.targets.reshape(n, -1),
+                  window.h0.transpose(0, 1).reshape(n, -1),
+                  window.c0.transpose(0, 1).reshape(n, -1)]
+    return torch.isfinite(torch.cat(per_window, dim=1)).all(dim=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from streamer.core import Batch, Learner, LearnerConfig, Reason
 from streamer.core.snapshot import snapshot
+from streamer.replay import replay
 from tests.core.conftest import chunks, sine_fleet
 
 NO_TRAINING = dict(train_every=10**9)
@@ -138,6 +140,8 @@ def test_rejected_readings_leave_all_state_untouched(small_config):
             ("s2", 1.7e9 + 5 * 600, [1.0]),
             ("s2", 1.7e9 + 4 * 600, [1.0]),
             ("brand-new", 1.7e9 + 6 * 600, [1.0]),
+            ("s1", 1.7e9 + 6 * 600, [1.0000001e300]),
+            ("s1", 1.7e9 + 6 * 600, [-1.7e308]),
         ],
         n_features=1,
     )
@@ -145,7 +149,7 @@ def test_rejected_readings_leave_all_state_untouched(small_config):
     assert [Reason(s) for s in result.status] == [
         Reason.NON_FINITE, Reason.NON_FINITE, Reason.WRONG_FEATURE_COUNT, Reason.BAD_SENSOR_ID,
         Reason.BAD_SENSOR_ID, Reason.TIMESTAMP_NOT_AFTER_LAST, Reason.TIMESTAMP_NOT_AFTER_LAST,
-        Reason.TABLE_FULL,
+        Reason.TABLE_FULL, Reason.VALUE_OUT_OF_RANGE, Reason.VALUE_OUT_OF_RANGE,
     ]
     assert np.isnan(result.forecasts).all() and not result.updates
     after = _flat_state(learner)
@@ -153,6 +157,46 @@ def test_rejected_readings_leave_all_state_untouched(small_config):
     for name in before:
         np.testing.assert_array_equal(before[name], after[name], err_msg=name)
     assert learner.table.to_plain() == learner.table.to_plain() and "brand-new" not in learner.table
+
+
+def _fleet_with(extra: dict[str, Callable[[int], float]], steps: int = 400) -> Batch:
+    """50 sine sensors of scales 1e-2..1e3, plus ``extra`` sensors reading ``f(step)``."""
+    fleet = sine_fleet(50, steps, seed=3, log10_scale=(-2, 3))
+    ids, ts, values = list(fleet.sensor_ids), list(fleet.ts), list(fleet.values[:, 0])
+    for name, f in extra.items():
+        ids += [name] * steps
+        ts += [1.7e9 + 600.0 * t + 1.0 for t in range(steps)]
+        values += [f(t) for t in range(steps)]
+    order = np.argsort(ts, kind="stable")
+    return Batch.from_arrays([ids[i] for i in order], np.array(ts)[order],
+                             np.array(values)[order])
+
+
+def test_sensors_at_1e200_and_alternating_1e300_neither_stop_learning_nor_disturb_the_fleet():
+    def normals_rel_mae(extra: dict) -> tuple[float, object, np.ndarray, np.ndarray]:
+        forecasts, status, report = replay(_fleet_with(extra), LearnerConfig(device="cpu"))
+        rel = [s.rel_mae for s in report.sensors if s.sensor_id.startswith("s")]
+        return float(np.mean(rel)), report, forecasts, status
+
+    alone, _, _, _ = normals_rel_mae({})
+    hostile = {"huge": lambda t: 1e200, "alternating": lambda t: 1e300 * (-1) ** t}
+    with np.errstate(all="raise"):  # no overflow, no invalid operation anywhere
+        with_them, report, forecasts, status = normals_rel_mae(hostile)
+
+    assert (status == 0).all() and np.isfinite(forecasts).all()
+    assert with_them == pytest.approx(alone, rel=0.01)
+    assert report.updates > 0
+    scores = {s.sensor_id: s for s in report.sensors}
+    assert scores["alternating"].rel_mae == pytest.approx(1.0, abs=0.05)
+    assert scores["huge"].mae <= 1e-6 * 1e200  # a constant is forecast as itself
+
+
+def test_every_update_applies_with_a_1e300_sensor_in_the_fleet(small_config):
+    learner = Learner(small_config)
+    stream = _fleet_with({"alternating": lambda t: 1e300 * (-1) ** t}, steps=60)
+    updates = [u for part in chunks(stream, 97) for u in learner.step(part).updates]
+    assert updates and not any(u.skipped or u.windows_left_out for u in updates)
+    assert learner.updates == len(updates)
 
 
 def test_duplicate_timestamp_in_one_batch_rejects_only_the_later_reading(small_config):

@@ -48,7 +48,8 @@ def test_update_gradient_equals_hand_written_tbptt_reference(ready_learner):
     window = ready_learner.state.windows(ready)
     assert window.h0.grad_fn is None and not window.h0.requires_grad
     model, trainer = ready_learner.model, ready_learner.trainer
-    loss = trainer.backward(window)
+    loss, left_out, steps = trainer.backward(window)
+    assert int(left_out) == 0 and int(steps) == 4 * 5 - 4
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     trainer.optimizer.zero_grad()
     ref = reference_loss(model, window)
@@ -94,11 +95,37 @@ def test_update_reports_torchs_pre_clip_norm_and_clip_event(ready_learner):
     assert ready_learner.updates == 1 and ready_learner.state.seen[:4].tolist() == [0] * 4
 
 
-def test_non_finite_gradient_leaves_every_weight_bitwise_unchanged(ready_learner):
-    before = {k: v.clone() for k, v in ready_learner.model.state_dict().items()}
+def test_window_holding_a_non_finite_number_is_left_out_while_the_others_train(ready_learner):
     ready_learner.state.targets[1, 2, 0] = float("nan")
+    ready_learner.state.inputs[2, 0, 0] = float("inf")
+    probe = copy.deepcopy(ready_learner)
+    clean = probe.state.windows(np.array([0, 3]))
+    reference_loss(probe.model, clean).backward()
+
+    loss, left_out, steps = ready_learner.trainer.backward(
+        ready_learner.state.windows(ready_learner.state.ready(100)))
+
+    assert int(left_out) == 2 and int(steps) == 2 * (5 - 1)
+    assert math.isfinite(float(loss.detach()))
+    for (name, p), ref in zip(ready_learner.model.named_parameters(), probe.model.parameters()):
+        torch.testing.assert_close(p.grad, ref.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_update_with_left_out_windows_applies_and_reports_them(ready_learner):
+    ready_learner.state.h0[0, 3, 0] = float("nan")
+    before = {k: v.clone() for k, v in ready_learner.model.state_dict().items()}
     stats = ready_learner.train_now()
-    assert stats.skipped and math.isnan(stats.loss) and math.isnan(stats.grad_norm)
+    assert not stats.skipped and stats.windows_left_out == 1 and stats.slots == 4
+    assert ready_learner.updates == 1
+    assert any(not torch.equal(v, before[k]) for k, v in ready_learner.model.state_dict().items())
+
+
+def test_non_finite_loss_leaves_every_weight_bitwise_unchanged(ready_learner):
+    with torch.no_grad():  # weights so large that every forecast, hence the loss, overflows
+        ready_learner.model.head.bias.fill_(3e38)
+    before = {k: v.clone() for k, v in ready_learner.model.state_dict().items()}
+    stats = ready_learner.train_now()
+    assert stats.skipped and not math.isfinite(stats.loss)
     for name, value in ready_learner.model.state_dict().items():
         assert torch.equal(value, before[name]), name
     assert ready_learner.updates == 0 and not ready_learner.trainer.optimizer.state
@@ -106,7 +133,8 @@ def test_non_finite_gradient_leaves_every_weight_bitwise_unchanged(ready_learner
 
 
 def test_learner_keeps_serving_after_a_skipped_update(ready_learner):
-    ready_learner.state.targets[0, 0, 0] = float("inf")
+    with torch.no_grad():
+        ready_learner.model.head.bias.fill_(3e38)
     assert ready_learner.train_now().skipped
     later = sine_fleet(4, 12, seed=3, log10_scale=(0, 0)).take(np.arange(36, 48))
     result = ready_learner.step(later)
