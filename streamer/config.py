@@ -299,8 +299,21 @@ class TrainingSettings(_Section):
         _LEARNER_DEFAULTS["guard_alpha"],
         ge=0,
         lt=1,
-        description="Weight of the per-sensor guard's running errors (it shrinks the predicted "
-        "change where it loses to persistence); 0 turns the guard off.",
+        description="Weight of the newest reading in each sensor's running errors of its "
+        "experts (LSTM, persistence, seasonal, local linear); 0 uses the LSTM alone.",
+    )
+    expert_eta: float = Field(
+        _LEARNER_DEFAULTS["expert_eta"],
+        gt=0,
+        description="Learning rate of the experts' per-sensor weights (exponentially weighted "
+        "average); inf follows the best expert alone.",
+    )
+    seasonal_alpha: float = Field(
+        _LEARNER_DEFAULTS["seasonal_alpha"],
+        gt=0,
+        le=1,
+        description="Weight of the newest cycle in a sensor's day and week profiles; 1 keeps "
+        "only the last day / week.",
     )
     seed: int = Field(
         _LEARNER_DEFAULTS["seed"], ge=0, description="Seed of the weight initialization."
@@ -458,6 +471,8 @@ class Settings(BaseSettings):
             clip_z=self.training.clip_z,
             robust_stats=self.training.robust_stats,
             guard_alpha=self.training.guard_alpha,
+            expert_eta=self.training.expert_eta,
+            seasonal_alpha=self.training.seasonal_alpha,
             device=self.device,
             seed=self.training.seed,
         )

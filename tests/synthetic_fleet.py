@@ -135,6 +135,29 @@ def seasonal_fleet(seed: int = 0) -> tuple[list[str], np.ndarray, np.ndarray]:
     return _in_file_order(ids, tss, vals)
 
 
+def weekday_fleet(seed: int = 0, n_sensors: int = 20,
+                  days: int = 2 * 365) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Daily counts dominated by a weekday/weekend cycle (ridership-like), no gaps.
+
+    Each sensor has its own weekday profile (busy weekdays, quiet weekends, its own shape), a
+    slow random-walk level, multiplicative noise, and its reading at its own time of day.
+    """
+    rng = np.random.default_rng(seed)
+    ids: list[str] = []
+    tss, vals = [], []
+    start = np.floor(START / DAY) * DAY
+    for i in range(n_sensors):
+        ts = start + DAY * np.arange(days) + rng.uniform(0, DAY)
+        dow = ((ts / DAY + 3.0) % 7.0).astype(int)  # Monday = 0
+        profile = np.r_[rng.uniform(0.9, 1.1, 5), rng.uniform(0.2, 0.5, 2)]
+        level = 1000.0 * 10 ** rng.uniform(-1, 1) * np.exp(np.cumsum(rng.normal(0, 0.01, days)))
+        v = level * profile[dow] * (1 + rng.normal(0, 0.04, days))
+        ids += [f"w{i:02d}"] * days
+        tss.append(ts)
+        vals.append(v)
+    return _in_file_order(ids, tss, vals)
+
+
 if __name__ == "__main__":
     ids, ts, values = make_fleet()
     print(f"{len(ids):,} readings, {len(set(ids))} sensors")

@@ -40,8 +40,16 @@ class LearnerConfig:
     clip_z: float = 6.0
     # Past warm-up the normalizer's statistics see readings winsorized at +-clip_z scales.
     robust_stats: bool = True
-    # Per-sensor guard (guard.py): weight of its running errors; 0 turns it off.
+    # Per-sensor experts (experts.py): weight of their running errors; 0 turns them off (the
+    # LSTM's own forecast is used as it is).
     guard_alpha: float = 0.02
+    # Hedge learning rate of the experts' weights (inf: follow the leader). 30 by measurement
+    # over all shared and synthetic fleets (docs/benchmarks/quality.md): vs inf, daily 0.830 vs
+    # 0.842, parking 0.679 vs 0.687, appliances equal; 10 lets on/off sensors lose (1.07).
+    expert_eta: float = 30.0
+    # Weight of the newest reading in a seasonal profile bucket (memory.py); 1 keeps only the
+    # latest cycle ("the value a day / a week before").
+    seasonal_alpha: float = 0.5
     device: str = "auto"
     seed: int = 0
 
@@ -61,6 +69,10 @@ class LearnerConfig:
             raise ValueError(f"warmup_readings must be >= 1, got {self.warmup_readings}")
         if not 0.0 <= self.guard_alpha < 1.0:
             raise ValueError(f"guard_alpha must be in [0, 1), got {self.guard_alpha}")
+        if not self.expert_eta > 0:
+            raise ValueError(f"expert_eta must be > 0, got {self.expert_eta}")
+        if not 0.0 < self.seasonal_alpha <= 1.0:
+            raise ValueError(f"seasonal_alpha must be in (0, 1], got {self.seasonal_alpha}")
         if not self.clip_z > 0:
             raise ValueError(f"clip_z must be > 0, got {self.clip_z}")
         if self.sensor_ttl_seconds is not None and not self.sensor_ttl_seconds > 0:
@@ -86,4 +98,5 @@ class LearnerConfig:
 
 
 # Bump when the model's input features change meaning, so old snapshots are refused.
-INPUT_LAYOUT_VERSION = 1
+# 2: seasonal inputs, per-sensor memory and experts.
+INPUT_LAYOUT_VERSION = 2

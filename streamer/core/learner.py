@@ -8,8 +8,9 @@ import torch
 from streamer.core.batch import Batch, StepResult, UpdateStats
 from streamer.core.config import LearnerConfig
 from streamer.core.device import resolve_device
+from streamer.core.experts import expert_forecasts, weigh_experts
 from streamer.core.grouping import Groups, group_by_slot, rank_rows
-from streamer.core.guard import SHRINKS, choose_shrink
+from streamer.core.memory import Recalled, SensorMemory
 from streamer.core.model import Forecaster
 from streamer.core.normalizer import MAX_ABS_VALUE, Encoded, SensorStats, input_size
 from streamer.core.rejections import Reason
@@ -45,6 +46,7 @@ class Learner:
         self.table = SlotTable(config.initial_capacity, config.max_sensors)
         self.stats = SensorStats(self.table.capacity, config.n_features, config.norm_alpha,
                                  config.warmup_readings, config.clip_z, config.robust_stats)
+        self.memory = SensorMemory(self.table.capacity, config.n_features, config.seasonal_alpha)
         self.state = SlotTensors(self.table.capacity, config.num_layers, config.hidden_size,
                                  config.tbptt_steps, n_inputs, config.n_features, self.device)
         self.accepted_total = 0  # accepted readings ever: drives the training trigger
@@ -152,8 +154,7 @@ class Learner:
             new_ids = list(dict.fromkeys(batch.sensor_ids[i] for i in new.tolist()))
             given, grew_to = self.table.allocate(new_ids)
             if grew_to is not None:
-                self.stats.grow(grew_to)
-                self.state.grow(grew_to)
+                self.grow(grew_to)
             result.new_sensors = int((given >= 0).sum())
             slot_of_new = dict(zip(new_ids, given.tolist()))
             slots[new] = [slot_of_new[batch.sensor_ids[i]] for i in new.tolist()]
@@ -186,11 +187,18 @@ class Learner:
         self.release(idle)
         return len(idle)
 
+    def grow(self, capacity: int) -> None:
+        """Enlarge every per-slot array to the slot table's new ``capacity``."""
+        self.stats.grow(capacity)
+        self.memory.grow(capacity)
+        self.state.grow(capacity)
+
     def release(self, slots: np.ndarray) -> None:
-        """Free ``slots`` and zero their state, statistics and window, for reuse."""
+        """Free ``slots`` and zero their state, statistics, memory and window, for reuse."""
         if len(slots):
             self.table.release(slots)
             self.stats.reset(slots)
+            self.memory.reset(slots)
             self.state.reset(slots)
 
     @torch.no_grad()
@@ -200,12 +208,15 @@ class Learner:
         slots = slots_all[rows]
         g = group_by_slot(slots)
         pos, n_pos, distinct, member = g.pos, g.n_pos, g.distinct, g.member
-        values = batch.values[rows]
-        enc = self.stats.encode(slots, pos, n_pos, batch.ts[rows], values)
+        values, ts = batch.values[rows], batch.ts[rows]
+        enc = self.stats.encode(slots, pos, n_pos, ts, values)
+        mem = self.memory.advance(slots, pos, n_pos, ts, values, enc.spread, enc.next_gap,
+                                  enc.targets, enc.has_prev, enc.outlier)
+        features = np.concatenate([enc.features, self._seasonal_inputs(values, mem, enc)], 1)
 
         dev = self.device
-        x = torch.zeros(len(distinct), n_pos, enc.features.shape[1])  # (S, T, D)
-        x[member, pos] = torch.from_numpy(enc.features)
+        x = torch.zeros(len(distinct), n_pos, features.shape[1])  # (S, T, D)
+        x[member, pos] = torch.from_numpy(features)
         x = x.to(dev)
         index = torch.as_tensor(distinct, device=dev)
         state = (self.state.h[:, index], self.state.c[:, index])  # (L, S, H)
@@ -219,11 +230,14 @@ class Learner:
         self.state.record(slots, pos, x[member_t, pos_t],
                           torch.from_numpy(enc.targets).to(dev),
                           torch.from_numpy(enc.target_valid).to(dev))
-        change = pred[member_t, pos_t].clamp(-self.config.clip_z, self.config.clip_z)
+        cap = self.config.clip_z
+        change = pred[member_t, pos_t].clamp(-cap, cap)
         change = change.double().cpu().numpy()  # the one device->host copy of the chunk
 
         raw = np.where(enc.warm[:, None], enc.scale * change, 0.0)  # (M, F) predicted change
-        forecast = self._guard(slots, g, values, raw, enc)
+        experts = expert_forecasts(values, raw, mem, enc.scale, cap)  # (M, F, K)
+        experts = np.where(enc.warm[:, None, None], experts, values[..., None])  # warm-up
+        forecast = self._aggregate(slots, g, values, experts, enc)
         # Finite by construction (bounded inputs and statistics); should the weights ever go
         # non-finite, every valid reading still gets a number: persistence.
         forecast = np.where(np.isfinite(forecast), forecast, values)
@@ -231,7 +245,6 @@ class Learner:
         scored = enc.target_valid  # the previous reading was past warm-up: a model forecast
         # Errors in units of the sensor's typical change, capped like the inputs so a jump out of
         # a flat stretch (a tiny scale) cannot swamp every other sensor's contribution.
-        cap = self.config.clip_z
         model_err = np.minimum(np.abs(values - prev_forecast) / enc.prev_scale, cap)
         naive_err = np.minimum(np.abs(values - enc.prev_value) / enc.prev_scale, cap)
         result.forecasts[rows] = forecast
@@ -240,19 +253,30 @@ class Learner:
         result.persistence_error[rows] = np.where(scored, naive_err.mean(axis=1), np.nan)
         last = np.flatnonzero(pos == g.counts[member] - 1)
         self.stats.last_forecast[slots[last]] = forecast[last]
-        self.stats.last_change[slots[last]] = raw[last]
+        self.stats.last_experts[slots[last]] = experts[last]
         self.stats.last_outlier[slots[last]] = enc.outlier[last]
         self.stats.before_last_value[slots[last]] = enc.prev_value[last]
 
-    def _guard(self, slots: np.ndarray, g: Groups, values: np.ndarray, raw: np.ndarray,
-               enc: Encoded) -> np.ndarray:
-        """(M, F) forecasts: the predicted change shrunk, or a spike reverted, per the guard."""
+    def _seasonal_inputs(self, values: np.ndarray, mem: Recalled, enc: Encoded) -> np.ndarray:
+        """(M, 2F) the day and week seasonal forecasts relative to the last value, in units of
+        the sensor's typical change (0 where the profile has nothing yet)."""
+        cap = self.config.clip_z
+        relative = (mem.seasonal - values[:, None]) / enc.scale[:, None]  # (M, 2, F)
+        relative = np.nan_to_num(np.clip(relative, -cap, cap), nan=0.0)
+        return relative.reshape(len(values), -1).astype(np.float32)
+
+    def _aggregate(self, slots: np.ndarray, g: Groups, values: np.ndarray,
+                   experts: np.ndarray, enc: Encoded) -> np.ndarray:
+        """(M, F) forecasts: the experts weighed by how each did on this sensor, or a spike
+        reverted (experts.py)."""
         if self.config.guard_alpha == 0.0:
-            return values + raw
+            return experts[..., 0]  # the LSTM's own forecast
         stats = self.stats
-        prev_raw = _previous(slots, g, raw, stats.last_change)  # (M, F)
-        candidates = enc.prev_value[..., None] + prev_raw[..., None] * SHRINKS  # (M, F, K)
-        errors = np.abs(values[..., None] - candidates) / enc.prev_scale[..., None]
+        prev_experts = _previous(slots, g, experts, stats.last_experts)  # (M, F, K)
+        # Capped like the quality metrics: one wild miss counts, but cannot decide alone.
+        cap = self.config.clip_z
+        errors = np.minimum(np.abs(values[..., None] - prev_experts)
+                            / enc.prev_scale[..., None], cap)
         # After a spike: did "it was a one-off, back to the value before" beat persistence?
         after_spike = _previous(slots, g, enc.outlier, stats.last_outlier) > 0
         before_spike = _previous(slots, g, enc.prev_value, stats.before_last_value)
@@ -260,11 +284,13 @@ class Learner:
         # Readings this slot has had before this one, hence its scored ones including this.
         n_before = stats.count[slots] - g.counts[g.member] + g.pos
         n_scored = n_before - self.config.warmup_readings + 1
-        shrink, revert = choose_shrink(
+        weights, revert = weigh_experts(
             stats.guard_err, stats.revert_score, slots, g.pos, g.n_pos, errors, enc.target_valid,
-            n_scored, self.config.guard_alpha, np.where(after_spike, gain, np.nan),
+            n_scored, self.config.guard_alpha, self.config.expert_eta,
+            np.where(after_spike, gain, np.nan),
         )
-        return np.where(enc.outlier & revert, enc.prev_value, values + shrink * raw)
+        combined = (weights * experts).sum(axis=-1)
+        return np.where(enc.outlier & revert, enc.prev_value, combined)
 
     # -- training -------------------------------------------------------------------------
     def _train(self, min_ready: int | None = None) -> UpdateStats | None:

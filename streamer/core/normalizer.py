@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from streamer.core.experts import N_EXPERTS
 from streamer.core.grouping import rank_rows
-from streamer.core.guard import SHRINKS
 
 N_CALENDAR = 4  # sin/cos of time of day, sin/cos of day of week
 SECONDS_PER_DAY = 86_400.0
@@ -25,8 +25,9 @@ MAX_ABS_VALUE = 1e300
 
 
 def input_size(n_features: int) -> int:
-    """Model input width: level z-score and change z-score per feature, calendar, gap."""
-    return 2 * n_features + N_CALENDAR + 1
+    """Model input width: level z-score and change z-score per feature, calendar, gap (from
+    here), then the day and week seasonal forecasts relative to the last value (memory.py)."""
+    return 4 * n_features + N_CALENDAR + 1
 
 
 def calendar_features(ts: np.ndarray) -> np.ndarray:
@@ -49,6 +50,9 @@ class Encoded:
     prev_value: np.ndarray  # (M, F) float64 previous reading (this reading where none)
     warm: np.ndarray  # (M,) bool: past warm-up after this reading, so the model forecasts
     outlier: np.ndarray  # (M, F) bool: far from both the level and the last value (a spike)
+    has_prev: np.ndarray  # (M,) bool: the sensor had a reading before this one
+    spread: np.ndarray  # (M, F) float64 the level's spread after it (z-score denominator)
+    next_gap: np.ndarray  # (M,) float64 typical seconds between readings (0 while unknown)
 
 
 class SensorStats:
@@ -69,7 +73,7 @@ class SensorStats:
     # Spreads are kept as standard deviations, not variances, and updated with hypot: the
     # square of a reading near the largest accepted magnitude (MAX_ABS_VALUE) would overflow.
     _PER_FEATURE = ("mean", "sd", "change_rms", "last_value", "last_scale", "last_forecast",
-                    "last_change", "last_outlier", "before_last_value", "revert_score",
+                    "last_experts", "last_outlier", "before_last_value", "revert_score",
                     "guard_err")
     _PER_SLOT = ("count", "last_ts", "log_dt")
 
@@ -87,8 +91,9 @@ class SensorStats:
     def _allocate(self, capacity: int, n_features: int) -> None:
         for name in self._PER_FEATURE:
             setattr(self, name, np.zeros((capacity, n_features), dtype=np.float64))
-        # The guard's running error of each candidate shrink (see guard.py): (C, F, K).
-        self.guard_err = np.zeros((capacity, n_features, len(SHRINKS)), dtype=np.float64)
+        # Each expert's last forecast and running error (see experts.py): (C, F, K).
+        self.last_experts = np.zeros((capacity, n_features, N_EXPERTS), dtype=np.float64)
+        self.guard_err = np.zeros((capacity, n_features, N_EXPERTS), dtype=np.float64)
         self.last_scale[:] = 1.0
         self.count = np.zeros(capacity, dtype=np.int64)
         self.last_ts = np.full(capacity, -np.inf, dtype=np.float64)
@@ -120,7 +125,8 @@ class SensorStats:
         vectorized over all slots, because a sensor's statistics are a sequential recurrence.
         """
         m, f, clip = len(slots), self.n_features, self.clip
-        features = np.zeros((m, input_size(f)), dtype=np.float64)
+        count_before = self.count[slots] + pos  # readings each sensor had before this one
+        features = np.zeros((m, 2 * f + N_CALENDAR + 1), dtype=np.float64)
         features[:, 2 * f : 2 * f + N_CALENDAR] = calendar_features(ts)
         targets = np.zeros((m, f), dtype=np.float64)
         target_valid = np.zeros(m, dtype=bool)
@@ -129,6 +135,8 @@ class SensorStats:
         prev_value = np.empty((m, f), dtype=np.float64)
         warm = np.empty(m, dtype=bool)
         outlier = np.zeros((m, f), dtype=bool)
+        spread = np.empty((m, f), dtype=np.float64)
+        next_gap = np.zeros(m, dtype=np.float64)
         for r in rank_rows(pos, n_pos):  # readings of one rank: distinct slots
             s, v, t = slots[r], values[r], ts[r]
             n = self.count[s]  # readings seen before this one
@@ -167,11 +175,13 @@ class SensorStats:
             gap = np.where(n >= 2, np.clip(log_dt - self.log_dt[s], -GAP_CLIP, GAP_CLIP), 0.0)
             self.log_dt[s] = np.where(n >= 1, (1 - a_prev) * self.log_dt[s] + a_prev * log_dt,
                                       self.log_dt[s])
+            next_gap[r] = np.where(n >= 1, np.exp(self.log_dt[s]), 0.0)
             # The change scale has floors so a flat stretch cannot shrink it to zero: a share of
             # the level's spread, a relative share of its magnitude, and an absolute minimum.
             sc = np.maximum(np.maximum(change_rms, 1e-3 * sd),
                             np.maximum(1e-9 * np.abs(mean), _TINY))
-            features[r, :f] = np.clip((v - mean) / np.maximum(sd, sc), -clip, clip)
+            spread[r] = np.maximum(sd, sc)
+            features[r, :f] = np.clip((v - mean) / spread[r], -clip, clip)
             features[r, f : 2 * f] = np.clip(change / sc, -clip, clip)
             features[r, -1] = gap
             scale[r] = sc
@@ -182,6 +192,6 @@ class SensorStats:
             self.last_value[s], self.last_scale[s], self.last_ts[s] = v, sc, t
         return Encoded(
             features.astype(np.float32), targets.astype(np.float32), target_valid, scale,
-            prev_scale, prev_value, warm, outlier,
+            prev_scale, prev_value, warm, outlier, count_before > 0, spread, next_gap,
         )
 

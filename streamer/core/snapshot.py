@@ -11,10 +11,9 @@ from streamer.core.learner import Learner
 from streamer.core.slots import SlotTable
 from streamer.core.windows import slot_axis
 
-# 2: guard and spike state in the stats; 3: spreads as deviations (sd, change_rms), not
-# variances. Format 2 is still read: its variances are converted on load.
+# 2: guard and spike state in the stats; 3: spreads as deviations (sd, change_rms), and the
+# per-sensor memory (seasonal profiles, AR) and experts.
 FORMAT = "streamer.learner/3"
-_READABLE = ("streamer.learner/2", FORMAT)
 
 
 class IncompatibleSnapshot(ValueError):
@@ -32,6 +31,7 @@ def snapshot(learner: Learner) -> dict:
         "optimizer": _to_cpu(learner.trainer.optimizer.state_dict()),
         "table": learner.table.to_plain(),
         "stats": {k: torch.from_numpy(v.copy()) for k, v in learner.stats.arrays().items()},
+        "memory": {k: torch.from_numpy(v.copy()) for k, v in learner.memory.arrays().items()},
         "slot_tensors": cpu,
         "seen": torch.from_numpy(learner.state.seen.copy()),
         "counters": {
@@ -50,7 +50,8 @@ def restore(state: dict, config: LearnerConfig) -> Learner:
     learner.model.load_state_dict(state["model"])
     learner.trainer.optimizer.load_state_dict(state["optimizer"])
     learner.table = SlotTable.from_plain(state["table"], config.max_sensors)
-    learner.stats.load_arrays({k: v.numpy() for k, v in _stats(state).items()})
+    learner.stats.load_arrays({k: v.numpy() for k, v in state["stats"].items()})
+    learner.memory.load_arrays({k: v.numpy() for k, v in state["memory"].items()})
     learner.state.load_tensors(state["slot_tensors"], state["seen"].numpy())
     counters = state["counters"]
     learner.accepted_total = int(counters["accepted_total"])
@@ -62,7 +63,7 @@ def restore(state: dict, config: LearnerConfig) -> Learner:
 
 def check_compatible(state: dict, config: LearnerConfig) -> None:
     """Raise IncompatibleSnapshot with a message naming what differs."""
-    if not isinstance(state, dict) or state.get("format") not in _READABLE:
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise IncompatibleSnapshot(f"not a learner snapshot of format {FORMAT}: found {found!r}")
     if state["fingerprint"] != config.fingerprint():
@@ -79,15 +80,6 @@ def check_compatible(state: dict, config: LearnerConfig) -> None:
             f"snapshot holds {len(state['table']['ids'])} slots but max_sensors is "
             f"{config.max_sensors}"
         )
-
-
-def _stats(state: dict) -> dict[str, torch.Tensor]:
-    """The snapshot's per-slot statistics in the current layout."""
-    stats = dict(state["stats"])
-    if "var" in stats:  # format 2
-        stats["sd"] = stats.pop("var").sqrt()
-        stats["change_rms"] = stats.pop("change_ms").sqrt()
-    return stats
 
 
 def dumps(state: dict) -> bytes:
@@ -122,15 +114,15 @@ def import_sensors(learner: Learner, exported: dict) -> int:
     drop_sensors(learner, ids)
     slots, grew_to = learner.table.allocate(ids)
     if grew_to is not None:
-        learner.stats.grow(grew_to)
-        learner.state.grow(grew_to)
+        learner.grow(grew_to)
     placed = slots >= 0
     if not placed.all():
         missing = [s for s, ok in zip(ids, placed.tolist()) if not ok]
         learner.table.release(slots[placed])
         raise ValueError(f"sensor table full: cannot import {len(missing)} sensors")
-    for name, rows in exported["stats"].items():
-        getattr(learner.stats, name)[slots] = rows.numpy()
+    for part in ("stats", "memory"):
+        for name, rows in exported[part].items():
+            getattr(getattr(learner, part), name)[slots] = rows.numpy()
     index = torch.as_tensor(slots, device=learner.device)
     for name, rows in exported["slot_tensors"].items():
         target = getattr(learner.state, name)
@@ -162,7 +154,8 @@ def sensors_of(state: dict, sensor_ids: list[str]) -> dict:
         tensors[name] = tensor.index_select(axis, slots)
     return {
         "ids": wanted,
-        "stats": {k: v.index_select(0, slots) for k, v in _stats(state).items()},
+        "stats": {k: v.index_select(0, slots) for k, v in state["stats"].items()},
+        "memory": {k: v.index_select(0, slots) for k, v in state["memory"].items()},
         "slot_tensors": tensors,
         "seen": state["seen"].index_select(0, slots),
     }

@@ -34,7 +34,7 @@ def test_core_imports_no_kafka_pydantic_or_prometheus():
 
 
 def test_untrained_model_forecasts_persistence(small_config):
-    learner = Learner(small_config)
+    learner = Learner(LearnerConfig(**{**small_config.to_dict(), "guard_alpha": 0.0}))
     stream = sine_fleet(3, 5)
     result = learner.step(stream)
     np.testing.assert_array_equal(result.forecasts, stream.values)
@@ -187,7 +187,7 @@ def test_sensors_at_1e200_and_alternating_1e300_neither_stop_learning_nor_distur
     assert with_them == pytest.approx(alone, rel=0.01)
     assert report.updates > 0
     scores = {s.sensor_id: s for s in report.sensors}
-    assert scores["alternating"].rel_mae == pytest.approx(1.0, abs=0.05)
+    assert scores["alternating"].rel_mae <= 1.0  # its experts may learn the alternation
     assert scores["huge"].mae <= 1e-6 * 1e200  # a constant is forecast as itself
 
 
@@ -200,11 +200,11 @@ def test_every_update_applies_with_a_1e300_sensor_in_the_fleet(small_config):
 
 
 def test_duplicate_timestamp_in_one_batch_rejects_only_the_later_reading(small_config):
-    learner = Learner(small_config)
+    learner = Learner(LearnerConfig(**{**small_config.to_dict(), "guard_alpha": 0.0}))
     result = learner.step(Batch.from_arrays(["a", "a", "a", "b"], [5.0, 5.0, 6.0, 5.0],
                                             [1.0, 2.0, 3.0, 4.0]))
     assert result.status.tolist() == [0, Reason.TIMESTAMP_NOT_AFTER_LAST, 0, 0]
-    assert result.forecasts[2, 0] == 3.0  # persistence in warm-up, from the accepted reading
+    assert result.forecasts[2, 0] == 3.0  # untrained LSTM: persistence, of the accepted reading
 
 
 def test_it_learns_to_beat_persistence_by_half_on_a_diverse_fleet():

@@ -10,15 +10,7 @@ import pytest
 import torch
 
 from streamer.core import Learner, LearnerConfig
-from streamer.core.snapshot import (
-    IncompatibleSnapshot,
-    dumps,
-    import_sensors,
-    loads,
-    restore,
-    sensors_of,
-    snapshot,
-)
+from streamer.core.snapshot import IncompatibleSnapshot, dumps, loads, restore, snapshot
 from tests.core.conftest import chunks, sine_fleet
 
 
@@ -71,23 +63,3 @@ def test_loading_never_unpickles_arbitrary_objects():
     with pytest.raises(pickle.UnpicklingError):
         loads(buffer.getvalue())
 
-
-def test_format_2_snapshot_with_variances_is_read_and_continues_the_same(small_config):
-    stream = sine_fleet(6, 40, seed=12)
-    first, second = stream.take(np.arange(120)), stream.take(np.arange(120, len(stream)))
-    original = Learner(small_config)
-    original.step(first)
-    state = loads(dumps(snapshot(original)))
-    stats = dict(state["stats"])
-    stats["var"], stats["change_ms"] = stats.pop("sd") ** 2, stats.pop("change_rms") ** 2
-    old = {**state, "format": "streamer.learner/2", "stats": stats}
-
-    restored = restore(old, small_config)
-    moved = Learner(small_config)
-    import_sensors(moved, sensors_of(old, ["s1", "s4"]))
-
-    np.testing.assert_allclose(restored.stats.sd, original.stats.sd, rtol=1e-12)
-    np.testing.assert_allclose(moved.stats.change_rms[:2], original.stats.change_rms[[1, 4]],
-                               rtol=1e-12)
-    a, b = original.step(second), restored.step(second)
-    np.testing.assert_allclose(a.forecasts, b.forecasts, rtol=1e-6)

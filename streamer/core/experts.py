@@ -1,0 +1,98 @@
+"""Per-sensor expert aggregation: each sensor forecasts with the experts that do best on it.
+
+One model serves the whole fleet, so on some sensors (spiky on/off loads, quantized
+mostly-flat series, random walks, strong weekly cycles) its forecast is not the best one
+available. For every reading a few *experts* forecast the next one:
+
+- the LSTM's predicted change, shrunk by each factor in ``LSTM_SHRINKS`` (``0`` is persistence;
+  ``1.25`` undoes the shrinkage an MSE-trained model shows on trending sensors);
+- the sensor's seasonal profiles (memory.py): its level plus its usual deviation at that time
+  of day, and at that time of week;
+- its local linear (AR) model's predicted change.
+
+Every slot keeps an exponentially weighted mean absolute error of each expert, in units of its
+typical change (scale-free), and forecasts with the exponentially weighted average of the
+experts (Hedge / EWA): weight ``exp(-eta * (E_k - min E))``. With ``eta = inf`` this is follow
+the leader. The guarantee (tests/core/test_experts.py pins it on a mixed fleet): the aggregate's
+loss tracks the best expert's within ``ln(K) / eta`` per reading in these units, so after
+warm-up no sensor does much worse than its best single expert, persistence included.
+
+It also decides, per sensor, whether a spike (a reading far from both the level and the last
+value, e.g. a -9999 sentinel) is a one-off: if, after earlier spikes, "back to the value
+before the spike" beat "stay at the spike", the forecast made at a spike is that value.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from streamer.core.grouping import rank_rows
+from streamer.core.memory import Recalled
+
+LSTM_SHRINKS = np.array([1.0, 1.25, 0.75, 0.5, 0.25, 0.0])
+EXPERTS = ("lstm", "lstm x1.25", "lstm x0.75", "lstm x0.5", "lstm x0.25", "persistence",
+           "seasonal day", "seasonal week", "seasonal day change", "seasonal week change",
+           "local linear")
+N_EXPERTS = len(EXPERTS)
+REVERT_ALPHA = 0.25  # weight of the latest spike in deciding whether this sensor's spikes revert
+
+
+def expert_forecasts(values: np.ndarray, lstm_change: np.ndarray, recalled: Recalled,
+                     scale: np.ndarray, clip: float) -> np.ndarray:
+    """(M, F, K) every expert's forecast of the next reading (order of ``EXPERTS``).
+
+    "seasonal day" is the day profile at the next reading's time; "seasonal day change" is the
+    last value plus the profile's change from now to then (it keeps the current level). A
+    profile with nothing at that time (NaN) forecasts persistence.
+    """
+    lstm = values[..., None] + lstm_change[..., None] * LSTM_SHRINKS  # (M, F, 6)
+    level = recalled.seasonal.transpose(0, 2, 1)  # (M, F, 2) day, week
+    change = values[..., None] + level - recalled.seasonal_now.transpose(0, 2, 1)
+    seasonal = np.concatenate([level, change], axis=-1)  # (M, F, 4)
+    seasonal = np.where(np.isnan(seasonal), values[..., None], seasonal)
+    linear = values + scale * np.clip(recalled.ar_change, -clip, clip)  # (M, F)
+    return np.concatenate([lstm, seasonal, linear[..., None]], axis=-1)
+
+
+def weigh_experts(
+    err_state: np.ndarray, revert_state: np.ndarray, slots: np.ndarray, pos: np.ndarray,
+    n_pos: int, errors: np.ndarray, scored: np.ndarray, n_scored: np.ndarray, alpha: float,
+    eta: float, revert_gain: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Advance each slot's running errors through a chunk; the experts' weights.
+
+    ``err_state`` (C, F, K) and ``revert_state`` (C, F) are updated in place. ``errors``
+    (M, F, K) holds each reading's absolute error of every expert's forecast made for it,
+    ``scored`` (M,) whether it counts (the forecast made for it came from a warm model),
+    ``n_scored`` (M,) how many scored readings the slot has had including this one.
+    ``revert_gain`` (M, F) is NaN except on readings just after a spike, where it is +1 if
+    the value before the spike forecast this reading better than the spike did, -1 if worse.
+
+    Returns, per reading, (M, F, K) the weights and (M, F) whether to revert a spike, as
+    decided after that reading: they apply to the forecast made at it. The loop runs over
+    ranks, vectorized over slots, so the result does not depend on how the stream is cut.
+    """
+    a = np.where(scored, np.maximum(alpha, 1.0 / np.maximum(n_scored, 1)), 0.0)[:, None, None]
+    after_spike = ~np.isnan(revert_gain)  # (M, F)
+    after = np.empty_like(errors)  # (M, F, K) running errors after each reading
+    revert = np.empty(revert_gain.shape, dtype=bool)
+    for r in rank_rows(pos, n_pos):  # readings of one rank: distinct slots
+        s = slots[r]
+        e = err_state[s]
+        e += a[r] * (errors[r] - e)
+        err_state[s] = e
+        after[r] = e
+        score = revert_state[s]
+        score = np.where(after_spike[r], score + REVERT_ALPHA * (revert_gain[r] - score), score)
+        revert_state[s] = score
+        revert[r] = score > 0
+    return hedge_weights(after, eta), revert
+
+
+def hedge_weights(errors: np.ndarray, eta: float) -> np.ndarray:
+    """(..., K) weights ``exp(-eta (E_k - min E))``, normalized; one-hot on the first minimum
+    (exact ties go to the first expert, the LSTM's own forecast) when ``eta`` is infinite."""
+    if np.isinf(eta):
+        return (np.arange(errors.shape[-1]) == errors.argmin(axis=-1)[..., None]).astype(float)
+    w = np.exp(-eta * (errors - errors.min(axis=-1, keepdims=True)))
+    return w / w.sum(axis=-1, keepdims=True)
