@@ -123,11 +123,12 @@ class SensorMemory:
             s = slots[r]
             cell = (s[:, None], slice(None), here[r])  # -> (m, 2, F)
             old, old_level = self.profile[cell], self.level[s]  # (m, 2, F)
-            deseasonalized = y[r] - sp[r] * np.nan_to_num(old)
+            empty = np.isnan(old)
+            deseasonalized = y[r] - sp[r] * np.where(empty, 0.0, old)
             level = np.where(np.isnan(old_level), deseasonalized,
                              old_level + LEVEL_ALPHA * (deseasonalized - old_level))
-            dev = np.clip((y[r] - level) / sp[r], -Z_LIMIT, Z_LIMIT)
-            new = np.where(np.isnan(old), dev, old + alpha * (dev - old))
+            dev = np.minimum(np.maximum((y[r] - level) / sp[r], -Z_LIMIT), Z_LIMIT)
+            new = np.where(empty, dev, old + alpha * (dev - old))
             self.profile[cell] = np.where(keep[r], old, new)
             level = self.level[s] = np.where(keep[r], old_level, level)
             seasonal[r] = level + sp[r] * self.profile[s[:, None], :, nxt[r]]

@@ -145,7 +145,7 @@ class SensorStats:
             change = np.where(has_prev, v - last_value, 0.0)
             prev_value[r] = np.where(has_prev, last_value, v)
             prev_scale[r] = last_scale
-            targets[r] = np.clip(change / last_scale, -clip, clip)
+            targets[r] = change / last_scale  # clipped after the loop, like the features
             target_valid[r] = n >= self.warmup
 
             a = np.maximum(self.alpha, 1.0 / (n + 1))[:, None]
@@ -157,13 +157,14 @@ class SensorStats:
             robust = (n >= self.warmup)[:, None] & self.robust
             sd_old = self.sd[s]
             lim = clip * np.maximum(sd_old, last_scale)
-            diff_w = np.where(robust, np.clip(diff, -lim, lim), diff)
+            # min/max, not np.clip: a tenth of the cost per call on arrays this small.
+            diff_w = np.where(robust, np.minimum(np.maximum(diff, -lim), lim), diff)
             far = np.abs(diff) > lim
             mean = mean + a * diff_w
             # sd^2 = (1 - a) (sd_old^2 + a diff^2), without squaring a possibly huge number.
             sd = np.sqrt(1.0 - a) * np.hypot(sd_old, np.sqrt(a) * diff_w)
             lim = clip * last_scale
-            change_w = np.where(robust, np.clip(change, -lim, lim), change)
+            change_w = np.where(robust, np.minimum(np.maximum(change, -lim), lim), change)
             outlier[r] = robust & far & (np.abs(change) > lim)
             a_prev = np.maximum(self.alpha, 1.0 / np.maximum(n, 1))  # weight among n changes
             w = a_prev[:, None]
@@ -172,7 +173,7 @@ class SensorStats:
                 self.change_rms[s],
             )
             log_dt = np.log(np.maximum(t - self.last_ts[s], 1e-9))
-            gap = np.where(n >= 2, np.clip(log_dt - self.log_dt[s], -GAP_CLIP, GAP_CLIP), 0.0)
+            gap = np.where(n >= 2, log_dt - self.log_dt[s], 0.0)
             self.log_dt[s] = np.where(n >= 1, (1 - a_prev) * self.log_dt[s] + a_prev * log_dt,
                                       self.log_dt[s])
             next_gap[r] = np.where(n >= 1, np.exp(self.log_dt[s]), 0.0)
@@ -181,8 +182,8 @@ class SensorStats:
             sc = np.maximum(np.maximum(change_rms, 1e-3 * sd),
                             np.maximum(1e-9 * np.abs(mean), _TINY))
             spread[r] = np.maximum(sd, sc)
-            features[r, :f] = np.clip((v - mean) / spread[r], -clip, clip)
-            features[r, f : 2 * f] = np.clip(change / sc, -clip, clip)
+            features[r, :f] = (v - mean) / spread[r]
+            features[r, f : 2 * f] = change / sc
             features[r, -1] = gap
             scale[r] = sc
 
@@ -190,8 +191,11 @@ class SensorStats:
             self.count[s] = n + 1
             self.mean[s], self.sd[s], self.change_rms[s] = mean, sd, change_rms
             self.last_value[s], self.last_scale[s], self.last_ts[s] = v, sc, t
+        np.clip(features[:, : 2 * f], -clip, clip, out=features[:, : 2 * f])
+        np.clip(features[:, -1], -GAP_CLIP, GAP_CLIP, out=features[:, -1])
+        targets = np.clip(targets, -clip, clip).astype(np.float32)
         return Encoded(
-            features.astype(np.float32), targets.astype(np.float32), target_valid, scale,
-            prev_scale, prev_value, warm, outlier, count_before > 0, spread, next_gap,
+            features.astype(np.float32), targets, target_valid, scale, prev_scale, prev_value,
+            warm, outlier, count_before > 0, spread, next_gap,
         )
 
