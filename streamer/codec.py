@@ -295,7 +295,11 @@ def dead_letter(
     original size (and, for key and value, its SHA-256), and ``streamer.cut`` names the parts.
     """
     ours = dlq_headers(reason, detail, topic, partition, offset)
-    theirs = list(headers)
+    # Kafka allows null header values and records with neither key nor value; kafka-python's
+    # producer sends neither, so a null header value goes as b"" and such a record with key b"".
+    theirs = [(k, b"" if v is None else v) for k, v in headers]
+    if key is None and value is None:
+        key = b""
     header_bytes = sum(len(k.encode()) + len(v or b"") for k, v in theirs)
     if _size(key) + _size(value) + header_bytes <= MAX_DEAD_LETTER_BYTES:
         return DeadLetter(key, value, theirs + ours)

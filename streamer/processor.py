@@ -10,7 +10,7 @@ import numpy as np
 
 from streamer.codec import dead_letter, decode_batch, encode_forecasts, forecast_key
 from streamer.core import Learner, Reason, StepResult
-from streamer.core.normalizer import MAX_ABS_VALUE
+from streamer.core.normalizer import MAX_ABS_TS, MAX_ABS_VALUE
 from streamer.kafka.client import InputRecord, OutputRecord, PartitionId
 
 # What the learner's rejections say in the DLQ detail header.
@@ -20,8 +20,8 @@ _LEARNER_DETAIL = {
     Reason.BAD_SENSOR_ID: "sensor id is empty or longer than the configured maximum",
     Reason.TIMESTAMP_NOT_AFTER_LAST: "timestamp is not after the sensor's previous reading",
     Reason.TABLE_FULL: "sensor table is full (max_sensors) and no sensor is idle long enough",
-    Reason.VALUE_OUT_OF_RANGE: f"a value's magnitude exceeds {MAX_ABS_VALUE:g}, "
-                               "beyond what the model holds",
+    Reason.VALUE_OUT_OF_RANGE: f"a value's magnitude exceeds {MAX_ABS_VALUE:g} or the "
+                               f"timestamp's {MAX_ABS_TS:g} s, beyond what the model holds",
 }
 
 

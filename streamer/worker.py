@@ -281,7 +281,7 @@ class Worker:
                 seeks[tp] = self.processor.applied[tp]
         if seeks and client is not None:
             client.seek(seeks)
-        if client is not None and self._stalled_reason:  # a stalled partition may have left
+        if client is not None:  # a stalled partition may have left, or come back paused
             self._track_stalled(client)
 
     def _on_revoke(self, partitions: list[PartitionId]) -> None:

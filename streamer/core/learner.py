@@ -12,7 +12,7 @@ from streamer.core.experts import expert_forecasts, weigh_experts
 from streamer.core.grouping import Groups, group_by_slot, rank_rows
 from streamer.core.memory import Recalled, SensorMemory
 from streamer.core.model import Forecaster
-from streamer.core.normalizer import MAX_ABS_VALUE, Encoded, SensorStats, input_size
+from streamer.core.normalizer import MAX_ABS_TS, MAX_ABS_VALUE, Encoded, SensorStats, input_size
 from streamer.core.rejections import Reason
 from streamer.core.slots import SlotTable
 from streamer.core.trainer import Trainer
@@ -144,7 +144,7 @@ class Learner:
         finite = np.isfinite(batch.ts) & np.isfinite(batch.values).all(axis=1)
         status[ok & ~finite] = Reason.NON_FINITE
         ok = status == 0
-        huge = (np.abs(batch.values) > MAX_ABS_VALUE).any(axis=1)
+        huge = (np.abs(batch.values) > MAX_ABS_VALUE).any(axis=1) | (np.abs(batch.ts) > MAX_ABS_TS)
         status[ok & huge] = Reason.VALUE_OUT_OF_RANGE
         ok = status == 0
         if cfg.sensor_ttl_seconds is not None and ok.any():

@@ -22,6 +22,9 @@ _TINY = 1e-12
 # (updated with hypot, never squared) and forecasts of up to ~10 scales beyond them all stay
 # finite in float64; a reading beyond it is rejected as VALUE_OUT_OF_RANGE.
 MAX_ABS_VALUE = 1e300
+# Timestamps (epoch seconds) beyond this (~year 5100) are rejected alike: the gap between two
+# finite timestamps must stay finite for the typical-gap statistics and the seasonal buckets.
+MAX_ABS_TS = 1e11
 
 
 def input_size(n_features: int) -> int:

@@ -61,7 +61,8 @@ class Trainer:
         norm = self.clip()
         loss_value, norm_value, n_left_out, n_steps = torch.stack(  # one sync per update
             [loss.detach(), norm, left_out.to(loss.dtype), steps.to(loss.dtype)]).tolist()
-        skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
+        skipped = (not (math.isfinite(loss_value) and math.isfinite(norm_value))
+                   or n_left_out == len(window.slots))  # every window left out: no data
         if not skipped:
             self.optimizer.step()
             self.applied += 1

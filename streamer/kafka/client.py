@@ -88,7 +88,7 @@ class ProducerSettings:
     batch_size_bytes: int = 1 << 20
     compression_type: str | None = None  # None, "gzip", "snappy", "lz4" or "zstd"
     # The producer refuses a record larger than this (Kafka's default max.request.size, and
-    # about the brokers' default message.max.bytes); see codec.fit_dead_letter.
+    # about the brokers' default message.max.bytes); see codec.dead_letter.
     max_request_bytes: int = 1 << 20
     # send() blocks this long when topic metadata is missing (e.g. broker down).
     max_block_ms: int = 10_000

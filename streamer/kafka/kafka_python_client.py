@@ -188,6 +188,9 @@ class KafkaPythonClient:
         except kerr.KafkaError as exc:
             self._discard_producer()
             raise convert(exc, f"producing {len(records)} records") from exc
+        except (TypeError, ValueError) as exc:  # a record kafka-python refuses to serialize
+            self._discard_producer()
+            raise KafkaClientError(f"producing {len(records)} records failed: {exc!r}") from exc
         return Delivery(futures, producer)
 
     def wait(self, delivery: Delivery, timeout_s: float) -> None:
@@ -339,7 +342,9 @@ class KafkaPythonClient:
         records = getattr(fetcher, "_next_partition_records", None)
         tp = getattr(records, "topic_partition", None)
         offset = getattr(records, "next_fetch_offset", None)
-        if tp is None or not isinstance(offset, int) or tp not in self._consumer.assignment():
+        # A drained (falsy) PartitionRecords is an earlier, healthy batch: not the culprit.
+        if (not records or tp is None or not isinstance(offset, int)
+                or tp not in self._consumer.assignment()):
             return None
         return tp, offset
 

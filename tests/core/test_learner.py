@@ -142,6 +142,7 @@ def test_rejected_readings_leave_all_state_untouched(small_config):
             ("brand-new", 1.7e9 + 6 * 600, [1.0]),
             ("s1", 1.7e9 + 6 * 600, [1.0000001e300]),
             ("s1", 1.7e9 + 6 * 600, [-1.7e308]),
+            ("s1", 1e12, [1.0]),
         ],
         n_features=1,
     )
@@ -150,6 +151,7 @@ def test_rejected_readings_leave_all_state_untouched(small_config):
         Reason.NON_FINITE, Reason.NON_FINITE, Reason.WRONG_FEATURE_COUNT, Reason.BAD_SENSOR_ID,
         Reason.BAD_SENSOR_ID, Reason.TIMESTAMP_NOT_AFTER_LAST, Reason.TIMESTAMP_NOT_AFTER_LAST,
         Reason.TABLE_FULL, Reason.VALUE_OUT_OF_RANGE, Reason.VALUE_OUT_OF_RANGE,
+        Reason.VALUE_OUT_OF_RANGE,
     ]
     assert np.isnan(result.forecasts).all() and not result.updates
     after = _flat_state(learner)

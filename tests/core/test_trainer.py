@@ -120,6 +120,16 @@ def test_update_with_left_out_windows_applies_and_reports_them(ready_learner):
     assert any(not torch.equal(v, before[k]) for k, v in ready_learner.model.state_dict().items())
 
 
+def test_update_with_every_window_left_out_is_skipped_and_changes_nothing(ready_learner):
+    ready_learner.state.inputs[:4, 0, 0] = float("nan")
+    before = {k: v.clone() for k, v in ready_learner.model.state_dict().items()}
+    stats = ready_learner.train_now()
+    assert stats.skipped and stats.windows_left_out == 4
+    for name, value in ready_learner.model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert ready_learner.updates == 0 and not ready_learner.trainer.optimizer.state
+
+
 def test_non_finite_loss_leaves_every_weight_bitwise_unchanged(ready_learner):
     with torch.no_grad():  # weights so large that every forecast, hence the loss, overflows
         ready_learner.model.head.bias.fill_(3e38)

@@ -85,7 +85,14 @@ def test_tombstone_is_dead_lettered_as_null_and_input_headers_are_kept(
         (b"s", b"{broken", [("trace", b"t-10")]),
     ])
 
-    tombstone, broken = sorted(consume_raw(dlq, 2, timeout_s=20), key=lambda r: r.offset)
+    produce_with_librdkafka(broker.bootstrap, inp, [
+        (None, None, [("null", None)]),  # neither key nor value; a header with no value
+        (*reading("s", 1.7e9, 1.0), None),
+    ])
+    tombstone, broken, keyless = sorted(consume_raw(dlq, 3, timeout_s=20),
+                                        key=lambda r: r.offset)
+    assert (keyless.key, keyless.value, keyless.headers[0]) == (b"", None, ("null", b""))
+    assert len(consume_raw(out, 1, timeout_s=10)) == 1 and worker.proc.poll() is None
     assert tombstone.value is None and tombstone.key == b"s"
     assert tombstone.headers[:2] == [("trace", b"t-9"), ("empty", b"")]
     assert dict(tombstone.headers)[DLQ_REASON] == b"not_json"
