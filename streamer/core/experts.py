@@ -6,14 +6,15 @@ available. For every reading a few *experts* forecast the next one:
 
 - the LSTM's predicted change, shrunk by each factor in ``LSTM_SHRINKS`` (``0`` is persistence;
   ``1.25`` undoes the shrinkage an MSE-trained model shows on trending sensors);
-- the sensor's seasonal profiles (memory.py): its level plus its usual deviation at that time
-  of day, and at that time of week;
+- the sensor's seasonal profiles (memory.py) at the next reading's time, of the day and of the
+  week, each as a forecast of the value and as the profile's change from now added to the last
+  value (which keeps the current level);
 - its local linear (AR) model's predicted change.
 
 Every slot keeps an exponentially weighted mean absolute error of each expert, in units of its
 typical change (scale-free), and forecasts with the exponentially weighted average of the
 experts (Hedge / EWA): weight ``exp(-eta * (E_k - min E))``. With ``eta = inf`` this is follow
-the leader. The guarantee (tests/core/test_experts.py pins it on a mixed fleet): the aggregate's
+the leader. The guarantee (tests/core/test_memory.py pins it on a mixed fleet): the aggregate's
 loss tracks the best expert's within ``ln(K) / eta`` per reading in these units, so after
 warm-up no sensor does much worse than its best single expert, persistence included.
 
