@@ -84,11 +84,12 @@ class StatusLine:
                   for r in REJECTION_REASONS)
         model = self._get("streamer_model_abs_error_total")
         naive = self._get("streamer_persistence_abs_error_total")
-        skill = 1.0 - model / naive if naive > 0 else float("nan")
+        # Nothing scored yet (the first seconds, or warm-up): say so rather than print +nan.
+        skill = f"{1.0 - model / naive:+.3f}" if naive > 0 else "   n/a"
         line = (f"in {(consumed - consumed0) / dt:7.0f}/s  out {(produced - produced0) / dt:7.0f}/s"
                 f"  total {int(produced):>9,}  dlq {int(dlq):>5}  updates "
                 f"{int(self._get('streamer_updates_total')):>5}  loss "
                 f"{self._get('streamer_update_loss_last'):7.4f}  grad_norm "
-                f"{self._get('streamer_grad_norm_last'):7.3f}  skill vs persistence {skill:+.3f}")
+                f"{self._get('streamer_grad_norm_last'):7.3f}  skill vs persistence {skill}")
         sys.stdout.write(("\n" if final else "\r") + line + ("\n" if final else ""))
         sys.stdout.flush()
