@@ -130,7 +130,8 @@ class Metrics:
         )
         self.updates_skipped = Counter(
             "streamer_updates_skipped",
-            "Updates skipped because the loss or gradient norm was non-finite.", registry=r,
+            "Updates skipped because the loss or gradient norm was non-finite, or every window "
+            "held a non-finite number.", registry=r,
         )
         self.update_windows_left_out = Counter(
             "streamer_update_windows_left_out",

@@ -172,8 +172,6 @@ class Worker:
         while len(self._in_flight) > keep:
             pending = self._in_flight[0]
             processed = pending.processed
-            if pending.delivery is None:  # its send failed before a reconnect: send it now
-                pending.delivery = client.send(processed.outputs)
             client.wait(pending.delivery, self.settings.kafka.produce_timeout_s)
             failpoint("after_produce")
             self._in_flight.popleft()
@@ -362,7 +360,9 @@ class _Pending:
     """A stepped batch whose outputs are not all acknowledged yet."""
 
     processed: Processed
-    delivery: Delivery | None = None  # None until handed to the producer (again)
+    # None only between joining the queue and the send in the same loop turn: a send that
+    # fails drops the client, and the next one sends every pending batch again on connect.
+    delivery: Delivery | None = None
 
 
 def connection_from(k: KafkaSettings) -> KafkaConnection:

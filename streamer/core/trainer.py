@@ -53,7 +53,8 @@ class Trainer:
         return torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
 
     def update(self, window: WindowBatch) -> UpdateStats:
-        """forward -> masked MSE -> backward -> clip -> step, unless loss or norm is non-finite."""
+        """forward -> masked MSE -> backward -> clip -> step, unless loss or norm is non-finite
+        or every window was left out (nothing to learn from)."""
         started = time.perf_counter()
         self.attempts += 1
         loss, left_out, steps = self.backward(window)
