@@ -37,9 +37,12 @@ FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="streamer" \
       org.opencontainers.image.description="Online per-sensor LSTM forecasting over Kafka" \
       org.opencontainers.image.licenses="Apache-2.0"
+# NUMBA_CACHE_DIR: the compiled per-sensor loops are cached there on first use (the image's
+# site-packages is read-only to the worker; Kubernetes mounts /tmp as an emptyDir).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    NUMBA_CACHE_DIR=/tmp/numba-cache \
     STREAMER_CHECKPOINT__DIR=/var/lib/streamer/checkpoints \
     STREAMER_METRICS__PORT=9100
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from streamer.core.grouping import rank_rows
+from streamer.core.compiled import kernel
 from streamer.core.memory import Recalled
 
 LSTM_SHRINKS = np.array([1.0, 1.25, 0.75, 0.5, 0.25, 0.0])
@@ -56,11 +56,11 @@ def expert_forecasts(values: np.ndarray, lstm_change: np.ndarray, recalled: Reca
 
 
 def weigh_experts(
-    err_state: np.ndarray, revert_state: np.ndarray, slots: np.ndarray, pos: np.ndarray,
-    n_pos: int, errors: np.ndarray, scored: np.ndarray, n_scored: np.ndarray, alpha: float,
-    eta: float, revert_gain: np.ndarray,
+    err_state: np.ndarray, revert_state: np.ndarray, slots: np.ndarray, errors: np.ndarray,
+    scored: np.ndarray, n_scored: np.ndarray, alpha: float, eta: float,
+    revert_gain: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Advance each slot's running errors through a chunk; the experts' weights.
+    """Advance each slot's running errors through a chunk (arrival order); the experts' weights.
 
     ``err_state`` (C, F, K) and ``revert_state`` (C, F) are updated in place. ``errors``
     (M, F, K) holds each reading's absolute error of every expert's forecast made for it,
@@ -70,24 +70,32 @@ def weigh_experts(
     the value before the spike forecast this reading better than the spike did, -1 if worse.
 
     Returns, per reading, (M, F, K) the weights and (M, F) whether to revert a spike, as
-    decided after that reading: they apply to the forecast made at it. The loop runs over
-    ranks, vectorized over slots, so the result does not depend on how the stream is cut.
+    decided after that reading: they apply to the forecast made at it. The compiled loop walks
+    the readings in order, so the result does not depend on how the stream is cut.
     """
-    a = np.where(scored, np.maximum(alpha, 1.0 / np.maximum(n_scored, 1)), 0.0)[:, None, None]
-    after_spike = ~np.isnan(revert_gain)  # (M, F)
+    weight = np.where(scored, np.maximum(alpha, 1.0 / np.maximum(n_scored, 1)), 0.0)  # (M,)
     after = np.empty_like(errors)  # (M, F, K) running errors after each reading
     revert = np.empty(revert_gain.shape, dtype=bool)
-    for r in rank_rows(pos, n_pos):  # readings of one rank: distinct slots
-        s = slots[r]
-        e = err_state[s]
-        e += a[r] * (errors[r] - e)
-        err_state[s] = e
-        after[r] = e
-        score = revert_state[s]
-        score = np.where(after_spike[r], score + REVERT_ALPHA * (revert_gain[r] - score), score)
-        revert_state[s] = score
-        revert[r] = score > 0
+    _advance_errors(slots.astype(np.int64), errors, weight, revert_gain, err_state,
+                    revert_state, after, revert)
     return hedge_weights(after, eta), revert
+
+
+@kernel
+def _advance_errors(slots, errors, weight, revert_gain, err_state, revert_state, after,
+                    revert):  # pragma: no cover - compiled
+    """The per-reading recurrence of ``weigh_experts`` (state updated in place)."""
+    f, k = errors.shape[1], errors.shape[2]
+    for i in range(len(slots)):
+        s, a = slots[i], weight[i]
+        for j in range(f):
+            for e in range(k):
+                err_state[s, j, e] += a * (errors[i, j, e] - err_state[s, j, e])
+                after[i, j, e] = err_state[s, j, e]
+            gain = revert_gain[i, j]
+            if not np.isnan(gain):  # just after a spike
+                revert_state[s, j] += REVERT_ALPHA * (gain - revert_state[s, j])
+            revert[i, j] = revert_state[s, j] > 0
 
 
 def hedge_weights(errors: np.ndarray, eta: float) -> np.ndarray:

@@ -1,9 +1,5 @@
-"""Readings of a chunk grouped by slot: ranks, members and the walk over ranks.
-
-A sensor's statistics are sequential, so per-slot recurrences run as a loop over ranks (the
-k-th reading of every slot at once), each step vectorized over slots. One stable sort gives
-everything those loops and the LSTM call need.
-"""
+"""Readings of a chunk grouped by slot: each reading's rank, its slot's row, and the reading
+before it, for the LSTM call (one row per slot, one step per rank). One stable sort gives all."""
 
 from __future__ import annotations
 
@@ -41,10 +37,3 @@ def group_by_slot(slots: np.ndarray) -> Groups:
     before = np.full(len(slots), -1, dtype=np.int64)
     before[order[1:]] = np.where(first[1:], -1, order[:-1])
     return Groups(pos, int(counts.max()), sorted_slots[starts], member, counts, before)
-
-
-def rank_rows(pos: np.ndarray, n_pos: int) -> list[np.ndarray]:
-    """For each rank p, the readings of rank p (at most one per slot), in arrival order."""
-    by_pos = np.argsort(pos, kind="stable")
-    bounds = np.searchsorted(pos[by_pos], np.arange(n_pos + 1))
-    return [by_pos[bounds[p] : bounds[p + 1]] for p in range(n_pos)]

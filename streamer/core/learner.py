@@ -6,10 +6,11 @@ import numpy as np
 import torch
 
 from streamer.core.batch import Batch, StepResult, UpdateStats
+from streamer.core.compiled import kernel
 from streamer.core.config import LearnerConfig
 from streamer.core.device import resolve_device
 from streamer.core.experts import expert_forecasts, weigh_experts
-from streamer.core.grouping import Groups, group_by_slot, rank_rows
+from streamer.core.grouping import Groups, group_by_slot
 from streamer.core.memory import Recalled, SensorMemory
 from streamer.core.model import Forecaster
 from streamer.core.normalizer import MAX_ABS_TS, MAX_ABS_VALUE, Encoded, SensorStats, input_size
@@ -166,13 +167,9 @@ class Learner:
 
     def _timestamps_increase(self, slots: np.ndarray, ts: np.ndarray) -> np.ndarray:
         """Whether each ts is after its sensor's last applied ts and every earlier one here."""
-        g = group_by_slot(slots)
-        pos, n_pos, member = g.pos, g.n_pos, g.member
-        newest = self.stats.last_ts[g.distinct].copy()  # (S,) running max per slot
-        ok = np.zeros(len(slots), dtype=bool)
-        for r in rank_rows(pos, n_pos):  # distinct slots
-            ok[r] = ts[r] > newest[member[r]]
-            newest[member[r]] = np.maximum(newest[member[r]], ts[r])
+        ok = np.empty(len(slots), dtype=bool)
+        _after_newest(slots.astype(np.int64), ts, group_by_slot(slots).before,
+                      self.stats.last_ts, ok)
         return ok
 
     def _evict_idle(self, batch_time: float, active_slots: np.ndarray) -> int:
@@ -209,9 +206,9 @@ class Learner:
         g = group_by_slot(slots)
         pos, n_pos, distinct, member = g.pos, g.n_pos, g.distinct, g.member
         values, ts = batch.values[rows], batch.ts[rows]
-        enc = self.stats.encode(slots, pos, n_pos, ts, values)
-        mem = self.memory.advance(slots, pos, n_pos, ts, values, enc.spread, enc.next_gap,
-                                  enc.targets, enc.has_prev, enc.outlier)
+        enc = self.stats.encode(slots, ts, values)
+        mem = self.memory.advance(slots, ts, values, enc.spread, enc.next_gap, enc.targets,
+                                  enc.has_prev, enc.outlier)
         features = np.concatenate([enc.features, self._seasonal_inputs(values, mem, enc)], 1)
 
         dev = self.device
@@ -285,9 +282,8 @@ class Learner:
         n_before = stats.count[slots] - g.counts[g.member] + g.pos
         n_scored = n_before - self.config.warmup_readings + 1
         weights, revert = weigh_experts(
-            stats.guard_err, stats.revert_score, slots, g.pos, g.n_pos, errors, enc.target_valid,
-            n_scored, self.config.guard_alpha, self.config.expert_eta,
-            np.where(after_spike, gain, np.nan),
+            stats.guard_err, stats.revert_score, slots, errors, enc.target_valid, n_scored,
+            self.config.guard_alpha, self.config.expert_eta, np.where(after_spike, gain, np.nan),
         )
         combined = (weights * experts).sum(axis=-1)
         return np.where(enc.outlier & revert, enc.prev_value, combined)
@@ -306,6 +302,17 @@ class Learner:
     def train_now(self) -> UpdateStats | None:
         """Run an update immediately (tests and offline tools; the stream never needs it)."""
         return self._train(min_ready=1)
+
+
+@kernel
+def _after_newest(slots, ts, before, last_ts, ok):  # pragma: no cover - compiled
+    """ok[i]: ts[i] is after the newest of its slot's ``last_ts`` and its earlier readings
+    here (``before[i]``: the same slot's reading just before, -1 if none)."""
+    newest = np.empty(len(slots))
+    for i in range(len(slots)):
+        prior = last_ts[slots[i]] if before[i] < 0 else newest[before[i]]
+        ok[i] = ts[i] > prior
+        newest[i] = max(prior, ts[i])
 
 
 def _previous(slots: np.ndarray, g: Groups, current: np.ndarray,

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from streamer.core.grouping import rank_rows
+from streamer.core.compiled import kernel
 
 DAY, WEEK = 86_400.0, 604_800.0
 DAY_BUCKETS = 96  # 15 minutes
@@ -100,45 +100,69 @@ class SensorMemory:
             setattr(self, name, np.array(arrays[name], dtype=getattr(self, name).dtype))
 
     def advance(
-        self, slots: np.ndarray, pos: np.ndarray, n_pos: int, ts: np.ndarray,
-        values: np.ndarray, spread: np.ndarray, next_gap: np.ndarray, changes: np.ndarray,
-        has_change: np.ndarray, outlier: np.ndarray,
+        self, slots: np.ndarray, ts: np.ndarray, values: np.ndarray, spread: np.ndarray,
+        next_gap: np.ndarray, changes: np.ndarray, has_change: np.ndarray, outlier: np.ndarray,
     ) -> Recalled:
-        """Learn from a chunk of readings and recall, after each, what to expect next.
+        """Learn from a chunk of readings (arrival order) and recall, after each, what to
+        expect next.
 
         ``spread`` (M, F) is each sensor's spread after the reading, ``next_gap`` (M,) its
         typical gap (0 while unknown), ``changes`` (M, F) the reading's change from the previous
         one in change-scale units and ``has_change`` (M,) whether there was a previous one. A
         spike (``outlier`` (M, F), a sentinel such as -9999) is kept out of the profiles. The
-        loop runs over ranks, vectorized over slots, so the result does not depend on chunking.
+        compiled loop walks the readings in order, so the result does not depend on chunking.
         """
         m, f = values.shape
-        seasonal, now = np.empty((m, 2, f)), np.empty((m, 2, f))
-        ar_change = np.empty((m, f))
-        here, nxt = buckets(ts), buckets(ts + next_gap)  # (M, 2)
-        y, sp = values[:, None, :], spread[:, None, :]  # (M, 1, F)
-        keep = outlier[:, None, :]
-        alpha = np.float32(self.seasonal_alpha)
-        for r in rank_rows(pos, n_pos):  # readings of one rank: distinct slots
-            s = slots[r]
-            cell = (s[:, None], slice(None), here[r])  # -> (m, 2, F)
-            old, old_level = self.profile[cell], self.level[s]  # (m, 2, F)
-            empty = np.isnan(old)
-            deseasonalized = y[r] - sp[r] * np.where(empty, 0.0, old)
-            level = np.where(np.isnan(old_level), deseasonalized,
-                             old_level + LEVEL_ALPHA * (deseasonalized - old_level))
-            dev = np.minimum(np.maximum((y[r] - level) / sp[r], -Z_LIMIT), Z_LIMIT)
-            new = np.where(empty, dev, old + alpha * (dev - old))
-            self.profile[cell] = np.where(keep[r], old, new)
-            level = self.level[s] = np.where(keep[r], old_level, level)
-            seasonal[r] = level + sp[r] * self.profile[s[:, None], :, nxt[r]]
-            now[r] = level + sp[r] * self.profile[cell]
+        out = Recalled(np.empty((m, 2, f)), np.empty((m, 2, f)), np.empty((m, f)))
+        _advance(
+            slots.astype(np.int64), buckets(ts), buckets(ts + next_gap), values, spread,
+            changes, has_change, outlier, self.seasonal_alpha,
+            self.profile, self.level, self.ar_x, self.ar_w,
+            out.seasonal, out.seasonal_now, out.ar_change,
+        )
+        return out
 
-            x, w = self.ar_x[s], self.ar_w[s]  # (m, F, p)
-            c = changes[r].astype(np.float32)  # (m, F)
-            step = AR_STEP * (c - (w * x).sum(axis=-1)) / (_AR_EPS + (x * x).sum(axis=-1))
-            learn = has_change[r][:, None, None]
-            w = self.ar_w[s] = np.where(learn, w + step[..., None] * x, w)
-            x = self.ar_x[s] = np.where(learn, np.concatenate([c[..., None], x[..., :-1]], -1), x)
-            ar_change[r] = (w * x).sum(axis=-1)
-        return Recalled(seasonal, now, ar_change)
+
+@kernel
+def _advance(slots, here, nxt, values, spread, changes, has_change, outlier, alpha,
+             profile, level, ar_x, ar_w, seasonal, seasonal_now, ar_change):  # pragma: no cover
+    """The per-reading recurrence of ``SensorMemory.advance`` (state updated in place)."""
+    f, p = values.shape[1], ar_x.shape[2]
+    for i in range(len(slots)):
+        s = slots[i]
+        for j in range(f):
+            y, sp = values[i, j], spread[i, j]
+            for k in range(2):  # the day profile, then the week profile
+                b = here[i, k]
+                old = np.float64(profile[s, j, b])
+                old_level = level[s, k, j]
+                empty = np.isnan(old)
+                deseasonalized = y - (0.0 if empty else sp * old)
+                if np.isnan(old_level):
+                    new_level = deseasonalized
+                else:
+                    new_level = old_level + LEVEL_ALPHA * (deseasonalized - old_level)
+                if not outlier[i, j]:
+                    dev = min(max((y - new_level) / sp, -Z_LIMIT), Z_LIMIT)
+                    profile[s, j, b] = dev if empty else old + alpha * (dev - old)
+                    level[s, k, j] = new_level
+                lv = level[s, k, j]
+                seasonal[i, k, j] = lv + sp * np.float64(profile[s, j, nxt[i, k]])
+                seasonal_now[i, k, j] = lv + sp * np.float64(profile[s, j, b])
+
+            c = np.float64(changes[i, j])
+            if has_change[i]:
+                fit, energy = 0.0, 0.0
+                for q in range(p):
+                    fit += ar_w[s, j, q] * ar_x[s, j, q]
+                    energy += ar_x[s, j, q] * ar_x[s, j, q]
+                step = AR_STEP * (c - fit) / (_AR_EPS + energy)
+                for q in range(p):
+                    ar_w[s, j, q] += step * ar_x[s, j, q]
+                for q in range(p - 1, 0, -1):
+                    ar_x[s, j, q] = ar_x[s, j, q - 1]
+                ar_x[s, j, 0] = c
+            forecast = 0.0
+            for q in range(p):
+                forecast += ar_w[s, j, q] * ar_x[s, j, q]
+            ar_change[i, j] = forecast

@@ -7,12 +7,13 @@ and a sensor in units of 1e-3 shares one model with a sensor in units of 1e6.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from streamer.core.compiled import kernel
 from streamer.core.experts import N_EXPERTS
-from streamer.core.grouping import rank_rows
 
 N_CALENDAR = 4  # sin/cos of time of day, sin/cos of day of week
 SECONDS_PER_DAY = 86_400.0
@@ -118,87 +119,102 @@ class SensorStats:
         for name in self._PER_FEATURE + self._PER_SLOT:
             setattr(self, name, np.array(arrays[name], dtype=getattr(self, name).dtype))
 
-    def encode(
-        self, slots: np.ndarray, pos: np.ndarray, n_pos: int, ts: np.ndarray, values: np.ndarray
-    ) -> Encoded:
-        """Advance the statistics through a chunk and return the model's inputs.
+    def encode(self, slots: np.ndarray, ts: np.ndarray, values: np.ndarray) -> Encoded:
+        """Advance the statistics through a chunk (arrival order) and return the model's inputs.
 
-        ``slots`` (M,) and ``pos`` (M,) give each reading's slot and its rank among that slot's
-        readings in the chunk. The loop runs over ranks (``n_pos`` of them), each iteration
-        vectorized over all slots, because a sensor's statistics are a sequential recurrence.
+        A sensor's statistics are a sequential recurrence: the compiled loop walks the readings
+        in order, each updating its own slot (compiled.py).
         """
         m, f, clip = len(slots), self.n_features, self.clip
-        count_before = self.count[slots] + pos  # readings each sensor had before this one
         features = np.zeros((m, 2 * f + N_CALENDAR + 1), dtype=np.float64)
         features[:, 2 * f : 2 * f + N_CALENDAR] = calendar_features(ts)
-        targets = np.zeros((m, f), dtype=np.float64)
-        target_valid = np.zeros(m, dtype=bool)
-        scale = np.empty((m, f), dtype=np.float64)
-        prev_scale = np.empty((m, f), dtype=np.float64)
-        prev_value = np.empty((m, f), dtype=np.float64)
-        warm = np.empty(m, dtype=bool)
-        outlier = np.zeros((m, f), dtype=bool)
-        spread = np.empty((m, f), dtype=np.float64)
-        next_gap = np.zeros(m, dtype=np.float64)
-        for r in rank_rows(pos, n_pos):  # readings of one rank: distinct slots
-            s, v, t = slots[r], values[r], ts[r]
-            n = self.count[s]  # readings seen before this one
-            has_prev = (n > 0)[:, None]
-            last_value, last_scale = self.last_value[s], self.last_scale[s]
-            change = np.where(has_prev, v - last_value, 0.0)
-            prev_value[r] = np.where(has_prev, last_value, v)
-            prev_scale[r] = last_scale
-            targets[r] = change / last_scale  # clipped after the loop, like the features
-            target_valid[r] = n >= self.warmup
-
-            a = np.maximum(self.alpha, 1.0 / (n + 1))[:, None]
-            mean = self.mean[s]
-            diff = v - mean
-            # Past warm-up, the statistics see outliers winsorized at +-clip scales, so one
-            # sentinel (-9999) cannot inflate the scales for hundreds of readings; a real
-            # regime change still gets through, geometrically fast (x(1 + a clip^2) per step).
-            robust = (n >= self.warmup)[:, None] & self.robust
-            sd_old = self.sd[s]
-            lim = clip * np.maximum(sd_old, last_scale)
-            # min/max, not np.clip: a tenth of the cost per call on arrays this small.
-            diff_w = np.where(robust, np.minimum(np.maximum(diff, -lim), lim), diff)
-            far = np.abs(diff) > lim
-            mean = mean + a * diff_w
-            # sd^2 = (1 - a) (sd_old^2 + a diff^2), without squaring a possibly huge number.
-            sd = np.sqrt(1.0 - a) * np.hypot(sd_old, np.sqrt(a) * diff_w)
-            lim = clip * last_scale
-            change_w = np.where(robust, np.minimum(np.maximum(change, -lim), lim), change)
-            outlier[r] = robust & far & (np.abs(change) > lim)
-            a_prev = np.maximum(self.alpha, 1.0 / np.maximum(n, 1))  # weight among n changes
-            w = a_prev[:, None]
-            change_rms = np.where(  # rms^2 = (1 - w) rms_old^2 + w change^2, as above
-                has_prev, np.hypot(np.sqrt(1 - w) * self.change_rms[s], np.sqrt(w) * change_w),
-                self.change_rms[s],
-            )
-            log_dt = np.log(np.maximum(t - self.last_ts[s], 1e-9))
-            gap = np.where(n >= 2, log_dt - self.log_dt[s], 0.0)
-            self.log_dt[s] = np.where(n >= 1, (1 - a_prev) * self.log_dt[s] + a_prev * log_dt,
-                                      self.log_dt[s])
-            next_gap[r] = np.where(n >= 1, np.exp(self.log_dt[s]), 0.0)
-            # The change scale has floors so a flat stretch cannot shrink it to zero: a share of
-            # the level's spread, a relative share of its magnitude, and an absolute minimum.
-            sc = np.maximum(np.maximum(change_rms, 1e-3 * sd),
-                            np.maximum(1e-9 * np.abs(mean), _TINY))
-            spread[r] = np.maximum(sd, sc)
-            features[r, :f] = (v - mean) / spread[r]
-            features[r, f : 2 * f] = change / sc
-            features[r, -1] = gap
-            scale[r] = sc
-
-            warm[r] = n + 1 >= self.warmup
-            self.count[s] = n + 1
-            self.mean[s], self.sd[s], self.change_rms[s] = mean, sd, change_rms
-            self.last_value[s], self.last_scale[s], self.last_ts[s] = v, sc, t
+        out = Encoded(
+            features=features,
+            targets=np.zeros((m, f), dtype=np.float64),
+            target_valid=np.zeros(m, dtype=bool),
+            scale=np.empty((m, f), dtype=np.float64),
+            prev_scale=np.empty((m, f), dtype=np.float64),
+            prev_value=np.empty((m, f), dtype=np.float64),
+            warm=np.empty(m, dtype=bool),
+            outlier=np.zeros((m, f), dtype=bool),
+            has_prev=np.empty(m, dtype=bool),
+            spread=np.empty((m, f), dtype=np.float64),
+            next_gap=np.zeros(m, dtype=np.float64),
+        )
+        _encode(
+            slots.astype(np.int64), ts, values, self.alpha, self.warmup, clip, self.robust,
+            self.count, self.mean, self.sd, self.change_rms, self.last_value, self.last_scale,
+            self.last_ts, self.log_dt,
+            features, out.targets, out.target_valid, out.scale, out.prev_scale, out.prev_value,
+            out.warm, out.outlier, out.has_prev, out.spread, out.next_gap,
+        )
         np.clip(features[:, : 2 * f], -clip, clip, out=features[:, : 2 * f])
         np.clip(features[:, -1], -GAP_CLIP, GAP_CLIP, out=features[:, -1])
-        targets = np.clip(targets, -clip, clip).astype(np.float32)
-        return Encoded(
-            features.astype(np.float32), targets, target_valid, scale, prev_scale, prev_value,
-            warm, outlier, count_before > 0, spread, next_gap,
-        )
+        out.features = features.astype(np.float32)
+        out.targets = np.clip(out.targets, -clip, clip).astype(np.float32)
+        return out
 
+
+@kernel
+def _encode(slots, ts, values, alpha, warmup, clip, robust_stats,
+            count, mean, sd, change_rms, last_value, last_scale, last_ts, log_dt,
+            features, targets, target_valid, scale, prev_scale, prev_value, warm, outlier,
+            has_prev, spread, next_gap):  # pragma: no cover - compiled
+    """The per-reading recurrence of ``SensorStats.encode``: state arrays updated in place,
+    outputs written per reading (features unclipped)."""
+    f = values.shape[1]
+    for i in range(len(slots)):
+        s, t = slots[i], ts[i]
+        n = count[s]  # readings seen before this one
+        prev = n > 0
+        has_prev[i] = prev
+        target_valid[i] = n >= warmup
+        warm[i] = n + 1 >= warmup
+        a = max(alpha, 1.0 / (n + 1))
+        a_prev = max(alpha, 1.0 / max(n, 1))  # weight among n changes
+        # Past warm-up the statistics see outliers winsorized at +-clip scales, so one sentinel
+        # (-9999) cannot inflate the scales for hundreds of readings; a real regime change still
+        # gets through, geometrically fast (x(1 + a clip^2) per step).
+        robust = robust_stats and n >= warmup
+        for j in range(f):
+            v = values[i, j]
+            last, last_sc = last_value[s, j], last_scale[s, j]
+            change = v - last if prev else 0.0
+            prev_value[i, j] = last if prev else v
+            prev_scale[i, j] = last_sc
+            targets[i, j] = change / last_sc  # clipped by the caller, like the features
+            m_old, sd_old = mean[s, j], sd[s, j]
+            diff = v - m_old
+            lim = clip * max(sd_old, last_sc)
+            diff_w = min(max(diff, -lim), lim) if robust else diff
+            far = abs(diff) > lim
+            m_new = m_old + a * diff_w
+            # sd^2 = (1 - a) (sd_old^2 + a diff^2), without squaring a possibly huge number.
+            sd_new = math.sqrt(1.0 - a) * math.hypot(sd_old, math.sqrt(a) * diff_w)
+            lim = clip * last_sc
+            change_w = min(max(change, -lim), lim) if robust else change
+            outlier[i, j] = robust and far and abs(change) > lim
+            rms = change_rms[s, j]
+            if prev:  # rms^2 = (1 - w) rms_old^2 + w change^2, as above
+                rms = math.hypot(math.sqrt(1.0 - a_prev) * rms, math.sqrt(a_prev) * change_w)
+            # The change scale has floors so a flat stretch cannot shrink it to zero: a share of
+            # the level's spread, a relative share of its magnitude, and an absolute minimum.
+            sc = max(max(rms, 1e-3 * sd_new), max(1e-9 * abs(m_new), _TINY))
+            sp = max(sd_new, sc)
+            spread[i, j], scale[i, j] = sp, sc
+            features[i, j] = (v - m_new) / sp
+            features[i, f + j] = change / sc
+            mean[s, j], sd[s, j], change_rms[s, j] = m_new, sd_new, rms
+            last_value[s, j], last_scale[s, j] = v, sc
+        gap = 0.0
+        if n >= 1:
+            log_gap = math.log(max(t - last_ts[s], 1e-9))
+            if n >= 2:
+                gap = log_gap - log_dt[s]
+            log_dt[s] = (1.0 - a_prev) * log_dt[s] + a_prev * log_gap
+            next_gap[i] = math.exp(log_dt[s])
+        else:
+            next_gap[i] = 0.0
+        features[i, features.shape[1] - 1] = gap
+        count[s] = n + 1
+        last_ts[s] = t
