@@ -179,6 +179,10 @@ class CheckpointStore:
                     f"{self.fingerprint} (model shape settings changed)"
                 )
             state = snap.loads(data)
+            if not isinstance(state, dict) or state.get("format") != snap.FORMAT:
+                found = state.get("format") if isinstance(state, dict) else type(state).__name__
+                raise ValueError(f"learner snapshot format {found!r} is not {snap.FORMAT!r} "
+                                 "(written by another streamer version)")
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             log.error("checkpoint %s unusable, trying an older one: %s", manifest_path.name, exc)
             return None

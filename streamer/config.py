@@ -268,6 +268,12 @@ class TrainingSettings(_Section):
         ge=1,
         description="Run one weight update after this many accepted readings.",
     )
+    min_update_windows: int = Field(
+        _LEARNER_DEFAULTS["min_update_windows"],
+        ge=1,
+        description="An update waits until this many full TBPTT windows are queued (or one per "
+        "16 sensors when that is more, at most 64).",
+    )
     lr: float = Field(_LEARNER_DEFAULTS["lr"], gt=0, description="Optimizer learning rate.")
     max_grad_norm: float = Field(
         _LEARNER_DEFAULTS["max_grad_norm"],
@@ -460,6 +466,7 @@ class Settings(BaseSettings):
             num_layers=self.model.num_layers,
             tbptt_steps=self.training.tbptt_steps,
             train_every=self.training.train_every,
+            min_update_windows=self.training.min_update_windows,
             lr=self.training.lr,
             max_grad_norm=self.training.max_grad_norm,
             initial_capacity=self.sensors.initial_capacity,

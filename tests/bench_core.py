@@ -9,7 +9,7 @@ For each device and fleet size N it prints, as one Markdown table:
 * a naive loop -- one ``torch.nn.LSTM`` call per reading at batch size 1 (gather the sensor's
   h/c, one step, write back, linear head, forecast to the host) -- timed on a sample and
   extrapolated; it gets its inputs precomputed, so the speed-up is a lower bound;
-* ``learner.train_now()`` on the learner's real ready windows (n_ready = min(N, 8192)) against
+* ``learner.train_now()`` on the learner's real queued windows (n_ready = min(N, 8192)) against
   the compute limit: raw ``nn.LSTM`` + head forward, backward, ``clip_grad_norm_`` and Adam on
   tensors of the same shapes, with no gather and no masking.
 
@@ -38,8 +38,9 @@ import torch
 from torch import nn
 
 from streamer.core import Batch, Learner, LearnerConfig
-from streamer.core.learner import MAX_SLOTS_PER_UPDATE
+from streamer.core.learner import MAX_WINDOWS_PER_UPDATE
 from streamer.core.normalizer import input_size
+from streamer.core.windows import WindowBatch
 
 NEVER = 10**15  # train_every that no benchmark reaches: training off
 WORKER_BATCH = 500  # the worker's typical micro-batch (kafka.max_poll_records)
@@ -221,40 +222,36 @@ def _config(n_sensors: int, device: torch.device, train_every: int | None) -> Le
     return base if train_every is None else dataclasses.replace(base, train_every=train_every)
 
 
-def _fill_windows(learner: Learner, stream: Stream, n_ready: int) -> np.ndarray:
-    """Feed the first ``n_ready`` sensors until all their windows are ready; the ready slots."""
-    k = learner.config.tbptt_steps
-    for _ in range(k + 2):
-        slots = learner.table.lookup(stream.fleet.ids[:n_ready])
-        if (learner.state.seen[slots] > k).all():
+def _fill_windows(learner: Learner, stream: Stream, n_ready: int) -> WindowBatch:
+    """Feed the first ``n_ready`` sensors until ``n_ready`` full windows are queued (training
+    is off); the queued windows, oldest first."""
+    learner.state.take_queued(len(learner.state.queue))  # from the throughput runs
+    for _ in range(learner.config.tbptt_steps + 2):
+        if len(learner.state.queue) >= n_ready:
             break
         for batch in stream.take(1, n_ready, n_sensors=n_ready):
             learner.step(batch)
-    ready = learner.state.ready(MAX_SLOTS_PER_UPDATE)
-    if len(ready) != n_ready:
-        raise RuntimeError(f"expected {n_ready} ready windows, found {len(ready)}")
-    return ready
+    queued = learner.state.queue.take(np.arange(len(learner.state.queue)))  # a copy
+    if len(queued) != n_ready:
+        raise RuntimeError(f"expected {n_ready} queued windows, found {len(queued)}")
+    return queued
 
 
-def _update_runs(learner: Learner, ready: np.ndarray
+def _update_runs(learner: Learner, queued: WindowBatch
                  ) -> tuple[dict[str, Callable[[], object]], Callable[[], None]]:
-    """``train_now()`` and ``Trainer.update`` alone over the same real ready windows; and the
-    untimed call that makes those windows ready again after ``train_now`` restarted them."""
-    state = learner.state
-    index = torch.as_tensor(ready, device=learner.device)
-    seen, mask = state.seen[ready].copy(), state.mask[index].clone()
-
+    """``train_now()`` and ``Trainer.update`` alone over the same real queued windows; and the
+    untimed call that queues those windows again after ``train_now`` took them."""
     def train_now() -> None:
         stats = learner.train_now()
-        if stats is None or stats.slots != len(ready) or stats.steps == 0:
-            raise RuntimeError(f"train_now did not train the {len(ready)} windows: {stats}")
+        if stats is None or stats.slots != len(queued) or stats.steps == 0:
+            raise RuntimeError(f"train_now did not train the {len(queued)} windows: {stats}")
 
     def make_ready_again() -> None:
-        state.seen[ready] = seen
-        state.mask[index] = mask
+        learner.state.take_queued(len(learner.state.queue))
+        learner.state.enqueue(queued)
 
-    window = state.windows(ready)  # gathered once: Trainer.update without the gather
-    runs = {"train_now": train_now, "trainer_update": lambda: learner.trainer.update(window)}
+    make_ready_again()
+    runs = {"train_now": train_now, "trainer_update": lambda: learner.trainer.update(queued)}
     return runs, make_ready_again
 
 
@@ -328,7 +325,7 @@ def bench(device: torch.device, n_sensors: int, plan: Plan) -> list[Row]:
         torch.cuda.reset_peak_memory_stats(device)
     fleet = Fleet(n_sensors)
     batch_sizes = [n_sensors] + ([WORKER_BATCH] if WORKER_BATCH < n_sensors else [])
-    n_ready = min(n_sensors, MAX_SLOTS_PER_UPDATE)
+    n_ready = min(n_sensors, MAX_WINDOWS_PER_UPDATE)
 
     # Training off: step throughput, then the real ready windows for the update timing.
     learner = Learner(_config(n_sensors, device, NEVER))

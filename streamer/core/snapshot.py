@@ -12,8 +12,9 @@ from streamer.core.slots import SlotTable
 from streamer.core.windows import slot_axis
 
 # 2: guard and spike state in the stats; 3: spreads as deviations (sd, change_rms), and the
-# per-sensor memory (seasonal profiles, AR) and experts.
-FORMAT = "streamer.learner/3"
+# per-sensor memory (seasonal profiles, AR) and experts; 4: windows that follow each other
+# without a gap, and the queue of full windows waiting for an update.
+FORMAT = "streamer.learner/4"
 
 
 class IncompatibleSnapshot(ValueError):
@@ -34,6 +35,7 @@ def snapshot(learner: Learner) -> dict:
         "memory": {k: torch.from_numpy(v.copy()) for k, v in learner.memory.arrays().items()},
         "slot_tensors": cpu,
         "seen": torch.from_numpy(learner.state.seen.copy()),
+        "queue": {k: v.detach().cpu().clone() for k, v in learner.state.queue.tensors().items()},
         "counters": {
             "accepted_total": learner.accepted_total,
             "event_time": float(learner.event_time),
@@ -52,7 +54,7 @@ def restore(state: dict, config: LearnerConfig) -> Learner:
     learner.table = SlotTable.from_plain(state["table"], config.max_sensors)
     learner.stats.load_arrays({k: v.numpy() for k, v in state["stats"].items()})
     learner.memory.load_arrays({k: v.numpy() for k, v in state["memory"].items()})
-    learner.state.load_tensors(state["slot_tensors"], state["seen"].numpy())
+    learner.state.load_tensors(state["slot_tensors"], state["seen"].numpy(), state["queue"])
     counters = state["counters"]
     learner.accepted_total = int(counters["accepted_total"])
     learner.event_time = float(counters["event_time"])
@@ -143,8 +145,9 @@ def drop_sensors(learner: Learner, sensor_ids: list[str]) -> int:
 
 
 def sensors_of(state: dict, sensor_ids: list[str]) -> dict:
-    """The per-sensor state (statistics, LSTM state, window) of those ids in a saved snapshot,
-    in the form ``import_sensors`` takes."""
+    """The per-sensor state (statistics, memory, LSTM state, window being filled) of those ids
+    in a saved snapshot, in the form ``import_sensors`` takes. Their full windows still queued
+    for an update stay behind: training data for the old owner's model, not sensor state."""
     position = {s: i for i, s in enumerate(state["table"]["ids"]) if s is not None}
     wanted = [s for s in sensor_ids if s in position]
     slots = torch.as_tensor([position[s] for s in wanted], dtype=torch.long)

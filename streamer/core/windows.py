@@ -1,4 +1,5 @@
-"""Per-slot device tensors: the live LSTM state and each slot's truncated-BPTT window."""
+"""Per-slot device tensors: the live LSTM state, each slot's truncated-BPTT window being filled,
+and the queue of full windows waiting for an update."""
 
 from __future__ import annotations
 
@@ -10,14 +11,100 @@ import torch
 
 @dataclass
 class WindowBatch:
-    """The ready windows of one update, stacked: n slots, k steps."""
+    """n full windows of k steps, stacked (the queue, or the part of it one update trains)."""
 
-    slots: np.ndarray  # (n,) slot indices
+    slots: np.ndarray  # (n,) the slot each window came from
     inputs: torch.Tensor  # (n, k, D)
     targets: torch.Tensor  # (n, k, F)
     mask: torch.Tensor  # (n, k, F) 1.0 where the target counts
     h0: torch.Tensor  # (L, n, H) detached state at window start
     c0: torch.Tensor  # (L, n, H)
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def take(self, index: np.ndarray) -> WindowBatch:
+        """The windows at ``index``, in that order."""
+        i = torch.as_tensor(index, dtype=torch.long, device=self.inputs.device)
+        return WindowBatch(self.slots[index], self.inputs[i], self.targets[i], self.mask[i],
+                           self.h0[:, i], self.c0[:, i])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"slots": torch.from_numpy(self.slots.copy()), "inputs": self.inputs,
+                "targets": self.targets, "mask": self.mask, "h0": self.h0, "c0": self.c0}
+
+
+class WindowQueue:
+    """Full windows waiting for an update, oldest first, in buffers grown on demand.
+
+    Holds at most ``limit`` windows: should updates stop (training switched off), the oldest
+    are dropped rather than memory growing without bound.
+    """
+
+    def __init__(self, num_layers: int, hidden: int, k: int, n_inputs: int, n_features: int,
+                 device: torch.device, limit: int):
+        self.dims = (num_layers, hidden, k, n_inputs, n_features)
+        self.device, self.limit, self.n = device, limit, 0
+        self._allocate(0)
+
+    def _allocate(self, capacity: int) -> None:
+        layers, hidden, k, d, f = self.dims
+        z = {"device": self.device, "dtype": torch.float32}
+        old = self.view() if self.n else None
+        self.slots = np.zeros(capacity, dtype=np.int64)
+        self.inputs = torch.zeros(capacity, k, d, **z)
+        self.targets = torch.zeros(capacity, k, f, **z)
+        self.mask = torch.zeros(capacity, k, f, **z)
+        self.h0 = torch.zeros(layers, capacity, hidden, **z)
+        self.c0 = torch.zeros(layers, capacity, hidden, **z)
+        if old is not None:
+            self._write(0, old)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def view(self) -> WindowBatch:
+        """The queued windows (views: writing to them writes to the queue)."""
+        n = self.n
+        return WindowBatch(self.slots[:n], self.inputs[:n], self.targets[:n], self.mask[:n],
+                           self.h0[:, :n], self.c0[:, :n])
+
+    def _write(self, at: int, w: WindowBatch) -> None:
+        end = at + len(w)
+        self.slots[at:end] = w.slots
+        self.inputs[at:end], self.targets[at:end], self.mask[at:end] = w.inputs, w.targets, w.mask
+        self.h0[:, at:end], self.c0[:, at:end] = w.h0, w.c0
+
+    def push(self, w: WindowBatch) -> None:
+        """Append ``w``; beyond ``limit`` the oldest windows are dropped."""
+        if len(w) >= self.limit:
+            self.n = 0
+            w = w.take(np.arange(len(w) - self.limit, len(w)))
+        elif self.n + len(w) > self.limit:
+            self.keep(np.arange(self.n + len(w) - self.limit, self.n))
+        if self.n + len(w) > len(self.slots):
+            self._allocate(min(self.limit, max(2 * len(self.slots), self.n + len(w), 64)))
+        self._write(self.n, w)
+        self.n += len(w)
+
+    def keep(self, index: np.ndarray) -> None:
+        """Keep only the queued windows at ``index`` (ascending), in that order."""
+        kept = self.view().take(index)
+        self.n = 0
+        self._write(0, kept)
+        self.n = len(kept)
+
+    def take(self, limit: int) -> WindowBatch:
+        """Remove and return the oldest ``limit`` windows."""
+        n = min(limit, self.n)
+        taken = self.view().take(np.arange(n))
+        self.keep(np.arange(n, self.n))
+        return taken
+
+    def load(self, w: WindowBatch) -> None:
+        self.n = 0
+        self._allocate(len(w))
+        self.push(w)
 
 
 # Tensors laid out (L, capacity, H): their slot axis is 1; every other per-slot tensor's is 0.
@@ -30,22 +117,25 @@ def slot_axis(name: str) -> int:
 
 
 class SlotTensors:
-    """Live state ``h``, ``c`` (L, capacity, H) and windows, all on the learner's device.
+    """Live state ``h``, ``c`` (L, capacity, H), windows being filled, and full windows queued.
 
-    A slot's window starts from a detached copy of its live state. The reading with index
-    ``seen`` since the window start stores its input at step ``seen`` and supplies the target of
-    step ``seen - 1``; the window is ready once all ``k`` steps have targets (``seen > k``).
-    Readings past a full window are served but not recorded, until the next update restarts it.
+    A slot's readings are cut into consecutive windows of ``k`` steps, none dropped: the
+    reading at step ``j`` since the window start stores its input at step ``j`` and supplies the
+    target of step ``j - 1``. The reading after the k-th supplies the window's last target and
+    is the first step of the next window; the window then joins the queue with the state it
+    started from, and the next one starts from the live state at that point. ``seen`` (C,)
+    counts the inputs of each slot's current window (k: full, waiting for its last target).
     """
 
     _TENSORS = ("h", "c", "h0", "c0", "inputs", "targets", "mask")
 
     def __init__(self, capacity: int, num_layers: int, hidden: int, k: int, n_inputs: int,
-                 n_features: int, device: torch.device):
+                 n_features: int, device: torch.device, limit: int):
         self.shape = (num_layers, hidden, k, n_inputs, n_features)
         self.device = device
         self.seen = np.zeros(0, dtype=np.int64)
         self.grow(capacity)
+        self._queue = WindowQueue(num_layers, hidden, k, n_inputs, n_features, device, limit)
 
     def _empty(self, capacity: int) -> dict[str, torch.Tensor]:
         layers, hidden, k, d, f = self.shape
@@ -59,6 +149,11 @@ class SlotTensors:
             "targets": torch.zeros(capacity, k, f, **z),
             "mask": torch.zeros(capacity, k, f, **z),
         }
+
+    @property
+    def queue(self) -> WindowBatch:
+        """The full windows waiting for an update, oldest first (views into the queue)."""
+        return self._queue.view()
 
     def grow(self, capacity: int) -> None:
         """Enlarge to ``capacity`` slots; existing values are copied bitwise."""
@@ -77,62 +172,64 @@ class SlotTensors:
         self.seen = seen
 
     def reset(self, slots: np.ndarray) -> None:
-        """Zero the state and window of ``slots``."""
+        """Zero the state and window of ``slots``, and drop their queued windows."""
         index = torch.as_tensor(slots, device=self.device)
         for name in STATE_TENSORS:
             getattr(self, name)[:, index] = 0.0
         for name in ("inputs", "targets", "mask"):
             getattr(self, name)[index] = 0.0
         self.seen[slots] = 0
+        kept = np.flatnonzero(~np.isin(self.queue.slots, slots))
+        if len(kept) < len(self._queue):
+            self._queue.keep(kept)
 
-    def record(self, slots: np.ndarray, pos: np.ndarray, inputs: torch.Tensor,
+    def record(self, slots: np.ndarray, steps: np.ndarray, inputs: torch.Tensor,
                targets: torch.Tensor, target_valid: torch.Tensor) -> None:
-        """Store a chunk's inputs (M, D) and the targets (M, F) they supply to earlier steps."""
-        k = self.shape[2]
-        index = self.seen[slots] + pos  # (M,) step index of each reading in its window
-        has_input = index < k
-        has_target = (index >= 1) & (index <= k)
+        """Store readings of the slots' current windows: inputs (M, D) at ``steps`` (M,), and
+        the targets (M, F) they supply to the step before (none at step 0: see ``close``)."""
         dev = self.device
-        if has_input.any():
-            sel = torch.as_tensor(np.flatnonzero(has_input), device=dev)
-            self.inputs[torch.as_tensor(slots[has_input], device=dev),
-                        torch.as_tensor(index[has_input], device=dev)] = inputs[sel]
-        if has_target.any():
-            sel = torch.as_tensor(np.flatnonzero(has_target), device=dev)
-            s = torch.as_tensor(slots[has_target], device=dev)
-            t = torch.as_tensor(index[has_target] - 1, device=dev)
-            self.targets[s, t] = targets[sel]
-            valid = target_valid[sel].to(torch.float32)[:, None]  # (m, 1)
-            self.mask[s, t] = valid.expand(-1, targets.shape[1])
-        np.add.at(self.seen, slots, 1)
+        s, t = torch.as_tensor(slots, device=dev), torch.as_tensor(steps, device=dev)
+        self.inputs[s, t] = inputs.to(dev)
+        has_target = np.flatnonzero(steps >= 1)
+        if len(has_target):
+            sel = torch.as_tensor(has_target, device=dev)
+            self._set_targets(s[sel], t[sel] - 1, targets[has_target], target_valid[has_target])
+        np.maximum.at(self.seen, slots, steps + 1)
 
-    def ready(self, limit: int) -> np.ndarray:
-        """Up to ``limit`` ready slots, those waiting longest first (ties by slot)."""
-        ready = np.flatnonzero(self.seen > self.shape[2])
-        if len(ready) > limit:
-            ready = ready[np.argsort(-self.seen[ready], kind="stable")[:limit]]
-            ready.sort()
-        return ready
-
-    def windows(self, slots: np.ndarray) -> WindowBatch:
-        index = torch.as_tensor(slots, device=self.device)
-        return WindowBatch(
-            slots, self.inputs[index], self.targets[index], self.mask[index],
-            self.h0[:, index], self.c0[:, index],
-        )
-
-    def restart(self, slots: np.ndarray) -> None:
-        """Start new windows for ``slots`` from their current live state."""
-        index = torch.as_tensor(slots, device=self.device)
-        self.h0[:, index] = self.h[:, index]
-        self.c0[:, index] = self.c[:, index]
-        self.mask[index] = 0.0
+    def close(self, slots: np.ndarray, targets: torch.Tensor, target_valid: torch.Tensor) -> None:
+        """Give the full windows of ``slots`` their last target (from the reading that starts
+        their next window), queue them, and start new windows from the live state."""
+        k, dev = self.shape[2], self.device
+        s = torch.as_tensor(slots, device=dev)
+        self._set_targets(s, torch.full_like(s, k - 1), targets, target_valid)
+        self.enqueue(WindowBatch(slots, self.inputs[s], self.targets[s], self.mask[s],
+                                 self.h0[:, s], self.c0[:, s]))
+        self.h0[:, s] = self.h[:, s]
+        self.c0[:, s] = self.c[:, s]
         self.seen[slots] = 0
+
+    def _set_targets(self, s: torch.Tensor, t: torch.Tensor, targets: torch.Tensor,
+                     valid: torch.Tensor) -> None:
+        dev = self.device
+        self.targets[s, t] = targets.to(dev)
+        self.mask[s, t] = valid.to(dev, torch.float32)[:, None].expand(-1, targets.shape[1])
+
+    def enqueue(self, windows: WindowBatch) -> None:
+        """Queue full windows for the next update (``close`` does; tests and benchmarks)."""
+        self._queue.push(windows)
+
+    def take_queued(self, limit: int) -> WindowBatch:
+        """Remove and return the oldest ``limit`` queued windows."""
+        return self._queue.take(limit)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self._TENSORS}
 
-    def load_tensors(self, tensors: dict[str, torch.Tensor], seen: np.ndarray) -> None:
+    def load_tensors(self, tensors: dict[str, torch.Tensor], seen: np.ndarray,
+                     queue: dict[str, torch.Tensor]) -> None:
         for name in self._TENSORS:
             setattr(self, name, tensors[name].to(self.device, torch.float32).clone())
         self.seen = np.array(seen, dtype=np.int64)
+        q = {k: v.to(self.device, torch.float32) for k, v in queue.items() if k != "slots"}
+        self._queue.load(WindowBatch(queue["slots"].numpy().astype(np.int64), q["inputs"],
+                                     q["targets"], q["mask"], q["h0"], q["c0"]))

@@ -40,5 +40,5 @@ def chunks(batch: Batch, size: int) -> list[Batch]:
 
 @pytest.fixture
 def small_config() -> LearnerConfig:
-    return LearnerConfig(hidden_size=8, tbptt_steps=4, train_every=10, initial_capacity=4,
-                         max_sensors=64, warmup_readings=2, device="cpu")
+    return LearnerConfig(hidden_size=8, tbptt_steps=4, train_every=10, min_update_windows=1,
+                         initial_capacity=4, max_sensors=64, warmup_readings=2, device="cpu")

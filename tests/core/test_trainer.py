@@ -16,7 +16,7 @@ from tests.core.conftest import sine_fleet
 
 @pytest.fixture
 def ready_learner() -> Learner:
-    """A learner whose windows are all full and which has not yet trained."""
+    """A learner with one full window queued per sensor, which has not yet trained."""
     cfg = LearnerConfig(hidden_size=6, tbptt_steps=5, train_every=10**9, warmup_readings=2,
                         initial_capacity=8, device="cpu", max_grad_norm=1e-3)
     learner = Learner(cfg)
@@ -43,9 +43,8 @@ def reference_loss(model, window) -> torch.Tensor:
 
 
 def test_update_gradient_equals_hand_written_tbptt_reference(ready_learner):
-    ready = ready_learner.state.ready(100)
-    assert ready.tolist() == [0, 1, 2, 3]
-    window = ready_learner.state.windows(ready)
+    window = ready_learner.state.queue
+    assert window.slots.tolist() == [0, 1, 2, 3]
     assert window.h0.grad_fn is None and not window.h0.requires_grad
     model, trainer = ready_learner.model, ready_learner.trainer
     loss, left_out, steps = trainer.backward(window)
@@ -61,7 +60,7 @@ def test_update_gradient_equals_hand_written_tbptt_reference(ready_learner):
 
 
 def test_window_start_state_is_a_constant_so_earlier_history_does_not_matter(ready_learner):
-    window = ready_learner.state.windows(ready_learner.state.ready(100))
+    window = ready_learner.state.queue
     h0 = window.h0.clone().requires_grad_(True)
     pred, _ = ready_learner.model(window.inputs, (h0, window.c0))
     masked_mse(pred, window.targets, window.mask).backward()
@@ -70,7 +69,7 @@ def test_window_start_state_is_a_constant_so_earlier_history_does_not_matter(rea
 
 
 def test_clipping_scales_the_gradient_to_max_norm_keeping_its_direction(ready_learner):
-    window = ready_learner.state.windows(ready_learner.state.ready(100))
+    window = ready_learner.state.queue
     trainer, params = ready_learner.trainer, list(ready_learner.model.parameters())
     trainer.backward(window)
     raw = [p.grad.clone() for p in params]
@@ -86,24 +85,24 @@ def test_clipping_scales_the_gradient_to_max_norm_keeping_its_direction(ready_le
 
 def test_update_reports_torchs_pre_clip_norm_and_clip_event(ready_learner):
     probe = copy.deepcopy(ready_learner)
-    probe.trainer.backward(probe.state.windows(probe.state.ready(100)))
+    probe.trainer.backward(probe.state.queue)
     expected = float(torch.nn.utils.clip_grad_norm_(probe.model.parameters(), 1e-3))
     stats = ready_learner.train_now()
     assert stats.grad_norm == pytest.approx(expected, rel=1e-6)
     assert stats.clipped and not stats.skipped
     assert stats.slots == 4 and stats.steps == 4 * 5 - 4  # first target of each is in warm-up
-    assert ready_learner.updates == 1 and ready_learner.state.seen[:4].tolist() == [0] * 4
+    assert ready_learner.updates == 1 and len(ready_learner.state.queue) == 0
 
 
 def test_window_holding_a_non_finite_number_is_left_out_while_the_others_train(ready_learner):
-    ready_learner.state.targets[1, 2, 0] = float("nan")
-    ready_learner.state.inputs[2, 0, 0] = float("inf")
+    ready_learner.state.queue.targets[1, 2, 0] = float("nan")
+    ready_learner.state.queue.inputs[2, 0, 0] = float("inf")
     probe = copy.deepcopy(ready_learner)
-    clean = probe.state.windows(np.array([0, 3]))
+    clean = probe.state.queue.take(np.array([0, 3]))
     reference_loss(probe.model, clean).backward()
 
     loss, left_out, steps = ready_learner.trainer.backward(
-        ready_learner.state.windows(ready_learner.state.ready(100)))
+        ready_learner.state.queue)
 
     assert int(left_out) == 2 and int(steps) == 2 * (5 - 1)
     assert math.isfinite(float(loss.detach()))
@@ -112,7 +111,7 @@ def test_window_holding_a_non_finite_number_is_left_out_while_the_others_train(r
 
 
 def test_update_with_left_out_windows_applies_and_reports_them(ready_learner):
-    ready_learner.state.h0[0, 3, 0] = float("nan")
+    ready_learner.state.queue.h0[0, 3, 0] = float("nan")
     before = {k: v.clone() for k, v in ready_learner.model.state_dict().items()}
     stats = ready_learner.train_now()
     assert not stats.skipped and stats.windows_left_out == 1 and stats.slots == 4
@@ -121,7 +120,7 @@ def test_update_with_left_out_windows_applies_and_reports_them(ready_learner):
 
 
 def test_update_with_every_window_left_out_is_skipped_and_changes_nothing(ready_learner):
-    ready_learner.state.inputs[:4, 0, 0] = float("nan")
+    ready_learner.state.queue.inputs[:4, 0, 0] = float("nan")
     before = {k: v.clone() for k, v in ready_learner.model.state_dict().items()}
     stats = ready_learner.train_now()
     assert stats.skipped and stats.windows_left_out == 4
