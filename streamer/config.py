@@ -271,8 +271,8 @@ class TrainingSettings(_Section):
     min_update_windows: int = Field(
         _LEARNER_DEFAULTS["min_update_windows"],
         ge=1,
-        description="An update waits until this many full TBPTT windows are queued (or one per "
-        "16 sensors when that is more, at most 64).",
+        description="Full TBPTT windows an update waits for: one at first, one more every 16 "
+        "updates up to this (or one per 16 sensors when that is more, at most 64).",
     )
     lr: float = Field(_LEARNER_DEFAULTS["lr"], gt=0, description="Optimizer learning rate.")
     max_grad_norm: float = Field(

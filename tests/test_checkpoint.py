@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -96,7 +97,11 @@ def test_partition_state_moves_between_learners_through_a_checkpoint(tmp_path):
     store = CheckpointStore(tmp_path, "w1", CFG.fingerprint())
     source = _learner(20)
     _save(store, source, 100)
-    target = Learner(CFG)
+    # Compared without updates: windows queued for an update stay with the old owner (training
+    # data, not sensor state), so an update would fall at different readings on each side.
+    serve_only = dataclasses.replace(CFG, train_every=10**9)
+    source = snap.restore(snap.snapshot(source), serve_only)
+    target = Learner(serve_only)
     target.step(sine_fleet(2, 3, seed=9))  # holds other sensors already: s0, s1 get replaced
     found = store.latest_for(TP)
     snap.import_sensors(target, snap.sensors_of(found.state, found.sensors[TP]))

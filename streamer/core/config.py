@@ -22,14 +22,14 @@ class LearnerConfig:
     # full window and the update are never trained on (64 vs 256: synthetic fleet relMAE
     # 0.87 -> 0.83, appliances unchanged). Triggers with no full window cost nothing.
     train_every: int = 64
-    # An update waits until this many full windows are queued (more in large fleets: one per
-    # 16 sensors, at most 64). Windows queue without dropping readings, so waiting costs no
-    # data, only delay and optimizer steps; it bounds the updates per reading, which is what
-    # makes a small fleet replay as fast per reading as a large one. 8 by measurement over the
-    # shared fleets (docs/benchmarks/quality.md): 1 / 4 / 8 / 16 gave parking relMAE 0.720 /
-    # 0.733 / 0.754 / 0.762, hourly 0.716 / 0.716 / 0.719 / 0.724, hourly replay 14k / 31k /
-    # 40k / 52k readings/s.
-    min_update_windows: int = 8
+    # An update waits until this many full windows are queued: one at first, one more every 16
+    # updates up to this (and one per 16 sensors in a large fleet, at most 64). Windows queue
+    # without dropping readings, so waiting costs no data, only delay and optimizer steps; it
+    # bounds the updates per reading, which is what makes a small fleet replay as fast per
+    # reading as a large one. By measurement over the shared fleets (docs/benchmarks/quality.md,
+    # relMAE parking / daily / hourly, hourly updates): a fixed 8: 0.754 / 0.839 / 0.719, 1,402;
+    # a fixed 16: 0.762 / 0.844 / 0.724, 725; ramp to 32: 0.728 / 0.837 / 0.728, 609.
+    min_update_windows: int = 32
     # 5e-3 by measurement: appliances relMAE 0.783 (3e-3: 0.775), seasonal synthetic fleet
     # 0.777 (3e-3: 0.810), mixed synthetic fleet 0.822 (3e-3: 0.830). See docs/benchmarks.
     lr: float = 5e-3

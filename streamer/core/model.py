@@ -38,6 +38,8 @@ class Forecaster(nn.Module):
         length, each over the steps up to it of the sequences that long or longer: on the CPU a
         plain call costs 3-7 us per step where a packed sequence costs 20-40.
         """
+        if bool((lengths == x.shape[1]).all()):  # no padding: one call
+            return self.forward(x, state)
         order = torch.argsort(lengths, descending=True, stable=True)
         x, lengths = x[order], lengths[order]  # longest first: "this long or longer" is a prefix
         h, c = state[0][:, order].clone(), state[1][:, order].clone()  # (L, B, H)

@@ -98,7 +98,10 @@ class WindowQueue:
         """Remove and return the oldest ``limit`` windows."""
         n = min(limit, self.n)
         taken = self.view().take(np.arange(n))
-        self.keep(np.arange(n, self.n))
+        if n == self.n:
+            self.n = 0
+        else:
+            self.keep(np.arange(n, self.n))
         return taken
 
     def load(self, w: WindowBatch) -> None:

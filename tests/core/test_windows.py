@@ -105,3 +105,12 @@ def test_queue_keeps_at_most_its_limit_dropping_the_oldest():
     assert queue.view().slots.tolist() == [6, 7, 8]
     taken = queue.take(2)
     assert taken.slots.tolist() == [6, 7] and queue.view().slots.tolist() == [8]
+
+
+def test_updates_wait_for_one_more_window_every_16_updates_up_to_min_update_windows():
+    cfg = LearnerConfig(**{**NO_TRAINING, "train_every": 1, "min_update_windows": 3})
+    learner = Learner(cfg)
+    updates = []
+    for part in chunks(sine_fleet(1, 4 * (16 + 2 * 16 + 3 * 4) + 1, seed=3), 7):
+        updates += learner.step(part).updates
+    assert [u.slots for u in updates] == [1] * 16 + [2] * 16 + [3] * 4
