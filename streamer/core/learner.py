@@ -297,7 +297,7 @@ class Learner:
         if g.n_pos == 1:
             pred, (h, c) = self.model(seq, state)
         else:
-            pred, (h, c) = self.model.forward_ragged(seq, torch.from_numpy(g.counts), state)
+            pred, (h, c) = self.model.forward_ragged(seq, g.counts, state)
         self.state.h[:, index], self.state.c[:, index] = h, c
         return pred[torch.as_tensor(g.member, device=dev), torch.as_tensor(g.pos, device=dev)]
 
