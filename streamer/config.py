@@ -29,7 +29,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from streamer.core.config import LearnerConfig
+from streamer.core.config import MAX_WINDOWS_PER_UPDATE, LearnerConfig
 
 ENV_PREFIX = "STREAMER_"
 ENV_NESTED_DELIMITER = "__"
@@ -271,6 +271,7 @@ class TrainingSettings(_Section):
     min_update_windows: int = Field(
         _LEARNER_DEFAULTS["min_update_windows"],
         ge=1,
+        le=MAX_WINDOWS_PER_UPDATE,
         description="Full TBPTT windows an update waits for: one at first, one more every 16 "
         "updates up to this (or one per 16 sensors when that is more, at most 64).",
     )

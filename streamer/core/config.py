@@ -7,6 +7,9 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+# Bounds one update's memory and time in a 100k-sensor fleet, and the queue of full windows.
+MAX_WINDOWS_PER_UPDATE = 8192
+
 
 @dataclass(frozen=True)
 class LearnerConfig:
@@ -68,6 +71,9 @@ class LearnerConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_update_windows > MAX_WINDOWS_PER_UPDATE:
+            raise ValueError(f"min_update_windows must be <= {MAX_WINDOWS_PER_UPDATE} (the most "
+                             f"windows one update trains), got {self.min_update_windows}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not self.max_grad_norm > 0:

@@ -7,7 +7,7 @@ import torch
 
 from streamer.core.batch import Batch, StepResult, UpdateStats
 from streamer.core.compiled import kernel
-from streamer.core.config import LearnerConfig
+from streamer.core.config import MAX_WINDOWS_PER_UPDATE, LearnerConfig
 from streamer.core.device import resolve_device
 from streamer.core.experts import N_EXPERTS, expert_forecasts, weigh_experts
 from streamer.core.grouping import Groups, group_by_slot
@@ -17,9 +17,8 @@ from streamer.core.normalizer import MAX_ABS_TS, MAX_ABS_VALUE, Encoded, SensorS
 from streamer.core.rejections import Reason
 from streamer.core.slots import SlotTable
 from streamer.core.trainer import Trainer
-from streamer.core.windows import SlotTensors
+from streamer.core.windows import SlotTensors, WindowBatch
 
-MAX_WINDOWS_PER_UPDATE = 8192  # bounds one update's memory and time in a 100k-sensor fleet
 # An update waits for queued windows: one at first, one more every RAMP_UPDATES updates up to
 # config.min_update_windows; and in a large fleet one per 16 live sensors, at most 64 (at 1k
 # sensors an update trains >= 62 windows instead of ~2: the core benchmark measured 38k
@@ -272,17 +271,24 @@ class Learner:
         x = torch.from_numpy(features)  # (M, D)
         targets, valid = torch.from_numpy(enc.targets), torch.from_numpy(enc.target_valid)
         change = torch.empty(len(slots), enc.targets.shape[1], device=dev)  # (M, F)
+        by_part = np.argsort(part, kind="stable")  # arrival order within each part
+        bounds = np.searchsorted(part[by_part], np.arange(int(part.max()) + 2))
+        full, closed_by = [], []  # the windows this chunk fills, and the readings closing them
         for p in range(int(part.max()) + 1):
-            rows = np.flatnonzero(part == p)
+            rows = by_part[bounds[p] : bounds[p + 1]]
             if not len(rows):
                 continue
             if p:  # each slot's first reading here completes its previous window
                 first = rows[step[rows] == 0]
-                self.state.close(slots[first], targets[first], valid[first])
+                full.append(self.state.close(slots[first], targets[first], valid[first]))
+                closed_by.append(first)
             self.state.record(slots[rows], step[rows], x[rows], targets[rows], valid[rows])
             whole = len(rows) == len(slots)  # one part: the chunk's grouping holds
             change[torch.as_tensor(rows, device=dev)] = self._run_lstm(
                 x[rows], g if whole else group_by_slot(slots[rows]))
+        if full:  # queued in the order of the readings that closed them, however cut
+            order = np.argsort(np.concatenate(closed_by), kind="stable")
+            self.state.enqueue(WindowBatch.cat(full).take(order))
         return change.double().cpu().numpy()  # the one device->host copy of the chunk
 
     def _run_lstm(self, x: torch.Tensor, g: Groups) -> torch.Tensor:

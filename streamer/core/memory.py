@@ -116,7 +116,7 @@ class SensorMemory:
         out = Recalled(np.empty((m, 2, f)), np.empty((m, 2, f)), np.empty((m, f)))
         _advance(
             slots.astype(np.int64), buckets(ts), buckets(ts + next_gap), values, spread,
-            changes, has_change, outlier, self.seasonal_alpha,
+            changes, has_change, outlier, np.float32(self.seasonal_alpha),
             self.profile, self.level, self.ar_x, self.ar_w,
             out.seasonal, out.seasonal_now, out.ar_change,
         )
@@ -150,19 +150,20 @@ def _advance(slots, here, nxt, values, spread, changes, has_change, outlier, alp
                 seasonal[i, k, j] = lv + sp * np.float64(profile[s, j, nxt[i, k]])
                 seasonal_now[i, k, j] = lv + sp * np.float64(profile[s, j, b])
 
-            c = np.float64(changes[i, j])
+            # The AR model is float32 throughout, like its state.
+            c = changes[i, j]
             if has_change[i]:
-                fit, energy = 0.0, 0.0
+                fit, energy = np.float32(0.0), np.float32(0.0)
                 for q in range(p):
                     fit += ar_w[s, j, q] * ar_x[s, j, q]
                     energy += ar_x[s, j, q] * ar_x[s, j, q]
-                step = AR_STEP * (c - fit) / (_AR_EPS + energy)
+                step = np.float32(AR_STEP) * (c - fit) / (np.float32(_AR_EPS) + energy)
                 for q in range(p):
                     ar_w[s, j, q] += step * ar_x[s, j, q]
                 for q in range(p - 1, 0, -1):
                     ar_x[s, j, q] = ar_x[s, j, q - 1]
                 ar_x[s, j, 0] = c
-            forecast = 0.0
+            forecast = np.float32(0.0)
             for q in range(p):
                 forecast += ar_w[s, j, q] * ar_x[s, j, q]
             ar_change[i, j] = forecast

@@ -51,7 +51,7 @@ class Forecaster(nn.Module):
         start = 0
         for end, n in zip(ends.tolist(), n_at_least.tolist()):
             out[:n, start:end], (h[:, :n], c[:, :n]) = self.lstm(
-                x[:n, start:end], (h[:, :n].contiguous(), c[:, :n].contiguous()))
+                x[:n, start:end], (h[:, :n].clone(), c[:, :n].clone()))  # not views: h changes
             start = end
         pred = self.head(torch.cat([out, x], dim=-1))
         back = torch.from_numpy(np.argsort(order_np)).to(x.device)

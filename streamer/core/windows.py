@@ -29,6 +29,15 @@ class WindowBatch:
         return WindowBatch(self.slots[index], self.inputs[i], self.targets[i], self.mask[i],
                            self.h0[:, i], self.c0[:, i])
 
+    @staticmethod
+    def cat(parts: list[WindowBatch]) -> WindowBatch:
+        """The windows of ``parts``, one after the other."""
+        def joined(name: str, axis: int = 0) -> torch.Tensor:
+            return torch.cat([getattr(w, name) for w in parts], axis)
+
+        return WindowBatch(np.concatenate([w.slots for w in parts]), joined("inputs"),
+                           joined("targets"), joined("mask"), joined("h0", 1), joined("c0", 1))
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"slots": torch.from_numpy(self.slots.copy()), "inputs": self.inputs,
                 "targets": self.targets, "mask": self.mask, "h0": self.h0, "c0": self.c0}
@@ -199,17 +208,20 @@ class SlotTensors:
             self._set_targets(s[sel], t[sel] - 1, targets[has_target], target_valid[has_target])
         np.maximum.at(self.seen, slots, steps + 1)
 
-    def close(self, slots: np.ndarray, targets: torch.Tensor, target_valid: torch.Tensor) -> None:
+    def close(self, slots: np.ndarray, targets: torch.Tensor,
+              target_valid: torch.Tensor) -> WindowBatch:
         """Give the full windows of ``slots`` their last target (from the reading that starts
-        their next window), queue them, and start new windows from the live state."""
+        their next window), start new windows from the live state, and return the full ones
+        (the caller queues them, in the order of the readings that closed them)."""
         k, dev = self.shape[2], self.device
         s = torch.as_tensor(slots, device=dev)
         self._set_targets(s, torch.full_like(s, k - 1), targets, target_valid)
-        self.enqueue(WindowBatch(slots, self.inputs[s], self.targets[s], self.mask[s],
-                                 self.h0[:, s], self.c0[:, s]))
+        full = WindowBatch(slots.copy(), self.inputs[s], self.targets[s], self.mask[s],
+                           self.h0[:, s], self.c0[:, s])
         self.h0[:, s] = self.h[:, s]
         self.c0[:, s] = self.c[:, s]
         self.seen[slots] = 0
+        return full
 
     def _set_targets(self, s: torch.Tensor, t: torch.Tensor, targets: torch.Tensor,
                      valid: torch.Tensor) -> None:
@@ -218,7 +230,7 @@ class SlotTensors:
         self.mask[s, t] = valid.to(dev, torch.float32)[:, None].expand(-1, targets.shape[1])
 
     def enqueue(self, windows: WindowBatch) -> None:
-        """Queue full windows for the next update (``close`` does; tests and benchmarks)."""
+        """Queue full windows for the next update, oldest first."""
         self._queue.push(windows)
 
     def take_queued(self, limit: int) -> WindowBatch:
