@@ -389,3 +389,13 @@ def test_every_field_has_a_description() -> None:
         assert field.info.description, field.dotted
     for name, info in Settings.model_fields.items():
         assert info.description, name
+
+
+def test_min_update_windows_beyond_what_one_update_trains_is_refused() -> None:
+    assert error_message({"training.min_update_windows": 8193}) == (
+        "invalid configuration: training.min_update_windows "
+        "(STREAMER_TRAINING__MIN_UPDATE_WINDOWS / --training-min-update-windows): "
+        "Input should be less than or equal to 8192"
+    )
+    with pytest.raises(ValueError, match="min_update_windows must be <= 8192"):
+        LearnerConfig(min_update_windows=8193)
