@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--batch-size", type=int, default=2048, help="readings per step")
     replay.add_argument("--limit", type=int, help="only the first N readings")
     replay.add_argument("--top", type=int, default=10, help="sensors listed (0: all)")
-    add_settings_arguments(replay)
+    # Only what shapes the learner: replay has no Kafka, metrics, checkpoints or log settings.
+    add_settings_arguments(replay, sections=("model", "training", "sensors", "general"))
 
     broker = commands.add_parser("broker", help="run a local Kafka-protocol broker (dev)")
     broker.add_argument("--port", type=int, default=9092)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import enum
 import typing
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,11 +58,15 @@ def _help(field: SettingField, optional: bool) -> str:
     return (text + "]").replace("%", "%%")
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per setting, grouped by section; flags not passed leave no trace."""
+def add_settings_arguments(parser: argparse.ArgumentParser,
+                           sections: Collection[str] | None = None) -> None:
+    """Add one flag per setting, grouped by section (only ``sections`` when given; top-level
+    settings are the section "general"); flags not passed leave no trace."""
     groups: dict[str, Any] = {}
     for field in setting_fields():
         section = field.path[0] if len(field.path) > 1 else "general"
+        if sections is not None and section not in sections:
+            continue
         if section not in groups:
             description = None
             if section in Settings.model_fields:

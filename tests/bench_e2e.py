@@ -23,7 +23,7 @@ Against a real local broker (Tansu, started here) and for each fleet size N it m
 
 Everything shares this machine's cores: the broker, the worker (with kafka-python's IO threads),
 the live producer and the reader. Tansu ends a waiting fetch only ~250 ms after new data arrives
-(see /work/shared/TEST-BROKER.md), which bounds the latency of the ceiling and the streamer alike.
+(see docs/test-broker.md), which bounds the latency of the ceiling and the streamer alike.
 A full run takes ~3 minutes on 2 cores; ``--quick`` is a smoke run (shorter live phases).
 """
 
@@ -73,7 +73,7 @@ from streamer.worker import Worker, connection_from, gc_tuned_for_serving  # noq
 PARTITIONS = 4
 READING_INTERVAL_S = 60.0  # pre-produced readings are a minute apart per sensor, a day ago
 FORECASTS = "streamer_forecasts_produced_total"
-# The worker's consumer timeouts in tests (TEST-BROKER.md): Tansu holds a JoinGroup for about
+# The worker's consumer timeouts in tests (docs/test-broker.md): Tansu holds a JoinGroup for about
 # max(1 s, session / 2), and ends a waiting fetch late, so a short fetch wait keeps latency down.
 KAFKA_OVERRIDES = {
     "kafka.session_timeout_ms": 2000,

@@ -98,7 +98,7 @@ def group_id(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def consumer_timeouts() -> dict[str, int]:
-    """ConsumerSettings overrides every test consumer should use (see TEST-BROKER.md)."""
+    """ConsumerSettings overrides every test consumer should use (see docs/test-broker.md)."""
     return dict(TEST_CONSUMER_TIMEOUTS)
 
 

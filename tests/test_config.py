@@ -320,7 +320,7 @@ def test_heartbeat_must_be_below_a_third_of_the_session_timeout() -> None:
         "--kafka-session-timeout-ms), which is 6000; lower the heartbeat interval or raise the "
         "session timeout"
     )
-    # The test broker's settings (see TEST-BROKER.md) are valid.
+    # The test broker's settings (see docs/test-broker.md) are valid.
     overrides = {"kafka.session_timeout_ms": 2000, "kafka.heartbeat_interval_ms": 500}
     assert load_settings(overrides).kafka.heartbeat_interval_ms == 500
 

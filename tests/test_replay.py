@@ -77,3 +77,14 @@ def test_replay_uses_the_same_settings_flags_as_run(fleet_csv, tmp_path):
     path, _ = fleet_csv
     done = _replay(str(path), "--training-lr", "0")
     assert done.returncode == 2 and "STREAMER_TRAINING__LR" in done.stderr
+
+
+def test_replay_help_lists_the_learners_settings_and_no_kafka_metrics_or_checkpoint_flags():
+    done = subprocess.run([sys.executable, "-m", "streamer", "replay", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    for flag in ("--model-hidden-size", "--training-min-update-windows",
+                 "--sensors-max-sensors", "--device", "--torch-threads"):
+        assert flag in done.stdout, flag
+    for prefix in ("--kafka-", "--metrics-", "--checkpoint-", "--log-"):
+        assert prefix not in done.stdout, prefix
