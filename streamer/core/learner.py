@@ -101,10 +101,9 @@ class Learner:
         done = self.accepted_total
         first_due = every - done % every  # 1-based index within `accepted` of the first trigger
         cuts = np.arange(first_due, len(accepted) + 1, every)
-        # The accepted readings that complete a window: each k-th step after a window's start.
-        k = self.config.tbptt_steps
-        step = self.state.seen[slots[accepted]] + group_by_slot(slots[accepted]).pos
-        fills = np.flatnonzero((step >= k) & (step % k == 0))
+        # The accepted readings that complete a window.
+        part, step = self.state.place(slots[accepted], group_by_slot(slots[accepted]).pos)
+        fills = np.flatnonzero((part > 0) & (step == 0))
         start = 0
         while (end := self._next_useful_cut(fills, cuts, start)) is not None:
             self._apply(batch, accepted[start:end], slots, result)
@@ -265,9 +264,8 @@ class Learner:
         The readings are cut where a slot's window ends (one LSTM call per part; usually one):
         the live state there is where the slot's next window starts.
         """
-        k, dev = self.config.tbptt_steps, self.device
-        step = self.state.seen[slots] + g.pos  # (M,) steps since the current window's start
-        part, step = np.divmod(step, k)  # (M,) 0: the current window, 1: the next one, ...
+        dev = self.device
+        part, step = self.state.place(slots, g.pos)  # (M,) window (0: the current), step in it
         x = torch.from_numpy(features)  # (M, D)
         targets, valid = torch.from_numpy(enc.targets), torch.from_numpy(enc.target_valid)
         change = torch.empty(len(slots), enc.targets.shape[1], device=dev)  # (M, F)

@@ -195,6 +195,12 @@ class SlotTensors:
         if len(kept) < len(self._queue):
             self._queue.keep(kept)
 
+    def place(self, slots: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where the readings at rank ``pos`` among a chunk's readings of ``slots`` (M,) go:
+        (M,) their window (0: the slot's current one, 1: the next, ...) and (M,) their step in
+        it. A reading at step 0 of window 1 or later completes the window before it."""
+        return np.divmod(self.seen[slots] + pos, self.shape[2])
+
     def record(self, slots: np.ndarray, steps: np.ndarray, inputs: torch.Tensor,
                targets: torch.Tensor, target_valid: torch.Tensor) -> None:
         """Store readings of the slots' current windows: inputs (M, D) at ``steps`` (M,), and
