@@ -85,11 +85,11 @@ def test_a_checkpoint_from_another_model_shape_is_refused_with_the_reason(tmp_pa
 
 def test_a_checkpoint_of_an_older_snapshot_format_is_refused_with_the_reason(tmp_path, caplog):
     old = snap.snapshot(_learner(4))
-    old["format"] = "streamer.learner/3"  # windows with gaps, no queue
+    old["format"] = "streamer.learner/4"  # no interval calibration
     CheckpointStore(tmp_path, "w1", CFG.fingerprint()).save(old, {TP: 5}, {TP: []})
     with caplog.at_level(logging.ERROR):
         assert CheckpointStore(tmp_path, "w1", CFG.fingerprint()).latest() is None
-    assert ("learner snapshot format 'streamer.learner/3' is not 'streamer.learner/4' "
+    assert ("learner snapshot format 'streamer.learner/4' is not 'streamer.learner/5' "
             "(written by another streamer version)") in caplog.text
 
 

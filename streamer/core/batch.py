@@ -88,10 +88,39 @@ class StepResult:
     # and of persistence; NaN where the sensor had no scored forecast yet.
     model_error: np.ndarray  # (N,) float64, mean over features
     persistence_error: np.ndarray  # (N,) float64
+    # The interval around each forecast (NaN where rejected), and how surprising each reading
+    # was given the forecast and interval made before it (intervals.py).
+    lower: np.ndarray  # (N, F) float64
+    upper: np.ndarray  # (N, F) float64
+    anomaly_score: np.ndarray  # (N,) float64 in [0, 1]; 0 where unscored or rejected
+    anomaly: np.ndarray  # (N,) bool: the score reached the threshold
+    inside: np.ndarray  # (N,) int8: 1 inside the interval made before it, 0 outside, -1 unscored
+    interval_width: np.ndarray  # (N,) float64 mean width, in the sensor's change scales
+    # What was expected of each reading: the forecast made at its sensor's previous reading and
+    # that forecast's interval (NaN where unscored): the anomaly topic's events carry them.
+    expected: np.ndarray  # (N, F) float64
+    expected_lower: np.ndarray  # (N, F) float64
+    expected_upper: np.ndarray  # (N, F) float64
     updates: list[UpdateStats] = field(default_factory=list)
     new_sensors: int = 0
     evicted_sensors: int = 0
 
-    @property
-    def accepted(self) -> np.ndarray:
-        return self.status == 0
+    @classmethod
+    def empty(cls, n: int, n_features: int) -> StepResult:
+        """Outputs for ``n`` readings, as if every one were rejected (filled in by the step)."""
+        return cls(
+            status=np.zeros(n, dtype=np.int8),
+            forecasts=np.full((n, n_features), np.nan),
+            update_count=np.zeros(n, dtype=np.int64),
+            model_error=np.full(n, np.nan),
+            persistence_error=np.full(n, np.nan),
+            lower=np.full((n, n_features), np.nan),
+            upper=np.full((n, n_features), np.nan),
+            anomaly_score=np.zeros(n),
+            anomaly=np.zeros(n, dtype=bool),
+            inside=np.full(n, -1, dtype=np.int8),
+            interval_width=np.full(n, np.nan),
+            expected=np.full((n, n_features), np.nan),
+            expected_lower=np.full((n, n_features), np.nan),
+            expected_upper=np.full((n, n_features), np.nan),
+        )

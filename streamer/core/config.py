@@ -61,6 +61,16 @@ class LearnerConfig:
     # Weight of the newest reading in a seasonal profile bucket (memory.py); 1 keeps only the
     # latest cycle ("the value a day / a week before").
     seasonal_alpha: float = 0.5
+    # Intervals (intervals.py): the share of next readings each forecast's [lower, upper] is
+    # meant to hold, calibrated online per sensor.
+    coverage: float = 0.9
+    # A reading whose anomaly score (1 - its tail probability) is at least this is flagged.
+    anomaly_threshold: float = 0.999
+    # Flagged readings do not move a sensor's calibration until it has been flagged this many
+    # readings in a row (then it is the new normal): 0 learns from every reading. 0 by
+    # measurement (docs/benchmarks/intervals.md): with 8, coverage on the shared fleets fell to
+    # 0.86-0.88 (the flagged readings are exactly the misses the quantiles need to see).
+    anomaly_learn_after: int = 0
     device: str = "auto"
     seed: int = 0
 
@@ -88,6 +98,13 @@ class LearnerConfig:
             raise ValueError(f"expert_eta must be > 0, got {self.expert_eta}")
         if not 0.0 < self.seasonal_alpha <= 1.0:
             raise ValueError(f"seasonal_alpha must be in (0, 1], got {self.seasonal_alpha}")
+        if not 0.0 < self.coverage < 1.0:
+            raise ValueError(f"coverage must be in (0, 1), got {self.coverage}")
+        if not 0.0 < self.anomaly_threshold < 1.0:
+            raise ValueError(f"anomaly_threshold must be in (0, 1), got {self.anomaly_threshold}")
+        if not 0 <= self.anomaly_learn_after <= 255:
+            raise ValueError(f"anomaly_learn_after must be in [0, 255], got "
+                             f"{self.anomaly_learn_after}")
         if not self.clip_z > 0:
             raise ValueError(f"clip_z must be > 0, got {self.clip_z}")
         if self.sensor_ttl_seconds is not None and not self.sensor_ttl_seconds > 0:

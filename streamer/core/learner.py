@@ -11,6 +11,7 @@ from streamer.core.config import MAX_WINDOWS_PER_UPDATE, LearnerConfig
 from streamer.core.device import resolve_device
 from streamer.core.experts import N_EXPERTS, expert_forecasts, weigh_experts
 from streamer.core.grouping import Groups, group_by_slot
+from streamer.core.intervals import Calibration
 from streamer.core.memory import Recalled, SensorMemory
 from streamer.core.model import Forecaster
 from streamer.core.normalizer import MAX_ABS_TS, MAX_ABS_VALUE, Encoded, SensorStats, input_size
@@ -49,6 +50,8 @@ class Learner:
         self.stats = SensorStats(self.table.capacity, config.n_features, config.norm_alpha,
                                  config.warmup_readings, config.clip_z, config.robust_stats)
         self.memory = SensorMemory(self.table.capacity, config.n_features, config.seasonal_alpha)
+        self.calibration = Calibration(self.table.capacity, config.n_features, config.coverage,
+                                       config.anomaly_threshold, config.anomaly_learn_after)
         self.state = SlotTensors(self.table.capacity, config.num_layers, config.hidden_size,
                                  config.tbptt_steps, n_inputs, config.n_features, self.device,
                                  limit=MAX_WINDOWS_PER_UPDATE)
@@ -67,6 +70,8 @@ class Learner:
         weigh_experts(self.stats.guard_err, self.stats.revert_score, none,
                       np.zeros((0, f, N_EXPERTS)), enc.target_valid, none, 0.5, 1.0, values)
         self._timestamps_increase(none, ts)
+        self.calibration.calibrate(none, ts, values, values, values, values, none, none, values,
+                                   values, values)
 
     @property
     def updates(self) -> int:
@@ -84,14 +89,8 @@ class Learner:
     # -- the step -------------------------------------------------------------------------
     def step(self, batch: Batch) -> StepResult:
         """Apply a micro-batch (arrival order); one forecast per accepted reading."""
-        n, f = len(batch), self.config.n_features
-        result = StepResult(
-            status=np.zeros(n, dtype=np.int8),
-            forecasts=np.full((n, f), np.nan),
-            update_count=np.zeros(n, dtype=np.int64),
-            model_error=np.full(n, np.nan),
-            persistence_error=np.full(n, np.nan),
-        )
+        n = len(batch)
+        result = StepResult.empty(n, self.config.n_features)
         if n == 0:
             return result
         slots = self._admit(batch, result)
@@ -207,14 +206,16 @@ class Learner:
         """Enlarge every per-slot array to the slot table's new ``capacity``."""
         self.stats.grow(capacity)
         self.memory.grow(capacity)
+        self.calibration.grow(capacity)
         self.state.grow(capacity)
 
     def release(self, slots: np.ndarray) -> None:
-        """Free ``slots`` and zero their state, statistics, memory and window, for reuse."""
+        """Free ``slots`` and reset their state, statistics, memory, calibration and window."""
         if len(slots):
             self.table.release(slots)
             self.stats.reset(slots)
             self.memory.reset(slots)
+            self.calibration.reset(slots)
             self.state.reset(slots)
 
     @torch.no_grad()
@@ -236,7 +237,8 @@ class Learner:
         raw = np.where(enc.warm[:, None], enc.scale * change, 0.0)  # (M, F) predicted change
         experts = expert_forecasts(values, raw, mem, enc.scale, cap)  # (M, F, K)
         experts = np.where(enc.warm[:, None, None], experts, values[..., None])  # warm-up
-        forecast = self._aggregate(slots, g, values, experts, enc)
+        n_scored = self._n_scored(slots, g)
+        forecast, spread = self._aggregate(slots, g, values, experts, enc, n_scored)
         # Finite by construction (bounded inputs and statistics); should the weights ever go
         # non-finite, every valid reading still gets a number: persistence.
         forecast = np.where(np.isfinite(forecast), forecast, values)
@@ -250,6 +252,15 @@ class Learner:
         result.update_count[rows] = self.updates
         result.model_error[rows] = np.where(scored, model_err.mean(axis=1), np.nan)
         result.persistence_error[rows] = np.where(scored, naive_err.mean(axis=1), np.nan)
+        cal = self.calibration.calibrate(slots, ts, values, enc.prev_value, prev_forecast,
+                                         enc.prev_scale, scored, n_scored, forecast, enc.scale,
+                                         spread)
+        result.lower[rows], result.upper[rows] = cal.lower, cal.upper
+        result.anomaly_score[rows], result.anomaly[rows] = cal.score, cal.anomaly
+        result.inside[rows], result.interval_width[rows] = cal.inside, cal.width
+        result.expected[rows] = np.where(scored[:, None], prev_forecast, np.nan)
+        result.expected_lower[rows] = cal.expected_lower
+        result.expected_upper[rows] = cal.expected_upper
         last = np.flatnonzero(pos == g.counts[g.member] - 1)
         self.stats.last_forecast[slots[last]] = forecast[last]
         self.stats.last_experts[slots[last]] = experts[last]
@@ -313,12 +324,20 @@ class Learner:
         relative = np.nan_to_num(np.clip(relative, -cap, cap), nan=0.0)
         return relative.reshape(len(values), -1).astype(np.float32)
 
+    def _n_scored(self, slots: np.ndarray, g: Groups) -> np.ndarray:
+        """(M,) scored readings each slot has had up to and including each reading here."""
+        # Readings this slot has had before this one (stats.count is already past the chunk).
+        n_before = self.stats.count[slots] - g.counts[g.member] + g.pos
+        return n_before - self.config.warmup_readings + 1
+
     def _aggregate(self, slots: np.ndarray, g: Groups, values: np.ndarray,
-                   experts: np.ndarray, enc: Encoded) -> np.ndarray:
+                   experts: np.ndarray, enc: Encoded,
+                   n_scored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(M, F) forecasts: the experts weighed by how each did on this sensor, or a spike
-        reverted (experts.py)."""
+        reverted (experts.py); and (M, F) the experts' weighted spread around the weighted
+        forecast, in change scales."""
         if self.config.guard_alpha == 0.0:
-            return experts[..., 0]  # the LSTM's own forecast
+            return experts[..., 0], np.zeros(values.shape)  # the LSTM's own forecast
         stats = self.stats
         prev_experts = _previous(slots, g, experts, stats.last_experts)  # (M, F, K)
         # Capped like the quality metrics: one wild miss counts, but cannot decide alone.
@@ -329,15 +348,16 @@ class Learner:
         after_spike = _previous(slots, g, enc.outlier, stats.last_outlier) > 0
         before_spike = _previous(slots, g, enc.prev_value, stats.before_last_value)
         gain = np.sign(np.abs(values - enc.prev_value) - np.abs(values - before_spike))
-        # Readings this slot has had before this one, hence its scored ones including this.
-        n_before = stats.count[slots] - g.counts[g.member] + g.pos
-        n_scored = n_before - self.config.warmup_readings + 1
         weights, revert = weigh_experts(
             stats.guard_err, stats.revert_score, slots, errors, enc.target_valid, n_scored,
             self.config.guard_alpha, self.config.expert_eta, np.where(after_spike, gain, np.nan),
         )
         combined = (weights * experts).sum(axis=-1)
-        return np.where(enc.outlier & revert, enc.prev_value, combined)
+        # How much the experts disagree about the next reading (change scales): the intervals
+        # widen with it (intervals.py).
+        apart = np.clip((experts - combined[..., None]) / enc.scale[..., None], -cap, cap)
+        spread = np.sqrt((weights * apart**2).sum(axis=-1))
+        return np.where(enc.outlier & revert, enc.prev_value, combined), spread
 
     # -- training -------------------------------------------------------------------------
     def _train(self, min_ready: int | None = None) -> UpdateStats | None:

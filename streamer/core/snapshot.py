@@ -13,8 +13,13 @@ from streamer.core.windows import slot_axis
 
 # 2: guard and spike state in the stats; 3: spreads as deviations (sd, change_rms), and the
 # per-sensor memory (seasonal profiles, AR) and experts; 4: windows that follow each other
-# without a gap, and the queue of full windows waiting for an update.
-FORMAT = "streamer.learner/4"
+# without a gap, and the queue of full windows waiting for an update; 5: interval and anomaly
+# calibration.
+FORMAT = "streamer.learner/5"
+
+
+# The learner's per-slot host arrays (row i: slot i) that move with a sensor.
+PER_SENSOR_PARTS = ("stats", "memory", "calibration")
 
 
 class IncompatibleSnapshot(ValueError):
@@ -33,6 +38,8 @@ def snapshot(learner: Learner) -> dict:
         "table": learner.table.to_plain(),
         "stats": {k: torch.from_numpy(v.copy()) for k, v in learner.stats.arrays().items()},
         "memory": {k: torch.from_numpy(v.copy()) for k, v in learner.memory.arrays().items()},
+        "calibration": {k: torch.from_numpy(v.copy())
+                        for k, v in learner.calibration.arrays().items()},
         "slot_tensors": cpu,
         "seen": torch.from_numpy(learner.state.seen.copy()),
         "queue": {k: v.detach().cpu().clone() for k, v in learner.state.queue.tensors().items()},
@@ -54,6 +61,7 @@ def restore(state: dict, config: LearnerConfig) -> Learner:
     learner.table = SlotTable.from_plain(state["table"], config.max_sensors)
     learner.stats.load_arrays({k: v.numpy() for k, v in state["stats"].items()})
     learner.memory.load_arrays({k: v.numpy() for k, v in state["memory"].items()})
+    learner.calibration.load_arrays({k: v.numpy() for k, v in state["calibration"].items()})
     learner.state.load_tensors(state["slot_tensors"], state["seen"].numpy(), state["queue"])
     counters = state["counters"]
     learner.accepted_total = int(counters["accepted_total"])
@@ -122,7 +130,7 @@ def import_sensors(learner: Learner, exported: dict) -> int:
         missing = [s for s, ok in zip(ids, placed.tolist()) if not ok]
         learner.table.release(slots[placed])
         raise ValueError(f"sensor table full: cannot import {len(missing)} sensors")
-    for part in ("stats", "memory"):
+    for part in PER_SENSOR_PARTS:
         for name, rows in exported[part].items():
             getattr(getattr(learner, part), name)[slots] = rows.numpy()
     index = torch.as_tensor(slots, device=learner.device)
@@ -145,9 +153,10 @@ def drop_sensors(learner: Learner, sensor_ids: list[str]) -> int:
 
 
 def sensors_of(state: dict, sensor_ids: list[str]) -> dict:
-    """The per-sensor state (statistics, memory, LSTM state, window being filled) of those ids
-    in a saved snapshot, in the form ``import_sensors`` takes. Their full windows still queued
-    for an update stay behind: training data for the old owner's model, not sensor state."""
+    """The per-sensor state (statistics, memory, calibration, LSTM state, window being filled)
+    of those ids in a saved snapshot, in the form ``import_sensors`` takes. Their full windows
+    still queued for an update stay behind: training data for the old owner's model, not
+    sensor state."""
     position = {s: i for i, s in enumerate(state["table"]["ids"]) if s is not None}
     wanted = [s for s in sensor_ids if s in position]
     slots = torch.as_tensor([position[s] for s in wanted], dtype=torch.long)
@@ -157,8 +166,8 @@ def sensors_of(state: dict, sensor_ids: list[str]) -> dict:
         tensors[name] = tensor.index_select(axis, slots)
     return {
         "ids": wanted,
-        "stats": {k: v.index_select(0, slots) for k, v in state["stats"].items()},
-        "memory": {k: v.index_select(0, slots) for k, v in state["memory"].items()},
+        **{part: {k: v.index_select(0, slots) for k, v in state[part].items()}
+           for part in PER_SENSOR_PARTS},
         "slot_tensors": tensors,
         "seen": state["seen"].index_select(0, slots),
     }

@@ -24,6 +24,10 @@ def test_restored_learner_continues_with_identical_forecasts_and_weights(small_c
     for part in chunks(second, 13):
         a, b = original.step(part), copy.step(part)
         np.testing.assert_array_equal(a.forecasts, b.forecasts)
+        # The interval and anomaly calibration continues too.
+        np.testing.assert_array_equal(a.lower, b.lower)
+        np.testing.assert_array_equal(a.upper, b.upper)
+        np.testing.assert_array_equal(a.anomaly_score, b.anomaly_score)
         assert [u.loss for u in a.updates] == [u.loss for u in b.updates]
     assert original.updates == copy.updates > 1
     for p, q in zip(original.model.parameters(), copy.model.parameters()):

@@ -1,0 +1,364 @@
+"""Prediction intervals and anomaly scores, calibrated online per sensor.
+
+**Intervals.** Every forecast carries ``[lower, upper]`` meant to hold the next reading with
+probability ``coverage`` (1 - alpha). They are built on the sensor's normalized residuals
+
+    r = (reading - forecast made before it) / (change scale * error profile * (1 + b * d))
+
+The change scale is the sensor's typical change (normalizer.py: the unit its errors are scored
+in), so a noisier period widens the interval at once. The error profile is the sensor's mean
+absolute error in that unit for forecasts made at each of ``N_BUCKETS`` times of day (UTC),
+kept online: errors are larger at some hours (a car park filling in the morning, a building's
+load at opening time, the forecast made at the last reading before a nightly gap), and a width
+that follows the hour is narrower at the quiet ones and still covers the busy ones (Winkler
+score on the car-park fleet 6.5 -> 4.8, docs/benchmarks/intervals.md). The bucket is that of
+the reading the forecast is made at, not of the (unknown) time of the next one. ``d`` is how
+much the sensor's experts (experts.py) disagree about the next reading: their weighted spread
+around the forecast, in change scales. When the LSTM, the seasonal profiles and persistence
+point different ways the forecast is less sure, and the interval says so (Winkler a further
+2-5 % lower on every shared fleet).
+
+Per sensor and feature two online quantiles of ``r`` are tracked, one per tail (alpha/2 each,
+so an asymmetric error distribution gets an asymmetric interval), by conformal PID control
+(Angelopoulos, Candès, Tibshirani, "Conformal PID control for time series prediction", 2023):
+
+- quantile tracking (the P term): ``q += lr * w * (miss - alpha/2)`` after every scored
+  reading, ``w`` the current width in these units: O(1), no stored window; whatever the data,
+  the long-run miss rate of each tail is alpha/2 (the sum of ``miss - alpha/2`` telescopes to
+  the bounded change of ``q``);
+- an integrator of the recent coverage error (the I term): ``S = leak * S + (miss - alpha)``
+  over both tails, and the bounds used are ``q -+ gain * w * tanh(S)``: a run of misses (a
+  level shift, a noisier stretch) widens the interval within a few readings, and saturation
+  keeps it finite.
+
+**Anomaly score.** For each reading, how surprising it is given the forecast made before it,
+as ``1 - p`` with ``p`` a two-sided tail probability of its residual against the sensor's own
+residual distribution: inside the interval ``p`` falls linearly from 1 at its centre to alpha
+at its edge; beyond it, ``p = alpha * P(excess)`` under a generalized Pareto tail fitted to
+the running moments of the excesses over the bound (peaks over threshold, as SPOT: Siffer et
+al., "Anomaly detection in streams with extreme value theory", KDD 2017). A stuck sensor is
+scored too: the same reading ``k`` times in a row has probability ``P(repeat) * P(repeat after
+a repeat) ** (k - 1)``, both running shares of this sensor's own readings. As in the anomaly
+likelihood of Numenta's HTM detector, the short-run surprise also counts: ``-ln p`` averaged
+over the last few readings, against that average's own long-run mean and spread for this
+sensor, gives a second tail probability (a sustained run of misses that no single reading
+shows); the average of positive, skewed surprises is treated as Gamma-distributed with those
+moments (Wilson-Hilferty's cube-root normal approximation), not as normal. The score is
+``1 - min`` of the two; a reading scoring at least the threshold is flagged.
+
+With ``learn_after`` > 0, flagged readings do not move the calibration (a spike then does not
+widen later intervals) until a sensor has been flagged that many readings in a row: then it is
+the new normal and is learned from, so a level shift stops being flagged within a bounded
+number of readings. The default learns from every reading: on the shared fleets holding the
+flagged readings back cost coverage (they are exactly the misses the quantiles must see). The
+model itself trains on every reading (its targets are winsorized at clip_z).
+
+State: per slot and feature 6 float32 and ``N_BUCKETS`` int16 (40 bytes); per slot 5 float32,
+an int16 and 2 uint8 (24 bytes): 64 bytes per sensor at one feature.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+
+from streamer.core.compiled import kernel
+
+# Quantile tracking step, as a share of the interval's width (its own scale, as the paper's
+# step is a share of the scores' range).
+TRACK_LR = 0.03
+# The integrator: memory of the recent coverage error (1 / (1 - leak) readings) and its weight.
+I_LEAK, I_GAIN = 0.95, 0.1
+# Weight of the experts' disagreement in the width: 2 by measurement (0.5 / 1 / 2 / 4 / 8 on all
+# four shared fleets; 2 was best or within 1 % of it on each).
+SPREAD_WEIGHT = 2.0
+MAX_SPREAD = 6.0  # in change scales, like the model's inputs
+MIN_WIDTH = 0.05  # the width (in change scales) that sets the step when the interval is ~0
+# Error profile: 8 buckets of 3 hours (24 measured better on the car-park fleet, 4.7 vs 4.9,
+# but not within the memory budget); weight of the newest error in its bucket; a bucket is
+# never below this share of the profile's mean (a sensor exact all night keeps a width); an
+# error counts at most this many times its bucket's value (a spike moves it a little).
+N_BUCKETS = 8
+PROFILE_ALPHA, PROFILE_FLOOR, PROFILE_CAP = 0.05, 0.2, 20.0
+# Buckets are stored as log2 in int16 steps of 1/2048 octave (0.03 %, +-16 octaves).
+LOG_STEP = 2048.0
+SECONDS_PER_DAY = 86_400.0
+MAX_EXCESS = 20.0  # an exceedance counts at most this many widths in the tail's moments
+TAIL_ALPHA = 0.1  # weight of the newest exceedance in the tail's running moments
+MAX_SHAPE = 0.45  # the tail's shape is kept below 1/2, where its variance is finite
+# Short-run surprise: weight of the newest reading (~1 / readings), and of the long-run
+# statistics it is compared with (max(this, 1/(n + LONG_PRIOR)): about equal weights at first).
+SHORT_ALPHA, LONG_ALPHA = 0.2, 0.002
+# If p were uniform (a calibrated residual distribution), -ln p would be Exp(1): mean 1, and
+# its short-run average would have this variance. That is the prior (worth LONG_PRIOR readings)
+# and the floor of the spread the average is compared with: a sensor whose surprise never
+# varies must not turn one ordinary miss into an anomaly.
+SHORT_VAR = SHORT_ALPHA / (2.0 - SHORT_ALPHA)
+LONG_PRIOR = 50
+MAX_SURPRISE = 30.0  # -ln p is capped here (p = 1e-13): one reading cannot swamp the average
+# Repeated readings: the share of readings equal to the one before, and of those after a repeat
+# (priors, and the weight of the newest reading). A sensor that never repeats a value and then
+# does is flagged at once; one that sits at 0 for hours at night is not.
+REPEAT_PRIOR, REPEAT_AGAIN_PRIOR, REPEAT_ALPHA = 0.1, 0.5, 0.01
+MAX_RUN = 255  # flagged-in-a-row counts saturate here (learn_after is at most this)
+MAX_REPEATS = 32_767
+UNSCORED = -1  # `inside` of a reading whose previous forecast was not scored
+
+
+@dataclass
+class Calibrated:
+    """One chunk's intervals and scores, aligned with its readings."""
+
+    lower: np.ndarray  # (M, F) float64 bounds of the interval around each reading's forecast
+    upper: np.ndarray  # (M, F)
+    score: np.ndarray  # (M,) float64 anomaly score of the reading in [0, 1]; 0 if unscored
+    anomaly: np.ndarray  # (M,) bool: score >= threshold
+    inside: np.ndarray  # (M,) int8: 1 every feature inside its interval, 0 not, -1 unscored
+    width: np.ndarray  # (M,) float64 mean interval width in change scales (the error unit)
+    # The interval the reading was scored against (around the forecast made before it); NaN
+    # where unscored.
+    expected_lower: np.ndarray  # (M, F)
+    expected_upper: np.ndarray  # (M, F)
+
+
+class Calibration:
+    """Per-slot interval and anomaly state (host memory); see the module docstring."""
+
+    _FLOAT32 = ("q_lo", "q_hi", "integral", "tail", "tail_sq", "spread",  # (C, F)
+                "short", "long_mean", "long_var", "repeat", "repeat_again")  # (C,)
+    _ALL = (*_FLOAT32, "profile", "flag_run", "repeat_run", "last_bucket")
+
+    def __init__(self, capacity: int, n_features: int, coverage: float, threshold: float,
+                 learn_after: int, gain: float = I_GAIN):
+        if not 0 <= learn_after <= MAX_RUN:
+            raise ValueError(f"learn_after must be in [0, {MAX_RUN}], got {learn_after}")
+        self.n_features, self.alpha = n_features, 1.0 - coverage
+        self.threshold, self.learn_after, self.gain = threshold, learn_after, gain
+        # Before any data: the bounds of a standard normal residual, a tail of a third of that.
+        self.z = NormalDist().inv_cdf(1.0 - self.alpha / 2)
+        self.flag_run = np.zeros(0, dtype=np.uint8)
+        self.grow(capacity)
+
+    def _allocate(self, capacity: int) -> dict[str, np.ndarray]:
+        f = self.n_features
+        arrays = {name: np.zeros((capacity, f) if i < 6 else capacity, dtype=np.float32)
+                  for i, name in enumerate(self._FLOAT32)}
+        arrays["profile"] = np.zeros((capacity, f, N_BUCKETS), dtype=np.int16)
+        arrays["flag_run"] = np.zeros(capacity, dtype=np.uint8)
+        arrays["repeat_run"] = np.zeros(capacity, dtype=np.int16)
+        arrays["last_bucket"] = np.zeros(capacity, dtype=np.uint8)
+        return arrays
+
+    def grow(self, capacity: int) -> None:
+        """Enlarge to ``capacity`` slots, keeping every existing value; new slots start fresh."""
+        old = len(self.flag_run)
+        fresh = self._allocate(capacity)
+        for name, values in fresh.items():
+            if old:
+                values[:old] = getattr(self, name)
+            setattr(self, name, values)
+        self.reset(np.arange(old, capacity))
+
+    def reset(self, slots: np.ndarray) -> None:
+        """Forget ``slots`` (eviction, reuse): the prior interval, no surprise history."""
+        self.q_lo[slots], self.q_hi[slots] = -self.z, self.z
+        self.integral[slots], self.spread[slots] = 0.0, 0.0
+        self.tail[slots] = self.z / 3.0
+        self.tail_sq[slots] = 2.0 * (self.z / 3.0) ** 2  # an exponential tail's second moment
+        self.short[slots], self.long_mean[slots], self.long_var[slots] = 1.0, 1.0, SHORT_VAR
+        self.repeat[slots], self.repeat_again[slots] = REPEAT_PRIOR, REPEAT_AGAIN_PRIOR
+        self.profile[slots] = 0  # log2 1: errors of about one typical change at every hour
+        self.flag_run[slots], self.repeat_run[slots], self.last_bucket[slots] = 0, 0, 0
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in self._ALL}
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        for name in self._ALL:
+            setattr(self, name, np.array(arrays[name], dtype=getattr(self, name).dtype))
+
+    def calibrate(self, slots: np.ndarray, ts: np.ndarray, values: np.ndarray,
+                  prev_value: np.ndarray, prev_forecast: np.ndarray, prev_scale: np.ndarray,
+                  scored: np.ndarray, n_scored: np.ndarray, forecast: np.ndarray,
+                  scale: np.ndarray, spread: np.ndarray) -> Calibrated:
+        """Score each reading against the interval made before it, learn, and bound its forecast.
+
+        Arrival order. ``ts`` (M,) is each reading's time; ``prev_value`` (M, F) is the slot's
+        previous reading, ``prev_forecast`` / ``prev_scale`` (M, F) the forecast made then and
+        the change scale then, ``scored`` (M,) whether that forecast counts (the previous
+        reading was past warm-up), ``n_scored`` (M,) how many scored readings the slot has had
+        including this one, ``forecast`` / ``scale`` / ``spread`` (M, F) the forecast made at
+        this reading, the scale now and the experts' weighted spread around that forecast.
+        """
+        m, f = values.shape
+        out = Calibrated(lower=np.empty((m, f)), upper=np.empty((m, f)), score=np.zeros(m),
+                         anomaly=np.zeros(m, dtype=bool), inside=np.empty(m, dtype=np.int8),
+                         width=np.empty(m), expected_lower=np.full((m, f), np.nan),
+                         expected_upper=np.full((m, f), np.nan))
+        _calibrate(
+            slots.astype(np.int64), ts, values, prev_value, prev_forecast, prev_scale,
+            scored.astype(np.bool_), n_scored.astype(np.int64), forecast, scale, spread,
+            self.alpha, self.threshold, self.learn_after, self.gain,
+            self.q_lo, self.q_hi, self.integral, self.tail, self.tail_sq, self.spread,
+            self.profile,
+            self.short, self.long_mean, self.long_var, self.repeat, self.repeat_again,
+            self.flag_run, self.repeat_run, self.last_bucket,
+            out.lower, out.upper, out.score, out.anomaly, out.inside, out.width,
+            out.expected_lower, out.expected_upper,
+        )
+        return out
+
+
+@kernel
+def _bounds(q_lo, q_hi, integral, gain):  # pragma: no cover - compiled
+    """The interval (low, high) in residual units, and its width before the I term."""
+    w = max(q_hi - q_lo, MIN_WIDTH)
+    widen = gain * w * math.tanh(integral)
+    lo, hi = q_lo - widen, q_hi + widen
+    if lo > hi:  # the two tails crossed (a constant residual): meet in the middle
+        lo = hi = 0.5 * (lo + hi)
+    return lo, hi, w
+
+
+@kernel
+def _bucket(t):  # pragma: no cover - compiled
+    """The error-profile bucket of epoch seconds ``t``: its time of day (UTC)."""
+    day = t - math.floor(t / SECONDS_PER_DAY) * SECONDS_PER_DAY
+    return min(int(day * N_BUCKETS / SECONDS_PER_DAY), N_BUCKETS - 1)
+
+
+@kernel
+def _profile_unit(profile, s, j, b):  # pragma: no cover - compiled
+    """The error profile's value at bucket ``b``, floored at a share of the profile's mean."""
+    mean = 0.0
+    for k in range(N_BUCKETS):
+        mean += 2.0 ** (profile[s, j, k] / LOG_STEP)
+    return max(2.0 ** (profile[s, j, b] / LOG_STEP), PROFILE_FLOOR * mean / N_BUCKETS)
+
+
+@kernel
+def _learn_profile(profile, s, j, b, error):  # pragma: no cover - compiled
+    """Move bucket ``b`` towards ``error`` (capped), stored back as int16 log2 steps."""
+    now = 2.0 ** (profile[s, j, b] / LOG_STEP)
+    now += PROFILE_ALPHA * (min(error, PROFILE_CAP * max(now, MIN_WIDTH)) - now)
+    step = round(math.log2(max(now, 2.0 ** -15)) * LOG_STEP)
+    profile[s, j, b] = min(max(step, -32767), 32767)
+
+
+@kernel
+def _gamma_tail(x, mean, var):  # pragma: no cover - compiled
+    """P(X >= x) for X ~ Gamma with this mean and variance (Wilson-Hilferty: (X / mean)^(1/3)
+    is about normal with mean 1 - 1/(9k) and variance 1/(9k), k = mean^2 / var)."""
+    mean = max(mean, 1e-6)
+    nine_k = 9.0 * mean * mean / var
+    z = ((max(x, 0.0) / mean) ** (1.0 / 3.0) - (1.0 - 1.0 / nine_k)) * math.sqrt(nine_k)
+    return 0.5 * math.erfc(z / math.sqrt(2.0))
+
+
+@kernel
+def _tail_probability(excess, mean, mean_sq):  # pragma: no cover - compiled
+    """P(X > excess | X > 0) under a generalized Pareto tail fitted to the running moments of
+    the exceedances (method of moments: Hosking and Wallis, 1987), shape clipped to
+    [0, MAX_SHAPE]: exponential at 0, heavier above."""
+    mean = max(mean, 1e-6)
+    ratio = mean * mean / max(mean_sq - mean * mean, 1e-12)  # m^2 / v
+    shape = min(max(0.5 * (1.0 - ratio), 0.0), MAX_SHAPE)
+    sigma = mean * (1.0 - shape)  # the mean excess of a GPD is sigma / (1 - shape)
+    if shape < 1e-6:
+        return math.exp(-excess / sigma)
+    return (1.0 + shape * excess / sigma) ** (-1.0 / shape)
+
+
+@kernel
+def _calibrate(slots, ts, values, prev_value, prev_forecast, prev_scale, scored,
+               n_scored, forecast, scale, spread_now, alpha, threshold, learn_after, gain,
+               q_lo, q_hi, integral, tail, tail_sq, spread, profile, short, long_mean, long_var,
+               repeat, repeat_again, flag_run, repeat_run, last_bucket,
+               lower, upper, score, anomaly, inside, width, expected_lower,
+               expected_upper):  # pragma: no cover - compiled
+    """The per-reading recurrence of ``Calibration.calibrate`` (state updated in place)."""
+    f = values.shape[1]
+    half = 0.5 * alpha
+    miss_lo = np.zeros(f, dtype=np.bool_)
+    miss_hi = np.zeros(f, dtype=np.bool_)
+    resid = np.zeros(f)
+    for i in range(len(slots)):
+        s = slots[i]
+        if scored[i]:
+            p_inst, all_in, same = 1.0, True, True
+            for j in range(f):
+                sure = 1.0 + SPREAD_WEIGHT * spread[s, j]
+                unit = prev_scale[i, j] * sure * _profile_unit(profile, s, j, last_bucket[s])
+                r = (values[i, j] - prev_forecast[i, j]) / unit
+                resid[j] = r
+                lo, hi, w = _bounds(q_lo[s, j], q_hi[s, j], integral[s, j], gain)
+                expected_lower[i, j] = prev_forecast[i, j] + lo * unit
+                expected_upper[i, j] = prev_forecast[i, j] + hi * unit
+                miss_lo[j], miss_hi[j] = r < lo, r > hi
+                if miss_lo[j] or miss_hi[j]:
+                    all_in = False
+                    excess = min((lo - r) if miss_lo[j] else (r - hi), MAX_EXCESS * w)
+                    p = alpha * _tail_probability(excess, tail[s, j], tail_sq[s, j])
+                else:
+                    centre = 0.5 * (lo + hi)
+                    edge = (hi - centre) if r >= centre else (centre - lo)
+                    frac = abs(r - centre) / edge if edge > 0 else 0.0
+                    p = 1.0 - (1.0 - alpha) * frac
+                p_inst = min(p_inst, p)
+                same = same and values[i, j] == prev_value[i, j]
+            if same:  # stuck: k equal readings in a row, against this sensor's habits
+                k = repeat_run[s] + 1
+                p_inst = min(p_inst, repeat[s] * repeat_again[s] ** (k - 1))
+            # Short-run surprise against its own long-run distribution (HTM's likelihood).
+            surprise = min(-math.log(max(p_inst, 1e-300)), MAX_SURPRISE)
+            run = short[s] + SHORT_ALPHA * (surprise - short[s])
+            p_run = _gamma_tail(run, long_mean[s], max(long_var[s], SHORT_VAR))
+            score[i] = 1.0 - min(p_inst, p_run)
+            flagged = score[i] >= threshold
+            anomaly[i] = flagged
+            inside[i] = 1 if all_in else 0
+            learn = not flagged or flag_run[s] >= learn_after
+            flag_run[s] = min(flag_run[s] + 1, MAX_RUN) if flagged else 0
+            if learn:
+                for j in range(f):
+                    lo, hi, w = _bounds(q_lo[s, j], q_hi[s, j], integral[s, j], gain)
+                    step = TRACK_LR * w
+                    q_hi[s, j] += step * (miss_hi[j] - half)
+                    q_lo[s, j] -= step * (miss_lo[j] - half)
+                    missed = miss_hi[j] or miss_lo[j]
+                    integral[s, j] = I_LEAK * integral[s, j] + (missed - alpha)
+                    if miss_lo[j] or miss_hi[j]:  # the tail: running moments of the excess
+                        r = resid[j]
+                        excess = min((lo - r) if miss_lo[j] else (r - hi), MAX_EXCESS * w)
+                        tail[s, j] += TAIL_ALPHA * (excess - tail[s, j])
+                        tail_sq[s, j] += TAIL_ALPHA * (excess * excess - tail_sq[s, j])
+                    error = abs(values[i, j] - prev_forecast[i, j]) / (
+                        prev_scale[i, j] * (1.0 + SPREAD_WEIGHT * spread[s, j]))
+                    _learn_profile(profile, s, j, last_bucket[s], error)
+                short[s] = run
+                a = max(LONG_ALPHA, 1.0 / (n_scored[i] + LONG_PRIOR))
+                d = run - long_mean[s]
+                long_mean[s] += a * d
+                long_var[s] = (1.0 - a) * (long_var[s] + a * d * d)
+                if repeat_run[s] > 0:
+                    repeat_again[s] += REPEAT_ALPHA * (same - repeat_again[s])
+                else:
+                    repeat[s] += REPEAT_ALPHA * (same - repeat[s])
+            repeat_run[s] = min(repeat_run[s] + 1, MAX_REPEATS) if same else 0
+        else:
+            inside[i] = UNSCORED
+        # The interval around this reading's forecast, for the sensor's next reading.
+        b = _bucket(ts[i])
+        last_bucket[s] = b
+        total = 0.0
+        for j in range(f):
+            lo, hi, w = _bounds(q_lo[s, j], q_hi[s, j], integral[s, j], gain)
+            spread[s, j] = min(spread_now[i, j], MAX_SPREAD)
+            u = _profile_unit(profile, s, j, b) * (1.0 + SPREAD_WEIGHT * spread[s, j])
+            lower[i, j] = forecast[i, j] + lo * u * scale[i, j]
+            upper[i, j] = forecast[i, j] + hi * u * scale[i, j]
+            total += (hi - lo) * u
+        width[i] = total / f

@@ -1,0 +1,130 @@
+"""Prediction intervals hold their coverage online per sensor; surprising readings are flagged."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streamer.core import Batch, Learner, LearnerConfig, Reason
+from streamer.replay import backtest
+
+WARMUP = 200  # readings per sensor before coverage is measured (the benchmark's warm-up)
+
+
+def _fleet(kind: str, n_sensors: int = 12, n_steps: int = 1500, seed: int = 0) -> Batch:
+    """AR(1) sensors on different scales with noise of one ``kind``, interleaved by time."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n_steps)
+    series = []
+    for s in range(n_sensors):
+        if kind == "gaussian":
+            noise = rng.normal(size=n_steps)
+        elif kind == "heavy":
+            noise = rng.standard_t(3, size=n_steps)
+        elif kind == "heteroscedastic":  # calm and busy stretches, 4x apart
+            noise = rng.normal(size=n_steps) * np.where((t // 250) % 2 == 0, 1.0, 4.0)
+        elif kind == "level_shift":
+            noise = rng.normal(size=n_steps) + np.where(t >= n_steps // 2, 25.0, 0.0) * (
+                t == n_steps // 2)
+        else:
+            raise ValueError(kind)
+        x = np.zeros(n_steps)
+        for i in range(1, n_steps):
+            x[i] = 0.8 * x[i - 1] + noise[i]
+        series.append(10.0 ** (s % 4 - 1) * (x + 5 * s))
+    values = np.stack(series, axis=1).reshape(-1)
+    ids = [f"s{s}" for _ in t for s in range(n_sensors)]
+    ts = np.repeat(1.7e9 + 60.0 * t, n_sensors)
+    return Batch.from_arrays(ids, ts, values)
+
+
+def _coverage(batch: Batch, coverage: float) -> float:
+    outputs, _ = backtest(batch, LearnerConfig(device="cpu", coverage=coverage), batch_size=500)
+    ids = np.asarray(batch.sensor_ids)
+    index_in_sensor = np.zeros(len(ids), dtype=int)
+    for name in np.unique(ids):
+        rows = np.flatnonzero(ids == name)
+        index_in_sensor[rows] = np.arange(len(rows))
+    counted = (outputs.inside >= 0) & (index_in_sensor >= WARMUP)
+    return float((outputs.inside[counted] == 1).mean())
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "heavy", "heteroscedastic", "level_shift"])
+@pytest.mark.parametrize("coverage", [0.8, 0.9, 0.95])
+def test_fleet_coverage_is_within_two_points_of_the_target(kind, coverage):
+    assert _coverage(_fleet(kind), coverage) == pytest.approx(coverage, abs=0.02)
+
+
+def _one_sensor(values: np.ndarray, config: LearnerConfig | None = None):
+    batch = Batch.from_arrays(["x"] * len(values), 1.7e9 + 60.0 * np.arange(len(values)), values)
+    outputs, _ = backtest(batch, config or LearnerConfig(device="cpu"), batch_size=64)
+    return outputs
+
+
+def test_interval_widens_within_50_readings_of_a_noise_increase_and_shrinks_after():
+    rng = np.random.default_rng(3)
+    sd = np.r_[np.full(800, 1.0), np.full(400, 5.0), np.full(800, 1.0)]
+    out = _one_sensor(np.cumsum(rng.normal(size=len(sd)) * 0.2) + rng.normal(size=len(sd)) * sd)
+    width = (out.upper - out.lower)[:, 0]
+    before, during = width[700:800].mean(), width[850:1200].mean()
+    assert width[800:850].max() > 2.5 * before  # widened within 50 readings
+    assert during > 3 * before
+    assert width[1900:2000].mean() < 0.5 * during  # and narrowed again
+
+
+def _sine(n: int, seed: int = 5) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    return 100 + 10 * np.sin(2 * np.pi * t / 48) + rng.normal(size=n) * 0.3
+
+
+def test_a_spike_is_flagged_and_the_readings_around_it_are_not():
+    values = _sine(1500)
+    values[1000] += 40
+    out = _one_sensor(values)
+    assert out.anomaly[1000] and out.anomaly_score[1000] > 0.999
+    assert not out.anomaly[990:1000].any()
+    assert not out.anomaly[1010:1100].any()
+
+
+def test_a_stuck_sensor_is_flagged_within_five_readings():
+    values = _sine(1500)
+    values[1000:1040] = values[1000]
+    out = _one_sensor(values)
+    assert out.anomaly[1001:1006].any()
+
+
+# A sensor whose level really moved stops being flagged within this many readings, with the
+# default (learn from every reading) and when flagged readings are held back for 8 readings.
+LEVEL_SHIFT_FLAGGED_AT_MOST = 20
+
+
+@pytest.mark.parametrize("learn_after", [0, 8])
+def test_a_level_shift_is_flagged_then_becomes_the_new_normal(learn_after):
+    values = _sine(2000)
+    values[1000:] += 30
+    out = _one_sensor(values, LearnerConfig(device="cpu", anomaly_learn_after=learn_after))
+    assert out.anomaly[1000]
+    # Its run of flags ends within the bound (later flags would be unrelated ones).
+    assert not out.anomaly[1000 + LEVEL_SHIFT_FLAGGED_AT_MOST : 1100].any()
+
+
+def test_rejected_readings_are_never_scored_and_the_next_one_is_scored_as_usual():
+    values = _sine(400)
+    learner = Learner(LearnerConfig(device="cpu"))
+    ts = 1.7e9 + 60.0 * np.arange(400)
+    learner.step(Batch.from_arrays(["x"] * 300, ts[:300], values[:300]))
+    bad = Batch.from_arrays(["x", "x", "x"], ts[300:303], np.array([np.nan, 1e305, values[302]]))
+    result = learner.step(bad)
+    assert list(result.status) == [Reason.NON_FINITE, Reason.VALUE_OUT_OF_RANGE, 0]
+    assert list(result.anomaly_score[:2]) == [0.0, 0.0] and not result.anomaly[:2].any()
+    assert list(result.inside[:2]) == [-1, -1] and np.isnan(result.lower[:2]).all()
+    assert result.inside[2] in (0, 1) and np.isfinite(result.lower[2:]).all()
+    assert result.lower[2, 0] <= result.forecasts[2, 0] <= result.upper[2, 0]
+
+
+def test_calibration_state_is_at_most_64_bytes_per_feature_per_sensor():
+    for f in (1, 3):
+        learner = Learner(LearnerConfig(device="cpu", n_features=f, initial_capacity=100))
+        total = sum(a.nbytes for a in learner.calibration.arrays().values())
+        assert total / 100 <= 64 * f
