@@ -1,4 +1,5 @@
-"""The message contract: readings in, forecasts out, rejected records to the dead-letter topic.
+"""The message contract: readings in; forecasts (with intervals and anomaly scores), anomaly
+events and rejected records (to the dead-letter topic) out.
 
 Input record: key = sensor id (UTF-8, optional; an empty key counts as absent), value = JSON
 ``{"sensor_id": str?, "ts": <epoch seconds> | "<RFC 3339 with offset>", "value": number}`` or
@@ -33,6 +34,8 @@ from typing_extensions import NotRequired, TypedDict
 from streamer.core.batch import Batch
 from streamer.core.rejections import Reason
 
+# Anomaly scores are written with 6 significant digits: enough to rank and threshold them.
+SCORE_FORMAT = "%.6g"
 DLQ_REASON = "streamer.reason"
 DLQ_DETAIL = "streamer.detail"
 DLQ_SOURCE_TOPIC = "streamer.source.topic"
@@ -220,19 +223,30 @@ def encode_forecast(
     offset: int,
     update_count: int,
     n_features: int,
+    *,
+    lower: Sequence[float] | np.ndarray,
+    upper: Sequence[float] | np.ndarray,
+    anomaly_score: float,
+    anomaly: bool,
 ) -> bytes:
     """The forecast that follows the reading at (partition, offset), as UTF-8 JSON.
 
-    A non-finite forecast number is written as ``null``: the output stays valid JSON.
+    ``lower`` / ``upper`` bound the forecast's prediction interval; ``anomaly_score`` and
+    ``anomaly`` are those of the reading at (partition, offset), given the forecast made
+    before it. A non-finite number is written as ``null``: the output stays valid JSON.
     """
     numbers = [_finite_or_none(float(number)) for number in forecast_values]
     if len(numbers) != n_features:
         raise ValueError(f"expected {n_features} forecast values, got {len(numbers)}")
+    low = [_finite_or_none(float(number)) for number in lower]
+    high = [_finite_or_none(float(number)) for number in upper]
     body: dict[str, Any] = {"sensor_id": sensor_id, "ts": float(ts)}
     if n_features == 1:
-        body["value"] = numbers[0]
+        body.update(value=numbers[0], lower=low[0], upper=high[0])
     else:
-        body["values"] = numbers
+        body.update(values=numbers, lower=low, upper=high)
+    body["anomaly_score"] = float(SCORE_FORMAT % anomaly_score)
+    body["anomaly"] = bool(anomaly)
     body["partition"] = int(partition)
     body["offset"] = int(offset)
     body["model_updates"] = int(update_count)
@@ -246,27 +260,69 @@ def encode_forecasts(
     partitions: Sequence[int],
     offsets: Sequence[int],
     update_counts: np.ndarray,
+    *,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    anomaly_scores: np.ndarray,
+    anomalies: np.ndarray,
 ) -> list[bytes]:
     """``encode_forecast`` for a whole batch, byte for byte, without a json.dumps per record.
 
     The hot path's JSON: each record is one string format of pre-rendered numbers
     (``float.__repr__`` is JSON's shortest round-trip form; non-finite numbers become null).
     """
-    n_features = forecasts.shape[1]
     escape = json.encoder.encode_basestring  # type: ignore[attr-defined]  # C-accelerated
-    rendered = [
-        [repr(x) if math.isfinite(x) else "null" for x in row] for row in forecasts.tolist()
-    ]
-    if n_features == 1:
-        numbers, field = [row[0] for row in rendered], "value"
-    else:
-        numbers, field = ["[" + ",".join(row) + "]" for row in rendered], "values"
-    template = ('{"sensor_id":%s,"ts":%s,"' + field
-                + '":%s,"partition":%d,"offset":%d,"model_updates":%d}')
+    numbers, field = _render(forecasts)
+    lows, _ = _render(lower)
+    highs, _ = _render(upper)
+    scores = [repr(float(SCORE_FORMAT % x)) for x in np.asarray(anomaly_scores).tolist()]
+    flags = ["true" if x else "false" for x in np.asarray(anomalies).tolist()]
+    template = ('{"sensor_id":%s,"ts":%s,"' + field + '":%s,"lower":%s,"upper":%s,'
+                '"anomaly_score":%s,"anomaly":%s,"partition":%d,"offset":%d,"model_updates":%d}')
     return [
-        (template % (escape(sid), repr(t), num, p, o, u)).encode()
-        for sid, t, num, p, o, u in zip(sensor_ids, ts.astype(np.float64).tolist(), numbers,
-                                        partitions, offsets, np.asarray(update_counts).tolist())
+        (template % row).encode()
+        for row in zip(map(escape, sensor_ids), map(repr, ts.astype(np.float64).tolist()),
+                       numbers, lows, highs, scores, flags, partitions, offsets,
+                       np.asarray(update_counts).tolist())
+    ]
+
+
+def _render(numbers: np.ndarray) -> tuple[list[str], str]:
+    """(N, F) numbers as JSON text per row: a number for one feature, else a list; and the
+    forecast's field name for that shape."""
+    rendered = [[repr(x) if math.isfinite(x) else "null" for x in row] for row in numbers.tolist()]
+    if numbers.shape[1] == 1:
+        return [row[0] for row in rendered], "value"
+    return ["[" + ",".join(row) + "]" for row in rendered], "values"
+
+
+def encode_anomalies(
+    sensor_ids: Sequence[str],
+    ts: np.ndarray,
+    values: np.ndarray,
+    expected: np.ndarray,
+    expected_lower: np.ndarray,
+    expected_upper: np.ndarray,
+    anomaly_scores: np.ndarray,
+    partitions: Sequence[int],
+    offsets: Sequence[int],
+) -> list[bytes]:
+    """One event per flagged reading for the anomaly topic, as UTF-8 JSON: the reading
+    (``value`` / ``values``), the forecast made for it and that forecast's interval
+    (``forecast``, ``lower``, ``upper``: lists for several features), its score, and where it
+    came from."""
+    escape = json.encoder.encode_basestring  # type: ignore[attr-defined]
+    readings, field = _render(values)
+    forecasts, _ = _render(expected)
+    lows, _ = _render(expected_lower)
+    highs, _ = _render(expected_upper)
+    scores = [repr(float(SCORE_FORMAT % x)) for x in np.asarray(anomaly_scores).tolist()]
+    template = ('{"sensor_id":%s,"ts":%s,"' + field + '":%s,"forecast":%s,"lower":%s,'
+                '"upper":%s,"anomaly_score":%s,"anomaly":true,"partition":%d,"offset":%d}')
+    return [
+        (template % row).encode()
+        for row in zip(map(escape, sensor_ids), map(repr, ts.astype(np.float64).tolist()),
+                       readings, forecasts, lows, highs, scores, partitions, offsets)
     ]
 
 

@@ -103,6 +103,11 @@ class KafkaSettings(_Section):
         "sensor-readings-dlq",
         description="Dead-letter topic: rejected records, unchanged, with the reason in headers.",
     )
+    anomaly_topic: str | None = Field(
+        "sensor-anomalies",
+        description="Topic of one event per flagged reading (key: sensor id; the reading, its "
+        "forecast, interval and score); empty disables it.",
+    )
     group_id: str = Field("streamer", min_length=1, description="Consumer group id.")
     client_id: str = Field("streamer", min_length=1, description="Client id sent to the brokers.")
     auto_offset_reset: Literal["earliest", "latest"] = Field(
@@ -162,9 +167,11 @@ class KafkaSettings(_Section):
                 )
         return ",".join(servers)
 
-    @field_validator("input_topic", "output_topic", "dlq_topic")
+    @field_validator("input_topic", "output_topic", "dlq_topic", "anomaly_topic")
     @classmethod
-    def _topic_name(cls, value: str) -> str:
+    def _topic_name(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         if not _TOPIC_NAME.match(value) or value in (".", ".."):
             raise ValueError(
                 f"{value!r} is not a Kafka topic name: "
@@ -192,10 +199,11 @@ class KafkaSettings(_Section):
         return self
 
     def _check_topics_distinct(self) -> None:
-        names = ("input_topic", "output_topic", "dlq_topic")
+        names = ("input_topic", "output_topic", "dlq_topic", "anomaly_topic")
         for i, first in enumerate(names):
             for second in names[i + 1 :]:
-                if getattr(self, first) == getattr(self, second):
+                topic = getattr(self, first)
+                if topic is not None and topic == getattr(self, second):
                     raise _conflict(
                         f"{_named('kafka.' + first)} and {_named('kafka.' + second)} are both "
                         f"{getattr(self, first)!r}; each must name its own topic"
@@ -327,6 +335,38 @@ class TrainingSettings(_Section):
     )
 
 
+class ForecastSettings(_Section):
+    """What each forecast carries besides the value."""
+
+    coverage: float = Field(
+        _LEARNER_DEFAULTS["coverage"],
+        gt=0,
+        lt=1,
+        description="Share of next readings each forecast's [lower, upper] interval is meant to "
+        "hold, calibrated online per sensor.",
+    )
+
+
+class AnomalySettings(_Section):
+    """When a reading is flagged as an anomaly."""
+
+    threshold: float = Field(
+        _LEARNER_DEFAULTS["anomaly_threshold"],
+        gt=0,
+        lt=1,
+        description="Flag a reading whose anomaly score (1 - the tail probability of its "
+        "forecast error for that sensor) is at least this.",
+    )
+    learn_after: int = Field(
+        _LEARNER_DEFAULTS["anomaly_learn_after"],
+        ge=0,
+        le=255,
+        description="Flagged readings leave a sensor's interval calibration alone until it has "
+        "been flagged this many readings in a row (then they are its new normal); 0 learns "
+        "from every reading.",
+    )
+
+
 class SensorSettings(_Section):
     """The table of per-sensor state."""
 
@@ -432,6 +472,12 @@ class Settings(BaseSettings):
     sensors: SensorSettings = Field(
         default_factory=SensorSettings, description="Table of per-sensor state."
     )
+    forecast: ForecastSettings = Field(
+        default_factory=ForecastSettings, description="Prediction intervals on every forecast."
+    )
+    anomaly: AnomalySettings = Field(
+        default_factory=AnomalySettings, description="Anomaly scores and flags."
+    )
     metrics: MetricsSettings = Field(
         default_factory=MetricsSettings, description="Prometheus metrics endpoint."
     )
@@ -460,7 +506,8 @@ class Settings(BaseSettings):
         return value
 
     def learner_config(self) -> LearnerConfig:
-        """The core's plain config, built from the model, training and sensors sections."""
+        """The core's plain config, built from the model, training, sensors, forecast and
+        anomaly sections."""
         return LearnerConfig(
             n_features=self.model.n_features,
             hidden_size=self.model.hidden_size,
@@ -481,6 +528,9 @@ class Settings(BaseSettings):
             guard_alpha=self.training.guard_alpha,
             expert_eta=self.training.expert_eta,
             seasonal_alpha=self.training.seasonal_alpha,
+            coverage=self.forecast.coverage,
+            anomaly_threshold=self.anomaly.threshold,
+            anomaly_learn_after=self.anomaly.learn_after,
             device=self.device,
             seed=self.training.seed,
         )

@@ -37,7 +37,10 @@ def run_demo(path: Path, rate: float, duration: float | None, metrics_port: int)
             "checkpoint.dir": ckpt, "checkpoint.interval_seconds": "30",
         })
         k = settings.kafka
-        ensure_topics(broker.bootstrap, {k.input_topic: 4, k.output_topic: 4, k.dlq_topic: 1})
+        topics = {k.input_topic: 4, k.output_topic: 4, k.dlq_topic: 1}
+        if k.anomaly_topic is not None:
+            topics[k.anomaly_topic] = 1
+        ensure_topics(broker.bootstrap, topics)
         worker = Worker(settings)
         worker_thread = threading.Thread(target=worker.run, name="worker", daemon=True)
         producer = threading.Thread(

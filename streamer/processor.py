@@ -8,7 +8,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from streamer.codec import dead_letter, decode_batch, encode_forecasts, forecast_key
+from streamer.codec import (
+    dead_letter,
+    decode_batch,
+    encode_anomalies,
+    encode_forecasts,
+    forecast_key,
+)
 from streamer.core import Learner, Reason, StepResult
 from streamer.core.normalizer import MAX_ABS_TS, MAX_ABS_VALUE
 from streamer.kafka.client import InputRecord, OutputRecord, PartitionId
@@ -35,6 +41,7 @@ class Processed:
     decode_rejected: dict[Reason, int]  # the codec's rejections (the learner's are in `result`)
     record_timestamps_ms: np.ndarray  # (forecasts,) source record timestamps, for latency
     result: StepResult
+    flagged_sensors: list[str]  # the sensor of each reading flagged as an anomaly
 
 
 class BatchProcessor:
@@ -44,9 +51,11 @@ class BatchProcessor:
     reconnect or a restored checkpoint) and are skipped, so each reading changes state once.
     """
 
-    def __init__(self, learner: Learner, output_topic: str, dlq_topic: str):
+    def __init__(self, learner: Learner, output_topic: str, dlq_topic: str,
+                 anomaly_topic: str | None = None):
         self.learner = learner
         self.output_topic, self.dlq_topic = output_topic, dlq_topic
+        self.anomaly_topic = anomaly_topic  # None: no anomaly events
         self.applied: dict[PartitionId, int] = {}  # next offset to apply, per partition
         self.sensors: dict[PartitionId, set[str]] = {}  # sensors fed from each partition
 
@@ -73,13 +82,28 @@ class BatchProcessor:
         batch = decoded.batch
         sources = [fresh[i] for i in decoded.index[accepted].tolist()]
         ids = [batch.sensor_ids[i] for i in accepted.tolist()]
+        partitions, offsets = [r.partition for r in sources], [r.offset for r in sources]
         values = encode_forecasts(ids, batch.ts[accepted], result.forecasts[accepted],
-                                  [r.partition for r in sources], [r.offset for r in sources],
-                                  result.update_count[accepted])
+                                  partitions, offsets, result.update_count[accepted],
+                                  lower=result.lower[accepted], upper=result.upper[accepted],
+                                  anomaly_scores=result.anomaly_score[accepted],
+                                  anomalies=result.anomaly[accepted])
         topic = self.output_topic
         # A record's key, when it has one, is already its sensor id in UTF-8 (decoding checked).
         outputs.extend(OutputRecord(topic, r.key or forecast_key(sid), value)
                        for r, sid, value in zip(sources, ids, values))
+        flagged = np.flatnonzero(result.anomaly[accepted])
+        flagged_ids = [ids[i] for i in flagged.tolist()]
+        if self.anomaly_topic is not None and len(flagged):
+            rows = accepted[flagged]
+            events = encode_anomalies(
+                flagged_ids, batch.ts[rows], batch.values[rows], result.expected[rows],
+                result.expected_lower[rows], result.expected_upper[rows],
+                result.anomaly_score[rows], [partitions[i] for i in flagged.tolist()],
+                [offsets[i] for i in flagged.tolist()])
+            outputs.extend(OutputRecord(self.anomaly_topic, sources[i].key or forecast_key(sid),
+                                        event)
+                           for i, sid, event in zip(flagged.tolist(), flagged_ids, events))
         for record, sensor_id in zip(sources, ids):
             self.sensors.setdefault((record.topic, record.partition), set()).add(sensor_id)
         stamps = [r.timestamp_ms for r in sources]
@@ -87,7 +111,7 @@ class BatchProcessor:
         next_offsets = {(r.topic, r.partition): r.offset + 1 for r in fresh}
         self.applied.update(next_offsets)
         return Processed(outputs, next_offsets, len(fresh), decode_rejected,
-                         np.asarray(stamps, dtype=np.float64), result)
+                         np.asarray(stamps, dtype=np.float64), result, flagged_ids)
 
     def forget(self, partitions: Sequence[PartitionId]) -> list[str]:
         """Stop tracking partitions (revoked); returns the sensors that were fed from them."""

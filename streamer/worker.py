@@ -52,10 +52,12 @@ class Worker:
         if settings.torch_threads is not None:
             torch.set_num_threads(settings.torch_threads)
         self.learner = Learner(settings.learner_config())
-        self.processor = BatchProcessor(self.learner, k.output_topic, k.dlq_topic)
+        self.processor = BatchProcessor(self.learner, k.output_topic, k.dlq_topic,
+                                        k.anomaly_topic)
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry, max_grad_norm=self.learner.config.max_grad_norm,
-                               device=str(self.learner.device))
+                               device=str(self.learner.device),
+                               coverage_target=self.learner.config.coverage)
         self.health = HealthServer(self.registry, liveness=self._alive,
                                    readiness=self._readiness, host=settings.metrics.host,
                                    port=settings.metrics.port)
@@ -183,6 +185,7 @@ class Worker:
         for reason, count in processed.decode_rejected.items():
             m.observe_dlq(reason, count)
         m.observe_step(processed.result)
+        m.observe_flagged(processed.flagged_sensors, time.time())
         self._log_updates(processed)
         m.set_sensors(self.learner.n_sensors, self.learner.capacity)
         m.set_lag(client.lag())

@@ -45,7 +45,8 @@ def _encode_rate() -> None:
     start = time.perf_counter()
     for i in range(N):
         forecast_key("sensor-0001")
-        encode_forecast("sensor-0001", 1.7e9 + i, [21.5], 3, i, 17, 1)
+        encode_forecast("sensor-0001", 1.7e9 + i, [21.5], 3, i, 17, 1, lower=[20.25],
+                        upper=[22.75], anomaly_score=0.5, anomaly=False)
     elapsed = time.perf_counter() - start
     print(f"encode_forecast + forecast_key {'':<21} {N / elapsed:>12,.0f} msgs/s")
     start = time.perf_counter()

@@ -18,6 +18,7 @@ from streamer.codec import (
     decode_batch,
     decode_reading,
     dlq_headers,
+    encode_anomalies,
     encode_forecast,
     forecast_key,
 )
@@ -227,20 +228,32 @@ def test_decoding_never_raises_on_garbage() -> None:
     }
 
 
+def _bounds(f: int, score: float = 0.25, anomaly: bool = False) -> dict:
+    return {"lower": [-1.0] * f, "upper": [1.0] * f, "anomaly_score": score, "anomaly": anomaly}
+
+
 def test_single_feature_forecast_is_exact_json() -> None:
-    encoded = encode_forecast("s1", 1700000000.5, np.array([21.75]), 3, 42, np.int64(7), 1)
+    encoded = encode_forecast("s1", 1700000000.5, np.array([21.75]), 3, 42, np.int64(7), 1,
+                              lower=np.array([20.5]), upper=[23.0],
+                              anomaly_score=np.float64(0.99912345678), anomaly=np.bool_(True))
     assert encoded == (
-        b'{"sensor_id":"s1","ts":1700000000.5,"value":21.75,'
-        b'"partition":3,"offset":42,"model_updates":7}'
+        b'{"sensor_id":"s1","ts":1700000000.5,"value":21.75,"lower":20.5,"upper":23.0,'
+        b'"anomaly_score":0.999123,"anomaly":true,"partition":3,"offset":42,"model_updates":7}'
     )
 
 
 def test_multi_feature_forecast_round_trips_through_json() -> None:
-    encoded = encode_forecast("Kühlhaus-3", 12.0, [1.5, -2.25, 1e-7], 0, 9, 0, 3)
+    encoded = encode_forecast("Kühlhaus-3", 12.0, [1.5, -2.25, 1e-7], 0, 9, 0, 3,
+                              lower=[1.0, -3.0, 0.0], upper=[2.0, -2.0, 1e-6],
+                              anomaly_score=1e-9, anomaly=False)
     assert json.loads(encoded) == {
         "sensor_id": "Kühlhaus-3",
         "ts": 12.0,
         "values": [1.5, -2.25, 1e-7],
+        "lower": [1.0, -3.0, 0.0],
+        "upper": [2.0, -2.0, 1e-6],
+        "anomaly_score": 1e-9,
+        "anomaly": False,
         "partition": 0,
         "offset": 9,
         "model_updates": 0,
@@ -248,13 +261,33 @@ def test_multi_feature_forecast_round_trips_through_json() -> None:
 
 
 def test_non_finite_forecast_numbers_are_written_as_null() -> None:
-    encoded = encode_forecast("s1", 1.0, [np.nan, 2.0], 0, 1, 1, 2)
-    assert json.loads(encoded)["values"] == [None, 2.0]
+    encoded = encode_forecast("s1", 1.0, [np.nan, 2.0], 0, 1, 1, 2, lower=[np.nan, 1.0],
+                              upper=[np.inf, 3.0], anomaly_score=0.0, anomaly=False)
+    body = json.loads(encoded)
+    assert (body["values"], body["lower"], body["upper"]) == ([None, 2.0], [None, 1.0],
+                                                               [None, 3.0])
 
 
 def test_forecast_with_the_wrong_number_of_values_is_a_programming_error() -> None:
     with pytest.raises(ValueError, match="expected 2 forecast values, got 1"):
-        encode_forecast("s1", 1.0, [1.0], 0, 1, 1, 2)
+        encode_forecast("s1", 1.0, [1.0], 0, 1, 1, 2, **_bounds(2))
+
+
+def test_anomaly_event_carries_the_reading_what_was_expected_and_the_score() -> None:
+    (one,) = encode_anomalies(["pump-7"], np.array([1.7e9]), np.array([[950.0]]),
+                              np.array([[20.5]]), np.array([[19.0]]), np.array([[22.0]]),
+                              np.array([0.99999912]), [2], [314])
+    assert json.loads(one) == {
+        "sensor_id": "pump-7", "ts": 1.7e9, "value": 950.0, "forecast": 20.5, "lower": 19.0,
+        "upper": 22.0, "anomaly_score": 0.999999, "anomaly": True, "partition": 2,
+        "offset": 314,
+    }
+    (two,) = encode_anomalies(["m"], np.array([5.0]), np.array([[1.0, 2.0]]),
+                              np.array([[1.5, np.nan]]), np.array([[1.0, 1.0]]),
+                              np.array([[2.0, 3.0]]), np.array([1.0]), [0], [1])
+    body = json.loads(two)
+    assert (body["values"], body["forecast"], body["lower"], body["upper"]) == (
+        [1.0, 2.0], [1.5, None], [1.0, 1.0], [2.0, 3.0])
 
 
 def test_forecast_key_is_the_utf8_sensor_id() -> None:
@@ -326,8 +359,15 @@ def test_batch_encoding_is_byte_identical_to_one_by_one():
     for forecasts in (np.array([[1.0], [np.nan], [1e-300], [-2.5e10], [np.inf]]),
                       np.array([[1.0, 2.0], [np.inf, 3.0], [0.1, 0.2], [5, 6], [-1e-5, 7]])):
         f = forecasts.shape[1]
+        lower, upper = forecasts - 1.5, forecasts * 2
+        scores = np.array([0.0, 0.5, 0.123456789, 1.0, 1e-12])
+        flags = np.array([False, False, True, True, False])
         batch = encode_forecasts(ids, ts, forecasts, [0, 1, 2, 3, 4], [5, 6, 7, 8, 9],
-                                 np.array([1, 2, 3, 4, 5]))
-        single = [encode_forecast(i, t, v, p, o, u, f) for i, t, v, p, o, u in
-                  zip(ids, ts, forecasts, [0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [1, 2, 3, 4, 5])]
+                                 np.array([1, 2, 3, 4, 5]), lower=lower, upper=upper,
+                                 anomaly_scores=scores, anomalies=flags)
+        single = [encode_forecast(i, t, v, p, o, u, f, lower=lo, upper=hi, anomaly_score=sc,
+                                  anomaly=fl)
+                  for i, t, v, p, o, u, lo, hi, sc, fl in
+                  zip(ids, ts, forecasts, [0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [1, 2, 3, 4, 5],
+                      lower, upper, scores, flags)]
         assert batch == single

@@ -55,6 +55,36 @@ def test_every_valid_reading_gets_exactly_one_forecast_with_its_source(
     assert worker.metric("streamer_sensors_active") == 15
 
 
+def test_forecasts_carry_an_interval_and_a_spike_becomes_an_anomaly_event(
+        topic_factory, group_id, worker_factory, produce_raw, consume_raw):
+    inp, out, dlq = _topics(topic_factory, partitions=1)
+    worker = worker_factory(inp, out, dlq, group_id).start()
+    worker.wait_ready()
+    stream = _stream(3, 150)
+    spike = 3 * 120 + 1  # sensor-1's reading at step 120
+    key, value = stream[spike]
+    body = __import__("json").loads(value)
+    stream[spike] = reading("sensor-1", body["ts"], body["value"] + 500.0)
+    placed = produce_raw(inp, stream)
+    got = forecasts_by_source(consume_raw(out, len(placed), timeout_s=30))
+    assert len(got) == len(placed), worker.log()
+    for (forecast,) in got.values():
+        assert forecast["lower"] <= forecast["value"] <= forecast["upper"]
+        assert 0.0 <= forecast["anomaly_score"] <= 1.0
+        assert isinstance(forecast["anomaly"], bool)
+    (flagged,) = got[placed[spike]]
+    assert flagged["anomaly"] and flagged["anomaly_score"] >= 0.999
+    events = [(r.key.decode(), __import__("json").loads(r.value))
+              for r in consume_raw(f"{out}-anomalies", 50, timeout_s=5)]
+    assert ("sensor-1", body["ts"]) in {(k, e["sensor_id"] == k and e["ts"]) for k, e in events}
+    (event,) = [e for _, e in events if e["offset"] == placed[spike][1]]
+    assert event["value"] == body["value"] + 500.0 and event["anomaly"] is True
+    assert event["lower"] <= event["forecast"] <= event["upper"] < event["value"]
+    assert sum(f["anomaly"] for (f,) in got.values()) == len(events)  # one event per flag
+    wait_for(lambda: worker.metric("streamer_anomalies_total") == len(events), 5.0,
+             "the flags to be counted", worker.log)
+
+
 def test_last_batch_of_a_burst_is_completed_without_waiting_out_a_poll(
         topic_factory, group_id, worker_factory, produce_raw, consume_raw):
     # Delivery is pipelined: a batch is completed (acks awaited, counted, eligible for a
