@@ -1,14 +1,16 @@
 """Every Prometheus metric the worker exports, declared once against an injected registry.
 
 Labels are bounded by construction: rejection reasons, topic/partition of the consumer's own
-assignment, device. A sensor id is never a label; per-sensor state is summarised as counts.
+assignment, device, inside/outside an interval. A sensor id is never a label; per-sensor state
+is summarised as counts (sensors flagged as anomalous in the last few minutes among them).
 """
 
 from __future__ import annotations
 
 import math
 import platform
-from collections.abc import Callable, Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -33,6 +35,10 @@ SLOT_BUCKETS = tuple(float(2**k) for k in range(0, 15))  # 1 .. 16384 windows
 STEP_BUCKETS = tuple(float(4**k) for k in range(0, 12))  # 1 .. ~4M (slot, step) pairs
 UPDATE_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 CHECKPOINT_DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# Interval width in the sensor's typical changes: 0.25 .. 32, two per octave.
+INTERVAL_WIDTH_BUCKETS = tuple(float(f"{2.0 ** (k / 2):.3g}") for k in range(-4, 11))
+# streamer_sensors_flagged counts sensors with a flagged reading in this many seconds.
+FLAGGED_WINDOW_S = 300.0
 
 
 def _with_bound(buckets: Iterable[float], bound: float) -> tuple[float, ...]:
@@ -75,9 +81,18 @@ def _device_kind(device: str) -> str:
 class Metrics:
     """The worker's metrics; pass a fresh ``CollectorRegistry`` per test."""
 
-    def __init__(self, registry: CollectorRegistry, *, max_grad_norm: float, device: str) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        max_grad_norm: float,
+        device: str,
+        coverage_target: float = 0.9,
+    ) -> None:
         if not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm!r}")
+        if not 0 < coverage_target < 1:
+            raise ValueError(f"coverage_target must be in (0, 1), got {coverage_target!r}")
         if not device:
             raise ValueError("device must be a non-empty string such as 'cpu' or 'cuda:0'")
         self.registry = registry
@@ -188,6 +203,37 @@ class Metrics:
             registry=r,
         )
 
+        # Intervals and anomalies: coverage over any window is inside / (inside + outside).
+        self.interval_readings = Counter(
+            "streamer_interval_readings",
+            "Scored readings inside or outside the interval of the forecast made before them.",
+            ["position"], registry=r,
+        )
+        self._inside = self.interval_readings.labels(position="inside")
+        self._outside = self.interval_readings.labels(position="outside")
+        self.interval_width = Histogram(
+            "streamer_interval_width",
+            "Mean width of the interval around the forecast made at each scored reading, in "
+            "units of the sensor's typical change.",
+            buckets=INTERVAL_WIDTH_BUCKETS, registry=r,
+        )
+        self.interval_coverage_target = Gauge(
+            "streamer_interval_coverage_target",
+            "Configured share of next readings each forecast's interval is meant to hold.",
+            registry=r,
+        )
+        self.interval_coverage_target.set(coverage_target)
+        self.anomalies = Counter(
+            "streamer_anomalies", "Readings flagged as anomalies.", registry=r
+        )
+        self.sensors_flagged = Gauge(
+            "streamer_sensors_flagged",
+            f"Distinct sensors with a reading flagged in the last {FLAGGED_WINDOW_S:g} seconds.",
+            registry=r,
+        )
+        # Sensor id -> wall time it was last flagged, oldest first; a count, never a label.
+        self._flagged_at: OrderedDict[str, float] = OrderedDict()
+
         # Capacity.
         self.sensors_active = Gauge(
             "streamer_sensors_active", "Sensors holding a slot.", registry=r
@@ -238,11 +284,13 @@ class Metrics:
     # -- the core's results ---------------------------------------------------------------
 
     def observe_step(self, result: StepResult) -> None:
-        """Count one ``Learner.step``: forecasts, rejections, quality sums, sensors, updates.
+        """Count one ``Learner.step``: forecasts, rejections, quality sums, interval coverage
+        and width, anomalies, sensors, updates.
 
         Rejections in ``result.status`` are counted here; use ``observe_dlq`` only for readings
         rejected before the learner (by the codec), or they would be counted twice. Updates in
-        ``result.updates`` are observed here too.
+        ``result.updates`` are observed here too; the sensors of flagged readings are not (the
+        result has no sensor ids): pass them to ``observe_flagged``.
         """
         status = np.asarray(result.status)
         self.forecasts_produced.inc(int(np.count_nonzero(status == Reason.ACCEPTED)))
@@ -259,12 +307,40 @@ class Metrics:
             self.persistence_abs_error.inc(float(np.nansum(np.abs(persistence[scored]))))
             self.scored_readings.inc(n_scored)
 
+        inside = np.asarray(result.inside)
+        n_inside = int(np.count_nonzero(inside == 1))
+        n_outside = int(np.count_nonzero(inside == 0))
+        if n_inside:
+            self._inside.inc(n_inside)
+        if n_outside:
+            self._outside.inc(n_outside)
+        width = np.asarray(result.interval_width, dtype=np.float64)[inside >= 0]
+        observe_many(self.interval_width, width[np.isfinite(width)])
+        n_anomalies = int(np.count_nonzero(result.anomaly))
+        if n_anomalies:
+            self.anomalies.inc(n_anomalies)
+
         if result.new_sensors:
             self.new_sensors.inc(result.new_sensors)
         if result.evicted_sensors:
             self.sensor_evictions.inc(result.evicted_sensors)
         for stats in result.updates:
             self.observe_update(stats)
+
+    def observe_flagged(self, sensor_ids: Sequence[str], now: float) -> None:
+        """Record the sensors of this batch's flagged readings at wall time ``now`` and publish
+        how many distinct sensors were flagged in the last ``FLAGGED_WINDOW_S`` seconds.
+
+        Call it every batch, with an empty list too, so sensors age out of the gauge.
+        """
+        flagged_at = self._flagged_at
+        for sensor_id in sensor_ids:
+            flagged_at.pop(sensor_id, None)  # re-inserted last: the dict stays oldest first
+            flagged_at[sensor_id] = now
+        cutoff = now - FLAGGED_WINDOW_S
+        while flagged_at and next(iter(flagged_at.values())) <= cutoff:
+            flagged_at.popitem(last=False)
+        self.sensors_flagged.set(len(flagged_at))
 
     def observe_update(self, stats: UpdateStats) -> None:
         """Record one update; a skipped (non-finite) one only counts, never poisons histograms."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from streamer.core.batch import StepResult, UpdateStats
 from streamer.core.rejections import REJECTION_REASONS, Reason
-from streamer.metrics import LATENCY_BUCKETS, Metrics, observe_many
+from streamer.metrics import FLAGGED_WINDOW_S, LATENCY_BUCKETS, Metrics, observe_many
 
 NAN = math.nan
 
@@ -43,11 +44,12 @@ def step_result(
     persistence_error: list[float],
     **overrides: object,
 ) -> StepResult:
+    """One feature; fields not given are as ``StepResult.empty`` leaves them (unscored)."""
     n = len(status)
-    return StepResult(
+    return dataclasses.replace(
+        StepResult.empty(n, 1),
         status=np.array(status, dtype=np.int8),
         forecasts=np.zeros((n, 1)),
-        update_count=np.zeros(n, dtype=np.int64),
         model_error=np.array(model_error, dtype=np.float64),
         persistence_error=np.array(persistence_error, dtype=np.float64),
         **overrides,  # type: ignore[arg-type]
@@ -100,6 +102,95 @@ def test_quality_sums_only_readings_where_both_errors_are_finite(
     assert value(registry, "streamer_scored_readings_total") == 6.0
     assert value(registry, "streamer_model_abs_error_total") == 2 * (0.5 + 0.25 + 2.0)
     assert value(registry, "streamer_persistence_abs_error_total") == 2 * (1.0 + 0.75 + 2.0)
+
+
+def test_interval_readings_count_inside_and_outside_but_not_unscored(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    assert value(registry, "streamer_interval_readings_total", position="inside") == 0.0
+    assert value(registry, "streamer_interval_readings_total", position="outside") == 0.0
+    result = step_result(
+        status=[0, 0, 0, 0, Reason.NON_FINITE, 0],
+        model_error=[0.1, 0.2, 3.0, NAN, NAN, 0.3],
+        persistence_error=[0.2, 0.2, 1.0, NAN, NAN, 0.3],
+        inside=np.array([1, 1, 0, -1, -1, 1], dtype=np.int8),
+        interval_width=np.array([0.3, 1.0, 5.0, 40.0, NAN, 1.5]),
+    )
+    metrics.observe_step(result)
+    metrics.observe_step(result)
+    assert value(registry, "streamer_interval_readings_total", position="inside") == 6.0
+    assert value(registry, "streamer_interval_readings_total", position="outside") == 2.0
+    assert value(registry, "streamer_interval_readings_total", position="unscored") is None
+
+
+def test_interval_width_is_observed_per_scored_reading(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    # The warming-up sensor's 40-change interval (inside = -1) is left out.
+    metrics.observe_step(step_result(
+        status=[0, 0, 0, 0], model_error=[NAN] * 4, persistence_error=[NAN] * 4,
+        inside=np.array([1, 0, 1, -1], dtype=np.int8),
+        interval_width=np.array([0.3, 5.0, 1.0, 40.0]),
+    ))
+    width = "streamer_interval_width"
+    assert value(registry, f"{width}_count") == 3.0
+    assert value(registry, f"{width}_sum") == pytest.approx(6.3)
+    assert value(registry, f"{width}_bucket", le="0.25") == 0.0
+    assert value(registry, f"{width}_bucket", le="0.354") == 1.0
+    assert value(registry, f"{width}_bucket", le="1.0") == 2.0
+    assert value(registry, f"{width}_bucket", le="4.0") == 2.0
+    assert value(registry, f"{width}_bucket", le="5.66") == 3.0
+    assert value(registry, f"{width}_bucket", le="+Inf") == 3.0
+
+
+def test_anomalies_count_flagged_readings(registry: CollectorRegistry, metrics: Metrics) -> None:
+    assert value(registry, "streamer_anomalies_total") == 0.0
+    metrics.observe_step(step_result(
+        status=[0, 0, 0], model_error=[NAN] * 3, persistence_error=[NAN] * 3,
+        anomaly_score=np.array([0.999, 0.2, 0.9995]),
+        anomaly=np.array([True, False, True]),
+    ))
+    assert value(registry, "streamer_anomalies_total") == 2.0
+
+
+def test_coverage_target_is_published(registry: CollectorRegistry) -> None:
+    Metrics(registry, max_grad_norm=1.0, device="cpu", coverage_target=0.8)
+    assert value(registry, "streamer_interval_coverage_target") == 0.8
+
+
+def test_coverage_target_defaults_to_the_learner_default(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    from streamer.core.config import LearnerConfig
+
+    assert value(registry, "streamer_interval_coverage_target") == LearnerConfig().coverage
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, 1.5, -0.1, NAN])
+def test_coverage_target_outside_zero_one_is_rejected(bad: float) -> None:
+    with pytest.raises(ValueError, match="coverage_target"):
+        Metrics(CollectorRegistry(), max_grad_norm=1.0, device="cpu", coverage_target=bad)
+
+
+def test_flagged_sensors_are_counted_once_and_age_out_after_the_window(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    flagged = "streamer_sensors_flagged"
+    t0 = 1_700_000_000.0
+    metrics.observe_flagged(["a", "b", "a"], now=t0)
+    assert value(registry, flagged) == 2.0
+    metrics.observe_flagged(["c"], now=t0 + 100)
+    assert value(registry, flagged) == 3.0
+    # Flagged again at +200: "a" stays for a full window from then.
+    metrics.observe_flagged(["a"], now=t0 + 200)
+    metrics.observe_flagged([], now=t0 + FLAGGED_WINDOW_S - 1)
+    assert value(registry, flagged) == 3.0
+    metrics.observe_flagged([], now=t0 + FLAGGED_WINDOW_S)
+    assert value(registry, flagged) == 2.0  # "b" aged out
+    metrics.observe_flagged([], now=t0 + 100 + FLAGGED_WINDOW_S)
+    assert value(registry, flagged) == 1.0  # "c" aged out
+    metrics.observe_flagged([], now=t0 + 200 + FLAGGED_WINDOW_S)
+    assert value(registry, flagged) == 0.0
 
 
 def test_observe_step_observes_the_updates_it_carries(
@@ -280,12 +371,18 @@ def test_process_metrics_are_on_the_injected_registry(
 
 def test_no_metric_is_labelled_by_sensor(registry: CollectorRegistry, metrics: Metrics) -> None:
     metrics.set_lag({("sensor-readings", 0): 1})
-    labels = {
-        label for family in registry.collect() for s in family.samples for label in s.labels
-    }
+    metrics.observe_step(step_result(
+        status=[0, 0], model_error=[0.1, 9.0], persistence_error=[0.2, 1.0],
+        inside=np.array([1, 0], dtype=np.int8), interval_width=np.array([1.0, 2.0]),
+        anomaly=np.array([False, True]),
+    ))
+    metrics.observe_flagged(["sensor-7"], now=1_700_000_000.0)
+    samples = [s for family in registry.collect() for s in family.samples]
+    labels = {label for s in samples for label in s.labels}
     assert not {label for label in labels if "sensor" in label.lower()}
     assert labels <= {"reason", "topic", "partition", "device", "kind", "version", "python",
-                      "torch", "le"}
+                      "torch", "le", "position"}
+    assert "sensor-7" not in {v for s in samples for v in s.labels.values()}
 
 
 def test_every_streamer_metric_uses_prometheus_naming(
@@ -307,7 +404,12 @@ def test_exposition_passes_promtool_check_metrics(
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not installed")
-    metrics.observe_step(step_result([0, 1], [0.1, NAN], [0.2, NAN], updates=[stats()]))
+    metrics.observe_step(step_result(
+        [0, 1], [0.1, NAN], [0.2, NAN], updates=[stats()],
+        inside=np.array([0, -1], dtype=np.int8), interval_width=np.array([1.2, NAN]),
+        anomaly=np.array([True, False]),
+    ))
+    metrics.observe_flagged(["s"], now=1_700_000_000.0)
     metrics.observe_batch(2, np.array([0.01, 0.02]))
     metrics.set_lag({("sensor-readings", 3): 9})
     proc = subprocess.run(

@@ -33,6 +33,7 @@ def exported_sample_names() -> set[str]:
     registry = CollectorRegistry()
     metrics = Metrics(registry, max_grad_norm=1.0, device="cpu")
     metrics.set_lag({("sensor-readings", 0): 0})
+    metrics.observe_flagged([], now=0.0)
     return {sample.name for family in registry.collect() for sample in family.samples}
 
 
@@ -104,6 +105,8 @@ def test_every_training_and_quality_metric_is_on_the_dashboard(dashboard: dict) 
         "streamer_grad_norm_bucket", "streamer_grad_norm_clip_threshold",
         "streamer_clip_events_total", "streamer_updates_skipped_total",
         "streamer_model_abs_error_total", "streamer_persistence_abs_error_total",
+        "streamer_interval_readings_total", "streamer_interval_coverage_target",
+        "streamer_interval_width_bucket", "streamer_anomalies_total", "streamer_sensors_flagged",
         "streamer_consumer_lag_records", "streamer_sensor_slots_capacity",
         "streamer_checkpoint_last_success_timestamp_seconds",
         "streamer_device_memory_allocated_bytes", "process_cpu_seconds_total",
@@ -117,6 +120,37 @@ def test_grad_norm_panel_shows_the_clip_threshold(dashboard: dict) -> None:
     exprs = " ".join(t["expr"] for t in panel["targets"])
     assert "streamer_grad_norm_clip_threshold" in exprs
     assert "histogram_quantile(0.99" in exprs
+
+
+def test_coverage_panel_divides_inside_by_scored_and_shows_the_target(dashboard: dict) -> None:
+    (panel,) = [p for p in iter_panels(dashboard) if p["title"] == "Interval coverage vs target"]
+    coverage, target = (t["expr"] for t in panel["targets"])
+    inside, scored = coverage.split(" / ")
+    assert 'position="inside"' in inside and "position" not in scored
+    assert metric_names(inside) == metric_names(scored) == {"streamer_interval_readings_total"}
+    assert metric_names(target) == {"streamer_interval_coverage_target"}
+
+
+def test_anomaly_panel_shows_rate_share_and_sensors_flagged(dashboard: dict) -> None:
+    (panel,) = [p for p in iter_panels(dashboard) if p["title"] == "Anomaly rate"]
+    per_second, per_thousand, sensors = (t["expr"] for t in panel["targets"])
+    assert metric_names(per_second) == {"streamer_anomalies_total"}
+    assert per_thousand.startswith("1000 * ")
+    assert metric_names(per_thousand) == {
+        "streamer_anomalies_total", "streamer_interval_readings_total"
+    }
+    assert metric_names(sensors) == {"streamer_sensors_flagged"}
+
+
+def test_panels_do_not_overlap_on_the_grid(dashboard: dict) -> None:
+    cells: dict[tuple[int, int], str] = {}
+    for panel in dashboard["panels"]:
+        pos = panel["gridPos"]
+        assert pos["x"] + pos["w"] <= 24, panel["title"]
+        for y in range(pos["y"], pos["y"] + pos["h"]):
+            for x in range(pos["x"], pos["x"] + pos["w"]):
+                assert (x, y) not in cells, (panel["title"], cells.get((x, y)))
+                cells[(x, y)] = panel["title"]
 
 
 def test_substitution_leaves_no_variables(dashboard: dict) -> None:

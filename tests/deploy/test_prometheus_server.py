@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import socket
@@ -37,18 +38,27 @@ def free_port() -> int:
 
 
 def feed(metrics: Metrics, tick: int) -> None:
-    """One synthetic worker-loop iteration: a batch, a step with an update, lag, checkpoint."""
+    """One synthetic worker-loop iteration: a batch, a step with an update and a flagged
+    reading, lag, checkpoint."""
     rng = np.random.default_rng(tick)
     n = 20
     status = np.zeros(n, dtype=np.int8)
     status[0] = Reason.NON_FINITE
+    inside = (rng.uniform(size=n) < 0.9).astype(np.int8)
+    inside[0] = -1  # rejected: unscored
+    anomaly = np.zeros(n, dtype=bool)
+    anomaly[1] = True
     grad_norm = float(10 ** rng.uniform(-1, 0.5))
-    result = StepResult(
+    result = dataclasses.replace(
+        StepResult.empty(n, 1),
         status=status,
         forecasts=np.zeros((n, 1)),
         update_count=np.full(n, tick, dtype=np.int64),
         model_error=rng.uniform(0.1, 0.5, n),
         persistence_error=rng.uniform(0.3, 0.8, n),
+        inside=inside,
+        interval_width=rng.uniform(0.5, 4.0, n),
+        anomaly=anomaly,
         updates=[
             UpdateStats(
                 update_index=tick, loss=float(rng.uniform(0.05, 0.2)), grad_norm=grad_norm,
@@ -60,6 +70,7 @@ def feed(metrics: Metrics, tick: int) -> None:
     )
     metrics.observe_batch(n, rng.uniform(0.001, 0.2, n))
     metrics.observe_step(result)
+    metrics.observe_flagged([f"s{tick % 3}"], time.time())
     metrics.observe_dlq(Reason.NOT_JSON)
     metrics.set_sensors(active=min(tick, 5), capacity=64)
     metrics.set_lag({("sensor-readings", 0): 10 + tick, ("sensor-readings", 1): 3})
@@ -71,7 +82,7 @@ def feed(metrics: Metrics, tick: int) -> None:
 def worker_target() -> Iterator[HealthServer]:
     """A HealthServer over a Metrics registry fed by a background 'worker' every 100 ms."""
     registry = CollectorRegistry()
-    metrics = Metrics(registry, max_grad_norm=1.0, device="cpu")
+    metrics = Metrics(registry, max_grad_norm=1.0, device="cpu", coverage_target=0.9)
     stop = threading.Event()
 
     def loop() -> None:
@@ -173,6 +184,13 @@ def test_scraped_values_match_what_the_worker_observed(prometheus: str) -> None:
     assert [float(r["value"][1]) for r in lag] == [3.0]
     ready = query(prometheus, "streamer_ready")["data"]["result"]
     assert float(ready[0]["value"][1]) == 1.0
+    target = query(prometheus, "streamer_interval_coverage_target")["data"]["result"]
+    assert [float(r["value"][1]) for r in target] == [0.9]
+    # One flagged reading per batch, its sensor one of three.
+    flagged = query(prometheus, "streamer_sensors_flagged")["data"]["result"]
+    assert [float(r["value"][1]) for r in flagged] == [3.0]
+    positions = query(prometheus, "streamer_interval_readings_total")["data"]["result"]
+    assert {r["metric"]["position"] for r in positions} == {"inside", "outside"}
 
 
 def test_alert_rules_load_and_evaluate_without_errors(prometheus: str) -> None:
