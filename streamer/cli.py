@@ -48,18 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
     replay = commands.add_parser(
         "replay", help="backtest the learner over a CSV, no Kafka",
         description="Prequential (test-then-train) replay of the learner over a CSV; prints "
-        "MAE per sensor and overall against persistence, and throughput.")
+        "MAE per sensor and overall against persistence, interval coverage and width, anomalies "
+        "flagged, and throughput.")
     replay.add_argument("file", type=Path, help="CSV (optionally .gz): sensor_id,ts,value")
-    replay.add_argument("--out", type=Path, help="write sensor_id,ts,forecast here")
+    replay.add_argument("--out", type=Path, help="write sensor_id,ts,forecast,lower,upper,"
+                        "anomaly_score,anomaly here")
     replay.add_argument("--json", type=Path, dest="json_out", help="write the report as JSON")
-    replay.add_argument("--plot", type=Path, help="write a PNG of forecasts and rolling skill")
+    replay.add_argument("--plot", type=Path, help="write a PNG of forecasts, intervals, flagged "
+                        "readings and rolling skill")
     replay.add_argument("--plot-sensors", default="",
                         help="comma-separated sensors to plot (default: the 3 worst)")
     replay.add_argument("--batch-size", type=int, default=2048, help="readings per step")
     replay.add_argument("--limit", type=int, help="only the first N readings")
     replay.add_argument("--top", type=int, default=10, help="sensors listed (0: all)")
     # Only what shapes the learner: replay has no Kafka, metrics, checkpoints or log settings.
-    add_settings_arguments(replay, sections=("model", "training", "sensors", "general"))
+    add_settings_arguments(replay, sections=("model", "training", "sensors", "forecast",
+                                             "anomaly", "general"))
 
     broker = commands.add_parser("broker", help="run a local Kafka-protocol broker (dev)")
     broker.add_argument("--port", type=int, default=9092)
@@ -134,24 +138,24 @@ def cmd_produce(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     settings = _settings(args)
     from streamer.readings_csv import read_csv
-    from streamer.replay import format_report, replay, write_forecasts
+    from streamer.replay import backtest, format_report, write_forecasts
 
     if settings.torch_threads is not None:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
     readings = read_csv(args.file, limit=args.limit)
-    forecasts, status, report = replay(readings, settings.learner_config(), args.batch_size)
+    outputs, report = backtest(readings, settings.learner_config(), args.batch_size)
     print(format_report(report, top=args.top))
     if args.out:
-        write_forecasts(args.out, readings, forecasts, status)
+        write_forecasts(args.out, readings, outputs)
     if args.json_out:
         args.json_out.write_text(report.to_json())
     if args.plot:
         from streamer.plot import plot_replay
 
         chosen = [s for s in args.plot_sensors.split(",") if s]
-        plot_replay(args.plot, readings, forecasts, status, report, sensors=chosen)
+        plot_replay(args.plot, readings, outputs, report, sensors=chosen)
     return 0
 
 

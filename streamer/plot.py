@@ -1,4 +1,5 @@
-"""`streamer replay --plot`: forecast against actual for a few sensors, and rolling skill."""
+"""`streamer replay --plot`: forecast, interval and flagged readings against actual for a few
+sensors, and rolling skill."""
 
 from __future__ import annotations
 
@@ -8,15 +9,14 @@ from pathlib import Path
 import numpy as np
 
 from streamer.core import Batch
-from streamer.replay import ReplayReport
+from streamer.replay import ReplayOutputs, ReplayReport
 
 FIGURE_SIZE = (12.0, 9.0)  # inches
 DPI = 100  # -> 1200 x 900 pixels
 
 
-def plot_replay(path: str | Path, readings: Batch, forecasts: np.ndarray, status: np.ndarray,
-                report: ReplayReport, sensors: Sequence[str] = (), n_worst: int = 3,
-                window: int = 2000) -> None:
+def plot_replay(path: str | Path, readings: Batch, outputs: ReplayOutputs, report: ReplayReport,
+                sensors: Sequence[str] = (), n_worst: int = 3, window: int = 2000) -> None:
     """Write a PNG: one panel per chosen (or worst) sensor, then skill over time."""
     try:
         import matplotlib
@@ -26,19 +26,27 @@ def plot_replay(path: str | Path, readings: Batch, forecasts: np.ndarray, status
     except ImportError as exc:  # matplotlib is the optional `plot` extra
         raise RuntimeError("--plot needs matplotlib: pip install 'streamer[plot]'") from exc
     chosen = list(sensors) or [s.sensor_id for s in report.worst(n_worst)]
+    scores = {s.sensor_id: s for s in report.sensors}
     ids = np.asarray(readings.sensor_ids, dtype=object)
     fig, axes = plt.subplots(len(chosen) + 1, 1, figsize=FIGURE_SIZE, dpi=DPI, squeeze=False)
     for ax, name in zip(axes[:-1, 0], chosen):
-        rows = np.flatnonzero((ids == name) & (status == 0))[-500:]  # the last 500 readings
+        rows = np.flatnonzero((ids == name) & (outputs.status == 0))[-500:]  # the last 500
         when = readings.ts[rows].astype("datetime64[s]")
-        ax.plot(when, readings.values[rows, 0], label="actual", lw=1.0)
-        # The forecast made at reading i is for reading i+1: draw it there.
-        ax.plot(when[1:], forecasts[rows[:-1], 0], label="forecast", lw=1.0, alpha=0.8)
-        rel = next((s.rel_mae for s in report.sensors if s.sensor_id == name), float("nan"))
-        ax.set_title(f"{name} (relMAE {rel:.3f})", fontsize=9)
+        actual = readings.values[rows, 0]
+        # The forecast made at reading i, and its interval, are for reading i+1: draw them there.
+        ax.fill_between(when[1:], outputs.lower[rows[:-1], 0], outputs.upper[rows[:-1], 0],
+                        color="tab:orange", alpha=0.25, lw=0, label="interval")
+        ax.plot(when, actual, label="actual", lw=1.0)
+        ax.plot(when[1:], outputs.forecasts[rows[:-1], 0], label="forecast", lw=1.0, alpha=0.8)
+        flagged = outputs.anomaly[rows]
+        ax.scatter(when[flagged], actual[flagged], color="red", s=20, zorder=3,
+                   label="anomaly")
+        s = scores.get(name)
+        ax.set_title(f"{name} (relMAE {s.rel_mae:.3f}, coverage {s.coverage:.3f}, "
+                     f"{s.anomalies} flagged)" if s else name, fontsize=9)
         ax.legend(loc="upper right", fontsize=7)
     ax = axes[-1, 0]
-    skill_t, skill = rolling_skill(readings, forecasts, status, report, window)
+    skill_t, skill = rolling_skill(readings, outputs.forecasts, outputs.status, report, window)
     ax.plot(skill_t.astype("datetime64[s]"), skill, lw=1.0)
     ax.axhline(0.0, color="grey", lw=0.8, ls="--")
     ax.set_title(f"skill = 1 - MAE/persistence MAE, rolling over {window} forecasts", fontsize=9)

@@ -1,12 +1,13 @@
-"""Offline backtest: the same learner over a CSV, prequential errors against persistence."""
+"""Offline backtest: the same learner over a CSV, prequential errors against persistence, and
+how well its intervals covered and which readings it flagged."""
 
 from __future__ import annotations
 
 import csv
 import json
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +15,26 @@ import numpy as np
 from streamer.core import Batch, Learner, LearnerConfig, Reason, StepResult
 from streamer.readings_csv import iter_chunks
 
+NAN = float("nan")
+
 
 @dataclass(frozen=True)
 class SensorScore:
-    """Prequential one-step-ahead errors of one sensor, in its own units."""
+    """Prequential one-step-ahead errors of one sensor, in its own units, and its intervals."""
 
     sensor_id: str
     scored: int  # forecasts that met their next reading
     mae: float
     persistence_mae: float
     rel_mae: float  # mae / persistence_mae (nan when persistence is exact)
+    # Readings scored against the interval made before them (past warm-up), the share of them
+    # inside it (every feature), and those intervals' mean width in the sensor's change scales;
+    # nan when there are none or no intervals were given.
+    interval_scored: int = 0
+    coverage: float = NAN
+    interval_width: float = NAN
+    anomalies: int = 0  # readings flagged
+    anomalies_per_1000: float = NAN  # per 1,000 interval-scored readings
 
 
 @dataclass
@@ -37,6 +48,14 @@ class ReplayReport:
     rel_mae: float  # mean over sensors of MAE_model / MAE_persistence
     mae: float  # mean over sensors
     persistence_mae: float
+    # Intervals and flags over all sensors' interval-scored readings pooled (not a mean over
+    # sensors): coverage is the share of every scored reading, whatever its sensor.
+    target_coverage: float = NAN
+    interval_scored: int = 0
+    coverage: float = NAN
+    interval_width: float = NAN
+    anomalies: int = 0
+    anomalies_per_1000: float = NAN
     sensors: list[SensorScore] = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -47,37 +66,83 @@ class ReplayReport:
         return sorted(finite, key=lambda s: s.rel_mae, reverse=True)[:n]
 
 
+@dataclass(frozen=True)
+class ReplayOutputs:
+    """What the learner said about each reading of a replay (the StepResult fields of the same
+    names, N readings, F features, in file order)."""
+
+    status: np.ndarray  # (N,) int8 Reason values; 0 = accepted
+    forecasts: np.ndarray  # (N, F) forecast made at the reading for its sensor's next one
+    lower: np.ndarray  # (N, F) that forecast's interval
+    upper: np.ndarray  # (N, F)
+    anomaly_score: np.ndarray  # (N,) in [0, 1], of this reading against the forecast before it
+    anomaly: np.ndarray  # (N,) bool, flagged
+    inside: np.ndarray  # (N,) int8: 1 inside the interval made before it, 0 not, -1 unscored
+    interval_width: np.ndarray  # (N,) mean width of this reading's interval, in change scales
+
+    @classmethod
+    def empty(cls, n: int, n_features: int) -> ReplayOutputs:
+        """Outputs for ``n`` readings, as if every one were rejected."""
+        result = StepResult.empty(n, n_features)
+        return cls(**{f.name: getattr(result, f.name) for f in fields(cls)})
+
+    def fill(self, start: int, result: StepResult) -> None:
+        """Copy one step's outputs into rows ``start:start + len(result.status)``."""
+        stop = start + len(result.status)
+        for f in fields(self):
+            getattr(self, f.name)[start:stop] = getattr(result, f.name)
+
+
+def backtest(
+    readings: Batch,
+    config: LearnerConfig,
+    batch_size: int = 2048,
+    on_step: Callable[[StepResult], None] | None = None,
+) -> tuple[ReplayOutputs, ReplayReport]:
+    """Run the learner over ``readings`` in order; what it said of each reading, and the report."""
+    learner = Learner(config)
+    outputs = ReplayOutputs.empty(len(readings), config.n_features)
+    updates = 0
+    started = time.perf_counter()
+    offset = 0
+    for chunk in iter_chunks(readings, batch_size):
+        result = learner.step(chunk)
+        outputs.fill(offset, result)
+        updates += len(result.updates)
+        offset += len(chunk)
+        if on_step is not None:
+            on_step(result)
+    seconds = time.perf_counter() - started
+    report = score(readings.sensor_ids, readings.values, outputs.forecasts, outputs.status,
+                   inside=outputs.inside, interval_width=outputs.interval_width,
+                   anomaly=outputs.anomaly)
+    report.updates, report.seconds = updates, seconds
+    report.readings_per_second = len(readings) / seconds if seconds > 0 else float("inf")
+    report.target_coverage = config.coverage
+    return outputs, report
+
+
 def replay(
     readings: Batch,
     config: LearnerConfig,
     batch_size: int = 2048,
     on_step: Callable[[StepResult], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, ReplayReport]:
-    """Run the learner over ``readings`` in order; (forecasts (N, F), status (N,), report)."""
-    learner = Learner(config)
-    forecasts = np.full((len(readings), config.n_features), np.nan)
-    status = np.zeros(len(readings), dtype=np.int8)
-    updates = 0
-    started = time.perf_counter()
-    offset = 0
-    for chunk in iter_chunks(readings, batch_size):
-        result = learner.step(chunk)
-        forecasts[offset : offset + len(chunk)] = result.forecasts
-        status[offset : offset + len(chunk)] = result.status
-        updates += len(result.updates)
-        offset += len(chunk)
-        if on_step is not None:
-            on_step(result)
-    seconds = time.perf_counter() - started
-    report = score(readings.sensor_ids, readings.values, forecasts, status)
-    report.updates, report.seconds = updates, seconds
-    report.readings_per_second = len(readings) / seconds if seconds > 0 else float("inf")
-    return forecasts, status, report
+    """``backtest`` for callers that need only (forecasts (N, F), status (N,), report)."""
+    outputs, report = backtest(readings, config, batch_size, on_step)
+    return outputs.forecasts, outputs.status, report
 
 
-def score(sensor_ids, values: np.ndarray, forecasts: np.ndarray,
-          status: np.ndarray) -> ReplayReport:
-    """Prequential MAE per sensor: each forecast against that sensor's next accepted reading."""
+def score(sensor_ids: Sequence[str], values: np.ndarray, forecasts: np.ndarray,
+          status: np.ndarray, inside: np.ndarray | None = None,
+          interval_width: np.ndarray | None = None,
+          anomaly: np.ndarray | None = None) -> ReplayReport:
+    """Prequential MAE per sensor: each forecast against that sensor's next accepted reading.
+
+    With ``inside``, ``interval_width`` and ``anomaly`` (ReplayOutputs) also the coverage and
+    width of the intervals each interval-scored reading met, and the readings flagged; without
+    them (a baseline model) those stay nan and 0.
+    """
     ok = np.flatnonzero(status == 0)
     ids = np.asarray(sensor_ids, dtype=object)[ok]
     order = ok[np.argsort(ids, kind="stable")]  # accepted readings grouped by sensor, in order
@@ -86,40 +151,75 @@ def score(sensor_ids, values: np.ndarray, forecasts: np.ndarray,
     nxt, cur = order[1:][same], order[:-1][same]
     model_err = np.abs(values[nxt] - forecasts[cur]).mean(axis=1)
     naive_err = np.abs(values[nxt] - values[cur]).mean(axis=1)
+    # Reading nxt was scored against the interval made at cur: its coverage and width go
+    # together. A sensor's first reading has no interval before it, so every scored one pairs.
+    with_intervals = inside is not None and interval_width is not None and anomaly is not None
+    if with_intervals:
+        tested = inside[nxt] >= 0
+        covered = (inside[nxt] == 1).astype(np.float64)
+        width = interval_width[cur]
+        flagged = anomaly[nxt]
     pair_ids = grouped_ids[:-1][same]
     sensors = []
     names, starts = np.unique(pair_ids, return_index=True) if len(pair_ids) else ([], [])
     bounds = list(starts) + [len(pair_ids)]
     for i, name in enumerate(names):
-        m, p = model_err[bounds[i] : bounds[i + 1]], naive_err[bounds[i] : bounds[i + 1]]
+        part = slice(bounds[i], bounds[i + 1])
+        m, p = model_err[part], naive_err[part]
         mae, pmae = float(m.mean()), float(p.mean())
+        intervals = (_interval_figures(tested[part], covered[part], width[part], flagged[part])
+                     if with_intervals else {})
         sensors.append(SensorScore(str(name), len(m), mae, pmae,
-                                   mae / pmae if pmae > 0 else float("nan")))
+                                   mae / pmae if pmae > 0 else NAN, **intervals))
     rel = [s.rel_mae for s in sensors if np.isfinite(s.rel_mae)]
     rejected = {Reason(r).label: int(n) for r, n in zip(*np.unique(status[status != 0],
                                                                     return_counts=True))}
     return ReplayReport(
         readings=len(status), accepted=len(ok), rejected=rejected, updates=0, seconds=0.0,
         readings_per_second=0.0,
-        rel_mae=float(np.mean(rel)) if rel else float("nan"),
-        mae=float(np.mean([s.mae for s in sensors])) if sensors else float("nan"),
+        rel_mae=float(np.mean(rel)) if rel else NAN,
+        mae=float(np.mean([s.mae for s in sensors])) if sensors else NAN,
         persistence_mae=float(np.mean([s.persistence_mae for s in sensors])) if sensors
-        else float("nan"),
+        else NAN,
+        **(_interval_figures(tested, covered, width, flagged) if with_intervals else {}),
         sensors=sensors,
     )
 
 
-def write_forecasts(path: str | Path, readings: Batch, forecasts: np.ndarray,
-                    status: np.ndarray) -> None:
-    """`sensor_id,ts,forecast` (the forecast made at ts for the next reading), accepted only."""
+def _interval_figures(tested: np.ndarray, covered: np.ndarray, width: np.ndarray,
+                      flagged: np.ndarray) -> dict[str, float | int]:
+    """Coverage, mean width and flags over the pairs whose next reading was interval-scored."""
+    n, flags = int(tested.sum()), int(flagged.sum())
+    return {
+        "interval_scored": n,
+        "coverage": float(covered[tested].mean()) if n else NAN,
+        "interval_width": float(width[tested].mean()) if n else NAN,
+        "anomalies": flags,
+        "anomalies_per_1000": 1000.0 * flags / n if n else NAN,
+    }
+
+
+def forecasts_header(n_features: int) -> list[str]:
+    """The columns of ``write_forecasts``: one per feature for forecast, lower and upper."""
+    def per_feature(name: str) -> list[str]:
+        return [name] if n_features == 1 else [f"{name}_{j}" for j in range(n_features)]
+
+    return ["sensor_id", "ts", *per_feature("forecast"), *per_feature("lower"),
+            *per_feature("upper"), "anomaly_score", "anomaly"]
+
+
+def write_forecasts(path: str | Path, readings: Batch, outputs: ReplayOutputs) -> None:
+    """One row per accepted reading: the forecast made at ts for the next reading and its
+    interval, then the anomaly score and flag (0/1) of the reading at ts itself."""
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        f = forecasts.shape[1]
-        writer.writerow(["sensor_id", "ts", "forecast"] if f == 1
-                        else ["sensor_id", "ts", *[f"forecast_{j}" for j in range(f)]])
-        for i in np.flatnonzero(status == 0).tolist():
+        writer.writerow(forecasts_header(outputs.forecasts.shape[1]))
+        for i in np.flatnonzero(outputs.status == 0).tolist():
             writer.writerow([readings.sensor_ids[i], repr(float(readings.ts[i])),
-                             *[repr(float(x)) for x in forecasts[i]]])
+                             *[repr(float(x)) for x in outputs.forecasts[i]],
+                             *[repr(float(x)) for x in outputs.lower[i]],
+                             *[repr(float(x)) for x in outputs.upper[i]],
+                             repr(float(outputs.anomaly_score[i])), int(outputs.anomaly[i])])
 
 
 def format_report(report: ReplayReport, top: int = 10) -> str:
@@ -131,13 +231,20 @@ def format_report(report: ReplayReport, top: int = 10) -> str:
         f"throughput {report.readings_per_second:,.0f} readings/s",
         f"relMAE {report.rel_mae:.4f} (mean over {len(report.sensors)} sensors of MAE / "
         f"persistence MAE; < 1 beats persistence)",
+        f"intervals: coverage {report.coverage:.3f} (target {report.target_coverage:.3f}) of "
+        f"{report.interval_scored:,} scored readings, mean width {report.interval_width:.3g} "
+        f"change scales",
+        f"anomalies: {report.anomalies:,} flagged ({report.anomalies_per_1000:.2f} per 1,000 "
+        f"scored readings)",
         "",
-        f"{'sensor':<24} {'scored':>8} {'MAE':>12} {'persist MAE':>12} {'relMAE':>8}",
+        f"{'sensor':<24} {'scored':>8} {'MAE':>12} {'persist MAE':>12} {'relMAE':>8} "
+        f"{'coverage':>8} {'width':>8} {'flags':>6}",
     ]
     ranked = sorted(report.sensors, key=lambda s: -s.rel_mae if np.isfinite(s.rel_mae) else 0)
     for s in ranked[: top if top > 0 else None]:
         lines.append(f"{s.sensor_id[:24]:<24} {s.scored:>8} {s.mae:>12.5g} "
-                     f"{s.persistence_mae:>12.5g} {s.rel_mae:>8.4f}")
+                     f"{s.persistence_mae:>12.5g} {s.rel_mae:>8.4f} {s.coverage:>8.3f} "
+                     f"{s.interval_width:>8.3g} {s.anomalies:>6}")
     if 0 < top < len(ranked):
         lines.append(f"... {len(ranked) - top} more sensors (use --top 0 for all)")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""`streamer replay`: the report agrees with its forecasts file; --json and --plot outputs."""
+"""`streamer replay`: the report agrees with its forecasts file (forecasts, intervals, flags);
+--json and --plot outputs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,12 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
+from streamer.core import LearnerConfig
+from streamer.replay import forecasts_header, score
 from tests.core.conftest import sine_fleet
+
+WARMUP = LearnerConfig().warmup_readings
+SPIKE_SENSOR, SPIKE_STEP = "s2", 300
 
 
 @pytest.fixture
@@ -32,6 +38,38 @@ def _replay(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+def _write_csv(path, stream) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["sensor_id", "ts", "value"])
+        for sensor, ts, value in zip(stream.sensor_ids, stream.ts, stream.values[:, 0]):
+            writer.writerow([sensor, repr(float(ts)), repr(float(value))])
+
+
+def _read_rows(path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames or []), list(reader)
+
+
+@pytest.fixture(scope="module")
+def spiked_replay(tmp_path_factory):
+    """One replay (--out, --json, --plot) of a smooth noisy sine fleet at unit scale in which
+    one sensor jumps by 5 at one reading: 50 times the largest noise sigma (0.1)."""
+    stream = sine_fleet(6, 400, seed=3, log10_scale=(0, 0))
+    spike = np.flatnonzero(np.asarray(stream.sensor_ids) == SPIKE_SENSOR)[SPIKE_STEP]
+    stream.values[spike] += 5.0
+    root = tmp_path_factory.mktemp("spiked")
+    path = root / "fleet.csv"
+    _write_csv(path, stream)
+    out, report, png = root / "forecasts.csv", root / "report.json", root / "replay.png"
+    done = _replay(str(path), "--out", str(out), "--json", str(report), "--plot", str(png),
+                   "--plot-sensors", SPIKE_SENSOR)
+    assert done.returncode == 0, done.stderr
+    return {"out": out, "report": json.loads(report.read_text()), "png": png,
+            "stdout": done.stdout, "spike_ts": float(stream.ts[spike])}
+
+
 def test_report_numbers_equal_a_direct_computation_from_the_forecasts_file(fleet_csv, tmp_path):
     path, stream = fleet_csv
     out, report_path = tmp_path / "forecasts.csv", tmp_path / "report.json"
@@ -43,34 +81,109 @@ def test_report_numbers_equal_a_direct_computation_from_the_forecasts_file(fleet
     forecasts = defaultdict(list)
     with open(out, newline="") as handle:
         for row in csv.DictReader(handle):
-            forecasts[row["sensor_id"]].append((float(row["ts"]), float(row["forecast"])))
-    rel = []
-    for score in report["sensors"]:
-        rows = sorted(forecasts[score["sensor_id"]])
-        model = [abs(actual[(score["sensor_id"], t1)] - f0) for (_, f0), (t1, _) in
-                 zip(rows, rows[1:])]
-        naive = [abs(actual[(score["sensor_id"], t1)] - actual[(score["sensor_id"], t0)])
-                 for (t0, _), (t1, _) in zip(rows, rows[1:])]
-        assert score["scored"] == len(model) == 299
-        assert score["mae"] == pytest.approx(np.mean(model), rel=1e-9)
-        assert score["persistence_mae"] == pytest.approx(np.mean(naive), rel=1e-9)
+            forecasts[row["sensor_id"]].append(
+                (float(row["ts"]), float(row["forecast"]), float(row["lower"]),
+                 float(row["upper"]), int(row["anomaly"])))
+    rel, covered, flags = [], 0, 0
+    for sensor in report["sensors"]:
+        name = sensor["sensor_id"]
+        rows = sorted(forecasts[name])
+        model = [abs(actual[(name, t1)] - f0) for (_, f0, *_), (t1, *_) in zip(rows, rows[1:])]
+        naive = [abs(actual[(name, t1)] - actual[(name, t0)])
+                 for (t0, *_), (t1, *_) in zip(rows, rows[1:])]
+        assert sensor["scored"] == len(model) == 299
+        assert sensor["mae"] == pytest.approx(np.mean(model), rel=1e-9)
+        assert sensor["persistence_mae"] == pytest.approx(np.mean(naive), rel=1e-9)
         rel.append(np.mean(model) / np.mean(naive))
+        # Past warm-up each reading is scored against the interval in its sensor's previous row.
+        inside = [lo0 <= actual[(name, t1)] <= hi0
+                  for (_, _, lo0, hi0, _), (t1, *_) in zip(rows[WARMUP - 1 :], rows[WARMUP:])]
+        assert sensor["interval_scored"] == len(inside) == 300 - WARMUP
+        assert sensor["coverage"] == pytest.approx(np.mean(inside), rel=1e-12)
+        assert sensor["anomalies"] == sum(row[-1] for row in rows)
+        covered, flags = covered + sum(inside), flags + sensor["anomalies"]
     assert report["rel_mae"] == pytest.approx(np.mean(rel), rel=1e-9)
+    assert report["interval_scored"] == 6 * (300 - WARMUP)
+    assert report["coverage"] == pytest.approx(covered / report["interval_scored"], rel=1e-12)
+    assert report["anomalies"] == flags
     assert report["readings"] == 1801 and report["accepted"] == 1800
     assert report["rejected"] == {"non_finite": 1}
     assert "relMAE" in done.stdout and "readings/s" in done.stdout
 
 
-def test_plot_writes_a_png_of_the_expected_size(fleet_csv, tmp_path):
-    path, _ = fleet_csv
-    png = tmp_path / "replay.png"
-    done = _replay(str(path), "--plot", str(png), "--plot-sensors", "s1,s2")
-    assert done.returncode == 0, done.stderr
-    data = png.read_bytes()
+def test_forecasts_file_has_interval_and_anomaly_columns_after_the_forecast(spiked_replay):
+    header, rows = _read_rows(spiked_replay["out"])
+    assert header == ["sensor_id", "ts", "forecast", "lower", "upper", "anomaly_score",
+                      "anomaly"]
+    assert len(rows) == 6 * 400
+    table = np.array([[float(row[c]) for c in header[1:]] for row in rows])  # (N, 6)
+    assert np.isfinite(table).all()
+    forecast, lower, upper, anomaly_score, anomaly = table[:, 1:].T
+    assert (lower <= forecast).all() and (forecast <= upper).all()
+    assert (lower < upper).mean() > 0.95  # a band, not a line
+    assert ((anomaly_score >= 0) & (anomaly_score <= 1)).all()
+    assert set(anomaly) <= {0.0, 1.0}
+
+
+def test_forecasts_header_has_one_column_per_feature_for_forecast_and_bounds():
+    assert forecasts_header(2) == ["sensor_id", "ts", "forecast_0", "forecast_1", "lower_0",
+                                   "lower_1", "upper_0", "upper_1", "anomaly_score", "anomaly"]
+
+
+def test_a_50_sigma_spike_is_flagged_in_its_row_and_few_others_are(spiked_replay):
+    _, rows = _read_rows(spiked_replay["out"])
+    (spike,) = [row for row in rows if row["sensor_id"] == SPIKE_SENSOR
+                and float(row["ts"]) == spiked_replay["spike_ts"]]
+    assert spike["anomaly"] == "1"
+    assert float(spike["anomaly_score"]) >= LearnerConfig().anomaly_threshold
+    flagged = sum(row["anomaly"] == "1" for row in rows)
+    assert 1 <= flagged <= 0.02 * len(rows)
+
+
+def test_json_has_coverage_width_and_flags_per_sensor_and_overall(spiked_replay):
+    report = spiked_replay["report"]
+    sensors = report["sensors"]
+    assert len(sensors) == 6
+    for s in sensors:
+        assert s["interval_scored"] == 400 - WARMUP
+        assert 0.75 <= s["coverage"] <= 1.0, s
+        assert 0.0 < s["interval_width"] < 20.0, s
+        assert s["anomalies_per_1000"] == pytest.approx(1000 * s["anomalies"] / (400 - WARMUP))
+    assert report["target_coverage"] == LearnerConfig().coverage
+    assert report["interval_scored"] == 6 * (400 - WARMUP)
+    # Pooled over readings; every sensor has as many, so also the mean over sensors.
+    assert report["coverage"] == pytest.approx(np.mean([s["coverage"] for s in sensors]))
+    assert 0.8 <= report["coverage"] <= 0.97  # calibrated online toward 0.9
+    assert report["interval_width"] == pytest.approx(
+        np.mean([s["interval_width"] for s in sensors]))
+    assert report["anomalies"] == sum(s["anomalies"] for s in sensors) >= 1
+    assert report["anomalies_per_1000"] == pytest.approx(
+        1000 * report["anomalies"] / report["interval_scored"])
+    spiked = next(s for s in sensors if s["sensor_id"] == SPIKE_SENSOR)
+    assert spiked["anomalies"] >= 1
+    assert "coverage" in spiked_replay["stdout"] and "flagged" in spiked_replay["stdout"]
+
+
+def test_score_of_a_model_without_intervals_leaves_the_interval_figures_empty():
+    ids = ["a", "b"] * 4
+    values = np.arange(8.0)[:, None]
+    report = score(ids, values, values + 1.0, np.zeros(8, dtype=np.int8))
+    assert report.mae == 1.0 and report.persistence_mae == 2.0 and report.rel_mae == 0.5
+    assert np.isnan(report.coverage) and report.interval_scored == 0 and report.anomalies == 0
+    assert all(np.isnan(s.coverage) and np.isnan(s.interval_width) for s in report.sensors)
+
+
+def test_plot_writes_a_png_of_the_expected_size_with_the_flagged_spike_in_red(spiked_replay):
+    data = spiked_replay["png"].read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert (width, height) == (1200, 900)
     assert len(data) > 20_000  # drawn lines, not an empty canvas
+    import matplotlib.image
+
+    rgb = matplotlib.image.imread(spiked_replay["png"])[..., :3]  # (900, 1200, 3) in [0, 1]
+    red = (rgb[..., 0] > 0.9) & (rgb[..., 1] < 0.1) & (rgb[..., 2] < 0.1)
+    assert red.sum() >= 20  # the anomaly markers (matplotlib's "red" is pure red)
 
 
 def test_replay_uses_the_same_settings_flags_as_run(fleet_csv, tmp_path):
