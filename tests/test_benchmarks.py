@@ -37,6 +37,15 @@ def test_core_benchmark_quick_run_reports_step_and_update_figures() -> None:
     assert "update / raw LSTM" in out
 
 
+def test_intervals_benchmark_quick_run_compares_streamer_with_both_baselines() -> None:
+    out = _run("-m", "tests.bench_intervals", "--quick", timeout_s=240)
+    rows = {method: _row(out, f"sample | {method}") for method in
+            ("streamer", "no integrator", "running quantile")}
+    for cells in rows.values():
+        assert 0.5 < _number(cells[2]) <= 1.0 and _number(cells[5]) > 0  # coverage, Winkler
+    assert "readings/s without intervals" in out
+
+
 @pytest.mark.broker
 def test_e2e_benchmark_quick_run_drains_the_backlog_through_streamer_and_ceiling(broker) -> None:
     # ``broker`` only proves the local broker is installed; the script starts its own.

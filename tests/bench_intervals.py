@@ -1,0 +1,258 @@
+"""Intervals and anomaly flags against baselines (a print-out, not a test):
+python -m tests.bench_intervals
+
+On the four shared fleets (../shared/datasets), streamer's default learner is replayed once
+(prequential, every reading in file order, batches of 2,048); every method below bounds the
+same forecasts, so only the intervals differ:
+
+* **streamer**: the interval each forecast carries (conformal PID: quantile tracking of the
+  normalized residuals plus the integrator, streamer/core/intervals.py);
+* **no integrator**: the same calibration with the integrator's gain at 0, run in the same
+  replay on the same inputs (a shadow of the learner's own);
+* **running quantile**: per sensor, the empirical alpha/2 and 1 - alpha/2 quantiles of all its
+  raw residuals so far, added to the forecast (what River's conformal ``RegressionJackknife``
+  gives with its running quantiles).
+
+Figures per fleet, each reading scored against the interval made before it, after a warm-up of
+200 readings per sensor: fleet coverage (target 0.90), the 5th percentile of per-sensor
+coverage, mean width and mean Winkler (interval) score, both in units of the sensor's
+persistence MAE and averaged over sensors; flags per 1,000 readings at the default threshold
+and two stricter ones (read off the same scores: with the default ``learn_after`` of 0 a flag
+changes nothing downstream).
+
+Anomalies: the labelled series shipped in the PyPI package ``aeon`` 1.6.0 (``pip install -e
+.[bench]``; the CSVs are read from the installed package, aeon is never imported) streamed
+through the learner in batches of 64: per labelled window whether any reading in it was flagged,
+and false flags per 1,000 normal readings (after the first 200), at the default threshold and
+two stricter ones. Cost: replay readings/s with intervals and scores against a replay whose
+calibration is a no-op, best of ``--runs`` (2) each, interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import importlib.util
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from streamer.cli import sample_dataset
+from streamer.core import Batch, Learner, LearnerConfig
+from streamer.core.intervals import Calibrated, Calibration
+from streamer.readings_csv import iter_chunks, read_csv
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets"
+FLEETS = ("appliances", "parking", "hourly", "daily")
+WARMUP = 200
+AEON_SERIES = ("KDD-TSAD_135/135_UCR_Anomaly_InternalBleeding16_TEST.csv",
+               "UnitTest/ecg-diff-count-3_TEST.csv")
+THRESHOLDS = (0.999, 0.9999, 0.99999)
+
+
+class _Shadow:
+    """The learner's calibration, with a second one fed the same inputs alongside."""
+
+    def __init__(self, real: Calibration, shadow: Calibration):
+        self.real, self.shadow, self.outputs = real, shadow, []
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def grow(self, capacity: int) -> None:
+        self.real.grow(capacity)
+        self.shadow.grow(capacity)
+
+    def reset(self, slots: np.ndarray) -> None:
+        self.real.reset(slots)
+        self.shadow.reset(slots)
+
+    def calibrate(self, *args) -> Calibrated:
+        self.outputs.append(self.shadow.calibrate(*args))
+        return self.real.calibrate(*args)
+
+
+class _NoIntervals(_Shadow):
+    """A calibration that does nothing: the cost baseline."""
+
+    def calibrate(self, slots, ts, values, *args) -> Calibrated:
+        m, f = values.shape
+        empty = np.full((m, f), np.nan)
+        return Calibrated(empty, empty, np.zeros(m), np.zeros(m, dtype=bool),
+                          np.full(m, -1, dtype=np.int8), np.full(m, np.nan), empty, empty)
+
+
+def run(batch: Batch, config: LearnerConfig, batch_size: int = 2048, shadow: bool = False,
+        intervals: bool = True) -> tuple[dict, dict | None, float]:
+    """Replay; per-reading arrays of streamer (and of the no-integrator shadow) and seconds."""
+    learner = Learner(config)
+    c = learner.calibration
+    if shadow or not intervals:
+        twin = Calibration(len(c.flag_run), c.n_features, config.coverage, config.anomaly_threshold,
+                           config.anomaly_learn_after, gain=0.0)
+        learner.calibration = (_Shadow if intervals else _NoIntervals)(c, twin)
+    keep = ("forecasts", "lower", "upper", "anomaly_score", "anomaly", "inside", "expected",
+            "status")
+    parts: dict[str, list] = {k: [] for k in keep}
+    started = time.perf_counter()
+    for chunk in iter_chunks(batch, batch_size):
+        result = learner.step(chunk)
+        for k in keep:
+            parts[k].append(getattr(result, k))
+    seconds = time.perf_counter() - started
+    out = {k: np.concatenate(v) for k, v in parts.items()}
+    twin_out = None
+    if shadow:
+        # The shadow saw the accepted readings in the learner's order: map them back.
+        cal = learner.calibration.outputs
+        accepted = np.flatnonzero(out["status"] == 0)
+        twin_out = {"lower": np.full_like(out["lower"], np.nan),
+                    "upper": np.full_like(out["upper"], np.nan)}
+        twin_out["lower"][accepted] = np.concatenate([o.lower for o in cal])
+        twin_out["upper"][accepted] = np.concatenate([o.upper for o in cal])
+    return out, twin_out, seconds
+
+
+def _pairs(ids: np.ndarray, status: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(cur, nxt, k): consecutive accepted readings of one sensor; k = nxt's index in it."""
+    ok = np.flatnonzero(status == 0)
+    order = ok[np.argsort(ids[ok], kind="stable")]
+    same = ids[order][1:] == ids[order][:-1]
+    cur, nxt = order[:-1][same], order[1:][same]
+    k = np.zeros(len(order), dtype=np.int64)
+    starts = np.r_[0, np.flatnonzero(~same) + 1]
+    for a, b in zip(starts, np.r_[starts[1:], len(order)]):
+        k[a:b] = np.arange(b - a)
+    return cur, nxt, k[1:][same]
+
+
+def interval_figures(batch: Batch, status: np.ndarray, lower: np.ndarray, upper: np.ndarray,
+                     alpha: float, scores: np.ndarray | None = None) -> dict:
+    ids = np.asarray(batch.sensor_ids, dtype=object)
+    cur, nxt, k = _pairs(ids, status)
+    y, lo, hi = batch.values[nxt, 0], lower[cur, 0], upper[cur, 0]
+    naive = np.abs(y - batch.values[cur, 0])
+    counted = k >= WARMUP
+    inside = (y >= lo) & (y <= hi)
+    winkler = (hi - lo) + (2 / alpha) * (np.maximum(lo - y, 0) + np.maximum(y - hi, 0))
+    names = ids[nxt]
+    cover, wink, width = [], [], []
+    for name in np.unique(names[counted]):
+        rows = counted & (names == name)
+        unit = naive[rows].mean()
+        if unit > 0:
+            cover.append(inside[rows].mean())
+            wink.append(winkler[rows].mean() / unit)
+            width.append((hi - lo)[rows].mean() / unit)
+    flags = [1000 * (scores[nxt][counted] >= t).mean() if scores is not None else np.nan
+             for t in THRESHOLDS]
+    return {"coverage": inside[counted].mean(), "p5": np.percentile(cover, 5),
+            "width": np.mean(width), "winkler": np.mean(wink), "flags": flags}
+
+
+def running_quantile(batch: Batch, status: np.ndarray, forecasts: np.ndarray,
+                     alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per sensor, forecast + the empirical quantiles of its raw residuals so far."""
+    lower, upper = np.full_like(forecasts, np.nan), np.full_like(forecasts, np.nan)
+    seen: dict[str, list[float]] = {}
+    last: dict[str, float] = {}
+    for i in np.flatnonzero(status == 0).tolist():
+        sid, f = batch.sensor_ids[i], forecasts[i, 0]
+        past = seen.setdefault(sid, [])
+        if sid in last:
+            bisect.insort(past, batch.values[i, 0] - last[sid])
+        last[sid] = f
+        n = len(past)
+        if n >= 2:
+            lower[i, 0] = f + past[int(np.floor(alpha / 2 * (n - 1)))]
+            upper[i, 0] = f + past[int(np.ceil((1 - alpha / 2) * (n - 1)))]
+        else:
+            lower[i, 0] = upper[i, 0] = f
+    return lower, upper
+
+
+def aeon_series() -> list[tuple[str, Batch, np.ndarray]]:
+    spec = importlib.util.find_spec("aeon")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    root = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+    found = []
+    for rel in AEON_SERIES:
+        data = np.genfromtxt(root / rel, delimiter=",", skip_header=1)
+        name = Path(rel).stem
+        batch = Batch.from_arrays([name] * len(data), data[:, 0], data[:, 1])
+        found.append((name, batch, data[:, 2] > 0))
+    return found
+
+
+def windows(labels: np.ndarray) -> list[tuple[int, int]]:
+    idx = np.flatnonzero(labels)
+    if not len(idx):
+        return []
+    cuts = np.flatnonzero(np.diff(idx) > 1)
+    return list(zip(np.r_[idx[0], idx[cuts + 1]], np.r_[idx[cuts], idx[-1]]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=SHARED.resolve())
+    parser.add_argument("--fleets", default=",".join(FLEETS))
+    parser.add_argument("--runs", type=int, default=2, help="cost runs per variant")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: the bundled sample fleet, one cost run each")
+    args = parser.parse_args()
+    if args.quick:
+        args.fleets, args.runs = "sample", 1
+    torch.set_num_threads(1)
+    config = LearnerConfig(device="cpu")
+    alpha = 1 - config.coverage
+    print(f"coverage target {config.coverage}, anomaly threshold {config.anomaly_threshold}, "
+          f"warm-up {WARMUP} readings per sensor; width and Winkler in persistence-MAE units\n")
+    print("| fleet | method | coverage | p5 sensor coverage | width | Winkler | "
+          + " | ".join(f"flags / 1k at {t}" for t in THRESHOLDS) + " |")
+    print("| --- | --- | --- | --- | --- | --- |" + " --- |" * len(THRESHOLDS))
+    costs = []
+    for name in args.fleets.split(","):
+        batch = read_csv(sample_dataset() if name == "sample" else args.data / f"{name}.csv.gz")
+        out, twin, _ = run(batch, config, shadow=True)
+        rows = [("streamer", out["lower"], out["upper"], out["anomaly_score"]),
+                ("no integrator", twin["lower"], twin["upper"], None),
+                ("running quantile",
+                 *running_quantile(batch, out["status"], out["forecasts"], alpha), None)]
+        for method, lo, hi, flags in rows:
+            e = interval_figures(batch, out["status"], lo, hi, alpha, flags)
+            flags = " | ".join("" if np.isnan(x) else f"{x:.1f}" for x in e["flags"])
+            print(f"| {name} | {method} | {e['coverage']:.3f} | {e['p5']:.3f} | "
+                  f"{e['width']:.2f} | {e['winkler']:.3f} | {flags} |", flush=True)
+        with_i, without = [], []
+        for _ in range(args.runs):
+            with_i.append(run(batch, config)[2])
+            without.append(run(batch, config, intervals=False)[2])
+        costs.append((name, len(batch) / min(without), len(batch) / min(with_i)))
+    print("\n| fleet | readings/s without intervals | with | change |")
+    print("| --- | --- | --- | --- |")
+    for name, a, b in costs:
+        print(f"| {name} | {a:,.0f} | {b:,.0f} | {100 * (b / a - 1):+.1f} % |")
+    series = aeon_series()
+    if not series:
+        print("\naeon is not installed (pip install -e .[bench]): no labelled series")
+        return
+    print("\n| series | readings | labelled windows | " + " | ".join(
+        f"flagged at {t} | false / 1k at {t}" for t in THRESHOLDS) + " |")
+    print("| --- | --- | --- |" + " --- | --- |" * len(THRESHOLDS))
+    for name, batch, labels in series:
+        out, _, _ = run(batch, config, batch_size=64)
+        normal = ~labels
+        normal[:WARMUP] = False
+        cells = []
+        for t in THRESHOLDS:
+            flagged = out["anomaly_score"] >= t
+            hit = sum(bool(flagged[a : b + 1].any()) for a, b in windows(labels))
+            cells += [f"{hit}/{len(windows(labels))}", f"{1000 * flagged[normal].mean():.1f}"]
+        print(f"| {name} | {len(batch):,} | {len(windows(labels))} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
