@@ -178,7 +178,7 @@ class CheckpointStore:
                     f"config fingerprint {manifest['fingerprint']} differs from this worker's "
                     f"{self.fingerprint} (model shape settings changed)"
                 )
-            state = snap.loads(data)
+            state = snap.upgrade(snap.loads(data))
             if not isinstance(state, dict) or state.get("format") != snap.FORMAT:
                 found = state.get("format") if isinstance(state, dict) else type(state).__name__
                 raise ValueError(f"learner snapshot format {found!r} is not {snap.FORMAT!r} "

@@ -34,8 +34,6 @@ from typing_extensions import NotRequired, TypedDict
 from streamer.core.batch import Batch
 from streamer.core.rejections import Reason
 
-# Anomaly scores are written with 6 significant digits: enough to rank and threshold them.
-SCORE_FORMAT = "%.6g"
 DLQ_REASON = "streamer.reason"
 DLQ_DETAIL = "streamer.detail"
 DLQ_SOURCE_TOPIC = "streamer.source.topic"
@@ -236,16 +234,17 @@ def encode_forecast(
     before it. A non-finite number is written as ``null``: the output stays valid JSON.
     """
     numbers = [_finite_or_none(float(number)) for number in forecast_values]
-    if len(numbers) != n_features:
-        raise ValueError(f"expected {n_features} forecast values, got {len(numbers)}")
     low = [_finite_or_none(float(number)) for number in lower]
     high = [_finite_or_none(float(number)) for number in upper]
+    if not len(numbers) == len(low) == len(high) == n_features:
+        raise ValueError(f"expected {n_features} forecast values and bounds, got "
+                         f"{len(numbers)}, {len(low)} and {len(high)}")
     body: dict[str, Any] = {"sensor_id": sensor_id, "ts": float(ts)}
     if n_features == 1:
         body.update(value=numbers[0], lower=low[0], upper=high[0])
     else:
         body.update(values=numbers, lower=low, upper=high)
-    body["anomaly_score"] = float(SCORE_FORMAT % anomaly_score)
+    body["anomaly_score"] = _finite_or_none(float(anomaly_score))
     body["anomaly"] = bool(anomaly)
     body["partition"] = int(partition)
     body["offset"] = int(offset)
@@ -275,7 +274,7 @@ def encode_forecasts(
     numbers, field = _render(forecasts)
     lows, _ = _render(lower)
     highs, _ = _render(upper)
-    scores = [repr(float(SCORE_FORMAT % x)) for x in np.asarray(anomaly_scores).tolist()]
+    scores = _render_scores(anomaly_scores)
     flags = ["true" if x else "false" for x in np.asarray(anomalies).tolist()]
     template = ('{"sensor_id":%s,"ts":%s,"' + field + '":%s,"lower":%s,"upper":%s,'
                 '"anomaly_score":%s,"anomaly":%s,"partition":%d,"offset":%d,"model_updates":%d}')
@@ -294,6 +293,11 @@ def _render(numbers: np.ndarray) -> tuple[list[str], str]:
     if numbers.shape[1] == 1:
         return [row[0] for row in rendered], "value"
     return ["[" + ",".join(row) + "]" for row in rendered], "values"
+
+
+def _render_scores(scores: np.ndarray) -> list[str]:
+    return [repr(x) if math.isfinite(x) else "null"
+            for x in np.asarray(scores, dtype=np.float64).tolist()]
 
 
 def encode_anomalies(
@@ -316,7 +320,7 @@ def encode_anomalies(
     forecasts, _ = _render(expected)
     lows, _ = _render(expected_lower)
     highs, _ = _render(expected_upper)
-    scores = [repr(float(SCORE_FORMAT % x)) for x in np.asarray(anomaly_scores).tolist()]
+    scores = _render_scores(anomaly_scores)
     template = ('{"sensor_id":%s,"ts":%s,"' + field + '":%s,"forecast":%s,"lower":%s,'
                 '"upper":%s,"anomaly_score":%s,"anomaly":true,"partition":%d,"offset":%d}')
     return [

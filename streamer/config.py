@@ -29,7 +29,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from streamer.core.config import MAX_WINDOWS_PER_UPDATE, LearnerConfig
+from streamer.core.config import MAX_LEARN_AFTER, MAX_WINDOWS_PER_UPDATE, LearnerConfig
 
 ENV_PREFIX = "STREAMER_"
 ENV_NESTED_DELIMITER = "__"
@@ -360,7 +360,7 @@ class AnomalySettings(_Section):
     learn_after: int = Field(
         _LEARNER_DEFAULTS["anomaly_learn_after"],
         ge=0,
-        le=255,
+        le=MAX_LEARN_AFTER,
         description="Flagged readings leave a sensor's interval calibration alone until it has "
         "been flagged this many readings in a row (then they are its new normal); 0 learns "
         "from every reading.",
@@ -497,6 +497,16 @@ class Settings(BaseSettings):
         "1 by default: the worker shares its cores with the Kafka client's network thread, "
         "and an oversubscribed torch measured 5-60x slower; raise it on dedicated cores.",
     )
+
+    @model_validator(mode="after")
+    def _threshold_above_coverage(self) -> Settings:
+        if not self.anomaly.threshold > self.forecast.coverage:
+            raise _conflict(
+                f"{_named('anomaly.threshold')} is {self.anomaly.threshold} but must be above "
+                f"{_named('forecast.coverage')}, which is {self.forecast.coverage}: a reading "
+                "inside its interval scores up to the coverage, so it would be flagged"
+            )
+        return self
 
     @field_validator("device")
     @classmethod

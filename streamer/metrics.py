@@ -206,7 +206,8 @@ class Metrics:
         # Intervals and anomalies: coverage over any window is inside / (inside + outside).
         self.interval_readings = Counter(
             "streamer_interval_readings",
-            "Scored readings inside or outside the interval of the forecast made before them.",
+            "Scored values (one per feature of a reading) inside or outside the interval of the "
+            "forecast made before them.",
             ["position"], registry=r,
         )
         self._inside = self.interval_readings.labels(position="inside")
@@ -307,9 +308,10 @@ class Metrics:
             self.persistence_abs_error.inc(float(np.nansum(np.abs(persistence[scored]))))
             self.scored_readings.inc(n_scored)
 
-        inside = np.asarray(result.inside)
-        n_inside = int(np.count_nonzero(inside == 1))
-        n_outside = int(np.count_nonzero(inside == 0))
+        inside = np.asarray(result.inside)  # features inside, per reading; -1 unscored
+        tested = inside >= 0
+        n_inside = int(inside[tested].sum())
+        n_outside = int(tested.sum()) * result.forecasts.shape[1] - n_inside
         if n_inside:
             self._inside.inc(n_inside)
         if n_outside:

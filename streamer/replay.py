@@ -28,7 +28,7 @@ class SensorScore:
     persistence_mae: float
     rel_mae: float  # mae / persistence_mae (nan when persistence is exact)
     # Readings scored against the interval made before them (past warm-up), the share of them
-    # inside it (every feature), and those intervals' mean width in the sensor's change scales;
+    # inside it (per feature), and those intervals' mean width in the sensor's change scales;
     # nan when there are none or no intervals were given.
     interval_scored: int = 0
     coverage: float = NAN
@@ -77,7 +77,7 @@ class ReplayOutputs:
     upper: np.ndarray  # (N, F)
     anomaly_score: np.ndarray  # (N,) in [0, 1], of this reading against the forecast before it
     anomaly: np.ndarray  # (N,) bool, flagged
-    inside: np.ndarray  # (N,) int8: 1 inside the interval made before it, 0 not, -1 unscored
+    inside: np.ndarray  # (N,) int8: features inside the interval made before it; -1 unscored
     interval_width: np.ndarray  # (N,) mean width of this reading's interval, in change scales
 
     @classmethod
@@ -156,7 +156,7 @@ def score(sensor_ids: Sequence[str], values: np.ndarray, forecasts: np.ndarray,
     with_intervals = inside is not None and interval_width is not None and anomaly is not None
     if with_intervals:
         tested = inside[nxt] >= 0
-        covered = (inside[nxt] == 1).astype(np.float64)
+        covered = np.maximum(inside[nxt], 0) / values.shape[1]  # share of features inside
         width = interval_width[cur]
         flagged = anomaly[nxt]
     pair_ids = grouped_ids[:-1][same]

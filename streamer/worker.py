@@ -105,6 +105,8 @@ class Worker:
                     pending.delivery = client.send(pending.processed.outputs)
                 # Batch k's acks are awaited after k+1 was polled and stepped (pipelining).
                 self._complete(client, keep=1 if records else 0)
+                if not records:  # flagged sensors age out of the gauge while the input is idle
+                    self.metrics.observe_flagged([], time.time())
                 self._backoff = BACKOFF_START_S
                 self._maybe_checkpoint(client)
             except UndecodableBatch as exc:  # that partition is paused; the others go on

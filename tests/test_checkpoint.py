@@ -85,12 +85,27 @@ def test_a_checkpoint_from_another_model_shape_is_refused_with_the_reason(tmp_pa
 
 def test_a_checkpoint_of_an_older_snapshot_format_is_refused_with_the_reason(tmp_path, caplog):
     old = snap.snapshot(_learner(4))
-    old["format"] = "streamer.learner/4"  # no interval calibration
+    old["format"] = "streamer.learner/3"  # windows with gaps, no queue
     CheckpointStore(tmp_path, "w1", CFG.fingerprint()).save(old, {TP: 5}, {TP: []})
     with caplog.at_level(logging.ERROR):
         assert CheckpointStore(tmp_path, "w1", CFG.fingerprint()).latest() is None
-    assert ("learner snapshot format 'streamer.learner/4' is not 'streamer.learner/5' "
+    assert ("learner snapshot format 'streamer.learner/3' is not 'streamer.learner/5' "
             "(written by another streamer version)") in caplog.text
+
+
+def test_a_checkpoint_from_before_intervals_resumes_with_fresh_calibration(tmp_path):
+    learner = _learner(4)
+    old = snap.snapshot(learner)
+    del old["calibration"]
+    old["format"] = "streamer.learner/4"
+    CheckpointStore(tmp_path, "w1", CFG.fingerprint()).save(old, {TP: 5}, {TP: []})
+    found = CheckpointStore(tmp_path, "w1", CFG.fingerprint()).latest()
+    restored = snap.restore(found.state, CFG)
+    for p, q in zip(restored.model.parameters(), learner.model.parameters()):
+        assert torch.equal(p, q)  # the weights carry over
+    fresh = Learner(CFG).calibration
+    np.testing.assert_array_equal(restored.calibration.q_hi[:4], fresh.q_hi[:4])
+    np.testing.assert_array_equal(restored.stats.count, learner.stats.count)
 
 
 def test_partition_state_moves_between_learners_through_a_checkpoint(tmp_path):
@@ -109,5 +124,9 @@ def test_partition_state_moves_between_learners_through_a_checkpoint(tmp_path):
     # Same weights, same per-sensor state: the moved sensors forecast as at the source (float32
     # LSTM over a batch of another size: equal to rounding).
     target.model.load_state_dict(source.model.state_dict())
-    expected = source.step(later).forecasts
-    np.testing.assert_allclose(target.step(later).forecasts, expected, rtol=1e-7, atol=1e-9)
+    expected, got = source.step(later), target.step(later)
+    np.testing.assert_allclose(got.forecasts, expected.forecasts, rtol=1e-7, atol=1e-9)
+    # ... with the same intervals and anomaly scores: the calibration moved with them.
+    np.testing.assert_allclose(got.lower, expected.lower, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(got.upper, expected.upper, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(got.anomaly_score, expected.anomaly_score, atol=1e-6)

@@ -238,7 +238,8 @@ def test_single_feature_forecast_is_exact_json() -> None:
                               anomaly_score=np.float64(0.99912345678), anomaly=np.bool_(True))
     assert encoded == (
         b'{"sensor_id":"s1","ts":1700000000.5,"value":21.75,"lower":20.5,"upper":23.0,'
-        b'"anomaly_score":0.999123,"anomaly":true,"partition":3,"offset":42,"model_updates":7}'
+        b'"anomaly_score":0.99912345678,"anomaly":true,"partition":3,"offset":42,'
+        b'"model_updates":7}'
     )
 
 
@@ -269,8 +270,10 @@ def test_non_finite_forecast_numbers_are_written_as_null() -> None:
 
 
 def test_forecast_with_the_wrong_number_of_values_is_a_programming_error() -> None:
-    with pytest.raises(ValueError, match="expected 2 forecast values, got 1"):
+    with pytest.raises(ValueError, match="expected 2 forecast values and bounds, got 1, 2"):
         encode_forecast("s1", 1.0, [1.0], 0, 1, 1, 2, **_bounds(2))
+    with pytest.raises(ValueError, match="got 2, 1 and 2"):
+        encode_forecast("s1", 1.0, [1.0, 2.0], 0, 1, 1, 2, **{**_bounds(2), "lower": [0.0]})
 
 
 def test_anomaly_event_carries_the_reading_what_was_expected_and_the_score() -> None:
@@ -279,7 +282,7 @@ def test_anomaly_event_carries_the_reading_what_was_expected_and_the_score() -> 
                               np.array([0.99999912]), [2], [314])
     assert json.loads(one) == {
         "sensor_id": "pump-7", "ts": 1.7e9, "value": 950.0, "forecast": 20.5, "lower": 19.0,
-        "upper": 22.0, "anomaly_score": 0.999999, "anomaly": True, "partition": 2,
+        "upper": 22.0, "anomaly_score": 0.99999912, "anomaly": True, "partition": 2,
         "offset": 314,
     }
     (two,) = encode_anomalies(["m"], np.array([5.0]), np.array([[1.0, 2.0]]),
@@ -360,7 +363,7 @@ def test_batch_encoding_is_byte_identical_to_one_by_one():
                       np.array([[1.0, 2.0], [np.inf, 3.0], [0.1, 0.2], [5, 6], [-1e-5, 7]])):
         f = forecasts.shape[1]
         lower, upper = forecasts - 1.5, forecasts * 2
-        scores = np.array([0.0, 0.5, 0.123456789, 1.0, 1e-12])
+        scores = np.array([0.0, 0.5, 0.123456789, 1.0, np.nan])  # nan: written as null
         flags = np.array([False, False, True, True, False])
         batch = encode_forecasts(ids, ts, forecasts, [0, 1, 2, 3, 4], [5, 6, 7, 8, 9],
                                  np.array([1, 2, 3, 4, 5]), lower=lower, upper=upper,

@@ -399,3 +399,21 @@ def test_min_update_windows_beyond_what_one_update_trains_is_refused() -> None:
     )
     with pytest.raises(ValueError, match="min_update_windows must be <= 8192"):
         LearnerConfig(min_update_windows=8193)
+
+
+def test_anomaly_threshold_must_be_above_the_coverage() -> None:
+    assert error_message({"forecast.coverage": "0.95", "anomaly.threshold": "0.9"}) == (
+        "invalid configuration: anomaly.threshold (STREAMER_ANOMALY__THRESHOLD / "
+        "--anomaly-threshold) is 0.9 but must be above forecast.coverage "
+        "(STREAMER_FORECAST__COVERAGE / --forecast-coverage), which is 0.95: a reading inside "
+        "its interval scores up to the coverage, so it would be flagged"
+    )
+    with pytest.raises(ValueError, match="must be above coverage"):
+        LearnerConfig(coverage=0.95, anomaly_threshold=0.9)
+
+
+def test_an_empty_anomaly_topic_turns_the_anomaly_events_off() -> None:
+    assert load_settings({"kafka.anomaly_topic": ""}).kafka.anomaly_topic is None
+    assert load_settings({}).kafka.anomaly_topic == "sensor-anomalies"
+    assert "each must name its own topic" in error_message(
+        {"kafka.anomaly_topic": "sensor-forecasts"})

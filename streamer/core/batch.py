@@ -94,7 +94,8 @@ class StepResult:
     upper: np.ndarray  # (N, F) float64
     anomaly_score: np.ndarray  # (N,) float64 in [0, 1]; 0 where unscored or rejected
     anomaly: np.ndarray  # (N,) bool: the score reached the threshold
-    inside: np.ndarray  # (N,) int8: 1 inside the interval made before it, 0 outside, -1 unscored
+    inside: np.ndarray  # (N,) int8: how many features fell inside the interval made before
+    # the reading (each feature has its own, at the same coverage); -1 unscored
     interval_width: np.ndarray  # (N,) float64 mean width, in the sensor's change scales
     # What was expected of each reading: the forecast made at its sensor's previous reading and
     # that forecast's interval (NaN where unscored): the anomaly topic's events carry them.

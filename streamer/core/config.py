@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 # Bounds one update's memory and time in a 100k-sensor fleet, and the queue of full windows.
 MAX_WINDOWS_PER_UPDATE = 8192
+# anomaly_learn_after is kept per sensor in one byte.
+MAX_LEARN_AFTER = 255
 
 
 @dataclass(frozen=True)
@@ -102,9 +104,13 @@ class LearnerConfig:
             raise ValueError(f"coverage must be in (0, 1), got {self.coverage}")
         if not 0.0 < self.anomaly_threshold < 1.0:
             raise ValueError(f"anomaly_threshold must be in (0, 1), got {self.anomaly_threshold}")
-        if not 0 <= self.anomaly_learn_after <= 255:
-            raise ValueError(f"anomaly_learn_after must be in [0, 255], got "
+        if not 0 <= self.anomaly_learn_after <= MAX_LEARN_AFTER:
+            raise ValueError(f"anomaly_learn_after must be in [0, {MAX_LEARN_AFTER}], got "
                              f"{self.anomaly_learn_after}")
+        if not self.anomaly_threshold > self.coverage:
+            raise ValueError(f"anomaly_threshold ({self.anomaly_threshold}) must be above "
+                             f"coverage ({self.coverage}): a reading inside its interval can "
+                             "score up to the coverage")
         if not self.clip_z > 0:
             raise ValueError(f"clip_z must be > 0, got {self.clip_z}")
         if self.sensor_ttl_seconds is not None and not self.sensor_ttl_seconds > 0:

@@ -356,7 +356,7 @@ class Learner:
         # How much the experts disagree about the next reading (change scales): the intervals
         # widen with it (intervals.py).
         apart = np.clip((experts - combined[..., None]) / enc.scale[..., None], -cap, cap)
-        spread = np.sqrt((weights * apart**2).sum(axis=-1))
+        spread = np.nan_to_num(np.sqrt((weights * apart**2).sum(axis=-1)), nan=0.0, posinf=cap)
         return np.where(enc.outlier & revert, enc.prev_value, combined), spread
 
     # -- training -------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import io
 import torch
 
 from streamer.core.config import LearnerConfig
+from streamer.core.intervals import Calibration
 from streamer.core.learner import Learner
 from streamer.core.slots import SlotTable
 from streamer.core.windows import slot_axis
@@ -16,6 +17,7 @@ from streamer.core.windows import slot_axis
 # without a gap, and the queue of full windows waiting for an update; 5: interval and anomaly
 # calibration.
 FORMAT = "streamer.learner/5"
+PREVIOUS_FORMAT = "streamer.learner/4"  # read through upgrade()
 
 
 # The learner's per-slot host arrays (row i: slot i) that move with a sensor.
@@ -69,6 +71,21 @@ def restore(state: dict, config: LearnerConfig) -> Learner:
     learner.trainer.attempts = int(counters["attempts"])
     learner.trainer.applied = int(counters["applied"])
     return learner
+
+
+def upgrade(state: dict) -> dict:
+    """A snapshot of the previous format (4, before interval calibration) in this one: its
+    sensors start calibrating from the prior, like new ones; weights, statistics and memory
+    carry over. Any other format is returned as it is (``check_compatible`` names it)."""
+    if not isinstance(state, dict) or state.get("format") != PREVIOUS_FORMAT:
+        return state
+    defaults = LearnerConfig()
+    config = {**defaults.to_dict(), **state["config"]}
+    fresh = Calibration(len(state["stats"]["count"]), int(config["n_features"]),
+                        float(config["coverage"]), float(config["anomaly_threshold"]),
+                        int(config["anomaly_learn_after"]))
+    arrays = {k: torch.from_numpy(v.copy()) for k, v in fresh.arrays().items()}
+    return {**state, "format": FORMAT, "calibration": arrays}
 
 
 def check_compatible(state: dict, config: LearnerConfig) -> None:

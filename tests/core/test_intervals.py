@@ -23,14 +23,15 @@ def _fleet(kind: str, n_sensors: int = 12, n_steps: int = 1500, seed: int = 0) -
             noise = rng.standard_t(3, size=n_steps)
         elif kind == "heteroscedastic":  # calm and busy stretches, 4x apart
             noise = rng.normal(size=n_steps) * np.where((t // 250) % 2 == 0, 1.0, 4.0)
-        elif kind == "level_shift":
-            noise = rng.normal(size=n_steps) + np.where(t >= n_steps // 2, 25.0, 0.0) * (
-                t == n_steps // 2)
+        elif kind == "level_shift":  # the level moves by 20 noise sd for good, mid-way
+            noise = rng.normal(size=n_steps)
         else:
             raise ValueError(kind)
         x = np.zeros(n_steps)
         for i in range(1, n_steps):
             x[i] = 0.8 * x[i - 1] + noise[i]
+        if kind == "level_shift":
+            x += np.where(t >= n_steps // 2, 20.0, 0.0)
         series.append(10.0 ** (s % 4 - 1) * (x + 5 * s))
     values = np.stack(series, axis=1).reshape(-1)
     ids = [f"s{s}" for _ in t for s in range(n_sensors)]
@@ -38,21 +39,30 @@ def _fleet(kind: str, n_sensors: int = 12, n_steps: int = 1500, seed: int = 0) -
     return Batch.from_arrays(ids, ts, values)
 
 
-def _coverage(batch: Batch, coverage: float) -> float:
-    outputs, _ = backtest(batch, LearnerConfig(device="cpu", coverage=coverage), batch_size=500)
+def _coverage(batch: Batch, coverage: float, n_features: int = 1) -> float:
+    config = LearnerConfig(device="cpu", coverage=coverage, n_features=n_features)
+    outputs, _ = backtest(batch, config, batch_size=500)
     ids = np.asarray(batch.sensor_ids)
     index_in_sensor = np.zeros(len(ids), dtype=int)
     for name in np.unique(ids):
         rows = np.flatnonzero(ids == name)
         index_in_sensor[rows] = np.arange(len(rows))
     counted = (outputs.inside >= 0) & (index_in_sensor >= WARMUP)
-    return float((outputs.inside[counted] == 1).mean())
+    return float(outputs.inside[counted].mean() / n_features)  # features inside, per reading
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "heavy", "heteroscedastic", "level_shift"])
 @pytest.mark.parametrize("coverage", [0.8, 0.9, 0.95])
 def test_fleet_coverage_is_within_two_points_of_the_target(kind, coverage):
     assert _coverage(_fleet(kind), coverage) == pytest.approx(coverage, abs=0.02)
+
+
+def test_each_feature_of_a_multi_feature_sensor_holds_the_coverage():
+    one = _fleet("gaussian", seed=1)
+    two = _fleet("heavy", seed=2)
+    values = np.stack([one.values[:, 0], two.values[:, 0]], axis=1)
+    batch = Batch.from_arrays(one.sensor_ids, one.ts, values)
+    assert _coverage(batch, 0.9, n_features=2) == pytest.approx(0.9, abs=0.02)
 
 
 def _one_sensor(values: np.ndarray, config: LearnerConfig | None = None):
@@ -94,6 +104,28 @@ def test_a_stuck_sensor_is_flagged_within_five_readings():
     assert out.anomaly[1001:1006].any()
 
 
+def test_a_sensor_that_never_repeats_a_value_is_flagged_when_it_does():
+    # A noisy random walk: persistence forecasts it well, so a stuck reading is inside its
+    # interval; only its repeating the value gives it away.
+    rng = np.random.default_rng(8)
+    values = 50 + np.cumsum(rng.normal(size=1500))
+    values[1000:1020] = values[1000]
+    out = _one_sensor(values)
+    assert out.inside[1001] == 1 and out.anomaly[1001]
+
+
+def test_a_sensor_that_often_sits_at_zero_is_not_flagged_for_it():
+    # On/off like a light: 0 for stretches of 20 to 80 readings, then a few readings on.
+    rng = np.random.default_rng(4)
+    values = []
+    while len(values) < 3000:
+        values += [0.0] * int(rng.integers(20, 80)) + list(rng.choice([10.0, 20.0, 30.0], 5))
+    out = _one_sensor(np.array(values[:3000]))
+    zeros = np.flatnonzero(np.array(values[:3000]) == 0.0)
+    zeros = zeros[zeros > 1000]
+    assert out.anomaly[zeros].mean() < 0.002
+
+
 # A sensor whose level really moved stops being flagged within this many readings, with the
 # default (learn from every reading) and when flagged readings are held back for 8 readings.
 LEVEL_SHIFT_FLAGGED_AT_MOST = 20
@@ -123,8 +155,34 @@ def test_rejected_readings_are_never_scored_and_the_next_one_is_scored_as_usual(
     assert result.lower[2, 0] <= result.forecasts[2, 0] <= result.upper[2, 0]
 
 
+def test_intervals_of_a_sensor_alternating_between_plus_and_minus_1e300_stay_finite():
+    values = np.where(np.arange(600) % 2 == 0, 1e300, -1e300)
+    values[:300] = np.linspace(0.0, 1.0, 300)  # calm first, then the extreme
+    out = _one_sensor(values)
+    assert np.isfinite(out.lower).all() and np.isfinite(out.upper).all()
+    assert (out.lower <= out.forecasts).all() and (out.forecasts <= out.upper).all()
+    assert np.isfinite(out.anomaly_score).all()
+
+
 def test_calibration_state_is_at_most_64_bytes_per_feature_per_sensor():
     for f in (1, 3):
         learner = Learner(LearnerConfig(device="cpu", n_features=f, initial_capacity=100))
         total = sum(a.nbytes for a in learner.calibration.arrays().values())
         assert total / 100 <= 64 * f
+
+
+def test_each_reading_is_scored_against_exactly_the_interval_its_previous_forecast_carried():
+    batch = _fleet("heteroscedastic", n_sensors=5, n_steps=400, seed=6)
+    learner = Learner(LearnerConfig(device="cpu"))
+    emitted: dict[str, tuple] = {}
+    checked = 0
+    for start in range(0, len(batch), 37):  # micro-batches that split sensors' readings
+        part = batch.take(np.arange(start, min(start + 37, len(batch))))
+        result = learner.step(part)
+        for i, sensor in enumerate(part.sensor_ids):
+            if result.inside[i] >= 0:
+                assert (result.expected_lower[i, 0], result.expected_upper[i, 0]) == \
+                    emitted[sensor]
+                checked += 1
+            emitted[sensor] = (result.lower[i, 0], result.upper[i, 0])
+    assert checked > 1800
