@@ -144,6 +144,10 @@ class LocalBroker:
              "--listener-url", url, "--advertised-listener-url", url,
              "--storage-engine", "memory://tansu/"],
             stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
+            # Its own session: a Ctrl-C in the terminal goes to our process group only, so the
+            # clients stop first and this broker is stopped by its owner afterwards (killed
+            # with the group, it left the demo's clients retrying a dead broker for ~20 s).
+            start_new_session=True,
         )
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
