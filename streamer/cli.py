@@ -120,7 +120,6 @@ def cmd_produce(args: argparse.Namespace) -> int:
     from streamer.logs import configure_logging
     from streamer.produce import Pace, produce
     from streamer.readings_csv import read_csv
-    from streamer.worker import connection_from
 
     settings = load_settings(overrides)
     configure_logging(settings.log.level, settings.log.format)
@@ -129,7 +128,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     readings = read_csv(args.file or sample_dataset())
-    sent = produce(readings, connection_from(settings.kafka), settings.kafka.input_topic, pace,
+    sent = produce(readings, settings.kafka.connection(), settings.kafka.input_topic, pace,
                    limit=args.limit, loop=args.loop)
     print(f"sent {sent} readings to {settings.kafka.input_topic}")
     return 0

@@ -13,7 +13,7 @@ import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -30,6 +30,9 @@ from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streamer.core.config import MAX_LEARN_AFTER, MAX_WINDOWS_PER_UPDATE, LearnerConfig
+
+if TYPE_CHECKING:  # the Kafka edge is imported only when connecting
+    from streamer.kafka.connection import KafkaConnection
 
 ENV_PREFIX = "STREAMER_"
 ENV_NESTED_DELIMITER = "__"
@@ -197,6 +200,21 @@ class KafkaSettings(_Section):
                 "timeout"
             )
         return self
+
+    def connection(self) -> KafkaConnection:
+        """The Kafka edge's connection settings (imported here, only when connecting)."""
+        from streamer.kafka.connection import KafkaConnection
+
+        return KafkaConnection(
+            bootstrap_servers=self.bootstrap_servers, client_id=self.client_id,
+            security_protocol=self.security_protocol, sasl_mechanism=self.sasl_mechanism,
+            sasl_plain_username=self.sasl_username,
+            sasl_plain_password=(self.sasl_password.get_secret_value() if self.sasl_password
+                                 else None),
+            ssl_cafile=str(self.ssl_cafile) if self.ssl_cafile else None,
+            ssl_certfile=str(self.ssl_certfile) if self.ssl_certfile else None,
+            ssl_keyfile=str(self.ssl_keyfile) if self.ssl_keyfile else None,
+        )
 
     def _check_topics_distinct(self) -> None:
         names = ("input_topic", "output_topic", "dlq_topic", "anomaly_topic")

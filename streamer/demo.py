@@ -17,7 +17,7 @@ from streamer.kafka.broker import LocalBroker
 from streamer.logs import configure_logging
 from streamer.produce import Pace, produce
 from streamer.readings_csv import read_csv
-from streamer.worker import Worker, connection_from
+from streamer.worker import Worker
 
 STATUS_EVERY_S = 1.0
 
@@ -45,7 +45,7 @@ def run_demo(path: Path, rate: float, duration: float | None, metrics_port: int)
         worker_thread = threading.Thread(target=worker.run, name="worker", daemon=True)
         producer = threading.Thread(
             target=produce, name="producer", daemon=True,
-            args=(readings, connection_from(k), k.input_topic, Pace(rate=rate)),
+            args=(readings, k.connection(), k.input_topic, Pace(rate=rate)),
             kwargs={"loop": True, "stop": stop})
         worker_thread.start()
         producer.start()

@@ -18,7 +18,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from streamer.checkpoint import CheckpointError, CheckpointStore
-from streamer.config import KafkaSettings, Settings
+from streamer.config import Settings
 from streamer.core import Learner
 from streamer.core import snapshot as snap
 from streamer.core.failpoints import failpoint
@@ -30,7 +30,6 @@ from streamer.kafka.client import (
     ProducerSettings,
     StreamClient,
 )
-from streamer.kafka.connection import KafkaConnection
 from streamer.kafka.errors import KafkaClientError, UndecodableBatch
 from streamer.kafka.kafka_python_client import KafkaPythonClient
 from streamer.metrics import Metrics
@@ -135,7 +134,7 @@ class Worker:
         if self._client is None:
             k = self.settings.kafka
             self._client = KafkaPythonClient(
-                connection_from(self.settings.kafka),
+                self.settings.kafka.connection(),
                 ConsumerSettings(group_id=k.group_id, session_timeout_ms=k.session_timeout_ms,
                                  heartbeat_interval_ms=k.heartbeat_interval_ms,
                                  fetch_max_wait_ms=k.fetch_max_wait_ms,
@@ -368,19 +367,6 @@ class _Pending:
     # None only between joining the queue and the send in the same loop turn: a send that
     # fails drops the client, and the next one sends every pending batch again on connect.
     delivery: Delivery | None = None
-
-
-def connection_from(k: KafkaSettings) -> KafkaConnection:
-    """The Kafka edge's connection settings from the config's kafka section."""
-    return KafkaConnection(
-        bootstrap_servers=k.bootstrap_servers, client_id=k.client_id,
-        security_protocol=k.security_protocol, sasl_mechanism=k.sasl_mechanism,
-        sasl_plain_username=k.sasl_username,
-        sasl_plain_password=k.sasl_password.get_secret_value() if k.sasl_password else None,
-        ssl_cafile=str(k.ssl_cafile) if k.ssl_cafile else None,
-        ssl_certfile=str(k.ssl_certfile) if k.ssl_certfile else None,
-        ssl_keyfile=str(k.ssl_keyfile) if k.ssl_keyfile else None,
-    )
 
 
 @contextmanager

@@ -68,7 +68,7 @@ from streamer.kafka.broker import LocalBroker  # noqa: E402
 from streamer.kafka.client import ConsumerSettings, OutputRecord, ProducerSettings  # noqa: E402
 from streamer.kafka.kafka_python_client import KafkaPythonClient  # noqa: E402
 from streamer.produce import encode_reading  # noqa: E402
-from streamer.worker import Worker, connection_from, gc_tuned_for_serving  # noqa: E402
+from streamer.worker import Worker, gc_tuned_for_serving  # noqa: E402
 
 PARTITIONS = 4
 READING_INTERVAL_S = 60.0  # pre-produced readings are a minute apart per sensor, a day ago
@@ -381,7 +381,7 @@ class PassThrough:
         k = settings.kafka
         self.settings, self.output_topic = settings, output_topic
         self.client = KafkaPythonClient(
-            connection_from(k),
+            k.connection(),
             ConsumerSettings(group_id=k.group_id, session_timeout_ms=k.session_timeout_ms,
                              heartbeat_interval_ms=k.heartbeat_interval_ms,
                              fetch_max_wait_ms=k.fetch_max_wait_ms,

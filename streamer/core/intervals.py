@@ -16,7 +16,7 @@ the reading the forecast is made at, not of the (unknown) time of the next one. 
 much the sensor's experts (experts.py) disagree about the next reading: their weighted spread
 around the forecast, in change scales. When the LSTM, the seasonal profiles and persistence
 point different ways the forecast is less sure, and the interval says so (Winkler a further
-2-5 % lower on every shared fleet).
+1-5 % lower on every shared fleet).
 
 Per sensor and feature two online quantiles of ``r`` are tracked, one per tail (alpha/2 each,
 so an asymmetric error distribution gets an asymmetric interval), by conformal PID control
@@ -24,8 +24,8 @@ so an asymmetric error distribution gets an asymmetric interval), by conformal P
 
 - quantile tracking (the P term): ``q += lr * w * (miss - alpha/2)`` after every scored
   reading, ``w`` the current width in these units: O(1), no stored window; whatever the data,
-  the long-run miss rate of each tail is alpha/2 (the sum of ``miss - alpha/2`` telescopes to
-  the bounded change of ``q``);
+  the sum of those steps telescopes to the change of ``q``, which is bounded, so each tail's
+  long-run miss rate (weighted by the width at each step) is alpha/2;
 - an integrator of the coverage error (the I term): ``S += miss - alpha`` over both tails, and
   the bounds used are ``q -+ gain * w * tanh(S log t / (t c))`` after ``t`` scored readings
   (the paper's saturation, with tanh for its tan so that it stays finite): a sensor whose
@@ -45,14 +45,17 @@ over the last few readings, against that average's own long-run mean and spread 
 sensor, gives a second tail probability (a sustained run of misses that no single reading
 shows); the average of positive, skewed surprises is treated as Gamma-distributed with those
 moments (Wilson-Hilferty's cube-root normal approximation), not as normal. The score is
-``1 - min`` of the two; a reading scoring at least the threshold is flagged.
+``1 - min`` of the two; a reading scoring at least the threshold is flagged. With several
+features each has its own interval at the coverage, and the least likely one counts,
+Bonferroni-corrected (times the number of features).
 
 With ``learn_after`` > 0, flagged readings do not move the calibration (a spike then does not
 widen later intervals) until a sensor has been flagged that many readings in a row: then it is
 the new normal and is learned from, so a level shift stops being flagged within a bounded
 number of readings. The default learns from every reading: on the shared fleets holding the
 flagged readings back cost coverage (they are exactly the misses the quantiles must see). The
-model itself trains on every reading (its targets are winsorized at clip_z).
+model itself trains on every reading (its targets are winsorized at clip_z). The forecast
+always lies inside its own interval, and the bounds are always finite.
 
 State: per slot and feature 6 float32 and ``N_BUCKETS`` int16 (40 bytes); per slot 5 float32,
 an int16 and 2 uint8 (24 bytes): 64 bytes per sensor at one feature.
