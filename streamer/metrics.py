@@ -87,7 +87,7 @@ class Metrics:
         *,
         max_grad_norm: float,
         device: str,
-        coverage_target: float = 0.9,
+        coverage_target: float,
     ) -> None:
         if not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm!r}")
@@ -316,7 +316,7 @@ class Metrics:
             self._inside.inc(n_inside)
         if n_outside:
             self._outside.inc(n_outside)
-        width = np.asarray(result.interval_width, dtype=np.float64)[inside >= 0]
+        width = np.asarray(result.interval_width, dtype=np.float64)[tested]
         observe_many(self.interval_width, width[np.isfinite(width)])
         n_anomalies = int(np.count_nonzero(result.anomaly))
         if n_anomalies:

@@ -40,7 +40,7 @@ def flags() -> Flags:
 @pytest.fixture
 def server(flags: Flags) -> Iterator[HealthServer]:
     registry = CollectorRegistry()
-    metrics = Metrics(registry, max_grad_norm=1.0, device="cpu")
+    metrics = Metrics(registry, max_grad_norm=1.0, device="cpu", coverage_target=0.9)
     metrics.readings_consumed.inc(42)
     with HealthServer(
         registry, liveness=flags.liveness, readiness=flags.readiness, host="127.0.0.1", port=0

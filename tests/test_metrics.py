@@ -25,7 +25,7 @@ def registry() -> CollectorRegistry:
 
 @pytest.fixture
 def metrics(registry: CollectorRegistry) -> Metrics:
-    return Metrics(registry, max_grad_norm=1.0, device="cpu")
+    return Metrics(registry, max_grad_norm=1.0, device="cpu", coverage_target=0.9)
 
 
 def stats(**overrides: object) -> UpdateStats:
@@ -255,7 +255,7 @@ def test_skipped_update_counts_without_poisoning_histograms(
 
 
 def test_clip_threshold_is_published_and_is_a_bucket_bound(registry: CollectorRegistry) -> None:
-    Metrics(registry, max_grad_norm=0.7, device="cpu")
+    Metrics(registry, max_grad_norm=0.7, device="cpu", coverage_target=0.9)
     assert value(registry, "streamer_grad_norm_clip_threshold") == 0.7
     assert value(registry, "streamer_grad_norm_bucket", le="0.7") == 0.0
 
@@ -263,7 +263,7 @@ def test_clip_threshold_is_published_and_is_a_bucket_bound(registry: CollectorRe
 @pytest.mark.parametrize("bad", [0.0, -1.0, NAN])
 def test_non_positive_clip_threshold_is_rejected(bad: float) -> None:
     with pytest.raises(ValueError, match="max_grad_norm"):
-        Metrics(CollectorRegistry(), max_grad_norm=bad, device="cpu")
+        Metrics(CollectorRegistry(), max_grad_norm=bad, device="cpu", coverage_target=0.9)
 
 
 def test_observe_dlq_counts_by_reason_and_refuses_accepted(
@@ -349,7 +349,7 @@ def test_sensors_checkpoint_ready_and_broker_errors(
 def test_device_and_build_info(registry: CollectorRegistry) -> None:
     import torch
 
-    Metrics(registry, max_grad_norm=1.0, device="cpu")
+    Metrics(registry, max_grad_norm=1.0, device="cpu", coverage_target=0.9)
     assert value(registry, "streamer_device_info", device="cpu", kind="cpu") == 1.0
     assert value(registry, "streamer_device_memory_allocated_bytes") == 0.0
     build = [
@@ -425,7 +425,7 @@ def test_device_memory_reads_cuda_allocations_at_scrape_time(registry: Collector
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    Metrics(registry, max_grad_norm=1.0, device="cuda:0")
+    Metrics(registry, max_grad_norm=1.0, device="cuda:0", coverage_target=0.9)
     assert value(registry, "streamer_device_info", device="cuda:0", kind="cuda") == 1.0
     before = value(registry, "streamer_device_memory_allocated_bytes")
     block = torch.empty(1 << 20, dtype=torch.float32, device="cuda:0")  # 4 MiB

@@ -31,7 +31,7 @@ def dashboard() -> dict:
 def exported_sample_names() -> set[str]:
     """Every sample name a fully-exercised ``Metrics`` registry exposes."""
     registry = CollectorRegistry()
-    metrics = Metrics(registry, max_grad_norm=1.0, device="cpu")
+    metrics = Metrics(registry, max_grad_norm=1.0, device="cpu", coverage_target=0.9)
     metrics.set_lag({("sensor-readings", 0): 0})
     metrics.observe_flagged([], now=0.0)
     return {sample.name for family in registry.collect() for sample in family.samples}
