@@ -35,7 +35,7 @@ SLOT_BUCKETS = tuple(float(2**k) for k in range(0, 15))  # 1 .. 16384 windows
 STEP_BUCKETS = tuple(float(4**k) for k in range(0, 12))  # 1 .. ~4M (slot, step) pairs
 UPDATE_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 CHECKPOINT_DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-# Interval width in the sensor's typical changes: 0.25 .. 32, two per octave.
+# Interval width in the sensor's persistence MAEs: 0.25 .. 32, two per octave.
 INTERVAL_WIDTH_BUCKETS = tuple(float(f"{2.0 ** (k / 2):.3g}") for k in range(-4, 11))
 # streamer_sensors_flagged counts sensors with a flagged reading in this many seconds.
 FLAGGED_WINDOW_S = 300.0
@@ -215,7 +215,7 @@ class Metrics:
         self.interval_width = Histogram(
             "streamer_interval_width",
             "Mean width of the interval around the forecast made at each scored reading, in "
-            "units of the sensor's typical change.",
+            "units of the sensor's running persistence MAE (the typical error of 'no change').",
             buckets=INTERVAL_WIDTH_BUCKETS, registry=r,
         )
         self.interval_coverage_target = Gauge(

@@ -28,7 +28,7 @@ class SensorScore:
     persistence_mae: float
     rel_mae: float  # mae / persistence_mae (nan when persistence is exact)
     # Readings scored against the interval made before them (past warm-up), the share of them
-    # inside it (per feature), and those intervals' mean width in the sensor's change scales;
+    # inside it (per feature), and those intervals' mean width in the sensor's persistence MAEs;
     # nan when there are none or no intervals were given.
     interval_scored: int = 0
     coverage: float = NAN
@@ -78,7 +78,7 @@ class ReplayOutputs:
     anomaly_score: np.ndarray  # (N,) in [0, 1], of this reading against the forecast before it
     anomaly: np.ndarray  # (N,) bool, flagged
     inside: np.ndarray  # (N,) int8: features inside the interval made before it; -1 unscored
-    interval_width: np.ndarray  # (N,) mean width of this reading's interval, in change scales
+    interval_width: np.ndarray  # (N,) mean width of this reading's interval, in persistence MAEs
 
     @classmethod
     def empty(cls, n: int, n_features: int) -> ReplayOutputs:
@@ -233,7 +233,7 @@ def format_report(report: ReplayReport, top: int = 10) -> str:
         f"persistence MAE; < 1 beats persistence)",
         f"intervals: coverage {report.coverage:.3f} (target {report.target_coverage:.3f}) of "
         f"{report.interval_scored:,} scored readings, mean width {report.interval_width:.3g} "
-        f"change scales",
+        f"persistence MAEs",
         f"anomalies: {report.anomalies:,} flagged ({report.anomalies_per_1000:.2f} per 1,000 "
         f"scored readings)",
         "",

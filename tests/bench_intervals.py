@@ -80,11 +80,11 @@ class _Shadow:
 class _NoIntervals(_Shadow):
     """A calibration that does nothing: the cost baseline."""
 
-    def calibrate(self, slots, ts, values, *args) -> Calibrated:
+    def calibrate(self, slots, ts, gap, values, *args) -> Calibrated:
         m, f = values.shape
         empty = np.full((m, f), np.nan)
         return Calibrated(empty, empty, np.zeros(m), np.zeros(m, dtype=bool),
-                          np.full(m, -1, dtype=np.int8), np.full(m, np.nan), empty, empty)
+                          np.full(m, -1, dtype=np.int8), empty, empty)
 
 
 def run(batch: Batch, config: LearnerConfig, batch_size: int = 2048, shadow: bool = False,

@@ -96,7 +96,7 @@ class StepResult:
     anomaly: np.ndarray  # (N,) bool: the score reached the threshold
     inside: np.ndarray  # (N,) int8: how many features fell inside the interval made before
     # the reading (each feature has its own, at the same coverage); -1 unscored
-    interval_width: np.ndarray  # (N,) float64 mean width, in the sensor's change scales
+    interval_width: np.ndarray  # (N,) float64 mean width, in the sensor's persistence MAEs
     # What was expected of each reading: the forecast made at its sensor's previous reading and
     # that forecast's interval (NaN where unscored): the anomaly topic's events carry them.
     expected: np.ndarray  # (N, F) float64

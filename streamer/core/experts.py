@@ -35,6 +35,7 @@ EXPERTS = ("lstm", "lstm x1.25", "lstm x0.75", "lstm x0.5", "lstm x0.25", "persi
            "seasonal day", "seasonal week", "seasonal day change", "seasonal week change",
            "local linear")
 N_EXPERTS = len(EXPERTS)
+PERSISTENCE = EXPERTS.index("persistence")
 REVERT_ALPHA = 0.25  # weight of the latest spike in deciding whether this sensor's spikes revert
 
 
@@ -59,7 +60,7 @@ def weigh_experts(
     err_state: np.ndarray, revert_state: np.ndarray, slots: np.ndarray, errors: np.ndarray,
     scored: np.ndarray, n_scored: np.ndarray, alpha: float, eta: float,
     revert_gain: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Advance each slot's running errors through a chunk (arrival order); the experts' weights.
 
     ``err_state`` (C, F, K) and ``revert_state`` (C, F) are updated in place. ``errors``
@@ -69,8 +70,9 @@ def weigh_experts(
     ``revert_gain`` (M, F) is NaN except on readings just after a spike, where it is +1 if
     the value before the spike forecast this reading better than the spike did, -1 if worse.
 
-    Returns, per reading, (M, F, K) the weights and (M, F) whether to revert a spike, as
-    decided after that reading: they apply to the forecast made at it. The compiled loop walks
+    Returns, per reading, (M, F, K) the weights, (M, F) whether to revert a spike, as decided
+    after that reading (they apply to the forecast made at it), and (M, F, K) the running
+    errors after it. The compiled loop walks
     the readings in order, so the result does not depend on how the stream is cut.
     """
     weight = np.where(scored, np.maximum(alpha, 1.0 / np.maximum(n_scored, 1)), 0.0)  # (M,)
@@ -78,7 +80,7 @@ def weigh_experts(
     revert = np.empty(revert_gain.shape, dtype=bool)
     _advance_errors(slots.astype(np.int64), errors, weight, revert_gain, err_state,
                     revert_state, after, revert)
-    return hedge_weights(after, eta), revert
+    return hedge_weights(after, eta), revert, after
 
 
 @kernel

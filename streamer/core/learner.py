@@ -9,7 +9,7 @@ from streamer.core.batch import Batch, StepResult, UpdateStats
 from streamer.core.compiled import kernel
 from streamer.core.config import MAX_WINDOWS_PER_UPDATE, LearnerConfig
 from streamer.core.device import resolve_device
-from streamer.core.experts import N_EXPERTS, expert_forecasts, weigh_experts
+from streamer.core.experts import N_EXPERTS, PERSISTENCE, expert_forecasts, weigh_experts
 from streamer.core.grouping import Groups, group_by_slot
 from streamer.core.intervals import Calibration
 from streamer.core.memory import Recalled, SensorMemory
@@ -26,6 +26,8 @@ from streamer.core.windows import SlotTensors, WindowBatch
 # readings/s with 2-window updates).
 RAMP_UPDATES = 16
 MIN_READY_PER_SENSORS, MIN_READY_MAX = 16, 64
+# Interval widths are reported in persistence MAEs, floored at this many change scales.
+MIN_NAIVE_MAE = 1e-3
 
 
 class Learner:
@@ -70,8 +72,8 @@ class Learner:
         weigh_experts(self.stats.guard_err, self.stats.revert_score, none,
                       np.zeros((0, f, N_EXPERTS)), enc.target_valid, none, 0.5, 1.0, values)
         self._timestamps_increase(none, ts)
-        self.calibration.calibrate(none, ts, values, values, values, values, none, none, values,
-                                   values, values)
+        self.calibration.calibrate(none, ts, ts, values, values, values, values, none, none,
+                                   values, values, values)
 
     @property
     def updates(self) -> int:
@@ -238,7 +240,7 @@ class Learner:
         experts = expert_forecasts(values, raw, mem, enc.scale, cap)  # (M, F, K)
         experts = np.where(enc.warm[:, None, None], experts, values[..., None])  # warm-up
         n_scored = self._n_scored(slots, g)
-        forecast, spread = self._aggregate(slots, g, values, experts, enc, n_scored)
+        forecast, spread, naive_mae = self._aggregate(slots, g, values, experts, enc, n_scored)
         # Finite by construction (bounded inputs and statistics); should the weights ever go
         # non-finite, every valid reading still gets a number: persistence.
         forecast = np.where(np.isfinite(forecast), forecast, values)
@@ -252,12 +254,16 @@ class Learner:
         result.update_count[rows] = self.updates
         result.model_error[rows] = np.where(scored, model_err.mean(axis=1), np.nan)
         result.persistence_error[rows] = np.where(scored, naive_err.mean(axis=1), np.nan)
-        cal = self.calibration.calibrate(slots, ts, values, enc.prev_value, prev_forecast,
-                                         enc.prev_scale, scored, n_scored, forecast, enc.scale,
-                                         spread)
+        cal = self.calibration.calibrate(slots, ts, enc.next_gap, values, enc.prev_value,
+                                         prev_forecast, enc.prev_scale, scored, n_scored,
+                                         forecast, enc.scale, spread)
         result.lower[rows], result.upper[rows] = cal.lower, cal.upper
         result.anomaly_score[rows], result.anomaly[rows] = cal.score, cal.anomaly
-        result.inside[rows], result.interval_width[rows] = cal.inside, cal.width
+        result.inside[rows] = cal.inside
+        # Width in units of the sensor's running persistence MAE: 2 is twice the typical error
+        # of "no change" (floored: a sensor that never changed has none).
+        unit = enc.scale * np.maximum(naive_mae, MIN_NAIVE_MAE)
+        result.interval_width[rows] = ((cal.upper - cal.lower) / unit).mean(axis=1)
         result.expected[rows] = np.where(scored[:, None], prev_forecast, np.nan)
         result.expected_lower[rows] = cal.expected_lower
         result.expected_upper[rows] = cal.expected_upper
@@ -332,12 +338,13 @@ class Learner:
 
     def _aggregate(self, slots: np.ndarray, g: Groups, values: np.ndarray,
                    experts: np.ndarray, enc: Encoded,
-                   n_scored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                   n_scored: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(M, F) forecasts: the experts weighed by how each did on this sensor, or a spike
-        reverted (experts.py); and (M, F) the experts' weighted spread around the weighted
-        forecast, in change scales."""
-        if self.config.guard_alpha == 0.0:
-            return experts[..., 0], np.zeros(values.shape)  # the LSTM's own forecast
+        reverted (experts.py); (M, F) the experts' weighted spread around the weighted
+        forecast, and (M, F) persistence's running mean absolute error, both in change scales
+        (with the guard off, which keeps no running errors: 0 and 1, the change scale's RMS)."""
+        if self.config.guard_alpha == 0.0:  # the LSTM's own forecast
+            return experts[..., 0], np.zeros(values.shape), np.ones(values.shape)
         stats = self.stats
         prev_experts = _previous(slots, g, experts, stats.last_experts)  # (M, F, K)
         # Capped like the quality metrics: one wild miss counts, but cannot decide alone.
@@ -348,7 +355,7 @@ class Learner:
         after_spike = _previous(slots, g, enc.outlier, stats.last_outlier) > 0
         before_spike = _previous(slots, g, enc.prev_value, stats.before_last_value)
         gain = np.sign(np.abs(values - enc.prev_value) - np.abs(values - before_spike))
-        weights, revert = weigh_experts(
+        weights, revert, running = weigh_experts(
             stats.guard_err, stats.revert_score, slots, errors, enc.target_valid, n_scored,
             self.config.guard_alpha, self.config.expert_eta, np.where(after_spike, gain, np.nan),
         )
@@ -357,7 +364,8 @@ class Learner:
         # widen with it (intervals.py).
         apart = np.clip((experts - combined[..., None]) / enc.scale[..., None], -cap, cap)
         spread = np.nan_to_num(np.sqrt((weights * apart**2).sum(axis=-1)), nan=0.0, posinf=cap)
-        return np.where(enc.outlier & revert, enc.prev_value, combined), spread
+        forecast = np.where(enc.outlier & revert, enc.prev_value, combined)
+        return forecast, spread, running[..., PERSISTENCE]
 
     # -- training -------------------------------------------------------------------------
     def _train(self, min_ready: int | None = None) -> UpdateStats | None:

@@ -88,6 +88,30 @@ def _sine(n: int, seed: int = 5) -> np.ndarray:
     return 100 + 10 * np.sin(2 * np.pi * t / 48) + rng.normal(size=n) * 0.3
 
 
+def test_interval_width_is_reported_in_persistence_maes():
+    # A Gaussian random walk: persistence is the best forecast, its MAE is sqrt(2/pi) sd, and
+    # a 90 % interval is +-1.645 sd wide: 2 x 1.645 / 0.798 = 4.12 persistence MAEs.
+    steps = np.random.default_rng(11).normal(size=3000) * 7.0
+    out = _one_sensor(1e3 + np.cumsum(steps))
+    assert np.nanmean(out.interval_width[500:]) == pytest.approx(4.12, rel=0.15)
+
+
+def test_a_daily_sensor_learns_which_days_of_the_week_its_errors_are_large():
+    # Noise 5x larger on Saturdays and Sundays: a daily sensor's interval follows the weekday
+    # (its readings are all at one time of day, so the hours cannot tell them apart).
+    rng = np.random.default_rng(12)
+    days = np.arange(1500)
+    weekday = (days + 3) % 7  # 1970-01-01 was a Thursday; Monday 0
+    noise = rng.normal(size=len(days)) * np.where(weekday >= 5, 5.0, 1.0)
+    batch = Batch.from_arrays(["d"] * len(days), 86_400.0 * days + 43_200.0, 100.0 + noise)
+    out, _ = backtest(batch, LearnerConfig(device="cpu"), batch_size=64)
+    width = (out.upper - out.lower)[:, 0]
+    late = days >= 700
+    # The interval made on Friday and Saturday is for a weekend reading.
+    weekend_next = np.isin(weekday, [4, 5])
+    assert width[late & weekend_next].mean() > 2.5 * width[late & ~weekend_next].mean()
+
+
 def test_a_spike_is_flagged_and_the_readings_around_it_are_not():
     values = _sine(1500)
     values[1000] += 40
