@@ -8,9 +8,10 @@ probability ``coverage`` (1 - alpha). They are built on the sensor's normalized 
 The change scale is the sensor's typical change (normalizer.py: the unit its errors are scored
 in), so a noisier period widens the interval at once. The error profile is the sensor's mean
 absolute error in that unit for forecasts made at each of ``N_BUCKETS`` times of day (UTC), or
-on each day of the week for a sensor read about daily or less often, kept online: errors are larger at some hours (a car park filling in the morning, a building's
-load at opening time, the forecast made at the last reading before a nightly gap), and a width
-that follows the hour is narrower at the quiet ones and still covers the busy ones (Winkler
+on each day of the week for a sensor read about daily or less often, kept online: errors are
+larger at some hours (a car park filling in the morning, a building's load at opening time, the
+forecast made at the last reading before a nightly gap), and a width that follows the hour is
+narrower at the quiet ones and still covers the busy ones (Winkler
 score on the car-park fleet 6.5 -> 4.8, docs/benchmarks/intervals.md). The bucket is that of
 the reading the forecast is made at, not of the (unknown) time of the next one. ``d`` is how
 much the sensor's experts (experts.py) disagree about the next reading: their weighted spread
@@ -219,8 +220,8 @@ class Calibration:
                          expected_upper=np.full((m, f), np.nan))
         _calibrate(
             np.asarray(slots, dtype=np.int64), ts, gap, values, prev_value, prev_forecast,
-            prev_scale, np.asarray(scored, dtype=np.bool_), np.asarray(n_scored, dtype=np.int64), forecast,
-            scale, spread,
+            prev_scale, np.asarray(scored, dtype=np.bool_),
+            np.asarray(n_scored, dtype=np.int64), forecast, scale, spread,
             self.alpha, self.threshold, self.learn_after, self.gain,
             self.q_lo, self.q_hi, self.integral, self.tail, self.tail_sq, self.spread,
             self.profile,
