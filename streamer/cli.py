@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
 import time
@@ -53,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("file", type=Path, help="CSV (optionally .gz): sensor_id,ts,value")
     replay.add_argument("--out", type=Path, help="write sensor_id,ts,forecast,lower,upper,"
                         "anomaly_score,anomaly here")
+    replay.add_argument("--horizon-out", type=Path, help="with --horizon H > 1: write "
+                        "sensor_id,ts,step,target_ts,forecast,lower,upper here, one row per "
+                        "reading and step")
     replay.add_argument("--json", type=Path, dest="json_out", help="write the report as JSON")
     replay.add_argument("--plot", type=Path, help="write a PNG of forecasts, intervals, flagged "
                         "readings and rolling skill")
@@ -110,6 +115,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
 
 
+def _read_readings(path: Path, limit: int | None = None):
+    """The CSV's readings; a file that cannot be read is the user's input error (exit 2)."""
+    from streamer.readings_csv import read_csv
+
+    try:
+        return read_csv(path, limit=limit)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read readings from {path}: {exc}") from exc
+
+
 def cmd_produce(args: argparse.Namespace) -> int:
     overrides = {}
     if args.bootstrap_servers:
@@ -119,7 +134,6 @@ def cmd_produce(args: argparse.Namespace) -> int:
     from streamer.config import load_settings
     from streamer.logs import configure_logging
     from streamer.produce import Pace, produce
-    from streamer.readings_csv import read_csv
 
     settings = load_settings(overrides)
     configure_logging(settings.log.level, settings.log.format)
@@ -127,7 +141,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
         pace = Pace(rate=args.rate, speedup=args.speedup)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    readings = read_csv(args.file or sample_dataset())
+    readings = _read_readings(args.file or sample_dataset())
     sent = produce(readings, settings.kafka.connection(), settings.kafka.input_topic, pace,
                    limit=args.limit, loop=args.loop)
     print(f"sent {sent} readings to {settings.kafka.input_topic}")
@@ -136,20 +150,34 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    from streamer.readings_csv import read_csv
-    from streamer.replay import backtest, format_report, write_forecasts
+    from streamer.horizon_eval import format_steps, score_steps
+    from streamer.replay import backtest, format_report, write_forecasts, write_horizon
 
+    if args.horizon_out and settings.forecast.horizon < 2:
+        raise ConfigError("--horizon-out needs a horizon of 2 or more steps (--horizon H)")
     if settings.torch_threads is not None:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    readings = read_csv(args.file, limit=args.limit)
+    readings = _read_readings(args.file, limit=args.limit)
     outputs, report = backtest(readings, settings.learner_config(), args.batch_size)
     print(format_report(report, top=args.top))
+    steps = []
+    if outputs.horizon is not None:
+        steps = score_steps(readings.sensor_ids, readings.ts, readings.values, outputs.status,
+                            outputs.horizon)
+        print("\nper step (relMAE: mean over sensors of MAE / the baseline's MAE; pairs count "
+              "once the sensor has a week of history):")
+        print(format_steps(steps))
     if args.out:
         write_forecasts(args.out, readings, outputs)
+    if args.horizon_out:
+        write_horizon(args.horizon_out, readings, outputs)
     if args.json_out:
-        args.json_out.write_text(report.to_json())
+        document = json.loads(report.to_json())
+        if steps:
+            document["steps"] = [dataclasses.asdict(s) for s in steps]
+        args.json_out.write_text(json.dumps(document, indent=2))
     if args.plot:
         from streamer.plot import plot_replay
 

@@ -58,6 +58,10 @@ def _help(field: SettingField, optional: bool) -> str:
     return (text + "]").replace("%", "%%")
 
 
+# Shorter names some settings are also known by on the command line.
+ALIASES = {"forecast.horizon": ("--horizon",)}
+
+
 def add_settings_arguments(parser: argparse.ArgumentParser,
                            sections: Collection[str] | None = None) -> None:
     """Add one flag per setting, grouped by section (only ``sections`` when given; top-level
@@ -73,10 +77,11 @@ def add_settings_arguments(parser: argparse.ArgumentParser,
                 description = Settings.model_fields[section].description
             groups[section] = parser.add_argument_group(f"{section} settings", description)
         group = groups[section]
+        names = (field.flag, *ALIASES.get(field.dotted, ()))
         annotation, optional = _strip_optional(field.info.annotation)
         if annotation is bool:
             group.add_argument(
-                field.flag,
+                *names,
                 dest=_dest(field),
                 action=argparse.BooleanOptionalAction,
                 default=argparse.SUPPRESS,
@@ -86,7 +91,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser,
             # Values stay strings: pydantic converts and validates them, so a bad flag gets the
             # same message as a bad env var.
             group.add_argument(
-                field.flag,
+                *names,
                 dest=_dest(field),
                 metavar=_metavar(annotation),
                 default=argparse.SUPPRESS,

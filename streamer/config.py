@@ -29,7 +29,12 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from streamer.core.config import MAX_LEARN_AFTER, MAX_WINDOWS_PER_UPDATE, LearnerConfig
+from streamer.core.config import (
+    MAX_HORIZON,
+    MAX_LEARN_AFTER,
+    MAX_WINDOWS_PER_UPDATE,
+    LearnerConfig,
+)
 
 if TYPE_CHECKING:  # the Kafka edge is imported only when connecting
     from streamer.kafka.connection import KafkaConnection
@@ -363,6 +368,13 @@ class ForecastSettings(_Section):
         description="Share of next readings each forecast's [lower, upper] interval is meant to "
         "hold, calibrated online per sensor.",
     )
+    horizon: int = Field(
+        _LEARNER_DEFAULTS["horizon"],
+        ge=1,
+        le=MAX_HORIZON,
+        description="How many of each sensor's next readings every forecast carries (with an "
+        "interval each); 1: the next reading only.",
+    )
 
 
 class AnomalySettings(_Section):
@@ -557,6 +569,7 @@ class Settings(BaseSettings):
             expert_eta=self.training.expert_eta,
             seasonal_alpha=self.training.seasonal_alpha,
             coverage=self.forecast.coverage,
+            horizon=self.forecast.horizon,
             anomaly_threshold=self.anomaly.threshold,
             anomaly_learn_after=self.anomaly.learn_after,
             device=self.device,

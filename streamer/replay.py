@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from streamer.core import Batch, Learner, LearnerConfig, Reason, StepResult
+from streamer.core.batch import HorizonResult
+from streamer.core.horizon import scored_steps
 from streamer.readings_csv import iter_chunks
 
 NAN = float("nan")
@@ -79,18 +81,26 @@ class ReplayOutputs:
     anomaly: np.ndarray  # (N,) bool, flagged
     inside: np.ndarray  # (N,) int8: features inside the interval made before it; -1 unscored
     interval_width: np.ndarray  # (N,) mean width of this reading's interval, in persistence MAEs
+    horizon: HorizonResult | None = None  # the next H readings' forecasts, with a horizon
 
     @classmethod
-    def empty(cls, n: int, n_features: int) -> ReplayOutputs:
+    def empty(cls, n: int, n_features: int, horizon: int = 1) -> ReplayOutputs:
         """Outputs for ``n`` readings, as if every one were rejected."""
         result = StepResult.empty(n, n_features)
-        return cls(**{f.name: getattr(result, f.name) for f in fields(cls)})
+        arrays = {f.name: getattr(result, f.name) for f in fields(cls) if f.name != "horizon"}
+        ahead = (HorizonResult.empty(n, n_features, horizon, len(scored_steps(horizon)))
+                 if horizon > 1 else None)
+        return cls(**arrays, horizon=ahead)
 
     def fill(self, start: int, result: StepResult) -> None:
         """Copy one step's outputs into rows ``start:start + len(result.status)``."""
         stop = start + len(result.status)
         for f in fields(self):
-            getattr(self, f.name)[start:stop] = getattr(result, f.name)
+            if f.name != "horizon":
+                getattr(self, f.name)[start:stop] = getattr(result, f.name)
+        if self.horizon is not None and result.horizon is not None:
+            for f in fields(self.horizon):
+                getattr(self.horizon, f.name)[start:stop] = getattr(result.horizon, f.name)
 
 
 def backtest(
@@ -101,7 +111,7 @@ def backtest(
 ) -> tuple[ReplayOutputs, ReplayReport]:
     """Run the learner over ``readings`` in order; what it said of each reading, and the report."""
     learner = Learner(config)
-    outputs = ReplayOutputs.empty(len(readings), config.n_features)
+    outputs = ReplayOutputs.empty(len(readings), config.n_features, config.horizon)
     updates = 0
     started = time.perf_counter()
     offset = 0
@@ -199,13 +209,23 @@ def _interval_figures(tested: np.ndarray, covered: np.ndarray, width: np.ndarray
     }
 
 
+def _per_feature(n_features: int, *names: str) -> list[str]:
+    """Column names: one per name, or one per name and feature (``forecast_0``, ...)."""
+    if n_features == 1:
+        return list(names)
+    return [f"{name}_{j}" for name in names for j in range(n_features)]
+
+
 def forecasts_header(n_features: int) -> list[str]:
     """The columns of ``write_forecasts``: one per feature for forecast, lower and upper."""
-    def per_feature(name: str) -> list[str]:
-        return [name] if n_features == 1 else [f"{name}_{j}" for j in range(n_features)]
+    return ["sensor_id", "ts", *_per_feature(n_features, "forecast", "lower", "upper"),
+            "anomaly_score", "anomaly"]
 
-    return ["sensor_id", "ts", *per_feature("forecast"), *per_feature("lower"),
-            *per_feature("upper"), "anomaly_score", "anomaly"]
+
+def horizon_header(n_features: int) -> list[str]:
+    """The columns of ``write_horizon``."""
+    return ["sensor_id", "ts", "step", "target_ts",
+            *_per_feature(n_features, "forecast", "lower", "upper")]
 
 
 def write_forecasts(path: str | Path, readings: Batch, outputs: ReplayOutputs) -> None:
@@ -220,6 +240,25 @@ def write_forecasts(path: str | Path, readings: Batch, outputs: ReplayOutputs) -
                              *[repr(float(x)) for x in outputs.lower[i]],
                              *[repr(float(x)) for x in outputs.upper[i]],
                              repr(float(outputs.anomaly_score[i])), int(outputs.anomaly[i])])
+
+
+def write_horizon(path: str | Path, readings: Batch, outputs: ReplayOutputs) -> None:
+    """Long format, one row per accepted reading and step k: the forecast made at ts for the
+    sensor's k-th next reading, expected at target_ts (empty while the sensor's typical gap is
+    unknown), and its interval."""
+    horizon = outputs.horizon
+    if horizon is None:
+        raise ValueError("these outputs have no horizon (the learner's horizon was 1)")
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(horizon_header(outputs.forecasts.shape[1]))
+        for i in np.flatnonzero(outputs.status == 0).tolist():
+            head = [readings.sensor_ids[i], repr(float(readings.ts[i]))]
+            for k, target in enumerate(horizon.target_ts[i].tolist()):
+                writer.writerow([*head, k + 1, repr(target) if np.isfinite(target) else "",
+                                 *[repr(float(x)) for x in horizon.forecast[i, k]],
+                                 *[repr(float(x)) for x in horizon.lower[i, k]],
+                                 *[repr(float(x)) for x in horizon.upper[i, k]]])
 
 
 def format_report(report: ReplayReport, top: int = 10) -> str:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from streamer.checkpoint import CheckpointStore
-from streamer.core import Learner, LearnerConfig
+from streamer.core import Batch, Learner, LearnerConfig
 from streamer.core import snapshot as snap
 from tests.core.conftest import sine_fleet
 
@@ -89,14 +89,14 @@ def test_a_checkpoint_of_an_older_snapshot_format_is_refused_with_the_reason(tmp
     CheckpointStore(tmp_path, "w1", CFG.fingerprint()).save(old, {TP: 5}, {TP: []})
     with caplog.at_level(logging.ERROR):
         assert CheckpointStore(tmp_path, "w1", CFG.fingerprint()).latest() is None
-    assert ("learner snapshot format 'streamer.learner/3' is not 'streamer.learner/5' "
+    assert ("learner snapshot format 'streamer.learner/3' is not 'streamer.learner/6' "
             "(written by another streamer version)") in caplog.text
 
 
 def test_a_checkpoint_from_before_intervals_resumes_with_fresh_calibration(tmp_path):
     learner = _learner(4)
     old = snap.snapshot(learner)
-    del old["calibration"]
+    del old["calibration"], old["horizon"]
     old["format"] = "streamer.learner/4"
     CheckpointStore(tmp_path, "w1", CFG.fingerprint()).save(old, {TP: 5}, {TP: []})
     found = CheckpointStore(tmp_path, "w1", CFG.fingerprint()).latest()
@@ -106,6 +106,25 @@ def test_a_checkpoint_from_before_intervals_resumes_with_fresh_calibration(tmp_p
     fresh = Learner(CFG).calibration
     np.testing.assert_array_equal(restored.calibration.q_hi[:4], fresh.q_hi[:4])
     np.testing.assert_array_equal(restored.stats.count, learner.stats.count)
+
+
+def test_a_checkpoint_from_before_horizons_resumes_with_a_horizon_from_scratch(tmp_path):
+    learner = _learner(4)
+    old = snap.snapshot(learner)
+    del old["horizon"]
+    for name in ("recent", "anchor", "log_step"):
+        del old["memory"][name]
+    old["format"] = "streamer.learner/5"
+    CheckpointStore(tmp_path, "w1", CFG.fingerprint()).save(old, {TP: 5}, {TP: []})
+    found = CheckpointStore(tmp_path, "w1", CFG.fingerprint()).latest()
+    ahead = dataclasses.replace(CFG, horizon=6)
+    restored = snap.restore(found.state, ahead)
+    np.testing.assert_array_equal(restored.calibration.q_hi, learner.calibration.q_hi)
+    assert restored.horizon.due.shape == (len(learner.stats.count), 3)  # steps 2, 4, 6
+    assert not restored.horizon.due.any() and np.isnan(restored.memory.recent).all()
+    batch = sine_fleet(4, 3, seed=5)
+    result = restored.step(Batch.from_arrays(batch.sensor_ids, batch.ts + 1e6, batch.values))
+    assert np.isfinite(result.horizon.forecast).all()
 
 
 def test_partition_state_moves_between_learners_through_a_checkpoint(tmp_path):

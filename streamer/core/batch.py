@@ -78,6 +78,27 @@ class UpdateStats:
 
 
 @dataclass
+class HorizonResult:
+    """The next H readings' forecasts made at each reading (step 1 is ``forecasts``)."""
+
+    forecast: np.ndarray  # (N, H, F) float64; NaN where rejected
+    lower: np.ndarray  # (N, H, F)
+    upper: np.ndarray  # (N, H, F)
+    # When each step's reading is expected: one typical gap after another, skipping hours of
+    # the day the sensor never reports in (memory.py; NaN before its second reading).
+    target_ts: np.ndarray  # (N, H)
+    # Absolute error, in change scales, of the forecast made 2, 4, 8, ... readings before this
+    # reading (horizon.scored_steps; mean over features); NaN where none was scored.
+    step_error: np.ndarray  # (N, P)
+
+    @classmethod
+    def empty(cls, n: int, n_features: int, horizon: int, n_scored_steps: int) -> HorizonResult:
+        nan = np.full((n, horizon, n_features), np.nan)
+        return cls(nan, nan.copy(), nan.copy(), np.full((n, horizon), np.nan),
+                   np.full((n, n_scored_steps), np.nan))
+
+
+@dataclass
 class StepResult:
     """Outputs of one ``Learner.step`` call, aligned with the input batch."""
 
@@ -102,6 +123,7 @@ class StepResult:
     expected: np.ndarray  # (N, F) float64
     expected_lower: np.ndarray  # (N, F) float64
     expected_upper: np.ndarray  # (N, F) float64
+    horizon: HorizonResult | None = None  # with a horizon of more than one step
     updates: list[UpdateStats] = field(default_factory=list)
     new_sensors: int = 0
     evicted_sensors: int = 0

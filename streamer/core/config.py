@@ -11,6 +11,8 @@ from dataclasses import dataclass
 MAX_WINDOWS_PER_UPDATE = 8192
 # anomaly_learn_after is kept per sensor in one byte.
 MAX_LEARN_AFTER = 255
+# Steps a forecast may look ahead (horizon.py).
+MAX_HORIZON = 256
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,9 @@ class LearnerConfig:
     # Intervals (intervals.py): the share of next readings each forecast's [lower, upper] is
     # meant to hold, calibrated online per sensor.
     coverage: float = 0.9
+    # Forecast the next `horizon` readings of a sensor at each reading (horizon.py); 1: the
+    # next one only, exactly as without the feature.
+    horizon: int = 1
     # A reading whose anomaly score (1 - its tail probability) is at least this is flagged.
     anomaly_threshold: float = 0.999
     # Flagged readings do not move a sensor's calibration until it has been flagged this many
@@ -100,6 +105,8 @@ class LearnerConfig:
             raise ValueError(f"expert_eta must be > 0, got {self.expert_eta}")
         if not 0.0 < self.seasonal_alpha <= 1.0:
             raise ValueError(f"seasonal_alpha must be in (0, 1], got {self.seasonal_alpha}")
+        if not 1 <= self.horizon <= MAX_HORIZON:
+            raise ValueError(f"horizon must be in [1, {MAX_HORIZON}], got {self.horizon}")
         if not 0.0 < self.coverage < 1.0:
             raise ValueError(f"coverage must be in (0, 1), got {self.coverage}")
         if not 0.0 < self.anomaly_threshold < 1.0:

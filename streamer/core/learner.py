@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from streamer.core.batch import Batch, StepResult, UpdateStats
+from streamer.core.batch import Batch, HorizonResult, StepResult, UpdateStats
 from streamer.core.compiled import kernel
 from streamer.core.config import MAX_WINDOWS_PER_UPDATE, LearnerConfig
 from streamer.core.device import resolve_device
 from streamer.core.experts import N_EXPERTS, PERSISTENCE, expert_forecasts, weigh_experts
 from streamer.core.grouping import Groups, group_by_slot
-from streamer.core.intervals import Calibration
+from streamer.core.horizon import HorizonState, horizon_experts
+from streamer.core.intervals import Calibrated, Calibration
 from streamer.core.memory import Recalled, SensorMemory
 from streamer.core.model import Forecaster
 from streamer.core.normalizer import MAX_ABS_TS, MAX_ABS_VALUE, Encoded, SensorStats, input_size
@@ -28,6 +29,8 @@ RAMP_UPDATES = 16
 MIN_READY_PER_SENSORS, MIN_READY_MAX = 16, 64
 # Interval widths are reported in persistence MAEs, floored at this many change scales.
 MIN_NAIVE_MAE = 1e-3
+# The horizon's experts keep running errors even with the step-1 guard off (guard_alpha 0).
+MIN_HORIZON_ALPHA = 0.02
 
 
 class Learner:
@@ -51,9 +54,12 @@ class Learner:
         self.table = SlotTable(config.initial_capacity, config.max_sensors)
         self.stats = SensorStats(self.table.capacity, config.n_features, config.norm_alpha,
                                  config.warmup_readings, config.clip_z, config.robust_stats)
-        self.memory = SensorMemory(self.table.capacity, config.n_features, config.seasonal_alpha)
+        self.memory = SensorMemory(self.table.capacity, config.n_features, config.seasonal_alpha,
+                                   recent=config.horizon > 1)
         self.calibration = Calibration(self.table.capacity, config.n_features, config.coverage,
                                        config.anomaly_threshold, config.anomaly_learn_after)
+        self.horizon = HorizonState(self.table.capacity, config.n_features, config.horizon,
+                                    config.coverage)
         self.state = SlotTensors(self.table.capacity, config.num_layers, config.hidden_size,
                                  config.tbptt_steps, n_inputs, config.n_features, self.device,
                                  limit=MAX_WINDOWS_PER_UPDATE)
@@ -93,6 +99,9 @@ class Learner:
         """Apply a micro-batch (arrival order); one forecast per accepted reading."""
         n = len(batch)
         result = StepResult.empty(n, self.config.n_features)
+        if self.config.horizon > 1:
+            result.horizon = HorizonResult.empty(n, self.config.n_features, self.config.horizon,
+                                                 len(self.horizon.steps))
         if n == 0:
             return result
         slots = self._admit(batch, result)
@@ -209,6 +218,7 @@ class Learner:
         self.stats.grow(capacity)
         self.memory.grow(capacity)
         self.calibration.grow(capacity)
+        self.horizon.grow(capacity)
         self.state.grow(capacity)
 
     def release(self, slots: np.ndarray) -> None:
@@ -218,6 +228,7 @@ class Learner:
             self.stats.reset(slots)
             self.memory.reset(slots)
             self.calibration.reset(slots)
+            self.horizon.reset(slots)
             self.state.reset(slots)
 
     @torch.no_grad()
@@ -230,7 +241,7 @@ class Learner:
         values, ts = batch.values[rows], batch.ts[rows]
         enc = self.stats.encode(slots, ts, values)
         mem = self.memory.advance(slots, ts, values, enc.spread, enc.next_gap, enc.targets,
-                                  enc.has_prev, enc.outlier)
+                                  enc.has_prev, enc.outlier, self.config.horizon, enc.since)
         features = np.concatenate([enc.features, self._seasonal_inputs(values, mem, enc)], 1)
 
         cap = self.config.clip_z
@@ -267,11 +278,30 @@ class Learner:
         result.expected[rows] = np.where(scored[:, None], prev_forecast, np.nan)
         result.expected_lower[rows] = cal.expected_lower
         result.expected_upper[rows] = cal.expected_upper
+        if result.horizon is not None:
+            self._look_ahead(slots, g, values, enc, mem, forecast, cal, result.horizon, rows)
         last = np.flatnonzero(pos == g.counts[g.member] - 1)
         self.stats.last_forecast[slots[last]] = forecast[last]
         self.stats.last_experts[slots[last]] = experts[last]
         self.stats.last_outlier[slots[last]] = enc.outlier[last]
         self.stats.before_last_value[slots[last]] = enc.prev_value[last]
+
+    def _look_ahead(self, slots: np.ndarray, g: Groups, values: np.ndarray,
+                    enc: Encoded, mem: Recalled, forecast: np.ndarray, cal: Calibrated,
+                    out: HorizonResult, rows: np.ndarray) -> None:
+        """Forecast the next H readings at each reading (horizon.py): reads the live state,
+        changes none of it."""
+        cfg = self.config
+        experts = horizon_experts(values, forecast, enc.scale, mem, cfg.clip_z)
+        experts = np.where(enc.warm[:, None, None, None], experts, values[..., None, None])
+        number = self.stats.count[slots] - g.counts[g.member] + g.pos + 1
+        ahead = self.horizon.forecast(slots, number, values, enc.warm, enc.scale, experts,
+                                      forecast, cal.lower, cal.upper, cfg.expert_eta,
+                                      max(cfg.guard_alpha, MIN_HORIZON_ALPHA), cfg.clip_z)
+        out.forecast[rows], out.lower[rows], out.upper[rows] = (
+            ahead.forecast, ahead.lower, ahead.upper)
+        out.target_ts[rows] = mem.ahead_ts
+        out.step_error[rows] = ahead.step_error
 
     def _forward(self, slots: np.ndarray, g: Groups, features: np.ndarray,
                  enc: Encoded) -> np.ndarray:

@@ -22,6 +22,7 @@ Memory per sensor and feature: (96 + 168 + 2 x 3) float32 + 2 float64 = 1,096 by
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +41,8 @@ Z_LIMIT = 6.0
 # Weight of the newest reading in a profile's level. By measurement over the shared fleets
 # (docs/benchmarks/quality.md): 0.05 vs 0.1 parking 0.687 / 0.692, daily 0.842 / 0.846.
 LEVEL_ALPHA = 0.05
+# Step of the tracked median of a sensor's log gaps (a horizon's step between readings ahead).
+STEP_RATE = 0.02
 
 
 def buckets(ts: np.ndarray) -> np.ndarray:
@@ -57,15 +60,30 @@ class Recalled:
     seasonal: np.ndarray  # (M, 2, F) day and week profile forecasts; NaN where empty
     seasonal_now: np.ndarray  # (M, 2, F) the same profiles at this reading's own time
     ar_change: np.ndarray  # (M, F) AR forecast of the next change, change-scale units
+    # With a horizon of H > 1 steps (horizon.py), else empty: when the next H readings are
+    # expected (NaN while the typical gap is unknown), the day and week profile forecasts at
+    # those times, and the AR model after the reading.
+    ahead_ts: np.ndarray  # (M, H)
+    seasonal_ahead: np.ndarray  # (M, 2, H, F); NaN where empty
+    naive_ahead: np.ndarray  # (M, 2, H, F) the last reading one day / week before; NaN: none
+    ar_w: np.ndarray  # (M, F, AR_ORDER) weights
+    ar_x: np.ndarray  # (M, F, AR_ORDER) recent changes, newest first
 
 
 class SensorMemory:
-    """Seasonal profiles and AR state per slot (host memory)."""
+    """Seasonal profiles and AR state per slot (host memory).
 
-    _ARRAYS = ("profile", "level", "ar_x", "ar_w")
+    With a horizon (``recent=True``) each slot also keeps its last reading in each bucket of
+    the day and of the week, as float32 offsets from its first reading (``anchor``): "the
+    value one day / one week before" the time of any step ahead (1,064 bytes per feature).
+    """
 
-    def __init__(self, capacity: int, n_features: int, seasonal_alpha: float):
+    _ARRAYS = ("profile", "level", "ar_x", "ar_w", "recent", "anchor", "log_step")
+
+    def __init__(self, capacity: int, n_features: int, seasonal_alpha: float,
+                 recent: bool = False):
         self.n_features, self.seasonal_alpha = n_features, seasonal_alpha
+        self.n_recent = DAY_BUCKETS + WEEK_BUCKETS if recent else 0
         self.profile = self._empty(0)["profile"]
         self.grow(capacity)
 
@@ -77,6 +95,12 @@ class SensorMemory:
             "level": np.full((capacity, 2, f), nan, np.float64),  # day and week profile levels
             "ar_x": np.zeros((capacity, f, AR_ORDER), np.float32),  # newest change first
             "ar_w": np.zeros((capacity, f, AR_ORDER), np.float32),
+            # The last reading in each bucket minus the anchor; NaN: never filled.
+            "recent": np.full((capacity, f, self.n_recent), nan, np.float32),
+            "anchor": np.full((capacity, f if self.n_recent else 0), nan, np.float64),
+            # The median of its log gaps between readings (NaN: none yet): a night's gap in a
+            # car park's day does not stretch the step between the readings ahead.
+            "log_step": np.full((capacity, 1 if self.n_recent else 0), nan, np.float64),
         }
 
     def grow(self, capacity: int) -> None:
@@ -96,12 +120,20 @@ class SensorMemory:
         return {name: getattr(self, name) for name in self._ARRAYS}
 
     def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Load saved arrays; the last readings per bucket start empty when the snapshot was
+        taken with a different horizon setting (or before they existed)."""
         for name in self._ARRAYS:
-            setattr(self, name, np.array(arrays[name], dtype=getattr(self, name).dtype))
+            mine = getattr(self, name)
+            saved = arrays.get(name)
+            if name in ("recent", "anchor", "log_step") and (
+                    saved is None or saved.shape[1:] != mine.shape[1:]):
+                saved = np.full((len(arrays["profile"]), *mine.shape[1:]), np.nan)
+            setattr(self, name, np.array(saved, dtype=mine.dtype))
 
     def advance(
         self, slots: np.ndarray, ts: np.ndarray, values: np.ndarray, spread: np.ndarray,
         next_gap: np.ndarray, changes: np.ndarray, has_change: np.ndarray, outlier: np.ndarray,
+        horizon: int = 1, since: np.ndarray | None = None,
     ) -> Recalled:
         """Learn from a chunk of readings (arrival order) and recall, after each, what to
         expect next.
@@ -109,25 +141,79 @@ class SensorMemory:
         ``spread`` (M, F) is each sensor's spread after the reading, ``next_gap`` (M,) its
         typical gap (0 while unknown), ``changes`` (M, F) the reading's change from the previous
         one in change-scale units and ``has_change`` (M,) whether there was a previous one. A
-        spike (``outlier`` (M, F), a sentinel such as -9999) is kept out of the profiles. The
-        compiled loop walks the readings in order, so the result does not depend on chunking.
+        spike (``outlier`` (M, F), a sentinel such as -9999) is kept out of the profiles. With
+        ``horizon`` H > 1 (and ``since`` (M,), seconds since each sensor's previous reading, 0
+        for its first) it also says when each of the next H readings is expected (see
+        ``_expected_times``), recalls the profiles at those times, and the AR model after each
+        reading. The compiled loop walks the readings in order, so the result does not depend
+        on chunking.
         """
         m, f = values.shape
-        out = Recalled(np.empty((m, 2, f)), np.empty((m, 2, f)), np.empty((m, f)))
+        h = horizon if horizon > 1 else 0
+        p = AR_ORDER if h else 0
+        out = Recalled(np.empty((m, 2, f)), np.empty((m, 2, f)), np.empty((m, f)),
+                       np.empty((m, h)), np.empty((m, 2, h, f)), np.empty((m, 2, h, f)),
+                       np.empty((m, f, p), np.float32), np.empty((m, f, p), np.float32))
         _advance(
-            slots.astype(np.int64), buckets(ts), buckets(ts + next_gap), values, spread,
-            changes, has_change, outlier, np.float32(self.seasonal_alpha),
+            slots.astype(np.int64), ts, np.zeros(m) if since is None else since, buckets(ts),
+            buckets(ts + next_gap), values,
+            spread, changes, has_change, outlier, np.float32(self.seasonal_alpha),
             self.profile, self.level, self.ar_x, self.ar_w,
-            out.seasonal, out.seasonal_now, out.ar_change,
+            self.recent, self.anchor, self.log_step,
+            out.seasonal, out.seasonal_now, out.ar_change, out.ahead_ts, out.seasonal_ahead,
+            out.naive_ahead, out.ar_w, out.ar_x,
         )
         return out
 
 
 @kernel
-def _advance(slots, here, nxt, values, spread, changes, has_change, outlier, alpha,
-             profile, level, ar_x, ar_w, seasonal, seasonal_now, ar_change):  # pragma: no cover
+def _bucket_pair(t):  # pragma: no cover - compiled
+    """``buckets`` of one time: (time-of-day bucket, combined-profile index of its week one)."""
+    day = int((t - math.floor(t / DAY) * DAY) * (DAY_BUCKETS / DAY)) % DAY_BUCKETS
+    week = int((t - math.floor(t / WEEK) * WEEK) * (WEEK_BUCKETS / WEEK)) % WEEK_BUCKETS
+    return day, DAY_BUCKETS + week
+
+
+@kernel
+def _expected_times(profile, s, t, gap, out):  # pragma: no cover - compiled
+    """When slot ``s``'s next ``len(out)`` readings are expected after one at ``t``: one typical
+    ``gap`` apart, skipping the hours of the day in which the sensor has never reported (its
+    day profile is empty there: a car park that closes at night is next read in the morning).
+    NaN while the gap is unknown."""
+    per_hour = DAY_BUCKETS // 24
+    for k in range(len(out)):
+        if gap <= 0.0:
+            out[k] = np.nan
+            continue
+        t += gap
+        skipped = False
+        for _ in range(24):  # at most a day of empty hours
+            day, _week = _bucket_pair(t)
+            first = day - day % per_hour
+            seen = False
+            for b in range(first, first + per_hour):
+                seen = seen or not np.isnan(profile[s, 0, b])
+            if seen:
+                break
+            t = (math.floor(t / 3600.0) + 1.0) * 3600.0  # the next hour's start
+            skipped = True
+        if skipped:  # from the hour's start to the first quarter it has reported in
+            day, _week = _bucket_pair(t)
+            for b in range(day, day + per_hour - day % per_hour):
+                if not np.isnan(profile[s, 0, b]):
+                    break
+                t += DAY / DAY_BUCKETS
+        out[k] = t
+
+
+@kernel
+def _advance(slots, ts, since, here, nxt, values, spread, changes, has_change, outlier, alpha,
+             profile, level, ar_x, ar_w, recent, anchor, log_step, seasonal, seasonal_now,
+             ar_change, ahead_ts, seasonal_ahead, naive_ahead, ar_w_out,
+             ar_x_out):  # pragma: no cover
     """The per-reading recurrence of ``SensorMemory.advance`` (state updated in place)."""
     f, p = values.shape[1], ar_x.shape[2]
+    h = ahead_ts.shape[1]
     for i in range(len(slots)):
         s = slots[i]
         for j in range(f):
@@ -167,3 +253,32 @@ def _advance(slots, here, nxt, values, spread, changes, has_change, outlier, alp
             for q in range(p):
                 forecast += ar_w[s, j, q] * ar_x[s, j, q]
             ar_change[i, j] = forecast
+            for q in range(ar_w_out.shape[2]):
+                ar_w_out[i, j, q], ar_x_out[i, j, q] = ar_w[s, j, q], ar_x[s, j, q]
+        if h == 0:
+            continue
+        for j in range(f):
+            if np.isnan(anchor[s, j]):
+                anchor[s, j] = values[i, j]
+            if not outlier[i, j]:  # a sentinel is nobody's "value a day before"
+                for k in range(2):
+                    recent[s, j, here[i, k]] = values[i, j] - anchor[s, j]
+        if since[i] > 0.0:
+            lg = math.log(since[i])
+            if np.isnan(log_step[s, 0]):
+                log_step[s, 0] = lg
+            elif lg != log_step[s, 0]:  # the median, tracked (Robbins-Monro on the sign)
+                log_step[s, 0] += STEP_RATE if lg > log_step[s, 0] else -STEP_RATE
+        gap = 0.0 if np.isnan(log_step[s, 0]) else math.exp(log_step[s, 0])
+        _expected_times(profile, s, ts[i], gap, ahead_ts[i])
+        for step in range(h):
+            t = ahead_ts[i, step]
+            if np.isnan(t):
+                t = ts[i]
+            buckets_at = _bucket_pair(t)
+            for j in range(f):
+                for k in range(2):
+                    seasonal_ahead[i, k, step, j] = level[s, k, j] + spread[i, j] * np.float64(
+                        profile[s, j, buckets_at[k]])
+                    naive_ahead[i, k, step, j] = anchor[s, j] + np.float64(
+                        recent[s, j, buckets_at[k]])

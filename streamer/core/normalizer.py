@@ -57,6 +57,7 @@ class Encoded:
     has_prev: np.ndarray  # (M,) bool: the sensor had a reading before this one
     spread: np.ndarray  # (M, F) float64 the level's spread after it (z-score denominator)
     next_gap: np.ndarray  # (M,) float64 typical seconds between readings (0 while unknown)
+    since: np.ndarray  # (M,) float64 seconds since the sensor's previous reading (0 if none)
 
 
 class SensorStats:
@@ -140,13 +141,14 @@ class SensorStats:
             has_prev=np.empty(m, dtype=bool),
             spread=np.empty((m, f), dtype=np.float64),
             next_gap=np.zeros(m, dtype=np.float64),
+            since=np.zeros(m, dtype=np.float64),
         )
         _encode(
             slots.astype(np.int64), ts, values, self.alpha, self.warmup, clip, self.robust,
             self.count, self.mean, self.sd, self.change_rms, self.last_value, self.last_scale,
             self.last_ts, self.log_dt,
             features, out.targets, out.target_valid, out.scale, out.prev_scale, out.prev_value,
-            out.warm, out.outlier, out.has_prev, out.spread, out.next_gap,
+            out.warm, out.outlier, out.has_prev, out.spread, out.next_gap, out.since,
         )
         np.clip(features[:, : 2 * f], -clip, clip, out=features[:, : 2 * f])
         np.clip(features[:, -1], -GAP_CLIP, GAP_CLIP, out=features[:, -1])
@@ -159,7 +161,7 @@ class SensorStats:
 def _encode(slots, ts, values, alpha, warmup, clip, robust_stats,
             count, mean, sd, change_rms, last_value, last_scale, last_ts, log_dt,
             features, targets, target_valid, scale, prev_scale, prev_value, warm, outlier,
-            has_prev, spread, next_gap):  # pragma: no cover - compiled
+            has_prev, spread, next_gap, since):  # pragma: no cover - compiled
     """The per-reading recurrence of ``SensorStats.encode``: state arrays updated in place,
     outputs written per reading (features unclipped)."""
     f = values.shape[1]
@@ -213,8 +215,9 @@ def _encode(slots, ts, values, alpha, warmup, clip, robust_stats,
                 gap = log_gap - log_dt[s]
             log_dt[s] = (1.0 - a_prev) * log_dt[s] + a_prev * log_gap
             next_gap[i] = math.exp(log_dt[s])
+            since[i] = t - last_ts[s]
         else:
-            next_gap[i] = 0.0
+            next_gap[i], since[i] = 0.0, 0.0
         features[i, features.shape[1] - 1] = gap
         count[s] = n + 1
         last_ts[s] = t

@@ -7,6 +7,7 @@ import io
 import torch
 
 from streamer.core.config import LearnerConfig
+from streamer.core.horizon import HorizonState
 from streamer.core.intervals import Calibration
 from streamer.core.learner import Learner
 from streamer.core.slots import SlotTable
@@ -15,13 +16,14 @@ from streamer.core.windows import slot_axis
 # 2: guard and spike state in the stats; 3: spreads as deviations (sd, change_rms), and the
 # per-sensor memory (seasonal profiles, AR) and experts; 4: windows that follow each other
 # without a gap, and the queue of full windows waiting for an update; 5: interval and anomaly
-# calibration.
-FORMAT = "streamer.learner/5"
-PREVIOUS_FORMAT = "streamer.learner/4"  # read through upgrade()
+# calibration; 6: the horizon's state (weights, pending forecasts, intervals of steps 2..H) and
+# the memory's last readings per bucket (both empty with a horizon of 1).
+FORMAT = "streamer.learner/6"
+PREVIOUS_FORMATS = ("streamer.learner/4", "streamer.learner/5")  # read through upgrade()
 
 
 # The learner's per-slot host arrays (row i: slot i) that move with a sensor.
-PER_SENSOR_PARTS = ("stats", "memory", "calibration")
+PER_SENSOR_PARTS = ("stats", "memory", "calibration", "horizon")
 
 
 class IncompatibleSnapshot(ValueError):
@@ -42,6 +44,7 @@ def snapshot(learner: Learner) -> dict:
         "memory": {k: torch.from_numpy(v.copy()) for k, v in learner.memory.arrays().items()},
         "calibration": {k: torch.from_numpy(v.copy())
                         for k, v in learner.calibration.arrays().items()},
+        "horizon": {k: torch.from_numpy(v.copy()) for k, v in learner.horizon.arrays().items()},
         "slot_tensors": cpu,
         "seen": torch.from_numpy(learner.state.seen.copy()),
         "queue": {k: v.detach().cpu().clone() for k, v in learner.state.queue.tensors().items()},
@@ -64,6 +67,7 @@ def restore(state: dict, config: LearnerConfig) -> Learner:
     learner.stats.load_arrays({k: v.numpy() for k, v in state["stats"].items()})
     learner.memory.load_arrays({k: v.numpy() for k, v in state["memory"].items()})
     learner.calibration.load_arrays({k: v.numpy() for k, v in state["calibration"].items()})
+    learner.horizon.load_arrays({k: v.numpy() for k, v in state["horizon"].items()})
     learner.state.load_tensors(state["slot_tensors"], state["seen"].numpy(), state["queue"])
     counters = state["counters"]
     learner.accepted_total = int(counters["accepted_total"])
@@ -74,18 +78,27 @@ def restore(state: dict, config: LearnerConfig) -> Learner:
 
 
 def upgrade(state: dict) -> dict:
-    """A snapshot of the previous format (4, before interval calibration) in this one: its
-    sensors start calibrating from the prior, like new ones; weights, statistics and memory
-    carry over. Any other format is returned as it is (``check_compatible`` names it)."""
-    if not isinstance(state, dict) or state.get("format") != PREVIOUS_FORMAT:
+    """A snapshot of an earlier format (4: before interval calibration; 5: before horizons) in
+    this one: what it lacks starts from the prior, as for new sensors (calibration; a horizon of
+    one step); weights, statistics and memory carry over. Any other format is returned as it
+    is (``check_compatible`` names it)."""
+    if not isinstance(state, dict) or state.get("format") not in PREVIOUS_FORMATS:
         return state
-    defaults = LearnerConfig()
-    config = {**defaults.to_dict(), **state["config"]}
-    fresh = Calibration(len(state["stats"]["count"]), int(config["n_features"]),
-                        float(config["coverage"]), float(config["anomaly_threshold"]),
-                        int(config["anomaly_learn_after"]))
-    arrays = {k: torch.from_numpy(v.copy()) for k, v in fresh.arrays().items()}
-    return {**state, "format": FORMAT, "calibration": arrays}
+    config = {**LearnerConfig().to_dict(), **state["config"], "horizon": 1}
+    capacity, n_features = len(state["stats"]["count"]), int(config["n_features"])
+    upgraded = {**state, "format": FORMAT, "config": config}
+    if "calibration" not in state:
+        fresh = Calibration(capacity, n_features, float(config["coverage"]),
+                            float(config["anomaly_threshold"]),
+                            int(config["anomaly_learn_after"]))
+        upgraded["calibration"] = _tensors(fresh.arrays())
+    horizon = HorizonState(capacity, n_features, 1, float(config["coverage"]))
+    upgraded["horizon"] = _tensors(horizon.arrays())
+    return upgraded
+
+
+def _tensors(arrays: dict) -> dict:
+    return {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
 
 
 def check_compatible(state: dict, config: LearnerConfig) -> None:
@@ -149,7 +162,10 @@ def import_sensors(learner: Learner, exported: dict) -> int:
         raise ValueError(f"sensor table full: cannot import {len(missing)} sensors")
     for part in PER_SENSOR_PARTS:
         for name, rows in exported[part].items():
-            getattr(getattr(learner, part), name)[slots] = rows.numpy()
+            target = getattr(getattr(learner, part), name)
+            # A part shaped by the horizon setting stays fresh when the sender's differs.
+            if target.shape[1:] == rows.shape[1:]:
+                target[slots] = rows.numpy()
     index = torch.as_tensor(slots, device=learner.device)
     for name, rows in exported["slot_tensors"].items():
         target = getattr(learner.state, name)

@@ -1,0 +1,280 @@
+"""Multi-step forecasts: the next H readings of every sensor, with intervals, from one state.
+
+Step 1 is the one-step forecast (the LSTM and its experts, experts.py) with its interval
+(intervals.py), exactly as with no horizon. Steps 2..H are made at each reading by experts that
+start from it and need no further pass of the LSTM, so producing them changes no live state
+(h, c, statistics, memories) and costs a few array operations per reading:
+
+- "step one": the step-1 forecast, held (what the LSTM and its experts expect next);
+- "persistence": the reading itself (h-step persistence);
+- "seasonal day" / "seasonal week": the sensor's day and week profiles (memory.py) at step k's
+  expected time ``ts + k x typical gap``;
+- "seasonal day change" / "seasonal week change": the step-1 forecast plus the profile's change
+  from step 1's time to step k's (a cycle's shape at today's level);
+- "local linear": the step-1 forecast plus the sensor's AR model on its changes (memory.py),
+  rolled forward from the step-1 change;
+- "day before" / "week before": the sensor's last reading in the same 15 minutes of the day /
+  hour of the week as step k's time (seasonal naive; memory.py keeps them with a horizon).
+
+Each sensor weighs them per step with Hedge (as experts.py does for step 1) on running errors
+scored at steps 2, 4, 8, ... and H (``scored_steps``); a step between two scored ones mixes
+their weights by its log distance to each. A forecast made for a scored step is kept until its
+reading arrives (one pending forecast per scored step, so a sensor's state grows with log2 H,
+not H), then every expert's error and the aggregate's are scored: errors in change scales /
+sqrt(k), so the steps' errors are comparable (a random walk's k-step error grows as sqrt(k)).
+Why these experts and not a feedback rollout of the LSTM: docs/benchmarks/horizon.md.
+
+**Intervals per step.** Per scored step, the aggregate's running MAE in that unit and two
+quantiles of its residual in units of that MAE, tracked online from the pending forecast's own
+bounds (quantile tracking: the P term of intervals.py). Step k's interval is its forecast plus
+those quantiles x MAE x sqrt(k) x the change scale now (mixed between scored steps like the
+weights); like step 1's, it always holds the forecast.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+
+from streamer.core.compiled import kernel
+from streamer.core.config import MAX_HORIZON
+from streamer.core.memory import Recalled
+
+HORIZON_EXPERTS = ("step one", "persistence", "seasonal day", "seasonal week",
+                   "seasonal day change", "seasonal week change", "local linear", "day before",
+                   "week before")
+N_HORIZON_EXPERTS = len(HORIZON_EXPERTS)
+# Quantile tracking step (x the interval's width), per scored forecast; a step 2^g forecast is
+# scored once every 2^g readings, so its step is larger to adapt about as fast in readings.
+TRACK_LR = 0.02
+MAX_TRACK_LR = 0.2
+MIN_WIDTH = 0.05
+# Weight of the newest scored forecast in the running errors, x sqrt(k) (capped), for the same
+# reason; early on an equal-weight mean (1 / n).
+MAX_ALPHA = 0.2
+
+
+def scored_steps(horizon: int) -> np.ndarray:
+    """The steps whose forecasts are scored online: 2, 4, 8, ... below ``horizon``, and
+    ``horizon`` itself."""
+    if horizon < 2:
+        return np.zeros(0, dtype=np.int64)
+    powers = 2 ** np.arange(1, int(math.log2(horizon)) + 1)
+    return np.unique(np.append(powers, horizon)).astype(np.int64)
+
+
+@dataclass
+class HorizonForecast:
+    """The next H readings' forecasts made at each reading of a chunk (step 1 first)."""
+
+    forecast: np.ndarray  # (M, H, F)
+    lower: np.ndarray  # (M, H, F)
+    upper: np.ndarray  # (M, H, F)
+    # Absolute error of the aggregate forecast made 2^g readings before this reading, in change
+    # scales (mean over features), for steps 2, 4, 8, ... (scored_steps); NaN where none was due.
+    step_error: np.ndarray  # (M, P)
+
+
+def horizon_experts(values: np.ndarray, step_one: np.ndarray, scale: np.ndarray,
+                    recalled: Recalled, clip: float) -> np.ndarray:
+    """(M, F, H, K) every horizon expert's forecast of each of the next H readings (order of
+    ``HORIZON_EXPERTS``; step 1 is the first of H)."""
+    m, f = values.shape
+    h = recalled.seasonal_ahead.shape[2]
+    held = np.broadcast_to(step_one[..., None], (m, f, h))
+    here = np.broadcast_to(values[..., None], (m, f, h))
+    profile = recalled.seasonal_ahead.transpose(0, 3, 2, 1)  # (M, F, H, 2) day, week
+    level = np.where(np.isnan(profile), held[..., None], profile)
+    change = step_one[..., None, None] + profile - profile[:, :, :1, :]
+    change = np.where(np.isnan(change), held[..., None], change)
+    # The AR model rolled forward from the step-1 change (change scales, clipped like its own).
+    x = np.concatenate([np.clip((step_one - values) / scale, -clip, clip)[..., None],
+                        recalled.ar_x[..., :-1]], axis=-1).astype(np.float64)  # newest first
+    w = recalled.ar_w.astype(np.float64)
+    linear = np.empty((m, f, h))
+    total = np.zeros((m, f))
+    linear[..., 0] = step_one
+    for k in range(1, h):
+        nxt = np.clip((w * x).sum(axis=-1), -clip, clip)
+        total += nxt
+        linear[..., k] = step_one + scale * total
+        x = np.concatenate([nxt[..., None], x[..., :-1]], axis=-1)
+    naive = recalled.naive_ahead.transpose(0, 3, 2, 1)  # (M, F, H, 2) day, week
+    naive = np.where(np.isnan(naive), held[..., None], naive)
+    return np.stack([held, here, level[..., 0], level[..., 1], change[..., 0], change[..., 1],
+                     linear, naive[..., 0], naive[..., 1]], axis=-1)
+
+
+class HorizonState:
+    """Per-slot weights, pending forecasts and interval state of steps 2..H (host memory)."""
+
+    _ALL = ("err", "count", "mae", "q_lo", "q_hi", "pending", "pending_scale", "due")
+
+    def __init__(self, capacity: int, n_features: int, horizon: int, coverage: float):
+        if not 1 <= horizon <= MAX_HORIZON:
+            raise ValueError(f"horizon must be in [1, {MAX_HORIZON}], got {horizon}")
+        self.n_features, self.horizon, self.alpha = n_features, horizon, 1.0 - coverage
+        self.steps = scored_steps(horizon)
+        self.z = NormalDist().inv_cdf(1.0 - self.alpha / 2)
+        self.due = np.zeros((0, len(self.steps)), dtype=np.int64)
+        self.grow(capacity)
+
+    def _allocate(self, capacity: int) -> dict[str, np.ndarray]:
+        f, p, k = self.n_features, len(self.steps), N_HORIZON_EXPERTS
+        return {
+            "err": np.zeros((capacity, f, p, k), np.float32),  # experts' running errors
+            "count": np.zeros((capacity, p), np.float32),  # forecasts scored
+            "mae": np.zeros((capacity, f, p), np.float32),  # the aggregate's running MAE
+            "q_lo": np.zeros((capacity, f, p), np.float32),
+            "q_hi": np.zeros((capacity, f, p), np.float32),
+            # Experts, aggregate, lower and upper bound of the forecast awaiting its reading.
+            "pending": np.zeros((capacity, f, p, k + 3), np.float64),
+            "pending_scale": np.ones((capacity, f, p), np.float32),
+            "due": np.zeros((capacity, p), np.int64),  # its reading's number; 0: none
+        }
+
+    def grow(self, capacity: int) -> None:
+        """Enlarge to ``capacity`` slots, keeping every existing value; new slots start fresh."""
+        old = len(self.due)
+        for name, values in self._allocate(capacity).items():
+            if old:
+                values[:old] = getattr(self, name)
+            setattr(self, name, values)
+        self.reset(np.arange(old, capacity))
+
+    def reset(self, slots: np.ndarray) -> None:
+        """Forget ``slots``: equal weights, the prior interval, nothing pending."""
+        self.err[slots], self.count[slots], self.due[slots] = 0.0, 0.0, 0
+        self.mae[slots] = 1.0  # a random walk's: about one change scale x sqrt(k)
+        self.q_lo[slots], self.q_hi[slots] = -self.z, self.z
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in self._ALL}
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Load saved arrays; kept fresh if they were saved with another horizon."""
+        if any(arrays[name].shape[1:] != getattr(self, name).shape[1:] for name in self._ALL):
+            capacity = len(arrays["due"])
+            self.due = np.zeros((0, len(self.steps)), dtype=np.int64)
+            self.grow(capacity)
+            return
+        for name in self._ALL:
+            setattr(self, name, np.array(arrays[name], dtype=getattr(self, name).dtype))
+
+    def forecast(self, slots: np.ndarray, number: np.ndarray, values: np.ndarray,
+                 warm: np.ndarray, scale: np.ndarray, experts: np.ndarray, step_one: np.ndarray,
+                 lower: np.ndarray, upper: np.ndarray, eta: float, alpha: float,
+                 clip: float) -> HorizonForecast:
+        """Score the forecasts due at each reading, learn, and forecast its next H readings.
+
+        Arrival order. ``number`` (M,) is each reading's number in its slot (1 for the first),
+        ``warm`` (M,) whether the sensor is past warm-up after it, ``scale`` (M, F) the change
+        scale now, ``experts`` (M, F, H, K) from ``horizon_experts``, ``step_one`` (M, F) the
+        step-1 forecast and ``lower`` / ``upper`` (M, F) its interval; ``eta`` and ``alpha``
+        the Hedge rate and running-error weight of step 1's experts, ``clip`` the cap on one
+        error (change scales).
+        """
+        m, f = values.shape
+        h = self.horizon
+        out = HorizonForecast(np.empty((m, h, f)), np.empty((m, h, f)), np.empty((m, h, f)),
+                              np.full((m, len(self.steps)), np.nan))
+        _advance(np.asarray(slots, dtype=np.int64), np.asarray(number, dtype=np.int64), values,
+                 np.asarray(warm, dtype=np.bool_), scale, experts, step_one, lower, upper,
+                 self.steps.astype(np.int64), float(eta), float(alpha), float(clip),
+                 0.5 * self.alpha, self.err, self.count, self.mae, self.q_lo, self.q_hi,
+                 self.pending, self.pending_scale, self.due,
+                 out.forecast, out.lower, out.upper, out.step_error)
+        return out
+
+
+@kernel
+def _advance(slots, number, values, warm, scale, experts, step_one, lower1, upper1, steps, eta,
+             alpha,
+             clip, half, err, count, mae, q_lo, q_hi, pending, pending_scale, due,
+             forecast, lower, upper, step_error):  # pragma: no cover - compiled
+    """The per-reading recurrence of ``HorizonState.forecast`` (state updated in place)."""
+    f, h, k_all = values.shape[1], experts.shape[2], experts.shape[3]
+    n_steps = len(steps)
+    weights = np.empty((n_steps, k_all))
+    for i in range(len(slots)):
+        s = slots[i]
+        # 1. Score the forecasts made for this reading (2, 4, ... readings ago) and learn.
+        for p in range(n_steps):
+            if due[s, p] != number[i]:
+                continue
+            due[s, p] = 0
+            root = math.sqrt(steps[p])
+            count[s, p] += 1.0
+            a = max(min(alpha * root, MAX_ALPHA), 1.0 / count[s, p])
+            lr = min(TRACK_LR * root, MAX_TRACK_LR)
+            total = 0.0
+            for j in range(f):
+                v, unit = values[i, j], pending_scale[s, j, p] * root
+                for e in range(k_all):
+                    e_err = min(abs(v - pending[s, j, p, e]) / unit, clip)
+                    err[s, j, p, e] += a * (e_err - err[s, j, p, e])
+                miss = abs(v - pending[s, j, p, k_all]) / unit
+                total += min(miss, clip) * root
+                mae[s, j, p] += a * (min(miss, clip) - mae[s, j, p])
+                w = max(q_hi[s, j, p] - q_lo[s, j, p], MIN_WIDTH)
+                below, above = v < pending[s, j, p, k_all + 1], v > pending[s, j, p, k_all + 2]
+                q_hi[s, j, p] += lr * w * (above - half)
+                q_lo[s, j, p] -= lr * w * (below - half)
+            step_error[i, p] = total / f
+        # 2. This reading's forecasts of the next h readings: step 1 as given, then each step
+        # with the weights of the largest scored step at or below it.
+        for j in range(f):
+            forecast[i, 0, j], lower[i, 0, j], upper[i, 0, j] = (
+                step_one[i, j], lower1[i, j], upper1[i, j])
+            for p in range(n_steps):
+                best = err[s, j, p, 0]
+                for e in range(1, k_all):
+                    best = min(best, err[s, j, p, e])
+                norm = 0.0
+                for e in range(k_all):
+                    if math.isinf(eta):
+                        weights[p, e] = 1.0 if err[s, j, p, e] == best and norm == 0.0 else 0.0
+                    else:
+                        weights[p, e] = math.exp(-eta * (err[s, j, p, e] - best))
+                    norm += weights[p, e]
+                for e in range(k_all):
+                    weights[p, e] /= norm
+            p = 0
+            for step in range(1, h):
+                k = step + 1
+                if p + 1 < n_steps and steps[p + 1] <= k:
+                    p += 1
+                # Between two scored steps, their weights and intervals mixed by log distance.
+                q = min(p + 1, n_steps - 1)
+                mix = 0.0
+                if q > p:
+                    mix = math.log(k / steps[p]) / math.log(steps[q] / steps[p])
+                value = 0.0
+                for e in range(k_all):
+                    value += ((1.0 - mix) * weights[p, e] + mix * weights[q, e]) * experts[
+                        i, j, step, e]
+                unit = scale[i, j] * math.sqrt(k) * (
+                    (1.0 - mix) * mae[s, j, p] + mix * mae[s, j, q])
+                low = (1.0 - mix) * q_lo[s, j, p] + mix * q_lo[s, j, q]
+                high = (1.0 - mix) * q_hi[s, j, p] + mix * q_hi[s, j, q]
+                forecast[i, step, j] = value
+                lower[i, step, j] = value + min(low, 0.0) * unit
+                upper[i, step, j] = value + max(high, 0.0) * unit
+        # 3. Keep the forecasts of steps 2, 4, ... until their readings come (one each).
+        if not warm[i]:
+            continue
+        for p in range(n_steps):
+            if due[s, p] != 0:
+                continue
+            step = steps[p] - 1
+            for j in range(f):
+                for e in range(k_all):
+                    pending[s, j, p, e] = experts[i, j, step, e]
+                pending[s, j, p, k_all] = forecast[i, step, j]
+                pending[s, j, p, k_all + 1] = lower[i, step, j]
+                pending[s, j, p, k_all + 2] = upper[i, step, j]
+                pending_scale[s, j, p] = scale[i, j]
+            due[s, p] = number[i] + steps[p]

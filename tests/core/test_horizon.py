@@ -1,0 +1,163 @@
+"""Multi-step forecasts: the next H readings from the same state, which producing them never
+changes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from streamer.core import Batch, Learner, LearnerConfig
+from streamer.core import snapshot as snap
+from streamer.core.horizon import scored_steps
+from tests.core.conftest import chunks, sine_fleet
+
+H = 12
+
+
+def _run(config: LearnerConfig, stream: Batch, size: int = 64) -> tuple[Learner, list]:
+    learner = Learner(config)
+    return learner, [learner.step(chunk) for chunk in chunks(stream, size)]
+
+
+def _cat(results: list, name: str, horizon: bool = False) -> np.ndarray:
+    return np.concatenate([getattr(r.horizon if horizon else r, name) for r in results])
+
+
+def _live_state(learner: Learner) -> dict[str, np.ndarray]:
+    """Everything a forecast of the next reading depends on (not the horizon's own state)."""
+    state = {f"stats.{k}": v for k, v in learner.stats.arrays().items()}
+    state |= {f"memory.{k}": v for k, v in learner.memory.arrays().items()
+              if k not in ("recent", "anchor", "log_step")}  # kept only for a horizon
+    state |= {f"calibration.{k}": v for k, v in learner.calibration.arrays().items()}
+    state |= {f"slot.{k}": v.cpu().numpy() for k, v in learner.state.tensors().items()}
+    state |= {f"model.{k}": v.cpu().numpy() for k, v in learner.model.state_dict().items()}
+    return state
+
+
+def test_a_horizon_leaves_step_one_and_the_live_state_bitwise_unchanged(small_config):
+    stream = sine_fleet(6, 120, seed=3, log10_scale=(-2, 4))
+    one, results_one = _run(small_config, stream)
+    ahead, results_ahead = _run(dataclasses.replace(small_config, horizon=H), stream)
+    assert one.updates == ahead.updates > 10
+    for name in ("forecasts", "lower", "upper", "anomaly_score", "interval_width"):
+        np.testing.assert_array_equal(_cat(results_ahead, name), _cat(results_one, name))
+    # Step 1 of the horizon is the forecast itself, interval included.
+    np.testing.assert_array_equal(_cat(results_ahead, "forecast", True)[:, 0],
+                                  _cat(results_ahead, "forecasts"))
+    np.testing.assert_array_equal(_cat(results_ahead, "lower", True)[:, 0],
+                                  _cat(results_ahead, "lower"))
+    live_one, live_ahead = _live_state(one), _live_state(ahead)
+    assert live_one.keys() == live_ahead.keys()
+    for name, values in live_one.items():
+        np.testing.assert_array_equal(live_ahead[name], values, err_msg=name)
+    assert all(r.horizon is None for r in results_one)
+
+
+def _one_sensor(values: np.ndarray, dt: float = 600.0) -> tuple[np.ndarray, np.ndarray]:
+    """The 12-step forecasts of one sensor's readings (N, H), and the truth (N, H) (NaN past
+    the end)."""
+    n = len(values)
+    batch = Batch.from_arrays(["x"] * n, 1.7e9 + dt * np.arange(n), values)
+    _, results = _run(LearnerConfig(device="cpu", horizon=H), batch, size=128)
+    forecast = _cat(results, "forecast", True)[:, :, 0]
+    truth = np.full((n, H), np.nan)
+    for k in range(1, H + 1):
+        truth[:-k, k - 1] = values[k:]
+    return forecast, truth
+
+
+def test_twelve_step_forecasts_of_a_noiseless_sine_track_it_within_3_percent_of_its_range():
+    t = np.arange(4000)
+    values = 50.0 + 10.0 * np.sin(2 * np.pi * t / 48.0)  # range 20
+    forecast, truth = _one_sensor(values)
+    error = np.abs(forecast - truth)[3000:-H]
+    assert error.mean(axis=0).max() < 0.03 * 20.0  # every step
+    # Persistence is 20x worse at the last step: the horizon is not just the last value.
+    persistence = np.abs(values[3000:-H, None] - truth[3000:-H])
+    assert error.mean(axis=0)[-1] < 0.05 * persistence.mean(axis=0)[-1]
+
+
+def test_twelve_step_forecasts_of_a_linear_ramp_are_within_a_tenth_of_a_step_of_it():
+    values = 3.0 + 0.5 * np.arange(3000)  # +0.5 per reading
+    forecast, truth = _one_sensor(values)
+    error = np.abs(forecast - truth)[2000:-H]
+    # On average within a tenth of one step's change at every step (0.004 at step 1, 0.024 at
+    # step 12, against 6.0 for persistence); no forecast off by more than 0.4 of a step.
+    assert error.mean(axis=0).max() < 0.05
+    assert error.max() < 0.2
+
+
+@pytest.mark.parametrize("size", [7, 500])
+def test_grouping_into_micro_batches_does_not_change_the_horizon(small_config, size):
+    config = dataclasses.replace(small_config, horizon=H, max_sensors=128)
+    stream = sine_fleet(20, 40, seed=7, log10_scale=(0, 0))
+    ref, expected = _run(config, stream, size=1)
+    other, got = _run(config, stream, size=size)
+    assert ref.updates == other.updates >= 10
+    for name in ("forecast", "lower", "upper"):
+        np.testing.assert_allclose(_cat(got, name, True), _cat(expected, name, True),
+                                   atol=1e-4, rtol=1e-5, err_msg=name)
+    np.testing.assert_array_equal(_cat(got, "target_ts", True), _cat(expected, "target_ts", True))
+    np.testing.assert_array_equal(np.isnan(_cat(got, "step_error", True)),
+                                  np.isnan(_cat(expected, "step_error", True)))
+
+
+def test_a_snapshot_round_trip_continues_the_horizon_exactly(small_config):
+    config = dataclasses.replace(small_config, horizon=H)
+    stream = sine_fleet(5, 80, seed=4, log10_scale=(0, 2))
+    first, rest = stream.take(np.arange(200)), stream.take(np.arange(200, len(stream)))
+    straight, _ = _run(config, first)
+    restored = snap.restore(snap.loads(snap.dumps(snap.snapshot(straight))), config)
+    assert restored.horizon.due.any()  # forecasts were pending at the snapshot
+    expected = [straight.step(c) for c in chunks(rest, 64)]
+    got = [restored.step(c) for c in chunks(rest, 64)]
+    for name in ("forecast", "lower", "upper", "target_ts", "step_error"):
+        np.testing.assert_array_equal(_cat(got, name, True), _cat(expected, name, True))
+    for p, q in zip(straight.model.parameters(), restored.model.parameters()):
+        torch.testing.assert_close(p, q, atol=0, rtol=0)
+
+
+def test_each_step_has_an_interval_holding_its_forecast_and_widening_with_the_step():
+    rng = np.random.default_rng(5)
+    values = 100.0 + np.cumsum(rng.normal(size=3000))  # a random walk: error grows as sqrt(k)
+    batch = Batch.from_arrays(["w"] * len(values), 1.7e9 + 60.0 * np.arange(len(values)), values)
+    _, results = _run(LearnerConfig(device="cpu", horizon=H), batch, size=128)
+    forecast = _cat(results, "forecast", True)[1000:, :, 0]
+    lower = _cat(results, "lower", True)[1000:, :, 0]
+    upper = _cat(results, "upper", True)[1000:, :, 0]
+    assert (lower <= forecast).all() and (forecast <= upper).all()
+    width = (upper - lower).mean(axis=0)
+    assert width[-1] / width[0] == pytest.approx(np.sqrt(H), rel=0.35)
+    covered = []
+    for k in (2, 4, 8, 12):
+        truth, n = values[1000 + k:], len(forecast) - k
+        covered.append(np.mean((truth[:n] >= lower[:n, k - 1]) & (truth[:n] <= upper[:n, k - 1])))
+    assert np.all(np.abs(np.array(covered) - 0.9) < 0.05), covered
+
+
+def test_the_expected_times_skip_the_hours_a_sensor_never_reports_in():
+    # A car park read every 30 minutes from 08:00 to 16:30 UTC only.
+    days = np.arange(20)
+    ts = np.concatenate([86_400.0 * d + 8 * 3600.0 + 1800.0 * np.arange(18) for d in days])
+    values = np.sin(np.arange(len(ts)) / 3.0) + 5.0
+    batch = Batch.from_arrays(["p"] * len(ts), ts, values)
+    _, results = _run(LearnerConfig(device="cpu", horizon=4), batch)
+    target = _cat(results, "target_ts", True)
+    last_of_day = np.flatnonzero(ts == 86_400.0 * 18 + 16.5 * 3600.0)[0]
+    hours = (target[last_of_day] % 86_400.0) / 3600.0
+    np.testing.assert_allclose(hours, [8.0, 8.5, 9.0, 9.5])  # the next morning, not 17:00
+    assert (target[last_of_day] > ts[last_of_day] + 12 * 3600.0).all()
+
+
+def test_steps_scored_online_are_the_powers_of_two_and_the_horizon():
+    assert scored_steps(1).tolist() == []
+    assert scored_steps(12).tolist() == [2, 4, 8, 12]
+    assert scored_steps(256).tolist() == [2, 4, 8, 16, 32, 64, 128, 256]
+
+
+def test_a_horizon_beyond_256_steps_is_a_config_error():
+    with pytest.raises(ValueError, match="horizon must be in"):
+        LearnerConfig(horizon=257)
