@@ -31,7 +31,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from typing_extensions import NotRequired, TypedDict
 
-from streamer.core.batch import Batch
+from streamer.core.batch import Batch, HorizonResult
 from streamer.core.rejections import Reason
 
 DLQ_REASON = "streamer.reason"
@@ -226,12 +226,16 @@ def encode_forecast(
     upper: Sequence[float] | np.ndarray,
     anomaly_score: float,
     anomaly: bool,
+    horizon: HorizonResult | None = None,
 ) -> bytes:
     """The forecast that follows the reading at (partition, offset), as UTF-8 JSON.
 
     ``lower`` / ``upper`` bound the forecast's prediction interval; ``anomaly_score`` and
     ``anomaly`` are those of the reading at (partition, offset), given the forecast made
-    before it. A non-finite number is written as ``null``: the output stays valid JSON.
+    before it. With ``horizon`` (one row: the next H readings' forecasts made at this reading,
+    step 1 being the top-level forecast) a ``"horizon"`` list follows: ``{"step": k, "ts": expected
+    time, "value" (or "values"), "lower", "upper"}`` per step. A non-finite number is written
+    as ``null``: the output stays valid JSON.
     """
     numbers = [_finite_or_none(float(number)) for number in forecast_values]
     low = [_finite_or_none(float(number)) for number in lower]
@@ -249,7 +253,20 @@ def encode_forecast(
     body["partition"] = int(partition)
     body["offset"] = int(offset)
     body["model_updates"] = int(update_count)
+    if horizon is not None:
+        key = "value" if n_features == 1 else "values"
+        steps = []
+        for k in range(horizon.target_ts.shape[1]):
+            numbers = [_finite_or_none(float(x)) for x in horizon.forecast[0, k]]
+            low = [_finite_or_none(float(x)) for x in horizon.lower[0, k]]
+            high = [_finite_or_none(float(x)) for x in horizon.upper[0, k]]
+            one = n_features == 1
+            steps.append({"step": k + 1, "ts": _finite_or_none(float(horizon.target_ts[0, k])),
+                          key: numbers[0] if one else numbers, "lower": low[0] if one else low,
+                          "upper": high[0] if one else high})
+        body["horizon"] = steps
     return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
 
 
 def encode_forecasts(
@@ -264,6 +281,7 @@ def encode_forecasts(
     upper: np.ndarray,
     anomaly_scores: np.ndarray,
     anomalies: np.ndarray,
+    horizon: HorizonResult | None = None,
 ) -> list[bytes]:
     """``encode_forecast`` for a whole batch, byte for byte, without a json.dumps per record.
 
@@ -276,14 +294,29 @@ def encode_forecasts(
     highs, _ = _render(upper)
     scores = _render_scores(anomaly_scores)
     flags = ["true" if x else "false" for x in np.asarray(anomalies).tolist()]
+    ahead = [""] * len(flags) if horizon is None else _render_horizon(horizon, field)
     template = ('{"sensor_id":%s,"ts":%s,"' + field + '":%s,"lower":%s,"upper":%s,'
-                '"anomaly_score":%s,"anomaly":%s,"partition":%d,"offset":%d,"model_updates":%d}')
+                '"anomaly_score":%s,"anomaly":%s,"partition":%d,"offset":%d,"model_updates":%d'
+                '%s}')
     return [
         (template % row).encode()
         for row in zip(map(escape, sensor_ids), map(repr, ts.astype(np.float64).tolist()),
                        numbers, lows, highs, scores, flags, partitions, offsets,
-                       np.asarray(update_counts).tolist())
+                       np.asarray(update_counts).tolist(), ahead)
     ]
+
+
+def _render_horizon(horizon: HorizonResult, field: str) -> list[str]:
+    """Per row, the ``,"horizon":[...]`` member of its forecast's JSON."""
+    n, h, f = horizon.forecast.shape
+    step_template = '{"step":%d,"ts":%s,"' + field + '":%s,"lower":%s,"upper":%s}'
+    values, _ = _render(horizon.forecast.reshape(n * h, f))
+    lows, _ = _render(horizon.lower.reshape(n * h, f))
+    highs, _ = _render(horizon.upper.reshape(n * h, f))
+    times = _render_scores(horizon.target_ts.reshape(n * h))
+    steps = [step_template % (k % h + 1, t, v, lo, hi)
+             for k, (t, v, lo, hi) in enumerate(zip(times, values, lows, highs))]
+    return [',"horizon":[' + ",".join(steps[i * h:(i + 1) * h]) + "]" for i in range(n)]
 
 
 def _render(numbers: np.ndarray) -> tuple[list[str], str]:

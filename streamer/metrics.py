@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.process_collector import ProcessCollector
 
 from streamer import __version__
-from streamer.core.batch import StepResult, UpdateStats
+from streamer.core.batch import HorizonResult, StepResult, UpdateStats
 from streamer.core.rejections import REJECTION_REASONS, Reason
 
 # Readings per poll: 1 .. ~10k.
@@ -47,6 +47,12 @@ def _with_bound(buckets: Iterable[float], bound: float) -> tuple[float, ...]:
     if math.isfinite(bound) and bound > 0:
         bounds.add(float(bound))
     return tuple(sorted(bounds))
+
+
+def horizon_metric_steps(horizon: int) -> list[int]:
+    """The steps the per-step error metrics are labelled by: 1, 2, 4, 8, ... up to ``horizon``
+    (a label set bounded by log2 of the largest horizon, 256)."""
+    return [2**p for p in range(horizon.bit_length()) if 2**p <= horizon]
 
 
 def observe_many(histogram: Histogram, amounts: np.ndarray) -> None:
@@ -88,6 +94,7 @@ class Metrics:
         max_grad_norm: float,
         device: str,
         coverage_target: float,
+        horizon: int = 1,
     ) -> None:
         if not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm!r}")
@@ -202,6 +209,21 @@ class Metrics:
             "streamer_scored_readings", "Readings with both a model and a persistence error.",
             registry=r,
         )
+        # With a horizon: the mean error k readings ahead over any window is
+        # rate(abs_error{step=k}) / rate(scored{step=k}); steps 1, 2, 4, 8, ... up to it.
+        self.horizon_abs_error = Counter(
+            "streamer_horizon_abs_error", "Sum of the absolute errors (normalized units) of "
+            "forecasts made `step` readings before the reading they were for.",
+            ["step"], registry=r,
+        )
+        self.horizon_scored = Counter(
+            "streamer_horizon_scored", "Forecasts scored `step` readings after they were made.",
+            ["step"], registry=r,
+        )
+        if horizon > 1:  # every step's series exists from the start, at 0
+            for k in horizon_metric_steps(horizon):
+                self.horizon_abs_error.labels(step=str(k))
+                self.horizon_scored.labels(step=str(k))
 
         # Intervals and anomalies: coverage over any window is inside / (inside + outside).
         self.interval_readings = Counter(
@@ -308,6 +330,9 @@ class Metrics:
             self.persistence_abs_error.inc(float(np.nansum(np.abs(persistence[scored]))))
             self.scored_readings.inc(n_scored)
 
+        if result.horizon is not None:
+            self._observe_horizon(result.horizon, model)
+
         inside = np.asarray(result.inside)  # features inside, per reading; -1 unscored
         tested = inside >= 0
         n_inside = int(inside[tested].sum())
@@ -328,6 +353,19 @@ class Metrics:
             self.sensor_evictions.inc(result.evicted_sensors)
         for stats in result.updates:
             self.observe_update(stats)
+
+    def _observe_horizon(self, horizon: HorizonResult, step_one: np.ndarray) -> None:
+        """Per-step error sums; step 1 is the forecast's own error (capped like it)."""
+        labelled = set(horizon_metric_steps(horizon.forecast.shape[1]))
+        columns = [(1, step_one)] + [
+            (int(k), horizon.step_error[:, p]) for p, k in enumerate(horizon.steps.tolist())
+            if k in labelled
+        ]
+        for k, errors in columns:
+            errors = errors[np.isfinite(errors)]
+            if len(errors):
+                self.horizon_abs_error.labels(step=str(k)).inc(float(errors.sum()))
+                self.horizon_scored.labels(step=str(k)).inc(len(errors))
 
     def observe_flagged(self, sensor_ids: Sequence[str], now: float) -> None:
         """Record the sensors of this batch's flagged readings at wall time ``now`` and publish

@@ -87,7 +87,9 @@ class BatchProcessor:
                                   partitions, offsets, result.update_count[accepted],
                                   lower=result.lower[accepted], upper=result.upper[accepted],
                                   anomaly_scores=result.anomaly_score[accepted],
-                                  anomalies=result.anomaly[accepted])
+                                  anomalies=result.anomaly[accepted],
+                                  horizon=None if result.horizon is None
+                                  else result.horizon.take(accepted))
         topic = self.output_topic
         # A record's key, when it has one, is already its sensor id in UTF-8 (decoding checked).
         outputs.extend(OutputRecord(topic, r.key or forecast_key(sid), value)

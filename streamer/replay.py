@@ -88,7 +88,7 @@ class ReplayOutputs:
         """Outputs for ``n`` readings, as if every one were rejected."""
         result = StepResult.empty(n, n_features)
         arrays = {f.name: getattr(result, f.name) for f in fields(cls) if f.name != "horizon"}
-        ahead = (HorizonResult.empty(n, n_features, horizon, len(scored_steps(horizon)))
+        ahead = (HorizonResult.empty(n, n_features, horizon, scored_steps(horizon))
                  if horizon > 1 else None)
         return cls(**arrays, horizon=ahead)
 
@@ -100,7 +100,8 @@ class ReplayOutputs:
                 getattr(self, f.name)[start:stop] = getattr(result, f.name)
         if self.horizon is not None and result.horizon is not None:
             for f in fields(self.horizon):
-                getattr(self.horizon, f.name)[start:stop] = getattr(result.horizon, f.name)
+                if f.name != "steps":
+                    getattr(self.horizon, f.name)[start:stop] = getattr(result.horizon, f.name)
 
 
 def backtest(

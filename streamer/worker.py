@@ -56,7 +56,8 @@ class Worker:
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry, max_grad_norm=self.learner.config.max_grad_norm,
                                device=str(self.learner.device),
-                               coverage_target=self.learner.config.coverage)
+                               coverage_target=self.learner.config.coverage,
+                               horizon=self.learner.config.horizon)
         self.health = HealthServer(self.registry, liveness=self._alive,
                                    readiness=self._readiness, host=settings.metrics.host,
                                    port=settings.metrics.port)

@@ -22,6 +22,7 @@ from streamer.codec import (
     encode_forecast,
     forecast_key,
 )
+from streamer.core.batch import HorizonResult
 from streamer.core.rejections import Reason
 
 GOOD = b'{"sensor_id": "s1", "ts": 1700000000.5, "value": 21.5}'
@@ -374,3 +375,48 @@ def test_batch_encoding_is_byte_identical_to_one_by_one():
                   zip(ids, ts, forecasts, [0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [1, 2, 3, 4, 5],
                       lower, upper, scores, flags)]
         assert batch == single
+
+
+def test_a_forecast_with_a_horizon_lists_each_step_with_its_time_and_interval() -> None:
+    horizon = HorizonResult(
+        forecast=np.array([[[21.75], [22.5], [np.nan]]]), lower=np.array([[[20.5], [20.0], [1.0]]]),
+        upper=np.array([[[23.0], [25.0], [2.0]]]), target_ts=np.array([[600.0, 1200.0, np.nan]]),
+        step_error=np.full((1, 2), np.nan), steps=np.array([2, 3]))
+    encoded = encode_forecast("s1", 0.5, [21.75], 3, 42, 7, 1, lower=[20.5], upper=[23.0],
+                              anomaly_score=0.5, anomaly=False, horizon=horizon)
+    assert encoded == (
+        b'{"sensor_id":"s1","ts":0.5,"value":21.75,"lower":20.5,"upper":23.0,'
+        b'"anomaly_score":0.5,"anomaly":false,"partition":3,"offset":42,"model_updates":7,'
+        b'"horizon":[{"step":1,"ts":600.0,"value":21.75,"lower":20.5,"upper":23.0},'
+        b'{"step":2,"ts":1200.0,"value":22.5,"lower":20.0,"upper":25.0},'
+        b'{"step":3,"ts":null,"value":null,"lower":1.0,"upper":2.0}]}'
+    )
+
+
+def test_batch_encoding_with_a_horizon_is_byte_identical_to_one_by_one():
+    from streamer.codec import encode_forecasts
+
+    rng = np.random.default_rng(0)
+    for f in (1, 2):
+        n, h = 4, 5
+        forecasts = rng.normal(size=(n, f)) * 1e3
+        horizon = HorizonResult(rng.normal(size=(n, h, f)), rng.normal(size=(n, h, f)) - 3,
+                                rng.normal(size=(n, h, f)) + 3, rng.uniform(0, 1e9, (n, h)),
+                                np.full((n, 3), np.nan), np.array([2, 4, 5]))
+        horizon.forecast[1, 2, 0] = np.inf  # written as null
+        horizon.target_ts[0] = np.nan  # gap not known yet: null
+        ids, ts = ["a", "b", "c", "d"], np.arange(n, dtype=float)
+        batch = encode_forecasts(ids, ts, forecasts, [0] * n, list(range(n)), np.zeros(n, int),
+                                 lower=forecasts - 1, upper=forecasts + 1,
+                                 anomaly_scores=np.zeros(n), anomalies=np.zeros(n, bool),
+                                 horizon=horizon)
+        single = [encode_forecast(ids[i], ts[i], forecasts[i], 0, i, 0, f,
+                                  lower=forecasts[i] - 1, upper=forecasts[i] + 1,
+                                  anomaly_score=0.0, anomaly=False,
+                                  horizon=horizon.take(np.array([i])))
+                  for i in range(n)]
+        assert batch == single
+        document = json.loads(batch[1])
+        assert [s["step"] for s in document["horizon"]] == [1, 2, 3, 4, 5]
+        step3 = document["horizon"][2]
+        assert (step3["value"] if f == 1 else step3["values"][0]) is None

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from streamer.core.batch import StepResult, UpdateStats
+from streamer.core.batch import HorizonResult, StepResult, UpdateStats
 from streamer.core.rejections import REJECTION_REASONS, Reason
 from streamer.metrics import FLAGGED_WINDOW_S, LATENCY_BUCKETS, Metrics, observe_many
 
@@ -102,6 +102,22 @@ def test_quality_sums_only_readings_where_both_errors_are_finite(
     assert value(registry, "streamer_scored_readings_total") == 6.0
     assert value(registry, "streamer_model_abs_error_total") == 2 * (0.5 + 0.25 + 2.0)
     assert value(registry, "streamer_persistence_abs_error_total") == 2 * (1.0 + 0.75 + 2.0)
+
+
+def test_horizon_errors_are_summed_per_power_of_two_step_only(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    horizon = HorizonResult.empty(3, 1, 12, np.array([2, 4, 8, 12]))
+    horizon.step_error[:] = [[0.5, NAN, 2.0, 7.0], [1.5, 1.0, NAN, 9.0], [NAN, NAN, NAN, NAN]]
+    result = step_result(status=[0, 0, 0], model_error=[0.25, NAN, 0.5],
+                         persistence_error=[1.0, NAN, 1.0], horizon=horizon)
+    metrics.observe_step(result)
+    error, scored = "streamer_horizon_abs_error_total", "streamer_horizon_scored_total"
+    assert value(registry, error, step="1") == 0.75 and value(registry, scored, step="1") == 2
+    assert value(registry, error, step="2") == 2.0 and value(registry, scored, step="2") == 2
+    assert value(registry, error, step="4") == 1.0 and value(registry, scored, step="4") == 1
+    assert value(registry, error, step="8") == 2.0 and value(registry, scored, step="8") == 1
+    assert value(registry, scored, step="12") is None  # not a power of two: no label
 
 
 def test_interval_readings_count_inside_and_outside_but_not_unscored(

@@ -87,15 +87,22 @@ class HorizonResult:
     # When each step's reading is expected: one typical gap after another, skipping hours of
     # the day the sensor never reports in (memory.py; NaN before its second reading).
     target_ts: np.ndarray  # (N, H)
-    # Absolute error, in change scales, of the forecast made 2, 4, 8, ... readings before this
-    # reading (horizon.scored_steps; mean over features); NaN where none was scored.
+    # Absolute error, in change scales, of the forecast made k readings before this reading for
+    # each scored step k (``steps``: 2, 4, 8, ... and H; mean over features); NaN where none
+    # was scored.
     step_error: np.ndarray  # (N, P)
+    steps: np.ndarray  # (P,) int64
+
+    def take(self, rows: np.ndarray) -> HorizonResult:
+        """These rows only (an index array: copies)."""
+        return HorizonResult(self.forecast[rows], self.lower[rows], self.upper[rows],
+                             self.target_ts[rows], self.step_error[rows], self.steps)
 
     @classmethod
-    def empty(cls, n: int, n_features: int, horizon: int, n_scored_steps: int) -> HorizonResult:
+    def empty(cls, n: int, n_features: int, horizon: int, steps: np.ndarray) -> HorizonResult:
         nan = np.full((n, horizon, n_features), np.nan)
         return cls(nan, nan.copy(), nan.copy(), np.full((n, horizon), np.nan),
-                   np.full((n, n_scored_steps), np.nan))
+                   np.full((n, len(steps)), np.nan), np.asarray(steps, dtype=np.int64))
 
 
 @dataclass

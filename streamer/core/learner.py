@@ -101,7 +101,7 @@ class Learner:
         result = StepResult.empty(n, self.config.n_features)
         if self.config.horizon > 1:
             result.horizon = HorizonResult.empty(n, self.config.n_features, self.config.horizon,
-                                                 len(self.horizon.steps))
+                                                 self.horizon.steps)
         if n == 0:
             return result
         slots = self._admit(batch, result)

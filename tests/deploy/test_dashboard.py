@@ -31,7 +31,7 @@ def dashboard() -> dict:
 def exported_sample_names() -> set[str]:
     """Every sample name a fully-exercised ``Metrics`` registry exposes."""
     registry = CollectorRegistry()
-    metrics = Metrics(registry, max_grad_norm=1.0, device="cpu", coverage_target=0.9)
+    metrics = Metrics(registry, max_grad_norm=1.0, device="cpu", coverage_target=0.9, horizon=12)
     metrics.set_lag({("sensor-readings", 0): 0})
     metrics.observe_flagged([], now=0.0)
     return {sample.name for family in registry.collect() for sample in family.samples}
@@ -107,6 +107,7 @@ def test_every_training_and_quality_metric_is_on_the_dashboard(dashboard: dict) 
         "streamer_model_abs_error_total", "streamer_persistence_abs_error_total",
         "streamer_interval_readings_total", "streamer_interval_coverage_target",
         "streamer_interval_width_bucket", "streamer_anomalies_total", "streamer_sensors_flagged",
+        "streamer_horizon_abs_error_total", "streamer_horizon_scored_total",
         "streamer_consumer_lag_records", "streamer_sensor_slots_capacity",
         "streamer_checkpoint_last_success_timestamp_seconds",
         "streamer_device_memory_allocated_bytes", "process_cpu_seconds_total",

@@ -21,7 +21,7 @@ from dashboard_queries import panels_without_data, query
 from prometheus_client import CollectorRegistry
 from test_prometheus_rules import alert_rules
 
-from streamer.core.batch import StepResult, UpdateStats
+from streamer.core.batch import HorizonResult, StepResult, UpdateStats
 from streamer.core.rejections import Reason
 from streamer.health import HealthServer
 from streamer.metrics import Metrics
@@ -49,6 +49,8 @@ def feed(metrics: Metrics, tick: int) -> None:
     anomaly = np.zeros(n, dtype=bool)
     anomaly[1] = True
     grad_norm = float(10 ** rng.uniform(-1, 0.5))
+    horizon = HorizonResult.empty(n, 1, 8, np.array([2, 4, 8]))
+    horizon.step_error[:] = rng.uniform(0.2, 2.0, (n, 3))
     result = dataclasses.replace(
         StepResult.empty(n, 1),
         status=status,
@@ -59,6 +61,7 @@ def feed(metrics: Metrics, tick: int) -> None:
         inside=inside,
         interval_width=rng.uniform(0.5, 4.0, n),
         anomaly=anomaly,
+        horizon=horizon,
         updates=[
             UpdateStats(
                 update_index=tick, loss=float(rng.uniform(0.05, 0.2)), grad_norm=grad_norm,
@@ -82,7 +85,7 @@ def feed(metrics: Metrics, tick: int) -> None:
 def worker_target() -> Iterator[HealthServer]:
     """A HealthServer over a Metrics registry fed by a background 'worker' every 100 ms."""
     registry = CollectorRegistry()
-    metrics = Metrics(registry, max_grad_norm=1.0, device="cpu", coverage_target=0.9)
+    metrics = Metrics(registry, max_grad_norm=1.0, device="cpu", coverage_target=0.9, horizon=8)
     stop = threading.Event()
 
     def loop() -> None:

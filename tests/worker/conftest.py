@@ -42,11 +42,14 @@ class WorkerProcess:
         except OSError:
             return 0, ""
 
-    def metric(self, name: str) -> float:
+    def metric(self, name: str, **labels: str) -> float:
+        """The first sample of ``name`` with these labels (0.0 when there is none)."""
         _, text = self.get("/metrics")
+        wanted = [f'{k}="{v}"' for k, v in labels.items()]
         for line in text.splitlines():
             if line.startswith(name + " ") or line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
+                if all(label in line for label in wanted):
+                    return float(line.rsplit(" ", 1)[1])
         return 0.0
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:

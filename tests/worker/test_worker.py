@@ -88,6 +88,28 @@ def test_forecasts_carry_an_interval_and_a_spike_becomes_an_anomaly_event(
              "the flags to be counted", worker.log)
 
 
+def test_with_a_horizon_each_forecast_lists_the_next_readings_and_errors_per_step_are_exported(
+        topic_factory, group_id, worker_factory, produce_raw, consume_raw):
+    inp, out, dlq = _topics(topic_factory, partitions=1)
+    worker = worker_factory(inp, out, dlq, group_id, STREAMER_FORECAST__HORIZON="6").start()
+    worker.wait_ready()
+    placed = produce_raw(inp, _stream(2, 60))
+    got = forecasts_by_source(consume_raw(out, len(placed), timeout_s=30))
+    assert len(got) == len(placed), worker.log()
+    for (forecast,) in got.values():
+        steps = forecast["horizon"]
+        assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6]
+        assert steps[0]["value"] == forecast["value"] and steps[0]["lower"] == forecast["lower"]
+        assert all(s["lower"] <= s["value"] <= s["upper"] for s in steps)
+    (late,) = got[placed[-1]]
+    # Readings 60 s apart: step k is expected k minutes after the reading.
+    assert [s["ts"] - late["ts"] for s in late["horizon"]] == [60.0 * k for k in range(1, 7)]
+    wait_for(lambda: worker.metric("streamer_horizon_scored_total", step="4") > 0, 5.0,
+             "step 4's errors to be counted", worker.log)
+    _, text = worker.get("/metrics")
+    assert 'step="6"' not in text  # labelled by powers of two only
+
+
 def test_last_batch_of_a_burst_is_completed_without_waiting_out_a_poll(
         topic_factory, group_id, worker_factory, produce_raw, consume_raw):
     # Delivery is pipelined: a batch is completed (acks awaited, counted, eligible for a
