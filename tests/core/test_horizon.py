@@ -111,7 +111,7 @@ def test_a_snapshot_round_trip_continues_the_horizon_exactly(small_config):
     first, rest = stream.take(np.arange(200)), stream.take(np.arange(200, len(stream)))
     straight, _ = _run(config, first)
     restored = snap.restore(snap.loads(snap.dumps(snap.snapshot(straight))), config)
-    assert restored.horizon.due.any()  # forecasts were pending at the snapshot
+    assert (restored.horizon.due > 0).any()  # forecasts were pending at the snapshot
     expected = [straight.step(c) for c in chunks(rest, 64)]
     got = [restored.step(c) for c in chunks(rest, 64)]
     for name in ("forecast", "lower", "upper", "target_ts", "step_error"):
