@@ -201,3 +201,30 @@ def test_replay_help_lists_the_learners_settings_and_no_kafka_metrics_or_checkpo
         assert flag in done.stdout, flag
     for prefix in ("--kafka-", "--metrics-", "--checkpoint-", "--log-"):
         assert prefix not in done.stdout, prefix
+
+
+def test_horizon_out_has_one_row_per_reading_and_step_and_the_report_scores_each_step(tmp_path):
+    # Ten days of 10-minute readings: a week of history, then steps scored against baselines.
+    stream = sine_fleet(3, 1440, seed=5, log10_scale=(0, 1))
+    path, out, report = tmp_path / "fleet.csv", tmp_path / "ahead.csv", tmp_path / "r.json"
+    _write_csv(path, stream)
+    done = _replay(str(path), "--horizon", "4", "--horizon-out", str(out), "--json", str(report))
+    assert done.returncode == 0, done.stderr
+    header, rows = _read_rows(out)
+    assert header == ["sensor_id", "ts", "step", "target_ts", "forecast", "lower", "upper"]
+    assert len(rows) == 4 * len(stream)
+    assert [int(r["step"]) for r in rows[:8]] == [1, 2, 3, 4, 1, 2, 3, 4]
+    late = rows[-4:]  # a sensor's last reading: its steps expected 10, 20, 30, 40 min later
+    assert [float(r["target_ts"]) - float(r["ts"]) for r in late] == [600.0, 1200.0, 1800.0,
+                                                                      2400.0]
+    assert all(float(r["lower"]) <= float(r["forecast"]) <= float(r["upper"]) for r in rows)
+    steps = json.loads(report.read_text())["steps"]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]
+    assert all(s["pairs"] > 0 and s["vs_persistence"] < 1.0 for s in steps)
+    assert "vs persist" in done.stdout
+
+
+def test_horizon_out_without_a_horizon_is_a_usage_error(fleet_csv, tmp_path):
+    path, _ = fleet_csv
+    done = _replay(str(path), "--horizon-out", str(tmp_path / "ahead.csv"))
+    assert done.returncode == 2 and "--horizon" in done.stderr
