@@ -220,10 +220,9 @@ class Metrics:
             "streamer_horizon_scored", "Forecasts scored `step` readings after they were made.",
             ["step"], registry=r,
         )
-        if horizon > 1:  # every step's series exists from the start, at 0
-            for k in horizon_metric_steps(horizon):
-                self.horizon_abs_error.labels(step=str(k))
-                self.horizon_scored.labels(step=str(k))
+        for k in horizon_metric_steps(horizon):  # every step's series exists from the start
+            self.horizon_abs_error.labels(step=str(k))
+            self.horizon_scored.labels(step=str(k))
 
         # Intervals and anomalies: coverage over any window is inside / (inside + outside).
         self.interval_readings = Counter(
@@ -330,8 +329,7 @@ class Metrics:
             self.persistence_abs_error.inc(float(np.nansum(np.abs(persistence[scored]))))
             self.scored_readings.inc(n_scored)
 
-        if result.horizon is not None:
-            self._observe_horizon(result.horizon, model)
+        self._observe_horizon(result.horizon, model)
 
         inside = np.asarray(result.inside)  # features inside, per reading; -1 unscored
         tested = inside >= 0
@@ -354,13 +352,14 @@ class Metrics:
         for stats in result.updates:
             self.observe_update(stats)
 
-    def _observe_horizon(self, horizon: HorizonResult, step_one: np.ndarray) -> None:
-        """Per-step error sums; step 1 is the forecast's own error (capped like it)."""
-        labelled = set(horizon_metric_steps(horizon.forecast.shape[1]))
-        columns = [(1, step_one)] + [
-            (int(k), horizon.step_error[:, p]) for p, k in enumerate(horizon.steps.tolist())
-            if k in labelled
-        ]
+    def _observe_horizon(self, horizon: HorizonResult | None, step_one: np.ndarray) -> None:
+        """Per-step error sums; step 1 is the forecast's own error (with no horizon, the only
+        step)."""
+        columns = [(1, step_one)]
+        if horizon is not None:
+            labelled = set(horizon_metric_steps(horizon.forecast.shape[1]))
+            columns += [(int(k), horizon.step_error[:, p])
+                        for p, k in enumerate(horizon.steps.tolist()) if k in labelled]
         for k, errors in columns:
             errors = errors[np.isfinite(errors)]
             if len(errors):

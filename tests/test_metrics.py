@@ -120,6 +120,16 @@ def test_horizon_errors_are_summed_per_power_of_two_step_only(
     assert value(registry, scored, step="12") is None  # not a power of two: no label
 
 
+def test_without_a_horizon_step_one_is_the_only_horizon_series(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    metrics.observe_step(step_result(status=[0, 0], model_error=[0.5, 1.0],
+                                     persistence_error=[1.0, 1.0]))
+    error, scored = "streamer_horizon_abs_error_total", "streamer_horizon_scored_total"
+    assert value(registry, error, step="1") == 1.5 and value(registry, scored, step="1") == 2
+    assert value(registry, scored, step="2") is None
+
+
 def test_interval_readings_count_inside_and_outside_but_not_unscored(
     registry: CollectorRegistry, metrics: Metrics
 ) -> None:
@@ -397,8 +407,14 @@ def test_no_metric_is_labelled_by_sensor(registry: CollectorRegistry, metrics: M
     labels = {label for s in samples for label in s.labels}
     assert not {label for label in labels if "sensor" in label.lower()}
     assert labels <= {"reason", "topic", "partition", "device", "kind", "version", "python",
-                      "torch", "le", "position"}
+                      "torch", "le", "position", "step"}
     assert "sensor-7" not in {v for s in samples for v in s.labels.values()}
+    # Steps ahead are a bounded set, even at the largest horizon: 1, 2, 4, ..., 256.
+    widest = Metrics(CollectorRegistry(), max_grad_norm=1.0, device="cpu", coverage_target=0.9,
+                     horizon=256)
+    steps = {s.labels["step"] for family in widest.registry.collect() for s in family.samples
+             if "step" in s.labels}
+    assert steps == {str(2**p) for p in range(9)}
 
 
 def test_every_streamer_metric_uses_prometheus_naming(
