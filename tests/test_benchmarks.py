@@ -46,6 +46,14 @@ def test_intervals_benchmark_quick_run_compares_streamer_with_both_baselines() -
     assert "readings/s without intervals" in out
 
 
+def test_horizon_benchmark_quick_run_scores_every_step_the_rollout_and_the_cost() -> None:
+    out = _run("-m", "tests.bench_horizon", "--quick", timeout_s=240)
+    row = _row(out, "sample")  # the summary: fleet, H, below, mean vs best, coverage
+    assert row[1] == "12" and 0.3 < _number(row[3]) < 1.5 and 0.5 < _number(row[4]) <= 1.0
+    assert len(_row(out, "sample")) == 5
+    assert "feedback rollout's MAE" in out and "readings/s at H = 1" in out
+
+
 @pytest.mark.broker
 def test_e2e_benchmark_quick_run_drains_the_backlog_through_streamer_and_ceiling(broker) -> None:
     # ``broker`` only proves the local broker is installed; the script starts its own.
