@@ -30,6 +30,7 @@ class StepScore:
     # a sensor with gaps): shown for reference.
     vs_seasonal_actual_time: float
     coverage: float  # share of readings (per feature) inside the step's interval
+    nonfinite: int = 0  # forecasts that were not finite numbers (left out above; a defect)
 
     @property
     def vs_better(self) -> float:
@@ -45,11 +46,15 @@ def score_steps(sensor_ids: Sequence[str], ts: np.ndarray, values: np.ndarray,
     reading, so both seasonal naives exist; a seasonal naive only uses readings known when
     the forecast was made."""
     n_cols = 8
-    ids = np.asarray(sensor_ids, dtype=object)
+    accepted = np.flatnonzero(status == 0)
+    _, sensor_of = np.unique(np.asarray(sensor_ids, dtype=object)[accepted], return_inverse=True)
+    order = np.argsort(sensor_of, kind="stable")  # each sensor's readings, in arrival order
+    bounds = np.flatnonzero(np.diff(sensor_of[order])) + 1
     h = horizon.forecast.shape[1]
     sums = {k: [] for k in range(1, h + 1)}  # per step: per sensor (n, errors x 4, inside)
-    for sensor in dict.fromkeys(ids[status == 0].tolist()):
-        rows = np.flatnonzero((ids == sensor) & (status == 0))
+    nonfinite = np.zeros(h + 1, dtype=np.int64)
+    for part in np.split(order, bounds):
+        rows = accepted[part]
         t, y = ts[rows], values[rows]
         for k in range(1, h + 1):
             origin = np.arange(len(rows) - k)
@@ -58,6 +63,7 @@ def score_steps(sensor_ids: Sequence[str], ts: np.ndarray, values: np.ndarray,
             origin, target = origin[keep], target[keep]
             f = horizon.forecast[rows[origin], k - 1]
             ok = np.isfinite(f).all(axis=1)
+            nonfinite[k] += int((~ok).sum())
             origin, target, f = origin[ok], target[ok], f[ok]
             if not len(origin):
                 continue
@@ -83,6 +89,7 @@ def score_steps(sensor_ids: Sequence[str], ts: np.ndarray, values: np.ndarray,
             vs_seasonal=_rel(model, np.minimum(day, week)),
             vs_seasonal_actual_time=_rel(model, np.minimum(day_actual, week_actual)),
             coverage=float(inside.sum() / n.sum()) if n.sum() else float("nan"),
+            nonfinite=int(nonfinite[k]),
         ))
     return scores
 
@@ -106,5 +113,8 @@ def format_steps(scores: list[StepScore]) -> str:
         lines.append(f"{s.step:>4} {s.pairs:>9,} {s.vs_persistence:>10.3f} {s.vs_day:>7.3f} "
                      f"{s.vs_week:>7.3f} {s.vs_seasonal:>11.3f} {s.vs_seasonal_actual_time:>13.3f} "
                      f"{s.coverage:>8.3f}")
+    bad = sum(s.nonfinite for s in scores)
+    if bad:
+        lines.append(f"{bad:,} forecasts were not finite numbers (left out above)")
     return "\n".join(lines)
 

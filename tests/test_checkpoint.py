@@ -112,7 +112,7 @@ def test_a_checkpoint_from_before_horizons_resumes_with_a_horizon_from_scratch(t
     learner = _learner(4)
     old = snap.snapshot(learner)
     del old["horizon"]
-    for name in ("recent", "anchor", "log_step"):
+    for name in ("recent", "timing"):
         del old["memory"][name]
     old["format"] = "streamer.learner/5"
     CheckpointStore(tmp_path, "w1", CFG.fingerprint()).save(old, {TP: 5}, {TP: []})

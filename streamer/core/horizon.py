@@ -43,6 +43,7 @@ import numpy as np
 
 from streamer.core.compiled import kernel
 from streamer.core.config import MAX_HORIZON
+from streamer.core.intervals import MAX_BOUND
 from streamer.core.memory import Recalled
 
 HORIZON_EXPERTS = ("step one", "persistence", "seasonal day", "seasonal week",
@@ -109,8 +110,10 @@ def horizon_experts(values: np.ndarray, step_one: np.ndarray, scale: np.ndarray,
         x = np.concatenate([nxt[..., None], x[..., :-1]], axis=-1)
     naive = recalled.naive_ahead.transpose(0, 3, 2, 1)  # (M, F, H, 2) day, week
     naive = np.where(np.isnan(naive), held[..., None], naive)
-    return np.stack([held, here, level[..., 0], level[..., 1], change[..., 0], change[..., 1],
-                     linear, naive[..., 0], naive[..., 1]], axis=-1)
+    experts = np.stack([held, here, level[..., 0], level[..., 1], change[..., 0],
+                        change[..., 1], linear, naive[..., 0], naive[..., 1]], axis=-1)
+    # An expert that overflowed (a sensor near 1e300) forecasts the held step 1 instead.
+    return np.where(np.isfinite(experts), experts, held[..., None])
 
 
 class HorizonState:
@@ -137,7 +140,7 @@ class HorizonState:
             "q_hi": np.zeros((capacity, f, p), np.float32),
             # Experts, aggregate, lower and upper bound of the forecast awaiting its reading.
             "pending": np.zeros((capacity, f, p, k + 3), np.float64),
-            "pending_scale": np.ones((capacity, f, p), np.float32),
+            "pending_scale": np.ones((capacity, f, p), np.float64),
             # > 0: the number of the reading the pending forecast is for; <= 0: none pending,
             # the next one is made at reading number -due or later.
             "due": np.zeros((capacity, p), np.int64),
@@ -161,24 +164,42 @@ class HorizonState:
     def arrays(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name) for name in self._ALL}
 
-    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        """Load saved arrays; kept fresh if they were saved with another horizon."""
-        if any(arrays[name].shape[1:] != getattr(self, name).shape[1:] for name in self._ALL):
-            capacity = len(arrays["due"])
-            self.due = np.zeros((0, len(self.steps)), dtype=np.int64)
-            self.grow(capacity)
-            return
-        for name in self._ALL:
-            setattr(self, name, np.array(arrays[name], dtype=getattr(self, name).dtype))
+    def load_arrays(self, arrays: dict[str, np.ndarray], steps: np.ndarray) -> None:
+        """Load arrays saved with scored ``steps`` (see ``adopt``)."""
+        capacity = len(arrays["due"])
+        self.due = np.zeros((0, len(self.steps)), dtype=np.int64)
+        self.grow(capacity)
+        self.adopt(np.arange(capacity), arrays, steps)
+
+    def adopt(self, slots: np.ndarray, arrays: dict[str, np.ndarray], steps: np.ndarray) -> None:
+        """Set ``slots`` (fresh ones) from rows saved with scored ``steps``: the state of each
+        step scored on both sides moves over; a step only scored here starts fresh (a horizon
+        changed between a snapshot and a restart, or between two workers)."""
+        steps = np.asarray(steps, dtype=np.int64).reshape(-1)
+        for p, k in enumerate(self.steps.tolist()):
+            found = np.flatnonzero(steps == k)
+            if not len(found):
+                continue
+            q = int(found[0])
+            for name in self._ALL:
+                mine, saved = getattr(self, name), np.asarray(arrays[name])
+                axis = 1 if mine.ndim == 2 else 2  # the step axis: (C, P) or (C, F, P, ...)
+                if saved.shape[:axis] != (len(slots), *mine.shape[1:axis]):
+                    raise ValueError(f"horizon array {name!r} has shape {saved.shape}")
+                index = (slice(None),) * axis
+                mine[(slots, *index[1:], p)] = saved[(*index, q)]
 
     def forecast(self, slots: np.ndarray, number: np.ndarray, values: np.ndarray,
-                 warm: np.ndarray, scale: np.ndarray, experts: np.ndarray, step_one: np.ndarray,
+                 warm: np.ndarray, outlier: np.ndarray, scale: np.ndarray, experts: np.ndarray,
+                 step_one: np.ndarray,
                  lower: np.ndarray, upper: np.ndarray, eta: float, alpha: float,
                  clip: float) -> HorizonForecast:
         """Score the forecasts due at each reading, learn, and forecast its next H readings.
 
         Arrival order. ``number`` (M,) is each reading's number in its slot (1 for the first),
-        ``warm`` (M,) whether the sensor is past warm-up after it, ``scale`` (M, F) the change
+        ``warm`` (M,) whether the sensor is past warm-up after it, ``outlier`` (M,) whether it
+        is a spike (a sentinel: its pending forecasts are dropped, not learned from), ``scale``
+        (M, F) the change
         scale now, ``experts`` (M, F, H, K) from ``horizon_experts``, ``step_one`` (M, F) the
         step-1 forecast and ``lower`` / ``upper`` (M, F) its interval; ``eta`` and ``alpha``
         the Hedge rate and running-error weight of step 1's experts, ``clip`` the cap on one
@@ -189,12 +210,19 @@ class HorizonState:
         out = HorizonForecast(np.empty((m, h, f)), np.empty((m, h, f)), np.empty((m, h, f)),
                               np.full((m, len(self.steps)), np.nan))
         _advance(np.asarray(slots, dtype=np.int64), np.asarray(number, dtype=np.int64), values,
-                 np.asarray(warm, dtype=np.bool_), scale, experts, step_one, lower, upper,
+                 np.asarray(warm, dtype=np.bool_), np.asarray(outlier, dtype=np.bool_), scale,
+                 experts, step_one, lower, upper,
                  self.steps.astype(np.int64), float(eta), float(alpha), float(clip),
                  0.5 * self.alpha, self.err, self.count, self.mae, self.q_lo, self.q_hi,
                  self.pending, self.pending_scale, self.due,
                  out.forecast, out.lower, out.upper, out.step_error)
         return out
+
+
+@kernel
+def _capped(error, clip):  # pragma: no cover - compiled
+    """An error capped at ``clip``; a non-finite one (overflow) counts as ``clip``."""
+    return min(error, clip) if math.isfinite(error) else clip
 
 
 @kernel
@@ -208,8 +236,8 @@ def _dither(n, k):  # pragma: no cover - compiled
 
 
 @kernel
-def _advance(slots, number, values, warm, scale, experts, step_one, lower1, upper1, steps, eta,
-             alpha,
+def _advance(slots, number, values, warm, outlier, scale, experts, step_one, lower1, upper1,
+             steps, eta, alpha,
              clip, half, err, count, mae, q_lo, q_hi, pending, pending_scale, due,
              forecast, lower, upper, step_error):  # pragma: no cover - compiled
     """The per-reading recurrence of ``HorizonState.forecast`` (state updated in place)."""
@@ -228,6 +256,8 @@ def _advance(slots, number, values, warm, scale, experts, step_one, lower1, uppe
             # dither (0..k-1) scores fewer forecasts: parking's step 12 went 0.94 -> 1.02
             # against week-ago naive.
             due[s, p] = -(number[i] + _dither(number[i], DITHER))
+            if outlier[i]:  # a sentinel teaches nothing about k-step errors
+                continue
             root = math.sqrt(steps[p])
             count[s, p] += 1.0
             a = max(min(alpha * root, MAX_ALPHA), 1.0 / count[s, p])
@@ -236,11 +266,11 @@ def _advance(slots, number, values, warm, scale, experts, step_one, lower1, uppe
             for j in range(f):
                 v, unit = values[i, j], pending_scale[s, j, p] * root
                 for e in range(k_all):
-                    e_err = min(abs(v - pending[s, j, p, e]) / unit, clip)
+                    e_err = _capped(abs(v - pending[s, j, p, e]) / unit, clip)
                     err[s, j, p, e] += a * (e_err - err[s, j, p, e])
-                miss = abs(v - pending[s, j, p, k_all]) / unit
-                total += min(miss, clip) * root
-                mae[s, j, p] += a * (min(miss, clip) - mae[s, j, p])
+                miss = _capped(abs(v - pending[s, j, p, k_all]) / unit, clip)
+                total += miss * root
+                mae[s, j, p] += a * (miss - mae[s, j, p])
                 w = max(q_hi[s, j, p] - q_lo[s, j, p], MIN_WIDTH)
                 below, above = v < pending[s, j, p, k_all + 1], v > pending[s, j, p, k_all + 2]
                 q_hi[s, j, p] += lr * w * (above - half)
@@ -283,8 +313,8 @@ def _advance(slots, number, values, warm, scale, experts, step_one, lower1, uppe
                 low = (1.0 - mix) * q_lo[s, j, p] + mix * q_lo[s, j, q]
                 high = (1.0 - mix) * q_hi[s, j, p] + mix * q_hi[s, j, q]
                 forecast[i, step, j] = value
-                lower[i, step, j] = value + min(low, 0.0) * unit
-                upper[i, step, j] = value + max(high, 0.0) * unit
+                lower[i, step, j] = max(value + min(low, 0.0) * unit, -MAX_BOUND)
+                upper[i, step, j] = min(value + max(high, 0.0) * unit, MAX_BOUND)
         # 3. Keep the forecasts of steps 2, 4, ... until their readings come (one each).
         if not warm[i]:
             continue

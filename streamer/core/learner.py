@@ -11,7 +11,7 @@ from streamer.core.config import MAX_WINDOWS_PER_UPDATE, LearnerConfig
 from streamer.core.device import resolve_device
 from streamer.core.experts import N_EXPERTS, PERSISTENCE, expert_forecasts, weigh_experts
 from streamer.core.grouping import Groups, group_by_slot
-from streamer.core.horizon import HorizonState, horizon_experts
+from streamer.core.horizon import N_HORIZON_EXPERTS, HorizonState, horizon_experts
 from streamer.core.intervals import Calibrated, Calibration
 from streamer.core.memory import Recalled, SensorMemory
 from streamer.core.model import Forecaster
@@ -80,6 +80,10 @@ class Learner:
         self._timestamps_increase(none, ts)
         self.calibration.calibrate(none, ts, ts, values, values, values, values, none, none,
                                    values, values, values)
+        if self.config.horizon > 1:
+            h, k = self.config.horizon, N_HORIZON_EXPERTS
+            self.horizon.forecast(none, none, values, none, none, values,
+                                  np.zeros((0, f, h, k)), values, values, values, 1.0, 0.1, 1.0)
 
     @property
     def updates(self) -> int:
@@ -251,7 +255,8 @@ class Learner:
         experts = expert_forecasts(values, raw, mem, enc.scale, cap)  # (M, F, K)
         experts = np.where(enc.warm[:, None, None], experts, values[..., None])  # warm-up
         n_scored = self._n_scored(slots, g)
-        forecast, spread, naive_mae = self._aggregate(slots, g, values, experts, enc, n_scored)
+        forecast, spread, naive_mae, base = self._aggregate(slots, g, values, experts, enc,
+                                                            n_scored)
         # Finite by construction (bounded inputs and statistics); should the weights ever go
         # non-finite, every valid reading still gets a number: persistence.
         forecast = np.where(np.isfinite(forecast), forecast, values)
@@ -279,25 +284,28 @@ class Learner:
         result.expected_lower[rows] = cal.expected_lower
         result.expected_upper[rows] = cal.expected_upper
         if result.horizon is not None:
-            self._look_ahead(slots, g, values, enc, mem, forecast, cal, result.horizon, rows)
+            self._look_ahead(slots, g, values, base, enc, mem, forecast, cal, result.horizon,
+                             rows)
         last = np.flatnonzero(pos == g.counts[g.member] - 1)
         self.stats.last_forecast[slots[last]] = forecast[last]
         self.stats.last_experts[slots[last]] = experts[last]
         self.stats.last_outlier[slots[last]] = enc.outlier[last]
         self.stats.before_last_value[slots[last]] = enc.prev_value[last]
 
-    def _look_ahead(self, slots: np.ndarray, g: Groups, values: np.ndarray,
+    def _look_ahead(self, slots: np.ndarray, g: Groups, values: np.ndarray, base: np.ndarray,
                     enc: Encoded, mem: Recalled, forecast: np.ndarray, cal: Calibrated,
                     out: HorizonResult, rows: np.ndarray) -> None:
         """Forecast the next H readings at each reading (horizon.py): reads the live state,
-        changes none of it."""
+        changes none of it. ``base`` is the reading the steps start from: the value before a
+        spike that step 1 expects to revert (experts.py), else the reading itself."""
         cfg = self.config
-        experts = horizon_experts(values, forecast, enc.scale, mem, cfg.clip_z)
+        experts = horizon_experts(base, forecast, enc.scale, mem, cfg.clip_z)
         experts = np.where(enc.warm[:, None, None, None], experts, values[..., None, None])
         number = self.stats.count[slots] - g.counts[g.member] + g.pos + 1
-        ahead = self.horizon.forecast(slots, number, values, enc.warm, enc.scale, experts,
-                                      forecast, cal.lower, cal.upper, cfg.expert_eta,
-                                      max(cfg.guard_alpha, MIN_HORIZON_ALPHA), cfg.clip_z)
+        ahead = self.horizon.forecast(slots, number, values, enc.warm, enc.outlier.any(axis=1),
+                                      enc.scale, experts, forecast, cal.lower, cal.upper,
+                                      cfg.expert_eta, max(cfg.guard_alpha, MIN_HORIZON_ALPHA),
+                                      cfg.clip_z)
         out.forecast[rows], out.lower[rows], out.upper[rows] = (
             ahead.forecast, ahead.lower, ahead.upper)
         out.target_ts[rows] = mem.ahead_ts
@@ -368,13 +376,15 @@ class Learner:
 
     def _aggregate(self, slots: np.ndarray, g: Groups, values: np.ndarray,
                    experts: np.ndarray, enc: Encoded,
-                   n_scored: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   n_scored: np.ndarray,
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(M, F) forecasts: the experts weighed by how each did on this sensor, or a spike
         reverted (experts.py); (M, F) the experts' weighted spread around the weighted
         forecast, and (M, F) persistence's running mean absolute error, both in change scales
-        (with the guard off, which keeps no running errors: 0 and 1, the change scale's RMS)."""
+        (with the guard off, which keeps no running errors: 0 and 1, the change scale's RMS);
+        (M, F) each reading, or the value before it where a spike is expected to revert."""
         if self.config.guard_alpha == 0.0:  # the LSTM's own forecast
-            return experts[..., 0], np.zeros(values.shape), np.ones(values.shape)
+            return experts[..., 0], np.zeros(values.shape), np.ones(values.shape), values
         stats = self.stats
         prev_experts = _previous(slots, g, experts, stats.last_experts)  # (M, F, K)
         # Capped like the quality metrics: one wild miss counts, but cannot decide alone.
@@ -394,8 +404,10 @@ class Learner:
         # widen with it (intervals.py).
         apart = np.clip((experts - combined[..., None]) / enc.scale[..., None], -cap, cap)
         spread = np.nan_to_num(np.sqrt((weights * apart**2).sum(axis=-1)), nan=0.0, posinf=cap)
-        forecast = np.where(enc.outlier & revert, enc.prev_value, combined)
-        return forecast, spread, running[..., PERSISTENCE]
+        reverted = enc.outlier & revert
+        forecast = np.where(reverted, enc.prev_value, combined)
+        return forecast, spread, running[..., PERSISTENCE], np.where(reverted, enc.prev_value,
+                                                                     values)
 
     # -- training -------------------------------------------------------------------------
     def _train(self, min_ready: int | None = None) -> UpdateStats | None:

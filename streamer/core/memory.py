@@ -41,8 +41,10 @@ Z_LIMIT = 6.0
 # Weight of the newest reading in a profile's level. By measurement over the shared fleets
 # (docs/benchmarks/quality.md): 0.05 vs 0.1 parking 0.687 / 0.692, daily 0.842 / 0.846.
 LEVEL_ALPHA = 0.05
-# Step of the tracked median of a sensor's log gaps (a horizon's step between readings ahead).
-STEP_RATE = 0.02
+# Step of the tracked median of a sensor's log gaps (a horizon's step between readings ahead):
+# STEP_START / n after n gaps, at least STEP_RATE (a car park first read at 16:30, whose first
+# gap is the night, is stepped right within a day, not in twelve).
+STEP_RATE, STEP_START = 0.02, 2.0
 
 
 def buckets(ts: np.ndarray) -> np.ndarray:
@@ -74,11 +76,13 @@ class SensorMemory:
     """Seasonal profiles and AR state per slot (host memory).
 
     With a horizon (``recent=True``) each slot also keeps its last reading in each bucket of
-    the day and of the week, as float32 offsets from its first reading (``anchor``): "the
-    value one day / one week before" the time of any step ahead (1,064 bytes per feature).
+    the day and of the week: "the value one day / one week before" the time of any step ahead
+    (2,112 bytes per feature), and its timing: the median of its log gaps between readings
+    (tracked, so a night's gap in a car park's day does not stretch the step between the
+    readings ahead), how many gaps it has seen, and when it was first read (24 bytes).
     """
 
-    _ARRAYS = ("profile", "level", "ar_x", "ar_w", "recent", "anchor", "log_step")
+    _ARRAYS = ("profile", "level", "ar_x", "ar_w", "recent", "timing")
 
     def __init__(self, capacity: int, n_features: int, seasonal_alpha: float,
                  recent: bool = False):
@@ -95,12 +99,10 @@ class SensorMemory:
             "level": np.full((capacity, 2, f), nan, np.float64),  # day and week profile levels
             "ar_x": np.zeros((capacity, f, AR_ORDER), np.float32),  # newest change first
             "ar_w": np.zeros((capacity, f, AR_ORDER), np.float32),
-            # The last reading in each bucket minus the anchor; NaN: never filled.
-            "recent": np.full((capacity, f, self.n_recent), nan, np.float32),
-            "anchor": np.full((capacity, f if self.n_recent else 0), nan, np.float64),
-            # The median of its log gaps between readings (NaN: none yet): a night's gap in a
-            # car park's day does not stretch the step between the readings ahead.
-            "log_step": np.full((capacity, 1 if self.n_recent else 0), nan, np.float64),
+            # The last reading in each bucket (NaN: never filled).
+            "recent": np.full((capacity, f, self.n_recent), nan, np.float64),
+            # Median log gap (NaN: none yet), gaps seen, first reading's time (NaN: none).
+            "timing": np.full((capacity, 3 if self.n_recent else 0), nan, np.float64),
         }
 
     def grow(self, capacity: int) -> None:
@@ -125,7 +127,7 @@ class SensorMemory:
         for name in self._ARRAYS:
             mine = getattr(self, name)
             saved = arrays.get(name)
-            if name in ("recent", "anchor", "log_step") and (
+            if name in ("recent", "timing") and (
                     saved is None or saved.shape[1:] != mine.shape[1:]):
                 saved = np.full((len(arrays["profile"]), *mine.shape[1:]), np.nan)
             setattr(self, name, np.array(saved, dtype=mine.dtype))
@@ -159,7 +161,7 @@ class SensorMemory:
             buckets(ts + next_gap), values,
             spread, changes, has_change, outlier, np.float32(self.seasonal_alpha),
             self.profile, self.level, self.ar_x, self.ar_w,
-            self.recent, self.anchor, self.log_step,
+            self.recent, self.timing,
             out.seasonal, out.seasonal_now, out.ar_change, out.ahead_ts, out.seasonal_ahead,
             out.naive_ahead, out.ar_w, out.ar_x,
         )
@@ -175,40 +177,43 @@ def _bucket_pair(t):  # pragma: no cover - compiled
 
 
 @kernel
-def _expected_times(profile, s, t, gap, out):  # pragma: no cover - compiled
+def _reported_near(profile, s, t, reach):  # pragma: no cover - compiled
+    """Whether slot ``s`` has ever reported within ``reach`` seconds of ``t``'s time of day
+    (its day profile has a bucket filled there)."""
+    first, _week = _bucket_pair(t - reach)
+    last, _week = _bucket_pair(t + reach)
+    for n in range(min((last - first) % DAY_BUCKETS + 1, DAY_BUCKETS)):
+        if not np.isnan(profile[s, 0, (first + n) % DAY_BUCKETS]):
+            return True
+    return False
+
+
+@kernel
+def _expected_times(profile, s, t, gap, skip, out):  # pragma: no cover - compiled
     """When slot ``s``'s next ``len(out)`` readings are expected after one at ``t``: one typical
-    ``gap`` apart, skipping the hours of the day in which the sensor has never reported (its
-    day profile is empty there: a car park that closes at night is next read in the morning).
-    NaN while the gap is unknown."""
-    per_hour = DAY_BUCKETS // 24
+    ``gap`` apart, and with ``skip`` past the times of day at which the sensor has never
+    reported (nothing within a quarter of a gap in its day profile: a car park closed at night
+    is next read in the morning, at the first quarter of an hour it has ever reported in). NaN
+    while the gap is unknown."""
+    width = DAY / DAY_BUCKETS
     for k in range(len(out)):
         if gap <= 0.0:
             out[k] = np.nan
             continue
         t += gap
-        skipped = False
-        for _ in range(24):  # at most a day of empty hours
+        if skip and not _reported_near(profile, s, t, 0.25 * gap):
             day, _week = _bucket_pair(t)
-            first = day - day % per_hour
-            seen = False
-            for b in range(first, first + per_hour):
-                seen = seen or not np.isnan(profile[s, 0, b])
-            if seen:
-                break
-            t = (math.floor(t / 3600.0) + 1.0) * 3600.0  # the next hour's start
-            skipped = True
-        if skipped:  # from the hour's start to the first quarter it has reported in
-            day, _week = _bucket_pair(t)
-            for b in range(day, day + per_hour - day % per_hour):
-                if not np.isnan(profile[s, 0, b]):
+            start = math.floor(t / width) * width
+            for n in range(1, DAY_BUCKETS + 1):
+                if not np.isnan(profile[s, 0, (day + n) % DAY_BUCKETS]):
+                    t = start + n * width
                     break
-                t += DAY / DAY_BUCKETS
         out[k] = t
 
 
 @kernel
 def _advance(slots, ts, since, here, nxt, values, spread, changes, has_change, outlier, alpha,
-             profile, level, ar_x, ar_w, recent, anchor, log_step, seasonal, seasonal_now,
+             profile, level, ar_x, ar_w, recent, timing, seasonal, seasonal_now,
              ar_change, ahead_ts, seasonal_ahead, naive_ahead, ar_w_out,
              ar_x_out):  # pragma: no cover
     """The per-reading recurrence of ``SensorMemory.advance`` (state updated in place)."""
@@ -257,20 +262,28 @@ def _advance(slots, ts, since, here, nxt, values, spread, changes, has_change, o
                 ar_w_out[i, j, q], ar_x_out[i, j, q] = ar_w[s, j, q], ar_x[s, j, q]
         if h == 0:
             continue
-        for j in range(f):
-            if np.isnan(anchor[s, j]):
-                anchor[s, j] = values[i, j]
-            if not outlier[i, j]:  # a sentinel is nobody's "value a day before"
-                for k in range(2):
-                    recent[s, j, here[i, k]] = values[i, j] - anchor[s, j]
+        if np.isnan(timing[s, 2]):
+            timing[s, 1], timing[s, 2] = 0.0, ts[i]
         if since[i] > 0.0:
             lg = math.log(since[i])
-            if np.isnan(log_step[s, 0]):
-                log_step[s, 0] = lg
-            elif lg != log_step[s, 0]:  # the median, tracked (Robbins-Monro on the sign)
-                log_step[s, 0] += STEP_RATE if lg > log_step[s, 0] else -STEP_RATE
-        gap = 0.0 if np.isnan(log_step[s, 0]) else math.exp(log_step[s, 0])
-        _expected_times(profile, s, ts[i], gap, ahead_ts[i])
+            timing[s, 1] += 1.0
+            if np.isnan(timing[s, 0]):
+                timing[s, 0] = lg
+            else:  # the median, tracked (Robbins-Monro on the sign), never overshooting: a
+                # sensor read every day to the second is stepped by exactly a day
+                rate = max(STEP_RATE, STEP_START / timing[s, 1])
+                if abs(lg - timing[s, 0]) <= rate:
+                    timing[s, 0] = lg
+                else:
+                    timing[s, 0] += rate if lg > timing[s, 0] else -rate
+        # Before the look-ups: the reading itself is "a week before" step 7 of a daily sensor.
+        for j in range(f):
+            if not outlier[i, j]:  # a sentinel is nobody's "value a day before"
+                for k in range(2):
+                    recent[s, j, here[i, k]] = values[i, j]
+        gap = 0.0 if np.isnan(timing[s, 0]) else math.exp(timing[s, 0])
+        # Which hours a sensor never reports in is known after a day of it, not before.
+        _expected_times(profile, s, ts[i], gap, ts[i] - timing[s, 2] >= DAY, ahead_ts[i])
         for step in range(h):
             t = ahead_ts[i, step]
             if np.isnan(t):
@@ -280,5 +293,4 @@ def _advance(slots, ts, since, here, nxt, values, spread, changes, has_change, o
                 for k in range(2):
                     seasonal_ahead[i, k, step, j] = level[s, k, j] + spread[i, j] * np.float64(
                         profile[s, j, buckets_at[k]])
-                    naive_ahead[i, k, step, j] = anchor[s, j] + np.float64(
-                        recent[s, j, buckets_at[k]])
+                    naive_ahead[i, k, step, j] = recent[s, j, buckets_at[k]]

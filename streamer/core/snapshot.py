@@ -45,6 +45,7 @@ def snapshot(learner: Learner) -> dict:
         "calibration": {k: torch.from_numpy(v.copy())
                         for k, v in learner.calibration.arrays().items()},
         "horizon": {k: torch.from_numpy(v.copy()) for k, v in learner.horizon.arrays().items()},
+        "horizon_steps": torch.from_numpy(learner.horizon.steps.copy()),
         "slot_tensors": cpu,
         "seen": torch.from_numpy(learner.state.seen.copy()),
         "queue": {k: v.detach().cpu().clone() for k, v in learner.state.queue.tensors().items()},
@@ -67,7 +68,8 @@ def restore(state: dict, config: LearnerConfig) -> Learner:
     learner.stats.load_arrays({k: v.numpy() for k, v in state["stats"].items()})
     learner.memory.load_arrays({k: v.numpy() for k, v in state["memory"].items()})
     learner.calibration.load_arrays({k: v.numpy() for k, v in state["calibration"].items()})
-    learner.horizon.load_arrays({k: v.numpy() for k, v in state["horizon"].items()})
+    learner.horizon.load_arrays({k: v.numpy() for k, v in state["horizon"].items()},
+                                state["horizon_steps"].numpy())
     learner.state.load_tensors(state["slot_tensors"], state["seen"].numpy(), state["queue"])
     counters = state["counters"]
     learner.accepted_total = int(counters["accepted_total"])
@@ -94,6 +96,7 @@ def upgrade(state: dict) -> dict:
         upgraded["calibration"] = _tensors(fresh.arrays())
     horizon = HorizonState(capacity, n_features, 1, float(config["coverage"]))
     upgraded["horizon"] = _tensors(horizon.arrays())
+    upgraded["horizon_steps"] = torch.from_numpy(horizon.steps.copy())
     return upgraded
 
 
@@ -161,9 +164,14 @@ def import_sensors(learner: Learner, exported: dict) -> int:
         learner.table.release(slots[placed])
         raise ValueError(f"sensor table full: cannot import {len(missing)} sensors")
     for part in PER_SENSOR_PARTS:
+        if part == "horizon":  # step by step: the sender's horizon may differ
+            learner.horizon.adopt(slots, {k: v.numpy() for k, v in exported[part].items()},
+                                  exported["horizon_steps"].numpy())
+            continue
         for name, rows in exported[part].items():
             target = getattr(getattr(learner, part), name)
-            # A part shaped by the horizon setting stays fresh when the sender's differs.
+            # The memory's last readings per bucket exist only with a horizon: they stay
+            # fresh when the sender had none, or this learner has none.
             if target.shape[1:] == rows.shape[1:]:
                 target[slots] = rows.numpy()
     index = torch.as_tensor(slots, device=learner.device)
@@ -203,4 +211,5 @@ def sensors_of(state: dict, sensor_ids: list[str]) -> dict:
            for part in PER_SENSOR_PARTS},
         "slot_tensors": tensors,
         "seen": state["seen"].index_select(0, slots),
+        "horizon_steps": state["horizon_steps"],
     }
