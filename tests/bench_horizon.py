@@ -31,24 +31,20 @@ Cost: replay readings per CPU second with the horizon against a horizon of 1, be
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from streamer.cli import sample_dataset
 from streamer.core import Batch, Learner, LearnerConfig
 from streamer.horizon_eval import format_steps, score_steps
-from streamer.readings_csv import iter_chunks, read_csv
+from streamer.readings_csv import iter_chunks
 from streamer.replay import backtest
+from tests.bench_fleets import fleet_arguments, read_fleet
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets"
-FLEETS = ("appliances", "parking", "hourly", "daily")
 MIN_COST_SECONDS = 5.0
 ROLLOUT_POINTS = 12  # replay positions at which every sensor's horizon is rolled out
 
@@ -110,19 +106,11 @@ def rollout_comparison(batch: Batch, config: LearnerConfig) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=SHARED.resolve())
-    parser.add_argument("--fleets", default=",".join(FLEETS))
-    parser.add_argument("--runs", type=int, default=3, help="cost runs per variant")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: the bundled sample fleet, one cost run each")
-    args = parser.parse_args()
-    if args.quick:
-        args.fleets, args.runs = "sample", 1
+    args = fleet_arguments(__doc__)
     torch.set_num_threads(1)
     summary, costs, rollouts = [], [], []
     for name in args.fleets.split(","):
-        batch = read_csv(sample_dataset() if name == "sample" else args.data / f"{name}.csv.gz")
+        batch = read_fleet(name, args.data)
         config = LearnerConfig(device="cpu", horizon=horizon_of(name))
         outputs, _ = backtest(batch, config)
         steps = score_steps(batch.sensor_ids, batch.ts, batch.values, outputs.status,

@@ -31,7 +31,6 @@ fleet: each variant replays for at least 5 CPU seconds in all).
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import importlib.util
 import math
@@ -41,13 +40,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streamer.cli import sample_dataset
 from streamer.core import Batch, Learner, LearnerConfig
 from streamer.core.intervals import Calibrated, Calibration
-from streamer.readings_csv import iter_chunks, read_csv
+from streamer.readings_csv import iter_chunks
+from tests.bench_fleets import fleet_arguments, read_fleet
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets"
-FLEETS = ("appliances", "parking", "hourly", "daily")
 WARMUP = 200
 AEON_SERIES = ("KDD-TSAD_135/135_UCR_Anomaly_InternalBleeding16_TEST.csv",
                "UnitTest/ecg-diff-count-3_TEST.csv")
@@ -199,15 +196,7 @@ def windows(labels: np.ndarray) -> list[tuple[int, int]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=SHARED.resolve())
-    parser.add_argument("--fleets", default=",".join(FLEETS))
-    parser.add_argument("--runs", type=int, default=3, help="cost runs per variant")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: the bundled sample fleet, one cost run each")
-    args = parser.parse_args()
-    if args.quick:
-        args.fleets, args.runs = "sample", 1
+    args = fleet_arguments(__doc__)
     torch.set_num_threads(1)
     config = LearnerConfig(device="cpu")
     alpha = 1 - config.coverage
@@ -218,7 +207,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |" + " --- |" * len(THRESHOLDS))
     costs = []
     for name in args.fleets.split(","):
-        batch = read_csv(sample_dataset() if name == "sample" else args.data / f"{name}.csv.gz")
+        batch = read_fleet(name, args.data)
         out, twin, first = run(batch, config, shadow=True)
         rows = [("streamer", out["lower"], out["upper"], out["anomaly_score"]),
                 ("no integrator", twin["lower"], twin["upper"], None),
