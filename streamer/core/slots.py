@@ -38,9 +38,6 @@ class SlotTable:
         found = map(self._slot_of.get, sensor_ids, repeat(-1))
         return np.fromiter(found, dtype=np.int64, count=len(sensor_ids))
 
-    def sensor_at(self, slot: int) -> str | None:
-        return self._id_of[slot]
-
     @property
     def occupied(self) -> np.ndarray:
         """Slots that hold a sensor, ascending."""

@@ -163,14 +163,6 @@ class StreamClient(Protocol):
         """Records behind the partition end, per assigned partition with a known end."""
         ...
 
-    def pause(self, partitions: Collection[PartitionId]) -> None:
-        """Stop fetching from these partitions without leaving the group."""
-        ...
-
-    def resume(self, partitions: Collection[PartitionId]) -> None:
-        """Fetch again from paused partitions."""
-        ...
-
     def stalled(self) -> dict[PartitionId, UndecodableBatch]:
         """Assigned partitions held at a batch that could not be decoded, with the error."""
         ...

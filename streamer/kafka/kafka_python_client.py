@@ -270,14 +270,6 @@ class KafkaPythonClient:
                 lags[(tp.topic, tp.partition)] = max(highwater - position, 0)
         return lags
 
-    def pause(self, partitions: Collection[PartitionId]) -> None:
-        """Stop fetching from these partitions without leaving the group."""
-        self._consumer.pause(*(TopicPartition(t, p) for t, p in partitions))
-
-    def resume(self, partitions: Collection[PartitionId]) -> None:
-        """Fetch again from paused partitions."""
-        self._consumer.resume(*(TopicPartition(t, p) for t, p in partitions))
-
     def stalled(self) -> dict[PartitionId, UndecodableBatch]:
         """Assigned partitions held at a batch that could not be decoded, with the error.
 

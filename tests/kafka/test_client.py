@@ -228,24 +228,6 @@ def test_lag_is_highwater_minus_position(
     assert client.lag() == {(topic, 0): 4}
 
 
-def test_paused_partition_delivers_nothing_until_resumed(
-    topic_factory, group_id, client_factory, produce_raw, poll_until
-):
-    topic = topic_factory(partitions=1)
-    client = client_factory(group_id)
-    client.subscribe([topic])
-    deadline = time.monotonic() + 10
-    while not client.assignment() and time.monotonic() < deadline:
-        client.poll_batch(10, 0.2)
-    client.pause([(topic, 0)])
-    produce_raw(topic, [(None, b"x")] * 3)
-
-    assert poll_until(client, 1, timeout_s=1.0) == []
-
-    client.resume([(topic, 0)])
-    assert [r.offset for r in poll_until(client, 3)] == [0, 1, 2]
-
-
 def test_failing_on_assign_hands_the_same_records_out_again(
     topic_factory, group_id, client_factory, produce_raw, poll_until
 ):
