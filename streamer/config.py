@@ -37,6 +37,7 @@ from streamer.core.config import (
 )
 
 if TYPE_CHECKING:  # the Kafka edge is imported only when connecting
+    from streamer.kafka.client import ConsumerSettings, ProducerSettings
     from streamer.kafka.connection import KafkaConnection
 
 ENV_PREFIX = "STREAMER_"
@@ -205,6 +206,24 @@ class KafkaSettings(_Section):
                 "timeout"
             )
         return self
+
+    def consumer(self) -> ConsumerSettings:
+        """The Kafka edge's consumer-group settings (imported here, only when connecting)."""
+        from streamer.kafka.client import ConsumerSettings
+
+        return ConsumerSettings(
+            group_id=self.group_id, session_timeout_ms=self.session_timeout_ms,
+            heartbeat_interval_ms=self.heartbeat_interval_ms,
+            fetch_max_wait_ms=self.fetch_max_wait_ms, max_poll_records=self.max_poll_records,
+            auto_offset_reset=self.auto_offset_reset,
+        )
+
+    def producer(self) -> ProducerSettings:
+        """The Kafka edge's producer settings: the output codec ("none": uncompressed)."""
+        from streamer.kafka.client import ProducerSettings
+
+        codec = None if self.compression_type == "none" else self.compression_type
+        return ProducerSettings(compression_type=codec)
 
     def connection(self) -> KafkaConnection:
         """The Kafka edge's connection settings (imported here, only when connecting)."""

@@ -24,10 +24,8 @@ from streamer.core import snapshot as snap
 from streamer.core.failpoints import failpoint
 from streamer.health import HealthServer
 from streamer.kafka.client import (
-    ConsumerSettings,
     Delivery,
     PartitionId,
-    ProducerSettings,
     StreamClient,
 )
 from streamer.kafka.errors import KafkaClientError, UndecodableBatch
@@ -134,16 +132,7 @@ class Worker:
     def _connected(self) -> StreamClient:
         if self._client is None:
             k = self.settings.kafka
-            self._client = KafkaPythonClient(
-                self.settings.kafka.connection(),
-                ConsumerSettings(group_id=k.group_id, session_timeout_ms=k.session_timeout_ms,
-                                 heartbeat_interval_ms=k.heartbeat_interval_ms,
-                                 fetch_max_wait_ms=k.fetch_max_wait_ms,
-                                 max_poll_records=k.max_poll_records,
-                                 auto_offset_reset=k.auto_offset_reset),
-                ProducerSettings(compression_type=None if k.compression_type == "none"
-                                 else k.compression_type),
-            )
+            self._client = KafkaPythonClient(k.connection(), k.consumer(), k.producer())
             self._client.subscribe([k.input_topic], on_assign=self._on_assign,
                                    on_revoke=self._on_revoke)
             for pending in self._in_flight:  # unacknowledged: send again

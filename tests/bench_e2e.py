@@ -65,7 +65,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
 from streamer.config import Settings, load_settings  # noqa: E402
 from streamer.kafka.admin import ensure_topics  # noqa: E402
 from streamer.kafka.broker import LocalBroker  # noqa: E402
-from streamer.kafka.client import ConsumerSettings, OutputRecord, ProducerSettings  # noqa: E402
+from streamer.kafka.client import OutputRecord, ProducerSettings  # noqa: E402
 from streamer.kafka.kafka_python_client import KafkaPythonClient  # noqa: E402
 from streamer.produce import encode_reading  # noqa: E402
 from streamer.worker import Worker, gc_tuned_for_serving  # noqa: E402
@@ -380,14 +380,7 @@ class PassThrough:
     def __init__(self, settings: Settings, output_topic: str):
         k = settings.kafka
         self.settings, self.output_topic = settings, output_topic
-        self.client = KafkaPythonClient(
-            k.connection(),
-            ConsumerSettings(group_id=k.group_id, session_timeout_ms=k.session_timeout_ms,
-                             heartbeat_interval_ms=k.heartbeat_interval_ms,
-                             fetch_max_wait_ms=k.fetch_max_wait_ms,
-                             max_poll_records=k.max_poll_records),
-            ProducerSettings(),
-        )
+        self.client = KafkaPythonClient(k.connection(), k.consumer(), k.producer())
         self.client.subscribe([k.input_topic])
         self.count = 0
         self._stop = threading.Event()

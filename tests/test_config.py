@@ -417,3 +417,15 @@ def test_an_empty_anomaly_topic_turns_the_anomaly_events_off() -> None:
     assert load_settings({}).kafka.anomaly_topic == "sensor-anomalies"
     assert "each must name its own topic" in error_message(
         {"kafka.anomaly_topic": "sensor-forecasts"})
+
+
+def test_kafka_settings_give_the_clients_consumer_and_producer_settings():
+    settings = load_settings({"kafka.group_id": "g7", "kafka.session_timeout_ms": "30000",
+                              "kafka.heartbeat_interval_ms": "2000",
+                              "kafka.compression_type": "zstd",
+                              "kafka.auto_offset_reset": "latest"})
+    consumer, producer = settings.kafka.consumer(), settings.kafka.producer()
+    assert (consumer.group_id, consumer.session_timeout_ms, consumer.heartbeat_interval_ms,
+            consumer.auto_offset_reset) == ("g7", 30_000, 2_000, "latest")
+    assert producer.compression_type == "zstd"
+    assert load_settings().kafka.producer().compression_type is None  # "none": uncompressed
