@@ -42,7 +42,6 @@ from statistics import NormalDist
 import numpy as np
 
 from streamer.core.compiled import kernel
-from streamer.core.config import MAX_HORIZON
 from streamer.core.intervals import MAX_BOUND
 from streamer.core.memory import Recalled
 
@@ -79,8 +78,9 @@ class HorizonForecast:
     forecast: np.ndarray  # (M, H, F)
     lower: np.ndarray  # (M, H, F)
     upper: np.ndarray  # (M, H, F)
-    # Absolute error of the aggregate forecast made 2^g readings before this reading, in change
-    # scales (mean over features), for steps 2, 4, 8, ... (scored_steps); NaN where none was due.
+    # Absolute error of the aggregate forecast made k readings before this reading, in change
+    # scales (mean over features), for each scored step k (scored_steps); NaN where none was
+    # scored.
     step_error: np.ndarray  # (M, P)
 
 
@@ -122,8 +122,7 @@ class HorizonState:
     _ALL = ("err", "count", "mae", "q_lo", "q_hi", "pending", "pending_scale", "due")
 
     def __init__(self, capacity: int, n_features: int, horizon: int, coverage: float):
-        if not 1 <= horizon <= MAX_HORIZON:
-            raise ValueError(f"horizon must be in [1, {MAX_HORIZON}], got {horizon}")
+        """``horizon`` as LearnerConfig validates it (1 .. MAX_HORIZON)."""
         self.n_features, self.horizon, self.alpha = n_features, horizon, 1.0 - coverage
         self.steps = scored_steps(horizon)
         self.z = NormalDist().inv_cdf(1.0 - self.alpha / 2)

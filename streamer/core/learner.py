@@ -301,7 +301,7 @@ class Learner:
         cfg = self.config
         experts = horizon_experts(base, forecast, enc.scale, mem, cfg.clip_z)
         experts = np.where(enc.warm[:, None, None, None], experts, values[..., None, None])
-        number = self.stats.count[slots] - g.counts[g.member] + g.pos + 1
+        number = self._n_before(slots, g) + 1  # each reading's number in its slot
         ahead = self.horizon.forecast(slots, number, values, enc.warm, enc.outlier.any(axis=1),
                                       enc.scale, experts, forecast, cal.lower, cal.upper,
                                       cfg.expert_eta, max(cfg.guard_alpha, MIN_HORIZON_ALPHA),
@@ -368,11 +368,14 @@ class Learner:
         relative = np.nan_to_num(np.clip(relative, -cap, cap), nan=0.0)
         return relative.reshape(len(values), -1).astype(np.float32)
 
+    def _n_before(self, slots: np.ndarray, g: Groups) -> np.ndarray:
+        """(M,) readings each slot had before each reading here (stats.count is already past
+        the chunk)."""
+        return self.stats.count[slots] - g.counts[g.member] + g.pos
+
     def _n_scored(self, slots: np.ndarray, g: Groups) -> np.ndarray:
         """(M,) scored readings each slot has had up to and including each reading here."""
-        # Readings this slot has had before this one (stats.count is already past the chunk).
-        n_before = self.stats.count[slots] - g.counts[g.member] + g.pos
-        return n_before - self.config.warmup_readings + 1
+        return self._n_before(slots, g) - self.config.warmup_readings + 1
 
     def _aggregate(self, slots: np.ndarray, g: Groups, values: np.ndarray,
                    experts: np.ndarray, enc: Encoded,
