@@ -233,7 +233,7 @@ class Worker:
         offsets = dict(self.processor.applied)
         try:
             saved = self.store.save(
-                snap.snapshot(self.learner), offsets,
+                self.learner.snapshot(), offsets,
                 {tp: sorted(self.processor.sensors.get(tp, ())) for tp in offsets})
         except OSError as exc:
             log.error("checkpoint failed: %s", exc)
@@ -263,7 +263,7 @@ class Worker:
             mine = checkpoint is not None and checkpoint.worker == self.worker_id
             if checkpoint is not None and not (mine and tp in self.processor.applied):
                 ids = checkpoint.sensors.get(tp, [])
-                snap.import_sensors(self.learner, snap.sensors_of(checkpoint.state, ids))
+                self.learner.import_sensors(snap.sensors_of(checkpoint.state, ids))
                 self.processor.applied[tp] = checkpoint.offsets[tp]
                 self.processor.sensors[tp] = set(ids)
                 self._origin[tp] = checkpoint.created
@@ -285,7 +285,7 @@ class Worker:
 
     def _release(self, partitions: list[PartitionId]) -> None:
         dropped = self.processor.forget(partitions)
-        snap.drop_sensors(self.learner, dropped)
+        self.learner.drop_sensors(dropped)
         for tp in partitions:
             self._origin.pop(tp, None)
 
@@ -301,8 +301,7 @@ class Worker:
                 )
             log.info("no checkpoint found in %s: starting fresh", self.store.directory)
             return
-        self.learner = snap.restore(found.state, self.learner.config)
-        self.processor.learner = self.learner
+        self.learner.load(found.state)
         self.processor.applied = dict(found.offsets)
         self.processor.sensors = {tp: set(ids) for tp, ids in found.sensors.items()}
         self._origin = {tp: found.created for tp in found.offsets}

@@ -26,7 +26,7 @@ def _learner(steps: int) -> Learner:
 
 
 def _save(store: CheckpointStore, learner: Learner, offset: int):
-    return store.save(snap.snapshot(learner), {TP: offset}, {TP: ["s0", "s1", "s2", "s3", "s4"]})
+    return store.save(learner.snapshot(), {TP: offset}, {TP: ["s0", "s1", "s2", "s3", "s4"]})
 
 
 def _assert_same_state(a: dict, b: dict) -> None:
@@ -44,8 +44,8 @@ def test_restored_state_equals_the_checkpoint_bitwise(tmp_path):
     _save(store, learner, 100)
     found = store.latest()
     assert found.offsets == {TP: 100} and found.sensors[TP] == ["s0", "s1", "s2", "s3", "s4"]
-    restored = snap.restore(found.state, CFG)
-    _assert_same_state(snap.snapshot(learner), snap.snapshot(restored))
+    restored = Learner.restore(found.state, CFG)
+    _assert_same_state(learner.snapshot(), restored.snapshot())
 
 
 def test_only_the_last_k_checkpoints_are_kept(tmp_path):
@@ -77,14 +77,14 @@ def test_a_damaged_checkpoint_is_reported_and_the_previous_one_used(tmp_path, ca
 
 def test_a_checkpoint_from_another_model_shape_is_refused_with_the_reason(tmp_path, caplog):
     CheckpointStore(tmp_path, "w1", "0123456789abcdef").save(
-        snap.snapshot(_learner(4)), {TP: 5}, {TP: []})
+        _learner(4).snapshot(), {TP: 5}, {TP: []})
     with caplog.at_level(logging.ERROR):
         assert CheckpointStore(tmp_path, "w1", CFG.fingerprint()).latest() is None
     assert "model shape settings changed" in caplog.text
 
 
 def test_a_checkpoint_of_an_older_snapshot_format_is_refused_with_the_reason(tmp_path, caplog):
-    old = snap.snapshot(_learner(4))
+    old = _learner(4).snapshot()
     old["format"] = "streamer.learner/3"  # windows with gaps, no queue
     CheckpointStore(tmp_path, "w1", CFG.fingerprint()).save(old, {TP: 5}, {TP: []})
     with caplog.at_level(logging.ERROR):
@@ -95,12 +95,12 @@ def test_a_checkpoint_of_an_older_snapshot_format_is_refused_with_the_reason(tmp
 
 def test_a_checkpoint_from_before_intervals_resumes_with_fresh_calibration(tmp_path):
     learner = _learner(4)
-    old = snap.snapshot(learner)
+    old = learner.snapshot()
     del old["calibration"], old["horizon"]
     old["format"] = "streamer.learner/4"
     CheckpointStore(tmp_path, "w1", CFG.fingerprint()).save(old, {TP: 5}, {TP: []})
     found = CheckpointStore(tmp_path, "w1", CFG.fingerprint()).latest()
-    restored = snap.restore(found.state, CFG)
+    restored = Learner.restore(found.state, CFG)
     for p, q in zip(restored.model.parameters(), learner.model.parameters()):
         assert torch.equal(p, q)  # the weights carry over
     fresh = Learner(CFG).calibration
@@ -110,7 +110,7 @@ def test_a_checkpoint_from_before_intervals_resumes_with_fresh_calibration(tmp_p
 
 def test_a_checkpoint_from_before_horizons_resumes_with_a_horizon_from_scratch(tmp_path):
     learner = _learner(4)
-    old = snap.snapshot(learner)
+    old = learner.snapshot()
     del old["horizon"]
     for name in ("recent", "timing"):
         del old["memory"][name]
@@ -118,7 +118,7 @@ def test_a_checkpoint_from_before_horizons_resumes_with_a_horizon_from_scratch(t
     CheckpointStore(tmp_path, "w1", CFG.fingerprint()).save(old, {TP: 5}, {TP: []})
     found = CheckpointStore(tmp_path, "w1", CFG.fingerprint()).latest()
     ahead = dataclasses.replace(CFG, horizon=6)
-    restored = snap.restore(found.state, ahead)
+    restored = Learner.restore(found.state, ahead)
     np.testing.assert_array_equal(restored.calibration.q_hi, learner.calibration.q_hi)
     assert restored.horizon.due.shape == (len(learner.stats.count), 3)  # steps 2, 4, 6
     assert not restored.horizon.due.any() and np.isnan(restored.memory.recent).all()
@@ -134,11 +134,11 @@ def test_partition_state_moves_between_learners_through_a_checkpoint(tmp_path):
     # Compared without updates: windows queued for an update stay with the old owner (training
     # data, not sensor state), so an update would fall at different readings on each side.
     serve_only = dataclasses.replace(CFG, train_every=10**9)
-    source = snap.restore(snap.snapshot(source), serve_only)
+    source = Learner.restore(source.snapshot(), serve_only)
     target = Learner(serve_only)
     target.step(sine_fleet(2, 3, seed=9))  # holds other sensors already: s0, s1 get replaced
     found = store.latest_for(TP)
-    snap.import_sensors(target, snap.sensors_of(found.state, found.sensors[TP]))
+    target.import_sensors(snap.sensors_of(found.state, found.sensors[TP]))
     later = sine_fleet(5, 22, seed=1).take(np.arange(100, 110))
     # Same weights, same per-sensor state: the moved sensors forecast as at the source (float32
     # LSTM over a batch of another size: equal to rounding).

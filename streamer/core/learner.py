@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from streamer.core import snapshot as snap
 from streamer.core.batch import Batch, HorizonResult, StepResult, UpdateStats
 from streamer.core.compiled import kernel
 from streamer.core.config import MAX_WINDOWS_PER_UPDATE, LearnerConfig
@@ -234,6 +235,97 @@ class Learner:
             self.calibration.reset(slots)
             self.horizon.reset(slots)
             self.state.reset(slots)
+
+    # -- its state, whole or per sensor (checkpoints, partitions moving) --------------------
+    def snapshot(self, reuse: dict | None = None) -> dict:
+        """Everything needed to continue exactly from here, copied to the CPU (into ``reuse``,
+        an earlier snapshot of this learner nobody reads any more, where shapes match)."""
+        def views(arrays: dict) -> dict:
+            return {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+        live = {
+            "format": snap.FORMAT,
+            "fingerprint": self.config.fingerprint(),
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.trainer.optimizer.state_dict(),
+            "table": self.table.to_plain(),
+            "stats": views(self.stats.arrays()),
+            "memory": views(self.memory.arrays()),
+            "calibration": views(self.calibration.arrays()),
+            "horizon": views(self.horizon.arrays()),
+            "horizon_steps": torch.from_numpy(self.horizon.steps),
+            "slot_tensors": self.state.tensors(),
+            "seen": torch.from_numpy(self.state.seen),
+            "queue": self.state.queue.tensors(),
+            "counters": {
+                "accepted_total": self.accepted_total,
+                "event_time": float(self.event_time),
+                "attempts": self.trainer.attempts,
+                "applied": self.trainer.applied,
+            },
+        }
+        return snap.copied(live, reuse)
+
+    @classmethod
+    def restore(cls, state: dict, config: LearnerConfig) -> Learner:
+        """A learner that continues exactly as the one ``state`` was taken from."""
+        snap.check_compatible(state, config)
+        learner = cls(config)
+        learner.load(state)
+        return learner
+
+    def load(self, state: dict) -> None:
+        """Replace all of this learner's state with ``state`` (of a compatible config)."""
+        snap.check_compatible(state, self.config)
+        counters = state["counters"]
+        self.model.load_state_dict(state["model"])
+        self.trainer.load(state["optimizer"], int(counters["attempts"]),
+                          int(counters["applied"]))
+        self.table = SlotTable.from_plain(state["table"], self.config.max_sensors)
+        self.stats.load_arrays({k: v.numpy() for k, v in state["stats"].items()})
+        self.memory.load_arrays({k: v.numpy() for k, v in state["memory"].items()})
+        self.calibration.load_arrays({k: v.numpy() for k, v in state["calibration"].items()})
+        self.horizon.load_arrays({k: v.numpy() for k, v in state["horizon"].items()},
+                                 state["horizon_steps"].numpy())
+        self.state.load_tensors(state["slot_tensors"], state["seen"].numpy(), state["queue"])
+        self.accepted_total = int(counters["accepted_total"])
+        self.event_time = float(counters["event_time"])
+
+    def import_sensors(self, exported: dict) -> int:
+        """Give each sensor of ``exported`` (``snapshot.sensors_of``) a slot, replacing any
+        state it had here; returns the count."""
+        ids = list(exported["ids"])
+        if not ids:
+            return 0
+        self.drop_sensors(ids)
+        slots, grew_to = self.table.allocate(ids)
+        if grew_to is not None:
+            self.grow(grew_to)
+        placed = slots >= 0
+        if not placed.all():
+            self.table.release(slots[placed])
+            raise ValueError(f"sensor table full: cannot import {int((~placed).sum())} sensors")
+        for part in snap.PER_SENSOR_PARTS:
+            if part == "horizon":  # step by step: the sender's horizon may differ
+                self.horizon.adopt(slots, {k: v.numpy() for k, v in exported[part].items()},
+                                   exported["horizon_steps"].numpy())
+                continue
+            for name, rows in exported[part].items():
+                target = getattr(getattr(self, part), name)
+                # The memory's last readings per bucket exist only with a horizon: they stay
+                # fresh when the sender had none, or this learner has none.
+                if target.shape[1:] == rows.shape[1:]:
+                    target[slots] = rows.numpy()
+        self.state.place_rows(slots, exported["slot_tensors"], exported["seen"].numpy())
+        return len(ids)
+
+    def drop_sensors(self, sensor_ids: list[str]) -> int:
+        """Forget those sensors (a partition moved away); their slots become free."""
+        slots = self.table.lookup(sensor_ids)
+        slots = slots[slots >= 0]
+        self.release(slots)
+        return len(slots)
 
     @torch.no_grad()
     def _apply(self, batch: Batch, rows: np.ndarray, slots_all: np.ndarray,

@@ -1,4 +1,9 @@
-"""Snapshots of the whole learner as tensors plus plain data; loading never runs code."""
+"""The learner's snapshot format: versions, compatibility, bytes, and per-sensor extracts.
+
+A snapshot is a tree of CPU tensors and plain data (``Learner.snapshot``); loading bytes never
+runs code. The learner itself takes and loads snapshots and moves sensors in and out
+(``Learner.snapshot/load/restore/import_sensors/drop_sensors``): this module knows the format,
+not the learner's attributes."""
 
 from __future__ import annotations
 
@@ -9,8 +14,6 @@ import torch
 from streamer.core.config import LearnerConfig
 from streamer.core.horizon import HorizonState
 from streamer.core.intervals import Calibration
-from streamer.core.learner import Learner
-from streamer.core.slots import SlotTable
 from streamer.core.windows import slot_axis
 
 # 2: guard and spike state in the stats; 3: spreads as deviations (sd, change_rms), and the
@@ -28,55 +31,6 @@ PER_SENSOR_PARTS = ("stats", "memory", "calibration", "horizon")
 
 class IncompatibleSnapshot(ValueError):
     """The snapshot was made by a learner whose tensors mean something else."""
-
-
-def snapshot(learner: Learner) -> dict:
-    """Everything needed to continue exactly where ``learner`` is, on the CPU."""
-    cpu = {name: t.detach().cpu().clone() for name, t in learner.state.tensors().items()}
-    return {
-        "format": FORMAT,
-        "fingerprint": learner.config.fingerprint(),
-        "config": learner.config.to_dict(),
-        "model": {k: v.detach().cpu().clone() for k, v in learner.model.state_dict().items()},
-        "optimizer": _to_cpu(learner.trainer.optimizer.state_dict()),
-        "table": learner.table.to_plain(),
-        "stats": {k: torch.from_numpy(v.copy()) for k, v in learner.stats.arrays().items()},
-        "memory": {k: torch.from_numpy(v.copy()) for k, v in learner.memory.arrays().items()},
-        "calibration": {k: torch.from_numpy(v.copy())
-                        for k, v in learner.calibration.arrays().items()},
-        "horizon": {k: torch.from_numpy(v.copy()) for k, v in learner.horizon.arrays().items()},
-        "horizon_steps": torch.from_numpy(learner.horizon.steps.copy()),
-        "slot_tensors": cpu,
-        "seen": torch.from_numpy(learner.state.seen.copy()),
-        "queue": {k: v.detach().cpu().clone() for k, v in learner.state.queue.tensors().items()},
-        "counters": {
-            "accepted_total": learner.accepted_total,
-            "event_time": float(learner.event_time),
-            "attempts": learner.trainer.attempts,
-            "applied": learner.trainer.applied,
-        },
-    }
-
-
-def restore(state: dict, config: LearnerConfig) -> Learner:
-    """A learner that continues exactly as the one ``state`` was taken from."""
-    check_compatible(state, config)
-    learner = Learner(config)
-    learner.model.load_state_dict(state["model"])
-    learner.trainer.optimizer.load_state_dict(state["optimizer"])
-    learner.table = SlotTable.from_plain(state["table"], config.max_sensors)
-    learner.stats.load_arrays({k: v.numpy() for k, v in state["stats"].items()})
-    learner.memory.load_arrays({k: v.numpy() for k, v in state["memory"].items()})
-    learner.calibration.load_arrays({k: v.numpy() for k, v in state["calibration"].items()})
-    learner.horizon.load_arrays({k: v.numpy() for k, v in state["horizon"].items()},
-                                state["horizon_steps"].numpy())
-    learner.state.load_tensors(state["slot_tensors"], state["seen"].numpy(), state["queue"])
-    counters = state["counters"]
-    learner.accepted_total = int(counters["accepted_total"])
-    learner.event_time = float(counters["event_time"])
-    learner.trainer.attempts = int(counters["attempts"])
-    learner.trainer.applied = int(counters["applied"])
-    return learner
 
 
 def upgrade(state: dict) -> dict:
@@ -136,61 +90,28 @@ def loads(data: bytes) -> dict:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-def _to_cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().clone()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_cpu(v) for v in obj]
-    return obj
+def copied(tree, reuse=None):
+    """A CPU copy of a tree of tensors and plain data (dicts, lists, tuples, scalars).
 
-
-
-
-
-def import_sensors(learner: Learner, exported: dict) -> int:
-    """Give each exported sensor a slot (replacing any state it had here); returns the count."""
-    ids = list(exported["ids"])
-    if not ids:
-        return 0
-    drop_sensors(learner, ids)
-    slots, grew_to = learner.table.allocate(ids)
-    if grew_to is not None:
-        learner.grow(grew_to)
-    placed = slots >= 0
-    if not placed.all():
-        missing = [s for s, ok in zip(ids, placed.tolist()) if not ok]
-        learner.table.release(slots[placed])
-        raise ValueError(f"sensor table full: cannot import {len(missing)} sensors")
-    for part in PER_SENSOR_PARTS:
-        if part == "horizon":  # step by step: the sender's horizon may differ
-            learner.horizon.adopt(slots, {k: v.numpy() for k, v in exported[part].items()},
-                                  exported["horizon_steps"].numpy())
-            continue
-        for name, rows in exported[part].items():
-            target = getattr(getattr(learner, part), name)
-            # The memory's last readings per bucket exist only with a horizon: they stay
-            # fresh when the sender had none, or this learner has none.
-            if target.shape[1:] == rows.shape[1:]:
-                target[slots] = rows.numpy()
-    index = torch.as_tensor(slots, device=learner.device)
-    for name, rows in exported["slot_tensors"].items():
-        target = getattr(learner.state, name)
-        if slot_axis(name) == 1:
-            target[:, index] = rows.to(learner.device)
-        else:
-            target[index] = rows.to(learner.device)
-    learner.state.seen[slots] = exported["seen"].numpy()
-    return len(ids)
-
-
-def drop_sensors(learner: Learner, sensor_ids: list[str]) -> int:
-    """Forget those sensors (a partition moved away); their slots become free."""
-    slots = learner.table.lookup(sensor_ids)
-    slots = slots[slots >= 0]
-    learner.release(slots)
-    return len(slots)
+    A tensor is copied into ``reuse``'s tensor at the same place when that has its shape and
+    dtype: a checkpoint every few seconds then writes into memory it already touched instead of
+    page-faulting hundreds of fresh megabytes at 100k sensors (measured: 350 ms -> 80 ms). The
+    caller owns ``reuse``: nothing else may read it while it is overwritten.
+    """
+    if isinstance(tree, torch.Tensor):
+        if (isinstance(reuse, torch.Tensor) and reuse.shape == tree.shape
+                and reuse.dtype == tree.dtype and reuse.device.type == "cpu"):
+            return reuse.copy_(tree.detach())
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        old = reuse if isinstance(reuse, dict) else {}
+        return {k: copied(v, old.get(k)) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        if not any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in tree):
+            return type(tree)(tree)  # plain values (a slot table's ids): a shallow copy
+        old = reuse if isinstance(reuse, (list, tuple)) and len(reuse) == len(tree) else ()
+        return type(tree)(copied(v, old[i] if old else None) for i, v in enumerate(tree))
+    return tree
 
 
 def sensors_of(state: dict, sensor_ids: list[str]) -> dict:

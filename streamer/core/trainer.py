@@ -32,6 +32,11 @@ class Trainer:
         self.attempts = 0
         self.applied = 0
 
+    def load(self, optimizer_state: dict, attempts: int, applied: int) -> None:
+        """Continue from a snapshot: the optimizer's moments and the update counters."""
+        self.optimizer.load_state_dict(optimizer_state)
+        self.attempts, self.applied = attempts, applied
+
     def backward(self, window: WindowBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Forward over the windows and backpropagate the masked MSE of the finite ones.
 

@@ -246,6 +246,18 @@ class SlotTensors:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self._TENSORS}
 
+    def place_rows(self, slots: np.ndarray, rows: dict[str, torch.Tensor],
+                   seen: np.ndarray) -> None:
+        """Write other sensors' rows (``tensors()`` taken at some slots) into ``slots``."""
+        index = torch.as_tensor(slots, device=self.device)
+        for name, values in rows.items():
+            target = getattr(self, name)
+            if slot_axis(name) == 1:
+                target[:, index] = values.to(self.device)
+            else:
+                target[index] = values.to(self.device)
+        self.seen[slots] = seen
+
     def load_tensors(self, tensors: dict[str, torch.Tensor], seen: np.ndarray,
                      queue: dict[str, torch.Tensor]) -> None:
         for name in self._TENSORS:

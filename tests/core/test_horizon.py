@@ -110,7 +110,7 @@ def test_a_snapshot_round_trip_continues_the_horizon_exactly(small_config):
     stream = sine_fleet(5, 80, seed=4, log10_scale=(0, 2))
     first, rest = stream.take(np.arange(200)), stream.take(np.arange(200, len(stream)))
     straight, _ = _run(config, first)
-    restored = snap.restore(snap.loads(snap.dumps(snap.snapshot(straight))), config)
+    restored = Learner.restore(snap.loads(snap.dumps(straight.snapshot())), config)
     assert (restored.horizon.due > 0).any()  # forecasts were pending at the snapshot
     expected = [straight.step(c) for c in chunks(rest, 64)]
     got = [restored.step(c) for c in chunks(rest, 64)]
@@ -194,8 +194,8 @@ def test_a_sensor_near_1e300_keeps_finite_forecasts_at_every_step():
 def test_a_changed_horizon_keeps_the_steps_both_have_and_starts_the_others_fresh(small_config):
     stream = sine_fleet(4, 60, seed=2, log10_scale=(0, 0))
     eight, _ = _run(dataclasses.replace(small_config, horizon=8), stream)
-    saved = snap.loads(snap.dumps(snap.snapshot(eight)))
-    six = snap.restore(saved, dataclasses.replace(small_config, horizon=6))
+    saved = snap.loads(snap.dumps(eight.snapshot()))
+    six = Learner.restore(saved, dataclasses.replace(small_config, horizon=6))
     assert six.horizon.steps.tolist() == [2, 4, 6]
     np.testing.assert_array_equal(six.horizon.mae[:, :, :2], eight.horizon.mae[:, :, :2])
     np.testing.assert_array_equal(six.horizon.due[:, :2], eight.horizon.due[:, :2])
@@ -205,7 +205,7 @@ def test_a_changed_horizon_keeps_the_steps_both_have_and_starts_the_others_fresh
     assert (six.horizon.due[:, 2] == 0).all()
     # Moving sensors to a worker with another horizon does the same, step by step.
     other = Learner(dataclasses.replace(small_config, horizon=6))
-    snap.import_sensors(other, snap.sensors_of(saved, ["s0", "s1"]))
+    other.import_sensors(snap.sensors_of(saved, ["s0", "s1"]))
     slots = other.table.lookup(["s0", "s1"])
     source = eight.table.lookup(["s0", "s1"])
     np.testing.assert_array_equal(other.horizon.err[slots][:, :, :2],

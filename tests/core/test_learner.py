@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from streamer.core import Batch, Learner, LearnerConfig, Reason
-from streamer.core.snapshot import snapshot
 from streamer.replay import replay
 from tests.core.conftest import chunks, sine_fleet
 
@@ -235,7 +234,7 @@ def _perturb_weights(learner: Learner) -> None:
 
 
 def _flat_state(learner: Learner) -> dict[str, np.ndarray]:
-    state = snapshot(learner)
+    state = learner.snapshot()
     flat = {f"stats.{k}": v.numpy() for k, v in state["stats"].items()}
     flat.update({f"tensors.{k}": v.numpy() for k, v in state["slot_tensors"].items()})
     flat.update({f"model.{k}": v.numpy() for k, v in state["model"].items()})

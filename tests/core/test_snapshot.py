@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from streamer.core import Learner, LearnerConfig
-from streamer.core.snapshot import IncompatibleSnapshot, dumps, loads, restore, snapshot
+from streamer.core.snapshot import IncompatibleSnapshot, dumps, loads
 from tests.core.conftest import chunks, sine_fleet
 
 
@@ -20,7 +20,7 @@ def test_restored_learner_continues_with_identical_forecasts_and_weights(small_c
     original = Learner(small_config)
     original.step(first)
     assert original.updates > 0
-    copy = restore(loads(dumps(snapshot(original))), small_config)
+    copy = Learner.restore(loads(dumps(original.snapshot())), small_config)
     for part in chunks(second, 13):
         a, b = original.step(part), copy.step(part)
         np.testing.assert_array_equal(a.forecasts, b.forecasts)
@@ -35,10 +35,10 @@ def test_restored_learner_continues_with_identical_forecasts_and_weights(small_c
 
 
 def test_snapshot_into_a_different_hidden_size_is_refused_naming_the_field(small_config):
-    state = loads(dumps(snapshot(Learner(small_config))))
+    state = loads(dumps(Learner(small_config).snapshot()))
     other = LearnerConfig(**{**small_config.to_dict(), "hidden_size": 16})
     with pytest.raises(IncompatibleSnapshot, match="hidden_size: snapshot 8 vs config 16"):
-        restore(state, other)
+        Learner.restore(state, other)
 
 
 def test_snapshot_with_more_sensors_than_max_sensors_is_refused(small_config):
@@ -46,14 +46,14 @@ def test_snapshot_with_more_sensors_than_max_sensors_is_refused(small_config):
     learner.step(sine_fleet(10, 2))
     smaller = LearnerConfig(**{**small_config.to_dict(), "max_sensors": 8, "initial_capacity": 4})
     with pytest.raises(IncompatibleSnapshot, match="max_sensors is 8"):
-        restore(snapshot(learner), smaller)
+        Learner.restore(learner.snapshot(), smaller)
 
 
 def test_operational_settings_may_change_across_a_restore(small_config):
     learner = Learner(small_config)
     learner.step(sine_fleet(3, 10))
     relaxed = LearnerConfig(**{**small_config.to_dict(), "lr": 1e-4, "train_every": 50})
-    assert restore(snapshot(learner), relaxed).n_sensors == 3
+    assert Learner.restore(learner.snapshot(), relaxed).n_sensors == 3
 
 
 class _Evil:
@@ -67,3 +67,63 @@ def test_loading_never_unpickles_arbitrary_objects():
     with pytest.raises(pickle.UnpicklingError):
         loads(buffer.getvalue())
 
+
+
+def test_loading_into_a_used_learner_replaces_all_its_state(small_config):
+    stream = sine_fleet(6, 40, seed=3)
+    first, second = stream.take(np.arange(120)), stream.take(np.arange(120, len(stream)))
+    original = Learner(small_config)
+    original.step(first)
+    used = Learner(small_config)
+    used.step(sine_fleet(9, 30, seed=4))  # other sensors, other weights, a grown table
+    used.load(loads(dumps(original.snapshot())))
+    assert used.n_sensors == original.n_sensors
+    for part in chunks(second, 11):
+        a, b = original.step(part), used.step(part)
+        np.testing.assert_array_equal(a.forecasts, b.forecasts)
+        np.testing.assert_array_equal(a.upper, b.upper)
+    for p, q in zip(original.model.parameters(), used.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def _leaves(tree, path=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _leaves(v, f"{path}/{k}")
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from _leaves(v, f"{path}/{i}")
+    else:
+        yield path, tree
+
+
+def _same(a, b):
+    pairs = list(zip(_leaves(a), _leaves(b), strict=True))
+    for (pa, x), (pb, y) in pairs:
+        assert pa == pb
+        if isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype and x.shape == y.shape, pa
+            assert x.numpy().tobytes() == y.numpy().tobytes(), pa  # bitwise, NaN included
+        else:
+            assert x == y or (x != x and y != y), pa
+
+
+def test_a_snapshot_into_an_earlier_ones_buffers_equals_a_fresh_one_and_is_a_copy(small_config):
+    learner = Learner(small_config)
+    stream = sine_fleet(5, 30, seed=8)
+    learner.step(stream.take(np.arange(60)))
+    earlier = learner.snapshot()
+    buffers = {id(t) for _, t in _leaves(earlier) if isinstance(t, torch.Tensor)}
+    learner.step(stream.take(np.arange(60, 120)))
+    learner.step(sine_fleet(40, 2, seed=9))  # new sensors: the table grows, shapes change
+    reused = learner.snapshot(reuse=earlier)
+    _same(reused, learner.snapshot())
+    # Buffers of unchanged shape were written into; the copy shares nothing with the learner.
+    assert {id(t) for _, t in _leaves(reused) if isinstance(t, torch.Tensor)} & buffers
+    live = {t.data_ptr() for t in learner.state.tensors().values()}
+    live |= {p.data_ptr() for p in learner.model.parameters()}
+    assert not live & {t.data_ptr() for _, t in _leaves(reused) if isinstance(t, torch.Tensor)}
+    frozen = learner.snapshot()
+    learner.step(stream.take(np.arange(120, 150)))
+    with pytest.raises(AssertionError):
+        _same(frozen, learner.snapshot())
