@@ -461,7 +461,7 @@ class CheckpointSettings(_Section):
 
     dir: Path = Field(Path("./checkpoints"), description="Directory the checkpoints are kept in.")
     interval_seconds: float | None = Field(
-        60.0, gt=0, description="Checkpoint after this many seconds; never by time when unset."
+        10.0, gt=0, description="Checkpoint after this many seconds; never by time when unset."
     )
     interval_readings: int | None = Field(
         None, ge=1, description="Checkpoint after this many readings; never by count when unset."

@@ -279,6 +279,12 @@ class Metrics:
             "streamer_checkpoint_duration_seconds", "Wall time to write a checkpoint.",
             buckets=CHECKPOINT_DURATION_BUCKETS, registry=r,
         )
+        self.checkpoint_copy = Histogram(
+            "streamer_checkpoint_copy_seconds",
+            "Serving-thread time per checkpoint: copying the learner (the write runs in the "
+            "background).", buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=r,
+        )
         self.checkpoint_size = Gauge(
             "streamer_checkpoint_size_bytes", "Size of the last checkpoint written.", registry=r
         )
@@ -436,6 +442,10 @@ class Metrics:
         self.checkpoint_duration.observe(duration_s)
         self.checkpoint_size.set(size_bytes)
         self.checkpoint_last_success.set(timestamp)
+
+    def observe_checkpoint_copy(self, seconds: float) -> None:
+        """Record the serving thread's stall for one checkpoint (the learner's copy)."""
+        self.checkpoint_copy.observe(seconds)
 
     def observe_checkpoint_failure(self) -> None:
         """Count a checkpoint write that failed."""

@@ -37,6 +37,7 @@ class Processed:
 
     outputs: list[OutputRecord]
     next_offsets: dict[PartitionId, int]  # per partition: last offset in the batch + 1
+    fed: list[tuple[PartitionId, str]]  # (partition, sensor) of each reading applied
     consumed: int  # records applied (re-deliveries below the applied offset excluded)
     decode_rejected: dict[Reason, int]  # the codec's rejections (the learner's are in `result`)
     record_timestamps_ms: np.ndarray  # (forecasts,) source record timestamps, for latency
@@ -45,22 +46,17 @@ class Processed:
 
 
 class BatchProcessor:
-    """Decodes, steps the learner, and encodes; keeps the next offset applied per partition.
-
-    Records below a partition's applied offset were already applied (a re-delivery after a
-    reconnect or a restored checkpoint) and are skipped, so each reading changes state once.
-    """
+    """Decodes, steps the learner, and encodes. Which records are fresh, and what a batch
+    changes of each partition, is the ledger's (streamer.ledger)."""
 
     def __init__(self, learner: Learner, output_topic: str, dlq_topic: str,
                  anomaly_topic: str | None = None):
         self.learner = learner
         self.output_topic, self.dlq_topic = output_topic, dlq_topic
         self.anomaly_topic = anomaly_topic  # None: no anomaly events
-        self.applied: dict[PartitionId, int] = {}  # next offset to apply, per partition
-        self.sensors: dict[PartitionId, set[str]] = {}  # sensors fed from each partition
 
-    def process(self, records: Sequence[InputRecord]) -> Processed:
-        fresh = [r for r in records if r.offset >= self.applied.get((r.topic, r.partition), 0)]
+    def process(self, fresh: Sequence[InputRecord]) -> Processed:
+        """One batch of records not applied before, in poll order."""
         n_f = self.learner.config.n_features
         decoded = decode_batch([(r.key, r.value) for r in fresh], n_f)
         result = self.learner.step(decoded.batch)
@@ -106,22 +102,12 @@ class BatchProcessor:
             outputs.extend(OutputRecord(self.anomaly_topic, sources[i].key or forecast_key(sid),
                                         event)
                            for i, sid, event in zip(flagged.tolist(), flagged_ids, events))
-        for record, sensor_id in zip(sources, ids):
-            self.sensors.setdefault((record.topic, record.partition), set()).add(sensor_id)
+        fed = [((r.topic, r.partition), sensor_id) for r, sensor_id in zip(sources, ids)]
         stamps = [r.timestamp_ms for r in sources]
         # A poll hands out each partition's records in offset order: the last one wins.
         next_offsets = {(r.topic, r.partition): r.offset + 1 for r in fresh}
-        self.applied.update(next_offsets)
-        return Processed(outputs, next_offsets, len(fresh), decode_rejected,
+        return Processed(outputs, next_offsets, fed, len(fresh), decode_rejected,
                          np.asarray(stamps, dtype=np.float64), result, flagged_ids)
-
-    def forget(self, partitions: Sequence[PartitionId]) -> list[str]:
-        """Stop tracking partitions (revoked); returns the sensors that were fed from them."""
-        dropped: list[str] = []
-        for tp in partitions:
-            self.applied.pop(tp, None)
-            dropped.extend(sorted(self.sensors.pop(tp, set())))
-        return dropped
 
 
 def latency_seconds(record_timestamps_ms: np.ndarray) -> np.ndarray:

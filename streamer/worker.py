@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import signal
 import socket
 import threading
@@ -18,6 +17,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from streamer.checkpoint import CheckpointError, CheckpointStore
+from streamer.checkpoint_writer import CheckpointWriter
 from streamer.config import Settings
 from streamer.core import Learner
 from streamer.core import snapshot as snap
@@ -30,6 +30,7 @@ from streamer.kafka.client import (
 )
 from streamer.kafka.errors import KafkaClientError, UndecodableBatch
 from streamer.kafka.kafka_python_client import KafkaPythonClient
+from streamer.ledger import PartitionLedger
 from streamer.metrics import Metrics
 from streamer.processor import BatchProcessor, Processed, latency_seconds
 
@@ -63,7 +64,8 @@ class Worker:
         self.worker_id = c.worker_id or _host_worker_id()
         self.store = CheckpointStore(c.dir, self.worker_id, self.learner.config.fingerprint(),
                                      c.keep)
-        self._origin: dict[PartitionId, float] = {}  # when our state of a partition was current
+        self.writer = CheckpointWriter(self.store)
+        self.ledger = PartitionLedger(time.monotonic())
         self._client: StreamClient | None = None
         # Stepped batches whose outputs are not acknowledged yet, oldest first. A batch joins
         # before its outputs are handed to the producer and leaves only once every one of them
@@ -74,7 +76,6 @@ class Worker:
         self._heartbeat = time.monotonic()
         self._not_ready_reason = "not connected to the broker yet"
         self._stalled_reason = ""  # partitions held at an undecodable batch, if any
-        self._since_checkpoint = (time.monotonic(), 0)  # (when, readings applied since)
 
     # -- the loop (one screen) --------------------------------------------------------------
     def run(self) -> int:
@@ -97,7 +98,7 @@ class Worker:
                 self._reset_recreated(client, {(r.topic, r.partition) for r in records}
                                       or client.assignment())
                 if records:
-                    pending = _Pending(self.processor.process(records))  # decode, step, train
+                    pending = _Pending(self._process(records))  # decode, step, train
                     self._in_flight.append(pending)  # from here on: sent until acknowledged
                     failpoint("after_step")
                     pending.delivery = client.send(pending.processed.outputs)
@@ -142,23 +143,22 @@ class Worker:
             log.info("connected to %s as group %s", k.bootstrap_servers, k.group_id)
         return self._client
 
-    def _reset_recreated(self, client: StreamClient, partitions: set[PartitionId]) -> None:
-        """Forget applied offsets beyond a partition's end: its log was recreated or lost.
+    def _process(self, records: list) -> Processed:
+        fresh = self.ledger.fresh(records)  # re-deliveries of applied records are skipped
+        processed = self.processor.process(fresh)
+        self.ledger.advance(processed.next_offsets, processed.fed)
+        return processed
 
-        Re-deliveries below our offset are skipped as already applied; but a log that now ends
-        before that offset (topic deleted and recreated, broker storage lost) holds new
-        readings, so it is read again from its start.
-        """
-        reset = {}
-        for tp in partitions:
-            applied, end = self.processor.applied.get(tp), client.highwater(tp)
-            if applied is not None and end is not None and end < applied:
-                log.warning("partition %s ends at %d, before our offset %d: it was recreated or "
-                            "lost its data; reading it from its start", _names([tp]), end, applied)
-                del self.processor.applied[tp]
-                reset[tp] = 0  # out of range on a log that starts later: the client resets
-        if reset:
-            client.seek(reset)
+    def _reset_recreated(self, client: StreamClient, partitions: set[PartitionId]) -> None:
+        """Read a partition again from its start when its log now ends before our offset."""
+        ends = {tp: client.highwater(tp) for tp in partitions}
+        reset = self.ledger.recreated(ends)
+        for tp, offset in reset.items():
+            log.warning("partition %s ends at %d, before our offset %d: it was recreated or "
+                        "lost its data; reading it from its start", _names([tp]), ends[tp],
+                        offset)
+        if reset:  # out of range on a log that starts later: the client resets
+            client.seek(dict.fromkeys(reset, 0))
 
     def _complete(self, client: StreamClient, keep: int) -> None:
         """Wait for the acks of all but the newest ``keep`` in-flight batches."""
@@ -180,11 +180,7 @@ class Worker:
         self._log_updates(processed)
         m.set_sensors(self.learner.n_sensors, self.learner.capacity)
         m.set_lag(client.lag())
-        now = time.time()
-        for tp in processed.next_offsets:
-            self._origin[tp] = now
-        when, count = self._since_checkpoint
-        self._since_checkpoint = (when, count + processed.consumed)
+        self.ledger.acknowledged(processed.next_offsets, processed.consumed, time.time())
 
     def _undecodable(self, exc: UndecodableBatch) -> None:
         """A batch no retry can decode: its partition waits there, loudly, for an operator."""
@@ -212,39 +208,52 @@ class Worker:
         self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
 
     def _maybe_checkpoint(self, client: StreamClient) -> None:
+        self._checkpoint_written(wait=False)
         c = self.settings.checkpoint
-        when, count = self._since_checkpoint
-        due_time = c.interval_seconds is not None and time.monotonic() - when >= c.interval_seconds
-        due_count = c.interval_readings is not None and count >= c.interval_readings
-        if count and (due_time or due_count):
+        if not self.writer.in_flight and self.ledger.checkpoint_due(
+                time.monotonic(), c.interval_seconds, c.interval_readings):
             self._complete(client, keep=0)  # a checkpoint never covers unacknowledged outputs
-            self.checkpoint()
+            self._begin_checkpoint()
 
     def checkpoint(self) -> None:
-        """Save the learner and the next offset of each partition, then commit those offsets.
+        """Checkpoint now and return once it is durable and its offsets are committed."""
+        self._checkpoint_written(wait=True)  # the one in flight, if any, first
+        if self._begin_checkpoint():
+            self._checkpoint_written(wait=True)
 
-        Kafka offsets are committed here and only here, after the outputs of every applied
-        reading were acknowledged: a committed offset is never ahead of a durable checkpoint, so
-        a worker that crashes, even before its first checkpoint, replays into exactly the state
-        it had.
-        """
+    def _begin_checkpoint(self) -> bool:
+        """Copy the learner and the next offset of each partition, to be written in the
+        background; False if outputs are still unacknowledged (nothing taken)."""
         if self._in_flight:
+            return False
+        offsets = self.ledger.offsets()
+        copy_seconds = self.writer.begin(self.learner, offsets, self.ledger.sensors(offsets))
+        self.ledger.checkpoint_taken(time.monotonic())
+        self.metrics.observe_checkpoint_copy(copy_seconds)
+        return True
+
+    def _checkpoint_written(self, wait: bool) -> None:
+        """Once the checkpoint in flight is durable, commit its offsets.
+
+        Kafka offsets are committed here and only here, after the checkpoint holding them is
+        durable; it was taken after the outputs of every applied reading were acknowledged. So
+        a committed offset is never ahead of a durable checkpoint, and a worker that crashes,
+        even before its first checkpoint, replays into exactly the state it had.
+        """
+        written = self.writer.finished(wait)
+        if written is None:
             return
-        offsets = dict(self.processor.applied)
-        try:
-            saved = self.store.save(
-                self.learner.snapshot(), offsets,
-                {tp: sorted(self.processor.sensors.get(tp, ())) for tp in offsets})
-        except OSError as exc:
-            log.error("checkpoint failed: %s", exc)
+        if written.error is not None:
+            log.error("checkpoint failed: %s", written.error)
             self.metrics.observe_checkpoint_failure()
             return
+        saved = written.saved
         self.metrics.observe_checkpoint(saved.duration_seconds, saved.size_bytes, time.time())
-        self._since_checkpoint = (time.monotonic(), 0)
-        log.debug("checkpoint %s (%d bytes)", saved.path.name, saved.size_bytes)
-        if self._client is not None and offsets:
+        log.debug("checkpoint %s (%d bytes, %.1f ms on the serving thread)", saved.path.name,
+                  saved.size_bytes, written.copy_seconds * 1e3)
+        if self._client is not None and written.offsets:
             try:
-                self._client.commit(offsets)
+                self._client.commit(written.offsets)
             except KafkaClientError as exc:  # e.g. after a rebalance: the checkpoint has them
                 log.info("offsets not committed (%s); the checkpoint holds them", exc)
 
@@ -252,25 +261,25 @@ class Worker:
     def _on_assign(self, partitions: list[PartitionId]) -> None:
         """Adopt each partition's newest state (ours or a checkpoint's) and seek to it."""
         log.info("assigned %s", _names(partitions))
+        self._checkpoint_written(wait=True)  # the directory as it will stay (pruning included)
         client = self._client
         current = client.assignment() if client is not None else set(partitions)
-        stale = [tp for tp in list(self.processor.applied) if tp not in current]
+        stale = [tp for tp in self.ledger.partitions() if tp not in current]
         if stale:
             self._release(stale)
         seeks = {}
         for tp in partitions:
-            checkpoint = self.store.latest_for(tp, newer_than=self._origin.get(tp, -math.inf))
+            checkpoint = self.store.latest_for(tp, newer_than=self.ledger.current_at(tp))
             mine = checkpoint is not None and checkpoint.worker == self.worker_id
-            if checkpoint is not None and not (mine and tp in self.processor.applied):
+            if checkpoint is not None and not (mine and tp in self.ledger):
                 ids = checkpoint.sensors.get(tp, [])
                 self.learner.import_sensors(snap.sensors_of(checkpoint.state, ids))
-                self.processor.applied[tp] = checkpoint.offsets[tp]
-                self.processor.sensors[tp] = set(ids)
-                self._origin[tp] = checkpoint.created
+                self.ledger.adopt(tp, checkpoint.offsets[tp], ids, checkpoint.created)
                 log.info("partition %s: restored %d sensors from %s at offset %d", _names([tp]),
                          len(ids), checkpoint.path.name, checkpoint.offsets[tp])
-            if tp in self.processor.applied:
-                seeks[tp] = self.processor.applied[tp]
+            offset = self.ledger.next_offset(tp)
+            if offset is not None:
+                seeks[tp] = offset
         if seeks and client is not None:
             client.seek(seeks)
         if client is not None:  # a stalled partition may have left, or come back paused
@@ -284,10 +293,7 @@ class Worker:
         self._release(partitions)
 
     def _release(self, partitions: list[PartitionId]) -> None:
-        dropped = self.processor.forget(partitions)
-        self.learner.drop_sensors(dropped)
-        for tp in partitions:
-            self._origin.pop(tp, None)
+        self.learner.drop_sensors(self.ledger.release(partitions))
 
     # -- start and stop ----------------------------------------------------------------------
     def _restore_on_start(self) -> None:
@@ -302,9 +308,8 @@ class Worker:
             log.info("no checkpoint found in %s: starting fresh", self.store.directory)
             return
         self.learner.load(found.state)
-        self.processor.applied = dict(found.offsets)
-        self.processor.sensors = {tp: set(ids) for tp, ids in found.sensors.items()}
-        self._origin = {tp: found.created for tp in found.offsets}
+        for tp, offset in found.offsets.items():
+            self.ledger.adopt(tp, offset, found.sensors.get(tp, []), found.created)
         log.info("restored %s: %d sensors, %d updates, offsets %s", found.path.name,
                  self.learner.n_sensors, self.learner.updates, found.offsets)
 
@@ -316,6 +321,7 @@ class Worker:
             except KafkaClientError as exc:
                 log.error("could not deliver the last batches (they will be re-read): %s", exc)
         self.checkpoint()
+        self.writer.close()
         self._close_client()
         self.health.stop()
         log.info("stopped")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
 from streamer.checkpoint import CheckpointStore
+from streamer.checkpoint_writer import CheckpointWriter
 from streamer.core import Batch, Learner, LearnerConfig
 from streamer.core import snapshot as snap
 from tests.core.conftest import sine_fleet
@@ -149,3 +151,45 @@ def test_partition_state_moves_between_learners_through_a_checkpoint(tmp_path):
     np.testing.assert_allclose(got.lower, expected.lower, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(got.upper, expected.upper, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(got.anomaly_score, expected.anomaly_score, atol=1e-6)
+
+
+def test_a_background_checkpoint_holds_the_state_when_it_was_begun(tmp_path):
+    store = CheckpointStore(tmp_path, "w1", CFG.fingerprint())
+    writer = CheckpointWriter(store)
+    learner = _learner(20)
+    expected = learner.snapshot()
+    assert writer.begin(learner, {TP: 7}, {TP: ["s0"]}) >= 0
+    assert writer.in_flight
+    learner.step(sine_fleet(5, 10, seed=2).take(np.arange(5)))  # serving goes on meanwhile
+    written = writer.finished(wait=True)
+    assert written.error is None and written.offsets == {TP: 7} and not writer.in_flight
+    assert writer.finished(wait=True) is None  # taken once
+    found = store.latest()
+    assert found.path.stem == written.saved.path.stem and found.offsets == {TP: 7}
+    _assert_same_state(expected, found.state)
+    # The next one reuses the first one's buffers, now that its write has ended.
+    writer.begin(learner, {TP: 8}, {TP: ["s0"]})
+    assert writer.finished(wait=True).error is None
+    _assert_same_state(learner.snapshot(), store.latest().state)
+    writer.close()
+
+
+def test_a_second_checkpoint_cannot_begin_while_one_is_in_flight(tmp_path):
+    writer = CheckpointWriter(CheckpointStore(tmp_path, "w1", CFG.fingerprint()))
+    learner = _learner(5)
+    writer.begin(learner, {TP: 1}, {TP: []})
+    with pytest.raises(RuntimeError, match="in flight"):
+        writer.begin(learner, {TP: 2}, {TP: []})
+    writer.finished(wait=True)
+    writer.close()
+
+
+def test_a_background_write_that_fails_is_reported_with_its_error(tmp_path):
+    store = CheckpointStore(tmp_path / "ckpt", "w1", CFG.fingerprint())
+    writer = CheckpointWriter(store)
+    shutil.rmtree(tmp_path / "ckpt")  # the volume went away
+    writer.begin(_learner(5), {TP: 3}, {TP: []})
+    written = writer.finished(wait=True)
+    assert isinstance(written.error, OSError) and written.saved is None
+    assert written.offsets == {TP: 3}
+    writer.close()

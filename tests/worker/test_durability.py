@@ -16,7 +16,8 @@ from tests.worker.conftest import forecasts_by_source, reading, wait_for
 CRASH_POINTS = [  # (failpoint, how many passes before the crash)
     ("after_step", 3),  # during a micro-batch: stepped, nothing produced
     ("in_update", 4),  # during a truncated-BPTT update: after backward, before the step
-    ("checkpoint_half_written", 2),  # during a checkpoint write: half the data file
+    # during a checkpoint write (in the background thread, the loop going on): half the file
+    ("checkpoint_half_written", 2),
     ("checkpoint_before_manifest", 2),  # data durable, manifest not yet written
     ("after_produce", 5),  # forecasts acknowledged, offsets not committed
 ]

@@ -1,0 +1,112 @@
+"""The partition ledger: what one worker holds of each input partition.
+
+Per partition: the next offset to apply (records below it were applied already), the sensors
+whose readings came from it (they move with it), and when our state of it was last current
+(a checkpoint older than that is stale for us). Across partitions: how many readings were
+applied since the last checkpoint was taken. The ledger is plain bookkeeping: no broker, no
+learner, no clock of its own (callers pass times), so every rule durability depends on is
+tested without a broker (tests/test_ledger.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+from streamer.kafka.client import InputRecord, PartitionId
+
+
+class PartitionLedger:
+    def __init__(self, now: float) -> None:
+        """``now``: monotonic seconds; the first checkpoint interval runs from here."""
+        self._next: dict[PartitionId, int] = {}
+        self._sensors: dict[PartitionId, set[str]] = {}
+        self._current_at: dict[PartitionId, float] = {}  # wall-clock seconds (time.time())
+        self._since_checkpoint = 0
+        self._checkpoint_taken_at = now  # monotonic seconds
+
+    # -- what is held ------------------------------------------------------------------------
+    def __contains__(self, tp: PartitionId) -> bool:
+        return tp in self._next
+
+    def partitions(self) -> set[PartitionId]:
+        return set(self._next)
+
+    def next_offset(self, tp: PartitionId) -> int | None:
+        return self._next.get(tp)
+
+    def offsets(self) -> dict[PartitionId, int]:
+        """The next offset to apply of every held partition (a copy)."""
+        return dict(self._next)
+
+    def sensors(self, partitions: Iterable[PartitionId]) -> dict[PartitionId, list[str]]:
+        """The sensors fed from each of ``partitions``, sorted."""
+        return {tp: sorted(self._sensors.get(tp, ())) for tp in partitions}
+
+    def current_at(self, tp: PartitionId) -> float:
+        """When our state of ``tp`` was last current; -inf if we hold none."""
+        return self._current_at.get(tp, -math.inf)
+
+    # -- a batch ----------------------------------------------------------------------------
+    def fresh(self, records: Sequence[InputRecord]) -> list[InputRecord]:
+        """The records not applied yet: a re-delivery below a partition's next offset (after a
+        reconnect or a restored checkpoint) is dropped, so each reading changes state once."""
+        return [r for r in records if r.offset >= self._next.get((r.topic, r.partition), 0)]
+
+    def advance(self, next_offsets: Mapping[PartitionId, int],
+                fed: Iterable[tuple[PartitionId, str]]) -> None:
+        """Record a batch as applied: its partitions' new next offsets, and (partition, sensor)
+        of each reading that fed a sensor."""
+        for tp, sensor_id in fed:
+            self._sensors.setdefault(tp, set()).add(sensor_id)
+        self._next.update(next_offsets)
+
+    def acknowledged(self, next_offsets: Mapping[PartitionId, int], readings: int,
+                     wall_time: float) -> None:
+        """A batch's outputs are all acknowledged: our state of its partitions is current."""
+        for tp in next_offsets:
+            if tp in self._next:
+                self._current_at[tp] = wall_time
+        self._since_checkpoint += readings
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def checkpoint_due(self, now: float, every_seconds: float | None,
+                       every_readings: int | None) -> bool:
+        """Whether readings were applied since the last checkpoint and one of the intervals
+        (either may be None: never by that measure) has passed since it was taken."""
+        if not self._since_checkpoint:
+            return False
+        by_time = every_seconds is not None and now - self._checkpoint_taken_at >= every_seconds
+        by_count = every_readings is not None and self._since_checkpoint >= every_readings
+        return by_time or by_count
+
+    def checkpoint_taken(self, now: float) -> None:
+        """A checkpoint copied the state as it is now: the next one counts from here."""
+        self._since_checkpoint, self._checkpoint_taken_at = 0, now
+
+    # -- partitions coming and going --------------------------------------------------------
+    def adopt(self, tp: PartitionId, next_offset: int, sensor_ids: Iterable[str],
+              current_at: float) -> None:
+        """Hold ``tp`` as a checkpoint left it (replacing what we held of it)."""
+        self._next[tp] = next_offset
+        self._sensors[tp] = set(sensor_ids)
+        self._current_at[tp] = current_at
+
+    def release(self, partitions: Iterable[PartitionId]) -> list[str]:
+        """Stop holding ``partitions``; returns the sensors fed from them (to drop)."""
+        dropped: list[str] = []
+        for tp in partitions:
+            self._next.pop(tp, None)
+            self._current_at.pop(tp, None)
+            dropped.extend(sorted(self._sensors.pop(tp, set())))
+        return dropped
+
+    def recreated(self, ends: Mapping[PartitionId, int | None]) -> dict[PartitionId, int]:
+        """Partitions whose log now ends before our next offset (deleted and recreated, or the
+        broker lost its data): they hold new readings, so their offset is forgotten (returned)
+        and they are read from their start. ``ends``: each partition's end offset or None."""
+        reset = {tp: self._next[tp] for tp, end in ends.items()
+                 if end is not None and tp in self._next and end < self._next[tp]}
+        for tp in reset:
+            del self._next[tp]
+        return reset

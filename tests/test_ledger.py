@@ -1,0 +1,97 @@
+"""The partition ledger's rules, without a broker: what is fresh, held, due and released."""
+
+from __future__ import annotations
+
+import math
+
+from streamer.kafka.client import InputRecord
+from streamer.ledger import PartitionLedger
+
+A, B = ("in", 0), ("in", 1)
+
+
+def _records(tp, offsets):
+    return [InputRecord(tp[0], tp[1], o, None, b"{}", 0) for o in offsets]
+
+
+def _applied(ledger, tp, offsets, sensors, acked_at=100.0):
+    records = ledger.fresh(_records(tp, offsets))
+    next_offsets = {tp: records[-1].offset + 1} if records else {}
+    ledger.advance(next_offsets, [(tp, s) for s in sensors])
+    ledger.acknowledged(next_offsets, len(records), acked_at)
+    return records
+
+
+def test_records_below_a_partitions_next_offset_are_not_fresh():
+    ledger = PartitionLedger(now=0.0)
+    assert len(_applied(ledger, A, range(0, 5), ["s1"])) == 5
+    # A re-delivery after a reconnect overlaps what was applied: only the new part is fresh.
+    fresh = ledger.fresh(_records(A, range(3, 8)) + _records(B, range(0, 2)))
+    assert [(r.partition, r.offset) for r in fresh] == [(0, 5), (0, 6), (0, 7), (1, 0), (1, 1)]
+    assert ledger.next_offset(A) == 5 and ledger.next_offset(B) is None
+
+
+def test_a_batch_advances_offsets_and_records_which_sensors_each_partition_fed():
+    ledger = PartitionLedger(now=0.0)
+    _applied(ledger, A, range(0, 3), ["s2", "s1", "s2"], acked_at=50.0)
+    _applied(ledger, B, range(0, 1), ["s9"], acked_at=60.0)
+    assert ledger.offsets() == {A: 3, B: 1}
+    assert ledger.sensors([A, B]) == {A: ["s1", "s2"], B: ["s9"]}
+    assert ledger.current_at(A) == 50.0 and ledger.current_at(B) == 60.0
+    assert ledger.current_at(("in", 7)) == -math.inf
+
+
+def test_offsets_returned_are_a_copy_the_next_batch_cannot_change():
+    ledger = PartitionLedger(now=0.0)
+    _applied(ledger, A, range(0, 3), ["s1"])
+    taken = ledger.offsets()
+    _applied(ledger, A, range(3, 9), ["s1"])
+    assert taken == {A: 3} and ledger.offsets() == {A: 9}
+
+
+def test_a_checkpoint_is_due_by_time_or_count_only_after_new_readings():
+    ledger = PartitionLedger(now=0.0)
+    assert not ledger.checkpoint_due(100.0, 10.0, None)  # nothing applied: nothing to save
+    _applied(ledger, A, range(0, 4), ["s1"])
+    assert not ledger.checkpoint_due(5.0, 10.0, None)
+    assert ledger.checkpoint_due(10.0, 10.0, None)
+    assert ledger.checkpoint_due(5.0, None, 4) and not ledger.checkpoint_due(5.0, None, 5)
+    assert not ledger.checkpoint_due(1e9, None, None)  # both intervals off: never
+    ledger.checkpoint_taken(now=12.0)
+    assert not ledger.checkpoint_due(30.0, 10.0, 1)  # taken, and nothing applied since
+    _applied(ledger, A, range(4, 5), ["s1"])
+    assert not ledger.checkpoint_due(21.0, 10.0, None) and ledger.checkpoint_due(22.0, 10.0, None)
+
+
+def test_adopting_a_partition_from_a_checkpoint_replaces_what_was_held():
+    ledger = PartitionLedger(now=0.0)
+    _applied(ledger, A, range(0, 9), ["old"], acked_at=70.0)
+    ledger.adopt(A, 4, ["s1", "s3"], current_at=65.0)
+    assert ledger.next_offset(A) == 4 and A in ledger
+    assert ledger.sensors([A]) == {A: ["s1", "s3"]} and ledger.current_at(A) == 65.0
+    assert [r.offset for r in ledger.fresh(_records(A, range(2, 6)))] == [4, 5]
+
+
+def test_releasing_partitions_returns_their_sensors_and_forgets_them():
+    ledger = PartitionLedger(now=0.0)
+    _applied(ledger, A, range(0, 2), ["a1", "a2"])
+    _applied(ledger, B, range(0, 2), ["b1"])
+    assert ledger.release([A, ("in", 5)]) == ["a1", "a2"]
+    assert ledger.partitions() == {B} and A not in ledger
+    assert ledger.current_at(A) == -math.inf
+    assert len(ledger.fresh(_records(A, range(0, 2)))) == 2  # read again if it comes back
+    # An acknowledgement for a partition no longer held does not bring it back.
+    ledger.acknowledged({A: 2}, 2, 99.0)
+    assert A not in ledger and ledger.current_at(A) == -math.inf
+
+
+def test_a_partition_whose_log_ends_before_our_offset_is_read_from_its_start():
+    ledger = PartitionLedger(now=0.0)
+    _applied(ledger, A, range(0, 50), ["s1"])
+    _applied(ledger, B, range(0, 10), ["s2"])
+    # A was recreated (ends at 3 < 50); B's end is unknown or beyond: kept.
+    assert ledger.recreated({A: 3, B: None}) == {A: 50}
+    assert ledger.recreated({B: 10}) == {}
+    assert ledger.next_offset(A) is None and ledger.next_offset(B) == 10
+    assert len(ledger.fresh(_records(A, range(0, 3)))) == 3
+    assert ledger.sensors([A]) == {A: ["s1"]}  # its sensors stay: their state is still ours
