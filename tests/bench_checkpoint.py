@@ -1,0 +1,239 @@
+"""What checkpoints cost the serving loop (a print-out, not a test).
+
+    python -m tests.bench_checkpoint [--sensors 1000,10000,100000] [--seconds 30]
+                                     [--live-sensors 100000] [--live-rate 4000]
+
+**Core** (per fleet size, no broker): the worker's learner steps micro-batches of
+``max_poll_records`` readings (round robin over the sensors, default settings, one torch thread)
+for ``--seconds`` in each of three modes, in turn:
+
+* **none**: no checkpoint;
+* **async** (what the worker does): every 10 s the serving thread copies the learner into the
+  previous checkpoint's buffers (``CheckpointWriter.begin``) and a background thread serializes,
+  hashes, writes and fsyncs it;
+* **sync** (the baseline, what the worker did before): every 10 s a fresh snapshot and
+  ``CheckpointStore.save`` on the serving thread.
+
+It prints readings/s against none, the serving thread's stall per checkpoint (async: the copy;
+sync: snapshot + save), the slowest micro-batch (a stall plus any contention with the
+background write), and checkpoint bytes per sensor.
+
+**Live** (``--live-sensors``, 0 to skip): the real ``Worker`` on a local broker, its table
+filled with N sensors, then live readings at ``--live-rate``/s for ``--live-seconds`` (the
+same producer and reader as tests/bench_e2e.py); reading-to-forecast latency percentiles with
+checkpoints every 10 s against checkpoints off, in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from streamer.checkpoint import CheckpointStore
+from streamer.checkpoint_writer import CheckpointWriter
+from streamer.config import load_settings
+from streamer.core import Batch, Learner
+
+INTERVAL_S = 10.0
+MODES = ("none", "async", "sync")
+
+
+@dataclass
+class Run:
+    readings: int = 0
+    seconds: float = 0.0
+    stalls_ms: list[float] = field(default_factory=list)  # serving thread, per checkpoint
+    writes_ms: list[float] = field(default_factory=list)  # background (async) or inline (sync)
+    slowest_batch_ms: float = 0.0
+    size_bytes: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.readings / self.seconds
+
+
+class Stream:
+    """Round-robin readings over n sensors, a minute apart per sensor."""
+
+    def __init__(self, n_sensors: int, batch: int):
+        self.ids = np.array([f"sensor-{i:06d}" for i in range(n_sensors)], dtype=object)
+        self.batch, self.position = batch, 0
+        self.rng = np.random.default_rng(0)
+
+    def next(self) -> Batch:
+        index = np.arange(self.position, self.position + self.batch)
+        self.position += self.batch
+        n = len(self.ids)
+        ts = 1.7e9 + 60.0 * (index // n)
+        values = 20.0 + 5.0 * np.sin(index / n / 50.0 + index % n)[:, None]
+        values += self.rng.normal(0.0, 0.5, size=values.shape)
+        return Batch.from_arrays(list(self.ids[index % n]), ts, values)
+
+
+def serve(learner: Learner, stream: Stream, mode: str, seconds: float, directory: Path) -> Run:
+    store = CheckpointStore(directory / mode, "bench", learner.config.fingerprint(), keep=2)
+    writer = CheckpointWriter(store)
+    run = Run()
+    started = last = time.perf_counter()
+    while (now := time.perf_counter()) - started < seconds:
+        batch = stream.next()
+        learner.step(batch)
+        run.readings += len(batch)
+        run.slowest_batch_ms = max(run.slowest_batch_ms, (time.perf_counter() - now) * 1e3)
+        if writer.in_flight and (written := writer.finished()) is not None:
+            run.writes_ms.append(written.saved.duration_seconds * 1e3)
+            run.size_bytes = written.saved.size_bytes
+        if mode == "none" or time.perf_counter() - last < INTERVAL_S or writer.in_flight:
+            continue
+        began = time.perf_counter()
+        if mode == "async":
+            writer.begin(learner, {("in", 0): run.readings}, {("in", 0): []})
+        else:
+            saved = store.save(learner.snapshot(), {("in", 0): run.readings}, {("in", 0): []})
+            run.writes_ms.append(saved.duration_seconds * 1e3)
+            run.size_bytes = saved.size_bytes
+        last = time.perf_counter()
+        run.stalls_ms.append((last - began) * 1e3)
+        run.slowest_batch_ms = max(run.slowest_batch_ms, (last - now) * 1e3)
+    run.seconds = time.perf_counter() - started
+    if writer.in_flight:  # after the clock: a write still running is not the loop's time
+        written = writer.finished(wait=True)
+        run.writes_ms.append(written.saved.duration_seconds * 1e3)
+        run.size_bytes = written.saved.size_bytes
+    writer.close()
+    return run
+
+
+def bench_core(n_sensors: int, seconds: float, rounds: int, directory: Path) -> dict[str, Run]:
+    settings = load_settings({"device": "cpu"})
+    config = dataclasses.replace(settings.learner_config(),
+                                 max_sensors=max(n_sensors, settings.sensors.max_sensors))
+    learner = Learner(config)
+    stream = Stream(n_sensors, settings.kafka.max_poll_records)
+    while stream.position < 3 * n_sensors:  # every sensor in the table, a few readings in
+        learner.step(stream.next())
+    runs: dict[str, list[Run]] = {mode: [] for mode in MODES}
+    for r in range(rounds):
+        for mode in MODES if r % 2 == 0 else MODES[::-1]:
+            runs[mode].append(serve(learner, stream, mode, seconds, directory))
+            print(f"[{n_sensors} sensors] round {r + 1} {mode}: "
+                  f"{runs[mode][-1].rate:,.0f} readings/s", flush=True)
+    return {mode: _merged(found) for mode, found in runs.items()}
+
+
+def _merged(runs: list[Run]) -> Run:
+    merged = Run()
+    for run in runs:
+        merged.readings += run.readings
+        merged.seconds += run.seconds
+        merged.stalls_ms += run.stalls_ms
+        merged.writes_ms += run.writes_ms
+        merged.slowest_batch_ms = max(merged.slowest_batch_ms, run.slowest_batch_ms)
+        merged.size_bytes = run.size_bytes or merged.size_bytes
+    return merged
+
+
+def _stat(values: list[float], how=statistics.median) -> str:
+    return f"{how(values):,.0f}" if values else "-"
+
+
+def core_table(results: dict[int, dict[str, Run]]) -> str:
+    lines = ["| sensors | mode | readings/s | vs none | checkpoints | stall ms median / max | "
+             "write ms median | slowest batch ms | bytes/sensor |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for n, runs in results.items():
+        base = runs["none"].rate
+        for mode in MODES:
+            run = runs[mode]
+            stalls = f"{_stat(run.stalls_ms)} / {_stat(run.stalls_ms, max)}"
+            per_sensor = f"{run.size_bytes / n:,.0f}" if run.size_bytes else "-"
+            lines.append(f"| {n:,} | {mode} | {run.rate:,.0f} | {run.rate / base - 1:+.1%} | "
+                         f"{len(run.stalls_ms)} | {stalls} | {_stat(run.writes_ms)} | "
+                         f"{run.slowest_batch_ms:,.0f} | {per_sensor} |")
+    return "\n".join(lines)
+
+
+# -- live: the real worker on a local broker -------------------------------------------------
+def bench_live(n_sensors: int, rate: float, seconds: float, directory: Path) -> str:
+    from tests import bench_e2e as e2e  # the broker, producer and reader of the e2e benchmark
+
+    from streamer.kafka.admin import ensure_topics
+    from streamer.kafka.broker import LocalBroker
+
+    lines = ["| checkpoints | sent/s | p50 ms | p90 ms | p99 ms | max ms | checkpoints taken | "
+             "stall ms max |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    with LocalBroker() as broker:
+        for label, interval in (("every 10 s", INTERVAL_S), ("off", None)):
+            run = f"live-{label.split()[0]}-{time.time_ns()}"
+            topics = {"in": f"{run}-in", "out": f"{run}-out", "dlq": f"{run}-dlq",
+                      "ceiling": f"{run}-unused"}
+            ensure_topics(broker.bootstrap, {topics["in"]: e2e.PARTITIONS,
+                                             topics["out"]: e2e.PARTITIONS, topics["dlq"]: 1})
+            e2e.pre_produce(broker.bootstrap, topics["in"], n_sensors, 2)
+            settings = e2e.streamer_settings(broker.bootstrap, topics, f"{run}-group",
+                                             directory / run)
+            settings = settings.model_copy(update={"checkpoint": settings.checkpoint.model_copy(
+                update={"interval_seconds": interval})})
+            cpu = e2e.CpuMeter(e2e.broker_pid(broker))
+            with e2e.running("streamer", settings, topics["ceiling"]) as serving:
+                e2e.wait_for_count(serving.count, 0, 2 * n_sensors, 600.0, serving.alive)
+                registry = serving.worker.registry
+                before = registry.get_sample_value("streamer_checkpoint_copy_seconds_count") or 0
+                latency = e2e.live_phase(broker.bootstrap, topics["in"], topics["out"],
+                                         n_sensors, rate, seconds, 5.0, cpu)
+                taken = (registry.get_sample_value("streamer_checkpoint_copy_seconds_count")
+                         or 0) - before
+                stall = _largest_bucket(registry)
+            w = latency.worker_ms
+            lines.append(f"| {label} | {latency.rate:,.0f} | {w['p50']:,.0f} | {w['p90']:,.0f} |"
+                         f" {w['p99']:,.0f} | {w['max']:,.0f} | {taken:.0f} | {stall} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def _largest_bucket(registry) -> str:
+    """The copy histogram's smallest bucket holding every observation: an upper bound (ms)."""
+    total = registry.get_sample_value("streamer_checkpoint_copy_seconds_count") or 0
+    if not total:
+        return "-"
+    for bound in (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5):
+        if registry.get_sample_value("streamer_checkpoint_copy_seconds_bucket",
+                                     {"le": str(bound)}) == total:
+            return f"<= {bound * 1e3:,.0f}"
+    return "> 2,500"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sensors", default="1000,10000,100000")
+    parser.add_argument("--seconds", type=float, default=30.0, help="per mode and round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--live-sensors", type=int, default=100_000, help="0: skip")
+    parser.add_argument("--live-rate", type=float, default=4000.0)
+    parser.add_argument("--live-seconds", type=float, default=60.0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(load_settings().torch_threads or 1)
+    with tempfile.TemporaryDirectory(prefix="bench-checkpoint-") as tmp:
+        results = {n: bench_core(n, args.seconds, args.rounds, Path(tmp))
+                   for n in (int(x) for x in args.sensors.split(",") if x)}
+        print(f"\nCheckpoint every {INTERVAL_S:.0f} s, {args.rounds} x {args.seconds:.0f} s per "
+              "mode (order alternating), one torch thread, cpu:\n")
+        print(core_table(results))
+        if args.live_sensors:
+            print(f"\nLive: {args.live_sensors:,} sensors, {args.live_rate:,.0f} readings/s "
+                  f"for {args.live_seconds:.0f} s (first 5 s not counted); latency = output "
+                  "record's timestamp - input record's:\n")
+            print(bench_live(args.live_sensors, args.live_rate, args.live_seconds, Path(tmp)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
