@@ -22,10 +22,10 @@ from pathlib import Path
 
 from streamer.core import snapshot as snap
 from streamer.core.failpoints import failpoint
+from streamer.kafka.client import PartitionId
 
 log = logging.getLogger(__name__)
 
-PartitionKey = tuple[str, int]
 _NAME = re.compile(r"^(?P<worker>[A-Za-z0-9_.-]+)-(?P<seq>\d{10})\.json$")
 
 
@@ -42,8 +42,8 @@ class Checkpoint:
     seq: int
     created: float
     state: dict  # the learner snapshot (see streamer.core.snapshot)
-    offsets: dict[PartitionKey, int]  # next offset to apply, per partition
-    sensors: dict[PartitionKey, list[str]]  # the sensors whose readings came from it
+    offsets: dict[PartitionId, int]  # next offset to apply, per partition
+    sensors: dict[PartitionId, list[str]]  # the sensors whose readings came from it
 
 
 @dataclass(frozen=True)
@@ -70,11 +70,11 @@ def _write_atomic(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def _key(tp: PartitionKey) -> str:
+def _key(tp: PartitionId) -> str:
     return f"{tp[0]}:{tp[1]}"
 
 
-def _unkey(text: str) -> PartitionKey:
+def _unkey(text: str) -> PartitionId:
     topic, _, partition = text.rpartition(":")
     return topic, int(partition)
 
@@ -91,8 +91,8 @@ class CheckpointStore:
         mine = [seq for w, seq, _ in self._manifests() if w == worker]
         self._next_seq = max(mine, default=0) + 1
 
-    def save(self, state: dict, offsets: dict[PartitionKey, int],
-             sensors: dict[PartitionKey, list[str]]) -> SaveStats:
+    def save(self, state: dict, offsets: dict[PartitionId, int],
+             sensors: dict[PartitionId, list[str]]) -> SaveStats:
         """Write a checkpoint durably, then prune this worker's older ones beyond ``keep``."""
         started = time.perf_counter()
         seq, self._next_seq = self._next_seq, self._next_seq + 1
@@ -128,7 +128,7 @@ class CheckpointStore:
                 return checkpoint
         return None
 
-    def latest_for(self, partition: PartitionKey, newer_than: float = 0.0) -> Checkpoint | None:
+    def latest_for(self, partition: PartitionId, newer_than: float = 0.0) -> Checkpoint | None:
         """The most recently written valid checkpoint, by any worker, that holds ``partition``."""
         holding = [(created, path) for _, created, path in self._by_time(partition)
                    if created > newer_than]
@@ -138,7 +138,7 @@ class CheckpointStore:
                 return checkpoint
         return None
 
-    def _by_time(self, partition: PartitionKey | None = None) -> list[tuple[str, float, Path]]:
+    def _by_time(self, partition: PartitionId | None = None) -> list[tuple[str, float, Path]]:
         """(worker, created, manifest path) of every readable manifest, optionally filtered."""
         found = []
         for worker, _, path in self._manifests():

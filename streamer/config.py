@@ -13,7 +13,7 @@ import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -30,15 +30,17 @@ from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streamer.core.config import (
+    DEVICE_NAMES,
     MAX_HORIZON,
     MAX_LEARN_AFTER,
     MAX_WINDOWS_PER_UPDATE,
     LearnerConfig,
+    is_device_name,
 )
 
-if TYPE_CHECKING:  # the Kafka edge is imported only when connecting
-    from streamer.kafka.client import ConsumerSettings, ProducerSettings
-    from streamer.kafka.connection import KafkaConnection
+# The Kafka edge's interface modules (no Kafka library): its rules are stated there, once.
+from streamer.kafka.client import ConsumerSettings, ProducerSettings, heartbeat_fits
+from streamer.kafka.connection import SASL_MECHANISMS, SECURITY_PROTOCOLS, KafkaConnection
 
 ENV_PREFIX = "STREAMER_"
 ENV_NESTED_DELIMITER = "__"
@@ -48,12 +50,9 @@ _LEARNER_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fiel
 
 # Kafka's own rule for topic names (kafka.common.internals.Topic).
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
-_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(\d{1,5})$")
-# kafka-python can only be configured for these from plain values (OAUTHBEARER needs a token
-# provider object, GSSAPI a Kerberos setup), so only these are offered.
-SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
-SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal[SASL_MECHANISMS]  # type: ignore[valid-type]  # the edge's list
+SecurityProtocol = Literal[SECURITY_PROTOCOLS]  # type: ignore[valid-type]
 
 
 class ConfigError(ValueError):
@@ -198,7 +197,7 @@ class KafkaSettings(_Section):
         self._check_topics_distinct()
         self._check_sasl()
         self._check_ssl()
-        if self.heartbeat_interval_ms * 3 >= self.session_timeout_ms:
+        if not heartbeat_fits(self.heartbeat_interval_ms, self.session_timeout_ms):
             raise _conflict(
                 f"{_named('kafka.heartbeat_interval_ms')} is {self.heartbeat_interval_ms} but must "
                 f"be below a third of {_named('kafka.session_timeout_ms')}, which is "
@@ -208,9 +207,7 @@ class KafkaSettings(_Section):
         return self
 
     def consumer(self) -> ConsumerSettings:
-        """The Kafka edge's consumer-group settings (imported here, only when connecting)."""
-        from streamer.kafka.client import ConsumerSettings
-
+        """The Kafka edge's consumer-group settings."""
         return ConsumerSettings(
             group_id=self.group_id, session_timeout_ms=self.session_timeout_ms,
             heartbeat_interval_ms=self.heartbeat_interval_ms,
@@ -220,15 +217,11 @@ class KafkaSettings(_Section):
 
     def producer(self) -> ProducerSettings:
         """The Kafka edge's producer settings: the output codec ("none": uncompressed)."""
-        from streamer.kafka.client import ProducerSettings
-
         codec = None if self.compression_type == "none" else self.compression_type
         return ProducerSettings(compression_type=codec)
 
     def connection(self) -> KafkaConnection:
-        """The Kafka edge's connection settings (imported here, only when connecting)."""
-        from streamer.kafka.connection import KafkaConnection
-
+        """The Kafka edge's connection settings."""
         return KafkaConnection(
             bootstrap_servers=self.bootstrap_servers, client_id=self.client_id,
             security_protocol=self.security_protocol, sasl_mechanism=self.sasl_mechanism,
@@ -265,7 +258,8 @@ class KafkaSettings(_Section):
         if self.sasl_mechanism is None:
             raise _conflict(
                 f"{_named('kafka.sasl_mechanism')} is required when kafka.security_protocol is "
-                f"{self.security_protocol}; set it to PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"
+                f"{self.security_protocol}; set it to {', '.join(SASL_MECHANISMS[:-1])} or "
+                f"{SASL_MECHANISMS[-1]}"
             )
         for name in ("sasl_username", "sasl_password"):
             if getattr(self, name) is None:
@@ -536,7 +530,7 @@ class Settings(BaseSettings):
     log: LogSettings = Field(default_factory=LogSettings, description="Log level and format.")
     device: str = Field(
         _LEARNER_DEFAULTS["device"],
-        description="Torch device: auto (cuda when available), cpu, cuda or cuda:N.",
+        description=f"Torch device: {DEVICE_NAMES} (auto: cuda when available).",
     )
 
     torch_threads: int | None = Field(
@@ -560,8 +554,8 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _device_name(cls, value: str) -> str:
-        if not _DEVICE.match(value):
-            raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
+        if not is_device_name(value):
+            raise ValueError(f"expected {DEVICE_NAMES}, got {value!r}")
         return value
 
     def learner_config(self) -> LearnerConfig:

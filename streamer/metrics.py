@@ -19,6 +19,7 @@ from prometheus_client.process_collector import ProcessCollector
 from streamer import __version__
 from streamer.core.batch import HorizonResult, StepResult, UpdateStats
 from streamer.core.rejections import REJECTION_REASONS, Reason
+from streamer.kafka.client import PartitionId
 
 # Readings per poll: 1 .. ~10k.
 BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
@@ -425,7 +426,7 @@ class Metrics:
         self.sensors_active.set(active)
         self.sensor_slots_capacity.set(capacity)
 
-    def set_lag(self, lag: Mapping[tuple[str, int], int]) -> None:
+    def set_lag(self, lag: Mapping[PartitionId, int]) -> None:
         """Replace the lag series with ``{(topic, partition): records behind}``.
 
         Partitions no longer assigned disappear, so a rebalance leaves no stale series behind.

@@ -163,10 +163,9 @@ def core_table(results: dict[int, dict[str, Run]]) -> str:
 
 # -- live: the real worker on a local broker -------------------------------------------------
 def bench_live(n_sensors: int, rate: float, seconds: float, directory: Path) -> str:
-    from tests import bench_e2e as e2e  # the broker, producer and reader of the e2e benchmark
-
     from streamer.kafka.admin import ensure_topics
     from streamer.kafka.broker import LocalBroker
+    from tests import bench_e2e as e2e  # the broker, producer and reader of the e2e benchmark
 
     lines = ["| checkpoints | sent/s | p50 ms | p90 ms | p99 ms | max ms | checkpoints taken | "
              "stall ms max |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

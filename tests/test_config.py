@@ -429,3 +429,16 @@ def test_kafka_settings_give_the_clients_consumer_and_producer_settings():
             consumer.auto_offset_reset) == ("g7", 30_000, 2_000, "latest")
     assert producer.compression_type == "zstd"
     assert load_settings().kafka.producer().compression_type is None  # "none": uncompressed
+
+
+def test_the_settings_and_the_kafka_edge_state_the_same_consumer_defaults_and_rule() -> None:
+    from streamer.kafka.client import ConsumerSettings
+
+    edge, settings = ConsumerSettings("streamer"), load_settings({}).kafka.consumer()
+    assert (edge.session_timeout_ms, edge.heartbeat_interval_ms) == (
+        settings.session_timeout_ms, settings.heartbeat_interval_ms)
+    # A heartbeat of exactly a third of the session is refused by both layers.
+    with pytest.raises(ValueError, match="below a third"):
+        ConsumerSettings("g", session_timeout_ms=9_000, heartbeat_interval_ms=3_000)
+    assert "below a third" in error_message({"kafka.session_timeout_ms": "9000",
+                                             "kafka.heartbeat_interval_ms": "3000"})

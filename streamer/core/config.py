@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 
 # Bounds one update's memory and time in a 100k-sensor fleet, and the queue of full windows.
@@ -13,6 +14,13 @@ MAX_WINDOWS_PER_UPDATE = 8192
 MAX_LEARN_AFTER = 255
 # Steps a forecast may look ahead (horizon.py).
 MAX_HORIZON = 256
+# The torch devices a config may name (core/device.py resolves them; the settings check them).
+DEVICE_NAMES = "auto, cpu, cuda or cuda:N"
+_DEVICE_NAME = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def is_device_name(name: str) -> bool:
+    return bool(_DEVICE_NAME.match(name))
 
 
 @dataclass(frozen=True)

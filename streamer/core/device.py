@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import re
-
 import torch
 
-_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+from streamer.core.config import DEVICE_NAMES, is_device_name
 
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda when available else cpu; ``cpu``, ``cuda`` or ``cuda:N`` as given."""
-    if not _DEVICE_PATTERN.match(name):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if not is_device_name(name):
+        raise ValueError(f"device must be {DEVICE_NAMES}, got {name!r}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)

@@ -1,40 +1,29 @@
 """The Kafka edge of streamer: client interface, kafka-python client, topics, local broker.
 
-LocalBroker lives in ``streamer.kafka.broker`` and is not imported here: it needs the optional
-``streamer[local]`` extra only when used.
+Names are imported when first asked for (PEP 562): the interface modules (``client``,
+``connection``, ``errors``) import no Kafka library, so the settings can state the edge's rules
+by importing them; kafka-python is loaded with the client, admin or producer that needs it.
+LocalBroker lives in ``streamer.kafka.broker`` (it needs the optional ``streamer[local]``).
 """
 
-from streamer.kafka.admin import delete_topics, ensure_topics
-from streamer.kafka.client import (
-    ConsumerSettings,
-    InputRecord,
-    OutputRecord,
-    PartitionId,
-    ProducerSettings,
-    StreamClient,
-)
-from streamer.kafka.connection import KafkaConnection
-from streamer.kafka.errors import (
-    BrokerUnavailable,
-    CommitFailed,
-    KafkaClientError,
-    UndecodableBatch,
-)
-from streamer.kafka.kafka_python_client import KafkaPythonClient
+from __future__ import annotations
 
-__all__ = [
-    "BrokerUnavailable",
-    "CommitFailed",
-    "ConsumerSettings",
-    "InputRecord",
-    "KafkaClientError",
-    "KafkaConnection",
-    "KafkaPythonClient",
-    "OutputRecord",
-    "PartitionId",
-    "ProducerSettings",
-    "StreamClient",
-    "UndecodableBatch",
-    "delete_topics",
-    "ensure_topics",
-]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "delete_topics": "admin", "ensure_topics": "admin",
+    "ConsumerSettings": "client", "InputRecord": "client", "OutputRecord": "client",
+    "PartitionId": "client", "ProducerSettings": "client", "StreamClient": "client",
+    "KafkaConnection": "connection",
+    "BrokerUnavailable": "errors", "CommitFailed": "errors", "KafkaClientError": "errors",
+    "UndecodableBatch": "errors",
+    "KafkaPythonClient": "kafka_python_client",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

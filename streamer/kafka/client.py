@@ -10,6 +10,14 @@ from streamer.kafka.errors import UndecodableBatch
 
 # (topic, partition): plain tuples so no library type leaks into the worker.
 PartitionId = tuple[str, int]
+# Heartbeats at most a third of the session timeout apart (Kafka's guidance): two may be lost
+# before the group coordinator gives a consumer's partitions to another.
+HEARTBEATS_PER_SESSION = 3
+
+
+def heartbeat_fits(heartbeat_interval_ms: int, session_timeout_ms: int) -> bool:
+    """Whether heartbeats this often keep a consumer in its group (the rule, stated once)."""
+    return heartbeat_interval_ms * HEARTBEATS_PER_SESSION < session_timeout_ms
 PartitionsCallback = Callable[[list[PartitionId]], None]
 
 
@@ -49,7 +57,7 @@ class ConsumerSettings:
     """Consumer-group tuning; Kafka's defaults except where a streaming worker needs less."""
 
     group_id: str
-    session_timeout_ms: int = 10_000
+    session_timeout_ms: int = 45_000
     heartbeat_interval_ms: int = 3_000
     fetch_max_wait_ms: int = 500
     max_poll_records: int = 500
@@ -63,9 +71,9 @@ class ConsumerSettings:
     def __post_init__(self) -> None:
         if not self.group_id:
             raise ValueError("group_id must not be empty")
-        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+        if not heartbeat_fits(self.heartbeat_interval_ms, self.session_timeout_ms):
             raise ValueError(
-                f"heartbeat_interval_ms ({self.heartbeat_interval_ms}) must be below "
+                f"heartbeat_interval_ms ({self.heartbeat_interval_ms}) must be below a third of "
                 f"session_timeout_ms ({self.session_timeout_ms})"
             )
         if self.auto_offset_reset not in ("earliest", "latest"):

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
-_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI")
-_NEEDS_PASSWORD = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+# kafka-python can only be configured for these from plain values (OAUTHBEARER needs a token
+# provider object, GSSAPI a Kerberos setup), so only these are offered; each takes a user name
+# and a password.
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
 @dataclass(frozen=True)
@@ -30,17 +32,16 @@ class KafkaConnection:
     def __post_init__(self) -> None:
         if not self.bootstrap_servers.strip():
             raise ValueError("bootstrap_servers must name at least one host:port")
-        if self.security_protocol not in _PROTOCOLS:
-            raise ValueError(
-                f"security_protocol must be one of {_PROTOCOLS}, got {self.security_protocol!r}"
-            )
+        if self.security_protocol not in SECURITY_PROTOCOLS:
+            raise ValueError(f"security_protocol must be one of {SECURITY_PROTOCOLS}, got "
+                             f"{self.security_protocol!r}")
         uses_sasl = self.security_protocol.startswith("SASL_")
-        if uses_sasl and self.sasl_mechanism not in _MECHANISMS:
+        if uses_sasl and self.sasl_mechanism not in SASL_MECHANISMS:
             raise ValueError(
                 f"security_protocol {self.security_protocol} needs sasl_mechanism in "
-                f"{_MECHANISMS}, got {self.sasl_mechanism!r}"
+                f"{SASL_MECHANISMS}, got {self.sasl_mechanism!r}"
             )
-        if uses_sasl and self.sasl_mechanism in _NEEDS_PASSWORD and not (
+        if uses_sasl and not (
             self.sasl_plain_username and self.sasl_plain_password
         ):
             raise ValueError(

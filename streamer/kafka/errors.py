@@ -1,11 +1,13 @@
-"""streamer's own infrastructure errors, converted at the edge from kafka-python's."""
+"""streamer's own infrastructure errors, converted at the edge from kafka-python's.
+
+kafka-python is imported by the conversion, not by this module: the error types (and so the
+client interface in streamer.kafka.client) stay importable without it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-import kafka.errors as kerr
 
 
 class KafkaClientError(Exception):
@@ -27,7 +29,7 @@ class UndecodableBatch(KafkaClientError):
     ``offset`` (nothing before it is lost, nothing after it is skipped); the others go on.
     """
 
-    def __init__(self, partition: tuple[str, int], offset: int, cause: str):
+    def __init__(self, partition: tuple[str, int], offset: int, cause: str):  # a PartitionId
         topic, number = partition
         super().__init__(f"partition {topic}[{number}] at offset {offset}: {cause}")
         self.partition, self.offset, self.cause = partition, offset, cause
@@ -37,21 +39,18 @@ class LocalBrokerError(Exception):
     """The local test broker could not be started or stopped."""
 
 
-# Membership errors mean our generation is stale: retrying the same commit cannot succeed, the
-# partitions may already belong to another member, so the caller must drop the batch's offsets.
-_MEMBERSHIP_ERRORS: tuple[type[Exception], ...] = (
-    kerr.CommitFailedError,
-    kerr.RebalanceInProgressError,
-    kerr.IllegalGenerationError,
-    kerr.UnknownMemberIdError,
-)
-
-
 def convert(exc: Exception, action: str) -> KafkaClientError:
     """The project's exception for a kafka-python error raised while doing ``action``."""
+    import kafka.errors as kerr
+
+    # Membership errors mean our generation is stale: retrying the same commit cannot succeed,
+    # the partitions may already belong to another member, so the caller must drop the batch's
+    # offsets.
+    membership = (kerr.CommitFailedError, kerr.RebalanceInProgressError,
+                  kerr.IllegalGenerationError, kerr.UnknownMemberIdError)
     # kafka-python errors already start their str() with the class name.
     message = f"{action} failed: {exc}"
-    if isinstance(exc, _MEMBERSHIP_ERRORS):
+    if isinstance(exc, membership):
         return CommitFailed(message)
     # Every retriable kafka-python error (timeouts, lost connections, leader moves, coordinator
     # unknown) means "the cluster is not answering right now", which is what backoff is for.
@@ -63,6 +62,8 @@ def convert(exc: Exception, action: str) -> KafkaClientError:
 @contextmanager
 def converted_errors(action: str) -> Iterator[None]:
     """Re-raise kafka-python errors inside the block as the project's own."""
+    import kafka.errors as kerr
+
     try:
         yield
     except kerr.KafkaError as exc:
