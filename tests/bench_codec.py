@@ -6,8 +6,9 @@ import json
 import time
 from collections.abc import Callable
 
-from streamer.codec import decode_batch, dlq_headers, encode_forecast, forecast_key
+from streamer.codec import decode_batch, dlq_headers, forecast_key
 from streamer.core.rejections import Reason
+from tests.forecast_reference import encode_forecast
 
 N = 200_000
 BATCH = 500  # the default kafka.max_poll_records

@@ -11,7 +11,7 @@ Against a real local broker (Tansu, started here) and for each fleet size N it m
   and readings/s is taken from its ``streamer_forecasts_produced_total`` counter, from the first
   forecast batch to the last;
 * **ceiling**: a pass-through loop on ``KafkaPythonClient`` with the worker's own consumer and
-  producer settings (poll_batch -> produce_and_wait of one small JSON record per input -> commit;
+  producer settings (poll_batch -> send + wait of one small JSON record per input -> commit;
   no decoding, no model) on the same data: what the Kafka client alone allows;
 * **rounds**: each is drained by a fresh streamer and a fresh ceiling (own consumer group) three
   times, alternating which goes first; the table gives the median per-pair ratio and each pair's;
@@ -402,7 +402,7 @@ class PassThrough:
                         {"partition": r.partition, "offset": r.offset}).encode()))
                     tp = (r.topic, r.partition)
                     next_offsets[tp] = max(next_offsets.get(tp, 0), r.offset + 1)
-                self.client.produce_and_wait(outputs, k.produce_timeout_s)
+                self.client.wait(self.client.send(outputs), k.produce_timeout_s)
                 self.client.commit(next_offsets)
                 self.count += len(records)
         finally:
@@ -582,12 +582,13 @@ PROFILE_PARTS = [
     ("process (all)", "processor.py", "process"),
     ("  decode_batch", "codec.py", "decode_batch"),
     ("  learner.step", "learner.py", "step"),
-    ("  encode_forecast", "codec.py", "encode_forecast"),
-    ("produce_and_wait", "kafka_python_client.py", "produce_and_wait"),
+    ("  encode_forecasts", "codec.py", "encode_forecasts"),
+    ("send", "kafka_python_client.py", "send"),
+    ("wait (acks)", "kafka_python_client.py", "wait"),
     ("commit", "kafka_python_client.py", "commit"),
     ("lag", "kafka_python_client.py", "lag"),
     ("metrics.observe_batch", "metrics.py", "observe_batch"),
-    ("checkpoint", "worker.py", "checkpoint"),
+    ("checkpoint (copy)", "worker.py", "_begin_checkpoint"),
 ]
 
 

@@ -19,11 +19,11 @@ from streamer.codec import (
     decode_reading,
     dlq_headers,
     encode_anomalies,
-    encode_forecast,
     forecast_key,
 )
 from streamer.core.batch import HorizonResult
 from streamer.core.rejections import Reason
+from tests.forecast_reference import encode_forecast
 
 GOOD = b'{"sensor_id": "s1", "ts": 1700000000.5, "value": 21.5}'
 

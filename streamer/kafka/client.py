@@ -147,10 +147,6 @@ class StreamClient(Protocol):
         """Return once every record of ``delivery`` is acknowledged; raise if one failed."""
         ...
 
-    def produce_and_wait(self, records: Sequence[OutputRecord], timeout_s: float) -> None:
-        """Send all records; return only once the broker acknowledged every one."""
-        ...
-
     def commit(self, offsets: Mapping[PartitionId, int], timeout_s: float = 10.0) -> None:
         """Commit synchronously; an offset is the next one to read (last processed + 1)."""
         ...

@@ -211,16 +211,6 @@ class KafkaPythonClient:
             self._discard_producer()
             raise convert(exc, f"producing {len(delivery.futures)} records") from exc
 
-    def produce_and_wait(self, records: Sequence[OutputRecord], timeout_s: float) -> None:
-        """Send all records; return only once the broker acknowledged every one."""
-        delivery = self.send(records)
-        try:
-            delivery.producer.flush(timeout=timeout_s)  # no linger: nothing follows these
-        except kerr.KafkaError as exc:
-            self._discard_producer()
-            raise convert(exc, f"producing {len(records)} records") from exc
-        self.wait(delivery, timeout_s)
-
     def commit(self, offsets: Mapping[PartitionId, int], timeout_s: float = 10.0) -> None:
         """Commit synchronously; an offset is the next one to read (last processed + 1)."""
         if not offsets:

@@ -43,7 +43,7 @@ def test_poll_batch_returns_exactly_the_produced_records(
     assert all(before_ms <= r.timestamp_ms <= time.time() * 1000 for r in records)
 
 
-def test_produce_and_wait_leaves_every_record_readable(
+def test_records_acknowledged_are_all_readable_in_key_order(
     topic_factory, group_id, client_factory, consume_raw
 ):
     topic = topic_factory(partitions=3)
@@ -53,9 +53,9 @@ def test_produce_and_wait_leaves_every_record_readable(
         for i in range(40)
     ]
 
-    client.produce_and_wait(outputs, timeout_s=10)
+    client.wait(client.send(outputs), 10)
 
-    # No waiting: everything must already be on the broker when produce_and_wait returns.
+    # No waiting: everything must already be on the broker when wait returns.
     records = consume_raw(topic, 40, timeout_s=3)
     assert len(records) == 40
     by_key: dict[bytes | None, list] = {}
@@ -79,7 +79,7 @@ def test_keyed_records_land_on_the_java_clients_murmur2_partition(
     client = client_factory(group_id)
     # (the long key is past the cache's 256-byte bound: placed by the uncached path)
     keys = [f"sensor-{i:05d}".encode() for i in range(60)] + ["☃ sensor".encode(), b"k" * 300]
-    client.produce_and_wait([OutputRecord(topic, k, b"x") for k in keys + keys], timeout_s=10)
+    client.wait(client.send([OutputRecord(topic, k, b"x") for k in keys + keys]), 10)
 
     records = consume_raw(topic, 2 * len(keys), timeout_s=5)
 
@@ -268,18 +268,18 @@ def test_outage_surfaces_broker_unavailable_and_client_recovers_after_restart(
         client = KafkaPythonClient(connection, settings)
         try:
             client.subscribe(["readings"])
-            client.produce_and_wait([OutputRecord("readings", b"k", b"before")], timeout_s=5)
+            client.wait(client.send([OutputRecord("readings", b"k", b"before")]), 5)
             assert [r.value for r in poll_until(client, 1)] == [b"before"]
 
             broker.kill()
             with pytest.raises(BrokerUnavailable, match="producing 1 records"):
-                client.produce_and_wait([OutputRecord("readings", b"k", b"lost")], timeout_s=1)
+                client.wait(client.send([OutputRecord("readings", b"k", b"lost")]), 1)
             with pytest.raises(BrokerUnavailable, match="no connection"):
                 poll_until(client, 1, timeout_s=5)
 
             broker.start()  # same port, empty memory storage
             ensure_topics(broker.bootstrap, {"readings": 1})
-            client.produce_and_wait([OutputRecord("readings", b"k", b"after")], timeout_s=10)
+            client.wait(client.send([OutputRecord("readings", b"k", b"after")]), 10)
             deadline = time.monotonic() + 20
             values: list = []
             while not values and time.monotonic() < deadline:
