@@ -15,7 +15,8 @@ for ``--seconds`` in each of three modes, in turn:
   ``CheckpointStore.save`` on the serving thread.
 
 It prints readings/s against none, the serving thread's stall per checkpoint (async: the copy;
-sync: snapshot + save), the slowest micro-batch (a stall plus any contention with the
+sync: snapshot + save; the first one apart: async copies into fresh memory only then), the
+slowest micro-batch (a stall plus any contention with the
 background write), and checkpoint bytes per sensor.
 
 **Live** (``--live-sensors``, 0 to skip): the real ``Worker`` on a local broker, its table
@@ -37,10 +38,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streamer.checkpoint import CheckpointStore
-from streamer.checkpoint_writer import CheckpointWriter
 from streamer.config import load_settings
 from streamer.core import Batch, Learner
+from streamer.serving.checkpoint import CheckpointStore
+from streamer.serving.checkpoint_writer import CheckpointWriter
 
 INTERVAL_S = 10.0
 MODES = ("none", "async", "sync")
@@ -78,9 +79,10 @@ class Stream:
         return Batch.from_arrays(list(self.ids[index % n]), ts, values)
 
 
-def serve(learner: Learner, stream: Stream, mode: str, seconds: float, directory: Path) -> Run:
-    store = CheckpointStore(directory / mode, "bench", learner.config.fingerprint(), keep=2)
-    writer = CheckpointWriter(store)
+def serve(learner: Learner, stream: Stream, mode: str, seconds: float,
+          writer: CheckpointWriter) -> Run:
+    """Serve for ``seconds``; ``writer`` lives as long as a worker's (its buffers reused)."""
+    store = writer.store
     run = Run()
     started = last = time.perf_counter()
     while (now := time.perf_counter()) - started < seconds:
@@ -108,7 +110,6 @@ def serve(learner: Learner, stream: Stream, mode: str, seconds: float, directory
         written = writer.finished(wait=True)
         run.writes_ms.append(written.saved.duration_seconds * 1e3)
         run.size_bytes = written.saved.size_bytes
-    writer.close()
     return run
 
 
@@ -121,11 +122,16 @@ def bench_core(n_sensors: int, seconds: float, rounds: int, directory: Path) -> 
     while stream.position < 3 * n_sensors:  # every sensor in the table, a few readings in
         learner.step(stream.next())
     runs: dict[str, list[Run]] = {mode: [] for mode in MODES}
+    writers = {mode: CheckpointWriter(CheckpointStore(directory / f"{n_sensors}-{mode}", "bench",
+                                                      config.fingerprint(), keep=2))
+               for mode in MODES}
     for r in range(rounds):
         for mode in MODES if r % 2 == 0 else MODES[::-1]:
-            runs[mode].append(serve(learner, stream, mode, seconds, directory))
+            runs[mode].append(serve(learner, stream, mode, seconds, writers[mode]))
             print(f"[{n_sensors} sensors] round {r + 1} {mode}: "
                   f"{runs[mode][-1].rate:,.0f} readings/s", flush=True)
+    for writer in writers.values():
+        writer.close()
     return {mode: _merged(found) for mode, found in runs.items()}
 
 
@@ -146,14 +152,15 @@ def _stat(values: list[float], how=statistics.median) -> str:
 
 
 def core_table(results: dict[int, dict[str, Run]]) -> str:
-    lines = ["| sensors | mode | readings/s | vs none | checkpoints | stall ms median / max | "
-             "write ms median | slowest batch ms | bytes/sensor |",
+    lines = ["| sensors | mode | readings/s | vs none | checkpoints | stall ms first / median "
+             "/ max after | write ms median | slowest batch ms | bytes/sensor |",
              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for n, runs in results.items():
         base = runs["none"].rate
         for mode in MODES:
             run = runs[mode]
-            stalls = f"{_stat(run.stalls_ms)} / {_stat(run.stalls_ms, max)}"
+            first, later = run.stalls_ms[:1], run.stalls_ms[1:]
+            stalls = f"{_stat(first)} / {_stat(later)} / {_stat(later, max)}"
             per_sensor = f"{run.size_bytes / n:,.0f}" if run.size_bytes else "-"
             lines.append(f"| {n:,} | {mode} | {run.rate:,.0f} | {run.rate / base - 1:+.1%} | "
                          f"{len(run.stalls_ms)} | {stalls} | {_stat(run.writes_ms)} | "

@@ -6,9 +6,9 @@ import json
 import time
 from collections.abc import Callable
 
-from streamer.codec import decode_batch, dlq_headers, forecast_key
 from streamer.core.rejections import Reason
-from tests.forecast_reference import encode_forecast
+from streamer.serving.codec import decode_batch, dlq_headers, forecast_key
+from tests.serving.forecast_reference import encode_forecast
 
 N = 200_000
 BATCH = 500  # the default kafka.max_poll_records

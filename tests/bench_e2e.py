@@ -67,8 +67,8 @@ from streamer.kafka.admin import ensure_topics  # noqa: E402
 from streamer.kafka.broker import LocalBroker  # noqa: E402
 from streamer.kafka.client import OutputRecord, ProducerSettings  # noqa: E402
 from streamer.kafka.kafka_python_client import KafkaPythonClient  # noqa: E402
-from streamer.produce import encode_reading  # noqa: E402
-from streamer.worker import Worker, gc_tuned_for_serving  # noqa: E402
+from streamer.serving.worker import Worker, gc_tuned_for_serving  # noqa: E402
+from streamer.tools.produce import encode_reading  # noqa: E402
 
 PARTITIONS = 4
 READING_INTERVAL_S = 60.0  # pre-produced readings are a minute apart per sensor, a day ago

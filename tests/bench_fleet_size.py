@@ -2,7 +2,7 @@
 
 The same number of readings (``--readings``, 400k) from fleets of 10 to 10,000 sensors
 (``tests/bench_core.Fleet``: a sine plus noise per sensor, own scale, period and phase; round
-robin, one reading per sensor per 10 minutes), replayed by ``streamer.replay.replay`` with the
+robin, one reading per sensor per 10 minutes), replayed by ``streamer.tools.replay.replay`` with the
 default ``LearnerConfig`` on the CPU, one torch thread, micro-batches of 2048. Each fleet is
 replayed ``--runs`` times (2); readings/s is the best run (the forecasts are identical each
 time). The issue's target: a fleet of 10 sensors replays as fast per reading as one of 10,000.
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from streamer.core import Batch, LearnerConfig
-from streamer.replay import replay
+from streamer.tools.replay import replay
 from tests.bench_core import Fleet
 
 

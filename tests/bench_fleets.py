@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from streamer.cli import sample_dataset
 from streamer.core import Batch
-from streamer.readings_csv import read_csv
+from streamer.tools.cli import sample_dataset
+from streamer.tools.readings_csv import read_csv
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets"
 FLEETS = ("appliances", "parking", "hourly", "daily")

@@ -4,7 +4,7 @@ python -m tests.bench_horizon
 On the four shared fleets (../shared/datasets), streamer's default learner with a horizon of 12
 readings (7 on the daily fleet) is replayed once (prequential, every reading in file order,
 batches of 2,048). Each step k's forecast is scored against the sensor's k-th next reading
-(streamer/horizon_eval.py), once the target is a week past the sensor's first reading, against
+(streamer/tools/horizon_eval.py), once the target is a week past the sensor's first reading, against
 three baselines on the same (forecast, reading) pairs, each one method for every sensor:
 
 * **persistence**: the reading the forecast was made at (h-step persistence);
@@ -40,9 +40,9 @@ import numpy as np
 import torch
 
 from streamer.core import Batch, Learner, LearnerConfig
-from streamer.horizon_eval import format_steps, score_steps
-from streamer.readings_csv import iter_chunks
-from streamer.replay import backtest
+from streamer.tools.horizon_eval import format_steps, score_steps
+from streamer.tools.readings_csv import iter_chunks
+from streamer.tools.replay import backtest
 from tests.bench_fleets import fleet_arguments, read_fleet
 
 MIN_COST_SECONDS = 5.0

@@ -42,7 +42,7 @@ import torch
 
 from streamer.core import Batch, Learner, LearnerConfig
 from streamer.core.intervals import Calibrated, Calibration
-from streamer.readings_csv import iter_chunks
+from streamer.tools.readings_csv import iter_chunks
 from tests.bench_fleets import fleet_arguments, read_fleet
 
 WARMUP = 200

@@ -4,7 +4,7 @@ Prequential (test-then-train, every reading, in file order) one-step-ahead forec
 shared fleets (``appliances``, ``parking``, ``hourly``, ``daily`` from ../shared/datasets) and
 on three synthetic ones (``seasonal_fleet(0)``, ``make_fleet(0)``, ``weekday_fleet(0)``), for:
 
-* **streamer**: ``streamer.replay.replay`` with the default ``LearnerConfig`` on the CPU, one
+* **streamer**: ``streamer.tools.replay.replay`` with the default ``LearnerConfig`` on the CPU, one
   torch thread; replayed ``--speed-runs`` times (3), its readings/s the best run's (the
   forecasts are identical each time);
 * **persistence**: the sensor's last value (relMAE 1.0 by definition; scored like the rest);
@@ -18,10 +18,11 @@ on three synthetic ones (``seasonal_fleet(0)``, ``make_fleet(0)``, ``weekday_fle
   persistence until it has a full season.
 
 River rows are skipped with a message when ``river`` is not installed (``pip install -e
-.[bench]``). Every model is scored by ``streamer.replay.score`` on the same readings (those the
-learner accepted): relMAE = mean over sensors of MAE_model / MAE_persistence, each forecast made
-at reading t scored against the sensor's reading t+1. ``--river-limit N`` runs River on the
-first N readings per sensor only (its row then says so). A full run takes about 6 minutes.
+.[bench]``). Every model is scored by ``streamer.tools.replay.score`` on the same readings
+(those the learner accepted): relMAE = mean over sensors of MAE_model / MAE_persistence, each
+forecast made at reading t scored against the sensor's reading t+1. ``--river-limit N`` runs
+River on the first N readings per sensor only (its row then says so). A full run takes about 6
+minutes.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ import numpy as np
 import torch
 
 from streamer.core import Batch, LearnerConfig
-from streamer.readings_csv import read_csv
-from streamer.replay import ReplayReport, replay, score
+from streamer.tools.readings_csv import read_csv
+from streamer.tools.replay import ReplayReport, replay, score
 from tests.synthetic_fleet import make_fleet, seasonal_fleet, weekday_fleet
 
 try:  # the `bench` extra; imported here so its import time stays out of the timings

@@ -62,3 +62,17 @@ def test_e2e_benchmark_quick_run_drains_the_backlog_through_streamer_and_ceiling
     assert _number(row[1]) > 0 and _number(row[2]) > 0  # streamer, ceiling readings/s
     assert "timed out" not in row[3]  # both drained the whole backlog
     assert "bench threads all stopped: True" in out
+
+
+@pytest.mark.broker
+def test_checkpoint_benchmark_quick_run_times_all_three_modes_and_the_live_worker(broker) -> None:
+    out = _run("-m", "tests.bench_checkpoint", "--sensors", "300", "--seconds", "11",
+               "--rounds", "1", "--live-sensors", "300", "--live-rate", "200",
+               "--live-seconds", "12", timeout_s=300)
+    rows = {mode: _row(out, f"300 | {mode}") for mode in ("none", "async", "sync")}
+    assert _number(rows["none"][2]) > 0 and rows["none"][4] == "0"  # readings/s, checkpoints
+    for mode in ("async", "sync"):
+        assert _number(rows[mode][4]) >= 1 and _number(rows[mode][8]) > 0  # taken, bytes/sensor
+    live = _row(out, "every 10 s")
+    assert _number(live[4]) > 0 and _number(live[6]) >= 1  # p99 ms; checkpoints taken
+    assert _number(_row(out, "off")[6]) == 0

@@ -10,9 +10,13 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from streamer.cli_options import add_settings_arguments, settings_from_args, settings_overrides
 from streamer.config import ConfigError, Settings, load_settings, setting_fields
 from streamer.core.config import LearnerConfig
+from streamer.tools.cli_options import (
+    add_settings_arguments,
+    settings_from_args,
+    settings_overrides,
+)
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ import sys
 def test_help_config_and_the_producer_never_import_torch() -> None:
     # Importing torch takes seconds: `streamer --help`, a config error or `streamer produce`
     # must not wait for it.
-    code = ("import sys, streamer.cli, streamer.produce, streamer.config; "
+    code = ("import sys, streamer.tools.cli, streamer.tools.produce, streamer.config; "
             "streamer.config.load_settings({}).kafka.connection(); "
             "from streamer.core import Batch, LearnerConfig; "
             "print('torch' in sys.modules)")

@@ -85,6 +85,15 @@ def dumps(state: dict) -> bytes:
     return buffer.getvalue()
 
 
+def save(state: dict, path) -> None:
+    """Write ``state`` to the file at ``path`` (what ``dumps`` returns, without the bytes);
+    an I/O failure is an OSError."""
+    try:
+        torch.save(state, path)
+    except RuntimeError as exc:  # torch's file writer reports I/O failures as RuntimeError
+        raise OSError(f"writing {path}: {exc}") from exc
+
+
 def loads(data: bytes) -> dict:
     """Parse snapshot bytes; ``weights_only=True`` refuses anything but tensors and plain data."""
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

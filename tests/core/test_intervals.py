@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from streamer.core import Batch, Learner, LearnerConfig, Reason
-from streamer.replay import backtest
+from streamer.tools.replay import backtest
 
 WARMUP = 200  # readings per sensor before coverage is measured (the benchmark's warm-up)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from streamer.core import Batch, Learner, LearnerConfig, Reason
-from streamer.replay import replay
+from streamer.tools.replay import replay
 from tests.core.conftest import chunks, sine_fleet
 
 NO_TRAINING = dict(train_every=10**9)

@@ -8,7 +8,7 @@ import pytest
 from streamer.core import Batch, Learner, LearnerConfig
 from streamer.core.experts import EXPERTS
 from streamer.core.memory import DAY_BUCKETS
-from streamer.replay import replay, score
+from streamer.tools.replay import replay, score
 from tests.bench_quality import seasonal_naive_forecasts
 from tests.synthetic_fleet import DAY, START, _sensor, weekday_fleet
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from streamer.core import Batch, LearnerConfig
-from streamer.replay import replay
+from streamer.tools.replay import replay
 from tests.synthetic_fleet import make_fleet, seasonal_fleet
 
 

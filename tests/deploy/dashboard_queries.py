@@ -1,7 +1,7 @@
 """Extract the Grafana dashboard's PromQL, with Grafana's variables substituted, for real queries.
 
 Used by the dashboard structure test and by tests that run every panel query against a real
-Prometheus (``test_prometheus_server.py`` here, ``tests/worker/test_observability.py``).
+Prometheus (``test_prometheus_server.py`` here, ``tests/serving/test_observability.py``).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from dashboard_queries import (
 )
 from prometheus_client import CollectorRegistry
 
-from streamer.metrics import Metrics
+from streamer.observability.metrics import Metrics
 
 DATASOURCE_UID = "streamer-prometheus"
 # Series Prometheus itself adds to every target; not exported by the worker.

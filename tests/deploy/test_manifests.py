@@ -182,7 +182,7 @@ def test_producer_replays_the_packaged_sample_in_a_loop() -> None:
     command = compose()["services"]["producer"]["command"]
     assert command[0] == "produce"
     # No file argument: `streamer produce` then replays the sample bundled in the package.
-    from streamer.cli import build_parser, sample_dataset
+    from streamer.tools.cli import build_parser, sample_dataset
 
     args = build_parser().parse_args(command)
     assert args.file is None and sample_dataset().is_file()

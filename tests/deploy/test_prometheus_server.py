@@ -23,8 +23,8 @@ from test_prometheus_rules import alert_rules
 
 from streamer.core.batch import HorizonResult, StepResult, UpdateStats
 from streamer.core.rejections import Reason
-from streamer.health import HealthServer
-from streamer.metrics import Metrics
+from streamer.observability.health import HealthServer
+from streamer.observability.metrics import Metrics
 
 pytestmark = pytest.mark.prometheus
 

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from streamer.core.batch import HorizonResult, StepResult, UpdateStats
 from streamer.core.rejections import REJECTION_REASONS, Reason
-from streamer.metrics import FLAGGED_WINDOW_S, LATENCY_BUCKETS, Metrics, observe_many
+from streamer.observability.metrics import FLAGGED_WINDOW_S, LATENCY_BUCKETS, Metrics, observe_many
 
 NAN = math.nan
 

@@ -14,10 +14,10 @@ from streamer.config import load_settings
 from streamer.core import REJECTION_REASONS
 from streamer.kafka.admin import ensure_topics
 from streamer.kafka.broker import LocalBroker
-from streamer.logs import configure_logging
-from streamer.produce import Pace, produce
-from streamer.readings_csv import read_csv
-from streamer.worker import Worker
+from streamer.observability.logs import configure_logging
+from streamer.serving.worker import Worker
+from streamer.tools.produce import Pace, produce
+from streamer.tools.readings_csv import read_csv
 
 STATUS_EVERY_S = 1.0
 

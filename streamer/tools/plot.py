@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from streamer.core import Batch
-from streamer.replay import ReplayOutputs, ReplayReport
+from streamer.tools.replay import ReplayOutputs, ReplayReport
 
 FIGURE_SIZE = (12.0, 9.0)  # inches
 DPI = 100  # -> 1200 x 900 pixels

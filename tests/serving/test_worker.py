@@ -11,10 +11,10 @@ import time
 
 from kafka import KafkaConsumer, TopicPartition
 
-from streamer.codec import DLQ_REASON, DLQ_SOURCE_OFFSET, DLQ_SOURCE_PARTITION
 from streamer.kafka.admin import ensure_topics
 from streamer.kafka.broker import LocalBroker, free_port
-from tests.worker.conftest import (
+from streamer.serving.codec import DLQ_REASON, DLQ_SOURCE_OFFSET, DLQ_SOURCE_PARTITION
+from tests.serving.conftest import (
     consume_from,
     forecasts_by_source,
     produce_to,

@@ -5,7 +5,7 @@ whose readings came from it (they move with it), and when our state of it was la
 (a checkpoint older than that is stale for us). Across partitions: how many readings were
 applied since the last checkpoint was taken. The ledger is plain bookkeeping: no broker, no
 learner, no clock of its own (callers pass times), so every rule durability depends on is
-tested without a broker (tests/test_ledger.py).
+tested without a broker (tests/serving/test_ledger.py).
 """
 
 from __future__ import annotations

@@ -10,14 +10,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streamer.checkpoint import CheckpointStore
-from tests.worker.conftest import forecasts_by_source, reading, wait_for
+from streamer.serving.checkpoint import CheckpointStore
+from tests.serving.conftest import forecasts_by_source, reading, wait_for
 
 CRASH_POINTS = [  # (failpoint, how many passes before the crash)
     ("after_step", 3),  # during a micro-batch: stepped, nothing produced
     ("in_update", 4),  # during a truncated-BPTT update: after backward, before the step
-    # during a checkpoint write (in the background thread, the loop going on): half the file
-    ("checkpoint_half_written", 2),
+    # during a checkpoint write, in the background thread while the loop goes on: the data
+    # file written but not synced or renamed, then a manifest half written
+    ("checkpoint_data_unsynced", 1),
+    ("checkpoint_half_written", 1),
     ("checkpoint_before_manifest", 2),  # data durable, manifest not yet written
     ("after_produce", 5),  # forecasts acknowledged, offsets not committed
 ]
@@ -35,7 +37,7 @@ def _final_weights(directory: Path, worker: str) -> dict[str, torch.Tensor]:
     return state["model"]
 
 
-def test_kill_9_at_five_points_then_restart_matches_an_uninterrupted_run(
+def test_kill_9_at_six_points_then_restart_matches_an_uninterrupted_run(
         topic_factory, group_id, worker_factory, produce_raw, consume_raw, tmp_path):
     data = _stream(8, 100)
     common = dict(STREAMER_KAFKA__MAX_POLL_RECORDS="37",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from streamer.kafka.client import InputRecord
-from streamer.ledger import PartitionLedger
+from streamer.serving.ledger import PartitionLedger
 
 A, B = ("in", 0), ("in", 1)
 

@@ -13,9 +13,9 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from streamer.checkpoint import CheckpointStore, SaveStats
 from streamer.core import Learner
 from streamer.kafka.client import PartitionId
+from streamer.serving.checkpoint import CheckpointStore, SaveStats
 
 
 @dataclass(frozen=True)

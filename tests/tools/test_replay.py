@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from streamer.core import LearnerConfig
-from streamer.replay import forecasts_header, score
+from streamer.tools.replay import forecasts_header, score
 from tests.core.conftest import sine_fleet
 
 WARMUP = LearnerConfig().warmup_readings

@@ -10,9 +10,9 @@ import random
 
 import pytest
 
-from streamer.codec import DLQ_REASON, DLQ_SOURCE_OFFSET, DLQ_SOURCE_PARTITION
+from streamer.serving.codec import DLQ_REASON, DLQ_SOURCE_OFFSET, DLQ_SOURCE_PARTITION
 from tests.hostile_records import produce_with_librdkafka
-from tests.worker.conftest import wait_for
+from tests.serving.conftest import wait_for
 
 pytestmark = pytest.mark.broker
 

@@ -6,7 +6,7 @@ import gc
 
 import pytest
 
-from streamer.worker import GC_GEN0_THRESHOLD, gc_tuned_for_serving
+from streamer.serving.worker import GC_GEN0_THRESHOLD, gc_tuned_for_serving
 
 
 def test_serving_freezes_the_start_up_heap_and_raises_the_young_threshold() -> None:

@@ -9,7 +9,9 @@ import time
 
 import pytest
 
-from streamer.codec import (
+from streamer.kafka.admin import ensure_topics
+from streamer.kafka.broker import LocalBroker
+from streamer.serving.codec import (
     CUT_KEEP_BYTES,
     DLQ_CUT,
     DLQ_ORIGINAL_SHA256,
@@ -17,10 +19,8 @@ from streamer.codec import (
     DLQ_REASON,
     DLQ_SOURCE_OFFSET,
 )
-from streamer.kafka.admin import ensure_topics
-from streamer.kafka.broker import LocalBroker
 from tests.hostile_records import CODECS, produce_undecodable, produce_with_librdkafka
-from tests.worker.conftest import consume_from, forecasts_by_source, reading, wait_for
+from tests.serving.conftest import consume_from, forecasts_by_source, reading, wait_for
 
 pytestmark = pytest.mark.broker
 

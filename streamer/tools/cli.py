@@ -12,8 +12,8 @@ from importlib import resources
 from pathlib import Path
 
 from streamer import __version__
-from streamer.cli_options import add_settings_arguments, settings_from_args
 from streamer.config import ConfigError
+from streamer.tools.cli_options import add_settings_arguments, settings_from_args
 
 EXIT_CONFIG = 2
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _settings(args: argparse.Namespace):
     settings = settings_from_args(args)  # raises ConfigError before anything connects
-    from streamer.logs import configure_logging
+    from streamer.observability.logs import configure_logging
 
     configure_logging(settings.log.level, settings.log.format)
     return settings
@@ -103,8 +103,8 @@ def _settings(args: argparse.Namespace):
 
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    from streamer.checkpoint import CheckpointError
-    from streamer.worker import Worker
+    from streamer.serving.checkpoint import CheckpointError
+    from streamer.serving.worker import Worker
 
     try:
         worker = Worker(settings)
@@ -117,7 +117,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _read_readings(path: Path, limit: int | None = None):
     """The CSV's readings; a file that cannot be read is the user's input error (exit 2)."""
-    from streamer.readings_csv import read_csv
+    from streamer.tools.readings_csv import read_csv
 
     try:
         return read_csv(path, limit=limit)
@@ -132,8 +132,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
     if args.topic:
         overrides["kafka.input_topic"] = args.topic
     from streamer.config import load_settings
-    from streamer.logs import configure_logging
-    from streamer.produce import Pace, produce
+    from streamer.observability.logs import configure_logging
+    from streamer.tools.produce import Pace, produce
 
     settings = load_settings(overrides)
     configure_logging(settings.log.level, settings.log.format)
@@ -150,8 +150,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    from streamer.horizon_eval import format_steps, score_steps
-    from streamer.replay import backtest, format_report, write_forecasts, write_horizon
+    from streamer.tools.horizon_eval import format_steps, score_steps
+    from streamer.tools.replay import backtest, format_report, write_forecasts, write_horizon
 
     if args.horizon_out and settings.forecast.horizon < 2:
         raise ConfigError("--horizon-out needs a horizon of 2 or more steps (--horizon H)")
@@ -179,7 +179,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             document["steps"] = [dataclasses.asdict(s) for s in steps]
         args.json_out.write_text(json.dumps(document, indent=2))
     if args.plot:
-        from streamer.plot import plot_replay
+        from streamer.tools.plot import plot_replay
 
         chosen = [s for s in args.plot_sensors.split(",") if s]
         plot_replay(args.plot, readings, outputs, report, sensors=chosen)
@@ -201,7 +201,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from streamer.demo import run_demo
+    from streamer.tools.demo import run_demo
 
     return run_demo(args.file or sample_dataset(), rate=args.rate, duration=args.duration,
                     metrics_port=args.metrics_port)

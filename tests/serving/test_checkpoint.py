@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from streamer.checkpoint import CheckpointStore
-from streamer.checkpoint_writer import CheckpointWriter
 from streamer.core import Batch, Learner, LearnerConfig
 from streamer.core import snapshot as snap
+from streamer.serving.checkpoint import CheckpointStore
+from streamer.serving.checkpoint_writer import CheckpointWriter
 from tests.core.conftest import sine_fleet
 
 CFG = LearnerConfig(hidden_size=8, tbptt_steps=4, train_every=10, initial_capacity=4,

@@ -15,7 +15,7 @@ import yaml
 from streamer.kafka.admin import ensure_topics
 from streamer.kafka.broker import LocalBroker, free_port
 from tests.deploy.dashboard_queries import panels_without_data, query
-from tests.worker.conftest import produce_to, reading, wait_for
+from tests.serving.conftest import produce_to, reading, wait_for
 
 pytestmark = pytest.mark.prometheus
 

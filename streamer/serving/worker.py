@@ -16,13 +16,9 @@ from dataclasses import dataclass
 import torch
 from prometheus_client import CollectorRegistry
 
-from streamer.checkpoint import CheckpointError, CheckpointStore
-from streamer.checkpoint_writer import CheckpointWriter
 from streamer.config import Settings
 from streamer.core import Learner
-from streamer.core import snapshot as snap
 from streamer.core.failpoints import failpoint
-from streamer.health import HealthServer
 from streamer.kafka.client import (
     Delivery,
     PartitionId,
@@ -30,9 +26,11 @@ from streamer.kafka.client import (
 )
 from streamer.kafka.errors import KafkaClientError, UndecodableBatch
 from streamer.kafka.kafka_python_client import KafkaPythonClient
-from streamer.ledger import PartitionLedger
-from streamer.metrics import Metrics
-from streamer.processor import BatchProcessor, Processed, latency_seconds
+from streamer.observability.health import HealthServer
+from streamer.observability.metrics import Metrics
+from streamer.serving.durability import Durability
+from streamer.serving.ledger import PartitionLedger
+from streamer.serving.processor import BatchProcessor, Processed, latency_seconds
 
 log = logging.getLogger("streamer.worker")
 BACKOFF_START_S, BACKOFF_MAX_S = 0.5, 30.0
@@ -62,10 +60,8 @@ class Worker:
                                    port=settings.metrics.port)
         c = settings.checkpoint
         self.worker_id = c.worker_id or _host_worker_id()
-        self.store = CheckpointStore(c.dir, self.worker_id, self.learner.config.fingerprint(),
-                                     c.keep)
-        self.writer = CheckpointWriter(self.store)
         self.ledger = PartitionLedger(time.monotonic())
+        self.durability = Durability(self.learner, self.ledger, c, self.worker_id, self.metrics)
         self._client: StreamClient | None = None
         # Stepped batches whose outputs are not acknowledged yet, oldest first. A batch joins
         # before its outputs are handed to the producer and leaves only once every one of them
@@ -80,7 +76,7 @@ class Worker:
     # -- the loop (one screen) --------------------------------------------------------------
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the process exit status."""
-        self._restore_on_start()
+        self.durability.restore_on_start()
         with gc_tuned_for_serving():
             return self._serve()
 
@@ -208,52 +204,24 @@ class Worker:
         self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
 
     def _maybe_checkpoint(self, client: StreamClient) -> None:
-        self._checkpoint_written(wait=False)
-        c = self.settings.checkpoint
-        if not self.writer.in_flight and self.ledger.checkpoint_due(
-                time.monotonic(), c.interval_seconds, c.interval_readings):
+        self._commit(self.durability.written(wait=False))
+        if self.durability.due():
             self._complete(client, keep=0)  # a checkpoint never covers unacknowledged outputs
-            self._begin_checkpoint()
+            self.durability.begin()
 
     def checkpoint(self) -> None:
-        """Checkpoint now and return once it is durable and its offsets are committed."""
-        self._checkpoint_written(wait=True)  # the one in flight, if any, first
-        if self._begin_checkpoint():
-            self._checkpoint_written(wait=True)
+        """Checkpoint now and return once it is durable and its offsets are committed (unless
+        outputs are still unacknowledged: then only the one in flight is finished)."""
+        self._commit(self.durability.written(wait=True))  # the one in flight, if any, first
+        if not self._in_flight:
+            self.durability.begin()
+            self._commit(self.durability.written(wait=True))
 
-    def _begin_checkpoint(self) -> bool:
-        """Copy the learner and the next offset of each partition, to be written in the
-        background; False if outputs are still unacknowledged (nothing taken)."""
-        if self._in_flight:
-            return False
-        offsets = self.ledger.offsets()
-        copy_seconds = self.writer.begin(self.learner, offsets, self.ledger.sensors(offsets))
-        self.ledger.checkpoint_taken(time.monotonic())
-        self.metrics.observe_checkpoint_copy(copy_seconds)
-        return True
-
-    def _checkpoint_written(self, wait: bool) -> None:
-        """Once the checkpoint in flight is durable, commit its offsets.
-
-        Kafka offsets are committed here and only here, after the checkpoint holding them is
-        durable; it was taken after the outputs of every applied reading were acknowledged. So
-        a committed offset is never ahead of a durable checkpoint, and a worker that crashes,
-        even before its first checkpoint, replays into exactly the state it had.
-        """
-        written = self.writer.finished(wait)
-        if written is None:
-            return
-        if written.error is not None:
-            log.error("checkpoint failed: %s", written.error)
-            self.metrics.observe_checkpoint_failure()
-            return
-        saved = written.saved
-        self.metrics.observe_checkpoint(saved.duration_seconds, saved.size_bytes, time.time())
-        log.debug("checkpoint %s (%d bytes, %.1f ms on the serving thread)", saved.path.name,
-                  saved.size_bytes, written.copy_seconds * 1e3)
-        if self._client is not None and written.offsets:
+    def _commit(self, offsets: dict[PartitionId, int]) -> None:
+        """Commit offsets of a durable checkpoint: here and only here do offsets move."""
+        if self._client is not None and offsets:
             try:
-                self._client.commit(written.offsets)
+                self._client.commit(offsets)
             except KafkaClientError as exc:  # e.g. after a rebalance: the checkpoint has them
                 log.info("offsets not committed (%s); the checkpoint holds them", exc)
 
@@ -261,25 +229,13 @@ class Worker:
     def _on_assign(self, partitions: list[PartitionId]) -> None:
         """Adopt each partition's newest state (ours or a checkpoint's) and seek to it."""
         log.info("assigned %s", _names(partitions))
-        self._checkpoint_written(wait=True)  # the directory as it will stay (pruning included)
+        self._commit(self.durability.written(wait=True))  # no write in flight while adopting
         client = self._client
         current = client.assignment() if client is not None else set(partitions)
         stale = [tp for tp in self.ledger.partitions() if tp not in current]
         if stale:
-            self._release(stale)
-        seeks = {}
-        for tp in partitions:
-            checkpoint = self.store.latest_for(tp, newer_than=self.ledger.current_at(tp))
-            mine = checkpoint is not None and checkpoint.worker == self.worker_id
-            if checkpoint is not None and not (mine and tp in self.ledger):
-                ids = checkpoint.sensors.get(tp, [])
-                self.learner.import_sensors(snap.sensors_of(checkpoint.state, ids))
-                self.ledger.adopt(tp, checkpoint.offsets[tp], ids, checkpoint.created)
-                log.info("partition %s: restored %d sensors from %s at offset %d", _names([tp]),
-                         len(ids), checkpoint.path.name, checkpoint.offsets[tp])
-            offset = self.ledger.next_offset(tp)
-            if offset is not None:
-                seeks[tp] = offset
+            self.durability.release(stale)
+        seeks = self.durability.adopt(partitions)
         if seeks and client is not None:
             client.seek(seeks)
         if client is not None:  # a stalled partition may have left, or come back paused
@@ -290,29 +246,9 @@ class Worker:
         if self._client is not None:
             self._complete(self._client, keep=0)
         self.checkpoint()  # the next owner starts from here
-        self._release(partitions)
-
-    def _release(self, partitions: list[PartitionId]) -> None:
-        self.learner.drop_sensors(self.ledger.release(partitions))
+        self.durability.release(partitions)
 
     # -- start and stop ----------------------------------------------------------------------
-    def _restore_on_start(self) -> None:
-        """Resume from our newest valid checkpoint (else anyone's, for the weights)."""
-        found = self.store.latest(self.worker_id) or self.store.latest()
-        if found is None:
-            if self.store.has_any() and not self.settings.checkpoint.allow_fresh_start:
-                raise CheckpointError(
-                    f"no usable checkpoint in {self.store.directory} and "
-                    "checkpoint.allow_fresh_start is off (STREAMER_CHECKPOINT__ALLOW_FRESH_START)"
-                )
-            log.info("no checkpoint found in %s: starting fresh", self.store.directory)
-            return
-        self.learner.load(found.state)
-        for tp, offset in found.offsets.items():
-            self.ledger.adopt(tp, offset, found.sensors.get(tp, []), found.created)
-        log.info("restored %s: %d sensors, %d updates, offsets %s", found.path.name,
-                 self.learner.n_sensors, self.learner.updates, found.offsets)
-
     def _shutdown(self) -> None:
         log.info("stopping: flushing and checkpointing")
         if self._client is not None:
@@ -321,7 +257,7 @@ class Worker:
             except KafkaClientError as exc:
                 log.error("could not deliver the last batches (they will be re-read): %s", exc)
         self.checkpoint()
-        self.writer.close()
+        self.durability.close()
         self._close_client()
         self.health.stop()
         log.info("stopped")

@@ -9,7 +9,9 @@ import random
 import numpy as np
 import pytest
 
-from streamer.codec import (
+from streamer.core.batch import HorizonResult
+from streamer.core.rejections import Reason
+from streamer.serving.codec import (
     CUT_KEEP_BYTES,
     MAX_DEAD_LETTER_BYTES,
     Reading,
@@ -21,9 +23,7 @@ from streamer.codec import (
     encode_anomalies,
     forecast_key,
 )
-from streamer.core.batch import HorizonResult
-from streamer.core.rejections import Reason
-from tests.forecast_reference import encode_forecast
+from tests.serving.forecast_reference import encode_forecast
 
 GOOD = b'{"sensor_id": "s1", "ts": 1700000000.5, "value": 21.5}'
 
@@ -356,7 +356,7 @@ def test_oversized_dead_letter_is_cut_to_fit_saying_what_it_was() -> None:
 def test_batch_encoding_is_byte_identical_to_one_by_one():
     import numpy as np
 
-    from streamer.codec import encode_forecasts
+    from streamer.serving.codec import encode_forecasts
 
     ids = ["a", 'q"uote', "ünï", "back\\slash", "tab\tnl\n"]
     ts = np.array([1.5, 1.7e9, 3.25, 1e20, -0.0])
@@ -394,7 +394,7 @@ def test_a_forecast_with_a_horizon_lists_each_step_with_its_time_and_interval() 
 
 
 def test_batch_encoding_with_a_horizon_is_byte_identical_to_one_by_one():
-    from streamer.codec import encode_forecasts
+    from streamer.serving.codec import encode_forecasts
 
     rng = np.random.default_rng(0)
     for f in (1, 2):

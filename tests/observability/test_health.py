@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry
 
-from streamer.health import HealthServer
-from streamer.metrics import Metrics
+from streamer.observability.health import HealthServer
+from streamer.observability.metrics import Metrics
 
 
 class Flags:

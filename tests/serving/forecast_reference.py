@@ -1,5 +1,6 @@
 """The forecast JSON written plainly, one json.dumps per record: the reference that
-``streamer.codec.encode_forecasts`` (the hot path's string formatting) must equal byte for byte."""
+``streamer.serving.codec.encode_forecasts`` (the hot path's string formatting) must equal
+byte for byte."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import numpy as np
 from streamer.core import Batch, Learner, LearnerConfig, Reason, StepResult
 from streamer.core.batch import HorizonResult
 from streamer.core.horizon import scored_steps
-from streamer.readings_csv import iter_chunks
+from streamer.tools.readings_csv import iter_chunks
 
 NAN = float("nan")
 

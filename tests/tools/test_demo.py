@@ -14,7 +14,7 @@ import pytest
 
 from streamer.kafka.broker import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _demo(*args: str) -> subprocess.Popen:

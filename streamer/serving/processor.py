@@ -8,16 +8,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from streamer.codec import (
+from streamer.core import Learner, Reason, StepResult
+from streamer.core.normalizer import MAX_ABS_TS, MAX_ABS_VALUE
+from streamer.kafka.client import InputRecord, OutputRecord, PartitionId
+from streamer.serving.codec import (
     dead_letter,
     decode_batch,
     encode_anomalies,
     encode_forecasts,
     forecast_key,
 )
-from streamer.core import Learner, Reason, StepResult
-from streamer.core.normalizer import MAX_ABS_TS, MAX_ABS_VALUE
-from streamer.kafka.client import InputRecord, OutputRecord, PartitionId
 
 # What the learner's rejections say in the DLQ detail header.
 _LEARNER_DETAIL = {
@@ -47,7 +47,7 @@ class Processed:
 
 class BatchProcessor:
     """Decodes, steps the learner, and encodes. Which records are fresh, and what a batch
-    changes of each partition, is the ledger's (streamer.ledger)."""
+    changes of each partition, is the ledger's (streamer.serving.ledger)."""
 
     def __init__(self, learner: Learner, output_topic: str, dlq_topic: str,
                  anomaly_topic: str | None = None):

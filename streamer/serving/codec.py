@@ -230,8 +230,8 @@ def encode_forecasts(
     before it. With ``horizon`` (the next H readings' forecasts made at each reading, step 1
     being the top-level forecast) a ``"horizon"`` list follows: ``{"step": k, "ts": expected
     time, "value" (or "values"), "lower", "upper"}`` per step. A non-finite number is written
-    as ``null``: the output stays valid JSON. (tests/forecast_reference.py states the same with
-    one json.dumps per record; the tests pin them byte for byte.)
+    as ``null``: the output stays valid JSON. (tests/serving/forecast_reference.py states the
+    same with one json.dumps per record; the tests pin them byte for byte.)
 
     The hot path's JSON: each record is one string format of pre-rendered numbers
     (``float.__repr__`` is JSON's shortest round-trip form; non-finite numbers become null).

@@ -1,0 +1,1 @@
+"""What operators watch: Prometheus metrics (no per-sensor label), health endpoints, logs."""
