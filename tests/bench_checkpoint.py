@@ -22,7 +22,8 @@ background write), and checkpoint bytes per sensor.
 **Live** (``--live-sensors``, 0 to skip): the real ``Worker`` on a local broker, its table
 filled with N sensors, then live readings at ``--live-rate``/s for ``--live-seconds`` (the
 same producer and reader as tests/bench_e2e.py); reading-to-forecast latency percentiles with
-checkpoints every 10 s against checkpoints off, in one run.
+checkpoints every 10 s against checkpoints off, in one run, and this process's resident memory
+before and after the live phase (``--live-seconds 900`` for the 15-minute memory check).
 """
 
 from __future__ import annotations
@@ -113,7 +114,10 @@ def serve(learner: Learner, stream: Stream, mode: str, seconds: float,
     return run
 
 
-def bench_core(n_sensors: int, seconds: float, rounds: int, directory: Path) -> dict[str, Run]:
+def bench_core(n_sensors: int, seconds: float, rounds: int, directory: Path
+               ) -> tuple[dict[str, Run], dict[str, list[float]]]:
+    """Every mode's runs merged, and per round each mode's readings/s over none's in that
+    round (neighbours in time: this machine's speed drifts by 20 % over minutes)."""
     settings = load_settings({"device": "cpu"})
     config = dataclasses.replace(settings.learner_config(),
                                  max_sensors=max(n_sensors, settings.sensors.max_sensors))
@@ -132,7 +136,9 @@ def bench_core(n_sensors: int, seconds: float, rounds: int, directory: Path) -> 
                   f"{runs[mode][-1].rate:,.0f} readings/s", flush=True)
     for writer in writers.values():
         writer.close()
-    return {mode: _merged(found) for mode, found in runs.items()}
+    ratios = {mode: [run.rate / base.rate for run, base in zip(runs[mode], runs["none"])]
+              for mode in MODES}
+    return {mode: _merged(found) for mode, found in runs.items()}, ratios
 
 
 def _merged(runs: list[Run]) -> Run:
@@ -151,33 +157,38 @@ def _stat(values: list[float], how=statistics.median) -> str:
     return f"{how(values):,.0f}" if values else "-"
 
 
-def core_table(results: dict[int, dict[str, Run]]) -> str:
-    lines = ["| sensors | mode | readings/s | vs none | checkpoints | stall ms first / median "
+def core_table(results: dict[int, tuple[dict[str, Run], dict[str, list[float]]]]) -> str:
+    lines = ["| sensors | mode | readings/s | vs none (median of rounds; each) | checkpoints | "
+             "stall ms first / median "
              "/ max after | write ms median | slowest batch ms | bytes/sensor |",
              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for n, runs in results.items():
-        base = runs["none"].rate
+    for n, (runs, ratios) in results.items():
         for mode in MODES:
             run = runs[mode]
+            each = ", ".join(f"{r - 1:+.0%}" for r in ratios[mode])
+            versus = f"{statistics.median(ratios[mode]) - 1:+.1%} ({each})"
             first, later = run.stalls_ms[:1], run.stalls_ms[1:]
             stalls = f"{_stat(first)} / {_stat(later)} / {_stat(later, max)}"
             per_sensor = f"{run.size_bytes / n:,.0f}" if run.size_bytes else "-"
-            lines.append(f"| {n:,} | {mode} | {run.rate:,.0f} | {run.rate / base - 1:+.1%} | "
+            lines.append(f"| {n:,} | {mode} | {run.rate:,.0f} | {versus} | "
                          f"{len(run.stalls_ms)} | {stalls} | {_stat(run.writes_ms)} | "
                          f"{run.slowest_batch_ms:,.0f} | {per_sensor} |")
     return "\n".join(lines)
 
 
 # -- live: the real worker on a local broker -------------------------------------------------
-def bench_live(n_sensors: int, rate: float, seconds: float, directory: Path) -> str:
+def bench_live(n_sensors: int, rate: float, seconds: float, directory: Path,
+               baseline: bool = True) -> str:
     from streamer.kafka.admin import ensure_topics
     from streamer.kafka.broker import LocalBroker
     from tests import bench_e2e as e2e  # the broker, producer and reader of the e2e benchmark
 
     lines = ["| checkpoints | sent/s | p50 ms | p90 ms | p99 ms | max ms | checkpoints taken | "
-             "stall ms max |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "stall ms max | RSS MB before / after |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     with LocalBroker() as broker:
-        for label, interval in (("every 10 s", INTERVAL_S), ("off", None)):
+        modes = (("every 10 s", INTERVAL_S), ("off", None))
+        for label, interval in modes if baseline else modes[:1]:
             run = f"live-{label.split()[0]}-{time.time_ns()}"
             topics = {"in": f"{run}-in", "out": f"{run}-out", "dlq": f"{run}-dlq",
                       "ceiling": f"{run}-unused"}
@@ -193,16 +204,26 @@ def bench_live(n_sensors: int, rate: float, seconds: float, directory: Path) -> 
                 e2e.wait_for_count(serving.count, 0, 2 * n_sensors, 600.0, serving.alive)
                 registry = serving.worker.registry
                 before = registry.get_sample_value("streamer_checkpoint_copy_seconds_count") or 0
+                rss_before = _rss_mb()
                 latency = e2e.live_phase(broker.bootstrap, topics["in"], topics["out"],
                                          n_sensors, rate, seconds, 5.0, cpu)
                 taken = (registry.get_sample_value("streamer_checkpoint_copy_seconds_count")
                          or 0) - before
                 stall = _largest_bucket(registry)
+                rss = f"{rss_before:,.0f} / {_rss_mb():,.0f}"
             w = latency.worker_ms
             lines.append(f"| {label} | {latency.rate:,.0f} | {w['p50']:,.0f} | {w['p90']:,.0f} |"
-                         f" {w['p99']:,.0f} | {w['max']:,.0f} | {taken:.0f} | {stall} |")
+                         f" {w['p99']:,.0f} | {w['max']:,.0f} | {taken:.0f} | {stall} | {rss} |")
             print(lines[-1], flush=True)
     return "\n".join(lines)
+
+
+def _rss_mb() -> float:
+    """This process's resident memory (the worker runs in a thread of it)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _largest_bucket(registry) -> str:
@@ -220,11 +241,13 @@ def _largest_bucket(registry) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sensors", default="1000,10000,100000")
-    parser.add_argument("--seconds", type=float, default=30.0, help="per mode and round")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=21.0, help="per mode and round")
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--live-sensors", type=int, default=100_000, help="0: skip")
     parser.add_argument("--live-rate", type=float, default=4000.0)
     parser.add_argument("--live-seconds", type=float, default=60.0)
+    parser.add_argument("--live-baseline", action=argparse.BooleanOptionalAction, default=True,
+                        help="also the live run with checkpoints off")
     args = parser.parse_args(argv)
     torch.set_num_threads(load_settings().torch_threads or 1)
     with tempfile.TemporaryDirectory(prefix="bench-checkpoint-") as tmp:
@@ -237,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nLive: {args.live_sensors:,} sensors, {args.live_rate:,.0f} readings/s "
                   f"for {args.live_seconds:.0f} s (first 5 s not counted); latency = output "
                   "record's timestamp - input record's:\n")
-            print(bench_live(args.live_sensors, args.live_rate, args.live_seconds, Path(tmp)))
+            print(bench_live(args.live_sensors, args.live_rate, args.live_seconds, Path(tmp),
+                             args.live_baseline))
     return 0
 
 
