@@ -14,10 +14,12 @@ for ``--seconds`` in each of three modes, in turn:
 * **sync** (the baseline, what the worker did before): every 10 s a fresh snapshot and
   ``CheckpointStore.save`` on the serving thread.
 
-It prints readings/s against none, the serving thread's stall per checkpoint (async: the copy;
-sync: snapshot + save; the first one apart: async copies into fresh memory only then), the
-slowest micro-batch (a stall plus any contention with the
-background write), and checkpoint bytes per sensor.
+It prints readings/s against none (wall clock: on a shared VM whose speed drifts by tens of
+percent within minutes, so also the CPU time per reading of the serving thread, which steal
+time does not inflate, and of all threads, the background writer included), the serving
+thread's stall per checkpoint (async: the copy; sync: snapshot + save; the first one apart:
+async copies into fresh memory only then), the slowest micro-batch (a stall plus any
+contention with the background write), and checkpoint bytes per sensor.
 
 **Live** (``--live-sensors``, 0 to skip): the real ``Worker`` on a local broker, its table
 filled with N sensors, then live readings at ``--live-rate``/s for ``--live-seconds`` (the
@@ -52,6 +54,8 @@ MODES = ("none", "async", "sync")
 class Run:
     readings: int = 0
     seconds: float = 0.0
+    serving_cpu: float = 0.0  # CPU seconds of the serving thread (this one)
+    process_cpu: float = 0.0  # CPU seconds of every thread (the background writer included)
     stalls_ms: list[float] = field(default_factory=list)  # serving thread, per checkpoint
     writes_ms: list[float] = field(default_factory=list)  # background (async) or inline (sync)
     slowest_batch_ms: float = 0.0
@@ -85,6 +89,7 @@ def serve(learner: Learner, stream: Stream, mode: str, seconds: float,
     """Serve for ``seconds``; ``writer`` lives as long as a worker's (its buffers reused)."""
     store = writer.store
     run = Run()
+    cpu, all_cpu = time.thread_time(), time.process_time()
     started = last = time.perf_counter()
     while (now := time.perf_counter()) - started < seconds:
         batch = stream.next()
@@ -107,10 +112,12 @@ def serve(learner: Learner, stream: Stream, mode: str, seconds: float,
         run.stalls_ms.append((last - began) * 1e3)
         run.slowest_batch_ms = max(run.slowest_batch_ms, (last - now) * 1e3)
     run.seconds = time.perf_counter() - started
+    run.serving_cpu = time.thread_time() - cpu
     if writer.in_flight:  # after the clock: a write still running is not the loop's time
         written = writer.finished(wait=True)
         run.writes_ms.append(written.saved.duration_seconds * 1e3)
         run.size_bytes = written.saved.size_bytes
+    run.process_cpu = time.process_time() - all_cpu  # the last write's CPU counts too
     return run
 
 
@@ -146,6 +153,8 @@ def _merged(runs: list[Run]) -> Run:
     for run in runs:
         merged.readings += run.readings
         merged.seconds += run.seconds
+        merged.serving_cpu += run.serving_cpu
+        merged.process_cpu += run.process_cpu
         merged.stalls_ms += run.stalls_ms
         merged.writes_ms += run.writes_ms
         merged.slowest_batch_ms = max(merged.slowest_batch_ms, run.slowest_batch_ms)
@@ -158,11 +167,12 @@ def _stat(values: list[float], how=statistics.median) -> str:
 
 
 def core_table(results: dict[int, tuple[dict[str, Run], dict[str, list[float]]]]) -> str:
-    lines = ["| sensors | mode | readings/s | vs none (median of rounds; each) | checkpoints | "
-             "stall ms first / median "
-             "/ max after | write ms median | slowest batch ms | bytes/sensor |",
-             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| sensors | mode | readings/s | vs none (median of rounds; each) | serving-thread "
+             "CPU us/reading (vs none) | all threads' CPU us/reading | checkpoints | stall ms "
+             "first / median / max after | write ms median | slowest batch ms | bytes/sensor |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for n, (runs, ratios) in results.items():
+        base_cpu = runs["none"].serving_cpu / runs["none"].readings
         for mode in MODES:
             run = runs[mode]
             each = ", ".join(f"{r - 1:+.0%}" for r in ratios[mode])
@@ -170,7 +180,10 @@ def core_table(results: dict[int, tuple[dict[str, Run], dict[str, list[float]]]]
             first, later = run.stalls_ms[:1], run.stalls_ms[1:]
             stalls = f"{_stat(first)} / {_stat(later)} / {_stat(later, max)}"
             per_sensor = f"{run.size_bytes / n:,.0f}" if run.size_bytes else "-"
-            lines.append(f"| {n:,} | {mode} | {run.rate:,.0f} | {versus} | "
+            serving = run.serving_cpu / run.readings
+            cpu = (f"{serving * 1e6:.2f} ({serving / base_cpu - 1:+.1%}) | "
+                   f"{run.process_cpu / run.readings * 1e6:.2f}")
+            lines.append(f"| {n:,} | {mode} | {run.rate:,.0f} | {versus} | {cpu} | "
                          f"{len(run.stalls_ms)} | {stalls} | {_stat(run.writes_ms)} | "
                          f"{run.slowest_batch_ms:,.0f} | {per_sensor} |")
     return "\n".join(lines)
