@@ -8,6 +8,7 @@ not the learner's attributes."""
 from __future__ import annotations
 
 import io
+import threading
 
 import torch
 
@@ -35,6 +36,7 @@ try:  # the save-time switches of torch's serialization (recent torch versions)
     _SAVE_CONFIG = _serialization_config.save
 except ImportError:  # pragma: no cover - older torch: always with CRC-32
     _SAVE_CONFIG = None
+_SAVE_LOCK = threading.Lock()
 
 
 class IncompatibleSnapshot(ValueError):
@@ -101,15 +103,16 @@ def save(state: dict, path) -> None:
     (the checkpoint's manifest holds a SHA-256 of the file): while a thread writes a 340 MB
     snapshot, a serving thread beside it measured 48-58k readings/s that way against
     90-95k/s this way (184k/s undisturbed, tests/bench_checkpoint.py's machine)."""
-    crc = _SAVE_CONFIG.compute_crc32 if _SAVE_CONFIG is not None else None
-    try:
-        if _SAVE_CONFIG is not None:
-            _SAVE_CONFIG.compute_crc32 = False
-        with open(path, "wb") as handle:
-            torch.save(state, handle)
-    finally:
-        if _SAVE_CONFIG is not None:
-            _SAVE_CONFIG.compute_crc32 = crc
+    with _SAVE_LOCK:  # the switch is process-wide: one save flips it at a time
+        crc = _SAVE_CONFIG.compute_crc32 if _SAVE_CONFIG is not None else None
+        try:
+            if _SAVE_CONFIG is not None:
+                _SAVE_CONFIG.compute_crc32 = False
+            with open(path, "wb") as handle:
+                torch.save(state, handle)
+        finally:
+            if _SAVE_CONFIG is not None:
+                _SAVE_CONFIG.compute_crc32 = crc
 
 
 def loads(data: bytes) -> dict:

@@ -75,14 +75,18 @@ def _save_atomic(path: Path, state: dict) -> tuple[int, str]:
     (both measured with a 340 MB snapshot at 100k sensors).
     """
     tmp = path.with_name(f".{path.name}.tmp")
-    snap.save(state, tmp)
-    failpoint("checkpoint_data_unsynced")
-    digest, size = hashlib.sha256(), 0
-    with open(tmp, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-        os.fsync(handle.fileno())
+    try:
+        snap.save(state, tmp)
+        failpoint("checkpoint_data_unsynced")
+        digest, size = hashlib.sha256(), 0
+        with open(tmp, "rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+            os.fsync(handle.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed attempt leaves no 340 MB file behind
+        raise
     _publish(tmp, path)
     return size, digest.hexdigest()
 
@@ -119,8 +123,11 @@ class CheckpointStore:
         self._next_seq = max(mine, default=0) + 1
 
     def save(self, state: dict, offsets: dict[PartitionId, int],
-             sensors: dict[PartitionId, list[str]]) -> SaveStats:
-        """Write a checkpoint durably, then prune this worker's older ones beyond ``keep``."""
+             sensors: dict[PartitionId, list[str]], created: float | None = None) -> SaveStats:
+        """Write a checkpoint durably, then prune this worker's older ones beyond ``keep``.
+
+        ``created``: the wall time the state was current (when it was copied; default now):
+        what ``latest_for(newer_than=...)`` compares when partitions move."""
         started = time.perf_counter()
         seq, self._next_seq = self._next_seq, self._next_seq + 1
         stem = f"{self.worker}-{seq:010d}"
@@ -133,7 +140,7 @@ class CheckpointStore:
             "format": "streamer.checkpoint/1",
             "worker": self.worker,
             "seq": seq,
-            "created": time.time(),
+            "created": time.time() if created is None else created,
             "fingerprint": self.fingerprint,
             "data": data_path.name,
             "size": size,

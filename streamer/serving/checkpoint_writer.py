@@ -25,7 +25,7 @@ class Written:
     offsets: dict[PartitionId, int]  # what the checkpoint holds: commit these once durable
     copy_seconds: float  # the serving thread's part
     saved: SaveStats | None = None
-    error: OSError | None = None
+    error: Exception | None = None
 
 
 class CheckpointWriter:
@@ -46,15 +46,16 @@ class CheckpointWriter:
         background; returns the seconds the copy took (the caller's stall)."""
         if self._future is not None:
             raise RuntimeError("a checkpoint is in flight: take its end with finished() first")
-        started = time.perf_counter()
+        started, taken_at = time.perf_counter(), time.time()
         state = self._buffer = learner.snapshot(reuse=self._buffer)
         copy_seconds = time.perf_counter() - started
-        self._future = self._pool.submit(self._write, state, offsets, sensors, copy_seconds)
+        self._future = self._pool.submit(self._write, state, offsets, sensors, taken_at,
+                                         copy_seconds)
         return copy_seconds
 
     def finished(self, wait: bool = False) -> Written | None:
         """The write in flight once it ended (waiting for it with ``wait``); None while it
-        runs, or when none is in flight. A non-I/O error in the write is raised here."""
+        runs, or when none is in flight."""
         if self._future is None or (not wait and not self._future.done()):
             return None
         future, self._future = self._future, None
@@ -65,9 +66,10 @@ class CheckpointWriter:
         self._pool.shutdown(wait=True)
 
     def _write(self, state: dict, offsets: dict[PartitionId, int],
-               sensors: dict[PartitionId, list[str]], copy_seconds: float) -> Written:
+               sensors: dict[PartitionId, list[str]], taken_at: float,
+               copy_seconds: float) -> Written:
         try:
-            saved = self.store.save(state, offsets, sensors)
-        except OSError as exc:
+            saved = self.store.save(state, offsets, sensors, created=taken_at)
+        except Exception as exc:  # noqa: BLE001 - I/O or serialization: reported, never fatal
             return Written(offsets, copy_seconds, error=exc)
         return Written(offsets, copy_seconds, saved=saved)

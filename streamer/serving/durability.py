@@ -36,6 +36,7 @@ class Durability:
         self.store = CheckpointStore(settings.dir, worker_id, learner.config.fingerprint(),
                                      settings.keep)
         self.writer = CheckpointWriter(self.store)
+        self._covered = 0  # readings the checkpoint in flight covers
 
     def restore_on_start(self) -> None:
         """Resume from our newest valid checkpoint (else anyone's, for the weights)."""
@@ -65,7 +66,7 @@ class Durability:
         background; every applied reading's outputs must be acknowledged."""
         offsets = self.ledger.offsets()
         copy_seconds = self.writer.begin(self.learner, offsets, self.ledger.sensors(offsets))
-        self.ledger.checkpoint_taken(time.monotonic())
+        self._covered = self.ledger.checkpoint_taken(time.monotonic())
         self.metrics.observe_checkpoint_copy(copy_seconds)
 
     def written(self, wait: bool) -> dict[PartitionId, int]:
@@ -77,6 +78,7 @@ class Durability:
         if written.error is not None:
             log.error("checkpoint failed: %s", written.error)
             self.metrics.observe_checkpoint_failure()
+            self.ledger.checkpoint_failed(self._covered)  # retried at the next interval
             return {}
         saved = written.saved
         self.metrics.observe_checkpoint(saved.duration_seconds, saved.size_bytes, time.time())
@@ -92,6 +94,8 @@ class Durability:
         """Take each partition's newest state (ours, or a newer checkpoint's); returns where
         to read each held partition from. No write may be in flight (``written(wait=True)``):
         the directory is read as it will stay, pruning included."""
+        if self.writer.in_flight:
+            raise RuntimeError("adopt() with a checkpoint write in flight: finish it first")
         seeks = {}
         for tp in partitions:
             checkpoint = self.store.latest_for(tp, newer_than=self.ledger.current_at(tp))

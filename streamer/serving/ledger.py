@@ -80,9 +80,16 @@ class PartitionLedger:
         by_count = every_readings is not None and self._since_checkpoint >= every_readings
         return by_time or by_count
 
-    def checkpoint_taken(self, now: float) -> None:
-        """A checkpoint copied the state as it is now: the next one counts from here."""
-        self._since_checkpoint, self._checkpoint_taken_at = 0, now
+    def checkpoint_taken(self, now: float) -> int:
+        """A checkpoint copied the state as it is now: the next one counts from here. Returns
+        the readings it covers (for ``checkpoint_failed``)."""
+        covered, self._since_checkpoint, self._checkpoint_taken_at = self._since_checkpoint, 0, now
+        return covered
+
+    def checkpoint_failed(self, readings: int) -> None:
+        """The checkpoint taken did not become durable: its readings count towards the next
+        one again, which is due an interval after the failed one was taken."""
+        self._since_checkpoint += readings
 
     # -- partitions coming and going --------------------------------------------------------
     def adopt(self, tp: PartitionId, next_offset: int, sensor_ids: Iterable[str],

@@ -218,7 +218,10 @@ class Worker:
             self._commit(self.durability.written(wait=True))
 
     def _commit(self, offsets: dict[PartitionId, int]) -> None:
-        """Commit offsets of a durable checkpoint: here and only here do offsets move."""
+        """Commit offsets of a durable checkpoint: here and only here do offsets move. Only
+        for partitions still held: one given to another worker meanwhile (a reconnect without
+        a revocation) must not have its new owner's offset moved back."""
+        offsets = {tp: offset for tp, offset in offsets.items() if tp in self.ledger}
         if self._client is not None and offsets:
             try:
                 self._client.commit(offsets)
@@ -229,12 +232,13 @@ class Worker:
     def _on_assign(self, partitions: list[PartitionId]) -> None:
         """Adopt each partition's newest state (ours or a checkpoint's) and seek to it."""
         log.info("assigned %s", _names(partitions))
-        self._commit(self.durability.written(wait=True))  # no write in flight while adopting
+        durable = self.durability.written(wait=True)  # no write in flight while adopting
         client = self._client
         current = client.assignment() if client is not None else set(partitions)
         stale = [tp for tp in self.ledger.partitions() if tp not in current]
         if stale:
             self.durability.release(stale)
+        self._commit(durable)  # after the release: only for partitions we still hold
         seeks = self.durability.adopt(partitions)
         if seeks and client is not None:
             client.seek(seeks)
@@ -256,10 +260,12 @@ class Worker:
                 self._complete(self._client, keep=0)
             except KafkaClientError as exc:
                 log.error("could not deliver the last batches (they will be re-read): %s", exc)
-        self.checkpoint()
-        self.durability.close()
-        self._close_client()
-        self.health.stop()
+        try:
+            self.checkpoint()
+        finally:  # leave the group at once, whatever happened: its partitions move on
+            self.durability.close()
+            self._close_client()
+            self.health.stop()
         log.info("stopped")
 
     def _close_client(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -192,4 +193,43 @@ def test_a_background_write_that_fails_is_reported_with_its_error(tmp_path):
     written = writer.finished(wait=True)
     assert isinstance(written.error, OSError) and written.saved is None
     assert written.offsets == {TP: 3}
+    writer.close()
+
+
+def test_a_write_failing_in_serialization_is_reported_and_leaves_no_file(tmp_path):
+    store = CheckpointStore(tmp_path, "w1", CFG.fingerprint())
+    learner = _learner(5)
+    with pytest.raises(Exception):  # noqa: B017 - whatever torch raises for a lambda
+        store.save({**learner.snapshot(), "oops": lambda: None}, {TP: 1}, {TP: []})
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary file left
+
+    class Unsaveable(CheckpointWriter):
+        def _write(self, state, offsets, sensors, taken_at, copy_seconds):
+            return super()._write({**state, "oops": lambda: None}, offsets, sensors,
+                                  taken_at, copy_seconds)
+
+    writer = Unsaveable(store)
+    writer.begin(learner, {TP: 2}, {TP: []})
+    written = writer.finished(wait=True)
+    assert written.error is not None and written.saved is None and written.offsets == {TP: 2}
+    writer.close()
+
+
+def test_a_checkpoint_is_dated_when_its_state_was_copied_not_when_it_became_durable(tmp_path):
+    class Slow(CheckpointWriter):
+        def _write(self, *args):
+            time.sleep(0.5)  # a long write: the state it holds is older than its end
+            return super()._write(*args)
+
+    store = CheckpointStore(tmp_path, "w1", CFG.fingerprint())
+    writer = Slow(store)
+    learner = _learner(5)
+    before = time.time()
+    writer.begin(learner, {TP: 3}, {TP: []})
+    assert writer.finished(wait=True).error is None
+    created = store.latest().created
+    assert before <= created <= before + 0.3 and time.time() - created >= 0.5
+    _save(store, _learner(5), 4)
+    assert store.latest().created > created
+    assert store.latest_for(TP, newer_than=created).offsets == {TP: 4}
     writer.close()

@@ -95,3 +95,14 @@ def test_a_partition_whose_log_ends_before_our_offset_is_read_from_its_start():
     assert ledger.next_offset(A) is None and ledger.next_offset(B) == 10
     assert len(ledger.fresh(_records(A, range(0, 3)))) == 3
     assert ledger.sensors([A]) == {A: ["s1"]}  # its sensors stay: their state is still ours
+
+
+def test_a_checkpoint_that_failed_leaves_its_readings_due_at_the_next_interval():
+    ledger = PartitionLedger(now=0.0)
+    _applied(ledger, A, range(0, 4), ["s1"])
+    assert ledger.checkpoint_due(10.0, 10.0, None)
+    covered = ledger.checkpoint_taken(now=10.0)
+    assert covered == 4 and not ledger.checkpoint_due(25.0, 10.0, None)  # nothing new
+    ledger.checkpoint_failed(covered)  # the write failed, and the input went quiet
+    assert not ledger.checkpoint_due(15.0, 10.0, None)
+    assert ledger.checkpoint_due(20.0, 10.0, None) and ledger.checkpoint_due(15.0, None, 4)
