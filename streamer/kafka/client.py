@@ -21,6 +21,11 @@ def heartbeat_fits(heartbeat_interval_ms: int, session_timeout_ms: int) -> bool:
 PartitionsCallback = Callable[[list[PartitionId]], None]
 
 
+def partition_names(partitions: Collection[PartitionId]) -> str:
+    """``topic[0], topic[3]`` for logs and messages; "nothing" when empty."""
+    return ", ".join(f"{t}[{p}]" for t, p in sorted(partitions)) or "nothing"
+
+
 @dataclass(frozen=True)
 class InputRecord:
     """One consumed record."""

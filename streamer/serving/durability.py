@@ -19,7 +19,7 @@ import time
 from streamer.config import CheckpointSettings
 from streamer.core import Learner
 from streamer.core import snapshot as snap
-from streamer.kafka.client import PartitionId
+from streamer.kafka.client import PartitionId, partition_names
 from streamer.observability.metrics import Metrics
 from streamer.serving.checkpoint import CheckpointError, CheckpointStore
 from streamer.serving.checkpoint_writer import CheckpointWriter
@@ -104,8 +104,9 @@ class Durability:
                 ids = checkpoint.sensors.get(tp, [])
                 self.learner.import_sensors(snap.sensors_of(checkpoint.state, ids))
                 self.ledger.adopt(tp, checkpoint.offsets[tp], ids, checkpoint.created)
-                log.info("partition %s[%d]: restored %d sensors from %s at offset %d", *tp,
-                         len(ids), checkpoint.path.name, checkpoint.offsets[tp])
+                log.info("partition %s: restored %d sensors from %s at offset %d",
+                         partition_names([tp]), len(ids), checkpoint.path.name,
+                         checkpoint.offsets[tp])
             offset = self.ledger.next_offset(tp)
             if offset is not None:
                 seeks[tp] = offset

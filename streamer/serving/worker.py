@@ -23,6 +23,7 @@ from streamer.kafka.client import (
     Delivery,
     PartitionId,
     StreamClient,
+    partition_names,
 )
 from streamer.kafka.errors import KafkaClientError, UndecodableBatch
 from streamer.kafka.kafka_python_client import KafkaPythonClient
@@ -151,7 +152,7 @@ class Worker:
         reset = self.ledger.recreated(ends)
         for tp, offset in reset.items():
             log.warning("partition %s ends at %d, before our offset %d: it was recreated or "
-                        "lost its data; reading it from its start", _names([tp]), ends[tp],
+                        "lost its data; reading it from its start", partition_names([tp]), ends[tp],
                         offset)
         if reset:  # out of range on a log that starts later: the client resets
             client.seek(dict.fromkeys(reset, 0))
@@ -182,7 +183,7 @@ class Worker:
         """A batch no retry can decode: its partition waits there, loudly, for an operator."""
         log.error("cannot decode the record batch of %s; the partition is held there "
                   "(nothing skipped) until an operator acts, see README 'Undecodable batches'",
-                  exc, extra={"partition": _names([exc.partition]), "offset": exc.offset})
+                  exc, extra={"partition": partition_names([exc.partition]), "offset": exc.offset})
         self.metrics.observe_undecodable_batch()
         if self._client is not None:
             self._track_stalled(self._client)
@@ -231,7 +232,7 @@ class Worker:
     # -- partitions coming and going ---------------------------------------------------------
     def _on_assign(self, partitions: list[PartitionId]) -> None:
         """Adopt each partition's newest state (ours or a checkpoint's) and seek to it."""
-        log.info("assigned %s", _names(partitions))
+        log.info("assigned %s", partition_names(partitions))
         durable = self.durability.written(wait=True)  # no write in flight while adopting
         client = self._client
         current = client.assignment() if client is not None else set(partitions)
@@ -246,7 +247,7 @@ class Worker:
             self._track_stalled(client)
 
     def _on_revoke(self, partitions: list[PartitionId]) -> None:
-        log.info("revoked %s", _names(partitions))
+        log.info("revoked %s", partition_names(partitions))
         if self._client is not None:
             self._complete(self._client, keep=0)
         self.checkpoint()  # the next owner starts from here
@@ -331,7 +332,3 @@ def gc_tuned_for_serving() -> Iterator[None]:
 
 def _host_worker_id() -> str:
     return "".join(ch if ch.isalnum() or ch in "_.-" else "-" for ch in socket.gethostname())
-
-
-def _names(partitions: list[PartitionId]) -> str:
-    return ", ".join(f"{t}[{p}]" for t, p in sorted(partitions)) or "nothing"
