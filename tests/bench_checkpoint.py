@@ -31,10 +31,13 @@ before and after the live phase (``--live-seconds 900`` for the 15-minute memory
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import statistics
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,6 +202,7 @@ def bench_live(n_sensors: int, rate: float, seconds: float, directory: Path,
     lines = ["| checkpoints | sent/s | p50 ms | p90 ms | p99 ms | max ms | checkpoints taken | "
              "stall ms max | RSS MB before / after |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    trend: list[str] = []
     with LocalBroker() as broker:
         modes = (("every 10 s", INTERVAL_S), ("off", None))
         for label, interval in modes if baseline else modes[:1]:
@@ -218,8 +222,9 @@ def bench_live(n_sensors: int, rate: float, seconds: float, directory: Path,
                 registry = serving.worker.registry
                 before = registry.get_sample_value("streamer_checkpoint_copy_seconds_count") or 0
                 rss_before = _rss_mb()
-                latency = e2e.live_phase(broker.bootstrap, topics["in"], topics["out"],
-                                         n_sensors, rate, seconds, 5.0, cpu)
+                with _sampling(_rss_mb, 60.0) as rss_by_minute:
+                    latency = e2e.live_phase(broker.bootstrap, topics["in"], topics["out"],
+                                             n_sensors, rate, seconds, 5.0, cpu)
                 taken = (registry.get_sample_value("streamer_checkpoint_copy_seconds_count")
                          or 0) - before
                 stall = _largest_bucket(registry)
@@ -228,7 +233,43 @@ def bench_live(n_sensors: int, rate: float, seconds: float, directory: Path,
             lines.append(f"| {label} | {latency.rate:,.0f} | {w['p50']:,.0f} | {w['p90']:,.0f} |"
                          f" {w['p99']:,.0f} | {w['max']:,.0f} | {taken:.0f} | {stall} | {rss} |")
             print(lines[-1], flush=True)
-    return "\n".join(lines)
+            if len(latency.by_minute) > 1:
+                trend.append(_trend(label, latency, rss_by_minute))
+    return "\n".join(lines + trend)
+
+
+@contextlib.contextmanager
+def _sampling(measure: Callable[[], float], every_s: float) -> Iterator[list[float]]:
+    """``measure()`` every ``every_s`` seconds in a thread while the block runs."""
+    samples: list[float] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(every_s):
+            samples.append(measure())
+
+    thread = threading.Thread(target=sample, name="bench-sampler", daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _trend(label: str, latency, rss_by_minute: list[float]) -> str:
+    """Latency per minute of sending and this process's resident memory at each minute's end:
+    a queue building up or memory growing shows here, not in the whole run's percentiles."""
+    rows = [f"\nPer minute, checkpoints {label} (cores used over the run: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in latency.cpu.items()) + "):\n",
+            "| minute | p50 ms | p99 ms | max ms | RSS MB |",
+            "| ---: | ---: | ---: | ---: | ---: |"]
+    for minute, ms in enumerate(latency.by_minute):
+        rss = f"{rss_by_minute[minute]:,.0f}" if minute < len(rss_by_minute) else "-"
+        rows.append(f"| {minute + 1} | {ms.get('p50', float('nan')):,.0f} | "
+                    f"{ms.get('p99', float('nan')):,.0f} | {ms.get('max', float('nan')):,.0f} | "
+                    f"{rss} |")
+    return "\n".join(rows)
 
 
 def _rss_mb() -> float:

@@ -141,6 +141,7 @@ class Latency:
     late_p50_ms: float = float("nan")  # p50 of the last third: above p50 = a queue building
     load_cpu_s: float = 0.0  # CPU seconds of the live producer + reader process
     cpu: dict[str, float] = field(default_factory=dict)  # cores used during the live phase
+    by_minute: list[dict[str, float]] = field(default_factory=list)  # worker_ms per minute sent
 
 
 @dataclass
@@ -317,16 +318,20 @@ def _live(bootstrap: str, in_topic: str, out_topic: str, n_sensors: int, rate: f
     counted_from = (started_wall + settle_seconds) * 1000.0
     late_from = (started_wall + seconds * 2 / 3) * 1000.0
     worker, at_reader, late = [], [], []
+    minutes: dict[int, list[float]] = {}
     for value, out_ts, consumed in received:
         body = json.loads(value)
         stamp = sent_at.get((body["partition"], body["offset"]))
         if stamp is not None and stamp >= counted_from:
             worker.append(out_ts - stamp)
             at_reader.append(consumed - stamp)
+            minutes.setdefault(int((stamp / 1000.0 - started_wall) // 60), []).append(
+                out_ts - stamp)
             if stamp >= late_from:
                 late.append(out_ts - stamp)
     return Latency(sent_rate, sent, len(received), _percentiles(worker), _percentiles(at_reader),
-                   _percentiles(late).get("p50", float("nan")), time.process_time())
+                   _percentiles(late).get("p50", float("nan")), time.process_time(),
+                   by_minute=[_percentiles(minutes[m]) for m in sorted(minutes)])
 
 
 def _seek_past_existing(reader: KafkaConsumer, partitions: list[TopicPartition]) -> None:
