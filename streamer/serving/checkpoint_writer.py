@@ -9,6 +9,9 @@ checkpoint's offsets only once ``finished`` reports it durable.
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,6 +19,9 @@ from dataclasses import dataclass
 from streamer.core import Learner
 from streamer.kafka.client import PartitionId
 from streamer.serving.checkpoint import CheckpointStore, SaveStats
+
+log = logging.getLogger(__name__)
+WRITER_NICENESS = 10  # added to the writer thread's: the serving thread comes first
 
 
 @dataclass(frozen=True)
@@ -26,12 +32,14 @@ class Written:
     copy_seconds: float  # the serving thread's part
     saved: SaveStats | None = None
     error: Exception | None = None
+    model: dict | None = None  # the weights it holds (read before the next begin: reused)
 
 
 class CheckpointWriter:
     def __init__(self, store: CheckpointStore):
         self.store = store
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint",
+                                        initializer=_yield_to_serving)
         self._future: Future[Written] | None = None
         self._buffer: dict | None = None  # the last snapshot, reused once its write ended
 
@@ -72,4 +80,17 @@ class CheckpointWriter:
             saved = self.store.save(state, offsets, sensors, created=taken_at)
         except Exception as exc:  # noqa: BLE001 - I/O or serialization: reported, never fatal
             return Written(offsets, copy_seconds, error=exc)
-        return Written(offsets, copy_seconds, saved=saved)
+        return Written(offsets, copy_seconds, saved=saved, model=state["model"])
+
+
+def _yield_to_serving() -> None:
+    """Lower the writer thread's scheduling priority (Linux: per thread), so that on a busy
+    machine the background write waits for the CPU rather than the serving thread, the Kafka
+    client and whatever shares the host. Not idle priority: a write must still finish while
+    the machine is saturated, or offsets would never be committed."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid)
+                       + WRITER_NICENESS)
+    except (AttributeError, OSError) as exc:  # not Linux, or not allowed: same priority
+        log.debug("checkpoint writer keeps its priority: %s", exc)

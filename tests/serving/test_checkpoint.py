@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
+import os
 import shutil
+import threading
 import time
 
 import numpy as np
@@ -14,7 +18,7 @@ import torch
 from streamer.core import Batch, Learner, LearnerConfig
 from streamer.core import snapshot as snap
 from streamer.serving.checkpoint import CheckpointStore
-from streamer.serving.checkpoint_writer import CheckpointWriter
+from streamer.serving.checkpoint_writer import WRITER_NICENESS, CheckpointWriter
 from tests.core.conftest import sine_fleet
 
 CFG = LearnerConfig(hidden_size=8, tbptt_steps=4, train_every=10, initial_capacity=4,
@@ -233,3 +237,27 @@ def test_a_checkpoint_is_dated_when_its_state_was_copied_not_when_it_became_dura
     assert store.latest().created > created
     assert store.latest_for(TP, newer_than=created).offsets == {TP: 4}
     writer.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread priority is Linux only")
+def test_the_background_writer_runs_below_the_serving_threads_priority(tmp_path):
+    writer = CheckpointWriter(CheckpointStore(tmp_path, "w", LearnerConfig().fingerprint()))
+    try:
+        def own_priority() -> int:
+            return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+        here = own_priority()
+        assert writer._pool.submit(own_priority).result() == min(here + WRITER_NICENESS, 19)
+        assert own_priority() == here  # the serving thread's own is untouched
+    finally:
+        writer.close()
+
+
+def test_the_manifest_checksum_is_the_data_files_sha256(tmp_path):
+    store = CheckpointStore(tmp_path, "w", LearnerConfig().fingerprint())
+    learner = Learner(LearnerConfig(initial_capacity=8))
+    saved = store.save(learner.snapshot(), {("in", 0): 5}, {("in", 0): []})
+    manifest = json.loads(saved.path.with_suffix(".json").read_text())
+    data = saved.path.read_bytes()
+    assert manifest["size"] == len(data) == saved.size_bytes
+    assert manifest["sha256"] == hashlib.sha256(data).hexdigest()
