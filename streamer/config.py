@@ -116,6 +116,11 @@ class KafkaSettings(_Section):
         description="Topic of one event per flagged reading (key: sensor id; the reading, its "
         "forecast, interval and score); empty disables it.",
     )
+    model_topic: str = Field(
+        "sensor-model",
+        description="Compacted one-partition topic the workers of a group share their weights "
+        "through (created when missing; several groups may share it).",
+    )
     group_id: str = Field("streamer", min_length=1, description="Consumer group id.")
     client_id: str = Field("streamer", min_length=1, description="Client id sent to the brokers.")
     auto_offset_reset: Literal["earliest", "latest"] = Field(
@@ -175,7 +180,7 @@ class KafkaSettings(_Section):
                 )
         return ",".join(servers)
 
-    @field_validator("input_topic", "output_topic", "dlq_topic", "anomaly_topic")
+    @field_validator("input_topic", "output_topic", "dlq_topic", "anomaly_topic", "model_topic")
     @classmethod
     def _topic_name(cls, value: str | None) -> str | None:
         if value is None:
@@ -234,7 +239,7 @@ class KafkaSettings(_Section):
         )
 
     def _check_topics_distinct(self) -> None:
-        names = ("input_topic", "output_topic", "dlq_topic", "anomaly_topic")
+        names = ("input_topic", "output_topic", "dlq_topic", "anomaly_topic", "model_topic")
         for i, first in enumerate(names):
             for second in names[i + 1 :]:
                 topic = getattr(self, first)
@@ -474,6 +479,38 @@ class CheckpointSettings(_Section):
     )
 
 
+class SharingSettings(_Section):
+    """One model per consumer group: workers average their weights through kafka.model_topic."""
+
+    enabled: bool = Field(
+        True,
+        description="Share weights with the group's other workers (a worker alone behaves "
+        "exactly as with sharing off).",
+    )
+    interval_seconds: float = Field(
+        30.0, gt=0, description="Publish durable weights and average with peers at most this often."
+    )
+    peer_ttl_seconds: float = Field(
+        300.0, gt=0, description="A peer silent this long is left out of the average."
+    )
+    max_message_bytes: int = Field(
+        1_000_000,
+        ge=1024,
+        description="Largest weights record; a model whose weights do not fit is refused at "
+        "start-up (raise it together with the broker's message.max.bytes).",
+    )
+
+    @model_validator(mode="after")
+    def _ttl_above_interval(self) -> SharingSettings:
+        if not self.peer_ttl_seconds > self.interval_seconds:
+            raise _conflict(
+                f"{_named('sharing.peer_ttl_seconds')} is {self.peer_ttl_seconds} but must be "
+                f"above {_named('sharing.interval_seconds')}, which is {self.interval_seconds}: "
+                "every peer would drop out between its publishes"
+            )
+        return self
+
+
 class LogSettings(_Section):
     """Logging."""
 
@@ -526,6 +563,9 @@ class Settings(BaseSettings):
     )
     checkpoint: CheckpointSettings = Field(
         default_factory=CheckpointSettings, description="Periodic snapshots of the learner's state."
+    )
+    sharing: SharingSettings = Field(
+        default_factory=SharingSettings, description="Weights shared by a consumer group."
     )
     log: LogSettings = Field(default_factory=LogSettings, description="Log level and format.")
     device: str = Field(

@@ -20,6 +20,7 @@ from streamer.core.normalizer import MAX_ABS_TS, MAX_ABS_VALUE, Encoded, SensorS
 from streamer.core.rejections import Reason
 from streamer.core.slots import SlotTable
 from streamer.core.trainer import Trainer
+from streamer.core.weights import Weights, copied
 from streamer.core.windows import SlotTensors, WindowBatch
 
 # An update waits for queued windows: one at first, one more every RAMP_UPDATES updates up to
@@ -291,6 +292,16 @@ class Learner:
         self.state.load_tensors(state["slot_tensors"], state["seen"].numpy(), state["queue"])
         self.accepted_total = int(counters["accepted_total"])
         self.event_time = float(counters["event_time"])
+
+    def weights(self) -> Weights:
+        """A copy of the forecaster's weights (what workers share; no optimizer state)."""
+        return copied(self.model.state_dict())
+
+    @torch.no_grad()
+    def set_weights(self, weights: Weights) -> None:
+        """Replace the forecaster's weights in place (the optimizer keeps its moments)."""
+        for name, t in self.model.state_dict().items():
+            t.copy_(weights[name])
 
     def import_sensors(self, exported: dict) -> int:
         """Give each sensor of ``exported`` (``snapshot.sensors_of``) a slot, replacing any

@@ -35,11 +35,13 @@ def ensure_topics(
     *,
     replication_factor: int = -1,
     timeout_s: float = 10.0,
+    configs: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Create the topics that do not exist yet; return the names actually created.
 
     ``replication_factor=-1`` takes the broker's default, which is what production clusters
-    configure; an existing topic is left as it is, whatever its partition count.
+    configure; ``configs`` (e.g. ``cleanup.policy``) apply to the topics created here; an
+    existing topic is left as it is, whatever its partition count and configs.
     """
     for name, count in partitions.items():
         if count < 1:
@@ -47,7 +49,8 @@ def ensure_topics(
     if not partitions:
         return []
     spec = {
-        name: {"num_partitions": count, "replication_factor": replication_factor}
+        name: {"num_partitions": count, "replication_factor": replication_factor,
+               **({"configs": dict(configs)} if configs else {})}
         for name, count in partitions.items()
     }
     with admin_client(KafkaConnection.of(connection)) as admin:

@@ -293,6 +293,43 @@ class Metrics:
             "streamer_checkpoint_failures", "Checkpoint writes that failed.", registry=r
         )
 
+        # Weights shared by the consumer group (serving/sharing.py).
+        self.model_peers = Gauge(
+            "streamer_model_peers",
+            "Workers of the group whose fresh, compatible weights this worker averages with.",
+            registry=r,
+        )
+        self.model_sync_interval = Gauge(
+            "streamer_model_sync_interval_seconds",
+            "sharing.interval_seconds: how often weights are published and averaged (0: off).",
+            registry=r,
+        )
+        self.model_last_published = Gauge(
+            "streamer_model_last_publish_timestamp_seconds",
+            "Unix time this worker last published its durable weights.", registry=r,
+        )
+        self.model_last_averaged = Gauge(
+            "streamer_model_last_average_timestamp_seconds",
+            "Unix time this worker last averaged its weights with its peers'.", registry=r,
+        )
+        self.model_distance = Gauge(
+            "streamer_model_distance_to_average",
+            "L2 distance of this worker's weights to the group's average, before the last "
+            "averaging step.", registry=r,
+        )
+        self.model_sync_failures = Counter(
+            "streamer_model_sync_failures",
+            "Errors reading or publishing the model topic (each followed by a reconnect).",
+            registry=r,
+        )
+        self.model_ignored = Counter(
+            "streamer_model_records_ignored",
+            "Model-topic records not averaged in, by reason (incompatible, garbage, "
+            "other_group).", ["reason"], registry=r,
+        )
+        for reason in ("incompatible", "garbage", "other_group"):
+            self.model_ignored.labels(reason=reason)
+
         # Process, device, build.
         self.ready = Gauge("streamer_ready", "1 when the worker is ready to serve.", registry=r)
         kind = _device_kind(device)
@@ -447,6 +484,25 @@ class Metrics:
     def observe_checkpoint_copy(self, seconds: float) -> None:
         """Record the serving thread's stall for one checkpoint (the learner's copy)."""
         self.checkpoint_copy.observe(seconds)
+
+    def set_model_sync_interval(self, seconds: float) -> None:
+        self.model_sync_interval.set(seconds)
+
+    def set_model_peers(self, peers: int) -> None:
+        self.model_peers.set(peers)
+
+    def observe_model_published(self, timestamp: float) -> None:
+        self.model_last_published.set(timestamp)
+
+    def observe_model_averaged(self, distance: float, timestamp: float) -> None:
+        self.model_distance.set(distance)
+        self.model_last_averaged.set(timestamp)
+
+    def observe_model_sync_failures(self, count: int) -> None:
+        self.model_sync_failures.inc(count)
+
+    def observe_model_ignored(self, reason: str) -> None:
+        self.model_ignored.labels(reason=reason).inc()
 
     def observe_checkpoint_failure(self) -> None:
         """Count a checkpoint write that failed."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Protocol
 
 from streamer.config import CheckpointSettings
 from streamer.core import Learner
@@ -28,11 +29,21 @@ from streamer.serving.ledger import PartitionLedger
 log = logging.getLogger("streamer.worker")
 
 
+class CheckpointListener(Protocol):
+    """Told when a checkpoint is taken (on the serving thread) and once it is durable."""
+
+    def checkpoint_taken(self) -> None: ...
+
+    def checkpoint_durable(self, weights: dict, readings: int) -> None:
+        """``weights``: the model's, as the checkpoint holds them; ``readings``: applied since
+        the previous checkpoint."""
+
+
 class Durability:
     def __init__(self, learner: Learner, ledger: PartitionLedger, settings: CheckpointSettings,
-                 worker_id: str, metrics: Metrics):
+                 worker_id: str, metrics: Metrics, listener: CheckpointListener | None = None):
         self.learner, self.ledger, self.settings = learner, ledger, settings
-        self.worker_id, self.metrics = worker_id, metrics
+        self.worker_id, self.metrics, self.listener = worker_id, metrics, listener
         self.store = CheckpointStore(settings.dir, worker_id, learner.config.fingerprint(),
                                      settings.keep)
         self.writer = CheckpointWriter(self.store)
@@ -68,6 +79,8 @@ class Durability:
         copy_seconds = self.writer.begin(self.learner, offsets, self.ledger.sensors(offsets))
         self._covered = self.ledger.checkpoint_taken(time.monotonic())
         self.metrics.observe_checkpoint_copy(copy_seconds)
+        if self.listener is not None:
+            self.listener.checkpoint_taken()
 
     def written(self, wait: bool) -> dict[PartitionId, int]:
         """The offsets to commit once the checkpoint in flight is durable (waiting for it with
@@ -84,6 +97,8 @@ class Durability:
         self.metrics.observe_checkpoint(saved.duration_seconds, saved.size_bytes, time.time())
         log.debug("checkpoint %s (%d bytes, %.1f ms on the serving thread)", saved.path.name,
                   saved.size_bytes, written.copy_seconds * 1e3)
+        if self.listener is not None:
+            self.listener.checkpoint_durable(written.model, self._covered)
         return written.offsets
 
     def close(self) -> None:

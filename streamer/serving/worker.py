@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from prometheus_client import CollectorRegistry
 
-from streamer.config import Settings
+from streamer.config import ConfigError, Settings
 from streamer.core import Learner
 from streamer.core.failpoints import failpoint
 from streamer.kafka.client import (
@@ -27,11 +27,13 @@ from streamer.kafka.client import (
 )
 from streamer.kafka.errors import KafkaClientError, UndecodableBatch
 from streamer.kafka.kafka_python_client import KafkaPythonClient
+from streamer.kafka.model_topic import ModelTopic
 from streamer.observability.health import HealthServer
 from streamer.observability.metrics import Metrics
 from streamer.serving.durability import Durability
 from streamer.serving.ledger import PartitionLedger
 from streamer.serving.processor import BatchProcessor, Processed, latency_seconds
+from streamer.serving.sharing import ModelSharing
 
 log = logging.getLogger("streamer.worker")
 BACKOFF_START_S, BACKOFF_MAX_S = 0.5, 30.0
@@ -62,7 +64,9 @@ class Worker:
         c = settings.checkpoint
         self.worker_id = c.worker_id or _host_worker_id()
         self.ledger = PartitionLedger(time.monotonic())
-        self.durability = Durability(self.learner, self.ledger, c, self.worker_id, self.metrics)
+        self.sharing = _sharing(settings, self.learner, self.worker_id, self.metrics)
+        self.durability = Durability(self.learner, self.ledger, c, self.worker_id, self.metrics,
+                                     listener=self.sharing)
         self._client: StreamClient | None = None
         # Stepped batches whose outputs are not acknowledged yet, oldest first. A batch joins
         # before its outputs are handed to the producer and leaves only once every one of them
@@ -78,6 +82,8 @@ class Worker:
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the process exit status."""
         self.durability.restore_on_start()
+        if self.sharing is not None:
+            self.sharing.start()
         with gc_tuned_for_serving():
             return self._serve()
 
@@ -105,6 +111,8 @@ class Worker:
                     self.metrics.observe_flagged([], time.time())
                 self._backoff = BACKOFF_START_S
                 self._maybe_checkpoint(client)
+                if self.sharing is not None:  # between updates: publish, average with peers
+                    self.sharing.tick()
             except UndecodableBatch as exc:  # that partition is paused; the others go on
                 self._undecodable(exc)
             except KafkaClientError as exc:
@@ -265,6 +273,8 @@ class Worker:
             self.checkpoint()
         finally:  # leave the group at once, whatever happened: its partitions move on
             self.durability.close()
+            if self.sharing is not None:
+                self.sharing.close()
             self._close_client()
             self.health.stop()
         log.info("stopped")
@@ -328,6 +338,29 @@ def gc_tuned_for_serving() -> Iterator[None]:
     finally:
         gc.unfreeze()
         gc.set_threshold(*thresholds)
+
+
+def _sharing(settings: Settings, learner: Learner, worker_id: str,
+             metrics: Metrics) -> ModelSharing | None:
+    """The group's weight sharing, or None when off; ConfigError for weights too large to
+    publish (found at start-up, never as a stuck consumer)."""
+    s = settings.sharing
+    metrics.set_model_sync_interval(s.interval_seconds if s.enabled else 0.0)
+    if not s.enabled:
+        return None
+    size = ModelSharing.message_bytes(learner)
+    if size > s.max_message_bytes:
+        raise ConfigError(
+            f"the model's weights take {size:,} bytes per record, above the limit of "
+            f"{s.max_message_bytes:,} (sharing.max_message_bytes, STREAMER_SHARING__MAX_MESSAGE_"
+            "BYTES; Kafka's default message.max.bytes is 1,048,588): raise both the setting and "
+            "the broker's or the model topic's max.message.bytes, use a smaller model.hidden_size,"
+            " or turn sharing off (STREAMER_SHARING__ENABLED=false)"
+        )
+    k = settings.kafka
+    topic = ModelTopic(k.connection(), k.model_topic, s.max_message_bytes)
+    return ModelSharing(learner, topic, worker_id, k.group_id, s.interval_seconds,
+                        s.peer_ttl_seconds, metrics)
 
 
 def _host_worker_id() -> str:

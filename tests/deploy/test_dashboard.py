@@ -57,7 +57,8 @@ def test_job_and_instance_are_label_values_query_variables(dashboard: dict) -> N
 
 def test_rows_cover_every_area(dashboard: dict) -> None:
     rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
-    assert rows == ["Throughput", "Training", "Forecast quality", "Capacity", "Process"]
+    assert rows == ["Throughput", "Training", "Forecast quality", "Capacity", "Shared model",
+                    "Process"]
 
 
 def test_every_panel_has_targets_on_the_provisioned_datasource(dashboard: dict) -> None:

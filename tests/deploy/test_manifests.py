@@ -27,6 +27,7 @@ CONTRACT_ENV = {
     "STREAMER_KAFKA__OUTPUT_TOPIC",
     "STREAMER_KAFKA__DLQ_TOPIC",
     "STREAMER_KAFKA__ANOMALY_TOPIC",
+    "STREAMER_KAFKA__MODEL_TOPIC",
     "STREAMER_KAFKA__GROUP_ID",
     "STREAMER_METRICS__PORT",
     "STREAMER_CHECKPOINT__DIR",
@@ -44,9 +45,11 @@ DEFAULT_TOPICS = {
     "STREAMER_KAFKA__OUTPUT_TOPIC": "sensor-forecasts",
     "STREAMER_KAFKA__DLQ_TOPIC": "sensor-readings-dlq",
     "STREAMER_KAFKA__ANOMALY_TOPIC": "sensor-anomalies",
+    "STREAMER_KAFKA__MODEL_TOPIC": "sensor-model",
 }
 INTENDED_PARTITIONS = {
     "sensor-readings": 4, "sensor-forecasts": 4, "sensor-readings-dlq": 1, "sensor-anomalies": 1,
+    "sensor-model": 1,
 }
 METRICS_PORT = 9100
 CHECKPOINT_DIR = "/var/lib/streamer/checkpoints"

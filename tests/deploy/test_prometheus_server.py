@@ -78,6 +78,10 @@ def feed(metrics: Metrics, tick: int) -> None:
     metrics.set_sensors(active=min(tick, 5), capacity=64)
     metrics.set_lag({("sensor-readings", 0): 10 + tick, ("sensor-readings", 1): 3})
     metrics.observe_checkpoint(0.05, 4096, time.time())
+    metrics.set_model_sync_interval(30.0)
+    metrics.set_model_peers(3)
+    metrics.observe_model_published(time.time())
+    metrics.observe_model_averaged(0.01 * tick, time.time())
     metrics.set_ready(True)
 
 

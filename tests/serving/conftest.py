@@ -91,6 +91,7 @@ def worker_factory(broker, tmp_path) -> Iterator[Callable[..., WorkerProcess]]:
             "STREAMER_KAFKA__OUTPUT_TOPIC": out,
             "STREAMER_KAFKA__DLQ_TOPIC": dlq,
             "STREAMER_KAFKA__ANOMALY_TOPIC": f"{out}-anomalies",
+            "STREAMER_KAFKA__MODEL_TOPIC": f"{out}-model",  # a test's own: nothing to skip
             "STREAMER_KAFKA__GROUP_ID": group,
             "STREAMER_KAFKA__POLL_TIMEOUT_MS": "200",
             "STREAMER_METRICS__PORT": str(free_port()),

@@ -27,15 +27,19 @@ def test_worker_metrics_feed_every_dashboard_query_and_health_follows_the_broker
             pytest.skip(f"{tool} not installed (apt-get install prometheus)")
     with LocalBroker(log_path=tmp_path / "broker.log") as own:
         ensure_topics(own.bootstrap, {"obs-in": 2, "obs-out": 2, "obs-dlq": 1})
-        worker = worker_factory("obs-in", "obs-out", "obs-dlq", group_id,
-                                STREAMER_KAFKA__BOOTSTRAP_SERVERS=own.bootstrap,
-                                STREAMER_CHECKPOINT__INTERVAL_SECONDS="1").start()
+        # Two workers of one group, one partition each: the shared-model panels need a peer.
+        worker, peer = (worker_factory("obs-in", "obs-out", "obs-dlq", group_id, name=name,
+                                       STREAMER_KAFKA__BOOTSTRAP_SERVERS=own.bootstrap,
+                                       STREAMER_CHECKPOINT__INTERVAL_SECONDS="1",
+                                       STREAMER_SHARING__INTERVAL_SECONDS="1").start()
+                        for name in ("w1", "w2"))
         worker.wait_ready()
+        peer.wait_ready()
         config = tmp_path / "prometheus.yml"
         config.write_text(yaml.safe_dump({
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "scrape_configs": [{"job_name": "streamer", "static_configs": [
-                {"targets": [f"127.0.0.1:{worker.port}"]}]}],
+                {"targets": [f"127.0.0.1:{worker.port}", f"127.0.0.1:{peer.port}"]}]}],
         }))
         port = free_port()
         prom = subprocess.Popen(
@@ -48,8 +52,9 @@ def test_worker_metrics_feed_every_dashboard_query_and_health_follows_the_broker
             t = 0
             deadline = time.monotonic() + 60
             while (worker.metric("streamer_updates_total") < 3
-                   or worker.metric("streamer_checkpoint_last_success_timestamp_seconds") == 0):
-                assert time.monotonic() < deadline, worker.log()
+                   or worker.metric("streamer_checkpoint_last_success_timestamp_seconds") == 0
+                   or worker.metric("streamer_model_last_average_timestamp_seconds") == 0):
+                assert time.monotonic() < deadline, worker.log() + peer.log()
                 produce_to(own.bootstrap, "obs-in", [
                     reading(f"s{s}", 1.7e9 + 60 * (t + k), math.sin((t + k) / 3 + s))
                     for k in range(10) for s in range(12)] + [(b"s0", b"garbage")])
@@ -66,7 +71,7 @@ def test_worker_metrics_feed_every_dashboard_query_and_health_follows_the_broker
             assert not {value for _, value in labels} & {f"s{i}" for i in range(12)}
 
             assert panels_without_data(base) == []
-            consumed = query(base, 'streamer_readings_consumed_total{job="streamer"}')
+            consumed = query(base, 'sum(streamer_readings_consumed_total{job="streamer"})')
             assert float(consumed["data"]["result"][0]["value"][1]) > 0
 
             assert worker.get("/healthz")[0] == 200 and worker.get("/readyz")[0] == 200

@@ -1,0 +1,131 @@
+"""The model topic: one small, compacted, single-partition topic every worker reads whole.
+
+Workers of one consumer group share what they learn through it (serving/sharing.py), the way
+Kafka Streams' global tables work: each worker reads the topic with its own consumer outside
+the group (``assign``, never ``subscribe``: it takes no part in the input's rebalances) and
+publishes its weights under its worker id. All Kafka I/O runs in one background thread, so
+the serving loop never waits on it: it hands over records to publish and takes the records
+read so far.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from streamer.kafka.admin import ensure_topics
+from streamer.kafka.connection import KafkaConnection
+
+log = logging.getLogger(__name__)
+TOPIC_CONFIG = {"cleanup.policy": "compact"}  # the newest record per worker is what counts
+POLL_S = 0.2
+BACKOFF_START_S, BACKOFF_MAX_S = 1.0, 30.0
+CLOSE_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    key: bytes | None
+    value: bytes | None  # None: a tombstone (a worker that left)
+    headers: list[tuple[str, bytes]]
+    timestamp_s: float  # when it was published (the record's create time)
+
+
+class ModelTopic:
+    """Publish to and read the model topic from a background thread."""
+
+    def __init__(self, connection: KafkaConnection, topic: str, max_message_bytes: int):
+        self.connection, self.topic, self.max_message_bytes = connection, topic, max_message_bytes
+        self._outbox: deque[tuple[bytes, bytes | None, list[tuple[str, bytes]]]] = deque()
+        self._inbox: deque[ModelRecord] = deque()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="model-topic", daemon=True)
+        self._failures = 0  # read by the serving thread (an int: no lock needed)
+        self.published = 0  # records acknowledged by the broker
+
+    @property
+    def failures(self) -> int:
+        """Kafka errors so far (each followed by a reconnect after a backoff)."""
+        return self._failures
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def publish(self, key: bytes, value: bytes | None, headers: list[tuple[str, bytes]]) -> None:
+        """Queue a record to publish (sent by the background thread, retried on failure)."""
+        self._outbox.append((key, value, headers))
+
+    def received(self) -> list[ModelRecord]:
+        """The records read since the last call, in topic order."""
+        out = []
+        while self._inbox:
+            out.append(self._inbox.popleft())
+        return out
+
+    def close(self) -> None:
+        """Send what is queued (a leaving worker's tombstone), then stop."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(CLOSE_TIMEOUT_S + 5.0)
+
+    # -- the background thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        backoff = BACKOFF_START_S
+        created = False
+        while not self._stop.is_set():
+            consumer = producer = None
+            try:
+                if not created:
+                    ensure_topics(self.connection, {self.topic: 1}, configs=TOPIC_CONFIG)
+                    created = True
+                config = self.connection.kafka_python_config()
+                consumer = KafkaConsumer(**config, group_id=None, enable_auto_commit=False,
+                                         fetch_max_wait_ms=int(POLL_S * 1000),
+                                         max_partition_fetch_bytes=self.max_message_bytes * 2)
+                partition = TopicPartition(self.topic, 0)
+                consumer.assign([partition])
+                consumer.seek_to_beginning(partition)
+                producer = KafkaProducer(**config, acks="all", linger_ms=0,
+                                         max_request_size=self.max_message_bytes)
+                self._serve(consumer, producer)
+                return
+            except Exception as exc:  # noqa: BLE001 - any Kafka trouble: count, wait, reconnect
+                self._failures += 1
+                log.warning("model topic %s: %s: %s; retrying in %.0f s", self.topic,
+                            type(exc).__name__, exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+            finally:
+                for client in (consumer, producer):
+                    if client is not None:
+                        _close_quietly(client)
+
+    def _serve(self, consumer: KafkaConsumer, producer: KafkaProducer) -> None:
+        while True:
+            stopping = self._stop.is_set()
+            futures = []
+            while self._outbox:
+                key, value, headers = self._outbox[0]
+                futures.append(producer.send(self.topic, key=key, value=value, headers=headers,
+                                             partition=0))
+                self._outbox.popleft()
+            for future in futures:  # acknowledged or raised: a failed send is counted
+                future.get(timeout=CLOSE_TIMEOUT_S if stopping else 30.0)
+                self.published += 1
+            if stopping:
+                return
+            for batch in consumer.poll(timeout_ms=int(POLL_S * 1000)).values():
+                self._inbox.extend(ModelRecord(r.key, r.value, list(r.headers or []),
+                                               r.timestamp / 1000.0) for r in batch)
+
+
+def _close_quietly(client) -> None:
+    try:
+        client.close(timeout=1) if isinstance(client, KafkaProducer) else client.close()
+    except Exception:  # noqa: BLE001 - closing after an error: nothing more to do
+        pass
+

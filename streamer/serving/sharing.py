@@ -1,0 +1,211 @@
+"""One model per consumer group: workers average what they learn through the model topic.
+
+Periodic averaging of independently trained replicas (federated averaging, local SGD,
+DiLoCo) over a compacted topic every worker reads whole (kafka/model_topic.py):
+
+* a worker publishes only weights that are already in a durable checkpoint, so a crash can
+  never take back weights that peers averaged in; whole weights, not deltas, so reading one
+  twice is harmless;
+* the **board** holds the newest compatible weights of every worker of the group (ours as
+  we last published them), each with the readings trained since its previous publish;
+* averaging, between updates on the serving thread: our weights become the board's
+  readings-weighted average plus what we learned since the board last knew our weights
+  (``target + (current - base)``). Workers holding the same board compute bitwise the same
+  average, so once training stops one round makes every worker's weights equal; a worker
+  alone never averages and behaves bitwise as without sharing. Optimizer state stays local.
+
+What is guaranteed: sensor state and offsets exactly once, as without sharing; weights are
+eventually shared, not bit-reproducible across crashes when there are several workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from streamer.core import Learner
+from streamer.core import weights as w
+from streamer.kafka.model_topic import ModelRecord, ModelTopic
+from streamer.observability.metrics import Metrics
+
+log = logging.getLogger("streamer.worker")
+H_GROUP, H_FINGERPRINT = "streamer.group", "streamer.fingerprint"
+H_READINGS, H_SEQUENCE = "streamer.readings", "streamer.sequence"
+HEADER_BYTES = 256  # room kept for the record's key and headers within the message limit
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One worker's newest published weights."""
+
+    worker: str
+    weights: w.Weights
+    readings: int  # readings trained since that worker's previous publish: its weight
+    sequence: int
+    published_at: float  # wall seconds
+
+
+class ModelBoard:
+    """The newest compatible weights of every worker of the group, ours included (pure logic:
+    the records come from the topic, the weights go to the learner, both through the caller)."""
+
+    def __init__(self, me: str, group: str, fingerprint: str, like: w.Weights, ttl_s: float):
+        self.me, self.group, self.fingerprint, self.ttl_s = me, group, fingerprint, ttl_s
+        self.like = like
+        self.entries: dict[str, Entry] = {}
+        self.base: w.Weights | None = None  # our weights as the board knows them
+        self.version = 0  # changes whenever new weights arrive (ours or a peer's)
+
+    def ours(self, weights: w.Weights, base_at_copy: w.Weights | None, readings: int,
+             sequence: int, at: float) -> None:
+        """We published ``weights``, copied when our base was ``base_at_copy``: the board (and
+        every peer's) now knows what we had learned up to that copy. If we averaged since,
+        our base moves by that learning; else it is simply those weights."""
+        self.entries[self.me] = Entry(self.me, weights, readings, sequence, at)
+        if self.base is None or base_at_copy is None or base_at_copy is self.base:
+            self.base = weights
+        else:  # the same expression an average gave our weights: no training -> equal floats
+            self.base = w.rebased(weights, base_at_copy, self.base)
+        self.version += 1
+
+    def offer(self, record: ModelRecord) -> str | None:
+        """Take a record of the model topic; the reason it was ignored, or None."""
+        try:
+            worker = (record.key or b"").decode()
+        except UnicodeDecodeError:
+            return "garbage"
+        headers = {k: v for k, v in record.headers}
+        if not worker or worker == self.me:
+            return None if worker else "garbage"  # ours: the board has them already
+        if headers.get(H_GROUP, b"").decode(errors="replace") != self.group:
+            return None if record.value is None else "other_group"
+        if record.value is None:  # a worker that left cleanly: left out of later averages
+            self.entries.pop(worker, None)  # (its weights are in ours already: no new average)
+            return None
+        if headers.get(H_FINGERPRINT, b"").decode(errors="replace") != self.fingerprint:
+            return "incompatible"
+        try:
+            readings = int(headers[H_READINGS])
+            sequence = int(headers[H_SEQUENCE])
+            weights = w.loads(record.value, self.like)
+        except (KeyError, ValueError):  # WeightsError is a ValueError
+            return "garbage"
+        if readings < 0:
+            return "garbage"
+        self.entries[worker] = Entry(worker, weights, readings, sequence, record.timestamp_s)
+        self.version += 1
+        return None
+
+    def fresh(self, now: float) -> list[Entry]:
+        """Ours and the peers heard from within the TTL, in worker-id order (the same order on
+        every worker: equal boards give bitwise equal averages). Forgets the others."""
+        stale = [k for k, e in self.entries.items()
+                 if k != self.me and now - e.published_at > self.ttl_s]
+        for k in stale:  # like a tombstone: no new average by itself
+            del self.entries[k]
+        return [self.entries[k] for k in sorted(self.entries)]
+
+    def peers(self, now: float) -> int:
+        return sum(1 for e in self.fresh(now) if e.worker != self.me)
+
+    def average(self, current: w.Weights, now: float) -> tuple[w.Weights, float] | None:
+        """Our next weights and the distance of ``current`` to the board's average; None
+        before our first publish or with no fresh peer (nothing to average with)."""
+        entries = self.fresh(now)
+        if self.base is None or len(entries) < 2:
+            return None
+        target = w.weighted_average([(e.weights, float(e.readings)) for e in entries])
+        distance = w.distance(current, target)
+        new = w.rebased(current, self.base, target)
+        self.base = target
+        return new, distance
+
+
+class ModelSharing:
+    """Publishes durable weights and averages with peers, on the serving thread, never
+    waiting for Kafka (the topic's I/O runs in its own thread)."""
+
+    def __init__(self, learner: Learner, topic: ModelTopic, worker_id: str, group: str,
+                 interval_s: float, ttl_s: float, metrics: Metrics):
+        self.learner, self.topic, self.worker_id, self.metrics = learner, topic, worker_id, metrics
+        self.interval_s = interval_s
+        fingerprint = learner.config.fingerprint()
+        self.board = ModelBoard(worker_id, group, fingerprint, learner.weights(), ttl_s)
+        self._headers = [(H_GROUP, group.encode()), (H_FINGERPRINT, fingerprint.encode())]
+        self._pending: w.Weights | None = None  # the newest durable weights not published
+        self._pending_base: w.Weights | None = None  # the board's base when they were copied
+        self._base_at_copy: w.Weights | None = None  # ... for the checkpoint being written
+        self._readings = 0  # trained into the durable weights since our last publish
+        self._sequence = 0
+        self._published_at = self._averaged_at = -float("inf")  # monotonic
+        self._averaged_version = 0
+        self._failures_seen = self._published_seen = 0
+
+    @staticmethod
+    def message_bytes(learner: Learner) -> int:
+        """The size of one published record's value (the serialized weights) plus headers."""
+        return len(w.dumps(learner.weights())) + HEADER_BYTES
+
+    def start(self) -> None:
+        self.topic.start()
+
+    def checkpoint_taken(self) -> None:
+        """A checkpoint copied the learner: remember what our base was at that moment."""
+        self._base_at_copy = self.board.base
+
+    def checkpoint_durable(self, weights: w.Weights, readings: int) -> None:
+        """A checkpoint holding ``weights`` is durable; ``readings`` were applied since the
+        previous one. Published at the next ``tick`` the interval allows."""
+        self._readings += readings
+        if self._readings:  # else nothing new was learned: peers already have what we know
+            self._pending = w.copied(weights, self.learner.device)  # the checkpoint's: cpu
+            self._pending_base = self._base_at_copy
+
+    def tick(self) -> None:
+        """Between micro-batches: read the board, publish, and average when due."""
+        now_wall, now = time.time(), time.monotonic()
+        for record in self.topic.received():
+            reason = self.board.offer(record)
+            if reason is not None:
+                self.metrics.observe_model_ignored(reason)
+        failures, published = self.topic.failures, self.topic.published
+        if failures > self._failures_seen:
+            self.metrics.observe_model_sync_failures(failures - self._failures_seen)
+            self._failures_seen = failures
+        if published > self._published_seen:  # acknowledged by the broker since the last tick
+            self.metrics.observe_model_published(now_wall)
+            self._published_seen = published
+        if self._pending is not None and now - self._published_at >= self.interval_s:
+            self._publish(now_wall, now)
+        self.metrics.set_model_peers(self.board.peers(now_wall))
+        if self.board.version != self._averaged_version \
+                and now - self._averaged_at >= self.interval_s:
+            self._average(now_wall, now)
+
+    def _publish(self, now_wall: float, now: float) -> None:
+        weights, base, self._pending = self._pending, self._pending_base, None
+        self._sequence += 1
+        headers = self._headers + [(H_READINGS, str(self._readings).encode()),
+                                   (H_SEQUENCE, str(self._sequence).encode())]
+        self.topic.publish(self.worker_id.encode(), w.dumps(weights), headers)
+        self.board.ours(weights, base, self._readings, self._sequence, now_wall)
+        self._readings, self._published_at = 0, now
+
+    def _average(self, now_wall: float, now: float) -> None:
+        self._averaged_version = self.board.version
+        averaged = self.board.average(self.learner.weights(), now_wall)
+        if averaged is None:
+            return
+        new, distance = averaged
+        self.learner.set_weights(new)
+        self._averaged_at = now
+        self._averaged_version = self.board.version
+        self.metrics.observe_model_averaged(distance, now_wall)
+        log.debug("averaged weights with %d peers (distance %.3g)",
+                  len(self.board.entries) - 1, distance)
+
+    def close(self) -> None:
+        """Leave: a tombstone tells the peers to stop averaging with our last weights."""
+        self.topic.publish(self.worker_id.encode(), None, list(self._headers))
+        self.topic.close()

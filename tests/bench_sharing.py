@@ -1,0 +1,147 @@
+"""What sharing weights across a consumer group does to forecast quality (a print-out).
+
+    python -m tests.bench_sharing [--fleets appliances,parking,hourly,daily] [--workers 4]
+                                  [--every 256,4096]
+
+Each shared fleet is replayed prequentially (every reading, in file order, as
+tests/bench_quality.py) three ways:
+
+* **one worker**: one learner sees every sensor (what a single process does today);
+* **N workers, not sharing**: the sensors split over N learners the way Kafka's default
+  partitioner splits keys over N partitions (murmur2 of the sensor id), each training its own
+  weights on its 1/N of the fleet (what a consumer group did before sharing);
+* **N workers, sharing**: the same split, and every ``--every`` readings of the whole stream
+  each worker takes a checkpoint that is durable at once, and the real ``ModelSharing`` of
+  serving/sharing.py publishes and averages exactly as in the worker (whole weights weighted
+  by readings trained, what was learned since publishing kept on top). Only the transport is
+  in process here: a loopback that hands each published record to every other worker's inbox
+  in publish order, instead of the Kafka model topic (tests/serving/test_sharing_workers.py
+  runs the same code between real workers on the real broker).
+
+relMAE = mean over sensors of MAE / persistence MAE (``streamer.tools.replay.score``). Target
+(issue 15): sharing within 2 % of one worker, and at least as good as not sharing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import torch
+from kafka.partitioner.default import murmur2
+from prometheus_client import CollectorRegistry
+
+from streamer.core import Batch, Learner, LearnerConfig
+from streamer.kafka.model_topic import ModelRecord
+from streamer.observability.metrics import Metrics
+from streamer.serving.sharing import ModelSharing
+from streamer.tools.readings_csv import iter_chunks
+from streamer.tools.replay import ReplayOutputs, score
+from tests.bench_fleets import FLEETS, SHARED, read_fleet
+
+BATCH = 256  # readings of the whole stream per round of micro-batches
+
+
+class Loopback:
+    """The model topic's interface, in process: a publish reaches every other worker."""
+
+    def __init__(self, bus: list[Loopback]):
+        self.bus, self.inbox, self.failures, self.published = bus, deque(), 0, 0
+        bus.append(self)
+
+    def start(self) -> None:
+        pass
+
+    def publish(self, key: bytes, value: bytes | None, headers) -> None:
+        self.published += 1
+        for other in self.bus:
+            if other is not self:
+                other.inbox.append(ModelRecord(key, value, list(headers), time.time()))
+
+    def received(self) -> list[ModelRecord]:
+        out = list(self.inbox)
+        self.inbox.clear()
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def partition_of(sensor_ids: list[str], n: int) -> np.ndarray:
+    """Kafka's default partitioner: murmur2 of the key, positive, modulo the partitions."""
+    return np.array([(murmur2(s.encode()) & 0x7FFFFFFF) % n for s in sensor_ids])
+
+
+def run(readings: Batch, config: LearnerConfig, workers: int, every: int | None) -> float:
+    """relMAE of ``workers`` learners over the fleet, sharing every ``every`` readings."""
+    part = partition_of(readings.sensor_ids, workers)
+    learners = [Learner(config) for _ in range(workers)]
+    bus: list[Loopback] = []
+    sharing = [ModelSharing(learner, Loopback(bus), f"w{i}", "bench", 0.0, float("inf"),
+                            _metrics()) for i, learner in enumerate(learners)] if every else []
+    outputs = ReplayOutputs.empty(len(readings), config.n_features)
+    fed, since_share, offset = [0] * workers, 0, 0
+    for chunk in iter_chunks(readings, BATCH):
+        rows = np.arange(offset, offset + len(chunk))
+        for i, learner in enumerate(learners):
+            mine = np.flatnonzero(part[rows] == i)
+            if len(mine):
+                result = learner.step(chunk.take(mine))
+                for name in ("status", "forecasts"):
+                    getattr(outputs, name)[rows[mine]] = getattr(result, name)
+                fed[i] += int((result.status == 0).sum())
+        offset += len(chunk)
+        since_share += len(chunk)
+        if sharing and since_share >= every:
+            for i, s in enumerate(sharing):  # a checkpoint each, durable at once
+                s.checkpoint_taken()
+                s.checkpoint_durable(learners[i].weights(), fed[i])
+                fed[i] = 0
+            for _ in range(2):  # publish (and average with what came first), then the rest
+                for s in sharing:
+                    s.tick()
+            since_share = 0
+    return score(readings.sensor_ids, readings.values, outputs.forecasts, outputs.status).rel_mae
+
+
+def _metrics() -> Metrics:
+    return Metrics(CollectorRegistry(), max_grad_norm=1.0, device="cpu", coverage_target=0.9,
+                   horizon=1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=SHARED.resolve())
+    parser.add_argument("--fleets", default=",".join(FLEETS))
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--every", default="256,4096", help="readings between sharing rounds")
+    parser.add_argument("--limit", type=int, default=None, help="first N readings per fleet")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    config = LearnerConfig(device="cpu")
+    every = [int(x) for x in args.every.split(",") if x]
+    n = args.workers
+    head = " | ".join(f"{n} sharing every {e:,} (vs one; vs not sharing)" for e in every)
+    print(f"| fleet | readings | one worker | {n} not sharing | {head} |")
+    print("| --- | ---: | ---: | ---: |" + " ---: |" * len(every), flush=True)
+    for name in args.fleets.split(","):
+        readings = read_fleet(name, args.data)
+        if args.limit:
+            readings = readings.take(np.arange(min(args.limit, len(readings))))
+        one = run(readings, config, 1, None)
+        apart = run(readings, config, n, None)
+        cells = []
+        for e in every:
+            shared = run(readings, config, n, e)
+            cells.append(f"{shared:.4f} ({(shared / one - 1) * 100:+.1f} %; "
+                         f"{(shared / apart - 1) * 100:+.1f} %)")
+        print(f"| {name} | {len(readings):,} | {one:.4f} | {apart:.4f} | {' | '.join(cells)} |",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""Weights as bytes and averages: never unpickled, checked against the model, order-stable."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import pytest
+import torch
+
+from streamer.core import Learner
+from streamer.core import weights as w
+from streamer.core.config import LearnerConfig
+
+
+def _weights(seed: int, hidden: int = 8) -> w.Weights:
+    learner = Learner(LearnerConfig(hidden_size=hidden, seed=seed, initial_capacity=4))
+    return {k: t + 0.01 * seed for k, t in learner.weights().items()}
+
+
+def test_weights_round_trip_through_bytes_bitwise():
+    a = _weights(1)
+    back = w.loads(w.dumps(a), like=a)
+    assert set(back) == set(a) and all(torch.equal(back[k], a[k]) for k in a)
+
+
+class _Boom:
+    def __reduce__(self):
+        return (exec, ("raise SystemExit('unpickled!')",))
+
+
+@pytest.mark.parametrize("payload", [
+    b"", b"garbage", pickle.dumps({"lstm.weight_ih_l0": _Boom()}),
+], ids=["empty", "text", "pickle-that-executes"])
+def test_garbage_or_a_pickle_is_refused_never_executed(payload):
+    with pytest.raises(w.WeightsError):
+        w.loads(payload, like=_weights(0))
+
+
+def test_weights_of_another_shape_or_non_finite_are_refused():
+    ours = _weights(0, hidden=8)
+    with pytest.raises(w.WeightsError, match="names differ|shape"):
+        w.loads(w.dumps(_weights(0, hidden=16)), like=ours)
+    bad = dict(ours)
+    name = next(iter(bad))
+    bad[name] = bad[name].clone().fill_(float("nan"))
+    with pytest.raises(w.WeightsError, match="non-finite"):
+        w.loads(w.dumps(bad), like=ours)
+    buffer = io.BytesIO()
+    torch.save([1, 2, 3], buffer)
+    with pytest.raises(w.WeightsError):
+        w.loads(buffer.getvalue(), like=ours)
+
+
+def test_weighted_average_weighs_by_readings_and_falls_back_to_equal_weights():
+    a, b = _weights(1), _weights(2)
+    avg = w.weighted_average([(a, 3.0), (b, 1.0)])
+    for k in a:
+        torch.testing.assert_close(avg[k], 0.75 * a[k] + 0.25 * b[k])
+    equal = w.weighted_average([(a, 0.0), (b, 0.0)])
+    for k in a:
+        torch.testing.assert_close(equal[k], 0.5 * a[k] + 0.5 * b[k])
+
+
+def test_rebased_keeps_what_was_learned_since_the_base_and_is_exact_without_it():
+    base, target = _weights(1), _weights(2)
+    current = {k: t + 0.5 for k, t in base.items()}
+    moved = w.rebased(current, base, target)
+    for k in base:
+        torch.testing.assert_close(moved[k], target[k] + 0.5)
+    same = w.rebased(base, base, target)  # nothing learned: exactly the target
+    assert all(torch.equal(same[k], target[k]) for k in target)
+    assert w.distance(target, target) == 0.0 and w.distance(base, target) > 0
+
+
+def test_set_weights_changes_forecasts_and_keeps_the_optimizer():
+    learner = Learner(LearnerConfig(hidden_size=8, initial_capacity=4))
+    other = _weights(3)
+    moments = learner.trainer.optimizer.state_dict()
+    learner.set_weights(other)
+    assert all(torch.equal(learner.weights()[k], other[k]) for k in other)
+    assert learner.trainer.optimizer.state_dict()["state"] == moments["state"]

@@ -1,0 +1,138 @@
+"""The model board's rules, without a broker: what is averaged, with what weight, and when not."""
+
+from __future__ import annotations
+
+import torch
+
+from streamer.core import Learner
+from streamer.core import weights as w
+from streamer.core.config import LearnerConfig
+from streamer.kafka.model_topic import ModelRecord
+from streamer.serving.sharing import H_FINGERPRINT, H_GROUP, H_READINGS, H_SEQUENCE, ModelBoard
+
+CONFIG = LearnerConfig(hidden_size=8, initial_capacity=4)
+FP = CONFIG.fingerprint()
+
+
+def _weights(shift: float) -> w.Weights:
+    return {k: t + shift for k, t in Learner(CONFIG).weights().items()}
+
+
+def _record(worker: str, weights: w.Weights | None, readings: int = 10, at: float = 100.0,
+            group: str = "g", fingerprint: str = FP, sequence: int = 1) -> ModelRecord:
+    headers = [(H_GROUP, group.encode()), (H_FINGERPRINT, fingerprint.encode()),
+               (H_READINGS, str(readings).encode()), (H_SEQUENCE, str(sequence).encode())]
+    return ModelRecord(worker.encode(), None if weights is None else w.dumps(weights), headers,
+                       at)
+
+
+def _board(me: str = "a", ttl: float = 60.0) -> ModelBoard:
+    return ModelBoard(me, "g", FP, Learner(CONFIG).weights(), ttl)
+
+
+def _equal(x: w.Weights, y: w.Weights) -> bool:
+    return all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_a_worker_alone_never_averages():
+    board = _board()
+    board.ours(_weights(1.0), None, 10, 1, at=100.0)
+    assert board.average(_weights(1.0), now=100.0) is None
+
+
+def test_no_average_before_our_first_publish():
+    board = _board()
+    assert board.offer(_record("b", _weights(2.0))) is None
+    assert board.average(_weights(0.0), now=100.0) is None
+
+
+def test_the_average_weighs_each_worker_by_the_readings_it_trained():
+    board = _board()
+    board.ours(_weights(0.0), None, 30, 1, at=100.0)
+    board.offer(_record("b", _weights(4.0), readings=10))
+    new, distance = board.average(_weights(0.0), now=100.0)
+    expected = {k: t + 1.0 for k, t in _weights(0.0).items()}  # (30 * 0 + 10 * 4) / 40
+    for k in expected:
+        torch.testing.assert_close(new[k], expected[k])
+    assert distance > 0
+
+
+def test_what_was_learned_since_publishing_is_kept_on_top_of_the_average():
+    board = _board()
+    published = _weights(0.0)
+    board.ours(published, None, 10, 1, at=100.0)
+    board.offer(_record("b", _weights(2.0), readings=10))
+    current = {k: t + 0.5 for k, t in published.items()}  # trained after the publish
+    new, _ = board.average(current, now=100.0)
+    for k in new:
+        torch.testing.assert_close(new[k], published[k] + 1.0 + 0.5)
+    # Averaging again with an unchanged board changes nothing (whole weights, read twice).
+    again, _ = board.average(new, now=100.0)
+    assert _equal(again, new)
+
+
+def test_workers_holding_the_same_board_reach_bitwise_equal_weights_in_one_round():
+    published = {name: _weights(float(i)) for i, name in enumerate("abcd")}
+    results = []
+    for me in "dbca":  # each worker, its board filled in a different arrival order
+        board = _board(me)
+        board.ours(published[me], None, 5 + ord(me), 1, at=100.0)
+        for peer in sorted(published, reverse=me < "c"):
+            board.offer(_record(peer, published[peer], readings=5 + ord(peer)))
+        results.append(board.average(published[me], now=100.0)[0])
+    assert all(_equal(r, results[0]) for r in results[1:])
+
+
+def test_incompatible_garbage_and_other_groups_are_ignored_and_said_why():
+    board = _board()
+    board.ours(_weights(0.0), None, 10, 1, at=100.0)
+    assert board.offer(_record("b", _weights(1.0), fingerprint="other")) == "incompatible"
+    assert board.offer(_record("c", _weights(1.0), group="other")) == "other_group"
+    assert board.offer(ModelRecord(b"d", b"not weights", _record("d", None).headers,
+                                   100.0)) == "garbage"
+    bad = _record("e", _weights(1.0))
+    no_readings = ModelRecord(bad.key, bad.value, [h for h in bad.headers if h[0] != H_READINGS],
+                              100.0)
+    assert board.offer(no_readings) == "garbage"
+    assert board.offer(ModelRecord(b"\xff", b"x", [], 100.0)) == "garbage"
+    assert board.average(_weights(0.0), now=100.0) is None  # nothing usable arrived
+
+
+def test_a_silent_peer_drops_out_after_the_ttl_and_a_tombstone_at_once():
+    board = _board(ttl=60.0)
+    board.ours(_weights(0.0), None, 10, 1, at=0.0)
+    board.offer(_record("b", _weights(1.0), at=100.0))
+    board.offer(_record("c", _weights(1.0), at=100.0))
+    assert board.peers(now=150.0) == 2
+    board.offer(_record("c", None))  # c left cleanly
+    assert board.peers(now=150.0) == 1
+    assert board.peers(now=161.0) == 0  # b silent for longer than the TTL; ours never expires
+    assert board.average(_weights(0.0), now=161.0) is None
+
+
+def test_our_own_records_read_back_from_the_topic_change_nothing():
+    board = _board("a")
+    board.ours(_weights(0.0), None, 10, 1, at=100.0)
+    version = board.version
+    assert board.offer(_record("a", _weights(9.0))) is None
+    assert board.version == version and _equal(board.entries["a"].weights, _weights(0.0))
+
+
+def test_a_publish_of_weights_copied_before_an_average_still_ends_equal_to_the_peers():
+    """Checkpoint copied, then an average, then that checkpoint published: with no training
+    after it, the next round still gives exactly the board's average."""
+    a0, b0, b1 = _weights(0.0), _weights(2.0), _weights(3.0)
+    board = _board("a")
+    board.ours(a0, None, 10, 1, at=100.0)
+    board.offer(_record("b", b0, readings=10))
+    base_at_copy, copied = board.base, _weights(1.0)  # trained up to here, then the copy
+    current, _ = board.average(copied, now=100.0)  # an average before that copy is published
+    board.ours(copied, base_at_copy, 10, 2, at=101.0)
+    board.offer(_record("b", b1, readings=10, at=101.0))
+    final, _ = board.average(current, now=101.0)
+    peer = _board("b")
+    peer.ours(b1, None, 10, 2, at=101.0)
+    peer.offer(_record("a", copied, readings=10, at=101.0))
+    expected, _ = peer.average(b1, now=101.0)
+    for k in final:
+        torch.testing.assert_close(final[k], expected[k], rtol=0, atol=1e-6)
