@@ -37,6 +37,19 @@ def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+def _four_workers(worker_factory, topics, group_id: str, tmp_path: Path):
+    """Four ready workers of one group sharing weights; (their env, them, their logs)."""
+    env = dict(SHARING, STREAMER_KAFKA__MODEL_TOPIC=f"{group_id}-model",
+               STREAMER_CHECKPOINT__DIR=str(tmp_path / "ckpt"))
+    workers = [worker_factory(*topics, group_id, name=f"w{i}", **env).start() for i in range(4)]
+
+    def logs() -> str:
+        return "".join(w.log() for w in workers)
+
+    wait_for(lambda: all(w.metric("streamer_ready") == 1 for w in workers), 60, "ready", logs)
+    return env, workers, logs
+
+
 def _holds_a_partition(worker) -> bool:
     assigned = [line for line in worker.log().splitlines() if " assigned " in line]
     return bool(assigned) and "assigned nothing" not in assigned[-1]
@@ -63,12 +76,7 @@ def _wait_settled(workers, quiet_s: float, timeout_s: float, logs) -> None:
 def test_four_workers_forecast_every_reading_once_and_end_with_equal_weights(
         topic_factory, group_id, worker_factory, produce_raw, consume_raw, tmp_path):
     inp, out, dlq = topic_factory(4), topic_factory(4), topic_factory(1)
-    env = dict(SHARING, STREAMER_KAFKA__MODEL_TOPIC=f"{group_id}-model",
-               STREAMER_CHECKPOINT__DIR=str(tmp_path / "ckpt"))
-    workers = [worker_factory(inp, out, dlq, group_id, name=f"w{i}", **env).start()
-               for i in range(4)]
-    logs = lambda: "".join(w.log() for w in workers)  # noqa: E731
-    wait_for(lambda: all(w.metric("streamer_ready") == 1 for w in workers), 60, "ready", logs)
+    env, workers, logs = _four_workers(worker_factory, (inp, out, dlq), group_id, tmp_path)
     wait_for(lambda: all(_holds_a_partition(w) for w in workers), 60, "a partition each", logs)
     data = _stream(24, 60)
     sent = dict(zip(produce_raw(inp, data), data))
@@ -92,12 +100,7 @@ def test_four_workers_forecast_every_reading_once_and_end_with_equal_weights(
 def test_a_worker_killed_mid_stream_restarts_rejoins_the_averaging_and_loses_nothing(
         topic_factory, group_id, worker_factory, produce_raw, consume_raw, tmp_path):
     inp, out, dlq = topic_factory(4), topic_factory(4), topic_factory(1)
-    env = dict(SHARING, STREAMER_KAFKA__MODEL_TOPIC=f"{group_id}-model",
-               STREAMER_CHECKPOINT__DIR=str(tmp_path / "ckpt"))
-    workers = [worker_factory(inp, out, dlq, group_id, name=f"w{i}", **env).start()
-               for i in range(4)]
-    logs = lambda: "".join(w.log() for w in workers)  # noqa: E731
-    wait_for(lambda: all(w.metric("streamer_ready") == 1 for w in workers), 60, "ready", logs)
+    env, workers, logs = _four_workers(worker_factory, (inp, out, dlq), group_id, tmp_path)
     sent = {}
     first = _stream(16, 40)
     sent.update(zip(produce_raw(inp, first), first))
