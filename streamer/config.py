@@ -591,6 +591,18 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _peers_outlive_a_checkpoint(self) -> Settings:
+        every = self.checkpoint.interval_seconds
+        by_time_only = every is not None and self.checkpoint.interval_readings is None
+        if self.sharing.enabled and by_time_only and every >= self.sharing.peer_ttl_seconds:
+            raise _conflict(
+                f"{_named('sharing.peer_ttl_seconds')} is {self.sharing.peer_ttl_seconds} but "
+                f"must be above {_named('checkpoint.interval_seconds')}, which is {every}: "
+                "workers publish only checkpointed weights, so every peer would look silent"
+            )
+        return self
+
     @field_validator("device")
     @classmethod
     def _device_name(cls, value: str) -> str:

@@ -446,3 +446,20 @@ def test_the_settings_and_the_kafka_edge_state_the_same_consumer_defaults_and_ru
         ConsumerSettings("g", session_timeout_ms=9_000, heartbeat_interval_ms=3_000)
     assert "below a third" in error_message({"kafka.session_timeout_ms": "9000",
                                              "kafka.heartbeat_interval_ms": "3000"})
+
+
+def test_sharing_needs_peers_to_outlive_the_intervals_they_publish_at() -> None:
+    assert "must be above sharing.interval_seconds" in error_message(
+        {"sharing.interval_seconds": "60", "sharing.peer_ttl_seconds": "30"})
+    assert error_message({"checkpoint.interval_seconds": "600"}) == (
+        "invalid configuration: sharing.peer_ttl_seconds (STREAMER_SHARING__PEER_TTL_SECONDS / "
+        "--sharing-peer-ttl-seconds) is 300.0 but must be above checkpoint.interval_seconds "
+        "(STREAMER_CHECKPOINT__INTERVAL_SECONDS / --checkpoint-interval-seconds), which is "
+        "600.0: workers publish only checkpointed weights, so every peer would look silent"
+    )
+    assert load_settings({"checkpoint.interval_seconds": "600",
+                          "sharing.enabled": "false"}).sharing.enabled is False
+    # Checkpoints by count as well: how often they come depends on the stream, not the clock.
+    assert load_settings({"checkpoint.interval_seconds": "3600",
+                          "checkpoint.interval_readings": "60"}).sharing.enabled
+    assert "kafka.model_topic" in error_message({"kafka.model_topic": "sensor-forecasts"})

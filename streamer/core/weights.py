@@ -29,22 +29,30 @@ def dumps(weights: Weights) -> bytes:
 
 
 def loads(data: bytes, like: Weights) -> Weights:
-    """Weights from ``dumps`` bytes, checked against ``like`` (names, shapes, dtypes) and for
-    finite values, on ``like``'s device; WeightsError if they are anything else."""
+    """Weights from ``dumps`` bytes, checked against ``like`` (names, shapes, dtypes, dense
+    tensors) and for finite values, on ``like``'s device; WeightsError if anything else."""
     try:
         with warnings.catch_warnings():  # a peer's odd bytes are counted, not warned about
             warnings.simplefilter("ignore")
             loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return _checked(loaded, like)
+    except WeightsError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any unreadable payload is the same verdict
-        raise WeightsError(f"not readable as saved tensors: {type(exc).__name__}") from None
+        raise WeightsError(f"not readable as this model's weights: {type(exc).__name__}") \
+            from None
+
+
+def _checked(loaded, like: Weights) -> Weights:
     if not isinstance(loaded, dict) or set(loaded) != set(like):
         raise WeightsError("not this model's parameters (names differ)")
     out = {}
     for name, reference in like.items():
         t = loaded[name]
-        if not isinstance(t, torch.Tensor) or t.shape != reference.shape \
-                or t.dtype != reference.dtype:
-            raise WeightsError(f"parameter {name!r} has another shape or type")
+        if (not isinstance(t, torch.Tensor) or t.layout != torch.strided
+                or t.device.type != "cpu" or t.shape != reference.shape
+                or t.dtype != reference.dtype):
+            raise WeightsError(f"parameter {name!r} has another shape, type or layout")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise WeightsError(f"parameter {name!r} holds non-finite values")
         out[name] = t.to(reference.device)

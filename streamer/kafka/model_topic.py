@@ -16,12 +16,15 @@ from collections import deque
 from dataclasses import dataclass
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import MessageSizeTooLargeError
 
 from streamer.kafka.admin import ensure_topics
 from streamer.kafka.connection import KafkaConnection
 
 log = logging.getLogger(__name__)
-TOPIC_CONFIG = {"cleanup.policy": "compact"}  # the newest record per worker is what counts
+# The newest record per worker is what counts: compacted, and segments rolled hourly so that
+# compaction can act (the active segment is never compacted).
+TOPIC_CONFIG = {"cleanup.policy": "compact", "segment.ms": "3600000"}
 POLL_S = 0.2
 BACKOFF_START_S, BACKOFF_MAX_S = 1.0, 30.0
 CLOSE_TIMEOUT_S = 5.0
@@ -40,7 +43,10 @@ class ModelTopic:
 
     def __init__(self, connection: KafkaConnection, topic: str, max_message_bytes: int):
         self.connection, self.topic, self.max_message_bytes = connection, topic, max_message_bytes
-        self._outbox: deque[tuple[bytes, bytes | None, list[tuple[str, bytes]]]] = deque()
+        # Newest record per key, oldest key first; a record leaves only once acknowledged.
+        self._outbox: dict[bytes, tuple[bytes | None, list[tuple[str, bytes]]]] = {}
+        self._outbox_lock = threading.Lock()
+        self._next_offset: int | None = None  # where a reconnect reads on from
         self._inbox: deque[ModelRecord] = deque()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="model-topic", daemon=True)
@@ -56,8 +62,11 @@ class ModelTopic:
         self._thread.start()
 
     def publish(self, key: bytes, value: bytes | None, headers: list[tuple[str, bytes]]) -> None:
-        """Queue a record to publish (sent by the background thread, retried on failure)."""
-        self._outbox.append((key, value, headers))
+        """Queue a record to publish (sent by the background thread, retried on failure; a
+        newer record for the same key replaces one not yet sent)."""
+        with self._outbox_lock:
+            self._outbox.pop(key, None)
+            self._outbox[key] = (value, headers)
 
     def received(self) -> list[ModelRecord]:
         """The records read since the last call, in topic order."""
@@ -80,7 +89,8 @@ class ModelTopic:
             consumer = producer = None
             try:
                 if not created:
-                    ensure_topics(self.connection, {self.topic: 1}, configs=TOPIC_CONFIG)
+                    ensure_topics(self.connection, {self.topic: 1}, configs={
+                        **TOPIC_CONFIG, "max.message.bytes": str(self.max_message_bytes)})
                     created = True
                 config = self.connection.kafka_python_config()
                 consumer = KafkaConsumer(**config, group_id=None, enable_auto_commit=False,
@@ -88,7 +98,10 @@ class ModelTopic:
                                          max_partition_fetch_bytes=self.max_message_bytes * 2)
                 partition = TopicPartition(self.topic, 0)
                 consumer.assign([partition])
-                consumer.seek_to_beginning(partition)
+                if self._next_offset is None:
+                    consumer.seek_to_beginning(partition)
+                else:  # a reconnect: read on, not the whole history again
+                    consumer.seek(partition, self._next_offset)
                 producer = KafkaProducer(**config, acks="all", linger_ms=0,
                                          max_request_size=self.max_message_bytes)
                 self._serve(consumer, producer)
@@ -107,20 +120,26 @@ class ModelTopic:
     def _serve(self, consumer: KafkaConsumer, producer: KafkaProducer) -> None:
         while True:
             stopping = self._stop.is_set()
-            futures = []
-            while self._outbox:
-                key, value, headers = self._outbox[0]
-                futures.append(producer.send(self.topic, key=key, value=value, headers=headers,
-                                             partition=0))
-                self._outbox.popleft()
-            for future in futures:  # acknowledged or raised: a failed send is counted
-                future.get(timeout=CLOSE_TIMEOUT_S if stopping else 30.0)
-                self.published += 1
+            with self._outbox_lock:
+                queued = list(self._outbox.items())
+            for key, (value, headers) in queued:
+                try:
+                    producer.send(self.topic, key=key, value=value, headers=headers,
+                                  partition=0).get(timeout=CLOSE_TIMEOUT_S if stopping else 30.0)
+                    self.published += 1
+                except MessageSizeTooLargeError as exc:  # never fits: drop it, say so
+                    log.error("model topic %s: a record of %s does not fit (%s); not sent",
+                              self.topic, key, exc)
+                    self._failures += 1
+                with self._outbox_lock:  # acknowledged (or dropped): gone, unless replaced
+                    if self._outbox.get(key) == (value, headers):
+                        del self._outbox[key]
             if stopping:
                 return
             for batch in consumer.poll(timeout_ms=int(POLL_S * 1000)).values():
                 self._inbox.extend(ModelRecord(r.key, r.value, list(r.headers or []),
                                                r.timestamp / 1000.0) for r in batch)
+                self._next_offset = batch[-1].offset + 1
 
 
 def _close_quietly(client) -> None:

@@ -32,7 +32,8 @@ from streamer.observability.metrics import Metrics
 log = logging.getLogger("streamer.worker")
 H_GROUP, H_FINGERPRINT = "streamer.group", "streamer.fingerprint"
 H_READINGS, H_SEQUENCE = "streamer.readings", "streamer.sequence"
-HEADER_BYTES = 256  # room kept for the record's key and headers within the message limit
+RECORD_OVERHEAD = 512  # bytes of a record besides its value, key and headers (batch framing)
+MAX_READINGS = 2**53  # a readings header above this is not a count
 
 
 @dataclass(frozen=True)
@@ -55,44 +56,55 @@ class ModelBoard:
         self.like = like
         self.entries: dict[str, Entry] = {}
         self.base: w.Weights | None = None  # our weights as the board knows them
+        # Every averaging step moved our weights by (target - base); their running sum (None:
+        # none yet). Never changed in place: a reference taken at a checkpoint's copy stays.
+        self.shift: w.Weights | None = None
         self.version = 0  # changes whenever new weights arrive (ours or a peer's)
 
-    def ours(self, weights: w.Weights, base_at_copy: w.Weights | None, readings: int,
+    def ours(self, weights: w.Weights, shift_at_copy: w.Weights | None, readings: int,
              sequence: int, at: float) -> None:
-        """We published ``weights``, copied when our base was ``base_at_copy``: the board (and
-        every peer's) now knows what we had learned up to that copy. If we averaged since,
-        our base moves by that learning; else it is simply those weights."""
+        """We published ``weights``, copied when the averaging shifts added up to
+        ``shift_at_copy``: the board (and every peer's) now knows what we had learned up to
+        that copy, so our base is those weights plus the averaging shifts applied since."""
         self.entries[self.me] = Entry(self.me, weights, readings, sequence, at)
-        if self.base is None or base_at_copy is None or base_at_copy is self.base:
+        if shift_at_copy is self.shift:  # no average since the copy: exactly those weights
             self.base = weights
-        else:  # the same expression an average gave our weights: no training -> equal floats
-            self.base = w.rebased(weights, base_at_copy, self.base)
+        else:
+            since = self.shift if shift_at_copy is None else \
+                {n: self.shift[n] - shift_at_copy[n] for n in self.shift}
+            self.base = {n: weights[n] + since[n] for n in weights}
         self.version += 1
 
-    def offer(self, record: ModelRecord) -> str | None:
-        """Take a record of the model topic; the reason it was ignored, or None."""
+    def offer(self, record: ModelRecord, now: float) -> str | None:
+        """Take a record of the model topic; the reason it was ignored, or None. Whatever the
+        bytes, never raises: a peer's record cannot stop this worker."""
         try:
-            worker = (record.key or b"").decode()
-        except UnicodeDecodeError:
+            return self._offer(record, now)
+        except Exception:  # noqa: BLE001 - any malformed record is garbage, never fatal
             return "garbage"
-        headers = {k: v for k, v in record.headers}
+
+    def _offer(self, record: ModelRecord, now: float) -> str | None:
+        worker = (record.key or b"").decode()
+        headers = {k: v for k, v in record.headers if isinstance(v, bytes)}
         if not worker or worker == self.me:
             return None if worker else "garbage"  # ours: the board has them already
         if headers.get(H_GROUP, b"").decode(errors="replace") != self.group:
             return None if record.value is None else "other_group"
+        held = self.entries.get(worker)
+        if held is not None and record.timestamp_s < held.published_at:
+            return None  # older than what we hold (a re-read): the newer one stays
         if record.value is None:  # a worker that left cleanly: left out of later averages
             self.entries.pop(worker, None)  # (its weights are in ours already: no new average)
             return None
+        if now - record.timestamp_s > self.ttl_s:
+            return None  # too old to average with: not even decoded (a replay of history)
         if headers.get(H_FINGERPRINT, b"").decode(errors="replace") != self.fingerprint:
             return "incompatible"
-        try:
-            readings = int(headers[H_READINGS])
-            sequence = int(headers[H_SEQUENCE])
-            weights = w.loads(record.value, self.like)
-        except (KeyError, ValueError):  # WeightsError is a ValueError
+        readings = int(headers[H_READINGS])
+        sequence = int(headers[H_SEQUENCE])
+        if not 0 <= readings <= MAX_READINGS:
             return "garbage"
-        if readings < 0:
-            return "garbage"
+        weights = w.loads(record.value, self.like)
         self.entries[worker] = Entry(worker, weights, readings, sequence, record.timestamp_s)
         self.version += 1
         return None
@@ -118,6 +130,8 @@ class ModelBoard:
         target = w.weighted_average([(e.weights, float(e.readings)) for e in entries])
         distance = w.distance(current, target)
         new = w.rebased(current, self.base, target)
+        step = {n: target[n] - self.base[n] for n in target}
+        self.shift = step if self.shift is None else {n: self.shift[n] + step[n] for n in step}
         self.base = target
         return new, distance
 
@@ -134,25 +148,27 @@ class ModelSharing:
         self.board = ModelBoard(worker_id, group, fingerprint, learner.weights(), ttl_s)
         self._headers = [(H_GROUP, group.encode()), (H_FINGERPRINT, fingerprint.encode())]
         self._pending: w.Weights | None = None  # the newest durable weights not published
-        self._pending_base: w.Weights | None = None  # the board's base when they were copied
-        self._base_at_copy: w.Weights | None = None  # ... for the checkpoint being written
+        self._pending_shift: w.Weights | None = None  # the board's shift when they were copied
+        self._shift_at_copy: w.Weights | None = None  # ... for the checkpoint being written
         self._readings = 0  # trained into the durable weights since our last publish
         self._sequence = 0
         self._published_at = self._averaged_at = -float("inf")  # monotonic
         self._averaged_version = 0
         self._failures_seen = self._published_seen = 0
 
-    @staticmethod
-    def message_bytes(learner: Learner) -> int:
-        """The size of one published record's value (the serialized weights) plus headers."""
-        return len(w.dumps(learner.weights())) + HEADER_BYTES
+    def message_bytes(self) -> int:
+        """The size of one published record: the serialized weights, key, headers, framing."""
+        headers = self._headers + [(H_READINGS, str(MAX_READINGS).encode()),
+                                   (H_SEQUENCE, str(MAX_READINGS).encode())]
+        return (len(w.dumps(self.learner.weights())) + len(self.worker_id.encode())
+                + sum(len(k) + len(v) for k, v in headers) + RECORD_OVERHEAD)
 
     def start(self) -> None:
         self.topic.start()
 
     def checkpoint_taken(self) -> None:
-        """A checkpoint copied the learner: remember what our base was at that moment."""
-        self._base_at_copy = self.board.base
+        """A checkpoint copied the learner: remember the averaging shift at that moment."""
+        self._shift_at_copy = self.board.shift
 
     def checkpoint_durable(self, weights: w.Weights, readings: int) -> None:
         """A checkpoint holding ``weights`` is durable; ``readings`` were applied since the
@@ -160,13 +176,13 @@ class ModelSharing:
         self._readings += readings
         if self._readings:  # else nothing new was learned: peers already have what we know
             self._pending = w.copied(weights, self.learner.device)  # the checkpoint's: cpu
-            self._pending_base = self._base_at_copy
+            self._pending_shift = self._shift_at_copy
 
     def tick(self) -> None:
         """Between micro-batches: read the board, publish, and average when due."""
         now_wall, now = time.time(), time.monotonic()
         for record in self.topic.received():
-            reason = self.board.offer(record)
+            reason = self.board.offer(record, now_wall)
             if reason is not None:
                 self.metrics.observe_model_ignored(reason)
         failures, published = self.topic.failures, self.topic.published
@@ -184,12 +200,12 @@ class ModelSharing:
             self._average(now_wall, now)
 
     def _publish(self, now_wall: float, now: float) -> None:
-        weights, base, self._pending = self._pending, self._pending_base, None
+        weights, shift, self._pending = self._pending, self._pending_shift, None
         self._sequence += 1
         headers = self._headers + [(H_READINGS, str(self._readings).encode()),
                                    (H_SEQUENCE, str(self._sequence).encode())]
         self.topic.publish(self.worker_id.encode(), w.dumps(weights), headers)
-        self.board.ours(weights, base, self._readings, self._sequence, now_wall)
+        self.board.ours(weights, shift, self._readings, self._sequence, now_wall)
         self._readings, self._published_at = 0, now
 
     def _average(self, now_wall: float, now: float) -> None:

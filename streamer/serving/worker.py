@@ -111,8 +111,7 @@ class Worker:
                     self.metrics.observe_flagged([], time.time())
                 self._backoff = BACKOFF_START_S
                 self._maybe_checkpoint(client)
-                if self.sharing is not None:  # between updates: publish, average with peers
-                    self.sharing.tick()
+                self._share()
             except UndecodableBatch as exc:  # that partition is paused; the others go on
                 self._undecodable(exc)
             except KafkaClientError as exc:
@@ -218,6 +217,17 @@ class Worker:
             self._complete(client, keep=0)  # a checkpoint never covers unacknowledged outputs
             self.durability.begin()
 
+    def _share(self) -> None:
+        """Between updates: publish durable weights, average with peers. Sharing can fail;
+        serving goes on without it (logged and counted, tried again next turn)."""
+        if self.sharing is None:
+            return
+        try:
+            self.sharing.tick()
+        except Exception:  # noqa: BLE001 - never let the shared model stop forecasting
+            log.exception("sharing weights failed; serving goes on")
+            self.metrics.observe_model_sync_failures(1)
+
     def checkpoint(self) -> None:
         """Checkpoint now and return once it is durable and its offsets are committed (unless
         outputs are still unacknowledged: then only the one in flight is finished)."""
@@ -273,9 +283,9 @@ class Worker:
             self.checkpoint()
         finally:  # leave the group at once, whatever happened: its partitions move on
             self.durability.close()
-            if self.sharing is not None:
-                self.sharing.close()
             self._close_client()
+            if self.sharing is not None:  # after the input: its partitions move on first
+                self.sharing.close()
             self.health.stop()
         log.info("stopped")
 
@@ -348,7 +358,11 @@ def _sharing(settings: Settings, learner: Learner, worker_id: str,
     metrics.set_model_sync_interval(s.interval_seconds if s.enabled else 0.0)
     if not s.enabled:
         return None
-    size = ModelSharing.message_bytes(learner)
+    k = settings.kafka
+    topic = ModelTopic(k.connection(), k.model_topic, s.max_message_bytes)
+    sharing = ModelSharing(learner, topic, worker_id, k.group_id, s.interval_seconds,
+                           s.peer_ttl_seconds, metrics)
+    size = sharing.message_bytes()
     if size > s.max_message_bytes:
         raise ConfigError(
             f"the model's weights take {size:,} bytes per record, above the limit of "
@@ -357,10 +371,7 @@ def _sharing(settings: Settings, learner: Learner, worker_id: str,
             "the broker's or the model topic's max.message.bytes, use a smaller model.hidden_size,"
             " or turn sharing off (STREAMER_SHARING__ENABLED=false)"
         )
-    k = settings.kafka
-    topic = ModelTopic(k.connection(), k.model_topic, s.max_message_bytes)
-    return ModelSharing(learner, topic, worker_id, k.group_id, s.interval_seconds,
-                        s.peer_ttl_seconds, metrics)
+    return sharing
 
 
 def _host_worker_id() -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from streamer.core import Learner
@@ -26,6 +27,10 @@ def _record(worker: str, weights: w.Weights | None, readings: int = 10, at: floa
                        at)
 
 
+def _offer(board: ModelBoard, record: ModelRecord, now: float = 100.0) -> str | None:
+    return board.offer(record, now)
+
+
 def _board(me: str = "a", ttl: float = 60.0) -> ModelBoard:
     return ModelBoard(me, "g", FP, Learner(CONFIG).weights(), ttl)
 
@@ -42,14 +47,14 @@ def test_a_worker_alone_never_averages():
 
 def test_no_average_before_our_first_publish():
     board = _board()
-    assert board.offer(_record("b", _weights(2.0))) is None
+    assert _offer(board, _record("b", _weights(2.0))) is None
     assert board.average(_weights(0.0), now=100.0) is None
 
 
 def test_the_average_weighs_each_worker_by_the_readings_it_trained():
     board = _board()
     board.ours(_weights(0.0), None, 30, 1, at=100.0)
-    board.offer(_record("b", _weights(4.0), readings=10))
+    _offer(board, _record("b", _weights(4.0), readings=10))
     new, distance = board.average(_weights(0.0), now=100.0)
     expected = {k: t + 1.0 for k, t in _weights(0.0).items()}  # (30 * 0 + 10 * 4) / 40
     for k in expected:
@@ -61,7 +66,7 @@ def test_what_was_learned_since_publishing_is_kept_on_top_of_the_average():
     board = _board()
     published = _weights(0.0)
     board.ours(published, None, 10, 1, at=100.0)
-    board.offer(_record("b", _weights(2.0), readings=10))
+    _offer(board, _record("b", _weights(2.0), readings=10))
     current = {k: t + 0.5 for k, t in published.items()}  # trained after the publish
     new, _ = board.average(current, now=100.0)
     for k in new:
@@ -78,7 +83,7 @@ def test_workers_holding_the_same_board_reach_bitwise_equal_weights_in_one_round
         board = _board(me)
         board.ours(published[me], None, 5 + ord(me), 1, at=100.0)
         for peer in sorted(published, reverse=me < "c"):
-            board.offer(_record(peer, published[peer], readings=5 + ord(peer)))
+            _offer(board, _record(peer, published[peer], readings=5 + ord(peer)))
         results.append(board.average(published[me], now=100.0)[0])
     assert all(_equal(r, results[0]) for r in results[1:])
 
@@ -86,25 +91,25 @@ def test_workers_holding_the_same_board_reach_bitwise_equal_weights_in_one_round
 def test_incompatible_garbage_and_other_groups_are_ignored_and_said_why():
     board = _board()
     board.ours(_weights(0.0), None, 10, 1, at=100.0)
-    assert board.offer(_record("b", _weights(1.0), fingerprint="other")) == "incompatible"
-    assert board.offer(_record("c", _weights(1.0), group="other")) == "other_group"
-    assert board.offer(ModelRecord(b"d", b"not weights", _record("d", None).headers,
+    assert _offer(board, _record("b", _weights(1.0), fingerprint="other")) == "incompatible"
+    assert _offer(board, _record("c", _weights(1.0), group="other")) == "other_group"
+    assert _offer(board, ModelRecord(b"d", b"not weights", _record("d", None).headers,
                                    100.0)) == "garbage"
     bad = _record("e", _weights(1.0))
     no_readings = ModelRecord(bad.key, bad.value, [h for h in bad.headers if h[0] != H_READINGS],
                               100.0)
-    assert board.offer(no_readings) == "garbage"
-    assert board.offer(ModelRecord(b"\xff", b"x", [], 100.0)) == "garbage"
+    assert _offer(board, no_readings) == "garbage"
+    assert _offer(board, ModelRecord(b"\xff", b"x", [], 100.0)) == "garbage"
     assert board.average(_weights(0.0), now=100.0) is None  # nothing usable arrived
 
 
 def test_a_silent_peer_drops_out_after_the_ttl_and_a_tombstone_at_once():
     board = _board(ttl=60.0)
     board.ours(_weights(0.0), None, 10, 1, at=0.0)
-    board.offer(_record("b", _weights(1.0), at=100.0))
-    board.offer(_record("c", _weights(1.0), at=100.0))
+    _offer(board, _record("b", _weights(1.0), at=100.0))
+    _offer(board, _record("c", _weights(1.0), at=100.0))
     assert board.peers(now=150.0) == 2
-    board.offer(_record("c", None))  # c left cleanly
+    _offer(board, _record("c", None))  # c left cleanly
     assert board.peers(now=150.0) == 1
     assert board.peers(now=161.0) == 0  # b silent for longer than the TTL; ours never expires
     assert board.average(_weights(0.0), now=161.0) is None
@@ -114,7 +119,7 @@ def test_our_own_records_read_back_from_the_topic_change_nothing():
     board = _board("a")
     board.ours(_weights(0.0), None, 10, 1, at=100.0)
     version = board.version
-    assert board.offer(_record("a", _weights(9.0))) is None
+    assert _offer(board, _record("a", _weights(9.0))) is None
     assert board.version == version and _equal(board.entries["a"].weights, _weights(0.0))
 
 
@@ -124,15 +129,78 @@ def test_a_publish_of_weights_copied_before_an_average_still_ends_equal_to_the_p
     a0, b0, b1 = _weights(0.0), _weights(2.0), _weights(3.0)
     board = _board("a")
     board.ours(a0, None, 10, 1, at=100.0)
-    board.offer(_record("b", b0, readings=10))
-    base_at_copy, copied = board.base, _weights(1.0)  # trained up to here, then the copy
+    _offer(board, _record("b", b0, readings=10))
+    shift_at_copy, copied = board.shift, _weights(1.0)  # trained up to here, then the copy
     current, _ = board.average(copied, now=100.0)  # an average before that copy is published
-    board.ours(copied, base_at_copy, 10, 2, at=101.0)
-    board.offer(_record("b", b1, readings=10, at=101.0))
+    board.ours(copied, shift_at_copy, 10, 2, at=101.0)
+    _offer(board, _record("b", b1, readings=10, at=101.0))
     final, _ = board.average(current, now=101.0)
     peer = _board("b")
     peer.ours(b1, None, 10, 2, at=101.0)
-    peer.offer(_record("a", copied, readings=10, at=101.0))
+    _offer(peer, _record("a", copied, readings=10, at=101.0))
     expected, _ = peer.average(b1, now=101.0)
     for k in final:
         torch.testing.assert_close(final[k], expected[k], rtol=0, atol=1e-6)
+
+
+def _learned_since(board: ModelBoard, current: w.Weights) -> float:
+    """What our weights hold beyond what the board knows of them (0: nothing)."""
+    return w.distance(current, board.base)
+
+
+def test_an_earlier_checkpoint_published_between_a_copy_and_its_publish_keeps_the_accounting():
+    """Copy k taken; checkpoint k-1 published; an average; then k published, with no training
+    after copy k: the board then knows everything our weights hold."""
+    board = _board("a")
+    c_prev = _weights(0.0)
+    board.ours(c_prev, board.shift, 10, 1, at=100.0)
+    _offer(board, _record("b", _weights(4.0)))
+    current, _ = board.average(c_prev, now=100.0)  # shift now non-zero
+    c_k1 = {k: t + 1.0 for k, t in current.items()}  # trained, then copy k-1 ...
+    shift_k1 = board.shift
+    c_k = {k: t + 2.0 for k, t in current.items()}  # ... trained more, then copy k
+    shift_k = board.shift
+    board.ours(c_k1, shift_k1, 10, 2, at=101.0)  # k-1 published after copy k was taken
+    _offer(board, _record("b", _weights(5.0), at=101.0))
+    current, _ = board.average(c_k, now=101.0)
+    board.ours(c_k, shift_k, 10, 3, at=102.0)
+    assert _learned_since(board, current) < 1e-6
+
+
+def test_a_copy_taken_before_our_first_publish_keeps_the_accounting():
+    board = _board("a")
+    shift_k = board.shift  # copy k taken before anything was published
+    c_prev, c_k = _weights(0.0), _weights(1.0)
+    board.ours(c_prev, None, 10, 1, at=100.0)  # the earlier checkpoint k-1
+    _offer(board, _record("b", _weights(100.0)))
+    current, _ = board.average(c_k, now=100.0)
+    board.ours(c_k, shift_k, 10, 2, at=101.0)
+    assert _learned_since(board, current) < 1e-6
+    _offer(board, _record("b", _weights(100.0), at=101.0, sequence=2))
+    final, _ = board.average(current, now=101.0)  # no training: exactly the board's average
+    expected = w.weighted_average([(c_k, 10.0), (_weights(100.0), 10.0)])
+    assert max(float((final[k] - expected[k]).abs().max()) for k in final) < 1e-5
+
+
+@pytest.mark.parametrize("headers", [
+    [(H_GROUP, b"g"), (H_FINGERPRINT, FP.encode()), (H_READINGS, None), (H_SEQUENCE, b"1")],
+    [(H_GROUP, b"g"), (H_FINGERPRINT, FP.encode()), (H_READINGS, b"9" * 400), (H_SEQUENCE, b"1")],
+    [(H_GROUP, b"g"), (H_FINGERPRINT, FP.encode()), (H_READINGS, b"-3"), (H_SEQUENCE, b"1")],
+    [(H_GROUP, None), (H_FINGERPRINT, None)],
+], ids=["null-readings", "huge-readings", "negative-readings", "null-group"])
+def test_malformed_headers_are_garbage_or_skipped_never_an_exception(headers):
+    board = _board()
+    board.ours(_weights(0.0), None, 10, 1, at=100.0)
+    reason = _offer(board, ModelRecord(b"b", w.dumps(_weights(1.0)), headers, 100.0))
+    assert reason in ("garbage", "other_group")
+    assert board.average(_weights(0.0), now=100.0) is None
+
+
+def test_a_record_older_than_the_held_one_or_than_the_ttl_is_not_taken():
+    board = _board(ttl=60.0)
+    board.ours(_weights(0.0), None, 10, 1, at=100.0)
+    _offer(board, _record("b", _weights(2.0), at=100.0))
+    _offer(board, _record("b", _weights(7.0), at=90.0))  # re-read history: older
+    assert _equal(board.entries["b"].weights, _weights(2.0))
+    _offer(board, _record("c", _weights(3.0), at=10.0), now=100.0)
+    assert "c" not in board.entries  # past the TTL when read: skipped
