@@ -95,9 +95,9 @@ def dumps(state: dict) -> bytes:
     return buffer.getvalue()
 
 
-def save(state: dict, target) -> None:
-    """Write ``state`` to the file at ``target``, a path or a writable binary file object (what
-    ``dumps`` returns, without the bytes).
+def save(state: dict, handle) -> None:
+    """Write ``state`` to ``handle``, a writable binary file object (what ``dumps`` returns,
+    without the bytes).
 
     Through a Python file, whose writes release the interpreter lock during each system call
     (torch's own file writer keeps it for the whole file), and without the zip format's CRC-32
@@ -109,11 +109,7 @@ def save(state: dict, target) -> None:
         try:
             if _SAVE_CONFIG is not None:
                 _SAVE_CONFIG.compute_crc32 = False
-            if hasattr(target, "write"):
-                torch.save(state, target)
-            else:
-                with open(target, "wb") as handle:
-                    torch.save(state, handle)
+            torch.save(state, handle)
         finally:
             if _SAVE_CONFIG is not None:
                 _SAVE_CONFIG.compute_crc32 = crc

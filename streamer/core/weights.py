@@ -14,6 +14,8 @@ import warnings
 
 import torch
 
+from streamer.core import snapshot as snap
+
 Weights = dict[str, torch.Tensor]
 
 
@@ -23,9 +25,7 @@ class WeightsError(ValueError):
 
 def dumps(weights: Weights) -> bytes:
     """Serialize (CPU tensors) to bytes; ``loads`` reads them back without unpickling."""
-    buffer = io.BytesIO()
-    torch.save({name: t.detach().to("cpu") for name, t in weights.items()}, buffer)
-    return buffer.getvalue()
+    return snap.dumps({name: t.detach().to("cpu") for name, t in weights.items()})
 
 
 def loads(data: bytes, like: Weights) -> Weights:

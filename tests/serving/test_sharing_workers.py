@@ -183,20 +183,12 @@ def _publish_intruders(bootstrap: str, model: str, group: str) -> None:
 
 
 def _fingerprint() -> str:
+    """The model fingerprint of worker_factory's workers (its training settings)."""
     from streamer.config import load_settings
 
-    env = {"STREAMER_TRAINING__TBPTT_STEPS": "4", "STREAMER_TRAINING__TRAIN_EVERY": "20",
-           "STREAMER_TRAINING__WARMUP_READINGS": "2", "STREAMER_DEVICE": "cpu"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        return load_settings().learner_config().fingerprint()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return load_settings({"training.tbptt_steps": "4", "training.train_every": "20",
+                          "training.warmup_readings": "2", "device": "cpu"}
+                         ).learner_config().fingerprint()
 
 
 def test_weights_too_large_to_publish_are_refused_at_start_up_naming_the_limit():
