@@ -258,6 +258,7 @@ class Learner:
             "horizon_steps": torch.from_numpy(self.horizon.steps),
             "slot_tensors": self.state.tensors(),
             "seen": torch.from_numpy(self.state.seen),
+            "short": torch.from_numpy(self.state.short),
             "queue": self.state.queue.tensors(),
             "counters": {
                 "accepted_total": self.accepted_total,
@@ -289,7 +290,8 @@ class Learner:
         self.calibration.load_arrays({k: v.numpy() for k, v in state["calibration"].items()})
         self.horizon.load_arrays({k: v.numpy() for k, v in state["horizon"].items()},
                                  state["horizon_steps"].numpy())
-        self.state.load_tensors(state["slot_tensors"], state["seen"].numpy(), state["queue"])
+        self.state.load_tensors(state["slot_tensors"], state["seen"].numpy(),
+                                state["short"].numpy(), state["queue"])
         self.accepted_total = int(counters["accepted_total"])
         self.event_time = float(counters["event_time"])
 
@@ -328,7 +330,8 @@ class Learner:
                 # fresh when the sender had none, or this learner has none.
                 if target.shape[1:] == rows.shape[1:]:
                     target[slots] = rows.numpy()
-        self.state.place_rows(slots, exported["slot_tensors"], exported["seen"].numpy())
+        self.state.place_rows(slots, exported["slot_tensors"], exported["seen"].numpy(),
+                              exported["short"].numpy())
         return len(ids)
 
     def drop_sensors(self, sensor_ids: list[str]) -> int:

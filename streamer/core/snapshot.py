@@ -21,9 +21,11 @@ from streamer.core.windows import slot_axis
 # per-sensor memory (seasonal profiles, AR) and experts; 4: windows that follow each other
 # without a gap, and the queue of full windows waiting for an update; 5: interval and anomaly
 # calibration; 6: the horizon's state (weights, pending forecasts, intervals of steps 2..H) and
-# the memory's last readings per bucket (both empty with a horizon of 1).
-FORMAT = "streamer.learner/6"
-PREVIOUS_FORMATS = ("streamer.learner/4", "streamer.learner/5")  # read through upgrade()
+# the memory's last readings per bucket (both empty with a horizon of 1); 7: how much shorter
+# than the others each slot's first window is (windows.SlotTensors.stagger).
+FORMAT = "streamer.learner/7"
+PREVIOUS_FORMATS = ("streamer.learner/4", "streamer.learner/5",
+                    "streamer.learner/6")  # read through upgrade()
 
 
 # The learner's per-slot host arrays (row i: slot i) that move with a sensor.
@@ -44,15 +46,22 @@ class IncompatibleSnapshot(ValueError):
 
 
 def upgrade(state: dict) -> dict:
-    """A snapshot of an earlier format (4: before interval calibration; 5: before horizons) in
-    this one: what it lacks starts from the prior, as for new sensors (calibration; a horizon of
-    one step); weights, statistics and memory carry over. Any other format is returned as it
-    is (``check_compatible`` names it)."""
+    """A snapshot of an earlier format (4: before interval calibration; 5: before horizons;
+    6: before staggered first windows) in this one: what it lacks starts from the prior, as for
+    new sensors (calibration; a horizon of one step); the windows being filled keep their full
+    length, free slots stagger as in a new learner; weights, statistics and memory carry over.
+    Any other format is returned as it is (``check_compatible`` names it)."""
     if not isinstance(state, dict) or state.get("format") not in PREVIOUS_FORMATS:
         return state
+    ids = state["table"]["ids"]
+    k = int(state["config"].get("tbptt_steps", LearnerConfig.tbptt_steps))
+    free = torch.tensor([i is None for i in ids], dtype=torch.bool)
+    short = torch.where(free, torch.arange(len(ids), dtype=torch.int64) % k, 0)
+    if state["format"] == "streamer.learner/6":
+        return {**state, "format": FORMAT, "short": short}
     config = {**LearnerConfig().to_dict(), **state["config"], "horizon": 1}
     capacity, n_features = len(state["stats"]["count"]), int(config["n_features"])
-    upgraded = {**state, "format": FORMAT, "config": config}
+    upgraded = {**state, "format": FORMAT, "config": config, "short": short}
     if "calibration" not in state:
         fresh = Calibration(capacity, n_features, float(config["coverage"]),
                             float(config["anomaly_threshold"]),
@@ -162,5 +171,6 @@ def sensors_of(state: dict, sensor_ids: list[str]) -> dict:
            for part in PER_SENSOR_PARTS},
         "slot_tensors": tensors,
         "seen": state["seen"].index_select(0, slots),
+        "short": state["short"].index_select(0, slots),
         "horizon_steps": state["horizon_steps"],
     }

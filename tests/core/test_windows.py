@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from streamer.core import Batch, Learner, LearnerConfig
@@ -28,33 +29,71 @@ def test_windows_follow_each_other_so_every_reading_is_trained_on():
     for part in chunks(stream, 5):
         learner.step(part)
     queue = learner.state.queue
-    # Readings 0..5K+1 of each sensor: windows 0..4 full (the reading after each k-th gives
-    # its last target), window 5 has 2 inputs and waits.
-    assert sorted(queue.slots.tolist()) == sorted([0, 1, 2] * 5)
-    assert learner.state.seen[:3].tolist() == [2, 2, 2]
     for slot in range(3):
+        # Slot s's first window has K - s steps (staggered), every later one K; a window is
+        # queued once the reading after its last step arrives.
+        first = K - slot
+        n_full = 1 + (5 * K + 2 - 1 - first) // K
+        lengths = [first] + [K] * (n_full - 1)
         mine = np.flatnonzero(queue.slots == slot)
+        assert len(mine) == n_full
+        assert learner.state.seen[slot] == 5 * K + 2 - sum(lengths)
         windows = queue.take(mine)
         # The sensor's readings encoded alone: step j of the tiling holds reading j's inputs
-        # and, as its target, the change to reading j + 1; readings 0..5K-1 in order.
+        # and, as its target, the change to reading j + 1; every reading in order, none twice.
         cfg = learner.config
         alone = SensorStats(1, 1, cfg.norm_alpha, cfg.warmup_readings, cfg.clip_z)
         mine_in_stream = np.flatnonzero(np.asarray(stream.sensor_ids) == f"s{slot}")
         enc = alone.encode(np.zeros(len(mine_in_stream), dtype=np.int64),
                            stream.ts[mine_in_stream], stream.values[mine_in_stream])
-        n_enc = enc.features.shape[1]
-        inputs = windows.inputs.reshape(5 * K, -1)[:, :n_enc]
-        np.testing.assert_allclose(inputs.numpy(), enc.features[: 5 * K], rtol=1e-6)
-        np.testing.assert_allclose(windows.targets.reshape(-1).numpy(),
-                                   enc.targets[1 : 5 * K + 1, 0], rtol=1e-6)
-        np.testing.assert_array_equal(windows.mask.reshape(-1).numpy(),
-                                      enc.target_valid[1 : 5 * K + 1])
+        n_enc, n = enc.features.shape[1], sum(lengths)
+        real = np.concatenate([w * K + np.arange(length) for w, length in enumerate(lengths)])
+        inputs = windows.inputs.reshape(n_full * K, -1)
+        np.testing.assert_allclose(inputs[real, :n_enc].numpy(), enc.features[:n], rtol=1e-6)
+        np.testing.assert_allclose(windows.targets.reshape(-1)[real].numpy(),
+                                   enc.targets[1 : n + 1, 0], rtol=1e-6)
+        mask = windows.mask.reshape(-1).numpy()
+        np.testing.assert_array_equal(mask[real], enc.target_valid[1 : n + 1])
+        assert not np.delete(mask, real).any()  # a short window's unused steps never count
         # Window w + 1 starts from the state window w ended in (weights unchanged here).
-        for w in range(4):
-            _, (h, c) = learner.model(windows.inputs[w : w + 1],
+        for w, length in enumerate(lengths[:-1]):
+            _, (h, c) = learner.model(windows.inputs[w : w + 1, :length],
                                       (windows.h0[:, w : w + 1], windows.c0[:, w : w + 1]))
             torch.testing.assert_close(h, windows.h0[:, w + 1 : w + 2], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(c, windows.c0[:, w + 1 : w + 2], rtol=1e-5, atol=1e-6)
+
+
+def test_a_fleet_started_together_fills_its_windows_spread_over_k_sweeps_not_all_at_once():
+    # 64 sensors, one reading each per sweep: without the stagger all 64 windows would fill in
+    # the same sweep every K sweeps (at 100k sensors: one sweep carrying every update).
+    n, sweeps = 64, 6 * K
+    learner = _untrained_learner()
+    filled = []
+    for sweep in chunks(sine_fleet(n, sweeps, seed=7, log10_scale=(0, 0)), n):
+        before = learner.state.queue.slots.size
+        learner.step(sweep)
+        filled.append(learner.state.queue.slots.size - before)
+    assert filled[0] == 0 and sum(filled) > 4 * n
+    assert max(filled[K:]) == min(filled[K:]) == n // K  # after the first K sweeps: every sweep
+
+
+def test_a_short_first_window_trains_exactly_as_a_window_of_its_own_length():
+    learner = _untrained_learner()
+    learner.step(sine_fleet(4, K, seed=8, log10_scale=(0, 0)))
+    queue = learner.state.queue
+    short = queue.take(np.flatnonzero(queue.slots == 2))  # K - 2 steps, then 2 masked
+    assert len(short) == 1 and not short.mask[0, K - 2 :].any()
+    trimmed = WindowBatch(short.slots, short.inputs[:, : K - 2], short.targets[:, : K - 2],
+                          short.mask[:, : K - 2], short.h0, short.c0)
+    grads = []
+    for window in (short, trimmed):
+        learner.model.zero_grad()
+        loss, _, steps = learner.trainer.backward(window)
+        grads.append((float(loss.detach()), int(steps),
+                      [p.grad.clone() for p in learner.model.parameters()]))
+    assert grads[0][:2] == pytest.approx(grads[1][:2], rel=1e-6)
+    for a, b in zip(grads[0][2], grads[1][2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_queued_windows_do_not_depend_on_how_the_stream_is_cut():
@@ -64,7 +103,8 @@ def test_queued_windows_do_not_depend_on_how_the_stream_is_cut():
         one.step(part)
     many.step(stream)
     a, b = one.state.queue, many.state.queue  # in the order of the readings that filled them
-    assert a.slots.tolist() == b.slots.tolist() == [0, 1, 2, 3, 4] * 4
+    assert a.slots.tolist() == b.slots.tolist()
+    assert sorted(a.slots.tolist()) == [0] * 4 + [1] * 4 + [2] * 5 + [3] * 5 + [4] * 4
     for name in ("inputs", "targets", "mask", "h0", "c0"):
         torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-5, atol=1e-6)
 

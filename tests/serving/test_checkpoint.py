@@ -96,7 +96,7 @@ def test_a_checkpoint_of_an_older_snapshot_format_is_refused_with_the_reason(tmp
     CheckpointStore(tmp_path, "w1", CFG.fingerprint()).save(old, {TP: 5}, {TP: []})
     with caplog.at_level(logging.ERROR):
         assert CheckpointStore(tmp_path, "w1", CFG.fingerprint()).latest() is None
-    assert ("learner snapshot format 'streamer.learner/3' is not 'streamer.learner/6' "
+    assert ("learner snapshot format 'streamer.learner/3' is not 'streamer.learner/7' "
             "(written by another streamer version)") in caplog.text
 
 
@@ -132,6 +132,22 @@ def test_a_checkpoint_from_before_horizons_resumes_with_a_horizon_from_scratch(t
     batch = sine_fleet(4, 3, seed=5)
     result = restored.step(Batch.from_arrays(batch.sensor_ids, batch.ts + 1e6, batch.values))
     assert np.isfinite(result.horizon.forecast).all()
+
+
+def test_a_checkpoint_from_before_staggered_windows_resumes_its_windows_at_full_length(tmp_path):
+    learner = _learner(4)
+    old = learner.snapshot()
+    del old["short"]
+    old["format"] = "streamer.learner/6"
+    CheckpointStore(tmp_path, "w1", CFG.fingerprint()).save(old, {TP: 5}, {TP: []})
+    found = CheckpointStore(tmp_path, "w1", CFG.fingerprint()).latest()
+    restored = Learner.restore(found.state, CFG)
+    occupied = restored.table.occupied
+    free = np.setdiff1d(np.arange(restored.capacity), occupied)
+    assert len(occupied) and len(free)
+    assert not restored.state.short[occupied].any()  # windows being filled keep k steps
+    np.testing.assert_array_equal(restored.state.short[free], restored.state.stagger(free))
+    np.testing.assert_array_equal(restored.state.seen, learner.state.seen)
 
 
 def test_partition_state_moves_between_learners_through_a_checkpoint(tmp_path):
