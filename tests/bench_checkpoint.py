@@ -195,39 +195,46 @@ def core_table(results: dict[int, tuple[dict[str, Run], dict[str, list[float]]]]
 # -- live: the real worker on a local broker -------------------------------------------------
 def bench_live(n_sensors: int, rate: float, seconds: float, directory: Path,
                baseline: bool = True) -> str:
+    """The worker with checkpoints every 10 s, then (``baseline``) without, then the IO ceiling
+    (bench_e2e's pass-through: the worker's Kafka client and settings, no model) under the same
+    live load: latency the worker adds is what exceeds the ceiling's."""
     from streamer.kafka.admin import ensure_topics
     from streamer.kafka.broker import LocalBroker
     from tests import bench_e2e as e2e  # the broker, producer and reader of the e2e benchmark
 
-    lines = ["| checkpoints | sent/s | p50 ms | p90 ms | p99 ms | max ms | checkpoints taken | "
+    lines = ["| serving | sent/s | p50 ms | p90 ms | p99 ms | max ms | checkpoints taken | "
              "stall ms max | RSS MB before / after |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     trend: list[str] = []
     with LocalBroker() as broker:
-        modes = (("every 10 s", INTERVAL_S), ("off", None))
-        for label, interval in modes if baseline else modes[:1]:
-            run = f"live-{label.split()[0]}-{time.time_ns()}"
+        modes = (("checkpoints every 10 s", "streamer", INTERVAL_S),
+                 ("checkpoints off", "streamer", None), ("IO ceiling (no model)", "ceiling", None))
+        for label, kind, interval in modes if baseline else modes[:1]:
+            run = f"live-{kind}-{time.time_ns()}"
             topics = {"in": f"{run}-in", "out": f"{run}-out", "dlq": f"{run}-dlq",
-                      "ceiling": f"{run}-unused"}
+                      "ceiling": f"{run}-ceiling"}
             ensure_topics(broker.bootstrap, {topics["in"]: e2e.PARTITIONS,
-                                             topics["out"]: e2e.PARTITIONS, topics["dlq"]: 1})
+                                             topics["out"]: e2e.PARTITIONS,
+                                             topics["ceiling"]: e2e.PARTITIONS, topics["dlq"]: 1})
             e2e.pre_produce(broker.bootstrap, topics["in"], n_sensors, 2)
             settings = e2e.streamer_settings(broker.bootstrap, topics, f"{run}-group",
                                              directory / run)
             settings = settings.model_copy(update={"checkpoint": settings.checkpoint.model_copy(
                 update={"interval_seconds": interval})})
             cpu = e2e.CpuMeter(e2e.broker_pid(broker))
-            with e2e.running("streamer", settings, topics["ceiling"]) as serving:
+            with e2e.running(kind, settings, topics["ceiling"]) as serving:
                 e2e.wait_for_count(serving.count, 0, 2 * n_sensors, 600.0, serving.alive)
-                registry = serving.worker.registry
-                before = registry.get_sample_value("streamer_checkpoint_copy_seconds_count") or 0
+                registry = serving.worker.registry if serving.worker else None
+                if interval is not None:  # memory from the first durable checkpoint on: its
+                    _first_checkpoint(registry, interval)  # copy buffer is reused after
+                before = _copies(registry)
                 rss_before = _rss_mb()
                 with _sampling(_rss_mb, 60.0) as rss_by_minute:
-                    latency = e2e.live_phase(broker.bootstrap, topics["in"], topics["out"],
+                    latency = e2e.live_phase(broker.bootstrap, topics["in"],
+                                             topics["ceiling" if kind == "ceiling" else "out"],
                                              n_sensors, rate, seconds, 5.0, cpu)
-                taken = (registry.get_sample_value("streamer_checkpoint_copy_seconds_count")
-                         or 0) - before
-                stall = _largest_bucket(registry)
+                taken = _copies(registry) - before
+                stall = _largest_bucket(registry) if registry else "-"
                 rss = f"{rss_before:,.0f} / {_rss_mb():,.0f}"
             w = latency.worker_ms
             lines.append(f"| {label} | {latency.rate:,.0f} | {w['p50']:,.0f} | {w['p90']:,.0f} |"
@@ -236,6 +243,21 @@ def bench_live(n_sensors: int, rate: float, seconds: float, directory: Path,
             if len(latency.by_minute) > 1:
                 trend.append(_trend(label, latency, rss_by_minute))
     return "\n".join(lines + trend)
+
+
+def _copies(registry) -> float:
+    if registry is None:
+        return 0.0
+    return registry.get_sample_value("streamer_checkpoint_copy_seconds_count") or 0.0
+
+
+def _first_checkpoint(registry, interval: float) -> None:
+    """Wait until the worker has written one checkpoint (its copy buffer allocated)."""
+    deadline = time.monotonic() + 10 * interval + 120.0
+    while not registry.get_sample_value("streamer_checkpoint_last_success_timestamp_seconds"):
+        if time.monotonic() > deadline:
+            raise TimeoutError("no checkpoint was written")
+        time.sleep(0.2)
 
 
 @contextlib.contextmanager
@@ -260,7 +282,7 @@ def _sampling(measure: Callable[[], float], every_s: float) -> Iterator[list[flo
 def _trend(label: str, latency, rss_by_minute: list[float]) -> str:
     """Latency per minute of sending and this process's resident memory at each minute's end:
     a queue building up or memory growing shows here, not in the whole run's percentiles."""
-    rows = [f"\nPer minute, checkpoints {label} (cores used over the run: "
+    rows = [f"\nPer minute, {label} (cores used over the run: "
             + ", ".join(f"{k} {v:.2f}" for k, v in latency.cpu.items()) + "):\n",
             "| minute | p50 ms | p99 ms | max ms | RSS MB |",
             "| ---: | ---: | ---: | ---: | ---: |"]
@@ -301,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--live-rate", type=float, default=4000.0)
     parser.add_argument("--live-seconds", type=float, default=60.0)
     parser.add_argument("--live-baseline", action=argparse.BooleanOptionalAction, default=True,
-                        help="also the live run with checkpoints off")
+                        help="also the live runs with checkpoints off and of the IO ceiling")
     args = parser.parse_args(argv)
     torch.set_num_threads(load_settings().torch_threads or 1)
     with tempfile.TemporaryDirectory(prefix="bench-checkpoint-") as tmp:

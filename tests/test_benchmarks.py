@@ -74,6 +74,8 @@ def test_checkpoint_benchmark_quick_run_times_all_three_modes_and_the_live_worke
     for mode in ("async", "sync"):
         assert _number(rows[mode][6]) >= 1 and _number(rows[mode][10]) > 0  # taken, bytes/sensor
         assert _number(rows[mode][4]) > 0  # serving-thread CPU per reading
-    live = _row(out, "every 10 s")
+    live = _row(out, "checkpoints every 10 s")
     assert _number(live[4]) > 0 and _number(live[6]) >= 1  # p99 ms; checkpoints taken
-    assert _number(_row(out, "off")[6]) == 0
+    assert _number(_row(out, "checkpoints off")[6]) == 0
+    ceiling = _row(out, "IO ceiling (no model)")
+    assert _number(ceiling[4]) > 0 and ceiling[7] == "-"  # p99 ms; no checkpoint stall
