@@ -225,8 +225,8 @@ def bench_live(n_sensors: int, rate: float, seconds: float, directory: Path,
             with e2e.running(kind, settings, topics["ceiling"]) as serving:
                 e2e.wait_for_count(serving.count, 0, 2 * n_sensors, 600.0, serving.alive)
                 registry = serving.worker.registry if serving.worker else None
-                if interval is not None:  # memory from the first durable checkpoint on: its
-                    _first_checkpoint(registry, interval)  # copy buffer is reused after
+                if interval is not None:  # memory from the first full checkpoint on: its
+                    _first_checkpoint(registry, interval)  # copy buffers are reused after
                 before = _copies(registry)
                 rss_before = _rss_mb()
                 with _sampling(_rss_mb, 60.0) as rss_by_minute:
@@ -252,9 +252,17 @@ def _copies(registry) -> float:
 
 
 def _first_checkpoint(registry, interval: float) -> None:
-    """Wait until the worker has written one checkpoint (its copy buffer allocated)."""
+    """Wait until a checkpoint copied after this call is durable: one copied while the table
+    was still growing holds smaller buffers, which the next copy replaces."""
+    copies = _copies(registry)
     deadline = time.monotonic() + 10 * interval + 120.0
-    while not registry.get_sample_value("streamer_checkpoint_last_success_timestamp_seconds"):
+    while _copies(registry) == copies:
+        if time.monotonic() > deadline:
+            raise TimeoutError("no checkpoint was taken")
+        time.sleep(0.2)
+    copied_by = time.time()
+    while (registry.get_sample_value("streamer_checkpoint_last_success_timestamp_seconds")
+           or 0.0) < copied_by:
         if time.monotonic() > deadline:
             raise TimeoutError("no checkpoint was written")
         time.sleep(0.2)

@@ -15,7 +15,7 @@ import torch
 from streamer.core.config import LearnerConfig
 from streamer.core.horizon import HorizonState
 from streamer.core.intervals import Calibration
-from streamer.core.windows import slot_axis
+from streamer.core.windows import slot_axis, stagger
 
 # 2: guard and spike state in the stats; 3: spreads as deviations (sd, change_rms), and the
 # per-sensor memory (seasonal profiles, AR) and experts; 4: windows that follow each other
@@ -56,7 +56,7 @@ def upgrade(state: dict) -> dict:
     ids = state["table"]["ids"]
     k = int(state["config"].get("tbptt_steps", LearnerConfig.tbptt_steps))
     free = torch.tensor([i is None for i in ids], dtype=torch.bool)
-    short = torch.where(free, torch.arange(len(ids), dtype=torch.int64) % k, 0)
+    short = torch.where(free, torch.from_numpy(stagger(range(len(ids)), k)), 0)
     if state["format"] == "streamer.learner/6":
         return {**state, "format": FORMAT, "short": short}
     config = {**LearnerConfig().to_dict(), **state["config"], "horizon": 1}

@@ -119,6 +119,21 @@ class WindowQueue:
         self.push(w)
 
 
+# Slots whose first windows end together (windows.SlotTensors.stagger): a fleet smaller than
+# this is not staggered at all. Within a micro-batch a window ending cuts the slots' readings
+# into LSTM calls of different lengths, one call per distinct length (model.forward_ragged):
+# staggering every slot made a 26-sensor fleet replay 2x slower (appliances 103k -> 50k
+# readings/s) and a 20-sensor one 4x, while a small fleet's windows filling together cost
+# nothing worth spreading. 64 is also the most windows an update waits for (MIN_READY_MAX).
+STAGGER_GROUP = 64
+
+
+def stagger(slots: np.ndarray, k: int) -> np.ndarray:
+    """How many steps shorter than ``k`` the first window of a sensor new in ``slots`` is:
+    each run of STAGGER_GROUP consecutive slots (sensors that arrived together) one value, the
+    runs taking every value in turn."""
+    return np.asarray(slots, dtype=np.int64) // STAGGER_GROUP % k
+
 # Tensors laid out (L, capacity, H): their slot axis is 1; every other per-slot tensor's is 0.
 STATE_TENSORS = ("h", "c", "h0", "c0")
 
@@ -140,13 +155,13 @@ class SlotTensors:
     target).
 
     A slot's first window is ``short`` (C,) steps shorter than ``k`` (``stagger``: 0 to k-1,
-    spread over the slots), its unused last steps masked out; every later window has k steps.
-    A fleet whose sensors start together at one rate would otherwise fill all its windows at
-    the same moment, every k readings per sensor: at 100k sensors one sweep of the fleet then
-    carries every update (11 s of CPU against 0.6 s for the other sweeps, measured), and the
-    forecasts queue behind it. Steps after a window's real ones change nothing before them
-    (the LSTM is causal, their loss is masked), so a short window trains exactly as a window of
-    its own length would.
+    the same for each run of STAGGER_GROUP slots), its unused last steps masked out; every
+    later window has k steps. A large fleet whose sensors start together at one rate would
+    otherwise fill all its windows at the same moment, every k readings per sensor: at 100k
+    sensors one sweep of the fleet then carried every update (11 s of CPU against 0.6 s for the
+    other sweeps, measured), and the forecasts queued behind it. Steps after a window's real
+    ones change nothing before them (the LSTM is causal, their loss is masked), so a short
+    window trains exactly as a window of its own length would.
     """
 
     _TENSORS = ("h", "c", "h0", "c0", "inputs", "targets", "mask")
@@ -196,9 +211,7 @@ class SlotTensors:
         self.short = np.concatenate([self.short, self.stagger(np.arange(old, capacity))])
 
     def stagger(self, slots: np.ndarray) -> np.ndarray:
-        """How many steps shorter than k the first window of a sensor new in ``slots`` is:
-        consecutive slots (sensors that arrived together) take every value in turn."""
-        return np.asarray(slots, dtype=np.int64) % self.shape[2]
+        return stagger(slots, self.shape[2])
 
     def reset(self, slots: np.ndarray) -> None:
         """Zero the state and window of ``slots``, and drop their queued windows."""

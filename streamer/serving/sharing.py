@@ -36,6 +36,12 @@ RECORD_OVERHEAD = 512  # bytes of a record besides its value, key and headers (b
 MAX_READINGS = 2**53  # a readings header above this is not a count
 
 
+def record_key(group: str, worker: str) -> bytes:
+    """A worker's key on the model topic: ``group/worker``, so that two groups sharing the
+    topic with the same worker ids never replace each other's records under compaction."""
+    return f"{group}/{worker}".encode()
+
+
 @dataclass(frozen=True)
 class Entry:
     """One worker's newest published weights."""
@@ -84,12 +90,15 @@ class ModelBoard:
             return "garbage"
 
     def _offer(self, record: ModelRecord, now: float) -> str | None:
-        worker = (record.key or b"").decode()
         headers = {k: v for k, v in record.headers if isinstance(v, bytes)}
-        if not worker or worker == self.me:
-            return None if worker else "garbage"  # ours: the board has them already
         if headers.get(H_GROUP, b"").decode(errors="replace") != self.group:
             return None if record.value is None else "other_group"
+        prefix = record_key(self.group, "")
+        if not (record.key or b"").startswith(prefix) or record.key == prefix:
+            return "garbage"
+        worker = record.key[len(prefix):].decode()
+        if worker == self.me:
+            return None  # ours: the board has them already
         held = self.entries.get(worker)
         if held is not None and record.timestamp_s < held.published_at:
             return None  # older than what we hold (a re-read): the newer one stays
@@ -147,6 +156,7 @@ class ModelSharing:
         fingerprint = learner.config.fingerprint()
         self.board = ModelBoard(worker_id, group, fingerprint, learner.weights(), ttl_s)
         self._headers = [(H_GROUP, group.encode()), (H_FINGERPRINT, fingerprint.encode())]
+        self._key = record_key(group, worker_id)
         self._pending: w.Weights | None = None  # the newest durable weights not published
         self._pending_shift: w.Weights | None = None  # the board's shift when they were copied
         self._shift_at_copy: w.Weights | None = None  # ... for the checkpoint being written
@@ -160,7 +170,7 @@ class ModelSharing:
         """The size of one published record: the serialized weights, key, headers, framing."""
         headers = self._headers + [(H_READINGS, str(MAX_READINGS).encode()),
                                    (H_SEQUENCE, str(MAX_READINGS).encode())]
-        return (len(w.dumps(self.learner.weights())) + len(self.worker_id.encode())
+        return (len(w.dumps(self.learner.weights())) + len(self._key)
                 + sum(len(k) + len(v) for k, v in headers) + RECORD_OVERHEAD)
 
     def start(self) -> None:
@@ -204,7 +214,7 @@ class ModelSharing:
         self._sequence += 1
         headers = self._headers + [(H_READINGS, str(self._readings).encode()),
                                    (H_SEQUENCE, str(self._sequence).encode())]
-        self.topic.publish(self.worker_id.encode(), w.dumps(weights), headers)
+        self.topic.publish(self._key, w.dumps(weights), headers)
         self.board.ours(weights, shift, self._readings, self._sequence, now_wall)
         self._readings, self._published_at = 0, now
 
@@ -223,5 +233,5 @@ class ModelSharing:
 
     def close(self) -> None:
         """Leave: a tombstone tells the peers to stop averaging with our last weights."""
-        self.topic.publish(self.worker_id.encode(), None, list(self._headers))
+        self.topic.publish(self._key, None, list(self._headers))
         self.topic.close()

@@ -33,8 +33,7 @@ def test_core_imports_no_kafka_pydantic_or_prometheus():
 
 
 def test_untrained_model_forecasts_persistence(small_config):
-    learner = Learner(LearnerConfig(**{**small_config.to_dict(), "guard_alpha": 0.0,
-                                       **NO_TRAINING}))
+    learner = Learner(LearnerConfig(**{**small_config.to_dict(), "guard_alpha": 0.0}))
     stream = sine_fleet(3, 5)
     result = learner.step(stream)
     np.testing.assert_array_equal(result.forecasts, stream.values)

@@ -16,8 +16,7 @@ from tests.core.conftest import sine_fleet
 
 @pytest.fixture
 def ready_learner() -> Learner:
-    """A learner with six windows queued, which has not yet trained: each of the four sensors'
-    first (5, 4, 3 and 2 steps: staggered) and the second of the two whose first was shortest."""
+    """A learner with one full window queued per sensor, which has not yet trained."""
     cfg = LearnerConfig(hidden_size=6, tbptt_steps=5, train_every=10**9, warmup_readings=2,
                         initial_capacity=8, device="cpu", max_grad_norm=1e-3)
     learner = Learner(cfg)
@@ -45,12 +44,11 @@ def reference_loss(model, window) -> torch.Tensor:
 
 def test_update_gradient_equals_hand_written_tbptt_reference(ready_learner):
     window = ready_learner.state.queue
-    assert sorted(window.slots.tolist()) == [0, 1, 2, 2, 3, 3]
+    assert window.slots.tolist() == [0, 1, 2, 3]
     assert window.h0.grad_fn is None and not window.h0.requires_grad
     model, trainer = ready_learner.model, ready_learner.trainer
     loss, left_out, steps = trainer.backward(window)
-    # 5 + 4 + 3 + 2 + 5 + 5 steps; the first target of each sensor is in warm-up
-    assert int(left_out) == 0 and int(steps) == 24 - 4
+    assert int(left_out) == 0 and int(steps) == 4 * 5 - 4
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     trainer.optimizer.zero_grad()
     ref = reference_loss(model, window)
@@ -92,7 +90,7 @@ def test_update_reports_torchs_pre_clip_norm_and_clip_event(ready_learner):
     stats = ready_learner.train_now()
     assert stats.grad_norm == pytest.approx(expected, rel=1e-6)
     assert stats.clipped and not stats.skipped
-    assert stats.slots == 6 and stats.steps == 24 - 4  # first target of each is in warm-up
+    assert stats.slots == 4 and stats.steps == 4 * 5 - 4  # first target of each is in warm-up
     assert ready_learner.updates == 1 and len(ready_learner.state.queue) == 0
 
 
@@ -100,13 +98,13 @@ def test_window_holding_a_non_finite_number_is_left_out_while_the_others_train(r
     ready_learner.state.queue.targets[1, 2, 0] = float("nan")
     ready_learner.state.queue.inputs[2, 0, 0] = float("inf")
     probe = copy.deepcopy(ready_learner)
-    clean = probe.state.queue.take(np.array([0, 3, 4, 5]))
+    clean = probe.state.queue.take(np.array([0, 3]))
     reference_loss(probe.model, clean).backward()
 
     loss, left_out, steps = ready_learner.trainer.backward(
         ready_learner.state.queue)
 
-    assert int(left_out) == 2 and int(steps) == int(clean.mask.amax(-1).sum()) > 0
+    assert int(left_out) == 2 and int(steps) == 2 * (5 - 1)
     assert math.isfinite(float(loss.detach()))
     for (name, p), ref in zip(ready_learner.model.named_parameters(), probe.model.parameters()):
         torch.testing.assert_close(p.grad, ref.grad, rtol=1e-4, atol=1e-6, msg=name)
@@ -116,16 +114,16 @@ def test_update_with_left_out_windows_applies_and_reports_them(ready_learner):
     ready_learner.state.queue.h0[0, 3, 0] = float("nan")
     before = {k: v.clone() for k, v in ready_learner.model.state_dict().items()}
     stats = ready_learner.train_now()
-    assert not stats.skipped and stats.windows_left_out == 1 and stats.slots == 6
+    assert not stats.skipped and stats.windows_left_out == 1 and stats.slots == 4
     assert ready_learner.updates == 1
     assert any(not torch.equal(v, before[k]) for k, v in ready_learner.model.state_dict().items())
 
 
 def test_update_with_every_window_left_out_is_skipped_and_changes_nothing(ready_learner):
-    ready_learner.state.queue.inputs[:, 0, 0] = float("nan")
+    ready_learner.state.queue.inputs[:4, 0, 0] = float("nan")
     before = {k: v.clone() for k, v in ready_learner.model.state_dict().items()}
     stats = ready_learner.train_now()
-    assert stats.skipped and stats.windows_left_out == 6
+    assert stats.skipped and stats.windows_left_out == 4
     for name, value in ready_learner.model.state_dict().items():
         assert torch.equal(value, before[name]), name
     assert ready_learner.updates == 0 and not ready_learner.trainer.optimizer.state

@@ -8,7 +8,7 @@ import torch
 
 from streamer.core import Batch, Learner, LearnerConfig
 from streamer.core.normalizer import SensorStats
-from streamer.core.windows import WindowBatch, WindowQueue
+from streamer.core.windows import STAGGER_GROUP, WindowBatch, WindowQueue
 from tests.core.conftest import chunks, sine_fleet
 
 K = 4
@@ -29,59 +29,75 @@ def test_windows_follow_each_other_so_every_reading_is_trained_on():
     for part in chunks(stream, 5):
         learner.step(part)
     queue = learner.state.queue
+    # Readings 0..5K+1 of each sensor: windows 0..4 full (the reading after each k-th gives
+    # its last target), window 5 has 2 inputs and waits.
+    assert sorted(queue.slots.tolist()) == sorted([0, 1, 2] * 5)
+    assert learner.state.seen[:3].tolist() == [2, 2, 2]
     for slot in range(3):
-        # Slot s's first window has K - s steps (staggered), every later one K; a window is
-        # queued once the reading after its last step arrives.
-        first = K - slot
-        n_full = 1 + (5 * K + 2 - 1 - first) // K
-        lengths = [first] + [K] * (n_full - 1)
         mine = np.flatnonzero(queue.slots == slot)
-        assert len(mine) == n_full
-        assert learner.state.seen[slot] == 5 * K + 2 - sum(lengths)
         windows = queue.take(mine)
         # The sensor's readings encoded alone: step j of the tiling holds reading j's inputs
-        # and, as its target, the change to reading j + 1; every reading in order, none twice.
+        # and, as its target, the change to reading j + 1; readings 0..5K-1 in order.
         cfg = learner.config
         alone = SensorStats(1, 1, cfg.norm_alpha, cfg.warmup_readings, cfg.clip_z)
         mine_in_stream = np.flatnonzero(np.asarray(stream.sensor_ids) == f"s{slot}")
         enc = alone.encode(np.zeros(len(mine_in_stream), dtype=np.int64),
                            stream.ts[mine_in_stream], stream.values[mine_in_stream])
-        n_enc, n = enc.features.shape[1], sum(lengths)
-        real = np.concatenate([w * K + np.arange(length) for w, length in enumerate(lengths)])
-        inputs = windows.inputs.reshape(n_full * K, -1)
-        np.testing.assert_allclose(inputs[real, :n_enc].numpy(), enc.features[:n], rtol=1e-6)
-        np.testing.assert_allclose(windows.targets.reshape(-1)[real].numpy(),
-                                   enc.targets[1 : n + 1, 0], rtol=1e-6)
-        mask = windows.mask.reshape(-1).numpy()
-        np.testing.assert_array_equal(mask[real], enc.target_valid[1 : n + 1])
-        assert not np.delete(mask, real).any()  # a short window's unused steps never count
+        n_enc = enc.features.shape[1]
+        inputs = windows.inputs.reshape(5 * K, -1)[:, :n_enc]
+        np.testing.assert_allclose(inputs.numpy(), enc.features[: 5 * K], rtol=1e-6)
+        np.testing.assert_allclose(windows.targets.reshape(-1).numpy(),
+                                   enc.targets[1 : 5 * K + 1, 0], rtol=1e-6)
+        np.testing.assert_array_equal(windows.mask.reshape(-1).numpy(),
+                                      enc.target_valid[1 : 5 * K + 1])
         # Window w + 1 starts from the state window w ended in (weights unchanged here).
-        for w, length in enumerate(lengths[:-1]):
-            _, (h, c) = learner.model(windows.inputs[w : w + 1, :length],
+        for w in range(4):
+            _, (h, c) = learner.model(windows.inputs[w : w + 1],
                                       (windows.h0[:, w : w + 1], windows.c0[:, w : w + 1]))
             torch.testing.assert_close(h, windows.h0[:, w + 1 : w + 2], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(c, windows.c0[:, w + 1 : w + 2], rtol=1e-5, atol=1e-6)
 
 
-def test_a_fleet_started_together_fills_its_windows_spread_over_k_sweeps_not_all_at_once():
-    # 64 sensors, one reading each per sweep: without the stagger all 64 windows would fill in
-    # the same sweep every K sweeps (at 100k sensors: one sweep carrying every update).
-    n, sweeps = 64, 6 * K
+def test_queued_windows_do_not_depend_on_how_the_stream_is_cut():
+    stream = sine_fleet(5, 4 * K + 3, seed=6, log10_scale=(0, 0))
+    one, many = _untrained_learner(), _untrained_learner()
+    for part in chunks(stream, 1):
+        one.step(part)
+    many.step(stream)
+    a, b = one.state.queue, many.state.queue  # in the order of the readings that filled them
+    assert a.slots.tolist() == b.slots.tolist() == [0, 1, 2, 3, 4] * 4
+    for name in ("inputs", "targets", "mask", "h0", "c0"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-5, atol=1e-6)
+
+
+def _windows_filled_per_sweep(n: int, sweeps: int) -> list[int]:
     learner = _untrained_learner()
     filled = []
     for sweep in chunks(sine_fleet(n, sweeps, seed=7, log10_scale=(0, 0)), n):
         before = learner.state.queue.slots.size
         learner.step(sweep)
         filled.append(learner.state.queue.slots.size - before)
+    return filled
+
+
+def test_a_large_fleet_started_together_fills_its_windows_spread_over_k_sweeps():
+    # One reading per sensor per sweep: unstaggered, all windows would fill in the same sweep
+    # every K sweeps (at 100k sensors: one sweep carrying every update).
+    n = STAGGER_GROUP * K
+    filled = _windows_filled_per_sweep(n, 6 * K)
     assert filled[0] == 0 and sum(filled) > 4 * n
     assert max(filled[K:]) == min(filled[K:]) == n // K  # after the first K sweeps: every sweep
+    # A fleet smaller than a stagger group fills its few windows together (nothing to spread).
+    small = _windows_filled_per_sweep(STAGGER_GROUP // 2, 3 * K)
+    assert small == [STAGGER_GROUP // 2 if s % K == 0 and s else 0 for s in range(3 * K)]
 
 
 def test_a_short_first_window_trains_exactly_as_a_window_of_its_own_length():
     learner = _untrained_learner()
-    learner.step(sine_fleet(4, K, seed=8, log10_scale=(0, 0)))
+    slot = 2 * STAGGER_GROUP  # its first window: K - 2 steps, then 2 masked
+    learner.step(sine_fleet(slot + 1, K, seed=8, log10_scale=(0, 0)))
     queue = learner.state.queue
-    short = queue.take(np.flatnonzero(queue.slots == 2))  # K - 2 steps, then 2 masked
+    short = queue.take(np.flatnonzero(queue.slots == slot))
     assert len(short) == 1 and not short.mask[0, K - 2 :].any()
     trimmed = WindowBatch(short.slots, short.inputs[:, : K - 2], short.targets[:, : K - 2],
                           short.mask[:, : K - 2], short.h0, short.c0)
@@ -94,19 +110,6 @@ def test_a_short_first_window_trains_exactly_as_a_window_of_its_own_length():
     assert grads[0][:2] == pytest.approx(grads[1][:2], rel=1e-6)
     for a, b in zip(grads[0][2], grads[1][2]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-
-
-def test_queued_windows_do_not_depend_on_how_the_stream_is_cut():
-    stream = sine_fleet(5, 4 * K + 3, seed=6, log10_scale=(0, 0))
-    one, many = _untrained_learner(), _untrained_learner()
-    for part in chunks(stream, 1):
-        one.step(part)
-    many.step(stream)
-    a, b = one.state.queue, many.state.queue  # in the order of the readings that filled them
-    assert a.slots.tolist() == b.slots.tolist()
-    assert sorted(a.slots.tolist()) == [0] * 4 + [1] * 4 + [2] * 5 + [3] * 5 + [4] * 4
-    for name in ("inputs", "targets", "mask", "h0", "c0"):
-        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-5, atol=1e-6)
 
 
 def test_queue_order_is_the_order_of_the_readings_that_filled_the_windows():

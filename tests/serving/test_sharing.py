@@ -9,7 +9,14 @@ from streamer.core import Learner
 from streamer.core import weights as w
 from streamer.core.config import LearnerConfig
 from streamer.kafka.model_topic import ModelRecord
-from streamer.serving.sharing import H_FINGERPRINT, H_GROUP, H_READINGS, H_SEQUENCE, ModelBoard
+from streamer.serving.sharing import (
+    H_FINGERPRINT,
+    H_GROUP,
+    H_READINGS,
+    H_SEQUENCE,
+    ModelBoard,
+    record_key,
+)
 
 CONFIG = LearnerConfig(hidden_size=8, initial_capacity=4)
 FP = CONFIG.fingerprint()
@@ -23,8 +30,8 @@ def _record(worker: str, weights: w.Weights | None, readings: int = 10, at: floa
             group: str = "g", fingerprint: str = FP, sequence: int = 1) -> ModelRecord:
     headers = [(H_GROUP, group.encode()), (H_FINGERPRINT, fingerprint.encode()),
                (H_READINGS, str(readings).encode()), (H_SEQUENCE, str(sequence).encode())]
-    return ModelRecord(worker.encode(), None if weights is None else w.dumps(weights), headers,
-                       at)
+    return ModelRecord(record_key(group, worker), None if weights is None else w.dumps(weights),
+                       headers, at)
 
 
 def _offer(board: ModelBoard, record: ModelRecord, now: float = 100.0) -> str | None:
@@ -93,13 +100,15 @@ def test_incompatible_garbage_and_other_groups_are_ignored_and_said_why():
     board.ours(_weights(0.0), None, 10, 1, at=100.0)
     assert _offer(board, _record("b", _weights(1.0), fingerprint="other")) == "incompatible"
     assert _offer(board, _record("c", _weights(1.0), group="other")) == "other_group"
-    assert _offer(board, ModelRecord(b"d", b"not weights", _record("d", None).headers,
+    assert _offer(board, ModelRecord(b"g/d", b"not weights", _record("d", None).headers,
                                    100.0)) == "garbage"
     bad = _record("e", _weights(1.0))
     no_readings = ModelRecord(bad.key, bad.value, [h for h in bad.headers if h[0] != H_READINGS],
                               100.0)
     assert _offer(board, no_readings) == "garbage"
-    assert _offer(board, ModelRecord(b"\xff", b"x", [], 100.0)) == "garbage"
+    assert _offer(board, ModelRecord(b"g/\xff", b"x", [(H_GROUP, b"g")], 100.0)) == "garbage"
+    unkeyed = _record("f", _weights(1.0))  # our group's headers, a key without the group
+    assert _offer(board, ModelRecord(b"f", unkeyed.value, unkeyed.headers, 100.0)) == "garbage"
     assert board.average(_weights(0.0), now=100.0) is None  # nothing usable arrived
 
 
@@ -191,7 +200,7 @@ def test_a_copy_taken_before_our_first_publish_keeps_the_accounting():
 def test_malformed_headers_are_garbage_or_skipped_never_an_exception(headers):
     board = _board()
     board.ours(_weights(0.0), None, 10, 1, at=100.0)
-    reason = _offer(board, ModelRecord(b"b", w.dumps(_weights(1.0)), headers, 100.0))
+    reason = _offer(board, ModelRecord(b"g/b", w.dumps(_weights(1.0)), headers, 100.0))
     assert reason in ("garbage", "other_group")
     assert board.average(_weights(0.0), now=100.0) is None
 
@@ -204,3 +213,14 @@ def test_a_record_older_than_the_held_one_or_than_the_ttl_is_not_taken():
     assert _equal(board.entries["b"].weights, _weights(2.0))
     _offer(board, _record("c", _weights(3.0), at=10.0), now=100.0)
     assert "c" not in board.entries  # past the TTL when read: skipped
+
+
+def test_records_are_keyed_by_group_and_worker_so_groups_never_replace_each_others():
+    # The topic is compacted by key: two groups sharing it with the same worker ids must not
+    # collide, and a worker of one group reads only its own group's records.
+    assert record_key("g1", "w1") != record_key("g2", "w1")
+    board = _board()
+    board.ours(_weights(0.0), None, 10, 1, at=100.0)
+    assert _offer(board, _record("w1", _weights(1.0), group="other")) == "other_group"
+    assert _offer(board, _record("w1", _weights(1.0))) is None
+    assert set(board.entries) == {board.me, "w1"}

@@ -174,9 +174,9 @@ def _publish_intruders(bootstrap: str, model: str, group: str) -> None:
     ensure_topics(bootstrap, {model: 1})
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
     headers = [(H_GROUP, group.encode()), (H_READINGS, b"5"), (H_SEQUENCE, b"1")]
-    producer.send(model, key=b"intruder", value=b"\x80\x04garbage", partition=0,
+    producer.send(model, key=f"{group}/intruder".encode(), value=b"\x80\x04garbage", partition=0,
                   headers=headers + [(H_FINGERPRINT, b"whatever")])
-    producer.send(model, key=b"stranger", value=b"junk", partition=0,
+    producer.send(model, key=f"{group}/stranger".encode(), value=b"junk", partition=0,
                   headers=headers + [(H_FINGERPRINT, _fingerprint().encode())])
     producer.flush(10)
     producer.close()
