@@ -167,6 +167,21 @@ class KafkaSettings(_Section):
         "none", description="Compression of the batches streamer produces; input batches are "
         "read in any of these whatever this says.",
     )
+    client: Literal["kafka-python", "confluent"] = Field(
+        "kafka-python", description="The worker's Kafka client: kafka-python (pure Python, "
+        "always installed) or confluent (librdkafka, `pip install 'streamer[fast]'`).",
+    )
+
+    @field_validator("client")
+    @classmethod
+    def _client_installed(cls, value: str) -> str:
+        if value == "confluent":
+            try:
+                import confluent_kafka  # noqa: F401
+            except ImportError:
+                raise ValueError("confluent needs confluent-kafka, which is not installed: "
+                                 "pip install 'streamer[fast]'") from None
+        return value
 
     @field_validator("bootstrap_servers")
     @classmethod

@@ -67,8 +67,7 @@ from kafka import KafkaProducer  # noqa: E402
 from streamer.config import Settings, load_settings  # noqa: E402
 from streamer.kafka.admin import ensure_topics  # noqa: E402
 from streamer.kafka.broker import LocalBroker  # noqa: E402
-from streamer.kafka.client import OutputRecord, ProducerSettings  # noqa: E402
-from streamer.kafka.kafka_python_client import KafkaPythonClient  # noqa: E402
+from streamer.kafka.client import OutputRecord, ProducerSettings, open_client  # noqa: E402
 from streamer.serving.worker import Worker, gc_tuned_for_serving  # noqa: E402
 from streamer.tools.produce import encode_reading  # noqa: E402
 
@@ -148,6 +147,7 @@ class Latency:
 
 @dataclass
 class Row:
+    client: str  # kafka.client: the worker's and the ceiling's Kafka client
     sensors: int
     backlog: int
     streamer: Throughput
@@ -279,13 +279,15 @@ def _live(bootstrap: str, in_topic: str, out_topic: str, n_sensors: int, rate: f
     Keys are partitioned with murmur2 as the Java client, kafka-python and ``pre_produce`` do,
     so every reading of a sensor lands in the partition its earlier readings did.
     """
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer
+    from confluent_kafka import OFFSET_END, Consumer, Producer
     from confluent_kafka import TopicPartition as Partition
 
     started_wall = time.time()  # forecasts of readings sent before this are skipped
     reader = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-live-{uuid.uuid4()}",
                        "enable.auto.commit": False, "fetch.wait.max.ms": 100})
-    reader.assign([Partition(out_topic, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
+    # From the end (Tansu may answer an end a little early: older records are skipped by time),
+    # so the reader is not working through the backlog's outputs while the live ones arrive.
+    reader.assign([Partition(out_topic, p, OFFSET_END) for p in range(PARTITIONS)])
     worker_ms, reader_ms, sent_s = array("d"), array("d"), array("d")
     stop = threading.Event()
 
@@ -378,7 +380,7 @@ class PassThrough:
     def __init__(self, settings: Settings, output_topic: str):
         k = settings.kafka
         self.settings, self.output_topic = settings, output_topic
-        self.client = KafkaPythonClient(k.connection(), k.consumer(), k.producer())
+        self.client = open_client(k.client, k.connection(), k.consumer(), k.producer())
         self.client.subscribe([k.input_topic])
         self.count = 0
         self._stop = threading.Event()
@@ -413,8 +415,9 @@ class PassThrough:
 
 # -- one fleet size ---------------------------------------------------------------------------
 def bench_fleet(broker: LocalBroker, n_sensors: int, plan: Plan, workdir: Path,
-                profile: str | None) -> Row:
+                profile: str | None, client: str = "kafka-python") -> Row:
     run = f"bench-{n_sensors}-{uuid.uuid4().hex[:8]}"
+    say = f"[{client}, {n_sensors} sensors]"
     topics = {"in": f"{run}-in", "out": f"{run}-out", "dlq": f"{run}-dlq",
               "ceiling": f"{run}-ceiling-out"}
     ensure_topics(broker.bootstrap, {topics["in"]: PARTITIONS, topics["out"]: PARTITIONS,
@@ -422,7 +425,7 @@ def bench_fleet(broker: LocalBroker, n_sensors: int, plan: Plan, workdir: Path,
     per_sensor = plan.readings_per_sensor(n_sensors)
     backlog = n_sensors * per_sensor
     produce_rate = pre_produce(broker.bootstrap, topics["in"], n_sensors, per_sensor)
-    print(f"[{n_sensors} sensors] pre-produced {backlog} readings at {produce_rate:,.0f}/s",
+    print(f"{say} pre-produced {backlog} readings at {produce_rate:,.0f}/s",
           flush=True)
     timeout_s = max(120.0, backlog / 500.0)
     cpu = CpuMeter(broker_pid(broker))
@@ -436,45 +439,47 @@ def bench_fleet(broker: LocalBroker, n_sensors: int, plan: Plan, workdir: Path,
         first_streamer = (plan.rounds - 1 - r) % 2 == 0
         for kind in ("streamer", "ceiling") if first_streamer else ("ceiling", "streamer"):
             pair[kind] = drain(kind, broker.bootstrap, topics, f"{run}-{kind}-{r}",
-                               workdir / run / f"round-{r}", backlog, timeout_s).rate
+                               workdir / run / f"round-{r}", backlog, timeout_s, client).rate
         rounds.append((pair["streamer"], pair["ceiling"]))
-        print(f"[{n_sensors} sensors] round {r + 1}: streamer {pair['streamer']:,.0f}, ceiling "
+        print(f"{say} round {r + 1}: streamer {pair['streamer']:,.0f}, ceiling "
               f"{pair['ceiling']:,.0f} readings/s ({pair['streamer'] / pair['ceiling']:.2f}x)",
               flush=True)
 
     # The last pair, each followed by its latency phase: the streamer.
-    settings = streamer_settings(broker.bootstrap, topics, f"{run}-streamer", workdir / run)
+    settings = streamer_settings(broker.bootstrap, topics, f"{run}-streamer", workdir / run,
+                                 client)
     profiled = lambda run: _profiled(run, profile, workdir, n_sensors)  # noqa: E731
     with running("streamer", settings, topics["ceiling"], profiled) as serving:
         worker = serving.worker
         streamer = wait_for_count(serving.count, 0, backlog, timeout_s, serving.alive, cpu)
         updates = worker.learner.updates
-        print(f"[{n_sensors} sensors] streamer {streamer.rate:,.0f} readings/s, {updates} "
+        print(f"{say} streamer {streamer.rate:,.0f} readings/s, {updates} "
               f"updates; cores {_cores(streamer.cpu)}", flush=True)
         rate = plan.rate_fraction * statistics.median([*(x for x, _ in rounds), streamer.rate])
         streamer_latency = live_phase(broker.bootstrap, topics["in"], topics["out"], n_sensors,
                                       rate, plan.live_seconds, plan.settle_seconds, cpu)
-        print(f"[{n_sensors} sensors] streamer live {_live_summary(streamer_latency)}",
+        print(f"{say} streamer live {_live_summary(streamer_latency)}",
               flush=True)
         wait_for_count(serving.count, 0, backlog + streamer_latency.sent, 30.0, serving.alive)
         batches = worker.registry.get_sample_value("streamer_batch_size_readings_count") or 1
         readings = worker.registry.get_sample_value("streamer_batch_size_readings_sum") or 0
 
     # The ceiling, on the same topic (now backlog + the streamer's live readings).
-    settings = streamer_settings(broker.bootstrap, topics, f"{run}-ceiling", workdir / run)
+    settings = streamer_settings(broker.bootstrap, topics, f"{run}-ceiling", workdir / run,
+                                 client)
     with running("ceiling", settings, topics["ceiling"]) as serving:
         ceiling = wait_for_count(serving.count, 0, backlog, timeout_s, serving.alive, cpu)
-        print(f"[{n_sensors} sensors] ceiling {ceiling.rate:,.0f} readings/s; cores "
+        print(f"{say} ceiling {ceiling.rate:,.0f} readings/s; cores "
               f"{_cores(ceiling.cpu)}", flush=True)
         wait_for_count(serving.count, 0, backlog + streamer_latency.sent, 60.0, serving.alive)
         ceiling_latency = live_phase(broker.bootstrap, topics["in"], topics["ceiling"],
                                      n_sensors, rate, plan.live_seconds, plan.settle_seconds,
                                      cpu)
-        print(f"[{n_sensors} sensors] ceiling live {_live_summary(ceiling_latency)}",
+        print(f"{say} ceiling live {_live_summary(ceiling_latency)}",
               flush=True)
     rounds.append((streamer.rate, ceiling.rate))
-    return Row(n_sensors, backlog, streamer, ceiling, streamer_latency, ceiling_latency,
-               readings / batches, updates, rounds)
+    return Row(client, n_sensors, backlog, streamer, ceiling, streamer_latency,
+               ceiling_latency, readings / batches, updates, rounds)
 
 
 @dataclass(frozen=True)
@@ -512,9 +517,9 @@ def running(kind: str, settings: Settings, ceiling_topic: str,
 
 
 def drain(kind: str, bootstrap: str, topics: dict[str, str], group: str, checkpoints: Path,
-          backlog: int, timeout_s: float) -> Throughput:
+          backlog: int, timeout_s: float, client: str = "kafka-python") -> Throughput:
     """Readings/s of a fresh streamer or pass-through ceiling through the whole backlog."""
-    settings = streamer_settings(bootstrap, topics, group, checkpoints)
+    settings = streamer_settings(bootstrap, topics, group, checkpoints, client)
     with running(kind, settings, topics["ceiling"]) as serving:
         drained = wait_for_count(serving.count, 0, backlog, timeout_s, serving.alive)
     if not drained.complete:
@@ -546,8 +551,9 @@ def broker_pid(broker: LocalBroker) -> int | None:
 
 
 def streamer_settings(bootstrap: str, topics: dict[str, str], group: str,
-                      checkpoints: Path) -> Settings:
+                      checkpoints: Path, client: str = "kafka-python") -> Settings:
     return load_settings({
+        "kafka.client": client,
         "kafka.bootstrap_servers": bootstrap,
         "kafka.input_topic": topics["in"],
         "kafka.output_topic": topics["out"],
@@ -612,14 +618,14 @@ def _ms(latency: Latency, which: str = "worker_ms") -> str:
 
 def table(rows: list[Row]) -> str:
     lines = [
-        "| sensors | streamer readings/s | ceiling readings/s | ratio (target >= 0.7) "
+        "| client | sensors | streamer readings/s | ceiling readings/s | ratio (target >= 0.7) "
         "| ratio per round | streamer p50/p99 ms | ceiling p50/p99 ms |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         flag = "" if r.streamer.complete and r.ceiling.complete else " (timed out)"
         lines.append(
-            f"| {r.sensors:,} | {r.streamer_rate:,.0f} | {r.ceiling_rate:,.0f} | "
+            f"| {r.client} | {r.sensors:,} | {r.streamer_rate:,.0f} | {r.ceiling_rate:,.0f} | "
             f"{r.ratio:.2f}{' met' if r.ratio >= 0.7 else ' below'}{flag} | "
             f"{' '.join(f'{x:.2f}' for x in r.ratios)} | "
             f"{_ms(r.streamer_latency)} | {_ms(r.ceiling_latency)} |"
@@ -629,16 +635,16 @@ def table(rows: list[Row]) -> str:
 
 def detail_table(rows: list[Row]) -> str:
     lines = [
-        "| sensors | backlog | live rate/s | streamer at reader p50/p99 ms "
+        "| client | sensors | backlog | live rate/s | streamer at reader p50/p99 ms "
         "| ceiling at reader p50/p99 ms | streamer p90/max ms | ceiling p90/max ms "
         "| samples s/c | worker batch | updates |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         s, c = r.streamer_latency, r.ceiling_latency
         lines.append(
-            f"| {r.sensors:,} | {r.backlog:,} | {s.rate:,.0f} | {_ms(s, 'reader_ms')} | "
-            f"{_ms(c, 'reader_ms')} | {s.worker_ms.get('p90', 0):.0f} / "
+            f"| {r.client} | {r.sensors:,} | {r.backlog:,} | {s.rate:,.0f} | "
+            f"{_ms(s, 'reader_ms')} | {_ms(c, 'reader_ms')} | {s.worker_ms.get('p90', 0):.0f} / "
             f"{s.worker_ms.get('max', 0):.0f} | {c.worker_ms.get('p90', 0):.0f} / "
             f"{c.worker_ms.get('max', 0):.0f} | {s.worker_ms.get('n', 0):.0f} / "
             f"{c.worker_ms.get('n', 0):.0f} | {r.mean_batch:.0f} | {r.updates} |"
@@ -656,8 +662,17 @@ def machine() -> str:
     except OSError:
         pass
     return (f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, kafka-python {kafka.__version__}, crc32c "
+            f"torch {torch.__version__}, kafka-python {kafka.__version__}, "
+            f"confluent-kafka {_confluent_version()}, crc32c "
             f"{'C' if importlib.util.find_spec('crc32c') else 'pure Python'}")
+
+
+def _confluent_version() -> str:
+    try:
+        import confluent_kafka
+    except ImportError:
+        return "not installed"
+    return f"{confluent_kafka.version()[0]} (librdkafka {confluent_kafka.libversion()[0]})"
 
 
 def broker_version() -> str:
@@ -678,6 +693,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--readings", type=int, default=None,
                         help=f"pre-produced readings per sensor (default: whole TBPTT cycles "
                              f"of {CYCLE}, at least 300k readings in all)")
+    parser.add_argument("--clients", default="kafka-python,confluent",
+                        help="kafka.client backends to run, each on every fleet size")
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--profile", choices=["cprofile"], default=None,
                         help="profile the worker thread with cProfile (slows it; figures "
@@ -711,8 +728,9 @@ def main(argv: list[str] | None = None) -> int:
     broker = LocalBroker(log_path=workdir / "tansu.log")
     try:
         broker.start()
-        for n in fleets:
-            rows.append(bench_fleet(broker, n, plan, workdir, args.profile))
+        for client in args.clients.split(","):
+            for n in fleets:
+                rows.append(bench_fleet(broker, n, plan, workdir, args.profile, client))
     finally:
         broker.kill()
         shutdown_ok = not [t for t in threading.enumerate()

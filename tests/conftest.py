@@ -19,12 +19,15 @@ warnings.filterwarnings("ignore", message="open_text is deprecated", category=De
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
 
 from streamer.kafka import (  # noqa: E402
+    CLIENTS,
     ConsumerSettings,
     InputRecord,
     KafkaConnection,
-    KafkaPythonClient,
+    ProducerSettings,
+    StreamClient,
     delete_topics,
     ensure_topics,
+    open_client,
 )
 
 if TYPE_CHECKING:
@@ -102,14 +105,21 @@ def consumer_timeouts() -> dict[str, int]:
     return dict(TEST_CONSUMER_TIMEOUTS)
 
 
-@pytest.fixture
-def client_factory(kafka_connection: KafkaConnection) -> Iterator[Callable[..., KafkaPythonClient]]:
-    """``make(group_id, **consumer_overrides)``: a KafkaPythonClient with test timeouts."""
-    clients: list[KafkaPythonClient] = []
+@pytest.fixture(params=CLIENTS)
+def client_kind(request: pytest.FixtureRequest) -> str:
+    """Each Kafka client backend (kafka.client): a test using it runs once per backend."""
+    return request.param
 
-    def make(group_id: str, **overrides: object) -> KafkaPythonClient:
+
+@pytest.fixture
+def client_factory(kafka_connection: KafkaConnection,
+                   client_kind: str) -> Iterator[Callable[..., StreamClient]]:
+    """``make(group_id, **consumer_overrides)``: a client of each backend with test timeouts."""
+    clients: list[StreamClient] = []
+
+    def make(group_id: str, **overrides: object) -> StreamClient:
         settings = ConsumerSettings(group_id, **{**TEST_CONSUMER_TIMEOUTS, **overrides})
-        client = KafkaPythonClient(kafka_connection, settings)
+        client = open_client(client_kind, kafka_connection, settings, ProducerSettings())
         clients.append(client)
         return client
 
@@ -176,7 +186,7 @@ def consume_raw(broker: LocalBroker) -> Callable[..., list[InputRecord]]:
 def poll_until() -> Callable[..., list[InputRecord]]:
     """``poll(client, n, timeout_s=10)``: poll until ``n`` records came back or time is up."""
 
-    def poll(client: KafkaPythonClient, n: int, timeout_s: float = 10.0,
+    def poll(client: StreamClient, n: int, timeout_s: float = 10.0,
              max_records: int = 500) -> list[InputRecord]:
         deadline = time.monotonic() + timeout_s
         records: list[InputRecord] = []

@@ -1,8 +1,9 @@
-"""The Kafka edge of streamer: client interface, kafka-python client, topics, local broker.
+"""The Kafka edge of streamer: client interface, its two backends, topics, local broker.
 
 Names are imported when first asked for (PEP 562): the interface modules (``client``,
 ``connection``, ``errors``) import no Kafka library, so the settings can state the edge's rules
-by importing them; kafka-python is loaded with the client, admin or producer that needs it.
+by importing them; kafka-python (or confluent-kafka) is loaded with the client, admin or
+producer that needs it.
 LocalBroker lives in ``streamer.kafka.broker`` (it needs the optional ``streamer[local]``).
 """
 
@@ -15,10 +16,11 @@ _WHERE = {
     "delete_topics": "admin", "ensure_topics": "admin",
     "ConsumerSettings": "client", "InputRecord": "client", "OutputRecord": "client",
     "PartitionId": "client", "ProducerSettings": "client", "StreamClient": "client",
+    "CLIENTS": "client", "open_client": "client",
     "KafkaConnection": "connection",
     "BrokerUnavailable": "errors", "CommitFailed": "errors", "KafkaClientError": "errors",
     "UndecodableBatch": "errors",
-    "KafkaPythonClient": "kafka_python_client",
+    "KafkaPythonClient": "kafka_python_client", "ConfluentClient": "confluent_client",
 }
 __all__ = sorted(_WHERE)
 

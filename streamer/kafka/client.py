@@ -6,6 +6,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from streamer.kafka.connection import KafkaConnection
 from streamer.kafka.errors import UndecodableBatch
 
 # (topic, partition): plain tuples so no library type leaks into the worker.
@@ -179,3 +180,24 @@ class StreamClient(Protocol):
     def close(self) -> None:
         """Leave the group and release connections; never raises."""
         ...
+
+
+CLIENTS = ("kafka-python", "confluent")
+
+
+def open_client(kind: str, connection: KafkaConnection, consumer: ConsumerSettings,
+                producer: ProducerSettings) -> StreamClient:
+    """A connected client of ``kind`` (one of CLIENTS); ImportError naming the extra to
+    install when confluent-kafka is missing."""
+    if kind == "confluent":
+        try:
+            from streamer.kafka.confluent_client import ConfluentClient
+        except ImportError as exc:
+            raise ImportError("kafka.client is confluent but confluent-kafka is not installed: "
+                              "pip install 'streamer[fast]'") from exc
+        return ConfluentClient(connection, consumer, producer)
+    if kind != "kafka-python":
+        raise ValueError(f"kafka client must be one of {CLIENTS}, got {kind!r}")
+    from streamer.kafka.kafka_python_client import KafkaPythonClient
+
+    return KafkaPythonClient(connection, consumer, producer)

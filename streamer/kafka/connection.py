@@ -74,3 +74,22 @@ class KafkaConnection:
         }
         config.update({key: value for key, value in optional.items() if value is not None})
         return config
+
+    def librdkafka_config(self) -> dict[str, Any]:
+        """The same settings as librdkafka properties (confluent-kafka's clients)."""
+        config: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "client.id": self.client_id,
+            "security.protocol": self.security_protocol.lower(),
+            "socket.connection.setup.timeout.ms": max(int(self.bootstrap_timeout_s * 1000), 1000),
+        }
+        optional = {
+            "sasl.mechanism": self.sasl_mechanism,
+            "sasl.username": self.sasl_plain_username,
+            "sasl.password": self.sasl_plain_password,
+            "ssl.ca.location": self.ssl_cafile,
+            "ssl.certificate.location": self.ssl_certfile,
+            "ssl.key.location": self.ssl_keyfile,
+        }
+        config.update({key: value for key, value in optional.items() if value is not None})
+        return config

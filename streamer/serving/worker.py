@@ -23,10 +23,10 @@ from streamer.kafka.client import (
     Delivery,
     PartitionId,
     StreamClient,
+    open_client,
     partition_names,
 )
 from streamer.kafka.errors import KafkaClientError, UndecodableBatch
-from streamer.kafka.kafka_python_client import KafkaPythonClient
 from streamer.kafka.model_topic import ModelTopic
 from streamer.observability.health import HealthServer
 from streamer.observability.metrics import Metrics
@@ -137,7 +137,7 @@ class Worker:
     def _connected(self) -> StreamClient:
         if self._client is None:
             k = self.settings.kafka
-            self._client = KafkaPythonClient(k.connection(), k.consumer(), k.producer())
+            self._client = open_client(k.client, k.connection(), k.consumer(), k.producer())
             self._client.subscribe([k.input_topic], on_assign=self._on_assign,
                                    on_revoke=self._on_revoke)
             for pending in self._in_flight:  # unacknowledged: send again

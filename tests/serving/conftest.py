@@ -78,8 +78,10 @@ class WorkerProcess:
 
 
 @pytest.fixture
-def worker_factory(broker, tmp_path) -> Iterator[Callable[..., WorkerProcess]]:
-    """``make(topics, group, **env) -> WorkerProcess`` (not started); killed after the test."""
+def worker_factory(broker, tmp_path, client_kind) -> Iterator[Callable[..., WorkerProcess]]:
+    """``make(topics, group, **env) -> WorkerProcess`` (not started); killed after the test.
+
+    Each test that uses it runs once per Kafka client backend (``client_kind``)."""
     made: list[WorkerProcess] = []
 
     def make(inp: str, out: str, dlq: str, group: str, name: str = "w1",
@@ -87,6 +89,7 @@ def worker_factory(broker, tmp_path) -> Iterator[Callable[..., WorkerProcess]]:
         full = {
             **{k: v for k, v in os.environ.items() if not k.startswith("STREAMER_")},
             "STREAMER_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
+            "STREAMER_KAFKA__CLIENT": client_kind,
             "STREAMER_KAFKA__INPUT_TOPIC": inp,
             "STREAMER_KAFKA__OUTPUT_TOPIC": out,
             "STREAMER_KAFKA__DLQ_TOPIC": dlq,

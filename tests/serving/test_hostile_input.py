@@ -65,7 +65,7 @@ def test_undecodable_batch_holds_its_partition_not_ready_while_the_others_are_se
     where = f"{inp}[0] at offset {bad_offset}"
     wait_for(lambda: worker.get("/readyz")[0] == 503, 10, "not ready", worker.log)
     status, body = worker.get("/readyz")
-    assert where in body and "decompressing" in body
+    assert where in body and "decompress" in body.lower()  # either client's wording
     assert worker.get("/healthz")[0] == 200  # alive: a restart would not help
     assert worker.metric("streamer_undecodable_batches_total") >= 1
     assert worker.metric("streamer_stalled_partitions") == 1

@@ -1,0 +1,412 @@
+"""StreamClient on confluent-kafka (librdkafka): the same contract as kafka_python_client.py.
+
+librdkafka fetches, decompresses and batches in C threads; Python sees one call per poll
+(``consume(num_messages)``) and one per produced record, where kafka-python runs its protocol,
+record parsing and CRC checks per record in Python. Differences the contract hides:
+
+* rebalance callbacks run inside ``consume`` on the caller's thread, before records of the new
+  assignment are returned; a ``seek`` asked for inside ``on_assign`` becomes the assignment's
+  starting offset (librdkafka cannot seek a partition before it is assigned);
+* a batch librdkafka cannot decode comes back as an error message for its partition: the
+  partition is paused there (``UndecodableBatch``), the others go on;
+* "no broker at all for a while" is reported by librdkafka's error callback (all brokers
+  down); ``poll_batch`` raises BrokerUnavailable once that lasted ``unreachable_after_s`` and
+  a metadata request still fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import (
+    OFFSET_INVALID,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
+
+from streamer.kafka.client import (
+    ConsumerSettings,
+    Delivery,
+    InputRecord,
+    OutputRecord,
+    PartitionId,
+    PartitionsCallback,
+    ProducerSettings,
+)
+from streamer.kafka.connection import KafkaConnection
+from streamer.kafka.errors import (
+    BrokerUnavailable,
+    CommitFailed,
+    KafkaClientError,
+    UndecodableBatch,
+)
+
+log = logging.getLogger(__name__)
+
+# Commit errors that mean our group generation is stale (the partitions may be another's).
+_MEMBERSHIP = {KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION,
+               KafkaError.UNKNOWN_MEMBER_ID, KafkaError._ASSIGNMENT_LOST}
+# Per-partition errors meaning the fetched bytes cannot be turned into records.
+_UNDECODABLE = {KafkaError._BAD_MSG, KafkaError._BAD_COMPRESSION, KafkaError.INVALID_MSG,
+                KafkaError.INVALID_RECORD, KafkaError.UNSUPPORTED_COMPRESSION_TYPE}
+
+
+def convert(exc: KafkaException | KafkaError, action: str) -> KafkaClientError:
+    """The project's exception for a librdkafka error raised while doing ``action``."""
+    error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else exc
+    message = f"{action} failed: {error}"
+    if not isinstance(error, KafkaError):
+        return KafkaClientError(message)
+    if error.code() in _MEMBERSHIP:
+        return CommitFailed(message)
+    if error.retriable() or error.code() in (KafkaError._TRANSPORT, KafkaError._TIMED_OUT,
+                                              KafkaError._ALL_BROKERS_DOWN,
+                                              KafkaError._MSG_TIMED_OUT):
+        return BrokerUnavailable(message)
+    return KafkaClientError(message)
+
+
+@dataclass
+class _Acks:
+    """Delivery reports of one ``send``: how many are pending, the first failure."""
+
+    total: int
+    pending: int
+    error: KafkaError | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def report(self, error: KafkaError | None, _message: Any) -> None:
+        with self.lock:
+            self.pending -= 1
+            if error is not None and self.error is None:
+                self.error = error
+
+
+class ConfluentClient:
+    """A StreamClient backed by confluent-kafka; BrokerUnavailable if no broker answers at
+    start."""
+
+    def __init__(self, connection: KafkaConnection, consumer: ConsumerSettings,
+                 producer: ProducerSettings | None = None) -> None:
+        self._connection = connection
+        self._settings = consumer
+        self._producer_settings = producer or ProducerSettings()
+        self._on_assign: PartitionsCallback | None = None
+        self._on_revoke: PartitionsCallback | None = None
+        self._assigning: dict[PartitionId, int] | None = None  # seeks asked inside on_assign
+        # Inside a rebalance callback: the assignment as it will be once the callback returns
+        # (kafka-python's callbacks run after the change; librdkafka's before it).
+        self._changing: set[PartitionId] | None = None
+        self._seeked: set[PartitionId] = set()
+        self._stalled: dict[PartitionId, UndecodableBatch] = {}
+        self._down_since: float | None = None  # all brokers down, per librdkafka
+        # What a rebalance callback raised, kept to be raised by poll_batch: an exception
+        # escaping into librdkafka leaves its rebalance unfinished (close() then hangs).
+        self._callback_error: BaseException | None = None
+        self._undecodable: UndecodableBatch | None = None  # to raise at the next poll
+        self._lock = threading.Lock()  # guards lazy producer (re)creation
+        self._consumer = Consumer({
+            **connection.librdkafka_config(),
+            "group.id": consumer.group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": consumer.auto_offset_reset,
+            "session.timeout.ms": consumer.session_timeout_ms,
+            "heartbeat.interval.ms": consumer.heartbeat_interval_ms,
+            "fetch.wait.max.ms": consumer.fetch_max_wait_ms,
+            "max.poll.interval.ms": consumer.max_poll_interval_ms,
+            "error_cb": self._on_error,
+        })
+        try:
+            self._metadata("connecting the consumer")
+            self._producer: Producer | None = self._new_producer()
+        except KafkaClientError:
+            self._consumer.close()
+            raise
+
+    # -- consuming ---------------------------------------------------------------------------
+    def subscribe(self, topics: Collection[str], on_assign: PartitionsCallback | None = None,
+                  on_revoke: PartitionsCallback | None = None) -> None:
+        """Join the group for ``topics``; callbacks run inside ``poll_batch`` on its thread."""
+        self._on_assign, self._on_revoke = on_assign, on_revoke
+        try:
+            self._consumer.subscribe(sorted(topics), on_assign=self._assigned,
+                                     on_revoke=self._revoked, on_lost=self._revoked)
+        except KafkaException as exc:
+            raise convert(exc, "subscribing") from exc
+
+    def poll_batch(self, max_records: int, timeout_s: float) -> list[InputRecord]:
+        """Up to ``max_records`` records; rebalance callbacks run first, on this thread.
+
+        Raises UndecodableBatch (its partition paused at the batch) when a fetched batch cannot
+        be decoded; the next poll goes on with the other partitions.
+        """
+        if self._undecodable is not None:  # found by the previous poll, after its records
+            error, self._undecodable = self._undecodable, None
+            raise error
+        self._seeked.clear()
+        try:
+            messages = self._consumer.consume(num_messages=max_records, timeout=timeout_s)
+        except KafkaException as exc:
+            raise convert(exc, "polling") from exc
+        records, failure = [], None
+        for m in messages:
+            error = m.error()
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF:  # (not enabled)
+                    failure = failure or self._poll_error(m, error)
+                continue
+            if (m.topic(), m.partition()) in self._seeked:
+                continue  # seeked by a callback: read again from there
+            records.append(InputRecord(m.topic(), m.partition(), m.offset(), m.key(),
+                                       m.value(), m.timestamp()[1], list(m.headers() or ())))
+        callback_error, self._callback_error = self._callback_error, None
+        if callback_error is not None or (failure is not None
+                                          and not isinstance(failure, UndecodableBatch)):
+            self._rewind(records)
+            raise callback_error if callback_error is not None else failure
+        if failure is not None:
+            # The records before the bad batch come out now, the error with the next poll;
+            # none at or past it (its partition waits there, paused).
+            records = [r for r in records if (r.topic, r.partition) != failure.partition
+                       or r.offset < failure.offset]
+            if not records:
+                raise failure
+            self._undecodable = failure
+        self._check_reachable(got_records=bool(messages))
+        return records
+
+    def commit(self, offsets: Mapping[PartitionId, int], timeout_s: float = 10.0) -> None:
+        """Commit synchronously; an offset is the next one to read (last processed + 1)."""
+        if not offsets:
+            return
+        try:
+            self._consumer.commit(offsets=[TopicPartition(t, p, o)
+                                           for (t, p), o in offsets.items()],
+                                  asynchronous=False)
+        except KafkaException as exc:
+            raise convert(exc, "committing offsets") from exc
+
+    def seek(self, offsets: Mapping[PartitionId, int]) -> None:
+        """Read these assigned partitions from these offsets on the next poll."""
+        if self._assigning is not None:  # inside on_assign: where the assignment starts
+            self._assigning.update(offsets)
+            return
+        try:
+            for (topic, partition), offset in offsets.items():
+                self._consumer.seek(TopicPartition(topic, partition, offset))
+        except KafkaException as exc:
+            raise convert(exc, "seeking") from exc
+        self._seeked.update(offsets)
+
+    def assignment(self) -> set[PartitionId]:
+        """Partitions currently assigned to this member (inside a rebalance callback: once
+        the rebalance is done)."""
+        if self._changing is not None:
+            return set(self._changing)
+        try:
+            return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+        except KafkaException as exc:
+            raise convert(exc, "reading the assignment") from exc
+
+    def highwater(self, partition: PartitionId) -> int | None:
+        """The partition's end offset from the last fetch response; None before any fetch."""
+        try:
+            _, high = self._consumer.get_watermark_offsets(TopicPartition(*partition),
+                                                           cached=True)
+        except KafkaException:
+            return None
+        return high if high >= 0 else None
+
+    def lag(self) -> dict[PartitionId, int]:
+        """highwater - position per assigned partition that has been fetched from."""
+        try:
+            positions = self._consumer.position(self._consumer.assignment())
+        except KafkaException:
+            return {}
+        lags = {}
+        for tp in positions:
+            high = self.highwater((tp.topic, tp.partition))
+            if high is not None and tp.offset >= 0:
+                lags[(tp.topic, tp.partition)] = max(high - tp.offset, 0)
+        return lags
+
+    def stalled(self) -> dict[PartitionId, UndecodableBatch]:
+        """Assigned partitions held at a batch that could not be decoded, with the error."""
+        assigned = self.assignment()
+        return {tp: error for tp, error in self._stalled.items() if tp in assigned}
+
+    # -- producing ---------------------------------------------------------------------------
+    def send(self, records: Sequence[OutputRecord]) -> Delivery:
+        """Start sending; the returned Delivery is waited on with ``wait``."""
+        producer = self._current_producer()
+        acks = _Acks(len(records), len(records))
+        try:
+            for r in records:
+                while True:
+                    try:
+                        producer.produce(r.topic, value=r.value, key=r.key,
+                                         headers=list(r.headers) or None, on_delivery=acks.report)
+                        break
+                    except BufferError:  # the local queue is full: let deliveries drain it
+                        producer.poll(0.05)
+            producer.poll(0)
+        except (KafkaException, TypeError, ValueError) as exc:
+            self._discard_producer()
+            if isinstance(exc, KafkaException):
+                raise convert(exc, f"producing {len(records)} records") from exc
+            raise KafkaClientError(f"producing {len(records)} records failed: {exc!r}") from exc
+        return Delivery([acks], producer)
+
+    def wait(self, delivery: Delivery, timeout_s: float) -> None:
+        """Return once the broker acknowledged every record of ``delivery``."""
+        if not delivery.futures:
+            return
+        acks: _Acks = delivery.futures[0]
+        deadline = time.monotonic() + timeout_s
+        producer = delivery.producer
+        action = f"producing {acks.total} records"
+        if producer is not self._producer:
+            raise BrokerUnavailable(f"{action} failed: its producer was discarded")
+        while acks.pending > 0 and acks.error is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._discard_producer()
+                raise BrokerUnavailable(f"{action} failed: {acks.pending} not acknowledged "
+                                        f"within {timeout_s} s")
+            producer.poll(min(left, 0.1))
+        if acks.error is not None:
+            self._discard_producer()
+            raise convert(KafkaException(acks.error), action)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Leave the group and release connections; never raises."""
+        with self._lock:
+            producer, self._producer = self._producer, None
+        if producer is not None:
+            producer.flush(timeout_s)
+        try:
+            self._consumer.close()
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("closing the consumer failed: %s", exc)
+
+    # -- internals -------------------------------------------------------------------------------
+    def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Run on_assign, then take the partitions from where it seeked them (else from the
+        committed offsets); taken even when on_assign raised (the error reaches the caller of
+        poll_batch, whose retry then reads them), as kafka-python's client does."""
+        ids = sorted((tp.topic, tp.partition) for tp in partitions)
+        self._assigning, self._changing = {}, set(ids)
+        try:
+            if self._on_assign is not None and ids:
+                self._on_assign(ids)
+        except BaseException as exc:  # noqa: BLE001 - raised by poll_batch, on its thread
+            self._callback_error = self._callback_error or exc
+        finally:
+            starts, self._assigning, self._changing = self._assigning, None, None
+            consumer.assign([TopicPartition(t, p, starts.get((t, p), OFFSET_INVALID))
+                             for t, p in ids])
+            stalled = [TopicPartition(t, p) for t, p in ids if (t, p) in self._stalled]
+            if stalled:  # handed back to us: still held at its undecodable batch
+                consumer.pause(stalled)
+
+    def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        ids = sorted((tp.topic, tp.partition) for tp in partitions)
+        self._changing = self.assignment() - set(ids)
+        try:
+            if self._on_revoke is not None and ids:
+                self._on_revoke(ids)
+        except BaseException as exc:  # noqa: BLE001 - raised by poll_batch, on its thread
+            self._callback_error = self._callback_error or exc
+        finally:
+            self._changing = None
+
+    def _poll_error(self, message: Any, error: KafkaError) -> KafkaClientError:
+        tp = (message.topic(), message.partition())
+        if error.code() in _UNDECODABLE and message.topic() is not None:
+            offset = message.offset()
+            stall = UndecodableBatch(tp, offset, str(error))
+            self._consumer.pause([TopicPartition(*tp)])
+            self._consumer.seek(TopicPartition(*tp, offset))
+            self._stalled[tp] = stall
+            return stall
+        return convert(KafkaException(error), "polling")
+
+    def _rewind(self, records: list[InputRecord]) -> None:
+        """Records taken from the consumer's position before a failure: read them again."""
+        first: dict[PartitionId, int] = {}
+        for r in records:
+            first.setdefault((r.topic, r.partition), r.offset)
+        assigned = self.assignment()
+        for (topic, partition), offset in first.items():
+            if (topic, partition) in assigned and (topic, partition) not in self._stalled:
+                self._consumer.seek(TopicPartition(topic, partition, offset))
+
+    def _on_error(self, error: KafkaError) -> None:  # librdkafka's thread: only records
+        if error.code() == KafkaError._ALL_BROKERS_DOWN and self._down_since is None:
+            self._down_since = time.monotonic()
+
+    def _check_reachable(self, got_records: bool) -> None:
+        since = self._down_since
+        if since is None:
+            return
+        if got_records:
+            self._down_since = None
+            return
+        down_for = time.monotonic() - since
+        if down_for < self._settings.unreachable_after_s:
+            return
+        try:  # back up without records to show for it (an idle input)?
+            self._consumer.list_topics(timeout=1.0)
+        except KafkaException:
+            raise BrokerUnavailable(f"no connection to {self._connection.bootstrap_servers} "
+                                    f"for {down_for:.1f} s") from None
+        self._down_since = None
+
+    def _metadata(self, action: str) -> None:
+        try:
+            self._consumer.list_topics(timeout=self._connection.bootstrap_timeout_s)
+        except KafkaException as exc:
+            raise BrokerUnavailable(f"{action} failed: no broker answered at "
+                                    f"{self._connection.bootstrap_servers}: {exc}") from exc
+
+    def _new_producer(self) -> Producer:
+        settings = self._producer_settings
+        return Producer({
+            **self._connection.librdkafka_config(),
+            "acks": "all",
+            "linger.ms": settings.linger_ms,
+            "batch.size": settings.batch_size_bytes,
+            "compression.type": settings.compression_type or "none",
+            "message.max.bytes": settings.max_request_bytes,
+            "request.timeout.ms": settings.request_timeout_ms,
+            "delivery.timeout.ms": settings.delivery_timeout_ms,
+            # The Java client's placement (and kafka-python's): a key goes to the same
+            # partition whichever client produced it.
+            "partitioner": "murmur2_random",
+            "error_cb": self._on_error,
+        })
+
+    def _current_producer(self) -> Producer:
+        with self._lock:
+            if self._producer is None:
+                self._producer = self._new_producer()
+            return self._producer
+
+    def _discard_producer(self) -> None:
+        """Drop the producer and what it still holds: the caller sends the batch again, so a
+        late delivery of the old one would duplicate it."""
+        with self._lock:
+            producer, self._producer = self._producer, None
+        if producer is not None:
+            producer.purge(in_queue=True, in_flight=True, blocking=False)
+            producer.flush(0)
