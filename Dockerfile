@@ -20,12 +20,12 @@ RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_
 
 # The other dependencies from pyproject.toml against a stub package (README.md stays a stub:
 # setuptools only needs it to exist), so this layer is cached until pyproject.toml changes;
-# torch is already satisfied and is not replaced from PyPI. The fast extra (confluent-kafka)
-# lets STREAMER_KAFKA__CLIENT=confluent be chosen by environment alone.
+# torch is already satisfied and is not replaced from PyPI. confluent-kafka (the fast extra,
+# pinned) lets the librdkafka client be chosen by environment alone (kafka.client).
 COPY pyproject.toml ./
 RUN mkdir -p streamer \
     && touch streamer/__init__.py README.md \
-    && pip install --no-cache-dir ".[fast]" \
+    && pip install --no-cache-dir . "confluent-kafka==2.16.1" \
     && pip uninstall --yes streamer \
     && rm -rf streamer build ./*.egg-info
 
