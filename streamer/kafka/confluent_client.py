@@ -307,10 +307,7 @@ class ConfluentClient:
         ids = sorted((tp.topic, tp.partition) for tp in partitions)
         self._assigning, self._changing = {}, set(ids)
         try:
-            if self._on_assign is not None and ids:
-                self._on_assign(ids)
-        except BaseException as exc:  # noqa: BLE001 - raised by poll_batch, on its thread
-            self._callback_error = self._callback_error or exc
+            self._call(self._on_assign, ids)
         finally:
             starts, self._assigning, self._changing = self._assigning, None, None
             consumer.assign([TopicPartition(t, p, starts.get((t, p), OFFSET_INVALID))
@@ -323,12 +320,17 @@ class ConfluentClient:
         ids = sorted((tp.topic, tp.partition) for tp in partitions)
         self._changing = self.assignment() - set(ids)
         try:
-            if self._on_revoke is not None and ids:
-                self._on_revoke(ids)
-        except BaseException as exc:  # noqa: BLE001 - raised by poll_batch, on its thread
-            self._callback_error = self._callback_error or exc
+            self._call(self._on_revoke, ids)
         finally:
             self._changing = None
+
+    def _call(self, callback: PartitionsCallback | None, ids: list[PartitionId]) -> None:
+        """Run a rebalance callback; what it raises is kept for poll_batch to raise."""
+        try:
+            if callback is not None and ids:
+                callback(ids)
+        except BaseException as exc:  # noqa: BLE001 - raised by poll_batch, on its thread
+            self._callback_error = self._callback_error or exc
 
     def _poll_error(self, message: Any, error: KafkaError) -> KafkaClientError:
         tp = (message.topic(), message.partition())
