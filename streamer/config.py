@@ -69,10 +69,13 @@ def cli_flag(path: tuple[str, ...]) -> str:
     return "--" + "-".join(path).replace("_", "-")
 
 
-def _named(dotted: str) -> str:
+def setting_name(dotted: str) -> str:
     """``kafka.group_id (STREAMER_KAFKA__GROUP_ID / --kafka-group-id)`` for messages."""
     path = tuple(dotted.split("."))
     return f"{dotted} ({env_var_name(path)} / {cli_flag(path)})"
+
+
+_named = setting_name  # the short form the validators below use
 
 
 def _conflict(message: str) -> PydanticCustomError:

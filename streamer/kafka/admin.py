@@ -10,7 +10,12 @@ import kafka.errors as kerr
 from kafka import KafkaAdminClient
 
 from streamer.kafka.connection import KafkaConnection
-from streamer.kafka.errors import KafkaClientError, converted_errors
+from streamer.kafka.errors import (
+    BrokerUnavailable,
+    KafkaClientError,
+    TopicCreationRefused,
+    converted_errors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +62,52 @@ def ensure_topics(
         with converted_errors("creating topics"):
             result = admin.create_topics(spec, timeout_ms=int(timeout_s * 1000),
                                          raise_errors=False)
+    created = created_topics(result["topics"])
+    if created:
+        log.info("created topics %s", sorted(created))
+    return created
+
+
+def created_topics(answers: Iterable[Mapping]) -> list[str]:
+    """The names a CreateTopics answer created (an existing topic is not an error).
+
+    A retriable error code (a timeout, no controller yet) is BrokerUnavailable: try again
+    later; any other (no permission, a policy, too few brokers for the replication factor) is
+    TopicCreationRefused: only an operator can fix it.
+    """
     created = []
-    for topic in result["topics"]:
+    for topic in answers:
         code = topic["error_code"]
         if code == 0:
             created.append(topic["name"])
         elif code != _TOPIC_ALREADY_EXISTS:
             error = kerr.for_code(code)
-            raise KafkaClientError(
-                f"creating topic {topic['name']!r} failed: {error.__name__}: "
-                f"{topic.get('error_message') or error.description}"
-            )
-    if created:
-        log.info("created topics %s", sorted(created))
+            kind = BrokerUnavailable if error.retriable else TopicCreationRefused
+            raise kind(f"creating topic {topic['name']!r} failed: {error.__name__}: "
+                       f"{topic.get('error_message') or error.description}")
     return created
+
+
+def create_missing_topics(
+    connection: KafkaConnection | str, names: Iterable[str], *, like: str
+) -> list[str]:
+    """Create those of ``names`` the cluster does not have, with as many partitions as the topic
+    ``like`` (1 if it is missing too); return the names created.
+
+    Only missing topics are asked for, so a cluster whose ACLs allow writing to a topic but not
+    creating one never refuses a start-up whose topics exist. TopicCreationRefused when the
+    cluster will not create one (permissions, policy, replication factor).
+    """
+    wanted = list(dict.fromkeys(names))
+    with admin_client(KafkaConnection.of(connection)) as admin:
+        with converted_errors("listing topics"):
+            existing = set(admin.list_topics())
+            missing = [name for name in wanted if name not in existing]
+            if not missing:
+                return []
+            described = admin.describe_topics([like]) if like in existing else []
+    partitions = max((len(t.get("partitions") or ()) for t in described), default=0) or 1
+    return ensure_topics(connection, dict.fromkeys(missing, partitions))
 
 
 def delete_topics(

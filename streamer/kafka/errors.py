@@ -22,6 +22,11 @@ class CommitFailed(KafkaClientError):
     """Offsets were not committed because the group rebalanced; the records will be redelivered."""
 
 
+class TopicCreationRefused(KafkaClientError):
+    """The cluster refused to create a topic (no permission, a policy, too few brokers for the
+    replication factor): retrying will not help, an operator must create it or fix the setting."""
+
+
 class UndecodableBatch(KafkaClientError):
     """A fetched record batch cannot be decoded (unknown codec, corrupt data, failed CRC).
 

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 from prometheus_client import CollectorRegistry
 
-from streamer.config import ConfigError, Settings
+from streamer.config import ConfigError, Settings, setting_name
 from streamer.core import Learner
 from streamer.core.failpoints import failpoint
+from streamer.kafka.admin import create_missing_topics
 from streamer.kafka.client import (
     Delivery,
     PartitionId,
@@ -26,7 +27,7 @@ from streamer.kafka.client import (
     open_client,
     partition_names,
 )
-from streamer.kafka.errors import KafkaClientError, UndecodableBatch
+from streamer.kafka.errors import KafkaClientError, TopicCreationRefused, UndecodableBatch
 from streamer.kafka.model_topic import ModelTopic
 from streamer.observability.health import HealthServer
 from streamer.observability.metrics import Metrics
@@ -68,6 +69,7 @@ class Worker:
         self.durability = Durability(self.learner, self.ledger, c, self.worker_id, self.metrics,
                                      listener=self.sharing)
         self._client: StreamClient | None = None
+        self._topics_ready = False  # the topics it writes to exist (created when missing)
         # Stepped batches whose outputs are not acknowledged yet, oldest first. A batch joins
         # before its outputs are handed to the producer and leaves only once every one of them
         # is acknowledged: state and offsets never move past output that could still be lost.
@@ -137,6 +139,9 @@ class Worker:
     def _connected(self) -> StreamClient:
         if self._client is None:
             k = self.settings.kafka
+            if not self._topics_ready:
+                _create_output_topics(self.settings)
+                self._topics_ready = True
             self._client = open_client(k.client, k.connection(), k.consumer(), k.producer())
             self._client.subscribe([k.input_topic], on_assign=self._on_assign,
                                    on_revoke=self._on_revoke)
@@ -348,6 +353,25 @@ def gc_tuned_for_serving() -> Iterator[None]:
     finally:
         gc.unfreeze()
         gc.set_threshold(*thresholds)
+
+
+def _create_output_topics(settings: Settings) -> None:
+    """Create the topics the worker writes to when missing (never left to a broker's
+    auto-creation); a cluster that refuses is a setup error at start-up (ConfigError), not a
+    batch stuck at its first dead letter or anomaly days later."""
+    k = settings.kafka
+    named = {"kafka.output_topic": k.output_topic, "kafka.dlq_topic": k.dlq_topic,
+             "kafka.anomaly_topic": k.anomaly_topic}
+    try:
+        create_missing_topics(k.connection(), [t for t in named.values() if t],
+                              like=k.input_topic)
+    except TopicCreationRefused as exc:
+        settings_named = ", ".join(f"{topic!r}: {setting_name(key)}"
+                                   for key, topic in named.items() if topic)
+        raise ConfigError(
+            f"{exc}. Create the topics the worker writes to, or name existing ones "
+            f"({settings_named}; an empty anomaly topic disables anomaly events)"
+        ) from exc
 
 
 def _sharing(settings: Settings, learner: Learner, worker_id: str,

@@ -8,7 +8,9 @@ import pytest
 from kafka import KafkaAdminClient
 
 from streamer.kafka import BrokerUnavailable, KafkaConnection, delete_topics, ensure_topics
+from streamer.kafka.admin import create_missing_topics, created_topics
 from streamer.kafka.broker import free_port
+from streamer.kafka.errors import TopicCreationRefused
 
 pytestmark = pytest.mark.broker
 
@@ -61,3 +63,39 @@ def test_unreachable_broker_raises_broker_unavailable():
 
     with pytest.raises(BrokerUnavailable, match="connecting the admin client"):
         ensure_topics(connection, {"x": 1})
+
+
+def test_missing_topics_are_created_with_the_partitions_of_the_topic_they_follow(broker):
+    like, old = f"in-{uuid.uuid4().hex[:8]}", f"old-{uuid.uuid4().hex[:8]}"
+    new = [f"out-{uuid.uuid4().hex[:8]}", f"dlq-{uuid.uuid4().hex[:8]}"]
+    ensure_topics(broker.bootstrap, {like: 3, old: 1})
+
+    assert create_missing_topics(broker.bootstrap, [old, *new], like=like) == new
+    assert create_missing_topics(broker.bootstrap, [old, *new], like=like) == []
+    assert partition_counts(broker.bootstrap, [old, *new]) == {old: 1, new[0]: 3, new[1]: 3}
+    delete_topics(broker.bootstrap, [like, old, *new])
+
+
+def test_missing_topics_get_one_partition_when_the_topic_they_follow_is_missing_too(broker):
+    name = f"out-{uuid.uuid4().hex[:8]}"
+
+    assert create_missing_topics(broker.bootstrap, [name], like=f"no-{name}") == [name]
+    assert partition_counts(broker.bootstrap, [name]) == {name: 1}
+    delete_topics(broker.bootstrap, [name])
+
+
+@pytest.mark.parametrize(("code", "error"), [
+    (29, TopicCreationRefused),  # TOPIC_AUTHORIZATION_FAILED: an operator must act
+    (38, TopicCreationRefused),  # INVALID_REPLICATION_FACTOR: too few brokers
+    (44, TopicCreationRefused),  # POLICY_VIOLATION
+    (7, BrokerUnavailable),  # REQUEST_TIMED_OUT: retriable, back off and try again
+])
+def test_a_refused_creation_says_whether_retrying_can_help(code, error):
+    # Tansu creates whatever it is asked to, so the cluster's refusals are pinned on the
+    # CreateTopics answer itself.
+    answers = [{"name": "ok", "error_code": 0}, {"name": "old", "error_code": 36},
+               {"name": "out", "error_code": code, "error_message": None}]
+
+    with pytest.raises(error, match="creating topic 'out' failed"):
+        created_topics(answers)
+    assert created_topics(answers[:2]) == ["ok"]  # 36: TOPIC_ALREADY_EXISTS is no error

@@ -9,9 +9,10 @@ import subprocess
 import sys
 import time
 
-from kafka import KafkaConsumer, TopicPartition
+import pytest
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
-from streamer.kafka.admin import ensure_topics
+from streamer.kafka.admin import delete_topics, ensure_topics
 from streamer.kafka.broker import LocalBroker, free_port
 from streamer.serving.codec import DLQ_REASON, DLQ_SOURCE_OFFSET, DLQ_SOURCE_PARTITION
 from tests.serving.conftest import (
@@ -236,6 +237,43 @@ def test_worker_survives_a_broker_restart_and_resumes(tmp_path, worker_factory, 
         assert len(consume_from(own.bootstrap, "out-r", 9, timeout_s=60)) == 9, worker.log()
         assert worker.proc.poll() is None
         assert worker.get("/readyz")[0] == 200
+
+
+def test_a_worker_creates_the_topics_it_writes_to_with_the_input_topics_partitions(
+        topic_factory, group_id, worker_factory, broker):
+    inp = topic_factory(3)
+    out, dlq = f"{inp}-out", f"{inp}-dlq"  # neither exists
+    worker = worker_factory(inp, out, dlq, group_id).start()
+    try:
+        worker.wait_ready()
+        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+        try:
+            described = admin.describe_topics([out, dlq, f"{out}-anomalies"])
+        finally:
+            admin.close()
+        assert {t["name"]: len(t["partitions"]) for t in described} == {
+            out: 3, dlq: 3, f"{out}-anomalies": 3}, worker.log()
+    finally:
+        delete_topics(broker.bootstrap, [out, dlq, f"{out}-anomalies"])
+
+
+def test_a_cluster_refusing_to_create_a_missing_output_topic_is_a_config_error(monkeypatch):
+    from streamer.config import ConfigError, load_settings
+    from streamer.kafka.errors import TopicCreationRefused
+    from streamer.serving import worker as worker_module
+
+    def refuse(connection, names, like):  # what a cluster without Create permission answers
+        raise TopicCreationRefused("creating topic 'sensor-anomalies' failed: "
+                                   "TopicAuthorizationFailedError: not authorized")
+
+    monkeypatch.setattr(worker_module, "create_missing_topics", refuse)
+    with pytest.raises(ConfigError) as raised:
+        worker_module._create_output_topics(load_settings())
+    message = str(raised.value)
+    assert "TopicAuthorizationFailedError" in message
+    for env in ("STREAMER_KAFKA__OUTPUT_TOPIC", "STREAMER_KAFKA__DLQ_TOPIC",
+                "STREAMER_KAFKA__ANOMALY_TOPIC"):
+        assert env in message
 
 
 def test_invalid_config_exits_2_naming_the_field():
