@@ -279,15 +279,19 @@ def _live(bootstrap: str, in_topic: str, out_topic: str, n_sensors: int, rate: f
     Keys are partitioned with murmur2 as the Java client, kafka-python and ``pre_produce`` do,
     so every reading of a sensor lands in the partition its earlier readings did.
     """
-    from confluent_kafka import OFFSET_END, Consumer, Producer
+    from confluent_kafka import Consumer, Producer
     from confluent_kafka import TopicPartition as Partition
 
     started_wall = time.time()  # forecasts of readings sent before this are skipped
     reader = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-live-{uuid.uuid4()}",
                        "enable.auto.commit": False, "fetch.wait.max.ms": 100})
-    # From the end (Tansu may answer an end a little early: older records are skipped by time),
-    # so the reader is not working through the backlog's outputs while the live ones arrive.
-    reader.assign([Partition(out_topic, p, OFFSET_END) for p in range(PARTITIONS)])
+    # From each partition's end as the broker states it now, as explicit offsets: the reader
+    # does not work through the backlog's outputs while the live ones arrive, and none of the
+    # live ones can slip in before a lazily resolved OFFSET_END (the wait for the missing
+    # outputs below then ran out its whole minute in every live phase).
+    ends = [reader.get_watermark_offsets(Partition(out_topic, p), timeout=10)[1]
+            for p in range(PARTITIONS)]
+    reader.assign([Partition(out_topic, p, end) for p, end in enumerate(ends)])
     worker_ms, reader_ms, sent_s = array("d"), array("d"), array("d")
     stop = threading.Event()
 
