@@ -52,6 +52,12 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The benchmark smoke runs (minutes each, busy cores) go first: spread over the test
+    processes, they overlap the many short tests instead of ending the run on their own."""
+    items.sort(key=lambda item: not item.nodeid.startswith("tests/test_benchmarks.py"))
+
+
 def _unique(prefix: str, request: pytest.FixtureRequest) -> str:
     test = re.sub(r"[^A-Za-z0-9._-]", "-", request.node.name)[:60]
     return f"{prefix}-{test}-{uuid.uuid4().hex[:8]}"
