@@ -585,17 +585,21 @@ def _profiled(target: Callable[[], object], profile: str | None, workdir: Path,
     return run
 
 
-# The worker loop's parts, by the function that does each (cumulative seconds).
+# The worker loop's parts, by the function that does each (cumulative seconds); CLIENT stands
+# for whichever client module served the run.
+CLIENT = "client"
+CLIENT_FILES = ("kafka_python_client.py", "confluent_client.py")
+PROFILE_TOP = 20  # functions listed by their own time
 PROFILE_PARTS = [
-    ("poll_batch", "kafka_python_client.py", "poll_batch"),
+    ("poll_batch", CLIENT, "poll_batch"),
     ("process (all)", "processor.py", "process"),
     ("  decode_batch", "codec.py", "decode_batch"),
     ("  learner.step", "learner.py", "step"),
     ("  encode_forecasts", "codec.py", "encode_forecasts"),
-    ("send", "kafka_python_client.py", "send"),
-    ("wait (acks)", "kafka_python_client.py", "wait"),
-    ("commit", "kafka_python_client.py", "commit"),
-    ("lag", "kafka_python_client.py", "lag"),
+    ("send", CLIENT, "send"),
+    ("wait (acks)", CLIENT, "wait"),
+    ("commit", CLIENT, "commit"),
+    ("lag", CLIENT, "lag"),
     ("metrics.observe_batch", "metrics.py", "observe_batch"),
     ("checkpoint (copy)", "worker.py", "_begin_checkpoint"),
 ]
@@ -606,12 +610,16 @@ def print_profile(profiler: cProfile.Profile, n_sensors: int) -> None:
     total = stats.total_tt
     cumulative = {}
     for (filename, _, name), (_, _, _, ct, _) in stats.stats.items():
-        cumulative[(Path(filename).name, name)] = cumulative.get((Path(filename).name, name),
-                                                                 0.0) + ct
+        file = CLIENT if Path(filename).name in CLIENT_FILES else Path(filename).name
+        cumulative[(file, name)] = cumulative.get((file, name), 0.0) + ct
     print(f"\ncProfile of the worker thread, {n_sensors} sensors (total {total:.1f} s):")
     for label, filename, name in PROFILE_PARTS:
         seconds = cumulative.get((filename, name), 0.0)
         print(f"  {label:<24} {seconds:7.2f} s  {100 * seconds / total:5.1f} %")
+    print("  own time, the top functions:")
+    own = sorted(stats.stats.items(), key=lambda item: -item[1][2])[:PROFILE_TOP]
+    for (filename, line, name), (_, calls, tottime, _, _) in own:
+        print(f"    {tottime:7.2f} s  {calls:>9,} calls  {Path(filename).name}:{line} {name}")
 
 
 # -- report -----------------------------------------------------------------------------------
