@@ -62,6 +62,7 @@ def test_e2e_benchmark_quick_run_drains_the_backlog_through_streamer_and_ceiling
         row = _row(out, f"{client} | 100")
         assert _number(row[2]) > 0 and _number(row[3]) > 0  # streamer, ceiling readings/s
         assert "timed out" not in row[4]  # both drained the whole backlog
+        assert _number(row[6]) > 0  # the pipelined ceiling drained it too
     assert "bench threads all stopped: True" in out
 
 
