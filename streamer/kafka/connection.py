@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +11,13 @@ SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 # provider object, GSSAPI a Kerberos setup), so only these are offered; each takes a user name
 # and a password.
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+# kafka-python 3 runs its network IO as tasks on one thread and warns ("ran for 0.142s ... It is
+# blocking the event loop -- likely a tight sync loop inside a coroutine") when a task step
+# takes over 0.1 s. In a worker that step is slow because the serving thread holds the
+# interpreter (a training update, a checkpoint copy) or the process waits for a core, not
+# because of a bug in a coroutine: at 0.1 s every worker logged it over and over. Steps this
+# long still warn: they begin to threaten heartbeats and fetch deadlines.
+IO_STALL_WARNING_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,7 @@ class KafkaConnection:
             "client_id": self.client_id,
             "security_protocol": self.security_protocol,
             "bootstrap_timeout_ms": int(self.bootstrap_timeout_s * 1000),
+            "kafka_client": _kafka_python_net_client(),
         }
         optional = {
             "sasl_mechanism": self.sasl_mechanism,
@@ -93,3 +102,12 @@ class KafkaConnection:
         }
         config.update({key: value for key, value in optional.items() if value is not None})
         return config
+
+
+@functools.cache
+def _kafka_python_net_client() -> Any:
+    """kafka-python's network client with the IO stall warning at ``IO_STALL_WARNING_S``
+    (imported here: the settings import this module without a Kafka library)."""
+    from kafka.net.compat import KafkaNetClient
+
+    return functools.partial(KafkaNetClient, slow_task_threshold_secs=IO_STALL_WARNING_S)

@@ -335,3 +335,18 @@ def test_undecodable_batch_stalls_its_partition_at_its_offset_and_the_others_go_
     assert sorted((r.partition, r.value) for r in got) == [
         (0, b"before"), (1, b"later"), (1, b"other")]
     assert client.stalled() == {(topic, 0): error}
+
+
+def test_kafka_python_clients_warn_of_a_stalled_io_thread_only_past_a_second(broker):
+    # kafka-python warns at 0.1 s, which every worker hit whenever its serving thread held the
+    # interpreter (a training update): a warning nobody could act on.
+    from kafka import KafkaConsumer
+
+    from streamer.kafka.connection import IO_STALL_WARNING_S
+
+    consumer = KafkaConsumer(**KafkaConnection(broker.bootstrap).kafka_python_config())
+    try:
+        assert consumer._client._net.config["slow_task_threshold_secs"] == IO_STALL_WARNING_S
+    finally:
+        consumer.close()
+    assert IO_STALL_WARNING_S > 0.1  # kafka-python's own default
