@@ -14,6 +14,7 @@ from streamer.kafka.errors import (
     BrokerUnavailable,
     KafkaClientError,
     TopicCreationRefused,
+    TopicMissing,
     converted_errors,
 )
 
@@ -92,20 +93,26 @@ def create_missing_topics(
     connection: KafkaConnection | str, names: Iterable[str], *, like: str
 ) -> list[str]:
     """Create those of ``names`` the cluster does not have, with as many partitions as the topic
-    ``like`` (1 if it is missing too); return the names created.
+    ``like``; return the names created.
 
     Only missing topics are asked for, so a cluster whose ACLs allow writing to a topic but not
-    creating one never refuses a start-up whose topics exist. TopicCreationRefused when the
+    creating one never refuses a start-up whose topics exist. TopicMissing (nothing created)
+    when some are missing and ``like`` is missing too: its partition count is not known, and a
+    topic's partitions cannot be taken back once created. TopicCreationRefused when the
     cluster will not create one (permissions, policy, replication factor).
     """
     wanted = list(dict.fromkeys(names))
     with admin_client(KafkaConnection.of(connection)) as admin:
         with converted_errors("listing topics"):
             existing = set(admin.list_topics())
-            missing = [name for name in wanted if name not in existing]
-            if not missing:
-                return []
-            described = admin.describe_topics([like]) if like in existing else []
+        missing = [name for name in wanted if name not in existing]
+        if not missing:
+            return []
+        if like not in existing:
+            raise TopicMissing(f"topic {like!r} does not exist, so {missing} were not created "
+                               "(they take its partition count)")
+        with converted_errors("describing topics"):
+            described = admin.describe_topics([like])
     partitions = max((len(t.get("partitions") or ()) for t in described), default=0) or 1
     return ensure_topics(connection, dict.fromkeys(missing, partitions))
 

@@ -27,6 +27,10 @@ class TopicCreationRefused(KafkaClientError):
     replication factor): retrying will not help, an operator must create it or fix the setting."""
 
 
+class TopicMissing(KafkaClientError):
+    """A topic that an operation depends on does not exist (yet)."""
+
+
 class UndecodableBatch(KafkaClientError):
     """A fetched record batch cannot be decoded (unknown codec, corrupt data, failed CRC).
 

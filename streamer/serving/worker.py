@@ -27,7 +27,12 @@ from streamer.kafka.client import (
     open_client,
     partition_names,
 )
-from streamer.kafka.errors import KafkaClientError, TopicCreationRefused, UndecodableBatch
+from streamer.kafka.errors import (
+    BrokerUnavailable,
+    KafkaClientError,
+    TopicMissing,
+    UndecodableBatch,
+)
 from streamer.kafka.model_topic import ModelTopic
 from streamer.observability.health import HealthServer
 from streamer.observability.metrics import Metrics
@@ -94,6 +99,15 @@ class Worker:
             self.health.start()
         log.info("worker %s started on %s, consuming %s", self.worker_id, self.learner.device,
                  self.settings.kafka.input_topic)
+        try:
+            self._loop()
+        except ConfigError:  # found while connecting, before anything of it was served
+            self._shutdown()
+            raise
+        self._shutdown()
+        return 0
+
+    def _loop(self) -> None:
         while not self._stop.is_set():
             self._heartbeat = time.monotonic()
             try:
@@ -118,8 +132,6 @@ class Worker:
                 self._undecodable(exc)
             except KafkaClientError as exc:
                 self._broker_trouble(exc)
-        self._shutdown()
-        return 0
 
     def stop(self, *_: object) -> None:
         """Ask the loop to finish the batch in flight and exit (signal-handler safe)."""
@@ -356,16 +368,23 @@ def gc_tuned_for_serving() -> Iterator[None]:
 
 
 def _create_output_topics(settings: Settings) -> None:
-    """Create the topics the worker writes to when missing (never left to a broker's
-    auto-creation); a cluster that refuses is a setup error at start-up (ConfigError), not a
-    batch stuck at its first dead letter or anomaly days later."""
+    """Create the topics the worker writes to when missing, with the input topic's partition
+    count (never left to a broker's auto-creation); a cluster that refuses, or an error that
+    retrying cannot fix, is a setup error at start-up (ConfigError), not a batch stuck at its
+    first dead letter or anomaly days later. A missing input topic leaves them as they are,
+    with a warning."""
     k = settings.kafka
     named = {"kafka.output_topic": k.output_topic, "kafka.dlq_topic": k.dlq_topic,
              "kafka.anomaly_topic": k.anomaly_topic}
     try:
         create_missing_topics(k.connection(), [t for t in named.values() if t],
                               like=k.input_topic)
-    except TopicCreationRefused as exc:
+    except TopicMissing as exc:  # the input may yet be created (by an operator, auto-creation)
+        log.warning("%s; create the input topic %r before the worker, or the topics it writes "
+                    "to will be left to the cluster's auto-creation", exc, k.input_topic)
+    except BrokerUnavailable:
+        raise  # retried with backoff
+    except KafkaClientError as exc:  # refused, unauthorized, unsupported: retrying cannot help
         settings_named = ", ".join(f"{topic!r}: {setting_name(key)}"
                                    for key, topic in named.items() if topic)
         raise ConfigError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from streamer.kafka.admin import delete_topics
 from streamer.kafka.broker import free_port
+from streamer.kafka.errors import KafkaClientError
 from tests.conftest import TEST_CONSUMER_TIMEOUTS
 
 
@@ -83,9 +86,11 @@ def worker_factory(broker, tmp_path, client_kind) -> Iterator[Callable[..., Work
 
     Each test that uses it runs once per Kafka client backend (``client_kind``)."""
     made: list[WorkerProcess] = []
+    own_topics: set[str] = set()  # named here, created by the workers: removed afterwards
 
     def make(inp: str, out: str, dlq: str, group: str, name: str = "w1",
              **env: str) -> WorkerProcess:
+        own_topics.update((f"{out}-anomalies", f"{out}-model"))
         full = {
             **{k: v for k, v in os.environ.items() if not k.startswith("STREAMER_")},
             "STREAMER_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
@@ -116,6 +121,8 @@ def worker_factory(broker, tmp_path, client_kind) -> Iterator[Callable[..., Work
     yield make
     for worker in made:
         worker.stop()
+    with contextlib.suppress(KafkaClientError):  # best effort: the broker keeps every topic
+        delete_topics(broker.bootstrap, own_topics)
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -12,8 +14,16 @@ import time
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
+from streamer.config import ConfigError, load_settings
 from streamer.kafka.admin import delete_topics, ensure_topics
 from streamer.kafka.broker import LocalBroker, free_port
+from streamer.kafka.errors import (
+    BrokerUnavailable,
+    KafkaClientError,
+    TopicCreationRefused,
+    TopicMissing,
+)
+from streamer.serving import worker as worker_module
 from streamer.serving.codec import DLQ_REASON, DLQ_SOURCE_OFFSET, DLQ_SOURCE_PARTITION
 from tests.serving.conftest import (
     consume_from,
@@ -254,26 +264,87 @@ def test_a_worker_creates_the_topics_it_writes_to_with_the_input_topics_partitio
         assert {t["name"]: len(t["partitions"]) for t in described} == {
             out: 3, dlq: 3, f"{out}-anomalies": 3}, worker.log()
     finally:
+        worker.stop()  # first: a running worker's producer could bring them back
         delete_topics(broker.bootstrap, [out, dlq, f"{out}-anomalies"])
 
 
-def test_a_cluster_refusing_to_create_a_missing_output_topic_is_a_config_error(monkeypatch):
-    from streamer.config import ConfigError, load_settings
-    from streamer.kafka.errors import TopicCreationRefused
-    from streamer.serving import worker as worker_module
+REFUSALS = [
+    # what a cluster without Create permission answers
+    TopicCreationRefused("creating topic 'sensor-anomalies' failed: "
+                         "TopicAuthorizationFailedError: not authorized"),
+    # an error retrying cannot fix (kafka-python raises it before sending to an old cluster)
+    KafkaClientError("creating topics failed: IncompatibleBrokerVersion: replication_factor=-1 "
+                     "needs a broker of 2.4 or later"),
+]
 
-    def refuse(connection, names, like):  # what a cluster without Create permission answers
-        raise TopicCreationRefused("creating topic 'sensor-anomalies' failed: "
-                                   "TopicAuthorizationFailedError: not authorized")
 
-    monkeypatch.setattr(worker_module, "create_missing_topics", refuse)
+def _refusing(error: Exception):
+    def refuse(connection, names, like):
+        raise error
+
+    return refuse
+
+
+@pytest.mark.parametrize("error", REFUSALS, ids=["refused", "unfixable"])
+def test_a_missing_output_topic_the_cluster_will_not_create_is_a_config_error(
+        monkeypatch, error):
+    monkeypatch.setattr(worker_module, "create_missing_topics", _refusing(error))
     with pytest.raises(ConfigError) as raised:
-        worker_module._create_output_topics(load_settings())
+        worker_module._create_output_topics(load_settings({
+            "kafka.anomaly_topic": "sensor-anomalies"}))  # not what the environment says
     message = str(raised.value)
-    assert "TopicAuthorizationFailedError" in message
+    assert str(error) in message
     for env in ("STREAMER_KAFKA__OUTPUT_TOPIC", "STREAMER_KAFKA__DLQ_TOPIC",
                 "STREAMER_KAFKA__ANOMALY_TOPIC"):
         assert env in message
+
+
+def test_an_unreachable_cluster_while_creating_topics_is_retried_not_a_config_error(
+        monkeypatch):
+    monkeypatch.setattr(worker_module, "create_missing_topics",
+                        _refusing(BrokerUnavailable("listing topics failed: timed out")))
+    with pytest.raises(BrokerUnavailable):
+        worker_module._create_output_topics(load_settings())
+
+
+def test_output_topics_are_left_alone_with_a_warning_while_the_input_topic_is_missing(
+        monkeypatch, caplog):
+    monkeypatch.setattr(worker_module, "create_missing_topics", _refusing(
+        TopicMissing("topic 'sensor-readings' does not exist, so ['sensor-forecasts'] were "
+                     "not created")))
+    with caplog.at_level(logging.WARNING, logger="streamer.worker"):
+        worker_module._create_output_topics(load_settings())  # no error: serving goes on
+    assert "does not exist" in caplog.text and "create the input topic" in caplog.text
+
+
+def test_streamer_run_stops_with_exit_2_and_shuts_down_when_a_topic_cannot_be_created(
+        monkeypatch, tmp_path, capsys):
+    from streamer.tools import cli
+
+    shutdowns = []
+    shutdown = worker_module.Worker._shutdown
+    monkeypatch.setattr(worker_module.Worker, "_shutdown",
+                        lambda self: (shutdowns.append(self), shutdown(self)))
+    monkeypatch.setattr(worker_module, "create_missing_topics", _refusing(REFUSALS[0]))
+    for name in [n for n in os.environ if n.startswith("STREAMER_")]:
+        monkeypatch.delenv(name)
+    for name, value in {"STREAMER_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
+                        "STREAMER_CHECKPOINT__DIR": str(tmp_path), "STREAMER_METRICS__PORT": "0",
+                        "STREAMER_SHARING__ENABLED": "false", "STREAMER_DEVICE": "cpu"}.items():
+        monkeypatch.setenv(name, value)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # `streamer run` configures logging
+    signals = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = cli.main(["run"])
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for sig, handler in signals.items():
+            signal.signal(sig, handler)
+    assert code == 2
+    assert "TopicAuthorizationFailedError" in capsys.readouterr().err
+    assert len(shutdowns) == 1  # health server, checkpoint writer and clients closed
 
 
 def test_invalid_config_exits_2_naming_the_field():
