@@ -17,8 +17,9 @@ Against a real local broker (Tansu, started here) and for each fleet size N it m
   waited for after batch k+1 was polled and sent, offsets committed once per checkpoint
   interval): the tighter bound on what the worker's own delivery pattern allows;
 * **rounds**: each is drained by a fresh streamer and a fresh ceiling (own consumer group) three
-  times, alternating which goes first, then by the pipelined ceiling; the table gives the median
-  per-pair ratio and each pair's, and the streamer's median against the pipelined median;
+  times, alternating which goes first, then by the pipelined ceiling (always third, and its last
+  drain after both live phases); the table gives the median per-pair ratio and each pair's, and
+  the streamer's median against the pipelined median;
 * **latency**: then, with the backlog drained, a second process produces live readings at a fixed
   fraction of the streamer's throughput (the same rate for both) and reads the output topic with
   a plain manually-assigned consumer, both on librdkafka (confluent-kafka) so that the load
@@ -79,7 +80,11 @@ from streamer.kafka.client import (  # noqa: E402
     ProducerSettings,
     open_client,
 )
-from streamer.serving.worker import Worker, gc_tuned_for_serving  # noqa: E402
+from streamer.serving.worker import (  # noqa: E402
+    IN_FLIGHT_POLL_TIMEOUT_S,
+    Worker,
+    gc_tuned_for_serving,
+)
 from streamer.tools.produce import encode_reading  # noqa: E402
 
 PARTITIONS = 4
@@ -417,14 +422,17 @@ class PassThrough:
 
     def _run(self) -> None:
         k = self.settings.kafka
-        commit_every = self.settings.checkpoint.interval_seconds if self.pipelined else 0.0
+        # The worker commits with checkpoints: every interval (count-only checkpoints: 10 s).
+        interval = self.settings.checkpoint.interval_seconds
+        commit_every = (interval if interval is not None else 10.0) if self.pipelined else 0.0
         # Sent, not yet acknowledged: the delivery, its record count and next offsets.
         in_flight: tuple[Delivery, int, dict[PartitionId, int]] | None = None
         acknowledged: dict[PartitionId, int] = {}  # next offsets of acknowledged records
         committed_at = time.monotonic()
         try:
             while not self._stop.is_set():
-                timeout_s = 0.005 if in_flight is not None else k.poll_timeout_ms / 1000
+                timeout_s = (IN_FLIGHT_POLL_TIMEOUT_S if in_flight is not None
+                             else k.poll_timeout_ms / 1000)
                 records = self.client.poll_batch(k.max_poll_records, timeout_s)
                 sent = None
                 if records:
@@ -447,6 +455,8 @@ class PassThrough:
                 if acknowledged and time.monotonic() - committed_at >= commit_every:
                     self.client.commit(acknowledged)
                     acknowledged, committed_at = {}, time.monotonic()
+            if acknowledged:  # stopped: what was acknowledged is committed, as the worker does
+                self.client.commit(acknowledged)
         finally:
             self.client.close()
 
