@@ -11,6 +11,7 @@ from streamer.kafka import BrokerUnavailable, KafkaConnection, delete_topics, en
 from streamer.kafka.admin import create_missing_topics, created_topics
 from streamer.kafka.broker import free_port
 from streamer.kafka.errors import TopicCreationRefused, TopicMissing
+from tests.kafka.test_broker import topics_at
 
 pytestmark = pytest.mark.broker
 
@@ -19,14 +20,6 @@ def partition_counts(bootstrap: str, names: list[str]) -> dict[str, int]:
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, bootstrap_timeout_ms=2000)
     try:
         return {t["name"]: len(t["partitions"]) for t in admin.describe_topics(names)}
-    finally:
-        admin.close()
-
-
-def topic_names(bootstrap: str) -> set[str]:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, bootstrap_timeout_ms=2000)
-    try:
-        return set(admin.list_topics())
     finally:
         admin.close()
 
@@ -89,7 +82,7 @@ def test_nothing_is_created_while_the_topic_they_follow_is_missing(broker):
 
     with pytest.raises(TopicMissing, match=f"no-{name}"):
         create_missing_topics(broker.bootstrap, [name], like=f"no-{name}")
-    assert name not in topic_names(broker.bootstrap)
+    assert name not in topics_at(broker.bootstrap)
 
 
 @pytest.mark.parametrize(("code", "error"), [
