@@ -48,7 +48,7 @@ from streamer.tools.replay import score
 from tests.bench_fleets import FLEETS, SHARED, read_fleet
 
 PARTITIONS = 4
-INTERVAL_S = "1"
+INTERVAL_S = 1.0  # default of --interval: seconds between checkpoints and sharing rounds
 
 
 def produce_fleet(bootstrap: str, topic: str, readings: Batch) -> None:
@@ -69,7 +69,7 @@ def produce_fleet(bootstrap: str, topic: str, readings: Batch) -> None:
 
 
 def start_workers(bootstrap: str, topics: dict[str, str], n: int, sharing: bool,
-                  workdir: Path) -> list[subprocess.Popen]:
+                  workdir: Path, interval_s: float = INTERVAL_S) -> list[subprocess.Popen]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMER_")}
     env.update({
         "STREAMER_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
@@ -85,9 +85,9 @@ def start_workers(bootstrap: str, topics: dict[str, str], n: int, sharing: bool,
         "STREAMER_METRICS__PORT": "0",
         "STREAMER_METRICS__HOST": "127.0.0.1",
         "STREAMER_CHECKPOINT__DIR": str(workdir / "checkpoints"),
-        "STREAMER_CHECKPOINT__INTERVAL_SECONDS": INTERVAL_S,
+        "STREAMER_CHECKPOINT__INTERVAL_SECONDS": str(interval_s),
         "STREAMER_SHARING__ENABLED": "true" if sharing else "false",
-        "STREAMER_SHARING__INTERVAL_SECONDS": INTERVAL_S,
+        "STREAMER_SHARING__INTERVAL_SECONDS": str(interval_s),
         "STREAMER_DEVICE": "cpu",
         "STREAMER_LOG__LEVEL": "WARNING",
     })
@@ -139,7 +139,7 @@ def read_forecasts(bootstrap: str, topics: dict[str, str], readings: Batch,
 
 
 def run(broker: LocalBroker, readings: Batch, n: int, sharing: bool, workdir: Path,
-        partitions: int = PARTITIONS) -> dict:
+        partitions: int = PARTITIONS, interval_s: float = INTERVAL_S) -> dict:
     name = f"share-{uuid.uuid4().hex[:8]}"
     topics = {k: f"{name}-{k}" for k in ("in", "out", "dlq", "anomalies", "model")}
     topics["group"] = f"{name}-group"
@@ -149,7 +149,7 @@ def run(broker: LocalBroker, readings: Batch, n: int, sharing: bool, workdir: Pa
     run_dir = workdir / name
     run_dir.mkdir()
     started = time.monotonic()
-    workers = start_workers(broker.bootstrap, topics, n, sharing, run_dir)
+    workers = start_workers(broker.bootstrap, topics, n, sharing, run_dir, interval_s)
     try:
         forecasts = read_forecasts(broker.bootstrap, topics, readings, 900.0, workers)
     except Exception:
@@ -175,9 +175,11 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=SHARED.resolve())
     parser.add_argument("--fleets", default=",".join(FLEETS))
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--interval", type=float, default=INTERVAL_S,
+                        help="seconds between checkpoints and between sharing rounds")
     args = parser.parse_args()
-    n = args.workers
-    print(f"Worker processes on the local broker; sharing and checkpoint intervals {INTERVAL_S} s;"
+    n, interval_s = args.workers, args.interval
+    print(f"Worker processes on the local broker; sharing and checkpoint intervals {interval_s} s;"
           " relMAE (readings without a forecast; seconds to drain):\n")
     print(f"| fleet | readings | one worker (1 partition) | {n} not sharing | {n} sharing | "
           "sharing vs one | sharing vs not sharing |")
@@ -185,9 +187,9 @@ def main() -> int:
     with LocalBroker() as broker, tempfile.TemporaryDirectory(prefix="bench-share-") as tmp:
         for fleet in args.fleets.split(","):
             readings = read_fleet(fleet, args.data)
-            one = run(broker, readings, 1, False, Path(tmp), partitions=1)
-            apart = run(broker, readings, n, False, Path(tmp))
-            shared = run(broker, readings, n, True, Path(tmp))
+            one = run(broker, readings, 1, False, Path(tmp), 1, interval_s)
+            apart = run(broker, readings, n, False, Path(tmp), interval_s=interval_s)
+            shared = run(broker, readings, n, True, Path(tmp), interval_s=interval_s)
 
             def cell(r: dict) -> str:
                 return f"{r['rel_mae']:.4f} ({r['missing']}; {r['seconds']:.0f} s)"
