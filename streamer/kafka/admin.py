@@ -113,7 +113,10 @@ def create_missing_topics(
                                "(they take its partition count)")
         with converted_errors("describing topics"):
             described = admin.describe_topics([like])
-    partitions = max((len(t.get("partitions") or ()) for t in described), default=0) or 1
+    partitions = max((len(t.get("partitions") or ()) for t in described), default=0)
+    if not partitions:  # just created (no leader yet) or deleted meanwhile: ask again later
+        raise BrokerUnavailable(f"topic {like!r} has no partitions yet, so {missing} were not "
+                                "created (they take its partition count)")
     return ensure_topics(connection, dict.fromkeys(missing, partitions))
 
 

@@ -22,7 +22,12 @@ class CommitFailed(KafkaClientError):
     """Offsets were not committed because the group rebalanced; the records will be redelivered."""
 
 
-class TopicCreationRefused(KafkaClientError):
+class Unfixable(KafkaClientError):
+    """Only an operator can fix it (no permission, failed authentication, a broker too old for
+    the request, a cluster policy): retrying the same call will not help."""
+
+
+class TopicCreationRefused(Unfixable):
     """The cluster refused to create a topic (no permission, a policy, too few brokers for the
     replication factor): retrying will not help, an operator must create it or fix the setting."""
 
@@ -57,10 +62,17 @@ def convert(exc: Exception, action: str) -> KafkaClientError:
     # offsets.
     membership = (kerr.CommitFailedError, kerr.RebalanceInProgressError,
                   kerr.IllegalGenerationError, kerr.UnknownMemberIdError)
+    # Errors that say who we are or what the cluster allows, not how it is doing right now.
+    unfixable = (kerr.AuthorizationError, kerr.SaslAuthenticationFailedError,
+                 kerr.UnsupportedSaslMechanismError, kerr.UnsupportedVersionError,
+                 kerr.PolicyViolationError, kerr.InvalidReplicationFactorError,
+                 kerr.KafkaConfigurationError)
     # kafka-python errors already start their str() with the class name.
     message = f"{action} failed: {exc}"
     if isinstance(exc, membership):
         return CommitFailed(message)
+    if isinstance(exc, unfixable):
+        return Unfixable(message)
     # Every retriable kafka-python error (timeouts, lost connections, leader moves, coordinator
     # unknown) means "the cluster is not answering right now", which is what backoff is for.
     if getattr(exc, "retriable", False) or isinstance(exc, kerr.KafkaTimeoutError):

@@ -27,12 +27,7 @@ from streamer.kafka.client import (
     open_client,
     partition_names,
 )
-from streamer.kafka.errors import (
-    BrokerUnavailable,
-    KafkaClientError,
-    TopicMissing,
-    UndecodableBatch,
-)
+from streamer.kafka.errors import KafkaClientError, TopicMissing, UndecodableBatch, Unfixable
 from streamer.kafka.model_topic import ModelTopic
 from streamer.observability.health import HealthServer
 from streamer.observability.metrics import Metrics
@@ -101,8 +96,8 @@ class Worker:
                  self.settings.kafka.input_topic)
         try:
             self._loop()
-        except ConfigError:  # found while connecting, before anything of it was served
-            self._shutdown()
+        except ConfigError:  # a topic we write to cannot be created: before any batch was
+            self._close()  # applied, so no checkpoint (it would date restored state as new)
             raise
         self._shutdown()
         return 0
@@ -114,6 +109,9 @@ class Worker:
                 client = self._connected()
                 records = client.poll_batch(self.settings.kafka.max_poll_records,
                                             self._poll_timeout_s())
+                if records and not self._topics_ready:  # the input exists now, so can they
+                    _create_output_topics(self.settings)
+                    self._topics_ready = True
                 self._reset_recreated(client, {(r.topic, r.partition) for r in records}
                                       or client.assignment())
                 if records:
@@ -151,9 +149,8 @@ class Worker:
     def _connected(self) -> StreamClient:
         if self._client is None:
             k = self.settings.kafka
-            if not self._topics_ready:
-                _create_output_topics(self.settings)
-                self._topics_ready = True
+            if not self._topics_ready:  # else again once the input topic has records
+                self._topics_ready = _create_output_topics(self.settings)
             self._client = open_client(k.client, k.connection(), k.consumer(), k.producer())
             self._client.subscribe([k.input_topic], on_assign=self._on_assign,
                                    on_revoke=self._on_revoke)
@@ -299,10 +296,16 @@ class Worker:
         try:
             self.checkpoint()
         finally:  # leave the group at once, whatever happened: its partitions move on
+            self._close()
+
+    def _close(self) -> None:
+        """Stop the checkpoint writer, leave the group, then the model topic and health."""
+        try:
             self.durability.close()
             self._close_client()
             if self.sharing is not None:  # after the input: its partitions move on first
                 self.sharing.close()
+        finally:
             self.health.stop()
         log.info("stopped")
 
@@ -367,12 +370,12 @@ def gc_tuned_for_serving() -> Iterator[None]:
         gc.set_threshold(*thresholds)
 
 
-def _create_output_topics(settings: Settings) -> None:
+def _create_output_topics(settings: Settings) -> bool:
     """Create the topics the worker writes to when missing, with the input topic's partition
     count (never left to a broker's auto-creation); a cluster that refuses, or an error that
     retrying cannot fix, is a setup error at start-up (ConfigError), not a batch stuck at its
     first dead letter or anomaly days later. A missing input topic leaves them as they are,
-    with a warning."""
+    with a warning (False: to be tried again once it has records)."""
     k = settings.kafka
     named = {"kafka.output_topic": k.output_topic, "kafka.dlq_topic": k.dlq_topic,
              "kafka.anomaly_topic": k.anomaly_topic}
@@ -380,17 +383,18 @@ def _create_output_topics(settings: Settings) -> None:
         create_missing_topics(k.connection(), [t for t in named.values() if t],
                               like=k.input_topic)
     except TopicMissing as exc:  # the input may yet be created (by an operator, auto-creation)
-        log.warning("%s; create the input topic %r before the worker, or the topics it writes "
-                    "to will be left to the cluster's auto-creation", exc, k.input_topic)
-    except BrokerUnavailable:
-        raise  # retried with backoff
-    except KafkaClientError as exc:  # refused, unauthorized, unsupported: retrying cannot help
+        log.warning("%s; they will be created once the input topic %r has records (create it "
+                    "before the worker to have them at start-up)", exc, k.input_topic)
+        return False
+    except Unfixable as exc:  # refused, unauthorized, unsupported: retrying cannot help
+        # (any other KafkaClientError propagates: the loop backs off and tries again)
         settings_named = ", ".join(f"{topic!r}: {setting_name(key)}"
                                    for key, topic in named.items() if topic)
         raise ConfigError(
             f"{exc}. Create the topics the worker writes to, or name existing ones "
             f"({settings_named}; an empty anomaly topic disables anomaly events)"
         ) from exc
+    return True
 
 
 def _sharing(settings: Settings, learner: Learner, worker_id: str,

@@ -9,9 +9,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
+import kafka.errors as kerr
 import pytest
+import torch
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
 from streamer.config import ConfigError, load_settings
@@ -22,9 +25,11 @@ from streamer.kafka.errors import (
     KafkaClientError,
     TopicCreationRefused,
     TopicMissing,
+    convert,
 )
 from streamer.serving import worker as worker_module
 from streamer.serving.codec import DLQ_REASON, DLQ_SOURCE_OFFSET, DLQ_SOURCE_PARTITION
+from tests.conftest import TEST_CONSUMER_TIMEOUTS
 from tests.serving.conftest import (
     consume_from,
     forecasts_by_source,
@@ -273,8 +278,8 @@ REFUSALS = [
     TopicCreationRefused("creating topic 'sensor-anomalies' failed: "
                          "TopicAuthorizationFailedError: not authorized"),
     # an error retrying cannot fix (kafka-python raises it before sending to an old cluster)
-    KafkaClientError("creating topics failed: IncompatibleBrokerVersion: replication_factor=-1 "
-                     "needs a broker of 2.4 or later"),
+    convert(kerr.IncompatibleBrokerVersion("replication_factor=-1 needs a broker of 2.4 or "
+                                           "later"), "creating topics"),
 ]
 
 
@@ -299,12 +304,16 @@ def test_a_missing_output_topic_the_cluster_will_not_create_is_a_config_error(
         assert env in message
 
 
-def test_an_unreachable_cluster_while_creating_topics_is_retried_not_a_config_error(
-        monkeypatch):
-    monkeypatch.setattr(worker_module, "create_missing_topics",
-                        _refusing(BrokerUnavailable("listing topics failed: timed out")))
-    with pytest.raises(BrokerUnavailable):
+@pytest.mark.parametrize("error", [
+    BrokerUnavailable("listing topics failed: timed out"),
+    convert(kerr.UnknownError("during a controller failover"), "creating topics"),
+], ids=["unreachable", "unknown server error"])
+def test_an_error_retrying_may_fix_while_creating_topics_is_retried_not_a_config_error(
+        monkeypatch, error):
+    monkeypatch.setattr(worker_module, "create_missing_topics", _refusing(error))
+    with pytest.raises(KafkaClientError) as raised:  # the loop backs off and tries again
         worker_module._create_output_topics(load_settings())
+    assert raised.value is error
 
 
 def test_output_topics_are_left_alone_with_a_warning_while_the_input_topic_is_missing(
@@ -313,18 +322,69 @@ def test_output_topics_are_left_alone_with_a_warning_while_the_input_topic_is_mi
         TopicMissing("topic 'sensor-readings' does not exist, so ['sensor-forecasts'] were "
                      "not created")))
     with caplog.at_level(logging.WARNING, logger="streamer.worker"):
-        worker_module._create_output_topics(load_settings())  # no error: serving goes on
-    assert "does not exist" in caplog.text and "create the input topic" in caplog.text
+        done = worker_module._create_output_topics(load_settings())  # no error: serving goes on
+    assert not done  # tried again once the input topic has records
+    assert "does not exist" in caplog.text and "once the input topic" in caplog.text
+
+
+def test_output_topics_are_created_once_an_input_topic_missing_at_start_has_records(
+        topic_factory, group_id, broker, monkeypatch, tmp_path):
+    inp = topic_factory(3)
+    out, dlq = f"{inp}-out", f"{inp}-dlq"
+    calls = []
+    create = worker_module.create_missing_topics
+
+    def missing_at_start(connection, names, like):  # the input "appears" after the first try
+        if not calls:
+            calls.append(like)
+            raise TopicMissing(f"topic {like!r} does not exist")
+        created = create(connection, names, like=like)
+        calls.append(like)  # only now may the test read the output topic
+        return created
+
+    monkeypatch.setattr(worker_module, "create_missing_topics", missing_at_start)
+    settings = load_settings({
+        "kafka.bootstrap_servers": broker.bootstrap, "kafka.input_topic": inp,
+        "kafka.output_topic": out, "kafka.dlq_topic": dlq, "kafka.anomaly_topic": "",
+        "kafka.group_id": group_id, "kafka.poll_timeout_ms": 200,
+        **{f"kafka.{k}": v for k, v in TEST_CONSUMER_TIMEOUTS.items()},
+        "metrics.enabled": False, "sharing.enabled": False,
+        "checkpoint.dir": str(tmp_path), "device": "cpu"})
+    threads = torch.get_num_threads()
+    worker = worker_module.Worker(settings)
+    serving = threading.Thread(target=worker.run)
+    serving.start()
+    try:
+        produce_to(broker.bootstrap, inp, _stream(3, 3))
+        # (reading the output before the worker made it would have the broker create it)
+        wait_for(lambda: len(calls) == 2, 60, "the topics created, once records came")
+        assert len(consume_from(broker.bootstrap, out, 9, timeout_s=60)) == 9
+    finally:
+        worker.stop()
+        serving.join(60)
+        torch.set_num_threads(threads)
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+        try:
+            described = admin.describe_topics([out, dlq])
+        finally:
+            admin.close()
+        # created with the input's partitions before the first forecast was sent, not left to
+        # the broker's auto-creation (4 partitions here)
+        assert calls == [inp, inp]
+        assert {t["name"]: len(t["partitions"]) for t in described} == {out: 3, dlq: 3}
+    finally:
+        delete_topics(broker.bootstrap, [out, dlq])
 
 
 def test_streamer_run_stops_with_exit_2_and_shuts_down_when_a_topic_cannot_be_created(
         monkeypatch, tmp_path, capsys):
     from streamer.tools import cli
 
-    shutdowns = []
-    shutdown = worker_module.Worker._shutdown
-    monkeypatch.setattr(worker_module.Worker, "_shutdown",
-                        lambda self: (shutdowns.append(self), shutdown(self)))
+    closed = []
+    close = worker_module.Worker._close
+    monkeypatch.setattr(worker_module.Worker, "_close",
+                        lambda self: (closed.append(self), close(self)))
     monkeypatch.setattr(worker_module, "create_missing_topics", _refusing(REFUSALS[0]))
     for name in [n for n in os.environ if n.startswith("STREAMER_")]:
         monkeypatch.delenv(name)
@@ -332,19 +392,26 @@ def test_streamer_run_stops_with_exit_2_and_shuts_down_when_a_topic_cannot_be_cr
                         "STREAMER_CHECKPOINT__DIR": str(tmp_path), "STREAMER_METRICS__PORT": "0",
                         "STREAMER_SHARING__ENABLED": "false", "STREAMER_DEVICE": "cpu"}.items():
         monkeypatch.setenv(name, value)
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level  # `streamer run` configures logging
+    # `streamer run` configures logging, signals and torch's threads for this process
+    root, kafka_log = logging.getLogger(), logging.getLogger("kafka")
+    handlers, levels = root.handlers[:], (root.level, kafka_log.level)
     signals = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    threads = torch.get_num_threads()
     try:
         code = cli.main(["run"])
     finally:
         root.handlers[:] = handlers
-        root.setLevel(level)
+        root.setLevel(levels[0])
+        kafka_log.setLevel(levels[1])
         for sig, handler in signals.items():
             signal.signal(sig, handler)
+        torch.set_num_threads(threads)
     assert code == 2
     assert "TopicAuthorizationFailedError" in capsys.readouterr().err
-    assert len(shutdowns) == 1  # health server, checkpoint writer and clients closed
+    assert len(closed) == 1  # checkpoint writer, clients, model topic and health server
+    # No checkpoint: one written now would date the restored state as new, and a partition's
+    # next owner would adopt it over a newer checkpoint of another worker.
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
 
 
 def test_invalid_config_exits_2_naming_the_field():
