@@ -101,3 +101,14 @@ def test_a_refused_creation_says_whether_retrying_can_help(code, error):
         created_topics(answers)
     assert created_topics(answers[:2]) == ["ok"]  # 36: TOPIC_ALREADY_EXISTS is no error
 
+
+def test_a_controller_moving_during_creation_is_broker_unavailable_not_a_crash(broker,
+                                                                              monkeypatch):
+    # kafka-python raises a bare RuntimeError when the controller moved twice in a row
+    def failover(self, *args, **kwargs):
+        raise RuntimeError("Failed to find active controller id!")
+
+    monkeypatch.setattr(KafkaAdminClient, "create_topics", failover)
+    with pytest.raises(BrokerUnavailable, match="creating topics failed: Failed to find"):
+        ensure_topics(broker.bootstrap, {f"t-{uuid.uuid4().hex[:8]}": 1})
+
