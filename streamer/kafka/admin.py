@@ -42,7 +42,7 @@ def controller_errors(action: str) -> Iterator[None]:
 def admin_client(connection: KafkaConnection) -> Iterator[KafkaAdminClient]:
     """A connected admin client, closed on exit; BrokerUnavailable if none answers."""
     with converted_errors("connecting the admin client"):
-        admin = KafkaAdminClient(**connection.kafka_python_config())
+        admin = connection.kafka_python(KafkaAdminClient)
     try:
         yield admin
     finally:

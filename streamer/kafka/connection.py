@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 # kafka-python can only be configured for these from plain values (OAUTHBEARER needs a token
@@ -83,6 +87,29 @@ class KafkaConnection:
         }
         config.update({key: value for key, value in optional.items() if value is not None})
         return config
+
+    def kafka_python(self, factory: Callable[..., T], **settings: Any) -> T:
+        """``factory(**kafka_python_config(), **settings)`` (KafkaConsumer, KafkaProducer,
+        KafkaAdminClient). kafka-python 3 starts a network client with its own IO thread before
+        it bootstraps, and leaves both behind when bootstrapping fails: a worker retrying
+        through an outage would gain a thread and a socket pair per attempt. Those of a failed
+        construction are closed here."""
+        made: list[Any] = []
+        net_client = _kafka_python_net_client()
+
+        def tracked(**configs: Any) -> Any:
+            client = net_client(**configs)
+            made.append(client)
+            return client
+
+        try:
+            return factory(**{**self.kafka_python_config(), "kafka_client": tracked,
+                              **settings})
+        except BaseException:
+            for client in made:
+                with contextlib.suppress(Exception):
+                    client.close()
+            raise
 
     def librdkafka_config(self) -> dict[str, Any]:
         """The same settings as librdkafka properties (confluent-kafka's clients)."""

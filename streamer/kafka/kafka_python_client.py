@@ -121,8 +121,8 @@ class KafkaPythonClient:
         self._unreachable_since: float | None = None
         self._lock = threading.Lock()  # guards lazy producer (re)creation
         with converted_errors("connecting the consumer"):
-            self._consumer = KafkaConsumer(
-                **connection.kafka_python_config(),
+            self._consumer = connection.kafka_python(
+                KafkaConsumer,
                 group_id=consumer.group_id,
                 enable_auto_commit=False,
                 auto_offset_reset=consumer.auto_offset_reset,
@@ -349,8 +349,8 @@ class KafkaPythonClient:
     def _new_producer(self) -> KafkaProducer:
         settings = self._producer_settings
         with converted_errors("connecting the producer"):
-            return KafkaProducer(
-                **self._connection.kafka_python_config(),
+            return self._connection.kafka_python(
+                KafkaProducer,
                 acks="all",
                 linger_ms=settings.linger_ms,
                 compression_type=settings.compression_type,

@@ -92,18 +92,19 @@ class ModelTopic:
                     ensure_topics(self.connection, {self.topic: 1}, configs={
                         **TOPIC_CONFIG, "max.message.bytes": str(self.max_message_bytes)})
                     created = True
-                config = self.connection.kafka_python_config()
-                consumer = KafkaConsumer(**config, group_id=None, enable_auto_commit=False,
-                                         fetch_max_wait_ms=int(POLL_S * 1000),
-                                         max_partition_fetch_bytes=self.max_message_bytes * 2)
+                consumer = self.connection.kafka_python(
+                    KafkaConsumer, group_id=None, enable_auto_commit=False,
+                    fetch_max_wait_ms=int(POLL_S * 1000),
+                    max_partition_fetch_bytes=self.max_message_bytes * 2)
                 partition = TopicPartition(self.topic, 0)
                 consumer.assign([partition])
                 if self._next_offset is None:
                     consumer.seek_to_beginning(partition)
                 else:  # a reconnect: read on, not the whole history again
                     consumer.seek(partition, self._next_offset)
-                producer = KafkaProducer(**config, acks="all", linger_ms=0,
-                                         max_request_size=self.max_message_bytes)
+                producer = self.connection.kafka_python(
+                    KafkaProducer, acks="all", linger_ms=0,
+                    max_request_size=self.max_message_bytes)
                 self._serve(consumer, producer)
                 return
             except Exception as exc:  # noqa: BLE001 - any Kafka trouble: count, wait, reconnect

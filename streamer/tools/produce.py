@@ -61,7 +61,7 @@ def produce(readings: Batch, connection: KafkaConnection, topic: str, pace: Pace
         np.unique(readings.ts)))) if n > 1 else 1.0
     shift = time.time() - float(readings.ts.max()) if time_shift and loop else 0.0
     with converted_errors("connecting the producer"):
-        producer = KafkaProducer(**connection.kafka_python_config(), acks="all", linger_ms=5)
+        producer = connection.kafka_python(KafkaProducer, acks="all", linger_ms=5)
     sent, started, first_ts = 0, time.monotonic(), float(readings.ts[0])
     try:
         while not stop.is_set():

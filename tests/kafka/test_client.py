@@ -350,3 +350,20 @@ def test_kafka_python_clients_warn_of_a_stalled_io_thread_only_past_a_second(bro
     finally:
         consumer.close()
     assert IO_STALL_WARNING_S > 0.1  # kafka-python's own default
+
+
+def test_connecting_to_no_broker_again_and_again_leaves_no_io_thread_behind():
+    # kafka-python 3 starts a network thread before it bootstraps and kept it when that failed:
+    # a worker retrying through an outage gained a thread (and a socket pair) per attempt.
+    def io_threads() -> int:
+        return sum(1 for t in threading.enumerate() if t.name.startswith("kafka-io"))
+
+    connection = KafkaConnection(f"127.0.0.1:{free_port()}", bootstrap_timeout_s=0.3)
+    before = io_threads()
+    for _ in range(3):
+        with pytest.raises(BrokerUnavailable):
+            ensure_topics(connection, {"never": 1})
+        with pytest.raises(BrokerUnavailable):
+            open_client("kafka-python", connection, ConsumerSettings(group_id="g"),
+                        ProducerSettings())
+    assert io_threads() == before
