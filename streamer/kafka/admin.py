@@ -25,20 +25,6 @@ _UNKNOWN_TOPIC = kerr.UnknownTopicOrPartitionError.errno
 
 
 @contextmanager
-def controller_errors(action: str) -> Iterator[None]:
-    """``converted_errors`` for requests sent to the cluster's controller: kafka-python raises
-    a bare RuntimeError when the controller moved twice in a row (a failover), which is
-    BrokerUnavailable here (retry later), not a crash."""
-    try:
-        with converted_errors(action):
-            yield
-    except RuntimeError as exc:
-        if "controller" not in str(exc):
-            raise
-        raise BrokerUnavailable(f"{action} failed: {exc}") from exc
-
-
-@contextmanager
 def admin_client(connection: KafkaConnection) -> Iterator[KafkaAdminClient]:
     """A connected admin client, closed on exit; BrokerUnavailable if none answers."""
     with converted_errors("connecting the admin client"):
@@ -74,7 +60,7 @@ def ensure_topics(
         for name, count in partitions.items()
     }
     with admin_client(KafkaConnection.of(connection)) as admin:
-        with controller_errors("creating topics"):
+        with converted_errors("creating topics"):
             result = admin.create_topics(spec, timeout_ms=int(timeout_s * 1000),
                                          raise_errors=False)
     created = created_topics(result["topics"])
@@ -142,7 +128,7 @@ def delete_topics(
     if not names:
         return
     with admin_client(KafkaConnection.of(connection)) as admin:
-        with controller_errors("deleting topics"):
+        with converted_errors("deleting topics"):
             result = admin.delete_topics(names, timeout_ms=int(timeout_s * 1000),
                                          raise_errors=False)
     for topic in result["topics"]:

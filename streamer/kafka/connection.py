@@ -75,7 +75,6 @@ class KafkaConnection:
             "client_id": self.client_id,
             "security_protocol": self.security_protocol,
             "bootstrap_timeout_ms": int(self.bootstrap_timeout_s * 1000),
-            "kafka_client": _kafka_python_net_client(),
         }
         optional = {
             "sasl_mechanism": self.sasl_mechanism,
@@ -90,8 +89,9 @@ class KafkaConnection:
 
     def kafka_python(self, factory: Callable[..., T], **settings: Any) -> T:
         """``factory(**kafka_python_config(), **settings)`` (KafkaConsumer, KafkaProducer,
-        KafkaAdminClient). kafka-python 3 starts a network client with its own IO thread before
-        it bootstraps, and leaves both behind when bootstrapping fails: a worker retrying
+        KafkaAdminClient) on kafka-python's network client with the IO stall warning at
+        ``IO_STALL_WARNING_S``. kafka-python 3 starts that client, with its own IO thread,
+        before it bootstraps, and leaves both behind when bootstrapping fails: a worker retrying
         through an outage would gain a thread and a socket pair per attempt. Those of a failed
         construction are closed here."""
         made: list[Any] = []

@@ -82,10 +82,16 @@ def convert(exc: Exception, action: str) -> KafkaClientError:
 
 @contextmanager
 def converted_errors(action: str) -> Iterator[None]:
-    """Re-raise kafka-python errors inside the block as the project's own."""
+    """Re-raise kafka-python errors inside the block as the project's own. kafka-python's
+    admin client raises a bare RuntimeError when the controller moved twice in a row (a
+    failover): BrokerUnavailable here (retry later), not a crash."""
     import kafka.errors as kerr
 
     try:
         yield
     except kerr.KafkaError as exc:
         raise convert(exc, action) from exc
+    except RuntimeError as exc:
+        if "controller" not in str(exc):
+            raise
+        raise BrokerUnavailable(f"{action} failed: {exc}") from exc

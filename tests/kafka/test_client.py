@@ -344,7 +344,7 @@ def test_kafka_python_clients_warn_of_a_stalled_io_thread_only_past_a_second(bro
 
     from streamer.kafka.connection import IO_STALL_WARNING_S
 
-    consumer = KafkaConsumer(**KafkaConnection(broker.bootstrap).kafka_python_config())
+    consumer = KafkaConnection(broker.bootstrap).kafka_python(KafkaConsumer)
     try:
         assert consumer._client._net.config["slow_task_threshold_secs"] == IO_STALL_WARNING_S
     finally:

@@ -15,7 +15,7 @@ import time
 import kafka.errors as kerr
 import pytest
 import torch
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 
 from streamer.config import ConfigError, load_settings
 from streamer.kafka.admin import delete_topics, ensure_topics
@@ -30,6 +30,7 @@ from streamer.kafka.errors import (
 from streamer.serving import worker as worker_module
 from streamer.serving.codec import DLQ_REASON, DLQ_SOURCE_OFFSET, DLQ_SOURCE_PARTITION
 from tests.conftest import TEST_CONSUMER_TIMEOUTS
+from tests.kafka.test_admin import partition_counts
 from tests.serving.conftest import (
     consume_from,
     forecasts_by_source,
@@ -261,12 +262,7 @@ def test_a_worker_creates_the_topics_it_writes_to_with_the_input_topics_partitio
     worker = worker_factory(inp, out, dlq, group_id).start()
     try:
         worker.wait_ready()
-        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
-        try:
-            described = admin.describe_topics([out, dlq, f"{out}-anomalies"])
-        finally:
-            admin.close()
-        assert {t["name"]: len(t["partitions"]) for t in described} == {
+        assert partition_counts(broker.bootstrap, [out, dlq, f"{out}-anomalies"]) == {
             out: 3, dlq: 3, f"{out}-anomalies": 3}, worker.log()
     finally:
         worker.stop()  # first: a running worker's producer could bring them back
@@ -364,15 +360,10 @@ def test_output_topics_are_created_once_an_input_topic_missing_at_start_has_reco
         serving.join(60)
         torch.set_num_threads(threads)
     try:
-        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
-        try:
-            described = admin.describe_topics([out, dlq])
-        finally:
-            admin.close()
         # created with the input's partitions before the first forecast was sent, not left to
         # the broker's auto-creation (4 partitions here)
         assert calls == [inp, inp]
-        assert {t["name"]: len(t["partitions"]) for t in described} == {out: 3, dlq: 3}
+        assert partition_counts(broker.bootstrap, [out, dlq]) == {out: 3, dlq: 3}
     finally:
         delete_topics(broker.bootstrap, [out, dlq])
 
