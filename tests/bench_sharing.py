@@ -1,7 +1,7 @@
 """What sharing weights across a consumer group does to forecast quality (a print-out).
 
     python -m tests.bench_sharing [--fleets appliances,parking,hourly,daily] [--workers 4]
-                                  [--every 256,4096]
+                                  [--every 256,4096] [--seeds 0,1,2]
 
 Each shared fleet is replayed prequentially (every reading, in file order, as
 tests/bench_quality.py) three ways:
@@ -17,6 +17,10 @@ tests/bench_quality.py) three ways:
   in process here: a loopback that hands each published record to every other worker's inbox
   in publish order, instead of the Kafka model topic (tests/serving/test_sharing_workers.py
   runs the same code between real workers on the real broker).
+
+With several ``--seeds`` (the model's initial weights, ``LearnerConfig.seed``) every row is
+repeated per seed, and a ``mean`` row gives each change as the mean +- standard deviation of
+the paired changes (same seed, same fleet): whether a difference outlasts the initialization.
 
 relMAE = mean over sensors of MAE / persistence MAE (``streamer.tools.replay.score``). Target
 (issue 15): sharing within 2 % of one worker, and at least as good as not sharing.
@@ -118,29 +122,49 @@ def main() -> int:
     parser.add_argument("--fleets", default=",".join(FLEETS))
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--every", default="256,4096", help="readings between sharing rounds")
+    parser.add_argument("--seeds", default="0", help="model seeds (LearnerConfig.seed): with "
+                        "several, a row per seed and their mean, and each paired difference's "
+                        "mean +- standard deviation over the seeds")
     parser.add_argument("--limit", type=int, default=None, help="first N readings per fleet")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    config = LearnerConfig(device="cpu")
     every = [int(x) for x in args.every.split(",") if x]
+    seeds = [int(x) for x in args.seeds.split(",") if x]
     n = args.workers
     head = " | ".join(f"{n} sharing every {e:,} (vs one; vs not sharing)" for e in every)
-    print(f"| fleet | readings | one worker | {n} not sharing | {head} |")
-    print("| --- | ---: | ---: | ---: |" + " ---: |" * len(every), flush=True)
+    print(f"| fleet | seed | readings | one worker | {n} not sharing | {head} |")
+    print("| --- | --- | ---: | ---: | ---: |" + " ---: |" * len(every), flush=True)
     for name in args.fleets.split(","):
         readings = read_fleet(name, args.data)
         if args.limit:
             readings = readings.take(np.arange(min(args.limit, len(readings))))
-        one = run(readings, config, 1, None)
-        apart = run(readings, config, n, None)
-        cells = []
-        for e in every:
-            shared = run(readings, config, n, e)
-            cells.append(f"{shared:.4f} ({(shared / one - 1) * 100:+.1f} %; "
-                         f"{(shared / apart - 1) * 100:+.1f} %)")
-        print(f"| {name} | {len(readings):,} | {one:.4f} | {apart:.4f} | {' | '.join(cells)} |",
-              flush=True)
+        rows = []  # per seed: one, apart, then sharing at each interval
+        for seed in seeds:
+            config = LearnerConfig(device="cpu", seed=seed)
+            rows.append([run(readings, config, 1, None), run(readings, config, n, None)]
+                        + [run(readings, config, n, e) for e in every])
+            print(_row(name, str(seed), len(readings), rows[-1]), flush=True)
+        if len(seeds) > 1:
+            print(_row(name, "mean", len(readings), list(np.mean(rows, axis=0)), rows),
+                  flush=True)
     return 0
+
+
+def _row(fleet: str, seed: str, count: int, scores: list[float],
+         per_seed: list[list[float]] | None = None) -> str:
+    """A table row; with ``per_seed``, each change is the mean +- sd of the paired changes."""
+    one, apart, *shared = scores
+    cells = []
+    for k, value in enumerate(shared, start=2):
+        if per_seed is None:
+            cells.append(f"{value:.4f} ({(value / one - 1) * 100:+.1f} %; "
+                         f"{(value / apart - 1) * 100:+.1f} %)")
+            continue
+        rows = np.asarray(per_seed)
+        vs_one, vs_apart = (rows[:, k] / rows[:, 0] - 1) * 100, (rows[:, k] / rows[:, 1] - 1) * 100
+        cells.append(f"{value:.4f} ({vs_one.mean():+.1f} +- {vs_one.std(ddof=1):.1f} %; "
+                     f"{vs_apart.mean():+.1f} +- {vs_apart.std(ddof=1):.1f} %)")
+    return f"| {fleet} | {seed} | {count:,} | {one:.4f} | {apart:.4f} | {' | '.join(cells)} |"
 
 
 if __name__ == "__main__":

@@ -46,6 +46,18 @@ def test_intervals_benchmark_quick_run_compares_streamer_with_both_baselines() -
     assert "readings/s without intervals" in out
 
 
+def test_sharing_benchmark_quick_run_averages_its_seeds() -> None:
+    out = _run("-m", "tests.bench_sharing", "--fleets", "sample", "--limit", "3000",
+               "--seeds", "0,1", "--every", "512", timeout_s=240)
+    seeds = [_row(out, f"sample | {seed}") for seed in ("0", "1", "mean")]
+    for cells in seeds:  # relMAE of one worker, of 4 not sharing, of 4 sharing
+        assert all(0.1 < _number(cells[k]) < 2.0 for k in (3, 4, 5))
+    for k in (3, 4, 5):
+        assert _number(seeds[2][k]) == pytest.approx(
+            (_number(seeds[0][k]) + _number(seeds[1][k])) / 2, abs=1e-4)
+    assert "+-" in seeds[2][5]  # the paired change's spread over the seeds
+
+
 def test_horizon_benchmark_quick_run_scores_every_step_the_rollout_and_the_cost() -> None:
     out = _run("-m", "tests.bench_horizon", "--quick", timeout_s=240)
     row = _row(out, "sample")  # the summary: fleet, H, below, mean vs best, coverage
