@@ -7,6 +7,14 @@ Layout of the checkpoint directory (shared by the workers of one group):
 
 A manifest is written (atomically) only after its data file is durable, so a manifest
 always names a complete file; the checksum catches later corruption.
+
+Pruning: after each save a worker keeps its own newest ``keep`` checkpoints, and deletes
+another worker's checkpoint once newer intact ones hold every partition it held (its
+partitions have moved on: a pod that is gone, under a Deployment whose pod names, and so
+worker ids, change with every restart). Without that, each rollout would leave its dead pods'
+checkpoints on the shared volume for good. Data files and temporary files that no manifest
+names are deleted when another worker's and older than ``ORPHAN_AGE_S`` (a crash between the
+data file and its manifest).
 """
 
 from __future__ import annotations
@@ -27,6 +35,10 @@ from streamer.kafka.client import PartitionId
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^(?P<worker>[A-Za-z0-9_.-]+)-(?P<seq>\d{10})\.json$")
+_DATA = re.compile(r"^\.?(?P<worker>[A-Za-z0-9_.-]+)-(?P<seq>\d{10})\.(ckpt|json)(\.tmp)?$")
+# A data or temporary file without a manifest, of another worker, is left this long (seconds
+# since it was last written) before it is deleted: a live writer is past it well before.
+ORPHAN_AGE_S = 3600.0
 
 
 class CheckpointError(Exception):
@@ -251,9 +263,50 @@ class CheckpointStore:
     def _prune(self) -> None:
         mine = sorted((seq, path) for w, seq, path in self._manifests() if w == self.worker)
         for _, path in mine[: max(0, len(mine) - self.keep)]:
-            stem = path.with_suffix("")
-            for victim in (path, stem.with_suffix(".ckpt")):
-                try:
-                    victim.unlink()
-                except FileNotFoundError:
-                    pass
+            _delete_checkpoint(path)
+        self._prune_superseded()
+
+    def _prune_superseded(self) -> None:
+        """Delete other workers' checkpoints whose every partition a newer intact checkpoint
+        holds, and other workers' orphaned data and temporary files (module docstring)."""
+        held = []  # (worker, created, manifest path, partitions, intact)
+        for worker, _, path in self._manifests():
+            try:
+                manifest = json.loads(path.read_text())
+                created = float(manifest["created"])
+                partitions = set(manifest["offsets"])
+                data = self.directory / manifest["data"]
+                intact = data.stat().st_size == manifest["size"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # unreadable now (being replaced, or damaged): left alone
+            held.append((worker, created, path, partitions, intact))
+        named = {path.with_suffix(".ckpt").name for _, _, path, _, _ in held}
+        for worker, created, path, partitions, _ in held:
+            if worker == self.worker:
+                continue
+            newer = [p for w, c, _, p, intact in held if c > created and intact]
+            if newer and all(any(tp in p for p in newer) for tp in partitions):
+                log.info("deleting checkpoint %s: newer checkpoints hold all its partitions",
+                         path.name)
+                _delete_checkpoint(path)
+        now = time.time()
+        for path in self.directory.iterdir():
+            match = _DATA.match(path.name)
+            if (match is None or match["worker"] == self.worker or path.name in named
+                    or _NAME.match(path.name)):
+                continue
+            try:
+                if now - path.stat().st_mtime > ORPHAN_AGE_S:
+                    log.info("deleting %s: no checkpoint manifest names it", path.name)
+                    path.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def _delete_checkpoint(manifest: Path) -> None:
+    """The manifest first (a reader that has it finds the data gone and falls back)."""
+    for victim in (manifest, manifest.with_suffix(".ckpt")):
+        try:
+            victim.unlink()
+        except FileNotFoundError:
+            pass

@@ -277,3 +277,48 @@ def test_the_manifest_checksum_is_the_data_files_sha256(tmp_path):
     data = saved.path.read_bytes()
     assert manifest["size"] == len(data) == saved.size_bytes
     assert manifest["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def _files(directory) -> set[str]:
+    return {p.name for p in directory.iterdir()}
+
+
+def test_a_gone_workers_checkpoint_is_deleted_once_newer_ones_hold_all_its_partitions(tmp_path):
+    learner, other = _learner(12), ("readings", 1)
+    gone = CheckpointStore(tmp_path, "pod-a", "fp")
+    gone.save(learner.snapshot(), {TP: 5, other: 7}, {TP: ["s0"], other: ["s1"]}, created=100.0)
+    alive = CheckpointStore(tmp_path, "pod-b", "fp")
+    alive.save(learner.snapshot(), {TP: 9}, {TP: ["s0"]}, created=200.0)
+    assert "pod-a-0000000001.json" in _files(tmp_path)  # partition 1 is only in pod-a's
+    alive.save(learner.snapshot(), {TP: 9, other: 8}, {TP: ["s0"], other: ["s1"]},
+               created=300.0)
+    assert not {"pod-a-0000000001.json", "pod-a-0000000001.ckpt"} & _files(tmp_path)
+    assert alive.latest_for(other).worker == "pod-b"
+
+
+def test_a_newer_checkpoint_with_a_damaged_data_file_does_not_supersede_an_older_one(tmp_path):
+    learner = _learner(12)
+    alive = CheckpointStore(tmp_path, "pod-b", "fp")
+    saved = alive.save(learner.snapshot(), {TP: 9}, {TP: ["s0"]}, created=200.0)
+    os.truncate(saved.path, 10)
+    CheckpointStore(tmp_path, "pod-a", "fp").save(learner.snapshot(), {TP: 5}, {TP: ["s0"]},
+                                                  created=100.0)
+    alive.save(learner.snapshot(), {("other", 0): 1}, {("other", 0): []}, created=300.0)
+    assert "pod-a-0000000001.json" in _files(tmp_path)
+    assert alive.latest_for(TP).worker == "pod-a"  # the fallback is still there
+
+
+def test_another_workers_orphaned_data_file_is_deleted_only_when_old(tmp_path):
+    learner = _learner(12)
+    for name in ("pod-a-0000000004.ckpt", ".pod-a-0000000005.json.tmp",
+                 "pod-b-0000000009.ckpt", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    old = time.time() - 2 * 3600
+    for name in ("pod-a-0000000004.ckpt", ".pod-a-0000000005.json.tmp", "notes.txt"):
+        os.utime(tmp_path / name, (old, old))
+    CheckpointStore(tmp_path, "pod-c", "fp").save(learner.snapshot(), {TP: 1}, {TP: []})
+    left = _files(tmp_path)
+    assert {"pod-b-0000000009.ckpt", "notes.txt"} <= left  # too recent; not a checkpoint's
+    assert not {"pod-a-0000000004.ckpt", ".pod-a-0000000005.json.tmp"} & left
+    assert {"pod-c-0000000001.json", "pod-c-0000000001.ckpt"} <= left
+
