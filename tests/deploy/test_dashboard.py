@@ -138,8 +138,9 @@ def test_anomaly_panel_shows_rate_share_and_sensors_flagged(dashboard: dict) -> 
     per_second, per_thousand, sensors = (t["expr"] for t in panel["targets"])
     assert metric_names(per_second) == {"streamer_anomalies_total"}
     assert per_thousand.startswith("1000 * ")
+    # per scored reading, not per scored value (the interval counter counts each feature)
     assert metric_names(per_thousand) == {
-        "streamer_anomalies_total", "streamer_interval_readings_total"
+        "streamer_anomalies_total", "streamer_scored_readings_total"
     }
     assert metric_names(sensors) == {"streamer_sensors_flagged"}
 
