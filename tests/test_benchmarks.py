@@ -58,6 +58,13 @@ def test_sharing_benchmark_quick_run_averages_its_seeds() -> None:
     assert "+-" in seeds[2][5]  # the paired change's spread over the seeds
 
 
+def test_chaos_script_quick_run_loses_nothing_on_either_client() -> None:
+    out = _run("-m", "tests.chaos_kills", "--kills", "3", "--steps", "300", timeout_s=400)
+    for client in ("kafka-python", "confluent"):
+        (line,) = [x for x in out.splitlines() if x.startswith(f"{client}: ")]
+        assert line.startswith(f"{client}: OK") and "missing 0" in line, line
+
+
 def test_horizon_benchmark_quick_run_scores_every_step_the_rollout_and_the_cost() -> None:
     out = _run("-m", "tests.bench_horizon", "--quick", timeout_s=240)
     row = _row(out, "sample")  # the summary: fleet, H, below, mean vs best, coverage
