@@ -7,7 +7,7 @@ equal an uninterrupted one (a print-out; a check run from outside the test suite
 For each Kafka client, on the local broker: the same readings go to two one-partition topics;
 an **uninterrupted** worker forecasts the first; on the second a worker is started and killed
 with SIGKILL ``--kills`` times, each at a random moment: a quarter within 1.5 s of it being
-ready (the group join, the restore, the first micro-batches), the others after its first
+ready, restored (the group join, the first micro-batches), the others after its first
 forecast, uniform up to the uninterrupted run's time per kill (mid micro-batch, mid update,
 mid checkpoint write, mid produce alike); then one last worker finishes the stream (fewer
 kills when the stream ends first: the count is printed). Checked: every reading has a
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from kafka import KafkaAdminClient, KafkaConsumer
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
 
 from streamer.kafka.broker import LocalBroker, free_port
@@ -105,40 +106,47 @@ def run(broker: LocalBroker, client: str, kills: int, rng: random.Random, data: 
     steady.signal(signal.SIGTERM)
     assert steady.wait(30) == 0, steady.log()
 
-    crashy_dir, killed = work / f"{run_id}-crashy", 0
-    for k in range(kills):
-        victim = _worker(broker, client, topics["crashy"], "crashy", crashy_dir,
-                         work / f"{run_id}-crashy-{k}.log").start()
-        victim.wait_ready(60)
-        if rng.random() < 0.25:  # during the group join, restore or first micro-batches
-            time.sleep(rng.uniform(0.0, 1.5))
-        else:  # while it works through the stream: once its first forecast is out
-            try:
-                wait_for(lambda v=victim: v.metric("streamer_forecasts_produced_total") > 0,
-                         15, "a restarted worker's first forecast")
-            except AssertionError:  # nothing left to forecast: the kills got through it all
-                victim.signal(signal.SIGKILL)
-                victim.wait(30)
-                break
-            time.sleep(rng.uniform(0.0, took / kills))
-        victim.signal(signal.SIGKILL)
-        victim.wait(30)
-        killed += 1
-    last = _worker(broker, client, topics["crashy"], "crashy", crashy_dir,
-                   work / f"{run_id}-crashy-last.log").start()
-    last.wait_ready(60)
     reader = KafkaConsumer(topics["crashy"][1], bootstrap_servers=broker.bootstrap,
                            auto_offset_reset="earliest", enable_auto_commit=False,
                            fetch_max_wait_ms=100)
     records: list = []
 
-    def done() -> bool:
+    def all_forecast() -> bool:
         for batch in reader.poll(timeout_ms=500).values():
             records.extend(batch)
         return len(forecasts_by_source(records)) >= n
 
+    crashy_dir, killed = work / f"{run_id}-crashy", 0
     try:
-        wait_for(done, 300, "every reading to be forecast after the kills", last.log)
+        for k in range(kills):
+            victim = _worker(broker, client, topics["crashy"], "crashy", crashy_dir,
+                             work / f"{run_id}-crashy-{k}.log").start()
+            victim.wait_ready(60)  # restored: the health server starts after the restore
+            if rng.random() < 0.25:  # during the group join or the first micro-batches
+                time.sleep(rng.uniform(0.0, 1.5))
+            else:  # while it works through the stream: once its first forecast is out
+                try:
+                    wait_for(lambda v=victim: v.metric("streamer_forecasts_produced_total") > 0,
+                             15, "a restarted worker's first forecast")
+                except AssertionError:
+                    if all_forecast():  # nothing left: the kills got through the stream
+                        victim.stop()
+                        break
+                time.sleep(rng.uniform(0.0, took / kills))
+            victim.signal(signal.SIGKILL)
+            victim.wait(30)
+            killed += 1
+        last = _worker(broker, client, topics["crashy"], "crashy", crashy_dir,
+                       work / f"{run_id}-crashy-last.log").start()
+        last.wait_ready(60)
+        wait_for(all_forecast, 300, "every reading to be forecast after the kills", last.log)
+        # Every reading has a forecast, maybe from a killed worker: the last one must still
+        # catch up from the checkpoint it restored before its final checkpoint is the end state.
+        restored = re.search(r"restored \S+: .* offsets \{[^}]*: (\d+)\}",
+                             last.log_path.read_text())
+        start = int(restored.group(1)) if restored else 0
+        wait_for(lambda: last.metric("streamer_forecasts_produced_total") >= n - start, 300,
+                 "the last worker to catch up", last.log)
     finally:
         reader.close()
     last.signal(signal.SIGTERM)
@@ -150,7 +158,12 @@ def run(broker: LocalBroker, client: str, kills: int, rng: random.Random, data: 
     common = sorted(set(expected) & set(got))
     diff = np.abs(np.array([got[k][-1]["value"] for k in common])
                   - np.array([expected[k][-1]["value"] for k in common]))
-    dead = consume_from(broker.bootstrap, topics["crashy"][2], 1, timeout_s=2)
+    probe = KafkaConsumer(bootstrap_servers=broker.bootstrap)
+    try:  # one partition, created empty: its end offset counts every dead letter ever sent
+        dlq = TopicPartition(topics["crashy"][2], 0)
+        dead = probe.end_offsets([dlq])[dlq]
+    finally:
+        probe.close()
     steady_w = _final_weights(work / f"{run_id}-steady", "steady")
     crashy_w = _final_weights(crashy_dir, "crashy")
     weight_diff = max(float((crashy_w[name] - t).abs().max()) for name, t in steady_w.items())
@@ -159,7 +172,8 @@ def run(broker: LocalBroker, client: str, kills: int, rng: random.Random, data: 
         "missing": len(missing), "re-emitted": sum(1 for k in got if len(got[k]) > 1),
         "emitted": sum(len(v) for v in got.values()),
         "max |forecast diff|": float(diff.max()) if len(diff) else float("nan"),
-        "differ > 1e-4": int((diff > 1e-4).sum()), "dead letters": len(dead),
+        "differ > 1e-4": int((diff > 1e-4).sum()), "dead letters": dead,
+        "uninterrupted forecasts": len(expected),
         "max |weight diff|": weight_diff,
     }
 
@@ -171,15 +185,20 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sensors", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3000, help="readings per sensor")
+    parser.add_argument("--keep", default=None, help="keep logs and checkpoints in this folder")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     data = _stream(args.sensors, args.steps)
     failed = False
     with LocalBroker() as broker, tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.keep or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         for client in args.clients.split(","):
-            result = run(broker, client, args.kills, rng, data, Path(tmp))
+            result = run(broker, client, args.kills, rng, data, work)
             ok = (result["missing"] == 0 and result["differ > 1e-4"] == 0
-                  and result["dead letters"] == 0 and result["max |weight diff|"] <= 1e-4)
+                  and result["dead letters"] == 0 and result["max |weight diff|"] <= 1e-4
+                  and result["uninterrupted forecasts"] == result["readings"]
+                  and (result["kills"] > 0 or args.kills == 0))
             failed = failed or not ok
             print(f"{client}: {'OK' if ok else 'FAILED'} " + ", ".join(
                 f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"

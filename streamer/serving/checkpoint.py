@@ -9,12 +9,16 @@ A manifest is written (atomically) only after its data file is durable, so a man
 always names a complete file; the checksum catches later corruption.
 
 Pruning: after each save a worker keeps its own newest ``keep`` checkpoints, and deletes
-another worker's checkpoint once newer intact ones hold every partition it held (its
-partitions have moved on: a pod that is gone, under a Deployment whose pod names, and so
+another worker's checkpoint once every partition it held is held by a newer checkpoint of a
+different worker that verifies (sha256) and that this version and configuration can restore:
+its partitions have moved on (a pod that is gone, under a Deployment whose pod names, and so
 worker ids, change with every restart). Without that, each rollout would leave its dead pods'
-checkpoints on the shared volume for good. Data files and temporary files that no manifest
-names are deleted when another worker's and older than ``ORPHAN_AGE_S`` (a crash between the
-data file and its manifest).
+checkpoints on the shared volume for good. A live worker's own older checkpoints are never
+superseded by its newer ones here (its ``keep`` fallbacks stay); a checkpoint is superseded
+only by checkpoints of its own configuration and snapshot format (after a change of either, a
+rollback still finds the old ones; written before manifests named their format, never).
+Data files and temporary files that no manifest names are deleted when another worker's and
+older than ``ORPHAN_AGE_S`` (a crash between the data file and its manifest).
 """
 
 from __future__ import annotations
@@ -147,6 +151,7 @@ class CheckpointStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         mine = [seq for w, seq, _ in self._manifests() if w == worker]
         self._next_seq = max(mine, default=0) + 1
+        self._verified: dict[str, bool] = {}  # manifest name -> its data file verifies
 
     def save(self, state: dict, offsets: dict[PartitionId, int],
              sensors: dict[PartitionId, list[str]], created: float | None = None) -> SaveStats:
@@ -168,6 +173,7 @@ class CheckpointStore:
             "seq": seq,
             "created": time.time() if created is None else created,
             "fingerprint": self.fingerprint,
+            "snapshot_format": state.get("format"),
             "data": data_path.name,
             "size": size,
             "sha256": sha256,
@@ -267,40 +273,72 @@ class CheckpointStore:
         self._prune_superseded()
 
     def _prune_superseded(self) -> None:
-        """Delete other workers' checkpoints whose every partition a newer intact checkpoint
-        holds, and other workers' orphaned data and temporary files (module docstring)."""
-        held = []  # (worker, created, manifest path, partitions, intact)
-        for worker, _, path in self._manifests():
+        """Delete another worker's checkpoint once every partition it held is held by a newer
+        checkpoint of a different worker with the same config fingerprint and snapshot format
+        whose data verifies, and other workers' data and temporary files that no manifest
+        names, once old (module docstring)."""
+        listed = self._manifests()
+        named = {path.name for _, _, path in listed}
+        found = []  # (worker, created, manifest path, manifest)
+        for worker, _, path in listed:
             try:
                 manifest = json.loads(path.read_text())
-                created = float(manifest["created"])
-                partitions = set(manifest["offsets"])
-                data = self.directory / manifest["data"]
-                intact = data.stat().st_size == manifest["size"]
+                found.append((worker, float(manifest["created"]), path, manifest))
             except (OSError, ValueError, KeyError, TypeError):
-                continue  # unreadable now (being replaced, or damaged): left alone
-            held.append((worker, created, path, partitions, intact))
-        named = {path.with_suffix(".ckpt").name for _, _, path, _, _ in held}
-        for worker, created, path, partitions, _ in held:
+                continue  # unreadable now: neither deleted nor counted as newer
+        usable = [(w, c, path, m) for w, c, path, m in found
+                  if m.get("snapshot_format") is not None and isinstance(m.get("offsets"), dict)]
+        self._verified = {k: v for k, v in self._verified.items() if k in named}
+        for worker, created, path, manifest in found:
             if worker == self.worker:
+                continue  # our own go by count (``keep``)
+            kind = (manifest.get("fingerprint"), manifest.get("snapshot_format"))
+            newer = sorted(((c, p, m) for w, c, p, m in usable if w != worker and c > created
+                            and (m.get("fingerprint"), m.get("snapshot_format")) == kind),
+                           key=lambda x: x[0], reverse=True)
+            partitions = list(manifest.get("offsets") or {})
+            # cheap test first; the data files are hashed only when all else says delete
+            if not newer or not all(any(tp in m["offsets"] for _, _, m in newer)
+                                    for tp in partitions):
                 continue
-            newer = [p for w, c, _, p, intact in held if c > created and intact]
-            if newer and all(any(tp in p for p in newer) for tp in partitions):
-                log.info("deleting checkpoint %s: newer checkpoints hold all its partitions",
-                         path.name)
+            if all(any(tp in m["offsets"] and self._intact(p, m) for _, p, m in newer)
+                   for tp in partitions) and any(self._intact(p, m) for _, p, m in newer):
+                log.info("deleting checkpoint %s: newer checkpoints of other workers hold all "
+                         "its partitions", path.name)
                 _delete_checkpoint(path)
         now = time.time()
         for path in self.directory.iterdir():
             match = _DATA.match(path.name)
-            if (match is None or match["worker"] == self.worker or path.name in named
-                    or _NAME.match(path.name)):
+            if match is None or match["worker"] == self.worker or path.name in named:
                 continue
+            stem = f"{match['worker']}-{match['seq']}"
+            if path.name == f"{stem}.ckpt" and (self.directory / f"{stem}.json").exists():
+                continue  # its manifest: not an orphan
             try:
                 if now - path.stat().st_mtime > ORPHAN_AGE_S:
                     log.info("deleting %s: no checkpoint manifest names it", path.name)
                     path.unlink()
             except FileNotFoundError:
                 pass
+
+    def _intact(self, manifest_path: Path, manifest: dict) -> bool:
+        """Whether the data file has the manifest's size and sha256 (cached per manifest:
+        a manifest and its data are never rewritten under the same name)."""
+        known = self._verified.get(manifest_path.name)
+        if known is None:
+            known = False
+            try:
+                data = self.directory / manifest["data"]
+                if data.stat().st_size == manifest["size"]:
+                    digest = hashlib.sha256()
+                    with open(data, "rb") as handle:
+                        for block in iter(lambda: handle.read(1 << 20), b""):
+                            digest.update(block)
+                    known = digest.hexdigest() == manifest["sha256"]
+            except (OSError, KeyError, TypeError):
+                known = False
+            self._verified[manifest_path.name] = known
+        return known
 
 
 def _delete_checkpoint(manifest: Path) -> None:

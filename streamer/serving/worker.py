@@ -70,6 +70,9 @@ class Worker:
                                      listener=self.sharing)
         self._client: StreamClient | None = None
         self._topics_ready = False  # the topics it writes to exist (created when missing)
+        # Whether partitions were ever assigned: until then the ledger holds what the restore
+        # read (maybe another worker's partitions), which is no state of ours to checkpoint.
+        self._assigned = False
         # Stepped batches whose outputs are not acknowledged yet, oldest first. A batch joins
         # before its outputs are handed to the producer and leaves only once every one of them
         # is acknowledged: state and offsets never move past output that could still be lost.
@@ -265,6 +268,7 @@ class Worker:
     def _on_assign(self, partitions: list[PartitionId]) -> None:
         """Adopt each partition's newest state (ours or a checkpoint's) and seek to it."""
         log.info("assigned %s", partition_names(partitions))
+        self._assigned = True
         durable = self.durability.written(wait=True)  # no write in flight while adopting
         client = self._client
         current = client.assignment() if client is not None else set(partitions)
@@ -294,7 +298,11 @@ class Worker:
             except KafkaClientError as exc:
                 log.error("could not deliver the last batches (they will be re-read): %s", exc)
         try:
-            self.checkpoint()
+            # Never assigned: nothing was applied since the restore, whose checkpoint is on disk
+            # already. Writing it again would date another worker's restored partitions as
+            # new, to be adopted over (and prune) their owner's newer checkpoints.
+            if self._assigned:
+                self.checkpoint()
         finally:  # leave the group at once, whatever happened: its partitions move on
             self._close()
 

@@ -296,16 +296,45 @@ def test_a_gone_workers_checkpoint_is_deleted_once_newer_ones_hold_all_its_parti
     assert alive.latest_for(other).worker == "pod-b"
 
 
-def test_a_newer_checkpoint_with_a_damaged_data_file_does_not_supersede_an_older_one(tmp_path):
+@pytest.mark.parametrize("damage", ["truncate", "flip_one_byte"])
+def test_a_newer_checkpoint_with_a_damaged_data_file_does_not_supersede_an_older_one(
+        tmp_path, damage):
     learner = _learner(12)
     alive = CheckpointStore(tmp_path, "pod-b", "fp")
     saved = alive.save(learner.snapshot(), {TP: 9}, {TP: ["s0"]}, created=200.0)
-    os.truncate(saved.path, 10)
+    if damage == "truncate":
+        os.truncate(saved.path, 10)
+    else:
+        data = bytearray(saved.path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        saved.path.write_bytes(bytes(data))
     CheckpointStore(tmp_path, "pod-a", "fp").save(learner.snapshot(), {TP: 5}, {TP: ["s0"]},
                                                   created=100.0)
-    alive.save(learner.snapshot(), {("other", 0): 1}, {("other", 0): []}, created=300.0)
+    CheckpointStore(tmp_path, "pod-c", "fp").save(learner.snapshot(), {("x", 0): 1},
+                                                  {("x", 0): []}, created=300.0)
     assert "pod-a-0000000001.json" in _files(tmp_path)
     assert alive.latest_for(TP).worker == "pod-a"  # the fallback is still there
+
+
+def test_a_live_workers_older_checkpoints_stay_while_it_holds_their_partitions(tmp_path):
+    learner = _learner(12)
+    alive = CheckpointStore(tmp_path, "pod-b", "fp")
+    for created in (100.0, 200.0, 300.0):
+        alive.save(learner.snapshot(), {TP: int(created)}, {TP: ["s0"]}, created=created)
+    CheckpointStore(tmp_path, "pod-a", "fp").save(learner.snapshot(), {("x", 0): 1},
+                                                  {("x", 0): []}, created=400.0)
+    # pod-b's own newer checkpoints do not supersede its older ones: its fallbacks stay
+    assert {f"pod-b-000000000{k}.json" for k in (1, 2, 3)} <= _files(tmp_path)
+
+
+def test_a_checkpoint_of_another_configuration_is_never_superseded_by_ours(tmp_path):
+    learner = _learner(12)
+    CheckpointStore(tmp_path, "old-pod", "fp-before").save(learner.snapshot(), {TP: 5},
+                                                           {TP: ["s0"]}, created=100.0)
+    CheckpointStore(tmp_path, "new-pod", "fp-after").save(learner.snapshot(), {TP: 9},
+                                                          {TP: ["s0"]}, created=200.0)
+    assert "old-pod-0000000001.json" in _files(tmp_path)  # a rollback can still restore it
+    assert CheckpointStore(tmp_path, "x", "fp-before").latest().worker == "old-pod"
 
 
 def test_another_workers_orphaned_data_file_is_deleted_only_when_old(tmp_path):
@@ -316,9 +345,15 @@ def test_another_workers_orphaned_data_file_is_deleted_only_when_old(tmp_path):
     old = time.time() - 2 * 3600
     for name in ("pod-a-0000000004.ckpt", ".pod-a-0000000005.json.tmp", "notes.txt"):
         os.utime(tmp_path / name, (old, old))
+    # an old data file whose manifest exists but cannot be parsed is not an orphan
+    (tmp_path / "pod-d-0000000001.ckpt").write_bytes(b"x")
+    (tmp_path / "pod-d-0000000001.json").write_text("{not json")
+    for name in ("pod-d-0000000001.ckpt", "pod-d-0000000001.json"):
+        os.utime(tmp_path / name, (old, old))
     CheckpointStore(tmp_path, "pod-c", "fp").save(learner.snapshot(), {TP: 1}, {TP: []})
     left = _files(tmp_path)
     assert {"pod-b-0000000009.ckpt", "notes.txt"} <= left  # too recent; not a checkpoint's
+    assert {"pod-d-0000000001.ckpt", "pod-d-0000000001.json"} <= left
     assert not {"pod-a-0000000004.ckpt", ".pod-a-0000000005.json.tmp"} & left
     assert {"pod-c-0000000001.json", "pod-c-0000000001.ckpt"} <= left
 

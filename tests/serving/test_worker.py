@@ -18,6 +18,7 @@ import torch
 from kafka import KafkaConsumer, TopicPartition
 
 from streamer.config import ConfigError, load_settings
+from streamer.core import Learner, LearnerConfig
 from streamer.kafka.admin import delete_topics, ensure_topics
 from streamer.kafka.broker import LocalBroker, free_port
 from streamer.kafka.errors import (
@@ -28,6 +29,7 @@ from streamer.kafka.errors import (
     convert,
 )
 from streamer.serving import worker as worker_module
+from streamer.serving.checkpoint import CheckpointStore
 from streamer.serving.codec import DLQ_REASON, DLQ_SOURCE_OFFSET, DLQ_SOURCE_PARTITION
 from tests.conftest import TEST_CONSUMER_TIMEOUTS
 from tests.kafka.test_admin import partition_counts
@@ -440,6 +442,25 @@ def test_worker_waits_for_a_broker_that_is_down_at_start(tmp_path, worker_factor
         produce_to(late.bootstrap, "in-s", _stream(2, 3))
         assert len(consume_from(late.bootstrap, "out-s", 6, timeout_s=30)) == 6, worker.log()
         assert worker.proc.poll() is None
+
+
+def test_a_worker_stopped_before_any_assignment_writes_no_checkpoint_over_a_peers(
+        tmp_path, worker_factory, group_id):
+    checkpoints = tmp_path / "shared"
+    peer = Learner(LearnerConfig(device="cpu", tbptt_steps=4, train_every=20,
+                                 warmup_readings=2))
+    CheckpointStore(checkpoints, "peer", peer.config.fingerprint()).save(
+        peer.snapshot(), {("in-p", 0): 7}, {("in-p", 0): []}, created=time.time() - 3600)
+    worker = worker_factory("in-p", "out-p", "dlq-p", group_id, name="newcomer",
+                            STREAMER_CHECKPOINT__DIR=str(checkpoints),
+                            STREAMER_KAFKA__BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}")
+    worker.start()
+    wait_for(lambda: "restored peer-0000000001.json" in worker.log(), 60, "the restore",
+             worker.log)
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0, worker.log()
+    # the peer's partition, restored but never assigned here, was not re-dated as ours
+    assert sorted(p.name for p in checkpoints.glob("*.json")) == ["peer-0000000001.json"]
 
 
 def test_worker_refuses_to_start_fresh_over_unusable_checkpoints_when_told_to(
