@@ -205,16 +205,23 @@ class CheckpointStore:
 
     def _by_time(self, partition: PartitionId | None = None) -> list[tuple[str, float, Path]]:
         """(worker, created, manifest path) of every readable manifest, optionally filtered."""
+        return [(worker, created, path)
+                for worker, created, path, manifest in self._parsed(self._manifests())
+                if "offsets" in manifest
+                and (partition is None or _key(partition) in manifest["offsets"])]
+
+    @staticmethod
+    def _parsed(listed: list[tuple[str, int, Path]]) -> list[tuple[str, float, Path, dict]]:
+        """(worker, created, path, manifest) of those of ``listed`` that can be read now and
+        have a creation time; the others are skipped (being replaced, damaged)."""
         found = []
-        for worker, _, path in self._manifests():
+        for worker, _, path in listed:
             try:
                 manifest = json.loads(path.read_text())
                 created = float(manifest["created"])
-                offsets = manifest["offsets"]
             except (OSError, ValueError, KeyError, TypeError):
                 continue
-            if partition is None or _key(partition) in offsets:
-                found.append((worker, created, path))
+            found.append((worker, created, path, manifest))
         return found
 
     def has_any(self) -> bool:
@@ -267,25 +274,21 @@ class CheckpointStore:
         )
 
     def _prune(self) -> None:
-        mine = sorted((seq, path) for w, seq, path in self._manifests() if w == self.worker)
-        for _, path in mine[: max(0, len(mine) - self.keep)]:
+        listed = self._manifests()
+        mine = sorted((seq, path) for w, seq, path in listed if w == self.worker)
+        dropped = mine[: max(0, len(mine) - self.keep)]
+        for _, path in dropped:
             _delete_checkpoint(path)
-        self._prune_superseded()
+        gone = {path for _, path in dropped}
+        self._prune_superseded([entry for entry in listed if entry[2] not in gone])
 
-    def _prune_superseded(self) -> None:
+    def _prune_superseded(self, listed: list[tuple[str, int, Path]]) -> None:
         """Delete another worker's checkpoint once every partition it held is held by a newer
         checkpoint of a different worker with the same config fingerprint and snapshot format
         whose data verifies, and other workers' data and temporary files that no manifest
         names, once old (module docstring)."""
-        listed = self._manifests()
         named = {path.name for _, _, path in listed}
-        found = []  # (worker, created, manifest path, manifest)
-        for worker, _, path in listed:
-            try:
-                manifest = json.loads(path.read_text())
-                found.append((worker, float(manifest["created"]), path, manifest))
-            except (OSError, ValueError, KeyError, TypeError):
-                continue  # unreadable now: neither deleted nor counted as newer
+        found = self._parsed(listed)  # an unreadable one is neither deleted nor counted newer
         usable = [(w, c, path, m) for w, c, path, m in found
                   if m.get("snapshot_format") is not None and isinstance(m.get("offsets"), dict)]
         self._verified = {k: v for k, v in self._verified.items() if k in named}
