@@ -35,46 +35,27 @@ import torch
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
 
-from streamer.kafka.broker import LocalBroker, free_port
-from tests.conftest import TEST_CONSUMER_TIMEOUTS
+from streamer.kafka.broker import LocalBroker
 from tests.serving.conftest import (
     WorkerProcess,
     consume_from,
     forecasts_by_source,
     produce_to,
     wait_for,
+    worker_env,
 )
 from tests.serving.test_durability import _final_weights, _stream
 
 
 def _worker(broker: LocalBroker, client: str, topics: tuple[str, str, str], name: str,
             directory: Path, log: Path) -> WorkerProcess:
-    inp, out, dlq = topics
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("STREAMER_")},
-        "STREAMER_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
-        "STREAMER_KAFKA__CLIENT": client,
-        "STREAMER_KAFKA__INPUT_TOPIC": inp,
-        "STREAMER_KAFKA__OUTPUT_TOPIC": out,
-        "STREAMER_KAFKA__DLQ_TOPIC": dlq,
-        "STREAMER_KAFKA__ANOMALY_TOPIC": "",
-        "STREAMER_KAFKA__GROUP_ID": f"{out}-group",
-        "STREAMER_KAFKA__POLL_TIMEOUT_MS": "200",
-        "STREAMER_KAFKA__MAX_POLL_RECORDS": "37",
-        "STREAMER_METRICS__PORT": str(free_port()),
-        "STREAMER_METRICS__HOST": "127.0.0.1",
-        "STREAMER_CHECKPOINT__DIR": str(directory),
-        "STREAMER_CHECKPOINT__WORKER_ID": name,
-        "STREAMER_CHECKPOINT__INTERVAL_READINGS": "60",
-        "STREAMER_CHECKPOINT__INTERVAL_SECONDS": "3600",
-        "STREAMER_SHARING__ENABLED": "false",
-        "STREAMER_DEVICE": "cpu",
-        "STREAMER_TRAINING__TBPTT_STEPS": "4",
-        "STREAMER_TRAINING__TRAIN_EVERY": "20",
-        "STREAMER_TRAINING__WARMUP_READINGS": "2",
-        "OMP_NUM_THREADS": "1",
-        **{f"STREAMER_KAFKA__{k.upper()}": str(v) for k, v in TEST_CONSUMER_TIMEOUTS.items()},
-    }
+    """The durability test's worker: checkpoints every 60 readings, micro-batches of 37."""
+    env = worker_env(broker.bootstrap, client, topics, f"{topics[1]}-group", name, directory,
+                     STREAMER_KAFKA__ANOMALY_TOPIC="",
+                     STREAMER_KAFKA__MAX_POLL_RECORDS="37",
+                     STREAMER_CHECKPOINT__INTERVAL_READINGS="60",
+                     STREAMER_CHECKPOINT__INTERVAL_SECONDS="3600",
+                     STREAMER_SHARING__ENABLED="false")
     return WorkerProcess(env, log)
 
 

@@ -80,6 +80,37 @@ class WorkerProcess:
             self.proc.wait(timeout=5)
 
 
+def worker_env(bootstrap: str, client: str, topics: tuple[str, str, str], group: str,
+               name: str, checkpoints: Path, **env: str) -> dict[str, str]:
+    """A test worker's environment: this process's without its STREAMER_ settings, the topics
+    ``(input, output, dead letters)`` (anomaly and model topics named after the output), small
+    training windows, one thread, the test broker's quick group timeouts; then ``env``."""
+    inp, out, dlq = topics
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("STREAMER_")},
+        "STREAMER_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+        "STREAMER_KAFKA__CLIENT": client,
+        "STREAMER_KAFKA__INPUT_TOPIC": inp,
+        "STREAMER_KAFKA__OUTPUT_TOPIC": out,
+        "STREAMER_KAFKA__DLQ_TOPIC": dlq,
+        "STREAMER_KAFKA__ANOMALY_TOPIC": f"{out}-anomalies",
+        "STREAMER_KAFKA__MODEL_TOPIC": f"{out}-model",  # a test's own: nothing to skip
+        "STREAMER_KAFKA__GROUP_ID": group,
+        "STREAMER_KAFKA__POLL_TIMEOUT_MS": "200",
+        "STREAMER_METRICS__PORT": str(free_port()),
+        "STREAMER_METRICS__HOST": "127.0.0.1",
+        "STREAMER_CHECKPOINT__DIR": str(checkpoints),
+        "STREAMER_CHECKPOINT__WORKER_ID": name,
+        "STREAMER_DEVICE": "cpu",
+        "STREAMER_TRAINING__TBPTT_STEPS": "4",
+        "STREAMER_TRAINING__TRAIN_EVERY": "20",
+        "STREAMER_TRAINING__WARMUP_READINGS": "2",
+        "OMP_NUM_THREADS": "1",
+        **{f"STREAMER_KAFKA__{k.upper()}": str(v) for k, v in TEST_CONSUMER_TIMEOUTS.items()},
+        **env,
+    }
+
+
 @pytest.fixture
 def worker_factory(broker, tmp_path, client_kind) -> Iterator[Callable[..., WorkerProcess]]:
     """``make(topics, group, **env) -> WorkerProcess`` (not started); killed after the test.
@@ -91,29 +122,8 @@ def worker_factory(broker, tmp_path, client_kind) -> Iterator[Callable[..., Work
     def make(inp: str, out: str, dlq: str, group: str, name: str = "w1",
              **env: str) -> WorkerProcess:
         own_topics.update((f"{out}-anomalies", f"{out}-model"))
-        full = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("STREAMER_")},
-            "STREAMER_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
-            "STREAMER_KAFKA__CLIENT": client_kind,
-            "STREAMER_KAFKA__INPUT_TOPIC": inp,
-            "STREAMER_KAFKA__OUTPUT_TOPIC": out,
-            "STREAMER_KAFKA__DLQ_TOPIC": dlq,
-            "STREAMER_KAFKA__ANOMALY_TOPIC": f"{out}-anomalies",
-            "STREAMER_KAFKA__MODEL_TOPIC": f"{out}-model",  # a test's own: nothing to skip
-            "STREAMER_KAFKA__GROUP_ID": group,
-            "STREAMER_KAFKA__POLL_TIMEOUT_MS": "200",
-            "STREAMER_METRICS__PORT": str(free_port()),
-            "STREAMER_METRICS__HOST": "127.0.0.1",
-            "STREAMER_CHECKPOINT__DIR": str(tmp_path / "checkpoints"),
-            "STREAMER_CHECKPOINT__WORKER_ID": name,
-            "STREAMER_DEVICE": "cpu",
-            "STREAMER_TRAINING__TBPTT_STEPS": "4",
-            "STREAMER_TRAINING__TRAIN_EVERY": "20",
-            "STREAMER_TRAINING__WARMUP_READINGS": "2",
-            "OMP_NUM_THREADS": "1",
-            **{f"STREAMER_KAFKA__{k.upper()}": str(v) for k, v in TEST_CONSUMER_TIMEOUTS.items()},
-            **env,
-        }
+        full = worker_env(broker.bootstrap, client_kind, (inp, out, dlq), group, name,
+                          tmp_path / "checkpoints", **env)
         worker = WorkerProcess(full, tmp_path / f"{name}-{len(made)}.log")
         made.append(worker)
         return worker
