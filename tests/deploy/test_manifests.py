@@ -322,6 +322,17 @@ def test_k8s_env_names_are_in_the_contract() -> None:
         assert {e["name"] for e in container.get("env", [])} <= CONTRACT_ENV
 
 
+def test_k8s_default_build_speaks_plaintext_and_loads_credentials_only_if_present() -> None:
+    # An example Secret applied by default would make the worker speak SASL_SSL with the
+    # placeholder password to a plaintext cluster and crash-loop until someone removes it.
+    resources = load_yaml(K8S / "base" / "kustomization.yaml")["resources"]
+    assert "secret.yaml" not in resources
+    assert (K8S / "base" / "secret.yaml").is_file()  # the example stays, to be added by hand
+    assert "SECURITY_PROTOCOL" not in str(k8s_kind("ConfigMap")["data"])
+    (ref,) = [e["secretRef"] for e in worker_container()["envFrom"] if "secretRef" in e]
+    assert ref == {"name": k8s_kind("Secret")["metadata"]["name"], "optional": True}
+
+
 def test_probes_hit_readyz_and_healthz_on_the_metrics_port() -> None:
     container = worker_container()
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
