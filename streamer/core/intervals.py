@@ -344,7 +344,10 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
                 else:
                     centre = 0.5 * (lo + hi)
                     edge = (hi - centre) if r >= centre else (centre - lo)
-                    frac = abs(r - centre) / edge if edge > 0 else 0.0
+                    # At most 1: the published bounds (value units) decide inside, and an
+                    # interval about one ulp wide (a constant sensor) can hold a reading whose
+                    # residual is past its edge in these units; p never falls below alpha.
+                    frac = min(abs(r - centre) / edge, 1.0) if edge > 0 else 0.0
                     p = 1.0 - (1.0 - alpha) * frac
                     n_in += 1
                 p_inst = min(p_inst, f * p)  # the least likely feature, Bonferroni-corrected

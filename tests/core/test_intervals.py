@@ -210,3 +210,14 @@ def test_each_reading_is_scored_against_exactly_the_interval_its_previous_foreca
                 checked += 1
             emitted[sensor] = (result.lower[i, 0], result.upper[i, 0])
     assert checked > 1800
+
+
+@pytest.mark.parametrize("level", [42.0, -3.0, 1e300])
+def test_a_constant_sensor_scores_within_0_and_1_and_is_not_flagged_once_it_is_known(level):
+    # Its interval narrows to about one ulp around the forecast, where a reading inside the
+    # published bounds can sit past the interval's edge in residual units (scores up to 2.7).
+    n = 3000
+    batch = Batch.from_arrays(["a"] * n, 1.6e9 + 600.0 * np.arange(n), np.full(n, level))
+    out = Learner(LearnerConfig(device="cpu")).step(batch)
+    assert (out.anomaly_score >= 0).all() and (out.anomaly_score <= 1).all()
+    assert not out.anomaly[-1000:].any()
