@@ -66,7 +66,7 @@ class Learner:
                                  config.tbptt_steps, n_inputs, config.n_features, self.device,
                                  limit=MAX_WINDOWS_PER_UPDATE)
         self.accepted_total = 0  # accepted readings ever: drives the training trigger
-        self.event_time = -np.inf  # newest timestamp seen: the clock for idle eviction
+        self.event_time = -np.inf  # the clock for idle eviction (_event_clock)
         self._compile()
 
     def _compile(self) -> None:
@@ -184,7 +184,10 @@ class Learner:
         status[ok & huge] = Reason.VALUE_OUT_OF_RANGE
         ok = status == 0
         if cfg.sensor_ttl_seconds is not None and ok.any():
-            result.evicted_sensors = self._evict_idle(float(batch.ts[ok].max()), slots[ok])
+            rows = np.flatnonzero(ok)
+            self.event_time = self._event_clock([batch.sensor_ids[i] for i in rows.tolist()],
+                                                batch.ts[rows], slots[rows])
+            result.evicted_sensors = self._evict_idle(slots[rows])
         new = np.flatnonzero(ok & (slots < 0))
         if len(new):
             new_ids = list(dict.fromkeys(batch.sensor_ids[i] for i in new.tolist()))
@@ -207,9 +210,27 @@ class Learner:
                       self.stats.last_ts, ok)
         return ok
 
-    def _evict_idle(self, batch_time: float, active_slots: np.ndarray) -> int:
+    def _event_clock(self, ids: list[str], ts: np.ndarray, slots: np.ndarray) -> float:
+        """The event time after these readings: their newest timestamp, never going back; but a
+        jump of more than the TTL goes only as far as a second sensor has reached. One device
+        whose clock runs a year ahead must not make every other sensor look idle and have the
+        whole fleet evicted at every micro-batch; a fleet resuming after an outage, or the
+        last live sensor of a fleet stepping on, moves it as before."""
+        newest = float(ts.max())
+        if newest - self.event_time <= self.config.sensor_ttl_seconds:
+            return max(self.event_time, newest)
+        names, index = np.unique(np.asarray(ids, dtype=object), return_inverse=True)
+        latest = np.full(len(names), -np.inf)
+        np.maximum.at(latest, index, ts)  # each sensor's newest here
+        occupied = self.table.occupied
+        others = self.stats.last_ts[occupied[~np.isin(occupied, slots)]]
+        reached = np.concatenate([latest, others])
+        if len(reached) < 2:
+            return max(self.event_time, newest)
+        return max(self.event_time, float(np.partition(reached, -2)[-2]))
+
+    def _evict_idle(self, active_slots: np.ndarray) -> int:
         """Free slots idle longer than the TTL (event time), except those being fed now."""
-        self.event_time = max(self.event_time, batch_time)
         occupied = self.table.occupied
         if not len(occupied):
             return 0

@@ -90,13 +90,36 @@ def test_evicted_slot_is_reused_with_zeroed_state(small_config):
     _perturb_weights(learner)
     old = sine_fleet(2, 10, seed=6)
     learner.step(old)
-    fresh = Batch.from_arrays(["late"] * 6, 1.7e9 + 10**6 + 600.0 * np.arange(6),
+    # Two new sensors long after the old ones fell silent (one alone moves the clock only as
+    # far as a second sensor has reached: test_one_sensor_dated_a_year_ahead_...).
+    fresh = Batch.from_arrays(["late", "later"] * 3, 1.7e9 + 10**6 + 600.0 * np.arange(6),
                               np.linspace(1, 3, 6))
     reused = learner.step(fresh)
     assert reused.evicted_sensors == 2 and learner.table.slot_for("late") == 0
     clean = Learner(cfg)
     clean.model.load_state_dict(learner.model.state_dict())
     np.testing.assert_allclose(reused.forecasts, clean.step(fresh).forecasts, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [5, 20])
+def test_one_sensor_dated_a_year_ahead_does_not_make_the_fleet_idle(small_config, size):
+    # 30 sensors every 10 minutes for 4 days, TTL one day; one reading of another sensor whose
+    # clock is a year ahead, and one of the 30 falling silent after the first day.
+    cfg = LearnerConfig(**{**small_config.to_dict(), **NO_TRAINING, "sensor_ttl_seconds": 86400.0})
+    steps = 4 * 144
+    ids = [f"s{i}" for _ in range(steps) for i in range(30)]
+    ts = np.repeat(1.7e9 + 600.0 * np.arange(steps), 30)
+    keep = ~((np.array(ids) == "s0") & (ts > 1.7e9 + 86400.0))
+    ids, ts = [i for i, k in zip(ids, keep) if k], ts[keep]
+    at = len(ids) // 4
+    ids.insert(at, "ahead")
+    ts = np.insert(ts, at, 1.7e9 + 3.2e7)
+    batch = Batch.from_arrays(ids, ts, np.sin(ts / 5e3))
+    learner = Learner(cfg)
+    evicted = sum(learner.step(batch.take(np.arange(a, min(a + size, len(batch))))).evicted_sensors
+                  for a in range(0, len(batch), size))
+    assert evicted == 1  # s0, a day after it fell silent; no one else, ever
+    assert learner.table.slot_for("s0") is None and learner.n_sensors == 30
 
 
 @pytest.mark.parametrize("size", [7, 500])
