@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import logging
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     pace = produce.add_mutually_exclusive_group()
     pace.add_argument("--rate", type=float, help="readings per second")
     pace.add_argument("--speedup", type=float, help="speed relative to the data's timestamps")
-    produce.add_argument("--limit", type=int, help="stop after this many readings")
+    produce.add_argument("--limit", type=_positive_int, help="stop after this many readings")
     produce.add_argument("--loop", action="store_true",
                          help="repeat the file forever, shifting timestamps forward each round")
     produce.add_argument("--bootstrap-servers", help="default: STREAMER_KAFKA__BOOTSTRAP_SERVERS")
@@ -63,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "readings and rolling skill")
     replay.add_argument("--plot-sensors", default="",
                         help="comma-separated sensors to plot (default: the 3 worst)")
-    replay.add_argument("--batch-size", type=int, default=2048, help="readings per step")
-    replay.add_argument("--limit", type=int, help="only the first N readings")
+    replay.add_argument("--batch-size", type=_positive_int, default=2048,
+                        help="readings per step")
+    replay.add_argument("--limit", type=_positive_int, help="only the first N readings")
     replay.add_argument("--top", type=int, default=10, help="sensors listed (0: all)")
     # Only what shapes the learner: replay has no Kafka, metrics, checkpoints or log settings.
     add_settings_arguments(replay, sections=("model", "training", "sensors", "forecast",
@@ -121,8 +123,23 @@ def _read_readings(path: Path, limit: int | None = None):
 
     try:
         return read_csv(path, limit=limit)
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+    except (OSError, EOFError, ValueError, UnicodeDecodeError, csv.Error) as exc:
+        # EOFError: a truncated .gz; csv.Error: e.g. a field over the csv module's size limit
         raise ConfigError(f"cannot read readings from {path}: {exc}") from exc
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _check_writable(*paths: Path | None) -> None:
+    """Fail before a long replay, not after it, when an output cannot be written."""
+    for path in paths:
+        if path is not None and not path.parent.is_dir():
+            raise ConfigError(f"cannot write {path}: directory {path.parent} does not exist")
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
@@ -151,7 +168,13 @@ def cmd_produce(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     settings = _settings(args)
     from streamer.tools.horizon_eval import format_steps, score_steps
-    from streamer.tools.replay import backtest, format_report, write_forecasts, write_horizon
+    from streamer.tools.replay import (
+        backtest,
+        format_report,
+        json_safe,
+        write_forecasts,
+        write_horizon,
+    )
 
     if args.horizon_out and settings.forecast.horizon < 2:
         raise ConfigError("--horizon-out needs a horizon of 2 or more steps (--horizon H)")
@@ -159,6 +182,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
+    _check_writable(args.out, args.horizon_out, args.json_out, args.plot)
     readings = _read_readings(args.file, limit=args.limit)
     outputs, report = backtest(readings, settings.learner_config(), args.batch_size)
     print(format_report(report, top=args.top))
@@ -177,7 +201,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         document = json.loads(report.to_json())
         if steps:
             document["steps"] = [dataclasses.asdict(s) for s in steps]
-        args.json_out.write_text(json.dumps(document, indent=2))
+        args.json_out.write_text(json.dumps(json_safe(document), indent=2, allow_nan=False))
     if args.plot:
         from streamer.tools.plot import plot_replay
 

@@ -15,11 +15,12 @@ from streamer.core.batch import Batch
 
 
 def open_text(path: str | Path) -> io.TextIOBase:
-    """Open a CSV, transparently gunzipping ``.gz`` files."""
+    """Open a CSV, transparently gunzipping ``.gz`` files; a UTF-8 byte-order mark (what
+    spreadsheets write for "CSV UTF-8") is skipped."""
     path = Path(path)
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
 
 
 def _parse_ts(text: str) -> float:
@@ -40,7 +41,9 @@ def _parse_value(text: str) -> float:
 
 
 def read_csv(path: str | Path, limit: int | None = None) -> Batch:
-    """The whole file as one batch, in file order. Extra value columns are extra features."""
+    """The whole file as one batch, in file order. Extra value columns are extra features; a
+    row with more or fewer value cells than the header is kept with its count, and the learner
+    rejects it (WRONG_FEATURE_COUNT) as it does a Kafka message of the wrong length."""
     with open_text(path) as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
@@ -51,6 +54,7 @@ def read_csv(path: str | Path, limit: int | None = None) -> Batch:
         ids: list[str] = []
         ts: list[float] = []
         values: list[list[float]] = []
+        counts: list[int] = []
         for row in reader:
             if limit is not None and len(ids) >= limit:
                 break
@@ -60,8 +64,10 @@ def read_csv(path: str | Path, limit: int | None = None) -> Batch:
             ts.append(_parse_ts(row[1]) if len(row) > 1 else float("nan"))
             cells = row[2 : 2 + width] + [""] * (width - len(row[2:]))
             values.append([_parse_value(c) for c in cells])
-    return Batch.from_arrays(ids, np.array(ts, dtype=np.float64),
-                             np.array(values, dtype=np.float64).reshape(len(ids), width))
+            counts.append(max(len(row) - 2, 0))
+    return Batch(ids, np.array(ts, dtype=np.float64),
+                 np.array(values, dtype=np.float64).reshape(len(ids), width),
+                 np.array(counts, dtype=np.int64))
 
 
 def iter_chunks(batch: Batch, size: int) -> Iterator[Batch]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -61,7 +62,7 @@ class ReplayReport:
     sensors: list[SensorScore] = field(default_factory=list)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        return json.dumps(json_safe(asdict(self)), indent=2, allow_nan=False)
 
     def worst(self, n: int) -> list[SensorScore]:
         finite = [s for s in self.sensors if np.isfinite(s.rel_mae)]
@@ -102,6 +103,18 @@ class ReplayOutputs:
             for f in fields(self.horizon):
                 if f.name != "steps":
                     getattr(self.horizon, f.name)[start:stop] = getattr(result.horizon, f.name)
+
+
+def json_safe(value):
+    """``value`` with every non-finite float as None: JSON has no NaN (a figure not known yet,
+    such as the skill of a sensor with one reading), and strict parsers refuse the token."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def backtest(

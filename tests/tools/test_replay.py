@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import subprocess
 import sys
@@ -12,8 +13,9 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from streamer.core import LearnerConfig
-from streamer.tools.replay import forecasts_header, score
+from streamer.core import LearnerConfig, Reason
+from streamer.tools.readings_csv import read_csv
+from streamer.tools.replay import backtest, forecasts_header, score
 from tests.core.conftest import sine_fleet
 
 WARMUP = LearnerConfig().warmup_readings
@@ -228,3 +230,59 @@ def test_horizon_out_without_a_horizon_is_a_usage_error(fleet_csv, tmp_path):
     path, _ = fleet_csv
     done = _replay(str(path), "--horizon-out", str(tmp_path / "ahead.csv"))
     assert done.returncode == 2 and "--horizon" in done.stderr
+
+
+def _main_stderr(capsys, *args: str) -> tuple[int, str]:
+    from streamer.tools.cli import main
+
+    try:
+        code = main(["replay", *args])
+    except SystemExit as exc:  # argparse's usage errors
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def test_unreadable_input_or_output_is_a_one_line_error_with_exit_2(fleet_csv, tmp_path, capsys):
+    path, _ = fleet_csv
+    huge = tmp_path / "huge.csv"
+    huge.write_text("sensor_id,ts,value\ns1,1600000000," + "9" * 200_000 + "\n")
+    truncated = tmp_path / "cut.csv.gz"
+    truncated.write_bytes(gzip.compress(path.read_bytes())[:300])
+    cases = [((str(huge),), "field larger than field limit"),
+             ((str(truncated),), "ended before"),
+             ((str(path), "--batch-size", "0"), "--batch-size: must be at least 1"),
+             ((str(path), "--limit", "-5"), "--limit: must be at least 1"),
+             ((str(path), "--out", str(tmp_path / "missing" / "x.csv")), "does not exist")]
+    for args, message in cases:
+        code, err = _main_stderr(capsys, *args)
+        assert code == 2 and message in err and "Traceback" not in err, (args, err)
+
+
+def test_a_csv_with_a_byte_order_mark_reads_as_one_without(fleet_csv, tmp_path):
+    path, _ = fleet_csv
+    marked = tmp_path / "excel.csv"
+    marked.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    plain, bom = read_csv(path), read_csv(marked)
+    assert bom.sensor_ids == plain.sensor_ids
+    np.testing.assert_array_equal(bom.values, plain.values)
+
+
+def test_a_row_with_more_or_fewer_cells_than_the_header_is_rejected_for_its_count(tmp_path):
+    path = tmp_path / "ragged.csv"
+    path.write_text("sensor_id,ts,value\na,1600000000,1\na,1600000600,2,99\na,1600001200\n"
+                    "a,1600001800,4\n")
+    out = backtest(read_csv(path), LearnerConfig(device="cpu"))[0]
+    assert [Reason(int(s)).label for s in out.status] == [
+        "accepted", "wrong_feature_count", "wrong_feature_count", "accepted"]
+
+
+def test_json_report_is_strict_json_while_figures_are_unknown(fleet_csv, tmp_path, capsys):
+    path, _ = fleet_csv
+    report = tmp_path / "one.json"
+    assert _main_stderr(capsys, str(path), "--limit", "1", "--json", str(report))[0] == 0
+
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+
+    document = json.loads(report.read_text(), parse_constant=refuse)
+    assert document["rel_mae"] is None and document["accepted"] == 1
