@@ -43,8 +43,12 @@ Z_LIMIT = 6.0
 LEVEL_ALPHA = 0.05
 # Step of the tracked median of a sensor's log gaps (a horizon's step between readings ahead):
 # STEP_START / n after n gaps, at least STEP_RATE (a car park first read at 16:30, whose first
-# gap is the night, is stepped right within a day, not in twelve).
-STEP_RATE, STEP_START = 0.02, 2.0
+# gap is the night, is stepped right within a day, not in twelve); over the first EARLY_GAPS
+# also at least 1/n of the distance to the newest log gap, so a first gap far from all later
+# ones is outvoted as in their geometric mean (a first gap of 1 ms before readings every 10
+# minutes left the expected times wrong for 342 readings; later on, the same term would let a
+# car park's nights pull the estimate: parking's horizon relMAE 0.821 -> 0.824 with it always).
+STEP_RATE, STEP_START, EARLY_GAPS = 0.02, 2.0, 8
 
 
 def buckets(ts: np.ndarray) -> np.ndarray:
@@ -271,7 +275,9 @@ def _advance(slots, ts, since, here, nxt, values, spread, changes, has_change, o
                 timing[s, 0] = lg
             else:  # the median, tracked (Robbins-Monro on the sign), never overshooting: a
                 # sensor read every day to the second is stepped by exactly a day
-                rate = max(STEP_RATE, STEP_START / timing[s, 1])
+                n_gaps = timing[s, 1]
+                far = abs(lg - timing[s, 0]) if n_gaps <= EARLY_GAPS else 0.0
+                rate = max(STEP_RATE, (STEP_START + far) / n_gaps)
                 if abs(lg - timing[s, 0]) <= rate:
                     timing[s, 0] = lg
                 else:

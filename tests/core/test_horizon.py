@@ -232,3 +232,13 @@ def test_a_car_park_first_read_just_before_closing_learns_its_half_hour_step_wit
     target = _cat(results, "target_ts", True)
     at_ten = np.flatnonzero(ts == 86_400.0 * 2 + 10 * 3600.0)[0]  # the second morning
     assert abs(target[at_ten, 0] - ts[at_ten] - 1800.0) < 300.0
+
+
+def test_a_sensor_whose_first_two_readings_came_1_ms_apart_expects_its_10_minute_step_soon():
+    # A boot-time duplicate a millisecond after the first reading, then every 10 minutes: the
+    # expected times of the readings ahead were wrong for 342 readings (2.4 days).
+    ts = 1.7e9 + np.r_[0.0, 0.001 + 600.0 * np.arange(60)]
+    batch = Batch.from_arrays(["m"] * len(ts), ts, np.sin(np.arange(len(ts)) / 5.0))
+    _, results = _run(LearnerConfig(device="cpu", horizon=2), batch)
+    ahead = _cat(results, "target_ts", True)[:, 0] - ts
+    assert np.all(np.abs(ahead[12:] - 600.0) < 60.0), ahead[:16]
