@@ -18,12 +18,7 @@ from streamer.core.experts import N_EXPERTS
 N_CALENDAR = 4  # sin/cos of time of day, sin/cos of day of week
 SECONDS_PER_DAY = 86_400.0
 GAP_CLIP = 3.0  # |log(dt / typical dt)| is clipped here: a 20x gap looks like any long gap
-# Absolute floors of the change scale: _FLAT while a sensor has never varied (every reading so
-# far equal: its first move grows the scale from here, geometrically, as a regime change does),
-# _TINY once it has, so a sensor measured in units of 1e-15 keeps its own scale (with 1e-12 for
-# both its forecasts were 60x worse than persistence; above 1e-12 nothing changes). Products
-# of _TINY with the other factors of an interval's unit stay far from float64's underflow.
-_FLAT, _TINY = 1e-12, 1e-150
+_TINY = 1e-12
 # The largest magnitude a reading may have. Differences of two such readings, the spreads
 # (updated with hypot, never squared) and forecasts of up to ~10 scales beyond them all stay
 # finite in float64; a reading beyond it is rejected as VALUE_OUT_OF_RANGE.
@@ -206,8 +201,7 @@ def _encode(slots, ts, values, alpha, warmup, clip, robust_stats,
                 rms = math.hypot(math.sqrt(1.0 - a_prev) * rms, math.sqrt(a_prev) * change_w)
             # The change scale has floors so a flat stretch cannot shrink it to zero: a share of
             # the level's spread, a relative share of its magnitude, and an absolute minimum.
-            sc = max(max(rms, 1e-3 * sd_new), max(1e-9 * abs(m_new), _TINY if sd_new > 0.0
-                                                  else _FLAT))
+            sc = max(max(rms, 1e-3 * sd_new), max(1e-9 * abs(m_new), _TINY))
             sp = max(sd_new, sc)
             spread[i, j], scale[i, j] = sp, sc
             features[i, j] = (v - m_new) / sp
