@@ -66,7 +66,8 @@ class Learner:
                                  config.tbptt_steps, n_inputs, config.n_features, self.device,
                                  limit=MAX_WINDOWS_PER_UPDATE)
         self.accepted_total = 0  # accepted readings ever: drives the training trigger
-        self.event_time = -np.inf  # the clock for idle eviction (_event_clock)
+        self.event_time = -np.inf  # the clock for idle eviction (_advance_clock)
+        self.clock_held = -np.inf  # where a lone jump of the clock was first held back
         self._compile()
 
     def _compile(self) -> None:
@@ -185,8 +186,8 @@ class Learner:
         ok = status == 0
         if cfg.sensor_ttl_seconds is not None and ok.any():
             rows = np.flatnonzero(ok)
-            self.event_time = self._event_clock([batch.sensor_ids[i] for i in rows.tolist()],
-                                                batch.ts[rows], slots[rows])
+            self._advance_clock([batch.sensor_ids[i] for i in rows.tolist()], batch.ts[rows],
+                                slots[rows])
             result.evicted_sensors = self._evict_idle(slots[rows])
         new = np.flatnonzero(ok & (slots < 0))
         if len(new):
@@ -210,24 +211,36 @@ class Learner:
                       self.stats.last_ts, ok)
         return ok
 
-    def _event_clock(self, ids: list[str], ts: np.ndarray, slots: np.ndarray) -> float:
-        """The event time after these readings: their newest timestamp, never going back; but a
-        jump of more than the TTL goes only as far as a second sensor has reached. One device
-        whose clock runs a year ahead must not make every other sensor look idle and have the
-        whole fleet evicted at every micro-batch; a fleet resuming after an outage, or the
-        last live sensor of a fleet stepping on, moves it as before."""
+    def _advance_clock(self, ids: list[str], ts: np.ndarray, slots: np.ndarray) -> None:
+        """Move the event time to these readings' newest timestamp, never back; but a jump of
+        more than the TTL goes only as far as a second sensor has reached, until the sensor
+        that jumped has gone on for a further TTL with no other sensor moving the clock. One
+        device whose clock runs a year ahead must not make every other sensor look idle and have
+        the whole fleet evicted at every micro-batch; a fleet resuming after an outage moves it
+        at once, and the last live sensor of a fleet whose others all fell silent in an outage
+        moves it one TTL later."""
+        ttl = self.config.sensor_ttl_seconds
         newest = float(ts.max())
-        if newest - self.event_time <= self.config.sensor_ttl_seconds:
-            return max(self.event_time, newest)
-        names, index = np.unique(np.asarray(ids, dtype=object), return_inverse=True)
-        latest = np.full(len(names), -np.inf)
-        np.maximum.at(latest, index, ts)  # each sensor's newest here
-        occupied = self.table.occupied
-        others = self.stats.last_ts[occupied[~np.isin(occupied, slots)]]
-        reached = np.concatenate([latest, others])
-        if len(reached) < 2:
-            return max(self.event_time, newest)
-        return max(self.event_time, float(np.partition(reached, -2)[-2]))
+        clock = self.event_time
+        if newest - clock <= ttl:
+            clock = max(clock, newest)
+        else:
+            names, index = np.unique(np.asarray(ids, dtype=object), return_inverse=True)
+            latest = np.full(len(names), -np.inf)
+            np.maximum.at(latest, index, ts)  # each sensor's newest here
+            occupied = self.table.occupied
+            others = self.stats.last_ts[occupied[~np.isin(occupied, slots)]]
+            reached = np.concatenate([latest, others])
+            second = float(np.partition(reached, -2)[-2]) if len(reached) > 1 else newest
+            clock = max(clock, second)
+            if clock <= self.event_time:  # held back: no other sensor is anywhere near
+                if self.clock_held == -np.inf:
+                    self.clock_held = newest
+                elif newest - self.clock_held >= ttl:
+                    clock = newest
+        if clock > self.event_time:
+            self.clock_held = -np.inf
+        self.event_time = clock
 
     def _evict_idle(self, active_slots: np.ndarray) -> int:
         """Free slots idle longer than the TTL (event time), except those being fed now."""
@@ -284,6 +297,7 @@ class Learner:
             "counters": {
                 "accepted_total": self.accepted_total,
                 "event_time": float(self.event_time),
+                "clock_held": float(self.clock_held),
                 "attempts": self.trainer.attempts,
                 "applied": self.trainer.applied,
             },
@@ -315,6 +329,7 @@ class Learner:
                                 state["short"].numpy(), state["queue"])
         self.accepted_total = int(counters["accepted_total"])
         self.event_time = float(counters["event_time"])
+        self.clock_held = float(counters.get("clock_held", -np.inf))  # older snapshots: none
 
     def weights(self) -> Weights:
         """A copy of the forecaster's weights (what workers share; no optimizer state)."""

@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from importlib import resources
@@ -129,7 +130,10 @@ def _read_readings(path: Path, limit: int | None = None):
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -138,8 +142,13 @@ def _positive_int(text: str) -> int:
 def _check_writable(*paths: Path | None) -> None:
     """Fail before a long replay, not after it, when an output cannot be written."""
     for path in paths:
-        if path is not None and not path.parent.is_dir():
+        if path is None:
+            continue
+        if not path.parent.is_dir():
             raise ConfigError(f"cannot write {path}: directory {path.parent} does not exist")
+        if path.is_dir() or not os.access(path.parent, os.W_OK):
+            raise ConfigError(f"cannot write {path}: "
+                              + ("it is a directory" if path.is_dir() else "permission denied"))
 
 
 def cmd_produce(args: argparse.Namespace) -> int:

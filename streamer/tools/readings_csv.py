@@ -64,6 +64,8 @@ def read_csv(path: str | Path, limit: int | None = None) -> Batch:
             ts.append(_parse_ts(row[1]) if len(row) > 1 else float("nan"))
             cells = row[2 : 2 + width] + [""] * (width - len(row[2:]))
             values.append([_parse_value(c) for c in cells])
+            while len(row) > width + 2 and not row[-1].strip():
+                row = row[:-1]  # a trailing separator (``a,1,2,``) is not another value
             counts.append(max(len(row) - 2, 0))
     return Batch(ids, np.array(ts, dtype=np.float64),
                  np.array(values, dtype=np.float64).reshape(len(ids), width),

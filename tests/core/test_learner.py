@@ -91,7 +91,7 @@ def test_evicted_slot_is_reused_with_zeroed_state(small_config):
     old = sine_fleet(2, 10, seed=6)
     learner.step(old)
     # Two new sensors long after the old ones fell silent (one alone moves the clock only as
-    # far as a second sensor has reached: test_one_sensor_dated_a_year_ahead_...).
+    # far as a second sensor has reached, for a TTL: test_the_last_sensor_of_a_fleet_...).
     fresh = Batch.from_arrays(["late", "later"] * 3, 1.7e9 + 10**6 + 600.0 * np.arange(6),
                               np.linspace(1, 3, 6))
     reused = learner.step(fresh)
@@ -120,6 +120,20 @@ def test_one_sensor_dated_a_year_ahead_does_not_make_the_fleet_idle(small_config
                   for a in range(0, len(batch), size))
     assert evicted == 1  # s0, a day after it fell silent; no one else, ever
     assert learner.table.slot_for("s0") is None and learner.n_sensors == 30
+
+
+def test_the_last_sensor_of_a_fleet_silenced_by_an_outage_gets_the_dead_ones_evicted(small_config):
+    # Five sensors, a two-day outage, then only s0 comes back: its jump is held back (no second
+    # sensor corroborates it) until it has gone on a further TTL, then the clock follows it.
+    cfg = LearnerConfig(**{**small_config.to_dict(), **NO_TRAINING, "sensor_ttl_seconds": 86400.0})
+    learner = Learner(cfg)
+    ids = [f"s{i}" for _ in range(20) for i in range(5)]
+    learner.step(Batch.from_arrays(ids, np.repeat(1.7e9 + 600.0 * np.arange(20), 5),
+                                   np.ones(100)))
+    back = 1.7e9 + 20 * 600.0 + 2 * 86400.0 + 600.0 * np.arange(3 * 144)
+    evicted = sum(learner.step(Batch.from_arrays(["s0"], [t], [1.0])).evicted_sensors
+                  for t in back)
+    assert evicted == 4 and learner.n_sensors == 1 and learner.event_time == back[-1]
 
 
 @pytest.mark.parametrize("size", [7, 500])

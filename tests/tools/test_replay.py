@@ -252,7 +252,9 @@ def test_unreadable_input_or_output_is_a_one_line_error_with_exit_2(fleet_csv, t
              ((str(truncated),), "ended before"),
              ((str(path), "--batch-size", "0"), "--batch-size: must be at least 1"),
              ((str(path), "--limit", "-5"), "--limit: must be at least 1"),
-             ((str(path), "--out", str(tmp_path / "missing" / "x.csv")), "does not exist")]
+             ((str(path), "--limit", "abc"), "--limit: must be a whole number"),
+             ((str(path), "--out", str(tmp_path / "missing" / "x.csv")), "does not exist"),
+             ((str(path), "--json", str(tmp_path)), "it is a directory")]
     for args, message in cases:
         code, err = _main_stderr(capsys, *args)
         assert code == 2 and message in err and "Traceback" not in err, (args, err)
@@ -270,7 +272,7 @@ def test_a_csv_with_a_byte_order_mark_reads_as_one_without(fleet_csv, tmp_path):
 def test_a_row_with_more_or_fewer_cells_than_the_header_is_rejected_for_its_count(tmp_path):
     path = tmp_path / "ragged.csv"
     path.write_text("sensor_id,ts,value\na,1600000000,1\na,1600000600,2,99\na,1600001200\n"
-                    "a,1600001800,4\n")
+                    "a,1600001800,4,\n")  # a trailing separator is not another value
     out = backtest(read_csv(path), LearnerConfig(device="cpu"))[0]
     assert [Reason(int(s)).label for s in out.status] == [
         "accepted", "wrong_feature_count", "wrong_feature_count", "accepted"]
