@@ -167,7 +167,12 @@ def cmd_produce(args: argparse.Namespace) -> int:
         pace = Pace(rate=args.rate, speedup=args.speedup)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    readings = _read_readings(args.file or sample_dataset())
+    from streamer.tools.readings_csv import well_formed
+
+    readings, skipped = well_formed(_read_readings(args.file or sample_dataset()))
+    if skipped:
+        print(f"skipping {skipped} rows whose number of values differs from the header's",
+              file=sys.stderr)
     sent = produce(readings, settings.kafka.connection(), settings.kafka.input_topic, pace,
                    limit=args.limit, loop=args.loop)
     print(f"sent {sent} readings to {settings.kafka.input_topic}")

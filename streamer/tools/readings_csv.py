@@ -72,6 +72,13 @@ def read_csv(path: str | Path, limit: int | None = None) -> Batch:
                  np.array(counts, dtype=np.int64))
 
 
+def well_formed(batch: Batch) -> tuple[Batch, int]:
+    """The readings whose rows had as many values as the header, and how many did not (what a
+    producer skips rather than send a row cut or padded to a width the file did not give)."""
+    ragged = batch.n_values != batch.values.shape[1]
+    return batch.take(np.flatnonzero(~ragged)), int(ragged.sum())
+
+
 def iter_chunks(batch: Batch, size: int) -> Iterator[Batch]:
     """Consecutive micro-batches of at most ``size`` readings."""
     for start in range(0, len(batch), size):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from streamer.core import LearnerConfig, Reason
-from streamer.tools.readings_csv import read_csv
+from streamer.tools.readings_csv import read_csv, well_formed
 from streamer.tools.replay import backtest, forecasts_header, score
 from tests.core.conftest import sine_fleet
 
@@ -276,6 +276,8 @@ def test_a_row_with_more_or_fewer_cells_than_the_header_is_rejected_for_its_coun
     out = backtest(read_csv(path), LearnerConfig(device="cpu"))[0]
     assert [Reason(int(s)).label for s in out.status] == [
         "accepted", "wrong_feature_count", "wrong_feature_count", "accepted"]
+    sendable, skipped = well_formed(read_csv(path))  # what `streamer produce` sends
+    assert skipped == 2 and sendable.values[:, 0].tolist() == [1.0, 4.0]
 
 
 def test_json_report_is_strict_json_while_figures_are_unknown(fleet_csv, tmp_path, capsys):
