@@ -213,8 +213,9 @@ class Learner:
 
     def _advance_clock(self, ids: list[str], ts: np.ndarray, slots: np.ndarray) -> None:
         """Move the event time to these readings' newest timestamp, never back; but a jump of
-        more than the TTL goes only as far as a second sensor has reached, until the sensor
-        that jumped has gone on for a further TTL with no other sensor moving the clock. One
+        more than the TTL goes only as far as a second sensor has reached (nowhere while it is
+        the only sensor known, as a device dated ahead in the very first micro-batch), until
+        the sensor that jumped has gone on for a further TTL with no other sensor moving it. One
         device whose clock runs a year ahead must not make every other sensor look idle and have
         the whole fleet evicted at every micro-batch; a fleet resuming after an outage moves it
         at once, and the last live sensor of a fleet whose others all fell silent in an outage
@@ -231,7 +232,8 @@ class Learner:
             occupied = self.table.occupied
             others = self.stats.last_ts[occupied[~np.isin(occupied, slots)]]
             reached = np.concatenate([latest, others])
-            second = float(np.partition(reached, -2)[-2]) if len(reached) > 1 else newest
+            # Alone (the first micro-batch, or a fleet of one): nothing corroborates it either.
+            second = float(np.partition(reached, -2)[-2]) if len(reached) > 1 else -np.inf
             clock = max(clock, second)
             if clock <= self.event_time:  # held back: no other sensor is anywhere near
                 if self.clock_held == -np.inf:

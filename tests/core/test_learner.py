@@ -101,23 +101,26 @@ def test_evicted_slot_is_reused_with_zeroed_state(small_config):
     np.testing.assert_allclose(reused.forecasts, clean.step(fresh).forecasts, atol=1e-6)
 
 
-@pytest.mark.parametrize("size", [5, 20])
-def test_one_sensor_dated_a_year_ahead_does_not_make_the_fleet_idle(small_config, size):
+@pytest.mark.parametrize(("size", "first"), [(5, False), (20, False), (20, True)])
+def test_one_sensor_dated_a_year_ahead_does_not_make_the_fleet_idle(small_config, size, first):
     # 30 sensors every 10 minutes for 4 days, TTL one day; one reading of another sensor whose
-    # clock is a year ahead, and one of the 30 falling silent after the first day.
+    # clock is a year ahead (a quarter in, or the very first reading, alone in its
+    # micro-batch), and one of the 30 falling silent after the first day.
     cfg = LearnerConfig(**{**small_config.to_dict(), **NO_TRAINING, "sensor_ttl_seconds": 86400.0})
     steps = 4 * 144
     ids = [f"s{i}" for _ in range(steps) for i in range(30)]
     ts = np.repeat(1.7e9 + 600.0 * np.arange(steps), 30)
     keep = ~((np.array(ids) == "s0") & (ts > 1.7e9 + 86400.0))
     ids, ts = [i for i, k in zip(ids, keep) if k], ts[keep]
-    at = len(ids) // 4
+    at = 0 if first else len(ids) // 4
     ids.insert(at, "ahead")
     ts = np.insert(ts, at, 1.7e9 + 3.2e7)
     batch = Batch.from_arrays(ids, ts, np.sin(ts / 5e3))
     learner = Learner(cfg)
-    evicted = sum(learner.step(batch.take(np.arange(a, min(a + size, len(batch))))).evicted_sensors
-                  for a in range(0, len(batch), size))
+    starts = [0, 1, *range(1 + size, len(batch), size)] if first else range(0, len(batch), size)
+    ends = [*starts[1:], len(batch)]
+    evicted = sum(learner.step(batch.take(np.arange(a, b))).evicted_sensors
+                  for a, b in zip(starts, ends))
     assert evicted == 1  # s0, a day after it fell silent; no one else, ever
     assert learner.table.slot_for("s0") is None and learner.n_sensors == 30
 
