@@ -186,8 +186,7 @@ class Learner:
         ok = status == 0
         if cfg.sensor_ttl_seconds is not None and ok.any():
             rows = np.flatnonzero(ok)
-            self._advance_clock([batch.sensor_ids[i] for i in rows.tolist()], batch.ts[rows],
-                                slots[rows])
+            self._advance_clock(batch, rows, slots[rows])
             result.evicted_sensors = self._evict_idle(slots[rows])
         new = np.flatnonzero(ok & (slots < 0))
         if len(new):
@@ -211,21 +210,24 @@ class Learner:
                       self.stats.last_ts, ok)
         return ok
 
-    def _advance_clock(self, ids: list[str], ts: np.ndarray, slots: np.ndarray) -> None:
-        """Move the event time to these readings' newest timestamp, never back; but a jump of
-        more than the TTL goes only as far as a second sensor has reached (nowhere while it is
-        the only sensor known, as a device dated ahead in the very first micro-batch), until
-        the sensor that jumped has gone on for a further TTL with no other sensor moving it. One
-        device whose clock runs a year ahead must not make every other sensor look idle and have
-        the whole fleet evicted at every micro-batch; a fleet resuming after an outage moves it
-        at once, and the last live sensor of a fleet whose others all fell silent in an outage
-        moves it one TTL later."""
+    def _advance_clock(self, batch: Batch, rows: np.ndarray, slots: np.ndarray) -> None:
+        """Move the event time to the newest timestamp of ``batch``'s readings at ``rows``
+        (their slots: ``slots``, -1 for new sensors), never back; but a jump of more than the
+        TTL goes only as far as a second sensor has reached (nowhere while it is the only sensor
+        known, as a device dated ahead in the very first micro-batch), until the sensor that
+        jumped has gone on for a further TTL with no other sensor moving it. One device whose
+        clock runs a year ahead must not make every other sensor look idle and have the whole
+        fleet evicted at every micro-batch; a fleet resuming after an outage moves it at once,
+        and the last live sensor of a fleet whose others all fell silent in an outage moves it
+        one TTL later."""
         ttl = self.config.sensor_ttl_seconds
+        ts = batch.ts[rows]
         newest = float(ts.max())
         clock = self.event_time
         if newest - clock <= ttl:
             clock = max(clock, newest)
-        else:
+        else:  # rare: the sensors' ids are looked at only here, off the per-batch path
+            ids = [batch.sensor_ids[i] for i in rows.tolist()]
             names, index = np.unique(np.asarray(ids, dtype=object), return_inverse=True)
             latest = np.full(len(names), -np.inf)
             np.maximum.at(latest, index, ts)  # each sensor's newest here

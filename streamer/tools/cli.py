@@ -146,9 +146,10 @@ def _check_writable(*paths: Path | None) -> None:
             continue
         if not path.parent.is_dir():
             raise ConfigError(f"cannot write {path}: directory {path.parent} does not exist")
-        if path.is_dir() or not os.access(path.parent, os.W_OK):
-            raise ConfigError(f"cannot write {path}: "
-                              + ("it is a directory" if path.is_dir() else "permission denied"))
+        if path.is_dir():
+            raise ConfigError(f"cannot write {path}: it is a directory")
+        if not os.access(path.parent, os.W_OK):
+            raise ConfigError(f"cannot write {path}: permission denied")
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
@@ -212,7 +213,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.horizon_out:
         write_horizon(args.horizon_out, readings, outputs)
     if args.json_out:
-        document = json.loads(report.to_json())
+        document = dataclasses.asdict(report)
         if steps:
             document["steps"] = [dataclasses.asdict(s) for s in steps]
         args.json_out.write_text(json.dumps(json_safe(document), indent=2, allow_nan=False))

@@ -4,11 +4,10 @@ how well its intervals covered and which readings it flagged."""
 from __future__ import annotations
 
 import csv
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -60,9 +59,6 @@ class ReplayReport:
     anomalies: int = 0
     anomalies_per_1000: float = NAN
     sensors: list[SensorScore] = field(default_factory=list)
-
-    def to_json(self) -> str:
-        return json.dumps(json_safe(asdict(self)), indent=2, allow_nan=False)
 
     def worst(self, n: int) -> list[SensorScore]:
         finite = [s for s in self.sensors if np.isfinite(s.rel_mae)]
