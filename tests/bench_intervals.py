@@ -27,6 +27,11 @@ and false flags per 1,000 normal readings (after the first 200), at the default 
 two stricter ones. Cost: replay readings per CPU second with intervals and scores against a
 replay whose calibration is a no-op, best of ``--runs`` (3) each, interleaved (more for a short
 fleet: each variant replays for at least 5 CPU seconds in all).
+
+After a pause: one synthetic sensor read every minute (white noise, or an AR(1) at 0.9) reads
+exactly the same value for a while (a machine switched off) and then varies again; Winkler
+score (in the series' own units) and coverage over the 1,000 readings after it comes back and
+the 2,000 after those, against the same sensor never paused (``--quick``: one pause length).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from streamer.tools.readings_csv import iter_chunks
 from tests.bench_fleets import fleet_arguments, read_fleet
 
 WARMUP = 200
+PAUSES = (1_000, 3_000, 10_000, 30_000)  # flat readings before the sensor varies again
 AEON_SERIES = ("KDD-TSAD_135/135_UCR_Anomaly_InternalBleeding16_TEST.csv",
                "UnitTest/ecg-diff-count-3_TEST.csv")
 THRESHOLDS = (0.999, 0.9999, 0.99999)
@@ -195,6 +201,44 @@ def windows(labels: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(np.r_[idx[0], idx[cuts + 1]], np.r_[idx[cuts], idx[-1]]))
 
 
+def _paused_sensor(kind: str, n_flat: int, seed: int) -> tuple[np.ndarray, int]:
+    """1,000 readings, ``n_flat`` of exactly the level, 3,000 more; and where they resume."""
+    rng = np.random.default_rng(seed)
+
+    def noise(n: int) -> np.ndarray:
+        e = rng.normal(size=n)
+        if kind == "white":
+            return 20 + e
+        x = np.zeros(n)
+        for i in range(1, n):
+            x[i] = 0.9 * x[i - 1] + e[i]
+        return 20 + 3 * x
+
+    before, after = noise(1000), noise(3000)
+    return np.concatenate([before, np.full(n_flat, 20.0), after]), 1000 + n_flat
+
+
+def after_a_pause(config: LearnerConfig, pauses: tuple[int, ...]) -> None:
+    alpha = 1 - config.coverage
+    print("\n| sensor | flat readings | Winkler, first 1,000 after | coverage | "
+          "Winkler, next 2,000 | coverage |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for seed, kind in enumerate(("white", "AR(1)")):
+        for n_flat in (0, *pauses):
+            values, back = _paused_sensor(kind, n_flat, seed)
+            batch = Batch.from_arrays(["s"] * len(values), 1.7e9 + 60.0 * np.arange(len(values)),
+                                      values)
+            out, _, _ = run(batch, config)
+            made = slice(back - 1, -1)  # each reading's interval: made at the reading before
+            y, lo, hi = values[back:], out["lower"][made, 0], out["upper"][made, 0]
+            score = (hi - lo) + 2 / alpha * (np.maximum(lo - y, 0) + np.maximum(y - hi, 0))
+            inside = (y >= lo) & (y <= hi)
+            cells = [f"{score[a:b].mean():.2f} | {inside[a:b].mean():.3f}"
+                     for a, b in ((0, 1000), (1000, 3000))]
+            print(f"| {kind} | {n_flat or 'never paused'} | " + " | ".join(cells) + " |",
+                  flush=True)
+
+
 def main() -> None:
     args = fleet_arguments(__doc__)
     torch.set_num_threads(1)
@@ -229,6 +273,7 @@ def main() -> None:
     print("| --- | --- | --- | --- |")
     for name, a, b in costs:
         print(f"| {name} | {a:,.0f} | {b:,.0f} | {100 * (b / a - 1):+.1f} % |")
+    after_a_pause(config, PAUSES[2:3] if args.quick else PAUSES)
     series = aeon_series()
     if not series:
         print("\naeon is not installed (pip install -e .[bench]): no labelled series")

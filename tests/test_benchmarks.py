@@ -44,6 +44,7 @@ def test_intervals_benchmark_quick_run_compares_streamer_with_both_baselines() -
     for cells in rows.values():
         assert 0.5 < _number(cells[2]) <= 1.0 and _number(cells[5]) > 0  # coverage, Winkler
     assert "readings/s without intervals" in out
+    assert "| white | never paused |" in out and "| AR(1) | 10000 |" in out
 
 
 def test_sharing_benchmark_quick_run_averages_its_seeds() -> None:

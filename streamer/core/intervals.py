@@ -105,6 +105,18 @@ N_BUCKETS = 8
 # 0.894 (weekend and Monday errors differ from midweek ones); other fleets are sub-daily.
 WEEKLY_GAP = 0.5 * SECONDS_PER_DAY
 PROFILE_ALPHA, PROFILE_FLOOR, PROFILE_CAP = 0.015, 0.2, 20.0
+# A sensor coming back from a flat stretch: its change scale (normalizer.py) had shrunk with it
+# and grows back by at most x1.16 a reading (the winsorized changes), so for ~100 readings its
+# errors are many scales, and the bucket learning them grew to 150 (normally ~0.5): intervals
+# 3x too wide for days after a 2-week pause. While the scale grows by more than this at
+# RECOVERY_RUN readings in a row the profile does not learn (one large change, a spike or the
+# morning after a night's gap, still counts). Winkler score over the 1,000 readings after a
+# pause of 3,000 to 30,000 readings 25-418 -> 9-38, over the 2,000 after those 11-186 -> 4.8-15
+# (never paused: 4.5-13.7); the shared fleets unchanged (docs/benchmarks/intervals.md).
+RECOVERY_GROWTH, RECOVERY_RUN = 1.1, 3
+# ``last_bucket`` holds the bucket (low 3 bits) and above them for how many readings in a row
+# the scale has grown fast (saturating): one uint8 for both keeps the memory budget.
+BUCKET_SHIFT, MAX_FAST_RUN = 3, 31
 # Buckets are stored as log2 in int16 steps of 1/2048 octave (0.03 %, +-16 octaves).
 LOG_STEP = 2048.0
 MAX_EXCESS = 20.0  # an exceedance counts at most this many widths in the tail's moments
@@ -323,6 +335,11 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
     resid = np.zeros(f)
     for i in range(len(slots)):
         s = slots[i]
+        fast = False  # the change scale grew fast at this reading (see RECOVERY_GROWTH)
+        for j in range(f):
+            fast = fast or scale[i, j] > RECOVERY_GROWTH * prev_scale[i, j]
+        fast_run = min((last_bucket[s] >> BUCKET_SHIFT) + 1, MAX_FAST_RUN) if fast else 0
+        bucket_then = last_bucket[s] & ((1 << BUCKET_SHIFT) - 1)
         if scored[i]:
             # The interval this reading is scored against is exactly the one emitted with the
             # forecast before it: nothing it depends on has moved since, and ``then`` is the
@@ -330,7 +347,7 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
             then = n_scored[i] - 1
             p_inst, n_in, same = 1.0, 0, True
             for j in range(f):
-                unit = _unit(profile, spread, s, j, last_bucket[s], prev_scale[i, j])
+                unit = _unit(profile, spread, s, j, bucket_then, prev_scale[i, j])
                 r = (values[i, j] - prev_forecast[i, j]) / unit
                 resid[j] = r
                 lo, hi, w = _bounds(q_lo[s, j], q_hi[s, j], integral[s, j], gain, then)
@@ -368,6 +385,7 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
             anomaly[i] = flagged
             inside[i] = n_in
             learn = not flagged or flag_run[s] >= learn_after
+            recovering = fast_run >= RECOVERY_RUN
             flag_run[s] = min(flag_run[s] + 1, MAX_RUN) if flagged else 0
             if learn:
                 for j in range(f):
@@ -383,9 +401,10 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
                                      MAX_EXCESS * w)
                         tail[s, j] += TAIL_ALPHA * (excess - tail[s, j])
                         tail_sq[s, j] += TAIL_ALPHA * (excess * excess - tail_sq[s, j])
-                    error = abs(values[i, j] - prev_forecast[i, j]) / (
-                        prev_scale[i, j] * (1.0 + SPREAD_WEIGHT * spread[s, j]))
-                    _learn_profile(profile, s, j, last_bucket[s], error)
+                    if not recovering:
+                        error = abs(values[i, j] - prev_forecast[i, j]) / (
+                            prev_scale[i, j] * (1.0 + SPREAD_WEIGHT * spread[s, j]))
+                        _learn_profile(profile, s, j, bucket_then, error)
                 short[s] = run
                 a = max(LONG_ALPHA, 1.0 / (n_scored[i] + LONG_PRIOR))
                 d = run - long_mean[s]
@@ -400,7 +419,7 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
             inside[i] = UNSCORED
         # The interval around this reading's forecast, for the sensor's next reading.
         b = _bucket(ts[i], gap[i])
-        last_bucket[s] = b
+        last_bucket[s] = b | (fast_run << BUCKET_SHIFT)
         for j in range(f):
             lo, hi, w = _bounds(q_lo[s, j], q_hi[s, j], integral[s, j], gain, n_scored[i])
             spread[s, j] = min(spread_now[i, j], MAX_SPREAD)

@@ -82,6 +82,27 @@ def test_interval_widens_within_50_readings_of_a_noise_increase_and_shrinks_afte
     assert width[1900:2000].mean() < 0.5 * during  # and narrowed again
 
 
+def _winkler(values: np.ndarray, out, alpha: float = 0.1) -> np.ndarray:
+    """Each reading's Winkler score against the interval made with the forecast before it."""
+    y, low, high = values[1:], out.lower[:-1, 0], out.upper[:-1, 0]
+    return (high - low) + 2 / alpha * (np.maximum(low - y, 0) + np.maximum(y - high, 0))
+
+
+def test_intervals_are_back_to_normal_width_soon_after_a_week_long_flat_stretch():
+    # A machine off for a week (10,000 readings of exactly 20) comes back: its change scale
+    # had shrunk with the flat stretch and takes ~100 readings to grow back, and the error
+    # profile must not learn that lag as the hour's error (a bucket grew to 150x, the
+    # intervals stayed 2.5x too wide over the next 3,000 readings).
+    rng = np.random.default_rng(4)
+    before, after = 20 + rng.normal(size=1000), 20 + rng.normal(size=3000)
+    paused = np.concatenate([before, np.full(10_000, 20.0), after])
+    never = np.concatenate([before, after])
+    late = slice(1000, 3000)  # of the readings after the pause
+    score = _winkler(paused, _one_sensor(paused))[-3000:][late].mean()
+    usual = _winkler(never, _one_sensor(never))[-3000:][late].mean()
+    assert score < 1.25 * usual
+
+
 def _sine(n: int, seed: int = 5) -> np.ndarray:
     rng = np.random.default_rng(seed)
     t = np.arange(n)
