@@ -93,6 +93,13 @@ MIN_WIDTH = 0.05  # the width (in change scales) that sets the step when the int
 # reading near 1e300 after a flat stretch) cannot grow them past float32, and bounds stay
 # finite (they are clipped to +-MAX_BOUND in value units as well).
 MAX_QUANTILE, MAX_BOUND = 1e4, 1e308
+# Each bound is at least this many float64 ulps of the forecast away from it. A sensor constant
+# for hours has an interval a few ulps wide around a forecast itself an ulp or two off, so its
+# readings sat exactly at the edge, each one a coverage-level surprise, and a run of them was
+# flagged (21-80 flags in a row for a constant -3.0, 1e-5 or 1e300 read every minute); readings
+# within a few ulps of the forecast are now well inside. At 1e-15 of the value it changes no
+# interval of a sensor that varies.
+MIN_ULPS = 8.0
 # Error profile: 8 buckets of 3 hours (24 cover the car-park fleet better, 0.899 vs 0.890
 # before the integrator, but do not fit the memory budget); weight of the newest error in its
 # bucket (a slow one: weighing a bucket's first errors more cost 3-14 % of Winkler score on
@@ -131,6 +138,12 @@ SHORT_ALPHA, LONG_ALPHA = 0.2, 0.002
 # varies must not turn one ordinary miss into an anomaly.
 SHORT_VAR = SHORT_ALPHA / (2.0 - SHORT_ALPHA)
 LONG_PRIOR = 50
+# ... and the floor of the mean it is compared with (a quarter of the calibrated 1). A sensor
+# whose readings all fell at its forecast for hours has a long-run surprise near 0; when its
+# interval then narrowed, readings a third of the way to the edge (p ~ 0.7, as ordinary as
+# readings get) were flagged as a surprising run: 56-80 flags in a row for a constant 1e-13
+# or 1e-300. No sensor of the shared fleets has its mean this low (their flags are unchanged).
+MIN_SURPRISE_MEAN = 0.25
 MAX_SURPRISE = 30.0  # -ln p is capped here (p = 1e-13): one reading cannot swamp the average
 # Repeated readings: the share of readings equal to the one before, and of those after a repeat
 # (priors, and the weight of the newest reading). A sensor that never repeats a value and then
@@ -259,6 +272,16 @@ def _bounds(q_lo, q_hi, integral, gain, n):  # pragma: no cover - compiled
 
 
 @kernel
+def _published(forecast, lo, hi, unit):  # pragma: no cover - compiled
+    """The bounds users get for residual-unit bounds ``lo`` <= 0 <= ``hi``: in value units,
+    at least MIN_ULPS ulps from the forecast, finite."""
+    pad = MIN_ULPS * 2.0**-52 * abs(forecast)
+    low = max(min(forecast + lo * unit, forecast - pad), -MAX_BOUND)
+    high = min(max(forecast + hi * unit, forecast + pad), MAX_BOUND)
+    return low, high
+
+
+@kernel
 def _bucket(t, gap):  # pragma: no cover - compiled
     """The error-profile bucket of epoch seconds ``t`` for a sensor read every ``gap`` seconds:
     its time of day (UTC), or its day of the week (Monday 0) for a sensor read at most about
@@ -300,7 +323,7 @@ def _gamma_tail(x, mean, var):  # pragma: no cover - compiled
     """P(X >= x) for X ~ Gamma with this mean and variance (Wilson-Hilferty: (X / mean)^(1/3)
     is about normal with mean 1 - 1/(9k) and variance 1/(9k), k = mean^2 / var, at least 1:
     below it the approximation fails and would call a typical value surprising)."""
-    mean = max(mean, 1e-6)
+    mean = max(mean, MIN_SURPRISE_MEAN)
     nine_k = max(9.0 * mean * mean / var, 9.0)  # shape >= 1: the approximation's range
     z = ((max(x, 0.0) / mean) ** (1.0 / 3.0) - (1.0 - 1.0 / nine_k)) * math.sqrt(nine_k)
     return 0.5 * math.erfc(z / math.sqrt(2.0))
@@ -351,8 +374,7 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
                 r = (values[i, j] - prev_forecast[i, j]) / unit
                 resid[j] = r
                 lo, hi, w = _bounds(q_lo[s, j], q_hi[s, j], integral[s, j], gain, then)
-                low = max(prev_forecast[i, j] + lo * unit, -MAX_BOUND)
-                high = min(prev_forecast[i, j] + hi * unit, MAX_BOUND)
+                low, high = _published(prev_forecast[i, j], lo, hi, unit)
                 expected_lower[i, j], expected_upper[i, j] = low, high
                 # Inside or not as the published bounds say (the same floats users compare).
                 miss_lo[j], miss_hi[j] = values[i, j] < low, values[i, j] > high
@@ -360,12 +382,12 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
                     excess = min(max((lo - r) if miss_lo[j] else (r - hi), 0.0), MAX_EXCESS * w)
                     p = alpha * _tail_probability(excess, tail[s, j], tail_sq[s, j])
                 else:
-                    centre = 0.5 * (lo + hi)
-                    edge = (hi - centre) if r >= centre else (centre - lo)
-                    # At most 1: the published bounds (value units) decide inside, and an
-                    # interval about one ulp wide (a constant sensor) can hold a reading whose
-                    # residual is past its edge in these units; p never falls below alpha.
-                    frac = min(abs(r - centre) / edge, 1.0) if edge > 0 else 0.0
+                    # How far from the centre towards the edge, in the published bounds (the
+                    # floats that decided inside; at most 1 whatever the rounding).
+                    v = values[i, j]
+                    centre = 0.5 * low + 0.5 * high
+                    edge = (high - centre) if v >= centre else (centre - low)
+                    frac = min(abs(v - centre) / edge, 1.0) if edge > 0 else 0.0
                     p = 1.0 - (1.0 - alpha) * frac
                     n_in += 1
                 p_inst = min(p_inst, f * p)  # the least likely feature, Bonferroni-corrected
@@ -424,5 +446,4 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
             lo, hi, w = _bounds(q_lo[s, j], q_hi[s, j], integral[s, j], gain, n_scored[i])
             spread[s, j] = min(spread_now[i, j], MAX_SPREAD)
             unit = _unit(profile, spread, s, j, b, scale[i, j])
-            lower[i, j] = max(forecast[i, j] + lo * unit, -MAX_BOUND)
-            upper[i, j] = min(forecast[i, j] + hi * unit, MAX_BOUND)
+            lower[i, j], upper[i, j] = _published(forecast[i, j], lo, hi, unit)

@@ -233,14 +233,17 @@ def test_each_reading_is_scored_against_exactly_the_interval_its_previous_foreca
     assert checked > 1800
 
 
-@pytest.mark.parametrize("level", [42.0, -3.0, 1e300])
-def test_a_sensor_constant_since_installed_scores_within_0_and_1_and_is_seldom_flagged(level):
-    # Its interval narrows to about one ulp around the forecast, where a reading inside the
-    # published bounds can sit past the interval's edge in residual units (scores up to 2.7);
-    # and with no habit of varying it is not "stuck" (it had ~360 flags for that). What is
-    # left is float rounding at the interval's edge: below the threshold's nominal 1 in 1,000.
-    n = 3000
-    batch = Batch.from_arrays(["a"] * n, 1.6e9 + 600.0 * np.arange(n), np.full(n, level))
+@pytest.mark.parametrize("level", [42.0, -3.0, 1e300, 1e-5, 1e-13, -1e-300])
+@pytest.mark.parametrize("every", [60.0, 600.0])
+def test_a_sensor_constant_since_installed_scores_within_0_and_1_and_is_never_flagged(
+        level, every):
+    # Its interval narrows to a few ulps around a forecast an ulp or two off: readings inside
+    # the published bounds sat past the edge in residual units (scores up to 2.7), then exactly
+    # at it (21-80 flags in a row at 60 s); with no habit of varying it is not "stuck" (it had
+    # ~360 flags for that); and readings at its forecast for hours must not make an ordinary
+    # one look like a surprising run (56-80 flags for 1e-13 and 1e-300).
+    n = 4000
+    batch = Batch.from_arrays(["a"] * n, 1.6e9 + every * np.arange(n), np.full(n, level))
     out = Learner(LearnerConfig(device="cpu")).step(batch)
     assert (out.anomaly_score >= 0).all() and (out.anomaly_score <= 1).all()
-    assert out.anomaly.sum() < n / 1000
+    assert out.anomaly.sum() == 0
