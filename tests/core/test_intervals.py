@@ -103,6 +103,20 @@ def test_intervals_are_back_to_normal_width_soon_after_a_week_long_flat_stretch(
     assert score < 1.25 * usual
 
 
+def test_a_machine_off_16_hours_a_day_has_its_on_readings_covered_at_the_target():
+    # Off (exactly 0) 16 hours a day: if the interval learned from those readings, its
+    # quantiles and profile shrank and its integrator wound down all night, and the day's
+    # readings were covered 0.72-0.79 of the time.
+    rng = np.random.default_rng(8)
+    t = np.arange(7 * 1440)
+    on = (t % 1440) < 480
+    values = np.where(on, 50 + 3 * np.sin(t / 30) + rng.normal(size=len(t)), 0.0)
+    out = _one_sensor(values)
+    inside = (values[1:] >= out.lower[:-1, 0]) & (values[1:] <= out.upper[:-1, 0])
+    later = np.arange(1, len(t)) >= 2 * 1440
+    assert inside[later & on[1:]].mean() == pytest.approx(0.9, abs=0.03)
+
+
 def _sine(n: int, seed: int = 5) -> np.ndarray:
     rng = np.random.default_rng(seed)
     t = np.arange(n)
