@@ -26,6 +26,15 @@ MAX_ABS_VALUE = 1e300
 # Timestamps (epoch seconds) beyond this (~year 5100) are rejected alike: the gap between two
 # finite timestamps must stay finite for the typical-gap statistics and the seasonal buckets.
 MAX_ABS_TS = 1e11
+# Past warm-up, changes beyond clip scales are winsorized there (one sentinel cannot inflate the
+# scale), so the scale grows by at most x1.16 a reading (clip 6, alpha 0.01). A sensor coming
+# back from a flat stretch, whose scale had shrunk to its floor, then took ~100 readings to get
+# its scale back, every change meanwhile an outlier clipped at the model's input limit. The
+# limit now doubles at each outlier after ESCALATE_AFTER in a row (a sentinel and its return
+# make two) and halves back at each reading within it: the scale is out of the flat stretch's
+# 1e-8 in ~10 readings, then at the running average's own pace (0.15-0.3 of its usual value 20
+# readings after a week-long pause, 0.5-0.6 after 50).
+ESCALATE_AFTER, MAX_ESCALATION = 2, 40  # doublings at most
 
 
 def input_size(n_features: int) -> int:
@@ -79,7 +88,7 @@ class SensorStats:
     # square of a reading near the largest accepted magnitude (MAX_ABS_VALUE) would overflow.
     _PER_FEATURE = ("mean", "sd", "change_rms", "last_value", "last_scale", "last_forecast",
                     "last_experts", "last_outlier", "before_last_value", "revert_score",
-                    "guard_err")
+                    "guard_err", "outlier_run")
     _PER_SLOT = ("count", "last_ts", "log_dt")
 
     def grow(self, capacity: int) -> None:
@@ -146,7 +155,7 @@ class SensorStats:
         _encode(
             slots.astype(np.int64), ts, values, self.alpha, self.warmup, clip, self.robust,
             self.count, self.mean, self.sd, self.change_rms, self.last_value, self.last_scale,
-            self.last_ts, self.log_dt,
+            self.last_ts, self.log_dt, self.outlier_run,
             features, out.targets, out.target_valid, out.scale, out.prev_scale, out.prev_value,
             out.warm, out.outlier, out.has_prev, out.spread, out.next_gap, out.since,
         )
@@ -159,7 +168,7 @@ class SensorStats:
 
 @kernel
 def _encode(slots, ts, values, alpha, warmup, clip, robust_stats,
-            count, mean, sd, change_rms, last_value, last_scale, last_ts, log_dt,
+            count, mean, sd, change_rms, last_value, last_scale, last_ts, log_dt, outlier_run,
             features, targets, target_valid, scale, prev_scale, prev_value, warm, outlier,
             has_prev, spread, next_gap, since):  # pragma: no cover - compiled
     """The per-reading recurrence of ``SensorStats.encode``: state arrays updated in place,
@@ -176,26 +185,33 @@ def _encode(slots, ts, values, alpha, warmup, clip, robust_stats,
         a_prev = max(alpha, 1.0 / max(n, 1))  # weight among n changes
         # Past warm-up the statistics see outliers winsorized at +-clip scales, so one sentinel
         # (-9999) cannot inflate the scales for hundreds of readings; a real regime change still
-        # gets through, geometrically fast (x(1 + a clip^2) per step).
+        # gets through, geometrically fast (x(1 + a clip^2) per step, and faster after a run of
+        # outliers: ESCALATE_AFTER).
         robust = robust_stats and n >= warmup
         for j in range(f):
             v = values[i, j]
             last, last_sc = last_value[s, j], last_scale[s, j]
+            widen = 2.0 ** max(outlier_run[s, j] - ESCALATE_AFTER + 1.0, 0.0)
             change = v - last if prev else 0.0
             prev_value[i, j] = last if prev else v
             prev_scale[i, j] = last_sc
             targets[i, j] = change / last_sc  # clipped by the caller, like the features
             m_old, sd_old = mean[s, j], sd[s, j]
             diff = v - m_old
-            lim = clip * max(sd_old, last_sc)
+            lim = clip * max(sd_old, last_sc) * widen
             diff_w = min(max(diff, -lim), lim) if robust else diff
             far = abs(diff) > lim
             m_new = m_old + a * diff_w
             # sd^2 = (1 - a) (sd_old^2 + a diff^2), without squaring a possibly huge number.
             sd_new = math.sqrt(1.0 - a) * math.hypot(sd_old, math.sqrt(a) * diff_w)
-            lim = clip * last_sc
+            lim = clip * last_sc * widen
             change_w = min(max(change, -lim), lim) if robust else change
             outlier[i, j] = robust and far and abs(change) > lim
+            # See ESCALATE_AFTER; counted no further than the widest limit, so that a long run
+            # of outliers (a sensor flapping to -9999 and back) is undone as quickly.
+            run = outlier_run[s, j]
+            outlier_run[s, j] = (min(run + 1.0, ESCALATE_AFTER - 1.0 + MAX_ESCALATION)
+                                 if robust and abs(change) > lim else max(run - 1.0, 0.0))
             rms = change_rms[s, j]
             if prev:  # rms^2 = (1 - w) rms_old^2 + w change^2, as above
                 rms = math.hypot(math.sqrt(1.0 - a_prev) * rms, math.sqrt(a_prev) * change_w)

@@ -22,10 +22,11 @@ from streamer.core.windows import slot_axis, stagger
 # without a gap, and the queue of full windows waiting for an update; 5: interval and anomaly
 # calibration; 6: the horizon's state (weights, pending forecasts, intervals of steps 2..H) and
 # the memory's last readings per bucket (both empty with a horizon of 1); 7: how much shorter
-# than the others each slot's first window is (windows.SlotTensors.stagger).
-FORMAT = "streamer.learner/7"
-PREVIOUS_FORMATS = ("streamer.learner/4", "streamer.learner/5",
-                    "streamer.learner/6")  # read through upgrade()
+# than the others each slot's first window is (windows.SlotTensors.stagger); 8: how many outliers
+# in a row each sensor's changes have been (normalizer.ESCALATE_AFTER).
+FORMAT = "streamer.learner/8"
+PREVIOUS_FORMATS = ("streamer.learner/4", "streamer.learner/5", "streamer.learner/6",
+                    "streamer.learner/7")  # read through upgrade()
 
 
 # The learner's per-slot host arrays (row i: slot i) that move with a sensor.
@@ -47,12 +48,17 @@ class IncompatibleSnapshot(ValueError):
 
 def upgrade(state: dict) -> dict:
     """A snapshot of an earlier format (4: before interval calibration; 5: before horizons;
-    6: before staggered first windows) in this one: what it lacks starts from the prior, as for
-    new sensors (calibration; a horizon of one step); the windows being filled keep their full
-    length, free slots stagger as in a new learner; weights, statistics and memory carry over.
-    Any other format is returned as it is (``check_compatible`` names it)."""
+    6: before staggered first windows; 7: before outlier runs) in this one: what it lacks starts
+    from the prior, as for new sensors (calibration; a horizon of one step; no outlier run); the
+    windows being filled keep their full length, free slots stagger as in a new learner;
+    weights, statistics and memory carry over. Any other format is returned as it is
+    (``check_compatible`` names it)."""
     if not isinstance(state, dict) or state.get("format") not in PREVIOUS_FORMATS:
         return state
+    stats = state["stats"]
+    state = {**state, "stats": {**stats, "outlier_run": torch.zeros_like(stats["mean"])}}
+    if state["format"] == "streamer.learner/7":
+        return {**state, "format": FORMAT}
     ids = state["table"]["ids"]
     k = int(state["config"].get("tbptt_steps", LearnerConfig.tbptt_steps))
     free = torch.tensor([i is None for i in ids], dtype=torch.bool)

@@ -96,7 +96,7 @@ def test_a_checkpoint_of_an_older_snapshot_format_is_refused_with_the_reason(tmp
     CheckpointStore(tmp_path, "w1", CFG.fingerprint()).save(old, {TP: 5}, {TP: []})
     with caplog.at_level(logging.ERROR):
         assert CheckpointStore(tmp_path, "w1", CFG.fingerprint()).latest() is None
-    assert ("learner snapshot format 'streamer.learner/3' is not 'streamer.learner/7' "
+    assert ("learner snapshot format 'streamer.learner/3' is not 'streamer.learner/8' "
             "(written by another streamer version)") in caplog.text
 
 
@@ -148,6 +148,19 @@ def test_a_checkpoint_from_before_staggered_windows_resumes_its_windows_at_full_
     assert not restored.state.short[occupied].any()  # windows being filled keep k steps
     np.testing.assert_array_equal(restored.state.short[free], restored.state.stagger(free))
     np.testing.assert_array_equal(restored.state.seen, learner.state.seen)
+
+
+def test_a_checkpoint_from_before_outlier_runs_resumes_with_none(tmp_path):
+    learner = _learner(4)
+    old = learner.snapshot()
+    del old["stats"]["outlier_run"]
+    old["format"] = "streamer.learner/7"
+    CheckpointStore(tmp_path, "w1", CFG.fingerprint()).save(old, {TP: 5}, {TP: []})
+    found = CheckpointStore(tmp_path, "w1", CFG.fingerprint()).latest()
+    restored = Learner.restore(found.state, CFG)
+    assert not restored.stats.outlier_run.any()
+    np.testing.assert_array_equal(restored.stats.change_rms, learner.stats.change_rms)
+    np.testing.assert_array_equal(restored.calibration.q_hi, learner.calibration.q_hi)
 
 
 def test_partition_state_moves_between_learners_through_a_checkpoint(tmp_path):

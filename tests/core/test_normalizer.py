@@ -1,0 +1,43 @@
+"""The change scale: back soon after a flat stretch, still deaf to a one-off sentinel."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from streamer.core import LearnerConfig
+from streamer.core.normalizer import SensorStats
+
+CFG = LearnerConfig(device="cpu")
+
+
+def _scales(values: np.ndarray) -> np.ndarray:
+    """The change scale after each reading of one sensor read every minute."""
+    stats = SensorStats(1, 1, CFG.norm_alpha, CFG.warmup_readings, CFG.clip_z)
+    ts = 1.7e9 + 60.0 * np.arange(len(values))
+    return stats.encode(np.zeros(len(values), dtype=np.int64), ts, values[:, None]).scale[:, 0]
+
+
+def test_the_change_scale_gets_back_within_20_readings_of_a_week_long_flat_stretch():
+    # Flat for a week, the scale shrank to its floor (1e-9 of the level); winsorized at 6
+    # scales it grew back by x1.16 a reading, ~130 readings with every change an outlier
+    # clipped at the model's input limit. Now the limit widens with the run of outliers, and
+    # what is left is the running average's own pace (weight 0.01 a reading).
+    rng = np.random.default_rng(0)
+    noise = 20 + rng.normal(size=1000)
+    scale = _scales(np.concatenate([noise, np.full(10_000, 20.0), 20 + rng.normal(size=200)]))
+    before, flat = scale[999], scale[10_999]
+    assert flat < 1e-6 * before
+    back = scale[11_000:]
+    assert back[20] > 0.1 * before and back[50] > 0.4 * before
+    assert back.max() < 1.5 * before  # and does not overshoot
+
+
+def test_a_one_off_sentinel_still_moves_the_change_scale_by_at_most_two_winsorized_steps():
+    rng = np.random.default_rng(1)
+    values = 20 + rng.normal(size=600)
+    for at, hold in ((300, 1), (450, 3)):  # -9999 for one reading, then for three
+        values[at : at + hold] = -9999.0
+    scale = _scales(values)
+    growth = (1 - CFG.norm_alpha + CFG.norm_alpha * CFG.clip_z**2) ** 0.5  # x1.16
+    assert scale[305] < growth**2 * scale[299] * 1.01
+    assert scale[455] < growth**2 * scale[449] * 1.01
