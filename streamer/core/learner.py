@@ -7,6 +7,7 @@ import torch
 
 from streamer.core import snapshot as snap
 from streamer.core.batch import Batch, HorizonResult, StepResult, UpdateStats
+from streamer.core.clock import EventClock
 from streamer.core.compiled import kernel
 from streamer.core.config import MAX_WINDOWS_PER_UPDATE, LearnerConfig
 from streamer.core.device import resolve_device
@@ -66,8 +67,7 @@ class Learner:
                                  config.tbptt_steps, n_inputs, config.n_features, self.device,
                                  limit=MAX_WINDOWS_PER_UPDATE)
         self.accepted_total = 0  # accepted readings ever: drives the training trigger
-        self.event_time = -np.inf  # the clock for idle eviction (_advance_clock)
-        self.clock_held = -np.inf  # where a lone jump of the clock was first held back
+        self.clock = EventClock(config.sensor_ttl_seconds or np.inf)  # for idle eviction
         self._compile()
 
     def _compile(self) -> None:
@@ -186,7 +186,7 @@ class Learner:
         ok = status == 0
         if cfg.sensor_ttl_seconds is not None and ok.any():
             rows = np.flatnonzero(ok)
-            self._advance_clock(batch, rows, slots[rows])
+            self.clock.advance(batch.sensor_ids, rows, batch.ts[rows])
             result.evicted_sensors = self._evict_idle(slots[rows])
         new = np.flatnonzero(ok & (slots < 0))
         if len(new):
@@ -210,48 +210,12 @@ class Learner:
                       self.stats.last_ts, ok)
         return ok
 
-    def _advance_clock(self, batch: Batch, rows: np.ndarray, slots: np.ndarray) -> None:
-        """Move the event time to the newest timestamp of ``batch``'s readings at ``rows``
-        (their slots: ``slots``, -1 for new sensors), never back; but a jump of more than the
-        TTL goes only as far as a second sensor has reached (nowhere while it is the only sensor
-        known, as a device dated ahead in the very first micro-batch), until the sensor that
-        jumped has gone on for a further TTL with no other sensor moving it. One device whose
-        clock runs a year ahead must not make every other sensor look idle and have the whole
-        fleet evicted at every micro-batch; a fleet resuming after an outage moves it at once,
-        and the last live sensor of a fleet whose others all fell silent in an outage moves it
-        one TTL later."""
-        ttl = self.config.sensor_ttl_seconds
-        ts = batch.ts[rows]
-        newest = float(ts.max())
-        clock = self.event_time
-        if newest - clock <= ttl:
-            clock = max(clock, newest)
-        else:  # rare: the sensors' ids are looked at only here, off the per-batch path
-            ids = [batch.sensor_ids[i] for i in rows.tolist()]
-            names, index = np.unique(np.asarray(ids, dtype=object), return_inverse=True)
-            latest = np.full(len(names), -np.inf)
-            np.maximum.at(latest, index, ts)  # each sensor's newest here
-            occupied = self.table.occupied
-            others = self.stats.last_ts[occupied[~np.isin(occupied, slots)]]
-            reached = np.concatenate([latest, others])
-            # Alone (the first micro-batch, or a fleet of one): nothing corroborates it either.
-            second = float(np.partition(reached, -2)[-2]) if len(reached) > 1 else -np.inf
-            clock = max(clock, second)
-            if clock <= self.event_time:  # held back: no other sensor is anywhere near
-                if self.clock_held == -np.inf:
-                    self.clock_held = newest
-                elif newest - self.clock_held >= ttl:
-                    clock = newest
-        if clock > self.event_time:
-            self.clock_held = -np.inf
-        self.event_time = clock
-
     def _evict_idle(self, active_slots: np.ndarray) -> int:
         """Free slots idle longer than the TTL (event time), except those being fed now."""
         occupied = self.table.occupied
         if not len(occupied):
             return 0
-        cutoff = self.event_time - self.config.sensor_ttl_seconds
+        cutoff = self.clock.time - self.config.sensor_ttl_seconds
         idle = occupied[self.stats.last_ts[occupied] < cutoff]
         idle = idle[~np.isin(idle, active_slots)]
         self.release(idle)
@@ -300,8 +264,7 @@ class Learner:
             "queue": self.state.queue.tensors(),
             "counters": {
                 "accepted_total": self.accepted_total,
-                "event_time": float(self.event_time),
-                "clock_held": float(self.clock_held),
+                **self.clock.to_plain(),
                 "attempts": self.trainer.attempts,
                 "applied": self.trainer.applied,
             },
@@ -332,8 +295,9 @@ class Learner:
         self.state.load_tensors(state["slot_tensors"], state["seen"].numpy(),
                                 state["short"].numpy(), state["queue"])
         self.accepted_total = int(counters["accepted_total"])
-        self.event_time = float(counters["event_time"])
-        self.clock_held = float(counters.get("clock_held", -np.inf))  # older snapshots: none
+        last_seen = {sensor: float(self.stats.last_ts[slot])
+                     for sensor, slot in self.table.items()}
+        self.clock.load_plain(counters, last_seen)
 
     def weights(self) -> Weights:
         """A copy of the forecaster's weights (what workers share; no optimizer state)."""

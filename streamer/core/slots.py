@@ -29,6 +29,10 @@ class SlotTable:
     def __contains__(self, sensor_id: str) -> bool:
         return sensor_id in self._slot_of
 
+    def items(self) -> list[tuple[str, int]]:
+        """(sensor id, slot) of every sensor held."""
+        return list(self._slot_of.items())
+
     def slot_for(self, sensor_id: str) -> int | None:
         """The sensor's slot, or None if it has none."""
         return self._slot_of.get(sensor_id)

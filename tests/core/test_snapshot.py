@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from streamer.core import Learner, LearnerConfig
+from streamer.core import Batch, Learner, LearnerConfig
 from streamer.core.snapshot import IncompatibleSnapshot, dumps, loads
 from tests.core.conftest import chunks, sine_fleet
 
@@ -32,6 +32,23 @@ def test_restored_learner_continues_with_identical_forecasts_and_weights(small_c
     assert original.updates == copy.updates > 1
     for p, q in zip(original.model.parameters(), copy.model.parameters()):
         assert torch.equal(p, q)
+
+
+def test_a_restored_learner_keeps_its_event_clock_and_evicts_as_the_original(small_config):
+    # TTL 30 minutes; s0 falls silent; "ahead" is dated 25 minutes ahead of the others.
+    cfg = LearnerConfig(**{**small_config.to_dict(), "sensor_ttl_seconds": 1800.0})
+    ids = [s for _ in range(60) for s in ["ahead", "s0", "s1", "s2"]]
+    ts = np.repeat(1.7e9 + 60.0 * np.arange(60), 4) + np.tile([1500.0, 0, 0, 0], 60)
+    keep = ~((np.array(ids) == "s0") & (ts > 1.7e9 + 600))
+    stream = Batch.from_arrays([i for i, k in zip(ids, keep) if k], ts[keep], np.ones(keep.sum()))
+    original = Learner(cfg)
+    original.step(stream.take(np.arange(30)))
+    copy = Learner.restore(loads(dumps(original.snapshot())), cfg)
+    assert copy.clock.to_plain() == original.clock.to_plain()
+    rest = stream.take(np.arange(30, len(stream)))
+    evicted = [(original.step(p).evicted_sensors, copy.step(p).evicted_sensors)
+               for p in chunks(rest, 7)]
+    assert [a for a, _ in evicted] == [b for _, b in evicted] and sum(a for a, _ in evicted) == 1
 
 
 def test_snapshot_into_a_different_hidden_size_is_refused_naming_the_field(small_config):
