@@ -125,24 +125,29 @@ def test_one_sensor_dated_a_year_ahead_does_not_make_the_fleet_idle(small_config
     assert learner.table.slot_for("s0") is None and learner.n_sensors == 30
 
 
-@pytest.mark.parametrize("clock", ["55 min ahead", "runs 50 % fast"])
+@pytest.mark.parametrize("size", [5, 64])
+@pytest.mark.parametrize("clock", ["55 min ahead", "runs 50 % fast", "and a glitch"])
 def test_a_device_whose_clock_is_ahead_by_less_than_the_ttl_does_not_evict_the_fleet(
-        small_config, clock):
-    # TTL one hour, 30 sensors every 10 minutes for a day, in micro-batches of 5; one more
-    # device reads with them, dated 55 minutes ahead, or drifting ahead by 5 minutes at each
-    # reading. Its readings moved the clock by less than a TTL each time: the other sensors,
-    # last seen up to 10 minutes ago, fell behind the clock by more than the TTL.
+        small_config, clock, size):
+    # TTL one hour, 30 sensors every 10 minutes for a day; one more device reads with them
+    # every 30 s, dated 55 minutes ahead, or drifting ahead by 15 s at each reading. Its
+    # readings moved the clock by less than a TTL each time: the other sensors, last seen up to
+    # 10 minutes ago, fell behind the clock by more than the TTL. "and a glitch": one reading
+    # of another sensor dated a year ahead early on (it corroborated the device 55 min ahead).
     cfg = LearnerConfig(**{**small_config.to_dict(), **NO_TRAINING, "sensor_ttl_seconds": 3600.0})
-    steps = 144
-    real = 1.7e9 + 600.0 * np.arange(steps)
-    ahead = real + (3300.0 if clock == "55 min ahead" else 0.5 * (real - real[0]))
-    ids = [s for _ in range(steps) for s in ["fast", *(f"s{i}" for i in range(30))]]
-    ts = np.column_stack([ahead, *[real] * 30]).reshape(-1)
-    batch = Batch.from_arrays(ids, ts, np.sin(ts / 5e3))
+    real = 1.7e9 + 30.0 * np.arange(20 * 144)
+    ahead = real + (0.5 * (real - real[0]) if clock == "runs 50 % fast" else 3300.0)
+    events = [(t, "fast", t_ahead) for t, t_ahead in zip(real, ahead)]
+    events += [(t, f"s{i}", t) for t in real[::20] for i in range(30)]
+    if clock == "and a glitch":
+        events.append((real[200] + 1, "glitch", real[200] + 3.2e7))
+    events.sort(key=lambda e: e[0])  # arrival order: real time
+    ts = np.array([e[2] for e in events])
+    batch = Batch.from_arrays([e[1] for e in events], ts, np.sin(ts / 5e3))
     learner = Learner(cfg)
-    evicted = sum(learner.step(batch.take(np.arange(a, min(a + 5, len(batch))))).evicted_sensors
-                  for a in range(0, len(batch), 5))
-    assert evicted == 0 and learner.n_sensors == 31
+    evicted = sum(learner.step(batch.take(np.arange(a, min(a + size, len(batch)))))
+                  .evicted_sensors for a in range(0, len(batch), size))
+    assert evicted == 0 and learner.n_sensors == 31 + (clock == "and a glitch")
 
 
 def test_the_last_sensor_of_a_fleet_silenced_by_an_outage_gets_the_dead_ones_evicted(small_config):
