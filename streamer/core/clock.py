@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -67,16 +67,16 @@ class EventClock:
         return {"event_time": float(self.time), "clock_held": float(self.held),
                 "clock_leaders": [list(lead) for lead in self.leaders]}
 
-    def load_plain(self, plain: dict, last_seen: dict[str, float]) -> None:
+    def load_plain(self, plain: dict, last_seen: Callable[[], dict[str, float]]) -> None:
         """Restore from ``to_plain``; snapshots from before the leaders were kept take them
-        from ``last_seen`` (each known sensor's newest reading time)."""
+        from ``last_seen()`` (each known sensor's newest reading time)."""
         self.time = float(plain["event_time"])
         self.held = float(plain.get("clock_held", -np.inf))
         if "clock_leaders" in plain:
             self.leaders = [(float(t), str(sensor), float(seen))
                             for t, sensor, seen in plain["clock_leaders"]]
         else:
-            newest = sorted(last_seen.items(), key=lambda item: -item[1])[:LEADERS]
+            newest = sorted(last_seen().items(), key=lambda item: -item[1])[:LEADERS]
             self.leaders = [(float(t), sensor, self.time) for sensor, t in newest]
 
 

@@ -42,7 +42,7 @@ from statistics import NormalDist
 import numpy as np
 
 from streamer.core.compiled import kernel
-from streamer.core.intervals import MAX_BOUND
+from streamer.core.intervals import published_bounds
 from streamer.core.memory import Recalled
 
 HORIZON_EXPERTS = ("step one", "persistence", "seasonal day", "seasonal week",
@@ -312,8 +312,8 @@ def _advance(slots, number, values, warm, outlier, scale, experts, step_one, low
                 low = (1.0 - mix) * q_lo[s, j, p] + mix * q_lo[s, j, q]
                 high = (1.0 - mix) * q_hi[s, j, p] + mix * q_hi[s, j, q]
                 forecast[i, step, j] = value
-                lower[i, step, j] = max(value + min(low, 0.0) * unit, -MAX_BOUND)
-                upper[i, step, j] = min(value + max(high, 0.0) * unit, MAX_BOUND)
+                lower[i, step, j], upper[i, step, j] = published_bounds(
+                    value, min(low, 0.0), max(high, 0.0), unit)
         # 3. Keep the forecasts of steps 2, 4, ... until their readings come (one each).
         if not warm[i]:
             continue

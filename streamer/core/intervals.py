@@ -59,8 +59,8 @@ flagged readings back cost coverage (they are exactly the misses the quantiles m
 model itself trains on every reading (its targets are winsorized at clip_z). The forecast
 always lies inside its own interval, and the bounds are always finite.
 
-State: per slot and feature 6 float32 and ``N_BUCKETS`` int16 (40 bytes); per slot 5 float32,
-an int16 and 2 uint8 (24 bytes): 64 bytes per sensor at one feature.
+State: per slot and feature 5 float32, a uint16, a uint8 and ``N_BUCKETS`` int16 (39 bytes);
+per slot 5 float32, an int16 and 2 uint8 (24 bytes): 63 bytes per sensor at one feature.
 """
 
 from __future__ import annotations
@@ -88,17 +88,18 @@ I_GAIN, I_SATURATION = 0.5, 0.1
 # four shared fleets; 2 was best or within 1 % of it on each).
 SPREAD_WEIGHT = 2.0
 MAX_SPREAD = 6.0  # in change scales, like the model's inputs
+SPREAD_STEPS = 65_535  # it is stored in uint16 steps of MAX_SPREAD / SPREAD_STEPS (1e-4)
 MIN_WIDTH = 0.05  # the width (in change scales) that sets the step when the interval is ~0
 # The quantiles stay within +-this (in the units above): a sensor that misses without end (a
 # reading near 1e300 after a flat stretch) cannot grow them past float32, and bounds stay
 # finite (they are clipped to +-MAX_BOUND in value units as well).
 MAX_QUANTILE, MAX_BOUND = 1e4, 1e308
-# Each bound is at least this many float64 ulps of the forecast away from it. A sensor constant
-# for hours has an interval a few ulps wide around a forecast itself an ulp or two off, so its
-# readings sat exactly at the edge, each one a coverage-level surprise, and a run of them was
-# flagged (21-80 flags in a row for a constant -3.0, 1e-5 or 1e300 read every minute); readings
-# within a few ulps of the forecast are now well inside. At 1e-15 of the value it changes no
-# interval of a sensor that varies.
+# Each bound is at least this many float64 ulps of the forecast away from it. An interval that
+# has narrowed to a few ulps around a forecast itself an ulp or two off (a constant sensor, as
+# it was before FLAT_RUN) had its readings sit exactly at the edge, each one a coverage-level
+# surprise, and a run of them was flagged (21-80 flags in a row for a constant -3.0, 1e-5 or
+# 1e300 read every minute); readings within a few ulps of the forecast are now well inside.
+# At 1e-15 of the value it changes no interval of a sensor that varies.
 MIN_ULPS = 8.0
 # Error profile: 8 buckets of 3 hours (24 cover the car-park fleet better, 0.899 vs 0.890
 # before the integrator, but do not fit the memory budget); weight of the newest error in its
@@ -113,23 +114,25 @@ N_BUCKETS = 8
 WEEKLY_GAP = 0.5 * SECONDS_PER_DAY
 PROFILE_ALPHA, PROFILE_FLOOR, PROFILE_CAP = 0.015, 0.2, 20.0
 # A sensor coming back from a flat stretch: its change scale (normalizer.py) had shrunk with it
-# and grows back by at most x1.16 a reading (the winsorized changes), so for ~100 readings its
-# errors are many scales, and the bucket learning them grew to 150 (normally ~0.5): intervals
-# 3x too wide for days after a 2-week pause. While the scale grows by more than this at
-# RECOVERY_RUN readings in a row the profile does not learn (one large change, a spike or the
-# morning after a night's gap, still counts). Winkler score over the 1,000 readings after a
-# pause of 3,000 to 30,000 readings 25-418 -> 9-38, over the 2,000 after those 11-186 -> 4.8-15
-# (never paused: 4.5-13.7); the shared fleets unchanged (docs/benchmarks/intervals.md).
+# and takes a few readings to grow back (~10 since the normalizer widens its winsorizing after
+# a run of outliers; ~130 before), and for those readings its errors are many scales: the
+# profile's bucket learning them grew to 150 (normally ~0.5), intervals 3x too wide for days
+# after a 2-week pause. While the scale grows by more than this at RECOVERY_RUN readings in a
+# row the profile does not learn (one large change, a spike or the morning after a night's
+# gap, still counts). Winkler over the 1,000 readings after a pause of 10,000 readings of a
+# white-noise sensor: 4.79 with this, 5.14 without (never paused: 4.61); before the
+# normalizer's faster recovery 12.6 with, 129 without (docs/benchmarks/intervals.md).
 RECOVERY_GROWTH, RECOVERY_RUN = 1.1, 3
-# A sensor reading the same value FLAT_RUN times in a row and on (a machine switched off): its
-# readings are inside any interval and say nothing about the errors it will make once it
-# varies again, so the interval's state (quantiles, integrator, tail, profile) does not learn
-# from them. Learning from them shrank the quantiles and the profile and wound the integrator
-# down (-0.1 a reading, for as long as the sensor was off), and it took over 1,000 readings
-# after the machine came back for the interval to cover again: an on/off machine (8 h on a
-# day) covered its on-readings 0.72-0.79, now 0.89-0.90. The shared fleets: unchanged
-# but appliances' coverage 0.898 -> 0.900 (its sensors sit flat for hours).
-FLAT_RUN = 30
+# A feature reading the same value FLAT_RUN times in a row and on (a machine switched off):
+# those readings are inside any interval and say nothing about the errors it will make once it
+# varies again, so the feature's interval state (quantiles, integrator, tail, profile) does
+# not learn from them; each feature on its own (a machine's power may sit at 0 while its
+# temperature varies). Learning from them shrank the quantiles and the profile and wound the
+# integrator down by 0.1 a reading for as long as the machine was off: the interval then
+# under-covered for 1,000 readings after it came back, and an on/off machine (8 h on a day)
+# covered its on-readings 0.72-0.79 (now 0.89-0.90). The shared fleets: unchanged but
+# appliances' coverage 0.898 -> 0.900 (its sensors sit flat for hours).
+FLAT_RUN, MAX_FLAT_RUN = 30, 255  # (a uint8 count)
 # ``last_bucket`` holds the bucket (low 3 bits) and above them for how many readings in a row
 # the scale has grown fast (saturating): one uint8 for both keeps the memory budget.
 BUCKET_SHIFT, MAX_FAST_RUN = 3, 31
@@ -181,9 +184,10 @@ class Calibrated:
 class Calibration:
     """Per-slot interval and anomaly state (host memory); see the module docstring."""
 
-    _PER_FEATURE = ("q_lo", "q_hi", "integral", "tail", "tail_sq", "spread")  # (C, F) float32
+    _PER_FEATURE = ("q_lo", "q_hi", "integral", "tail", "tail_sq")  # (C, F) float32
     _PER_SLOT = ("short", "long_mean", "long_var", "repeat", "repeat_again")  # (C,) float32
-    _ALL = (*_PER_FEATURE, *_PER_SLOT, "profile", "flag_run", "repeat_run", "last_bucket")
+    _ALL = (*_PER_FEATURE, *_PER_SLOT, "spread", "flat_run", "profile", "flag_run",
+            "repeat_run", "last_bucket")
 
     def __init__(self, capacity: int, n_features: int, coverage: float, threshold: float,
                  learn_after: int, gain: float = I_GAIN):
@@ -200,6 +204,8 @@ class Calibration:
         f = self.n_features
         arrays = {name: np.zeros((capacity, f), dtype=np.float32) for name in self._PER_FEATURE}
         arrays |= {name: np.zeros(capacity, dtype=np.float32) for name in self._PER_SLOT}
+        arrays["spread"] = np.zeros((capacity, f), dtype=np.uint16)  # SPREAD_STEPS
+        arrays["flat_run"] = np.zeros((capacity, f), dtype=np.uint8)  # equal to the one before
         arrays["profile"] = np.zeros((capacity, f, N_BUCKETS), dtype=np.int16)
         arrays["flag_run"] = np.zeros(capacity, dtype=np.uint8)
         arrays["repeat_run"] = np.zeros(capacity, dtype=np.int16)
@@ -219,7 +225,7 @@ class Calibration:
     def reset(self, slots: np.ndarray) -> None:
         """Forget ``slots`` (eviction, reuse): the prior interval, no surprise history."""
         self.q_lo[slots], self.q_hi[slots] = -self.z, self.z
-        self.integral[slots], self.spread[slots] = 0.0, 0.0
+        self.integral[slots], self.spread[slots], self.flat_run[slots] = 0.0, 0, 0
         self.tail[slots] = self.z / 3.0
         self.tail_sq[slots] = 2.0 * (self.z / 3.0) ** 2  # an exponential tail's second moment
         self.short[slots], self.long_mean[slots], self.long_var[slots] = 1.0, 1.0, SHORT_VAR
@@ -259,6 +265,7 @@ class Calibration:
             np.asarray(n_scored, dtype=np.int64), forecast, scale, spread,
             self.alpha, self.threshold, self.learn_after, self.gain,
             self.q_lo, self.q_hi, self.integral, self.tail, self.tail_sq, self.spread,
+            self.flat_run,
             self.profile,
             self.short, self.long_mean, self.long_var, self.repeat, self.repeat_again,
             self.flag_run, self.repeat_run, self.last_bucket,
@@ -281,7 +288,7 @@ def _bounds(q_lo, q_hi, integral, gain, n):  # pragma: no cover - compiled
 
 
 @kernel
-def _published(forecast, lo, hi, unit):  # pragma: no cover - compiled
+def published_bounds(forecast, lo, hi, unit):  # pragma: no cover - compiled
     """The bounds users get for residual-unit bounds ``lo`` <= 0 <= ``hi``: in value units,
     at least MIN_ULPS ulps from the forecast, finite."""
     pad = MIN_ULPS * 2.0**-52 * abs(forecast)
@@ -315,7 +322,13 @@ def _profile_unit(profile, s, j, b):  # pragma: no cover - compiled
 def _unit(profile, spread, s, j, b, scale):  # pragma: no cover - compiled
     """The residual unit of a forecast made in bucket ``b`` at change scale ``scale``: computed
     the same way (same floats) when the interval is emitted and when it is scored."""
-    return scale * (1.0 + SPREAD_WEIGHT * spread[s, j]) * _profile_unit(profile, s, j, b)
+    return scale * _spread_unit(spread, s, j) * _profile_unit(profile, s, j, b)
+
+
+@kernel
+def _spread_unit(spread, s, j):  # pragma: no cover - compiled
+    """1 + SPREAD_WEIGHT x the experts' spread stored for slot ``s``, feature ``j``."""
+    return 1.0 + SPREAD_WEIGHT * (MAX_SPREAD / SPREAD_STEPS) * spread[s, j]
 
 
 @kernel
@@ -355,7 +368,8 @@ def _tail_probability(excess, mean, mean_sq):  # pragma: no cover - compiled
 @kernel
 def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, scored,
                n_scored, forecast, scale, spread_now, alpha, threshold, learn_after, gain,
-               q_lo, q_hi, integral, tail, tail_sq, spread, profile, short, long_mean, long_var,
+               q_lo, q_hi, integral, tail, tail_sq, spread, flat_run, profile, short,
+               long_mean, long_var,
                repeat, repeat_again, flag_run, repeat_run, last_bucket,
                lower, upper, score, anomaly, inside, expected_lower,
                expected_upper):  # pragma: no cover - compiled
@@ -383,7 +397,7 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
                 r = (values[i, j] - prev_forecast[i, j]) / unit
                 resid[j] = r
                 lo, hi, w = _bounds(q_lo[s, j], q_hi[s, j], integral[s, j], gain, then)
-                low, high = _published(prev_forecast[i, j], lo, hi, unit)
+                low, high = published_bounds(prev_forecast[i, j], lo, hi, unit)
                 expected_lower[i, j], expected_upper[i, j] = low, high
                 # Inside or not as the published bounds say (the same floats users compare).
                 miss_lo[j], miss_hi[j] = values[i, j] < low, values[i, j] > high
@@ -417,10 +431,11 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
             inside[i] = n_in
             learn = not flagged or flag_run[s] >= learn_after
             recovering = fast_run >= RECOVERY_RUN
-            flat = same and repeat_run[s] >= FLAT_RUN  # the interval learns nothing here
             flag_run[s] = min(flag_run[s] + 1, MAX_RUN) if flagged else 0
             if learn:
-                for j in range(0 if flat else f):
+                for j in range(f):
+                    if flat_run[s, j] + 2 >= FLAT_RUN and values[i, j] == prev_value[i, j]:
+                        continue  # the FLAT_RUN-th equal reading in a row, or later
                     lo, hi, w = _bounds(q_lo[s, j], q_hi[s, j], integral[s, j], gain, then)
                     step = TRACK_LR * w
                     q_hi[s, j] = min(q_hi[s, j] + step * (miss_hi[j] - half), MAX_QUANTILE)
@@ -435,7 +450,7 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
                         tail_sq[s, j] += TAIL_ALPHA * (excess * excess - tail_sq[s, j])
                     if not recovering:
                         error = abs(values[i, j] - prev_forecast[i, j]) / (
-                            prev_scale[i, j] * (1.0 + SPREAD_WEIGHT * spread[s, j]))
+                            prev_scale[i, j] * _spread_unit(spread, s, j))
                         _learn_profile(profile, s, j, bucket_then, error)
                 short[s] = run
                 a = max(LONG_ALPHA, 1.0 / (n_scored[i] + LONG_PRIOR))
@@ -447,6 +462,9 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
                 else:
                     repeat[s] += REPEAT_ALPHA * (same - repeat[s])
             repeat_run[s] = min(repeat_run[s] + 1, MAX_REPEATS) if same else 0
+            for j in range(f):
+                repeated = values[i, j] == prev_value[i, j]
+                flat_run[s, j] = min(flat_run[s, j] + 1, MAX_FLAT_RUN) if repeated else 0
         else:
             inside[i] = UNSCORED
         # The interval around this reading's forecast, for the sensor's next reading.
@@ -454,6 +472,6 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
         last_bucket[s] = b | (fast_run << BUCKET_SHIFT)
         for j in range(f):
             lo, hi, w = _bounds(q_lo[s, j], q_hi[s, j], integral[s, j], gain, n_scored[i])
-            spread[s, j] = min(spread_now[i, j], MAX_SPREAD)
+            spread[s, j] = round(min(spread_now[i, j], MAX_SPREAD) * SPREAD_STEPS / MAX_SPREAD)
             unit = _unit(profile, spread, s, j, b, scale[i, j])
-            lower[i, j], upper[i, j] = _published(forecast[i, j], lo, hi, unit)
+            lower[i, j], upper[i, j] = published_bounds(forecast[i, j], lo, hi, unit)

@@ -295,9 +295,8 @@ class Learner:
         self.state.load_tensors(state["slot_tensors"], state["seen"].numpy(),
                                 state["short"].numpy(), state["queue"])
         self.accepted_total = int(counters["accepted_total"])
-        last_seen = {sensor: float(self.stats.last_ts[slot])
-                     for sensor, slot in self.table.items()}
-        self.clock.load_plain(counters, last_seen)
+        self.clock.load_plain(counters, lambda: {sensor: float(self.stats.last_ts[slot])
+                                                 for sensor, slot in self.table.items()})
 
     def weights(self) -> Weights:
         """A copy of the forecaster's weights (what workers share; no optimizer state)."""

@@ -108,6 +108,7 @@ class SensorStats:
         # Each expert's last forecast and running error (see experts.py): (C, F, K).
         self.last_experts = np.zeros((capacity, n_features, N_EXPERTS), dtype=np.float64)
         self.guard_err = np.zeros((capacity, n_features, N_EXPERTS), dtype=np.float64)
+        self.outlier_run = np.zeros((capacity, n_features), dtype=np.uint8)  # ESCALATE_AFTER
         self.last_scale[:] = 1.0
         self.count = np.zeros(capacity, dtype=np.int64)
         self.last_ts = np.full(capacity, -np.inf, dtype=np.float64)
@@ -191,7 +192,7 @@ def _encode(slots, ts, values, alpha, warmup, clip, robust_stats,
         for j in range(f):
             v = values[i, j]
             last, last_sc = last_value[s, j], last_scale[s, j]
-            widen = 2.0 ** max(outlier_run[s, j] - ESCALATE_AFTER + 1.0, 0.0)
+            widen = 2.0 ** max(int(outlier_run[s, j]) - ESCALATE_AFTER + 1, 0)
             change = v - last if prev else 0.0
             prev_value[i, j] = last if prev else v
             prev_scale[i, j] = last_sc
@@ -209,9 +210,9 @@ def _encode(slots, ts, values, alpha, warmup, clip, robust_stats,
             outlier[i, j] = robust and far and abs(change) > lim
             # See ESCALATE_AFTER; counted no further than the widest limit, so that a long run
             # of outliers (a sensor flapping to -9999 and back) is undone as quickly.
-            run = outlier_run[s, j]
-            outlier_run[s, j] = (min(run + 1.0, ESCALATE_AFTER - 1.0 + MAX_ESCALATION)
-                                 if robust and abs(change) > lim else max(run - 1.0, 0.0))
+            run = int(outlier_run[s, j])
+            outlier_run[s, j] = (min(run + 1, ESCALATE_AFTER - 1 + MAX_ESCALATION)
+                                 if robust and abs(change) > lim else max(run - 1, 0))
             rms = change_rms[s, j]
             if prev:  # rms^2 = (1 - w) rms_old^2 + w change^2, as above
                 rms = math.hypot(math.sqrt(1.0 - a_prev) * rms, math.sqrt(a_prev) * change_w)

@@ -14,7 +14,7 @@ import torch
 
 from streamer.core.config import LearnerConfig
 from streamer.core.horizon import HorizonState
-from streamer.core.intervals import Calibration
+from streamer.core.intervals import MAX_SPREAD, SPREAD_STEPS, Calibration
 from streamer.core.windows import slot_axis, stagger
 
 # 2: guard and spike state in the stats; 3: spreads as deviations (sd, change_rms), and the
@@ -23,10 +23,13 @@ from streamer.core.windows import slot_axis, stagger
 # calibration; 6: the horizon's state (weights, pending forecasts, intervals of steps 2..H) and
 # the memory's last readings per bucket (both empty with a horizon of 1); 7: how much shorter
 # than the others each slot's first window is (windows.SlotTensors.stagger); 8: how many outliers
-# in a row each sensor's changes have been (normalizer.ESCALATE_AFTER).
-FORMAT = "streamer.learner/8"
+# in a row each sensor's changes have been (normalizer.ESCALATE_AFTER), and the calibration's
+# last_bucket holds a run count above its 3 bucket bits (intervals.RECOVERY_RUN); 9: the
+# calibration's experts' spread in uint16 steps and a per-feature count of equal readings in a
+# row (intervals.FLAT_RUN).
+FORMAT = "streamer.learner/9"
 PREVIOUS_FORMATS = ("streamer.learner/4", "streamer.learner/5", "streamer.learner/6",
-                    "streamer.learner/7")  # read through upgrade()
+                    "streamer.learner/7", "streamer.learner/8")  # read through upgrade()
 
 
 # The learner's per-slot host arrays (row i: slot i) that move with a sensor.
@@ -48,16 +51,25 @@ class IncompatibleSnapshot(ValueError):
 
 def upgrade(state: dict) -> dict:
     """A snapshot of an earlier format (4: before interval calibration; 5: before horizons;
-    6: before staggered first windows; 7: before outlier runs) in this one: what it lacks starts
-    from the prior, as for new sensors (calibration; a horizon of one step; no outlier run); the
+    6: before staggered first windows; 7: before outlier runs; 8: spread as float32, no flat
+    runs) in this one: what it lacks starts from the prior, as for new sensors (calibration; a
+    horizon of one step; no outlier or flat run); the
     windows being filled keep their full length, free slots stagger as in a new learner;
     weights, statistics and memory carry over. Any other format is returned as it is
     (``check_compatible`` names it)."""
     if not isinstance(state, dict) or state.get("format") not in PREVIOUS_FORMATS:
         return state
     stats = state["stats"]
-    state = {**state, "stats": {**stats, "outlier_run": torch.zeros_like(stats["mean"])}}
-    if state["format"] == "streamer.learner/7":
+    if "outlier_run" not in stats:  # before 8
+        runs = torch.zeros(stats["mean"].shape, dtype=torch.uint8)
+        state = {**state, "stats": {**stats, "outlier_run": runs}}
+    calibration = state.get("calibration")
+    if calibration is not None and "flat_run" not in calibration:  # 5 to 8
+        spread = calibration["spread"].double().clamp(0.0, MAX_SPREAD)
+        steps = torch.round(spread * (SPREAD_STEPS / MAX_SPREAD)).to(torch.int32)
+        runs = torch.zeros(spread.shape, dtype=torch.uint8)
+        state = {**state, "calibration": {**calibration, "spread": steps, "flat_run": runs}}
+    if state["format"] in ("streamer.learner/7", "streamer.learner/8"):
         return {**state, "format": FORMAT}
     ids = state["table"]["ids"]
     k = int(state["config"].get("tbptt_steps", LearnerConfig.tbptt_steps))

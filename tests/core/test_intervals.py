@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from streamer.core import Batch, Learner, LearnerConfig, Reason
+from streamer.core.intervals import Calibration
 from streamer.tools.replay import backtest
 
 WARMUP = 200  # readings per sensor before coverage is measured (the benchmark's warm-up)
@@ -103,16 +104,23 @@ def test_intervals_are_back_to_normal_width_soon_after_a_week_long_flat_stretch(
     assert score < 1.25 * usual
 
 
-def test_a_machine_off_16_hours_a_day_has_its_on_readings_covered_at_the_target():
+@pytest.mark.parametrize("with_temperature", [False, True])
+def test_a_machine_off_16_hours_a_day_has_its_on_readings_covered_at_the_target(
+        with_temperature):
     # Off (exactly 0) 16 hours a day: if the interval learned from those readings, its
     # quantiles and profile shrank and its integrator wound down all night, and the day's
-    # readings were covered 0.72-0.79 of the time.
+    # readings were covered 0.72-0.79 of the time. Each feature on its own: with a second
+    # feature (a temperature that always varies) the power's flat hours still teach nothing.
     rng = np.random.default_rng(8)
     t = np.arange(7 * 1440)
     on = (t % 1440) < 480
-    values = np.where(on, 50 + 3 * np.sin(t / 30) + rng.normal(size=len(t)), 0.0)
-    out = _one_sensor(values)
-    inside = (values[1:] >= out.lower[:-1, 0]) & (values[1:] <= out.upper[:-1, 0])
+    power = np.where(on, 50 + 3 * np.sin(t / 30) + rng.normal(size=len(t)), 0.0)
+    values = power[:, None]
+    if with_temperature:
+        values = np.column_stack([power, 20 + np.sin(t / 200) + 0.1 * rng.normal(size=len(t))])
+    config = LearnerConfig(device="cpu", n_features=values.shape[1])
+    out = _one_sensor(values, config)
+    inside = (power[1:] >= out.lower[:-1, 0]) & (power[1:] <= out.upper[:-1, 0])
     later = np.arange(1, len(t)) >= 2 * 1440
     assert inside[later & on[1:]].mean() == pytest.approx(0.9, abs=0.03)
 
@@ -261,3 +269,50 @@ def test_a_sensor_constant_since_installed_scores_within_0_and_1_and_is_never_fl
     out = Learner(LearnerConfig(device="cpu")).step(batch)
     assert (out.anomaly_score >= 0).all() and (out.anomaly_score <= 1).all()
     assert out.anomaly.sum() == 0
+
+
+def _feed(cal: Calibration, value: float, forecast_before: float, forecast: float,
+          scale_before: float, scale: float, n_scored: int = 5000):
+    """One scored reading of slot 0 (one feature), read a minute after the one before."""
+    def one(x):
+        return np.array([[x]], dtype=np.float64)
+
+    return cal.calibrate(np.array([0]), np.array([1.7e9]), np.array([60.0]), one(value),
+                         one(forecast_before), one(forecast_before), one(scale_before),
+                         np.array([True]), np.array([n_scored]), one(forecast), one(scale),
+                         one(0.0))
+
+
+def test_a_reading_within_a_few_ulps_of_its_forecast_is_inside_an_interval_narrowed_to_a_point():
+    cal = Calibration(1, 1, coverage=0.9, threshold=0.999, learn_after=0)
+    cal.q_lo[:], cal.q_hi[:] = 0.0, 0.0  # quantiles shrunk onto the forecast
+    value = -3.0
+    forecast = np.nextafter(np.nextafter(value, 0.0), 0.0)  # two ulps off
+    out = _feed(cal, value, forecast, forecast, 1e-12, 1e-12)
+    assert out.inside[0] == 1 and out.expected_lower[0, 0] < value < out.expected_upper[0, 0]
+    assert out.lower[0, 0] < value < out.upper[0, 0]
+
+
+def test_readings_well_inside_after_hours_at_the_forecast_are_not_a_surprising_run():
+    # Hours of readings exactly at the forecast leave the long-run surprise near 0; readings a
+    # third of the way to the interval's edge (p ~ 0.7) must not then look like a surprising run.
+    cal = Calibration(1, 1, coverage=0.9, threshold=0.999, learn_after=0)
+    cal.q_lo[:], cal.q_hi[:] = -1.0, 1.0
+    cal.long_mean[:], cal.short[:] = 0.004, 0.0
+    flags = [_feed(cal, 100.0 + 0.35 * k, 100.0 + 0.35 * (k - 1), 100.0 + 0.35 * k, 1.0, 1.0)
+             .anomaly[0] for k in range(1, 21)]
+    assert not any(flags)
+
+
+def test_the_error_profile_does_not_learn_while_the_change_scale_recovers():
+    # The scale grows by 20 % at each reading (a sensor back from a flat stretch) and every
+    # error is 50 scales: the first two readings count, from the third in a row on none does.
+    cal = Calibration(1, 1, coverage=0.9, threshold=0.999, learn_after=0)
+    profiles, scale = [], 1e-6
+    for k in range(6):
+        _feed(cal, 50.0 * scale * (k + 1), 50.0 * scale * k, 50.0 * scale * (k + 1), scale,
+              1.2 * scale)
+        profiles.append(cal.profile.copy())
+        scale *= 1.2
+    assert not np.array_equal(profiles[0], profiles[1])
+    assert all(np.array_equal(profiles[1], p) for p in profiles[2:])

@@ -17,6 +17,7 @@ import torch
 
 from streamer.core import Batch, Learner, LearnerConfig
 from streamer.core import snapshot as snap
+from streamer.core.intervals import MAX_SPREAD, SPREAD_STEPS
 from streamer.serving.checkpoint import CheckpointStore
 from streamer.serving.checkpoint_writer import WRITER_NICENESS, CheckpointWriter
 from tests.core.conftest import sine_fleet
@@ -96,7 +97,7 @@ def test_a_checkpoint_of_an_older_snapshot_format_is_refused_with_the_reason(tmp
     CheckpointStore(tmp_path, "w1", CFG.fingerprint()).save(old, {TP: 5}, {TP: []})
     with caplog.at_level(logging.ERROR):
         assert CheckpointStore(tmp_path, "w1", CFG.fingerprint()).latest() is None
-    assert ("learner snapshot format 'streamer.learner/3' is not 'streamer.learner/8' "
+    assert ("learner snapshot format 'streamer.learner/3' is not 'streamer.learner/9' "
             "(written by another streamer version)") in caplog.text
 
 
@@ -161,6 +162,22 @@ def test_a_checkpoint_from_before_outlier_runs_resumes_with_none(tmp_path):
     assert not restored.stats.outlier_run.any()
     np.testing.assert_array_equal(restored.stats.change_rms, learner.stats.change_rms)
     np.testing.assert_array_equal(restored.calibration.q_hi, learner.calibration.q_hi)
+
+
+def test_a_checkpoint_with_the_spread_in_float32_resumes_with_it_in_steps(tmp_path):
+    learner = _learner(4)
+    old = learner.snapshot()
+    steps = old["calibration"]["spread"].numpy().astype(np.float64)
+    old["calibration"]["spread"] = torch.from_numpy(
+        (steps * MAX_SPREAD / SPREAD_STEPS).astype(np.float32))
+    del old["calibration"]["flat_run"]
+    old["format"] = "streamer.learner/8"
+    CheckpointStore(tmp_path, "w1", CFG.fingerprint()).save(old, {TP: 5}, {TP: []})
+    found = CheckpointStore(tmp_path, "w1", CFG.fingerprint()).latest()
+    restored = Learner.restore(found.state, CFG)
+    assert restored.calibration.spread.any()
+    np.testing.assert_array_equal(restored.calibration.spread, learner.calibration.spread)
+    assert not restored.calibration.flat_run.any()
 
 
 def test_partition_state_moves_between_learners_through_a_checkpoint(tmp_path):
