@@ -59,8 +59,8 @@ flagged readings back cost coverage (they are exactly the misses the quantiles m
 model itself trains on every reading (its targets are winsorized at clip_z). The forecast
 always lies inside its own interval, and the bounds are always finite.
 
-State: per slot and feature 5 float32, a uint16, a uint8 and ``N_BUCKETS`` int16 (39 bytes);
-per slot 5 float32, an int16 and 2 uint8 (24 bytes): 63 bytes per sensor at one feature.
+State: per slot and feature 5 float32, a uint16 and ``N_BUCKETS`` + 1 int16 (40 bytes); per
+slot 5 float32 and 2 uint8 (22 bytes): 62 bytes per sensor at one feature.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ RECOVERY_GROWTH, RECOVERY_RUN = 1.1, 3
 # under-covered for 1,000 readings after it came back, and an on/off machine (8 h on a day)
 # covered its on-readings 0.72-0.79 (now 0.89-0.90). The shared fleets: unchanged but
 # appliances' coverage 0.898 -> 0.900 (its sensors sit flat for hours).
-FLAT_RUN, MAX_FLAT_RUN = 30, 255  # (a uint8 count)
+FLAT_RUN = 30
 # ``last_bucket`` holds the bucket (low 3 bits) and above them for how many readings in a row
 # the scale has grown fast (saturating): one uint8 for both keeps the memory budget.
 BUCKET_SHIFT, MAX_FAST_RUN = 3, 31
@@ -186,8 +186,8 @@ class Calibration:
 
     _PER_FEATURE = ("q_lo", "q_hi", "integral", "tail", "tail_sq")  # (C, F) float32
     _PER_SLOT = ("short", "long_mean", "long_var", "repeat", "repeat_again")  # (C,) float32
-    _ALL = (*_PER_FEATURE, *_PER_SLOT, "spread", "flat_run", "profile", "flag_run",
-            "repeat_run", "last_bucket")
+    _ALL = (*_PER_FEATURE, *_PER_SLOT, "spread", "repeat_run", "profile", "flag_run",
+            "last_bucket")
 
     def __init__(self, capacity: int, n_features: int, coverage: float, threshold: float,
                  learn_after: int, gain: float = I_GAIN):
@@ -205,10 +205,11 @@ class Calibration:
         arrays = {name: np.zeros((capacity, f), dtype=np.float32) for name in self._PER_FEATURE}
         arrays |= {name: np.zeros(capacity, dtype=np.float32) for name in self._PER_SLOT}
         arrays["spread"] = np.zeros((capacity, f), dtype=np.uint16)  # SPREAD_STEPS
-        arrays["flat_run"] = np.zeros((capacity, f), dtype=np.uint8)  # equal to the one before
+        # Per feature, how many readings in a row were equal to the one before (MAX_REPEATS);
+        # the least of them is the sensor's run of readings equal in every feature.
+        arrays["repeat_run"] = np.zeros((capacity, f), dtype=np.int16)
         arrays["profile"] = np.zeros((capacity, f, N_BUCKETS), dtype=np.int16)
         arrays["flag_run"] = np.zeros(capacity, dtype=np.uint8)
-        arrays["repeat_run"] = np.zeros(capacity, dtype=np.int16)
         arrays["last_bucket"] = np.zeros(capacity, dtype=np.uint8)
         return arrays
 
@@ -225,13 +226,13 @@ class Calibration:
     def reset(self, slots: np.ndarray) -> None:
         """Forget ``slots`` (eviction, reuse): the prior interval, no surprise history."""
         self.q_lo[slots], self.q_hi[slots] = -self.z, self.z
-        self.integral[slots], self.spread[slots], self.flat_run[slots] = 0.0, 0, 0
+        self.integral[slots], self.spread[slots], self.repeat_run[slots] = 0.0, 0, 0
         self.tail[slots] = self.z / 3.0
         self.tail_sq[slots] = 2.0 * (self.z / 3.0) ** 2  # an exponential tail's second moment
         self.short[slots], self.long_mean[slots], self.long_var[slots] = 1.0, 1.0, SHORT_VAR
         self.repeat[slots], self.repeat_again[slots] = REPEAT_PRIOR, REPEAT_AGAIN_PRIOR
         self.profile[slots] = 0  # log2 1: errors of about one typical change at every hour
-        self.flag_run[slots], self.repeat_run[slots], self.last_bucket[slots] = 0, 0, 0
+        self.flag_run[slots], self.last_bucket[slots] = 0, 0
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name) for name in self._ALL}
@@ -265,10 +266,10 @@ class Calibration:
             np.asarray(n_scored, dtype=np.int64), forecast, scale, spread,
             self.alpha, self.threshold, self.learn_after, self.gain,
             self.q_lo, self.q_hi, self.integral, self.tail, self.tail_sq, self.spread,
-            self.flat_run,
+            self.repeat_run,
             self.profile,
             self.short, self.long_mean, self.long_var, self.repeat, self.repeat_again,
-            self.flag_run, self.repeat_run, self.last_bucket,
+            self.flag_run, self.last_bucket,
             out.lower, out.upper, out.score, out.anomaly, out.inside,
             out.expected_lower, out.expected_upper,
         )
@@ -368,9 +369,9 @@ def _tail_probability(excess, mean, mean_sq):  # pragma: no cover - compiled
 @kernel
 def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, scored,
                n_scored, forecast, scale, spread_now, alpha, threshold, learn_after, gain,
-               q_lo, q_hi, integral, tail, tail_sq, spread, flat_run, profile, short,
+               q_lo, q_hi, integral, tail, tail_sq, spread, repeat_run, profile, short,
                long_mean, long_var,
-               repeat, repeat_again, flag_run, repeat_run, last_bucket,
+               repeat, repeat_again, flag_run, last_bucket,
                lower, upper, score, anomaly, inside, expected_lower,
                expected_upper):  # pragma: no cover - compiled
     """The per-reading recurrence of ``Calibration.calibrate`` (state updated in place)."""
@@ -415,7 +416,10 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
                     n_in += 1
                 p_inst = min(p_inst, f * p)  # the least likely feature, Bonferroni-corrected
                 same = same and values[i, j] == prev_value[i, j]
-            k = repeat_run[s] + 1
+            run_before = repeat_run[s, 0]  # readings in a row equal in every feature
+            for j in range(1, f):
+                run_before = min(run_before, repeat_run[s, j])
+            k = run_before + 1
             # Stuck: k equal readings in a row, against this sensor's habits; not while every
             # reading it has been scored on equals the one before (it has no habit of varying
             # to compare with: a door sensor closed since it was installed got ~360 flags).
@@ -434,7 +438,7 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
             flag_run[s] = min(flag_run[s] + 1, MAX_RUN) if flagged else 0
             if learn:
                 for j in range(f):
-                    if flat_run[s, j] + 2 >= FLAT_RUN and values[i, j] == prev_value[i, j]:
+                    if repeat_run[s, j] + 2 >= FLAT_RUN and values[i, j] == prev_value[i, j]:
                         continue  # the FLAT_RUN-th equal reading in a row, or later
                     lo, hi, w = _bounds(q_lo[s, j], q_hi[s, j], integral[s, j], gain, then)
                     step = TRACK_LR * w
@@ -457,14 +461,13 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
                 d = run - long_mean[s]
                 long_mean[s] += a * d
                 long_var[s] = (1.0 - a) * (long_var[s] + a * d * d)
-                if repeat_run[s] > 0:
+                if run_before > 0:
                     repeat_again[s] += REPEAT_ALPHA * (same - repeat_again[s])
                 else:
                     repeat[s] += REPEAT_ALPHA * (same - repeat[s])
-            repeat_run[s] = min(repeat_run[s] + 1, MAX_REPEATS) if same else 0
             for j in range(f):
                 repeated = values[i, j] == prev_value[i, j]
-                flat_run[s, j] = min(flat_run[s, j] + 1, MAX_FLAT_RUN) if repeated else 0
+                repeat_run[s, j] = min(repeat_run[s, j] + 1, MAX_REPEATS) if repeated else 0
         else:
             inside[i] = UNSCORED
         # The interval around this reading's forecast, for the sensor's next reading.

@@ -26,10 +26,12 @@ from streamer.core.windows import slot_axis, stagger
 # in a row each sensor's changes have been (normalizer.ESCALATE_AFTER), and the calibration's
 # last_bucket holds a run count above its 3 bucket bits (intervals.RECOVERY_RUN); 9: the
 # calibration's experts' spread in uint16 steps and a per-feature count of equal readings in a
-# row (intervals.FLAT_RUN).
-FORMAT = "streamer.learner/9"
+# row (intervals.FLAT_RUN) beside the per-sensor one; 10: only the per-feature counts, int16
+# (the sensor's is their least), as ``repeat_run``.
+FORMAT = "streamer.learner/10"
 PREVIOUS_FORMATS = ("streamer.learner/4", "streamer.learner/5", "streamer.learner/6",
-                    "streamer.learner/7", "streamer.learner/8")  # read through upgrade()
+                    "streamer.learner/7", "streamer.learner/8",
+                    "streamer.learner/9")  # read through upgrade()
 
 
 # The learner's per-slot host arrays (row i: slot i) that move with a sensor.
@@ -51,12 +53,12 @@ class IncompatibleSnapshot(ValueError):
 
 def upgrade(state: dict) -> dict:
     """A snapshot of an earlier format (4: before interval calibration; 5: before horizons;
-    6: before staggered first windows; 7: before outlier runs; 8: spread as float32, no flat
-    runs) in this one: what it lacks starts from the prior, as for new sensors (calibration; a
-    horizon of one step; no outlier or flat run); the
-    windows being filled keep their full length, free slots stagger as in a new learner;
-    weights, statistics and memory carry over. Any other format is returned as it is
-    (``check_compatible`` names it)."""
+    6: before staggered first windows; 7: before outlier runs; 8: spread as float32, one
+    repeat run per sensor; 9: repeat runs per sensor and per feature) in this one: what it
+    lacks starts from the prior, as for new sensors (calibration; a horizon of one step; no
+    outlier run; each feature's repeat run the sensor's); the windows being filled keep their
+    full length, free slots stagger as in a new learner; weights, statistics and memory carry
+    over. Any other format is returned as it is (``check_compatible`` names it)."""
     if not isinstance(state, dict) or state.get("format") not in PREVIOUS_FORMATS:
         return state
     stats = state["stats"]
@@ -64,12 +66,17 @@ def upgrade(state: dict) -> dict:
         runs = torch.zeros(stats["mean"].shape, dtype=torch.uint8)
         state = {**state, "stats": {**stats, "outlier_run": runs}}
     calibration = state.get("calibration")
-    if calibration is not None and "flat_run" not in calibration:  # 5 to 8
-        spread = calibration["spread"].double().clamp(0.0, MAX_SPREAD)
-        steps = torch.round(spread * (SPREAD_STEPS / MAX_SPREAD)).to(torch.int32)
-        runs = torch.zeros(spread.shape, dtype=torch.uint8)
-        state = {**state, "calibration": {**calibration, "spread": steps, "flat_run": runs}}
-    if state["format"] in ("streamer.learner/7", "streamer.learner/8"):
+    if calibration is not None and calibration["repeat_run"].dim() == 1:  # 5 to 9
+        calibration = dict(calibration)
+        if "flat_run" in calibration:  # 9: the per-feature counts were kept apart
+            runs = calibration.pop("flat_run").to(torch.int16)
+        else:  # 5 to 8: every feature's run is the sensor's
+            spread = calibration["spread"].double().clamp(0.0, MAX_SPREAD)
+            calibration["spread"] = torch.round(spread * (SPREAD_STEPS / MAX_SPREAD)).to(
+                torch.int32)
+            runs = calibration["repeat_run"][:, None].expand(spread.shape).clone()
+        state = {**state, "calibration": {**calibration, "repeat_run": runs}}
+    if state["format"] in ("streamer.learner/7", "streamer.learner/8", "streamer.learner/9"):
         return {**state, "format": FORMAT}
     ids = state["table"]["ids"]
     k = int(state["config"].get("tbptt_steps", LearnerConfig.tbptt_steps))

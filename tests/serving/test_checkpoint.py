@@ -97,7 +97,7 @@ def test_a_checkpoint_of_an_older_snapshot_format_is_refused_with_the_reason(tmp
     CheckpointStore(tmp_path, "w1", CFG.fingerprint()).save(old, {TP: 5}, {TP: []})
     with caplog.at_level(logging.ERROR):
         assert CheckpointStore(tmp_path, "w1", CFG.fingerprint()).latest() is None
-    assert ("learner snapshot format 'streamer.learner/3' is not 'streamer.learner/9' "
+    assert ("learner snapshot format 'streamer.learner/3' is not 'streamer.learner/10' "
             "(written by another streamer version)") in caplog.text
 
 
@@ -164,20 +164,38 @@ def test_a_checkpoint_from_before_outlier_runs_resumes_with_none(tmp_path):
     np.testing.assert_array_equal(restored.calibration.q_hi, learner.calibration.q_hi)
 
 
+def _resumed_from(tmp_path, old: dict):
+    CheckpointStore(tmp_path, "w1", CFG.fingerprint()).save(old, {TP: 5}, {TP: []})
+    return Learner.restore(CheckpointStore(tmp_path, "w1", CFG.fingerprint()).latest().state, CFG)
+
+
 def test_a_checkpoint_with_the_spread_in_float32_resumes_with_it_in_steps(tmp_path):
     learner = _learner(4)
+    learner.calibration.repeat_run[1] = 7  # a sensor repeating its value
     old = learner.snapshot()
     steps = old["calibration"]["spread"].numpy().astype(np.float64)
     old["calibration"]["spread"] = torch.from_numpy(
         (steps * MAX_SPREAD / SPREAD_STEPS).astype(np.float32))
-    del old["calibration"]["flat_run"]
+    old["calibration"]["repeat_run"] = old["calibration"]["repeat_run"][:, 0].clone()
     old["format"] = "streamer.learner/8"
-    CheckpointStore(tmp_path, "w1", CFG.fingerprint()).save(old, {TP: 5}, {TP: []})
-    found = CheckpointStore(tmp_path, "w1", CFG.fingerprint()).latest()
-    restored = Learner.restore(found.state, CFG)
+    restored = _resumed_from(tmp_path, old)
     assert restored.calibration.spread.any()
     np.testing.assert_array_equal(restored.calibration.spread, learner.calibration.spread)
-    assert not restored.calibration.flat_run.any()
+    np.testing.assert_array_equal(restored.calibration.repeat_run, learner.calibration.repeat_run)
+
+
+def test_a_checkpoint_with_repeat_runs_per_sensor_and_per_feature_resumes_with_those_per_feature(
+        tmp_path):
+    learner = _learner(4)
+    learner.calibration.repeat_run[1] = 7
+    old = learner.snapshot()
+    runs = old["calibration"]["repeat_run"]
+    old["calibration"]["flat_run"] = runs.to(torch.uint8)
+    old["calibration"]["repeat_run"] = runs.min(dim=1).values
+    old["format"] = "streamer.learner/9"
+    restored = _resumed_from(tmp_path, old)
+    assert "flat_run" not in restored.snapshot()["calibration"]
+    np.testing.assert_array_equal(restored.calibration.repeat_run, learner.calibration.repeat_run)
 
 
 def test_partition_state_moves_between_learners_through_a_checkpoint(tmp_path):
