@@ -20,12 +20,12 @@ class EventClock:
     another sensor, so it cannot make every other sensor look idle and have the fleet evicted at
     every micro-batch; nor can one glitched timestamp a year ahead corroborate a device that
     runs ahead by less (they are more than a TTL apart), and it is forgotten once the clock has
-    gone on a TTL without hearing from that sensor again. A fleet
-    resuming after an outage moves the clock as soon as two sensors are back. When the newest
-    reading is more than a TTL ahead and nothing moves the clock (a fleet of one, or the last
-    live sensor of a fleet whose others all fell silent), the clock moves to that reading once
-    it has gone on a further TTL, and from then on goes along with it (in steps of less than a
-    TTL) until sensors agree again: the silent ones are evicted one TTL late.
+    gone on a TTL without hearing from that sensor again. A fleet resuming after an outage
+    moves the clock as soon as two sensors are back. When the newest reading is more than a
+    TTL ahead and nothing moves the clock (a fleet of one, or the last live sensor of a fleet
+    whose others all fell silent), the clock moves to that reading once it has gone on a
+    further TTL, and from then on goes along with it (in steps of less than a TTL) until
+    sensors agree again: the silent ones are evicted one TTL late.
 
     Not covered: two devices that run ahead at the same time, by about as much.
     """
