@@ -3,7 +3,7 @@
 **Intervals.** Every forecast carries ``[lower, upper]`` meant to hold the next reading with
 probability ``coverage`` (1 - alpha). They are built on the sensor's normalized residuals
 
-    r = (reading - forecast made before it) / (change scale * error profile * (1 + b * d))
+    r = (reading - forecast made before it) / (change scale * error profile ** g * (1 + b * d))
 
 The change scale is the sensor's typical change (normalizer.py: the unit its errors are scored
 in), so a noisier period widens the interval at once. The error profile is the sensor's mean
@@ -18,6 +18,20 @@ much the sensor's experts (experts.py) disagree about the next reading: their we
 around the forecast, in change scales. When the LSTM, the seasonal profiles and persistence
 point different ways the forecast is less sure, and the interval says so (Winkler a further
 1-5 % lower on every shared fleet).
+
+How much each of the two shapes the width, ``b`` for the disagreement and ``g`` for the
+profile (as ``mean * (bucket / mean) ** g``: the profile's hours at their full contrast at
+1, flat at 0), is learned per sensor and feature by online gradient descent on the interval
+(Winkler) score of each scored reading: for the interval scaled by ``e**eps`` that score's
+derivative at 0, per unit of width, is ``G = 1 - (hi [missed above] - lo [missed below]) /
+(alpha/2 (hi - lo))``, positive (narrower is better) when the reading fell inside, strongly
+negative when it missed, zero on average when the misses do not depend on the shape; each
+weight then steps against ``G`` times the derivative of the log width in it. A sensor whose
+errors do not grow with the experts' disagreement (daily births: correlation -0.03) or do not
+follow the hours (a daily sensor's weekday buckets, outdoor temperatures) no longer gets a
+width that moves without reason, which cost it misses at the same mean width; one whose
+errors do keeps or raises it (Winkler 0.5-2.4 % lower on every shared fleet,
+docs/benchmarks/intervals.md).
 
 Per sensor and feature two online quantiles of ``r`` are tracked, one per tail (alpha/2 each,
 so an asymmetric error distribution gets an asymmetric interval), by conformal PID control
@@ -59,7 +73,7 @@ flagged readings back cost coverage (they are exactly the misses the quantiles m
 model itself trains on every reading (its targets are winsorized at clip_z). The forecast
 always lies inside its own interval, and the bounds are always finite.
 
-State: per slot and feature 5 float32, a uint16 and ``N_BUCKETS`` + 1 int16 (40 bytes); per
+State: per slot and feature 3 float32, 3 uint16 and ``N_BUCKETS`` + 3 int16 (40 bytes); per
 slot 5 float32 and 2 uint8 (22 bytes): 62 bytes per sensor at one feature.
 """
 
@@ -77,16 +91,26 @@ from streamer.core.normalizer import SECONDS_PER_DAY
 
 # Quantile tracking step, as a share of the interval's width (its own scale, as the paper's
 # step is a share of the scores' range). Every constant below was chosen on all four shared
-# fleets at once (docs/benchmarks/intervals.md has the sweeps).
-TRACK_LR = 0.02
+# fleets at once (docs/benchmarks/intervals.md has the sweeps). 0.02 until the width's shape
+# was learned per sensor (below); with it 0.01 is 0.1-0.7 % better on every fleet.
+TRACK_LR = 0.01
 # The integrator: its weight (in widths), and the average coverage error over the sensor's
 # history (scaled by log t, as the paper's saturation function) at which it is 3/4 saturated.
 # The paper's form, not a leaky one: on the car-park fleet, whose error pattern drifts with the
 # weeks, a leaky integrator (95 % per reading) left coverage at 0.889; this one at 0.897.
 I_GAIN, I_SATURATION = 0.5, 0.1
-# Weight of the experts' disagreement in the width: 2 by measurement (0.5 / 1 / 2 / 4 / 8 on all
-# four shared fleets; 2 was best or within 1 % of it on each).
-SPREAD_WEIGHT = 2.0
+# Weight of the experts' disagreement in the width (b), learned per sensor and feature in
+# [0, MAX_SPREAD_WEIGHT], and of the error profile's contrast (g) in [0, MAX_PROFILE_WEIGHT]:
+# where a new sensor starts, and the steps of the gradient descent (see the module docstring).
+# A fixed b of 2 was best or within 1 % of it on each shared fleet (0.5 / 1 / 2 / 4 / 8).
+# Learned from b = 1, g = 1 with these steps (and TRACK_LR 0.01): Winkler -2.1 / -0.5 / -2.4 /
+# -1.5 % (appliances / parking / hourly / daily). Swept: b's step 0.03-0.3 (0.1 best on
+# daily and parking), its start 0-2 (0 best on daily, 2 on parking), g's step 0.001-0.1 (0.03
+# and up let one sensor's g wander from 0 to 1 within 200 readings: the score's derivative is
+# +1 or about -9 per reading, so a large step is a noisy one; docs/benchmarks/intervals.md).
+SPREAD_WEIGHT, MAX_SPREAD_WEIGHT, SPREAD_WEIGHT_LR = 1.0, 8.0, 0.1
+PROFILE_WEIGHT, MAX_PROFILE_WEIGHT, PROFILE_WEIGHT_LR = 1.0, 2.0, 0.003
+WEIGHT_STEPS = 65_535  # both are stored in uint16 steps of their maximum / WEIGHT_STEPS
 MAX_SPREAD = 6.0  # in change scales, like the model's inputs
 SPREAD_STEPS = 65_535  # it is stored in uint16 steps of MAX_SPREAD / SPREAD_STEPS (1e-4)
 MIN_WIDTH = 0.05  # the width (in change scales) that sets the step when the interval is ~0
@@ -136,8 +160,10 @@ FLAT_RUN = 30
 # ``last_bucket`` holds the bucket (low 3 bits) and above them for how many readings in a row
 # the scale has grown fast (saturating): one uint8 for both keeps the memory budget.
 BUCKET_SHIFT, MAX_FAST_RUN = 3, 31
-# Buckets are stored as log2 in int16 steps of 1/2048 octave (0.03 %, +-16 octaves).
-LOG_STEP = 2048.0
+# Buckets are stored as log2 in int16 steps of 1/2048 octave (0.03 %, +-16 octaves); the tail's
+# moments in steps of 1/1024 octave (0.07 %, +-32 octaves: a second moment of excesses up to
+# 2**16 widths; below 2**-32 is 0 for the tail's fit).
+LOG_STEP, TAIL_LOG_STEP = 2048.0, 1024.0
 MAX_EXCESS = 20.0  # an exceedance counts at most this many widths in the tail's moments
 TAIL_ALPHA = 0.1  # weight of the newest exceedance in the tail's running moments
 MAX_SHAPE = 0.45  # the tail's shape is kept below 1/2, where its variance is finite
@@ -166,6 +192,18 @@ MAX_REPEATS = 32_767
 UNSCORED = -1  # `inside` of a reading whose previous forecast was not scored
 
 
+def tail_codes(moments: np.ndarray) -> np.ndarray:
+    """Tail moments (>= 0) as stored: int16 log2 steps of 1/TAIL_LOG_STEP octave."""
+    steps = np.round(np.log2(np.maximum(moments.astype(np.float64), 2.0**-32)) * TAIL_LOG_STEP)
+    return np.clip(steps, -32767, 32767).astype(np.int16)
+
+
+def weight_codes(value: float, maximum: float, shape: tuple[int, ...]) -> np.ndarray:
+    """A weight of the width (b or g) for every slot and feature, as stored (uint16 steps)."""
+    return np.full(shape, round(min(max(value, 0.0), maximum) * WEIGHT_STEPS / maximum),
+                   dtype=np.uint16)
+
+
 @dataclass
 class Calibrated:
     """One chunk's intervals and scores, aligned with its readings."""
@@ -184,10 +222,10 @@ class Calibrated:
 class Calibration:
     """Per-slot interval and anomaly state (host memory); see the module docstring."""
 
-    _PER_FEATURE = ("q_lo", "q_hi", "integral", "tail", "tail_sq")  # (C, F) float32
+    _PER_FEATURE = ("q_lo", "q_hi", "integral")  # (C, F) float32
     _PER_SLOT = ("short", "long_mean", "long_var", "repeat", "repeat_again")  # (C,) float32
-    _ALL = (*_PER_FEATURE, *_PER_SLOT, "spread", "repeat_run", "profile", "flag_run",
-            "last_bucket")
+    _ALL = (*_PER_FEATURE, *_PER_SLOT, "tail", "tail_sq", "spread", "spread_weight",
+            "profile_weight", "repeat_run", "profile", "flag_run", "last_bucket")
 
     def __init__(self, capacity: int, n_features: int, coverage: float, threshold: float,
                  learn_after: int, gain: float = I_GAIN):
@@ -204,7 +242,12 @@ class Calibration:
         f = self.n_features
         arrays = {name: np.zeros((capacity, f), dtype=np.float32) for name in self._PER_FEATURE}
         arrays |= {name: np.zeros(capacity, dtype=np.float32) for name in self._PER_SLOT}
+        # The tail's running moments, as int16 log2 (TAIL_LOG_STEP).
+        arrays["tail"] = np.zeros((capacity, f), dtype=np.int16)
+        arrays["tail_sq"] = np.zeros((capacity, f), dtype=np.int16)
         arrays["spread"] = np.zeros((capacity, f), dtype=np.uint16)  # SPREAD_STEPS
+        arrays["spread_weight"] = np.zeros((capacity, f), dtype=np.uint16)  # WEIGHT_STEPS
+        arrays["profile_weight"] = np.zeros((capacity, f), dtype=np.uint16)
         # Per feature, how many readings in a row were equal to the one before (MAX_REPEATS);
         # the least of them is the sensor's run of readings equal in every feature.
         arrays["repeat_run"] = np.zeros((capacity, f), dtype=np.int16)
@@ -227,8 +270,11 @@ class Calibration:
         """Forget ``slots`` (eviction, reuse): the prior interval, no surprise history."""
         self.q_lo[slots], self.q_hi[slots] = -self.z, self.z
         self.integral[slots], self.spread[slots], self.repeat_run[slots] = 0.0, 0, 0
-        self.tail[slots] = self.z / 3.0
-        self.tail_sq[slots] = 2.0 * (self.z / 3.0) ** 2  # an exponential tail's second moment
+        # An exponential tail of a third of the bounds: mean m, second moment 2 m^2.
+        self.tail[slots] = _log_code(self.z / 3.0)
+        self.tail_sq[slots] = _log_code(2.0 * (self.z / 3.0) ** 2)
+        self.spread_weight[slots] = weight_codes(SPREAD_WEIGHT, MAX_SPREAD_WEIGHT, ())
+        self.profile_weight[slots] = weight_codes(PROFILE_WEIGHT, MAX_PROFILE_WEIGHT, ())
         self.short[slots], self.long_mean[slots], self.long_var[slots] = 1.0, 1.0, SHORT_VAR
         self.repeat[slots], self.repeat_again[slots] = REPEAT_PRIOR, REPEAT_AGAIN_PRIOR
         self.profile[slots] = 0  # log2 1: errors of about one typical change at every hour
@@ -266,8 +312,7 @@ class Calibration:
             np.asarray(n_scored, dtype=np.int64), forecast, scale, spread,
             self.alpha, self.threshold, self.learn_after, self.gain,
             self.q_lo, self.q_hi, self.integral, self.tail, self.tail_sq, self.spread,
-            self.repeat_run,
-            self.profile,
+            self.spread_weight, self.profile_weight, self.repeat_run, self.profile,
             self.short, self.long_mean, self.long_var, self.repeat, self.repeat_again,
             self.flag_run, self.last_bucket,
             out.lower, out.upper, out.score, out.anomaly, out.inside,
@@ -311,25 +356,87 @@ def _bucket(t, gap):  # pragma: no cover - compiled
 
 
 @kernel
-def _profile_unit(profile, s, j, b):  # pragma: no cover - compiled
-    """The error profile's value at bucket ``b``, floored at a share of the profile's mean."""
+def _profile_unit(profile, profile_weight, s, j, b, mean):  # pragma: no cover - compiled
+    """The error profile's factor at bucket ``b``: its ``mean`` (``_profile_mean``) times the
+    bucket's contrast to it (floored at a share of the mean) to the power g."""
+    g = (MAX_PROFILE_WEIGHT / WEIGHT_STEPS) * profile_weight[s, j]
+    return mean * (_profile_floored(profile, s, j, b, mean) / mean) ** g
+
+
+@kernel
+def _profile_mean(profile, s, j):  # pragma: no cover - compiled
     mean = 0.0
     for k in range(N_BUCKETS):
         mean += 2.0 ** (profile[s, j, k] / LOG_STEP)
-    return max(2.0 ** (profile[s, j, b] / LOG_STEP), PROFILE_FLOOR * mean / N_BUCKETS)
+    return mean / N_BUCKETS
 
 
 @kernel
-def _unit(profile, spread, s, j, b, scale):  # pragma: no cover - compiled
-    """The residual unit of a forecast made in bucket ``b`` at change scale ``scale``: computed
-    the same way (same floats) when the interval is emitted and when it is scored."""
-    return scale * _spread_unit(spread, s, j) * _profile_unit(profile, s, j, b)
+def _profile_floored(profile, s, j, b, mean):  # pragma: no cover - compiled
+    """Bucket ``b`` of the profile, at least PROFILE_FLOOR x its mean (a sensor exact all night
+    keeps a width)."""
+    return max(2.0 ** (profile[s, j, b] / LOG_STEP), PROFILE_FLOOR * mean)
 
 
 @kernel
-def _spread_unit(spread, s, j):  # pragma: no cover - compiled
-    """1 + SPREAD_WEIGHT x the experts' spread stored for slot ``s``, feature ``j``."""
-    return 1.0 + SPREAD_WEIGHT * (MAX_SPREAD / SPREAD_STEPS) * spread[s, j]
+def _log_code(x):  # pragma: no cover - compiled
+    """``x`` >= 0 as int16 log2 steps of 1/TAIL_LOG_STEP octave (2**-32 and below: the least)."""
+    step = round(math.log2(max(x, 2.0 ** -32)) * TAIL_LOG_STEP)
+    return min(max(step, -32767), 32767)
+
+
+@kernel
+def _log_value(code):  # pragma: no cover - compiled
+    return 2.0 ** (code / TAIL_LOG_STEP)
+
+
+@kernel
+def _unit(profile, spread, weights, s, j, b, scale, mean):  # pragma: no cover - compiled
+    """The residual unit of a forecast made in bucket ``b`` at change scale ``scale``, the
+    profile's mean ``mean``: computed the same way (same floats) when the interval is emitted
+    and when it is scored. ``weights`` is (spread_weight, profile_weight)."""
+    return (scale * _spread_unit(spread, weights[0], s, j)
+            * _profile_unit(profile, weights[1], s, j, b, mean))
+
+
+@kernel
+def _spread_unit(spread, spread_weight, s, j):  # pragma: no cover - compiled
+    """1 + b x the experts' spread stored for slot ``s``, feature ``j``."""
+    return 1.0 + _spread_b(spread_weight, s, j) * _spread_d(spread, s, j)
+
+
+@kernel
+def _spread_b(spread_weight, s, j):  # pragma: no cover - compiled
+    return (MAX_SPREAD_WEIGHT / WEIGHT_STEPS) * spread_weight[s, j]
+
+
+@kernel
+def _spread_d(spread, s, j):  # pragma: no cover - compiled
+    return (MAX_SPREAD / SPREAD_STEPS) * spread[s, j]
+
+
+@kernel
+def _weight_code(value, maximum):  # pragma: no cover - compiled
+    """``value`` clipped to [0, maximum] in uint16 steps of maximum / WEIGHT_STEPS."""
+    return round(min(max(value, 0.0), maximum) * WEIGHT_STEPS / maximum)
+
+
+@kernel
+def _learn_weights(spread, weights, profile, s, j, bucket, mean, lo, hi, missed_lo, missed_hi,
+                   half):  # pragma: no cover - compiled
+    """One step of gradient descent on the interval score for the width's two weights (b, g),
+    for the interval ``lo`` <= 0 <= ``hi`` (residual units) a reading was scored against."""
+    missed = (hi * missed_hi - lo * missed_lo) / half
+    grad = 1.0 - missed / max(hi - lo, MIN_WIDTH)  # d score / d log width, per width
+    spread_weight, profile_weight = weights
+    d = _spread_d(spread, s, j)
+    b = _spread_b(spread_weight, s, j)
+    spread_weight[s, j] = _weight_code(b - SPREAD_WEIGHT_LR * grad * d / (1.0 + b * d),
+                                       MAX_SPREAD_WEIGHT)
+    contrast = math.log(_profile_floored(profile, s, j, bucket, mean) / mean)
+    g = (MAX_PROFILE_WEIGHT / WEIGHT_STEPS) * profile_weight[s, j]
+    profile_weight[s, j] = _weight_code(g - PROFILE_WEIGHT_LR * grad * contrast,
+                                        MAX_PROFILE_WEIGHT)
 
 
 @kernel
@@ -369,7 +476,8 @@ def _tail_probability(excess, mean, mean_sq):  # pragma: no cover - compiled
 @kernel
 def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, scored,
                n_scored, forecast, scale, spread_now, alpha, threshold, learn_after, gain,
-               q_lo, q_hi, integral, tail, tail_sq, spread, repeat_run, profile, short,
+               q_lo, q_hi, integral, tail, tail_sq, spread, spread_weight, profile_weight,
+               repeat_run, profile, short,
                long_mean, long_var,
                repeat, repeat_again, flag_run, last_bucket,
                lower, upper, score, anomaly, inside, expected_lower,
@@ -377,9 +485,11 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
     """The per-reading recurrence of ``Calibration.calibrate`` (state updated in place)."""
     f = values.shape[1]
     half = 0.5 * alpha
+    weights = (spread_weight, profile_weight)
     miss_lo = np.zeros(f, dtype=np.bool_)
     miss_hi = np.zeros(f, dtype=np.bool_)
     resid = np.zeros(f)
+    mean_then = np.zeros(f)  # the profile's mean each feature's scored interval was made with
     for i in range(len(slots)):
         s = slots[i]
         fast = False  # the change scale grew fast at this reading (see RECOVERY_GROWTH)
@@ -394,7 +504,9 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
             then = n_scored[i] - 1
             p_inst, n_in, same = 1.0, 0, True
             for j in range(f):
-                unit = _unit(profile, spread, s, j, bucket_then, prev_scale[i, j])
+                mean_then[j] = _profile_mean(profile, s, j)
+                unit = _unit(profile, spread, weights, s, j, bucket_then, prev_scale[i, j],
+                             mean_then[j])
                 r = (values[i, j] - prev_forecast[i, j]) / unit
                 resid[j] = r
                 lo, hi, w = _bounds(q_lo[s, j], q_hi[s, j], integral[s, j], gain, then)
@@ -404,7 +516,8 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
                 miss_lo[j], miss_hi[j] = values[i, j] < low, values[i, j] > high
                 if miss_lo[j] or miss_hi[j]:
                     excess = min(max((lo - r) if miss_lo[j] else (r - hi), 0.0), MAX_EXCESS * w)
-                    p = alpha * _tail_probability(excess, tail[s, j], tail_sq[s, j])
+                    p = alpha * _tail_probability(excess, _log_value(tail[s, j]),
+                                                  _log_value(tail_sq[s, j]))
                 else:
                     # How far from the centre towards the edge, in the published bounds (the
                     # floats that decided inside; at most 1 whatever the rounding).
@@ -446,15 +559,18 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
                     q_lo[s, j] = max(q_lo[s, j] - step * (miss_lo[j] - half), -MAX_QUANTILE)
                     missed = miss_hi[j] or miss_lo[j]
                     integral[s, j] += missed - alpha
+                    _learn_weights(spread, weights, profile, s, j, bucket_then, mean_then[j],
+                                   lo, hi, miss_lo[j], miss_hi[j], half)
                     if miss_lo[j] or miss_hi[j]:  # the tail: running moments of the excess
                         r = resid[j]
                         excess = min(max((lo - r) if miss_lo[j] else (r - hi), 0.0),
                                      MAX_EXCESS * w)
-                        tail[s, j] += TAIL_ALPHA * (excess - tail[s, j])
-                        tail_sq[s, j] += TAIL_ALPHA * (excess * excess - tail_sq[s, j])
+                        m1, m2 = _log_value(tail[s, j]), _log_value(tail_sq[s, j])
+                        tail[s, j] = _log_code(m1 + TAIL_ALPHA * (excess - m1))
+                        tail_sq[s, j] = _log_code(m2 + TAIL_ALPHA * (excess * excess - m2))
                     if not recovering:
                         error = abs(values[i, j] - prev_forecast[i, j]) / (
-                            prev_scale[i, j] * _spread_unit(spread, s, j))
+                            prev_scale[i, j] * _spread_unit(spread, spread_weight, s, j))
                         _learn_profile(profile, s, j, bucket_then, error)
                 short[s] = run
                 a = max(LONG_ALPHA, 1.0 / (n_scored[i] + LONG_PRIOR))
@@ -476,5 +592,6 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
         for j in range(f):
             lo, hi, w = _bounds(q_lo[s, j], q_hi[s, j], integral[s, j], gain, n_scored[i])
             spread[s, j] = round(min(spread_now[i, j], MAX_SPREAD) * SPREAD_STEPS / MAX_SPREAD)
-            unit = _unit(profile, spread, s, j, b, scale[i, j])
+            unit = _unit(profile, spread, weights, s, j, b, scale[i, j],
+                         _profile_mean(profile, s, j))
             lower[i, j], upper[i, j] = published_bounds(forecast[i, j], lo, hi, unit)

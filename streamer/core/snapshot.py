@@ -14,7 +14,15 @@ import torch
 
 from streamer.core.config import LearnerConfig
 from streamer.core.horizon import HorizonState
-from streamer.core.intervals import MAX_SPREAD, SPREAD_STEPS, Calibration
+from streamer.core.intervals import (
+    MAX_PROFILE_WEIGHT,
+    MAX_SPREAD,
+    MAX_SPREAD_WEIGHT,
+    SPREAD_STEPS,
+    Calibration,
+    tail_codes,
+    weight_codes,
+)
 from streamer.core.windows import slot_axis, stagger
 
 # 2: guard and spike state in the stats; 3: spreads as deviations (sd, change_rms), and the
@@ -27,11 +35,16 @@ from streamer.core.windows import slot_axis, stagger
 # last_bucket holds a run count above its 3 bucket bits (intervals.RECOVERY_RUN); 9: the
 # calibration's experts' spread in uint16 steps and a per-feature count of equal readings in a
 # row (intervals.FLAT_RUN) beside the per-sensor one; 10: only the per-feature counts, int16
-# (the sensor's is their least), as ``repeat_run``.
-FORMAT = "streamer.learner/10"
+# (the sensor's is their least), as ``repeat_run``; 11: the width's weights of the experts'
+# spread and of the error profile learned per sensor and feature (``spread_weight``,
+# ``profile_weight``), and the tail's moments as int16 log2 codes.
+FORMAT = "streamer.learner/11"
 PREVIOUS_FORMATS = ("streamer.learner/4", "streamer.learner/5", "streamer.learner/6",
-                    "streamer.learner/7", "streamer.learner/8",
-                    "streamer.learner/9")  # read through upgrade()
+                    "streamer.learner/7", "streamer.learner/8", "streamer.learner/9",
+                    "streamer.learner/10")  # read through upgrade()
+# Until format 11 every sensor's width weighed the experts' spread by 2 and the profile by 1:
+# upgraded sensors keep those, which their quantiles were learned with, and go on from there.
+FIXED_SPREAD_WEIGHT, FIXED_PROFILE_WEIGHT = 2.0, 1.0
 
 
 # The learner's per-slot host arrays (row i: slot i) that move with a sensor.
@@ -54,11 +67,13 @@ class IncompatibleSnapshot(ValueError):
 def upgrade(state: dict) -> dict:
     """A snapshot of an earlier format (4: before interval calibration; 5: before horizons;
     6: before staggered first windows; 7: before outlier runs; 8: spread as float32, one
-    repeat run per sensor; 9: repeat runs per sensor and per feature) in this one: what it
-    lacks starts from the prior, as for new sensors (calibration; a horizon of one step; no
-    outlier run; each feature's repeat run the sensor's); the windows being filled keep their
-    full length, free slots stagger as in a new learner; weights, statistics and memory carry
-    over. Any other format is returned as it is (``check_compatible`` names it)."""
+    repeat run per sensor; 9: repeat runs per sensor and per feature; 10: fixed weights of the
+    width, tail moments as float32) in this one: what it lacks starts from the prior, as for
+    new sensors (calibration; a horizon of one step; no outlier run; each feature's repeat run
+    the sensor's), or from what the older version used (the width's weights); the windows being
+    filled keep their full length, free slots stagger as in a new learner; weights, statistics
+    and memory carry over. Any other format is returned as it is (``check_compatible`` names
+    it)."""
     if not isinstance(state, dict) or state.get("format") not in PREVIOUS_FORMATS:
         return state
     stats = state["stats"]
@@ -76,7 +91,11 @@ def upgrade(state: dict) -> dict:
                 torch.int32)
             runs = calibration["repeat_run"][:, None].expand(spread.shape).clone()
         state = {**state, "calibration": {**calibration, "repeat_run": runs}}
-    if state["format"] in ("streamer.learner/7", "streamer.learner/8", "streamer.learner/9"):
+    calibration = state.get("calibration")
+    if calibration is not None and "spread_weight" not in calibration:  # 5 to 10
+        state = {**state, "calibration": _with_fixed_weights(calibration)}
+    if state["format"] in ("streamer.learner/7", "streamer.learner/8", "streamer.learner/9",
+                           "streamer.learner/10"):
         return {**state, "format": FORMAT}
     ids = state["table"]["ids"]
     k = int(state["config"].get("tbptt_steps", LearnerConfig.tbptt_steps))
@@ -96,6 +115,20 @@ def upgrade(state: dict) -> dict:
     upgraded["horizon"] = _tensors(horizon.arrays())
     upgraded["horizon_steps"] = torch.from_numpy(horizon.steps.copy())
     return upgraded
+
+
+def _with_fixed_weights(calibration: dict) -> dict:
+    """A calibration of format 10 or before in format 11 (see FIXED_SPREAD_WEIGHT)."""
+    shape = tuple(calibration["q_hi"].shape)
+    return {
+        **calibration,
+        "tail": torch.from_numpy(tail_codes(calibration["tail"].numpy())),
+        "tail_sq": torch.from_numpy(tail_codes(calibration["tail_sq"].numpy())),
+        "spread_weight": torch.from_numpy(
+            weight_codes(FIXED_SPREAD_WEIGHT, MAX_SPREAD_WEIGHT, shape)),
+        "profile_weight": torch.from_numpy(
+            weight_codes(FIXED_PROFILE_WEIGHT, MAX_PROFILE_WEIGHT, shape)),
+    }
 
 
 def _tensors(arrays: dict) -> dict:

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from streamer.core import Batch, Learner, LearnerConfig, Reason
-from streamer.core.intervals import Calibration
+from streamer.core.intervals import (
+    LOG_STEP,
+    MAX_PROFILE_WEIGHT,
+    MAX_SPREAD_WEIGHT,
+    WEIGHT_STEPS,
+    Calibration,
+)
 from streamer.tools.replay import backtest
 
 WARMUP = 200  # readings per sensor before coverage is measured (the benchmark's warm-up)
@@ -316,3 +322,55 @@ def test_the_error_profile_does_not_learn_while_the_change_scale_recovers():
         scale *= 1.2
     assert not np.array_equal(profiles[0], profiles[1])
     assert all(np.array_equal(profiles[1], p) for p in profiles[2:])
+
+
+def _stream(cal: Calibration, errors: np.ndarray, spreads: np.ndarray, gap: float) -> None:
+    """Readings of slot 0 (one feature) ``gap`` seconds apart, each ``errors[t]`` scales off the
+    forecast made at the one before, forecasts made with the experts' spread ``spreads[t]``."""
+    n = len(errors)
+    col = errors[:, None].astype(np.float64)
+    prev = np.r_[0.0, errors[:-1]][:, None]
+    zeros, ones = np.zeros((n, 1)), np.ones((n, 1))
+    for i in range(n):  # one reading per call, as a sensor's readings arrive
+        rows = slice(i, i + 1)
+        cal.calibrate(np.array([0]), np.array([1.7e9 + gap * i]), np.array([gap]), col[rows],
+                      prev[rows], zeros[rows], ones[rows], np.array([i > 0]),
+                      np.array([i]), zeros[rows], ones[rows], spreads[rows, None])
+
+
+def _learned_spread_weight(errors_follow_spread: float) -> float:
+    rng = np.random.default_rng(11)
+    spreads = rng.choice([0.0, 1.5], size=4000)
+    d_before = np.r_[0.0, spreads[:-1]]  # the spread the forecast a reading is scored on had
+    errors = rng.normal(size=4000) * (1.0 + errors_follow_spread * d_before)
+    cal = Calibration(1, 1, coverage=0.9, threshold=0.999, learn_after=0)
+    _stream(cal, errors, spreads, gap=60.0)
+    return float(cal.spread_weight[0, 0]) * MAX_SPREAD_WEIGHT / WEIGHT_STEPS
+
+
+def test_the_experts_spread_weighs_in_the_width_as_much_as_it_foretells_the_errors():
+    assert _learned_spread_weight(0.0) < 0.3  # from 1: errors that ignore it, width that does
+    assert _learned_spread_weight(2.0) > 1.5  # errors 4x larger when the experts disagree
+
+
+def _profile_weight_after(errors_follow_profile: float, seed: int = 12) -> float:
+    """A daily sensor's profile says Mondays and Tuesdays err 4x more than other days; its
+    errors (three years of them) are that much larger on those days, or not."""
+    n = 3 * 365
+    ts = 1.7e9 + 86_400.0 * np.arange(n)
+    weekday_before = np.r_[0, (np.floor(ts / 86_400.0) + 3) % 7][:n]  # the forecast's day
+    errors = np.random.default_rng(seed).normal(size=n)
+    errors *= np.where(weekday_before < 2, errors_follow_profile, 1.0)
+    cal = Calibration(1, 1, coverage=0.9, threshold=0.999, learn_after=0)
+    cal.profile[0, 0, :] = -LOG_STEP  # log2 of 0.5 ...
+    cal.profile[0, 0, :2] = LOG_STEP  # ... and 2 (Monday, Tuesday)
+    _stream(cal, errors, np.zeros(n), gap=86_400.0)
+    return float(cal.profile_weight[0, 0]) * MAX_PROFILE_WEIGHT / WEIGHT_STEPS
+
+
+def test_a_daily_sensor_stops_following_an_error_profile_its_errors_no_longer_have():
+    # The weekly buckets relearn slowly (a reading each a week); the profile's weight in the
+    # width fades meanwhile, so the width stops swinging by the weekday for nothing. One whose
+    # errors do follow the profile keeps it (from 1; seeds 0-4: 0.49-0.58 against 0.86-1.09).
+    assert _profile_weight_after(1.0) < 0.7
+    assert _profile_weight_after(4.0) > 0.8

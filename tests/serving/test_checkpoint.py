@@ -17,7 +17,14 @@ import torch
 
 from streamer.core import Batch, Learner, LearnerConfig
 from streamer.core import snapshot as snap
-from streamer.core.intervals import MAX_SPREAD, SPREAD_STEPS
+from streamer.core.intervals import (
+    MAX_PROFILE_WEIGHT,
+    MAX_SPREAD,
+    MAX_SPREAD_WEIGHT,
+    SPREAD_STEPS,
+    TAIL_LOG_STEP,
+    WEIGHT_STEPS,
+)
 from streamer.serving.checkpoint import CheckpointStore
 from streamer.serving.checkpoint_writer import WRITER_NICENESS, CheckpointWriter
 from tests.core.conftest import sine_fleet
@@ -97,7 +104,7 @@ def test_a_checkpoint_of_an_older_snapshot_format_is_refused_with_the_reason(tmp
     CheckpointStore(tmp_path, "w1", CFG.fingerprint()).save(old, {TP: 5}, {TP: []})
     with caplog.at_level(logging.ERROR):
         assert CheckpointStore(tmp_path, "w1", CFG.fingerprint()).latest() is None
-    assert ("learner snapshot format 'streamer.learner/3' is not 'streamer.learner/10' "
+    assert ("learner snapshot format 'streamer.learner/3' is not 'streamer.learner/11' "
             "(written by another streamer version)") in caplog.text
 
 
@@ -196,6 +203,25 @@ def test_a_checkpoint_with_repeat_runs_per_sensor_and_per_feature_resumes_with_t
     restored = _resumed_from(tmp_path, old)
     assert "flat_run" not in restored.snapshot()["calibration"]
     np.testing.assert_array_equal(restored.calibration.repeat_run, learner.calibration.repeat_run)
+
+
+def test_a_checkpoint_with_fixed_width_weights_resumes_with_them_and_its_tail_moments(tmp_path):
+    learner = _learner(4)
+    old = learner.snapshot()
+    calibration = old["calibration"]
+    for name in ("tail", "tail_sq"):  # float32 moments, as format 10 stored them
+        moments = 2.0 ** (calibration[name].numpy() / TAIL_LOG_STEP)
+        calibration[name] = torch.from_numpy(moments.astype(np.float32))
+    del calibration["spread_weight"], calibration["profile_weight"]
+    old["format"] = "streamer.learner/10"
+    restored = _resumed_from(tmp_path, old).calibration
+    np.testing.assert_array_equal(restored.tail, learner.calibration.tail)
+    np.testing.assert_array_equal(restored.tail_sq, learner.calibration.tail_sq)
+    # The weights every sensor's width had until format 11: the experts' spread 2, profile 1.
+    np.testing.assert_allclose(restored.spread_weight * MAX_SPREAD_WEIGHT / WEIGHT_STEPS, 2.0,
+                               atol=1e-4)
+    np.testing.assert_allclose(restored.profile_weight * MAX_PROFILE_WEIGHT / WEIGHT_STEPS, 1.0,
+                               atol=1e-4)
 
 
 def test_partition_state_moves_between_learners_through_a_checkpoint(tmp_path):
