@@ -9,7 +9,8 @@ available. For every reading a few *experts* forecast the next one:
 - the sensor's seasonal profiles (memory.py) at the next reading's time, of the day and of the
   week, each as a forecast of the value and as the profile's change from now added to the last
   value (which keeps the current level);
-- its local linear (AR) model's predicted change.
+- its local linear (AR) model's predicted change;
+- its cycle (memory.py): the last value plus the change one cycle of readings before the next.
 
 Every slot keeps an exponentially weighted mean absolute error of each expert, in units of its
 typical change (scale-free), and forecasts with the exponentially weighted average of the
@@ -33,7 +34,7 @@ from streamer.core.memory import Recalled
 LSTM_SHRINKS = np.array([1.0, 1.25, 0.75, 0.5, 0.25, 0.0])
 EXPERTS = ("lstm", "lstm x1.25", "lstm x0.75", "lstm x0.5", "lstm x0.25", "persistence",
            "seasonal day", "seasonal week", "seasonal day change", "seasonal week change",
-           "local linear")
+           "local linear", "cycle")
 N_EXPERTS = len(EXPERTS)
 PERSISTENCE = EXPERTS.index("persistence")
 REVERT_ALPHA = 0.25  # weight of the latest spike in deciding whether this sensor's spikes revert
@@ -53,7 +54,8 @@ def expert_forecasts(values: np.ndarray, lstm_change: np.ndarray, recalled: Reca
     seasonal = np.concatenate([level, change], axis=-1)  # (M, F, 4)
     seasonal = np.where(np.isnan(seasonal), values[..., None], seasonal)
     linear = values + scale * np.clip(recalled.ar_change, -clip, clip)  # (M, F)
-    return np.concatenate([lstm, seasonal, linear[..., None]], axis=-1)
+    cycle = values + scale * np.clip(recalled.cycle_change, -clip, clip)
+    return np.concatenate([lstm, seasonal, linear[..., None], cycle[..., None]], axis=-1)
 
 
 def weigh_experts(

@@ -17,7 +17,19 @@ changes in units of its typical change, learned online by normalized LMS (Widrow
 captures slope continuation (interpolated series) and short autocorrelation that a global model
 shares poorly across sensors. Its weights start at zero (persistence).
 
-Memory per sensor and feature: (96 + 168 + 2 x 3) float32 + 2 float64 = 1,096 bytes.
+**Cycles counted in readings.** Per sensor and feature, its last ``CYCLE_KEPT`` changes (in
+units of its typical change) and, for every lag ``k`` of 2 to ``CYCLE_LAGS`` readings, a running
+mean absolute error of "the next change is the change ``k`` readings before it". The lag with
+the least is the sensor's cycle, and the cycle forecast of the next change is what the changes
+one and two cycles before it agree on (``_cycle``). A heartbeat, a pump's duty cycle or a machine's work cycle repeats every so
+many readings whatever the clock says, which the day and week profiles cannot see: on the
+labelled ECG series of the ``aeon`` package (a beat every 20 readings) the forecast's error
+falls from 0.84 to 0.10 of persistence's, and a car park read half-hourly in the daytime
+(~18 readings a day) is forecast 11 % better (docs/benchmarks/quality.md). The cycle says
+nothing until the sensor has had ``CYCLE_KNOWN`` changes, and forecasts no change before.
+
+Memory per sensor and feature: (96 + 168 + 2 x 3 + 48 + 23) float32 + 2 float64 = 1,380 bytes,
+and 4 bytes per sensor (how many changes it has had).
 """
 
 from __future__ import annotations
@@ -49,6 +61,16 @@ LEVEL_ALPHA = 0.05
 # minutes left the expected times wrong for 342 readings; later on, the same term would let a
 # car park's nights pull the estimate: parking's horizon relMAE 0.821 -> 0.824 with it always).
 STEP_RATE, STEP_START, EARLY_GAPS = 0.02, 2.0, 8
+# The longest cycle found, in readings (a day of half-hourly readings; 20 for the ECG), and the
+# weight of the newest error in each lag's running error (at least 1/n for its first n).
+CYCLE_LAGS, CYCLE_ALPHA = 24, 0.02
+CYCLE_KEPT = 2 * CYCLE_LAGS  # changes kept: two of the longest cycles
+# The cycle says nothing before this many changes: every lag then has had at least 2 cycles'
+# worth of errors, and two of the longest cycles are kept.
+CYCLE_KNOWN = 3 * CYCLE_LAGS  # (at most 2 x CYCLE_KEPT, where a wrapped count restarts)
+# The count of changes wraps back by a multiple of CYCLE_KEPT before it would overflow (so the
+# ring's positions stay in order).
+CYCLE_WRAP = 2**31 - 1 - (2**31 - 1) % CYCLE_KEPT - CYCLE_KEPT
 
 
 def buckets(ts: np.ndarray) -> np.ndarray:
@@ -66,6 +88,7 @@ class Recalled:
     seasonal: np.ndarray  # (M, 2, F) day and week profile forecasts; NaN where empty
     seasonal_now: np.ndarray  # (M, 2, F) the same profiles at this reading's own time
     ar_change: np.ndarray  # (M, F) AR forecast of the next change, change-scale units
+    cycle_change: np.ndarray  # (M, F) the change one cycle before the next; 0 while unknown
     # With a horizon of H > 1 steps (horizon.py), else empty: when the next H readings are
     # expected (NaN while the typical gap is unknown), the day and week profile forecasts at
     # those times, and the AR model after the reading.
@@ -86,7 +109,8 @@ class SensorMemory:
     readings ahead), how many gaps it has seen, and when it was first read (24 bytes).
     """
 
-    _ARRAYS = ("profile", "level", "ar_x", "ar_w", "recent", "timing")
+    _ARRAYS = ("profile", "level", "ar_x", "ar_w", "recent", "timing", "cycle", "cycle_err",
+               "cycle_n")
 
     def __init__(self, capacity: int, n_features: int, seasonal_alpha: float,
                  recent: bool = False):
@@ -107,6 +131,11 @@ class SensorMemory:
             "recent": np.full((capacity, f, self.n_recent), nan, np.float64),
             # Median log gap (NaN: none yet), gaps seen, first reading's time (NaN: none).
             "timing": np.full((capacity, 3 if self.n_recent else 0), nan, np.float64),
+            # The last CYCLE_KEPT changes (change n at n % CYCLE_KEPT), the running error of
+            # each lag 2..CYCLE_LAGS, and how many changes the slot has had.
+            "cycle": np.zeros((capacity, f, CYCLE_KEPT), np.float32),
+            "cycle_err": np.zeros((capacity, f, CYCLE_LAGS - 1), np.float32),
+            "cycle_n": np.zeros(capacity, np.int32),
         }
 
     def grow(self, capacity: int) -> None:
@@ -127,13 +156,15 @@ class SensorMemory:
 
     def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         """Load saved arrays; the last readings per bucket start empty when the snapshot was
-        taken with a different horizon setting (or before they existed)."""
+        taken with a different horizon setting (or before they existed), and so do the cycles
+        in a snapshot from before them."""
+        empty = self._empty(len(arrays["profile"]))
         for name in self._ARRAYS:
             mine = getattr(self, name)
             saved = arrays.get(name)
-            if name in ("recent", "timing") and (
+            if name in ("recent", "timing", "cycle", "cycle_err", "cycle_n") and (
                     saved is None or saved.shape[1:] != mine.shape[1:]):
-                saved = np.full((len(arrays["profile"]), *mine.shape[1:]), np.nan)
+                saved = empty[name]
             setattr(self, name, np.array(saved, dtype=mine.dtype))
 
     def advance(
@@ -158,16 +189,17 @@ class SensorMemory:
         h = horizon if horizon > 1 else 0
         p = AR_ORDER if h else 0
         out = Recalled(np.empty((m, 2, f)), np.empty((m, 2, f)), np.empty((m, f)),
-                       np.empty((m, h)), np.empty((m, 2, h, f)), np.empty((m, 2, h, f)),
-                       np.empty((m, f, p), np.float32), np.empty((m, f, p), np.float32))
+                       np.empty((m, f)), np.empty((m, h)), np.empty((m, 2, h, f)),
+                       np.empty((m, 2, h, f)), np.empty((m, f, p), np.float32),
+                       np.empty((m, f, p), np.float32))
         _advance(
             slots.astype(np.int64), ts, np.zeros(m) if since is None else since, buckets(ts),
             buckets(ts + next_gap), values,
             spread, changes, has_change, outlier, np.float32(self.seasonal_alpha),
             self.profile, self.level, self.ar_x, self.ar_w,
-            self.recent, self.timing,
-            out.seasonal, out.seasonal_now, out.ar_change, out.ahead_ts, out.seasonal_ahead,
-            out.naive_ahead, out.ar_w, out.ar_x,
+            self.recent, self.timing, self.cycle, self.cycle_err, self.cycle_n,
+            out.seasonal, out.seasonal_now, out.ar_change, out.cycle_change, out.ahead_ts,
+            out.seasonal_ahead, out.naive_ahead, out.ar_w, out.ar_x,
         )
         return out
 
@@ -216,10 +248,47 @@ def _expected_times(profile, s, t, gap, skip, out):  # pragma: no cover - compil
 
 
 @kernel
+def _cycle(cycle, cycle_err, cycle_n, s, j, c, has_change, outlier):  # pragma: no cover
+    """Learn slot ``s``'s change ``c`` (if ``has_change``) into feature ``j``'s cycle state and
+    return its cycle forecast of the next change (0 while unknown).
+
+    The forecast is what the changes one and two cycles before the next agree on: the smaller
+    of the two if they have the same sign, else none (minmod). A change seen once, a level
+    shift or the step into a spike, is not forecast again a cycle later (a sensor with a clean
+    cycle of 48 readings shifted by 3 amplitudes was flagged again, a cycle after the shift,
+    when the last cycle alone was repeated). The change into a spike (``outlier``) is kept as
+    no change and scores no lag."""
+    n = cycle_n[s]  # this change's number (the slot's count is advanced after every feature)
+    if has_change:
+        if outlier:
+            c = 0.0
+        for k in range(2, CYCLE_LAGS + 1):
+            if n >= k and not outlier:
+                seen = n - k + 1  # how many errors lag k has had, this one included
+                a = max(CYCLE_ALPHA, 1.0 / seen)
+                miss = abs(c - cycle[s, j, (n - k) % CYCLE_KEPT])
+                cycle_err[s, j, k - 2] += np.float32(a * (miss - cycle_err[s, j, k - 2]))
+        cycle[s, j, n % CYCLE_KEPT] = c
+        n += 1
+    if n < CYCLE_KNOWN:
+        return 0.0
+    best = 0
+    for k in range(1, CYCLE_LAGS - 1):
+        if cycle_err[s, j, k] < cycle_err[s, j, best]:
+            best = k
+    period = best + 2
+    last = np.float64(cycle[s, j, (n - period) % CYCLE_KEPT])
+    before = np.float64(cycle[s, j, (n - 2 * period) % CYCLE_KEPT])
+    if last * before <= 0.0:
+        return 0.0
+    return last if abs(last) < abs(before) else before
+
+
+@kernel
 def _advance(slots, ts, since, here, nxt, values, spread, changes, has_change, outlier, alpha,
-             profile, level, ar_x, ar_w, recent, timing, seasonal, seasonal_now,
-             ar_change, ahead_ts, seasonal_ahead, naive_ahead, ar_w_out,
-             ar_x_out):  # pragma: no cover
+             profile, level, ar_x, ar_w, recent, timing, cycle, cycle_err, cycle_n, seasonal,
+             seasonal_now, ar_change, cycle_change, ahead_ts, seasonal_ahead, naive_ahead,
+             ar_w_out, ar_x_out):  # pragma: no cover
     """The per-reading recurrence of ``SensorMemory.advance`` (state updated in place)."""
     f, p = values.shape[1], ar_x.shape[2]
     h = ahead_ts.shape[1]
@@ -264,6 +333,11 @@ def _advance(slots, ts, since, here, nxt, values, spread, changes, has_change, o
             ar_change[i, j] = forecast
             for q in range(ar_w_out.shape[2]):
                 ar_w_out[i, j, q], ar_x_out[i, j, q] = ar_w[s, j, q], ar_x[s, j, q]
+            cycle_change[i, j] = _cycle(cycle, cycle_err, cycle_n, s, j, c, has_change[i],
+                                        outlier[i, j])
+        if has_change[i]:
+            n = cycle_n[s] + 1
+            cycle_n[s] = n if n < CYCLE_WRAP else n - CYCLE_WRAP + 2 * CYCLE_KEPT
         if h == 0:
             continue
         if np.isnan(timing[s, 2]):

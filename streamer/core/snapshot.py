@@ -13,6 +13,7 @@ import threading
 import torch
 
 from streamer.core.config import LearnerConfig
+from streamer.core.experts import N_EXPERTS, PERSISTENCE
 from streamer.core.horizon import HorizonState
 from streamer.core.intervals import (
     MAX_PROFILE_WEIGHT,
@@ -23,6 +24,7 @@ from streamer.core.intervals import (
     tail_codes,
     weight_codes,
 )
+from streamer.core.memory import SensorMemory
 from streamer.core.windows import slot_axis, stagger
 
 # 2: guard and spike state in the stats; 3: spreads as deviations (sd, change_rms), and the
@@ -37,11 +39,12 @@ from streamer.core.windows import slot_axis, stagger
 # row (intervals.FLAT_RUN) beside the per-sensor one; 10: only the per-feature counts, int16
 # (the sensor's is their least), as ``repeat_run``; 11: the width's weights of the experts'
 # spread and of the error profile learned per sensor and feature (``spread_weight``,
-# ``profile_weight``), and the tail's moments as int16 log2 codes.
-FORMAT = "streamer.learner/11"
+# ``profile_weight``), and the tail's moments as int16 log2 codes; 12: the memory's cycles
+# (``cycle``, ``cycle_err``, ``cycle_n``) and a twelfth expert, "cycle", in the stats' experts.
+FORMAT = "streamer.learner/12"
 PREVIOUS_FORMATS = ("streamer.learner/4", "streamer.learner/5", "streamer.learner/6",
                     "streamer.learner/7", "streamer.learner/8", "streamer.learner/9",
-                    "streamer.learner/10")  # read through upgrade()
+                    "streamer.learner/10", "streamer.learner/11")  # read through upgrade()
 # Until format 11 every sensor's width weighed the experts' spread by 2 and the profile by 1:
 # upgraded sensors keep those, which their quantiles were learned with, and go on from there.
 FIXED_SPREAD_WEIGHT, FIXED_PROFILE_WEIGHT = 2.0, 1.0
@@ -68,12 +71,12 @@ def upgrade(state: dict) -> dict:
     """A snapshot of an earlier format (4: before interval calibration; 5: before horizons;
     6: before staggered first windows; 7: before outlier runs; 8: spread as float32, one
     repeat run per sensor; 9: repeat runs per sensor and per feature; 10: fixed weights of the
-    width, tail moments as float32) in this one: what it lacks starts from the prior, as for
-    new sensors (calibration; a horizon of one step; no outlier run; each feature's repeat run
-    the sensor's), or from what the older version used (the width's weights); the windows being
-    filled keep their full length, free slots stagger as in a new learner; weights, statistics
-    and memory carry over. Any other format is returned as it is (``check_compatible`` names
-    it)."""
+    width, tail moments as float32; 11: before cycles) in this one: what it lacks starts from
+    the prior, as for new sensors (calibration; a horizon of one step; no outlier run; each
+    feature's repeat run the sensor's; no cycle seen, the cycle expert's record persistence's),
+    or from what the older version used (the width's weights); the windows being filled keep
+    their full length, free slots stagger as in a new learner; weights, statistics and memory
+    carry over. Any other format is returned as it is (``check_compatible`` names it)."""
     if not isinstance(state, dict) or state.get("format") not in PREVIOUS_FORMATS:
         return state
     stats = state["stats"]
@@ -91,11 +94,14 @@ def upgrade(state: dict) -> dict:
                 torch.int32)
             runs = calibration["repeat_run"][:, None].expand(spread.shape).clone()
         state = {**state, "calibration": {**calibration, "repeat_run": runs}}
+    if stats["guard_err"].shape[-1] < N_EXPERTS:  # before 12: no cycle expert
+        state = {**state, "stats": _with_cycle_expert(state["stats"]),
+                 "memory": _with_cycles(state["memory"])}
     calibration = state.get("calibration")
     if calibration is not None and "spread_weight" not in calibration:  # 5 to 10
         state = {**state, "calibration": _with_fixed_weights(calibration)}
     if state["format"] in ("streamer.learner/7", "streamer.learner/8", "streamer.learner/9",
-                           "streamer.learner/10"):
+                           "streamer.learner/10", "streamer.learner/11"):
         return {**state, "format": FORMAT}
     ids = state["table"]["ids"]
     k = int(state["config"].get("tbptt_steps", LearnerConfig.tbptt_steps))
@@ -115,6 +121,23 @@ def upgrade(state: dict) -> dict:
     upgraded["horizon"] = _tensors(horizon.arrays())
     upgraded["horizon_steps"] = torch.from_numpy(horizon.steps.copy())
     return upgraded
+
+
+def _with_cycle_expert(stats: dict) -> dict:
+    """Stats of format 11 or before: the cycle expert's running error and last forecast start as
+    persistence's (until a sensor has a cycle its forecast is persistence's)."""
+    missing = N_EXPERTS - stats["guard_err"].shape[-1]
+    return {**stats, **{
+        name: torch.cat([stats[name], stats[name][..., [PERSISTENCE] * missing]], -1)
+        for name in ("guard_err", "last_experts")}}
+
+
+def _with_cycles(memory: dict) -> dict:
+    """Memory of format 11 or before: no cycle seen yet."""
+    capacity, n_features = memory["profile"].shape[:2]
+    fresh = SensorMemory(capacity, int(n_features), 0.0).arrays()
+    return {**memory, **{name: torch.from_numpy(fresh[name].copy())
+                         for name in ("cycle", "cycle_err", "cycle_n")}}
 
 
 def _with_fixed_weights(calibration: dict) -> dict:

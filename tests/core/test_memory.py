@@ -7,7 +7,7 @@ import pytest
 
 from streamer.core import Batch, Learner, LearnerConfig
 from streamer.core.experts import EXPERTS
-from streamer.core.memory import DAY_BUCKETS
+from streamer.core.memory import CYCLE_KNOWN, DAY_BUCKETS, SensorMemory
 from streamer.tools.replay import replay, score
 from tests.bench_quality import seasonal_naive_forecasts
 from tests.synthetic_fleet import DAY, START, _sensor, weekday_fleet
@@ -119,3 +119,49 @@ def test_evicted_slot_is_reused_with_empty_memory():
     profile = learner.memory.profile[reused]
     assert np.isfinite(profile).sum() == 2  # only the new sensor's one reading (day and week)
     assert not learner.memory.ar_w[reused].any()
+
+
+def _pulses(n: int, period: int, seed: int) -> np.ndarray:
+    """A beat every ``period`` readings (a sharp rise and a slower fall), with a little noise."""
+    shape = np.zeros(period)
+    shape[:4] = [0.0, 6.0, 3.0, 1.0]
+    rng = np.random.default_rng(seed)
+    return np.tile(shape, n // period + 1)[:n] + 0.05 * rng.normal(size=n)
+
+
+def test_a_cycle_counted_in_readings_is_forecast_whatever_the_clock_says():
+    # A heartbeat-like sensor read every 0.7 s: its cycle of 17 readings (12 s) is far below
+    # the day profile's 15-minute buckets. Persistence errs by the whole beat at every beat.
+    values = _pulses(4000, 17, seed=0)
+    batch = Batch.from_arrays(["ecg"] * len(values), START + 0.7 * np.arange(len(values)),
+                              values)
+    forecasts, status, report = replay(batch, LearnerConfig(device="cpu"))
+    late = np.arange(2000, len(values) - 1)  # the cycle is known by then
+    error = np.abs(forecasts[late, 0] - values[late + 1]).mean()
+    persistence = np.abs(values[late] - values[late + 1]).mean()
+    assert error < 0.2 * persistence, (error, persistence)
+
+
+def _recall_cycle(changes: np.ndarray) -> np.ndarray:
+    memory = SensorMemory(1, 1, 0.1)
+    n = len(changes)
+    return memory.advance(np.zeros(n, dtype=np.int64), START + 60.0 * np.arange(n),
+                          np.cumsum(changes)[:, None], np.ones((n, 1)), np.full(n, 60.0),
+                          changes[:, None], np.ones(n, dtype=bool),
+                          np.zeros((n, 1), dtype=bool)).cycle_change[:, 0]
+
+
+def test_the_cycle_forecast_is_the_change_of_the_last_two_cycles_once_every_lag_is_known():
+    changes = np.tile([1.0, -2.0, 0.5, 0.5, 0.0], 40)  # a cycle of 5 readings
+    recalled = _recall_cycle(changes)
+    known = CYCLE_KNOWN - 1  # after its CYCLE_KNOWN-th change
+    assert not recalled[:known].any()  # no cycle claimed before every lag is known
+    np.testing.assert_array_equal(recalled[known:-1], changes[known + 1:])
+
+
+def test_a_change_seen_once_is_not_forecast_again_a_cycle_later():
+    changes = np.tile([1.0, -2.0, 0.5, 0.5, 0.0], 40)
+    changes[150] += 30.0  # a level shift
+    recalled = _recall_cycle(changes)
+    # One and two cycles later the forecast is the cycle's own change, not the shift's.
+    np.testing.assert_array_equal(recalled[[154, 159]], changes[[155, 160]])

@@ -17,6 +17,7 @@ import torch
 
 from streamer.core import Batch, Learner, LearnerConfig
 from streamer.core import snapshot as snap
+from streamer.core.experts import EXPERTS
 from streamer.core.intervals import (
     MAX_PROFILE_WEIGHT,
     MAX_SPREAD,
@@ -104,7 +105,7 @@ def test_a_checkpoint_of_an_older_snapshot_format_is_refused_with_the_reason(tmp
     CheckpointStore(tmp_path, "w1", CFG.fingerprint()).save(old, {TP: 5}, {TP: []})
     with caplog.at_level(logging.ERROR):
         assert CheckpointStore(tmp_path, "w1", CFG.fingerprint()).latest() is None
-    assert ("learner snapshot format 'streamer.learner/3' is not 'streamer.learner/11' "
+    assert ("learner snapshot format 'streamer.learner/3' is not 'streamer.learner/12' "
             "(written by another streamer version)") in caplog.text
 
 
@@ -222,6 +223,26 @@ def test_a_checkpoint_with_fixed_width_weights_resumes_with_them_and_its_tail_mo
                                atol=1e-4)
     np.testing.assert_allclose(restored.profile_weight * MAX_PROFILE_WEIGHT / WEIGHT_STEPS, 1.0,
                                atol=1e-4)
+
+
+def test_a_checkpoint_from_before_cycles_resumes_with_none_seen_and_the_cycle_expert_at_persistence(
+        tmp_path):
+    learner = _learner(4)
+    old = learner.snapshot()
+    for name in ("guard_err", "last_experts"):  # eleven experts, as format 11 had
+        old["stats"][name] = old["stats"][name][..., :-1].clone()
+    for name in ("cycle", "cycle_err", "cycle_n"):
+        del old["memory"][name]
+    old["format"] = "streamer.learner/11"
+    restored = _resumed_from(tmp_path, old)
+    persistence = EXPERTS.index("persistence")
+    for name in ("guard_err", "last_experts"):
+        kept = getattr(learner.stats, name)
+        np.testing.assert_array_equal(getattr(restored.stats, name)[..., :-1], kept[..., :-1])
+        np.testing.assert_array_equal(getattr(restored.stats, name)[..., -1],
+                                      kept[..., persistence])
+    assert not restored.memory.cycle_n.any() and not restored.memory.cycle.any()
+    np.testing.assert_array_equal(restored.memory.profile, learner.memory.profile)
 
 
 def test_partition_state_moves_between_learners_through_a_checkpoint(tmp_path):
