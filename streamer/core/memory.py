@@ -21,11 +21,12 @@ shares poorly across sensors. Its weights start at zero (persistence).
 units of its typical change) and, for every lag ``k`` of 2 to ``CYCLE_LAGS`` readings, a running
 mean absolute error of "the next change is the change ``k`` readings before it". The lag with
 the least is the sensor's cycle, and the cycle forecast of the next change is what the changes
-one and two cycles before it agree on (``_cycle``). A heartbeat, a pump's duty cycle or a machine's work cycle repeats every so
-many readings whatever the clock says, which the day and week profiles cannot see: on the
-labelled ECG series of the ``aeon`` package (a beat every 20 readings) the forecast's error
-falls from 0.84 to 0.10 of persistence's, and a car park read half-hourly in the daytime
-(~18 readings a day) is forecast 11 % better (docs/benchmarks/quality.md). The cycle says
+one and two cycles before it agree on (``_cycle``). A heartbeat, a pump's duty cycle or a
+machine's work cycle repeats every so many readings whatever the clock says, which the day and
+week profiles cannot see: on the labelled ECG series of the ``aeon`` package (a beat every
+20 readings) the forecast's error falls from 0.84 to 0.10 of persistence's, and a car park read
+half-hourly in the daytime (~18 readings a day) is forecast 11 % better
+(docs/benchmarks/quality.md). The cycle says
 nothing until the sensor has had ``CYCLE_KNOWN`` changes, and forecasts no change before.
 
 Memory per sensor and feature: (96 + 168 + 2 x 3 + 48 + 23) float32 + 2 float64 = 1,380 bytes,
