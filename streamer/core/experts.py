@@ -10,7 +10,8 @@ available. For every reading a few *experts* forecast the next one:
   week, each as a forecast of the value and as the profile's change from now added to the last
   value (which keeps the current level);
 - its local linear (AR) model's predicted change;
-- its cycle (memory.py): the last value plus the change one cycle of readings before the next.
+- its cycle (memory.py): the last value plus the change that the changes one and two cycles
+  (of readings) before the next agree on.
 
 Every slot keeps an exponentially weighted mean absolute error of each expert, in units of its
 typical change (scale-free), and forecasts with the exponentially weighted average of the

@@ -105,12 +105,14 @@ I_GAIN, I_SATURATION = 0.5, 0.1
 # A fixed b of 2 was best or within 1 % of it on each shared fleet (0.5 / 1 / 2 / 4 / 8).
 # Learned from b = 1, g = 1 with these steps (and TRACK_LR 0.01): Winkler -2.1 / -0.5 / -2.4 /
 # -1.5 % (appliances / parking / hourly / daily). Swept: b's step 0.03-0.3 (0.1 best on
-# daily and parking), its start 0-2 (0 best on daily, 2 on parking), g's step 0.001-0.1 (0.03
-# and up let one sensor's g wander from 0 to 1 within 200 readings: the score's derivative is
-# +1 or about -9 per reading, so a large step is a noisy one; docs/benchmarks/intervals.md).
+# daily and parking), its start 0-2 (0 best on daily, 2 on parking), g's step 0.001-0.03 (0.03
+# let one sensor's g wander from 0 to 1 within 200 readings: the score's derivative is +1 or
+# about -9 per reading, so a large step is a noisy one; docs/benchmarks/intervals.md).
 SPREAD_WEIGHT, MAX_SPREAD_WEIGHT, SPREAD_WEIGHT_LR = 1.0, 8.0, 0.1
 PROFILE_WEIGHT, MAX_PROFILE_WEIGHT, PROFILE_WEIGHT_LR = 1.0, 2.0, 0.003
-WEIGHT_STEPS = 65_535  # both are stored in uint16 steps of their maximum / WEIGHT_STEPS
+# Both are stored in uint16 steps of their maximum / WEIGHT_STEPS, a multiple of 8 so that the
+# starts (and format 10's b = 2) are exact codes.
+WEIGHT_STEPS = 65_528
 MAX_SPREAD = 6.0  # in change scales, like the model's inputs
 SPREAD_STEPS = 65_535  # it is stored in uint16 steps of MAX_SPREAD / SPREAD_STEPS (1e-4)
 MIN_WIDTH = 0.05  # the width (in change scales) that sets the step when the interval is ~0
@@ -162,7 +164,7 @@ FLAT_RUN = 30
 BUCKET_SHIFT, MAX_FAST_RUN = 3, 31
 # Buckets are stored as log2 in int16 steps of 1/2048 octave (0.03 %, +-16 octaves); the tail's
 # moments in steps of 1/1024 octave (0.07 %, +-32 octaves: a second moment of excesses up to
-# 2**16 widths; below 2**-32 is 0 for the tail's fit).
+# 2**16 residual units; below 2**-32 is 0 for the tail's fit).
 LOG_STEP, TAIL_LOG_STEP = 2048.0, 1024.0
 MAX_EXCESS = 20.0  # an exceedance counts at most this many widths in the tail's moments
 TAIL_ALPHA = 0.1  # weight of the newest exceedance in the tail's running moments
@@ -416,27 +418,42 @@ def _spread_d(spread, s, j):  # pragma: no cover - compiled
 
 
 @kernel
-def _weight_code(value, maximum):  # pragma: no cover - compiled
-    """``value`` clipped to [0, maximum] in uint16 steps of maximum / WEIGHT_STEPS."""
-    return round(min(max(value, 0.0), maximum) * WEIGHT_STEPS / maximum)
+def _weight_code(value, maximum, dither):  # pragma: no cover - compiled
+    """``value`` clipped to [0, maximum] in uint16 steps of maximum / WEIGHT_STEPS, rounded up
+    with probability its fraction of a step (``dither`` uniform in [0, 1)): unbiased, so steps
+    smaller than half a code still add up (rounded to nearest, a reading inside, +1 x step, was
+    lost where a miss, about -9 x step, was not, and a weight drifted for no reason)."""
+    code = math.floor(min(max(value, 0.0), maximum) * WEIGHT_STEPS / maximum + dither)
+    return min(code, WEIGHT_STEPS)
 
 
 @kernel
-def _learn_weights(spread, weights, profile, s, j, bucket, mean, lo, hi, missed_lo, missed_hi,
-                   half):  # pragma: no cover - compiled
+def _dither(s, j, n, salt):  # pragma: no cover - compiled
+    """A uniform number in [0, 1) from slot ``s``, feature ``j``, its scored-reading count ``n``
+    and ``salt``: reproducible (a replay or a restored learner rounds the same way)."""
+    h = ((n & 0xFFFFFFFF) * 2654435761 + s * 40503 + j * 9973 + salt * 69069) & 0xFFFFFFFF
+    h = ((h ^ (h >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    h = ((h ^ (h >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    return (h ^ (h >> 16)) / 4294967296.0
+
+
+@kernel
+def _learn_weights(spread, weights, profile, s, j, n, bucket, mean, lo, hi, missed_lo,
+                   missed_hi, half):  # pragma: no cover - compiled
     """One step of gradient descent on the interval score for the width's two weights (b, g),
-    for the interval ``lo`` <= 0 <= ``hi`` (residual units) a reading was scored against."""
+    for the interval ``lo`` <= 0 <= ``hi`` (residual units) a reading was scored against, the
+    slot's ``n``-th."""
     missed = (hi * missed_hi - lo * missed_lo) / half
     grad = 1.0 - missed / max(hi - lo, MIN_WIDTH)  # d score / d log width, per width
     spread_weight, profile_weight = weights
     d = _spread_d(spread, s, j)
     b = _spread_b(spread_weight, s, j)
     spread_weight[s, j] = _weight_code(b - SPREAD_WEIGHT_LR * grad * d / (1.0 + b * d),
-                                       MAX_SPREAD_WEIGHT)
+                                       MAX_SPREAD_WEIGHT, _dither(s, j, n, 1))
     contrast = math.log(_profile_floored(profile, s, j, bucket, mean) / mean)
     g = (MAX_PROFILE_WEIGHT / WEIGHT_STEPS) * profile_weight[s, j]
     profile_weight[s, j] = _weight_code(g - PROFILE_WEIGHT_LR * grad * contrast,
-                                        MAX_PROFILE_WEIGHT)
+                                        MAX_PROFILE_WEIGHT, _dither(s, j, n, 2))
 
 
 @kernel
@@ -559,8 +576,14 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
                     q_lo[s, j] = max(q_lo[s, j] - step * (miss_lo[j] - half), -MAX_QUANTILE)
                     missed = miss_hi[j] or miss_lo[j]
                     integral[s, j] += missed - alpha
-                    _learn_weights(spread, weights, profile, s, j, bucket_then, mean_then[j],
-                                   lo, hi, miss_lo[j], miss_hi[j], half)
+                    # The unit the interval was made with, before its weights learn.
+                    made_with = _spread_unit(spread, spread_weight, s, j)
+                    # Not while the change scale grows back (the experts' spread, in scales,
+                    # is then clipped at MAX_SPREAD and every miss would drive b up: from 1.2
+                    # to 4 within 9 readings of a sensor's return from a flat stretch).
+                    if not recovering and spread[s, j] < SPREAD_STEPS:
+                        _learn_weights(spread, weights, profile, s, j, then, bucket_then,
+                                       mean_then[j], lo, hi, miss_lo[j], miss_hi[j], half)
                     if miss_lo[j] or miss_hi[j]:  # the tail: running moments of the excess
                         r = resid[j]
                         excess = min(max((lo - r) if miss_lo[j] else (r - hi), 0.0),
@@ -570,7 +593,7 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
                         tail_sq[s, j] = _log_code(m2 + TAIL_ALPHA * (excess * excess - m2))
                     if not recovering:
                         error = abs(values[i, j] - prev_forecast[i, j]) / (
-                            prev_scale[i, j] * _spread_unit(spread, spread_weight, s, j))
+                            prev_scale[i, j] * made_with)
                         _learn_profile(profile, s, j, bucket_then, error)
                 short[s] = run
                 a = max(LONG_ALPHA, 1.0 / (n_scored[i] + LONG_PRIOR))

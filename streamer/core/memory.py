@@ -62,7 +62,7 @@ LEVEL_ALPHA = 0.05
 # minutes left the expected times wrong for 342 readings; later on, the same term would let a
 # car park's nights pull the estimate: parking's horizon relMAE 0.821 -> 0.824 with it always).
 STEP_RATE, STEP_START, EARLY_GAPS = 0.02, 2.0, 8
-# The longest cycle found, in readings (a day of half-hourly readings; 20 for the ECG), and the
+# The longest cycle found, in readings (a day of hourly readings; 20 for the ECG), and the
 # weight of the newest error in each lag's running error (at least 1/n for its first n).
 CYCLE_LAGS, CYCLE_ALPHA = 24, 0.02
 CYCLE_KEPT = 2 * CYCLE_LAGS  # changes kept: two of the longest cycles
@@ -89,7 +89,7 @@ class Recalled:
     seasonal: np.ndarray  # (M, 2, F) day and week profile forecasts; NaN where empty
     seasonal_now: np.ndarray  # (M, 2, F) the same profiles at this reading's own time
     ar_change: np.ndarray  # (M, F) AR forecast of the next change, change-scale units
-    cycle_change: np.ndarray  # (M, F) the change one cycle before the next; 0 while unknown
+    cycle_change: np.ndarray  # (M, F) the cycle's forecast of the next change; 0: none
     # With a horizon of H > 1 steps (horizon.py), else empty: when the next H readings are
     # expected (NaN while the typical gap is unknown), the day and week profile forecasts at
     # those times, and the AR model after the reading.
@@ -159,13 +159,14 @@ class SensorMemory:
         """Load saved arrays; the last readings per bucket start empty when the snapshot was
         taken with a different horizon setting (or before they existed), and so do the cycles
         in a snapshot from before them."""
-        empty = self._empty(len(arrays["profile"]))
+        capacity = len(arrays["profile"])
         for name in self._ARRAYS:
             mine = getattr(self, name)
             saved = arrays.get(name)
             if name in ("recent", "timing", "cycle", "cycle_err", "cycle_n") and (
                     saved is None or saved.shape[1:] != mine.shape[1:]):
-                saved = empty[name]
+                fill = np.nan if name in ("recent", "timing") else 0
+                saved = np.full((capacity, *mine.shape[1:]), fill, dtype=mine.dtype)
             setattr(self, name, np.array(saved, dtype=mine.dtype))
 
     def advance(
@@ -255,9 +256,9 @@ def _cycle(cycle, cycle_err, cycle_n, s, j, c, has_change, outlier):  # pragma: 
 
     The forecast is what the changes one and two cycles before the next agree on: the smaller
     of the two if they have the same sign, else none (minmod). A change seen once, a level
-    shift or the step into a spike, is not forecast again a cycle later (a sensor with a clean
-    cycle of 48 readings shifted by 3 amplitudes was flagged again, a cycle after the shift,
-    when the last cycle alone was repeated). The change into a spike (``outlier``) is kept as
+    shift or the step into a spike, is not forecast again a cycle later (with the last cycle
+    alone repeated, a sensor with a clean cycle of 48 readings shifted by 3 amplitudes was
+    flagged again a cycle after the shift). The change into a spike (``outlier``) is kept as
     no change and scores no lag."""
     n = cycle_n[s]  # this change's number (the slot's count is advanced after every feature)
     if has_change:

@@ -24,7 +24,7 @@ from streamer.core.intervals import (
     tail_codes,
     weight_codes,
 )
-from streamer.core.memory import SensorMemory
+from streamer.core.memory import CYCLE_KEPT, CYCLE_LAGS
 from streamer.core.windows import slot_axis, stagger
 
 # 2: guard and spike state in the stats; 3: spreads as deviations (sd, change_rms), and the
@@ -135,9 +135,10 @@ def _with_cycle_expert(stats: dict) -> dict:
 def _with_cycles(memory: dict) -> dict:
     """Memory of format 11 or before: no cycle seen yet."""
     capacity, n_features = memory["profile"].shape[:2]
-    fresh = SensorMemory(capacity, int(n_features), 0.0).arrays()
-    return {**memory, **{name: torch.from_numpy(fresh[name].copy())
-                         for name in ("cycle", "cycle_err", "cycle_n")}}
+    return {**memory,
+            "cycle": torch.zeros((capacity, n_features, CYCLE_KEPT), dtype=torch.float32),
+            "cycle_err": torch.zeros((capacity, n_features, CYCLE_LAGS - 1), dtype=torch.float32),
+            "cycle_n": torch.zeros(capacity, dtype=torch.int32)}
 
 
 def _with_fixed_weights(calibration: dict) -> dict:

@@ -278,7 +278,7 @@ def test_a_sensor_constant_since_installed_scores_within_0_and_1_and_is_never_fl
 
 
 def _feed(cal: Calibration, value: float, forecast_before: float, forecast: float,
-          scale_before: float, scale: float, n_scored: int = 5000):
+          scale_before: float, scale: float, n_scored: int = 5000, spread: float = 0.0):
     """One scored reading of slot 0 (one feature), read a minute after the one before."""
     def one(x):
         return np.array([[x]], dtype=np.float64)
@@ -286,7 +286,7 @@ def _feed(cal: Calibration, value: float, forecast_before: float, forecast: floa
     return cal.calibrate(np.array([0]), np.array([1.7e9]), np.array([60.0]), one(value),
                          one(forecast_before), one(forecast_before), one(scale_before),
                          np.array([True]), np.array([n_scored]), one(forecast), one(scale),
-                         one(0.0))
+                         one(spread))
 
 
 def test_a_reading_within_a_few_ulps_of_its_forecast_is_inside_an_interval_narrowed_to_a_point():
@@ -374,3 +374,25 @@ def test_a_daily_sensor_stops_following_an_error_profile_its_errors_no_longer_ha
     # errors do follow the profile keeps it (from 1; seeds 0-4: 0.49-0.58 against 0.86-1.09).
     assert _profile_weight_after(1.0) < 0.7
     assert _profile_weight_after(4.0) > 0.8
+
+
+@pytest.mark.parametrize("spread", [6.0, 1.0])
+def test_the_width_weights_do_not_learn_while_the_change_scale_recovers(spread):
+    # A sensor back from a flat stretch: its scale grows 20 % a reading and every reading
+    # misses by 50 scales. Misses would drive b up (from 1 to 4 within 9 readings, when the
+    # experts' spread, in those shrunken scales, sat at its clip); from the third reading in a
+    # row of fast growth on, the weights hold. At a steady scale the same misses do move them.
+    cal = Calibration(1, 1, coverage=0.9, threshold=0.999, learn_after=0)
+    weights, scale = [], 1e-6
+    for k in range(6):
+        _feed(cal, 50.0 * scale * (k + 1), 50.0 * scale * k, 50.0 * scale * (k + 1), scale,
+              1.2 * scale, n_scored=k + 1, spread=spread)
+        weights.append((cal.spread_weight.copy(), cal.profile_weight.copy()))
+        scale *= 1.2
+    assert all(np.array_equal(w[0], weights[1][0]) for w in weights[2:])
+    steady = Calibration(1, 1, coverage=0.9, threshold=0.999, learn_after=0)
+    before = steady.spread_weight.copy()
+    for k in range(1, 6):
+        _feed(steady, 50.0 * k, 50.0 * (k - 1), 50.0 * k, 1.0, 1.0, n_scored=k + 1,
+              spread=min(spread, 5.0))
+    assert (steady.spread_weight > before).all()

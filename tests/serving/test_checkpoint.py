@@ -214,15 +214,24 @@ def test_a_checkpoint_with_fixed_width_weights_resumes_with_them_and_its_tail_mo
         moments = 2.0 ** (calibration[name].numpy() / TAIL_LOG_STEP)
         calibration[name] = torch.from_numpy(moments.astype(np.float32))
     del calibration["spread_weight"], calibration["profile_weight"]
+    # ... eleven experts and no cycles (format 11 added those): all of format 10 at once.
+    for name in ("guard_err", "last_experts"):
+        old["stats"][name] = old["stats"][name][..., :-1].clone()
+    for name in ("cycle", "cycle_err", "cycle_n"):
+        del old["memory"][name]
     old["format"] = "streamer.learner/10"
-    restored = _resumed_from(tmp_path, old).calibration
+    resumed = _resumed_from(tmp_path, old)
+    restored = resumed.calibration
     np.testing.assert_array_equal(restored.tail, learner.calibration.tail)
     np.testing.assert_array_equal(restored.tail_sq, learner.calibration.tail_sq)
     # The weights every sensor's width had until format 11: the experts' spread 2, profile 1.
-    np.testing.assert_allclose(restored.spread_weight * MAX_SPREAD_WEIGHT / WEIGHT_STEPS, 2.0,
-                               atol=1e-4)
-    np.testing.assert_allclose(restored.profile_weight * MAX_PROFILE_WEIGHT / WEIGHT_STEPS, 1.0,
-                               atol=1e-4)
+    assert (restored.spread_weight * MAX_SPREAD_WEIGHT / WEIGHT_STEPS == 2.0).all()
+    assert (restored.profile_weight * MAX_PROFILE_WEIGHT / WEIGHT_STEPS == 1.0).all()
+    assert resumed.stats.guard_err.shape == learner.stats.guard_err.shape
+    assert not resumed.memory.cycle_n.any()
+    batch = sine_fleet(4, 3, seed=5)  # and it goes on
+    later = resumed.step(Batch.from_arrays(batch.sensor_ids, batch.ts + 1e6, batch.values))
+    assert np.isfinite(later.forecasts).all() and np.isfinite(later.upper).all()
 
 
 def test_a_checkpoint_from_before_cycles_resumes_with_none_seen_and_the_cycle_expert_at_persistence(
