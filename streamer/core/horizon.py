@@ -14,7 +14,9 @@ start from it and need no further pass of the LSTM, so producing them changes no
 - "local linear": the step-1 forecast plus the sensor's AR model on its changes (memory.py),
   rolled forward from the step-1 change;
 - "day before" / "week before": the sensor's last reading in the same 15 minutes of the day /
-  hour of the week as step k's time (seasonal naive; memory.py keeps them with a horizon).
+  hour of the week as step k's time (seasonal naive; memory.py keeps them with a horizon);
+- "cycle": the reading plus the sensor's cycle counted in readings (memory.py) rolled forward
+  change by change (a heartbeat's or a duty cycle's next k changes).
 
 Each sensor weighs them per step with Hedge (as experts.py does for step 1) on running errors
 scored at steps 2, 4, 8, ... and H (``scored_steps``); a step between two scored ones mixes
@@ -47,7 +49,7 @@ from streamer.core.memory import Recalled
 
 HORIZON_EXPERTS = ("step one", "persistence", "seasonal day", "seasonal week",
                    "seasonal day change", "seasonal week change", "local linear", "day before",
-                   "week before")
+                   "week before", "cycle")
 N_HORIZON_EXPERTS = len(HORIZON_EXPERTS)
 # Quantile tracking step (x the interval's width), per scored forecast; a step 2^g forecast is
 # scored once every 2^g readings, so its step is larger to adapt about as fast in readings.
@@ -110,8 +112,10 @@ def horizon_experts(values: np.ndarray, step_one: np.ndarray, scale: np.ndarray,
         x = np.concatenate([nxt[..., None], x[..., :-1]], axis=-1)
     naive = recalled.naive_ahead.transpose(0, 3, 2, 1)  # (M, F, H, 2) day, week
     naive = np.where(np.isnan(naive), held[..., None], naive)
+    # The cycle counted in readings (memory.py), rolled forward change by change.
+    cycle = here + scale[..., None] * recalled.cycle_ahead.transpose(0, 2, 1)
     experts = np.stack([held, here, level[..., 0], level[..., 1], change[..., 0],
-                        change[..., 1], linear, naive[..., 0], naive[..., 1]], axis=-1)
+                        change[..., 1], linear, naive[..., 0], naive[..., 1], cycle], axis=-1)
     # An expert that overflowed (a sensor near 1e300) forecasts the held step 1 instead.
     return np.where(np.isfinite(experts), experts, held[..., None])
 

@@ -98,6 +98,7 @@ class Recalled:
     naive_ahead: np.ndarray  # (M, 2, H, F) the last reading one day / week before; NaN: none
     ar_w: np.ndarray  # (M, F, AR_ORDER) weights
     ar_x: np.ndarray  # (M, F, AR_ORDER) recent changes, newest first
+    cycle_ahead: np.ndarray  # (M, H, F) the cycle's total change to each of the next H; 0: none
 
 
 class SensorMemory:
@@ -193,7 +194,7 @@ class SensorMemory:
         out = Recalled(np.empty((m, 2, f)), np.empty((m, 2, f)), np.empty((m, f)),
                        np.empty((m, f)), np.empty((m, h)), np.empty((m, 2, h, f)),
                        np.empty((m, 2, h, f)), np.empty((m, f, p), np.float32),
-                       np.empty((m, f, p), np.float32))
+                       np.empty((m, f, p), np.float32), np.empty((m, h, f)))
         _advance(
             slots.astype(np.int64), ts, np.zeros(m) if since is None else since, buckets(ts),
             buckets(ts + next_gap), values,
@@ -201,7 +202,7 @@ class SensorMemory:
             self.profile, self.level, self.ar_x, self.ar_w,
             self.recent, self.timing, self.cycle, self.cycle_err, self.cycle_n,
             out.seasonal, out.seasonal_now, out.ar_change, out.cycle_change, out.ahead_ts,
-            out.seasonal_ahead, out.naive_ahead, out.ar_w, out.ar_x,
+            out.seasonal_ahead, out.naive_ahead, out.ar_w, out.ar_x, out.cycle_ahead,
         )
         return out
 
@@ -274,23 +275,59 @@ def _cycle(cycle, cycle_err, cycle_n, s, j, c, has_change, outlier):  # pragma: 
         n += 1
     if n < CYCLE_KNOWN:
         return 0.0
+    period = _cycle_period(cycle_err, s, j)
+    return _minmod(cycle[s, j, (n - period) % CYCLE_KEPT],
+                   cycle[s, j, (n - 2 * period) % CYCLE_KEPT])
+
+
+@kernel
+def _cycle_period(cycle_err, s, j):  # pragma: no cover - compiled
+    """The lag (2..CYCLE_LAGS) whose "same change as then" has erred least."""
     best = 0
     for k in range(1, CYCLE_LAGS - 1):
         if cycle_err[s, j, k] < cycle_err[s, j, best]:
             best = k
-    period = best + 2
-    last = np.float64(cycle[s, j, (n - period) % CYCLE_KEPT])
-    before = np.float64(cycle[s, j, (n - 2 * period) % CYCLE_KEPT])
+    return best + 2
+
+
+@kernel
+def _minmod(last, before):  # pragma: no cover - compiled
+    """What two changes agree on: the smaller if they have the same sign, else none."""
+    last, before = np.float64(last), np.float64(before)
     if last * before <= 0.0:
         return 0.0
     return last if abs(last) < abs(before) else before
 
 
 @kernel
+def _cycle_ahead(cycle, cycle_err, s, j, n, out):  # pragma: no cover - compiled
+    """The cycle's forecast of the total change over each of the next ``len(out)`` readings
+    (change scales) after a slot's ``n``-th change: change by change, each what the changes
+    one and two cycles before it agree on, those beyond the last known being this forecast's
+    own (a cycle shorter than the horizon repeats). 0 while the cycle is unknown."""
+    h = len(out)
+    if n < CYCLE_KNOWN:
+        for k in range(h):
+            out[k] = 0.0
+        return
+    period = _cycle_period(cycle_err, s, j)
+    total = 0.0
+    for k in range(h):  # change number n + k; a forecast one is out's step there
+        q = n + k - period
+        last = cycle[s, j, q % CYCLE_KEPT] if q < n else out[q - n] - (
+            out[q - n - 1] if q > n else 0.0)
+        q -= period
+        before = cycle[s, j, q % CYCLE_KEPT] if q < n else out[q - n] - (
+            out[q - n - 1] if q > n else 0.0)
+        total += _minmod(last, before)
+        out[k] = total
+
+
+@kernel
 def _advance(slots, ts, since, here, nxt, values, spread, changes, has_change, outlier, alpha,
              profile, level, ar_x, ar_w, recent, timing, cycle, cycle_err, cycle_n, seasonal,
              seasonal_now, ar_change, cycle_change, ahead_ts, seasonal_ahead, naive_ahead,
-             ar_w_out, ar_x_out):  # pragma: no cover
+             ar_w_out, ar_x_out, cycle_ahead):  # pragma: no cover
     """The per-reading recurrence of ``SensorMemory.advance`` (state updated in place)."""
     f, p = values.shape[1], ar_x.shape[2]
     h = ahead_ts.shape[1]
@@ -337,6 +374,9 @@ def _advance(slots, ts, since, here, nxt, values, spread, changes, has_change, o
                 ar_w_out[i, j, q], ar_x_out[i, j, q] = ar_w[s, j, q], ar_x[s, j, q]
             cycle_change[i, j] = _cycle(cycle, cycle_err, cycle_n, s, j, c, has_change[i],
                                         outlier[i, j])
+            if h:
+                _cycle_ahead(cycle, cycle_err, s, j, cycle_n[s] + has_change[i],
+                             cycle_ahead[i, :, j])
         if has_change[i]:
             n = cycle_n[s] + 1
             cycle_n[s] = n if n < CYCLE_WRAP else n - CYCLE_WRAP + 2 * CYCLE_KEPT

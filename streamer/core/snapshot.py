@@ -14,7 +14,7 @@ import torch
 
 from streamer.core.config import LearnerConfig
 from streamer.core.experts import N_EXPERTS, PERSISTENCE
-from streamer.core.horizon import HorizonState
+from streamer.core.horizon import HORIZON_EXPERTS, N_HORIZON_EXPERTS, HorizonState
 from streamer.core.intervals import (
     MAX_PROFILE_WEIGHT,
     MAX_SPREAD,
@@ -40,11 +40,13 @@ from streamer.core.windows import slot_axis, stagger
 # (the sensor's is their least), as ``repeat_run``; 11: the width's weights of the experts'
 # spread and of the error profile learned per sensor and feature (``spread_weight``,
 # ``profile_weight``), and the tail's moments as int16 log2 codes; 12: the memory's cycles
-# (``cycle``, ``cycle_err``, ``cycle_n``) and a twelfth expert, "cycle", in the stats' experts.
-FORMAT = "streamer.learner/12"
+# (``cycle``, ``cycle_err``, ``cycle_n``) and a twelfth expert, "cycle", in the stats' experts;
+# 13: a tenth horizon expert, "cycle" (the horizon's ``err`` and ``pending``).
+FORMAT = "streamer.learner/13"
 PREVIOUS_FORMATS = ("streamer.learner/4", "streamer.learner/5", "streamer.learner/6",
                     "streamer.learner/7", "streamer.learner/8", "streamer.learner/9",
-                    "streamer.learner/10", "streamer.learner/11")  # read through upgrade()
+                    "streamer.learner/10", "streamer.learner/11",
+                    "streamer.learner/12")  # read through upgrade()
 # Until format 11 every sensor's width weighed the experts' spread by 2 and the profile by 1:
 # upgraded sensors keep those, which their quantiles were learned with, and go on from there.
 FIXED_SPREAD_WEIGHT, FIXED_PROFILE_WEIGHT = 2.0, 1.0
@@ -71,12 +73,13 @@ def upgrade(state: dict) -> dict:
     """A snapshot of an earlier format (4: before interval calibration; 5: before horizons;
     6: before staggered first windows; 7: before outlier runs; 8: spread as float32, one
     repeat run per sensor; 9: repeat runs per sensor and per feature; 10: fixed weights of the
-    width, tail moments as float32; 11: before cycles) in this one: what it lacks starts from
-    the prior, as for new sensors (calibration; a horizon of one step; no outlier run; each
-    feature's repeat run the sensor's; no cycle seen, the cycle expert's record persistence's),
-    or from what the older version used (the width's weights); the windows being filled keep
-    their full length, free slots stagger as in a new learner; weights, statistics and memory
-    carry over. Any other format is returned as it is (``check_compatible`` names it)."""
+    width, tail moments as float32; 11: before cycles; 12: before the horizon's cycle) in this
+    one: what it lacks starts from the prior, as for new sensors (calibration; a horizon of one
+    step; no outlier run; each feature's repeat run the sensor's; no cycle seen, the cycle
+    experts' records persistence's), or from what the older version used (the width's
+    weights); the windows being filled keep their full length, free slots stagger as in a new
+    learner; weights, statistics and memory carry over. Any other format is returned as it is
+    (``check_compatible`` names it)."""
     if not isinstance(state, dict) or state.get("format") not in PREVIOUS_FORMATS:
         return state
     stats = state["stats"]
@@ -97,11 +100,15 @@ def upgrade(state: dict) -> dict:
     if stats["guard_err"].shape[-1] < N_EXPERTS:  # before 12: no cycle expert
         state = {**state, "stats": _with_cycle_expert(state["stats"]),
                  "memory": _with_cycles(state["memory"])}
+    horizon = state.get("horizon")
+    if horizon is not None and horizon["err"].shape[-1] < N_HORIZON_EXPERTS:  # 6 to 12
+        state = {**state, "horizon": _with_horizon_cycle(horizon)}
     calibration = state.get("calibration")
     if calibration is not None and "spread_weight" not in calibration:  # 5 to 10
         state = {**state, "calibration": _with_fixed_weights(calibration)}
     if state["format"] in ("streamer.learner/7", "streamer.learner/8", "streamer.learner/9",
-                           "streamer.learner/10", "streamer.learner/11"):
+                           "streamer.learner/10", "streamer.learner/11",
+                           "streamer.learner/12"):
         return {**state, "format": FORMAT}
     ids = state["table"]["ids"]
     k = int(state["config"].get("tbptt_steps", LearnerConfig.tbptt_steps))
@@ -130,6 +137,19 @@ def _with_cycle_expert(stats: dict) -> dict:
     return {**stats, **{
         name: torch.cat([stats[name], stats[name][..., [PERSISTENCE] * missing]], -1)
         for name in ("guard_err", "last_experts")}}
+
+
+def _with_horizon_cycle(horizon: dict) -> dict:
+    """A horizon of format 12 or before: the cycle expert's running errors and pending
+    forecasts start as persistence's (its forecast until a sensor has a cycle)."""
+    persistence = HORIZON_EXPERTS.index("persistence")
+    err, pending = horizon["err"], horizon["pending"]
+    k = err.shape[-1]
+    missing = N_HORIZON_EXPERTS - k
+    return {**horizon,
+            "err": torch.cat([err, err[..., [persistence] * missing]], -1),
+            "pending": torch.cat([pending[..., :k], pending[..., [persistence] * missing],
+                                  pending[..., k:]], -1)}
 
 
 def _with_cycles(memory: dict) -> dict:

@@ -165,3 +165,17 @@ def test_a_change_seen_once_is_not_forecast_again_a_cycle_later():
     recalled = _recall_cycle(changes)
     # One and two cycles later the forecast is the cycle's own change, not the shift's.
     np.testing.assert_array_equal(recalled[[154, 159]], changes[[155, 160]])
+
+
+def test_the_cycle_rolls_forward_past_a_cycle_for_the_steps_ahead():
+    memory = SensorMemory(1, 1, 0.1, recent=True)
+    changes = np.tile([1.0, -2.0, 0.5, 0.5, 0.0], 40)  # a cycle of 5, a horizon of 12
+    n = len(changes)
+    recalled = memory.advance(np.zeros(n, dtype=np.int64), START + 60.0 * np.arange(n),
+                              np.cumsum(changes)[:, None], np.ones((n, 1)), np.full(n, 60.0),
+                              changes[:, None], np.ones(n, dtype=bool),
+                              np.zeros((n, 1), dtype=bool), horizon=12, since=np.full(n, 60.0))
+    for i in (CYCLE_KNOWN, 150, 180):
+        np.testing.assert_allclose(recalled.cycle_ahead[i, :, 0],
+                                   np.cumsum(changes[i + 1 : i + 13]))
+    assert not recalled.cycle_ahead[: CYCLE_KNOWN - 1].any()

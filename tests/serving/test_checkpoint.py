@@ -18,6 +18,7 @@ import torch
 from streamer.core import Batch, Learner, LearnerConfig
 from streamer.core import snapshot as snap
 from streamer.core.experts import EXPERTS
+from streamer.core.horizon import HORIZON_EXPERTS
 from streamer.core.intervals import (
     MAX_PROFILE_WEIGHT,
     MAX_SPREAD,
@@ -105,7 +106,7 @@ def test_a_checkpoint_of_an_older_snapshot_format_is_refused_with_the_reason(tmp
     CheckpointStore(tmp_path, "w1", CFG.fingerprint()).save(old, {TP: 5}, {TP: []})
     with caplog.at_level(logging.ERROR):
         assert CheckpointStore(tmp_path, "w1", CFG.fingerprint()).latest() is None
-    assert ("learner snapshot format 'streamer.learner/3' is not 'streamer.learner/12' "
+    assert ("learner snapshot format 'streamer.learner/3' is not 'streamer.learner/13' "
             "(written by another streamer version)") in caplog.text
 
 
@@ -252,6 +253,28 @@ def test_a_checkpoint_from_before_cycles_resumes_with_none_seen_and_the_cycle_ex
                                       kept[..., persistence])
     assert not restored.memory.cycle_n.any() and not restored.memory.cycle.any()
     np.testing.assert_array_equal(restored.memory.profile, learner.memory.profile)
+
+
+def test_a_checkpoint_from_before_the_horizons_cycle_resumes_with_it_at_persistence(tmp_path):
+    ahead = dataclasses.replace(CFG, horizon=6)
+    learner = Learner(ahead)
+    learner.step(sine_fleet(4, 300, seed=3))
+    old = learner.snapshot()
+    k = len(HORIZON_EXPERTS)
+    horizon = old["horizon"]
+    horizon["err"] = horizon["err"][..., :-1].clone()  # nine experts, as format 12 had
+    horizon["pending"] = torch.cat([horizon["pending"][..., : k - 1],
+                                    horizon["pending"][..., k:]], -1)
+    old["format"] = "streamer.learner/12"
+    CheckpointStore(tmp_path, "w1", ahead.fingerprint()).save(old, {TP: 5}, {TP: []})
+    state = CheckpointStore(tmp_path, "w1", ahead.fingerprint()).latest().state
+    restored = Learner.restore(state, ahead).horizon
+    persistence = HORIZON_EXPERTS.index("persistence")
+    np.testing.assert_array_equal(restored.err[..., :-1], learner.horizon.err[..., :-1])
+    np.testing.assert_array_equal(restored.err[..., -1], learner.horizon.err[..., persistence])
+    np.testing.assert_array_equal(restored.pending[..., k:], learner.horizon.pending[..., k:])
+    np.testing.assert_array_equal(restored.pending[..., k - 1],
+                                  learner.horizon.pending[..., persistence])
 
 
 def test_partition_state_moves_between_learners_through_a_checkpoint(tmp_path):
