@@ -3,7 +3,8 @@
 **Intervals.** Every forecast carries ``[lower, upper]`` meant to hold the next reading with
 probability ``coverage`` (1 - alpha). They are built on the sensor's normalized residuals
 
-    r = (reading - forecast made before it) / (change scale * error profile ** g * (1 + b * d))
+    r = (reading - forecast made before it)
+        / (change scale * error profile ** g * (1 + b * d) * exp(k * z))
 
 The change scale is the sensor's typical change (normalizer.py: the unit its errors are scored
 in), so a noisier period widens the interval at once. The error profile is the sensor's mean
@@ -17,11 +18,17 @@ the reading the forecast is made at, not of the (unknown) time of the next one. 
 much the sensor's experts (experts.py) disagree about the next reading: their weighted spread
 around the forecast, in change scales. When the LSTM, the seasonal profiles and persistence
 point different ways the forecast is less sure, and the interval says so (Winkler a further
-1-5 % lower on every shared fleet).
+1-5 % lower on every shared fleet). ``z`` is where the forecast lies in the sensor's range:
+its distance from the sensor's level (the normalizer's running mean) in level spreads, within
++-2. Counts, loads and flows err more when they are high, a reading near a saturation less: on
+the shared fleets k settles at 0.2-0.5 for appliances' power and lights, hourly bike rentals,
+traffic, PM2.5 and wind power, near 0 for temperatures, -0.3 for outdoor humidity (near 100 %);
+Winkler 0.7-2.9 % lower on every shared fleet.
 
-How much each of the two shapes the width, ``b`` for the disagreement and ``g`` for the
+How much each of the three shapes the width, ``b`` for the disagreement, ``g`` for the
 profile (as ``mean * (bucket / mean) ** g``: the profile's hours at their full contrast at
-1, flat at 0), is learned per sensor and feature by online gradient descent on the interval
+1, flat at 0) and ``k`` for the place in the range (from 0: no effect until the errors show
+one), is learned per sensor and feature by online gradient descent on the interval
 (Winkler) score of each scored reading: for the interval scaled by ``e**eps`` that score's
 derivative at 0, per unit of width, is ``G = 1 - (hi [missed above] - lo [missed below]) /
 (alpha/2 (hi - lo))``, positive (narrower is better) when the reading fell inside, strongly
@@ -73,8 +80,10 @@ flagged readings back cost coverage (they are exactly the misses the quantiles m
 model itself trains on every reading (its targets are winsorized at clip_z). The forecast
 always lies inside its own interval, and the bounds are always finite.
 
-State: per slot and feature 3 float32, 3 uint16 and ``N_BUCKETS`` + 3 int16 (40 bytes); per
-slot 5 float32 and 2 uint8 (22 bytes): 62 bytes per sensor at one feature.
+State: per slot and feature 3 float32, 4 uint16 and ``N_BUCKETS`` + 3 int16 (42 bytes); per
+slot 5 float32 and 2 uint8 (22 bytes): 64 bytes per sensor at one feature. The place in the
+range needs no state of its own: the normalizer gives the level and its spread as they were
+at the previous reading (the same floats), so ``z`` is computed again when a reading is scored.
 """
 
 from __future__ import annotations
@@ -110,8 +119,17 @@ I_GAIN, I_SATURATION = 0.5, 0.1
 # about -9 per reading, so a large step is a noisy one; docs/benchmarks/intervals.md).
 SPREAD_WEIGHT, MAX_SPREAD_WEIGHT, SPREAD_WEIGHT_LR = 1.0, 8.0, 0.1
 PROFILE_WEIGHT, MAX_PROFILE_WEIGHT, PROFILE_WEIGHT_LR = 1.0, 2.0, 0.003
-# Both are stored in uint16 steps of their maximum / WEIGHT_STEPS, a multiple of 8 so that the
-# starts (and format 10's b = 2) are exact codes.
+# And of where the forecast lies in the sensor's range (k): the width is times exp(k z), z the
+# forecast's distance from the sensor's level (running mean) in level spreads, clipped to
+# +-MAX_LEVEL_Z; k in [-MAX_LEVEL_WEIGHT, MAX_LEVEL_WEIGHT], from 0. Counts, loads and flows
+# err more when they are high (k > 0), a sensor near a floor or a saturation less. Winkler
+# -0.8 / -0.7 / -2.9 / -1.4 % (appliances / parking / hourly / daily); swept: the step
+# 0.001-0.03 (0.002 best or within 0.3 % of it on each fleet; 0.03 cost up to 7 %), the
+# largest factor exp(MAX_LEVEL_WEIGHT * MAX_LEVEL_Z) e^1 to e^5 (up to e^1.5 within 0.2 %,
+# e^5 gave up 1.5-2.9 % of it), z of the reading instead of the forecast (daily 0.5 % worse).
+LEVEL_WEIGHT, MAX_LEVEL_WEIGHT, LEVEL_WEIGHT_LR, MAX_LEVEL_Z = 0.0, 0.5, 0.002, 2.0
+# All three are stored in uint16 steps of their range / WEIGHT_STEPS, a multiple of 8 so that
+# the starts (and format 10's b = 2) are exact codes.
 WEIGHT_STEPS = 65_528
 MAX_SPREAD = 6.0  # in change scales, like the model's inputs
 SPREAD_STEPS = 65_535  # it is stored in uint16 steps of MAX_SPREAD / SPREAD_STEPS (1e-4)
@@ -206,6 +224,20 @@ def weight_codes(value: float, maximum: float, shape: tuple[int, ...]) -> np.nda
                    dtype=np.uint16)
 
 
+def level_weight_codes(value: float, shape: tuple[int, ...]) -> np.ndarray:
+    """The level's weight of the width (k) for every slot and feature, as stored: uint16 steps
+    of its range from -MAX_LEVEL_WEIGHT."""
+    return weight_codes(value + MAX_LEVEL_WEIGHT, 2.0 * MAX_LEVEL_WEIGHT, shape)
+
+
+def level_position(forecast: np.ndarray, level: np.ndarray, spread: np.ndarray) -> np.ndarray:
+    """How far each forecast lies from its sensor's level, in level spreads (> 0), clipped to
+    +-MAX_LEVEL_Z: the ``z`` of the width's factor exp(k z) (module docstring)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        z = (forecast - level) / spread
+    return np.clip(np.nan_to_num(z, nan=0.0), -MAX_LEVEL_Z, MAX_LEVEL_Z)
+
+
 @dataclass
 class Calibrated:
     """One chunk's intervals and scores, aligned with its readings."""
@@ -227,7 +259,7 @@ class Calibration:
     _PER_FEATURE = ("q_lo", "q_hi", "integral")  # (C, F) float32
     _PER_SLOT = ("short", "long_mean", "long_var", "repeat", "repeat_again")  # (C,) float32
     _ALL = (*_PER_FEATURE, *_PER_SLOT, "tail", "tail_sq", "spread", "spread_weight",
-            "profile_weight", "repeat_run", "profile", "flag_run", "last_bucket")
+            "profile_weight", "level_weight", "repeat_run", "profile", "flag_run", "last_bucket")
 
     def __init__(self, capacity: int, n_features: int, coverage: float, threshold: float,
                  learn_after: int, gain: float = I_GAIN):
@@ -250,6 +282,7 @@ class Calibration:
         arrays["spread"] = np.zeros((capacity, f), dtype=np.uint16)  # SPREAD_STEPS
         arrays["spread_weight"] = np.zeros((capacity, f), dtype=np.uint16)  # WEIGHT_STEPS
         arrays["profile_weight"] = np.zeros((capacity, f), dtype=np.uint16)
+        arrays["level_weight"] = np.zeros((capacity, f), dtype=np.uint16)  # from -its maximum
         # Per feature, how many readings in a row were equal to the one before (MAX_REPEATS);
         # the least of them is the sensor's run of readings equal in every feature.
         arrays["repeat_run"] = np.zeros((capacity, f), dtype=np.int16)
@@ -277,6 +310,7 @@ class Calibration:
         self.tail_sq[slots] = _log_code(2.0 * (self.z / 3.0) ** 2)
         self.spread_weight[slots] = weight_codes(SPREAD_WEIGHT, MAX_SPREAD_WEIGHT, ())
         self.profile_weight[slots] = weight_codes(PROFILE_WEIGHT, MAX_PROFILE_WEIGHT, ())
+        self.level_weight[slots] = level_weight_codes(LEVEL_WEIGHT, ())
         self.short[slots], self.long_mean[slots], self.long_var[slots] = 1.0, 1.0, SHORT_VAR
         self.repeat[slots], self.repeat_again[slots] = REPEAT_PRIOR, REPEAT_AGAIN_PRIOR
         self.profile[slots] = 0  # log2 1: errors of about one typical change at every hour
@@ -292,7 +326,8 @@ class Calibration:
     def calibrate(self, slots: np.ndarray, ts: np.ndarray, gap: np.ndarray, values: np.ndarray,
                   prev_value: np.ndarray, prev_forecast: np.ndarray, prev_scale: np.ndarray,
                   scored: np.ndarray, n_scored: np.ndarray, forecast: np.ndarray,
-                  scale: np.ndarray, spread: np.ndarray) -> Calibrated:
+                  scale: np.ndarray, spread: np.ndarray, level_z: np.ndarray,
+                  prev_level_z: np.ndarray) -> Calibrated:
         """Score each reading against the interval made before it, learn, and bound its forecast.
 
         Arrival order. ``ts`` (M,) is each reading's time, ``gap`` (M,) the slot's typical
@@ -301,7 +336,9 @@ class Calibration:
         the change scale then, ``scored`` (M,) whether that forecast counts (the previous
         reading was past warm-up), ``n_scored`` (M,) how many scored readings the slot has had
         including this one, ``forecast`` / ``scale`` / ``spread`` (M, F) the forecast made at
-        this reading, the scale now and the experts' weighted spread around that forecast.
+        this reading, the scale now and the experts' weighted spread around that forecast;
+        ``level_z`` / ``prev_level_z`` (M, F) where that forecast and the one before it lie in
+        the sensor's range (``level_position``, computed from the same floats then and now).
         """
         m, f = values.shape
         out = Calibrated(lower=np.empty((m, f)), upper=np.empty((m, f)), score=np.zeros(m),
@@ -312,10 +349,11 @@ class Calibration:
             np.asarray(slots, dtype=np.int64), ts, gap, values, prev_value, prev_forecast,
             prev_scale, np.asarray(scored, dtype=np.bool_),
             np.asarray(n_scored, dtype=np.int64), forecast, scale, spread,
-            self.alpha, self.threshold, self.learn_after, self.gain,
+            level_z, prev_level_z, self.alpha, self.threshold, self.learn_after, self.gain,
             self.q_lo, self.q_hi, self.integral, self.tail, self.tail_sq, self.spread,
-            self.spread_weight, self.profile_weight, self.repeat_run, self.profile,
-            self.short, self.long_mean, self.long_var, self.repeat, self.repeat_again,
+            self.spread_weight, self.profile_weight, self.level_weight, self.repeat_run,
+            self.profile, self.short, self.long_mean, self.long_var, self.repeat,
+            self.repeat_again,
             self.flag_run, self.last_bucket,
             out.lower, out.upper, out.score, out.anomaly, out.inside,
             out.expected_lower, out.expected_upper,
@@ -393,12 +431,25 @@ def _log_value(code):  # pragma: no cover - compiled
 
 
 @kernel
-def _unit(profile, spread, weights, s, j, b, scale, mean):  # pragma: no cover - compiled
+def _unit(profile, spread, weights, s, j, b, scale, mean, z):  # pragma: no cover - compiled
     """The residual unit of a forecast made in bucket ``b`` at change scale ``scale``, the
-    profile's mean ``mean``: computed the same way (same floats) when the interval is emitted
-    and when it is scored. ``weights`` is (spread_weight, profile_weight)."""
+    profile's mean ``mean``, at ``z`` in the sensor's range: computed the same way (same
+    floats) when the interval is emitted and when it is scored. ``weights`` is
+    (spread_weight, profile_weight, level_weight)."""
     return (scale * _spread_unit(spread, weights[0], s, j)
-            * _profile_unit(profile, weights[1], s, j, b, mean))
+            * _profile_unit(profile, weights[1], s, j, b, mean)
+            * _level_unit(weights[2], s, j, z))
+
+
+@kernel
+def _level_unit(level_weight, s, j, z):  # pragma: no cover - compiled
+    """exp(k z) for the level's weight k stored for slot ``s``, feature ``j``."""
+    return math.exp(_level_k(level_weight, s, j) * z)
+
+
+@kernel
+def _level_k(level_weight, s, j):  # pragma: no cover - compiled
+    return (2.0 * MAX_LEVEL_WEIGHT / WEIGHT_STEPS) * level_weight[s, j] - MAX_LEVEL_WEIGHT
 
 
 @kernel
@@ -438,14 +489,14 @@ def _dither(s, j, n, salt):  # pragma: no cover - compiled
 
 
 @kernel
-def _learn_weights(spread, weights, profile, s, j, n, bucket, mean, lo, hi, missed_lo,
+def _learn_weights(spread, weights, profile, s, j, n, bucket, mean, z, lo, hi, missed_lo,
                    missed_hi, half):  # pragma: no cover - compiled
-    """One step of gradient descent on the interval score for the width's two weights (b, g),
-    for the interval ``lo`` <= 0 <= ``hi`` (residual units) a reading was scored against, the
-    slot's ``n``-th."""
+    """One step of gradient descent on the interval score for the width's three weights (b,
+    g, k), for the interval ``lo`` <= 0 <= ``hi`` (residual units) a reading was scored
+    against, the slot's ``n``-th, made at ``z`` in the sensor's range."""
     missed = (hi * missed_hi - lo * missed_lo) / half
     grad = 1.0 - missed / max(hi - lo, MIN_WIDTH)  # d score / d log width, per width
-    spread_weight, profile_weight = weights
+    spread_weight, profile_weight, level_weight = weights
     d = _spread_d(spread, s, j)
     b = _spread_b(spread_weight, s, j)
     spread_weight[s, j] = _weight_code(b - SPREAD_WEIGHT_LR * grad * d / (1.0 + b * d),
@@ -454,6 +505,9 @@ def _learn_weights(spread, weights, profile, s, j, n, bucket, mean, lo, hi, miss
     g = (MAX_PROFILE_WEIGHT / WEIGHT_STEPS) * profile_weight[s, j]
     profile_weight[s, j] = _weight_code(g - PROFILE_WEIGHT_LR * grad * contrast,
                                         MAX_PROFILE_WEIGHT, _dither(s, j, n, 2))
+    k = _level_k(level_weight, s, j)
+    level_weight[s, j] = _weight_code(k - LEVEL_WEIGHT_LR * grad * z + MAX_LEVEL_WEIGHT,
+                                      2.0 * MAX_LEVEL_WEIGHT, _dither(s, j, n, 3))
 
 
 @kernel
@@ -492,9 +546,9 @@ def _tail_probability(excess, mean, mean_sq):  # pragma: no cover - compiled
 
 @kernel
 def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, scored,
-               n_scored, forecast, scale, spread_now, alpha, threshold, learn_after, gain,
-               q_lo, q_hi, integral, tail, tail_sq, spread, spread_weight, profile_weight,
-               repeat_run, profile, short,
+               n_scored, forecast, scale, spread_now, level_z, prev_level_z, alpha, threshold,
+               learn_after, gain, q_lo, q_hi, integral, tail, tail_sq, spread, spread_weight,
+               profile_weight, level_weight, repeat_run, profile, short,
                long_mean, long_var,
                repeat, repeat_again, flag_run, last_bucket,
                lower, upper, score, anomaly, inside, expected_lower,
@@ -502,7 +556,7 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
     """The per-reading recurrence of ``Calibration.calibrate`` (state updated in place)."""
     f = values.shape[1]
     half = 0.5 * alpha
-    weights = (spread_weight, profile_weight)
+    weights = (spread_weight, profile_weight, level_weight)
     miss_lo = np.zeros(f, dtype=np.bool_)
     miss_hi = np.zeros(f, dtype=np.bool_)
     resid = np.zeros(f)
@@ -523,7 +577,7 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
             for j in range(f):
                 mean_then[j] = _profile_mean(profile, s, j)
                 unit = _unit(profile, spread, weights, s, j, bucket_then, prev_scale[i, j],
-                             mean_then[j])
+                             mean_then[j], prev_level_z[i, j])
                 r = (values[i, j] - prev_forecast[i, j]) / unit
                 resid[j] = r
                 lo, hi, w = _bounds(q_lo[s, j], q_hi[s, j], integral[s, j], gain, then)
@@ -577,13 +631,15 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
                     missed = miss_hi[j] or miss_lo[j]
                     integral[s, j] += missed - alpha
                     # The unit the interval was made with, before its weights learn.
-                    made_with = _spread_unit(spread, spread_weight, s, j)
+                    made_with = (_spread_unit(spread, spread_weight, s, j)
+                                 * _level_unit(level_weight, s, j, prev_level_z[i, j]))
                     # Not while the change scale grows back (the experts' spread, in scales,
                     # is then clipped at MAX_SPREAD and every miss would drive b up: from 1.2
                     # to 4 within 9 readings of a sensor's return from a flat stretch).
                     if not recovering and spread[s, j] < SPREAD_STEPS:
                         _learn_weights(spread, weights, profile, s, j, then, bucket_then,
-                                       mean_then[j], lo, hi, miss_lo[j], miss_hi[j], half)
+                                       mean_then[j], prev_level_z[i, j], lo, hi, miss_lo[j],
+                                       miss_hi[j], half)
                     if miss_lo[j] or miss_hi[j]:  # the tail: running moments of the excess
                         r = resid[j]
                         excess = min(max((lo - r) if miss_lo[j] else (r - hi), 0.0),
@@ -616,5 +672,5 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
             lo, hi, w = _bounds(q_lo[s, j], q_hi[s, j], integral[s, j], gain, n_scored[i])
             spread[s, j] = round(min(spread_now[i, j], MAX_SPREAD) * SPREAD_STEPS / MAX_SPREAD)
             unit = _unit(profile, spread, weights, s, j, b, scale[i, j],
-                         _profile_mean(profile, s, j))
+                         _profile_mean(profile, s, j), level_z[i, j])
             lower[i, j], upper[i, j] = published_bounds(forecast[i, j], lo, hi, unit)

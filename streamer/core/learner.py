@@ -14,7 +14,7 @@ from streamer.core.device import resolve_device
 from streamer.core.experts import N_EXPERTS, PERSISTENCE, expert_forecasts, weigh_experts
 from streamer.core.grouping import Groups, group_by_slot
 from streamer.core.horizon import N_HORIZON_EXPERTS, HorizonState, horizon_experts
-from streamer.core.intervals import Calibrated, Calibration
+from streamer.core.intervals import Calibrated, Calibration, level_position
 from streamer.core.memory import Recalled, SensorMemory
 from streamer.core.model import Forecaster
 from streamer.core.normalizer import MAX_ABS_TS, MAX_ABS_VALUE, Encoded, SensorStats, input_size
@@ -82,7 +82,7 @@ class Learner:
                       np.zeros((0, f, N_EXPERTS)), enc.target_valid, none, 0.5, 1.0, values)
         self._timestamps_increase(none, ts)
         self.calibration.calibrate(none, ts, ts, values, values, values, values, none, none,
-                                   values, values, values)
+                                   values, values, values, values, values)
         if self.config.horizon > 1:
             h, k = self.config.horizon, N_HORIZON_EXPERTS
             self.horizon.forecast(none, none, values, none, none, values,
@@ -379,9 +379,12 @@ class Learner:
         result.update_count[rows] = self.updates
         result.model_error[rows] = np.where(scored, model_err.mean(axis=1), np.nan)
         result.persistence_error[rows] = np.where(scored, naive_err.mean(axis=1), np.nan)
+        # Where each forecast lies in its sensor's range, now and (the same floats) then.
+        level_z = level_position(forecast, enc.level, enc.spread)
+        prev_level_z = level_position(prev_forecast, enc.prev_level, enc.prev_spread)
         cal = self.calibration.calibrate(slots, ts, enc.next_gap, values, enc.prev_value,
                                          prev_forecast, enc.prev_scale, scored, n_scored,
-                                         forecast, enc.scale, spread)
+                                         forecast, enc.scale, spread, level_z, prev_level_z)
         result.lower[rows], result.upper[rows] = cal.lower, cal.upper
         result.anomaly_score[rows], result.anomaly[rows] = cal.score, cal.anomaly
         result.inside[rows] = cal.inside

@@ -65,6 +65,11 @@ class Encoded:
     outlier: np.ndarray  # (M, F) bool: far from both the level and the last value (a spike)
     has_prev: np.ndarray  # (M,) bool: the sensor had a reading before this one
     spread: np.ndarray  # (M, F) float64 the level's spread after it (z-score denominator)
+    level: np.ndarray  # (M, F) float64 the level (running mean) after it
+    # The level and its spread after the sensor's previous reading: the same floats its
+    # ``level`` and ``spread`` were then (the mean before this one; undefined without one).
+    prev_level: np.ndarray  # (M, F) float64
+    prev_spread: np.ndarray  # (M, F) float64
     next_gap: np.ndarray  # (M,) float64 typical seconds between readings (0 while unknown)
     since: np.ndarray  # (M,) float64 seconds since the sensor's previous reading (0 if none)
 
@@ -150,6 +155,9 @@ class SensorStats:
             outlier=np.zeros((m, f), dtype=bool),
             has_prev=np.empty(m, dtype=bool),
             spread=np.empty((m, f), dtype=np.float64),
+            level=np.empty((m, f), dtype=np.float64),
+            prev_level=np.empty((m, f), dtype=np.float64),
+            prev_spread=np.empty((m, f), dtype=np.float64),
             next_gap=np.zeros(m, dtype=np.float64),
             since=np.zeros(m, dtype=np.float64),
         )
@@ -158,7 +166,8 @@ class SensorStats:
             self.count, self.mean, self.sd, self.change_rms, self.last_value, self.last_scale,
             self.last_ts, self.log_dt, self.outlier_run,
             features, out.targets, out.target_valid, out.scale, out.prev_scale, out.prev_value,
-            out.warm, out.outlier, out.has_prev, out.spread, out.next_gap, out.since,
+            out.warm, out.outlier, out.has_prev, out.spread, out.level, out.prev_level,
+            out.prev_spread, out.next_gap, out.since,
         )
         np.clip(features[:, : 2 * f], -clip, clip, out=features[:, : 2 * f])
         np.clip(features[:, -1], -GAP_CLIP, GAP_CLIP, out=features[:, -1])
@@ -171,7 +180,8 @@ class SensorStats:
 def _encode(slots, ts, values, alpha, warmup, clip, robust_stats,
             count, mean, sd, change_rms, last_value, last_scale, last_ts, log_dt, outlier_run,
             features, targets, target_valid, scale, prev_scale, prev_value, warm, outlier,
-            has_prev, spread, next_gap, since):  # pragma: no cover - compiled
+            has_prev, spread, level, prev_level, prev_spread, next_gap,
+            since):  # pragma: no cover - compiled
     """The per-reading recurrence of ``SensorStats.encode``: state arrays updated in place,
     outputs written per reading (features unclipped)."""
     f = values.shape[1]
@@ -198,6 +208,7 @@ def _encode(slots, ts, values, alpha, warmup, clip, robust_stats,
             prev_scale[i, j] = last_sc
             targets[i, j] = change / last_sc  # clipped by the caller, like the features
             m_old, sd_old = mean[s, j], sd[s, j]
+            prev_level[i, j], prev_spread[i, j] = m_old, max(sd_old, last_sc)
             diff = v - m_old
             lim = clip * max(sd_old, last_sc) * widen
             diff_w = min(max(diff, -lim), lim) if robust else diff
@@ -220,7 +231,7 @@ def _encode(slots, ts, values, alpha, warmup, clip, robust_stats,
             # the level's spread, a relative share of its magnitude, and an absolute minimum.
             sc = max(max(rms, 1e-3 * sd_new), max(1e-9 * abs(m_new), _TINY))
             sp = max(sd_new, sc)
-            spread[i, j], scale[i, j] = sp, sc
+            spread[i, j], scale[i, j], level[i, j] = sp, sc, m_new
             features[i, j] = (v - m_new) / sp
             features[i, f + j] = change / sc
             mean[s, j], sd[s, j], change_rms[s, j] = m_new, sd_new, rms

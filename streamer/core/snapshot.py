@@ -16,11 +16,13 @@ from streamer.core.config import LearnerConfig
 from streamer.core.experts import N_EXPERTS, PERSISTENCE
 from streamer.core.horizon import HORIZON_EXPERTS, N_HORIZON_EXPERTS, HorizonState
 from streamer.core.intervals import (
+    LEVEL_WEIGHT,
     MAX_PROFILE_WEIGHT,
     MAX_SPREAD,
     MAX_SPREAD_WEIGHT,
     SPREAD_STEPS,
     Calibration,
+    level_weight_codes,
     tail_codes,
     weight_codes,
 )
@@ -41,12 +43,13 @@ from streamer.core.windows import slot_axis, stagger
 # spread and of the error profile learned per sensor and feature (``spread_weight``,
 # ``profile_weight``), and the tail's moments as int16 log2 codes; 12: the memory's cycles
 # (``cycle``, ``cycle_err``, ``cycle_n``) and a twelfth expert, "cycle", in the stats' experts;
-# 13: a tenth horizon expert, "cycle" (the horizon's ``err`` and ``pending``).
-FORMAT = "streamer.learner/13"
+# 13: a tenth horizon expert, "cycle" (the horizon's ``err`` and ``pending``); 14: the width's
+# weight of the forecast's place in the sensor's range (``level_weight``).
+FORMAT = "streamer.learner/14"
 PREVIOUS_FORMATS = ("streamer.learner/4", "streamer.learner/5", "streamer.learner/6",
                     "streamer.learner/7", "streamer.learner/8", "streamer.learner/9",
                     "streamer.learner/10", "streamer.learner/11",
-                    "streamer.learner/12")  # read through upgrade()
+                    "streamer.learner/12", "streamer.learner/13")  # read through upgrade()
 # Until format 11 every sensor's width weighed the experts' spread by 2 and the profile by 1:
 # upgraded sensors keep those, which their quantiles were learned with, and go on from there.
 FIXED_SPREAD_WEIGHT, FIXED_PROFILE_WEIGHT = 2.0, 1.0
@@ -73,11 +76,12 @@ def upgrade(state: dict) -> dict:
     """A snapshot of an earlier format (4: before interval calibration; 5: before horizons;
     6: before staggered first windows; 7: before outlier runs; 8: spread as float32, one
     repeat run per sensor; 9: repeat runs per sensor and per feature; 10: fixed weights of the
-    width, tail moments as float32; 11: before cycles; 12: before the horizon's cycle) in this
-    one: what it lacks starts from the prior, as for new sensors (calibration; a horizon of one
-    step; no outlier run; each feature's repeat run the sensor's; no cycle seen, the cycle
-    experts' records persistence's), or from what the older version used (the width's
-    weights); the windows being filled keep their full length, free slots stagger as in a new
+    width, tail moments as float32; 11: before cycles; 12: before the horizon's cycle; 13:
+    before the level's weight of the width) in this one: what it lacks starts from the prior,
+    as for new sensors (calibration; a horizon of one step; no outlier run; each feature's
+    repeat run the sensor's; no cycle seen, the cycle experts' records persistence's; the
+    level's weight 0, the width of before), or from what the older version used (the width's
+    other weights); the windows being filled keep their full length, free slots stagger as in a new
     learner; weights, statistics and memory carry over. Any other format is returned as it is
     (``check_compatible`` names it)."""
     if not isinstance(state, dict) or state.get("format") not in PREVIOUS_FORMATS:
@@ -105,10 +109,15 @@ def upgrade(state: dict) -> dict:
         state = {**state, "horizon": _with_horizon_cycle(horizon)}
     calibration = state.get("calibration")
     if calibration is not None and "spread_weight" not in calibration:  # 5 to 10
-        state = {**state, "calibration": _with_fixed_weights(calibration)}
+        calibration = _with_fixed_weights(calibration)
+    if calibration is not None and "level_weight" not in calibration:  # 5 to 13
+        shape = tuple(calibration["q_hi"].shape)
+        calibration = {**calibration, "level_weight": torch.from_numpy(
+            level_weight_codes(LEVEL_WEIGHT, shape))}
+        state = {**state, "calibration": calibration}
     if state["format"] in ("streamer.learner/7", "streamer.learner/8", "streamer.learner/9",
                            "streamer.learner/10", "streamer.learner/11",
-                           "streamer.learner/12"):
+                           "streamer.learner/12", "streamer.learner/13"):
         return {**state, "format": FORMAT}
     ids = state["table"]["ids"]
     k = int(state["config"].get("tbptt_steps", LearnerConfig.tbptt_steps))

@@ -8,6 +8,7 @@ import pytest
 from streamer.core import Batch, Learner, LearnerConfig, Reason
 from streamer.core.intervals import (
     LOG_STEP,
+    MAX_LEVEL_WEIGHT,
     MAX_PROFILE_WEIGHT,
     MAX_SPREAD_WEIGHT,
     WEIGHT_STEPS,
@@ -286,7 +287,7 @@ def _feed(cal: Calibration, value: float, forecast_before: float, forecast: floa
     return cal.calibrate(np.array([0]), np.array([1.7e9]), np.array([60.0]), one(value),
                          one(forecast_before), one(forecast_before), one(scale_before),
                          np.array([True]), np.array([n_scored]), one(forecast), one(scale),
-                         one(spread))
+                         one(spread), one(0.0), one(0.0))
 
 
 def test_a_reading_within_a_few_ulps_of_its_forecast_is_inside_an_interval_narrowed_to_a_point():
@@ -324,18 +325,23 @@ def test_the_error_profile_does_not_learn_while_the_change_scale_recovers():
     assert all(np.array_equal(profiles[1], p) for p in profiles[2:])
 
 
-def _stream(cal: Calibration, errors: np.ndarray, spreads: np.ndarray, gap: float) -> None:
+def _stream(cal: Calibration, errors: np.ndarray, spreads: np.ndarray, gap: float,
+            levels: np.ndarray | None = None) -> None:
     """Readings of slot 0 (one feature) ``gap`` seconds apart, each ``errors[t]`` scales off the
-    forecast made at the one before, forecasts made with the experts' spread ``spreads[t]``."""
+    forecast made at the one before, forecasts made with the experts' spread ``spreads[t]`` at
+    ``levels[t]`` level spreads from the sensor's level (0 if not given)."""
     n = len(errors)
     col = errors[:, None].astype(np.float64)
     prev = np.r_[0.0, errors[:-1]][:, None]
     zeros, ones = np.zeros((n, 1)), np.ones((n, 1))
+    z = (np.zeros(n) if levels is None else levels)[:, None]
+    z_before = np.r_[0.0, z[:-1, 0]][:, None]
     for i in range(n):  # one reading per call, as a sensor's readings arrive
         rows = slice(i, i + 1)
         cal.calibrate(np.array([0]), np.array([1.7e9 + gap * i]), np.array([gap]), col[rows],
                       prev[rows], zeros[rows], ones[rows], np.array([i > 0]),
-                      np.array([i]), zeros[rows], ones[rows], spreads[rows, None])
+                      np.array([i]), zeros[rows], ones[rows], spreads[rows, None], z[rows],
+                      z_before[rows])
 
 
 def _learned_spread_weight(errors_follow_spread: float) -> float:
@@ -351,6 +357,25 @@ def _learned_spread_weight(errors_follow_spread: float) -> float:
 def test_the_experts_spread_weighs_in_the_width_as_much_as_it_foretells_the_errors():
     assert _learned_spread_weight(0.0) < 0.3  # from 1: errors that ignore it, width that does
     assert _learned_spread_weight(2.0) > 1.5  # errors 4x larger when the experts disagree
+
+
+def _learned_level_weight(errors_follow_level: float, seed: int = 13) -> float:
+    """Forecasts made anywhere between -2 and 2 level spreads from the sensor's level; their
+    errors exp(c z) times larger there (c = ``errors_follow_level``): a count, a load, a flow
+    errs more when high (c > 0), a reading near a saturation less."""
+    rng = np.random.default_rng(seed)
+    levels = rng.uniform(-2.0, 2.0, size=4000)
+    z_before = np.r_[0.0, levels[:-1]]
+    errors = rng.normal(size=4000) * np.exp(errors_follow_level * z_before)
+    cal = Calibration(1, 1, coverage=0.9, threshold=0.999, learn_after=0)
+    _stream(cal, errors, np.zeros(4000), gap=60.0, levels=levels)
+    return float(cal.level_weight[0, 0]) * 2.0 * MAX_LEVEL_WEIGHT / WEIGHT_STEPS - MAX_LEVEL_WEIGHT
+
+
+@pytest.mark.parametrize("c", [-0.3, 0.0, 0.3])
+def test_the_width_follows_the_forecasts_place_in_the_sensors_range_as_much_as_the_errors_do(c):
+    # From 0, within 4,000 readings (seeds 0-5: within 0.1 of c).
+    assert abs(_learned_level_weight(c) - c) < 0.15
 
 
 def _profile_weight_after(errors_follow_profile: float, seed: int = 12) -> float:

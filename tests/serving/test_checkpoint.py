@@ -20,6 +20,7 @@ from streamer.core import snapshot as snap
 from streamer.core.experts import EXPERTS
 from streamer.core.horizon import HORIZON_EXPERTS
 from streamer.core.intervals import (
+    MAX_LEVEL_WEIGHT,
     MAX_PROFILE_WEIGHT,
     MAX_SPREAD,
     MAX_SPREAD_WEIGHT,
@@ -106,7 +107,7 @@ def test_a_checkpoint_of_an_older_snapshot_format_is_refused_with_the_reason(tmp
     CheckpointStore(tmp_path, "w1", CFG.fingerprint()).save(old, {TP: 5}, {TP: []})
     with caplog.at_level(logging.ERROR):
         assert CheckpointStore(tmp_path, "w1", CFG.fingerprint()).latest() is None
-    assert ("learner snapshot format 'streamer.learner/3' is not 'streamer.learner/13' "
+    assert ("learner snapshot format 'streamer.learner/3' is not 'streamer.learner/14' "
             "(written by another streamer version)") in caplog.text
 
 
@@ -214,7 +215,7 @@ def test_a_checkpoint_with_fixed_width_weights_resumes_with_them_and_its_tail_mo
     for name in ("tail", "tail_sq"):  # float32 moments, as format 10 stored them
         moments = 2.0 ** (calibration[name].numpy() / TAIL_LOG_STEP)
         calibration[name] = torch.from_numpy(moments.astype(np.float32))
-    del calibration["spread_weight"], calibration["profile_weight"]
+    del calibration["spread_weight"], calibration["profile_weight"], calibration["level_weight"]
     # ... eleven experts and no cycles (format 11 added those): all of format 10 at once.
     for name in ("guard_err", "last_experts"):
         old["stats"][name] = old["stats"][name][..., :-1].clone()
@@ -275,6 +276,19 @@ def test_a_checkpoint_from_before_the_horizons_cycle_resumes_with_it_at_persiste
     np.testing.assert_array_equal(restored.pending[..., k:], learner.horizon.pending[..., k:])
     np.testing.assert_array_equal(restored.pending[..., k - 1],
                                   learner.horizon.pending[..., persistence])
+
+
+def test_a_checkpoint_from_before_the_levels_weight_resumes_with_it_at_0(tmp_path):
+    learner = _learner(4)
+    old = learner.snapshot()
+    del old["calibration"]["level_weight"]  # as format 13 had
+    old["format"] = "streamer.learner/13"
+    restored = _resumed_from(tmp_path, old).calibration
+    k = restored.level_weight * 2.0 * MAX_LEVEL_WEIGHT / WEIGHT_STEPS - MAX_LEVEL_WEIGHT
+    assert (k == 0.0).all()  # the width of before, learned from there
+    for name, kept in learner.calibration.arrays().items():
+        if name != "level_weight":
+            np.testing.assert_array_equal(getattr(restored, name), kept)
 
 
 def test_partition_state_moves_between_learners_through_a_checkpoint(tmp_path):
