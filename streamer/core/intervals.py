@@ -22,7 +22,7 @@ point different ways the forecast is less sure, and the interval says so (Winkle
 its distance from the sensor's level (the normalizer's running mean) in level spreads, within
 +-2. Counts, loads and flows err more when they are high, a reading near a saturation less: on
 the shared fleets k settles at 0.2-0.5 for appliances' power and lights, hourly bike rentals,
-traffic, PM2.5 and wind power, near 0 for temperatures, -0.3 for outdoor humidity (near 100 %);
+traffic, PM2.5 and wind power, -0.2..+0.2 for most temperatures, -0.3 for outdoor humidity;
 Winkler 0.7-2.9 % lower on every shared fleet.
 
 How much each of the three shapes the width, ``b`` for the disagreement, ``g`` for the
@@ -125,8 +125,9 @@ PROFILE_WEIGHT, MAX_PROFILE_WEIGHT, PROFILE_WEIGHT_LR = 1.0, 2.0, 0.003
 # err more when they are high (k > 0), a sensor near a floor or a saturation less. Winkler
 # -0.8 / -0.7 / -2.9 / -1.4 % (appliances / parking / hourly / daily); swept: the step
 # 0.001-0.03 (0.002 best or within 0.3 % of it on each fleet; 0.03 cost up to 7 %), the
-# largest factor exp(MAX_LEVEL_WEIGHT * MAX_LEVEL_Z) e^1 to e^5 (up to e^1.5 within 0.2 %,
-# e^5 gave up 1.5-2.9 % of it), z of the reading instead of the forecast (daily 0.5 % worse).
+# largest factor exp(MAX_LEVEL_WEIGHT * MAX_LEVEL_Z) e^0.9 to e^5 (e^0.9-e^1.5 within 0.5 %
+# of each other; e^3 cost hourly 1.4 %, e^5 more), z of the reading instead of the forecast
+# (daily 0.5 % worse; docs/benchmarks/intervals.md).
 LEVEL_WEIGHT, MAX_LEVEL_WEIGHT, LEVEL_WEIGHT_LR, MAX_LEVEL_Z = 0.0, 0.5, 0.002, 2.0
 # All three are stored in uint16 steps of their range / WEIGHT_STEPS, a multiple of 8 so that
 # the starts (and format 10's b = 2) are exact codes.
