@@ -21,7 +21,7 @@ shares poorly across sensors. Its weights start at zero (persistence).
 units of its typical change) and, for every lag ``k`` of 2 to ``CYCLE_LAGS`` readings, a running
 mean absolute error of "the next change is the change ``k`` readings before it". The lag with
 the least is the sensor's cycle, and the cycle forecast of the next change is what the changes
-one and two cycles before it agree on (``_cycle``). A heartbeat, a pump's duty cycle or a
+one and two cycles before it agree on (``_cycle_ahead``). A heartbeat, a pump's duty cycle or a
 machine's work cycle repeats every so many readings whatever the clock says, which the day and
 week profiles cannot see: on the labelled ECG series of the ``aeon`` package (a beat every
 20 readings) the forecast's error falls from 0.84 to 0.10 of persistence's, and a car park read
@@ -251,16 +251,16 @@ def _expected_times(profile, s, t, gap, skip, out):  # pragma: no cover - compil
 
 
 @kernel
-def _cycle(cycle, cycle_err, cycle_n, s, j, c, has_change, outlier):  # pragma: no cover
-    """Learn slot ``s``'s change ``c`` (if ``has_change``) into feature ``j``'s cycle state and
-    return its cycle forecast of the next change (0 while unknown).
+def _learn_cycle(cycle, cycle_err, cycle_n, s, j, c, has_change, outlier):  # pragma: no cover
+    """Learn slot ``s``'s change ``c`` (if ``has_change``) into feature ``j``'s cycle state;
+    returns the number of the slot's next change (its count is advanced after every feature).
 
-    The forecast is what the changes one and two cycles before the next agree on: the smaller
-    of the two if they have the same sign, else none (minmod). A change seen once, a level
-    shift or the step into a spike, is not forecast again a cycle later (with the last cycle
-    alone repeated, a sensor with a clean cycle of 48 readings shifted by 3 amplitudes was
-    flagged again a cycle after the shift). The change into a spike (``outlier``) is kept as
-    no change and scores no lag."""
+    Its forecasts (``_cycle_ahead``) are what the changes one and two cycles before agree on:
+    the smaller of the two if they have the same sign, else none (minmod). A change seen once,
+    a level shift or the step into a spike, is not forecast again a cycle later (with the last
+    cycle alone repeated, a sensor with a clean cycle of 48 readings shifted by 3 amplitudes
+    was flagged again a cycle after the shift). The change into a spike (``outlier``) is kept
+    as no change and scores no lag."""
     n = cycle_n[s]  # this change's number (the slot's count is advanced after every feature)
     if has_change:
         if outlier:
@@ -273,11 +273,7 @@ def _cycle(cycle, cycle_err, cycle_n, s, j, c, has_change, outlier):  # pragma: 
                 cycle_err[s, j, k - 2] += np.float32(a * (miss - cycle_err[s, j, k - 2]))
         cycle[s, j, n % CYCLE_KEPT] = c
         n += 1
-    if n < CYCLE_KNOWN:
-        return 0.0
-    period = _cycle_period(cycle_err, s, j)
-    return _minmod(cycle[s, j, (n - period) % CYCLE_KEPT],
-                   cycle[s, j, (n - 2 * period) % CYCLE_KEPT])
+    return n
 
 
 @kernel
@@ -331,6 +327,7 @@ def _advance(slots, ts, since, here, nxt, values, spread, changes, has_change, o
     """The per-reading recurrence of ``SensorMemory.advance`` (state updated in place)."""
     f, p = values.shape[1], ar_x.shape[2]
     h = ahead_ts.shape[1]
+    next_change = np.zeros(1)  # the cycle's forecast of one change ahead, without a horizon
     for i in range(len(slots)):
         s = slots[i]
         for j in range(f):
@@ -372,11 +369,10 @@ def _advance(slots, ts, since, here, nxt, values, spread, changes, has_change, o
             ar_change[i, j] = forecast
             for q in range(ar_w_out.shape[2]):
                 ar_w_out[i, j, q], ar_x_out[i, j, q] = ar_w[s, j, q], ar_x[s, j, q]
-            cycle_change[i, j] = _cycle(cycle, cycle_err, cycle_n, s, j, c, has_change[i],
-                                        outlier[i, j])
-            if h:
-                _cycle_ahead(cycle, cycle_err, s, j, cycle_n[s] + has_change[i],
-                             cycle_ahead[i, :, j])
+            n = _learn_cycle(cycle, cycle_err, cycle_n, s, j, c, has_change[i], outlier[i, j])
+            ahead = cycle_ahead[i, :, j] if h else next_change
+            _cycle_ahead(cycle, cycle_err, s, j, n, ahead)
+            cycle_change[i, j] = ahead[0]  # the next change: the first step's total
         if has_change[i]:
             n = cycle_n[s] + 1
             cycle_n[s] = n if n < CYCLE_WRAP else n - CYCLE_WRAP + 2 * CYCLE_KEPT
