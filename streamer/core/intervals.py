@@ -20,10 +20,11 @@ around the forecast, in change scales. When the LSTM, the seasonal profiles and 
 point different ways the forecast is less sure, and the interval says so (Winkler a further
 1-5 % lower on every shared fleet). ``z`` is where the forecast lies in the sensor's range:
 its distance from the sensor's level (the normalizer's running mean) in level spreads, within
-+-2. Counts, loads and flows err more when they are high, a reading near a saturation less: on
-the shared fleets k settles at 0.2-0.5 for appliances' power and lights, hourly bike rentals,
-traffic, PM2.5 and wind power, -0.2..+0.2 for most temperatures, -0.3 for outdoor humidity;
-Winkler 0.7-2.9 % lower on every shared fleet.
++-1.5. Counts, loads and flows err more when they are high, a reading near a saturation less:
+on the shared fleets k settles at 0.2-0.9 for a building's appliances' power and lights,
+hourly PM2.5, road occupancy, wind power, bike rentals and traffic, -0.2..+0.2 for most
+temperatures, -0.25 for outdoor humidity; Winkler against the running quantile 0.8-3 points
+better on every shared fleet.
 
 How much each of the three shapes the width, ``b`` for the disagreement, ``g`` for the
 profile (as ``mean * (bucket / mean) ** g``: the profile's hours at their full contrast at
@@ -122,13 +123,15 @@ PROFILE_WEIGHT, MAX_PROFILE_WEIGHT, PROFILE_WEIGHT_LR = 1.0, 2.0, 0.003
 # And of where the forecast lies in the sensor's range (k): the width is times exp(k z), z the
 # forecast's distance from the sensor's level (running mean) in level spreads, clipped to
 # +-MAX_LEVEL_Z; k in [-MAX_LEVEL_WEIGHT, MAX_LEVEL_WEIGHT], from 0. Counts, loads and flows
-# err more when they are high (k > 0), a sensor near a floor or a saturation less. Winkler
-# -0.8 / -0.7 / -2.9 / -1.4 % (appliances / parking / hourly / daily); swept: the step
-# 0.001-0.03 (0.002 best or within 0.3 % of it on each fleet; 0.03 cost up to 7 %), the
-# largest factor exp(MAX_LEVEL_WEIGHT * MAX_LEVEL_Z) e^0.9 to e^5 (e^0.9-e^1.5 within 0.5 %
-# of each other; e^3 cost hourly 1.4 %, e^5 more), z of the reading instead of the forecast
-# (daily 0.5 % worse; docs/benchmarks/intervals.md).
-LEVEL_WEIGHT, MAX_LEVEL_WEIGHT, LEVEL_WEIGHT_LR, MAX_LEVEL_Z = 0.0, 0.5, 0.002, 2.0
+# err more when they are high (k > 0), a sensor near a saturation less. Winkler against the
+# running quantile -12.3 / -24.4 / -12.5 / -9.2 % -> -13.1 / -25.2 / -15.5 / -10.8 %
+# (appliances / parking / hourly / daily). Swept (docs/benchmarks/intervals.md): the step
+# 0.001-0.03 (0.0015-0.003 within 0.1 point of each other on every fleet; 0.03 cost up to 7
+# points), the clip of z 1-3 and the largest k 0.3-2 (every pair tried whose largest factor
+# exp(MAX_LEVEL_WEIGHT * MAX_LEVEL_Z) is e^0.75-e^2.25 within 0.55 point of the best on each
+# fleet, this one within 0.2; e^3 cost hourly 1.4 points, e^5 more), z of the reading instead
+# of the forecast's (daily 0.5 point worse).
+LEVEL_WEIGHT, MAX_LEVEL_WEIGHT, LEVEL_WEIGHT_LR, MAX_LEVEL_Z = 0.0, 1.0, 0.002, 1.5
 # All three are stored in uint16 steps of their range / WEIGHT_STEPS, a multiple of 8 so that
 # the starts (and format 10's b = 2) are exact codes.
 WEIGHT_STEPS = 65_528
@@ -220,7 +223,8 @@ def tail_codes(moments: np.ndarray) -> np.ndarray:
 
 
 def weight_codes(value: float, maximum: float, shape: tuple[int, ...]) -> np.ndarray:
-    """A weight of the width (b or g) for every slot and feature, as stored (uint16 steps)."""
+    """A weight of the width in [0, maximum] for every slot and feature, as stored (uint16
+    steps)."""
     return np.full(shape, round(min(max(value, 0.0), maximum) * WEIGHT_STEPS / maximum),
                    dtype=np.uint16)
 
@@ -231,9 +235,15 @@ def level_weight_codes(value: float, shape: tuple[int, ...]) -> np.ndarray:
     return weight_codes(value + MAX_LEVEL_WEIGHT, 2.0 * MAX_LEVEL_WEIGHT, shape)
 
 
+def level_weights(codes: np.ndarray) -> np.ndarray:
+    """The level's weights k of the width, from their stored codes."""
+    return codes.astype(np.float64) * (2.0 * MAX_LEVEL_WEIGHT / WEIGHT_STEPS) - MAX_LEVEL_WEIGHT
+
+
 def level_position(forecast: np.ndarray, level: np.ndarray, spread: np.ndarray) -> np.ndarray:
-    """How far each forecast lies from its sensor's level, in level spreads (> 0), clipped to
-    +-MAX_LEVEL_Z: the ``z`` of the width's factor exp(k z) (module docstring)."""
+    """How far each forecast lies from its sensor's level, in level spreads (``spread`` is
+    positive), clipped to +-MAX_LEVEL_Z: the ``z`` of the width's factor exp(k z) (module
+    docstring)."""
     with np.errstate(over="ignore", invalid="ignore"):
         z = (forecast - level) / spread
     return np.clip(np.nan_to_num(z, nan=0.0), -MAX_LEVEL_Z, MAX_LEVEL_Z)
@@ -482,7 +492,9 @@ def _weight_code(value, maximum, dither):  # pragma: no cover - compiled
 @kernel
 def _dither(s, j, n, salt):  # pragma: no cover - compiled
     """A uniform number in [0, 1) from slot ``s``, feature ``j``, its scored-reading count ``n``
-    and ``salt``: reproducible (a replay or a restored learner rounds the same way)."""
+    and ``salt``: reproducible (a replay, or a restored learner with the sensor in the same
+    slot, rounds the same way; a sensor moved to another slot by a hand-over rounds otherwise,
+    by less than a code a step)."""
     h = ((n & 0xFFFFFFFF) * 2654435761 + s * 40503 + j * 9973 + salt * 69069) & 0xFFFFFFFF
     h = ((h ^ (h >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
     h = ((h ^ (h >> 16)) * 0x45D9F3B) & 0xFFFFFFFF

@@ -208,9 +208,10 @@ def _encode(slots, ts, values, alpha, warmup, clip, robust_stats,
             prev_scale[i, j] = last_sc
             targets[i, j] = change / last_sc  # clipped by the caller, like the features
             m_old, sd_old = mean[s, j], sd[s, j]
-            prev_level[i, j], prev_spread[i, j] = m_old, max(sd_old, last_sc)
+            sp_old = max(sd_old, last_sc)  # the spread the previous reading had (``spread``)
+            prev_level[i, j], prev_spread[i, j] = m_old, sp_old
             diff = v - m_old
-            lim = clip * max(sd_old, last_sc) * widen
+            lim = clip * sp_old * widen
             diff_w = min(max(diff, -lim), lim) if robust else diff
             far = abs(diff) > lim
             m_new = m_old + a * diff_w

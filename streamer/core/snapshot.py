@@ -109,12 +109,12 @@ def upgrade(state: dict) -> dict:
         state = {**state, "horizon": _with_horizon_cycle(horizon)}
     calibration = state.get("calibration")
     if calibration is not None and "spread_weight" not in calibration:  # 5 to 10
-        calibration = _with_fixed_weights(calibration)
+        state = {**state, "calibration": _with_fixed_weights(calibration)}
+    calibration = state.get("calibration")
     if calibration is not None and "level_weight" not in calibration:  # 5 to 13
         shape = tuple(calibration["q_hi"].shape)
-        calibration = {**calibration, "level_weight": torch.from_numpy(
-            level_weight_codes(LEVEL_WEIGHT, shape))}
-        state = {**state, "calibration": calibration}
+        state = {**state, "calibration": {**calibration, "level_weight": torch.from_numpy(
+            level_weight_codes(LEVEL_WEIGHT, shape))}}
     if state["format"] in ("streamer.learner/7", "streamer.learner/8", "streamer.learner/9",
                            "streamer.learner/10", "streamer.learner/11",
                            "streamer.learner/12", "streamer.learner/13"):

@@ -8,11 +8,12 @@ import pytest
 from streamer.core import Batch, Learner, LearnerConfig, Reason
 from streamer.core.intervals import (
     LOG_STEP,
-    MAX_LEVEL_WEIGHT,
+    MAX_LEVEL_Z,
     MAX_PROFILE_WEIGHT,
     MAX_SPREAD_WEIGHT,
     WEIGHT_STEPS,
     Calibration,
+    level_weights,
 )
 from streamer.tools.replay import backtest
 
@@ -360,21 +361,21 @@ def test_the_experts_spread_weighs_in_the_width_as_much_as_it_foretells_the_erro
 
 
 def _learned_level_weight(errors_follow_level: float, seed: int = 13) -> float:
-    """Forecasts made anywhere between -2 and 2 level spreads from the sensor's level; their
-    errors exp(c z) times larger there (c = ``errors_follow_level``): a count, a load, a flow
-    errs more when high (c > 0), a reading near a saturation less."""
+    """Forecasts made anywhere within the clip of the level spreads from the sensor's level;
+    their errors exp(c z) times larger there (c = ``errors_follow_level``): a count, a load, a
+    flow errs more when high (c > 0), a reading near a saturation less."""
     rng = np.random.default_rng(seed)
-    levels = rng.uniform(-2.0, 2.0, size=4000)
+    levels = rng.uniform(-MAX_LEVEL_Z, MAX_LEVEL_Z, size=4000)
     z_before = np.r_[0.0, levels[:-1]]
     errors = rng.normal(size=4000) * np.exp(errors_follow_level * z_before)
     cal = Calibration(1, 1, coverage=0.9, threshold=0.999, learn_after=0)
     _stream(cal, errors, np.zeros(4000), gap=60.0, levels=levels)
-    return float(cal.level_weight[0, 0]) * 2.0 * MAX_LEVEL_WEIGHT / WEIGHT_STEPS - MAX_LEVEL_WEIGHT
+    return float(level_weights(cal.level_weight)[0, 0])
 
 
 @pytest.mark.parametrize("c", [-0.3, 0.0, 0.3])
 def test_the_width_follows_the_forecasts_place_in_the_sensors_range_as_much_as_the_errors_do(c):
-    # From 0, within 4,000 readings (seeds 0-5: within 0.1 of c).
+    # From 0, within 4,000 readings.
     assert abs(_learned_level_weight(c) - c) < 0.15
 
 

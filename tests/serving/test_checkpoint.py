@@ -20,13 +20,13 @@ from streamer.core import snapshot as snap
 from streamer.core.experts import EXPERTS
 from streamer.core.horizon import HORIZON_EXPERTS
 from streamer.core.intervals import (
-    MAX_LEVEL_WEIGHT,
     MAX_PROFILE_WEIGHT,
     MAX_SPREAD,
     MAX_SPREAD_WEIGHT,
     SPREAD_STEPS,
     TAIL_LOG_STEP,
     WEIGHT_STEPS,
+    level_weights,
 )
 from streamer.serving.checkpoint import CheckpointStore
 from streamer.serving.checkpoint_writer import WRITER_NICENESS, CheckpointWriter
@@ -283,12 +283,17 @@ def test_a_checkpoint_from_before_the_levels_weight_resumes_with_it_at_0(tmp_pat
     old = learner.snapshot()
     del old["calibration"]["level_weight"]  # as format 13 had
     old["format"] = "streamer.learner/13"
-    restored = _resumed_from(tmp_path, old).calibration
-    k = restored.level_weight * 2.0 * MAX_LEVEL_WEIGHT / WEIGHT_STEPS - MAX_LEVEL_WEIGHT
-    assert (k == 0.0).all()  # the width of before, learned from there
+    resumed = _resumed_from(tmp_path, old)
+    restored = resumed.calibration
+    assert restored.level_weight.shape == learner.calibration.level_weight.shape
+    assert restored.level_weight.dtype == np.uint16
+    assert (level_weights(restored.level_weight) == 0.0).all()  # the width of before
     for name, kept in learner.calibration.arrays().items():
         if name != "level_weight":
             np.testing.assert_array_equal(getattr(restored, name), kept)
+    batch = sine_fleet(4, 3, seed=5)  # and it goes on
+    later = resumed.step(Batch.from_arrays(batch.sensor_ids, batch.ts + 1e6, batch.values))
+    assert np.isfinite(later.forecasts).all() and np.isfinite(later.upper).all()
 
 
 def test_partition_state_moves_between_learners_through_a_checkpoint(tmp_path):
