@@ -15,8 +15,9 @@ start from it and need no further pass of the LSTM, so producing them changes no
   rolled forward from the step-1 change;
 - "day before" / "week before": the sensor's last reading in the same 15 minutes of the day /
   hour of the week as step k's time (seasonal naive; memory.py keeps them with a horizon);
-- "cycle": the reading plus the sensor's cycle counted in readings (memory.py) rolled forward
-  change by change (a heartbeat's or a duty cycle's next k changes).
+- "cycle": the reading plus the sensor's cycle counted in readings (memory.py): the change
+  over the same k readings one and two cycles before (a heartbeat's or a duty cycle's next k
+  changes).
 
 Each sensor weighs them per step with Hedge (as experts.py does for step 1) on running errors
 scored at steps 2, 4, 8, ... and H (``scored_steps``); a step between two scored ones mixes
@@ -112,7 +113,7 @@ def horizon_experts(values: np.ndarray, step_one: np.ndarray, scale: np.ndarray,
         x = np.concatenate([nxt[..., None], x[..., :-1]], axis=-1)
     naive = recalled.naive_ahead.transpose(0, 3, 2, 1)  # (M, F, H, 2) day, week
     naive = np.where(np.isnan(naive), held[..., None], naive)
-    # The cycle counted in readings (memory.py), rolled forward change by change.
+    # The cycle counted in readings (memory.py): the change over the same readings a cycle ago.
     cycle = here + scale[..., None] * recalled.cycle_ahead.transpose(0, 2, 1)
     experts = np.stack([held, here, level[..., 0], level[..., 1], change[..., 0],
                         change[..., 1], linear, naive[..., 0], naive[..., 1], cycle], axis=-1)

@@ -298,25 +298,27 @@ def _minmod(last, before):  # pragma: no cover - compiled
 @kernel
 def _cycle_ahead(cycle, cycle_err, s, j, n, out):  # pragma: no cover - compiled
     """The cycle's forecast of the total change over each of the next ``len(out)`` readings
-    (change scales) after a slot's ``n``-th change: change by change, each what the changes
-    one and two cycles before it agree on, those beyond the last known being this forecast's
-    own (a cycle shorter than the horizon repeats). 0 while the cycle is unknown."""
+    (change scales) after a slot's ``n``-th change: what the total changes over the same
+    readings one and two cycles before agree on (minmod; the first is the next change's
+    forecast); beyond one cycle, a whole cycle's forecast plus the rest's again (a cycle
+    shorter than the horizon repeats). Totals, not a sum of each change's minmod: a total
+    telescopes to the difference of two readings, so its noise does not grow with the step
+    (summed change by change, a 24-reading beat's step-12 error was 0.070 per sqrt(step)
+    change scales, now 0.058). 0 while the cycle is unknown."""
     h = len(out)
     if n < CYCLE_KNOWN:
         for k in range(h):
             out[k] = 0.0
         return
     period = _cycle_period(cycle_err, s, j)
-    total = 0.0
-    for k in range(h):  # change number n + k; a forecast one is out's step there
-        q = n + k - period
-        last = cycle[s, j, q % CYCLE_KEPT] if q < n else out[q - n] - (
-            out[q - n - 1] if q > n else 0.0)
-        q -= period
-        before = cycle[s, j, q % CYCLE_KEPT] if q < n else out[q - n] - (
-            out[q - n - 1] if q > n else 0.0)
-        total += _minmod(last, before)
-        out[k] = total
+    last = before = 0.0  # the total change over the same readings one and two cycles before
+    for k in range(h):
+        if k < period:
+            last += cycle[s, j, (n - period + k) % CYCLE_KEPT]
+            before += cycle[s, j, (n - 2 * period + k) % CYCLE_KEPT]
+            out[k] = _minmod(last, before)
+        else:  # a whole cycle ahead, then the rest of it again
+            out[k] = out[period - 1] + out[k - period]
 
 
 @kernel

@@ -254,6 +254,6 @@ def test_every_step_of_a_cycle_counted_in_readings_is_forecast_from_the_last_cyc
     ratio = (np.abs(forecast - truth)[3000:-H].mean(axis=0)
              / np.abs(values[3000:-H, None] - truth[3000:-H]).mean(axis=0))
     # Without the cycle the horizon was 0.75-1.1 of persistence's error from step 2 on. Steps
-    # 1-4 now come from the cycle; beyond them the weights, scored at steps 8 and 12 at a few
-    # phases of the beat each, still give persistence some weight (0.2-0.5).
+    # 1-4 now come from the cycle; beyond them the weights, learned at steps 8 and 12 from one
+    # kept forecast each, still give the other nine experts some weight (0.2-0.5).
     assert (ratio[:4] < 0.15).all() and (ratio < 0.6).all(), ratio
