@@ -255,8 +255,9 @@ def _learn_cycle(cycle, cycle_err, cycle_n, s, j, c, has_change, outlier):  # pr
     """Learn slot ``s``'s change ``c`` (if ``has_change``) into feature ``j``'s cycle state;
     returns the number of the slot's next change (its count is advanced after every feature).
 
-    Its forecasts (``_cycle_ahead``) are what the changes one and two cycles before agree on:
-    the smaller of the two if they have the same sign, else none (minmod). A change seen once,
+    Its forecasts (``_cycle_ahead``) are what the changes one and two cycles before agree on
+    (for k steps ahead, their totals over the same k readings): the smaller of the two if they
+    have the same sign, else none (minmod). A change seen once,
     a level shift or the step into a spike, is not forecast again a cycle later (with the last
     cycle alone repeated, a sensor with a clean cycle of 48 readings shifted by 3 amplitudes
     was flagged again a cycle after the shift). The change into a spike (``outlier``) is kept
@@ -302,9 +303,12 @@ def _cycle_ahead(cycle, cycle_err, s, j, n, out):  # pragma: no cover - compiled
     readings one and two cycles before agree on (minmod; the first is the next change's
     forecast); beyond one cycle, a whole cycle's forecast plus the rest's again (a cycle
     shorter than the horizon repeats). Totals, not a sum of each change's minmod: a total
-    telescopes to the difference of two readings, so its noise does not grow with the step
+    telescopes to the difference of two readings (exactly while the change scale holds; a
+    spike's change counts as 0), so within one cycle its noise does not grow with the step
     (summed change by change, a 24-reading beat's step-12 error was 0.070 per sqrt(step)
-    change scales, now 0.058). 0 while the cycle is unknown."""
+    change scales, now 0.058); beyond one cycle the whole cycle's forecast, and its error, is
+    repeated. A large change seen once (a level shift) caps or zeroes every step whose readings
+    include it, one and two cycles later. 0 while the cycle is unknown."""
     h = len(out)
     if n < CYCLE_KNOWN:
         for k in range(h):
