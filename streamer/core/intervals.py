@@ -447,9 +447,15 @@ def _unit(profile, spread, weights, s, j, b, scale, mean, z):  # pragma: no cove
     profile's mean ``mean``, at ``z`` in the sensor's range: computed the same way (same
     floats) when the interval is emitted and when it is scored. ``weights`` is
     (spread_weight, profile_weight, level_weight)."""
-    return (scale * _spread_unit(spread, weights[0], s, j)
-            * _profile_unit(profile, weights[1], s, j, b, mean)
-            * _level_unit(weights[2], s, j, z))
+    return _unit_of(profile, weights, s, j, b, scale, mean,
+                    _spread_unit(spread, weights[0], s, j), _level_unit(weights[2], s, j, z))
+
+
+@kernel
+def _unit_of(profile, weights, s, j, b, scale, mean, spread_unit,
+             level_unit):  # pragma: no cover - compiled
+    """``_unit`` from its spread and level factors, already computed."""
+    return scale * spread_unit * _profile_unit(profile, weights[1], s, j, b, mean) * level_unit
 
 
 @kernel
@@ -490,6 +496,13 @@ def _weight_code(value, maximum, dither):  # pragma: no cover - compiled
 
 
 @kernel
+def _level_weight_code(k, dither):  # pragma: no cover - compiled
+    """The level's weight ``k`` as stored: ``_weight_code`` of its range from -MAX_LEVEL_WEIGHT
+    (``level_weight_codes``, rounded with ``dither``)."""
+    return _weight_code(k + MAX_LEVEL_WEIGHT, 2.0 * MAX_LEVEL_WEIGHT, dither)
+
+
+@kernel
 def _dither(s, j, n, salt):  # pragma: no cover - compiled
     """A uniform number in [0, 1) from slot ``s``, feature ``j``, its scored-reading count ``n``
     and ``salt``: reproducible (a replay, or a restored learner with the sensor in the same
@@ -519,8 +532,7 @@ def _learn_weights(spread, weights, profile, s, j, n, bucket, mean, z, lo, hi, m
     profile_weight[s, j] = _weight_code(g - PROFILE_WEIGHT_LR * grad * contrast,
                                         MAX_PROFILE_WEIGHT, _dither(s, j, n, 2))
     k = _level_k(level_weight, s, j)
-    level_weight[s, j] = _weight_code(k - LEVEL_WEIGHT_LR * grad * z + MAX_LEVEL_WEIGHT,
-                                      2.0 * MAX_LEVEL_WEIGHT, _dither(s, j, n, 3))
+    level_weight[s, j] = _level_weight_code(k - LEVEL_WEIGHT_LR * grad * z, _dither(s, j, n, 3))
 
 
 @kernel
@@ -573,7 +585,11 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
     miss_lo = np.zeros(f, dtype=np.bool_)
     miss_hi = np.zeros(f, dtype=np.bool_)
     resid = np.zeros(f)
-    mean_then = np.zeros(f)  # the profile's mean each feature's scored interval was made with
+    # What each feature's scored interval was made with: the profile's mean and the unit's
+    # spread and level factors (computed once, for the unit and for learning the profile).
+    mean_then = np.zeros(f)
+    spread_then = np.zeros(f)
+    level_then = np.zeros(f)
     for i in range(len(slots)):
         s = slots[i]
         fast = False  # the change scale grew fast at this reading (see RECOVERY_GROWTH)
@@ -589,8 +605,10 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
             p_inst, n_in, same = 1.0, 0, True
             for j in range(f):
                 mean_then[j] = _profile_mean(profile, s, j)
-                unit = _unit(profile, spread, weights, s, j, bucket_then, prev_scale[i, j],
-                             mean_then[j], prev_level_z[i, j])
+                spread_then[j] = _spread_unit(spread, spread_weight, s, j)
+                level_then[j] = _level_unit(level_weight, s, j, prev_level_z[i, j])
+                unit = _unit_of(profile, weights, s, j, bucket_then, prev_scale[i, j],
+                                mean_then[j], spread_then[j], level_then[j])
                 r = (values[i, j] - prev_forecast[i, j]) / unit
                 resid[j] = r
                 lo, hi, w = _bounds(q_lo[s, j], q_hi[s, j], integral[s, j], gain, then)
@@ -644,8 +662,7 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
                     missed = miss_hi[j] or miss_lo[j]
                     integral[s, j] += missed - alpha
                     # The unit the interval was made with, before its weights learn.
-                    made_with = (_spread_unit(spread, spread_weight, s, j)
-                                 * _level_unit(level_weight, s, j, prev_level_z[i, j]))
+                    made_with = spread_then[j] * level_then[j]
                     # Not while the change scale grows back (the experts' spread, in scales,
                     # is then clipped at MAX_SPREAD and every miss would drive b up: from 1.2
                     # to 4 within 9 readings of a sensor's return from a flat stretch).

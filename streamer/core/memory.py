@@ -257,11 +257,10 @@ def _learn_cycle(cycle, cycle_err, cycle_n, s, j, c, has_change, outlier):  # pr
 
     Its forecasts (``_cycle_ahead``) are what the changes one and two cycles before agree on
     (for k steps ahead, their totals over the same k readings): the smaller of the two if they
-    have the same sign, else none (minmod). A change seen once,
-    a level shift or the step into a spike, is not forecast again a cycle later (with the last
-    cycle alone repeated, a sensor with a clean cycle of 48 readings shifted by 3 amplitudes
-    was flagged again a cycle after the shift). The change into a spike (``outlier``) is kept
-    as no change and scores no lag."""
+    have the same sign, else none (minmod). A change seen once, a level shift or the step into
+    a spike, is not forecast again a cycle later (with the last cycle alone repeated, a sensor
+    with a clean cycle of 48 readings shifted by 3 amplitudes was flagged again a cycle after
+    the shift). The change into a spike (``outlier``) is kept as no change and scores no lag."""
     n = cycle_n[s]  # this change's number (the slot's count is advanced after every feature)
     if has_change:
         if outlier:

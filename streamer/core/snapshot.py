@@ -115,10 +115,8 @@ def upgrade(state: dict) -> dict:
         shape = tuple(calibration["q_hi"].shape)
         state = {**state, "calibration": {**calibration, "level_weight": torch.from_numpy(
             level_weight_codes(LEVEL_WEIGHT, shape))}}
-    if state["format"] in ("streamer.learner/7", "streamer.learner/8", "streamer.learner/9",
-                           "streamer.learner/10", "streamer.learner/11",
-                           "streamer.learner/12", "streamer.learner/13"):
-        return {**state, "format": FORMAT}
+    if state["format"] not in ("streamer.learner/4", "streamer.learner/5", "streamer.learner/6"):
+        return {**state, "format": FORMAT}  # 7 and later lack nothing more
     ids = state["table"]["ids"]
     k = int(state["config"].get("tbptt_steps", LearnerConfig.tbptt_steps))
     free = torch.tensor([i is None for i in ids], dtype=torch.bool)
