@@ -201,7 +201,7 @@ def windows(labels: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(np.r_[idx[0], idx[cuts + 1]], np.r_[idx[cuts], idx[-1]]))
 
 
-def _paused_sensor(kind: str, n_flat: int, seed: int) -> tuple[np.ndarray, int]:
+def paused_sensor(kind: str, n_flat: int, seed: int) -> tuple[np.ndarray, int]:
     """1,000 readings, ``n_flat`` of exactly the level, 3,000 more; and where they resume."""
     rng = np.random.default_rng(seed)
 
@@ -225,7 +225,7 @@ def after_a_pause(config: LearnerConfig, pauses: tuple[int, ...]) -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for seed, kind in enumerate(("white", "AR(1)")):
         for n_flat in (0, *pauses):
-            values, back = _paused_sensor(kind, n_flat, seed)
+            values, back = paused_sensor(kind, n_flat, seed)
             batch = Batch.from_arrays(["s"] * len(values), 1.7e9 + 60.0 * np.arange(len(values)),
                                       values)
             out, _, _ = run(batch, config)

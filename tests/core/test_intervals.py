@@ -16,6 +16,7 @@ from streamer.core.intervals import (
     level_weights,
 )
 from streamer.tools.replay import backtest
+from tests.bench_intervals import paused_sensor
 
 WARMUP = 200  # readings per sensor before coverage is measured (the benchmark's warm-up)
 
@@ -102,10 +103,8 @@ def test_intervals_are_back_to_normal_width_soon_after_a_week_long_flat_stretch(
     # had shrunk with the flat stretch and takes ~100 readings to grow back, and the error
     # profile must not learn that lag as the hour's error (a bucket grew to 150x, the
     # intervals stayed 2.5x too wide over the next 3,000 readings).
-    rng = np.random.default_rng(4)
-    before, after = 20 + rng.normal(size=1000), 20 + rng.normal(size=3000)
-    paused = np.concatenate([before, np.full(10_000, 20.0), after])
-    never = np.concatenate([before, after])
+    paused, _ = paused_sensor("white", 10_000, seed=4)  # 1,000 readings, flat, 3,000 more
+    never, _ = paused_sensor("white", 0, seed=4)  # the same readings, never paused
     late = slice(1000, 3000)  # of the readings after the pause
     score = _winkler(paused, _one_sensor(paused))[-3000:][late].mean()
     usual = _winkler(never, _one_sensor(never))[-3000:][late].mean()
