@@ -1,7 +1,7 @@
 """What sharing weights across a consumer group does to forecast quality (a print-out).
 
     python -m tests.bench_sharing [--fleets appliances,parking,hourly,daily] [--workers 4]
-                                  [--every 256,4096] [--seeds 0,1,2]
+                                  [--every 256,4096] [--seeds 0,1,2] [--last 0.2]
 
 Each shared fleet is replayed prequentially (every reading, in file order, as
 tests/bench_quality.py) three ways:
@@ -22,7 +22,9 @@ With several ``--seeds`` (the model's initial weights, ``LearnerConfig.seed``) e
 repeated per seed, and a ``mean`` row gives each change as the mean +- standard deviation of
 the paired changes (same seed, same fleet): whether a difference outlasts the initialization.
 
-relMAE = mean over sensors of MAE / persistence MAE (``streamer.tools.replay.score``). Target
+relMAE = mean over sensors of MAE / persistence MAE (``streamer.tools.replay.score``), over
+every reading, or with ``--last`` over the latest share of them (where the arrangements stand
+once they have learned). Target
 (issue 15): sharing within 2 % of one worker, and at least as good as not sharing.
 """
 
@@ -79,8 +81,10 @@ def partition_of(sensor_ids: list[str], n: int) -> np.ndarray:
     return np.array([(murmur2(s.encode()) & 0x7FFFFFFF) % n for s in sensor_ids])
 
 
-def run(readings: Batch, config: LearnerConfig, workers: int, every: int | None) -> float:
-    """relMAE of ``workers`` learners over the fleet, sharing every ``every`` readings."""
+def run(readings: Batch, config: LearnerConfig, workers: int, every: int | None,
+        last: float = 1.0) -> float:
+    """relMAE of ``workers`` learners over the fleet, sharing every ``every`` readings, scored
+    on the ``last`` share of the readings (1: all of them)."""
     part = partition_of(readings.sensor_ids, workers)
     learners = [Learner(config) for _ in range(workers)]
     bus: list[Loopback] = []
@@ -108,7 +112,9 @@ def run(readings: Batch, config: LearnerConfig, workers: int, every: int | None)
                 for s in sharing:
                     s.tick()
             since_share = 0
-    return score(readings.sensor_ids, readings.values, outputs.forecasts, outputs.status).rel_mae
+    start = len(readings) - round(last * len(readings))
+    return score(readings.sensor_ids[start:], readings.values[start:], outputs.forecasts[start:],
+                 outputs.status[start:]).rel_mae
 
 
 def _metrics() -> Metrics:
@@ -126,6 +132,9 @@ def main() -> int:
                         "several, a row per seed and their mean, and each paired difference's "
                         "mean +- standard deviation over the seeds")
     parser.add_argument("--limit", type=int, default=None, help="first N readings per fleet")
+    parser.add_argument("--last", type=float, default=1.0, help="score only this share of "
+                        "each fleet's readings, the latest (0.2: how each arrangement forecasts "
+                        "once it has learned)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     every = [int(x) for x in args.every.split(",") if x]
@@ -141,8 +150,9 @@ def main() -> int:
         rows = []  # per seed: one, apart, then sharing at each interval
         for seed in seeds:
             config = LearnerConfig(device="cpu", seed=seed)
-            rows.append([run(readings, config, 1, None), run(readings, config, n, None)]
-                        + [run(readings, config, n, e) for e in every])
+            rows.append([run(readings, config, 1, None, args.last),
+                         run(readings, config, n, None, args.last)]
+                        + [run(readings, config, n, e, args.last) for e in every])
             print(_row(name, str(seed), len(readings), rows[-1]), flush=True)
         if len(seeds) > 1:
             print(_row(name, "mean", len(readings), list(np.mean(rows, axis=0)), rows),
