@@ -35,7 +35,10 @@ class ModelRecord:
     key: bytes | None
     value: bytes | None  # None: a tombstone (a worker that left)
     headers: list[tuple[str, bytes]]
-    timestamp_s: float  # when it was published (the record's create time)
+    timestamp_s: float  # when it was published (the record's create time: the peer's clock)
+    # Read as it arrived (at or past the topic's end when this consumer (re)connected), not
+    # from history: its age can run from its arrival, on the reader's own clock.
+    live: bool = True
 
 
 class ModelTopic:
@@ -102,10 +105,13 @@ class ModelTopic:
                     consumer.seek_to_beginning(partition)
                 else:  # a reconnect: read on, not the whole history again
                     consumer.seek(partition, self._next_offset)
+                # Below this offset is history (written before we were reading): its age can
+                # only come from its create time; records from here on arrive live.
+                live_from = consumer.end_offsets([partition])[partition]
                 producer = self.connection.kafka_python(
                     KafkaProducer, acks="all", linger_ms=0,
                     max_request_size=self.max_message_bytes)
-                self._serve(consumer, producer)
+                self._serve(consumer, producer, live_from)
                 return
             except Exception as exc:  # noqa: BLE001 - any Kafka trouble: count, wait, reconnect
                 self._failures += 1
@@ -118,7 +124,7 @@ class ModelTopic:
                     if client is not None:
                         _close_quietly(client)
 
-    def _serve(self, consumer: KafkaConsumer, producer: KafkaProducer) -> None:
+    def _serve(self, consumer: KafkaConsumer, producer: KafkaProducer, live_from: int) -> None:
         while True:
             stopping = self._stop.is_set()
             with self._outbox_lock:
@@ -139,7 +145,8 @@ class ModelTopic:
                 return
             for batch in consumer.poll(timeout_ms=int(POLL_S * 1000)).values():
                 self._inbox.extend(ModelRecord(r.key, r.value, list(r.headers or []),
-                                               r.timestamp / 1000.0) for r in batch)
+                                               r.timestamp / 1000.0, r.offset >= live_from)
+                                   for r in batch)
                 self._next_offset = batch[-1].offset + 1
 
 

@@ -50,7 +50,8 @@ class Entry:
     weights: w.Weights
     readings: int  # readings trained since that worker's previous publish: its weight
     sequence: int
-    published_at: float  # wall seconds
+    published_at: float  # the record's create time (that worker's wall clock): orders its records
+    heard_at: float  # when it arrived, on our wall clock (from history: its create time): its age
 
 
 class ModelBoard:
@@ -66,13 +67,14 @@ class ModelBoard:
         # none yet). Never changed in place: a reference taken at a checkpoint's copy stays.
         self.shift: w.Weights | None = None
         self.version = 0  # changes whenever new weights arrive (ours or a peer's)
+        self._skewed: set[str] = set()  # peers whose clock was said to be off (said once)
 
     def ours(self, weights: w.Weights, shift_at_copy: w.Weights | None, readings: int,
              sequence: int, at: float) -> None:
         """We published ``weights``, copied when the averaging shifts added up to
         ``shift_at_copy``: the board (and every peer's) now knows what we had learned up to
         that copy, so our base is those weights plus the averaging shifts applied since."""
-        self.entries[self.me] = Entry(self.me, weights, readings, sequence, at)
+        self.entries[self.me] = Entry(self.me, weights, readings, sequence, at, at)
         if shift_at_copy is self.shift:  # no average since the copy: exactly those weights
             self.base = weights
         else:
@@ -105,7 +107,11 @@ class ModelBoard:
         if record.value is None:  # a worker that left cleanly: left out of later averages
             self.entries.pop(worker, None)  # (its weights are in ours already: no new average)
             return None
-        if now - record.timestamp_s > self.ttl_s:
+        # Its age on our clock: from its arrival when read live, so that a peer whose clock is
+        # off still counts; history read at start-up has only its create time to go by (one
+        # dated ahead of our clock counts as written now).
+        heard_at = now if record.live else min(record.timestamp_s, now)
+        if now - heard_at > self.ttl_s:
             return None  # too old to average with: not even decoded (a replay of history)
         if headers.get(H_FINGERPRINT, b"").decode(errors="replace") != self.fingerprint:
             return "incompatible"
@@ -114,7 +120,15 @@ class ModelBoard:
         if not 0 <= readings <= MAX_READINGS:
             return "garbage"
         weights = w.loads(record.value, self.like)
-        self.entries[worker] = Entry(worker, weights, readings, sequence, record.timestamp_s)
+        if record.live and abs(now - record.timestamp_s) > self.ttl_s \
+                and worker not in self._skewed:
+            self._skewed.add(worker)
+            log.warning("model topic: worker %s's clock is %.0f s %s ours (more than the peer "
+                        "TTL); its weights are aged from their arrival instead", worker,
+                        abs(now - record.timestamp_s),
+                        "behind" if record.timestamp_s < now else "ahead of")
+        self.entries[worker] = Entry(worker, weights, readings, sequence, record.timestamp_s,
+                                     heard_at)
         self.version += 1
         return None
 
@@ -122,7 +136,7 @@ class ModelBoard:
         """Ours and the peers heard from within the TTL, in worker-id order (the same order on
         every worker: equal boards give bitwise equal averages). Forgets the others."""
         stale = [k for k, e in self.entries.items()
-                 if k != self.me and now - e.published_at > self.ttl_s]
+                 if k != self.me and now - e.heard_at > self.ttl_s]
         for k in stale:  # like a tombstone: no new average by itself
             del self.entries[k]
         return [self.entries[k] for k in sorted(self.entries)]

@@ -27,11 +27,12 @@ def _weights(shift: float) -> w.Weights:
 
 
 def _record(worker: str, weights: w.Weights | None, readings: int = 10, at: float = 100.0,
-            group: str = "g", fingerprint: str = FP, sequence: int = 1) -> ModelRecord:
+            group: str = "g", fingerprint: str = FP, sequence: int = 1,
+            live: bool = True) -> ModelRecord:
     headers = [(H_GROUP, group.encode()), (H_FINGERPRINT, fingerprint.encode()),
                (H_READINGS, str(readings).encode()), (H_SEQUENCE, str(sequence).encode())]
     return ModelRecord(record_key(group, worker), None if weights is None else w.dumps(weights),
-                       headers, at)
+                       headers, at, live)
 
 
 def _offer(board: ModelBoard, record: ModelRecord, now: float = 100.0) -> str | None:
@@ -211,8 +212,25 @@ def test_a_record_older_than_the_held_one_or_than_the_ttl_is_not_taken():
     _offer(board, _record("b", _weights(2.0), at=100.0))
     _offer(board, _record("b", _weights(7.0), at=90.0))  # re-read history: older
     assert _equal(board.entries["b"].weights, _weights(2.0))
-    _offer(board, _record("c", _weights(3.0), at=10.0), now=100.0)
-    assert "c" not in board.entries  # past the TTL when read: skipped
+    _offer(board, _record("c", _weights(3.0), at=10.0, live=False), now=100.0)
+    assert "c" not in board.entries  # history past the TTL when read: skipped
+
+
+@pytest.mark.parametrize("skew", [-3600.0, 3600.0])
+def test_a_peer_whose_clock_is_off_is_averaged_and_ages_from_when_its_record_arrived(skew):
+    # Read live, a record's age runs on our clock from its arrival: a peer an hour behind is
+    # not dropped as an hour old, and one an hour ahead does not stay fresh for an hour.
+    board = _board(ttl=60.0)
+    board.ours(_weights(0.0), None, 10, 1, at=100.0)
+    assert _offer(board, _record("b", _weights(2.0), at=100.0 + skew), now=100.0) is None
+    assert board.peers(now=150.0) == 1
+    assert board.average(_weights(0.0), now=150.0) is not None
+    # History (read at start-up, before the topic's end) has only its create time to go by:
+    # an hour old is skipped, dated ahead of us counts as written when read.
+    assert _offer(board, _record("c", _weights(2.0), at=100.0 + skew, live=False),
+                  now=100.0) is None
+    assert ("c" in board.entries) == (skew > 0)
+    assert board.peers(now=161.0) == 0  # both silent for longer than the TTL since read
 
 
 def test_records_are_keyed_by_group_and_worker_so_groups_never_replace_each_others():
