@@ -1,7 +1,7 @@
 """What sharing weights across a consumer group does to forecast quality (a print-out).
 
     python -m tests.bench_sharing [--fleets appliances,parking,hourly,daily] [--workers 4]
-                                  [--every 256,4096] [--seeds 0,1,2] [--last 0.2]
+                                  [--every 256,4096] [--seeds 0,1,2] [--last 0.2] [--ideal]
 
 Each shared fleet is replayed prequentially (every reading, in file order, as
 tests/bench_quality.py) three ways:
@@ -16,7 +16,11 @@ tests/bench_quality.py) three ways:
   by readings trained, what was learned since publishing kept on top). Only the transport is
   in process here: a loopback that hands each published record to every other worker's inbox
   in publish order, instead of the Kafka model topic (tests/serving/test_sharing_workers.py
-  runs the same code between real workers on the real broker).
+  runs the same code between real workers on the real broker);
+* with ``--ideal``, **the best one shared model can do** (``OneWeightSet``): one set of
+  weights and one optimizer that every worker's update is applied to in turn, none stale, each
+  update training one partition's windows only (what N workers with perfect, instant sharing
+  would compute). Any rule for combining separately trained weights approximates this.
 
 With several ``--seeds`` (the model's initial weights, ``LearnerConfig.seed``) every row is
 repeated per seed, and a ``mean`` row gives each change as the mean +- standard deviation of
@@ -41,6 +45,13 @@ from kafka.partitioner.default import murmur2
 from prometheus_client import CollectorRegistry
 
 from streamer.core import Batch, Learner, LearnerConfig
+from streamer.core.batch import UpdateStats
+from streamer.core.learner import (
+    MAX_WINDOWS_PER_UPDATE,
+    MIN_READY_MAX,
+    MIN_READY_PER_SENSORS,
+    RAMP_UPDATES,
+)
 from streamer.kafka.model_topic import ModelRecord
 from streamer.observability.metrics import Metrics
 from streamer.serving.sharing import ModelSharing
@@ -81,12 +92,59 @@ def partition_of(sensor_ids: list[str], n: int) -> np.ndarray:
     return np.array([(murmur2(s.encode()) & 0x7FFFFFFF) % n for s in sensor_ids])
 
 
+class OneWeightSet(Learner):
+    """N workers sharing perfectly: every update trains the queued windows of one partition
+    (the sensors one worker holds), and all of them go to one set of weights, one after
+    another, none stale. Each partition waits for as many windows as its worker's learner
+    would (``Learner._min_ready`` counted on that partition's updates and sensors)."""
+
+    def __init__(self, config: LearnerConfig, partition: dict[str, int], workers: int):
+        super().__init__(config)
+        self.partition, self.attempts = partition, [0] * workers
+
+    def _need(self, p: int, slot_part: np.ndarray) -> int:
+        warm = min(self.config.min_update_windows, 1 + self.attempts[p] // RAMP_UPDATES)
+        live = int(np.count_nonzero((self.stats.count > 0) & (slot_part == p)))
+        return max(warm, min(MIN_READY_MAX, live // MIN_READY_PER_SENSORS))
+
+    def _slot_partitions(self) -> np.ndarray:
+        slot_part = np.full(self.table.capacity, -1)
+        for sensor, slot in self.table.items():
+            slot_part[slot] = self.partition[sensor]
+        return slot_part
+
+    def _min_ready(self) -> int:  # a trigger is worth a chunk when some partition may update
+        slot_part = self._slot_partitions()
+        return min(self._need(p, slot_part) for p in range(len(self.attempts)))
+
+    def _train(self, min_ready: int | None = None) -> UpdateStats | None:
+        slot_part, last = self._slot_partitions(), None
+        for p in range(len(self.attempts)):
+            queued = slot_part[self.state.queue.slots]
+            mine = np.flatnonzero(queued == p)
+            if not len(mine) or len(mine) < self._need(p, slot_part):
+                continue
+            # That partition's windows first (oldest first), then take exactly them.
+            self.state._queue.keep(np.concatenate([mine, np.flatnonzero(queued != p)]))
+            self.attempts[p] += 1
+            with torch.enable_grad():
+                last = self.trainer.update(
+                    self.state.take_queued(min(len(mine), MAX_WINDOWS_PER_UPDATE)))
+        return last
+
+
 def run(readings: Batch, config: LearnerConfig, workers: int, every: int | None,
-        last: float = 1.0) -> float:
+        last: float = 1.0, ideal: bool = False) -> float:
     """relMAE of ``workers`` learners over the fleet, sharing every ``every`` readings, scored
-    on the ``last`` share of the readings (1: all of them)."""
+    on the ``last`` share of the readings (1: all of them); ``ideal``: one ``OneWeightSet``
+    standing for ``workers`` sharing perfectly."""
+    if ideal:
+        ids = sorted(set(readings.sensor_ids))
+        group = OneWeightSet(config, dict(zip(ids, partition_of(ids, workers).tolist())), workers)
+        learners, workers, every = [group], 1, None
+    else:
+        learners = [Learner(config) for _ in range(workers)]
     part = partition_of(readings.sensor_ids, workers)
-    learners = [Learner(config) for _ in range(workers)]
     bus: list[Loopback] = []
     sharing = [ModelSharing(learner, Loopback(bus), f"w{i}", "bench", 0.0, float("inf"),
                             _metrics()) for i, learner in enumerate(learners)] if every else []
@@ -135,14 +193,17 @@ def main() -> int:
     parser.add_argument("--last", type=float, default=1.0, help="score only this share of "
                         "each fleet's readings, the latest (0.2: how each arrangement forecasts "
                         "once it has learned)")
+    parser.add_argument("--ideal", action="store_true", help="add a column: the best one "
+                        "shared model can do (OneWeightSet: perfect, instant sharing)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     every = [int(x) for x in args.every.split(",") if x]
     seeds = [int(x) for x in args.seeds.split(",") if x]
     n = args.workers
-    head = " | ".join(f"{n} sharing every {e:,} (vs one; vs not sharing)" for e in every)
+    heads = [f"{n} sharing every {e:,}" for e in every] + [f"{n} ideal"] * args.ideal
+    head = " | ".join(f"{h} (vs one; vs not sharing)" for h in heads)
     print(f"| fleet | seed | readings | one worker | {n} not sharing | {head} |")
-    print("| --- | --- | ---: | ---: | ---: |" + " ---: |" * len(every), flush=True)
+    print("| --- | --- | ---: | ---: | ---: |" + " ---: |" * len(heads), flush=True)
     for name in args.fleets.split(","):
         readings = read_fleet(name, args.data)
         if args.limit:
@@ -152,7 +213,9 @@ def main() -> int:
             config = LearnerConfig(device="cpu", seed=seed)
             rows.append([run(readings, config, 1, None, args.last),
                          run(readings, config, n, None, args.last)]
-                        + [run(readings, config, n, e, args.last) for e in every])
+                        + [run(readings, config, n, e, args.last) for e in every]
+                        + ([run(readings, config, n, None, args.last, ideal=True)]
+                           if args.ideal else []))
             print(_row(name, str(seed), len(readings), rows[-1]), flush=True)
         if len(seeds) > 1:
             print(_row(name, "mean", len(readings), list(np.mean(rows, axis=0)), rows),

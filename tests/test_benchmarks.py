@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,11 +50,11 @@ def test_intervals_benchmark_quick_run_compares_streamer_with_both_baselines() -
 
 def test_sharing_benchmark_quick_run_averages_its_seeds() -> None:
     out = _run("-m", "tests.bench_sharing", "--fleets", "sample", "--limit", "3000",
-               "--seeds", "0,1", "--every", "512", timeout_s=240)
+               "--seeds", "0,1", "--every", "512", "--ideal", timeout_s=240)
     seeds = [_row(out, f"sample | {seed}") for seed in ("0", "1", "mean")]
-    for cells in seeds:  # relMAE of one worker, of 4 not sharing, of 4 sharing
-        assert all(0.1 < _number(cells[k]) < 2.0 for k in (3, 4, 5))
-    for k in (3, 4, 5):
+    for cells in seeds:  # relMAE of one worker, of 4 not sharing, of 4 sharing, of the ideal
+        assert all(0.1 < _number(cells[k]) < 2.0 for k in (3, 4, 5, 6))
+    for k in (3, 4, 5, 6):
         assert _number(seeds[2][k]) == pytest.approx(
             (_number(seeds[0][k]) + _number(seeds[1][k])) / 2, abs=1e-4)
     assert "+-" in seeds[2][5]  # the paired change's spread over the seeds
@@ -102,3 +103,29 @@ def test_checkpoint_benchmark_quick_run_times_all_three_modes_and_the_live_worke
     assert _number(_row(out, "checkpoints off")[6]) == 0
     ceiling = _row(out, "IO ceiling (no model)")
     assert _number(ceiling[4]) > 0 and ceiling[7] == "-"  # p99 ms; no checkpoint stall
+
+
+def test_the_ideal_shared_model_trains_one_partition_per_update_and_every_partition() -> None:
+    from streamer.core import LearnerConfig
+    from tests.bench_fleets import read_fleet
+    from tests.bench_sharing import OneWeightSet, partition_of
+
+    readings = read_fleet("sample", Path())
+    readings = readings.take(np.arange(6000))
+    ids = sorted(set(readings.sensor_ids))
+    partition = dict(zip(ids, partition_of(ids, 4).tolist()))
+    group = OneWeightSet(LearnerConfig(device="cpu"), partition, 4)
+    sensor_of = {}
+    trained: list[set[int]] = []
+    update = group.trainer.update
+
+    def recording(windows):
+        for sensor, slot in group.table.items():
+            sensor_of[slot] = sensor
+        trained.append({partition[sensor_of[s]] for s in windows.slots.tolist()})
+        return update(windows)
+
+    group.trainer.update = recording
+    group.step(readings)
+    assert trained and all(len(parts) == 1 for parts in trained)
+    assert set().union(*trained) == set(partition.values()) and len(set(partition.values())) > 1
