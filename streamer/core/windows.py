@@ -97,7 +97,7 @@ class WindowQueue:
         self.n += len(w)
 
     def keep(self, index: np.ndarray) -> None:
-        """Keep only the queued windows at ``index`` (ascending), in that order."""
+        """Keep only the queued windows at ``index``, in that order."""
         kept = self.view().take(index)
         self.n = 0
         self._write(0, kept)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -36,9 +37,10 @@ class ModelRecord:
     value: bytes | None  # None: a tombstone (a worker that left)
     headers: list[tuple[str, bytes]]
     timestamp_s: float  # when it was published (the record's create time: the peer's clock)
-    # Read as it arrived (at or past the topic's end when this consumer (re)connected), not
-    # from history: its age can run from its arrival, on the reader's own clock.
-    live: bool = True
+    offset: int | None = None  # its position on the topic (None: a transport that keeps order)
+    # Our wall clock when it arrived, for a record read live (at or past the topic's end when
+    # this reader (re)connected); None for history, whose age only its create time can tell.
+    arrived_s: float | None = None
 
 
 class ModelTopic:
@@ -106,7 +108,8 @@ class ModelTopic:
                 else:  # a reconnect: read on, not the whole history again
                     consumer.seek(partition, self._next_offset)
                 # Below this offset is history (written before we were reading): its age can
-                # only come from its create time; records from here on arrive live.
+                # only come from its create time; records from here on arrive live, and are
+                # stamped with our clock as they do.
                 live_from = consumer.end_offsets([partition])[partition]
                 producer = self.connection.kafka_python(
                     KafkaProducer, acks="all", linger_ms=0,
@@ -144,9 +147,11 @@ class ModelTopic:
             if stopping:
                 return
             for batch in consumer.poll(timeout_ms=int(POLL_S * 1000)).values():
-                self._inbox.extend(ModelRecord(r.key, r.value, list(r.headers or []),
-                                               r.timestamp / 1000.0, r.offset >= live_from)
-                                   for r in batch)
+                now = time.time()
+                self._inbox.extend(
+                    ModelRecord(r.key, r.value, list(r.headers or []), r.timestamp / 1000.0,
+                                r.offset, now if r.offset >= live_from else None)
+                    for r in batch)
                 self._next_offset = batch[-1].offset + 1
 
 

@@ -50,7 +50,7 @@ class Entry:
     weights: w.Weights
     readings: int  # readings trained since that worker's previous publish: its weight
     sequence: int
-    published_at: float  # the record's create time (that worker's wall clock): orders its records
+    offset: int | None  # its record's position on the topic, which orders that worker's records
     heard_at: float  # when it arrived, on our wall clock (from history: its create time): its age
 
 
@@ -74,7 +74,7 @@ class ModelBoard:
         """We published ``weights``, copied when the averaging shifts added up to
         ``shift_at_copy``: the board (and every peer's) now knows what we had learned up to
         that copy, so our base is those weights plus the averaging shifts applied since."""
-        self.entries[self.me] = Entry(self.me, weights, readings, sequence, at, at)
+        self.entries[self.me] = Entry(self.me, weights, readings, sequence, None, at)
         if shift_at_copy is self.shift:  # no average since the copy: exactly those weights
             self.base = weights
         else:
@@ -102,15 +102,17 @@ class ModelBoard:
         if worker == self.me:
             return None  # ours: the board has them already
         held = self.entries.get(worker)
-        if held is not None and record.timestamp_s < held.published_at:
-            return None  # older than what we hold (a re-read): the newer one stays
+        if held is not None and None not in (held.offset, record.offset) \
+                and record.offset <= held.offset:
+            return None  # written before what we hold (a re-read): the newer one stays
         if record.value is None:  # a worker that left cleanly: left out of later averages
             self.entries.pop(worker, None)  # (its weights are in ours already: no new average)
             return None
         # Its age on our clock: from its arrival when read live, so that a peer whose clock is
-        # off still counts; history read at start-up has only its create time to go by (one
-        # dated ahead of our clock counts as written now).
-        heard_at = now if record.live else min(record.timestamp_s, now)
+        # off still counts; history has only its create time to go by (one dated ahead of our
+        # clock counts as written now).
+        arrived = record.arrived_s
+        heard_at = min(record.timestamp_s if arrived is None else arrived, now)
         if now - heard_at > self.ttl_s:
             return None  # too old to average with: not even decoded (a replay of history)
         if headers.get(H_FINGERPRINT, b"").decode(errors="replace") != self.fingerprint:
@@ -120,14 +122,14 @@ class ModelBoard:
         if not 0 <= readings <= MAX_READINGS:
             return "garbage"
         weights = w.loads(record.value, self.like)
-        if record.live and abs(now - record.timestamp_s) > self.ttl_s \
+        if arrived is not None and abs(arrived - record.timestamp_s) > self.ttl_s \
                 and worker not in self._skewed:
             self._skewed.add(worker)
             log.warning("model topic: worker %s's clock is %.0f s %s ours (more than the peer "
                         "TTL); its weights are aged from their arrival instead", worker,
-                        abs(now - record.timestamp_s),
-                        "behind" if record.timestamp_s < now else "ahead of")
-        self.entries[worker] = Entry(worker, weights, readings, sequence, record.timestamp_s,
+                        abs(arrived - record.timestamp_s),
+                        "behind" if record.timestamp_s < arrived else "ahead of")
+        self.entries[worker] = Entry(worker, weights, readings, sequence, record.offset,
                                      heard_at)
         self.version += 1
         return None

@@ -1,4 +1,4 @@
-"""The model topic's reader against the real local broker: what it tags as history and as live."""
+"""The model topic's reader on the real local broker: history, and when live records arrived."""
 
 from __future__ import annotations
 
@@ -37,10 +37,12 @@ def test_records_written_before_reading_are_history_and_later_ones_live_whatever
     reader.start()
     try:
         early = _received(reader, 1)
-        assert [(r.key, r.live) for r in early] == [(b"g/early", False)]
+        assert [(r.key, r.offset, r.arrived_s) for r in early] == [(b"g/early", 0, None)]
+        sent = time.time()
         _send(broker.bootstrap, topic, b"g/late", behind_ms)
         late = _received(reader, 1)
-        assert [(r.key, r.live) for r in late] == [(b"g/late", True)]
+        assert [(r.key, r.offset) for r in late] == [(b"g/late", 1)]
+        assert sent <= late[0].arrived_s <= time.time()  # stamped on our clock as it arrived
         assert late[0].timestamp_s == pytest.approx(behind_ms / 1000)  # the peer's clock, kept
     finally:
         reader.close()

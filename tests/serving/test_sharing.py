@@ -28,11 +28,11 @@ def _weights(shift: float) -> w.Weights:
 
 def _record(worker: str, weights: w.Weights | None, readings: int = 10, at: float = 100.0,
             group: str = "g", fingerprint: str = FP, sequence: int = 1,
-            live: bool = True) -> ModelRecord:
+            offset: int | None = None, arrived: float | None = None) -> ModelRecord:
     headers = [(H_GROUP, group.encode()), (H_FINGERPRINT, fingerprint.encode()),
                (H_READINGS, str(readings).encode()), (H_SEQUENCE, str(sequence).encode())]
     return ModelRecord(record_key(group, worker), None if weights is None else w.dumps(weights),
-                       headers, at, live)
+                       headers, at, offset, arrived)
 
 
 def _offer(board: ModelBoard, record: ModelRecord, now: float = 100.0) -> str | None:
@@ -206,13 +206,16 @@ def test_malformed_headers_are_garbage_or_skipped_never_an_exception(headers):
     assert board.average(_weights(0.0), now=100.0) is None
 
 
-def test_a_record_older_than_the_held_one_or_than_the_ttl_is_not_taken():
+def test_a_record_written_before_the_held_one_or_history_past_the_ttl_is_not_taken():
     board = _board(ttl=60.0)
     board.ours(_weights(0.0), None, 10, 1, at=100.0)
-    _offer(board, _record("b", _weights(2.0), at=100.0))
-    _offer(board, _record("b", _weights(7.0), at=90.0))  # re-read history: older
+    _offer(board, _record("b", _weights(2.0), at=100.0, offset=5))
+    _offer(board, _record("b", _weights(7.0), at=90.0, offset=3))  # a re-read: written before
     assert _equal(board.entries["b"].weights, _weights(2.0))
-    _offer(board, _record("c", _weights(3.0), at=10.0, live=False), now=100.0)
+    # Later on the topic is newer, whatever its create time (that peer's clock stepped back).
+    _offer(board, _record("b", _weights(8.0), at=50.0, offset=9, arrived=100.0))
+    assert _equal(board.entries["b"].weights, _weights(8.0))
+    _offer(board, _record("c", _weights(3.0), at=10.0), now=100.0)
     assert "c" not in board.entries  # history past the TTL when read: skipped
 
 
@@ -222,13 +225,13 @@ def test_a_peer_whose_clock_is_off_is_averaged_and_ages_from_when_its_record_arr
     # not dropped as an hour old, and one an hour ahead does not stay fresh for an hour.
     board = _board(ttl=60.0)
     board.ours(_weights(0.0), None, 10, 1, at=100.0)
-    assert _offer(board, _record("b", _weights(2.0), at=100.0 + skew), now=100.0) is None
+    assert _offer(board, _record("b", _weights(2.0), at=100.0 + skew, arrived=100.0),
+                  now=100.0) is None
     assert board.peers(now=150.0) == 1
     assert board.average(_weights(0.0), now=150.0) is not None
     # History (read at start-up, before the topic's end) has only its create time to go by:
     # an hour old is skipped, dated ahead of us counts as written when read.
-    assert _offer(board, _record("c", _weights(2.0), at=100.0 + skew, live=False),
-                  now=100.0) is None
+    assert _offer(board, _record("c", _weights(2.0), at=100.0 + skew), now=100.0) is None
     assert ("c" in board.entries) == (skew > 0)
     assert board.peers(now=161.0) == 0  # both silent for longer than the TTL since read
 
