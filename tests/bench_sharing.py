@@ -17,10 +17,10 @@ tests/bench_quality.py) three ways:
   in process here: a loopback that hands each published record to every other worker's inbox
   in publish order, instead of the Kafka model topic (tests/serving/test_sharing_workers.py
   runs the same code between real workers on the real broker);
-* with ``--ideal``, **the best one shared model can do** (``OneWeightSet``): one set of
-  weights and one optimizer that every worker's update is applied to in turn, none stale, each
-  update training one partition's windows only (what N workers with perfect, instant sharing
-  would compute). Any rule for combining separately trained weights approximates this.
+* with ``--ideal``, **N workers sharing perfectly** (``OneWeightSet``): one set of weights and
+  one optimizer that every worker's update goes to as it happens, none stale; each worker
+  updates when and on what its own learner would (its partition's windows). A reference for
+  the rules that combine separately trained weights (they share late), not a bound on them.
 
 With several ``--seeds`` (the model's initial weights, ``LearnerConfig.seed``) every row is
 repeated per seed, and a ``mean`` row gives each change as the mean +- standard deviation of
@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections import deque
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,7 @@ from kafka.partitioner.default import murmur2
 from prometheus_client import CollectorRegistry
 
 from streamer.core import Batch, Learner, LearnerConfig
-from streamer.core.batch import UpdateStats
+from streamer.core.batch import StepResult, UpdateStats
 from streamer.core.learner import (
     MAX_WINDOWS_PER_UPDATE,
     MIN_READY_MAX,
@@ -76,7 +77,8 @@ class Loopback:
         self.published += 1
         for other in self.bus:
             if other is not self:
-                other.inbox.append(ModelRecord(key, value, list(headers), time.time()))
+                now = time.time()  # arrived now, in publish order (no offsets needed)
+                other.inbox.append(ModelRecord(key, value, list(headers), now, None, now))
 
     def received(self) -> list[ModelRecord]:
         out = list(self.inbox)
@@ -93,19 +95,24 @@ def partition_of(sensor_ids: list[str], n: int) -> np.ndarray:
 
 
 class OneWeightSet(Learner):
-    """N workers sharing perfectly: every update trains the queued windows of one partition
-    (the sensors one worker holds), and all of them go to one set of weights, one after
-    another, none stale. Each partition waits for as many windows as its worker's learner
-    would (``Learner._min_ready`` counted on that partition's updates and sensors)."""
+    """N workers sharing perfectly: one set of weights and one optimizer that every worker's
+    update goes to as it happens, none stale. ``step_as(i, batch)`` is worker i's step on its
+    partition's readings, with worker i's own count of readings between updates, its own
+    update-size ramp (``Learner._min_ready`` counted on its updates and its sensors), and
+    updates that train its partition's queued windows only: when each update runs and which
+    windows it trains are exactly those of worker i's own learner (they depend on the stream,
+    not on the weights); only the weights they start from are the whole group's."""
 
     def __init__(self, config: LearnerConfig, partition: dict[str, int], workers: int):
         super().__init__(config)
-        self.partition, self.attempts = partition, [0] * workers
+        self.partition = partition
+        self.accepted, self.attempts, self.worker = [0] * workers, [0] * workers, 0
 
-    def _need(self, p: int, slot_part: np.ndarray) -> int:
-        warm = min(self.config.min_update_windows, 1 + self.attempts[p] // RAMP_UPDATES)
-        live = int(np.count_nonzero((self.stats.count > 0) & (slot_part == p)))
-        return max(warm, min(MIN_READY_MAX, live // MIN_READY_PER_SENSORS))
+    def step_as(self, worker: int, batch: Batch) -> StepResult:
+        self.worker, self.accepted_total = worker, self.accepted[worker]
+        result = self.step(batch)
+        self.accepted[worker] = self.accepted_total
+        return result
 
     def _slot_partitions(self) -> np.ndarray:
         slot_part = np.full(self.table.capacity, -1)
@@ -113,24 +120,23 @@ class OneWeightSet(Learner):
             slot_part[slot] = self.partition[sensor]
         return slot_part
 
-    def _min_ready(self) -> int:  # a trigger is worth a chunk when some partition may update
-        slot_part = self._slot_partitions()
-        return min(self._need(p, slot_part) for p in range(len(self.attempts)))
+    def _min_ready(self) -> int:
+        warm = min(self.config.min_update_windows, 1 + self.attempts[self.worker] // RAMP_UPDATES)
+        mine = self._slot_partitions() == self.worker
+        live = int(np.count_nonzero((self.stats.count > 0) & mine))
+        return max(warm, min(MIN_READY_MAX, live // MIN_READY_PER_SENSORS))
 
     def _train(self, min_ready: int | None = None) -> UpdateStats | None:
-        slot_part, last = self._slot_partitions(), None
-        for p in range(len(self.attempts)):
-            queued = slot_part[self.state.queue.slots]
-            mine = np.flatnonzero(queued == p)
-            if not len(mine) or len(mine) < self._need(p, slot_part):
-                continue
-            # That partition's windows first (oldest first), then take exactly them.
-            self.state._queue.keep(np.concatenate([mine, np.flatnonzero(queued != p)]))
-            self.attempts[p] += 1
-            with torch.enable_grad():
-                last = self.trainer.update(
-                    self.state.take_queued(min(len(mine), MAX_WINDOWS_PER_UPDATE)))
-        return last
+        queued = self._slot_partitions()[self.state.queue.slots]
+        mine = np.flatnonzero(queued == self.worker)
+        if not len(mine) or len(mine) < (self._min_ready() if min_ready is None else min_ready):
+            return None
+        # This worker's windows first (oldest first), then take exactly them.
+        self.state._queue.keep(np.concatenate([mine, np.flatnonzero(queued != self.worker)]))
+        self.attempts[self.worker] += 1
+        with torch.enable_grad():
+            return self.trainer.update(
+                self.state.take_queued(min(len(mine), MAX_WINDOWS_PER_UPDATE)))
 
 
 def run(readings: Batch, config: LearnerConfig, workers: int, every: int | None,
@@ -138,13 +144,14 @@ def run(readings: Batch, config: LearnerConfig, workers: int, every: int | None,
     """relMAE of ``workers`` learners over the fleet, sharing every ``every`` readings, scored
     on the ``last`` share of the readings (1: all of them); ``ideal``: one ``OneWeightSet``
     standing for ``workers`` sharing perfectly."""
+    part = partition_of(readings.sensor_ids, workers)
     if ideal:
         ids = sorted(set(readings.sensor_ids))
         group = OneWeightSet(config, dict(zip(ids, partition_of(ids, workers).tolist())), workers)
-        learners, workers, every = [group], 1, None
+        learners, steps, every = [], [partial(group.step_as, i) for i in range(workers)], None
     else:
         learners = [Learner(config) for _ in range(workers)]
-    part = partition_of(readings.sensor_ids, workers)
+        steps = [learner.step for learner in learners]
     bus: list[Loopback] = []
     sharing = [ModelSharing(learner, Loopback(bus), f"w{i}", "bench", 0.0, float("inf"),
                             _metrics()) for i, learner in enumerate(learners)] if every else []
@@ -152,10 +159,10 @@ def run(readings: Batch, config: LearnerConfig, workers: int, every: int | None,
     fed, since_share, offset = [0] * workers, 0, 0
     for chunk in iter_chunks(readings, BATCH):
         rows = np.arange(offset, offset + len(chunk))
-        for i, learner in enumerate(learners):
+        for i, step in enumerate(steps):
             mine = np.flatnonzero(part[rows] == i)
             if len(mine):
-                result = learner.step(chunk.take(mine))
+                result = step(chunk.take(mine))
                 for name in ("status", "forecasts"):
                     getattr(outputs, name)[rows[mine]] = getattr(result, name)
                 fed[i] += int((result.status == 0).sum())
@@ -193,8 +200,8 @@ def main() -> int:
     parser.add_argument("--last", type=float, default=1.0, help="score only this share of "
                         "each fleet's readings, the latest (0.2: how each arrangement forecasts "
                         "once it has learned)")
-    parser.add_argument("--ideal", action="store_true", help="add a column: the best one "
-                        "shared model can do (OneWeightSet: perfect, instant sharing)")
+    parser.add_argument("--ideal", action="store_true", help="add a column: N workers "
+                        "sharing perfectly (OneWeightSet: every update on one weight set)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     every = [int(x) for x in args.every.split(",") if x]

@@ -105,27 +105,44 @@ def test_checkpoint_benchmark_quick_run_times_all_three_modes_and_the_live_worke
     assert _number(ceiling[4]) > 0 and ceiling[7] == "-"  # p99 ms; no checkpoint stall
 
 
-def test_the_ideal_shared_model_trains_one_partition_per_update_and_every_partition() -> None:
-    from streamer.core import LearnerConfig
+def test_the_ideal_sharing_updates_when_and_on_what_each_worker_would_on_one_weight_set() -> None:
+    from streamer.core import Learner, LearnerConfig
+    from streamer.tools.readings_csv import iter_chunks
     from tests.bench_fleets import read_fleet
     from tests.bench_sharing import OneWeightSet, partition_of
 
-    readings = read_fleet("sample", Path())
-    readings = readings.take(np.arange(6000))
+    readings = read_fleet("sample", Path()).take(np.arange(8000))
     ids = sorted(set(readings.sensor_ids))
     partition = dict(zip(ids, partition_of(ids, 4).tolist()))
-    group = OneWeightSet(LearnerConfig(device="cpu"), partition, 4)
-    sensor_of = {}
-    trained: list[set[int]] = []
-    update = group.trainer.update
+    # Short windows and frequent triggers: over a hundred updates per worker, so that the ramp
+    # makes them wait for more windows than one trigger finds.
+    config = LearnerConfig(device="cpu", train_every=8, tbptt_steps=2)
+    group, workers = OneWeightSet(config, partition, 4), [Learner(config) for _ in range(4)]
 
-    def recording(windows):
-        for sensor, slot in group.table.items():
-            sensor_of[slot] = sensor
-        trained.append({partition[sensor_of[s]] for s in windows.slots.tolist()})
-        return update(windows)
+    def recording(learner: Learner, log: list[tuple[int, ...]]) -> None:
+        update = learner.trainer.update
 
-    group.trainer.update = recording
-    group.step(readings)
-    assert trained and all(len(parts) == 1 for parts in trained)
-    assert set().union(*trained) == set(partition.values()) and len(set(partition.values())) > 1
+        def record(windows):
+            sensor = {slot: s for s, slot in learner.table.items()}
+            log.append(tuple(sorted(partition[sensor[s]] for s in windows.slots.tolist())))
+            return update(windows)
+
+        learner.trainer.update = record
+
+    ideal: list[tuple[int, ...]] = []
+    apart: list[list[tuple[int, ...]]] = [[] for _ in workers]
+    recording(group, ideal)
+    for worker, log in zip(workers, apart):
+        recording(worker, log)
+    part = partition_of(readings.sensor_ids, 4)
+    offset = 0
+    for chunk in iter_chunks(readings, 256):
+        for i, worker in enumerate(workers):
+            mine = np.flatnonzero(part[offset:offset + len(chunk)] == i)
+            group.step_as(i, chunk.take(mine))
+            worker.step(chunk.take(mine))
+        offset += len(chunk)
+    # Every update of the ideal is one worker's, with that worker's windows, in its order.
+    for i, log in enumerate(apart):
+        assert log and [u for u in ideal if u[0] == i] == log
+    assert sorted(ideal) == sorted(u for log in apart for u in log)
