@@ -2,6 +2,7 @@
 
     python -m tests.bench_sharing [--fleets appliances,parking,hourly,daily] [--workers 4]
                                   [--every 256,4096] [--seeds 0,1,2] [--last 0.2] [--ideal]
+                                  [--move 0.5]
 
 Each shared fleet is replayed prequentially (every reading, in file order, as
 tests/bench_quality.py) three ways:
@@ -21,6 +22,12 @@ tests/bench_quality.py) three ways:
   one optimizer that every worker's update goes to as it happens, none stale; each worker
   updates when and on what its own learner would (its partition's windows). A reference for
   the rules that combine separately trained weights (they share late), not a bound on them.
+
+With ``--move F`` the group is rebalanced once, after the share F of each fleet: every
+partition moves to the next worker, its sensors' state handed over as the worker does
+(serving/durability.py), each worker's weights staying where they were, and only the readings
+after the move are scored (one worker holds every partition: nothing moves for it). That is
+what sharing is for: without it, every sensor is then advanced by weights that never saw it.
 
 With several ``--seeds`` (the model's initial weights, ``LearnerConfig.seed``) every row is
 repeated per seed, and a ``mean`` row gives each change as the mean +- standard deviation of
@@ -45,7 +52,7 @@ import torch
 from kafka.partitioner.default import murmur2
 from prometheus_client import CollectorRegistry
 
-from streamer.core import Batch, Learner, LearnerConfig
+from streamer.core import Batch, Learner, LearnerConfig, snapshot
 from streamer.core.batch import StepResult, UpdateStats
 from streamer.core.learner import (
     MAX_WINDOWS_PER_UPDATE,
@@ -140,11 +147,15 @@ class OneWeightSet(Learner):
 
 
 def run(readings: Batch, config: LearnerConfig, workers: int, every: int | None,
-        last: float = 1.0, ideal: bool = False) -> float:
+        last: float = 1.0, ideal: bool = False, move: float | None = None) -> float:
     """relMAE of ``workers`` learners over the fleet, sharing every ``every`` readings, scored
     on the ``last`` share of the readings (1: all of them); ``ideal``: one ``OneWeightSet``
-    standing for ``workers`` sharing perfectly."""
+    standing for ``workers`` sharing perfectly; ``move``: after that share of the readings
+    every partition moves to the next worker (``hand_over``), and only readings after it are
+    scored."""
     part = partition_of(readings.sensor_ids, workers)
+    owner = list(range(workers))  # the worker holding each partition
+    move_at = None if move is None else round(move * len(readings))
     if ideal:
         ids = sorted(set(readings.sensor_ids))
         group = OneWeightSet(config, dict(zip(ids, partition_of(ids, workers).tolist())), workers)
@@ -158,11 +169,15 @@ def run(readings: Batch, config: LearnerConfig, workers: int, every: int | None,
     outputs = ReplayOutputs.empty(len(readings), config.n_features)
     fed, since_share, offset = [0] * workers, 0, 0
     for chunk in iter_chunks(readings, BATCH):
+        if move_at is not None and offset >= move_at:
+            if len(learners) > 1:  # one worker holds every partition: nothing moves
+                owner = hand_over(learners, readings.sensor_ids[:offset], part[:offset], owner)
+            move_at = None
         rows = np.arange(offset, offset + len(chunk))
-        for i, step in enumerate(steps):
-            mine = np.flatnonzero(part[rows] == i)
+        for p, i in enumerate(owner):
+            mine = np.flatnonzero(part[rows] == p)
             if len(mine):
-                result = step(chunk.take(mine))
+                result = steps[i](chunk.take(mine))
                 for name in ("status", "forecasts"):
                     getattr(outputs, name)[rows[mine]] = getattr(result, name)
                 fed[i] += int((result.status == 0).sum())
@@ -178,8 +193,26 @@ def run(readings: Batch, config: LearnerConfig, workers: int, every: int | None,
                     s.tick()
             since_share = 0
     start = len(readings) - round(last * len(readings))
+    if move is not None:
+        start = max(start, round(move * len(readings)))
     return score(readings.sensor_ids[start:], readings.values[start:], outputs.forecasts[start:],
                  outputs.status[start:]).rel_mae
+
+
+def hand_over(learners: list[Learner], seen_ids: list[str], seen_part: np.ndarray,
+              owner: list[int]) -> list[int]:
+    """Every partition moves to the next worker, as in the worker's hand-over
+    (serving/durability.py): the new owner imports its sensors' state from the old owner's
+    snapshot, the old owner drops them; the weights stay where they were. The new owners."""
+    moved = [(p, owner[p], owner[(p + 1) % len(owner)]) for p in range(len(owner))]
+    snapshots = [learner.snapshot() for learner in learners]
+    ids = {p: sorted({s for s, q in zip(seen_ids, seen_part) if q == p}) for p, _, _ in moved}
+    exported = {p: snapshot.sensors_of(snapshots[old], ids[p]) for p, old, _ in moved}
+    for p, old, _ in moved:
+        learners[old].drop_sensors(ids[p])
+    for p, _, new in moved:
+        learners[new].import_sensors(exported[p])
+    return [new for _, _, new in moved]
 
 
 def _metrics() -> Metrics:
@@ -202,7 +235,12 @@ def main() -> int:
                         "once it has learned)")
     parser.add_argument("--ideal", action="store_true", help="add a column: N workers "
                         "sharing perfectly (OneWeightSet: every update on one weight set)")
+    parser.add_argument("--move", type=float, default=None, help="after this share of each "
+                        "fleet every partition moves to the next worker (its sensors' state "
+                        "handed over, the weights staying), and only later readings are scored")
     args = parser.parse_args()
+    if args.move is not None and args.ideal:
+        parser.error("--move and --ideal together: one weight set has nothing to hand over")
     torch.set_num_threads(1)
     every = [int(x) for x in args.every.split(",") if x]
     seeds = [int(x) for x in args.seeds.split(",") if x]
@@ -218,9 +256,10 @@ def main() -> int:
         rows = []  # per seed: one, apart, then sharing at each interval
         for seed in seeds:
             config = LearnerConfig(device="cpu", seed=seed)
-            rows.append([run(readings, config, 1, None, args.last),
-                         run(readings, config, n, None, args.last)]
-                        + [run(readings, config, n, e, args.last) for e in every]
+            rows.append([run(readings, config, 1, None, args.last, move=args.move),
+                         run(readings, config, n, None, args.last, move=args.move)]
+                        + [run(readings, config, n, e, args.last, move=args.move)
+                           for e in every]
                         + ([run(readings, config, n, None, args.last, ideal=True)]
                            if args.ideal else []))
             print(_row(name, str(seed), len(readings), rows[-1]), flush=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,6 +59,9 @@ def test_sharing_benchmark_quick_run_averages_its_seeds() -> None:
         assert _number(seeds[2][k]) == pytest.approx(
             (_number(seeds[0][k]) + _number(seeds[1][k])) / 2, abs=1e-4)
     assert "+-" in seeds[2][5]  # the paired change's spread over the seeds
+    moved = _run("-m", "tests.bench_sharing", "--fleets", "sample", "--limit", "3000",
+                 "--every", "512", "--move", "0.5", timeout_s=240)
+    assert all(0.1 < _number(cell) < 2.0 for cell in _row(moved, "sample | 0")[3:6])
 
 
 def test_chaos_script_quick_run_loses_nothing_on_either_client() -> None:
@@ -146,3 +150,33 @@ def test_the_ideal_sharing_updates_when_and_on_what_each_worker_would_on_one_wei
     for i, log in enumerate(apart):
         assert log and [u for u in ideal if u[0] == i] == log
     assert sorted(ideal) == sorted(u for log in apart for u in log)
+
+
+def test_a_benchmark_rebalance_hands_each_partitions_sensor_state_to_the_next_worker() -> None:
+    from streamer.core import Learner, LearnerConfig, snapshot
+    from tests.bench_fleets import read_fleet
+    from tests.bench_sharing import hand_over, partition_of
+
+    readings = read_fleet("sample", Path()).take(np.arange(3000))
+    part = partition_of(readings.sensor_ids, 4)
+    learners = [Learner(LearnerConfig(device="cpu")) for _ in range(4)]
+    for i, learner in enumerate(learners):
+        learner.step(readings.take(np.flatnonzero(part == i)))
+    before = [learner.snapshot() for learner in learners]
+    weights = [learner.weights() for learner in learners]
+
+    owner = hand_over(learners, readings.sensor_ids, part, [0, 1, 2, 3])
+
+    assert owner == [1, 2, 3, 0]
+    for p, new in enumerate(owner):
+        ids = sorted({s for s, q in zip(readings.sensor_ids, part) if q == p})
+        assert sorted(s for s, _ in learners[new].table.items()) == ids
+        held = snapshot.sensors_of(learners[new].snapshot(), ids)
+        sent = snapshot.sensors_of(before[p], ids)
+        assert held["ids"] == sent["ids"]
+        for name, rows in sent["stats"].items():
+            assert torch.equal(held["stats"][name], rows), name
+        for name, rows in sent["slot_tensors"].items():
+            assert torch.equal(held["slot_tensors"][name], rows), name
+        assert all(torch.equal(learners[new].weights()[k], weights[new][k])
+                   for k in weights[new])  # the weights stay with their worker
