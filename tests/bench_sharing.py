@@ -153,9 +153,12 @@ def run(readings: Batch, config: LearnerConfig, workers: int, every: int | None,
     standing for ``workers`` sharing perfectly; ``move``: after that share of the readings
     every partition moves to the next worker (``hand_over``), and only readings after it are
     scored."""
+    if ideal and move is not None:
+        raise ValueError("one weight set (ideal) has nothing to hand over (move)")
     part = partition_of(readings.sensor_ids, workers)
     owner = list(range(workers))  # the worker holding each partition
     move_at = None if move is None else round(move * len(readings))
+    start = len(readings) - round(last * len(readings))
     if ideal:
         ids = sorted(set(readings.sensor_ids))
         group = OneWeightSet(config, dict(zip(ids, partition_of(ids, workers).tolist())), workers)
@@ -169,10 +172,10 @@ def run(readings: Batch, config: LearnerConfig, workers: int, every: int | None,
     outputs = ReplayOutputs.empty(len(readings), config.n_features)
     fed, since_share, offset = [0] * workers, 0, 0
     for chunk in iter_chunks(readings, BATCH):
-        if move_at is not None and offset >= move_at:
+        if move_at is not None and offset >= move_at:  # at the first chunk from there on
             if len(learners) > 1:  # one worker holds every partition: nothing moves
                 owner = hand_over(learners, readings.sensor_ids[:offset], part[:offset], owner)
-            move_at = None
+            start, move_at = max(start, offset), None  # scored from the move on
         rows = np.arange(offset, offset + len(chunk))
         for p, i in enumerate(owner):
             mine = np.flatnonzero(part[rows] == p)
@@ -192,9 +195,6 @@ def run(readings: Batch, config: LearnerConfig, workers: int, every: int | None,
                 for s in sharing:
                     s.tick()
             since_share = 0
-    start = len(readings) - round(last * len(readings))
-    if move is not None:
-        start = max(start, round(move * len(readings)))
     return score(readings.sensor_ids[start:], readings.values[start:], outputs.forecasts[start:],
                  outputs.status[start:]).rel_mae
 

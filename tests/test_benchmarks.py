@@ -164,6 +164,7 @@ def test_a_benchmark_rebalance_hands_each_partitions_sensor_state_to_the_next_wo
         learner.step(readings.take(np.flatnonzero(part == i)))
     before = [learner.snapshot() for learner in learners]
     weights = [learner.weights() for learner in learners]
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # trained
 
     owner = hand_over(learners, readings.sensor_ids, part, [0, 1, 2, 3])
 
@@ -174,9 +175,23 @@ def test_a_benchmark_rebalance_hands_each_partitions_sensor_state_to_the_next_wo
         held = snapshot.sensors_of(learners[new].snapshot(), ids)
         sent = snapshot.sensors_of(before[p], ids)
         assert held["ids"] == sent["ids"]
-        for name, rows in sent["stats"].items():
-            assert torch.equal(held["stats"][name], rows), name
-        for name, rows in sent["slot_tensors"].items():
-            assert torch.equal(held["slot_tensors"][name], rows), name
+        for kind in (*snapshot.PER_SENSOR_PARTS, "slot_tensors"):
+            for name, rows in sent[kind].items():
+                torch.testing.assert_close(held[kind][name], rows, rtol=0, atol=0,
+                                           equal_nan=True, msg=f"{kind}.{name}")
+        assert torch.equal(held["seen"], sent["seen"]) and torch.equal(held["short"], sent["short"])
         assert all(torch.equal(learners[new].weights()[k], weights[new][k])
                    for k in weights[new])  # the weights stay with their worker
+
+
+def test_with_equal_untrained_weights_a_benchmark_rebalance_changes_no_forecast() -> None:
+    # Four workers that never train hold the same weights, so moving every partition to the
+    # next worker must leave every forecast as it was: the hand-over and the routing after it
+    # lose nothing of a sensor's state.
+    from streamer.core import LearnerConfig
+    from tests.bench_fleets import read_fleet
+    from tests.bench_sharing import run
+
+    readings = read_fleet("sample", Path()).take(np.arange(3072))  # halfway: a chunk boundary
+    config = LearnerConfig(device="cpu", train_every=10**9)
+    assert run(readings, config, 4, None, move=0.5) == run(readings, config, 4, None, last=0.5)
