@@ -157,7 +157,8 @@ def run(readings: Batch, config: LearnerConfig, workers: int, every: int | None,
         raise ValueError("one weight set (ideal) has nothing to hand over (move)")
     part = partition_of(readings.sensor_ids, workers)
     owner = list(range(workers))  # the worker holding each partition
-    move_at = None if move is None else round(move * len(readings))
+    # The move comes just before the readings ``--last 1-F`` would score (the same readings).
+    move_at = None if move is None else len(readings) - round((1 - move) * len(readings))
     start = len(readings) - round(last * len(readings))
     if ideal:
         ids = sorted(set(readings.sensor_ids))
@@ -171,8 +172,8 @@ def run(readings: Batch, config: LearnerConfig, workers: int, every: int | None,
                             _metrics()) for i, learner in enumerate(learners)] if every else []
     outputs = ReplayOutputs.empty(len(readings), config.n_features)
     fed, since_share, offset = [0] * workers, 0, 0
-    for chunk in iter_chunks(readings, BATCH):
-        if move_at is not None and offset >= move_at:  # at the first chunk from there on
+    for chunk in _cut_at(iter_chunks(readings, BATCH), move_at):
+        if move_at is not None and offset >= move_at:
             if len(learners) > 1:  # one worker holds every partition: nothing moves
                 owner = hand_over(learners, readings.sensor_ids[:offset], part[:offset], owner)
             start, move_at = max(start, offset), None  # scored from the move on
@@ -197,6 +198,19 @@ def run(readings: Batch, config: LearnerConfig, workers: int, every: int | None,
             since_share = 0
     return score(readings.sensor_ids[start:], readings.values[start:], outputs.forecasts[start:],
                  outputs.status[start:]).rel_mae
+
+
+def _cut_at(chunks, at: int | None):
+    """The chunks, the one that spans reading ``at`` cut in two there."""
+    offset = 0
+    for chunk in chunks:
+        k = -1 if at is None else at - offset
+        if 0 < k < len(chunk):
+            yield chunk.take(np.arange(k))
+            yield chunk.take(np.arange(k, len(chunk)))
+        else:
+            yield chunk
+        offset += len(chunk)
 
 
 def hand_over(learners: list[Learner], seen_ids: list[str], seen_part: np.ndarray,
