@@ -75,6 +75,7 @@ class Loopback:
 
     def __init__(self, bus: list[Loopback]):
         self.bus, self.inbox, self.failures, self.published = bus, deque(), 0, 0
+        self.caught_up = True  # no history
         bus.append(self)
 
     def start(self) -> None:

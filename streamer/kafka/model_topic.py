@@ -57,6 +57,9 @@ class ModelTopic:
         self._thread = threading.Thread(target=self._run, name="model-topic", daemon=True)
         self._failures = 0  # read by the serving thread (an int: no lock needed)
         self.published = 0  # records acknowledged by the broker
+        # Every record written before we started reading has been handed over (set after the
+        # last of them joined the inbox).
+        self.caught_up = False
 
     @property
     def failures(self) -> int:
@@ -114,7 +117,7 @@ class ModelTopic:
                 producer = self.connection.kafka_python(
                     KafkaProducer, acks="all", linger_ms=0,
                     max_request_size=self.max_message_bytes)
-                self._serve(consumer, producer, live_from)
+                self._serve(consumer, producer, partition, live_from)
                 return
             except Exception as exc:  # noqa: BLE001 - any Kafka trouble: count, wait, reconnect
                 self._failures += 1
@@ -127,7 +130,8 @@ class ModelTopic:
                     if client is not None:
                         _close_quietly(client)
 
-    def _serve(self, consumer: KafkaConsumer, producer: KafkaProducer, live_from: int) -> None:
+    def _serve(self, consumer: KafkaConsumer, producer: KafkaProducer,
+               partition: TopicPartition, live_from: int) -> None:
         while True:
             stopping = self._stop.is_set()
             with self._outbox_lock:
@@ -153,6 +157,8 @@ class ModelTopic:
                                 r.offset, now if r.offset >= live_from else None)
                     for r in batch)
                 self._next_offset = batch[-1].offset + 1
+            if not self.caught_up and consumer.position(partition) >= live_from:
+                self.caught_up = True
 
 
 def _close_quietly(client) -> None:

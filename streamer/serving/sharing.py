@@ -34,6 +34,11 @@ H_GROUP, H_FINGERPRINT = "streamer.group", "streamer.fingerprint"
 H_READINGS, H_SEQUENCE = "streamer.readings", "streamer.sequence"
 RECORD_OVERHEAD = 512  # bytes of a record besides its value, key and headers (batch framing)
 MAX_READINGS = 2**53  # a readings header above this is not a count
+# A worker whose newest record is older than this left without a tombstone (killed: under a
+# Kubernetes Deployment its id, the pod name, never comes back). Once caught up, a reader
+# publishes its tombstone, so that compaction removes the key instead of every new worker
+# fetching it forever.
+DEPARTED_AFTER_S = 86400.0
 
 
 def record_key(group: str, worker: str) -> bytes:
@@ -68,6 +73,9 @@ class ModelBoard:
         self.shift: w.Weights | None = None
         self.version = 0  # changes whenever new weights arrive (ours or a peer's)
         self._skewed: set[str] = set()  # peers whose clock was said to be off (said once)
+        # Workers whose newest record so far, from history, is older than DEPARTED_AFTER_S:
+        # their keys, to tombstone once the whole history has been read.
+        self.departed: dict[str, bytes] = {}
 
     def ours(self, weights: w.Weights, shift_at_copy: w.Weights | None, readings: int,
              sequence: int, at: float) -> None:
@@ -105,6 +113,7 @@ class ModelBoard:
         if held is not None and None not in (held.offset, record.offset) \
                 and record.offset <= held.offset:
             return None  # written before what we hold (a re-read): the newer one stays
+        self.departed.pop(worker, None)  # a newer record of it: not departed, or said already
         if record.value is None:  # a worker that left cleanly: left out of later averages
             self.entries.pop(worker, None)  # (its weights are in ours already: no new average)
             return None
@@ -114,6 +123,8 @@ class ModelBoard:
         arrived = record.arrived_s
         heard_at = min(record.timestamp_s if arrived is None else arrived, now)
         if now - heard_at > self.ttl_s:
+            if arrived is None and now - record.timestamp_s > DEPARTED_AFTER_S:
+                self.departed[worker] = record.key
             return None  # too old to average with: not even decoded (a replay of history)
         if headers.get(H_FINGERPRINT, b"").decode(errors="replace") != self.fingerprint:
             return "incompatible"
@@ -207,10 +218,18 @@ class ModelSharing:
     def tick(self) -> None:
         """Between micro-batches: read the board, publish, and average when due."""
         now_wall, now = time.time(), time.monotonic()
+        caught_up = self.topic.caught_up  # before taking the records: then all history is in
         for record in self.topic.received():
             reason = self.board.offer(record, now_wall)
             if reason is not None:
                 self.metrics.observe_model_ignored(reason)
+        if caught_up and self.board.departed:
+            for key in self.board.departed.values():
+                self.topic.publish(key, None, list(self._headers))
+            log.info("model topic: tombstoned %d workers silent for more than %.0f h (%s)",
+                     len(self.board.departed), DEPARTED_AFTER_S / 3600,
+                     ", ".join(sorted(self.board.departed)))
+            self.board.departed.clear()
         failures, published = self.topic.failures, self.topic.published
         if failures > self._failures_seen:
             self.metrics.observe_model_sync_failures(failures - self._failures_seen)

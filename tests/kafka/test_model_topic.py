@@ -5,16 +5,30 @@ from __future__ import annotations
 import time
 
 import pytest
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer
+from prometheus_client import CollectorRegistry
 
+from streamer.core import Learner, LearnerConfig
+from streamer.core import weights as w
 from streamer.kafka.model_topic import ModelRecord, ModelTopic
+from streamer.observability.metrics import Metrics
+from streamer.serving.sharing import (
+    DEPARTED_AFTER_S,
+    H_FINGERPRINT,
+    H_GROUP,
+    H_READINGS,
+    H_SEQUENCE,
+    ModelSharing,
+)
 
 pytestmark = pytest.mark.broker
 
 
-def _send(bootstrap: str, topic: str, key: bytes, timestamp_ms: int) -> None:
+def _send(bootstrap: str, topic: str, key: bytes, timestamp_ms: int, value: bytes = b"v",
+          headers: list[tuple[str, bytes]] | None = None) -> None:
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    producer.send(topic, key=key, value=b"v", partition=0, timestamp_ms=timestamp_ms).get(10)
+    producer.send(topic, key=key, value=value, partition=0, timestamp_ms=timestamp_ms,
+                  headers=headers or []).get(10)
     producer.close()
 
 
@@ -38,6 +52,7 @@ def test_records_written_before_reading_are_history_and_later_ones_live_whatever
     try:
         early = _received(reader, 1)
         assert [(r.key, r.offset, r.arrived_s) for r in early] == [(b"g/early", 0, None)]
+        assert reader.caught_up
         sent = time.time()
         _send(broker.bootstrap, topic, b"g/late", behind_ms)
         late = _received(reader, 1)
@@ -46,3 +61,36 @@ def test_records_written_before_reading_are_history_and_later_ones_live_whatever
         assert late[0].timestamp_s == pytest.approx(behind_ms / 1000)  # the peer's clock, kept
     finally:
         reader.close()
+
+
+def test_a_worker_tombstones_the_keys_of_workers_silent_for_a_day_once_caught_up(
+        broker, kafka_connection, topic_factory):
+    # A killed pod never publishes its tombstone; its id never returns under a Deployment.
+    topic, config = topic_factory(), LearnerConfig(hidden_size=8, initial_capacity=4)
+    learner = Learner(config)
+    headers = [(H_GROUP, b"g"), (H_FINGERPRINT, config.fingerprint().encode()),
+               (H_READINGS, b"5"), (H_SEQUENCE, b"1")]
+    day_ago_ms = int((time.time() - DEPARTED_AFTER_S - 60) * 1000)
+    weights = w.dumps(learner.weights())
+    _send(broker.bootstrap, topic, b"g/gone", day_ago_ms, weights, headers)
+    _send(broker.bootstrap, topic, b"other/gone", day_ago_ms, weights,
+          [(H_GROUP, b"other")] + headers[1:])  # another group's: not ours to clear
+    _send(broker.bootstrap, topic, b"g/alive", int(time.time() * 1000), weights, headers)
+    metrics = Metrics(CollectorRegistry(), max_grad_norm=1.0, device="cpu", coverage_target=0.9,
+                      horizon=1)
+    sharing = ModelSharing(learner, ModelTopic(kafka_connection, topic, 1_000_000), "me", "g",
+                           30.0, 300.0, metrics)
+    sharing.start()
+    try:
+        deadline = time.monotonic() + 15.0
+        while time.monotonic() < deadline and sharing.topic.published == 0:
+            sharing.tick()
+            time.sleep(0.05)
+        assert sharing.board.peers(time.time()) == 1  # "alive" is averaged, "gone" is not
+    finally:
+        sharing.topic.close()
+    consumer = KafkaConsumer(topic, bootstrap_servers=broker.bootstrap,
+                             auto_offset_reset="earliest", consumer_timeout_ms=3000)
+    written = [(r.key, r.value) for r in consumer]
+    consumer.close()
+    assert written[3:] == [(b"g/gone", None)]

@@ -10,6 +10,7 @@ from streamer.core import weights as w
 from streamer.core.config import LearnerConfig
 from streamer.kafka.model_topic import ModelRecord
 from streamer.serving.sharing import (
+    DEPARTED_AFTER_S,
     H_FINGERPRINT,
     H_GROUP,
     H_READINGS,
@@ -245,3 +246,18 @@ def test_records_are_keyed_by_group_and_worker_so_groups_never_replace_each_othe
     assert _offer(board, _record("w1", _weights(1.0), group="other")) == "other_group"
     assert _offer(board, _record("w1", _weights(1.0))) is None
     assert set(board.entries) == {board.me, "w1"}
+
+
+def test_a_worker_whose_newest_record_in_history_is_a_day_old_is_marked_departed():
+    board = _board(ttl=60.0)
+    now = 10 * DEPARTED_AFTER_S
+    old = now - DEPARTED_AFTER_S - 1
+    _offer(board, _record("gone", _weights(1.0), at=old, offset=1), now=now)
+    _offer(board, _record("back", _weights(1.0), at=old, offset=2), now=now)
+    _offer(board, _record("idle", _weights(1.0), at=now - 3600, offset=3), now=now)  # < a day
+    _offer(board, _record("back", _weights(2.0), at=now - 10, offset=4), now=now)  # newer
+    _offer(board, _record("left", _weights(1.0), at=old, offset=5), now=now)
+    _offer(board, _record("left", None, at=old, offset=6), now=now)  # its tombstone is there
+    # Read live, an old create time is a clock that is off, not a worker that left.
+    _offer(board, _record("skewed", _weights(1.0), at=old, offset=7, arrived=now), now=now)
+    assert board.departed == {"gone": record_key("g", "gone")}
