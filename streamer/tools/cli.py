@@ -8,7 +8,9 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from importlib import resources
 from pathlib import Path
@@ -105,17 +107,30 @@ def _settings(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    stopping = _stop_requests()  # from here on: a SIGTERM while starting is a clean stop too
     settings = _settings(args)
     from streamer.serving.checkpoint import CheckpointError
     from streamer.serving.worker import Worker
 
     try:
-        worker = Worker(settings)
+        worker = Worker(settings)  # seconds: torch, the compiled loops, the model
         worker.install_signal_handlers()
+        if stopping.is_set():  # asked to stop while starting: restore, then leave at once
+            worker.stop()
         return worker.run()
     except CheckpointError as exc:
         logging.getLogger("streamer").error("%s", exc)
         return 1
+
+
+def _stop_requests() -> threading.Event:
+    """Record SIGTERM and SIGINT until the worker installs its own handlers (which take over):
+    a pod stopped during start-up then exits 0 like one stopped while serving, instead of being
+    killed by the signal."""
+    requested = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: requested.set())
+    return requested
 
 
 def _read_readings(path: Path, limit: int | None = None):

@@ -205,6 +205,31 @@ def test_sigkill_mid_stream_then_restart_loses_no_reading(
     assert consume_raw(dlq, 1, timeout_s=1) == []  # nothing applied twice (no ts rejections)
 
 
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` (Linux: SigCgt in /proc)."""
+    with open(f"/proc/{pid}/status") as status:
+        caught = next(int(line.split()[1], 16) for line in status if line.startswith("SigCgt:"))
+    return bool(caught >> (sig - 1) & 1)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_a_sigterm_while_the_worker_is_still_starting_exits_zero(
+        topic_factory, group_id, worker_factory):
+    # Kubernetes stops pods that are still starting too (a rollout, a scale-in): from the
+    # moment the signal is caught, a stop is clean, never lost, never a kill by the signal.
+    inp, out, dlq = _topics(topic_factory)
+    worker = worker_factory(inp, out, dlq, group_id).start()
+    deadline = time.monotonic() + 30
+    while not _catches(worker.proc.pid, signal.SIGTERM):
+        assert time.monotonic() < deadline and worker.proc.poll() is None, worker.log()
+        time.sleep(0.005)
+    ready_when_signalled = worker.get("/readyz")[0] == 200
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0, worker.log()
+    assert "stopped" in worker.log()
+    assert not ready_when_signalled  # it was caught during start-up, before serving
+
+
 def test_sigterm_exits_zero_within_ten_seconds_with_offsets_committed(
         topic_factory, group_id, worker_factory, produce_raw, consume_raw, broker):
     inp, out, dlq = _topics(topic_factory)
