@@ -57,8 +57,8 @@ class ModelTopic:
         self._thread = threading.Thread(target=self._run, name="model-topic", daemon=True)
         self._failures = 0  # read by the serving thread (an int: no lock needed)
         self.published = 0  # records acknowledged by the broker
-        # Every record written before we started reading has been handed over (set after the
-        # last of them joined the inbox).
+        # Every record written before this connection started reading has been handed over
+        # (set after the last of them joined the inbox; cleared at each (re)connect).
         self.caught_up = False
 
     @property
@@ -114,6 +114,7 @@ class ModelTopic:
                 # only come from its create time; records from here on arrive live, and are
                 # stamped with our clock as they do.
                 live_from = consumer.end_offsets([partition])[partition]
+                self.caught_up = False
                 producer = self.connection.kafka_python(
                     KafkaProducer, acks="all", linger_ms=0,
                     max_request_size=self.max_message_bytes)

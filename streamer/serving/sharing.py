@@ -35,9 +35,10 @@ H_READINGS, H_SEQUENCE = "streamer.readings", "streamer.sequence"
 RECORD_OVERHEAD = 512  # bytes of a record besides its value, key and headers (batch framing)
 MAX_READINGS = 2**53  # a readings header above this is not a count
 # A worker whose newest record is older than this left without a tombstone (killed: under a
-# Kubernetes Deployment its id, the pod name, never comes back). Once caught up, a reader
-# publishes its tombstone, so that compaction removes the key instead of every new worker
-# fetching it forever.
+# Kubernetes Deployment its id, the pod name, never comes back). A reader that has read the
+# whole history, and then heard nothing newer from it for a peer TTL (a worker idle for a day
+# that resumes as we start keeps its key), publishes its tombstone, so that compaction removes
+# the key instead of every new worker fetching it forever.
 DEPARTED_AFTER_S = 86400.0
 
 
@@ -192,6 +193,7 @@ class ModelSharing:
         self._published_at = self._averaged_at = -float("inf")  # monotonic
         self._averaged_version = 0
         self._failures_seen = self._published_seen = 0
+        self._caught_up_at: float | None = None  # monotonic; None: reading history
 
     def message_bytes(self) -> int:
         """The size of one published record: the serialized weights, key, headers, framing."""
@@ -218,18 +220,17 @@ class ModelSharing:
     def tick(self) -> None:
         """Between micro-batches: read the board, publish, and average when due."""
         now_wall, now = time.time(), time.monotonic()
-        caught_up = self.topic.caught_up  # before taking the records: then all history is in
+        if not self.topic.caught_up:
+            self._caught_up_at = None
+        elif self._caught_up_at is None:
+            self._caught_up_at = now
         for record in self.topic.received():
             reason = self.board.offer(record, now_wall)
             if reason is not None:
                 self.metrics.observe_model_ignored(reason)
-        if caught_up and self.board.departed:
-            for key in self.board.departed.values():
-                self.topic.publish(key, None, list(self._headers))
-            log.info("model topic: tombstoned %d workers silent for more than %.0f h (%s)",
-                     len(self.board.departed), DEPARTED_AFTER_S / 3600,
-                     ", ".join(sorted(self.board.departed)))
-            self.board.departed.clear()
+        if self.board.departed and self._caught_up_at is not None \
+                and now - self._caught_up_at >= self.board.ttl_s:
+            self._tombstone_departed()
         failures, published = self.topic.failures, self.topic.published
         if failures > self._failures_seen:
             self.metrics.observe_model_sync_failures(failures - self._failures_seen)
@@ -243,6 +244,14 @@ class ModelSharing:
         if self.board.version != self._averaged_version \
                 and now - self._averaged_at >= self.interval_s:
             self._average(now_wall, now)
+
+    def _tombstone_departed(self) -> None:
+        for key in self.board.departed.values():
+            self.topic.publish(key, None, list(self._headers))
+        log.info("model topic: tombstoned %d workers silent for more than %.0f h (%s)",
+                 len(self.board.departed), DEPARTED_AFTER_S / 3600,
+                 ", ".join(sorted(self.board.departed)))
+        self.board.departed.clear()
 
     def _publish(self, now_wall: float, now: float) -> None:
         weights, shift, self._pending = self._pending, self._pending_shift, None

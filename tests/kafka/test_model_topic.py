@@ -52,7 +52,10 @@ def test_records_written_before_reading_are_history_and_later_ones_live_whatever
     try:
         early = _received(reader, 1)
         assert [(r.key, r.offset, r.arrived_s) for r in early] == [(b"g/early", 0, None)]
-        assert reader.caught_up
+        deadline = time.monotonic() + 5.0
+        while not reader.caught_up and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert reader.caught_up  # set just after the last record of history joined the inbox
         sent = time.time()
         _send(broker.bootstrap, topic, b"g/late", behind_ms)
         late = _received(reader, 1)
@@ -78,17 +81,22 @@ def test_a_worker_tombstones_the_keys_of_workers_silent_for_a_day_once_caught_up
     _send(broker.bootstrap, topic, b"g/alive", int(time.time() * 1000), weights, headers)
     metrics = Metrics(CollectorRegistry(), max_grad_norm=1.0, device="cpu", coverage_target=0.9,
                       horizon=1)
+    ttl = 1.0  # the tombstones wait for a peer TTL after the history was read
     sharing = ModelSharing(learner, ModelTopic(kafka_connection, topic, 1_000_000), "me", "g",
-                           30.0, 300.0, metrics)
+                           0.1, ttl, metrics)
     sharing.start()
+    caught_up_at = None
     try:
         deadline = time.monotonic() + 15.0
         while time.monotonic() < deadline and sharing.topic.published == 0:
+            if caught_up_at is None and sharing.topic.caught_up:
+                caught_up_at = time.monotonic()
             sharing.tick()
-            time.sleep(0.05)
-        assert sharing.board.peers(time.time()) == 1  # "alive" is averaged, "gone" is not
+            time.sleep(0.02)
+        published_at = time.monotonic()
     finally:
         sharing.topic.close()
+    assert caught_up_at is not None and published_at - caught_up_at >= ttl - 0.1
     consumer = KafkaConsumer(topic, bootstrap_servers=broker.bootstrap,
                              auto_offset_reset="earliest", consumer_timeout_ms=3000)
     written = [(r.key, r.value) for r in consumer]

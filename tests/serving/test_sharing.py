@@ -258,6 +258,10 @@ def test_a_worker_whose_newest_record_in_history_is_a_day_old_is_marked_departed
     _offer(board, _record("back", _weights(2.0), at=now - 10, offset=4), now=now)  # newer
     _offer(board, _record("left", _weights(1.0), at=old, offset=5), now=now)
     _offer(board, _record("left", None, at=old, offset=6), now=now)  # its tombstone is there
-    # Read live, an old create time is a clock that is off, not a worker that left.
+    # Read live, an old create time is a clock that is off, not a worker that left: kept, or
+    # skipped as stale when it arrived more than the TTL ago (a stalled loop), never marked.
     _offer(board, _record("skewed", _weights(1.0), at=old, offset=7, arrived=now), now=now)
+    _offer(board, _record("stalled", _weights(1.0), at=old, offset=8, arrived=now - 120),
+           now=now)
+    assert "skewed" in board.entries and "stalled" not in board.entries
     assert board.departed == {"gone": record_key("g", "gone")}
