@@ -107,20 +107,27 @@ def _settings(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     stopping = _stop_requests()  # from here on: a SIGTERM while starting is a clean stop too
-    settings = _settings(args)
-    from streamer.serving.checkpoint import CheckpointError
-    from streamer.serving.worker import Worker
-
+    worker = None
     try:
-        worker = Worker(settings)  # seconds: torch, the compiled loops, the model
-        worker.install_signal_handlers()
-        if stopping.is_set():  # asked to stop while starting: restore, then leave at once
-            worker.stop()
-        return worker.run()
-    except CheckpointError as exc:
-        logging.getLogger("streamer").error("%s", exc)
-        return 1
+        settings = _settings(args)
+        from streamer.serving.checkpoint import CheckpointError
+        from streamer.serving.worker import Worker
+
+        try:
+            worker = Worker(settings)  # seconds: torch, the compiled loops, the model
+            worker.install_signal_handlers()
+            if stopping.is_set():  # asked to stop while starting: restore, then leave at once
+                worker.stop()
+            return worker.run()
+        except CheckpointError as exc:
+            logging.getLogger("streamer").error("%s", exc)
+            return 1
+    finally:
+        if worker is None:  # it never took the signals over: give them back as they were
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def _stop_requests() -> threading.Event:

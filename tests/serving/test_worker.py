@@ -395,28 +395,23 @@ def test_output_topics_are_created_once_an_input_topic_missing_at_start_has_reco
         delete_topics(broker.bootstrap, [out, dlq])
 
 
-def test_streamer_run_stops_with_exit_2_and_shuts_down_when_a_topic_cannot_be_created(
-        monkeypatch, tmp_path, capsys):
+def _run_in_process(monkeypatch, tmp_path) -> int:
+    """``streamer run`` in this process against a port nobody listens on (sharing off), with
+    the logging, signal handlers and torch threads it sets restored afterwards."""
     from streamer.tools import cli
 
-    closed = []
-    close = worker_module.Worker._close
-    monkeypatch.setattr(worker_module.Worker, "_close",
-                        lambda self: (closed.append(self), close(self)))
-    monkeypatch.setattr(worker_module, "create_missing_topics", _refusing(REFUSALS[0]))
     for name in [n for n in os.environ if n.startswith("STREAMER_")]:
         monkeypatch.delenv(name)
     for name, value in {"STREAMER_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
                         "STREAMER_CHECKPOINT__DIR": str(tmp_path), "STREAMER_METRICS__PORT": "0",
                         "STREAMER_SHARING__ENABLED": "false", "STREAMER_DEVICE": "cpu"}.items():
         monkeypatch.setenv(name, value)
-    # `streamer run` configures logging, signals and torch's threads for this process
     root, kafka_log = logging.getLogger(), logging.getLogger("kafka")
     handlers, levels = root.handlers[:], (root.level, kafka_log.level)
     signals = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     threads = torch.get_num_threads()
     try:
-        code = cli.main(["run"])
+        return cli.main(["run"])
     finally:
         root.handlers[:] = handlers
         root.setLevel(levels[0])
@@ -424,6 +419,43 @@ def test_streamer_run_stops_with_exit_2_and_shuts_down_when_a_topic_cannot_be_cr
         for sig, handler in signals.items():
             signal.signal(sig, handler)
         torch.set_num_threads(threads)
+
+
+def test_a_sigterm_during_the_workers_construction_stops_it_cleanly_with_exit_0(
+        monkeypatch, tmp_path):
+    built = worker_module.Worker.__init__
+
+    def signalled_while_building(self, settings):
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+            raise AssertionError("SIGTERM would kill the process: no handler yet")
+        os.kill(os.getpid(), signal.SIGTERM)  # recorded, not acted on: no worker to stop yet
+        built(self, settings)
+
+    def connecting(self):
+        raise AssertionError("it went on to serve although asked to stop")
+
+    monkeypatch.setattr(worker_module.Worker, "__init__", signalled_while_building)
+    monkeypatch.setattr(worker_module.Worker, "_connected", connecting)
+    assert _run_in_process(monkeypatch, tmp_path) == 0
+
+
+def test_streamer_run_refusing_its_config_leaves_the_signal_handlers_as_they_were(monkeypatch):
+    from streamer.tools import cli
+
+    monkeypatch.setenv("STREAMER_KAFKA__POLL_TIMEOUT_MS", "-1")
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    assert cli.main(["run"]) == 2
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_streamer_run_stops_with_exit_2_and_shuts_down_when_a_topic_cannot_be_created(
+        monkeypatch, tmp_path, capsys):
+    closed = []
+    close = worker_module.Worker._close
+    monkeypatch.setattr(worker_module.Worker, "_close",
+                        lambda self: (closed.append(self), close(self)))
+    monkeypatch.setattr(worker_module, "create_missing_topics", _refusing(REFUSALS[0]))
+    code = _run_in_process(monkeypatch, tmp_path)
     assert code == 2
     assert "TopicAuthorizationFailedError" in capsys.readouterr().err
     assert len(closed) == 1  # checkpoint writer, clients, model topic and health server
