@@ -503,12 +503,11 @@ def _level_weight_code(k, dither):  # pragma: no cover - compiled
 
 
 @kernel
-def _dither(s, j, n, salt):  # pragma: no cover - compiled
-    """A uniform number in [0, 1) from slot ``s``, feature ``j``, its scored-reading count ``n``
-    and ``salt``: reproducible (a replay, or a restored learner with the sensor in the same
-    slot, rounds the same way; a sensor moved to another slot by a hand-over rounds otherwise,
-    by less than a code a step)."""
-    h = ((n & 0xFFFFFFFF) * 2654435761 + s * 40503 + j * 9973 + salt * 69069) & 0xFFFFFFFF
+def _dither(j, n, salt):  # pragma: no cover - compiled
+    """A uniform number in [0, 1) from feature ``j``, the sensor's scored-reading count ``n``
+    and ``salt``: reproducible, and the same whichever slot the sensor holds (a replay, a
+    restore and a hand-over to another worker round every weight the same way)."""
+    h = ((n & 0xFFFFFFFF) * 2654435761 + j * 9973 + salt * 69069) & 0xFFFFFFFF
     h = ((h ^ (h >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
     h = ((h ^ (h >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
     return (h ^ (h >> 16)) / 4294967296.0
@@ -526,13 +525,13 @@ def _learn_weights(spread, weights, profile, s, j, n, bucket, mean, z, lo, hi, m
     d = _spread_d(spread, s, j)
     b = _spread_b(spread_weight, s, j)
     spread_weight[s, j] = _weight_code(b - SPREAD_WEIGHT_LR * grad * d / (1.0 + b * d),
-                                       MAX_SPREAD_WEIGHT, _dither(s, j, n, 1))
+                                       MAX_SPREAD_WEIGHT, _dither(j, n, 1))
     contrast = math.log(_profile_floored(profile, s, j, bucket, mean) / mean)
     g = (MAX_PROFILE_WEIGHT / WEIGHT_STEPS) * profile_weight[s, j]
     profile_weight[s, j] = _weight_code(g - PROFILE_WEIGHT_LR * grad * contrast,
-                                        MAX_PROFILE_WEIGHT, _dither(s, j, n, 2))
+                                        MAX_PROFILE_WEIGHT, _dither(j, n, 2))
     k = _level_k(level_weight, s, j)
-    level_weight[s, j] = _level_weight_code(k - LEVEL_WEIGHT_LR * grad * z, _dither(s, j, n, 3))
+    level_weight[s, j] = _level_weight_code(k - LEVEL_WEIGHT_LR * grad * z, _dither(j, n, 3))
 
 
 @kernel

@@ -11,9 +11,11 @@ from streamer.core.intervals import (
     MAX_LEVEL_Z,
     MAX_PROFILE_WEIGHT,
     MAX_SPREAD_WEIGHT,
+    SPREAD_WEIGHT,
     WEIGHT_STEPS,
     Calibration,
     level_weights,
+    weight_codes,
 )
 from streamer.tools.replay import backtest
 from tests.bench_intervals import paused_sensor
@@ -279,12 +281,13 @@ def test_a_sensor_constant_since_installed_scores_within_0_and_1_and_is_never_fl
 
 
 def _feed(cal: Calibration, value: float, forecast_before: float, forecast: float,
-          scale_before: float, scale: float, n_scored: int = 5000, spread: float = 0.0):
-    """One scored reading of slot 0 (one feature), read a minute after the one before."""
+          scale_before: float, scale: float, n_scored: int = 5000, spread: float = 0.0,
+          slot: int = 0, ts: float = 1.7e9):
+    """One scored reading of ``slot`` (one feature), read a minute after the one before."""
     def one(x):
         return np.array([[x]], dtype=np.float64)
 
-    return cal.calibrate(np.array([0]), np.array([1.7e9]), np.array([60.0]), one(value),
+    return cal.calibrate(np.array([slot]), np.array([ts]), np.array([60.0]), one(value),
                          one(forecast_before), one(forecast_before), one(scale_before),
                          np.array([True]), np.array([n_scored]), one(forecast), one(scale),
                          one(spread), one(0.0), one(0.0))
@@ -421,3 +424,25 @@ def test_the_width_weights_do_not_learn_while_the_change_scale_recovers(spread):
         _feed(steady, 50.0 * k, 50.0 * (k - 1), 50.0 * k, 1.0, 1.0, n_scored=k + 1,
               spread=min(spread, 5.0))
     assert (steady.spread_weight > before).all()
+
+
+def test_a_sensor_learns_the_same_interval_state_whichever_slot_it_holds():
+    # A hand-over puts a sensor in another worker's slot; its interval weights, rounded to
+    # uint16 codes with a reproducible dither, must round as they would have where it was.
+    rng = np.random.default_rng(3)
+    alone = Calibration(1, 1, coverage=0.9, threshold=0.999, learn_after=0)
+    third = Calibration(3, 1, coverage=0.9, threshold=0.999, learn_after=0)
+    forecast = 0.0
+    for k in range(1, 400):
+        value = forecast + rng.standard_t(3)
+        nxt = 0.9 * value
+        spread = float(rng.uniform(0.0, 3.0))
+        args = (value, forecast, nxt, 1.0, 1.0, k, spread)
+        a = _feed(alone, *args, ts=1.7e9 + 600.0 * k)
+        b = _feed(third, *args, slot=2, ts=1.7e9 + 600.0 * k)
+        for out in ("lower", "upper", "score", "anomaly", "inside"):
+            assert np.array_equal(getattr(a, out), getattr(b, out)), (k, out)
+        forecast = nxt
+    for name, values in alone.arrays().items():
+        assert np.array_equal(values[0], third.arrays()[name][2]), name
+    assert alone.spread_weight[0, 0] != weight_codes(SPREAD_WEIGHT, MAX_SPREAD_WEIGHT, ())
