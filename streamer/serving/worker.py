@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import signal
 import socket
 import threading
 import time
@@ -35,6 +34,7 @@ from streamer.serving.durability import Durability
 from streamer.serving.ledger import PartitionLedger
 from streamer.serving.processor import BatchProcessor, Processed, latency_seconds
 from streamer.serving.sharing import ModelSharing
+from streamer.serving.signals import stop_on_signals
 
 log = logging.getLogger("streamer.worker")
 BACKOFF_START_S, BACKOFF_MAX_S = 0.5, 30.0
@@ -139,8 +139,8 @@ class Worker:
         self._stop.set()
 
     def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
+        """SIGTERM/SIGINT stop the loop cleanly; a second one exits at once (``signals``)."""
+        stop_on_signals(self._stop)
 
     # -- steps of the loop ------------------------------------------------------------------
     def _poll_timeout_s(self) -> float:

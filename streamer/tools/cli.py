@@ -133,10 +133,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _stop_requests() -> threading.Event:
     """Record SIGTERM and SIGINT until the worker installs its own handlers (which take over):
     a pod stopped during start-up then exits 0 like one stopped while serving, instead of being
-    killed by the signal."""
+    killed by the signal; a second signal exits at once (``serving.signals``)."""
+    from streamer.serving.signals import stop_on_signals
+
     requested = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: requested.set())
+    stop_on_signals(requested)
     return requested
 
 

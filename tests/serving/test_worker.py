@@ -230,6 +230,72 @@ def test_a_sigterm_while_the_worker_is_still_starting_exits_zero(
     assert not ready_when_signalled  # it was caught during start-up, before serving
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_a_second_signal_while_starting_exits_at_once_with_128_plus_its_number(
+        topic_factory, group_id, worker_factory):
+    # Ctrl-C twice: the first asks for the clean stop, which would run the whole start-up
+    # first; the second is "now". As safe as a SIGKILL, which loses nothing.
+    inp, out, dlq = _topics(topic_factory)
+    worker = worker_factory(inp, out, dlq, group_id).start()
+    deadline = time.monotonic() + 30
+    while not _catches(worker.proc.pid, signal.SIGTERM):
+        assert time.monotonic() < deadline and worker.proc.poll() is None, worker.log()
+        time.sleep(0.005)
+    worker.signal(signal.SIGTERM)
+    time.sleep(0.3)  # the handler runs; start-up (torch, the model, the restore) goes on
+    assert worker.proc.poll() is None, worker.log()
+    worker.signal(signal.SIGINT)
+    assert worker.wait(10) == 128 + signal.SIGINT, worker.log()
+    assert "SIGINT again: exiting at once" in worker.log()
+
+
+class _Exited(BaseException):
+    def __init__(self, code: int):
+        self.code = code
+
+
+def _exit_raises(monkeypatch) -> None:
+    from streamer.serving import signals
+
+    def exit_(code: int):
+        raise _Exited(code)
+
+    monkeypatch.setattr(signals.os, "_exit", exit_)
+
+
+def test_a_second_signal_to_a_serving_worker_exits_at_once_and_the_first_only_stops_it(
+        monkeypatch):
+    _exit_raises(monkeypatch)
+    worker = worker_module.Worker.__new__(worker_module.Worker)
+    worker._stop = threading.Event()
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        worker.install_signal_handlers()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert worker._stop.is_set()
+        with pytest.raises(_Exited) as exited:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert exited.value.code == 128 + signal.SIGTERM
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def test_a_second_signal_during_the_workers_construction_exits_at_once(monkeypatch, tmp_path):
+    _exit_raises(monkeypatch)
+    built = worker_module.Worker.__init__
+
+    def signalled_twice_while_building(self, settings):
+        os.kill(os.getpid(), signal.SIGTERM)  # recorded: a clean stop once started
+        os.kill(os.getpid(), signal.SIGINT)  # now
+        built(self, settings)
+
+    monkeypatch.setattr(worker_module.Worker, "__init__", signalled_twice_while_building)
+    with pytest.raises(_Exited) as exited:
+        _run_in_process(monkeypatch, tmp_path)
+    assert exited.value.code == 128 + signal.SIGINT
+
+
 def test_sigterm_exits_zero_within_ten_seconds_with_offsets_committed(
         topic_factory, group_id, worker_factory, produce_raw, consume_raw, broker):
     inp, out, dlq = _topics(topic_factory)
