@@ -30,7 +30,10 @@ log = logging.getLogger("streamer.worker")
 
 
 class CheckpointListener(Protocol):
-    """Told when a checkpoint is taken (on the serving thread) and once it is durable."""
+    """Told which worker's checkpoint the start restored, when a checkpoint is taken (on the
+    serving thread) and once it is durable."""
+
+    def checkpoint_restored(self, worker: str) -> None: ...
 
     def checkpoint_taken(self) -> None: ...
 
@@ -61,6 +64,8 @@ class Durability:
             log.info("no checkpoint found in %s: starting fresh", self.store.directory)
             return
         self.learner.load(found.state)
+        if self.listener is not None:
+            self.listener.checkpoint_restored(found.worker)
         for tp, offset in found.offsets.items():
             self.ledger.adopt(tp, offset, found.sensors.get(tp, []), found.created)
         log.info("restored %s: %d sensors, %d updates, offsets %s", found.path.name,

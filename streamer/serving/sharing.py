@@ -77,6 +77,9 @@ class ModelBoard:
         # Workers whose newest record so far, from history, is older than DEPARTED_AFTER_S:
         # their keys, to tombstone once the whole history has been read.
         self.departed: dict[str, bytes] = {}
+        # The worker whose checkpoint our weights were restored from (a pod replacing one
+        # that was killed): its records in the history hold weights ours already contain.
+        self.restored_from: str | None = None
 
     def ours(self, weights: w.Weights, shift_at_copy: w.Weights | None, readings: int,
              sequence: int, at: float) -> None:
@@ -127,6 +130,12 @@ class ModelBoard:
             if arrived is None and now - record.timestamp_s > DEPARTED_AFTER_S:
                 self.departed[worker] = record.key
             return None  # too old to average with: not even decoded (a replay of history)
+        if arrived is None and worker == self.restored_from:
+            # Published from a checkpoint no newer than the one we started from: averaging
+            # with it would pull us back towards our own past until the TTL (a lone worker
+            # restarted under a new id would not behave as without sharing). Live records of
+            # it, should it still be serving, are averaged as any peer's.
+            return None
         if headers.get(H_FINGERPRINT, b"").decode(errors="replace") != self.fingerprint:
             return "incompatible"
         readings = int(headers[H_READINGS])
@@ -204,6 +213,11 @@ class ModelSharing:
 
     def start(self) -> None:
         self.topic.start()
+
+    def checkpoint_restored(self, worker: str) -> None:
+        """Our weights were restored from ``worker``'s checkpoint (before ``start``)."""
+        if worker != self.worker_id:
+            self.board.restored_from = worker
 
     def checkpoint_taken(self) -> None:
         """A checkpoint copied the learner: remember the averaging shift at that moment."""

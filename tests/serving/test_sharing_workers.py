@@ -134,6 +134,33 @@ def test_a_worker_killed_mid_stream_restarts_rejoins_the_averaging_and_loses_not
     assert consume_raw(dlq, 1, timeout_s=1) == []  # no reading rejected (e.g. out of order)
 
 
+def test_a_lone_worker_replacing_a_killed_one_under_a_new_id_does_not_average_with_it(
+        topic_factory, group_id, worker_factory, produce_raw, tmp_path):
+    # A Deployment's new pod has a new name: it restores the dead pod's checkpoint, whose
+    # weights the dead pod's last record on the model topic holds (or older ones). Averaging
+    # with that record would pull the new pod back towards its own past for a whole TTL.
+    inp, out, dlq = topic_factory(1), topic_factory(1), topic_factory(1)
+    env = dict(SHARING, STREAMER_KAFKA__MODEL_TOPIC=f"{group_id}-model",
+               STREAMER_CHECKPOINT__DIR=str(tmp_path / "ckpt"))
+    old = worker_factory(inp, out, dlq, group_id, name="pod-old", **env).start()
+    produce_raw(inp, _stream(6, 60))
+    wait_for(lambda: old.metric("streamer_model_last_publish_timestamp_seconds") > 0, 60,
+             "the old pod's publish", old.log)
+    old.proc.kill()
+    old.proc.wait(5)
+    new = worker_factory(inp, out, dlq, group_id, name="pod-new", **env).start()
+    produce_raw(inp, _stream(6, 60, step0=60))
+    published = lambda: new.metric(  # noqa: E731
+        "streamer_model_last_publish_timestamp_seconds")
+    wait_for(lambda: published() > 0, 60, "the new pod's publish", new.log)
+    first = published()
+    produce_raw(inp, _stream(6, 60, step0=120))
+    wait_for(lambda: published() > first, 60, "a second publish (a round later)", new.log)
+    assert "restored pod-old-" in new.log()
+    assert new.metric("streamer_model_peers") == 0, new.log()
+    assert new.metric("streamer_model_last_average_timestamp_seconds") == 0, new.log()
+
+
 def test_garbage_and_incompatible_weights_are_ignored_and_a_lone_worker_is_unchanged(
         topic_factory, group_id, worker_factory, produce_raw, consume_raw, broker, tmp_path):
     """One worker with sharing on, garbage on its model topic, gives bitwise the forecasts of
