@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -52,7 +51,11 @@ class ModelTopic:
         self._outbox: dict[bytes, tuple[bytes | None, list[tuple[str, bytes]]]] = {}
         self._outbox_lock = threading.Lock()
         self._next_offset: int | None = None  # where a reconnect reads on from
-        self._inbox: deque[ModelRecord] = deque()
+        # The newest record read per key, not yet taken, in topic order: a worker starting
+        # on an hour of uncompacted history (every publish of every worker) holds one record
+        # per worker, not all of them.
+        self._inbox: dict[bytes | None, ModelRecord] = {}
+        self._inbox_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="model-topic", daemon=True)
         self._failures = 0  # read by the serving thread (an int: no lock needed)
@@ -77,10 +80,10 @@ class ModelTopic:
             self._outbox[key] = (value, headers)
 
     def received(self) -> list[ModelRecord]:
-        """The records read since the last call, in topic order."""
-        out = []
-        while self._inbox:
-            out.append(self._inbox.popleft())
+        """The records read since the last call, in topic order, the newest of each key only
+        (an older one of the same key is superseded: the board would skip it)."""
+        with self._inbox_lock:
+            out, self._inbox = list(self._inbox.values()), {}
         return out
 
     def close(self) -> None:
@@ -153,10 +156,12 @@ class ModelTopic:
                 return
             for batch in consumer.poll(timeout_ms=int(POLL_S * 1000)).values():
                 now = time.time()
-                self._inbox.extend(
-                    ModelRecord(r.key, r.value, list(r.headers or []), r.timestamp / 1000.0,
-                                r.offset, now if r.offset >= live_from else None)
-                    for r in batch)
+                with self._inbox_lock:
+                    for r in batch:
+                        self._inbox.pop(r.key, None)  # to the end: topic order
+                        self._inbox[r.key] = ModelRecord(
+                            r.key, r.value, list(r.headers or []), r.timestamp / 1000.0,
+                            r.offset, now if r.offset >= live_from else None)
                 self._next_offset = batch[-1].offset + 1
             if not self.caught_up and consumer.position(partition) >= live_from:
                 self.caught_up = True

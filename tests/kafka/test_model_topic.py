@@ -66,6 +66,33 @@ def test_records_written_before_reading_are_history_and_later_ones_live_whatever
         reader.close()
 
 
+def test_a_reader_holds_only_the_newest_record_of_each_worker_however_long_the_history(
+        broker, kafka_connection, topic_factory):
+    # The active segment is never compacted: a worker starting on it reads every publish of
+    # every worker for up to an hour; what it holds until the serving thread takes them is
+    # one record per key, the newest, in topic order (a tombstone included).
+    topic, now_ms = topic_factory(), int(time.time() * 1000)
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+    for i in range(30):
+        producer.send(topic, key=b"g/" + b"abc"[i % 3:i % 3 + 1], value=str(i).encode(),
+                      partition=0, timestamp_ms=now_ms)
+    producer.send(topic, key=b"g/a", value=None, partition=0, timestamp_ms=now_ms)
+    producer.flush(10)
+    producer.close()
+    reader = ModelTopic(kafka_connection, topic, 1_000_000)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 15.0
+        while not reader.caught_up and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert reader.caught_up
+        got = [(r.key, r.value, r.offset) for r in reader.received()]
+        assert got == [(b"g/b", b"28", 28), (b"g/c", b"29", 29), (b"g/a", None, 30)]
+        assert reader.received() == []
+    finally:
+        reader.close()
+
+
 def test_a_worker_tombstones_the_keys_of_workers_silent_for_a_day_once_caught_up(
         broker, kafka_connection, topic_factory):
     # A killed pod never publishes its tombstone; its id never returns under a Deployment.
