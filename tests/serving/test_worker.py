@@ -212,17 +212,23 @@ def _catches(pid: int, sig: signal.Signals) -> bool:
     return bool(caught >> (sig - 1) & 1)
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
-def test_a_sigterm_while_the_worker_is_still_starting_exits_zero(
-        topic_factory, group_id, worker_factory):
-    # Kubernetes stops pods that are still starting too (a rollout, a scale-in): from the
-    # moment the signal is caught, a stop is clean, never lost, never a kill by the signal.
+def _catching_signals(topic_factory, group_id, worker_factory):
+    """A worker process, started, from the moment it catches SIGTERM (still starting)."""
     inp, out, dlq = _topics(topic_factory)
     worker = worker_factory(inp, out, dlq, group_id).start()
     deadline = time.monotonic() + 30
     while not _catches(worker.proc.pid, signal.SIGTERM):
         assert time.monotonic() < deadline and worker.proc.poll() is None, worker.log()
         time.sleep(0.005)
+    return worker
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_a_sigterm_while_the_worker_is_still_starting_exits_zero(
+        topic_factory, group_id, worker_factory):
+    # Kubernetes stops pods that are still starting too (a rollout, a scale-in): from the
+    # moment the signal is caught, a stop is clean, never lost, never a kill by the signal.
+    worker = _catching_signals(topic_factory, group_id, worker_factory)
     ready_when_signalled = worker.get("/readyz")[0] == 200
     worker.signal(signal.SIGTERM)
     assert worker.wait(30) == 0, worker.log()
@@ -235,12 +241,7 @@ def test_a_second_signal_while_starting_exits_at_once_with_128_plus_its_number(
         topic_factory, group_id, worker_factory):
     # Ctrl-C twice: the first asks for the clean stop, which would run the whole start-up
     # first; the second is "now". As safe as a SIGKILL, which loses nothing.
-    inp, out, dlq = _topics(topic_factory)
-    worker = worker_factory(inp, out, dlq, group_id).start()
-    deadline = time.monotonic() + 30
-    while not _catches(worker.proc.pid, signal.SIGTERM):
-        assert time.monotonic() < deadline and worker.proc.poll() is None, worker.log()
-        time.sleep(0.005)
+    worker = _catching_signals(topic_factory, group_id, worker_factory)
     worker.signal(signal.SIGTERM)
     time.sleep(0.3)  # the handler runs; start-up (torch, the model, the restore) goes on
     assert worker.proc.poll() is None, worker.log()
