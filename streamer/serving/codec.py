@@ -46,6 +46,9 @@ MAX_DETAIL_CHARS = 512
 # default Apache Kafka broker accepts an input record of up to ~1,048,500 bytes.
 MAX_DEAD_LETTER_BYTES = 1_000_000
 CUT_KEEP_BYTES = 65_536  # what a cut dead letter keeps of the key, of the value, of the headers
+# A header's framing in a record (two varint lengths, 5 bytes at most each): counted, so that a
+# record of a million empty headers, which carries no header bytes, is still cut to fit.
+HEADER_FRAMING_BYTES = 10
 DLQ_CUT = "streamer.cut"  # what was cut: "key", "value", "headers", comma-separated
 DLQ_ORIGINAL_SIZE = "streamer.original.{}.size"  # bytes of the original key/value/headers
 DLQ_ORIGINAL_SHA256 = "streamer.original.{}.sha256"  # hex digest of the original key/value
@@ -332,7 +335,8 @@ def dead_letter(
     unchanged, then streamer's headers; cut to fit when over ``MAX_DEAD_LETTER_BYTES``.
 
     A cut dead letter keeps the first ``CUT_KEEP_BYTES`` of an oversized key and value, and the
-    original headers only if they total at most that; for each part cut, headers give its
+    original headers only if they total at most that (with ``HEADER_FRAMING_BYTES`` each: their
+    size in the record); for each part cut, headers give its
     original size (and, for key and value, its SHA-256), and ``streamer.cut`` names the parts.
     """
     ours = dlq_headers(reason, detail, topic, partition, offset)
@@ -341,7 +345,7 @@ def dead_letter(
     theirs = [(k, b"" if v is None else v) for k, v in headers]
     if key is None and value is None:
         key = b""
-    header_bytes = sum(len(k.encode()) + len(v or b"") for k, v in theirs)
+    header_bytes = sum(len(k.encode()) + len(v) + HEADER_FRAMING_BYTES for k, v in theirs)
     if _size(key) + _size(value) + header_bytes <= MAX_DEAD_LETTER_BYTES:
         return DeadLetter(key, value, theirs + ours)
     cut: list[str] = []

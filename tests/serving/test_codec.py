@@ -13,6 +13,7 @@ from streamer.core.batch import HorizonResult
 from streamer.core.rejections import Reason
 from streamer.serving.codec import (
     CUT_KEEP_BYTES,
+    HEADER_FRAMING_BYTES,
     MAX_DEAD_LETTER_BYTES,
     Reading,
     Rejection,
@@ -330,7 +331,7 @@ def test_dead_letter_of_a_record_with_neither_key_nor_value_gets_an_empty_key() 
 
 
 def test_dead_letter_just_under_the_limit_is_whole() -> None:
-    value = b"v" * (MAX_DEAD_LETTER_BYTES - 1 - len("trace") - 3)
+    value = b"v" * (MAX_DEAD_LETTER_BYTES - 1 - len("trace") - 3 - HEADER_FRAMING_BYTES)
     letter = dead_letter(b"k", value, [("trace", b"t-1")], Reason.NOT_JSON, "", "in", 0, 0)
     assert letter.value == value and "streamer.cut" not in dict(letter.headers)
 
@@ -348,9 +349,23 @@ def test_oversized_dead_letter_is_cut_to_fit_saying_what_it_was() -> None:
     assert got["streamer.original.value.size"] == b"1280000"
     assert got["streamer.original.value.sha256"] == hashlib.sha256(value).hexdigest().encode()
     assert got["streamer.original.key.sha256"] == hashlib.sha256(key).hexdigest().encode()
-    assert got["streamer.original.headers.size"] == str(3 + 70_000).encode()
+    assert got["streamer.original.headers.size"] == str(3 + 70_000 + HEADER_FRAMING_BYTES).encode()
     size = len(letter.key) + len(letter.value) + sum(len(k) + len(v) for k, v in letter.headers)
     assert size < MAX_DEAD_LETTER_BYTES // 4
+
+
+def test_a_dead_letter_of_a_million_empty_headers_fits_a_producer_request():
+    # Each header costs its framing in the record even when it carries no bytes: a record the
+    # broker took (~1 MB of value, 500,000 empty headers) must still leave as a dead letter
+    # the producer sends, or its partition would retry it forever.
+    from kafka.record.default_records import DefaultRecordBatchBuilder
+
+    headers = [("", b"")] * 500_000
+    letter = dead_letter(b"k", b"v" * 1_000_000, headers, Reason.NOT_JSON, "", "in", 0, 0)
+    size = DefaultRecordBatchBuilder.estimate_size_in_bytes(
+        letter.key, letter.value, letter.headers)
+    assert size <= 1_048_576  # kafka-python's and librdkafka's default request limit
+    assert dict(letter.headers)["streamer.cut"] == b"value,headers"
 
 
 def test_batch_encoding_is_byte_identical_to_one_by_one():
