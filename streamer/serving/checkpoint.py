@@ -276,11 +276,29 @@ class CheckpointStore:
     def _prune(self) -> None:
         listed = self._manifests()
         mine = sorted((seq, path) for w, seq, path in listed if w == self.worker)
-        dropped = mine[: max(0, len(mine) - self.keep)]
+        beyond = {path for _, path in mine[: max(0, len(mine) - self.keep)]}
+        dropped = [(seq, path) for seq, path in mine
+                   if path in beyond and not self._last_holder(path, listed)]
         for _, path in dropped:
             _delete_checkpoint(path)
         gone = {path for _, path in dropped}
         self._prune_superseded([entry for entry in listed if entry[2] not in gone])
+
+    def _last_holder(self, path: Path, listed: list[tuple[str, int, Path]]) -> bool:
+        """Whether the checkpoint at ``path`` is the newest of its kind holding one of its
+        partitions. Ours beyond ``keep`` stays then: a partition we handed over is held by our
+        revoke checkpoint alone until its new owner writes one (an idle partition: maybe not
+        for long), and its state and committed offset must survive that owner's crash."""
+        found = self._parsed(listed)
+        own = next(((c, m) for _, c, p, m in found if p == path), None)
+        if own is None:
+            return False  # unreadable: nothing it holds can be restored from it anyway
+        created, manifest = own
+        kind = (manifest.get("fingerprint"), manifest.get("snapshot_format"))
+        newer = [m for _, c, p, m in found if p != path and c >= created
+                 and (m.get("fingerprint"), m.get("snapshot_format")) == kind]
+        return any(not any(tp in (m.get("offsets") or {}) for m in newer)
+                   for tp in manifest.get("offsets") or {})
 
     def _prune_superseded(self, listed: list[tuple[str, int, Path]]) -> None:
         """Delete another worker's checkpoint once every partition it held is held by a newer

@@ -473,6 +473,29 @@ def test_a_live_workers_older_checkpoints_stay_while_it_holds_their_partitions(t
     assert {f"pod-b-000000000{k}.json" for k in (1, 2, 3)} <= _files(tmp_path)
 
 
+def test_a_handed_over_partition_keeps_its_checkpoint_until_its_new_owner_writes_one(tmp_path):
+    # pod-a hands partition 0 over (its revoke checkpoint, offset committed), then checkpoints
+    # partition 1 only; pod-b took partition 0's state into memory and has had no reading of it
+    # since, so it wrote nothing. If pod-b crashes now, its restart must still find partition
+    # 0's state at the committed offset: pod-a's count-based pruning may not delete it.
+    learner, other = _learner(12), ("readings", 1)
+    old = CheckpointStore(tmp_path, "pod-a", "fp", keep=2)
+    old.save(learner.snapshot(), {TP: 10, other: 7}, {TP: ["s0"], other: ["s1"]}, created=100.0)
+    for k in range(4):
+        old.save(learner.snapshot(), {other: 8 + k}, {other: ["s1"]}, created=200.0 + k)
+    handed_over = CheckpointStore(tmp_path, "pod-b", "fp").latest_for(TP)
+    assert handed_over is not None and handed_over.offsets[TP] == 10
+    assert handed_over.sensors[TP] == ["s0"]
+    assert len([f for f in _files(tmp_path) if f.startswith("pod-a") and f.endswith(".json")]) \
+        == 3  # keep=2, and the one partition 0 still needs
+    # Once pod-b has written partition 0's state, pod-a's next prune lets the old one go.
+    CheckpointStore(tmp_path, "pod-b", "fp").save(learner.snapshot(), {TP: 10}, {TP: ["s0"]},
+                                                  created=300.0)
+    old.save(learner.snapshot(), {other: 20}, {other: ["s1"]}, created=301.0)
+    assert "pod-a-0000000001.json" not in _files(tmp_path)
+    assert CheckpointStore(tmp_path, "pod-c", "fp").latest_for(TP).worker == "pod-b"
+
+
 def test_a_checkpoint_of_another_configuration_is_never_superseded_by_ours(tmp_path):
     learner = _learner(12)
     CheckpointStore(tmp_path, "old-pod", "fp-before").save(learner.snapshot(), {TP: 5},
