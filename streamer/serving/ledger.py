@@ -100,13 +100,16 @@ class PartitionLedger:
         self._current_at[tp] = current_at
 
     def release(self, partitions: Iterable[PartitionId]) -> list[str]:
-        """Stop holding ``partitions``; returns the sensors fed from them (to drop)."""
-        dropped: list[str] = []
+        """Stop holding ``partitions``; returns the sensors fed from them and from no partition
+        still held (to drop). A sensor fed from several partitions (records produced without a
+        key, spread over partitions) keeps its state while one of them stays."""
+        released: set[str] = set()
         for tp in partitions:
             self._next.pop(tp, None)
             self._current_at.pop(tp, None)
-            dropped.extend(sorted(self._sensors.pop(tp, set())))
-        return dropped
+            released |= self._sensors.pop(tp, set())
+        still_fed = set().union(*self._sensors.values()) if self._sensors else set()
+        return sorted(released - still_fed)
 
     def recreated(self, ends: Mapping[PartitionId, int | None]) -> dict[PartitionId, int]:
         """Partitions whose log now ends before our next offset (deleted and recreated, or the

@@ -85,6 +85,15 @@ def test_releasing_partitions_returns_their_sensors_and_forgets_them():
     assert A not in ledger and ledger.current_at(A) == -math.inf
 
 
+def test_a_sensor_also_fed_from_a_partition_still_held_is_not_released():
+    # Records without a key are spread over partitions: one sensor can be fed from two.
+    ledger = PartitionLedger(now=0.0)
+    _applied(ledger, A, range(0, 3), ["s1", "s2"])
+    _applied(ledger, B, range(0, 3), ["s2", "s3"])
+    assert ledger.release([A]) == ["s1"]  # s2 goes on being fed from B
+    assert ledger.release([B]) == ["s2", "s3"]
+
+
 def test_a_partition_whose_log_ends_before_our_offset_is_read_from_its_start():
     ledger = PartitionLedger(now=0.0)
     _applied(ledger, A, range(0, 50), ["s1"])
