@@ -34,6 +34,10 @@ MIN_READY_PER_SENSORS, MIN_READY_MAX = 16, 64
 MIN_NAIVE_MAE = 1e-3
 # The horizon's experts keep running errors even with the step-1 guard off (guard_alpha 0).
 MIN_HORIZON_ALPHA = 0.02
+# A sensor whose last reading is dated more than this past the fleet's event clock, and that
+# then reads within it again, restarts (``_restart_returned``): a day covers a device on any
+# local time zone, which runs ahead steadily and is never "back".
+AHEAD_RESTART_S = 86400.0
 
 
 class Learner:
@@ -67,7 +71,9 @@ class Learner:
                                  config.tbptt_steps, n_inputs, config.n_features, self.device,
                                  limit=MAX_WINDOWS_PER_UPDATE)
         self.accepted_total = 0  # accepted readings ever: drives the training trigger
-        self.clock = EventClock(config.sensor_ttl_seconds or np.inf)  # for idle eviction
+        # The fleet's event time: for idle eviction, and to tell a sensor whose clock ran ahead
+        # from readings that come late.
+        self.clock = EventClock(config.sensor_ttl_seconds or np.inf)
         self._compile()
 
     def _compile(self) -> None:
@@ -184,10 +190,11 @@ class Learner:
         huge = (np.abs(batch.values) > MAX_ABS_VALUE).any(axis=1) | (np.abs(batch.ts) > MAX_ABS_TS)
         status[ok & huge] = Reason.VALUE_OUT_OF_RANGE
         ok = status == 0
-        if cfg.sensor_ttl_seconds is not None and ok.any():
+        if ok.any():
             rows = np.flatnonzero(ok)
             self.clock.advance(batch.sensor_ids, rows, batch.ts[rows])
-            result.evicted_sensors = self._evict_idle(slots[rows])
+            if cfg.sensor_ttl_seconds is not None:
+                result.evicted_sensors = self._evict_idle(slots[rows])
         new = np.flatnonzero(ok & (slots < 0))
         if len(new):
             new_ids = list(dict.fromkeys(batch.sensor_ids[i] for i in new.tolist()))
@@ -199,6 +206,7 @@ class Learner:
             slots[new] = [slot_of_new[batch.sensor_ids[i]] for i in new.tolist()]
             status[new[slots[new] < 0]] = Reason.TABLE_FULL
         ok = np.flatnonzero(status == 0)
+        result.restarted_sensors = self._restart_returned(slots[ok], batch.ts[ok])
         late = ~self._timestamps_increase(slots[ok], batch.ts[ok])
         status[ok[late]] = Reason.TIMESTAMP_NOT_AFTER_LAST
         return slots
@@ -209,6 +217,20 @@ class Learner:
         _after_newest(slots.astype(np.int64), ts, group_by_slot(slots).before,
                       self.stats.last_ts, ok)
         return ok
+
+    def _restart_returned(self, slots: np.ndarray, ts: np.ndarray) -> int:
+        """Restart sensors whose last reading is dated more than AHEAD_RESTART_S past the
+        fleet's event clock and that now read within it again: their clock was wrong, not this
+        reading (a glitched timestamp years ahead, a device fixed from local time). Without
+        this, every later reading would be rejected until real time passed the wrong one, or
+        forever. A reading late against a sensor that is not ahead of the fleet (a duplicate,
+        a re-sent buffer) is rejected as before. Returns how many were restarted."""
+        edge = self.clock.time + AHEAD_RESTART_S
+        if not len(slots) or not np.isfinite(edge):
+            return 0
+        back = np.unique(slots[(self.stats.last_ts[slots] > edge) & (ts <= edge)])
+        self._reset_slots(back)
+        return len(back)
 
     def _evict_idle(self, active_slots: np.ndarray) -> int:
         """Free slots idle longer than the TTL (event time), except those being fed now."""
@@ -233,6 +255,11 @@ class Learner:
         """Free ``slots`` and reset their state, statistics, memory, calibration and window."""
         if len(slots):
             self.table.release(slots)
+            self._reset_slots(slots)
+
+    def _reset_slots(self, slots: np.ndarray) -> None:
+        """Every per-sensor part of ``slots`` as for a sensor never seen (the table aside)."""
+        if len(slots):
             self.stats.reset(slots)
             self.memory.reset(slots)
             self.calibration.reset(slots)

@@ -267,6 +267,12 @@ class Metrics:
         self.sensor_evictions = Counter(
             "streamer_sensor_evictions", "Sensors evicted from the slot table.", registry=r
         )
+        self.sensor_restarts = Counter(
+            "streamer_sensor_restarts",
+            "Sensors whose state was restarted because their clock came back from more than a "
+            "day ahead of the fleet (a glitched timestamp, a device fixed from local time).",
+            registry=r,
+        )
         self.new_sensors = Counter(
             "streamer_new_sensors", "Sensors given a slot for the first time.", registry=r
         )
@@ -393,6 +399,8 @@ class Metrics:
             self.new_sensors.inc(result.new_sensors)
         if result.evicted_sensors:
             self.sensor_evictions.inc(result.evicted_sensors)
+        if result.restarted_sensors:
+            self.sensor_restarts.inc(result.restarted_sensors)
         for stats in result.updates:
             self.observe_update(stats)
 

@@ -101,6 +101,51 @@ def test_evicted_slot_is_reused_with_zeroed_state(small_config):
     np.testing.assert_allclose(reused.forecasts, clean.step(fresh).forecasts, atol=1e-6)
 
 
+def _round_robin(ts_of: Callable[[int, int], float], n_sensors: int = 6, n_steps: int = 40):
+    """Round-robin readings every 10 minutes; ``ts_of(step, sensor)`` may move some."""
+    ids = [f"s{s}" for _ in range(n_steps) for s in range(n_sensors)]
+    ts = [ts_of(t, s) for t in range(n_steps) for s in range(n_sensors)]
+    return Batch.from_arrays(ids, np.array(ts), np.sin(np.arange(len(ids)) / 7.0))
+
+
+def _rejected_late(learner: Learner, batch: Batch, size: int = 12) -> tuple[list[str], int]:
+    """Fed in micro-batches: the sensors of readings rejected as late, and restarts."""
+    late, restarted = [], 0
+    for a in range(0, len(batch), size):
+        part = batch.take(np.arange(a, min(a + size, len(batch))))
+        result = learner.step(part)
+        late += [part.sensor_ids[i] for i in
+                 np.flatnonzero(result.status == Reason.TIMESTAMP_NOT_AFTER_LAST).tolist()]
+        restarted += result.restarted_sensors
+    return late, restarted
+
+
+@pytest.mark.parametrize("ttl", [None, 3600.0])
+def test_a_sensor_whose_clock_came_back_from_years_ahead_restarts_and_is_served_again(
+        small_config, ttl):
+    # One glitched timestamp 30 years ahead: without the restart, every later reading of
+    # that sensor would be dead-lettered as not after its last, for 30 years.
+    cfg = LearnerConfig(**{**small_config.to_dict(), **NO_TRAINING, "sensor_ttl_seconds": ttl})
+    ahead = 30 * 365 * 86400.0
+    batch = _round_robin(lambda t, s: 1.7e9 + 600.0 * t + (ahead if (t, s) == (10, 2) else 0.0))
+    late, restarted = _rejected_late(Learner(cfg), batch)
+    assert restarted == 1
+    assert late in ([], ["s2"])  # at most the one right after it, in the same micro-batch
+
+
+def test_late_readings_of_a_sensor_not_ahead_of_the_fleet_are_still_rejected(small_config):
+    # Duplicates and a re-sent hour, and a device steadily 3 days ahead (its clock wrong, but
+    # it never comes back) sending a duplicate: rejected, never a restart.
+    cfg = LearnerConfig(**{**small_config.to_dict(), **NO_TRAINING})
+    learner = Learner(cfg)
+    batch = _round_robin(lambda t, s: 1.7e9 + 600.0 * t + (3 * 86400.0 if s == 5 else 0.0))
+    assert _rejected_late(learner, batch) == ([], 0)
+    again = _round_robin(lambda t, s: 1.7e9 + 600.0 * (t + 34) + (3 * 86400.0 if s == 5 else 0.0),
+                        n_steps=6)  # the last six steps once more
+    late, restarted = _rejected_late(learner, again)
+    assert restarted == 0 and len(late) == len(again)
+
+
 @pytest.mark.parametrize(("size", "first"), [(5, False), (20, False), (20, True)])
 def test_one_sensor_dated_a_year_ahead_does_not_make_the_fleet_idle(small_config, size, first):
     # 30 sensors every 10 minutes for 4 days, TTL one day; one reading of another sensor whose
