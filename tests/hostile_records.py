@@ -54,6 +54,30 @@ def produce_undecodable(bootstrap: str, topic: str, partition: int, n: int = 3) 
     return offsets[0]
 
 
+class _RawHeaderKey(str):
+    """A header key that kafka-python's producer writes as these bytes, whatever they are."""
+
+    def __new__(cls, raw: bytes) -> _RawHeaderKey:
+        key = super().__new__(cls, raw.decode("latin-1"))
+        key.raw = raw
+        return key
+
+    def encode(self, *_: object, **__: object) -> bytes:
+        return self.raw
+
+
+def produce_with_header_key(bootstrap: str, topic: str, partition: int, raw_key: bytes,
+                            key: bytes, value: bytes) -> int:
+    """Write one record with a header whose key is ``raw_key`` (the Kafka protocol says UTF-8;
+    librdkafka and Go producers write any bytes); its offset."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    try:
+        return producer.send(topic, key=key, value=value, partition=partition,
+                             headers=[(_RawHeaderKey(raw_key), b"v")]).get(timeout=10).offset
+    finally:
+        producer.close(timeout=2)
+
+
 def produce_with_librdkafka(
     bootstrap: str, topic: str, records: Sequence[tuple], compression: str = "none",
     **config: object,

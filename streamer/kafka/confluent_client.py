@@ -28,6 +28,7 @@ from confluent_kafka import (
     Consumer,
     KafkaError,
     KafkaException,
+    Message,
     Producer,
     TopicPartition,
 )
@@ -112,6 +113,7 @@ class ConfluentClient:
         # escaping into librdkafka leaves its rebalance unfinished (close() then hangs).
         self._callback_error: BaseException | None = None
         self._undecodable: UndecodableBatch | None = None  # to raise at the next poll
+        self._warned_headers = False  # a record's unreadable headers were logged
         self._lock = threading.Lock()  # guards lazy producer (re)creation
         self._consumer = Consumer({
             **connection.librdkafka_config(),
@@ -167,7 +169,7 @@ class ConfluentClient:
             if (m.topic(), m.partition()) in self._seeked:
                 continue  # seeked by a callback: read again from there
             records.append(InputRecord(m.topic(), m.partition(), m.offset(), m.key(),
-                                       m.value(), m.timestamp()[1], list(m.headers() or ())))
+                                       m.value(), m.timestamp()[1], self._headers(m)))
         callback_error, self._callback_error = self._callback_error, None
         if callback_error is not None or (failure is not None
                                           and not isinstance(failure, UndecodableBatch)):
@@ -183,6 +185,20 @@ class ConfluentClient:
             self._undecodable = failure
         self._check_reachable(got_records=bool(messages))
         return records
+
+    def _headers(self, m: Message) -> list[tuple[str, bytes | None]]:
+        """A record's headers; none when they cannot be read: confluent-kafka raises
+        SystemError for a key that is not UTF-8 (which the protocol asks for, but librdkafka
+        and Go producers write any bytes). Its reading is in the value: served without them."""
+        try:
+            return list(m.headers() or ())
+        except (SystemError, UnicodeDecodeError) as exc:
+            if not self._warned_headers:
+                self._warned_headers = True
+                log.warning("%s[%d] offset %d: headers unreadable (%s); records like it are "
+                            "served without their headers (said once)", m.topic(),
+                            m.partition(), m.offset(), exc)
+            return []
 
     def commit(self, offsets: Mapping[PartitionId, int], timeout_s: float = 10.0) -> None:
         """Commit synchronously; an offset is the next one to read (last processed + 1)."""

@@ -19,7 +19,11 @@ from streamer.kafka import (
     open_client,
 )
 from streamer.kafka.broker import LocalBroker, free_port
-from tests.hostile_records import produce_undecodable, produce_with_librdkafka
+from tests.hostile_records import (
+    produce_undecodable,
+    produce_with_header_key,
+    produce_with_librdkafka,
+)
 
 pytestmark = pytest.mark.broker
 
@@ -335,6 +339,31 @@ def test_undecodable_batch_stalls_its_partition_at_its_offset_and_the_others_go_
     assert sorted((r.partition, r.value) for r in got) == [
         (0, b"before"), (1, b"later"), (1, b"other")]
     assert client.stalled() == {(topic, 0): error}
+
+
+def test_a_header_key_that_is_not_utf8_never_escapes_a_poll(
+    broker, topic_factory, group_id, client_factory, client_kind, produce_raw, poll_until
+):
+    # confluent-kafka raises SystemError building such a key: uncaught, the worker crashed,
+    # and crashed again on the same record after every restart.
+    topic = topic_factory(partitions=1)
+    produce_with_header_key(broker.bootstrap, topic, 0, b"\xff\xfe", b"s1", b"with")
+    produce_raw(topic, [(b"s1", b"after")])
+    client = client_factory(group_id)
+    client.subscribe([topic])
+    if client_kind == "confluent":  # the record is served, without the headers it cannot read
+        got = [(r.offset, r.value, r.headers) for r in poll_until(client, 2)]
+        assert got == [(0, b"with", []), (1, b"after", [])]
+        return
+    # kafka-python cannot decode the batch at all: its partition is held there, said loudly
+    # (the undecodable-batch runbook), never a crash.
+    deadline, error = time.monotonic() + 15, None
+    while error is None and time.monotonic() < deadline:
+        try:
+            assert client.poll_batch(500, 0.2) == []
+        except UndecodableBatch as exc:
+            error = exc
+    assert error is not None and error.offset == 0 and "utf-8" in error.cause.lower()
 
 
 def test_kafka_python_clients_warn_of_a_stalled_io_thread_only_past_a_second(broker):
