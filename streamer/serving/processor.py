@@ -111,5 +111,9 @@ class BatchProcessor:
 
 
 def latency_seconds(record_timestamps_ms: np.ndarray) -> np.ndarray:
-    """Seconds from each source record's timestamp to now (when its forecast was acked)."""
-    return np.maximum(time.time() - record_timestamps_ms / 1000.0, 0.0)
+    """Seconds from each source record's timestamp to now (when its forecast was acked); NaN
+    (not observed) for a record without one (-1 from kafka-python, 0 from librdkafka), which
+    would otherwise count as 56 years late."""
+    stamps = np.asarray(record_timestamps_ms, dtype=np.float64)
+    late = np.maximum(time.time() - stamps / 1000.0, 0.0)
+    return np.where(stamps > 0, late, np.nan)

@@ -6,6 +6,7 @@ import dataclasses
 import math
 import shutil
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -314,6 +315,19 @@ def test_observe_batch_counts_readings_and_latencies(
     assert value(registry, f"{latency}_bucket", le="0.005") == 1.0
     assert value(registry, f"{latency}_bucket", le="0.025") == 2.0
     assert value(registry, f"{latency}_bucket", le="0.5") == 3.0
+
+
+def test_records_without_a_timestamp_add_no_latency(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    # kafka-python gives -1 and librdkafka 0 for a record with no timestamp: not 56 years.
+    from streamer.serving.processor import latency_seconds
+
+    now_ms = time.time() * 1000.0
+    metrics.observe_batch(3, latency_seconds(np.array([-1.0, 0.0, now_ms - 50.0])))
+    latency = "streamer_reading_to_forecast_latency_seconds"
+    assert value(registry, f"{latency}_count") == 1.0
+    assert value(registry, f"{latency}_sum") < 60.0
 
 
 def test_observe_many_exposes_exactly_what_one_observe_per_value_does() -> None:
