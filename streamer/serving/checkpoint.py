@@ -193,14 +193,21 @@ class CheckpointStore:
                 return checkpoint
         return None
 
-    def latest_for(self, partition: PartitionId, newer_than: float = 0.0) -> Checkpoint | None:
-        """The most recently written valid checkpoint, by any worker, that holds ``partition``."""
+    def latest_for(self, partition: PartitionId, newer_than: float = 0.0,
+                   read: dict[Path, Checkpoint | None] | None = None) -> Checkpoint | None:
+        """The most recently written valid checkpoint, by any worker, that holds ``partition``.
+
+        ``read``: checkpoints verified and loaded by earlier calls (filled in here), so that the
+        partitions of one assignment, mostly held by one checkpoint, read and hash it once, not
+        once each (hundreds of MB apiece for a large fleet, while the rebalance waits)."""
+        read = {} if read is None else read
         holding = [(created, path) for _, created, path in self._by_time(partition)
                    if created > newer_than]
         for _, path in sorted(holding, reverse=True):
-            checkpoint = self._read(path)
-            if checkpoint is not None:
-                return checkpoint
+            if path not in read:
+                read[path] = self._read(path)
+            if read[path] is not None:
+                return read[path]
         return None
 
     def _by_time(self, partition: PartitionId | None = None) -> list[tuple[str, float, Path]]:

@@ -116,9 +116,10 @@ class Durability:
         the directory is read as it will stay, pruning included."""
         if self.writer.in_flight:
             raise RuntimeError("adopt() with a checkpoint write in flight: finish it first")
-        seeks = {}
+        seeks, read = {}, {}
         for tp in partitions:
-            checkpoint = self.store.latest_for(tp, newer_than=self.ledger.current_at(tp))
+            checkpoint = self.store.latest_for(tp, newer_than=self.ledger.current_at(tp),
+                                               read=read)
             mine = checkpoint is not None and checkpoint.worker == self.worker_id
             if checkpoint is not None and not (mine and tp in self.ledger):
                 ids = checkpoint.sensors.get(tp, [])

@@ -496,6 +496,33 @@ def test_a_handed_over_partition_keeps_its_checkpoint_until_its_new_owner_writes
     assert CheckpointStore(tmp_path, "pod-c", "fp").latest_for(TP).worker == "pod-b"
 
 
+def test_adopting_many_partitions_of_one_checkpoint_reads_and_verifies_it_once(
+        tmp_path, monkeypatch):
+    from prometheus_client import CollectorRegistry
+
+    from streamer.config import CheckpointSettings
+    from streamer.observability.metrics import Metrics
+    from streamer.serving.durability import Durability
+    from streamer.serving.ledger import PartitionLedger
+
+    learner, tps = _learner(12), [("readings", p) for p in range(4)]
+    CheckpointStore(tmp_path, "pod-a", CFG.fingerprint()).save(
+        learner.snapshot(), {tp: 5 + tp[1] for tp in tps},
+        {tp: [f"s{tp[1]}"] for tp in tps}, created=100.0)
+    reads = []
+    read = CheckpointStore._read
+    monkeypatch.setattr(CheckpointStore, "_read",
+                        lambda self, path: (reads.append(path), read(self, path))[1])
+    adopter = Learner(CFG)
+    durability = Durability(adopter, PartitionLedger(0.0), CheckpointSettings(dir=tmp_path),
+                            "pod-b", Metrics(CollectorRegistry(), max_grad_norm=1.0,
+                                             device="cpu", coverage_target=0.9))
+    assert durability.adopt(tps) == {tp: 5 + tp[1] for tp in tps}
+    assert len(reads) == 1
+    assert sorted(adopter.table.to_plain()["ids"][:4]) == ["s0", "s1", "s2", "s3"]
+    durability.close()
+
+
 def test_a_checkpoint_of_another_configuration_is_never_superseded_by_ours(tmp_path):
     learner = _learner(12)
     CheckpointStore(tmp_path, "old-pod", "fp-before").save(learner.snapshot(), {TP: 5},
