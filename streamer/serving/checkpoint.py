@@ -72,13 +72,17 @@ class SaveStats:
 def _write_atomic(path: Path, data: bytes) -> None:
     """Temporary file, fsync, rename over ``path``, fsync of the directory."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data[: len(data) // 2])
-        failpoint("checkpoint_half_written")
-        handle.write(data[len(data) // 2 :])
-        handle.flush()
-        os.fsync(handle.fileno())
-    _publish(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data[: len(data) // 2])
+            failpoint("checkpoint_half_written")
+            handle.write(data[len(data) // 2 :])
+            handle.flush()
+            os.fsync(handle.fileno())
+        _publish(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed attempt (a full disk) leaves nothing behind
+        raise
 
 
 def _save_atomic(path: Path, state: dict) -> tuple[int, str]:
@@ -179,7 +183,12 @@ class CheckpointStore:
             "sha256": sha256,
             "offsets": {_key(tp): int(o) for tp, o in offsets.items()},
         }
-        _write_atomic(self.directory / f"{stem}.json", json.dumps(manifest, indent=1).encode())
+        try:
+            _write_atomic(self.directory / f"{stem}.json",
+                          json.dumps(manifest, indent=1).encode())
+        except BaseException:
+            data_path.unlink(missing_ok=True)  # no manifest will name it: not left on a full disk
+            raise
         self._prune()
         return SaveStats(data_path, size, time.perf_counter() - started)
 

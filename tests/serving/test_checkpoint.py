@@ -523,6 +523,32 @@ def test_adopting_many_partitions_of_one_checkpoint_reads_and_verifies_it_once(
     durability.close()
 
 
+def test_a_save_failing_at_its_manifest_leaves_no_file_behind(tmp_path, monkeypatch):
+    # A full disk: the data file fits, its manifest does not. Nothing would ever name or
+    # delete that data file (hundreds of MB), and the disk would stay full.
+    from streamer.serving import checkpoint
+
+    store = CheckpointStore(tmp_path, "w1", CFG.fingerprint())
+    _save(store, _learner(4), 10)
+    before = _files(tmp_path)
+    write = checkpoint._write_atomic
+
+    def full_disk(path, data):
+        with open(path.with_name(f".{path.name}.tmp"), "wb") as handle:
+            handle.write(data[:10])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_write_atomic", full_disk)
+    with pytest.raises(OSError):
+        _save(store, _learner(4), 20)
+    assert {f for f in _files(tmp_path) if not f.startswith(".")} == before
+    # And a manifest write that fails leaves no temporary file either.
+    (tmp_path / "x.json").mkdir()  # written, but cannot be renamed over a directory
+    with pytest.raises(OSError):
+        write(tmp_path / "x.json", b"{}")
+    assert not (tmp_path / ".x.json.tmp").exists()
+
+
 def test_a_checkpoint_of_another_configuration_is_never_superseded_by_ours(tmp_path):
     learner = _learner(12)
     CheckpointStore(tmp_path, "old-pod", "fp-before").save(learner.snapshot(), {TP: 5},
