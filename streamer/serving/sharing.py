@@ -80,6 +80,9 @@ class ModelBoard:
         # The worker whose checkpoint our weights were restored from (a pod replacing one
         # that was killed): its records in the history hold weights ours already contain.
         self.restored_from: str | None = None
+        # Our key was tombstoned while we serve (another worker took us for departed, or a
+        # previous run of our id closed late): peers dropped us; publish ours again.
+        self.erased = False
 
     def ours(self, weights: w.Weights, shift_at_copy: w.Weights | None, readings: int,
              sequence: int, at: float) -> None:
@@ -111,8 +114,10 @@ class ModelBoard:
         if not (record.key or b"").startswith(prefix) or record.key == prefix:
             return "garbage"
         worker = record.key[len(prefix):].decode()
-        if worker == self.me:
-            return None  # ours: the board has them already
+        if worker == self.me:  # ours: the board has them already
+            if record.value is None and record.arrived_s is not None and self.me in self.entries:
+                self.erased = True
+            return None
         held = self.entries.get(worker)
         if held is not None and None not in (held.offset, record.offset) \
                 and record.offset <= held.offset:
@@ -245,6 +250,8 @@ class ModelSharing:
         if self.board.departed and self._caught_up_at is not None \
                 and now - self._caught_up_at >= self.board.ttl_s:
             self._tombstone_departed()
+        if self.board.erased:
+            self._republish()
         failures, published = self.topic.failures, self.topic.published
         if failures > self._failures_seen:
             self.metrics.observe_model_sync_failures(failures - self._failures_seen)
@@ -267,12 +274,23 @@ class ModelSharing:
                  ", ".join(sorted(self.board.departed)))
         self.board.departed.clear()
 
-    def _publish(self, now_wall: float, now: float) -> None:
-        weights, shift, self._pending = self._pending, self._pending_shift, None
+    def _send(self, weights: w.Weights, readings: int) -> None:
         self._sequence += 1
-        headers = self._headers + [(H_READINGS, str(self._readings).encode()),
+        headers = self._headers + [(H_READINGS, str(readings).encode()),
                                    (H_SEQUENCE, str(self._sequence).encode())]
         self.topic.publish(self._key, w.dumps(weights), headers)
+
+    def _republish(self) -> None:
+        """Our newest published weights once more, after a tombstone under our key."""
+        self.board.erased = False
+        mine = self.board.entries[self.board.me]
+        self._send(mine.weights, mine.readings)
+        log.warning("model topic: our key was tombstoned while we serve; published our "
+                    "weights again")
+
+    def _publish(self, now_wall: float, now: float) -> None:
+        weights, shift, self._pending = self._pending, self._pending_shift, None
+        self._send(weights, self._readings)
         self.board.ours(weights, shift, self._readings, self._sequence, now_wall)
         self._readings, self._published_at = 0, now
 

@@ -129,3 +129,35 @@ def test_a_worker_tombstones_the_keys_of_workers_silent_for_a_day_once_caught_up
     written = [(r.key, r.value) for r in consumer]
     consumer.close()
     assert written[3:] == [(b"g/gone", None)]
+
+
+def test_a_worker_whose_key_is_tombstoned_while_it_serves_publishes_its_weights_again(
+        broker, kafka_connection, topic_factory):
+    topic, config = topic_factory(), LearnerConfig(hidden_size=8, device="cpu")
+    learner = Learner(config)
+    metrics = Metrics(CollectorRegistry(), max_grad_norm=1.0, device="cpu", coverage_target=0.9,
+                      horizon=1)
+    sharing = ModelSharing(learner, ModelTopic(kafka_connection, topic, 1_000_000), "me", "g",
+                           0.1, 60.0, metrics)
+    sharing.start()
+
+    def tick_until(condition) -> None:
+        deadline = time.monotonic() + 15.0
+        while time.monotonic() < deadline and not condition():
+            sharing.tick()
+            time.sleep(0.02)
+        assert condition()
+
+    try:
+        sharing.checkpoint_durable(learner.weights(), readings=5)
+        tick_until(lambda: sharing.topic.published == 1 and sharing.topic.caught_up)
+        _send(broker.bootstrap, topic, b"g/me", int(time.time() * 1000), None,
+              [(H_GROUP, b"g")])  # another worker's tombstone of our key
+        tick_until(lambda: sharing.topic.published == 2)
+    finally:
+        sharing.topic.close()
+    consumer = KafkaConsumer(topic, bootstrap_servers=broker.bootstrap,
+                             auto_offset_reset="earliest", consumer_timeout_ms=3000)
+    written = [(r.key, r.value is None) for r in consumer]
+    consumer.close()
+    assert written == [(b"g/me", False), (b"g/me", True), (b"g/me", False)]

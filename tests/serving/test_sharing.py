@@ -279,3 +279,17 @@ def test_history_of_the_worker_whose_checkpoint_we_restored_is_not_averaged_with
     assert _offer(board, _record("dead", _weights(2.0), at=100.0, offset=3, arrived=100.0),
                   now=100.0) is None
     assert set(board.entries) == {"a", "other", "dead"}
+
+
+def test_a_tombstone_of_our_own_key_read_live_while_we_serve_marks_us_erased():
+    # Another worker took us for departed (a clock a day behind), or our id's previous run
+    # closed late: peers dropped our weights, so we must publish them again. History (our
+    # own clean exit of an earlier run) and a tombstone before our first publish do not.
+    board = _board(me="a")
+    assert _offer(board, _record("a", None, offset=1, arrived=100.0)) is None
+    assert not board.erased  # nothing published yet: nothing to restore
+    board.ours(_weights(1.0), None, 10, 1, at=100.0)
+    assert _offer(board, _record("a", None, offset=2)) is None
+    assert not board.erased  # history
+    assert _offer(board, _record("a", None, offset=3, arrived=100.0)) is None
+    assert board.erased and "a" in board.entries
