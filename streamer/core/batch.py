@@ -134,7 +134,8 @@ class StepResult:
     updates: list[UpdateStats] = field(default_factory=list)
     new_sensors: int = 0
     evicted_sensors: int = 0
-    # Sensors restarted because their clock came back from more than a day ahead of the fleet.
+    # Sensors restarted because their clock came back from more than a day ahead (of the fleet
+    # and of now).
     restarted_sensors: int = 0
 
     @classmethod

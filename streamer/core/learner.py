@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -34,9 +36,10 @@ MIN_READY_PER_SENSORS, MIN_READY_MAX = 16, 64
 MIN_NAIVE_MAE = 1e-3
 # The horizon's experts keep running errors even with the step-1 guard off (guard_alpha 0).
 MIN_HORIZON_ALPHA = 0.02
-# A sensor whose last reading is dated more than this past the fleet's event clock, and that
-# then reads within it again, restarts (``_restart_returned``): a day covers a device on any
-# local time zone, which runs ahead steadily and is never "back".
+# A sensor whose last reading is dated more than this past the fleet's event clock and the
+# wall clock, and that then reads within them again, restarts (``_restart_returned``): a day
+# covers a device on any local time zone (at most 14 h ahead), which is rejected until it is
+# back instead.
 AHEAD_RESTART_S = 86400.0
 
 
@@ -72,8 +75,8 @@ class Learner:
                                  limit=MAX_WINDOWS_PER_UPDATE)
         self.accepted_total = 0  # accepted readings ever: drives the training trigger
         # The fleet's event time: for idle eviction, and to tell a sensor whose clock ran ahead
-        # from readings that come late.
-        self.clock = EventClock(config.sensor_ttl_seconds or np.inf)
+        # from readings that come late (without a TTL, sensors a day apart do not agree).
+        self.clock = EventClock(config.sensor_ttl_seconds or AHEAD_RESTART_S)
         self._compile()
 
     def _compile(self) -> None:
@@ -219,14 +222,15 @@ class Learner:
         return ok
 
     def _restart_returned(self, slots: np.ndarray, ts: np.ndarray) -> int:
-        """Restart sensors whose last reading is dated more than AHEAD_RESTART_S past the
-        fleet's event clock and that now read within it again: their clock was wrong, not this
-        reading (a glitched timestamp years ahead, a device fixed from local time). Without
-        this, every later reading would be rejected until real time passed the wrong one, or
-        forever. A reading late against a sensor that is not ahead of the fleet (a duplicate,
-        a re-sent buffer) is rejected as before. Returns how many were restarted."""
-        edge = self.clock.time + AHEAD_RESTART_S
-        if not len(slots) or not np.isfinite(edge):
+        """Restart sensors whose last reading is dated more than AHEAD_RESTART_S past both the
+        fleet's event clock and the wall clock, and that now read within both again: their
+        clock was wrong, not this reading (a glitched timestamp years ahead, a device whose
+        clock was set days ahead and then fixed). Without this, every later reading would be
+        rejected until real time passed the wrong one, or forever. A late reading of a sensor
+        not that far ahead (a duplicate, a re-sent buffer, a backlog read before the rest of
+        the fleet's, a device on local time) is rejected as before. Returns how many."""
+        edge = max(self.clock.time, time.time()) + AHEAD_RESTART_S
+        if not len(slots):
             return 0
         back = np.unique(slots[(self.stats.last_ts[slots] > edge) & (ts <= edge)])
         self._reset_slots(back)

@@ -270,7 +270,7 @@ class Metrics:
         self.sensor_restarts = Counter(
             "streamer_sensor_restarts",
             "Sensors whose state was restarted because their clock came back from more than a "
-            "day ahead of the fleet (a glitched timestamp, a device fixed from local time).",
+            "day ahead of the fleet and of now (a glitched timestamp, a clock set days ahead).",
             registry=r,
         )
         self.new_sensors = Counter(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -120,30 +121,37 @@ def _rejected_late(learner: Learner, batch: Batch, size: int = 12) -> tuple[list
     return late, restarted
 
 
-@pytest.mark.parametrize("ttl", [None, 3600.0])
-def test_a_sensor_whose_clock_came_back_from_years_ahead_restarts_and_is_served_again(
-        small_config, ttl):
-    # One glitched timestamp 30 years ahead: without the restart, every later reading of
-    # that sensor would be dead-lettered as not after its last, for 30 years.
+@pytest.mark.parametrize(("ttl", "start", "ahead"), [
+    (None, 1.7e9, 30 * 365 * 86400.0),  # a replay of 2023's readings, one dated 2053
+    (3600.0, 1.7e9, 30 * 365 * 86400.0),
+    (None, None, 3 * 86400.0),  # live readings, one dated 3 days from now
+])
+def test_a_sensor_whose_clock_came_back_from_days_ahead_restarts_and_is_served_again(
+        small_config, ttl, start, ahead):
+    # One glitched timestamp: without the restart, every later reading of that sensor would
+    # be dead-lettered as not after its last, until real time passed it.
     cfg = LearnerConfig(**{**small_config.to_dict(), **NO_TRAINING, "sensor_ttl_seconds": ttl})
-    ahead = 30 * 365 * 86400.0
-    batch = _round_robin(lambda t, s: 1.7e9 + 600.0 * t + (ahead if (t, s) == (10, 2) else 0.0))
+    t0 = time.time() - 3600.0 if start is None else start
+    batch = _round_robin(lambda t, s: t0 + 600.0 * t + (ahead if (t, s) == (10, 2) else 0.0))
     late, restarted = _rejected_late(Learner(cfg), batch)
     assert restarted == 1
     assert late in ([], ["s2"])  # at most the one right after it, in the same micro-batch
 
 
-def test_late_readings_of_a_sensor_not_ahead_of_the_fleet_are_still_rejected(small_config):
-    # Duplicates and a re-sent hour, and a device steadily 3 days ahead (its clock wrong, but
-    # it never comes back) sending a duplicate: rejected, never a restart.
+@pytest.mark.parametrize("start", [1.7e9, None])
+def test_late_readings_of_a_sensor_not_wrongly_ahead_are_still_rejected(small_config, start):
+    # After an outage one sensor's backlog is read first: three days past the rest of the
+    # fleet, but not past now. It then re-sends readings from before (at-least-once delivery):
+    # duplicates, rejected as such; its clock was never wrong, so it keeps its state.
     cfg = LearnerConfig(**{**small_config.to_dict(), **NO_TRAINING})
     learner = Learner(cfg)
-    batch = _round_robin(lambda t, s: 1.7e9 + 600.0 * t + (3 * 86400.0 if s == 5 else 0.0))
-    assert _rejected_late(learner, batch) == ([], 0)
-    again = _round_robin(lambda t, s: 1.7e9 + 600.0 * (t + 34) + (3 * 86400.0 if s == 5 else 0.0),
-                        n_steps=6)  # the last six steps once more
-    late, restarted = _rejected_late(learner, again)
-    assert restarted == 0 and len(late) == len(again)
+    t0 = time.time() - 4 * 86400.0 if start is None else start
+    fleet = _round_robin(lambda t, s: t0 + 600.0 * t)
+    backlog = Batch.from_arrays(["s5"] * 432, t0 + 600.0 * np.arange(40, 472), np.zeros(432))
+    assert _rejected_late(learner, fleet) == ([], 0)
+    assert _rejected_late(learner, backlog) == ([], 0)
+    again = Batch.from_arrays(["s5"] * 6, t0 + 600.0 * np.arange(30, 36), np.zeros(6))
+    assert _rejected_late(learner, again) == (["s5"] * 6, 0)
 
 
 @pytest.mark.parametrize(("size", "first"), [(5, False), (20, False), (20, True)])
