@@ -183,11 +183,12 @@ class CheckpointStore:
             "sha256": sha256,
             "offsets": {_key(tp): int(o) for tp, o in offsets.items()},
         }
+        manifest_path = self.directory / f"{stem}.json"
         try:
-            _write_atomic(self.directory / f"{stem}.json",
-                          json.dumps(manifest, indent=1).encode())
-        except BaseException:
-            data_path.unlink(missing_ok=True)  # no manifest will name it: not left on a full disk
+            _write_atomic(manifest_path, json.dumps(manifest, indent=1).encode())
+        except BaseException:  # not left on a full disk: nothing would ever delete them
+            manifest_path.unlink(missing_ok=True)  # (renamed, but its rename not durable)
+            data_path.unlink(missing_ok=True)
             raise
         self._prune()
         return SaveStats(data_path, size, time.perf_counter() - started)
@@ -206,14 +207,17 @@ class CheckpointStore:
                    read: dict[Path, Checkpoint | None] | None = None) -> Checkpoint | None:
         """The most recently written valid checkpoint, by any worker, that holds ``partition``.
 
-        ``read``: checkpoints verified and loaded by earlier calls (filled in here), so that the
-        partitions of one assignment, mostly held by one checkpoint, read and hash it once, not
-        once each (hundreds of MB apiece for a large fleet, while the rebalance waits)."""
+        ``read``: the checkpoint verified and loaded by an earlier call (kept here, the last one
+        only: hundreds of MB apiece for a large fleet), so that the partitions of one
+        assignment, mostly held by one checkpoint, read and hash it once, not once each, while
+        the rebalance waits."""
         read = {} if read is None else read
         holding = [(created, path) for _, created, path in self._by_time(partition)
                    if created > newer_than]
         for _, path in sorted(holding, reverse=True):
             if path not in read:
+                for loaded in [p for p, c in read.items() if c is not None]:
+                    del read[loaded]  # one snapshot in memory at a time
                 read[path] = self._read(path)
             if read[path] is not None:
                 return read[path]
@@ -311,6 +315,8 @@ class CheckpointStore:
             return False  # unreadable: nothing it holds can be restored from it anyway
         created, manifest = own
         kind = (manifest.get("fingerprint"), manifest.get("snapshot_format"))
+        if kind != (self.fingerprint, snap.FORMAT):
+            return False  # of a configuration we left: count-based, as before (README)
         newer = [m for _, c, p, m in found if p != path and c >= created
                  and (m.get("fingerprint"), m.get("snapshot_format")) == kind]
         return any(not any(tp in (m.get("offsets") or {}) for m in newer)

@@ -549,6 +549,51 @@ def test_a_save_failing_at_its_manifest_leaves_no_file_behind(tmp_path, monkeypa
     assert not (tmp_path / ".x.json.tmp").exists()
 
 
+def test_our_checkpoints_of_a_configuration_we_left_go_by_count_whatever_they_hold(tmp_path):
+    # After a change of model shape no checkpoint of ours will ever supersede the old ones'
+    # partitions: kept as "the newest holding them", each would stay forever.
+    learner, other = _learner(12), ("readings", 1)
+    old = CheckpointStore(tmp_path, "w1", "fp-before", keep=2)
+    for k in range(3):
+        old.save(learner.snapshot(), {TP: k}, {TP: ["s0"]}, created=100.0 + k)
+    new = CheckpointStore(tmp_path, "w1", "fp-after", keep=2)
+    for k in range(3):
+        new.save(learner.snapshot(), {other: k}, {other: ["s1"]}, created=200.0 + k)
+    assert sorted(f for f in _files(tmp_path) if f.endswith(".json")) == [
+        "w1-0000000005.json", "w1-0000000006.json"]
+
+
+def test_a_manifest_renamed_but_not_made_durable_is_removed_with_its_data(tmp_path, monkeypatch):
+    from streamer.serving import checkpoint
+
+    store = CheckpointStore(tmp_path, "w1", CFG.fingerprint())
+    _save(store, _learner(4), 10)
+    before = _files(tmp_path)
+    publish = checkpoint._publish
+
+    def rename_then_fail(tmp, path):
+        publish(tmp, path)
+        if path.suffix == ".json":
+            raise OSError(5, "Input/output error")  # the directory's fsync
+
+    monkeypatch.setattr(checkpoint, "_publish", rename_then_fail)
+    with pytest.raises(OSError):
+        _save(store, _learner(4), 20)
+    assert _files(tmp_path) == before
+
+
+def test_partitions_read_in_one_assignment_keep_one_snapshot_in_memory(tmp_path):
+    learner, other = _learner(12), ("readings", 1)
+    CheckpointStore(tmp_path, "a", CFG.fingerprint()).save(learner.snapshot(), {TP: 1},
+                                                          {TP: ["s0"]}, created=100.0)
+    CheckpointStore(tmp_path, "b", CFG.fingerprint()).save(learner.snapshot(), {other: 2},
+                                                          {other: ["s1"]}, created=200.0)
+    store, read = CheckpointStore(tmp_path, "c", CFG.fingerprint()), {}
+    assert store.latest_for(TP, read=read).worker == "a"
+    assert store.latest_for(other, read=read).worker == "b"
+    assert [c.worker for c in read.values() if c is not None] == ["b"]
+
+
 def test_a_checkpoint_of_another_configuration_is_never_superseded_by_ours(tmp_path):
     learner = _learner(12)
     CheckpointStore(tmp_path, "old-pod", "fp-before").save(learner.snapshot(), {TP: 5},
