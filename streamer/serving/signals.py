@@ -10,23 +10,33 @@ import logging
 import os
 import signal
 import threading
+import time
 
 log = logging.getLogger("streamer.worker")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A second signal this soon after the first is the same request delivered twice (a terminal's
+# Ctrl-C reaches a wrapper that forwards it as well as its child): not "now".
+SAME_REQUEST_S = 0.5
+_first_at: float | None = None  # monotonic time of the last stop request by signal
 
 
 def stop_on_signals(stopping: threading.Event) -> None:
     """Make SIGTERM and SIGINT set ``stopping``; one arriving while it is set already (a
-    second Ctrl-C, an impatient ``kill``) ends the process at once with 128 + its number."""
+    second Ctrl-C, an impatient ``kill``), more than SAME_REQUEST_S after the signal that set
+    it, ends the process at once with 128 + its number."""
 
     def on_signal(signum: int, _frame: object) -> None:
-        name = signal.Signals(signum).name
+        global _first_at
+        name, now = signal.Signals(signum).name, time.monotonic()
         if stopping.is_set():
+            if _first_at is not None and now - _first_at < SAME_REQUEST_S:
+                return
             log.warning("%s again: exiting at once (anything not checkpointed is replayed on "
                         "the next start)", name)
             os._exit(128 + signum)
+        _first_at = now
         log.info("%s: stopping cleanly (flush, checkpoint, leave the group); %s again "
-                    "exits at once", name, name)
+                 "exits at once", name, name)
         stopping.set()
 
     for sig in STOP_SIGNALS:

@@ -109,7 +109,6 @@ def _settings(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     stopping = _stop_requests()  # from here on: a SIGTERM while starting is a clean stop too
-    worker = None
     try:
         settings = _settings(args)
         from streamer.serving.checkpoint import CheckpointError
@@ -124,10 +123,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         except CheckpointError as exc:
             logging.getLogger("streamer").error("%s", exc)
             return 1
-    finally:
-        if worker is None:  # it never took the signals over: give them back as they were
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+    finally:  # give the signals back as they were (a caller running it in process)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _stop_requests() -> threading.Event:

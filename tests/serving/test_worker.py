@@ -28,6 +28,7 @@ from streamer.kafka.errors import (
     TopicMissing,
     convert,
 )
+from streamer.serving import signals
 from streamer.serving import worker as worker_module
 from streamer.serving.checkpoint import CheckpointStore
 from streamer.serving.codec import DLQ_REASON, DLQ_SOURCE_OFFSET, DLQ_SOURCE_PARTITION
@@ -212,10 +213,10 @@ def _catches(pid: int, sig: signal.Signals) -> bool:
     return bool(caught >> (sig - 1) & 1)
 
 
-def _catching_signals(topic_factory, group_id, worker_factory):
+def _catching_signals(topic_factory, group_id, worker_factory, **env: str):
     """A worker process, started, from the moment it catches SIGTERM (still starting)."""
     inp, out, dlq = _topics(topic_factory)
-    worker = worker_factory(inp, out, dlq, group_id).start()
+    worker = worker_factory(inp, out, dlq, group_id, **env).start()
     deadline = time.monotonic() + 30
     while not _catches(worker.proc.pid, signal.SIGTERM):
         assert time.monotonic() < deadline and worker.proc.poll() is None, worker.log()
@@ -241,9 +242,12 @@ def test_a_second_signal_while_starting_exits_at_once_with_128_plus_its_number(
         topic_factory, group_id, worker_factory):
     # Ctrl-C twice: the first asks for the clean stop, which would run the whole start-up
     # first; the second is "now". As safe as a SIGKILL, which loses nothing.
-    worker = _catching_signals(topic_factory, group_id, worker_factory)
+    # No broker to reach: the clean stop waits seconds for it, so the second signal lands
+    # while the first is being acted on, however fast start-up is.
+    worker = _catching_signals(topic_factory, group_id, worker_factory,
+                               STREAMER_KAFKA__BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}")
     worker.signal(signal.SIGTERM)
-    time.sleep(0.3)  # the handler runs; start-up (torch, the model, the restore) goes on
+    time.sleep(signals.SAME_REQUEST_S + 0.3)  # later than one request delivered twice
     assert worker.proc.poll() is None, worker.log()
     worker.signal(signal.SIGINT)
     assert worker.wait(10) == 128 + signal.SIGINT, worker.log()
@@ -256,12 +260,28 @@ class _Exited(BaseException):
 
 
 def _exit_raises(monkeypatch) -> None:
-    from streamer.serving import signals
-
+    """os._exit raises _Exited instead; a second signal counts however soon it comes."""
     def exit_(code: int):
         raise _Exited(code)
 
     monkeypatch.setattr(signals.os, "_exit", exit_)
+    monkeypatch.setattr(signals, "SAME_REQUEST_S", 0.0)
+
+
+def test_one_stop_request_delivered_twice_at_once_is_a_clean_stop(monkeypatch):
+    # A terminal's Ctrl-C reaches a wrapper that forwards it, and its child: two SIGINTs
+    # within microseconds, one request.
+    monkeypatch.setattr(signals.os, "_exit", lambda code: pytest.fail(f"exited {code}"))
+    stopping = threading.Event()
+    before = {sig: signal.getsignal(sig) for sig in signals.STOP_SIGNALS}
+    try:
+        signals.stop_on_signals(stopping)
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stopping.is_set()
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def test_a_second_signal_to_a_serving_worker_exits_at_once_and_the_first_only_stops_it(
