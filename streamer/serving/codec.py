@@ -345,7 +345,8 @@ def dead_letter(
     theirs = [(k, b"" if v is None else v) for k, v in headers]
     if key is None and value is None:
         key = b""
-    header_bytes = sum(len(k.encode()) + len(v) + HEADER_FRAMING_BYTES for k, v in theirs)
+    content_bytes = sum(len(k.encode()) + len(v) for k, v in theirs)
+    header_bytes = content_bytes + HEADER_FRAMING_BYTES * len(theirs)  # as sent
     if _size(key) + _size(value) + header_bytes <= MAX_DEAD_LETTER_BYTES:
         return DeadLetter(key, value, theirs + ours)
     cut: list[str] = []
@@ -359,7 +360,7 @@ def dead_letter(
             parts[part] = data[:CUT_KEEP_BYTES]
     if header_bytes > CUT_KEEP_BYTES:
         cut.append("headers")
-        notes.append((DLQ_ORIGINAL_SIZE.format("headers"), str(header_bytes).encode()))
+        notes.append((DLQ_ORIGINAL_SIZE.format("headers"), str(content_bytes).encode()))
         theirs = []
     return DeadLetter(parts["key"], parts["value"],
                       theirs + ours + notes + [(DLQ_CUT, ",".join(cut).encode())])
