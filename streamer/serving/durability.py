@@ -33,7 +33,7 @@ class CheckpointListener(Protocol):
     """Told which worker's checkpoint the start restored, when a checkpoint is taken (on the
     serving thread) and once it is durable."""
 
-    def checkpoint_restored(self, worker: str) -> None: ...
+    def checkpoint_restored(self, worker: str, created: float) -> None: ...
 
     def checkpoint_taken(self) -> None: ...
 
@@ -65,7 +65,7 @@ class Durability:
             return
         self.learner.load(found.state)
         if self.listener is not None:
-            self.listener.checkpoint_restored(found.worker)
+            self.listener.checkpoint_restored(found.worker, found.created)
         for tp, offset in found.offsets.items():
             self.ledger.adopt(tp, offset, found.sensors.get(tp, []), found.created)
         log.info("restored %s: %d sensors, %d updates, offsets %s", found.path.name,

@@ -78,8 +78,10 @@ class ModelBoard:
         # their keys, to tombstone once the whole history has been read.
         self.departed: dict[str, bytes] = {}
         # The worker whose checkpoint our weights were restored from (a pod replacing one
-        # that was killed): its records in the history hold weights ours already contain.
+        # that was killed), and when that checkpoint was taken: its records in the history,
+        # and anyone's history from before then, hold weights ours already contain.
         self.restored_from: str | None = None
+        self.restored_at = -float("inf")
         # Our key was tombstoned while we serve (another worker took us for departed, or a
         # previous run of our id closed late): peers dropped us; publish ours again.
         self.erased = False
@@ -135,11 +137,13 @@ class ModelBoard:
             if arrived is None and now - record.timestamp_s > DEPARTED_AFTER_S:
                 self.departed[worker] = record.key
             return None  # too old to average with: not even decoded (a replay of history)
-        if arrived is None and worker == self.restored_from:
-            # Published from a checkpoint no newer than the one we started from: averaging
-            # with it would pull us back towards our own past until the TTL (a lone worker
-            # restarted under a new id would not behave as without sharing). Live records of
-            # it, should it still be serving, are averaged as any peer's.
+        if arrived is None and (worker == self.restored_from
+                                or record.timestamp_s <= self.restored_at):
+            # Published from a checkpoint no newer than the one we started from (or, from
+            # before it was taken, averaged into it: a pod killed before the one we replace):
+            # averaging with it would pull us back towards our own past until the TTL (a lone
+            # worker restarted under a new id would not behave as without sharing). Live
+            # records, from workers still serving, are averaged as any peer's.
             return None
         if headers.get(H_FINGERPRINT, b"").decode(errors="replace") != self.fingerprint:
             return "incompatible"
@@ -219,10 +223,11 @@ class ModelSharing:
     def start(self) -> None:
         self.topic.start()
 
-    def checkpoint_restored(self, worker: str) -> None:
-        """Our weights were restored from ``worker``'s checkpoint (before ``start``)."""
+    def checkpoint_restored(self, worker: str, created: float) -> None:
+        """Our weights were restored from ``worker``'s checkpoint, taken at ``created`` (wall
+        clock), before ``start``."""
         if worker != self.worker_id:
-            self.board.restored_from = worker
+            self.board.restored_from, self.board.restored_at = worker, created
 
     def checkpoint_taken(self) -> None:
         """A checkpoint copied the learner: remember the averaging shift at that moment."""

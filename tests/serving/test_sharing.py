@@ -270,13 +270,17 @@ def test_a_worker_whose_newest_record_in_history_is_a_day_old_is_marked_departed
 def test_history_of_the_worker_whose_checkpoint_we_restored_is_not_averaged_with():
     # A pod replacing a killed one (a new id) starts from the dead pod's checkpoint: that
     # pod's last record holds weights ours contain already. A live record of it is a peer's.
+    # So does the history of a pod killed before that one (its weights averaged into the
+    # checkpoint we restored), anything written before that checkpoint was taken.
     board = _board(ttl=60.0)
-    board.restored_from = "dead"
+    board.restored_from, board.restored_at = "dead", 85.0
     board.ours(_weights(1.0), None, 10, 1, at=100.0)
     assert _offer(board, _record("dead", _weights(0.5), at=90.0, offset=1), now=100.0) is None
+    assert _offer(board, _record("dead-before", _weights(0.5), at=80.0, offset=2),
+                  now=100.0) is None
     assert board.peers(now=100.0) == 0 and board.average(_weights(1.0), now=100.0) is None
-    assert _offer(board, _record("other", _weights(0.5), at=90.0, offset=2), now=100.0) is None
-    assert _offer(board, _record("dead", _weights(2.0), at=100.0, offset=3, arrived=100.0),
+    assert _offer(board, _record("other", _weights(0.5), at=90.0, offset=3), now=100.0) is None
+    assert _offer(board, _record("dead", _weights(2.0), at=100.0, offset=4, arrived=100.0),
                   now=100.0) is None
     assert set(board.entries) == {"a", "other", "dead"}
 
