@@ -523,29 +523,37 @@ def test_adopting_many_partitions_of_one_checkpoint_reads_and_verifies_it_once(
     durability.close()
 
 
-def test_a_save_failing_at_its_manifest_leaves_no_file_behind(tmp_path, monkeypatch):
-    # A full disk: the data file fits, its manifest does not. Nothing would ever name or
-    # delete that data file (hundreds of MB), and the disk would stay full.
+def _files_around_a_failing_save(tmp_path, monkeypatch, name: str, failing) -> tuple[set, set]:
+    """The directory's files before and after a second save that fails in ``failing``, put
+    in the place of ``streamer.serving.checkpoint.<name>``."""
     from streamer.serving import checkpoint
 
     store = CheckpointStore(tmp_path, "w1", CFG.fingerprint())
     _save(store, _learner(4), 10)
     before = _files(tmp_path)
-    write = checkpoint._write_atomic
+    monkeypatch.setattr(checkpoint, name, failing)
+    with pytest.raises(OSError):
+        _save(store, _learner(4), 20)
+    return before, _files(tmp_path)
+
+
+def test_a_save_failing_at_its_manifest_leaves_no_file_behind(tmp_path, monkeypatch):
+    # A full disk: the data file fits, its manifest does not. Nothing would ever name or
+    # delete that data file (hundreds of MB), and the disk would stay full.
+    from streamer.serving.checkpoint import _write_atomic
 
     def full_disk(path, data):
         with open(path.with_name(f".{path.name}.tmp"), "wb") as handle:
             handle.write(data[:10])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "_write_atomic", full_disk)
-    with pytest.raises(OSError):
-        _save(store, _learner(4), 20)
-    assert {f for f in _files(tmp_path) if not f.startswith(".")} == before
+    before, after = _files_around_a_failing_save(tmp_path, monkeypatch, "_write_atomic",
+                                                 full_disk)
+    assert {f for f in after if not f.startswith(".")} == before
     # And a manifest write that fails leaves no temporary file either.
     (tmp_path / "x.json").mkdir()  # written, but cannot be renamed over a directory
     with pytest.raises(OSError):
-        write(tmp_path / "x.json", b"{}")
+        _write_atomic(tmp_path / "x.json", b"{}")
     assert not (tmp_path / ".x.json.tmp").exists()
 
 
@@ -564,22 +572,16 @@ def test_our_checkpoints_of_a_configuration_we_left_go_by_count_whatever_they_ho
 
 
 def test_a_manifest_renamed_but_not_made_durable_is_removed_with_its_data(tmp_path, monkeypatch):
-    from streamer.serving import checkpoint
-
-    store = CheckpointStore(tmp_path, "w1", CFG.fingerprint())
-    _save(store, _learner(4), 10)
-    before = _files(tmp_path)
-    publish = checkpoint._publish
+    from streamer.serving.checkpoint import _publish
 
     def rename_then_fail(tmp, path):
-        publish(tmp, path)
+        _publish(tmp, path)
         if path.suffix == ".json":
             raise OSError(5, "Input/output error")  # the directory's fsync
 
-    monkeypatch.setattr(checkpoint, "_publish", rename_then_fail)
-    with pytest.raises(OSError):
-        _save(store, _learner(4), 20)
-    assert _files(tmp_path) == before
+    before, after = _files_around_a_failing_save(tmp_path, monkeypatch, "_publish",
+                                                 rename_then_fail)
+    assert after == before
 
 
 def test_partitions_read_in_one_assignment_keep_one_snapshot_in_memory(tmp_path):
