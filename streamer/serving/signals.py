@@ -11,6 +11,8 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger("streamer.worker")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -41,3 +43,18 @@ def stop_on_signals(stopping: threading.Event) -> None:
 
     for sig in STOP_SIGNALS:
         signal.signal(sig, on_signal)
+
+
+@contextmanager
+def stop_requests() -> Iterator[threading.Event]:
+    """Inside: an event that SIGTERM and SIGINT set (``stop_on_signals``; whoever installs
+    handlers inside may take them over); after: the handlers from before, whatever happened
+    (a caller running ``streamer run`` in process keeps its Ctrl-C)."""
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    requested = threading.Event()
+    stop_on_signals(requested)
+    try:
+        yield requested
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

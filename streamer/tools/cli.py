@@ -8,9 +8,7 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 from importlib import resources
 from pathlib import Path
@@ -107,9 +105,11 @@ def _settings(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    stopping = _stop_requests()  # from here on: a SIGTERM while starting is a clean stop too
-    try:
+    from streamer.serving.signals import stop_requests
+
+    # From here on a SIGTERM while starting is a clean stop too (exit 0, not killed by the
+    # signal), until the worker installs its own handlers, which take over.
+    with stop_requests() as stopping:
         settings = _settings(args)
         from streamer.serving.checkpoint import CheckpointError
         from streamer.serving.worker import Worker
@@ -123,20 +123,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         except CheckpointError as exc:
             logging.getLogger("streamer").error("%s", exc)
             return 1
-    finally:  # give the signals back as they were (a caller running it in process)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _stop_requests() -> threading.Event:
-    """Record SIGTERM and SIGINT until the worker installs its own handlers (which take over):
-    a pod stopped during start-up then exits 0 like one stopped while serving, instead of being
-    killed by the signal; a second signal exits at once (``serving.signals``)."""
-    from streamer.serving.signals import stop_on_signals
-
-    requested = threading.Event()
-    stop_on_signals(requested)
-    return requested
 
 
 def _read_readings(path: Path, limit: int | None = None):

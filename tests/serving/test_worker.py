@@ -272,16 +272,10 @@ def test_one_stop_request_delivered_twice_at_once_is_a_clean_stop(monkeypatch):
     # A terminal's Ctrl-C reaches a wrapper that forwards it, and its child: two SIGINTs
     # within microseconds, one request.
     monkeypatch.setattr(signals.os, "_exit", lambda code: pytest.fail(f"exited {code}"))
-    stopping = threading.Event()
-    before = {sig: signal.getsignal(sig) for sig in signals.STOP_SIGNALS}
-    try:
-        signals.stop_on_signals(stopping)
+    with signals.stop_requests() as stopping:
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)
         assert stopping.is_set()
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
 
 
 def test_a_second_signal_to_a_serving_worker_exits_at_once_and_the_first_only_stops_it(
@@ -289,17 +283,13 @@ def test_a_second_signal_to_a_serving_worker_exits_at_once_and_the_first_only_st
     _exit_raises(monkeypatch)
     worker = worker_module.Worker.__new__(worker_module.Worker)
     worker._stop = threading.Event()
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with signals.stop_requests():  # the handlers from before are back afterwards
         worker.install_signal_handlers()
         os.kill(os.getpid(), signal.SIGTERM)
         assert worker._stop.is_set()
         with pytest.raises(_Exited) as exited:
             os.kill(os.getpid(), signal.SIGTERM)
-        assert exited.value.code == 128 + signal.SIGTERM
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
+    assert exited.value.code == 128 + signal.SIGTERM
 
 
 def test_a_second_signal_during_the_workers_construction_exits_at_once(monkeypatch, tmp_path):
