@@ -295,21 +295,23 @@ class CheckpointStore:
 
     def _prune(self) -> None:
         listed = self._manifests()
+        found = self._parsed(listed)  # every manifest read once, for both kinds of pruning
         mine = sorted((seq, path) for w, seq, path in listed if w == self.worker)
         beyond = {path for _, path in mine[: max(0, len(mine) - self.keep)]}
         dropped = [(seq, path) for seq, path in mine
-                   if path in beyond and not self._last_holder(path, listed)]
+                   if path in beyond and not self._last_holder(path, found)]
         for _, path in dropped:
             _delete_checkpoint(path)
         gone = {path for _, path in dropped}
-        self._prune_superseded([entry for entry in listed if entry[2] not in gone])
+        self._prune_superseded([entry for entry in listed if entry[2] not in gone],
+                               [entry for entry in found if entry[2] not in gone])
 
-    def _last_holder(self, path: Path, listed: list[tuple[str, int, Path]]) -> bool:
+    def _last_holder(self, path: Path, found: list[tuple[str, float, Path, dict]]) -> bool:
         """Whether the checkpoint at ``path`` is the newest of its kind holding one of its
-        partitions. Ours beyond ``keep`` stays then: a partition we handed over is held by our
-        revoke checkpoint alone until its new owner writes one (an idle partition: maybe not
-        for long), and its state and committed offset must survive that owner's crash."""
-        found = self._parsed(listed)
+        partitions (``found``: the manifests, ``_parsed``). Ours beyond ``keep`` stays then: a
+        partition we handed over is held by our revoke checkpoint alone until its new owner
+        writes one (an idle partition: maybe not for long), and its state and committed offset
+        must survive that owner's crash."""
         own = next(((c, m) for _, c, p, m in found if p == path), None)
         if own is None:
             return False  # unreadable: nothing it holds can be restored from it anyway
@@ -322,13 +324,14 @@ class CheckpointStore:
         return any(not any(tp in (m.get("offsets") or {}) for m in newer)
                    for tp in manifest.get("offsets") or {})
 
-    def _prune_superseded(self, listed: list[tuple[str, int, Path]]) -> None:
+    def _prune_superseded(self, listed: list[tuple[str, int, Path]],
+                          found: list[tuple[str, float, Path, dict]]) -> None:
         """Delete another worker's checkpoint once every partition it held is held by a newer
         checkpoint of a different worker with the same config fingerprint and snapshot format
         whose data verifies, and other workers' data and temporary files that no manifest
-        names, once old (module docstring)."""
+        names, once old (module docstring). ``found``: those of ``listed`` that ``_parsed``
+        could read (an unreadable one is neither deleted nor counted newer)."""
         named = {path.name for _, _, path in listed}
-        found = self._parsed(listed)  # an unreadable one is neither deleted nor counted newer
         usable = [(w, c, path, m) for w, c, path, m in found
                   if m.get("snapshot_format") is not None and isinstance(m.get("offsets"), dict)]
         self._verified = {k: v for k, v in self._verified.items() if k in named}
