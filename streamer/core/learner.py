@@ -229,9 +229,9 @@ class Learner:
         rejected until real time passed the wrong one, or forever. A late reading of a sensor
         not that far ahead (a duplicate, a re-sent buffer, a backlog read before the rest of
         the fleet's, a device on local time) is rejected as before. Returns how many."""
-        edge = max(self.clock.time, time.time()) + AHEAD_RESTART_S
         if not len(slots):
             return 0
+        edge = max(self.clock.time, time.time()) + AHEAD_RESTART_S
         back = np.unique(slots[(self.stats.last_ts[slots] > edge) & (ts <= edge)])
         self._reset_slots(back)
         return len(back)
