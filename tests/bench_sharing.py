@@ -50,7 +50,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from kafka.partitioner.default import murmur2
-from prometheus_client import CollectorRegistry
 
 from streamer.core import Batch, Learner, LearnerConfig, snapshot
 from streamer.core.batch import StepResult, UpdateStats
@@ -61,11 +60,11 @@ from streamer.core.learner import (
     RAMP_UPDATES,
 )
 from streamer.kafka.model_topic import ModelRecord
-from streamer.observability.metrics import Metrics
 from streamer.serving.sharing import ModelSharing
 from streamer.tools.readings_csv import iter_chunks
 from streamer.tools.replay import ReplayOutputs, score
 from tests.bench_fleets import FLEETS, SHARED, read_fleet
+from tests.conftest import unscraped_metrics
 
 BATCH = 256  # readings of the whole stream per round of micro-batches
 
@@ -170,7 +169,8 @@ def run(readings: Batch, config: LearnerConfig, workers: int, every: int | None,
         steps = [learner.step for learner in learners]
     bus: list[Loopback] = []
     sharing = [ModelSharing(learner, Loopback(bus), f"w{i}", "bench", 0.0, float("inf"),
-                            _metrics()) for i, learner in enumerate(learners)] if every else []
+                            unscraped_metrics())
+               for i, learner in enumerate(learners)] if every else []
     outputs = ReplayOutputs.empty(len(readings), config.n_features)
     fed, since_share, offset = [0] * workers, 0, 0
     for chunk in _cut_at(iter_chunks(readings, BATCH), move_at):
@@ -228,11 +228,6 @@ def hand_over(learners: list[Learner], seen_ids: list[str], seen_part: np.ndarra
     for p, _, new in moved:
         learners[new].import_sensors(exported[p])
     return [new for _, _, new in moved]
-
-
-def _metrics() -> Metrics:
-    return Metrics(CollectorRegistry(), max_grad_norm=1.0, device="cpu", coverage_target=0.9,
-                   horizon=1)
 
 
 def main() -> int:

@@ -44,6 +44,17 @@ TEST_CONSUMER_TIMEOUTS = {
 RawRecord = tuple[bytes | None, bytes | None] | tuple[bytes | None, bytes | None, list]
 
 
+def unscraped_metrics():
+    """The worker's metrics on a registry of their own, for parts that need some to report to
+    (the model topic, durability, the sharing benchmark)."""
+    from prometheus_client import CollectorRegistry
+
+    from streamer.observability.metrics import Metrics
+
+    return Metrics(CollectorRegistry(), max_grad_norm=1.0, device="cpu", coverage_target=0.9,
+                   horizon=1)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # kafka-python 3 loads its protocol schemas lazily through importlib.resources.open_text,
     # which warns from importlib's module, so pyproject's "kafka.*" module filter misses it.

@@ -6,12 +6,10 @@ import time
 
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
-from prometheus_client import CollectorRegistry
 
 from streamer.core import Learner, LearnerConfig
 from streamer.core import weights as w
 from streamer.kafka.model_topic import ModelRecord, ModelTopic
-from streamer.observability.metrics import Metrics
 from streamer.serving.sharing import (
     DEPARTED_AFTER_S,
     H_FINGERPRINT,
@@ -20,6 +18,7 @@ from streamer.serving.sharing import (
     H_SEQUENCE,
     ModelSharing,
 )
+from tests.conftest import unscraped_metrics
 
 pytestmark = pytest.mark.broker
 
@@ -106,8 +105,7 @@ def test_a_worker_tombstones_the_keys_of_workers_silent_for_a_day_once_caught_up
     _send(broker.bootstrap, topic, b"other/gone", day_ago_ms, weights,
           [(H_GROUP, b"other")] + headers[1:])  # another group's: not ours to clear
     _send(broker.bootstrap, topic, b"g/alive", int(time.time() * 1000), weights, headers)
-    metrics = Metrics(CollectorRegistry(), max_grad_norm=1.0, device="cpu", coverage_target=0.9,
-                      horizon=1)
+    metrics = unscraped_metrics()
     ttl = 1.0  # the tombstones wait for a peer TTL after the history was read
     sharing = ModelSharing(learner, ModelTopic(kafka_connection, topic, 1_000_000), "me", "g",
                            0.1, ttl, metrics)
@@ -135,8 +133,7 @@ def test_a_worker_whose_key_is_tombstoned_while_it_serves_publishes_its_weights_
         broker, kafka_connection, topic_factory):
     topic, config = topic_factory(), LearnerConfig(hidden_size=8, device="cpu")
     learner = Learner(config)
-    metrics = Metrics(CollectorRegistry(), max_grad_norm=1.0, device="cpu", coverage_target=0.9,
-                      horizon=1)
+    metrics = unscraped_metrics()
     sharing = ModelSharing(learner, ModelTopic(kafka_connection, topic, 1_000_000), "me", "g",
                            0.1, 60.0, metrics)
     sharing.start()

@@ -30,6 +30,7 @@ from streamer.core.intervals import (
 )
 from streamer.serving.checkpoint import CheckpointStore
 from streamer.serving.checkpoint_writer import WRITER_NICENESS, CheckpointWriter
+from tests.conftest import unscraped_metrics
 from tests.core.conftest import sine_fleet
 
 CFG = LearnerConfig(hidden_size=8, tbptt_steps=4, train_every=10, initial_capacity=4,
@@ -498,10 +499,7 @@ def test_a_handed_over_partition_keeps_its_checkpoint_until_its_new_owner_writes
 
 def test_adopting_many_partitions_of_one_checkpoint_reads_and_verifies_it_once(
         tmp_path, monkeypatch):
-    from prometheus_client import CollectorRegistry
-
     from streamer.config import CheckpointSettings
-    from streamer.observability.metrics import Metrics
     from streamer.serving.durability import Durability
     from streamer.serving.ledger import PartitionLedger
 
@@ -515,8 +513,7 @@ def test_adopting_many_partitions_of_one_checkpoint_reads_and_verifies_it_once(
                         lambda self, path: (reads.append(path), read(self, path))[1])
     adopter = Learner(CFG)
     durability = Durability(adopter, PartitionLedger(0.0), CheckpointSettings(dir=tmp_path),
-                            "pod-b", Metrics(CollectorRegistry(), max_grad_norm=1.0,
-                                             device="cpu", coverage_target=0.9))
+                            "pod-b", unscraped_metrics())
     assert durability.adopt(tps) == {tp: 5 + tp[1] for tp in tps}
     assert len(reads) == 1
     assert sorted(adopter.table.to_plain()["ids"][:4]) == ["s0", "s1", "s2", "s3"]
