@@ -17,8 +17,11 @@ checkpoints on the shared volume for good. A live worker's own older checkpoints
 superseded by its newer ones here (its ``keep`` fallbacks stay); a checkpoint is superseded
 only by checkpoints of its own configuration and snapshot format (after a change of either, a
 rollback still finds the old ones; written before manifests named their format, never).
-Data files and temporary files that no manifest names are deleted when another worker's and
-older than ``ORPHAN_AGE_S`` (a crash between the data file and its manifest).
+Data files and temporary files that no manifest names are deleted once older than
+``ORPHAN_AGE_S``: left by a crash between a data file and its manifest, or by a crash while a
+worker deleted one of its own checkpoints (manifest first). Ours as well as other workers':
+a crash between our data file and its manifest is healed by our next save, which reuses the
+number, but one during our own deletion is not.
 """
 
 from __future__ import annotations
@@ -40,8 +43,8 @@ log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^(?P<worker>[A-Za-z0-9_.-]+)-(?P<seq>\d{10})\.json$")
 _DATA = re.compile(r"^\.?(?P<worker>[A-Za-z0-9_.-]+)-(?P<seq>\d{10})\.(ckpt|json)(\.tmp)?$")
-# A data or temporary file without a manifest, of another worker, is left this long (seconds
-# since it was last written) before it is deleted: a live writer is past it well before.
+# A data or temporary file without a manifest is left this long (seconds since it was last
+# written) before it is deleted: a live writer is past it well before.
 ORPHAN_AGE_S = 3600.0
 
 
@@ -328,8 +331,8 @@ class CheckpointStore:
                           found: list[tuple[str, float, Path, dict]]) -> None:
         """Delete another worker's checkpoint once every partition it held is held by a newer
         checkpoint of a different worker with the same config fingerprint and snapshot format
-        whose data verifies, and other workers' data and temporary files that no manifest
-        names, once old (module docstring). ``found``: those of ``listed`` that ``_parsed``
+        whose data verifies, and data and temporary files that no manifest names (ours too),
+        once old (module docstring). ``found``: those of ``listed`` that ``_parsed``
         could read (an unreadable one is neither deleted nor counted newer)."""
         named = {path.name for _, _, path in listed}
         usable = [(w, c, path, m) for w, c, path, m in found
@@ -355,7 +358,7 @@ class CheckpointStore:
         now = time.time()
         for path in self.directory.iterdir():
             match = _DATA.match(path.name)
-            if match is None or match["worker"] == self.worker or path.name in named:
+            if match is None or path.name in named:
                 continue
             stem = f"{match['worker']}-{match['seq']}"
             if path.name == f"{stem}.ckpt" and (self.directory / f"{stem}.json").exists():

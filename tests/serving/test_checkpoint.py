@@ -603,6 +603,21 @@ def test_a_checkpoint_of_another_configuration_is_never_superseded_by_ours(tmp_p
     assert CheckpointStore(tmp_path, "x", "fp-before").latest().worker == "old-pod"
 
 
+def test_our_own_data_file_left_by_a_crash_while_deleting_it_is_deleted_when_old(tmp_path):
+    learner, store = _learner(12), CheckpointStore(tmp_path, "pod-a", "fp", keep=1)
+    store.save(learner.snapshot(), {TP: 1}, {TP: []})
+    store.save(learner.snapshot(), {TP: 2}, {TP: []})  # pruning deleted 1, manifest first:
+    (tmp_path / "pod-a-0000000001.ckpt").write_bytes(b"x")  # a crash there left its data
+    (tmp_path / "pod-a-0000000000.ckpt").write_bytes(b"x")  # (a recent one: kept for now)
+    old = time.time() - 2 * 3600
+    os.utime(tmp_path / "pod-a-0000000001.ckpt", (old, old))
+    store = CheckpointStore(tmp_path, "pod-a", "fp", keep=1)  # restarted after the crash
+    store.save(learner.snapshot(), {TP: 3}, {TP: []})
+    assert _files(tmp_path) == {"pod-a-0000000000.ckpt", "pod-a-0000000003.ckpt",
+                                "pod-a-0000000003.json"}
+    assert store.latest().offsets == {TP: 3}
+
+
 def test_another_workers_orphaned_data_file_is_deleted_only_when_old(tmp_path):
     learner = _learner(12)
     for name in ("pod-a-0000000004.ckpt", ".pod-a-0000000005.json.tmp",
