@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 
@@ -33,8 +34,14 @@ class Trainer:
         self.applied = 0
 
     def load(self, optimizer_state: dict, attempts: int, applied: int) -> None:
-        """Continue from a snapshot: the optimizer's moments and the update counters."""
-        self.optimizer.load_state_dict(optimizer_state)
+        """Continue from a snapshot: the optimizer's moments and the update counters. The
+        learning rate stays this trainer's own (an operational setting: a restart with a new
+        ``lr`` uses it), and the moments are copied (``load_state_dict`` keeps the snapshot's
+        own tensors where device and dtype match, which training would then change)."""
+        lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(copy.deepcopy(optimizer_state))
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
         self.attempts, self.applied = attempts, applied
 
     def backward(self, window: WindowBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

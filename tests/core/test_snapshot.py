@@ -70,7 +70,26 @@ def test_operational_settings_may_change_across_a_restore(small_config):
     learner = Learner(small_config)
     learner.step(sine_fleet(3, 10))
     relaxed = LearnerConfig(**{**small_config.to_dict(), "lr": 1e-4, "train_every": 50})
-    assert Learner.restore(learner.snapshot(), relaxed).n_sensors == 3
+    restored = Learner.restore(loads(dumps(learner.snapshot())), relaxed)
+    assert restored.n_sensors == 3
+    assert [g["lr"] for g in restored.trainer.optimizer.param_groups] == [1e-4]  # the new one
+
+
+def test_training_a_learner_restored_from_a_snapshot_leaves_the_snapshot_unchanged(small_config):
+    stream = sine_fleet(4, 60, seed=2)
+    first, second = stream.take(np.arange(120)), stream.take(np.arange(120, len(stream)))
+    learner = Learner(small_config)
+    learner.step(first)
+    snapshot = learner.snapshot()
+    before = dumps(snapshot)
+    twins = [Learner.restore(snapshot, small_config) for _ in range(2)]
+    for part in chunks(second, 20):
+        for twin in twins:
+            twin.step(part)
+    assert twins[0].trainer.applied > 0
+    assert dumps(snapshot) == before
+    assert all(torch.equal(p, q) for p, q in zip(twins[0].model.parameters(),
+                                                 twins[1].model.parameters()))
 
 
 class _Evil:
