@@ -221,7 +221,11 @@ def _reported_near(profile, s, t, reach):  # pragma: no cover - compiled
     (its day profile has a bucket filled there)."""
     first, _week = _bucket_pair(t - reach)
     last, _week = _bucket_pair(t + reach)
-    for n in range(min((last - first) % DAY_BUCKETS + 1, DAY_BUCKETS)):
+    # A span of a whole day or more (a sensor read every two days or less often) holds every
+    # bucket, where the count of buckets from first to last would wrap back to a few.
+    span = DAY_BUCKETS if 2.0 * reach >= DAY - DAY / DAY_BUCKETS else \
+        (last - first) % DAY_BUCKETS + 1
+    for n in range(span):
         if not np.isnan(profile[s, 0, (first + n) % DAY_BUCKETS]):
             return True
     return False

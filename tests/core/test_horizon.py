@@ -153,6 +153,16 @@ def test_the_expected_times_skip_the_hours_a_sensor_never_reports_in():
     assert (target[last_of_day] > ts[last_of_day] + 12 * 3600.0).all()
 
 
+@pytest.mark.parametrize("every_days", [1, 2, 3, 7])
+def test_a_sensor_read_every_few_days_is_expected_a_gap_apart(every_days):
+    # Read at 10:00 UTC every few days: a quarter of a gap of two days or more spans the day.
+    ts = 86_400.0 * (19_000 + every_days * np.arange(40)) + 10 * 3600.0
+    batch = Batch.from_arrays(["s"] * len(ts), ts, np.sin(np.arange(40.0)))
+    _, results = _run(LearnerConfig(device="cpu", horizon=4), batch)
+    lead = _cat(results, "target_ts", True)[-1] - ts[-1]
+    np.testing.assert_allclose(lead / 86_400.0, every_days * np.arange(1, 5), rtol=1e-3)
+
+
 def test_steps_scored_online_are_the_powers_of_two_and_the_horizon():
     assert scored_steps(1).tolist() == []
     assert scored_steps(12).tolist() == [2, 4, 8, 12]
