@@ -27,7 +27,14 @@ class EventClock:
     further TTL, and from then on goes along with it (in steps of less than a TTL) until
     sensors agree again: the silent ones are evicted one TTL late.
 
-    Not covered: two devices that run ahead at the same time, by about as much.
+    Live, the clock never runs ahead of the worker's own (``limit``): a gateway stamping many
+    sensor ids with its clock, glitched a year ahead for one reading, is corroborated by its own
+    ids, and without the limit would have moved the clock a year and had every other sensor
+    evicted as idle at every micro-batch. Readings dated ahead of the worker (producers on local
+    time) only make eviction late by as much, never early. A replay of the past is unaffected.
+
+    Not covered: in a replay of the past, two devices (or one gateway's ids) that run ahead at
+    the same time, by about as much, to a time still before the replay's own.
     """
 
     def __init__(self, ttl: float):
@@ -39,8 +46,10 @@ class EventClock:
         # when they last read).
         self.leaders: list[tuple[float, str, float]] = []
 
-    def advance(self, sensor_ids: Sequence[str], rows: np.ndarray, ts: np.ndarray) -> float:
-        """Move the clock with readings at ``ts`` of ``sensor_ids[rows]``; the new time."""
+    def advance(self, sensor_ids: Sequence[str], rows: np.ndarray, ts: np.ndarray,
+                limit: float = np.inf) -> float:
+        """Move the clock with readings at ``ts`` of ``sensor_ids[rows]``, to at most
+        ``limit`` (the worker's wall clock); the new time."""
         newest = float(ts.max())
         now, ttl = self.time, self.ttl
         kept = [lead for lead in self.leaders if not (lead[0] - now > ttl and now - lead[2] >= ttl)]
@@ -60,7 +69,7 @@ class EventClock:
                 self.held = newest
             elif newest - self.held >= ttl:
                 clock, self.held = newest, np.inf  # and followed from now on
-        self.time = clock
+        self.time = clock = max(now, min(clock, limit))
         return clock
 
     def to_plain(self) -> dict:

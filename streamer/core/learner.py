@@ -193,9 +193,10 @@ class Learner:
         huge = (np.abs(batch.values) > MAX_ABS_VALUE).any(axis=1) | (np.abs(batch.ts) > MAX_ABS_TS)
         status[ok & huge] = Reason.VALUE_OUT_OF_RANGE
         ok = status == 0
+        wall = time.time()
         if ok.any():
             rows = np.flatnonzero(ok)
-            self.clock.advance(batch.sensor_ids, rows, batch.ts[rows])
+            self.clock.advance(batch.sensor_ids, rows, batch.ts[rows], limit=wall)
             if cfg.sensor_ttl_seconds is not None:
                 result.evicted_sensors = self._evict_idle(slots[rows])
         new = np.flatnonzero(ok & (slots < 0))
@@ -209,7 +210,7 @@ class Learner:
             slots[new] = [slot_of_new[batch.sensor_ids[i]] for i in new.tolist()]
             status[new[slots[new] < 0]] = Reason.TABLE_FULL
         ok = np.flatnonzero(status == 0)
-        result.restarted_sensors = self._restart_returned(slots[ok], batch.ts[ok])
+        result.restarted_sensors = self._restart_returned(slots[ok], batch.ts[ok], wall)
         late = ~self._timestamps_increase(slots[ok], batch.ts[ok])
         status[ok[late]] = Reason.TIMESTAMP_NOT_AFTER_LAST
         return slots
@@ -221,7 +222,7 @@ class Learner:
                       self.stats.last_ts, ok)
         return ok
 
-    def _restart_returned(self, slots: np.ndarray, ts: np.ndarray) -> int:
+    def _restart_returned(self, slots: np.ndarray, ts: np.ndarray, wall: float) -> int:
         """Restart sensors whose last reading is dated more than AHEAD_RESTART_S past both the
         fleet's event clock and the wall clock, and that now read within both again: their
         clock was wrong, not this reading (a glitched timestamp years ahead, a device whose
@@ -231,7 +232,7 @@ class Learner:
         the fleet's, a device on local time) is rejected as before. Returns how many."""
         if not len(slots):
             return 0
-        edge = max(self.clock.time, time.time()) + AHEAD_RESTART_S
+        edge = max(self.clock.time, wall) + AHEAD_RESTART_S
         back = np.unique(slots[(self.stats.last_ts[slots] > edge) & (ts <= edge)])
         self._reset_slots(back)
         return len(back)

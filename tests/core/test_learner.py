@@ -178,6 +178,24 @@ def test_one_sensor_dated_a_year_ahead_does_not_make_the_fleet_idle(small_config
     assert learner.table.slot_for("s0") is None and learner.n_sensors == 30
 
 
+def test_a_gateways_ids_glitched_a_year_ahead_together_do_not_evict_a_live_fleet(small_config):
+    # Live, TTL one hour: 12 sensors every 10 minutes up to now, two of them (s0, s1) behind
+    # one gateway whose clock glitched a year ahead for one reading of each: they corroborate
+    # each other, so without the wall clock as a limit the fleet's clock would jump a year and
+    # every other sensor be evicted as idle.
+    cfg = LearnerConfig(**{**small_config.to_dict(), **NO_TRAINING, "sensor_ttl_seconds": 3600.0})
+    t0 = time.time() - 40 * 600.0
+    glitch = lambda t, s: t0 + 600.0 * t + (3.2e7 if t == 20 and s < 2 else 0.0)  # noqa: E731
+    learner, evicted, restarted = Learner(cfg), 0, 0
+    batch = _round_robin(glitch, n_sensors=12)
+    for a in range(0, len(batch), 12):
+        result = learner.step(batch.take(np.arange(a, min(a + 12, len(batch)))))
+        evicted, restarted = evicted + result.evicted_sensors, restarted + result.restarted_sensors
+    assert evicted == 0 and learner.n_sensors == 12
+    assert learner.clock.time <= time.time()
+    assert restarted == 2  # the gateway's ids, when they came back
+
+
 @pytest.mark.parametrize("size", [5, 64])
 @pytest.mark.parametrize("clock", ["55 min ahead", "runs 50 % fast", "and a glitch"])
 def test_a_device_whose_clock_is_ahead_by_less_than_the_ttl_does_not_evict_the_fleet(
