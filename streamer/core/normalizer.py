@@ -18,7 +18,12 @@ from streamer.core.experts import N_EXPERTS
 N_CALENDAR = 4  # sin/cos of time of day, sin/cos of day of week
 SECONDS_PER_DAY = 86_400.0
 GAP_CLIP = 3.0  # |log(dt / typical dt)| is clipped here: a 20x gap looks like any long gap
-_TINY = 1e-12
+# Floors of a sensor's change scale (besides a share of its spread): a share of its level's
+# magnitude, where float64 still resolves a change by hundreds of ulps, and an absolute one below
+# any unit a reading comes in. Not higher: a sensor in units of 1e-15 (farads, amperes) or read
+# on an offset of 5e9 with changes of 1 (a northing in mm, a large counter) had its scale set by
+# the floor, every change looked like none, and it was forecast worse than persistence.
+SCALE_FLOOR_REL, SCALE_FLOOR_ABS = 1e-13, 1e-30
 # The largest magnitude a reading may have. Differences of two such readings, the spreads
 # (updated with hypot, never squared) and forecasts of up to ~10 scales beyond them all stay
 # finite in float64; a reading beyond it is rejected as VALUE_OUT_OF_RANGE.
@@ -32,7 +37,7 @@ MAX_ABS_TS = 1e11
 # its scale back, every change meanwhile an outlier clipped at the model's input limit. The
 # limit now doubles at each outlier after ESCALATE_AFTER in a row (a sentinel and its return
 # make two) and halves back at each reading within it: the scale is out of the flat stretch's
-# 1e-8 in ~10 readings, then at the running average's own pace (0.15-0.3 of its usual value 20
+# 1e-12 in ~10-16 readings, then at the running average's own pace (0.15-0.3 of its usual value 20
 # readings after a week-long pause, 0.5-0.6 after 50).
 ESCALATE_AFTER, MAX_ESCALATION = 2, 40  # doublings at most
 
@@ -230,7 +235,8 @@ def _encode(slots, ts, values, alpha, warmup, clip, robust_stats,
                 rms = math.hypot(math.sqrt(1.0 - a_prev) * rms, math.sqrt(a_prev) * change_w)
             # The change scale has floors so a flat stretch cannot shrink it to zero: a share of
             # the level's spread, a relative share of its magnitude, and an absolute minimum.
-            sc = max(max(rms, 1e-3 * sd_new), max(1e-9 * abs(m_new), _TINY))
+            sc = max(max(rms, 1e-3 * sd_new),
+                     max(SCALE_FLOOR_REL * abs(m_new), SCALE_FLOOR_ABS))
             sp = max(sd_new, sc)
             spread[i, j], scale[i, j], level[i, j] = sp, sc, m_new
             features[i, j] = (v - m_new) / sp

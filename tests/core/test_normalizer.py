@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from streamer.core import LearnerConfig
+from streamer.core import Batch, Learner, LearnerConfig
 from streamer.core.normalizer import SensorStats
 
 CFG = LearnerConfig(device="cpu")
@@ -18,7 +19,7 @@ def _scales(values: np.ndarray) -> np.ndarray:
 
 
 def test_the_change_scale_grows_back_within_tens_of_readings_of_a_week_long_flat_stretch():
-    # Flat for a week, the scale shrank to its floor (1e-9 of the level); winsorized at 6
+    # Flat for a week, the scale shrank to ~1e-12 of its value before; winsorized at 6
     # scales it grew back by x1.16 a reading, ~130 readings with every change an outlier
     # clipped at the model's input limit. Now the limit widens with the run of outliers, and
     # what is left is the running average's own pace (weight 0.01 a reading).
@@ -41,3 +42,18 @@ def test_a_one_off_sentinel_still_moves_the_change_scale_by_at_most_two_winsoriz
     growth = (1 - CFG.norm_alpha + CFG.norm_alpha * CFG.clip_z**2) ** 0.5  # x1.16
     assert scale[305] < growth**2 * scale[299] * 1.01
     assert scale[455] < growth**2 * scale[449] * 1.01
+
+
+@pytest.mark.parametrize(("unit", "offset"), [(1e-15, 0.0), (1.0, 5e9), (1e-9, 1e-3)])
+def test_a_sensor_in_tiny_units_or_on_a_huge_offset_is_forecast_as_in_units_of_one(unit, offset):
+    # (the scale's floors once set the change scale of such sensors: every change looked like
+    # none, and their forecasts were worse than persistence)
+    n = 1500
+    noise = np.random.default_rng(0).standard_normal(n)
+    base = np.sin(np.arange(n) / 8.0) + 0.05 * noise
+    ts = 1.7e9 + 60.0 * np.arange(n)
+    config = LearnerConfig(hidden_size=8, initial_capacity=4, train_every=10**9)
+    reference = Learner(config).step(Batch.from_arrays(["s"] * n, ts, base)).forecasts[:, 0]
+    shifted = Learner(config).step(Batch.from_arrays(["s"] * n, ts, offset + unit * base))
+    np.testing.assert_allclose((shifted.forecasts[:, 0] - offset) / unit, reference,
+                               atol=1e-3, rtol=0)
