@@ -78,8 +78,10 @@ class Trainer:
         norm = self.clip()
         loss_value, norm_value, n_left_out, n_steps = torch.stack(  # one sync per update
             [loss.detach(), norm, left_out.to(loss.dtype), steps.to(loss.dtype)]).tolist()
+        # Nothing to learn from when every window was left out or every target masked (all
+        # in warm-up): Adam would still step on its momentum alone.
         skipped = (not (math.isfinite(loss_value) and math.isfinite(norm_value))
-                   or n_left_out == len(window.slots))  # every window left out: no data
+                   or n_left_out == len(window.slots) or n_steps == 0)
         if not skipped:
             self.optimizer.step()
             self.applied += 1

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from streamer.core import Learner, LearnerConfig
+from streamer.core import Batch, Learner, LearnerConfig
 from streamer.core.trainer import masked_mse
 from tests.core.conftest import sine_fleet
 
@@ -127,6 +127,23 @@ def test_update_with_every_window_left_out_is_skipped_and_changes_nothing(ready_
     for name, value in ready_learner.model.state_dict().items():
         assert torch.equal(value, before[name]), name
     assert ready_learner.updates == 0 and not ready_learner.trainer.optimizer.state
+
+
+def test_an_update_whose_every_target_is_in_warm_up_is_skipped_and_changes_nothing(
+        ready_learner):
+    assert not ready_learner.train_now().skipped  # Adam now has momentum to step on
+    # Windows whose every target is masked, as are the first windows of new sensors within
+    # their warm-up: nothing to learn from.
+    fresh = sine_fleet(4, ready_learner.config.tbptt_steps + 1, seed=5, log10_scale=(0, 0))
+    ready_learner.step(Batch.from_arrays([f"new-{s}" for s in fresh.sensor_ids], fresh.ts + 1e5,
+                                         fresh.values))
+    ready_learner.state.queue.mask[:] = 0.0
+    before = {k: v.clone() for k, v in ready_learner.model.state_dict().items()}
+    stats = ready_learner.train_now()
+    assert stats.skipped and stats.steps == 0
+    for name, value in ready_learner.model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert ready_learner.updates == 1
 
 
 def test_non_finite_loss_leaves_every_weight_bitwise_unchanged(ready_learner):
