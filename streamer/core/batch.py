@@ -70,7 +70,7 @@ class UpdateStats:
     loss: float  # masked MSE in normalized units (nan when non-finite)
     grad_norm: float  # total global norm before clipping, as clip_grad_norm_ returned it
     clipped: bool  # grad_norm exceeded max_grad_norm
-    skipped: bool  # non-finite loss or norm: weights untouched
+    skipped: bool  # non-finite loss or norm, or nothing to learn from: weights untouched
     slots: int  # windows trained (n_ready)
     steps: int  # (slot, step) pairs that contributed to the loss
     duration_seconds: float

@@ -439,7 +439,11 @@ class Metrics:
         self.update_duration.observe(stats.duration_seconds)
         if stats.windows_left_out:
             self.update_windows_left_out.inc(stats.windows_left_out)
-        if stats.skipped or not (math.isfinite(stats.loss) and math.isfinite(stats.grad_norm)):
+        finite = math.isfinite(stats.loss) and math.isfinite(stats.grad_norm)
+        if stats.skipped and finite and stats.steps == 0 \
+                and stats.windows_left_out < stats.slots:
+            return  # every target masked (warm-up windows): neither a failure nor a loss
+        if stats.skipped or not finite:
             self.updates_skipped.inc()
             return
         if stats.clipped:

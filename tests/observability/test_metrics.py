@@ -281,6 +281,17 @@ def test_skipped_update_counts_without_poisoning_histograms(
     assert value(registry, "streamer_update_duration_seconds_count") == 2.0
 
 
+def test_an_update_with_no_target_to_learn_from_is_neither_a_failure_nor_a_loss(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    metrics.observe_update(stats(loss=0.0, grad_norm=0.0, skipped=True, slots=4, steps=0))
+    assert value(registry, "streamer_updates_total") == 1.0
+    assert value(registry, "streamer_updates_skipped_total") == 0.0  # (pages as non-finite)
+    assert value(registry, "streamer_update_loss_count") == 0.0
+    metrics.observe_update(stats(loss=NAN, grad_norm=0.0, skipped=True, slots=4, steps=0))
+    assert value(registry, "streamer_updates_skipped_total") == 1.0
+
+
 def test_clip_threshold_is_published_and_is_a_bucket_bound(registry: CollectorRegistry) -> None:
     Metrics(registry, max_grad_norm=0.7, device="cpu", coverage_target=0.9)
     assert value(registry, "streamer_grad_norm_clip_threshold") == 0.7
