@@ -83,6 +83,19 @@ def _conflict(message: str) -> PydanticCustomError:
     return PydanticCustomError("config_conflict", "{detail}", {"detail": message})
 
 
+def _empty_means_unset(model: type[BaseModel], data: Any) -> Any:
+    """``data`` with each empty value of an optional field of ``model`` made None: an empty env
+    var or flag (`STREAMER_SENSORS__IDLE_TTL_SECONDS=`, `--torch-threads ""`) unsets it."""
+    if not isinstance(data, dict):
+        return data
+    cleaned = dict(data)
+    for name, value in data.items():
+        info = model.model_fields.get(name)
+        if info is not None and value == "" and type(None) in typing.get_args(info.annotation):
+            cleaned[name] = None
+    return cleaned
+
+
 class _Section(BaseModel):
     """A frozen settings section; typos in env var names are errors, not silently ignored."""
 
@@ -90,16 +103,8 @@ class _Section(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _empty_means_unset(cls, data: Any) -> Any:
-        # An empty env var or flag (`STREAMER_SENSORS__IDLE_TTL_SECONDS=`) unsets an optional field.
-        if not isinstance(data, dict):
-            return data
-        cleaned = dict(data)
-        for name, value in data.items():
-            info = cls.model_fields.get(name)
-            if info is not None and value == "" and type(None) in typing.get_args(info.annotation):
-                cleaned[name] = None
-        return cleaned
+    def _empty_unsets(cls, data: Any) -> Any:
+        return _empty_means_unset(cls, data)
 
 
 class KafkaSettings(_Section):
@@ -598,6 +603,11 @@ class Settings(BaseSettings):
         "1 by default: the worker shares its cores with the Kafka client's network thread, "
         "and an oversubscribed torch measured 5-60x slower; raise it on dedicated cores.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_unsets(cls, data: Any) -> Any:  # top-level fields; sections do their own
+        return _empty_means_unset(cls, data)
 
     @model_validator(mode="after")
     def _threshold_above_coverage(self) -> Settings:

@@ -188,6 +188,14 @@ def test_empty_value_unsets_an_optional_setting(monkeypatch: pytest.MonkeyPatch)
     assert settings.checkpoint.interval_seconds is None
 
 
+def test_empty_value_unsets_a_top_level_optional_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMER_TORCH_THREADS", "")
+    assert load_settings().torch_threads is None
+    monkeypatch.delenv("STREAMER_TORCH_THREADS")
+    assert load_settings().torch_threads == 1
+    assert settings_from_args(parse("--torch-threads", "")).torch_threads is None
+
+
 def test_invalid_env_value_names_env_var_and_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STREAMER_KAFKA__GROUP_ID", "")
     assert error_message() == (
