@@ -483,10 +483,12 @@ class CheckpointSettings(_Section):
 
     dir: Path = Field(Path("./checkpoints"), description="Directory the checkpoints are kept in.")
     interval_seconds: float | None = Field(
-        10.0, gt=0, description="Checkpoint after this many seconds; never by time when unset."
+        10.0, gt=0, description="Checkpoint after this many seconds; never by time when unset "
+        "(then interval_readings must be set)."
     )
     interval_readings: int | None = Field(
-        None, ge=1, description="Checkpoint after this many readings; never by count when unset."
+        None, ge=1, description="Checkpoint after this many readings; never by count when unset "
+        "(then interval_seconds must be set)."
     )
     keep: int = Field(3, ge=1, description="How many of the latest checkpoints to keep.")
     worker_id: str | None = Field(
@@ -500,6 +502,18 @@ class CheckpointSettings(_Section):
         description="Start from fresh weights when no usable checkpoint exists; when off, "
         "start-up fails instead.",
     )
+
+    @model_validator(mode="after")
+    def _some_interval(self) -> CheckpointSettings:
+        # Without either, checkpoints come only at rebalance and shutdown: offsets are never
+        # committed in between (a crash reads everything again) and sharing never publishes.
+        if self.interval_seconds is None and self.interval_readings is None:
+            raise _conflict(
+                f"{_named('checkpoint.interval_seconds')} and "
+                f"{_named('checkpoint.interval_readings')} are both unset, so the worker would "
+                "never checkpoint or commit offsets while it runs; set at least one of them"
+            )
+        return self
 
 
 class SharingSettings(_Section):

@@ -184,7 +184,8 @@ def test_flag_values_are_typed_by_the_settings_model() -> None:
 def test_empty_value_unsets_an_optional_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STREAMER_SENSORS__IDLE_TTL_SECONDS", "")
     assert load_settings().sensors.idle_ttl_seconds is None
-    settings = settings_from_args(parse("--checkpoint-interval-seconds", ""))
+    settings = settings_from_args(
+        parse("--checkpoint-interval-seconds", "", "--checkpoint-interval-readings", "1000"))
     assert settings.checkpoint.interval_seconds is None
 
 
@@ -351,6 +352,19 @@ def test_initial_capacity_must_not_exceed_max_sensors() -> None:
         "--sensors-initial-capacity) is 1024 but must not exceed sensors.max_sensors "
         "(STREAMER_SENSORS__MAX_SENSORS / --sensors-max-sensors), which is 100"
     )
+
+
+def test_checkpoints_need_an_interval_by_time_or_by_count() -> None:
+    assert error_message({"checkpoint.interval_seconds": ""}) == (
+        "invalid configuration: checkpoint.interval_seconds "
+        "(STREAMER_CHECKPOINT__INTERVAL_SECONDS / --checkpoint-interval-seconds) and "
+        "checkpoint.interval_readings (STREAMER_CHECKPOINT__INTERVAL_READINGS / "
+        "--checkpoint-interval-readings) are both unset, so the worker would never checkpoint "
+        "or commit offsets while it runs; set at least one of them"
+    )
+    by_count = load_settings({"checkpoint.interval_seconds": "",
+                              "checkpoint.interval_readings": "5000"}).checkpoint
+    assert (by_count.interval_seconds, by_count.interval_readings) == (None, 5000)
 
 
 def test_settings_and_sections_are_frozen() -> None:
