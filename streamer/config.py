@@ -225,6 +225,7 @@ class KafkaSettings(_Section):
         self._check_topics_distinct()
         self._check_sasl()
         self._check_ssl()
+        self._check_ssl_files_readable()
         if not heartbeat_fits(self.heartbeat_interval_ms, self.session_timeout_ms):
             raise _conflict(
                 f"{_named('kafka.heartbeat_interval_ms')} is {self.heartbeat_interval_ms} but must "
@@ -311,6 +312,22 @@ class KafkaSettings(_Section):
                 f"{_named('kafka.ssl_keyfile')} is set without {_named('kafka.ssl_certfile')}; "
                 "a private key is only used together with its client certificate"
             )
+
+    def _check_ssl_files_readable(self) -> None:
+        # Found here, not as a client that retries "Unable to bootstrap" for ever.
+        problems = []
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path is None:
+                continue
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                problems.append(f"{_named('kafka.' + name)}: cannot read {str(path)!r}: "
+                                f"{exc.strerror or exc}")
+        if problems:
+            raise _conflict("; ".join(problems))
 
 
 class ModelSettings(_Section):

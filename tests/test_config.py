@@ -324,6 +324,22 @@ def test_ssl_key_needs_its_certificate() -> None:
     )
 
 
+def test_ssl_files_must_be_readable_at_load(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    overrides = {"kafka.security_protocol": "SSL", "kafka.ssl_cafile": str(ca),
+                 "kafka.ssl_certfile": str(tmp_path / "missing.pem"),
+                 "kafka.ssl_keyfile": str(tmp_path)}
+    assert error_message(overrides) == (
+        "invalid configuration: kafka.ssl_certfile (STREAMER_KAFKA__SSL_CERTFILE / "
+        f"--kafka-ssl-certfile): cannot read '{tmp_path}/missing.pem': No such file or directory; "
+        "kafka.ssl_keyfile (STREAMER_KAFKA__SSL_KEYFILE / --kafka-ssl-keyfile): cannot read "
+        f"'{tmp_path}': Is a directory"
+    )
+    settings = load_settings({"kafka.security_protocol": "SSL", "kafka.ssl_cafile": str(ca)})
+    assert settings.kafka.connection().ssl_cafile == str(ca)
+
+
 def test_heartbeat_must_be_below_a_third_of_the_session_timeout() -> None:
     overrides = {"kafka.session_timeout_ms": 6000, "kafka.heartbeat_interval_ms": 2000}
     assert error_message(overrides) == (
