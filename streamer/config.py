@@ -48,6 +48,11 @@ ENV_NESTED_DELIMITER = "__"
 # The learner's defaults live in one place, the core's dataclass; the settings read them from it.
 _LEARNER_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(LearnerConfig)}
 
+# A loop turn waits about kafka.produce_timeout_s at most for acks (the producer gives up on a
+# record that long after it was sent); it must stay well inside the 120 s in which the loop has
+# to come round to count as alive (serving/worker.py LIVENESS_TIMEOUT_S, /healthz).
+MAX_PRODUCE_TIMEOUT_S = 60.0
+
 # Kafka's own rule for topic names (kafka.common.internals.Topic).
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(\d{1,5})$")
@@ -169,7 +174,10 @@ class KafkaSettings(_Section):
         "a SIGTERM is acted on after the current poll).",
     )
     produce_timeout_s: float = Field(
-        30.0, gt=0, description="How long to wait for the brokers to acknowledge produced records."
+        30.0, gt=0, le=MAX_PRODUCE_TIMEOUT_S,
+        description="How long to wait for the brokers to acknowledge produced records; the "
+        "producer gives up on a record after as long (at most 60 s: a loop waiting longer "
+        "would look hung to /healthz, which allows 120 s).",
     )
     compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
         "none", description="Compression of the batches streamer produces; input batches are "
@@ -245,9 +253,14 @@ class KafkaSettings(_Section):
         )
 
     def producer(self) -> ProducerSettings:
-        """The Kafka edge's producer settings: the output codec ("none": uncompressed)."""
+        """The Kafka edge's producer settings: the output codec ("none": uncompressed) and the
+        delivery timeout, so that the producer retries a record as long as the worker waits."""
         codec = None if self.compression_type == "none" else self.compression_type
-        return ProducerSettings(compression_type=codec)
+        # Kafka requires the delivery timeout to exceed linger + request timeout (~10 s); below
+        # that the worker's own wait gives up first and discards the producer and its records.
+        shortest = ProducerSettings.linger_ms + ProducerSettings.request_timeout_ms + 1
+        delivery_ms = max(round(self.produce_timeout_s * 1000), shortest)
+        return ProducerSettings(compression_type=codec, delivery_timeout_ms=delivery_ms)
 
     def connection(self) -> KafkaConnection:
         """The Kafka edge's connection settings."""

@@ -473,6 +473,21 @@ def test_kafka_settings_give_the_clients_consumer_and_producer_settings():
     assert load_settings().kafka.producer().compression_type is None  # "none": uncompressed
 
 
+def test_the_producer_retries_a_record_as_long_as_the_worker_waits_for_its_ack() -> None:
+    def delivery_timeout_ms(produce_timeout_s: str) -> int:
+        settings = load_settings({"kafka.produce_timeout_s": produce_timeout_s})
+        return settings.kafka.producer().delivery_timeout_ms
+
+    assert delivery_timeout_ms("45") == 45_000
+    assert delivery_timeout_ms("30") == 30_000
+    # Kafka wants more than linger + request timeout: the worker's own wait gives up first.
+    assert delivery_timeout_ms("1.5") == 10_006
+    assert error_message({"kafka.produce_timeout_s": "61"}) == (
+        "invalid configuration: kafka.produce_timeout_s (STREAMER_KAFKA__PRODUCE_TIMEOUT_S / "
+        "--kafka-produce-timeout-s): Input should be less than or equal to 60"
+    )
+
+
 def test_the_settings_and_the_kafka_edge_state_the_same_consumer_defaults_and_rule() -> None:
     from streamer.kafka.client import ConsumerSettings
 
