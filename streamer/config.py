@@ -104,7 +104,9 @@ def _empty_means_unset(model: type[BaseModel], data: Any) -> Any:
 class _Section(BaseModel):
     """A frozen settings section; typos in env var names are errors, not silently ignored."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # inf and nan mean nothing for almost every number here (inf seconds, an infinite rate);
+    # the one setting where inf has a meaning allows it itself.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -414,6 +416,7 @@ class TrainingSettings(_Section):
     expert_eta: float = Field(
         _LEARNER_DEFAULTS["expert_eta"],
         gt=0,
+        allow_inf_nan=True,  # inf is meaningful; nan fails gt=0
         description="Learning rate of the experts' per-sensor weights (exponentially weighted "
         "average); inf follows the best expert alone.",
     )
@@ -605,6 +608,7 @@ class Settings(BaseSettings):
         case_sensitive=False,
         frozen=True,
         extra="forbid",
+        allow_inf_nan=False,
     )
 
     kafka: KafkaSettings = Field(

@@ -473,6 +473,30 @@ def test_kafka_settings_give_the_clients_consumer_and_producer_settings():
     assert load_settings().kafka.producer().compression_type is None  # "none": uncompressed
 
 
+FLOAT_SETTINGS = [field.dotted for field in setting_fields()
+                  if field.info.annotation in (float, float | None)]
+
+
+@pytest.mark.parametrize("dotted", FLOAT_SETTINGS)
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_numbers_must_be_finite_where_infinity_means_nothing(dotted: str, value: str) -> None:
+    if dotted == "training.expert_eta" and value == "inf":  # documented: the best expert alone
+        assert load_settings({dotted: value}).training.expert_eta == float("inf")
+        return
+    with pytest.raises(ConfigError, match=f"^invalid configuration: {dotted} "):
+        load_settings({dotted: value})
+
+
+def test_infinite_seconds_and_rates_are_refused_with_a_message_naming_the_setting() -> None:
+    assert FLOAT_SETTINGS  # the parametrized test above ran over something
+    assert error_message({"training.lr": "inf"}) == (
+        "invalid configuration: training.lr (STREAMER_TRAINING__LR / --training-lr): "
+        "Input should be a finite number"
+    )
+    assert "Input should be a finite number" in error_message(
+        {"sensors.idle_ttl_seconds": "inf"})
+
+
 def test_the_producer_retries_a_record_as_long_as_the_worker_waits_for_its_ack() -> None:
     def delivery_timeout_ms(produce_timeout_s: str) -> int:
         settings = load_settings({"kafka.produce_timeout_s": produce_timeout_s})
