@@ -504,11 +504,20 @@ class SensorSettings(_Section):
 
 
 class MetricsSettings(_Section):
-    """The Prometheus scrape endpoint."""
+    """The HTTP endpoint: Prometheus metrics, and the health probes (always served)."""
 
-    enabled: bool = Field(True, description="Serve Prometheus metrics over HTTP.")
-    host: str = Field("0.0.0.0", min_length=1, description="Address the metrics server binds.")
-    port: int = Field(9100, ge=0, le=65535, description="Metrics port; 0 picks a free one.")
+    enabled: bool = Field(
+        True, description="Serve Prometheus metrics at /metrics; /healthz and /readyz are "
+        "served on the same port either way.",
+    )
+    host: str = Field(
+        "0.0.0.0", min_length=1,
+        description="Address the HTTP server (metrics, /healthz, /readyz) binds.",
+    )
+    port: int = Field(
+        9100, ge=0, le=65535,
+        description="Port of /metrics, /healthz and /readyz; 0 picks a free one.",
+    )
 
 
 class CheckpointSettings(_Section):
@@ -630,7 +639,7 @@ class Settings(BaseSettings):
         default_factory=AnomalySettings, description="Anomaly scores and flags."
     )
     metrics: MetricsSettings = Field(
-        default_factory=MetricsSettings, description="Prometheus metrics endpoint."
+        default_factory=MetricsSettings, description="Metrics and health endpoints."
     )
     checkpoint: CheckpointSettings = Field(
         default_factory=CheckpointSettings, description="Periodic snapshots of the learner's state."

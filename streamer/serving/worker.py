@@ -59,7 +59,9 @@ class Worker:
                                device=str(self.learner.device),
                                coverage_target=self.learner.config.coverage,
                                horizon=self.learner.config.horizon)
-        self.health = HealthServer(self.registry, liveness=self._alive,
+        # Health is served even with metrics off: the probes restart a pod they cannot reach.
+        metrics_served = self.registry if settings.metrics.enabled else None
+        self.health = HealthServer(metrics_served, liveness=self._alive,
                                    readiness=self._readiness, host=settings.metrics.host,
                                    port=settings.metrics.port)
         c = settings.checkpoint
@@ -93,8 +95,7 @@ class Worker:
             return self._serve()
 
     def _serve(self) -> int:
-        if self.settings.metrics.enabled:
-            self.health.start()
+        self.health.start()
         log.info("worker %s started on %s, consuming %s", self.worker_id, self.learner.device,
                  self.settings.kafka.input_topic)
         try:

@@ -559,6 +559,15 @@ def test_run_help_documents_every_setting():
         assert field.flag in done.stdout and field.env_var in done.stdout
 
 
+def test_with_metrics_off_the_worker_still_serves_its_health_probes(
+        topic_factory, group_id, worker_factory):
+    inp, out, dlq = _topics(topic_factory, partitions=1)
+    worker = worker_factory(inp, out, dlq, group_id, STREAMER_METRICS__ENABLED="false").start()
+    worker.wait_ready()  # /readyz answers 200
+    assert worker.get("/healthz") == (200, "ok\n")
+    assert worker.get("/metrics")[0] == 404
+
+
 def test_worker_waits_for_a_broker_that_is_down_at_start(tmp_path, worker_factory, group_id):
     port = free_port()
     worker = worker_factory("in-s", "out-s", "dlq-s", group_id,
