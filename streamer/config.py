@@ -27,7 +27,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from streamer.core.config import (
     DEVICE_NAMES,
@@ -789,6 +789,44 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
         return Settings(**_nest(overrides or {}))
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from err
+    except SettingsError as err:  # an env var it could not even parse: a section's JSON
+        raise ConfigError(_format_settings_error(err)) from err
+
+
+_UNPARSED_FIELD = re.compile(r'error parsing value for field "(\w+)"')
+
+
+def _format_settings_error(err: SettingsError) -> str:
+    """pydantic-settings' error for an unparsable env var, naming the variable."""
+    match = _UNPARSED_FIELD.search(str(err))
+    reason = f": {err.__cause__}" if err.__cause__ is not None else ""
+    if match is None:
+        return f"invalid configuration: {err}{reason}"
+    name = env_var_name((match[1],))
+    return (f"invalid configuration: {name} is not valid JSON{reason}; it takes a JSON object of "
+            f"the {match[1]} settings, or set them one by one ({name}__<SETTING>)")
+
+
+# STREAMER_* variables that are no settings on purpose: the test failpoints, and what Kubernetes
+# sets for a Service named streamer (STREAMER_PORT_9100_TCP_ADDR, STREAMER_SERVICE_HOST, ...).
+_NOT_SETTINGS = re.compile(rf"^{ENV_PREFIX}(FAILPOINTS$|PORT|SERVICE_)")
+
+
+def unknown_env_vars(environ: Mapping[str, str]) -> list[str]:
+    """The ``STREAMER_*`` variables in ``environ`` that set nothing: a misspelt top-level name
+    (``STREAMER_DEVCE``) is otherwise ignored without a word. Names within a section
+    (``STREAMER_KAFKA__*``) are left out: an unknown one there is a ConfigError already."""
+    sections = {name.upper() for name, info in Settings.model_fields.items()
+                if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)}
+    leaves = {field.env_var for field in setting_fields()}
+    unknown = []
+    for name in environ:
+        upper = name.upper()  # the settings read their variables whatever the case
+        if not upper.startswith(ENV_PREFIX) or upper in leaves or _NOT_SETTINGS.match(upper):
+            continue
+        if upper[len(ENV_PREFIX):].split(ENV_NESTED_DELIMITER, 1)[0] not in sections:
+            unknown.append(name)
+    return sorted(unknown)
 
 
 def _describe_location(loc: tuple[int | str, ...]) -> str | None:
@@ -810,6 +848,10 @@ def format_validation_error(err: ValidationError) -> str:
         if error["type"] == "extra_forbidden":
             path = tuple(str(part) for part in loc)
             problems.append(f"{'.'.join(path)} ({env_var_name(path)}): unknown setting")
+            continue
+        if error["type"] == "model_type" and len(loc) == 1:  # a section set whole, not an object
+            problems.append(f"{loc[0]} ({env_var_name((str(loc[0]),))}): expected a JSON object "
+                            "of its settings")
             continue
         where = _describe_location(loc)
         problems.append(f"{where}: {message}" if where else message)

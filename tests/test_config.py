@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from streamer.config import ConfigError, Settings, load_settings, setting_fields
+from streamer.config import (
+    ConfigError,
+    Settings,
+    load_settings,
+    setting_fields,
+    unknown_env_vars,
+)
 from streamer.core.config import LearnerConfig
 from streamer.tools.cli_options import (
     add_settings_arguments,
@@ -235,6 +241,34 @@ def test_misspelt_nested_env_var_is_reported(monkeypatch: pytest.MonkeyPatch) ->
         "invalid configuration: kafka.bootstrap_server (STREAMER_KAFKA__BOOTSTRAP_SERVER): "
         "unknown setting"
     )
+
+
+def test_a_section_set_whole_must_be_a_json_object(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMER_KAFKA", '{"group_id": "from-json"}')
+    assert load_settings().kafka.group_id == "from-json"
+    monkeypatch.setenv("STREAMER_KAFKA", "notjson")
+    assert error_message() == (
+        "invalid configuration: STREAMER_KAFKA is not valid JSON: Expecting value: line 1 "
+        "column 1 (char 0); it takes a JSON object of the kafka settings, or set them one by "
+        "one (STREAMER_KAFKA__<SETTING>)"
+    )
+    monkeypatch.setenv("STREAMER_KAFKA", "[1]")
+    assert error_message() == (
+        "invalid configuration: kafka (STREAMER_KAFKA): expected a JSON object of its settings"
+    )
+
+
+def test_unknown_streamer_env_vars_are_found_but_not_service_links_or_failpoints() -> None:
+    environ = {
+        "STREAMER_DEVCE": "cpu", "STREAMER_KAFKA_GROUP_ID": "g", "streamer_torch_thread": "2",
+        "STREAMER_DEVICE": "cpu", "streamer_torch_threads": "2", "STREAMER_KAFKA": "{}",
+        "STREAMER_KAFKA__GROUP_ID": "g", "STREAMER_KAFKA__GROUP": "refused elsewhere",
+        "STREAMER_FAILPOINTS": "after_step", "STREAMER_PORT": "tcp://10.0.0.1:9100",
+        "STREAMER_PORT_9100_TCP_ADDR": "10.0.0.1", "STREAMER_SERVICE_HOST": "10.0.0.1",
+        "STREAMER_SERVICE_PORT_METRICS": "9100", "PATH": "/usr/bin",
+    }
+    assert unknown_env_vars(environ) == [
+        "STREAMER_DEVCE", "STREAMER_KAFKA_GROUP_ID", "streamer_torch_thread"]
 
 
 def test_unknown_override_is_refused() -> None:

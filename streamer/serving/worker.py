@@ -68,8 +68,12 @@ class Worker:
         self.worker_id = c.worker_id or _host_worker_id()
         self.ledger = PartitionLedger(time.monotonic())
         self.sharing = _sharing(settings, self.learner, self.worker_id, self.metrics)
-        self.durability = Durability(self.learner, self.ledger, c, self.worker_id, self.metrics,
-                                     listener=self.sharing)
+        try:
+            self.durability = Durability(self.learner, self.ledger, c, self.worker_id,
+                                         self.metrics, listener=self.sharing)
+        except OSError as exc:  # the directory cannot be created or listed
+            raise ConfigError(f"invalid configuration: {setting_name('checkpoint.dir')}: cannot "
+                              f"use {str(c.dir)!r}: {exc.strerror or exc}") from exc
         self._client: StreamClient | None = None
         self._topics_ready = False  # the topics it writes to exist (created when missing)
         # Whether partitions were ever assigned: until then the ledger holds what the restore

@@ -549,6 +549,43 @@ def test_invalid_config_exits_2_naming_the_field():
     assert "--training-lr" in done.stderr
 
 
+@pytest.mark.parametrize(("env", "args", "message"), [
+    ({"STREAMER_KAFKA": "notjson"}, [],
+     "invalid configuration: STREAMER_KAFKA is not valid JSON: Expecting value: line 1 column 1 "
+     "(char 0); it takes a JSON object of the kafka settings, or set them one by one "
+     "(STREAMER_KAFKA__<SETTING>)"),
+    ({}, ["--device", "cuda:99"],  # no CUDA, or not 100 devices
+     "invalid configuration: device (STREAMER_DEVICE / --device): device 'cuda:99' requested "
+     "but "),
+    ({}, ["--checkpoint-dir", "/proc/nope/ck"],
+     "invalid configuration: checkpoint.dir (STREAMER_CHECKPOINT__DIR / --checkpoint-dir): "
+     "cannot use '/proc/nope/ck': No such file or directory"),
+], ids=["section-not-json", "device-missing", "checkpoint-dir-impossible"])
+def test_settings_that_fail_at_start_exit_2_naming_the_setting_without_a_traceback(
+        env, args, message):
+    own = {k: v for k, v in os.environ.items() if not k.startswith("STREAMER_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "streamer", "run", "--kafka-bootstrap-servers", "127.0.0.1:1",
+         "--device", "cpu", *args], env={**own, **env}, capture_output=True, text=True,
+        timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert f"streamer run: {message}" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_unknown_streamer_env_vars_are_named_in_a_warning_at_start():
+    own = {k: v for k, v in os.environ.items() if not k.startswith("STREAMER_")}
+    env = {**own, "STREAMER_DEVCE": "cpu", "STREAMER_KAFKA_GROUP_ID": "g",
+           "STREAMER_FAILPOINTS": "", "STREAMER_PORT_9100_TCP_ADDR": "10.0.0.1",
+           "STREAMER_SERVICE_HOST": "10.0.0.1"}
+    done = subprocess.run(  # the checkpoint directory then stops it: it warned before that
+        [sys.executable, "-m", "streamer", "run", "--checkpoint-dir", "/proc/nope/ck",
+         "--device", "cpu"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert ("ignoring STREAMER_DEVCE, STREAMER_KAFKA_GROUP_ID: no such setting (misspelt? "
+            "`streamer run --help` lists them all)") in done.stderr
+
+
 def test_run_help_documents_every_setting():
     from streamer.config import setting_fields
 
