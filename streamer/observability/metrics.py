@@ -483,6 +483,14 @@ class Metrics:
             self.consumer_lag.labels(topic=topic, partition=partition).set(value)
         self._lag_keys = set(keys)
 
+    def forget_lag(self, partitions: Iterable[PartitionId]) -> None:
+        """Drop the lag series of ``partitions`` (revoked): their new owner reports them now."""
+        for topic, partition in partitions:
+            key = (topic, str(partition))
+            if key in self._lag_keys:
+                self.consumer_lag.remove(*key)
+                self._lag_keys.discard(key)
+
     def observe_checkpoint(self, duration_s: float, size_bytes: int, timestamp: float) -> None:
         """Record a successful checkpoint written at unix time ``timestamp``."""
         self.checkpoint_duration.observe(duration_s)

@@ -129,8 +129,10 @@ class Worker:
                     pending.delivery = client.send(pending.processed.outputs)
                 # Batch k's acks are awaited after k+1 was polled and stepped (pipelining).
                 self._complete(client, keep=1 if records else 0)
-                if not records:  # flagged sensors age out of the gauge while the input is idle
+                if not records:  # gauges go on moving while the input is idle
                     self.metrics.observe_flagged([], time.time())
+                    # From the client's cached end offsets and positions: no broker round-trip.
+                    self.metrics.set_lag(client.lag())
                 self._backoff = BACKOFF_START_S
                 self._maybe_checkpoint(client)
                 self._share()
@@ -289,6 +291,7 @@ class Worker:
 
     def _on_revoke(self, partitions: list[PartitionId]) -> None:
         log.info("revoked %s", partition_names(partitions))
+        self.metrics.forget_lag(partitions)  # or a moved partition is counted twice
         if self._client is not None:
             self._complete(self._client, keep=0)
         self.checkpoint()  # the next owner starts from here
@@ -326,6 +329,7 @@ class Worker:
         if self._client is not None:
             self._client.close()
             self._client = None
+            self.metrics.set_lag({})  # no client, no partitions: others may hold them now
 
     # -- health ------------------------------------------------------------------------------
     def _set_ready(self, ready: bool, reason: str) -> None:

@@ -366,6 +366,18 @@ def test_set_lag_replaces_the_partition_set_on_rebalance(
     assert value(registry, lag, topic="sensor-readings", partition="2") is None
 
 
+def test_forget_lag_drops_the_series_of_revoked_partitions_only(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    lag = "streamer_consumer_lag_records"
+    metrics.set_lag({("sensor-readings", 0): 10, ("sensor-readings", 1): 20})
+    metrics.forget_lag([("sensor-readings", 1), ("sensor-readings", 5)])  # 5: never reported
+    assert value(registry, lag, topic="sensor-readings", partition="0") == 10.0
+    assert value(registry, lag, topic="sensor-readings", partition="1") is None
+    metrics.set_lag({("sensor-readings", 0): 4})  # the next refresh keeps working
+    assert value(registry, lag, topic="sensor-readings", partition="0") == 4.0
+
+
 def test_sensors_checkpoint_ready_and_broker_errors(
     registry: CollectorRegistry, metrics: Metrics
 ) -> None:
