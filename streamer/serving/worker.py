@@ -58,7 +58,8 @@ class Worker:
         self.metrics = Metrics(self.registry, max_grad_norm=self.learner.config.max_grad_norm,
                                device=str(self.learner.device),
                                coverage_target=self.learner.config.coverage,
-                               horizon=self.learner.config.horizon)
+                               horizon=self.learner.config.horizon,
+                               max_sensors=self.learner.config.max_sensors)
         # Health is served even with metrics off: the probes restart a pod they cannot reach.
         metrics_served = self.registry if settings.metrics.enabled else None
         self.health = HealthServer(metrics_served, liveness=self._alive,

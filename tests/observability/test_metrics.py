@@ -398,6 +398,17 @@ def test_sensors_checkpoint_ready_and_broker_errors(
     assert value(registry, "streamer_ready") == 0.0
 
 
+def test_the_sensor_limit_is_one_series_of_the_configured_max_sensors(
+    registry: CollectorRegistry,
+) -> None:
+    Metrics(registry, max_grad_norm=1.0, device="cpu", coverage_target=0.9, max_sensors=5_000)
+    (family,) = [f for f in registry.collect() if f.name == "streamer_sensors_limit"]
+    assert [(s.labels, s.value) for s in family.samples] == [({}, 5_000.0)]
+    with pytest.raises(ValueError, match="max_sensors must be >= 1, got 0"):
+        Metrics(CollectorRegistry(), max_grad_norm=1.0, device="cpu", coverage_target=0.9,
+                max_sensors=0)
+
+
 def test_device_and_build_info(registry: CollectorRegistry) -> None:
     import torch
 

@@ -55,7 +55,7 @@ def _topics(topic_factory, partitions: int = 3):
 def test_every_valid_reading_gets_exactly_one_forecast_with_its_source(
         topic_factory, group_id, worker_factory, produce_raw, consume_raw):
     inp, out, dlq = _topics(topic_factory)
-    worker = worker_factory(inp, out, dlq, group_id).start()
+    worker = worker_factory(inp, out, dlq, group_id, STREAMER_SENSORS__MAX_SENSORS="5000").start()
     worker.wait_ready()
     first = _stream(10, 20)
     placed = produce_raw(inp, first)
@@ -74,6 +74,7 @@ def test_every_valid_reading_gets_exactly_one_forecast_with_its_source(
         assert math.isfinite(forecast["value"]) and forecast["model_updates"] >= 0
     assert consume_raw(dlq, 1, timeout_s=1) == []
     assert worker.metric("streamer_sensors_active") == 15
+    assert worker.metric("streamer_sensors_limit") == 5000
 
 
 def _lag_series(worker) -> dict[int, float]:
