@@ -483,7 +483,8 @@ def test_output_topics_are_created_once_an_input_topic_missing_at_start_has_reco
         "kafka.output_topic": out, "kafka.dlq_topic": dlq, "kafka.anomaly_topic": "",
         "kafka.group_id": group_id, "kafka.poll_timeout_ms": 200,
         **{f"kafka.{k}": v for k, v in TEST_CONSUMER_TIMEOUTS.items()},
-        "metrics.enabled": False, "sharing.enabled": False,
+        "metrics.enabled": False, "metrics.host": "127.0.0.1", "metrics.port": 0,
+        "sharing.enabled": False,
         "checkpoint.dir": str(tmp_path), "device": "cpu"})
     threads = torch.get_num_threads()
     worker = worker_module.Worker(settings)
