@@ -27,7 +27,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from streamer.core.config import (
     DEVICE_NAMES,
@@ -47,6 +47,11 @@ ENV_NESTED_DELIMITER = "__"
 
 # The learner's defaults live in one place, the core's dataclass; the settings read them from it.
 _LEARNER_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(LearnerConfig)}
+
+# A loop turn waits about kafka.produce_timeout_s at most for acks (the producer gives up on a
+# record that long after it was sent); it must stay well inside the 120 s in which the loop has
+# to come round to count as alive (serving/worker.py LIVENESS_TIMEOUT_S, /healthz).
+MAX_PRODUCE_TIMEOUT_S = 60.0
 
 # Kafka's own rule for topic names (kafka.common.internals.Topic).
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
@@ -83,23 +88,30 @@ def _conflict(message: str) -> PydanticCustomError:
     return PydanticCustomError("config_conflict", "{detail}", {"detail": message})
 
 
+def _empty_means_unset(model: type[BaseModel], data: Any) -> Any:
+    """``data`` with each empty value of an optional field of ``model`` made None: an empty env
+    var or flag (`STREAMER_SENSORS__IDLE_TTL_SECONDS=`, `--torch-threads ""`) unsets it."""
+    if not isinstance(data, dict):
+        return data
+    cleaned = dict(data)
+    for name, value in data.items():
+        info = model.model_fields.get(name)
+        if info is not None and value == "" and type(None) in typing.get_args(info.annotation):
+            cleaned[name] = None
+    return cleaned
+
+
 class _Section(BaseModel):
     """A frozen settings section; typos in env var names are errors, not silently ignored."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # inf and nan mean nothing for almost every number here (inf seconds, an infinite rate);
+    # the one setting where inf has a meaning allows it itself.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
-    def _empty_means_unset(cls, data: Any) -> Any:
-        # An empty env var or flag (`STREAMER_SENSORS__IDLE_TTL_SECONDS=`) unsets an optional field.
-        if not isinstance(data, dict):
-            return data
-        cleaned = dict(data)
-        for name, value in data.items():
-            info = cls.model_fields.get(name)
-            if info is not None and value == "" and type(None) in typing.get_args(info.annotation):
-                cleaned[name] = None
-        return cleaned
+    def _empty_unsets(cls, data: Any) -> Any:
+        return _empty_means_unset(cls, data)
 
 
 class KafkaSettings(_Section):
@@ -164,7 +176,10 @@ class KafkaSettings(_Section):
         "a SIGTERM is acted on after the current poll).",
     )
     produce_timeout_s: float = Field(
-        30.0, gt=0, description="How long to wait for the brokers to acknowledge produced records."
+        30.0, gt=0, le=MAX_PRODUCE_TIMEOUT_S,
+        description="How long to wait for the brokers to acknowledge produced records; the "
+        "producer gives up on a record after as long (at most 60 s: a loop waiting longer "
+        "would look hung to /healthz, which allows 120 s).",
     )
     compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
         "none", description="Compression of the batches streamer produces; input batches are "
@@ -220,6 +235,7 @@ class KafkaSettings(_Section):
         self._check_topics_distinct()
         self._check_sasl()
         self._check_ssl()
+        self._check_ssl_files_readable()
         if not heartbeat_fits(self.heartbeat_interval_ms, self.session_timeout_ms):
             raise _conflict(
                 f"{_named('kafka.heartbeat_interval_ms')} is {self.heartbeat_interval_ms} but must "
@@ -239,9 +255,14 @@ class KafkaSettings(_Section):
         )
 
     def producer(self) -> ProducerSettings:
-        """The Kafka edge's producer settings: the output codec ("none": uncompressed)."""
+        """The Kafka edge's producer settings: the output codec ("none": uncompressed) and the
+        delivery timeout, so that the producer retries a record as long as the worker waits."""
         codec = None if self.compression_type == "none" else self.compression_type
-        return ProducerSettings(compression_type=codec)
+        # Kafka requires the delivery timeout to exceed linger + request timeout (~10 s); below
+        # that the worker's own wait gives up first and discards the producer and its records.
+        shortest = ProducerSettings.linger_ms + ProducerSettings.request_timeout_ms + 1
+        delivery_ms = max(round(self.produce_timeout_s * 1000), shortest)
+        return ProducerSettings(compression_type=codec, delivery_timeout_ms=delivery_ms)
 
     def connection(self) -> KafkaConnection:
         """The Kafka edge's connection settings."""
@@ -306,6 +327,22 @@ class KafkaSettings(_Section):
                 f"{_named('kafka.ssl_keyfile')} is set without {_named('kafka.ssl_certfile')}; "
                 "a private key is only used together with its client certificate"
             )
+
+    def _check_ssl_files_readable(self) -> None:
+        # Found here, not as a client that retries "Unable to bootstrap" for ever.
+        problems = []
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path is None:
+                continue
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                problems.append(f"{_named('kafka.' + name)}: cannot read {str(path)!r}: "
+                                f"{exc.strerror or exc}")
+        if problems:
+            raise _conflict("; ".join(problems))
 
 
 class ModelSettings(_Section):
@@ -379,6 +416,7 @@ class TrainingSettings(_Section):
     expert_eta: float = Field(
         _LEARNER_DEFAULTS["expert_eta"],
         gt=0,
+        allow_inf_nan=True,  # inf is meaningful; nan fails gt=0
         description="Learning rate of the experts' per-sensor weights (exponentially weighted "
         "average); inf follows the best expert alone.",
     )
@@ -466,11 +504,20 @@ class SensorSettings(_Section):
 
 
 class MetricsSettings(_Section):
-    """The Prometheus scrape endpoint."""
+    """The HTTP endpoint: Prometheus metrics, and the health probes (always served)."""
 
-    enabled: bool = Field(True, description="Serve Prometheus metrics over HTTP.")
-    host: str = Field("0.0.0.0", min_length=1, description="Address the metrics server binds.")
-    port: int = Field(9100, ge=0, le=65535, description="Metrics port; 0 picks a free one.")
+    enabled: bool = Field(
+        True, description="Serve Prometheus metrics at /metrics; /healthz and /readyz are "
+        "served on the same port either way.",
+    )
+    host: str = Field(
+        "0.0.0.0", min_length=1,
+        description="Address the HTTP server (metrics, /healthz, /readyz) binds.",
+    )
+    port: int = Field(
+        9100, ge=0, le=65535,
+        description="Port of /metrics, /healthz and /readyz; 0 picks a free one.",
+    )
 
 
 class CheckpointSettings(_Section):
@@ -478,10 +525,12 @@ class CheckpointSettings(_Section):
 
     dir: Path = Field(Path("./checkpoints"), description="Directory the checkpoints are kept in.")
     interval_seconds: float | None = Field(
-        10.0, gt=0, description="Checkpoint after this many seconds; never by time when unset."
+        10.0, gt=0, description="Checkpoint after this many seconds; never by time when unset "
+        "(then interval_readings must be set)."
     )
     interval_readings: int | None = Field(
-        None, ge=1, description="Checkpoint after this many readings; never by count when unset."
+        None, ge=1, description="Checkpoint after this many readings; never by count when unset "
+        "(then interval_seconds must be set)."
     )
     keep: int = Field(3, ge=1, description="How many of the latest checkpoints to keep.")
     worker_id: str | None = Field(
@@ -495,6 +544,18 @@ class CheckpointSettings(_Section):
         description="Start from fresh weights when no usable checkpoint exists; when off, "
         "start-up fails instead.",
     )
+
+    @model_validator(mode="after")
+    def _some_interval(self) -> CheckpointSettings:
+        # Without either, checkpoints come only at rebalance and shutdown: offsets are never
+        # committed in between (a crash reads everything again) and sharing never publishes.
+        if self.interval_seconds is None and self.interval_readings is None:
+            raise _conflict(
+                f"{_named('checkpoint.interval_seconds')} and "
+                f"{_named('checkpoint.interval_readings')} are both unset, so the worker would "
+                "never checkpoint or commit offsets while it runs; set at least one of them"
+            )
+        return self
 
 
 class SharingSettings(_Section):
@@ -556,6 +617,7 @@ class Settings(BaseSettings):
         case_sensitive=False,
         frozen=True,
         extra="forbid",
+        allow_inf_nan=False,
     )
 
     kafka: KafkaSettings = Field(
@@ -577,7 +639,7 @@ class Settings(BaseSettings):
         default_factory=AnomalySettings, description="Anomaly scores and flags."
     )
     metrics: MetricsSettings = Field(
-        default_factory=MetricsSettings, description="Prometheus metrics endpoint."
+        default_factory=MetricsSettings, description="Metrics and health endpoints."
     )
     checkpoint: CheckpointSettings = Field(
         default_factory=CheckpointSettings, description="Periodic snapshots of the learner's state."
@@ -598,6 +660,11 @@ class Settings(BaseSettings):
         "1 by default: the worker shares its cores with the Kafka client's network thread, "
         "and an oversubscribed torch measured 5-60x slower; raise it on dedicated cores.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_unsets(cls, data: Any) -> Any:  # top-level fields; sections do their own
+        return _empty_means_unset(cls, data)
 
     @model_validator(mode="after")
     def _threshold_above_coverage(self) -> Settings:
@@ -722,6 +789,44 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
         return Settings(**_nest(overrides or {}))
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from err
+    except SettingsError as err:  # an env var it could not even parse: a section's JSON
+        raise ConfigError(_format_settings_error(err)) from err
+
+
+_UNPARSED_FIELD = re.compile(r'error parsing value for field "(\w+)"')
+
+
+def _format_settings_error(err: SettingsError) -> str:
+    """pydantic-settings' error for an unparsable env var, naming the variable."""
+    match = _UNPARSED_FIELD.search(str(err))
+    reason = f": {err.__cause__}" if err.__cause__ is not None else ""
+    if match is None:
+        return f"invalid configuration: {err}{reason}"
+    name = env_var_name((match[1],))
+    return (f"invalid configuration: {name} is not valid JSON{reason}; it takes a JSON object of "
+            f"the {match[1]} settings, or set them one by one ({name}__<SETTING>)")
+
+
+# STREAMER_* variables that are no settings on purpose: the test failpoints, and what Kubernetes
+# sets for a Service named streamer (STREAMER_PORT_9100_TCP_ADDR, STREAMER_SERVICE_HOST, ...).
+_NOT_SETTINGS = re.compile(rf"^{ENV_PREFIX}(FAILPOINTS$|PORT|SERVICE_)")
+
+
+def unknown_env_vars(environ: Mapping[str, str]) -> list[str]:
+    """The ``STREAMER_*`` variables in ``environ`` that set nothing: a misspelt top-level name
+    (``STREAMER_DEVCE``) is otherwise ignored without a word. Names within a section
+    (``STREAMER_KAFKA__*``) are left out: an unknown one there is a ConfigError already."""
+    sections = {name.upper() for name, info in Settings.model_fields.items()
+                if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)}
+    leaves = {field.env_var for field in setting_fields()}
+    unknown = []
+    for name in environ:
+        upper = name.upper()  # the settings read their variables whatever the case
+        if not upper.startswith(ENV_PREFIX) or upper in leaves or _NOT_SETTINGS.match(upper):
+            continue
+        if upper[len(ENV_PREFIX):].split(ENV_NESTED_DELIMITER, 1)[0] not in sections:
+            unknown.append(name)
+    return sorted(unknown)
 
 
 def _describe_location(loc: tuple[int | str, ...]) -> str | None:
@@ -743,6 +848,10 @@ def format_validation_error(err: ValidationError) -> str:
         if error["type"] == "extra_forbidden":
             path = tuple(str(part) for part in loc)
             problems.append(f"{'.'.join(path)} ({env_var_name(path)}): unknown setting")
+            continue
+        if error["type"] == "model_type" and len(loc) == 1:  # a section set whole, not an object
+            problems.append(f"{loc[0]} ({env_var_name((str(loc[0]),))}): expected a JSON object "
+                            "of its settings")
             continue
         where = _describe_location(loc)
         problems.append(f"{where}: {message}" if where else message)

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from streamer.config import ConfigError, Settings, load_settings, setting_fields
+from streamer.config import (
+    ConfigError,
+    Settings,
+    load_settings,
+    setting_fields,
+    unknown_env_vars,
+)
 from streamer.core.config import LearnerConfig
 from streamer.tools.cli_options import (
     add_settings_arguments,
@@ -184,8 +190,17 @@ def test_flag_values_are_typed_by_the_settings_model() -> None:
 def test_empty_value_unsets_an_optional_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STREAMER_SENSORS__IDLE_TTL_SECONDS", "")
     assert load_settings().sensors.idle_ttl_seconds is None
-    settings = settings_from_args(parse("--checkpoint-interval-seconds", ""))
+    settings = settings_from_args(
+        parse("--checkpoint-interval-seconds", "", "--checkpoint-interval-readings", "1000"))
     assert settings.checkpoint.interval_seconds is None
+
+
+def test_empty_value_unsets_a_top_level_optional_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMER_TORCH_THREADS", "")
+    assert load_settings().torch_threads is None
+    monkeypatch.delenv("STREAMER_TORCH_THREADS")
+    assert load_settings().torch_threads == 1
+    assert settings_from_args(parse("--torch-threads", "")).torch_threads is None
 
 
 def test_invalid_env_value_names_env_var_and_flag(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -226,6 +241,34 @@ def test_misspelt_nested_env_var_is_reported(monkeypatch: pytest.MonkeyPatch) ->
         "invalid configuration: kafka.bootstrap_server (STREAMER_KAFKA__BOOTSTRAP_SERVER): "
         "unknown setting"
     )
+
+
+def test_a_section_set_whole_must_be_a_json_object(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMER_KAFKA", '{"group_id": "from-json"}')
+    assert load_settings().kafka.group_id == "from-json"
+    monkeypatch.setenv("STREAMER_KAFKA", "notjson")
+    assert error_message() == (
+        "invalid configuration: STREAMER_KAFKA is not valid JSON: Expecting value: line 1 "
+        "column 1 (char 0); it takes a JSON object of the kafka settings, or set them one by "
+        "one (STREAMER_KAFKA__<SETTING>)"
+    )
+    monkeypatch.setenv("STREAMER_KAFKA", "[1]")
+    assert error_message() == (
+        "invalid configuration: kafka (STREAMER_KAFKA): expected a JSON object of its settings"
+    )
+
+
+def test_unknown_streamer_env_vars_are_found_but_not_service_links_or_failpoints() -> None:
+    environ = {
+        "STREAMER_DEVCE": "cpu", "STREAMER_KAFKA_GROUP_ID": "g", "streamer_torch_thread": "2",
+        "STREAMER_DEVICE": "cpu", "streamer_torch_threads": "2", "STREAMER_KAFKA": "{}",
+        "STREAMER_KAFKA__GROUP_ID": "g", "STREAMER_KAFKA__GROUP": "refused elsewhere",
+        "STREAMER_FAILPOINTS": "after_step", "STREAMER_PORT": "tcp://10.0.0.1:9100",
+        "STREAMER_PORT_9100_TCP_ADDR": "10.0.0.1", "STREAMER_SERVICE_HOST": "10.0.0.1",
+        "STREAMER_SERVICE_PORT_METRICS": "9100", "PATH": "/usr/bin",
+    }
+    assert unknown_env_vars(environ) == [
+        "STREAMER_DEVCE", "STREAMER_KAFKA_GROUP_ID", "streamer_torch_thread"]
 
 
 def test_unknown_override_is_refused() -> None:
@@ -315,6 +358,22 @@ def test_ssl_key_needs_its_certificate() -> None:
     )
 
 
+def test_ssl_files_must_be_readable_at_load(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    overrides = {"kafka.security_protocol": "SSL", "kafka.ssl_cafile": str(ca),
+                 "kafka.ssl_certfile": str(tmp_path / "missing.pem"),
+                 "kafka.ssl_keyfile": str(tmp_path)}
+    assert error_message(overrides) == (
+        "invalid configuration: kafka.ssl_certfile (STREAMER_KAFKA__SSL_CERTFILE / "
+        f"--kafka-ssl-certfile): cannot read '{tmp_path}/missing.pem': No such file or directory; "
+        "kafka.ssl_keyfile (STREAMER_KAFKA__SSL_KEYFILE / --kafka-ssl-keyfile): cannot read "
+        f"'{tmp_path}': Is a directory"
+    )
+    settings = load_settings({"kafka.security_protocol": "SSL", "kafka.ssl_cafile": str(ca)})
+    assert settings.kafka.connection().ssl_cafile == str(ca)
+
+
 def test_heartbeat_must_be_below_a_third_of_the_session_timeout() -> None:
     overrides = {"kafka.session_timeout_ms": 6000, "kafka.heartbeat_interval_ms": 2000}
     assert error_message(overrides) == (
@@ -343,6 +402,19 @@ def test_initial_capacity_must_not_exceed_max_sensors() -> None:
         "--sensors-initial-capacity) is 1024 but must not exceed sensors.max_sensors "
         "(STREAMER_SENSORS__MAX_SENSORS / --sensors-max-sensors), which is 100"
     )
+
+
+def test_checkpoints_need_an_interval_by_time_or_by_count() -> None:
+    assert error_message({"checkpoint.interval_seconds": ""}) == (
+        "invalid configuration: checkpoint.interval_seconds "
+        "(STREAMER_CHECKPOINT__INTERVAL_SECONDS / --checkpoint-interval-seconds) and "
+        "checkpoint.interval_readings (STREAMER_CHECKPOINT__INTERVAL_READINGS / "
+        "--checkpoint-interval-readings) are both unset, so the worker would never checkpoint "
+        "or commit offsets while it runs; set at least one of them"
+    )
+    by_count = load_settings({"checkpoint.interval_seconds": "",
+                              "checkpoint.interval_readings": "5000"}).checkpoint
+    assert (by_count.interval_seconds, by_count.interval_readings) == (None, 5000)
 
 
 def test_settings_and_sections_are_frozen() -> None:
@@ -433,6 +505,45 @@ def test_kafka_settings_give_the_clients_consumer_and_producer_settings():
             consumer.auto_offset_reset) == ("g7", 30_000, 2_000, "latest")
     assert producer.compression_type == "zstd"
     assert load_settings().kafka.producer().compression_type is None  # "none": uncompressed
+
+
+FLOAT_SETTINGS = [field.dotted for field in setting_fields()
+                  if field.info.annotation in (float, float | None)]
+
+
+@pytest.mark.parametrize("dotted", FLOAT_SETTINGS)
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_numbers_must_be_finite_where_infinity_means_nothing(dotted: str, value: str) -> None:
+    if dotted == "training.expert_eta" and value == "inf":  # documented: the best expert alone
+        assert load_settings({dotted: value}).training.expert_eta == float("inf")
+        return
+    with pytest.raises(ConfigError, match=f"^invalid configuration: {dotted} "):
+        load_settings({dotted: value})
+
+
+def test_infinite_seconds_and_rates_are_refused_with_a_message_naming_the_setting() -> None:
+    assert FLOAT_SETTINGS  # the parametrized test above ran over something
+    assert error_message({"training.lr": "inf"}) == (
+        "invalid configuration: training.lr (STREAMER_TRAINING__LR / --training-lr): "
+        "Input should be a finite number"
+    )
+    assert "Input should be a finite number" in error_message(
+        {"sensors.idle_ttl_seconds": "inf"})
+
+
+def test_the_producer_retries_a_record_as_long_as_the_worker_waits_for_its_ack() -> None:
+    def delivery_timeout_ms(produce_timeout_s: str) -> int:
+        settings = load_settings({"kafka.produce_timeout_s": produce_timeout_s})
+        return settings.kafka.producer().delivery_timeout_ms
+
+    assert delivery_timeout_ms("45") == 45_000
+    assert delivery_timeout_ms("30") == 30_000
+    # Kafka wants more than linger + request timeout: the worker's own wait gives up first.
+    assert delivery_timeout_ms("1.5") == 10_006
+    assert error_message({"kafka.produce_timeout_s": "61"}) == (
+        "invalid configuration: kafka.produce_timeout_s (STREAMER_KAFKA__PRODUCE_TIMEOUT_S / "
+        "--kafka-produce-timeout-s): Input should be less than or equal to 60"
+    )
 
 
 def test_the_settings_and_the_kafka_edge_state_the_same_consumer_defaults_and_rule() -> None:

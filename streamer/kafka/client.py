@@ -108,7 +108,8 @@ class ProducerSettings:
     max_block_ms: int = 10_000
     request_timeout_ms: int = 10_000
     # A record not acknowledged within this time fails (retries happen inside it); Kafka
-    # requires it to exceed linger_ms + request_timeout_ms.
+    # requires it to exceed linger_ms + request_timeout_ms. The worker sets it from
+    # kafka.produce_timeout_s (config.KafkaSettings.producer).
     delivery_timeout_ms: int = 30_000
 
     def __post_init__(self) -> None:

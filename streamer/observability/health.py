@@ -1,4 +1,7 @@
-"""HTTP endpoints on the metrics port: /metrics, /healthz (liveness), /readyz (readiness)."""
+"""HTTP endpoints on the metrics port: /metrics, /healthz (liveness), /readyz (readiness).
+
+The health endpoints are served whether or not metrics are: probes (Kubernetes, the image's
+HEALTHCHECK) must not fail because nobody scrapes the worker."""
 
 from __future__ import annotations
 
@@ -22,11 +25,12 @@ Liveness = Callable[[], bool]
 
 
 class HealthServer:
-    """A daemon-threaded HTTP server exposing a registry and the worker's health."""
+    """A daemon-threaded HTTP server exposing the worker's health and, unless ``registry`` is
+    None (metrics off: /metrics is 404), its metrics."""
 
     def __init__(
         self,
-        registry: CollectorRegistry,
+        registry: CollectorRegistry | None,
         *,
         liveness: Liveness,
         readiness: Readiness,
@@ -88,8 +92,11 @@ class HealthServer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # http.server's naming
                 path = urlsplit(self.path).path
-                if path == "/metrics":
+                if path == "/metrics" and owner._registry is not None:
                     owner._serve_metrics(self)
+                elif path == "/metrics":
+                    _reply(self, HTTPStatus.NOT_FOUND,
+                           "metrics are off (STREAMER_METRICS__ENABLED=false)\n")
                 elif path == "/healthz":
                     owner._serve_health(self)
                 elif path == "/readyz":

@@ -18,6 +18,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from streamer import __version__
 from streamer.core.batch import HorizonResult, StepResult, UpdateStats
+from streamer.core.config import LearnerConfig
 from streamer.core.rejections import REJECTION_REASONS, Reason
 from streamer.kafka.client import PartitionId
 
@@ -96,11 +97,14 @@ class Metrics:
         device: str,
         coverage_target: float,
         horizon: int = 1,
+        max_sensors: int = LearnerConfig.max_sensors,
     ) -> None:
         if not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm!r}")
         if not 0 < coverage_target < 1:
             raise ValueError(f"coverage_target must be in (0, 1), got {coverage_target!r}")
+        if max_sensors < 1:
+            raise ValueError(f"max_sensors must be >= 1, got {max_sensors!r}")
         if not device:
             raise ValueError("device must be a non-empty string such as 'cpu' or 'cuda:0'")
         self.registry = registry
@@ -264,6 +268,12 @@ class Metrics:
         self.sensor_slots_capacity = Gauge(
             "streamer_sensor_slots_capacity", "Slots in the sensor table.", registry=r
         )
+        self.sensors_limit = Gauge(
+            "streamer_sensors_limit",
+            "Most sensors held at once (sensors.max_sensors); readings of further new sensors "
+            "are dead-lettered as table_full.", registry=r,
+        )
+        self.sensors_limit.set(max_sensors)
         self.sensor_evictions = Counter(
             "streamer_sensor_evictions", "Sensors evicted from the slot table.", registry=r
         )
@@ -486,6 +496,14 @@ class Metrics:
         for (topic, partition), value in keys.items():
             self.consumer_lag.labels(topic=topic, partition=partition).set(value)
         self._lag_keys = set(keys)
+
+    def forget_lag(self, partitions: Iterable[PartitionId]) -> None:
+        """Drop the lag series of ``partitions`` (revoked): their new owner reports them now."""
+        for topic, partition in partitions:
+            key = (topic, str(partition))
+            if key in self._lag_keys:
+                self.consumer_lag.remove(*key)
+                self._lag_keys.discard(key)
 
     def observe_checkpoint(self, duration_s: float, size_bytes: int, timestamp: float) -> None:
         """Record a successful checkpoint written at unix time ``timestamp``."""

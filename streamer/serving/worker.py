@@ -58,16 +58,23 @@ class Worker:
         self.metrics = Metrics(self.registry, max_grad_norm=self.learner.config.max_grad_norm,
                                device=str(self.learner.device),
                                coverage_target=self.learner.config.coverage,
-                               horizon=self.learner.config.horizon)
-        self.health = HealthServer(self.registry, liveness=self._alive,
+                               horizon=self.learner.config.horizon,
+                               max_sensors=self.learner.config.max_sensors)
+        # Health is served even with metrics off: the probes restart a pod they cannot reach.
+        metrics_served = self.registry if settings.metrics.enabled else None
+        self.health = HealthServer(metrics_served, liveness=self._alive,
                                    readiness=self._readiness, host=settings.metrics.host,
                                    port=settings.metrics.port)
         c = settings.checkpoint
         self.worker_id = c.worker_id or _host_worker_id()
         self.ledger = PartitionLedger(time.monotonic())
         self.sharing = _sharing(settings, self.learner, self.worker_id, self.metrics)
-        self.durability = Durability(self.learner, self.ledger, c, self.worker_id, self.metrics,
-                                     listener=self.sharing)
+        try:
+            self.durability = Durability(self.learner, self.ledger, c, self.worker_id,
+                                         self.metrics, listener=self.sharing)
+        except OSError as exc:  # the directory cannot be created or listed
+            raise ConfigError(f"invalid configuration: {setting_name('checkpoint.dir')}: cannot "
+                              f"use {str(c.dir)!r}: {exc.strerror or exc}") from exc
         self._client: StreamClient | None = None
         self._topics_ready = False  # the topics it writes to exist (created when missing)
         # Whether partitions were ever assigned: until then the ledger holds what the restore
@@ -93,8 +100,7 @@ class Worker:
             return self._serve()
 
     def _serve(self) -> int:
-        if self.settings.metrics.enabled:
-            self.health.start()
+        self.health.start()
         log.info("worker %s started on %s, consuming %s", self.worker_id, self.learner.device,
                  self.settings.kafka.input_topic)
         try:
@@ -124,8 +130,10 @@ class Worker:
                     pending.delivery = client.send(pending.processed.outputs)
                 # Batch k's acks are awaited after k+1 was polled and stepped (pipelining).
                 self._complete(client, keep=1 if records else 0)
-                if not records:  # flagged sensors age out of the gauge while the input is idle
+                if not records:  # gauges go on moving while the input is idle
                     self.metrics.observe_flagged([], time.time())
+                    # From the client's cached end offsets and positions: no broker round-trip.
+                    self.metrics.set_lag(client.lag())
                 self._backoff = BACKOFF_START_S
                 self._maybe_checkpoint(client)
                 self._share()
@@ -284,6 +292,7 @@ class Worker:
 
     def _on_revoke(self, partitions: list[PartitionId]) -> None:
         log.info("revoked %s", partition_names(partitions))
+        self.metrics.forget_lag(partitions)  # or a moved partition is counted twice
         if self._client is not None:
             self._complete(self._client, keep=0)
         self.checkpoint()  # the next owner starts from here
@@ -321,6 +330,7 @@ class Worker:
         if self._client is not None:
             self._client.close()
             self._client = None
+            self.metrics.set_lag({})  # no client, no partitions: others may hold them now
 
     # -- health ------------------------------------------------------------------------------
     def _set_ready(self, ready: bool, reason: str) -> None:

@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 from streamer import __version__
-from streamer.config import ConfigError
+from streamer.config import ConfigError, setting_name, unknown_env_vars
 from streamer.tools.cli_options import add_settings_arguments, settings_from_args
 
 EXIT_CONFIG = 2
@@ -98,10 +98,27 @@ def main(argv: list[str] | None = None) -> int:
 
 def _settings(args: argparse.Namespace):
     settings = settings_from_args(args)  # raises ConfigError before anything connects
+    _check_device(settings.device)
     from streamer.observability.logs import configure_logging
 
     configure_logging(settings.log.level, settings.log.format)
+    unknown = unknown_env_vars(os.environ)
+    if unknown:
+        logging.getLogger("streamer").warning(
+            "ignoring %s: no such setting (misspelt? `streamer run --help` lists them all)",
+            ", ".join(unknown))
     return settings
+
+
+def _check_device(name: str) -> None:
+    """A device this machine does not have is a setting to fix (exit 2), found before the
+    seconds-long start-up, not a traceback from inside it."""
+    from streamer.core.device import resolve_device  # torch: the commands using it need it
+
+    try:
+        resolve_device(name)
+    except ValueError as exc:
+        raise ConfigError(f"invalid configuration: {setting_name('device')}: {exc}") from exc
 
 
 def cmd_run(args: argparse.Namespace) -> int:

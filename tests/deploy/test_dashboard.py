@@ -110,6 +110,7 @@ def test_every_training_and_quality_metric_is_on_the_dashboard(dashboard: dict) 
         "streamer_interval_width_bucket", "streamer_anomalies_total", "streamer_sensors_flagged",
         "streamer_horizon_abs_error_total", "streamer_horizon_scored_total",
         "streamer_consumer_lag_records", "streamer_sensor_slots_capacity",
+        "streamer_sensors_limit",
         "streamer_checkpoint_last_success_timestamp_seconds",
         "streamer_device_memory_allocated_bytes", "process_cpu_seconds_total",
         "process_resident_memory_bytes",

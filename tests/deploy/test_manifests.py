@@ -361,6 +361,50 @@ def test_worker_pods_shut_down_gracefully_with_bounded_resources() -> None:
     assert_pinned(worker_container()["image"])
 
 
+# A clean stop's waits the code does not state: the step of the turn in progress (a micro-batch,
+# an update and the checkpoint copy at 100k sensors), and one checkpoint write: 340 MB at 100k
+# sensors (docs/benchmarks/checkpoint.md) serialized, hashed and fsynced onto a network volume
+# at ~20 MB/s.
+STEP_S = 2.0
+CHECKPOINT_WRITE_S = 20.0
+
+
+def worst_clean_stop_s(produce_timeout_s: float) -> float:
+    """The bounded waits of Worker._shutdown and _close added up, as the code states them."""
+    from inspect import signature
+
+    from streamer.config import KafkaSettings
+    from streamer.kafka.client import StreamClient
+    from streamer.kafka.kafka_python_client import KafkaPythonClient
+    from streamer.kafka.model_topic import CLOSE_TIMEOUT_S
+
+    poll_info = KafkaSettings.model_fields["poll_timeout_ms"]
+    poll_s = next(m.le for m in poll_info.metadata if hasattr(m, "le")) / 1000
+    commit_s = signature(StreamClient.commit).parameters["timeout_s"].default
+    close_s = signature(KafkaPythonClient.close).parameters["timeout_s"].default
+    client_close_s = close_s + 1.0 + close_s  # producer flush, its force-close, leaving the group
+    model_topic_s = CLOSE_TIMEOUT_S + 5.0  # ModelTopic.close joins its thread this long
+    # The acks of the last batches: the producer fails a record produce_timeout_s after its
+    # send, so their waits overlap. Two writes: the one in flight and the final checkpoint.
+    return (poll_s + STEP_S + produce_timeout_s + 2 * CHECKPOINT_WRITE_S + commit_s
+            + client_close_s + model_topic_s)
+
+
+def test_grace_periods_cover_the_worst_clean_stop_with_two_checkpoint_writes() -> None:
+    from streamer.config import MAX_PRODUCE_TIMEOUT_S, KafkaSettings
+
+    at_default = worst_clean_stop_s(KafkaSettings().produce_timeout_s)
+    assert round(at_default, -1) == 110  # what the comments beside the grace periods say
+    longest = worst_clean_stop_s(MAX_PRODUCE_TIMEOUT_S)
+    pod = k8s_kind("Deployment")["spec"]["template"]["spec"]
+    compose_grace = re.fullmatch(r"(\d+)s", compose()["services"]["streamer"]["stop_grace_period"])
+    assert compose_grace is not None
+    for grace_s in (pod["terminationGracePeriodSeconds"], int(compose_grace[1])):
+        assert grace_s >= longest + 5, (grace_s, longest)  # + interpreter exit
+    for path in (K8S / "base" / "deployment.yaml", COMPOSE):
+        assert "about 110 s" in path.read_text(), path
+
+
 def test_replicas_share_one_rwx_checkpoint_claim() -> None:
     pvc = k8s_kind("PersistentVolumeClaim")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]

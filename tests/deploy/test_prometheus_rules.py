@@ -25,6 +25,8 @@ REQUIRED_ALERTS = {
     "StreamerCheckpointStale",
     "StreamerWorkerDown",
     "StreamerPartitionStalled",
+    "StreamerDeadLetterFlood",
+    "StreamerSensorTableNearlyFull",
 }
 
 

@@ -101,6 +101,17 @@ def test_metrics_serves_the_injected_registry_in_text_format(server: HealthServe
     assert 'streamer_dlq_records_total{reason="not_json"} 0.0' in body
 
 
+def test_without_a_registry_health_is_served_and_metrics_are_404(flags: Flags) -> None:
+    flags.ready = True
+    with HealthServer(
+        None, liveness=flags.liveness, readiness=flags.readiness, host="127.0.0.1", port=0
+    ) as srv:
+        assert get(srv, "/healthz")[::2] == (200, "ok\n")
+        assert get(srv, "/readyz")[::2] == (200, "ready\n")
+        assert get(srv, "/metrics")[::2] == (
+            404, "metrics are off (STREAMER_METRICS__ENABLED=false)\n")
+
+
 def test_unknown_path_is_404(server: HealthServer) -> None:
     assert get(server, "/nope")[0] == 404
 

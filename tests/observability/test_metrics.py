@@ -377,6 +377,18 @@ def test_set_lag_replaces_the_partition_set_on_rebalance(
     assert value(registry, lag, topic="sensor-readings", partition="2") is None
 
 
+def test_forget_lag_drops_the_series_of_revoked_partitions_only(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    lag = "streamer_consumer_lag_records"
+    metrics.set_lag({("sensor-readings", 0): 10, ("sensor-readings", 1): 20})
+    metrics.forget_lag([("sensor-readings", 1), ("sensor-readings", 5)])  # 5: never reported
+    assert value(registry, lag, topic="sensor-readings", partition="0") == 10.0
+    assert value(registry, lag, topic="sensor-readings", partition="1") is None
+    metrics.set_lag({("sensor-readings", 0): 4})  # the next refresh keeps working
+    assert value(registry, lag, topic="sensor-readings", partition="0") == 4.0
+
+
 def test_sensors_checkpoint_ready_and_broker_errors(
     registry: CollectorRegistry, metrics: Metrics
 ) -> None:
@@ -395,6 +407,17 @@ def test_sensors_checkpoint_ready_and_broker_errors(
     assert value(registry, "streamer_ready") == 1.0
     metrics.set_ready(False)
     assert value(registry, "streamer_ready") == 0.0
+
+
+def test_the_sensor_limit_is_one_series_of_the_configured_max_sensors(
+    registry: CollectorRegistry,
+) -> None:
+    Metrics(registry, max_grad_norm=1.0, device="cpu", coverage_target=0.9, max_sensors=5_000)
+    (family,) = [f for f in registry.collect() if f.name == "streamer_sensors_limit"]
+    assert [(s.labels, s.value) for s in family.samples] == [({}, 5_000.0)]
+    with pytest.raises(ValueError, match="max_sensors must be >= 1, got 0"):
+        Metrics(CollectorRegistry(), max_grad_norm=1.0, device="cpu", coverage_target=0.9,
+                max_sensors=0)
 
 
 def test_device_and_build_info(registry: CollectorRegistry) -> None:

@@ -55,7 +55,7 @@ def _topics(topic_factory, partitions: int = 3):
 def test_every_valid_reading_gets_exactly_one_forecast_with_its_source(
         topic_factory, group_id, worker_factory, produce_raw, consume_raw):
     inp, out, dlq = _topics(topic_factory)
-    worker = worker_factory(inp, out, dlq, group_id).start()
+    worker = worker_factory(inp, out, dlq, group_id, STREAMER_SENSORS__MAX_SENSORS="5000").start()
     worker.wait_ready()
     first = _stream(10, 20)
     placed = produce_raw(inp, first)
@@ -74,6 +74,41 @@ def test_every_valid_reading_gets_exactly_one_forecast_with_its_source(
         assert math.isfinite(forecast["value"]) and forecast["model_updates"] >= 0
     assert consume_raw(dlq, 1, timeout_s=1) == []
     assert worker.metric("streamer_sensors_active") == 15
+    assert worker.metric("streamer_sensors_limit") == 5000
+
+
+def _lag_series(worker) -> dict[int, float]:
+    """partition -> the worker's exported consumer lag."""
+    _, text = worker.get("/metrics")
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("streamer_consumer_lag_records{"):
+            partition = int(line.split('partition="', 1)[1].split('"', 1)[0])
+            found[partition] = float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def test_a_worker_stops_exporting_the_lag_of_a_partition_it_lost(
+        topic_factory, group_id, worker_factory, produce_raw):
+    inp, out, dlq = _topics(topic_factory, partitions=2)
+    first = worker_factory(inp, out, dlq, group_id, name="w1").start()
+    first.wait_ready()
+    placed = produce_raw(inp, _stream(8, 3))
+    assert {p for p, _ in placed} == {0, 1}
+    wait_for(lambda: _lag_series(first) == {0: 0.0, 1: 0.0}, 30, "lag of both partitions",
+             first.log)
+    # A second worker takes one partition; no record comes after, so only the revocation and
+    # the refresh on idle loop passes can change the first worker's series. (What the partition
+    # it keeps shows until a record comes depends on the client: librdkafka knows no position
+    # on a partition assigned anew before it consumed from it.)
+    second = worker_factory(inp, out, dlq, group_id, name="w2").start()
+    second.wait_ready()
+    wait_for(lambda: len(_lag_series(first)) <= 1, 30, "the lost partition's series gone",
+             lambda: f"{_lag_series(first)}\n{first.log()}")
+    produce_raw(inp, _stream(8, 1, t0=1.7e9 + 3600))  # both fetch: each reports its own
+    wait_for(lambda: len(_lag_series(first)) == len(_lag_series(second)) == 1, 30,
+             "each worker's lag", lambda: first.log() + second.log())
+    assert _lag_series(first).keys() | _lag_series(second).keys() == {0, 1}
 
 
 def test_forecasts_carry_an_interval_and_a_spike_becomes_an_anomaly_event(
@@ -448,7 +483,8 @@ def test_output_topics_are_created_once_an_input_topic_missing_at_start_has_reco
         "kafka.output_topic": out, "kafka.dlq_topic": dlq, "kafka.anomaly_topic": "",
         "kafka.group_id": group_id, "kafka.poll_timeout_ms": 200,
         **{f"kafka.{k}": v for k, v in TEST_CONSUMER_TIMEOUTS.items()},
-        "metrics.enabled": False, "sharing.enabled": False,
+        "metrics.enabled": False, "metrics.host": "127.0.0.1", "metrics.port": 0,
+        "sharing.enabled": False,
         "checkpoint.dir": str(tmp_path), "device": "cpu"})
     threads = torch.get_num_threads()
     worker = worker_module.Worker(settings)
@@ -549,6 +585,43 @@ def test_invalid_config_exits_2_naming_the_field():
     assert "--training-lr" in done.stderr
 
 
+@pytest.mark.parametrize(("env", "args", "message"), [
+    ({"STREAMER_KAFKA": "notjson"}, [],
+     "invalid configuration: STREAMER_KAFKA is not valid JSON: Expecting value: line 1 column 1 "
+     "(char 0); it takes a JSON object of the kafka settings, or set them one by one "
+     "(STREAMER_KAFKA__<SETTING>)"),
+    ({}, ["--device", "cuda:99"],  # no CUDA, or not 100 devices
+     "invalid configuration: device (STREAMER_DEVICE / --device): device 'cuda:99' requested "
+     "but "),
+    ({}, ["--checkpoint-dir", "/proc/nope/ck"],
+     "invalid configuration: checkpoint.dir (STREAMER_CHECKPOINT__DIR / --checkpoint-dir): "
+     "cannot use '/proc/nope/ck': No such file or directory"),
+], ids=["section-not-json", "device-missing", "checkpoint-dir-impossible"])
+def test_settings_that_fail_at_start_exit_2_naming_the_setting_without_a_traceback(
+        env, args, message):
+    own = {k: v for k, v in os.environ.items() if not k.startswith("STREAMER_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "streamer", "run", "--kafka-bootstrap-servers", "127.0.0.1:1",
+         "--device", "cpu", *args], env={**own, **env}, capture_output=True, text=True,
+        timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert f"streamer run: {message}" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_unknown_streamer_env_vars_are_named_in_a_warning_at_start():
+    own = {k: v for k, v in os.environ.items() if not k.startswith("STREAMER_")}
+    env = {**own, "STREAMER_DEVCE": "cpu", "STREAMER_KAFKA_GROUP_ID": "g",
+           "STREAMER_FAILPOINTS": "", "STREAMER_PORT_9100_TCP_ADDR": "10.0.0.1",
+           "STREAMER_SERVICE_HOST": "10.0.0.1"}
+    done = subprocess.run(  # the checkpoint directory then stops it: it warned before that
+        [sys.executable, "-m", "streamer", "run", "--checkpoint-dir", "/proc/nope/ck",
+         "--device", "cpu"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert ("ignoring STREAMER_DEVCE, STREAMER_KAFKA_GROUP_ID: no such setting (misspelt? "
+            "`streamer run --help` lists them all)") in done.stderr
+
+
 def test_run_help_documents_every_setting():
     from streamer.config import setting_fields
 
@@ -557,6 +630,15 @@ def test_run_help_documents_every_setting():
     assert done.returncode == 0
     for field in setting_fields():
         assert field.flag in done.stdout and field.env_var in done.stdout
+
+
+def test_with_metrics_off_the_worker_still_serves_its_health_probes(
+        topic_factory, group_id, worker_factory):
+    inp, out, dlq = _topics(topic_factory, partitions=1)
+    worker = worker_factory(inp, out, dlq, group_id, STREAMER_METRICS__ENABLED="false").start()
+    worker.wait_ready()  # /readyz answers 200
+    assert worker.get("/healthz") == (200, "ok\n")
+    assert worker.get("/metrics")[0] == 404
 
 
 def test_worker_waits_for_a_broker_that_is_down_at_start(tmp_path, worker_factory, group_id):
