@@ -311,11 +311,14 @@ class ConfluentClient:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def close(self, timeout_s: float = 5.0) -> None:
-        """Leave the group and release connections; never raises."""
+        """Leave the group and release connections; never raises. Runs no rebalance callback
+        (librdkafka's close revokes the assignment): the caller has finished with its
+        partitions, as with kafka-python, whose close runs none."""
         with self._lock:
             producer, self._producer = self._producer, None
         if producer is not None:
             producer.flush(timeout_s)
+        self._on_assign = self._on_revoke = None
         try:
             self._consumer.close()
         # KafkaClientError: a revoke callback run by close() read the assignment of a handle

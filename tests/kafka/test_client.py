@@ -213,6 +213,17 @@ def test_second_member_splits_partitions_and_callbacks_report_each_move(
     assert a.events == [("revoke", a_half), ("assign", everything)]
 
 
+def test_closing_a_client_runs_no_rebalance_callback(topic_factory, group_id, client_factory):
+    # A worker checkpoints before it closes; a revoke run by close() (librdkafka's) found the
+    # checkpoint writer stopped and copied the whole learner for nothing.
+    topic = topic_factory(partitions=2)
+    member = PollingMember(client_factory(group_id), topic)
+    assert wait_for(lambda: len(member.events) == 1)
+    member.stop()
+    member.client.close()
+    assert member.events == [("assign", [(topic, 0), (topic, 1)])]
+
+
 def test_lag_is_highwater_minus_position(
     topic_factory, group_id, client_factory, produce_raw, poll_until
 ):
