@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 _TOPIC_ALREADY_EXISTS = kerr.TopicAlreadyExistsError.errno
 _UNKNOWN_TOPIC = kerr.UnknownTopicOrPartitionError.errno
+_NO_TOPIC_ID = "00000000-0000-0000-0000-000000000000"  # what a broker without topic ids sends
 
 
 @contextmanager
@@ -118,6 +119,19 @@ def create_missing_topics(
         raise BrokerUnavailable(f"topic {like!r} has no partitions yet, so {missing} were not "
                                 "created (they take its partition count)")
     return ensure_topics(connection, dict.fromkeys(missing, partitions))
+
+
+def topic_ids(connection: KafkaConnection | str, names: Iterable[str]) -> dict[str, str]:
+    """The id of each of the topics ``names`` that exists and has one (brokers since Kafka 2.8;
+    a topic deleted and recreated under the same name gets a new one)."""
+    wanted = sorted(set(names))
+    if not wanted:
+        return {}
+    with admin_client(KafkaConnection.of(connection)) as admin:
+        with converted_errors("describing topics"):
+            described = admin.describe_topics(wanted)
+    return {t["name"]: str(t["topic_id"]) for t in described
+            if t.get("error_code") == 0 and t.get("topic_id") not in (None, _NO_TOPIC_ID)}
 
 
 def delete_topics(

@@ -125,6 +125,7 @@ class ModelTopic:
                 return
             except Exception as exc:  # noqa: BLE001 - any Kafka trouble: count, wait, reconnect
                 self._failures += 1
+                created = False  # checked again on reconnecting: the brokers may have lost it
                 log.warning("model topic %s: %s: %s; retrying in %.0f s", self.topic,
                             type(exc).__name__, exc, backoff)
                 self._stop.wait(backoff)

@@ -32,7 +32,7 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from streamer.core import snapshot as snap
@@ -63,6 +63,9 @@ class Checkpoint:
     state: dict  # the learner snapshot (see streamer.core.snapshot)
     offsets: dict[PartitionId, int]  # next offset to apply, per partition
     sensors: dict[PartitionId, list[str]]  # the sensors whose readings came from it
+    # The id of the topic each partition's offset is in (brokers since Kafka 2.8 give one): a
+    # topic deleted and recreated under the same name has a new one. Empty when unknown.
+    topic_ids: dict[PartitionId, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,8 @@ class CheckpointStore:
         self._verified: dict[str, bool] = {}  # manifest name -> its data file verifies
 
     def save(self, state: dict, offsets: dict[PartitionId, int],
-             sensors: dict[PartitionId, list[str]], created: float | None = None) -> SaveStats:
+             sensors: dict[PartitionId, list[str]], created: float | None = None,
+             topic_ids: dict[PartitionId, str] | None = None) -> SaveStats:
         """Write a checkpoint durably, then prune this worker's older ones beyond ``keep``.
 
         ``created``: the wall time the state was current (when it was copied; default now):
@@ -185,6 +189,8 @@ class CheckpointStore:
             "size": size,
             "sha256": sha256,
             "offsets": {_key(tp): int(o) for tp, o in offsets.items()},
+            "topic_ids": {_key(tp): str(i) for tp, i in (topic_ids or {}).items()
+                          if tp in offsets},
         }
         manifest_path = self.directory / f"{stem}.json"
         try:
@@ -294,6 +300,7 @@ class CheckpointStore:
             state=state,
             offsets={_unkey(k): int(v) for k, v in manifest["offsets"].items()},
             sensors={_unkey(k): list(v) for k, v in partitions.items()},
+            topic_ids={_unkey(k): str(v) for k, v in (manifest.get("topic_ids") or {}).items()},
         )
 
     def _prune(self) -> None:

@@ -49,16 +49,17 @@ class CheckpointWriter:
         return self._future is not None
 
     def begin(self, learner: Learner, offsets: dict[PartitionId, int],
-              sensors: dict[PartitionId, list[str]]) -> float:
-        """Copy the learner now and write it with ``offsets`` and ``sensors`` in the
-        background; returns the seconds the copy took (the caller's stall)."""
+              sensors: dict[PartitionId, list[str]],
+              topic_ids: dict[PartitionId, str] | None = None) -> float:
+        """Copy the learner now and write it with ``offsets``, ``sensors`` and ``topic_ids``
+        in the background; returns the seconds the copy took (the caller's stall)."""
         if self._future is not None:
             raise RuntimeError("a checkpoint is in flight: take its end with finished() first")
         started, taken_at = time.perf_counter(), time.time()
         state = self._buffer = learner.snapshot(reuse=self._buffer)
         copy_seconds = time.perf_counter() - started
-        self._future = self._pool.submit(self._write, state, offsets, sensors, taken_at,
-                                         copy_seconds)
+        self._future = self._pool.submit(self._write, state, offsets, sensors, topic_ids or {},
+                                         taken_at, copy_seconds)
         return copy_seconds
 
     def finished(self, wait: bool = False) -> Written | None:
@@ -74,10 +75,11 @@ class CheckpointWriter:
         self._pool.shutdown(wait=True)
 
     def _write(self, state: dict, offsets: dict[PartitionId, int],
-               sensors: dict[PartitionId, list[str]], taken_at: float,
-               copy_seconds: float) -> Written:
+               sensors: dict[PartitionId, list[str]], topic_ids: dict[PartitionId, str],
+               taken_at: float, copy_seconds: float) -> Written:
         try:
-            saved = self.store.save(state, offsets, sensors, created=taken_at)
+            saved = self.store.save(state, offsets, sensors, created=taken_at,
+                                    topic_ids=topic_ids)
         except Exception as exc:  # noqa: BLE001 - I/O or serialization: reported, never fatal
             return Written(offsets, copy_seconds, error=exc)
         return Written(offsets, copy_seconds, saved=saved, model=state["model"])

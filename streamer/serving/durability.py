@@ -67,7 +67,8 @@ class Durability:
         if self.listener is not None:
             self.listener.checkpoint_restored(found.worker, found.created)
         for tp, offset in found.offsets.items():
-            self.ledger.adopt(tp, offset, found.sensors.get(tp, []), found.created)
+            self.ledger.adopt(tp, offset, found.sensors.get(tp, []), found.created,
+                              found.topic_ids.get(tp))
         log.info("restored %s: %d sensors, %d updates, offsets %s", found.path.name,
                  self.learner.n_sensors, self.learner.updates, found.offsets)
 
@@ -81,7 +82,8 @@ class Durability:
         """Take a checkpoint (the learner's copy and the ledger's offsets) to be written in the
         background; every applied reading's outputs must be acknowledged."""
         offsets = self.ledger.offsets()
-        copy_seconds = self.writer.begin(self.learner, offsets, self.ledger.sensors(offsets))
+        copy_seconds = self.writer.begin(self.learner, offsets, self.ledger.sensors(offsets),
+                                         self.ledger.topic_ids())
         self._covered = self.ledger.checkpoint_taken(time.monotonic())
         self.metrics.observe_checkpoint_copy(copy_seconds)
         if self.listener is not None:
@@ -124,7 +126,8 @@ class Durability:
             if checkpoint is not None and not (mine and tp in self.ledger):
                 ids = checkpoint.sensors.get(tp, [])
                 self.learner.import_sensors(snap.sensors_of(checkpoint.state, ids))
-                self.ledger.adopt(tp, checkpoint.offsets[tp], ids, checkpoint.created)
+                self.ledger.adopt(tp, checkpoint.offsets[tp], ids, checkpoint.created,
+                                  checkpoint.topic_ids.get(tp))
                 log.info("partition %s: restored %d sensors from %s at offset %d",
                          partition_names([tp]), len(ids), checkpoint.path.name,
                          checkpoint.offsets[tp])

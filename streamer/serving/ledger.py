@@ -22,6 +22,7 @@ class PartitionLedger:
         self._next: dict[PartitionId, int] = {}
         self._sensors: dict[PartitionId, set[str]] = {}
         self._current_at: dict[PartitionId, float] = {}  # wall-clock seconds (time.time())
+        self._topic_id: dict[PartitionId, str] = {}  # the topic id our offset is in, if known
         self._since_checkpoint = 0
         self._checkpoint_taken_at = now  # monotonic seconds
 
@@ -42,6 +43,10 @@ class PartitionLedger:
     def sensors(self, partitions: Iterable[PartitionId]) -> dict[PartitionId, list[str]]:
         """The sensors fed from each of ``partitions``, sorted."""
         return {tp: sorted(self._sensors.get(tp, ())) for tp in partitions}
+
+    def topic_ids(self) -> dict[PartitionId, str]:
+        """The topic id each held partition's offset is in, where known (a copy)."""
+        return {tp: i for tp, i in self._topic_id.items() if tp in self._next}
 
     def current_at(self, tp: PartitionId) -> float:
         """When our state of ``tp`` was last current; -inf if we hold none."""
@@ -93,11 +98,16 @@ class PartitionLedger:
 
     # -- partitions coming and going --------------------------------------------------------
     def adopt(self, tp: PartitionId, next_offset: int, sensor_ids: Iterable[str],
-              current_at: float) -> None:
-        """Hold ``tp`` as a checkpoint left it (replacing what we held of it)."""
+              current_at: float, topic_id: str | None = None) -> None:
+        """Hold ``tp`` as a checkpoint left it (replacing what we held of it); ``topic_id``:
+        the id of the topic its offset is in, if the checkpoint knew it."""
         self._next[tp] = next_offset
         self._sensors[tp] = set(sensor_ids)
         self._current_at[tp] = current_at
+        if topic_id is None:
+            self._topic_id.pop(tp, None)
+        else:
+            self._topic_id[tp] = topic_id
 
     def release(self, partitions: Iterable[PartitionId]) -> list[str]:
         """Stop holding ``partitions``; returns the sensors fed from them and from no partition
@@ -107,6 +117,7 @@ class PartitionLedger:
         for tp in partitions:
             self._next.pop(tp, None)
             self._current_at.pop(tp, None)
+            self._topic_id.pop(tp, None)
             released |= self._sensors.pop(tp, set())
         still_fed = set().union(*self._sensors.values()) if self._sensors else set()
         return sorted(released - still_fed)
@@ -119,4 +130,23 @@ class PartitionLedger:
                  if end is not None and tp in self._next and end < self._next[tp]}
         for tp in reset:
             del self._next[tp]
+            self._topic_id.pop(tp, None)  # the new log's id is learnt at the next assignment
+        return reset
+
+    def replaced(self, partitions: Iterable[PartitionId],
+                 topic_ids: Mapping[str, str]) -> dict[PartitionId, int]:
+        """Of ``partitions``, those whose offset is in a topic other than the one of that name
+        now (``topic_ids``: each topic's current id, where known): the topic was deleted and
+        recreated, or the brokers lost their data, even if its new log has already grown past
+        our offset. Their offset is forgotten (returned) and they are read from their start.
+        The others are now known to be in the current topic."""
+        reset = {}
+        for tp in partitions:
+            now = topic_ids.get(tp[0])
+            if now is None:
+                continue
+            was = self._topic_id.get(tp)
+            if was is not None and was != now and tp in self._next:
+                reset[tp] = self._next.pop(tp)
+            self._topic_id[tp] = now
         return reset

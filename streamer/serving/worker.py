@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from streamer.config import ConfigError, Settings, setting_name
 from streamer.core import Learner
 from streamer.core.failpoints import failpoint
-from streamer.kafka.admin import create_missing_topics
+from streamer.kafka.admin import create_missing_topics, topic_ids
 from streamer.kafka.client import (
     Delivery,
     PartitionId,
@@ -232,6 +232,7 @@ class Worker:
         log.warning("broker trouble (%s); retrying in %.1f s", exc, self._backoff)
         self.metrics.observe_broker_error()
         self._set_ready(False, f"broker unavailable: {exc}")
+        self._topics_ready = False  # checked again on reconnecting: the brokers may have lost them
         self._close_client()
         self._stop.wait(self._backoff)
         self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
@@ -285,10 +286,24 @@ class Worker:
             self.durability.release(stale)
         self._commit(durable)  # after the release: only for partitions we still hold
         seeks = self.durability.adopt(partitions)
+        for tp, offset in self.ledger.replaced(partitions, self._topic_ids(partitions)).items():
+            log.warning("partition %s: its topic was deleted and recreated, or the brokers lost "
+                        "their data, since our offset %d (the topic id changed); reading it "
+                        "from its start", partition_names([tp]), offset)
+            seeks[tp] = 0  # out of range on a log that starts later: the client resets
         if seeks and client is not None:
             client.seek(seeks)
         if client is not None:  # a stalled partition may have left, or come back paused
             self._track_stalled(client)
+
+    def _topic_ids(self, partitions: list[PartitionId]) -> dict[str, str]:
+        """The current id of the partitions' topics; none known when the brokers cannot say."""
+        try:
+            return topic_ids(self.settings.kafka.connection(), {t for t, _ in partitions})
+        except KafkaClientError as exc:
+            log.warning("could not read the input topic's id (%s): a topic recreated since "
+                        "our offsets is recognised only if its log ends before them", exc)
+            return {}
 
     def _on_revoke(self, partitions: list[PartitionId]) -> None:
         log.info("revoked %s", partition_names(partitions))

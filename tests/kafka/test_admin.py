@@ -8,7 +8,7 @@ import pytest
 from kafka import KafkaAdminClient
 
 from streamer.kafka import BrokerUnavailable, KafkaConnection, delete_topics, ensure_topics
-from streamer.kafka.admin import create_missing_topics, created_topics
+from streamer.kafka.admin import create_missing_topics, created_topics, topic_ids
 from streamer.kafka.broker import free_port
 from streamer.kafka.errors import TopicCreationRefused, TopicMissing
 from tests.kafka.test_broker import topics_at
@@ -112,3 +112,15 @@ def test_a_controller_moving_during_creation_is_broker_unavailable_not_a_crash(b
     with pytest.raises(BrokerUnavailable, match="creating topics failed: Failed to find"):
         ensure_topics(broker.bootstrap, {f"t-{uuid.uuid4().hex[:8]}": 1})
 
+
+
+def test_a_topic_recreated_under_its_name_has_a_new_id_and_a_missing_one_none(broker):
+    name = f"ids-{uuid.uuid4().hex[:8]}"
+    ensure_topics(broker.bootstrap, {name: 1})
+    first = topic_ids(broker.bootstrap, [name, f"{name}-missing"])
+    assert list(first) == [name] and first[name]
+    delete_topics(broker.bootstrap, [name])
+    ensure_topics(broker.bootstrap, {name: 1})
+    again = topic_ids(broker.bootstrap, [name])
+    delete_topics(broker.bootstrap, [name])
+    assert again[name] and again[name] != first[name]

@@ -371,9 +371,8 @@ def test_a_write_failing_in_serialization_is_reported_and_leaves_no_file(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary file left
 
     class Unsaveable(CheckpointWriter):
-        def _write(self, state, offsets, sensors, taken_at, copy_seconds):
-            return super()._write({**state, "oops": lambda: None}, offsets, sensors,
-                                  taken_at, copy_seconds)
+        def _write(self, state, *rest):
+            return super()._write({**state, "oops": lambda: None}, *rest)
 
     writer = Unsaveable(store)
     writer.begin(learner, {TP: 2}, {TP: []})
@@ -601,6 +600,18 @@ def test_a_checkpoint_of_another_configuration_is_never_superseded_by_ours(tmp_p
                                                           {TP: ["s0"]}, created=200.0)
     assert "old-pod-0000000001.json" in _files(tmp_path)  # a rollback can still restore it
     assert CheckpointStore(tmp_path, "x", "fp-before").latest().worker == "old-pod"
+
+
+def test_a_checkpoint_keeps_the_topic_id_each_offset_is_in(tmp_path):
+    learner, other = _learner(12), ("in", 1)
+    store = CheckpointStore(tmp_path, "pod-a", "fp")
+    store.save(learner.snapshot(), {TP: 5, other: 7}, {TP: [], other: []},
+               topic_ids={TP: "id-1", ("gone", 0): "id-9"})
+    assert store.latest().topic_ids == {TP: "id-1"}  # (other: not known, so not said)
+    manifest = json.loads((tmp_path / "pod-a-0000000001.json").read_text())
+    del manifest["topic_ids"]  # as written before topic ids were kept
+    (tmp_path / "pod-a-0000000001.json").write_text(json.dumps(manifest))
+    assert CheckpointStore(tmp_path, "pod-b", "fp").latest().topic_ids == {}
 
 
 def test_our_own_data_file_left_by_a_crash_while_deleting_it_is_deleted_when_old(tmp_path):

@@ -106,6 +106,29 @@ def test_a_partition_whose_log_ends_before_our_offset_is_read_from_its_start():
     assert ledger.sensors([A]) == {A: ["s1"]}  # its sensors stay: their state is still ours
 
 
+def test_a_partition_of_a_topic_whose_id_changed_is_read_from_its_start_however_long_its_log():
+    ledger = PartitionLedger(now=0.0)
+    ledger.adopt(A, 50, ["s1"], 0.0, topic_id="id-1")  # as a checkpoint left it
+    ledger.adopt(B, 10, ["s2"], 0.0)  # a checkpoint from before topic ids: unknown
+    assert ledger.replaced([A, B], {}) == {}  # the brokers cannot say: nothing known
+    assert ledger.replaced([A, B], {"in": "id-1"}) == {}
+    assert ledger.topic_ids() == {A: "id-1", B: "id-1"}  # B is now known to be in it
+    assert ledger.replaced([A, B], {"in": "id-2"}) == {A: 50, B: 10}  # recreated
+    assert ledger.next_offset(A) is None and ledger.sensors([A]) == {A: ["s1"]}
+    _applied(ledger, A, range(0, 80), ["s1"])  # the new log, past the old offset
+    assert ledger.topic_ids() == {A: "id-2"}
+    assert ledger.replaced([A], {"in": "id-2"}) == {}  # read from its start once only
+
+
+def test_a_partition_found_recreated_by_its_end_learns_its_new_topic_id_afresh():
+    ledger = PartitionLedger(now=0.0)
+    ledger.adopt(A, 50, ["s1"], 0.0, topic_id="id-1")
+    assert ledger.recreated({A: 3}) == {A: 50}
+    _applied(ledger, A, range(0, 10), ["s1"])
+    assert ledger.replaced([A], {"in": "id-2"}) == {}  # not read from its start again
+    assert ledger.topic_ids() == {A: "id-2"}
+
+
 def test_a_checkpoint_that_failed_leaves_its_readings_due_at_the_next_interval():
     ledger = PartitionLedger(now=0.0)
     _applied(ledger, A, range(0, 4), ["s1"])

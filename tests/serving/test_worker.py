@@ -366,30 +366,36 @@ def test_sigterm_exits_zero_within_ten_seconds_with_offsets_committed(
     assert "stopped" in worker.log()
 
 
-def test_worker_survives_a_broker_restart_and_resumes(tmp_path, worker_factory, group_id):
+def test_worker_survives_a_broker_that_comes_back_empty_and_reads_the_new_log_whole(
+        tmp_path, worker_factory, group_id):
+    # The broker comes back empty (memory storage) and the input topic, made again, has grown
+    # past the offsets the worker holds before it is back in its group: the topic's id tells
+    # the new log from the old (a log ending before them is recognised by its end alone:
+    # tests/serving/test_ledger.py). The topics the worker writes to are made again too, with
+    # the input's partition count, not left to the brokers' auto-creation.
     with LocalBroker(log_path=tmp_path / "own-broker.log") as own:
-        topics = {"in-r": 1, "out-r": 1, "dlq-r": 1}
-        ensure_topics(own.bootstrap, topics)
-        worker = worker_factory("in-r", "out-r", "dlq-r", group_id,
+        ensure_topics(own.bootstrap, {"in-l": 2})
+        worker = worker_factory("in-l", "out-l", "dlq-l", group_id,
                                 STREAMER_KAFKA__BOOTSTRAP_SERVERS=own.bootstrap).start()
         worker.wait_ready()
-        produce_to(own.bootstrap, "in-r", _stream(3, 5))
-        assert len(consume_from(own.bootstrap, "out-r", 15)) == 15
+        produce_to(own.bootstrap, "in-l", _stream(3, 5))
+        assert len(consume_from(own.bootstrap, "out-l", 15)) == 15
         own.kill()
         deadline = time.monotonic() + 30
         while worker.get("/readyz")[0] != 503 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert worker.get("/readyz")[0] == 503, worker.log()
         assert worker.get("/healthz")[0] == 200
-        own.start()  # memory storage: topics and offsets are gone
-        ensure_topics(own.bootstrap, topics)
+        own.start()
+        ensure_topics(own.bootstrap, {"in-l": 2})
+        produce_to(own.bootstrap, "in-l", _stream(3, 12, t0=1.8e9))  # 36 readings > 15
         deadline = time.monotonic() + 60
-        while worker.log().count("assigned in-r") < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)  # produce only once the worker is back in its group
-        # Fewer than before: a log that now ends before the worker's offset is recognisably new
-        # (one that already grew past it is indistinguishable from a re-delivery).
-        produce_to(own.bootstrap, "in-r", _stream(3, 3, t0=1.8e9))
-        assert len(consume_from(own.bootstrap, "out-r", 9, timeout_s=60)) == 9, worker.log()
+        while worker.log().count("created topics") < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)  # (consume only then: a consumer could auto-create them)
+        outputs = ["out-l", "dlq-l", "out-l-anomalies"]
+        assert partition_counts(own.bootstrap, outputs) == dict.fromkeys(outputs, 2), worker.log()
+        assert len(consume_from(own.bootstrap, "out-l", 36, timeout_s=60)) == 36, worker.log()
+        assert "the topic id changed" in worker.log()
         assert worker.proc.poll() is None
         assert worker.get("/readyz")[0] == 200
 
