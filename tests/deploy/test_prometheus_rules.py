@@ -27,6 +27,7 @@ REQUIRED_ALERTS = {
     "StreamerPartitionStalled",
     "StreamerDeadLetterFlood",
     "StreamerSensorTableNearlyFull",
+    "StreamerBrokerTrouble",
 }
 
 
