@@ -112,7 +112,8 @@ class Metrics:
 
         # Throughput and latency.
         self.readings_consumed = Counter(
-            "streamer_readings_consumed", "Readings polled from the input topic.", registry=r
+            "streamer_readings_consumed", "Readings polled from the input topic, counted once "
+            "the outputs of their micro-batch are acknowledged.", registry=r
         )
         self.forecasts_produced = Counter(
             "streamer_forecasts_produced", "Forecasts emitted for accepted readings.", registry=r
@@ -474,7 +475,8 @@ class Metrics:
     # -- the worker loop ------------------------------------------------------------------
 
     def observe_batch(self, size: int, latencies_seconds: np.ndarray) -> None:
-        """Count a polled micro-batch of ``size`` readings and each forecast's latency."""
+        """Count a micro-batch of ``size`` readings whose outputs were acknowledged, and each
+        forecast's latency."""
         self.readings_consumed.inc(size)
         self.batch_size.observe(size)
         latencies = np.asarray(latencies_seconds, dtype=np.float64).ravel()
