@@ -173,6 +173,32 @@ def test_a_spike_is_flagged_and_the_readings_around_it_are_not():
     assert not out.anomaly[1010:1100].any()
 
 
+def test_the_readings_just_after_a_spike_inside_their_interval_are_not_flagged():
+    # (a spike's surprise once lingered in the short-run average and flagged 2.5 of the next 9
+    # readings, inside their interval, per spike of 15 sd on N(0, 1))
+    for seed in range(4):
+        values = np.random.default_rng(100 + seed).normal(size=3000)
+        values[[1000, 1800, 2600]] += 15.0
+        out = _one_sensor(values)
+        for at in (1000, 1800, 2600):
+            after = slice(at + 1, at + 10)
+            assert out.anomaly[at] and not (out.anomaly[after] & (out.inside[after] == 1)).any()
+
+
+@pytest.mark.parametrize("apart", [10, 20, 50])
+def test_a_second_spike_soon_after_a_first_is_flagged_too(apart):
+    # (the first one's excess once fattened the tail's fit so much that the second, as large,
+    # was not flagged at all within 20 readings)
+    hits = []
+    for seed in range(4):
+        values = np.random.default_rng(100 + seed).normal(size=3000)
+        for at in (1000, 1800, 2600):
+            values[[at, at + apart]] += 15.0
+        out = _one_sensor(values)
+        hits += [bool(out.anomaly[at + apart]) for at in (1000, 1800, 2600)]
+    assert all(hits)
+
+
 def test_a_stuck_sensor_is_flagged_within_five_readings():
     values = _sine(1500)
     values[1000:1040] = values[1000]
