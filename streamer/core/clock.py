@@ -33,8 +33,10 @@ class EventClock:
     evicted as idle at every micro-batch. Readings dated ahead of the worker (producers on local
     time) only make eviction late by as much, never early. A replay of the past is unaffected.
 
-    Not covered: in a replay of the past, two devices (or one gateway's ids) that run ahead at
-    the same time, by about as much, to a time still before the replay's own.
+    Not covered: two devices (or one gateway's ids) that run ahead at the same time, by about as
+    much, to a time still before the worker's own: in a replay of the past, or live while the
+    worker reads a backlog more than a TTL behind real time (after an outage), where the limit
+    is too far ahead to hold the clock near the fleet's.
     """
 
     def __init__(self, ttl: float):
@@ -69,7 +71,9 @@ class EventClock:
                 self.held = newest
             elif newest - self.held >= ttl:
                 clock, self.held = newest, np.inf  # and followed from now on
-        self.time = clock = max(now, min(clock, limit))
+        # Never past the limit, even when it was already (a snapshot taken after such a jump,
+        # before the limit existed): a wall clock stepped back by seconds moves it back as much.
+        self.time = clock = min(max(now, clock), limit)
         return clock
 
     def to_plain(self) -> dict:

@@ -109,14 +109,16 @@ class ModelTopic:
                     max_partition_fetch_bytes=self.max_message_bytes * 2)
                 partition = TopicPartition(self.topic, 0)
                 consumer.assign([partition])
-                if self._next_offset is None:
-                    consumer.seek_to_beginning(partition)
-                else:  # a reconnect: read on, not the whole history again
-                    consumer.seek(partition, self._next_offset)
                 # Below this offset is history (written before we were reading): its age can
                 # only come from its create time; records from here on arrive live, and are
                 # stamped with our clock as they do.
                 live_from = consumer.end_offsets([partition])[partition]
+                if self._next_offset is None or live_from < self._next_offset:
+                    # (a topic that ends before where we were: made again, or the brokers lost
+                    # it; read from its start, not from "latest" past what peers wrote since)
+                    consumer.seek_to_beginning(partition)
+                else:  # a reconnect: read on, not the whole history again
+                    consumer.seek(partition, self._next_offset)
                 self.caught_up = False
                 producer = self.connection.kafka_python(
                     KafkaProducer, acks="all", linger_ms=0,

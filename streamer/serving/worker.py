@@ -26,7 +26,13 @@ from streamer.kafka.client import (
     open_client,
     partition_names,
 )
-from streamer.kafka.errors import KafkaClientError, TopicMissing, UndecodableBatch, Unfixable
+from streamer.kafka.errors import (
+    BrokerUnavailable,
+    KafkaClientError,
+    TopicMissing,
+    UndecodableBatch,
+    Unfixable,
+)
 from streamer.kafka.model_topic import ModelTopic
 from streamer.observability.health import HealthServer
 from streamer.observability.metrics import Metrics
@@ -77,6 +83,7 @@ class Worker:
                               f"use {str(c.dir)!r}: {exc.strerror or exc}") from exc
         self._client: StreamClient | None = None
         self._topics_ready = False  # the topics it writes to exist (created when missing)
+        self._outputs_seen = False  # ... and were there once (since start-up)
         # Whether partitions were ever assigned: until then the ledger holds what the restore
         # read (maybe another worker's partitions), which is no state of ours to checkpoint.
         self._assigned = False
@@ -105,9 +112,9 @@ class Worker:
                  self.settings.kafka.input_topic)
         try:
             self._loop()
-        except ConfigError:  # a topic we write to cannot be created: before any batch was
-            self._close()  # applied, so no checkpoint (it would date restored state as new)
-            raise
+        except ConfigError:  # a topic we write to cannot be created, before any batch was
+            self._close()  # applied (_output_topics), so no checkpoint (it would date
+            raise  # restored state as new)
         self._shutdown()
         return 0
 
@@ -119,8 +126,7 @@ class Worker:
                 records = client.poll_batch(self.settings.kafka.max_poll_records,
                                             self._poll_timeout_s())
                 if records and not self._topics_ready:  # the input exists now, so can they
-                    _create_output_topics(self.settings)
-                    self._topics_ready = True
+                    self._topics_ready = self._output_topics() or True
                 self._reset_recreated(client, {(r.topic, r.partition) for r in records}
                                       or client.assignment())
                 if records:
@@ -161,7 +167,7 @@ class Worker:
         if self._client is None:
             k = self.settings.kafka
             if not self._topics_ready:  # else again once the input topic has records
-                self._topics_ready = _create_output_topics(self.settings)
+                self._topics_ready = self._output_topics()
             self._client = open_client(k.client, k.connection(), k.consumer(), k.producer())
             self._client.subscribe([k.input_topic], on_assign=self._on_assign,
                                    on_revoke=self._on_revoke)
@@ -296,22 +302,39 @@ class Worker:
         if client is not None:  # a stalled partition may have left, or come back paused
             self._track_stalled(client)
 
+    def _output_topics(self) -> bool:
+        """``_create_output_topics``; once they were there, a refusal to create them again
+        (brokers that lost them) is retried like any broker trouble, not a setup error that
+        would stop the worker with its batches in flight."""
+        try:
+            ready = _create_output_topics(self.settings)
+        except ConfigError as exc:
+            if not self._outputs_seen:
+                raise
+            raise BrokerUnavailable(f"{exc} (they existed before: retrying)") from exc
+        self._outputs_seen = self._outputs_seen or ready
+        return ready
+
     def _topic_ids(self, partitions: list[PartitionId]) -> dict[str, str]:
-        """The current id of the partitions' topics; none known when the brokers cannot say."""
+        """The current id of the partitions' topics; none known when the brokers cannot say
+        (a broker without ids, or one that refuses: the end-offset rule still holds). A broker
+        that did not answer raises (BrokerUnavailable, from the rebalance callback to the
+        loop), so that the lookup is made again at the next assignment, not skipped."""
         try:
             return topic_ids(self.settings.kafka.connection(), {t for t, _ in partitions})
-        except KafkaClientError as exc:
+        except Unfixable as exc:
             log.warning("could not read the input topic's id (%s): a topic recreated since "
                         "our offsets is recognised only if its log ends before them", exc)
             return {}
 
     def _on_revoke(self, partitions: list[PartitionId]) -> None:
         log.info("revoked %s", partition_names(partitions))
-        self.metrics.forget_lag(partitions)  # or a moved partition is counted twice
         if self._client is not None:
             self._complete(self._client, keep=0)
         self.checkpoint()  # the next owner starts from here
         self.durability.release(partitions)
+        # After the last acks: observing them sets the lag of every partition still assigned.
+        self.metrics.forget_lag(partitions)  # or a moved partition is counted twice
 
     # -- start and stop ----------------------------------------------------------------------
     def _shutdown(self) -> None:

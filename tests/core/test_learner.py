@@ -178,22 +178,40 @@ def test_one_sensor_dated_a_year_ahead_does_not_make_the_fleet_idle(small_config
     assert learner.table.slot_for("s0") is None and learner.n_sensors == 30
 
 
+def _half_fleets(learner: Learner, batch: Batch) -> tuple[int, int]:
+    """Fed six readings at a time (half of a 12-sensor fleet: the other half, not being fed,
+    can be evicted); evicted and restarted sensors."""
+    evicted = restarted = 0
+    for a in range(0, len(batch), 6):
+        result = learner.step(batch.take(np.arange(a, min(a + 6, len(batch)))))
+        evicted, restarted = evicted + result.evicted_sensors, restarted + result.restarted_sensors
+    return evicted, restarted
+
+
 def test_a_gateways_ids_glitched_a_year_ahead_together_do_not_evict_a_live_fleet(small_config):
-    # Live, TTL one hour: 12 sensors every 10 minutes up to now, two of them (s0, s1) behind
-    # one gateway whose clock glitched a year ahead for one reading of each: they corroborate
-    # each other, so without the wall clock as a limit the fleet's clock would jump a year and
+    # Live, TTL one hour: 12 sensors every minute up to now, two of them (s0, s1) behind one
+    # gateway whose clock glitched a year ahead for one reading of each: they corroborate each
+    # other, so without the wall clock as a limit the fleet's clock would jump a year and
     # every other sensor be evicted as idle.
     cfg = LearnerConfig(**{**small_config.to_dict(), **NO_TRAINING, "sensor_ttl_seconds": 3600.0})
-    t0 = time.time() - 40 * 600.0
-    glitch = lambda t, s: t0 + 600.0 * t + (3.2e7 if t == 20 and s < 2 else 0.0)  # noqa: E731
-    learner, evicted, restarted = Learner(cfg), 0, 0
-    batch = _round_robin(glitch, n_sensors=12)
-    for a in range(0, len(batch), 12):
-        result = learner.step(batch.take(np.arange(a, min(a + 12, len(batch)))))
-        evicted, restarted = evicted + result.evicted_sensors, restarted + result.restarted_sensors
-    assert evicted == 0 and learner.n_sensors == 12
-    assert learner.clock.time <= time.time()
-    assert restarted == 2  # the gateway's ids, when they came back
+    t0 = time.time() - 39 * 60.0
+    glitch = lambda t, s: t0 + 60.0 * t + (3.2e7 if t == 20 and s < 2 else 0.0)  # noqa: E731
+    learner = Learner(cfg)
+    assert _half_fleets(learner, _round_robin(glitch, n_sensors=12)) == (0, 2)  # s0, s1 back
+    assert learner.n_sensors == 12 and learner.clock.time <= time.time()
+
+
+def test_a_restored_clock_ahead_of_the_wall_clock_comes_back_to_it(small_config):
+    # A snapshot taken after such a jump, before the limit existed, holds the clock a year
+    # ahead: it must not go on evicting the fleet.
+    cfg = LearnerConfig(**{**small_config.to_dict(), **NO_TRAINING, "sensor_ttl_seconds": 3600.0})
+    t0 = time.time() - 39 * 60.0
+    learner = Learner(cfg)
+    learner.step(_round_robin(lambda t, s: t0 + 60.0 * t, n_sensors=12, n_steps=20))
+    learner.clock.time += 3.2e7
+    restored = Learner.restore(learner.snapshot(), cfg)
+    later = _round_robin(lambda t, s: t0 + 60.0 * (20 + t), n_sensors=12, n_steps=20)
+    assert _half_fleets(restored, later) == (0, 0) and restored.clock.time <= time.time()
 
 
 @pytest.mark.parametrize("size", [5, 64])

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import kafka.errors as kerr
 import pytest
@@ -429,6 +430,20 @@ def _refusing(error: Exception):
         raise error
 
     return refuse
+
+
+@pytest.mark.parametrize("error", REFUSALS, ids=["refused", "unfixable"])
+def test_output_topics_refused_again_after_they_were_there_are_retried_not_fatal(
+        monkeypatch, error):
+    # Brokers that lost them, coming back one at a time, may refuse for a while: the worker
+    # backs off and reconnects with its batches in flight instead of exiting with them.
+    monkeypatch.setattr(worker_module, "create_missing_topics", _refusing(error))
+    worker = SimpleNamespace(settings=load_settings({}), _outputs_seen=True)
+    with pytest.raises(BrokerUnavailable, match="retrying"):
+        worker_module.Worker._output_topics(worker)
+    worker._outputs_seen = False  # at start-up: a setup error, as below
+    with pytest.raises(ConfigError):
+        worker_module.Worker._output_topics(worker)
 
 
 @pytest.mark.parametrize("error", REFUSALS, ids=["refused", "unfixable"])
