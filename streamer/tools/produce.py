@@ -17,6 +17,8 @@ from streamer.kafka.errors import converted_errors
 
 log = logging.getLogger("streamer.produce")
 
+DEFAULT_LOOP_GAP_S = 1.0  # between rounds of a looped file whose timestamps show no gap
+
 
 @dataclass(frozen=True)
 class Pace:
@@ -57,12 +59,13 @@ def produce(readings: Batch, connection: KafkaConnection, topic: str, pace: Pace
     n = len(readings)
     if n == 0:
         return 0
-    span = float(readings.ts.max() - readings.ts.min()) + float(np.median(np.diff(
-        np.unique(readings.ts)))) if n > 1 else 1.0
-    shift = time.time() - float(readings.ts.max()) if time_shift and loop else 0.0
+    finite = readings.ts[np.isfinite(readings.ts)]  # (M,) file order; one bad ts spoils no other
+    span = loop_span(finite)
+    shift = time.time() - float(finite.max()) if time_shift and loop and len(finite) else 0.0
     with converted_errors("connecting the producer"):
         producer = connection.kafka_python(KafkaProducer, acks="all", linger_ms=5)
-    sent, started, first_ts = 0, time.monotonic(), float(readings.ts[0])
+    sent, started = 0, time.monotonic()
+    first_ts = float(finite[0]) if len(finite) else 0.0
     try:
         while not stop.is_set():
             for i in range(n):
@@ -83,6 +86,15 @@ def produce(readings: Batch, connection: KafkaConnection, topic: str, pace: Pace
     finally:
         producer.close()
     return sent
+
+
+def loop_span(finite_ts: np.ndarray) -> float:
+    """How far each round of a looped file moves its timestamps: the span of the (finite)
+    timestamps plus their typical gap, so that a round starts one gap after the previous one
+    ended; with no gap (one distinct timestamp, or none) the gap is DEFAULT_LOOP_GAP_S."""
+    distinct = np.unique(finite_ts)
+    gap = float(np.median(np.diff(distinct))) if len(distinct) > 1 else DEFAULT_LOOP_GAP_S
+    return float(distinct[-1] - distinct[0]) + gap if len(distinct) else gap
 
 
 def _wait_for_turn(pace: Pace, sent: int, data_elapsed: float, started: float,
