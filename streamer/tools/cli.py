@@ -196,8 +196,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
     readings, skipped = well_formed(_read_readings(args.file or sample_dataset()))
     if skipped:
-        print(f"skipping {skipped} rows whose number of values differs from the header's",
-              file=sys.stderr)
+        print(f"skipping {skipped} rows with an empty or non-numeric value, an unreadable "
+              "timestamp, or more or fewer values than the header", file=sys.stderr)
     sent = produce(readings, settings.kafka.connection(), settings.kafka.input_topic, pace,
                    limit=args.limit, loop=args.loop)
     print(f"sent {sent} readings to {settings.kafka.input_topic}")

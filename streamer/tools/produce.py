@@ -43,7 +43,8 @@ def encode_reading(sensor_id: str, ts: float, values: np.ndarray) -> bytes:
         body["value"] = float(values[0])
     else:
         body["values"] = [float(v) for v in values]
-    return json.dumps(body, separators=(",", ":")).encode()
+    # allow_nan=False: NaN is no JSON; callers send only well_formed rows.
+    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
 
 
 def produce(readings: Batch, connection: KafkaConnection, topic: str, pace: Pace,

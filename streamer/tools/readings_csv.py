@@ -73,10 +73,12 @@ def read_csv(path: str | Path, limit: int | None = None) -> Batch:
 
 
 def well_formed(batch: Batch) -> tuple[Batch, int]:
-    """The readings whose rows had as many values as the header, and how many did not (what a
-    producer skips rather than send a row cut or padded to a width the file did not give)."""
-    ragged = batch.n_values != batch.values.shape[1]
-    return batch.take(np.flatnonzero(~ragged)), int(ragged.sum())
+    """The readings whose rows had as many values as the header, each a number, and a
+    timestamp that could be read, and how many did not: what a producer skips rather than send
+    a row cut or padded to a width the file did not give, or a NaN that is not JSON."""
+    good = (batch.n_values == batch.values.shape[1]) & np.isfinite(batch.ts)
+    good &= np.isfinite(batch.values).all(axis=1)
+    return batch.take(np.flatnonzero(good)), int(len(batch) - good.sum())
 
 
 def iter_chunks(batch: Batch, size: int) -> Iterator[Batch]:

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.broker
 
 @pytest.fixture
 def produce_csv(broker, topic_factory, consume_raw, tmp_path, capsys):
-    """``send(csv_text, *flags) -> (exit code, [message bodies], stderr)`` into a fresh topic."""
+    """``send(csv_text, *flags) -> (exit code, [message bodies], stderr)`` into a fresh topic;
+    the bodies are parsed as strict JSON."""
 
     def send(text: str, *flags: str) -> tuple[int, list[dict], str]:
         path = tmp_path / "readings.csv"
@@ -23,10 +24,15 @@ def produce_csv(broker, topic_factory, consume_raw, tmp_path, capsys):
         code = main(["produce", str(path), "--bootstrap-servers", broker.bootstrap,
                      "--topic", topic, *flags])
         err = capsys.readouterr().err
-        bodies = [json.loads(r.value) for r in consume_raw(topic, 100, timeout_s=3)]
+        bodies = [json.loads(r.value, parse_constant=_refuse)
+                  for r in consume_raw(topic, 100, timeout_s=3)]
         return code, bodies, err
 
     return send
+
+
+def _refuse(token: str):
+    raise ValueError(f"{token} is not JSON")  # what a strict parser says of NaN
 
 
 def test_a_looped_file_with_one_bad_timestamp_keeps_the_others_finite_and_increasing(
@@ -50,3 +56,15 @@ def test_a_looped_file_with_one_distinct_timestamp_moves_on_one_second_a_round(p
         ts = [b["ts"] for b in bodies if b["sensor_id"] == sensor]
         assert len(ts) == 3 and all(math.isfinite(t) for t in ts), ts
         assert [b - a for a, b in zip(ts, ts[1:])] == pytest.approx([1.0, 1.0], abs=1e-3)
+
+
+def test_rows_with_an_empty_value_or_bad_timestamp_are_skipped_and_counted_not_sent_as_nan(
+        produce_csv):
+    code, bodies, err = produce_csv("sensor_id,ts,value\na,1717171717,1\na,1717171777,\n"
+                                    "a,not-a-time,3\na,1717171897,4,5\nb,1717171717\n"
+                                    "a,1717171957,nan\na,1717172017,6\n")
+    assert code == 0
+    assert [(b["sensor_id"], b["ts"], b["value"]) for b in bodies] == [
+        ("a", 1717171717.0, 1.0), ("a", 1717172017.0, 6.0)]
+    assert "skipping 5 rows" in err, err
+
