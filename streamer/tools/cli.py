@@ -245,6 +245,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
         from streamer.tools.plot import plot_replay
 
         chosen = [s for s in args.plot_sensors.split(",") if s]
+        known = set(readings.sensor_ids)
+        missing = [s for s in chosen if s not in known]
+        if missing:
+            chosen = [s for s in chosen if s in known]
+            print(f"streamer replay: --plot-sensors: no readings of {', '.join(missing)} in "
+                  f"{args.file}; " + ("plotting the others" if chosen else
+                                      "plotting the worst sensors instead"), file=sys.stderr)
         plot_replay(args.plot, readings, outputs, report, sensors=chosen)
     return 0
 
