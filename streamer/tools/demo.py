@@ -10,26 +10,25 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from streamer.config import ConfigError, load_settings
-from streamer.core import REJECTION_REASONS
+from streamer.core import REJECTION_REASONS, Batch
 from streamer.kafka.admin import ensure_topics
 from streamer.kafka.broker import LocalBroker
 from streamer.observability.logs import configure_logging
 from streamer.serving.worker import Worker
 from streamer.tools.produce import Pace, produce
-from streamer.tools.readings_csv import read_csv
 
 STATUS_EVERY_S = 1.0
 EXIT_FAILED = 2  # the worker or the producer died: the demo stops rather than run on without
 
 
-def run_demo(path: Path, rate: float, duration: float | None, metrics_port: int) -> int:
-    """Run everything until Ctrl-C (or ``duration``, or until the worker or the producer
-    fails: then exit status 2); returns the exit status."""
+def run_demo(readings: Batch, source: str, pace: Pace, duration: float | None,
+             metrics_port: int) -> int:
+    """Send ``readings`` (well formed, from the file named ``source``) at ``pace`` and run
+    everything until Ctrl-C (or ``duration``, or until the worker or the producer fails: then
+    exit status 2); returns the exit status."""
     configure_logging("WARNING")
-    readings = read_csv(path)
     overrides = {
         "kafka.group_id": "streamer-demo", "kafka.session_timeout_ms": "6000",
         "kafka.heartbeat_interval_ms": "1000", "kafka.fetch_max_wait_ms": "100",
@@ -53,11 +52,11 @@ def run_demo(path: Path, rate: float, duration: float | None, metrics_port: int)
         worker = Worker(settings)
         worker_thread = _watched("worker", stop, failures, worker.run)
         producer = _watched("producer", stop, failures, produce, readings, k.connection(),
-                            k.input_topic, Pace(rate=rate), loop=True, stop=stop)
+                            k.input_topic, pace, loop=True, stop=stop)
         worker_thread.start()
         producer.start()
         print(f"streamer demo: broker {broker.bootstrap}, {len(readings):,} readings of "
-              f"{len(set(readings.sensor_ids))} sensors from {path.name} at {rate:g}/s, metrics "
+              f"{len(set(readings.sensor_ids))} sensors from {source} at {pace.rate:g}/s, metrics "
               f"http://127.0.0.1:{port}/metrics. Ctrl-C stops.", flush=True)
         started = time.monotonic()
         status = StatusLine(worker)

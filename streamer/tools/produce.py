@@ -68,20 +68,21 @@ def produce(readings: Batch, connection: KafkaConnection, topic: str, pace: Pace
     sent, started = 0, time.monotonic()
     first_ts = float(finite[0]) if len(finite) else 0.0
     try:
-        while not stop.is_set():
-            for i in range(n):
-                if stop.is_set() or (limit is not None and sent >= limit):
+        with converted_errors(f"sending readings to {topic}"):
+            while not stop.is_set():
+                for i in range(n):
+                    if stop.is_set() or (limit is not None and sent >= limit):
+                        break
+                    ts = float(readings.ts[i]) + shift
+                    _wait_for_turn(pace, sent, float(readings.ts[i]) - first_ts, started, stop)
+                    producer.send(topic, key=readings.sensor_ids[i].encode(),
+                                  value=encode_reading(readings.sensor_ids[i], ts,
+                                                       readings.values[i]))
+                    sent += 1
+                if not loop or (limit is not None and sent >= limit):
                     break
-                ts = float(readings.ts[i]) + shift
-                _wait_for_turn(pace, sent, float(readings.ts[i]) - first_ts, started, stop)
-                producer.send(topic, key=readings.sensor_ids[i].encode(),
-                              value=encode_reading(readings.sensor_ids[i], ts,
-                                                   readings.values[i]))
-                sent += 1
-            if not loop or (limit is not None and sent >= limit):
-                break
-            shift += span
-            first_ts -= span  # keep --speedup pacing continuous across rounds
+                shift += span
+                first_ts -= span  # keep --speedup pacing continuous across rounds
         with converted_errors("flushing"):
             producer.flush()
     finally:

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from streamer.kafka.broker import free_port
+from streamer.tools import demo as demo_module
+from streamer.tools.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -117,3 +119,40 @@ def test_metrics_port_0_prints_the_port_the_metrics_are_served_on(broker) -> Non
         os.killpg(demo.pid, signal.SIGINT)
         _, err = demo.communicate(timeout=60)
     assert demo.returncode == 0 and "Traceback" not in err, err[-3000:]
+
+
+@pytest.fixture
+def demo_runs(monkeypatch) -> list[tuple]:
+    """What `streamer demo` would have started: run_demo's arguments, run_demo not run."""
+    calls: list[tuple] = []
+    monkeypatch.setattr(demo_module, "run_demo", lambda *args, **kwargs: calls.append(args) or 0)
+    return calls
+
+
+def test_a_demo_file_or_rate_that_cannot_be_used_is_a_one_line_error_before_anything_starts(
+        tmp_path, demo_runs, capsys) -> None:
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("id,time,value\na,1717171717,1\n")
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("sensor_id,ts,value\n")
+    cases = [(["--file", str(tmp_path / "missing.csv")], "cannot read readings from"),
+             (["--file", str(wrong)], "expected a header 'sensor_id,ts,value'"),
+             (["--file", str(header_only)], "no readings to send in"),
+             (["--rate", "0"], "--rate must be > 0, got 0.0")]
+    for args, message in cases:
+        code = main(["demo", *args])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("streamer demo: ") and message in err, (args, err)
+    assert demo_runs == []
+
+
+def test_the_demo_skips_and_counts_rows_it_cannot_send_as_produce_does(
+        tmp_path, demo_runs, capsys) -> None:
+    path = tmp_path / "ragged.csv"
+    path.write_text("sensor_id,ts,value\na,1717171717,1\na,1717171777,2,99\na,1717171837\n"
+                    "a,1717171897,\na,1717171957,5\n")
+    assert main(["demo", "--file", str(path)]) == 0
+    assert "skipping 3 rows" in capsys.readouterr().err
+    (readings, source, pace), = demo_runs
+    assert source == "ragged.csv" and pace.rate == 1000.0
+    assert readings.values.tolist() == [[1.0], [5.0]] and readings.n_values.tolist() == [1, 1]

@@ -9,8 +9,6 @@ import pytest
 
 from streamer.tools.cli import main
 
-pytestmark = pytest.mark.broker
-
 
 @pytest.fixture
 def produce_csv(broker, topic_factory, consume_raw, tmp_path, capsys):
@@ -35,6 +33,7 @@ def _refuse(token: str):
     raise ValueError(f"{token} is not JSON")  # what a strict parser says of NaN
 
 
+@pytest.mark.broker
 def test_a_looped_file_with_one_bad_timestamp_keeps_the_others_finite_and_increasing(
         produce_csv):
     code, bodies, _ = produce_csv("sensor_id,ts,value\na,1717171717,1\na,not-a-time,2\n"
@@ -48,6 +47,7 @@ def test_a_looped_file_with_one_bad_timestamp_keeps_the_others_finite_and_increa
     assert [b - a for a, b in zip(ts, ts[1:])] == pytest.approx([60.0] * (len(ts) - 1), abs=1e-3)
 
 
+@pytest.mark.broker
 def test_a_looped_file_with_one_distinct_timestamp_moves_on_one_second_a_round(produce_csv):
     code, bodies, _ = produce_csv("sensor_id,ts,value\na,1717171717,1\nb,1717171717,2\n",
                                   "--loop", "--limit", "6")
@@ -58,6 +58,7 @@ def test_a_looped_file_with_one_distinct_timestamp_moves_on_one_second_a_round(p
         assert [b - a for a, b in zip(ts, ts[1:])] == pytest.approx([1.0, 1.0], abs=1e-3)
 
 
+@pytest.mark.broker
 def test_rows_with_an_empty_value_or_bad_timestamp_are_skipped_and_counted_not_sent_as_nan(
         produce_csv):
     code, bodies, err = produce_csv("sensor_id,ts,value\na,1717171717,1\na,1717171777,\n"
@@ -68,3 +69,14 @@ def test_rows_with_an_empty_value_or_bad_timestamp_are_skipped_and_counted_not_s
         ("a", 1717171717.0, 1.0), ("a", 1717172017.0, 6.0)]
     assert "skipping 5 rows" in err, err
 
+
+
+def test_a_broker_that_cannot_be_reached_is_a_one_line_error_with_exit_1(tmp_path, capsys):
+    path = tmp_path / "readings.csv"
+    path.write_text("sensor_id,ts,value\na,1717171717,1\n")
+    code = main(["produce", str(path), "--bootstrap-servers", "127.0.0.1:1"])
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]  # after kafka-python's own log lines, as it retried
+    assert code == 1 and "Traceback" not in err, err
+    assert last.startswith("streamer produce: connecting the producer failed: ") and \
+        "127.0.0.1:1" in last, err
