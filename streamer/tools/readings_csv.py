@@ -1,4 +1,5 @@
-"""Reading sensor CSV files (`sensor_id,ts,value[,value...]`) into batches."""
+"""Reading sensor CSV files (`sensor_id,ts,value[,value...]`) into batches; ``ts`` is read by
+the input topic's rule (streamer.serving.codec), so a row means what the same record would."""
 
 from __future__ import annotations
 
@@ -6,12 +7,12 @@ import csv
 import gzip
 import io
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
 from streamer.core.batch import Batch
+from streamer.serving.codec import timestamp_from_text
 
 
 def open_text(path: str | Path) -> io.TextIOBase:
@@ -21,16 +22,6 @@ def open_text(path: str | Path) -> io.TextIOBase:
     if path.suffix == ".gz":
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
     return open(path, encoding="utf-8-sig", newline="")
-
-
-def _parse_ts(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        try:
-            return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            return float("nan")  # the learner rejects it as non-finite
 
 
 def _parse_value(text: str) -> float:
@@ -61,7 +52,8 @@ def read_csv(path: str | Path, limit: int | None = None) -> Batch:
             if not row:
                 continue
             ids.append(row[0])
-            ts.append(_parse_ts(row[1]) if len(row) > 1 else float("nan"))
+            # As the worker reads the same reading's ts; nan (rejected) where it would refuse it.
+            ts.append(timestamp_from_text(row[1]) if len(row) > 1 else float("nan"))
             cells = row[2 : 2 + width] + [""] * (width - len(row[2:]))
             values.append([_parse_value(c) for c in cells])
             while len(row) > width + 2 and not row[-1].strip():
