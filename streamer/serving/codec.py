@@ -69,19 +69,40 @@ def _rfc3339_shape(value: Any) -> str:
     return value
 
 
+# A ts string: lax datetime parsing of a string that already has RFC 3339's shape (the
+# validator hands pydantic a Python str, which strict mode would refuse).
+Rfc3339Time = Annotated[AwareDatetime, Strict(False), BeforeValidator(_rfc3339_shape)]
+_STRICT = ConfigDict(strict=True, extra="ignore")
+
+
 # Strict: booleans and numeric strings are not numbers. NaN and +-inf pass the schema and are
 # rejected afterwards as NON_FINITE, which is the more useful reason; 1e999 parses as inf.
-@with_config(ConfigDict(strict=True, extra="ignore"))
+@with_config(_STRICT)
 class _ReadingBody(TypedDict):
     sensor_id: NotRequired[str]
-    # Lax datetime parsing of a string that already has RFC 3339's shape (the validator hands
-    # pydantic a Python str, which strict mode would refuse).
-    ts: float | Annotated[AwareDatetime, Strict(False), BeforeValidator(_rfc3339_shape)]
+    ts: float | Rfc3339Time
     value: NotRequired[float]
     values: NotRequired[list[float]]
 
 
 _READING_BODY = TypeAdapter(_ReadingBody)
+# The two forms of ts on their own, for timestamps written as text (timestamp_from_text).
+_EPOCH_SECONDS = TypeAdapter(float, config=_STRICT)
+_RFC3339_TIME = TypeAdapter(Rfc3339Time, config=_STRICT)
+
+
+def timestamp_from_text(text: str) -> float:
+    """Epoch seconds of a timestamp written as text (a CSV cell), read by the rule a record's
+    ``ts`` follows: a JSON number, or an RFC 3339 string with a time zone. nan where that rule
+    rejects it (the learner rejects a non-finite ts, as it does NaN given as a number)."""
+    try:
+        return _EPOCH_SECONDS.validate_json(text)
+    except ValidationError:
+        pass
+    try:
+        return _RFC3339_TIME.validate_python(text).timestamp()
+    except ValidationError:
+        return math.nan
 
 
 class Reading(NamedTuple):

@@ -18,6 +18,7 @@ from streamer.config import ConfigError, setting_name, unknown_env_vars
 from streamer.tools.cli_options import add_settings_arguments, settings_from_args
 
 EXIT_CONFIG = 2
+EXIT_KAFKA = 1  # the broker could not be reached, or refused what was asked of it
 
 
 def sample_dataset() -> Path:
@@ -88,12 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from streamer.kafka.errors import KafkaClientError, LocalBrokerError  # imports no Kafka
+
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:
         print(f"streamer {args.command}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except (KafkaClientError, LocalBrokerError) as exc:
+        print(f"streamer {args.command}: {exc}", file=sys.stderr)
+        return EXIT_KAFKA
 
 
 def _settings(args: argparse.Namespace):
@@ -153,6 +159,28 @@ def _read_readings(path: Path, limit: int | None = None):
         raise ConfigError(f"cannot read readings from {path}: {exc}") from exc
 
 
+def _sendable_readings(path: Path):
+    """The CSV's readings a producer can send (``well_formed``); the others are counted on
+    stderr."""
+    from streamer.tools.readings_csv import well_formed
+
+    readings, skipped = well_formed(_read_readings(path))
+    if skipped:
+        print(f"skipping {skipped} rows with an empty or non-numeric value, an unreadable "
+              "timestamp, or more or fewer values than the header", file=sys.stderr)
+    return readings
+
+
+def _pace(rate: float | None, speedup: float | None = None):
+    """The producer's pace; an impossible one is the user's input error (exit 2)."""
+    from streamer.tools.produce import Pace
+
+    try:
+        return Pace(rate=rate, speedup=speedup)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -184,20 +212,12 @@ def cmd_produce(args: argparse.Namespace) -> int:
         overrides["kafka.input_topic"] = args.topic
     from streamer.config import load_settings
     from streamer.observability.logs import configure_logging
-    from streamer.tools.produce import Pace, produce
+    from streamer.tools.produce import produce
 
     settings = load_settings(overrides)
     configure_logging(settings.log.level, settings.log.format)
-    try:
-        pace = Pace(rate=args.rate, speedup=args.speedup)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
-    from streamer.tools.readings_csv import well_formed
-
-    readings, skipped = well_formed(_read_readings(args.file or sample_dataset()))
-    if skipped:
-        print(f"skipping {skipped} rows whose number of values differs from the header's",
-              file=sys.stderr)
+    pace = _pace(args.rate, args.speedup)
+    readings = _sendable_readings(args.file or sample_dataset())
     sent = produce(readings, settings.kafka.connection(), settings.kafka.input_topic, pace,
                    limit=args.limit, loop=args.loop)
     print(f"sent {sent} readings to {settings.kafka.input_topic}")
@@ -245,6 +265,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
         from streamer.tools.plot import plot_replay
 
         chosen = [s for s in args.plot_sensors.split(",") if s]
+        known = set(readings.sensor_ids)
+        missing = [s for s in chosen if s not in known]
+        if missing:
+            chosen = [s for s in chosen if s in known]
+            print(f"streamer replay: --plot-sensors: no readings of {', '.join(missing)} in "
+                  f"{args.file}; " + ("plotting the others" if chosen else
+                                      "plotting the worst sensors instead"), file=sys.stderr)
         plot_replay(args.plot, readings, outputs, report, sensors=chosen)
     return 0
 
@@ -264,9 +291,15 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from streamer.tools.demo import run_demo
+    # The file and the pace are checked as produce checks them, before anything starts.
+    path = args.file or sample_dataset()
+    pace = _pace(args.rate)
+    readings = _sendable_readings(path)
+    if not len(readings):
+        raise ConfigError(f"no readings to send in {path}")
+    from streamer.tools.demo import run_demo  # torch: seconds
 
-    return run_demo(args.file or sample_dataset(), rate=args.rate, duration=args.duration,
+    return run_demo(readings, path.name, pace, duration=args.duration,
                     metrics_port=args.metrics_port)
 
 

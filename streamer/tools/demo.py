@@ -4,66 +4,108 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
+from collections.abc import Callable
 
-from streamer.config import load_settings
-from streamer.core import REJECTION_REASONS
+from streamer.config import ConfigError, load_settings
+from streamer.core import REJECTION_REASONS, Batch
 from streamer.kafka.admin import ensure_topics
 from streamer.kafka.broker import LocalBroker
 from streamer.observability.logs import configure_logging
 from streamer.serving.worker import Worker
 from streamer.tools.produce import Pace, produce
-from streamer.tools.readings_csv import read_csv
 
 STATUS_EVERY_S = 1.0
+EXIT_FAILED = 2  # the worker or the producer died: the demo stops rather than run on without
 
 
-def run_demo(path: Path, rate: float, duration: float | None, metrics_port: int) -> int:
-    """Run everything until Ctrl-C (or ``duration``); returns the exit status."""
+def run_demo(readings: Batch, source: str, pace: Pace, duration: float | None,
+             metrics_port: int) -> int:
+    """Send ``readings`` (well formed, from the file named ``source``) at ``pace`` and run
+    everything until Ctrl-C (or ``duration``, or until the worker or the producer fails: then
+    exit status 2); returns the exit status."""
     configure_logging("WARNING")
-    readings = read_csv(path)
+    overrides = {
+        "kafka.group_id": "streamer-demo", "kafka.session_timeout_ms": "6000",
+        "kafka.heartbeat_interval_ms": "1000", "kafka.fetch_max_wait_ms": "100",
+        "metrics.port": str(metrics_port), "checkpoint.interval_seconds": "30",
+    }
+    # A taken port stops the demo here, before the broker starts; 0 becomes the port it got.
+    port = bindable_port(load_settings(overrides).metrics.host, metrics_port)
+    overrides["metrics.port"] = str(port)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    failures: list[tuple[str, Exception]] = []
     with LocalBroker() as broker, tempfile.TemporaryDirectory(prefix="streamer-demo-") as ckpt:
-        settings = load_settings({
-            "kafka.bootstrap_servers": broker.bootstrap, "kafka.group_id": "streamer-demo",
-            "kafka.session_timeout_ms": "6000", "kafka.heartbeat_interval_ms": "1000",
-            "kafka.fetch_max_wait_ms": "100", "metrics.port": str(metrics_port),
-            "checkpoint.dir": ckpt, "checkpoint.interval_seconds": "30",
-        })
+        settings = load_settings({**overrides, "kafka.bootstrap_servers": broker.bootstrap,
+                                  "checkpoint.dir": ckpt})
         k = settings.kafka
         topics = {k.input_topic: 4, k.output_topic: 4, k.dlq_topic: 1}
         if k.anomaly_topic is not None:
             topics[k.anomaly_topic] = 1
         ensure_topics(broker.bootstrap, topics)
         worker = Worker(settings)
-        worker_thread = threading.Thread(target=worker.run, name="worker", daemon=True)
-        producer = threading.Thread(
-            target=produce, name="producer", daemon=True,
-            args=(readings, k.connection(), k.input_topic, Pace(rate=rate)),
-            kwargs={"loop": True, "stop": stop})
+        worker_thread = _watched("worker", stop, failures, worker.run)
+        producer = _watched("producer", stop, failures, produce, readings, k.connection(),
+                            k.input_topic, pace, loop=True, stop=stop)
         worker_thread.start()
         producer.start()
         print(f"streamer demo: broker {broker.bootstrap}, {len(readings):,} readings of "
-              f"{len(set(readings.sensor_ids))} sensors from {path.name} at {rate:g}/s, metrics "
-              f"http://127.0.0.1:{worker.health.port}/metrics. Ctrl-C stops.", flush=True)
+              f"{len(set(readings.sensor_ids))} sensors from {source} at {pace.rate:g}/s, metrics "
+              f"http://127.0.0.1:{port}/metrics. Ctrl-C stops.", flush=True)
         started = time.monotonic()
         status = StatusLine(worker)
         while not stop.wait(STATUS_EVERY_S):
             status.print()
             if duration is not None and time.monotonic() - started >= duration:
                 stop.set()
+        if failures:  # a worker that died leaves its clients open: they would only log,
+            # tracebacks included, that the broker is going away, burying the one line that
+            # matters (Worker.run closes nothing when it raises)
+            logging.getLogger("kafka").setLevel(logging.CRITICAL + 1)
         producer.join(timeout=10)
         worker.stop()
         worker_thread.join(timeout=15)
         status.print(final=True)
+    for name, exc in failures:
+        print(f"streamer demo: the {name} failed, so the demo stopped: {exc}", file=sys.stderr)
     logging.getLogger("streamer").info("demo stopped")
-    return 0
+    return EXIT_FAILED if failures else 0
+
+
+def bindable_port(host: str, port: int) -> int:
+    """``port`` (for 0, a free one), checked bindable on ``host`` as the worker's metrics
+    server binds it; a taken one is a ConfigError naming the flag."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as http.server does
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}; "
+                              "choose another --metrics-port (0 picks a free one)") from exc
+        return int(probe.getsockname()[1])
+
+
+def _watched(name: str, stop: threading.Event, failures: list[tuple[str, Exception]],
+             target: Callable[..., object], /, *args: object,
+             **kwargs: object) -> threading.Thread:
+    """A daemon thread running ``target`` that records the exception it dies of and, however
+    it ends, sets ``stop``: the demo never runs on without its worker or producer."""
+
+    def run() -> None:
+        try:
+            target(*args, **kwargs)
+        except Exception as exc:  # reported once the demo has stopped
+            failures.append((name, exc))
+        finally:
+            stop.set()
+
+    return threading.Thread(target=run, name=name, daemon=True)
 
 
 class StatusLine:

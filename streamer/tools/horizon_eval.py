@@ -53,7 +53,7 @@ def score_steps(sensor_ids: Sequence[str], ts: np.ndarray, values: np.ndarray,
     h = horizon.forecast.shape[1]
     sums = {k: [] for k in range(1, h + 1)}  # per step: per sensor (n, errors x 4, inside)
     nonfinite = np.zeros(h + 1, dtype=np.int64)
-    for part in np.split(order, bounds):
+    for part in np.split(order, bounds) if len(order) else []:  # none accepted: no sensor
         rows = accepted[part]
         t, y = ts[rows], values[rows]
         for k in range(1, h + 1):

@@ -46,18 +46,26 @@ def plot_replay(path: str | Path, readings: Batch, outputs: ReplayOutputs, repor
                      f"{s.anomalies} flagged)" if s else name, fontsize=9)
         ax.legend(loc="upper right", fontsize=7)
     ax = axes[-1, 0]
-    skill_t, skill = rolling_skill(readings, outputs.forecasts, outputs.status, report, window)
-    ax.plot(skill_t.astype("datetime64[s]"), skill, lw=1.0)
+    skill_t, skill, used = rolling_skill(readings, outputs.forecasts, outputs.status, report,
+                                         window)
+    if used:
+        ax.plot(skill_t.astype("datetime64[s]"), skill, lw=1.0,
+                marker="." if len(skill) == 1 else None)  # one point draws no line
+        ax.set_title(f"skill = 1 - MAE/persistence MAE, rolling over {used} forecasts",
+                     fontsize=9)
+    else:
+        ax.set_title("skill: no forecast has met its sensor's next reading", fontsize=9)
     ax.axhline(0.0, color="grey", lw=0.8, ls="--")
-    ax.set_title(f"skill = 1 - MAE/persistence MAE, rolling over {window} forecasts", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
 def rolling_skill(readings: Batch, forecasts: np.ndarray, status: np.ndarray,
-                  report: ReplayReport, window: int) -> tuple[np.ndarray, np.ndarray]:
-    """Skill over time from scale-free errors (each divided by its sensor's persistence MAE)."""
+                  report: ReplayReport, window: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Skill over time from scale-free errors (each divided by its sensor's persistence MAE):
+    times, skills and the window used, at most half the scored pairs so that the line covers at
+    least the second half of the replay (0, and no points, when there are none)."""
     ids = np.asarray(readings.sensor_ids, dtype=object)
     ok = np.flatnonzero(status == 0)
     order = ok[np.argsort(ids[ok], kind="stable")]
@@ -71,8 +79,10 @@ def rolling_skill(readings: Batch, forecasts: np.ndarray, status: np.ndarray,
     model, naive = np.nan_to_num(model / per), np.nan_to_num(naive / per)
     by_time = np.argsort(nxt, kind="stable")
     model, naive, t = model[by_time], naive[by_time], readings.ts[nxt[by_time]]
-    kernel = np.ones(min(window, max(len(model), 1)))
+    if not len(model):
+        return t, model, 0
+    kernel = np.ones(min(window, max(len(model) // 2, 1)))
     m = np.convolve(model, kernel, mode="valid")
     n = np.convolve(naive, kernel, mode="valid")
     skill = 1.0 - m / np.where(n > 0, n, np.nan)
-    return t[len(kernel) - 1 :], skill
+    return t[len(kernel) - 1 :], skill, len(kernel)

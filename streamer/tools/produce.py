@@ -17,6 +17,8 @@ from streamer.kafka.errors import converted_errors
 
 log = logging.getLogger("streamer.produce")
 
+DEFAULT_LOOP_GAP_S = 1.0  # between rounds of a looped file whose timestamps show no gap
+
 
 @dataclass(frozen=True)
 class Pace:
@@ -41,7 +43,8 @@ def encode_reading(sensor_id: str, ts: float, values: np.ndarray) -> bytes:
         body["value"] = float(values[0])
     else:
         body["values"] = [float(v) for v in values]
-    return json.dumps(body, separators=(",", ":")).encode()
+    # allow_nan=False: NaN is no JSON; callers send only well_formed rows.
+    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
 
 
 def produce(readings: Batch, connection: KafkaConnection, topic: str, pace: Pace,
@@ -57,32 +60,43 @@ def produce(readings: Batch, connection: KafkaConnection, topic: str, pace: Pace
     n = len(readings)
     if n == 0:
         return 0
-    span = float(readings.ts.max() - readings.ts.min()) + float(np.median(np.diff(
-        np.unique(readings.ts)))) if n > 1 else 1.0
-    shift = time.time() - float(readings.ts.max()) if time_shift and loop else 0.0
+    finite = readings.ts[np.isfinite(readings.ts)]  # (M,) file order; one bad ts spoils no other
+    span = loop_span(finite)
+    shift = time.time() - float(finite.max()) if time_shift and loop and len(finite) else 0.0
     with converted_errors("connecting the producer"):
         producer = connection.kafka_python(KafkaProducer, acks="all", linger_ms=5)
-    sent, started, first_ts = 0, time.monotonic(), float(readings.ts[0])
+    sent, started = 0, time.monotonic()
+    first_ts = float(finite[0]) if len(finite) else 0.0
     try:
-        while not stop.is_set():
-            for i in range(n):
-                if stop.is_set() or (limit is not None and sent >= limit):
+        with converted_errors(f"sending readings to {topic}"):
+            while not stop.is_set():
+                for i in range(n):
+                    if stop.is_set() or (limit is not None and sent >= limit):
+                        break
+                    ts = float(readings.ts[i]) + shift
+                    _wait_for_turn(pace, sent, float(readings.ts[i]) - first_ts, started, stop)
+                    producer.send(topic, key=readings.sensor_ids[i].encode(),
+                                  value=encode_reading(readings.sensor_ids[i], ts,
+                                                       readings.values[i]))
+                    sent += 1
+                if not loop or (limit is not None and sent >= limit):
                     break
-                ts = float(readings.ts[i]) + shift
-                _wait_for_turn(pace, sent, float(readings.ts[i]) - first_ts, started, stop)
-                producer.send(topic, key=readings.sensor_ids[i].encode(),
-                              value=encode_reading(readings.sensor_ids[i], ts,
-                                                   readings.values[i]))
-                sent += 1
-            if not loop or (limit is not None and sent >= limit):
-                break
-            shift += span
-            first_ts -= span  # keep --speedup pacing continuous across rounds
+                shift += span
+                first_ts -= span  # keep --speedup pacing continuous across rounds
         with converted_errors("flushing"):
             producer.flush()
     finally:
         producer.close()
     return sent
+
+
+def loop_span(finite_ts: np.ndarray) -> float:
+    """How far each round of a looped file moves its timestamps: the span of the (finite)
+    timestamps plus their typical gap, so that a round starts one gap after the previous one
+    ended; with no gap (one distinct timestamp, or none) the gap is DEFAULT_LOOP_GAP_S."""
+    distinct = np.unique(finite_ts)
+    gap = float(np.median(np.diff(distinct))) if len(distinct) > 1 else DEFAULT_LOOP_GAP_S
+    return float(distinct[-1] - distinct[0]) + gap if len(distinct) else gap
 
 
 def _wait_for_turn(pace: Pace, sent: int, data_elapsed: float, started: float,

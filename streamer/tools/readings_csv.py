@@ -1,4 +1,5 @@
-"""Reading sensor CSV files (`sensor_id,ts,value[,value...]`) into batches."""
+"""Reading sensor CSV files (`sensor_id,ts,value[,value...]`) into batches; ``ts`` is read by
+the input topic's rule (streamer.serving.codec), so a row means what the same record would."""
 
 from __future__ import annotations
 
@@ -6,12 +7,12 @@ import csv
 import gzip
 import io
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
 from streamer.core.batch import Batch
+from streamer.serving.codec import timestamp_from_text
 
 
 def open_text(path: str | Path) -> io.TextIOBase:
@@ -21,16 +22,6 @@ def open_text(path: str | Path) -> io.TextIOBase:
     if path.suffix == ".gz":
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
     return open(path, encoding="utf-8-sig", newline="")
-
-
-def _parse_ts(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        try:
-            return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            return float("nan")  # the learner rejects it as non-finite
 
 
 def _parse_value(text: str) -> float:
@@ -61,7 +52,8 @@ def read_csv(path: str | Path, limit: int | None = None) -> Batch:
             if not row:
                 continue
             ids.append(row[0])
-            ts.append(_parse_ts(row[1]) if len(row) > 1 else float("nan"))
+            # As the worker reads the same reading's ts; nan (rejected) where it would refuse it.
+            ts.append(timestamp_from_text(row[1]) if len(row) > 1 else float("nan"))
             cells = row[2 : 2 + width] + [""] * (width - len(row[2:]))
             values.append([_parse_value(c) for c in cells])
             while len(row) > width + 2 and not row[-1].strip():
@@ -73,10 +65,12 @@ def read_csv(path: str | Path, limit: int | None = None) -> Batch:
 
 
 def well_formed(batch: Batch) -> tuple[Batch, int]:
-    """The readings whose rows had as many values as the header, and how many did not (what a
-    producer skips rather than send a row cut or padded to a width the file did not give)."""
-    ragged = batch.n_values != batch.values.shape[1]
-    return batch.take(np.flatnonzero(~ragged)), int(ragged.sum())
+    """The readings whose rows had as many values as the header, each a number, and a
+    timestamp that could be read, and how many did not: what a producer skips rather than send
+    a row cut or padded to a width the file did not give, or a NaN that is not JSON."""
+    good = (batch.n_values == batch.values.shape[1]) & np.isfinite(batch.ts)
+    good &= np.isfinite(batch.values).all(axis=1)
+    return batch.take(np.flatnonzero(good)), int(len(batch) - good.sum())
 
 
 def iter_chunks(batch: Batch, size: int) -> Iterator[Batch]:

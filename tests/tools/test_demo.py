@@ -5,24 +5,38 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from streamer.kafka.broker import free_port
+from streamer.tools import demo as demo_module
+from streamer.tools.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _demo(*args: str) -> subprocess.Popen:
+def _demo(*args: str, python: tuple[str, ...] = ("-m", "streamer")) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "streamer", "demo", "--metrics-port", str(free_port()), *args],
+        [sys.executable, *python, "demo", "--metrics-port", str(free_port()), *args],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True)  # its own process group, as a shell gives a foreground job
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A port another program is listening on (all addresses), as a second exporter would."""
+    with socket.socket() as holder:
+        holder.bind(("0.0.0.0", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
 
 
 def _produced(stdout: str) -> int:
@@ -55,3 +69,94 @@ def test_ctrl_c_stops_the_demo_cleanly_without_broker_errors(broker) -> None:
     assert _produced(out) > 0, out[-2000:]
     for symptom in ("Traceback", "KafkaTimeoutError", "NodeNotReady", "Connection refused"):
         assert symptom not in err, err[-3000:]
+
+
+def test_a_taken_metrics_port_stops_the_demo_before_it_starts_with_exit_2(taken_port) -> None:
+    demo = _demo("--metrics-port", str(taken_port), "--duration", "20")
+    out, err = demo.communicate(timeout=120)
+    assert demo.returncode == 2, (out[-2000:], err[-3000:])
+    assert f"cannot serve metrics on 0.0.0.0:{taken_port}" in err and "--metrics-port" in err, err
+    assert "Traceback" not in err and "broker" not in out, (out[-2000:], err[-3000:])
+
+
+# The demo as `streamer demo` runs it, but as if the port were taken after the check that it
+# was free: the worker dies as it binds its metrics server, 3 s late, when the Kafka clients it
+# started before (model sharing) are connected and would complain as the broker stops.
+DEMO_WITHOUT_PORT_CHECK = (
+    "import sys, time; import streamer.tools.demo as demo; "
+    "demo.bindable_port = lambda host, port: port; "
+    "from streamer.observability.health import HealthServer; start = HealthServer.start; "
+    "HealthServer.start = lambda self: (time.sleep(3), start(self)); "
+    "from streamer.tools.cli import main; sys.exit(main())"
+)
+
+
+@pytest.mark.broker
+def test_the_demo_stops_with_exit_2_when_its_worker_dies(broker, taken_port) -> None:
+    started = time.monotonic()
+    demo = _demo("--metrics-port", str(taken_port), "--duration", "60",
+                 python=("-c", DEMO_WITHOUT_PORT_CHECK))
+    out, err = demo.communicate(timeout=120)
+    assert demo.returncode == 2, (out[-2000:], err[-3000:])
+    assert err.splitlines() == [
+        "streamer demo: the worker failed, so the demo stopped: [Errno 98] Address already in use"
+    ], err[-3000:]
+    assert time.monotonic() - started < 45, "the demo ran on without its worker"
+
+
+@pytest.mark.broker
+def test_metrics_port_0_prints_the_port_the_metrics_are_served_on(broker) -> None:
+    demo = _demo("--metrics-port", "0", "--duration", "60")
+    try:
+        banner = demo.stdout.readline()
+        port = int(re.search(r"metrics http://127\.0\.0\.1:(\d+)/metrics", banner)[1])
+        assert port != 0, banner
+        deadline, body = time.monotonic() + 30, ""
+        while time.monotonic() < deadline and not body:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                    body = r.read().decode()
+            except OSError:
+                time.sleep(0.5)
+        assert "streamer_readings_consumed_total" in body, banner
+    finally:
+        os.killpg(demo.pid, signal.SIGINT)
+        _, err = demo.communicate(timeout=60)
+    assert demo.returncode == 0 and "Traceback" not in err, err[-3000:]
+
+
+@pytest.fixture
+def demo_runs(monkeypatch) -> list[tuple]:
+    """What `streamer demo` would have started: run_demo's arguments, run_demo not run."""
+    calls: list[tuple] = []
+    monkeypatch.setattr(demo_module, "run_demo", lambda *args, **kwargs: calls.append(args) or 0)
+    return calls
+
+
+def test_a_demo_file_or_rate_that_cannot_be_used_is_a_one_line_error_before_anything_starts(
+        tmp_path, demo_runs, capsys) -> None:
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("id,time,value\na,1717171717,1\n")
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("sensor_id,ts,value\n")
+    cases = [(["--file", str(tmp_path / "missing.csv")], "cannot read readings from"),
+             (["--file", str(wrong)], "expected a header 'sensor_id,ts,value'"),
+             (["--file", str(header_only)], "no readings to send in"),
+             (["--rate", "0"], "--rate must be > 0, got 0.0")]
+    for args, message in cases:
+        code = main(["demo", *args])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("streamer demo: ") and message in err, (args, err)
+    assert demo_runs == []
+
+
+def test_the_demo_skips_and_counts_rows_it_cannot_send_as_produce_does(
+        tmp_path, demo_runs, capsys) -> None:
+    path = tmp_path / "ragged.csv"
+    path.write_text("sensor_id,ts,value\na,1717171717,1\na,1717171777,2,99\na,1717171837\n"
+                    "a,1717171897,\na,1717171957,5\n")
+    assert main(["demo", "--file", str(path)]) == 0
+    assert "skipping 3 rows" in capsys.readouterr().err
+    (readings, source, pace), = demo_runs
+    assert source == "ragged.csv" and pace.rate == 1000.0
+    assert readings.values.tolist() == [[1.0], [5.0]] and readings.n_values.tolist() == [1, 1]

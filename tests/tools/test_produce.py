@@ -1,0 +1,82 @@
+"""`streamer produce`: what reaches the input topic is what the worker can read."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from streamer.tools.cli import main
+
+
+@pytest.fixture
+def produce_csv(broker, topic_factory, consume_raw, tmp_path, capsys):
+    """``send(csv_text, *flags) -> (exit code, [message bodies], stderr)`` into a fresh topic;
+    the bodies are parsed as strict JSON."""
+
+    def send(text: str, *flags: str) -> tuple[int, list[dict], str]:
+        path = tmp_path / "readings.csv"
+        path.write_text(text)
+        topic = topic_factory()
+        code = main(["produce", str(path), "--bootstrap-servers", broker.bootstrap,
+                     "--topic", topic, *flags])
+        err = capsys.readouterr().err
+        bodies = [json.loads(r.value, parse_constant=_refuse)
+                  for r in consume_raw(topic, 100, timeout_s=3)]
+        return code, bodies, err
+
+    return send
+
+
+def _refuse(token: str):
+    raise ValueError(f"{token} is not JSON")  # what a strict parser says of NaN
+
+
+@pytest.mark.broker
+def test_a_looped_file_with_one_bad_timestamp_keeps_the_others_finite_and_increasing(
+        produce_csv):
+    code, bodies, _ = produce_csv("sensor_id,ts,value\na,1717171717,1\na,not-a-time,2\n"
+                                  "a,1717171777,3\n", "--loop", "--limit", "6")
+    assert code == 0
+    good = [b for b in bodies if b["value"] != 2]  # the bad row itself is not the point here
+    ts = [b["ts"] for b in good]
+    assert [b["value"] for b in good] == [1, 3] * (len(good) // 2) and len(good) >= 4
+    assert all(math.isfinite(t) for t in ts), ts
+    # Each round moves on by the file's span (60 s) plus its typical gap (60 s).
+    assert [b - a for a, b in zip(ts, ts[1:])] == pytest.approx([60.0] * (len(ts) - 1), abs=1e-3)
+
+
+@pytest.mark.broker
+def test_a_looped_file_with_one_distinct_timestamp_moves_on_one_second_a_round(produce_csv):
+    code, bodies, _ = produce_csv("sensor_id,ts,value\na,1717171717,1\nb,1717171717,2\n",
+                                  "--loop", "--limit", "6")
+    assert code == 0
+    for sensor in ("a", "b"):
+        ts = [b["ts"] for b in bodies if b["sensor_id"] == sensor]
+        assert len(ts) == 3 and all(math.isfinite(t) for t in ts), ts
+        assert [b - a for a, b in zip(ts, ts[1:])] == pytest.approx([1.0, 1.0], abs=1e-3)
+
+
+@pytest.mark.broker
+def test_rows_with_an_empty_value_or_bad_timestamp_are_skipped_and_counted_not_sent_as_nan(
+        produce_csv):
+    code, bodies, err = produce_csv("sensor_id,ts,value\na,1717171717,1\na,1717171777,\n"
+                                    "a,not-a-time,3\na,1717171897,4,5\nb,1717171717\n"
+                                    "a,1717171957,nan\na,1717172017,6\n")
+    assert code == 0
+    assert [(b["sensor_id"], b["ts"], b["value"]) for b in bodies] == [
+        ("a", 1717171717.0, 1.0), ("a", 1717172017.0, 6.0)]
+    assert "skipping 5 rows" in err, err
+
+
+
+def test_a_broker_that_cannot_be_reached_is_a_one_line_error_with_exit_1(tmp_path, capsys):
+    path = tmp_path / "readings.csv"
+    path.write_text("sensor_id,ts,value\na,1717171717,1\n")
+    code = main(["produce", str(path), "--bootstrap-servers", "127.0.0.1:1"])
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]  # after kafka-python's own log lines, as it retried
+    assert code == 1 and "Traceback" not in err, err
+    assert last.startswith("streamer produce: connecting the producer failed: ") and \
+        "127.0.0.1:1" in last, err

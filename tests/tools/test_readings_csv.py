@@ -1,0 +1,80 @@
+"""Reading sensor CSVs: a row says what the same reading says on the input topic."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+
+from streamer.core import LearnerConfig, Reason
+from streamer.serving.codec import Reading, decode_reading
+from streamer.tools.readings_csv import read_csv, well_formed
+from streamer.tools.replay import backtest
+
+TIMESTAMPS = ["1717171717", "1717171717.5", "-347155200", "1.7e9", "2024-05-31T16:08:37Z",
+              "2024-05-31 16:10:37+02:00", "2024-05-31T16:08:37.25-05:30",
+              "2024-05-31T16:08:37", "2024-05-31", "20240531T161137Z", "1_717_171_717",
+              "+1717171717", "1717171717.", "0x66", "true", "not-a-time", ""]
+
+
+def _worker_ts(text: str) -> float:
+    """The ts the worker decodes from a record carrying ``text`` as a JSON number (when it is
+    one) or else as a JSON string; nan when it rejects the record."""
+    try:
+        json.loads(text)
+        body = f'{{"sensor_id":"a","ts":{text},"value":1}}'.encode()
+    except ValueError:
+        body = json.dumps({"sensor_id": "a", "ts": text, "value": 1}).encode()
+    decoded = decode_reading(None, body)
+    return decoded.ts if isinstance(decoded, Reading) else math.nan
+
+
+def _write(tmp_path, cells: list[str]):
+    path = tmp_path / "readings.csv"
+    path.write_text("sensor_id,ts,value\n" + "".join(f"a,{c},1\n" for c in cells))
+    return path
+
+
+def test_a_csv_timestamp_is_read_exactly_as_the_worker_reads_the_same_readings_ts(tmp_path):
+    ts = read_csv(_write(tmp_path, TIMESTAMPS)).ts
+    np.testing.assert_array_equal(ts, [_worker_ts(t) for t in TIMESTAMPS])
+    accepted = dict(zip(TIMESTAMPS, ts.tolist()))
+    assert accepted["2024-05-31T16:08:37Z"] == 1717171717.0
+    assert accepted["2024-05-31 16:10:37+02:00"] == 1717164637.0
+    rejected = ["2024-05-31T16:08:37", "20240531T161137Z", "1_717_171_717", "+1717171717"]
+    assert all(math.isnan(accepted[t]) for t in rejected)
+
+
+@pytest.fixture
+def time_zone(monkeypatch):
+    """``set(name)``: the process's local time zone, restored after the test."""
+
+    def set_zone(name: str) -> None:
+        monkeypatch.setenv("TZ", name)
+        time.tzset()
+
+    yield set_zone
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_timestamps_read_the_same_in_every_local_time_zone(tmp_path, time_zone):
+    path = _write(tmp_path, TIMESTAMPS)
+    time_zone("UTC")
+    in_utc = read_csv(path).ts
+    time_zone("America/New_York")
+    np.testing.assert_array_equal(read_csv(path).ts, in_utc)
+
+
+def test_rows_whose_timestamp_the_worker_would_reject_are_rejected_and_not_sent(tmp_path):
+    path = _write(tmp_path, ["1717171717", "2024-05-31T16:09:37", "20240531T161037Z",
+                             "1_717_171_777", "2024-05-31T16:10:37Z"])
+    readings = read_csv(path)
+    status = backtest(readings, LearnerConfig(device="cpu"))[0].status
+    assert [Reason(int(s)).label for s in status] == [
+        "accepted", "non_finite", "non_finite", "non_finite", "accepted"]
+    sendable, skipped = well_formed(readings)  # what `streamer produce` sends
+    assert skipped == 3 and sendable.ts.tolist() == [1717171717.0, 1717171837.0]
