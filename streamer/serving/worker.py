@@ -100,21 +100,35 @@ class Worker:
     # -- the loop (one screen) --------------------------------------------------------------
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the process exit status."""
-        self.durability.restore_on_start()
-        if self.sharing is not None:
-            self.sharing.start()
+        self._listen()  # first: a port taken is a setup error, before anything starts
+        try:
+            self.durability.restore_on_start()
+            if self.sharing is not None:
+                self.sharing.start()
+        except BaseException:
+            self._close()
+            raise
         with gc_tuned_for_serving():
             return self._serve()
 
+    def _listen(self) -> None:
+        m = self.settings.metrics
+        try:
+            self.health.start()
+        except OSError as exc:
+            raise ConfigError(
+                f"invalid configuration: {setting_name('metrics.port')}: cannot listen on "
+                f"{m.host}:{m.port}: {exc.strerror or exc} (another process has it? 0 picks a "
+                "free port)") from exc
+
     def _serve(self) -> int:
-        self.health.start()
         log.info("worker %s started on %s, consuming %s", self.worker_id, self.learner.device,
                  self.settings.kafka.input_topic)
         try:
             self._loop()
-        except ConfigError:  # a topic we write to cannot be created, before any batch was
-            self._close()  # applied (_output_topics), so no checkpoint (it would date
-            raise  # restored state as new)
+        except BaseException:  # a topic we write to cannot be created, before any batch was
+            self._close()  # applied (ConfigError, _output_topics), or a defect: no checkpoint
+            raise  # (it would date restored state as new), the clients closed
         self._shutdown()
         return 0
 

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -617,16 +618,24 @@ def test_invalid_config_exits_2_naming_the_field():
     ({}, ["--checkpoint-dir", "/proc/nope/ck"],
      "invalid configuration: checkpoint.dir (STREAMER_CHECKPOINT__DIR / --checkpoint-dir): "
      "cannot use '/proc/nope/ck': No such file or directory"),
-], ids=["section-not-json", "device-missing", "checkpoint-dir-impossible"])
+    ({}, ["--metrics-port", "{taken}"],
+     "invalid configuration: metrics.port (STREAMER_METRICS__PORT / --metrics-port): cannot "
+     "listen on 0.0.0.0:{taken}: Address already in use"),
+], ids=["section-not-json", "device-missing", "checkpoint-dir-impossible", "metrics-port-taken"])
 def test_settings_that_fail_at_start_exit_2_naming_the_setting_without_a_traceback(
-        env, args, message):
+        env, args, message, tmp_path):
     own = {k: v for k, v in os.environ.items() if not k.startswith("STREAMER_")}
-    done = subprocess.run(
-        [sys.executable, "-m", "streamer", "run", "--kafka-bootstrap-servers", "127.0.0.1:1",
-         "--device", "cpu", *args], env={**own, **env}, capture_output=True, text=True,
-        timeout=120)
+    with socket.socket() as taken:  # held while the worker starts
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        args = [a.replace("{taken}", port) for a in args]
+        done = subprocess.run(
+            [sys.executable, "-m", "streamer", "run", "--kafka-bootstrap-servers", "127.0.0.1:1",
+             "--device", "cpu", "--checkpoint-dir", str(tmp_path), *args], env={**own, **env},
+            capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
-    assert f"streamer run: {message}" in done.stderr
+    assert f"streamer run: {message.replace('{taken}', port)}" in done.stderr
     assert "Traceback" not in done.stderr
 
 
