@@ -80,8 +80,8 @@ def test_a_taken_metrics_port_stops_the_demo_before_it_starts_with_exit_2(taken_
 
 
 # The demo as `streamer demo` runs it, but as if the port were taken after the check that it
-# was free: the worker dies as it binds its metrics server, 3 s late, when the Kafka clients it
-# started before (model sharing) are connected and would complain as the broker stops.
+# was free: the worker dies as it binds its metrics server, 3 s late (the worker binds before
+# it starts anything else, so no Kafka client of its is left to complain as the broker stops).
 DEMO_WITHOUT_PORT_CHECK = (
     "import sys, time; import streamer.tools.demo as demo; "
     "demo.bindable_port = lambda host, port: port; "
@@ -99,7 +99,10 @@ def test_the_demo_stops_with_exit_2_when_its_worker_dies(broker, taken_port) -> 
     out, err = demo.communicate(timeout=120)
     assert demo.returncode == 2, (out[-2000:], err[-3000:])
     assert err.splitlines() == [
-        "streamer demo: the worker failed, so the demo stopped: [Errno 98] Address already in use"
+        "streamer demo: the worker failed, so the demo stopped: invalid configuration: "
+        "metrics.port (STREAMER_METRICS__PORT / --metrics-port): cannot listen on "
+        f"0.0.0.0:{taken_port}: Address already in use (another process has it? 0 picks a "
+        "free port)"
     ], err[-3000:]
     assert time.monotonic() - started < 45, "the demo ran on without its worker"
 
