@@ -64,10 +64,6 @@ def run_demo(readings: Batch, source: str, pace: Pace, duration: float | None,
             status.print()
             if duration is not None and time.monotonic() - started >= duration:
                 stop.set()
-        if failures:  # a worker that died leaves its clients open: they would only log,
-            # tracebacks included, that the broker is going away, burying the one line that
-            # matters (Worker.run closes nothing when it raises)
-            logging.getLogger("kafka").setLevel(logging.CRITICAL + 1)
         producer.join(timeout=10)
         worker.stop()
         worker_thread.join(timeout=15)
