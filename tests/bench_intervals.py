@@ -32,6 +32,14 @@ After a pause: one synthetic sensor read every minute (white noise, or an AR(1) 
 exactly the same value for a while (a machine switched off) and then varies again; Winkler
 score (in the series' own units) and coverage over the 1,000 readings after it comes back and
 the 2,000 after those, against the same sensor never paused (``--quick``: one pause length).
+
+After an outage: 20 synthetic sensors read every minute (white noise, an AR(1) at 0.9, a
+random walk) miss 10, 100 or 1,000 readings; the share of their first readings back that is
+flagged, as streamer scores them and as a twin calibration fed the same inputs scores them if
+every reading came on time (what streamer did before it knew lateness), and flags per 1,000
+of the 1,000 readings after. Then per fleet the same for the readings that came more than 3 of
+their sensor's median gaps after the one before (a car park's first of the morning, a series
+back from missing hours), against the other readings' flags.
 """
 
 from __future__ import annotations
@@ -55,6 +63,8 @@ PAUSES = (1_000, 3_000, 10_000, 30_000)  # flat readings before the sensor varie
 AEON_SERIES = ("KDD-TSAD_135/135_UCR_Anomaly_InternalBleeding16_TEST.csv",
                "UnitTest/ecg-diff-count-3_TEST.csv")
 THRESHOLDS = (0.999, 0.9999, 0.99999)
+OUTAGE_SENSORS = 20  # sensors per kind and outage length
+LATE = 3.0  # a fleet's reading counts as late beyond this many of its sensor's median gaps
 MIN_COST_SECONDS = 5.0
 
 
@@ -90,15 +100,29 @@ class _NoIntervals(_Shadow):
                           np.full(m, -1, dtype=np.int8), empty, empty)
 
 
+class _OnTime(_Shadow):
+    """The learner's calibration, with a twin that scores every reading as if it came on time
+    (how late each came, and how far the sensor reaches, left out)."""
+
+    def calibrate(self, *args) -> Calibrated:
+        self.outputs.append(self.shadow.calibrate(*args[:LATENESS_ARG]))
+        return self.real.calibrate(*args)
+
+
+LATENESS_ARG = 14  # Calibration.calibrate's arguments from ``late`` on
+
+
 def run(batch: Batch, config: LearnerConfig, batch_size: int = 2048, shadow: bool = False,
-        intervals: bool = True) -> tuple[dict, dict | None, float]:
-    """Replay; per-reading arrays of streamer (and of the no-integrator shadow) and seconds."""
+        intervals: bool = True, on_time: bool = False) -> tuple[dict, dict | None, float]:
+    """Replay; per-reading arrays of streamer (and of the no-integrator shadow, or of the
+    on-time twin with ``on_time``) and seconds."""
     learner = Learner(config)
     c = learner.calibration
-    if shadow or not intervals:
+    if shadow or on_time or not intervals:
         twin = Calibration(len(c.flag_run), c.n_features, config.coverage, config.anomaly_threshold,
-                           config.anomaly_learn_after, gain=0.0)
-        learner.calibration = (_Shadow if intervals else _NoIntervals)(c, twin)
+                           config.anomaly_learn_after, gain=c.gain if on_time else 0.0)
+        kind = _OnTime if on_time else _Shadow if intervals else _NoIntervals
+        learner.calibration = kind(c, twin)
     keep = ("forecasts", "lower", "upper", "anomaly_score", "anomaly", "inside", "expected",
             "status")
     parts: dict[str, list] = {k: [] for k in keep}
@@ -110,7 +134,7 @@ def run(batch: Batch, config: LearnerConfig, batch_size: int = 2048, shadow: boo
     seconds = time.process_time() - started
     out = {k: np.concatenate(v) for k, v in parts.items()}
     twin_out = None
-    if shadow:
+    if shadow or on_time:
         # The shadow saw the accepted readings in the learner's order: map them back.
         cal = learner.calibration.outputs
         accepted = np.flatnonzero(out["status"] == 0)
@@ -118,6 +142,8 @@ def run(batch: Batch, config: LearnerConfig, batch_size: int = 2048, shadow: boo
                     "upper": np.full_like(out["upper"], np.nan)}
         twin_out["lower"][accepted] = np.concatenate([o.lower for o in cal])
         twin_out["upper"][accepted] = np.concatenate([o.upper for o in cal])
+        twin_out["anomaly"] = np.zeros_like(out["anomaly"])
+        twin_out["anomaly"][accepted] = np.concatenate([o.anomaly for o in cal])
     return out, twin_out, seconds
 
 
@@ -239,6 +265,72 @@ def after_a_pause(config: LearnerConfig, pauses: tuple[int, ...]) -> None:
                   flush=True)
 
 
+def outage_sensor(kind: str, missed: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(times, values): a sensor read every minute for 3,000 readings, then silent for
+    ``missed`` readings, then read 1,000 more times (its first one back is index 3,000)."""
+    rng = np.random.default_rng(seed)
+    n = 4000 + missed
+    e = rng.normal(size=n)
+    if kind == "white":
+        x = e
+    elif kind == "random walk":
+        x = np.cumsum(e)
+    else:
+        x = np.zeros(n)
+        for i in range(1, n):
+            x[i] = 0.9 * x[i - 1] + e[i]
+    keep = np.r_[0:3000, 3000 + missed : n]
+    return 1.7e9 + 60.0 * keep, 20 + x[keep]
+
+
+def _late_rows(batch: Batch, out: dict, twin: dict, late: float) -> tuple[np.ndarray, ...]:
+    """Per scored reading past warm-up: came more than ``late`` of its sensor's median gaps
+    after the one before; flagged; flagged when scored as if on time."""
+    ids = np.asarray(batch.sensor_ids, dtype=object)
+    cur, nxt, k = _pairs(ids, out["status"])
+    dt = batch.ts[nxt] - batch.ts[cur]
+    median = {name: np.median(dt[ids[nxt] == name]) for name in np.unique(ids[nxt])}
+    ratio = dt / np.array([median[name] for name in ids[nxt]])
+    counted = k >= WARMUP
+    return ((ratio > late)[counted], out["anomaly"][nxt][counted],
+            twin["anomaly"][nxt][counted])
+
+
+def after_an_outage(config: LearnerConfig, fleets: list[tuple[str, Batch]]) -> None:
+    """Flags on readings that came late, scored as streamer does and as if on time."""
+    print("\n| sensors | missed readings | first back flagged | flagged if scored on time | "
+          "flags / 1k, next 1,000 | if on time |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for kind in ("white", "AR(1)", "random walk"):
+        for missed in (10, 100, 1000):
+            made = [outage_sensor(kind, missed, seed) for seed in range(OUTAGE_SENSORS)]
+            ids = [f"s{s}" for s, (t, _) in enumerate(made) for _ in t]
+            ts = np.concatenate([t for t, _ in made])
+            order = np.argsort(ts, kind="stable")
+            batch = Batch.from_arrays(list(np.asarray(ids)[order]), ts[order],
+                                      np.concatenate([v for _, v in made])[order])
+            out, twin, _ = run(batch, config, on_time=True)
+            back = made[0][0][3000]  # every sensor is back at the same minute
+            first, after = batch.ts == back, batch.ts > back
+            print(f"| {kind} | {missed:,} | {out['anomaly'][first].mean():.2f} | "
+                  f"{twin['anomaly'][first].mean():.2f} | "
+                  f"{1000 * out['anomaly'][after].mean():.1f} | "
+                  f"{1000 * twin['anomaly'][after].mean():.1f} |", flush=True)
+    print(f"\n| fleet | readings over {LATE}x the sensor's median gap after the one before | "
+          "flagged | if scored on time | flags / 1k of the others | if on time |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, batch in fleets:
+        out, twin, _ = run(batch, config, on_time=True)
+        late, flagged, on_time = _late_rows(batch, out, twin, LATE)
+        if late.any():
+            print(f"| {name} | {late.sum():,} | {flagged[late].mean():.3f} | "
+                  f"{on_time[late].mean():.3f} | {1000 * flagged[~late].mean():.1f} | "
+                  f"{1000 * on_time[~late].mean():.1f} |", flush=True)
+        else:
+            print(f"| {name} | 0 | | | {1000 * flagged.mean():.1f} | "
+                  f"{1000 * on_time.mean():.1f} |", flush=True)
+
+
 def main() -> None:
     args = fleet_arguments(__doc__)
     torch.set_num_threads(1)
@@ -274,6 +366,8 @@ def main() -> None:
     for name, a, b in costs:
         print(f"| {name} | {a:,.0f} | {b:,.0f} | {100 * (b / a - 1):+.1f} % |")
     after_a_pause(config, PAUSES[2:3] if args.quick else PAUSES)
+    after_an_outage(config, [(name, read_fleet(name, args.data))
+                             for name in args.fleets.split(",")])
     series = aeon_series()
     if not series:
         print("\naeon is not installed (pip install -e .[bench]): no labelled series")

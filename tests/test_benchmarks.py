@@ -47,6 +47,8 @@ def test_intervals_benchmark_quick_run_compares_streamer_with_both_baselines() -
         assert 0.5 < _number(cells[2]) <= 1.0 and _number(cells[5]) > 0  # coverage, Winkler
     assert "readings/s without intervals" in out
     assert "| white | never paused |" in out and "| AR(1) | 10000 |" in out
+    back = _row(out, "random walk | 100")  # first readings back after an outage: flagged
+    assert 0.0 <= _number(back[2]) <= 1.0 and 0.0 <= _number(back[3]) <= 1.0
 
 
 def test_sharing_benchmark_quick_run_averages_its_seeds() -> None:

@@ -70,7 +70,26 @@ spread for this sensor, gives a second tail probability (a sustained run of miss
 single reading shows); the average of positive, skewed surprises is treated as
 Gamma-distributed with those moments (Wilson-Hilferty's cube-root normal approximation), not
 as normal. The score is ``1 - min`` of the two; a reading scoring at least the threshold is
-flagged. With several features each has its own interval at the coverage, and the least
+flagged.
+
+**A late reading** (a sensor back from an outage, a car park's first reading of the morning)
+is ``late`` typical gaps after the one before, and the forecast it is scored against was made
+for the next reading on time: its error has had ``late`` readings' worth of change to grow. It
+is scored (its ``p``; not whether it counts as inside, nor what the calibration learns) against
+the interval widened by ``sqrt(1 + (late - 1) c^2 / u^2)``, ``u`` the interval's unit and
+``c`` the change scale in value units (the spread of a random walk after ``late`` steps), but
+never wider than a reading of the sensor lies from the forecast whenever it comes: the unit
+at most ``hypot(forecast - level, level sd)`` (``late_reach``). White noise is not widened
+(its unit is already that far), a random walk or a slow AR(1) is, as far as its own range. A
+reading beyond the sensor's range after a gap (a broken sensor back at -9999) is still
+flagged. Measured (docs/benchmarks/intervals.md): a random walk's first reading after 100
+missed readings was flagged 75 % of the time, none now; the shared fleets' readings after a
+gap of over 3 typical ones were flagged 2.7 % (parking), 13.8 % (hourly) and 4.5 % (daily) of
+the time, now 0, 0.4 and 0 %. Every interval and whether a reading counts as inside are
+unchanged; only late readings' scores are (and through them the short-run surprise, and the
+tail's moments where a reading is no longer flagged: they count a flag's excess capped).
+
+With several features each has its own interval at the coverage, and the least
 likely one counts, Bonferroni-corrected (times the number of features).
 
 With ``learn_after`` > 0, flagged readings do not move the calibration (a spike then does not
@@ -224,6 +243,7 @@ MAX_SURPRISE = 30.0  # -ln p is capped here (p = 1e-13): one reading cannot swam
 REPEAT_PRIOR, REPEAT_AGAIN_PRIOR, REPEAT_ALPHA = 0.1, 0.5, 0.01
 MAX_RUN = MAX_LEARN_AFTER  # flagged-in-a-row counts saturate here (a uint8)
 MAX_REPEATS = 32_767
+MAX_LATE_WIDENING = 1e6  # a late reading's interval is at most this many times as wide
 UNSCORED = -1  # `inside` of a reading whose previous forecast was not scored
 
 
@@ -258,6 +278,15 @@ def level_position(forecast: np.ndarray, level: np.ndarray, spread: np.ndarray) 
     with np.errstate(over="ignore", invalid="ignore"):
         z = (forecast - level) / spread
     return np.clip(np.nan_to_num(z, nan=0.0), -MAX_LEVEL_Z, MAX_LEVEL_Z)
+
+
+def late_reach(forecast: np.ndarray, level: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    """How far from ``forecast`` a reading of a sensor at ``level`` with standard deviation
+    ``sd`` (all as they were when the forecast was made) typically lies however late it comes:
+    the root mean square of (reading - forecast) = (reading - level) + (level - forecast),
+    the bound of a late reading's widening (``_late_widening``)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.hypot(forecast - level, sd)
 
 
 @dataclass
@@ -349,7 +378,8 @@ class Calibration:
                   prev_value: np.ndarray, prev_forecast: np.ndarray, prev_scale: np.ndarray,
                   scored: np.ndarray, n_scored: np.ndarray, forecast: np.ndarray,
                   scale: np.ndarray, spread: np.ndarray, level_z: np.ndarray,
-                  prev_level_z: np.ndarray) -> Calibrated:
+                  prev_level_z: np.ndarray, late: np.ndarray | None = None,
+                  reach: np.ndarray | None = None) -> Calibrated:
         """Score each reading against the interval made before it, learn, and bound its forecast.
 
         Arrival order. ``ts`` (M,) is each reading's time, ``gap`` (M,) the slot's typical
@@ -360,7 +390,10 @@ class Calibration:
         including this one, ``forecast`` / ``scale`` / ``spread`` (M, F) the forecast made at
         this reading, the scale now and the experts' weighted spread around that forecast;
         ``level_z`` / ``prev_level_z`` (M, F) where that forecast and the one before it lie in
-        the sensor's range (``level_position``, computed from the same floats then and now).
+        the sensor's range (``level_position``, computed from the same floats then and now);
+        ``late`` (M,) how many typical gaps after the one before each reading came (1 when on
+        time or unknown) and ``reach`` (M, F) ``late_reach`` of the forecast before it: a late
+        reading is scored against a wider interval (module docstring; None: none is late).
         """
         m, f = values.shape
         out = Calibrated(lower=np.empty((m, f)), upper=np.empty((m, f)), score=np.zeros(m),
@@ -371,7 +404,9 @@ class Calibration:
             np.asarray(slots, dtype=np.int64), ts, gap, values, prev_value, prev_forecast,
             prev_scale, np.asarray(scored, dtype=np.bool_),
             np.asarray(n_scored, dtype=np.int64), forecast, scale, spread,
-            level_z, prev_level_z, self.alpha, self.threshold, self.learn_after, self.gain,
+            level_z, prev_level_z, np.ones(m) if late is None else late,
+            np.zeros((m, f)) if reach is None else reach,
+            self.alpha, self.threshold, self.learn_after, self.gain,
             self.q_lo, self.q_hi, self.integral, self.tail, self.tail_sq, self.spread,
             self.spread_weight, self.profile_weight, self.level_weight, self.repeat_run,
             self.profile, self.short, self.long_mean, self.long_var, self.repeat,
@@ -595,8 +630,35 @@ def _tail_quantile(prob, mean, mean_sq):  # pragma: no cover - compiled
 
 
 @kernel
+def _reading_p(v, r, lo, hi, w, low, high, alpha, tail, tail_sq):  # pragma: no cover - compiled
+    """The two-sided tail probability of reading ``v``, residual ``r`` against the interval
+    ``lo`` <= 0 <= ``hi`` (residual units; width ``w`` before the I term), ``low`` / ``high``
+    in value units (the floats that decide inside)."""
+    if v < low or v > high:
+        excess = min(max((lo - r) if v < low else (r - hi), 0.0), MAX_EXCESS * w)
+        return alpha * _tail_probability(excess, _log_value(tail), _log_value(tail_sq))
+    # How far from the centre towards the edge (at most 1 whatever the rounding).
+    centre = 0.5 * low + 0.5 * high
+    edge = (high - centre) if v >= centre else (centre - low)
+    frac = min(abs(v - centre) / edge, 1.0) if edge > 0 else 0.0
+    return 1.0 - (1.0 - alpha) * frac
+
+
+@kernel
+def _late_widening(unit, late, scale, reach):  # pragma: no cover - compiled
+    """How much wider than ``unit`` (value units) the interval of a reading ``late`` typical
+    gaps after the one before is (see LATE_WIDENING)."""
+    if not late > 1.0 or not unit > 0.0:
+        return 1.0
+    a, c = scale / unit, reach / unit
+    grown = 1.0 + (late - 1.0) * a * a
+    return min(math.sqrt(max(min(grown, c * c), 1.0)), MAX_LATE_WIDENING)
+
+
+@kernel
 def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, scored,
-               n_scored, forecast, scale, spread_now, level_z, prev_level_z, alpha, threshold,
+               n_scored, forecast, scale, spread_now, level_z, prev_level_z, late, reach, alpha,
+               threshold,
                learn_after, gain, q_lo, q_hi, integral, tail, tail_sq, spread, spread_weight,
                profile_weight, level_weight, repeat_run, profile, short,
                long_mean, long_var,
@@ -641,19 +703,14 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
                 expected_lower[i, j], expected_upper[i, j] = low, high
                 # Inside or not as the published bounds say (the same floats users compare).
                 miss_lo[j], miss_hi[j] = values[i, j] < low, values[i, j] > high
-                if miss_lo[j] or miss_hi[j]:
-                    excess = min(max((lo - r) if miss_lo[j] else (r - hi), 0.0), MAX_EXCESS * w)
-                    p = alpha * _tail_probability(excess, _log_value(tail[s, j]),
-                                                  _log_value(tail_sq[s, j]))
-                else:
-                    # How far from the centre towards the edge, in the published bounds (the
-                    # floats that decided inside; at most 1 whatever the rounding).
-                    v = values[i, j]
-                    centre = 0.5 * low + 0.5 * high
-                    edge = (high - centre) if v >= centre else (centre - low)
-                    frac = min(abs(v - centre) / edge, 1.0) if edge > 0 else 0.0
-                    p = 1.0 - (1.0 - alpha) * frac
-                    n_in += 1
+                n_in += not (miss_lo[j] or miss_hi[j])
+                # Scored against that interval, widened for a reading that came late.
+                widen = _late_widening(unit, late[i], prev_scale[i, j], reach[i, j])
+                if widen > 1.0:
+                    r = (values[i, j] - prev_forecast[i, j]) / (unit * widen)
+                    low, high = published_bounds(prev_forecast[i, j], lo, hi, unit * widen)
+                p = _reading_p(values[i, j], r, lo, hi, w, low, high, alpha, tail[s, j],
+                               tail_sq[s, j])
                 p_inst = min(p_inst, f * p)  # the least likely feature, Bonferroni-corrected
                 same = same and values[i, j] == prev_value[i, j]
             run_before = repeat_run[s, 0]  # readings in a row equal in every feature

@@ -16,7 +16,7 @@ from streamer.core.device import resolve_device
 from streamer.core.experts import N_EXPERTS, PERSISTENCE, expert_forecasts, weigh_experts
 from streamer.core.grouping import Groups, group_by_slot
 from streamer.core.horizon import N_HORIZON_EXPERTS, HorizonState, horizon_experts
-from streamer.core.intervals import Calibrated, Calibration, level_position
+from streamer.core.intervals import Calibrated, Calibration, late_reach, level_position
 from streamer.core.memory import Recalled, SensorMemory
 from streamer.core.model import Forecaster
 from streamer.core.normalizer import MAX_ABS_TS, MAX_ABS_VALUE, Encoded, SensorStats, input_size
@@ -416,7 +416,9 @@ class Learner:
         prev_level_z = level_position(prev_forecast, enc.prev_level, enc.prev_spread)
         cal = self.calibration.calibrate(slots, ts, enc.next_gap, values, enc.prev_value,
                                          prev_forecast, enc.prev_scale, scored, n_scored,
-                                         forecast, enc.scale, spread, level_z, prev_level_z)
+                                         forecast, enc.scale, spread, level_z, prev_level_z,
+                                         enc.late,
+                                         late_reach(prev_forecast, enc.prev_level, enc.prev_sd))
         result.lower[rows], result.upper[rows] = cal.lower, cal.upper
         result.anomaly_score[rows], result.anomaly[rows] = cal.score, cal.anomaly
         result.inside[rows] = cal.inside

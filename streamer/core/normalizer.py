@@ -75,8 +75,12 @@ class Encoded:
     # ``level`` and ``spread`` were then (the mean before this one; undefined without one).
     prev_level: np.ndarray  # (M, F) float64
     prev_spread: np.ndarray  # (M, F) float64
+    prev_sd: np.ndarray  # (M, F) float64 the level's standard deviation then (not floored)
     next_gap: np.ndarray  # (M,) float64 typical seconds between readings (0 while unknown)
     since: np.ndarray  # (M,) float64 seconds since the sensor's previous reading (0 if none)
+    # (M,) float64 ``since`` over the typical gap as it was before this reading (1 while the
+    # sensor has had fewer than two gaps): how late the reading came, in readings
+    late: np.ndarray
 
 
 class SensorStats:
@@ -163,8 +167,10 @@ class SensorStats:
             level=np.empty((m, f), dtype=np.float64),
             prev_level=np.empty((m, f), dtype=np.float64),
             prev_spread=np.empty((m, f), dtype=np.float64),
+            prev_sd=np.empty((m, f), dtype=np.float64),
             next_gap=np.zeros(m, dtype=np.float64),
             since=np.zeros(m, dtype=np.float64),
+            late=np.ones(m, dtype=np.float64),
         )
         _encode(
             slots.astype(np.int64), ts, values, self.alpha, self.warmup, clip, self.robust,
@@ -172,7 +178,7 @@ class SensorStats:
             self.last_ts, self.log_dt, self.outlier_run,
             features, out.targets, out.target_valid, out.scale, out.prev_scale, out.prev_value,
             out.warm, out.outlier, out.has_prev, out.spread, out.level, out.prev_level,
-            out.prev_spread, out.next_gap, out.since,
+            out.prev_spread, out.prev_sd, out.next_gap, out.since, out.late,
         )
         np.clip(features[:, : 2 * f], -clip, clip, out=features[:, : 2 * f])
         np.clip(features[:, -1], -GAP_CLIP, GAP_CLIP, out=features[:, -1])
@@ -185,8 +191,8 @@ class SensorStats:
 def _encode(slots, ts, values, alpha, warmup, clip, robust_stats,
             count, mean, sd, change_rms, last_value, last_scale, last_ts, log_dt, outlier_run,
             features, targets, target_valid, scale, prev_scale, prev_value, warm, outlier,
-            has_prev, spread, level, prev_level, prev_spread, next_gap,
-            since):  # pragma: no cover - compiled
+            has_prev, spread, level, prev_level, prev_spread, prev_sd, next_gap,
+            since, late):  # pragma: no cover - compiled
     """The per-reading recurrence of ``SensorStats.encode``: state arrays updated in place,
     outputs written per reading (features unclipped)."""
     f = values.shape[1]
@@ -214,7 +220,7 @@ def _encode(slots, ts, values, alpha, warmup, clip, robust_stats,
             targets[i, j] = change / last_sc  # clipped by the caller, like the features
             m_old, sd_old = mean[s, j], sd[s, j]
             sp_old = max(sd_old, last_sc)  # the spread the previous reading had (``spread``)
-            prev_level[i, j], prev_spread[i, j] = m_old, sp_old
+            prev_level[i, j], prev_spread[i, j], prev_sd[i, j] = m_old, sp_old, sd_old
             diff = v - m_old
             lim = clip * sp_old * widen
             diff_w = min(max(diff, -lim), lim) if robust else diff
@@ -248,6 +254,7 @@ def _encode(slots, ts, values, alpha, warmup, clip, robust_stats,
             log_gap = math.log(max(t - last_ts[s], 1e-9))
             if n >= 2:
                 gap = log_gap - log_dt[s]
+                late[i] = math.exp(min(gap, 700.0))
             log_dt[s] = (1.0 - a_prev) * log_dt[s] + a_prev * log_gap
             next_gap[i] = math.exp(log_dt[s])
             since[i] = t - last_ts[s]

@@ -185,6 +185,44 @@ def test_the_readings_just_after_a_spike_inside_their_interval_are_not_flagged()
             assert out.anomaly[at] and not (out.anomaly[after] & (out.inside[after] == 1)).any()
 
 
+def _outage(kind: str, seed: int, missed: int = 100, n: int = 1500) -> tuple[np.ndarray, Batch]:
+    """A sensor read every minute that misses ``missed`` readings after its 1,200th; the
+    readings it sent, and where it is back (index 1200)."""
+    rng = np.random.default_rng(seed)
+    e = rng.normal(size=n + missed)
+    if kind == "random walk":
+        x = np.cumsum(e)
+    else:  # a slow AR(1)
+        x = np.zeros(n + missed)
+        for i in range(1, n + missed):
+            x[i] = 0.95 * x[i - 1] + e[i]
+    keep = np.r_[0:1200, 1200 + missed : n + missed]
+    ts = 1.7e9 + 60.0 * np.arange(n + missed)
+    return x[keep] + 50, Batch.from_arrays(["x"] * n, ts[keep], x[keep] + 50)
+
+
+@pytest.mark.parametrize("kind", ["random walk", "AR(1)"])
+def test_a_sensor_back_from_an_outage_is_not_flagged_for_how_far_it_drifted_meanwhile(kind):
+    # (scored against the interval made for a reading one minute later, the first reading
+    # after 100 missed ones was flagged for 7 of these 8 random walks and 5 of 8 AR(1)s)
+    flagged = []
+    for seed in range(8):
+        values, batch = _outage(kind, seed)
+        out, _ = backtest(batch, LearnerConfig(device="cpu"), batch_size=64)
+        flagged.append(bool(out.anomaly[1200]))
+        assert out.inside[1200] in (0, 1)  # scored all the same
+    assert not any(flagged)
+
+
+def test_a_sentinel_after_an_outage_is_still_flagged():
+    for seed in range(4):
+        values, batch = _outage("AR(1)", seed)
+        values[1200] = -9999.0
+        out, _ = backtest(Batch.from_arrays(batch.sensor_ids, batch.ts, values),
+                          LearnerConfig(device="cpu"), batch_size=64)
+        assert out.anomaly[1200]
+
+
 @pytest.mark.parametrize("apart", [10, 20, 50])
 def test_a_second_spike_soon_after_a_first_is_flagged_too(apart):
     # (the first one's excess once fattened the tail's fit so much that the second, as large,
@@ -308,15 +346,38 @@ def test_a_sensor_constant_since_installed_scores_within_0_and_1_and_is_never_fl
 
 def _feed(cal: Calibration, value: float, forecast_before: float, forecast: float,
           scale_before: float, scale: float, n_scored: int = 5000, spread: float = 0.0,
-          slot: int = 0, ts: float = 1.7e9):
-    """One scored reading of ``slot`` (one feature), read a minute after the one before."""
+          slot: int = 0, ts: float = 1.7e9, late: float = 1.0, reach: float = 0.0):
+    """One scored reading of ``slot`` (one feature), read a minute after the one before
+    (``late`` typical gaps after it)."""
     def one(x):
         return np.array([[x]], dtype=np.float64)
 
     return cal.calibrate(np.array([slot]), np.array([ts]), np.array([60.0]), one(value),
                          one(forecast_before), one(forecast_before), one(scale_before),
                          np.array([True]), np.array([n_scored]), one(forecast), one(scale),
-                         one(spread), one(0.0), one(0.0))
+                         one(spread), one(0.0), one(0.0), np.array([late]), one(reach))
+
+
+def test_a_late_reading_changes_its_own_score_only_not_any_interval_nor_what_is_learned():
+    rng = np.random.default_rng(21)
+    on_time, late = (Calibration(1, 1, coverage=0.9, threshold=0.999, learn_after=0)
+                     for _ in range(2))
+    for i in range(400):
+        value = float(rng.normal()) * (1.0 if i != 300 else 6.0)
+        gap = 30.0 if i == 300 else 1.0  # reading 300 comes 30 typical gaps late
+        a = _feed(on_time, value, 0.0, 0.0, 1.0, 1.0, n_scored=i + 1, ts=1.7e9 + 60 * i)
+        b = _feed(late, value, 0.0, 0.0, 1.0, 1.0, n_scored=i + 1, ts=1.7e9 + 60 * i,
+                  late=gap, reach=10.0)
+        for name in ("lower", "upper", "expected_lower", "expected_upper", "inside"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+        if i == 300:
+            assert a.inside[0] == 0 and a.anomaly[0]  # 6 sd: flagged on time
+            assert b.score[0] < a.score[0] and not b.anomaly[0]  # not after 30 minutes
+    # Besides the short-run surprise, only the tail (which sets scores, not bounds) learned
+    # otherwise: a flagged reading's excess counts no further out than a flag's.
+    for name, values in on_time.arrays().items():
+        if name not in ("short", "long_mean", "long_var", "tail", "tail_sq"):
+            np.testing.assert_array_equal(values, late.arrays()[name], err_msg=name)
 
 
 def test_a_reading_within_a_few_ulps_of_its_forecast_is_inside_an_interval_narrowed_to_a_point():

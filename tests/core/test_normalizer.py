@@ -57,3 +57,13 @@ def test_a_sensor_in_tiny_units_or_on_a_huge_offset_is_forecast_as_in_units_of_o
     shifted = Learner(config).step(Batch.from_arrays(["s"] * n, ts, offset + unit * base))
     np.testing.assert_allclose((shifted.forecasts[:, 0] - offset) / unit, reference,
                                atol=1e-3, rtol=0)
+
+
+def test_a_readings_lateness_is_its_gap_in_typical_gaps_before_it():
+    stats = SensorStats(1, 1, CFG.norm_alpha, CFG.warmup_readings, CFG.clip_z)
+    ts = 1.7e9 + np.r_[60.0 * np.arange(50), 60.0 * 49 + 600.0, 60.0 * 49 + 660.0]
+    enc = stats.encode(np.zeros(len(ts), dtype=np.int64), ts, np.ones((len(ts), 1)))
+    assert enc.late[:2].tolist() == [1.0, 1.0]  # no typical gap yet
+    assert enc.late[2:50] == pytest.approx(1.0)
+    assert enc.late[50] == pytest.approx(10.0)  # ten minutes after the one before
+    assert 0.9 < enc.late[51] < 1.0  # the typical gap grew a little with the long one
