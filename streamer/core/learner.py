@@ -19,7 +19,14 @@ from streamer.core.horizon import N_HORIZON_EXPERTS, HorizonState, horizon_exper
 from streamer.core.intervals import Calibrated, Calibration, late_reach, level_position
 from streamer.core.memory import Recalled, SensorMemory
 from streamer.core.model import Forecaster
-from streamer.core.normalizer import MAX_ABS_TS, MAX_ABS_VALUE, Encoded, SensorStats, input_size
+from streamer.core.normalizer import (
+    MAX_ABS_TS,
+    MAX_ABS_VALUE,
+    SECONDS_PER_DAY,
+    Encoded,
+    SensorStats,
+    input_size,
+)
 from streamer.core.rejections import Reason
 from streamer.core.slots import SlotTable
 from streamer.core.trainer import Trainer
@@ -386,7 +393,9 @@ class Learner:
         values, ts = batch.values[rows], batch.ts[rows]
         enc = self.stats.encode(slots, ts, values)
         mem = self.memory.advance(slots, ts, values, enc.spread, enc.next_gap, enc.targets,
-                                  enc.has_prev, enc.outlier, self.config.horizon, enc.since)
+                                  enc.has_prev, enc.outlier, self.config.horizon, enc.since,
+                                  _read_for_a_day(self.stats.count[slots] - (
+                                      g.counts[g.member] - 1 - pos), enc.next_gap))
         features = np.concatenate([enc.features, self._seasonal_inputs(values, mem, enc)], 1)
 
         cap = self.config.clip_z
@@ -418,7 +427,9 @@ class Learner:
                                          prev_forecast, enc.prev_scale, scored, n_scored,
                                          forecast, enc.scale, spread, level_z, prev_level_z,
                                          enc.late,
-                                         late_reach(prev_forecast, enc.prev_level, enc.prev_sd))
+                                         late_reach(prev_forecast, enc.prev_level, enc.prev_sd),
+                                         _next_lateness(mem.next_ts, ts, enc.next_gap),
+                                         late_reach(forecast, enc.level, enc.sd))
         result.lower[rows], result.upper[rows] = cal.lower, cal.upper
         result.anomaly_score[rows], result.anomaly[rows] = cal.score, cal.anomaly
         result.inside[rows] = cal.inside
@@ -571,6 +582,21 @@ class Learner:
     def train_now(self) -> UpdateStats | None:
         """Run an update immediately (tests and offline tools; the stream never needs it)."""
         return self._train(min_ready=1)
+
+
+def _read_for_a_day(count: np.ndarray, gap: np.ndarray) -> np.ndarray:
+    """(M,) whether a sensor with ``count`` readings so far (this one included), ``gap``
+    seconds apart typically, has been read for about a day: from then on the hours it never
+    reports in are known."""
+    return (count - 1) * gap >= SECONDS_PER_DAY
+
+
+def _next_lateness(expected_ts: np.ndarray, ts: np.ndarray, gap: np.ndarray) -> np.ndarray:
+    """(M,) how many typical gaps ``gap`` after each reading at ``ts`` the next one is expected
+    (``expected_ts``, memory.py: past the hours the sensor never reports in); 1 where unknown."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        late = (expected_ts - ts) / gap
+    return np.where(np.isfinite(late), late, 1.0)
 
 
 @kernel

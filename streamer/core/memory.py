@@ -99,6 +99,10 @@ class Recalled:
     ar_w: np.ndarray  # (M, F, AR_ORDER) weights
     ar_x: np.ndarray  # (M, F, AR_ORDER) recent changes, newest first
     cycle_ahead: np.ndarray  # (M, H, F) the cycle's total change to each of the next H; 0: none
+    # (M,) when the next reading is expected at the typical gap the caller gives, past the hours
+    # the sensor never reports in once it has been read for a day (``_expected_times``; NaN
+    # while the gap is unknown)
+    next_ts: np.ndarray
 
 
 class SensorMemory:
@@ -174,6 +178,7 @@ class SensorMemory:
         self, slots: np.ndarray, ts: np.ndarray, values: np.ndarray, spread: np.ndarray,
         next_gap: np.ndarray, changes: np.ndarray, has_change: np.ndarray, outlier: np.ndarray,
         horizon: int = 1, since: np.ndarray | None = None,
+        day_seen: np.ndarray | None = None,
     ) -> Recalled:
         """Learn from a chunk of readings (arrival order) and recall, after each, what to
         expect next.
@@ -185,8 +190,10 @@ class SensorMemory:
         ``horizon`` H > 1 (and ``since`` (M,), seconds since each sensor's previous reading, 0
         for its first) it also says when each of the next H readings is expected (see
         ``_expected_times``), recalls the profiles at those times, and the AR model after each
-        reading. The compiled loop walks the readings in order, so the result does not depend
-        on chunking.
+        reading. ``next_ts`` is when the next reading is expected at ``next_gap``, past the
+        hours the sensor never reports in where ``day_seen`` (M,) says it has been read for a
+        day (None: for none). The compiled loop walks the readings in order, so the result does
+        not depend on chunking.
         """
         m, f = values.shape
         h = horizon if horizon > 1 else 0
@@ -194,15 +201,17 @@ class SensorMemory:
         out = Recalled(np.empty((m, 2, f)), np.empty((m, 2, f)), np.empty((m, f)),
                        np.empty((m, f)), np.empty((m, h)), np.empty((m, 2, h, f)),
                        np.empty((m, 2, h, f)), np.empty((m, f, p), np.float32),
-                       np.empty((m, f, p), np.float32), np.empty((m, h, f)))
+                       np.empty((m, f, p), np.float32), np.empty((m, h, f)), np.empty(m))
         _advance(
             slots.astype(np.int64), ts, np.zeros(m) if since is None else since, buckets(ts),
-            buckets(ts + next_gap), values,
+            buckets(ts + next_gap), next_gap,
+            np.zeros(m, dtype=np.bool_) if day_seen is None else day_seen, values,
             spread, changes, has_change, outlier, np.float32(self.seasonal_alpha),
             self.profile, self.level, self.ar_x, self.ar_w,
             self.recent, self.timing, self.cycle, self.cycle_err, self.cycle_n,
             out.seasonal, out.seasonal_now, out.ar_change, out.cycle_change, out.ahead_ts,
             out.seasonal_ahead, out.naive_ahead, out.ar_w, out.ar_x, out.cycle_ahead,
+            out.next_ts,
         )
         return out
 
@@ -329,14 +338,16 @@ def _cycle_ahead(cycle, cycle_err, s, j, n, out):  # pragma: no cover - compiled
 
 
 @kernel
-def _advance(slots, ts, since, here, nxt, values, spread, changes, has_change, outlier, alpha,
+def _advance(slots, ts, since, here, nxt, next_gap, day_seen, values, spread, changes, has_change,
+             outlier, alpha,
              profile, level, ar_x, ar_w, recent, timing, cycle, cycle_err, cycle_n, seasonal,
              seasonal_now, ar_change, cycle_change, ahead_ts, seasonal_ahead, naive_ahead,
-             ar_w_out, ar_x_out, cycle_ahead):  # pragma: no cover
+             ar_w_out, ar_x_out, cycle_ahead, next_ts):  # pragma: no cover
     """The per-reading recurrence of ``SensorMemory.advance`` (state updated in place)."""
     f, p = values.shape[1], ar_x.shape[2]
     h = ahead_ts.shape[1]
     next_change = np.zeros(1)  # the cycle's forecast of one change ahead, without a horizon
+    one = np.zeros(1)
     for i in range(len(slots)):
         s = slots[i]
         for j in range(f):
@@ -385,6 +396,8 @@ def _advance(slots, ts, since, here, nxt, values, spread, changes, has_change, o
         if has_change[i]:
             n = cycle_n[s] + 1
             cycle_n[s] = n if n < CYCLE_WRAP else n - CYCLE_WRAP + 2 * CYCLE_KEPT
+        _expected_times(profile, s, ts[i], next_gap[i], day_seen[i], one)
+        next_ts[i] = one[0]
         if h == 0:
             continue
         if np.isnan(timing[s, 2]):

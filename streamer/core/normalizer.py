@@ -75,7 +75,8 @@ class Encoded:
     # ``level`` and ``spread`` were then (the mean before this one; undefined without one).
     prev_level: np.ndarray  # (M, F) float64
     prev_spread: np.ndarray  # (M, F) float64
-    prev_sd: np.ndarray  # (M, F) float64 the level's standard deviation then (not floored)
+    sd: np.ndarray  # (M, F) float64 the level's standard deviation after it (not floored)
+    prev_sd: np.ndarray  # (M, F) float64 the same after the sensor's previous reading
     next_gap: np.ndarray  # (M,) float64 typical seconds between readings (0 while unknown)
     since: np.ndarray  # (M,) float64 seconds since the sensor's previous reading (0 if none)
     # (M,) float64 ``since`` over the typical gap as it was before this reading (1 while the
@@ -167,6 +168,7 @@ class SensorStats:
             level=np.empty((m, f), dtype=np.float64),
             prev_level=np.empty((m, f), dtype=np.float64),
             prev_spread=np.empty((m, f), dtype=np.float64),
+            sd=np.empty((m, f), dtype=np.float64),
             prev_sd=np.empty((m, f), dtype=np.float64),
             next_gap=np.zeros(m, dtype=np.float64),
             since=np.zeros(m, dtype=np.float64),
@@ -178,7 +180,7 @@ class SensorStats:
             self.last_ts, self.log_dt, self.outlier_run,
             features, out.targets, out.target_valid, out.scale, out.prev_scale, out.prev_value,
             out.warm, out.outlier, out.has_prev, out.spread, out.level, out.prev_level,
-            out.prev_spread, out.prev_sd, out.next_gap, out.since, out.late,
+            out.prev_spread, out.sd, out.prev_sd, out.next_gap, out.since, out.late,
         )
         np.clip(features[:, : 2 * f], -clip, clip, out=features[:, : 2 * f])
         np.clip(features[:, -1], -GAP_CLIP, GAP_CLIP, out=features[:, -1])
@@ -191,7 +193,7 @@ class SensorStats:
 def _encode(slots, ts, values, alpha, warmup, clip, robust_stats,
             count, mean, sd, change_rms, last_value, last_scale, last_ts, log_dt, outlier_run,
             features, targets, target_valid, scale, prev_scale, prev_value, warm, outlier,
-            has_prev, spread, level, prev_level, prev_spread, prev_sd, next_gap,
+            has_prev, spread, level, prev_level, prev_spread, sd_out, prev_sd, next_gap,
             since, late):  # pragma: no cover - compiled
     """The per-reading recurrence of ``SensorStats.encode``: state arrays updated in place,
     outputs written per reading (features unclipped)."""
@@ -244,7 +246,7 @@ def _encode(slots, ts, values, alpha, warmup, clip, robust_stats,
             sc = max(max(rms, 1e-3 * sd_new),
                      max(SCALE_FLOOR_REL * abs(m_new), SCALE_FLOOR_ABS))
             sp = max(sd_new, sc)
-            spread[i, j], scale[i, j], level[i, j] = sp, sc, m_new
+            spread[i, j], scale[i, j], level[i, j], sd_out[i, j] = sp, sc, m_new, sd_new
             features[i, j] = (v - m_new) / sp
             features[i, f + j] = change / sc
             mean[s, j], sd[s, j], change_rms[s, j] = m_new, sd_new, rms

@@ -16,7 +16,9 @@ from streamer.core.config import LearnerConfig
 from streamer.core.experts import N_EXPERTS, PERSISTENCE
 from streamer.core.horizon import HORIZON_EXPERTS, N_HORIZON_EXPERTS, HorizonState
 from streamer.core.intervals import (
+    BUCKET_SHIFT,
     LEVEL_WEIGHT,
+    MAX_FAST_RUN,
     MAX_PROFILE_WEIGHT,
     MAX_SPREAD,
     MAX_SPREAD_WEIGHT,
@@ -44,12 +46,15 @@ from streamer.core.windows import slot_axis, stagger
 # ``profile_weight``), and the tail's moments as int16 log2 codes; 12: the memory's cycles
 # (``cycle``, ``cycle_err``, ``cycle_n``) and a twelfth expert, "cycle", in the stats' experts;
 # 13: a tenth horizon expert, "cycle" (the horizon's ``err`` and ``pending``); 14: the width's
-# weight of the forecast's place in the sensor's range (``level_weight``).
-FORMAT = "streamer.learner/14"
+# weight of the forecast's place in the sensor's range (``level_weight``); 15: the calibration's
+# last_bucket keeps its run count in 2 bits (saturating at intervals.RECOVERY_RUN) and above it
+# the code of how late the next reading is expected (intervals.LATE_SHIFT).
+FORMAT = "streamer.learner/15"
 PREVIOUS_FORMATS = ("streamer.learner/4", "streamer.learner/5", "streamer.learner/6",
                     "streamer.learner/7", "streamer.learner/8", "streamer.learner/9",
                     "streamer.learner/10", "streamer.learner/11",
-                    "streamer.learner/12", "streamer.learner/13")  # read through upgrade()
+                    "streamer.learner/12", "streamer.learner/13",
+                    "streamer.learner/14")  # read through upgrade()
 # Until format 11 every sensor's width weighed the experts' spread by 2 and the profile by 1:
 # upgraded sensors keep those, which their quantiles were learned with, and go on from there.
 FIXED_SPREAD_WEIGHT, FIXED_PROFILE_WEIGHT = 2.0, 1.0
@@ -115,6 +120,12 @@ def upgrade(state: dict) -> dict:
         shape = tuple(calibration["q_hi"].shape)
         state = {**state, "calibration": {**calibration, "level_weight": torch.from_numpy(
             level_weight_codes(LEVEL_WEIGHT, shape))}}
+    calibration = state.get("calibration")
+    if calibration is not None:  # 5 to 14: a run count of up to 31 above the bucket, no code
+        last = calibration["last_bucket"].to(torch.int32)
+        runs = torch.clamp(last >> BUCKET_SHIFT, max=MAX_FAST_RUN)
+        state = {**state, "calibration": {**calibration, "last_bucket": (
+            (last & ((1 << BUCKET_SHIFT) - 1)) | (runs << BUCKET_SHIFT)).to(torch.uint8)}}
     if state["format"] not in ("streamer.learner/4", "streamer.learner/5", "streamer.learner/6"):
         return {**state, "format": FORMAT}  # 7 and later lack nothing more
     ids = state["table"]["ids"]

@@ -108,7 +108,7 @@ def test_a_checkpoint_of_an_older_snapshot_format_is_refused_with_the_reason(tmp
     CheckpointStore(tmp_path, "w1", CFG.fingerprint()).save(old, {TP: 5}, {TP: []})
     with caplog.at_level(logging.ERROR):
         assert CheckpointStore(tmp_path, "w1", CFG.fingerprint()).latest() is None
-    assert ("learner snapshot format 'streamer.learner/3' is not 'streamer.learner/14' "
+    assert ("learner snapshot format 'streamer.learner/3' is not 'streamer.learner/15' "
             "(written by another streamer version)") in caplog.text
 
 
@@ -295,6 +295,19 @@ def test_a_checkpoint_from_before_the_levels_weight_resumes_with_it_at_0(tmp_pat
     batch = sine_fleet(4, 3, seed=5)  # and it goes on
     later = resumed.step(Batch.from_arrays(batch.sensor_ids, batch.ts + 1e6, batch.values))
     assert np.isfinite(later.forecasts).all() and np.isfinite(later.upper).all()
+
+
+def test_a_checkpoint_from_before_the_expected_lateness_keeps_its_buckets_and_recovery_runs(
+        tmp_path):
+    learner = _learner(4)
+    old = learner.snapshot()
+    # Format 14 counted fast-growing readings up to 31 in the 5 bits above the bucket.
+    old["calibration"]["last_bucket"] = torch.tensor([5 | 20 << 3, 2 | 1 << 3, 7, 0] + [0] * (
+        len(old["calibration"]["last_bucket"]) - 4), dtype=torch.uint8)
+    old["format"] = "streamer.learner/14"
+    restored = _resumed_from(tmp_path, old).calibration
+    # The bucket kept, a run past RECOVERY_RUN saturated there, no lateness expected.
+    assert restored.last_bucket[:4].tolist() == [5 | 3 << 3, 2 | 1 << 3, 7, 0]
 
 
 def test_partition_state_moves_between_learners_through_a_checkpoint(tmp_path):
