@@ -596,7 +596,8 @@ def _next_lateness(expected_ts: np.ndarray, ts: np.ndarray, gap: np.ndarray) -> 
     (``expected_ts``, memory.py: past the hours the sensor never reports in); 1 where unknown."""
     with np.errstate(invalid="ignore", divide="ignore"):
         late = (expected_ts - ts) / gap
-    return np.where(np.isfinite(late), late, 1.0)
+    # Exactly 1 where no hour was skipped ((ts + gap) - ts is gap rounded to ts's precision).
+    return np.where(np.isfinite(late) & (expected_ts != ts + gap), late, 1.0)
 
 
 @kernel

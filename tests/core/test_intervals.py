@@ -256,6 +256,24 @@ def test_the_interval_across_a_nightly_gap_covers_the_mornings_reading():
     assert np.concatenate(others).mean() == pytest.approx(0.9, abs=0.02)
 
 
+def test_a_daytime_fleets_intervals_and_scores_do_not_depend_on_how_its_stream_is_cut():
+    batch = _daytime_fleet(n_sensors=3, days=6)
+    # No update: when the weights change depends on the cut, and the forecasts with it.
+    serve_only = LearnerConfig(device="cpu", train_every=10**9)
+    outs = [backtest(batch, serve_only, batch_size=n)[0] for n in (7, 500)]
+    for name in ("lower", "upper", "inside", "anomaly_score"):
+        np.testing.assert_array_equal(getattr(outs[0], name), getattr(outs[1], name))
+    # ... where the evenings' intervals were widened for the mornings' readings.
+    ids, width = np.asarray(batch.sensor_ids), (outs[0].upper - outs[0].lower)[:, 0]
+    evenings, days = [], []
+    for name in np.unique(ids):
+        rows = np.flatnonzero(ids == name)[:-1]
+        late = (np.diff(batch.ts[ids == name]) > 3 * 1800) & (batch.ts[rows] > 1.7e9 + 3 * 86400)
+        evenings.append(width[rows][late])
+        days.append(width[rows][~late])
+    assert np.concatenate(evenings).mean() > 2 * np.median(np.concatenate(days))
+
+
 def test_a_sentinel_after_an_outage_is_still_flagged():
     for seed in range(4):
         values, batch = _outage("AR(1)", seed)
