@@ -146,6 +146,12 @@ class Metrics:
             "Fetched record batches that could not be decoded (codec, corruption, CRC).",
             registry=r,
         )
+        self.assigned_partitions = Gauge(
+            "streamer_assigned_partitions",
+            "Input partitions assigned to this worker (0: idle in its group, e.g. more workers "
+            "than the topic has partitions).",
+            registry=r,
+        )
         self.stalled_partitions = Gauge(
             "streamer_stalled_partitions",
             "Assigned partitions held at a batch that could not be decoded.", registry=r,
@@ -543,6 +549,10 @@ class Metrics:
     def observe_undecodable_batch(self) -> None:
         """Count a fetched batch that could not be decoded."""
         self.undecodable_batches.inc()
+
+    def set_assigned_partitions(self, n: int) -> None:
+        """Publish how many input partitions this worker holds."""
+        self.assigned_partitions.set(n)
 
     def set_stalled_partitions(self, n: int) -> None:
         """Publish how many assigned partitions are held at an undecodable batch."""

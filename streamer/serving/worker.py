@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import socket
 import threading
 import time
@@ -47,6 +48,9 @@ BACKOFF_START_S, BACKOFF_MAX_S = 0.5, 30.0
 LIVENESS_TIMEOUT_S = 120.0  # the loop must come round at least this often to count as alive
 UPDATE_LOG_EVERY = 50
 GC_GEN0_THRESHOLD = 20_000  # net new container objects before a young collection
+# A worker holding no partition this long says so once (it is ready, and idles: a group with
+# more workers than the topic has partitions); `streamer_assigned_partitions` shows it always.
+UNASSIGNED_WARN_S = 60.0
 IN_FLIGHT_POLL_TIMEOUT_S = 0.005  # about the producer's linger: the acks come no sooner
 
 
@@ -95,6 +99,7 @@ class Worker:
         self._backoff = BACKOFF_START_S
         self._heartbeat = time.monotonic()
         self._not_ready_reason = "not connected to the broker yet"
+        self._unassigned_since: float | None = None  # monotonic; inf once warned
         self._stalled_reason = ""  # partitions held at an undecodable batch, if any
 
     # -- the loop (one screen) --------------------------------------------------------------
@@ -141,8 +146,10 @@ class Worker:
                                             self._poll_timeout_s())
                 if records and not self._topics_ready:  # the input exists now, so can they
                     self._topics_ready = self._output_topics() or True
+                assigned = client.assignment()
+                self._watch_assignment(assigned)
                 self._reset_recreated(client, {(r.topic, r.partition) for r in records}
-                                      or client.assignment())
+                                      or assigned)
                 if records:
                     pending = _Pending(self._process(records))  # decode, step, train
                     self._in_flight.append(pending)  # from here on: sent until acknowledged
@@ -176,6 +183,23 @@ class Worker:
         is completed (metrics, checkpoint eligibility) within milliseconds, not a full poll."""
         full = self.settings.kafka.poll_timeout_ms / 1000
         return min(full, IN_FLIGHT_POLL_TIMEOUT_S) if self._in_flight else full
+
+    def _watch_assignment(self, assigned: set[PartitionId]) -> None:
+        """Export how many partitions this worker holds; warn once when it has held none for
+        UNASSIGNED_WARN_S (a group with more workers than the topic has partitions: this one
+        idles, ready, until another leaves)."""
+        self.metrics.set_assigned_partitions(len(assigned))
+        now = time.monotonic()
+        if assigned:
+            self._unassigned_since = None
+        elif self._unassigned_since is None:
+            self._unassigned_since = now
+        elif now - self._unassigned_since >= UNASSIGNED_WARN_S:
+            log.warning("no partition of %s assigned to this worker for %.0f s: group %s may "
+                        "have more workers than the topic has partitions (this one idles until "
+                        "one is free)", self.settings.kafka.input_topic,
+                        now - self._unassigned_since, self.settings.kafka.group_id)
+            self._unassigned_since = math.inf  # once per idle stretch (inf: warned)
 
     def _connected(self) -> StreamClient:
         if self._client is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -18,8 +19,9 @@ import kafka.errors as kerr
 import pytest
 import torch
 from kafka import KafkaConsumer, TopicPartition
+from prometheus_client import CollectorRegistry
 
-from streamer.config import ConfigError, load_settings
+from streamer.config import ConfigError, Settings, load_settings
 from streamer.core import Learner, LearnerConfig
 from streamer.kafka.admin import delete_topics, ensure_topics
 from streamer.kafka.broker import LocalBroker, free_port
@@ -30,6 +32,7 @@ from streamer.kafka.errors import (
     TopicMissing,
     convert,
 )
+from streamer.observability.metrics import Metrics
 from streamer.serving import signals
 from streamer.serving import worker as worker_module
 from streamer.serving.checkpoint import CheckpointStore
@@ -111,6 +114,39 @@ def test_a_worker_stops_exporting_the_lag_of_a_partition_it_lost(
     wait_for(lambda: len(_lag_series(first)) == len(_lag_series(second)) == 1, 30,
              "each worker's lag", lambda: first.log() + second.log())
     assert _lag_series(first).keys() | _lag_series(second).keys() == {0, 1}
+
+
+def test_a_worker_with_no_partition_to_hold_exports_zero_assigned_and_its_peer_one(
+        topic_factory, group_id, worker_factory):
+    inp, out, dlq = _topics(topic_factory, partitions=1)
+    first = worker_factory(inp, out, dlq, group_id, name="w1").start()
+    first.wait_ready()
+    wait_for(lambda: first.metric("streamer_assigned_partitions") == 1, 30, "w1 holding it",
+             first.log)
+    second = worker_factory(inp, out, dlq, group_id, name="w2").start()
+    second.wait_ready()  # ready: it idles, waiting for a partition
+    wait_for(lambda: second.metric("streamer_assigned_partitions") == 0, 30, "w2 idle",
+             second.log)
+    wait_for(lambda: first.metric("streamer_assigned_partitions") == 1, 30, "w1 still holding",
+             first.log)  # (a rebalance may have moved it; then w2 holds it and w1 idles)
+
+
+def test_a_worker_holding_no_partition_warns_once_per_idle_stretch(monkeypatch, caplog):
+    monkeypatch.setattr(worker_module, "UNASSIGNED_WARN_S", 0.0)
+    metrics = Metrics(CollectorRegistry(), max_grad_norm=1.0, device="cpu", coverage_target=0.9)
+    idle = SimpleNamespace(settings=Settings(), metrics=metrics, _unassigned_since=None)
+    watch = functools.partial(worker_module.Worker._watch_assignment, idle)
+    with caplog.at_level(logging.WARNING, logger="streamer.worker"):
+        watch(set())  # idle from now
+        watch(set())  # ... for UNASSIGNED_WARN_S: warned
+        watch(set())
+        watch({("readings", 0)})  # assigned: a later idle stretch is warned about again
+        watch(set())
+        watch(set())
+    warnings = [r for r in caplog.records if "no partition of" in r.getMessage()]
+    assert len(warnings) == 2
+    assert "more workers than the topic has partitions" in warnings[0].getMessage()
+    assert idle.metrics.assigned_partitions._value.get() == 0
 
 
 def test_forecasts_carry_an_interval_and_a_spike_becomes_an_anomaly_event(
