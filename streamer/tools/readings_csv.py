@@ -25,8 +25,13 @@ def open_text(path: str | Path) -> io.TextIOBase:
 
 
 def _parse_value(text: str) -> float:
+    """A value cell as a number; nan (a rejected reading) where it is none. Python's float()
+    also reads digit groups (``1_000``), which no JSON reading on the input topic can carry:
+    they are refused too, not read as 1000."""
+    if not text or "_" in text:
+        return float("nan")
     try:
-        return float(text) if text else float("nan")
+        return float(text)
     except ValueError:
         return float("nan")
 

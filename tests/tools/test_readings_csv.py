@@ -78,3 +78,12 @@ def test_rows_whose_timestamp_the_worker_would_reject_are_rejected_and_not_sent(
         "accepted", "non_finite", "non_finite", "non_finite", "accepted"]
     sendable, skipped = well_formed(readings)  # what `streamer produce` sends
     assert skipped == 3 and sendable.ts.tolist() == [1717171717.0, 1717171837.0]
+
+
+def test_a_value_with_digit_groups_is_rejected_not_read_as_its_digits(tmp_path):
+    path = tmp_path / "readings.csv"
+    path.write_text("sensor_id,ts,value\na,1717171717,1_000\na,1717171777,1000\n")
+    readings = read_csv(path)
+    assert math.isnan(readings.values[0, 0]) and readings.values[1, 0] == 1000.0
+    sendable, skipped = well_formed(readings)  # what `streamer produce` sends
+    assert skipped == 1 and sendable.values[:, 0].tolist() == [1000.0]
