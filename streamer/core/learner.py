@@ -394,8 +394,7 @@ class Learner:
         enc = self.stats.encode(slots, ts, values)
         mem = self.memory.advance(slots, ts, values, enc.spread, enc.next_gap, enc.targets,
                                   enc.has_prev, enc.outlier, self.config.horizon, enc.since,
-                                  _read_for_a_day(self.stats.count[slots] - (
-                                      g.counts[g.member] - 1 - pos), enc.next_gap))
+                                  _read_for_a_day(self._n_before(slots, g), enc.next_gap))
         features = np.concatenate([enc.features, self._seasonal_inputs(values, mem, enc)], 1)
 
         cap = self.config.clip_z
@@ -584,11 +583,11 @@ class Learner:
         return self._train(min_ready=1)
 
 
-def _read_for_a_day(count: np.ndarray, gap: np.ndarray) -> np.ndarray:
-    """(M,) whether a sensor with ``count`` readings so far (this one included), ``gap``
-    seconds apart typically, has been read for about a day: from then on the hours it never
-    reports in are known."""
-    return (count - 1) * gap >= SECONDS_PER_DAY
+def _read_for_a_day(n_before: np.ndarray, gap: np.ndarray) -> np.ndarray:
+    """(M,) whether a sensor with ``n_before`` readings before this one, ``gap`` seconds apart
+    typically, has been read for about a day: from then on the hours it never reports in are
+    known."""
+    return n_before * gap >= SECONDS_PER_DAY
 
 
 def _next_lateness(expected_ts: np.ndarray, ts: np.ndarray, gap: np.ndarray) -> np.ndarray:
