@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -32,6 +33,18 @@ from streamer.kafka import (  # noqa: E402
 
 if TYPE_CHECKING:
     from streamer.kafka.broker import LocalBroker
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """A command run in a test (``main([...])``) routes logs to that test's captured stderr;
+    put the root logger back after it, so later tests do not write to a closed stream."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
 
 # Tansu holds every JoinGroup for ~max(1 s, session_timeout / 2): short sessions keep the first
 # assignment near 1.2 s; a short fetch wait keeps the ~250 ms new-data latency from adding up.

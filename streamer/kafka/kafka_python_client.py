@@ -41,6 +41,37 @@ from streamer.kafka.errors import (
 log = logging.getLogger(__name__)
 
 
+def producer_config(settings: ProducerSettings) -> dict[str, Any]:
+    """kafka-python's KafkaProducer keywords for ``settings`` (acks=all always)."""
+    return {
+        "acks": "all",
+        "linger_ms": settings.linger_ms,
+        "compression_type": settings.compression_type,
+        "max_block_ms": settings.max_block_ms,
+        "request_timeout_ms": settings.request_timeout_ms,
+        "delivery_timeout_ms": settings.delivery_timeout_ms,
+        "batch_size": settings.batch_size_bytes,
+        "max_request_size": settings.max_request_bytes,
+    }
+
+
+def close_producer(producer: KafkaProducer, timeout_s: float) -> None:
+    """Close, giving pending records ``timeout_s`` to be acknowledged; those still pending
+    then are aborted, never sent later. Never raises."""
+    try:
+        producer.close(timeout=timeout_s)
+    except kerr.KafkaTimeoutError:
+        # kafka-python 3.0.12's close() raises from its flush() before reaching its own
+        # force-close when records are still pending; abort them ourselves (they would
+        # otherwise be delivered late, duplicating the batch the worker retries).
+        producer._sender.force_close()
+        try:
+            producer.close(timeout=1.0)
+        except kerr.KafkaError as exc:
+            log.warning("force-closing the producer failed: %s", exc)
+    except kerr.KafkaError as exc:
+        log.warning("closing the producer failed: %s", exc)
+
 class _RecordingListener(ConsumerRebalanceListener):
     """Only records rebalance events; the client replays them on the caller's thread.
 
@@ -347,20 +378,10 @@ class KafkaPythonClient:
             )
 
     def _new_producer(self) -> KafkaProducer:
-        settings = self._producer_settings
         with converted_errors("connecting the producer"):
             return self._connection.kafka_python(
-                KafkaProducer,
-                acks="all",
-                linger_ms=settings.linger_ms,
-                compression_type=settings.compression_type,
-                max_block_ms=settings.max_block_ms,
-                request_timeout_ms=settings.request_timeout_ms,
-                delivery_timeout_ms=settings.delivery_timeout_ms,
-                batch_size=settings.batch_size_bytes,
-                max_request_size=settings.max_request_bytes,
-                partitioner=_KeyHashCachingPartitioner(),
-            )
+                KafkaProducer, **producer_config(self._producer_settings),
+                partitioner=_KeyHashCachingPartitioner())
 
     def _current_producer(self) -> KafkaProducer:
         with self._lock:
@@ -371,18 +392,5 @@ class KafkaPythonClient:
     def _discard_producer(self, timeout_s: float = 0.0) -> None:
         with self._lock:
             producer, self._producer = self._producer, None
-        if producer is None:
-            return
-        try:
-            producer.close(timeout=timeout_s)
-        except kerr.KafkaTimeoutError:
-            # kafka-python 3.0.12's close() raises from its flush() before reaching its own
-            # force-close when records are still pending; abort them ourselves (they would
-            # otherwise be delivered late, duplicating the batch the worker retries).
-            producer._sender.force_close()
-            try:
-                producer.close(timeout=1.0)
-            except kerr.KafkaError as exc:
-                log.warning("force-closing the producer failed: %s", exc)
-        except kerr.KafkaError as exc:
-            log.warning("closing the producer failed: %s", exc)
+        if producer is not None:
+            close_producer(producer, timeout_s)

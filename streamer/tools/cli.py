@@ -219,7 +219,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
     pace = _pace(args.rate, args.speedup)
     readings = _sendable_readings(args.file or sample_dataset())
     sent = produce(readings, settings.kafka.connection(), settings.kafka.input_topic, pace,
-                   limit=args.limit, loop=args.loop)
+                   limit=args.limit, loop=args.loop, settings=settings.kafka.producer())
     print(f"sent {sent} readings to {settings.kafka.input_topic}")
     return 0
 

@@ -52,7 +52,7 @@ def run_demo(readings: Batch, source: str, pace: Pace, duration: float | None,
         worker = Worker(settings)
         worker_thread = _watched("worker", stop, failures, worker.run)
         producer = _watched("producer", stop, failures, produce, readings, k.connection(),
-                            k.input_topic, pace, loop=True, stop=stop)
+                            k.input_topic, pace, loop=True, stop=stop, settings=k.producer())
         worker_thread.start()
         producer.start()
         print(f"streamer demo: broker {broker.bootstrap}, {len(readings):,} readings of "

@@ -6,18 +6,27 @@ import json
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 from kafka import KafkaProducer
+from kafka.errors import KafkaTimeoutError
 
 from streamer.core import Batch
+from streamer.kafka.client import ProducerSettings
 from streamer.kafka.connection import KafkaConnection
 from streamer.kafka.errors import converted_errors
+from streamer.kafka.kafka_python_client import close_producer, producer_config
 
 log = logging.getLogger("streamer.produce")
 
 DEFAULT_LOOP_GAP_S = 1.0  # between rounds of a looped file whose timestamps show no gap
+FLUSH_MARGIN_S = 5.0  # past the delivery timeout, when every record has failed or gone out
+# For kafka-python's sender thread to stop: all was acknowledged; closing sooner can race its
+# IO thread (a logged AttributeError). After a failure, pending records are aborted sooner.
+CLOSE_TIMEOUT_S = 10.0
+CLOSE_FAILED_TIMEOUT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -49,8 +58,12 @@ def encode_reading(sensor_id: str, ts: float, values: np.ndarray) -> bytes:
 
 def produce(readings: Batch, connection: KafkaConnection, topic: str, pace: Pace,
             limit: int | None = None, loop: bool = False,
-            stop: threading.Event | None = None, time_shift: bool = True) -> int:
-    """Send the readings in file order; returns how many were sent (all acknowledged).
+            stop: threading.Event | None = None, time_shift: bool = True,
+            settings: ProducerSettings | None = None) -> int:
+    """Send the readings in file order; returns how many were sent, all acknowledged: a
+    reading the producer or the brokers refused (too large, retries used up) stops it with
+    the error, never counted as sent. ``settings`` (the worker's own by default) give the
+    codec and how long a reading is retried before it fails.
 
     With ``loop`` the file repeats, its timestamps shifted forward by the file's span each
     round (and, with ``time_shift``, the first round is moved to end now) so every sensor's
@@ -63,10 +76,13 @@ def produce(readings: Batch, connection: KafkaConnection, topic: str, pace: Pace
     finite = readings.ts[np.isfinite(readings.ts)]  # (M,) file order; one bad ts spoils no other
     span = loop_span(finite)
     shift = time.time() - float(finite.max()) if time_shift and loop and len(finite) else 0.0
+    settings = settings or ProducerSettings()
     with converted_errors("connecting the producer"):
-        producer = connection.kafka_python(KafkaProducer, acks="all", linger_ms=5)
+        producer = connection.kafka_python(KafkaProducer, **producer_config(settings))
     sent, started = 0, time.monotonic()
+    unacked: deque = deque()  # send futures in order, dropped once acknowledged
     first_ts = float(finite[0]) if len(finite) else 0.0
+    close_timeout_s = CLOSE_FAILED_TIMEOUT_S
     try:
         with converted_errors(f"sending readings to {topic}"):
             while not stop.is_set():
@@ -75,19 +91,41 @@ def produce(readings: Batch, connection: KafkaConnection, topic: str, pace: Pace
                         break
                     ts = float(readings.ts[i]) + shift
                     _wait_for_turn(pace, sent, float(readings.ts[i]) - first_ts, started, stop)
-                    producer.send(topic, key=readings.sensor_ids[i].encode(),
-                                  value=encode_reading(readings.sensor_ids[i], ts,
-                                                       readings.values[i]))
+                    unacked.append(producer.send(
+                        topic, key=readings.sensor_ids[i].encode(),
+                        value=encode_reading(readings.sensor_ids[i], ts, readings.values[i])))
                     sent += 1
+                    _drop_acknowledged(unacked)
                 if not loop or (limit is not None and sent >= limit):
                     break
                 shift += span
                 first_ts -= span  # keep --speedup pacing continuous across rounds
-        with converted_errors("flushing"):
-            producer.flush()
+            _flush(producer, unacked, settings.delivery_timeout_ms / 1000 + FLUSH_MARGIN_S)
+        close_timeout_s = CLOSE_TIMEOUT_S
     finally:
-        producer.close()
+        close_producer(producer, timeout_s=close_timeout_s)
     return sent
+
+
+def _flush(producer: KafkaProducer, unacked: deque, timeout_s: float) -> None:
+    """Wait for every reading sent to be acknowledged; raise the first failure, or say how many
+    are still pending after ``timeout_s`` (a broker that hangs leaves kafka-python's flush()
+    waiting for ever)."""
+    try:
+        producer.flush(timeout=timeout_s)
+    except KafkaTimeoutError:
+        pass
+    _drop_acknowledged(unacked)
+    if unacked:
+        raise KafkaTimeoutError(f"{len(unacked)} readings not acknowledged in {timeout_s:.0f} s")
+
+
+def _drop_acknowledged(unacked: deque) -> None:
+    """Drop the finished send futures from the front of ``unacked``; raise the error of the
+    first that failed."""
+    while unacked and unacked[0].is_done:
+        future = unacked.popleft()
+        future.get(timeout=0)  # raises what the producer or the brokers said
 
 
 def loop_span(finite_ts: np.ndarray) -> float:

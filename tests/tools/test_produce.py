@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+import time
 
+import numpy as np
 import pytest
 
+from streamer.core import Batch
+from streamer.kafka import KafkaConnection, ProducerSettings, ensure_topics
+from streamer.kafka.broker import LocalBroker
+from streamer.kafka.errors import KafkaClientError
 from streamer.tools.cli import main
+from streamer.tools.produce import Pace, produce
 
 
 @pytest.fixture
@@ -69,6 +77,38 @@ def test_rows_with_an_empty_value_or_bad_timestamp_are_skipped_and_counted_not_s
         ("a", 1717171717.0, 1.0), ("a", 1717172017.0, 6.0)]
     assert "skipping 5 rows" in err, err
 
+
+
+@pytest.mark.broker
+def test_readings_a_hung_broker_never_acknowledges_are_an_error_not_counted_as_sent():
+    # The broker stops answering mid-file. Unchecked, produce returned the whole count as sent
+    # once the records expired, or hung for ever in kafka-python's flush().
+    outcome: list = []
+    with LocalBroker() as broker:
+        ensure_topics(broker.bootstrap, {"readings": 1})
+        readings = Batch(sensor_ids=[f"s{i % 5}" for i in range(60)],
+                         ts=np.arange(60, dtype=np.float64) + 1.7e9,
+                         values=np.ones((60, 1)), n_values=np.ones(60, dtype=np.int64))
+
+        def run() -> None:
+            try:
+                outcome.append(produce(
+                    readings, KafkaConnection(bootstrap_servers=broker.bootstrap), "readings",
+                    Pace(rate=40.0),
+                    settings=ProducerSettings(request_timeout_ms=2000, delivery_timeout_ms=2500)))
+            except Exception as exc:  # noqa: BLE001 - the outcome under test
+                outcome.append(exc)
+
+        producing = threading.Thread(target=run, daemon=True)
+        producing.start()
+        time.sleep(0.5)
+        broker.freeze()
+        producing.join(timeout=60)
+        broker.thaw()
+    assert not producing.is_alive(), "produce hung on a broker that stopped answering"
+    [error] = outcome
+    assert isinstance(error, KafkaClientError), error
+    assert str(error).startswith("sending readings to readings failed: KafkaTimeoutError: "), error
 
 
 def test_a_broker_that_cannot_be_reached_is_a_one_line_error_with_exit_1(tmp_path, capsys):
