@@ -92,8 +92,7 @@ flagged (and no interval is widened more than MAX_LATE_WIDENING times). Two case
   and every other reading 0.913 (all of them paid for the mornings), now 0.86 and 0.901;
   Winkler 4.32 -> 3.86. The other readings' narrower intervals cost flags: 4.4 -> 5.9 per
   1,000 of them, 5.7 -> 5.6 over all readings with the mornings' 27 per 1,000 gone (below).
-  With a horizon only step 1 is widened so (steps 2..H have their own calibration, and the
-  step's target time its own gap rule: horizon.py);
+  With a horizon, steps 2..H are widened by their own calibration (horizon.py);
 - it comes later than expected (an outage): it is *scored* against the published interval
   widened for the time it had (its ``p``; whether it counts as inside and what the
   calibration learns are as published). A random walk's first reading after 100 missed ones

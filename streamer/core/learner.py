@@ -102,7 +102,8 @@ class Learner:
         if self.config.horizon > 1:
             h, k = self.config.horizon, N_HORIZON_EXPERTS
             self.horizon.forecast(none, none, values, none, none, values,
-                                  np.zeros((0, f, h, k)), values, values, values, 1.0, 0.1, 1.0)
+                                  np.zeros((0, f, h, k)), values, values, values, 1.0, 0.1, 1.0,
+                                  np.zeros((0, h)))
 
     @property
     def updates(self) -> int:
@@ -440,17 +441,17 @@ class Learner:
         result.expected_lower[rows] = cal.expected_lower
         result.expected_upper[rows] = cal.expected_upper
         if result.horizon is not None:
-            self._look_ahead(slots, g, values, base, enc, mem, forecast, cal, result.horizon,
-                             rows)
+            self._look_ahead(slots, g, values, ts, base, enc, mem, forecast, cal,
+                             result.horizon, rows)
         last = np.flatnonzero(pos == g.counts[g.member] - 1)
         self.stats.last_forecast[slots[last]] = forecast[last]
         self.stats.last_experts[slots[last]] = experts[last]
         self.stats.last_outlier[slots[last]] = enc.outlier[last]
         self.stats.before_last_value[slots[last]] = enc.prev_value[last]
 
-    def _look_ahead(self, slots: np.ndarray, g: Groups, values: np.ndarray, base: np.ndarray,
-                    enc: Encoded, mem: Recalled, forecast: np.ndarray, cal: Calibrated,
-                    out: HorizonResult, rows: np.ndarray) -> None:
+    def _look_ahead(self, slots: np.ndarray, g: Groups, values: np.ndarray, ts: np.ndarray,
+                    base: np.ndarray, enc: Encoded, mem: Recalled, forecast: np.ndarray,
+                    cal: Calibrated, out: HorizonResult, rows: np.ndarray) -> None:
         """Forecast the next H readings at each reading (horizon.py): reads the live state,
         changes none of it. ``base`` is the reading the steps start from: the value before a
         spike that step 1 expects to revert (experts.py), else the reading itself."""
@@ -461,7 +462,7 @@ class Learner:
         ahead = self.horizon.forecast(slots, number, values, enc.warm, enc.outlier.any(axis=1),
                                       enc.scale, experts, forecast, cal.lower, cal.upper,
                                       cfg.expert_eta, max(cfg.guard_alpha, MIN_HORIZON_ALPHA),
-                                      cfg.clip_z)
+                                      cfg.clip_z, _ahead_lateness(mem.ahead_ts, ts, enc.next_gap))
         out.forecast[rows], out.lower[rows], out.upper[rows] = (
             ahead.forecast, ahead.lower, ahead.upper)
         out.target_ts[rows] = mem.ahead_ts
@@ -597,6 +598,16 @@ def _next_lateness(expected_ts: np.ndarray, ts: np.ndarray, gap: np.ndarray) -> 
         late = (expected_ts - ts) / gap
     # Exactly 1 where no hour was skipped ((ts + gap) - ts is gap rounded to ts's precision).
     return np.where(np.isfinite(late) & (expected_ts != ts + gap), late, 1.0)
+
+
+def _ahead_lateness(ahead_ts: np.ndarray, ts: np.ndarray, gap: np.ndarray) -> np.ndarray:
+    """(M, H) how many typical gaps ``gap`` later than k gaps after each reading at ``ts`` its
+    k-th next reading is expected (``ahead_ts``, memory.py: past the hours the sensor never
+    reports in); 0 where unknown."""
+    k = np.arange(1, ahead_ts.shape[1] + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        late = (ahead_ts - ts[:, None]) / gap[:, None] - k
+    return np.where(np.isfinite(late), np.maximum(late, 0.0), 0.0)
 
 
 @kernel

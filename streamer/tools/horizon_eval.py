@@ -11,6 +11,7 @@ import numpy as np
 from streamer.core.batch import HorizonResult
 
 DAY, WEEK = 86_400.0, 604_800.0
+GAP_FACTOR = 3.0  # a gap longer than this many of the sensor's typical (median) gaps
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ class StepScore:
     vs_seasonal_actual_time: float
     coverage: float  # share of readings (per feature) inside the step's interval
     nonfinite: int = 0  # forecasts that were not finite numbers (left out above; a defect)
+    # The same for the readings whose k steps span a gap of over GAP_FACTOR typical gaps (a
+    # night of a sensor read by day, an outage) and how many pairs those are; NaN if none.
+    coverage_across_gaps: float = float("nan")
+    pairs_across_gaps: int = 0
 
     @property
     def vs_better(self) -> float:
@@ -45,7 +50,7 @@ def score_steps(sensor_ids: Sequence[str], ts: np.ndarray, values: np.ndarray,
     reading of its sensor. Pairs count once the target is a week past the sensor's first
     reading, so both seasonal naives exist; a seasonal naive only uses readings known when
     the forecast was made."""
-    n_cols = 8
+    n_cols = 10
     accepted = np.flatnonzero(status == 0)
     _, sensor_of = np.unique(np.asarray(sensor_ids, dtype=object)[accepted], return_inverse=True)
     order = np.argsort(sensor_of, kind="stable")  # each sensor's readings, in arrival order
@@ -56,6 +61,9 @@ def score_steps(sensor_ids: Sequence[str], ts: np.ndarray, values: np.ndarray,
     for part in np.split(order, bounds) if len(order) else []:  # none accepted: no sensor
         rows = accepted[part]
         t, y = ts[rows], values[rows]
+        gaps = np.diff(t)
+        big = gaps > GAP_FACTOR * np.median(gaps) if len(gaps) else gaps > 0
+        spanned = np.concatenate([[0], np.cumsum(big)])  # big gaps before each reading
         for k in range(1, h + 1):
             origin = np.arange(len(rows) - k)
             target = origin + k
@@ -78,11 +86,13 @@ def score_steps(sensor_ids: Sequence[str], ts: np.ndarray, values: np.ndarray,
             lo = horizon.lower[rows[origin], k - 1]
             hi = horizon.upper[rows[origin], k - 1]
             inside = ((truth >= lo) & (truth <= hi)).mean(axis=1)
-            sums[k].append((len(origin), *(e.mean() for e in errors), inside.sum()))
+            across = spanned[target] > spanned[origin]
+            sums[k].append((len(origin), *(e.mean() for e in errors), inside.sum(),
+                            across.sum(), inside[across].sum()))
     scores = []
     for k in range(1, h + 1):
         per = np.array(sums[k], dtype=np.float64).reshape(-1, n_cols)
-        n, model, persist, day, week, day_actual, week_actual, inside = per.T
+        n, model, persist, day, week, day_actual, week_actual, inside, n_gap, in_gap = per.T
         scores.append(StepScore(
             step=k, pairs=int(n.sum()), vs_persistence=_rel(model, persist),
             vs_day=_rel(model, day), vs_week=_rel(model, week),
@@ -90,6 +100,9 @@ def score_steps(sensor_ids: Sequence[str], ts: np.ndarray, values: np.ndarray,
             vs_seasonal_actual_time=_rel(model, np.minimum(day_actual, week_actual)),
             coverage=float(inside.sum() / n.sum()) if n.sum() else float("nan"),
             nonfinite=int(nonfinite[k]),
+            coverage_across_gaps=float(in_gap.sum() / n_gap.sum()) if n_gap.sum() else float(
+                "nan"),
+            pairs_across_gaps=int(n_gap.sum()),
         ))
     return scores
 
@@ -108,11 +121,13 @@ def _rel(model: np.ndarray, baseline: np.ndarray) -> float:
 
 def format_steps(scores: list[StepScore]) -> str:
     lines = [f"{'step':>4} {'pairs':>9} {'vs persist':>10} {'vs day':>7} {'vs week':>7} "
-             f"{'vs seasonal':>11} {'(actual time)':>13} {'coverage':>8}"]
+             f"{'vs seasonal':>11} {'(actual time)':>13} {'coverage':>8} "
+             f"{'across gaps':>11} {'(pairs)':>9}"]
     for s in scores:
         lines.append(f"{s.step:>4} {s.pairs:>9,} {s.vs_persistence:>10.3f} {s.vs_day:>7.3f} "
                      f"{s.vs_week:>7.3f} {s.vs_seasonal:>11.3f} {s.vs_seasonal_actual_time:>13.3f} "
-                     f"{s.coverage:>8.3f}")
+                     f"{s.coverage:>8.3f} {s.coverage_across_gaps:>11.3f} "
+                     f"{s.pairs_across_gaps:>9,}")
     bad = sum(s.nonfinite for s in scores)
     if bad:
         lines.append(f"{bad:,} forecasts were not finite numbers (left out above)")

@@ -19,6 +19,7 @@ from streamer.core.intervals import (
 )
 from streamer.tools.replay import backtest
 from tests.bench_intervals import paused_sensor
+from tests.core.conftest import daytime_fleet
 
 WARMUP = 200  # readings per sensor before coverage is measured (the benchmark's warm-up)
 
@@ -214,33 +215,10 @@ def test_a_sensor_back_from_an_outage_is_not_flagged_for_how_far_it_drifted_mean
     assert not any(flagged)
 
 
-def _daytime_fleet(n_sensors: int = 6, days: int = 40, seed: int = 3) -> Batch:
-    """Sensors read every 30 minutes from 08:00 to 16:30 UTC only (a car park, a shop): an
-    AR(1) at 0.98 a half hour that goes on unseen at night."""
-    rng = np.random.default_rng(seed)
-    steps = days * 48
-    t = 1.7e9 - (1.7e9 % 86400) + 1800.0 * np.arange(steps)
-    hour = (t % 86400) / 3600
-    seen = (hour >= 8) & (hour <= 16.5)
-    ids, ts, values = [], [], []
-    for s in range(n_sensors):
-        e = rng.normal(size=steps)
-        x = np.zeros(steps)
-        for i in range(1, steps):
-            x[i] = 0.98 * x[i - 1] + e[i]
-        ids += [f"p{s}"] * int(seen.sum())
-        ts.append(t[seen])
-        values.append(100 + 5 * x[seen])
-    ts_all = np.concatenate(ts)
-    order = np.argsort(ts_all, kind="stable")
-    return Batch.from_arrays(list(np.asarray(ids)[order]), ts_all[order],
-                             np.concatenate(values)[order])
-
-
 def test_the_interval_across_a_nightly_gap_covers_the_mornings_reading():
     # (the evening's interval was made for a reading half an hour later, and covered the
     # morning's 0.48 of the time, the other readings' 0.92: all of them paid for the mornings)
-    batch = _daytime_fleet()
+    batch = daytime_fleet()
     out, _ = backtest(batch, LearnerConfig(device="cpu"), batch_size=256)
     ids = np.asarray(batch.sensor_ids)
     mornings, others = [], []
@@ -257,7 +235,7 @@ def test_the_interval_across_a_nightly_gap_covers_the_mornings_reading():
 
 
 def test_a_daytime_fleets_intervals_and_scores_do_not_depend_on_how_its_stream_is_cut():
-    batch = _daytime_fleet(n_sensors=3, days=6)
+    batch = daytime_fleet(n_sensors=3, days=6)
     # No update: when the weights change depends on the cut, and the forecasts with it.
     serve_only = LearnerConfig(device="cpu", train_every=10**9)
     outs = [backtest(batch, serve_only, batch_size=n)[0] for n in (7, 500)]
@@ -376,7 +354,7 @@ def test_each_reading_is_scored_against_exactly_the_interval_its_previous_foreca
         fleet):
     # (daytime only: the evening's interval is widened for the morning's reading)
     batch = (_fleet("heteroscedastic", n_sensors=5, n_steps=400, seed=6)
-             if fleet == "every minute" else _daytime_fleet(n_sensors=3, days=6))
+             if fleet == "every minute" else daytime_fleet(n_sensors=3, days=6))
     learner = Learner(LearnerConfig(device="cpu"))
     emitted: dict[str, tuple] = {}
     checked = 0

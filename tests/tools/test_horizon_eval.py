@@ -36,3 +36,20 @@ def test_replay_with_a_horizon_writes_its_outputs_when_every_reading_is_rejected
     assert document["accepted"] == 0 and document["rejected"] == {"value_out_of_range": 3}
     assert [(s["step"], s["pairs"], s["vs_persistence"]) for s in document["steps"]] == [
         (1, 0, None), (2, 0, None), (3, 0, None)]
+
+
+def test_steps_report_coverage_over_the_readings_across_a_gap_apart():
+    # Hourly for nine days, then nothing for ten hours: step k's pairs from the k readings
+    # before the gap span it. Their intervals miss; every other one holds its reading.
+    ts = np.concatenate([np.arange(216) * 3600.0, 215 * 3600.0 + 36_000 + np.arange(5) * 3600])
+    n, h = len(ts), 2
+    horizon = HorizonResult.empty(n, 1, h, scored_steps(h))
+    horizon.forecast[:] = 5.0
+    horizon.lower[:], horizon.upper[:] = 4.0, 6.0
+    for k in range(1, h + 1):
+        horizon.lower[216 - k:216, k - 1] = 100.0
+    steps = score_steps(["a"] * n, ts + 1.7e9, np.full((n, 1), 5.0),
+                        np.zeros(n, dtype=np.int8), horizon)
+    assert [(s.step, s.pairs_across_gaps, s.coverage_across_gaps) for s in steps] == [
+        (1, 1, 0.0), (2, 2, 0.0)]
+    assert all(s.coverage == 1 - s.pairs_across_gaps / s.pairs for s in steps)
