@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import zipfile
 
 import numpy as np
 import pytest
@@ -52,6 +53,32 @@ def test_weights_of_another_shape_or_non_finite_are_refused():
     torch.save([1, 2, 3], buffer)
     with pytest.raises(w.WeightsError):
         w.loads(buffer.getvalue(), like=ours)
+
+
+def test_a_compressed_record_is_refused_before_it_is_unpacked():
+    # (a deflated record of 973 KB unpacked to 954 MB before any check; dumps stores entries)
+    ours = _weights(0)
+    deflated = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(w.dumps(ours))) as stored, \
+            zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as packed:
+        for entry in stored.infolist():
+            packed.writestr(entry.filename, stored.read(entry))
+    with pytest.raises(w.WeightsError, match="compressed"):
+        w.loads(deflated.getvalue(), like=ours)
+    buffer = io.BytesIO()
+    torch.save(ours, buffer, _use_new_zipfile_serialization=False)  # the legacy format
+    with pytest.raises(w.WeightsError):
+        w.loads(buffer.getvalue(), like=ours)
+
+
+def test_a_peers_tensors_that_require_grad_are_loaded_as_plain_values():
+    ours = _weights(0)
+    tracked = {k: t.clone().requires_grad_(True) for k, t in ours.items()}
+    buffer = io.BytesIO()
+    torch.save(tracked, buffer)
+    back = w.loads(buffer.getvalue(), like=ours)
+    assert not any(t.requires_grad for t in back.values())
+    assert all(torch.equal(back[k], ours[k]) for k in ours)
 
 
 def test_weighted_average_weighs_by_readings_and_falls_back_to_equal_weights():
