@@ -48,19 +48,26 @@ def ensure_topics(
 
     ``replication_factor=-1`` takes the broker's default, which is what production clusters
     configure; ``configs`` (e.g. ``cleanup.policy``) apply to the topics created here; an
-    existing topic is left as it is, whatever its partition count and configs.
+    existing topic is left as it is, whatever its partition count and configs. Only missing
+    topics are asked for: Kafka checks the permission to create before whether a topic
+    exists, so a cluster whose ACLs allow using a topic but not creating one would refuse
+    even an existing one (the model topic's thread retried that for ever, sharing nothing).
     """
     for name, count in partitions.items():
         if count < 1:
             raise ValueError(f"topic {name!r} needs at least 1 partition, got {count}")
     if not partitions:
         return []
-    spec = {
-        name: {"num_partitions": count, "replication_factor": replication_factor,
-               **({"configs": dict(configs)} if configs else {})}
-        for name, count in partitions.items()
-    }
     with admin_client(KafkaConnection.of(connection)) as admin:
+        with converted_errors("listing topics"):
+            existing = set(admin.list_topics())
+        spec = {
+            name: {"num_partitions": count, "replication_factor": replication_factor,
+                   **({"configs": dict(configs)} if configs else {})}
+            for name, count in partitions.items() if name not in existing
+        }
+        if not spec:
+            return []
         with converted_errors("creating topics"):
             result = admin.create_topics(spec, timeout_ms=int(timeout_s * 1000),
                                          raise_errors=False)

@@ -114,6 +114,20 @@ def test_a_controller_moving_during_creation_is_broker_unavailable_not_a_crash(b
 
 
 
+def test_existing_topics_are_never_asked_for_again(broker, monkeypatch):
+    # A cluster whose ACLs allow using a topic but not creating one answers a CreateTopics
+    # for it with TOPIC_AUTHORIZATION_FAILED, existing or not: so none may be sent for it.
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    ensure_topics(broker.bootstrap, {name: 1})
+
+    def refused(self, *args, **kwargs):
+        raise AssertionError("CreateTopics sent for a topic that exists")
+
+    monkeypatch.setattr(KafkaAdminClient, "create_topics", refused)
+    assert ensure_topics(broker.bootstrap, {name: 1}) == []
+    delete_topics(broker.bootstrap, [name])
+
+
 def test_a_topic_recreated_under_its_name_has_a_new_id_and_a_missing_one_none(broker):
     name = f"ids-{uuid.uuid4().hex[:8]}"
     ensure_topics(broker.bootstrap, {name: 1})
