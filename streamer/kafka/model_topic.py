@@ -30,6 +30,10 @@ BACKOFF_START_S, BACKOFF_MAX_S = 1.0, 30.0
 CLOSE_TIMEOUT_S = 5.0
 
 
+class LogEnded(Exception):
+    """The model topic now ends before where we read: read its new log from the start."""
+
+
 @dataclass(frozen=True)
 class ModelRecord:
     key: bytes | None
@@ -40,6 +44,10 @@ class ModelRecord:
     # Our wall clock when it arrived, for a record read live (at or past the topic's end when
     # this reader (re)connected); None for history, whose age only its create time can tell.
     arrived_s: float | None = None
+    # Which log of the topic its offset is on: one more each time the reader found the topic
+    # ending before where it had read (made again, or the brokers lost it), whose offsets
+    # start again from 0. Offsets order records of the same log only.
+    log: int = 0
 
 
 class ModelTopic:
@@ -51,6 +59,7 @@ class ModelTopic:
         self._outbox: dict[bytes, tuple[bytes | None, list[tuple[str, bytes]]]] = {}
         self._outbox_lock = threading.Lock()
         self._next_offset: int | None = None  # where a reconnect reads on from
+        self._log = 0  # ModelRecord.log of the records read now
         # The newest record read per key, not yet taken, in topic order: a worker starting
         # on an hour of uncompacted history (every publish of every worker) holds one record
         # per worker, not all of them.
@@ -103,8 +112,13 @@ class ModelTopic:
                     ensure_topics(self.connection, {self.topic: 1}, configs={
                         **TOPIC_CONFIG, "max.message.bytes": str(self.max_message_bytes)})
                     created = True
+                # auto_offset_reset "none": a position past the log's end (the topic was made
+                # again, or the brokers lost it) is an error, so that we reconnect and read the
+                # new log from its start, instead of kafka-python's reset to its end, which
+                # skipped what peers wrote to it meanwhile.
                 consumer = self.connection.kafka_python(
                     KafkaConsumer, group_id=None, enable_auto_commit=False,
+                    auto_offset_reset="none",
                     fetch_max_wait_ms=int(POLL_S * 1000),
                     max_partition_fetch_bytes=self.max_message_bytes * 2)
                 partition = TopicPartition(self.topic, 0)
@@ -117,8 +131,11 @@ class ModelTopic:
                     # (a topic that ends before where we were: made again, or the brokers lost
                     # it; read from its start, not from "latest" past what peers wrote since)
                     consumer.seek_to_beginning(partition)
+                    if self._next_offset is not None:
+                        self._log += 1
                 else:  # a reconnect: read on, not the whole history again
-                    consumer.seek(partition, self._next_offset)
+                    start = consumer.beginning_offsets([partition])[partition]
+                    consumer.seek(partition, max(self._next_offset, start))
                 self.caught_up = False
                 producer = self.connection.kafka_python(
                     KafkaProducer, acks="all", linger_ms=0,
@@ -164,9 +181,14 @@ class ModelTopic:
                         self._inbox.pop(r.key, None)  # to the end: topic order
                         self._inbox[r.key] = ModelRecord(
                             r.key, r.value, list(r.headers or []), r.timestamp / 1000.0,
-                            r.offset, now if r.offset >= live_from else None)
+                            r.offset, now if r.offset >= live_from else None, self._log)
                 self._next_offset = batch[-1].offset + 1
-            if not self.caught_up and consumer.position(partition) >= live_from:
+            position = consumer.position(partition)
+            end = consumer.highwater(partition)  # as of the last fetch; None before one
+            if end is not None and end < position:  # brokers that answer an empty fetch there
+                raise LogEnded(f"the topic ends at offset {end}, before ours ({position}): "
+                               "made again, or the brokers lost it")
+            if not self.caught_up and position >= live_from:
                 self.caught_up = True
 
 

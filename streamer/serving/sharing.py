@@ -58,6 +58,7 @@ class Entry:
     sequence: int
     offset: int | None  # its record's position on the topic, which orders that worker's records
     heard_at: float  # when it arrived, on our wall clock (from history: its create time): its age
+    log: int = 0  # the topic's log that offset is on (ModelRecord.log)
 
 
 class ModelBoard:
@@ -122,7 +123,7 @@ class ModelBoard:
             return None
         held = self.entries.get(worker)
         if held is not None and None not in (held.offset, record.offset) \
-                and record.offset <= held.offset:
+                and record.log == held.log and record.offset <= held.offset:
             return None  # written before what we hold (a re-read): the newer one stays
         self.departed.pop(worker, None)  # a newer record of it: not departed, or said already
         if record.value is None:  # a worker that left cleanly: left out of later averages
@@ -160,7 +161,7 @@ class ModelBoard:
                         abs(arrived - record.timestamp_s),
                         "behind" if record.timestamp_s < arrived else "ahead of")
         self.entries[worker] = Entry(worker, weights, readings, sequence, record.offset,
-                                     heard_at)
+                                     heard_at, record.log)
         self.version += 1
         return None
 

@@ -9,6 +9,7 @@ from kafka import KafkaConsumer, KafkaProducer
 
 from streamer.core import Learner, LearnerConfig
 from streamer.core import weights as w
+from streamer.kafka import delete_topics, ensure_topics
 from streamer.kafka.model_topic import ModelRecord, ModelTopic
 from streamer.serving.sharing import (
     DEPARTED_AFTER_S,
@@ -158,3 +159,22 @@ def test_a_worker_whose_key_is_tombstoned_while_it_serves_publishes_its_weights_
     written = [(r.key, r.value is None) for r in consumer]
     consumer.close()
     assert written == [(b"g/me", False), (b"g/me", True), (b"g/me", False)]
+
+
+def test_a_reader_of_a_remade_topic_reads_its_new_log_as_another_log(
+        broker, kafka_connection, topic_factory):
+    # Offsets order one log's records only: the board must not compare them across logs.
+    topic = topic_factory()
+    for i in range(3):
+        _send(broker.bootstrap, topic, b"g/b", int(time.time() * 1000), value=b"%d" % i)
+    reader = ModelTopic(kafka_connection, topic, 1_000_000)
+    reader.start()
+    try:
+        assert [(r.offset, r.log) for r in _received(reader, 1)] == [(2, 0)]
+        delete_topics(broker.bootstrap, [topic])
+        ensure_topics(broker.bootstrap, {topic: 1})
+        _send(broker.bootstrap, topic, b"g/b", int(time.time() * 1000), value=b"new")
+        remade = _received(reader, 1, timeout_s=30.0)
+        assert [(r.value, r.offset, r.log) for r in remade] == [(b"new", 0, 1)]
+    finally:
+        reader.close()

@@ -29,11 +29,12 @@ def _weights(shift: float) -> w.Weights:
 
 def _record(worker: str, weights: w.Weights | None, readings: int = 10, at: float = 100.0,
             group: str = "g", fingerprint: str = FP, sequence: int = 1,
-            offset: int | None = None, arrived: float | None = None) -> ModelRecord:
+            offset: int | None = None, arrived: float | None = None,
+            log: int = 0) -> ModelRecord:
     headers = [(H_GROUP, group.encode()), (H_FINGERPRINT, fingerprint.encode()),
                (H_READINGS, str(readings).encode()), (H_SEQUENCE, str(sequence).encode())]
     return ModelRecord(record_key(group, worker), None if weights is None else w.dumps(weights),
-                       headers, at, offset, arrived)
+                       headers, at, offset, arrived, log)
 
 
 def _offer(board: ModelBoard, record: ModelRecord, now: float = 100.0) -> str | None:
@@ -218,6 +219,18 @@ def test_a_record_written_before_the_held_one_or_history_past_the_ttl_is_not_tak
     assert _equal(board.entries["b"].weights, _weights(8.0))
     _offer(board, _record("c", _weights(3.0), at=10.0), now=100.0)
     assert "c" not in board.entries  # history past the TTL when read: skipped
+
+
+def test_records_on_a_remade_model_topic_are_taken_though_their_offsets_start_again():
+    # (the brokers lost the topic: its new log starts at offset 0; compared with the offsets
+    # held from the old one, a peer's new weights and its tombstone were ignored for a TTL)
+    board = _board(ttl=60.0)
+    board.ours(_weights(0.0), None, 10, 1, at=100.0)
+    _offer(board, _record("b", _weights(2.0), offset=5, arrived=100.0))
+    _offer(board, _record("b", _weights(4.0), offset=3, arrived=100.0, log=1))
+    assert _equal(board.entries["b"].weights, _weights(4.0))
+    _offer(board, _record("b", None, offset=4, arrived=100.0, log=1))
+    assert "b" not in board.entries
 
 
 @pytest.mark.parametrize("skew", [-3600.0, 3600.0])
