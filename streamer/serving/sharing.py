@@ -236,11 +236,19 @@ class ModelSharing:
 
     def checkpoint_durable(self, weights: w.Weights, readings: int) -> None:
         """A checkpoint holding ``weights`` is durable; ``readings`` were applied since the
-        previous one. Published at the next ``tick`` the interval allows."""
+        previous one. Published at the next ``tick`` the interval allows. Never raises (run
+        where the worker commits offsets, and in rebalance callbacks): a copy that fails (out
+        of device memory) is logged and counted, and the next checkpoint's is published."""
         self._readings += readings
-        if self._readings:  # else nothing new was learned: peers already have what we know
-            self._pending = w.copied(weights, self.learner.device)  # the checkpoint's: cpu
-            self._pending_shift = self._shift_at_copy
+        if not self._readings:  # nothing new was learned: peers already have what we know
+            return
+        try:
+            pending = w.copied(weights, self.learner.device)  # the checkpoint's are on the cpu
+        except Exception:  # noqa: BLE001 - never let the shared model stop forecasting
+            log.exception("copying the checkpoint's weights to publish failed; serving goes on")
+            self.metrics.observe_model_sync_failures(1)
+            return
+        self._pending, self._pending_shift = pending, self._shift_at_copy
 
     def tick(self) -> None:
         """Between micro-batches: read the board, publish, and average when due."""

@@ -8,7 +8,8 @@ import torch
 from streamer.core import Learner
 from streamer.core import weights as w
 from streamer.core.config import LearnerConfig
-from streamer.kafka.model_topic import ModelRecord
+from streamer.kafka import KafkaConnection
+from streamer.kafka.model_topic import ModelRecord, ModelTopic
 from streamer.serving.sharing import (
     DEPARTED_AFTER_S,
     H_FINGERPRINT,
@@ -16,8 +17,10 @@ from streamer.serving.sharing import (
     H_READINGS,
     H_SEQUENCE,
     ModelBoard,
+    ModelSharing,
     record_key,
 )
+from tests.conftest import unscraped_metrics
 
 CONFIG = LearnerConfig(hidden_size=8, initial_capacity=4)
 FP = CONFIG.fingerprint()
@@ -310,3 +313,21 @@ def test_a_tombstone_of_our_own_key_read_live_while_we_serve_marks_us_erased():
     assert not board.erased  # history
     assert _offer(board, _record("a", None, offset=3, arrived=100.0)) is None
     assert board.erased and "a" in board.entries
+
+
+def test_a_checkpoint_whose_weights_cannot_be_copied_is_counted_never_raised(monkeypatch):
+    # Called where the worker commits offsets: an exception there stopped serving.
+    learner, metrics = Learner(CONFIG), unscraped_metrics()
+    sharing = ModelSharing(learner, ModelTopic(KafkaConnection("127.0.0.1:1"), "t", 1 << 20),
+                           "a", "g", 0.0, 60.0, metrics)  # never started: no I/O
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(w, "copied", out_of_memory)
+    sharing.checkpoint_durable(learner.weights(), readings=5)
+    assert metrics.model_sync_failures._value.get() == 1
+    monkeypatch.undo()
+    sharing.checkpoint_durable(learner.weights(), readings=5)  # the next one is published
+    assert sharing._pending is not None and sharing._readings == 10
+
