@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import math
@@ -121,10 +122,15 @@ class Worker:
         try:
             self.health.start()
         except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    f"invalid configuration: {setting_name('metrics.port')}: cannot listen on "
+                    f"{m.host}:{m.port}: {exc.strerror or exc} (another process has it? 0 picks "
+                    "a free port)") from exc
+            # Not the port: a host that is not an address of this machine, or no address.
             raise ConfigError(
-                f"invalid configuration: {setting_name('metrics.port')}: cannot listen on "
-                f"{m.host}:{m.port}: {exc.strerror or exc} (another process has it? 0 picks a "
-                "free port)") from exc
+                f"invalid configuration: {setting_name('metrics.host')}: cannot listen on "
+                f"{m.host}:{m.port}: {exc.strerror or exc} (0.0.0.0: every interface)") from exc
 
     def _serve(self) -> int:
         log.info("worker %s started on %s, consuming %s", self.worker_id, self.learner.device,

@@ -657,7 +657,11 @@ def test_invalid_config_exits_2_naming_the_field():
     ({}, ["--metrics-port", "{taken}"],
      "invalid configuration: metrics.port (STREAMER_METRICS__PORT / --metrics-port): cannot "
      "listen on 0.0.0.0:{taken}: Address already in use"),
-], ids=["section-not-json", "device-missing", "checkpoint-dir-impossible", "metrics-port-taken"])
+    ({}, ["--metrics-host", "192.0.2.1", "--metrics-port", "9"],  # TEST-NET: not ours
+     "invalid configuration: metrics.host (STREAMER_METRICS__HOST / --metrics-host): cannot "
+     "listen on 192.0.2.1:9: Cannot assign requested address"),
+], ids=["section-not-json", "device-missing", "checkpoint-dir-impossible", "metrics-port-taken",
+        "metrics-host-not-ours"])
 def test_settings_that_fail_at_start_exit_2_naming_the_setting_without_a_traceback(
         env, args, message, tmp_path):
     own = {k: v for k, v in os.environ.items() if not k.startswith("STREAMER_")}
