@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import ssl
 import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -343,6 +344,28 @@ class KafkaSettings(_Section):
                                 f"{exc.strerror or exc}")
         if problems:
             raise _conflict("; ".join(problems))
+        self._check_ssl_files_usable()
+
+    def _check_ssl_files_usable(self) -> None:
+        """Loaded as the client will load them: a file that is not PEM, or a certificate and
+        key that do not match, failed only in the client's TLS handshake, logged by
+        kafka-python among its retries while the worker said "Unable to bootstrap"."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        if self.ssl_cafile is not None:
+            try:
+                context.load_verify_locations(cafile=str(self.ssl_cafile))
+            except ssl.SSLError as exc:
+                raise _conflict(f"{_named('kafka.ssl_cafile')}: {str(self.ssl_cafile)!r} holds "
+                                f"no PEM CA certificate ({exc.reason or exc})") from None
+        if self.ssl_certfile is not None:
+            key = str(self.ssl_keyfile) if self.ssl_keyfile is not None else None
+            try:  # no password setting: an encrypted key cannot be used (and never prompts)
+                context.load_cert_chain(str(self.ssl_certfile), key, password=lambda: b"")
+            except ssl.SSLError as exc:
+                names = _named("kafka.ssl_certfile") + (
+                    f" and {_named('kafka.ssl_keyfile')}" if key else "")
+                raise _conflict(f"{names}: not a PEM client certificate with its unencrypted "
+                                f"private key ({exc.reason or exc})") from None
 
 
 class ModelSettings(_Section):

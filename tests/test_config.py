@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -358,9 +360,42 @@ def test_ssl_key_needs_its_certificate() -> None:
     )
 
 
-def test_ssl_files_must_be_readable_at_load(tmp_path: Path) -> None:
-    ca = tmp_path / "ca.pem"
-    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+@pytest.fixture
+def tls_files(tmp_path: Path) -> dict[str, Path]:
+    """A self-signed certificate and its key (PEM), as openssl makes them, and another key."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    files = {name: tmp_path / f"{name}.pem" for name in ("cert", "key", "other_key")}
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=streamer-test", "-keyout", str(files["key"]),
+                    "-out", str(files["cert"])], check=True, capture_output=True)
+    subprocess.run(["openssl", "genrsa", "-out", str(files["other_key"]), "2048"], check=True,
+                   capture_output=True)
+    return files
+
+
+def test_ssl_files_are_loaded_at_start_as_the_client_loads_them(tls_files, tmp_path) -> None:
+    # (a file that was no PEM, or a key of another certificate, failed only in the TLS
+    # handshake: the worker retried "Unable to bootstrap" for ever)
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("sensor_id,ts,value\n")
+    ssl_on = {"kafka.security_protocol": "SSL"}
+    assert error_message({**ssl_on, "kafka.ssl_cafile": str(garbage)}).startswith(
+        "invalid configuration: kafka.ssl_cafile (STREAMER_KAFKA__SSL_CAFILE / "
+        f"--kafka-ssl-cafile): '{garbage}' holds no PEM CA certificate (")
+    assert error_message({**ssl_on, "kafka.ssl_certfile": str(tls_files["cert"]),
+                          "kafka.ssl_keyfile": str(tls_files["other_key"])}).startswith(
+        "invalid configuration: kafka.ssl_certfile (STREAMER_KAFKA__SSL_CERTFILE / "
+        "--kafka-ssl-certfile) and kafka.ssl_keyfile (STREAMER_KAFKA__SSL_KEYFILE / "
+        "--kafka-ssl-keyfile): not a PEM client certificate with its unencrypted private key (")
+    settings = load_settings({**ssl_on, "kafka.ssl_cafile": str(tls_files["cert"]),
+                              "kafka.ssl_certfile": str(tls_files["cert"]),
+                              "kafka.ssl_keyfile": str(tls_files["key"])})
+    assert settings.kafka.connection().ssl_keyfile == str(tls_files["key"])
+
+
+def test_ssl_files_must_be_readable_at_load(tls_files, tmp_path: Path) -> None:
+    ca = tls_files["cert"]
     overrides = {"kafka.security_protocol": "SSL", "kafka.ssl_cafile": str(ca),
                  "kafka.ssl_certfile": str(tmp_path / "missing.pem"),
                  "kafka.ssl_keyfile": str(tmp_path)}
