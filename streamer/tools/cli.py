@@ -273,6 +273,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.plot:
         _require("matplotlib", "matplotlib", "plot", "--plot")
     readings = _read_readings(args.file, limit=args.limit)
+    columns, features = readings.values.shape[1], settings.model.n_features
+    if len(readings) and columns != features:  # else every reading: wrong_feature_count
+        raise ConfigError(f"{args.file} has {columns} value columns but the model reads "
+                          f"{features} per reading: set {setting_name('model.n_features')} "
+                          f"to {columns}")
     outputs, report = backtest(readings, settings.learner_config(), args.batch_size)
     print(format_report(report, top=args.top))
     steps = []

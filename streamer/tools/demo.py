@@ -33,6 +33,8 @@ def run_demo(readings: Batch, source: str, pace: Pace, duration: float | None,
         "kafka.group_id": "streamer-demo", "kafka.session_timeout_ms": "6000",
         "kafka.heartbeat_interval_ms": "1000", "kafka.fetch_max_wait_ms": "100",
         "metrics.port": str(metrics_port), "checkpoint.interval_seconds": "30",
+        # As many features as the file has value columns: the model fits the file.
+        "model.n_features": str(readings.values.shape[1]),
     }
     # A taken port stops the demo here, before the broker starts; 0 becomes the port it got.
     port = bindable_port(load_settings(overrides).metrics.host, metrics_port)

@@ -71,6 +71,19 @@ def test_ctrl_c_stops_the_demo_cleanly_without_broker_errors(broker) -> None:
         assert symptom not in err, err[-3000:]
 
 
+@pytest.mark.broker
+def test_the_demo_reads_a_file_of_several_value_columns_as_that_many_features(
+        broker, tmp_path) -> None:
+    # (with the model's default of one feature, every reading went to the dead letters)
+    path = tmp_path / "two.csv"
+    rows = [f"s{i % 3},{1717171717 + 60 * (i // 3)},{i % 7},{i % 5}" for i in range(1200)]
+    path.write_text("sensor_id,ts,a,b\n" + "\n".join(rows) + "\n")
+    demo = _demo("--file", str(path), "--duration", "15", "--rate", "200")
+    out, err = demo.communicate(timeout=120)
+    assert demo.returncode == 0, err[-3000:]
+    assert _produced(out) > 0 and re.findall(r"dlq\s+([\d,]+)", out)[-1] == "0", out[-2000:]
+
+
 def test_a_taken_metrics_port_stops_the_demo_before_it_starts_with_exit_2(taken_port) -> None:
     demo = _demo("--metrics-port", str(taken_port), "--duration", "20")
     out, err = demo.communicate(timeout=120)

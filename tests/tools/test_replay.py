@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from streamer.core import LearnerConfig, Reason
+from streamer.tools.cli import main
 from streamer.tools.readings_csv import read_csv, well_formed
 from streamer.tools.replay import backtest, forecasts_header, score
 from tests.core.conftest import sine_fleet
@@ -290,3 +291,16 @@ def test_json_report_is_strict_json_while_figures_are_unknown(fleet_csv, tmp_pat
 
     document = json.loads(report.read_text(), parse_constant=refuse)
     assert document["rel_mae"] is None and document["accepted"] == 1
+
+
+def test_a_file_of_more_value_columns_than_the_model_reads_is_refused_naming_the_setting(
+        tmp_path, capsys):
+    # (every reading was rejected as wrong_feature_count, though each row matched its header)
+    path = tmp_path / "two.csv"
+    path.write_text("sensor_id,ts,a,b\nx,1717171717,1,2\nx,1717171777,2,3\n")
+    assert main(["replay", str(path), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == (
+        f"streamer replay: {path} has 2 value columns but the model reads 1 per reading: set "
+        "model.n_features (STREAMER_MODEL__N_FEATURES / --model-n-features) to 2\n")
+    assert main(["replay", str(path), "--device", "cpu", "--model-n-features", "2"]) == 0
+
