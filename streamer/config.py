@@ -179,8 +179,9 @@ class KafkaSettings(_Section):
     produce_timeout_s: float = Field(
         30.0, gt=0, le=MAX_PRODUCE_TIMEOUT_S,
         description="How long to wait for the brokers to acknowledge produced records; the "
-        "producer gives up on a record after as long (at most 60 s: a loop waiting longer "
-        "would look hung to /healthz, which allows 120 s).",
+        "producer gives up on a record after as long, but no sooner than its request timeout "
+        "allows (about 10 s; at most 60 s: a loop waiting longer would look hung to /healthz, "
+        "which allows 120 s).",
     )
     compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
         "none", description="Compression of the batches streamer produces; input batches are "
@@ -564,8 +565,9 @@ class CheckpointSettings(_Section):
     )
     allow_fresh_start: bool = Field(
         True,
-        description="Start from fresh weights when no usable checkpoint exists; when off, "
-        "start-up fails instead.",
+        description="Start from fresh weights when checkpoint files exist but none is usable "
+        "(corrupt, another model configuration); when off, start-up fails instead (exit 1). A "
+        "first start, with no checkpoint files, starts fresh either way.",
     )
 
     @model_validator(mode="after")
