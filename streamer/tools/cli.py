@@ -46,8 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--limit", type=_positive_int, help="stop after this many readings")
     produce.add_argument("--loop", action="store_true",
                          help="repeat the file forever, shifting timestamps forward each round")
-    produce.add_argument("--bootstrap-servers", help="default: STREAMER_KAFKA__BOOTSTRAP_SERVERS")
-    produce.add_argument("--topic", help="default: STREAMER_KAFKA__INPUT_TOPIC")
+    # Also under the worker's names, which an invalid value's message names.
+    produce.add_argument("--bootstrap-servers", "--kafka-bootstrap-servers",
+                         dest="bootstrap_servers",
+                         help="default: STREAMER_KAFKA__BOOTSTRAP_SERVERS")
+    produce.add_argument("--topic", "--kafka-input-topic", dest="topic",
+                         help="default: STREAMER_KAFKA__INPUT_TOPIC")
 
     replay = commands.add_parser(
         "replay", help="backtest the learner over a CSV, no Kafka",

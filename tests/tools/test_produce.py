@@ -120,3 +120,15 @@ def test_a_broker_that_cannot_be_reached_is_a_one_line_error_with_exit_1(tmp_pat
     assert code == 1 and "Traceback" not in err, err
     assert last.startswith("streamer produce: connecting the producer failed: ") and \
         "127.0.0.1:1" in last, err
+
+
+def test_an_invalid_topic_names_a_flag_that_produce_has(tmp_path, capsys):
+    path = tmp_path / "readings.csv"
+    path.write_text("sensor_id,ts,value\na,1717171717,1\n")
+    for flag in ("--topic", "--kafka-input-topic"):  # the message names the second
+        code = main(["produce", str(path), "--bootstrap-servers", "127.0.0.1:1", flag,
+                     "bad topic"])
+        err = capsys.readouterr().err
+        assert code == 2 and "kafka.input_topic (STREAMER_KAFKA__INPUT_TOPIC / "\
+            "--kafka-input-topic)" in err, err
+
