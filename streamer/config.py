@@ -619,7 +619,8 @@ class LogSettings(_Section):
     """Logging."""
 
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
-        "INFO", description="Lowest level logged."
+        "INFO", description="Lowest level logged (the Kafka library's at WARNING at least, "
+        "and each of its messages once a minute, saying how many like it were left out)."
     )
     format: Literal["plain", "json"] = Field(
         "plain", description="plain for people, json for log collectors."

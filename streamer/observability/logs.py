@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 
@@ -27,9 +28,45 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+# kafka-python logs every failed connection attempt, at ERROR, several lines each: a worker
+# that could not reach its brokers for 20 s wrote 84 such lines against its own 9.
+REPEAT_WINDOW_S = 60.0
+_NUMBERS = re.compile(r"\d+(\.\d+)?")
+
+
+class RepeatFilter(logging.Filter):
+    """Lets through one of the library's messages that differ only in their numbers (ports,
+    node ids, backoffs) per REPEAT_WINDOW_S, the next one saying how many were left out; a
+    different message (another cause) always passes. Streamer's own logs are never held."""
+
+    def __init__(self, prefix: str = "kafka", window_s: float = REPEAT_WINDOW_S,
+                 clock=time.monotonic):
+        super().__init__()
+        self.prefix, self.window_s, self.clock = prefix, window_s, clock
+        self._seen: dict[tuple, list] = {}  # key -> [when shown, how many held since]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (record.name == self.prefix or record.name.startswith(self.prefix + ".")):
+            return True
+        key = (record.name, record.levelno, _NUMBERS.sub("#", record.getMessage()))
+        now, seen = self.clock(), self._seen.get(key)
+        if seen is not None and now - seen[0] < self.window_s:
+            seen[1] += 1
+            return False
+        if seen is not None and seen[1]:
+            record.msg, record.args = (f"{record.getMessage()} ({seen[1]} more like it in the "
+                                       f"last {self.window_s:.0f} s not shown)"), None
+        if len(self._seen) > 1000:  # a library logging ever new texts: start again
+            self._seen.clear()
+        self._seen[key] = [now, 0]
+        return True
+
+
 def configure_logging(level: str = "INFO", fmt: str = "plain") -> None:
-    """Route all logs to stderr in the chosen format (idempotent)."""
+    """Route all logs to stderr in the chosen format (idempotent), the Kafka library's
+    repeats thinned (``RepeatFilter``)."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RepeatFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

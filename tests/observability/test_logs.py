@@ -1,0 +1,39 @@
+"""Logs: the Kafka library's repeated messages are thinned, streamer's own never."""
+
+from __future__ import annotations
+
+import logging
+
+from streamer.observability.logs import RepeatFilter
+
+
+def _record(name: str, msg: str, *args: object, level: int = logging.ERROR) -> logging.LogRecord:
+    return logging.LogRecord(name, level, __file__, 1, msg, args, None)
+
+
+def test_the_librarys_repeats_pass_once_a_minute_saying_how_many_were_left_out():
+    now = [0.0]
+    kept = RepeatFilter(window_s=60.0, clock=lambda: now[0])
+    refused = "Bootstrap connection to %s failed: %s (backoff %.2f secs)"
+    shown = []
+    for i in range(50):  # a failed connection every 0.1 s: other ports and backoffs each time
+        now[0] = i * 0.1
+        record = _record("kafka.net.manager", refused, f"127.0.0.1:{9000 + i}", "ECONNREFUSED",
+                         0.05 + i / 1000)
+        if kept.filter(record):
+            shown.append(record.getMessage())
+    assert len(shown) == 1
+    now[0] = 61.0
+    again = _record("kafka.net.manager", refused, "127.0.0.1:1", "ECONNREFUSED", 0.1)
+    assert kept.filter(again)
+    assert again.getMessage().endswith("(49 more like it in the last 60 s not shown)")
+
+
+def test_another_cause_and_streamers_own_messages_always_pass():
+    kept = RepeatFilter(clock=lambda: 0.0)
+    assert kept.filter(_record("kafka.net.connection", "%s: Connection lost: %s", "a", "111"))
+    assert kept.filter(_record("kafka.net.connection", "%s: Connection lost: %s", "a",
+                               "[SSL] PEM lib"))  # a different cause is shown at once
+    for _ in range(3):
+        assert kept.filter(_record("streamer.worker", "broker trouble (%s)", "x",
+                                   level=logging.WARNING))
