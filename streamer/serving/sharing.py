@@ -118,7 +118,11 @@ class ModelBoard:
             return "garbage"
         worker = record.key[len(prefix):].decode()
         if worker == self.me:  # ours: the board has them already
-            if record.value is None and record.arrived_s is not None and self.me in self.entries:
+            # A tombstone of our key while we serve (read live, or written after our last
+            # publish and read as history after a reconnect): peers dropped us.
+            mine = self.entries.get(self.me)
+            if record.value is None and mine is not None and (
+                    record.arrived_s is not None or record.timestamp_s > mine.heard_at):
                 self.erased = True
             return None
         held = self.entries.get(worker)

@@ -309,10 +309,19 @@ def test_a_tombstone_of_our_own_key_read_live_while_we_serve_marks_us_erased():
     assert _offer(board, _record("a", None, offset=1, arrived=100.0)) is None
     assert not board.erased  # nothing published yet: nothing to restore
     board.ours(_weights(1.0), None, 10, 1, at=100.0)
-    assert _offer(board, _record("a", None, offset=2)) is None
-    assert not board.erased  # history
+    assert _offer(board, _record("a", None, offset=2, at=90.0)) is None
+    assert not board.erased  # history from before our publish
     assert _offer(board, _record("a", None, offset=3, arrived=100.0)) is None
     assert board.erased and "a" in board.entries
+
+
+def test_a_tombstone_of_our_key_written_while_our_reader_was_away_marks_us_erased():
+    # Read after a reconnect it is history (no arrival time), but written after our publish:
+    # ignored, peers left us out until our next publish (never, for an idle worker).
+    board = _board(me="a")
+    board.ours(_weights(1.0), None, 10, 1, at=100.0)
+    assert _offer(board, _record("a", None, offset=4, at=150.0), now=160.0) is None
+    assert board.erased
 
 
 def test_a_checkpoint_whose_weights_cannot_be_copied_is_counted_never_raised(monkeypatch):
