@@ -427,8 +427,9 @@ def test_worker_survives_a_broker_that_comes_back_empty_and_reads_the_new_log_wh
         own.start()
         ensure_topics(own.bootstrap, {"in-l": 2})
         produce_to(own.bootstrap, "in-l", _stream(3, 12, t0=1.8e9))  # 36 readings > 15
-        deadline = time.monotonic() + 60
-        while worker.log().count("created topics") < 2 and time.monotonic() < deadline:
+        deadline, outputs_made = time.monotonic() + 60, "created topics ['dlq-l', 'out-l', "
+        while (worker.log_path.read_text(errors="replace").count(outputs_made) < 2
+               and time.monotonic() < deadline):  # the whole log: log() is its tail
             time.sleep(0.2)  # (consume only then: a consumer could auto-create them)
         outputs = ["out-l", "dlq-l", "out-l-anomalies"]
         assert partition_counts(own.bootstrap, outputs) == dict.fromkeys(outputs, 2), worker.log()
