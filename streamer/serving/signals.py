@@ -11,7 +11,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 log = logging.getLogger("streamer.worker")
@@ -20,6 +20,33 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Ctrl-C reaches a wrapper that forwards it as well as its child): not "now".
 SAME_REQUEST_S = 0.5
 _first_at: float | None = None  # monotonic time of the last stop request by signal
+
+
+def _not_nested(handler: Callable[[int, object], None]) -> Callable[[int, object], None]:
+    """``handler``, returning at once when a signal arrives while it runs. A second signal
+    right behind the first (``timeout`` signals its child and then its process group) ran the
+    handler again inside the first's ``Event.set``, whose lock is not reentrant: the demo hung
+    there for ever, and a worker could too. The nested one is the same request."""
+    running = False
+
+    def guarded(signum: int, frame: object) -> None:
+        nonlocal running
+        if running:
+            return
+        running = True
+        try:
+            handler(signum, frame)
+        finally:
+            running = False
+
+    return guarded
+
+
+def set_on_signals(event: threading.Event) -> None:
+    """Make SIGTERM and SIGINT set ``event`` (every time: nothing exits at once)."""
+    handler = _not_nested(lambda _signum, _frame: event.set())
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handler)
 
 
 def stop_on_signals(stopping: threading.Event) -> None:
@@ -41,8 +68,9 @@ def stop_on_signals(stopping: threading.Event) -> None:
                  "exits at once", name, name)
         stopping.set()
 
+    handler = _not_nested(on_signal)
     for sig in STOP_SIGNALS:
-        signal.signal(sig, on_signal)
+        signal.signal(sig, handler)
 
 
 @contextmanager

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import socket
 import sys
 import tempfile
@@ -16,6 +15,7 @@ from streamer.core import REJECTION_REASONS, Batch
 from streamer.kafka.admin import ensure_topics
 from streamer.kafka.broker import LocalBroker
 from streamer.observability.logs import configure_logging
+from streamer.serving.signals import set_on_signals
 from streamer.serving.worker import Worker
 from streamer.tools.produce import Pace, produce
 
@@ -40,8 +40,7 @@ def run_demo(readings: Batch, source: str, pace: Pace, duration: float | None,
     port = bindable_port(load_settings(overrides).metrics.host, metrics_port)
     overrides["metrics.port"] = str(port)
     stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    set_on_signals(stop)
     failures: list[tuple[str, Exception]] = []
     with LocalBroker() as broker, tempfile.TemporaryDirectory(prefix="streamer-demo-") as ckpt:
         settings = load_settings({**overrides, "kafka.bootstrap_servers": broker.bootstrap,

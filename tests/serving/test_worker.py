@@ -351,6 +351,35 @@ def test_one_stop_request_delivered_twice_at_once_is_a_clean_stop(monkeypatch):
         assert stopping.is_set()
 
 
+class _SignalledWhileSetting(threading.Event):
+    """An Event whose set() is interrupted once, inside its lock, by the same signal again (as
+    ``timeout`` does: it signals its child, then the child's process group)."""
+
+    def set(self) -> None:
+        with self._cond:
+            if not getattr(self, "_nested", False):
+                self._nested = True
+                signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # what a signal now runs
+            self._flag = True
+            self._cond.notify_all()
+
+
+@pytest.mark.parametrize("install", [signals.stop_on_signals, signals.set_on_signals],
+                         ids=["worker", "demo"])
+def test_a_signal_arriving_while_the_last_one_is_handled_does_not_hang_the_process(install):
+    # (the README's demo check hung for ever that way: the handler, run again inside the
+    # first one's Event.set, waited for the lock that set held)
+    stopping = _SignalledWhileSetting()
+    with signals.stop_requests():  # the handlers from before are back afterwards
+        install(stopping)
+        handling = threading.Thread(
+            target=signal.getsignal(signal.SIGINT), args=(signal.SIGINT, None), daemon=True)
+        handling.start()
+        handling.join(timeout=5)
+    assert not handling.is_alive(), "the nested signal handler deadlocked"
+    assert stopping.is_set()
+
+
 def test_a_second_signal_to_a_serving_worker_exits_at_once_and_the_first_only_stops_it(
         monkeypatch):
     _exit_raises(monkeypatch)
