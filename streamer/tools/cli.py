@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import json
@@ -105,8 +106,28 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_KAFKA
 
 
-def _settings(args: argparse.Namespace):
-    settings = settings_from_args(args)  # raises ConfigError before anything connects
+# What `streamer replay` never uses: a deployment's environment for them (a bootstrap server
+# only its pods resolve, say) must not stop a backtest run in the same shell.
+NOT_REPLAYED = ("kafka", "metrics", "checkpoint", "sharing")
+
+
+@contextlib.contextmanager
+def _environ_without(sections: tuple[str, ...]):
+    """os.environ without the STREAMER_ variables of ``sections``, inside."""
+    names = tuple(f"STREAMER_{section.upper()}" for section in sections)
+    hidden = {k: v for k, v in os.environ.items()
+              if any(k == n or k.startswith(n + "__") for n in names)}
+    for k in hidden:
+        del os.environ[k]
+    try:
+        yield
+    finally:
+        os.environ.update(hidden)
+
+
+def _settings(args: argparse.Namespace, unused: tuple[str, ...] = ()):
+    with _environ_without(unused):
+        settings = settings_from_args(args)  # raises ConfigError before anything connects
     _check_device(settings.device)
     from streamer.observability.logs import configure_logging
 
@@ -257,7 +278,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = _settings(args, unused=NOT_REPLAYED)
     from streamer.tools.horizon_eval import format_steps, score_steps
     from streamer.tools.replay import (
         backtest,

@@ -304,3 +304,18 @@ def test_a_file_of_more_value_columns_than_the_model_reads_is_refused_naming_the
         "model.n_features (STREAMER_MODEL__N_FEATURES / --model-n-features) to 2\n")
     assert main(["replay", str(path), "--device", "cpu", "--model-n-features", "2"]) == 0
 
+
+
+def test_a_deployments_kafka_and_checkpoint_environment_does_not_stop_a_replay(
+        tmp_path, monkeypatch, capsys):
+    # (replay needs no Kafka, metrics, checkpoints or sharing: their variables, invalid here,
+    # stopped it with exit 2 naming a flag replay does not have)
+    path = tmp_path / "r.csv"
+    path.write_text("sensor_id,ts,value\na,1717171717,1\na,1717171777,2\n")
+    monkeypatch.setenv("STREAMER_KAFKA__BOOTSTRAP_SERVERS", "not a server")
+    monkeypatch.setenv("STREAMER_CHECKPOINT", "not json")
+    monkeypatch.setenv("STREAMER_METRICS__PORT", "-1")
+    assert main(["replay", str(path), "--device", "cpu"]) == 0, capsys.readouterr().err
+    monkeypatch.setenv("STREAMER_TRAINING__LR", "-1")  # what replay uses is still checked
+    assert main(["replay", str(path), "--device", "cpu"]) == 2
+    assert "STREAMER_TRAINING__LR" in capsys.readouterr().err
