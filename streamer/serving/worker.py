@@ -84,8 +84,10 @@ class Worker:
             self.durability = Durability(self.learner, self.ledger, c, self.worker_id,
                                          self.metrics, listener=self.sharing)
         except OSError as exc:  # the directory cannot be created or listed
+            # (mkdir says "File exists" of a file: say what is wrong with it)
+            why = "a file, not a directory" if c.dir.is_file() else exc.strerror or exc
             raise ConfigError(f"invalid configuration: {setting_name('checkpoint.dir')}: cannot "
-                              f"use {str(c.dir)!r}: {exc.strerror or exc}") from exc
+                              f"use {str(c.dir)!r}: {why}") from exc
         self._client: StreamClient | None = None
         self._topics_ready = False  # the topics it writes to exist (created when missing)
         self._outputs_seen = False  # ... and were there once (since start-up)

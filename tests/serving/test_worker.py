@@ -684,14 +684,17 @@ def test_invalid_config_exits_2_naming_the_field():
     ({}, ["--checkpoint-dir", "/proc/nope/ck"],
      "invalid configuration: checkpoint.dir (STREAMER_CHECKPOINT__DIR / --checkpoint-dir): "
      "cannot use '/proc/nope/ck': No such file or directory"),
+    ({}, ["--checkpoint-dir", "/proc/version"],
+     "invalid configuration: checkpoint.dir (STREAMER_CHECKPOINT__DIR / --checkpoint-dir): "
+     "cannot use '/proc/version': a file, not a directory"),
     ({}, ["--metrics-port", "{taken}"],
      "invalid configuration: metrics.port (STREAMER_METRICS__PORT / --metrics-port): cannot "
      "listen on 0.0.0.0:{taken}: Address already in use"),
     ({}, ["--metrics-host", "192.0.2.1", "--metrics-port", "9"],  # TEST-NET: not ours
      "invalid configuration: metrics.host (STREAMER_METRICS__HOST / --metrics-host): cannot "
      "listen on 192.0.2.1:9: Cannot assign requested address"),
-], ids=["section-not-json", "device-missing", "checkpoint-dir-impossible", "metrics-port-taken",
-        "metrics-host-not-ours"])
+], ids=["section-not-json", "device-missing", "checkpoint-dir-impossible", "checkpoint-dir-a-file",
+        "metrics-port-taken", "metrics-host-not-ours"])
 def test_settings_that_fail_at_start_exit_2_naming_the_setting_without_a_traceback(
         env, args, message, tmp_path):
     own = {k: v for k, v in os.environ.items() if not k.startswith("STREAMER_")}
