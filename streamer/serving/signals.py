@@ -19,7 +19,6 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # A second signal this soon after the first is the same request delivered twice (a terminal's
 # Ctrl-C reaches a wrapper that forwards it as well as its child): not "now".
 SAME_REQUEST_S = 0.5
-_first_at: float | None = None  # monotonic time of the last stop request by signal
 
 
 def _not_nested(handler: Callable[[int, object], None]) -> Callable[[int, object], None]:
@@ -42,9 +41,16 @@ def _not_nested(handler: Callable[[int, object], None]) -> Callable[[int, object
     return guarded
 
 
+def _set_soon(event: threading.Event) -> None:
+    """Set ``event`` from a thread of its own: a handler runs on the main thread between two
+    of its bytecodes, which may be inside that event's own (not reentrant) lock, in its
+    ``wait`` or ``set``; set there, it would wait for itself for ever."""
+    threading.Thread(target=event.set, name="stop-request", daemon=True).start()
+
+
 def set_on_signals(event: threading.Event) -> None:
     """Make SIGTERM and SIGINT set ``event`` (every time: nothing exits at once)."""
-    handler = _not_nested(lambda _signum, _frame: event.set())
+    handler = _not_nested(lambda _signum, _frame: _set_soon(event))
     for sig in STOP_SIGNALS:
         signal.signal(sig, handler)
 
@@ -54,19 +60,21 @@ def stop_on_signals(stopping: threading.Event) -> None:
     second Ctrl-C, an impatient ``kill``), more than SAME_REQUEST_S after the signal that set
     it, ends the process at once with 128 + its number."""
 
+    first_at: float | None = None  # monotonic time of the stop request by signal, if any
+
     def on_signal(signum: int, _frame: object) -> None:
-        global _first_at
+        nonlocal first_at
         name, now = signal.Signals(signum).name, time.monotonic()
-        if stopping.is_set():
-            if _first_at is not None and now - _first_at < SAME_REQUEST_S:
+        if stopping.is_set() or first_at is not None:
+            if first_at is not None and now - first_at < SAME_REQUEST_S:
                 return
             log.warning("%s again: exiting at once (anything not checkpointed is replayed on "
                         "the next start)", name)
             os._exit(128 + signum)
-        _first_at = now
+        first_at = now
         log.info("%s: stopping cleanly (flush, checkpoint, leave the group); %s again "
                  "exits at once", name, name)
-        stopping.set()
+        _set_soon(stopping)
 
     handler = _not_nested(on_signal)
     for sig in STOP_SIGNALS:
@@ -74,13 +82,15 @@ def stop_on_signals(stopping: threading.Event) -> None:
 
 
 @contextmanager
-def stop_requests() -> Iterator[threading.Event]:
-    """Inside: an event that SIGTERM and SIGINT set (``stop_on_signals``; whoever installs
-    handlers inside may take them over); after: the handlers from before, whatever happened
-    (a caller running ``streamer run`` in process keeps its Ctrl-C)."""
+def stop_requests(exit_on_second: bool = True) -> Iterator[threading.Event]:
+    """Inside: an event that SIGTERM and SIGINT set (``stop_on_signals``, or with
+    ``exit_on_second`` off ``set_on_signals``: a process that must clean up, as the local
+    broker's, never exits at once; whoever installs handlers inside may take them over); after:
+    the handlers from before, whatever happened (a caller running ``streamer run`` in process
+    keeps its Ctrl-C)."""
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     requested = threading.Event()
-    stop_on_signals(requested)
+    (stop_on_signals if exit_on_second else set_on_signals)(requested)
     try:
         yield requested
     finally:

@@ -115,8 +115,8 @@ NOT_REPLAYED = ("kafka", "metrics", "checkpoint", "sharing")
 def _environ_without(sections: tuple[str, ...]):
     """os.environ without the STREAMER_ variables of ``sections``, inside."""
     names = tuple(f"STREAMER_{section.upper()}" for section in sections)
-    hidden = {k: v for k, v in os.environ.items()
-              if any(k == n or k.startswith(n + "__") for n in names)}
+    hidden = {k: v for k, v in os.environ.items()  # read case-insensitively, as Settings does
+              if any(k.upper() == n or k.upper().startswith(n + "__") for n in names)}
     for k in hidden:
         del os.environ[k]
     try:
@@ -343,7 +343,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
     # SIGTERM (kill, timeout, docker stop) stops it as Ctrl-C does: the broker runs in its own
     # session and outlived a process that simply died of it, keeping the port.
-    with stop_requests() as stop, LocalBroker(port=args.port) as broker:
+    with stop_requests(exit_on_second=False) as stop, LocalBroker(port=args.port) as broker:
         print(f"broker listening on {broker.bootstrap} (log {broker.log_path}); Ctrl-C stops it",
               flush=True)
         while broker.running and not stop.wait(0.5):

@@ -348,7 +348,7 @@ def test_one_stop_request_delivered_twice_at_once_is_a_clean_stop(monkeypatch):
     with signals.stop_requests() as stopping:
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)
-        assert stopping.is_set()
+        assert stopping.wait(5)  # set from a thread of its own (signals._set_soon)
 
 
 class _SignalledWhileSetting(threading.Event):
@@ -377,7 +377,20 @@ def test_a_signal_arriving_while_the_last_one_is_handled_does_not_hang_the_proce
         handling.start()
         handling.join(timeout=5)
     assert not handling.is_alive(), "the nested signal handler deadlocked"
-    assert stopping.is_set()
+    assert stopping.wait(5)
+
+
+@pytest.mark.parametrize("install", [signals.stop_on_signals, signals.set_on_signals],
+                         ids=["worker", "demo"])
+def test_a_signal_landing_while_the_main_thread_holds_the_events_lock_does_not_hang(install):
+    # (in Event.wait or Event.set the main thread holds the event's lock for a few bytecodes:
+    # a handler that set the event itself there waited for its own lock for ever)
+    stopping = threading.Event()
+    with signals.stop_requests():
+        install(stopping)
+        with stopping._cond:  # where the main thread is, inside wait() or set()
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # the signal lands here
+        assert stopping.wait(5)
 
 
 def test_a_second_signal_to_a_serving_worker_exits_at_once_and_the_first_only_stops_it(
@@ -388,7 +401,7 @@ def test_a_second_signal_to_a_serving_worker_exits_at_once_and_the_first_only_st
     with signals.stop_requests():  # the handlers from before are back afterwards
         worker.install_signal_handlers()
         os.kill(os.getpid(), signal.SIGTERM)
-        assert worker._stop.is_set()
+        assert worker._stop.wait(5)
         with pytest.raises(_Exited) as exited:
             os.kill(os.getpid(), signal.SIGTERM)
     assert exited.value.code == 128 + signal.SIGTERM
