@@ -28,6 +28,7 @@ TOPIC_CONFIG = {"cleanup.policy": "compact", "segment.ms": "3600000"}
 POLL_S = 0.2
 BACKOFF_START_S, BACKOFF_MAX_S = 1.0, 30.0
 CLOSE_TIMEOUT_S = 5.0
+LOG_ENDED_AFTER_S = 5.0  # the log ending before our position this long: a new log
 
 
 class LogEnded(Exception):
@@ -156,6 +157,7 @@ class ModelTopic:
 
     def _serve(self, consumer: KafkaConsumer, producer: KafkaProducer,
                partition: TopicPartition, live_from: int) -> None:
+        behind_since: float | None = None  # monotonic: since when the log ends before us
         while True:
             stopping = self._stop.is_set()
             with self._outbox_lock:
@@ -185,7 +187,14 @@ class ModelTopic:
                 self._next_offset = batch[-1].offset + 1
             position = consumer.position(partition)
             end = consumer.highwater(partition)  # as of the last fetch; None before one
-            if end is not None and end < position:  # brokers that answer an empty fetch there
+            # Brokers that answer an empty fetch there: the log ends before us. For a while
+            # only, that is a new leader's high watermark catching up (a failover), not a
+            # new log: read again from the start, it would be taken for one.
+            if end is None or end >= position:
+                behind_since = None
+            elif behind_since is None:
+                behind_since = time.monotonic()
+            elif time.monotonic() - behind_since >= LOG_ENDED_AFTER_S:
                 raise LogEnded(f"the topic ends at offset {end}, before ours ({position}): "
                                "made again, or the brokers lost it")
             if not self.caught_up and position >= live_from:

@@ -48,7 +48,10 @@ class RepeatFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not (record.name == self.prefix or record.name.startswith(self.prefix + ".")):
             return True
-        key = (record.name, record.levelno, _NUMBERS.sub("#", record.getMessage()))
+        try:
+            key = (record.name, record.levelno, _NUMBERS.sub("#", record.getMessage()))
+        except Exception:  # noqa: BLE001 - a bad format is the handler's to report, not ours
+            return True
         now, seen = self.clock(), self._seen.get(key)
         if seen is not None and now - seen[0] < self.window_s:
             seen[1] += 1

@@ -59,6 +59,7 @@ class Entry:
     offset: int | None  # its record's position on the topic, which orders that worker's records
     heard_at: float  # when it arrived, on our wall clock (from history: its create time): its age
     log: int = 0  # the topic's log that offset is on (ModelRecord.log)
+    written_s: float = -float("inf")  # its create time, on that worker's clock
 
 
 class ModelBoard:
@@ -126,8 +127,9 @@ class ModelBoard:
                 self.erased = True
             return None
         held = self.entries.get(worker)
-        if held is not None and None not in (held.offset, record.offset) \
-                and record.log == held.log and record.offset <= held.offset:
+        if held is not None and None not in (held.offset, record.offset) and (
+                record.offset <= held.offset if record.log == held.log
+                else record.timestamp_s < held.written_s):  # another log: by its own clock
             return None  # written before what we hold (a re-read): the newer one stays
         self.departed.pop(worker, None)  # a newer record of it: not departed, or said already
         if record.value is None:  # a worker that left cleanly: left out of later averages
@@ -165,7 +167,7 @@ class ModelBoard:
                         abs(arrived - record.timestamp_s),
                         "behind" if record.timestamp_s < arrived else "ahead of")
         self.entries[worker] = Entry(worker, weights, readings, sequence, record.offset,
-                                     heard_at, record.log)
+                                     heard_at, record.log, record.timestamp_s)
         self.version += 1
         return None
 
@@ -251,6 +253,8 @@ class ModelSharing:
         except Exception:  # noqa: BLE001 - never let the shared model stop forecasting
             log.exception("copying the checkpoint's weights to publish failed; serving goes on")
             self.metrics.observe_model_sync_failures(1)
+            # An older copy waiting for the interval would go out with these readings too.
+            self._pending = None
             return
         self._pending, self._pending_shift = pending, self._shift_at_copy
 

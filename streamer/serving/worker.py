@@ -124,11 +124,11 @@ class Worker:
         try:
             self.health.start()
         except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):  # taken, or privileged (< 1024)
                 raise ConfigError(
                     f"invalid configuration: {setting_name('metrics.port')}: cannot listen on "
-                    f"{m.host}:{m.port}: {exc.strerror or exc} (another process has it? 0 picks "
-                    "a free port)") from exc
+                    f"{m.host}:{m.port}: {exc.strerror or exc} (another process has it, or it "
+                    "is below 1024? 0 picks a free port)") from exc
             # Not the port: a host that is not an address of this machine, or no address.
             raise ConfigError(
                 f"invalid configuration: {setting_name('metrics.host')}: cannot listen on "

@@ -37,3 +37,9 @@ def test_another_cause_and_streamers_own_messages_always_pass():
     for _ in range(3):
         assert kept.filter(_record("streamer.worker", "broker trouble (%s)", "x",
                                    level=logging.WARNING))
+
+
+def test_a_message_that_cannot_be_formatted_is_left_to_the_handler_not_raised_at_the_caller():
+    # (a filter runs outside the handler's own guard: raising there reached kafka-python)
+    assert RepeatFilter().filter(_record("kafka.conn", "%s and %s", "only one"))
+

@@ -229,10 +229,14 @@ def test_records_on_a_remade_model_topic_are_taken_though_their_offsets_start_ag
     # held from the old one, a peer's new weights and its tombstone were ignored for a TTL)
     board = _board(ttl=60.0)
     board.ours(_weights(0.0), None, 10, 1, at=100.0)
-    _offer(board, _record("b", _weights(2.0), offset=5, arrived=100.0))
-    _offer(board, _record("b", _weights(4.0), offset=3, arrived=100.0, log=1))
+    _offer(board, _record("b", _weights(2.0), at=90.0, offset=5, arrived=100.0))
+    _offer(board, _record("b", _weights(4.0), at=95.0, offset=3, arrived=100.0, log=1))
     assert _equal(board.entries["b"].weights, _weights(4.0))
-    _offer(board, _record("b", None, offset=4, arrived=100.0, log=1))
+    # The same log read again as a new one (a reader that took a failover for a new log):
+    # a record older, by its writer's clock, than the one held is not taken.
+    _offer(board, _record("b", _weights(1.0), at=80.0, offset=0, arrived=100.0, log=2))
+    assert _equal(board.entries["b"].weights, _weights(4.0))
+    _offer(board, _record("b", None, at=96.0, offset=4, arrived=100.0, log=2))
     assert "b" not in board.entries
 
 
@@ -333,10 +337,12 @@ def test_a_checkpoint_whose_weights_cannot_be_copied_is_counted_never_raised(mon
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("CUDA out of memory")
 
+    sharing.checkpoint_durable(learner.weights(), readings=3)  # waits for the interval
     monkeypatch.setattr(w, "copied", out_of_memory)
     sharing.checkpoint_durable(learner.weights(), readings=5)
     assert metrics.model_sync_failures._value.get() == 1
+    assert sharing._pending is None  # the older copy does not go out with these readings
     monkeypatch.undo()
     sharing.checkpoint_durable(learner.weights(), readings=5)  # the next one is published
-    assert sharing._pending is not None and sharing._readings == 10
+    assert sharing._pending is not None and sharing._readings == 13
 

@@ -315,6 +315,7 @@ def test_a_deployments_kafka_and_checkpoint_environment_does_not_stop_a_replay(
     monkeypatch.setenv("STREAMER_KAFKA__BOOTSTRAP_SERVERS", "not a server")
     monkeypatch.setenv("STREAMER_CHECKPOINT", "not json")
     monkeypatch.setenv("STREAMER_METRICS__PORT", "-1")
+    monkeypatch.setenv("streamer_sharing__peer_ttl_seconds", "-1")  # read case-insensitively
     assert main(["replay", str(path), "--device", "cpu"]) == 0, capsys.readouterr().err
     monkeypatch.setenv("STREAMER_TRAINING__LR", "-1")  # what replay uses is still checked
     assert main(["replay", str(path), "--device", "cpu"]) == 2
