@@ -61,16 +61,25 @@ def ensure_topics(
     with admin_client(KafkaConnection.of(connection)) as admin:
         with converted_errors("listing topics"):
             existing = set(admin.list_topics())
-        spec = {
-            name: {"num_partitions": count, "replication_factor": replication_factor,
-                   **({"configs": dict(configs)} if configs else {})}
-            for name, count in partitions.items() if name not in existing
-        }
-        if not spec:
-            return []
-        with converted_errors("creating topics"):
-            result = admin.create_topics(spec, timeout_ms=int(timeout_s * 1000),
-                                         raise_errors=False)
+        return _create(admin, {name: count for name, count in partitions.items()
+                               if name not in existing},
+                       replication_factor=replication_factor, timeout_s=timeout_s,
+                       configs=configs)
+
+
+def _create(admin: KafkaAdminClient, partitions: Mapping[str, int], *,
+            replication_factor: int = -1, timeout_s: float = 10.0,
+            configs: Mapping[str, str] | None = None) -> list[str]:
+    """Ask for exactly these topics (known to be missing); the names created."""
+    if not partitions:
+        return []
+    spec = {
+        name: {"num_partitions": count, "replication_factor": replication_factor,
+               **({"configs": dict(configs)} if configs else {})}
+        for name, count in partitions.items()
+    }
+    with converted_errors("creating topics"):
+        result = admin.create_topics(spec, timeout_ms=int(timeout_s * 1000), raise_errors=False)
     created = created_topics(result["topics"])
     if created:
         log.info("created topics %s", sorted(created))
@@ -121,11 +130,11 @@ def create_missing_topics(
                                "(they take its partition count)")
         with converted_errors("describing topics"):
             described = admin.describe_topics([like])
-    partitions = max((len(t.get("partitions") or ()) for t in described), default=0)
-    if not partitions:  # just created (no leader yet) or deleted meanwhile: ask again later
-        raise BrokerUnavailable(f"topic {like!r} has no partitions yet, so {missing} were not "
-                                "created (they take its partition count)")
-    return ensure_topics(connection, dict.fromkeys(missing, partitions))
+        partitions = max((len(t.get("partitions") or ()) for t in described), default=0)
+        if not partitions:  # just created (no leader yet) or deleted meanwhile: ask again later
+            raise BrokerUnavailable(f"topic {like!r} has no partitions yet, so {missing} were "
+                                    "not created (they take its partition count)")
+        return _create(admin, dict.fromkeys(missing, partitions))
 
 
 def topic_ids(connection: KafkaConnection | str, names: Iterable[str]) -> dict[str, str]:
