@@ -72,6 +72,7 @@ def close_producer(producer: KafkaProducer, timeout_s: float) -> None:
     except kerr.KafkaError as exc:
         log.warning("closing the producer failed: %s", exc)
 
+
 class _RecordingListener(ConsumerRebalanceListener):
     """Only records rebalance events; the client replays them on the caller's thread.
 

@@ -11,7 +11,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 log = logging.getLogger("streamer.worker")
@@ -21,38 +21,19 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 SAME_REQUEST_S = 0.5
 
 
-def _not_nested(handler: Callable[[int, object], None]) -> Callable[[int, object], None]:
-    """``handler``, returning at once when a signal arrives while it runs. A second signal
-    right behind the first (``timeout`` signals its child and then its process group) ran the
-    handler again inside the first's ``Event.set``, whose lock is not reentrant: the demo hung
-    there for ever, and a worker could too. The nested one is the same request."""
-    running = False
-
-    def guarded(signum: int, frame: object) -> None:
-        nonlocal running
-        if running:
-            return
-        running = True
-        try:
-            handler(signum, frame)
-        finally:
-            running = False
-
-    return guarded
-
-
 def _set_soon(event: threading.Event) -> None:
     """Set ``event`` from a thread of its own: a handler runs on the main thread between two
     of its bytecodes, which may be inside that event's own (not reentrant) lock, in its
-    ``wait`` or ``set``; set there, it would wait for itself for ever."""
+    ``wait`` or ``set`` (a second signal right behind the first, as ``timeout`` sends, ran the
+    handler inside the first one's ``set``); set there, it would wait for itself for ever:
+    the demo hung so."""
     threading.Thread(target=event.set, name="stop-request", daemon=True).start()
 
 
 def set_on_signals(event: threading.Event) -> None:
     """Make SIGTERM and SIGINT set ``event`` (every time: nothing exits at once)."""
-    handler = _not_nested(lambda _signum, _frame: _set_soon(event))
     for sig in STOP_SIGNALS:
-        signal.signal(sig, handler)
+        signal.signal(sig, lambda _signum, _frame: _set_soon(event))
 
 
 def stop_on_signals(stopping: threading.Event) -> None:
@@ -76,9 +57,8 @@ def stop_on_signals(stopping: threading.Event) -> None:
                  "exits at once", name, name)
         _set_soon(stopping)
 
-    handler = _not_nested(on_signal)
     for sig in STOP_SIGNALS:
-        signal.signal(sig, handler)
+        signal.signal(sig, on_signal)
 
 
 @contextmanager
