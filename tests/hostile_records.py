@@ -66,16 +66,30 @@ class _RawHeaderKey(str):
         return self.raw
 
 
+def raw_header_key(raw: bytes) -> str:
+    """A header key that kafka-python writes as ``raw``, UTF-8 or not."""
+    return _RawHeaderKey(raw)
+
+
 def produce_with_header_key(bootstrap: str, topic: str, partition: int, raw_key: bytes,
-                            key: bytes, value: bytes) -> int:
-    """Write one record with a header whose key is ``raw_key`` (the Kafka protocol says UTF-8;
-    librdkafka and Go producers write any bytes); its offset."""
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+                            values: Sequence[bytes], bad: int, compression_type: str | None = None
+                            ) -> int:
+    """Write ``values`` (key ``s1``) as one batch, each with a header ``h``, and record ``bad``
+    with a header ``é`` and then one whose key is ``raw_key`` (the Kafka protocol says UTF-8;
+    librdkafka and Go producers write any bytes); the batch's first offset."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=50,
+                             compression_type=compression_type)
     try:
-        return producer.send(topic, key=key, value=value, partition=partition,
-                             headers=[(_RawHeaderKey(raw_key), b"v")]).get(timeout=10).offset
+        futures = [producer.send(topic, key=b"s1", value=value, partition=partition,
+                                 headers=([("é", b"1"), (raw_header_key(raw_key), b"v")]
+                                          if i == bad else [("h", b"v")]))
+                   for i, value in enumerate(values)]
+        producer.flush(10)
+        offsets = [f.get(timeout=10).offset for f in futures]
     finally:
         producer.close(timeout=2)
+    assert offsets == list(range(offsets[0], offsets[0] + len(values))), "expected one batch"
+    return offsets[0]
 
 
 def produce_with_librdkafka(

@@ -93,7 +93,11 @@ class KafkaConnection:
         ``IO_STALL_WARNING_S``. kafka-python 3 starts that client, with its own IO thread,
         before it bootstraps, and leaves both behind when bootstrapping fails: a worker retrying
         through an outage would gain a thread and a socket pair per attempt. Those of a failed
-        construction are closed here."""
+        construction are closed here. Records whose header key is not UTF-8 are read, not
+        failed (streamer.kafka.header_keys)."""
+        from streamer.kafka.header_keys import read_header_keys_leniently
+
+        read_header_keys_leniently()
         made: list[Any] = []
         net_client = _kafka_python_net_client()
 

@@ -19,7 +19,12 @@ from streamer.serving.codec import (
     DLQ_REASON,
     DLQ_SOURCE_OFFSET,
 )
-from tests.hostile_records import CODECS, produce_undecodable, produce_with_librdkafka
+from tests.hostile_records import (
+    CODECS,
+    produce_undecodable,
+    produce_with_header_key,
+    produce_with_librdkafka,
+)
 from tests.serving.conftest import consume_from, forecasts_by_source, reading, wait_for
 
 pytestmark = pytest.mark.broker
@@ -98,6 +103,26 @@ def test_tombstone_is_dead_lettered_as_null_and_input_headers_are_kept(
     assert dict(tombstone.headers)[DLQ_REASON] == b"not_json"
     assert broken.value == b"{broken" and broken.headers[0] == ("trace", b"t-10")
     assert DLQ_CUT not in dict(broken.headers)
+
+
+def test_a_record_whose_header_key_is_not_utf8_is_dead_lettered_and_its_batch_forecast(
+        broker, topic_factory, group_id, worker_factory, consume_raw, client_kind):
+    inp, out, dlq = topic_factory(1), topic_factory(1), topic_factory(1)
+    worker = worker_factory(inp, out, dlq, group_id).start()
+    worker.wait_ready()
+    values = [reading("s1", 1.7e9 + 60.0 * t, float(t))[1] for t in range(3)]
+    values[1] = b"{broken"
+    first = produce_with_header_key(broker.bootstrap, inp, 0, b"\xffid", values, bad=1)
+
+    got = forecasts_by_source(consume_raw(out, 2, timeout_s=20))
+    assert sorted(got) == [(0, first), (0, first + 2)], worker.log()
+    (dead,) = consume_raw(dlq, 1, timeout_s=10)
+    # The headers as the client could read them (the librdkafka client: none at all).
+    kept = [("é", b"1"), ("?id", b"v")] if client_kind == "kafka-python" else []
+    assert dead.value == b"{broken" and dead.headers[:len(kept) + 1] == [
+        *kept, (DLQ_REASON, b"not_json")]
+    assert worker.metric("streamer_stalled_partitions") == 0
+    assert worker.get("/readyz")[0] == 200
 
 
 @pytest.mark.parametrize("size", [1_100_000, 1_048_400])
