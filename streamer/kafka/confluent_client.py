@@ -72,7 +72,8 @@ def convert(exc: KafkaException | KafkaError, action: str) -> KafkaClientError:
         return CommitFailed(message)
     if error.retriable() or error.code() in (KafkaError._TRANSPORT, KafkaError._TIMED_OUT,
                                               KafkaError._ALL_BROKERS_DOWN,
-                                              KafkaError._MSG_TIMED_OUT):
+                                              KafkaError._MSG_TIMED_OUT,
+                                              KafkaError._WAIT_COORD):
         return BrokerUnavailable(message)
     return KafkaClientError(message)
 
@@ -117,6 +118,7 @@ class ConfluentClient:
         self._undecodable: UndecodableBatch | None = None  # to raise at the next poll
         self._warned_headers = False  # a record's unreadable headers were logged
         self._lock = threading.Lock()  # guards lazy producer (re)creation
+        self._committing: threading.Thread | None = None  # the latest commit's thread
         self._consumer = Consumer({
             **connection.librdkafka_config(),
             "group.id": consumer.group_id,
@@ -207,15 +209,40 @@ class ConfluentClient:
             return []
 
     def commit(self, offsets: Mapping[PartitionId, int], timeout_s: float = 10.0) -> None:
-        """Commit synchronously; an offset is the next one to read (last processed + 1)."""
+        """Commit synchronously; an offset is the next one to read (last processed + 1).
+
+        librdkafka's synchronous commit takes no timeout and waits as long as the coordinator
+        takes to answer (minutes when the broker stops answering without closing its socket):
+        it runs on a thread of its own here, and after ``timeout_s`` BrokerUnavailable is
+        raised while it goes on. Until it returns, a later commit raises at once rather than
+        queue behind it (offsets are only ever committed again, newer, with the next one).
+        """
         if not offsets:
             return
-        try:
-            self._consumer.commit(offsets=[TopicPartition(t, p, o)
-                                           for (t, p), o in offsets.items()],
-                                  asynchronous=False)
-        except KafkaException as exc:
-            raise convert(exc, "committing offsets") from exc
+        if self._committing is not None and self._committing.is_alive():
+            raise BrokerUnavailable("committing offsets failed: the previous commit has not "
+                                    "returned yet")
+        partitions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        outcome: list[BaseException | None] = []
+
+        def run() -> None:
+            try:
+                self._consumer.commit(offsets=partitions, asynchronous=False)
+                outcome.append(None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                outcome.append(exc)
+
+        self._committing = threading.Thread(target=run, name="streamer-commit", daemon=True)
+        self._committing.start()
+        self._committing.join(timeout_s)
+        if not outcome:
+            raise BrokerUnavailable(f"committing offsets failed: no answer in {timeout_s:g} s "
+                                    "(the commit goes on in the background)")
+        error = outcome[0]
+        if isinstance(error, KafkaException):
+            raise convert(error, "committing offsets") from error
+        if error is not None:
+            raise error
 
     def seek(self, offsets: Mapping[PartitionId, int]) -> None:
         """Read these assigned partitions from these offsets on the next poll."""
@@ -319,6 +346,15 @@ class ConfluentClient:
         if producer is not None:
             producer.flush(timeout_s)
         self._on_assign = self._on_revoke = None
+        committing = self._committing
+        if committing is not None:
+            committing.join(timeout_s)
+            if committing.is_alive():
+                # Closing would free the handle under it; the consumer is left to be freed
+                # once the commit returns (its thread holds the last reference).
+                log.warning("closing the consumer skipped: a commit is still waiting for the "
+                            "coordinator")
+                return
         try:
             self._consumer.close()
         # KafkaClientError: a revoke callback run by close() read the assignment of a handle

@@ -310,6 +310,49 @@ def test_outage_surfaces_broker_unavailable_and_client_recovers_after_restart(
             client.close(timeout_s=1.0)
 
 
+def test_a_commit_to_a_broker_that_stopped_answering_gives_up_at_its_timeout(
+    consumer_timeouts, poll_until, client_kind
+):
+    # librdkafka's synchronous commit takes no timeout: it waited past 90 s for a frozen
+    # broker, and the worker's loop with it.
+    with LocalBroker() as broker:
+        ensure_topics(broker.bootstrap, {"readings": 1})
+        connection = KafkaConnection(broker.bootstrap, bootstrap_timeout_s=2.0)
+        settings = ConsumerSettings("worker", **consumer_timeouts)
+        client = open_client(client_kind, connection, settings, ProducerSettings())
+        try:
+            client.subscribe(["readings"])
+            client.wait(client.send([OutputRecord("readings", b"k", b"v")] * 3), 5)
+            assert len(poll_until(client, 3)) == 3
+            client.commit({("readings", 0): 1}, timeout_s=5)
+
+            broker.freeze()
+            try:
+                started = time.monotonic()
+                with pytest.raises(BrokerUnavailable, match="committing offsets"):
+                    client.commit({("readings", 0): 2}, timeout_s=1)
+                assert time.monotonic() - started < 10
+            finally:
+                broker.thaw()
+            deadline, committed = time.monotonic() + 30, False
+            while not committed and time.monotonic() < deadline:
+                try:
+                    client.commit({("readings", 0): 3}, timeout_s=5)
+                    committed = True
+                except BrokerUnavailable:
+                    time.sleep(0.2)  # the one left in the background has not returned yet
+            assert committed
+        finally:
+            client.close(timeout_s=5.0)
+        again = open_client(client_kind, connection, settings, ProducerSettings())
+        try:  # a new member of the group resumes from the last commit
+            again.subscribe(["readings"])
+            again.wait(again.send([OutputRecord("readings", b"k", b"w")]), 5)
+            assert [r.offset for r in poll_until(again, 1)] == [3]
+        finally:
+            again.close(timeout_s=1.0)
+
+
 def test_auto_offset_reset_latest_skips_what_came_before_a_new_group(
         topic_factory, group_id, client_factory, produce_raw, poll_until):
     topic = topic_factory(1)
