@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
@@ -99,6 +99,13 @@ class HorizonResult:
                              self.target_ts[rows], self.step_error[rows], self.steps)
 
     @classmethod
+    def concat(cls, parts: Sequence[HorizonResult]) -> HorizonResult:
+        """The rows of ``parts``, one after another."""
+        return cls(*(np.concatenate([getattr(p, name) for p in parts])
+                     for name in ("forecast", "lower", "upper", "target_ts", "step_error")),
+                   parts[0].steps)
+
+    @classmethod
     def empty(cls, n: int, n_features: int, horizon: int, steps: np.ndarray) -> HorizonResult:
         nan = np.full((n, horizon, n_features), np.nan)
         return cls(nan, nan.copy(), nan.copy(), np.full((n, horizon), np.nan),
@@ -137,6 +144,23 @@ class StepResult:
     # Sensors restarted because their clock came back from more than a day ahead (of the fleet
     # and of now).
     restarted_sensors: int = 0
+
+    @classmethod
+    def concat(cls, parts: Sequence[StepResult]) -> StepResult:
+        """The results of consecutive micro-batches as one: rows one after another, updates
+        in order, counts added up."""
+        first = parts[0]
+        joined = {f.name: np.concatenate([getattr(p, f.name) for p in parts])
+                  for f in fields(cls) if isinstance(getattr(first, f.name), np.ndarray)}
+        return replace(
+            first, **joined,
+            horizon=(None if first.horizon is None
+                     else HorizonResult.concat([p.horizon for p in parts])),  # type: ignore[misc]
+            updates=[u for p in parts for u in p.updates],
+            new_sensors=sum(p.new_sensors for p in parts),
+            evicted_sensors=sum(p.evicted_sensors for p in parts),
+            restarted_sensors=sum(p.restarted_sensors for p in parts),
+        )
 
     @classmethod
     def empty(cls, n: int, n_features: int) -> StepResult:

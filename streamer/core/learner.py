@@ -121,6 +121,35 @@ class Learner:
     # -- the step -------------------------------------------------------------------------
     def step(self, batch: Batch) -> StepResult:
         """Apply a micro-batch (arrival order); one forecast per accepted reading."""
+        cuts = self._restarts_inside(batch)
+        if not cuts:
+            return self._step(batch)
+        bounds = [0, *cuts, len(batch)]
+        return StepResult.concat([self._step(batch.take(np.arange(a, b)))
+                                  for a, b in zip(bounds[:-1], bounds[1:])])
+
+    def _restarts_inside(self, batch: Batch) -> list[int]:
+        """Where a sensor comes back, within this micro-batch, from a reading of its own in it
+        dated past the restart edge (``_restart_returned``): the batch is applied in parts cut
+        there, so the sensor restarts there, as it would were the stream cut into single
+        readings (otherwise every later reading of it here would be rejected as late). As
+        with any cut, a sensor idle for a TTL that reads only after it can be evicted by the
+        part before and start again in the part after."""
+        edge = max(self.clock.time, time.time()) + AHEAD_RESTART_S
+        if not (batch.ts > edge).any():  # the usual case: nothing ahead, nothing to look for
+            return []
+        cuts, newest = [], {}
+        usable = np.isfinite(batch.ts) & (np.abs(batch.ts) <= MAX_ABS_TS)
+        for i in np.flatnonzero(usable).tolist():
+            sensor_id, ts = batch.sensor_ids[i], float(batch.ts[i])
+            if ts <= edge < newest.get(sensor_id, -np.inf):
+                cuts.append(i)
+                newest[sensor_id] = ts
+            else:
+                newest[sensor_id] = max(newest.get(sensor_id, -np.inf), ts)
+        return cuts
+
+    def _step(self, batch: Batch) -> StepResult:
         n = len(batch)
         result = StepResult.empty(n, self.config.n_features)
         if self.config.horizon > 1:

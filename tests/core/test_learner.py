@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from streamer.core import Batch, Learner, LearnerConfig, Reason
+from streamer.core.batch import StepResult
 from streamer.tools.replay import replay
 from tests.core.conftest import chunks, sine_fleet
 
@@ -121,21 +122,36 @@ def _rejected_late(learner: Learner, batch: Batch, size: int = 12) -> tuple[list
     return late, restarted
 
 
+@pytest.mark.parametrize("size", [1, 12, 240])  # 240: the whole stream in one micro-batch
 @pytest.mark.parametrize(("ttl", "start", "ahead"), [
     (None, 1.7e9, 30 * 365 * 86400.0),  # a replay of 2023's readings, one dated 2053
     (3600.0, 1.7e9, 30 * 365 * 86400.0),
     (None, None, 3 * 86400.0),  # live readings, one dated 3 days from now
 ])
 def test_a_sensor_whose_clock_came_back_from_days_ahead_restarts_and_is_served_again(
-        small_config, ttl, start, ahead):
+        small_config, ttl, start, ahead, size):
     # One glitched timestamp: without the restart, every later reading of that sensor would
-    # be dead-lettered as not after its last, until real time passed it.
+    # be dead-lettered as not after its last, until real time passed it; and the same
+    # micro-batch as the glitch once rejected those in it.
     cfg = LearnerConfig(**{**small_config.to_dict(), **NO_TRAINING, "sensor_ttl_seconds": ttl})
     t0 = time.time() - 3600.0 if start is None else start
     batch = _round_robin(lambda t, s: t0 + 600.0 * t + (ahead if (t, s) == (10, 2) else 0.0))
-    late, restarted = _rejected_late(Learner(cfg), batch)
-    assert restarted == 1
-    assert late in ([], ["s2"])  # at most the one right after it, in the same micro-batch
+    assert _rejected_late(Learner(cfg), batch, size) == ([], 1)
+
+
+def test_sensors_coming_back_from_ahead_are_served_the_same_however_the_stream_is_cut(
+        small_config):
+    # In a replay of 2023, s2 glitches 30 years ahead twice, s4 once; each comes back in the
+    # same micro-batch.
+    ahead = {(10, 2), (25, 2), (12, 4)}
+    batch = _round_robin(lambda t, s: 1.7e9 + 600.0 * t + (9.5e8 if (t, s) in ahead else 0.0))
+    whole = Learner(small_config).step(batch)
+    single = Learner(small_config)
+    one = StepResult.concat([single.step(batch.take(np.array([i]))) for i in range(len(batch))])
+    assert whole.restarted_sensors == one.restarted_sensors == 3
+    assert (whole.status == 0).all() and (one.status == 0).all()
+    assert [u.update_index for u in whole.updates] == [u.update_index for u in one.updates]
+    np.testing.assert_allclose(whole.forecasts, one.forecasts, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("start", [1.7e9, None])
