@@ -7,7 +7,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 # How many distinct sensors, within a TTL of each other, must have reached a time before the
-# clock moves to it; and how many of the newest sensors are kept to find them.
+# clock moves to it; and how many of the newest sensors are kept, ahead of the time they last
+# agreed on and at or behind it, to find them.
 QUORUM, LEADERS = 2, 4
 
 
@@ -18,12 +19,13 @@ class EventClock:
     and never goes back. One device whose clock runs ahead (dated a year ahead, set to local
     time instead of UTC, or drifting fast by a little at each reading) is never corroborated by
     another sensor, so it cannot make every other sensor look idle and have the fleet evicted at
-    every micro-batch; nor can one glitched timestamp a year ahead corroborate a device that
-    runs ahead by less (they are more than a TTL apart), and it is forgotten once the clock has
-    gone on a TTL without hearing from that sensor again. A fleet resuming after an outage
-    moves the clock as soon as two sensors are back. When the newest reading is more than a
-    TTL ahead and nothing moves the clock (a fleet of one, or the last live sensor of a fleet
-    whose others all fell silent), the clock moves to that reading once it has gone on a
+    every micro-batch, nor can several that run ahead by different amounts (devices on the
+    local times of different zones); nor can one glitched timestamp a year ahead corroborate a
+    device that runs ahead by less (they are more than a TTL apart), and it is forgotten once
+    the clock has gone on a TTL without hearing from that sensor again. A fleet resuming after
+    an outage moves the clock as soon as two sensors are back. When the newest reading is more
+    than a TTL ahead and nothing moves the clock (a fleet of one, or the last live sensor of a
+    fleet whose others all fell silent), the clock moves to that reading once it has gone on a
     further TTL, and from then on goes along with it (in steps of less than a TTL) until
     sensors agree again: the silent ones are evicted one TTL late.
 
@@ -55,13 +57,24 @@ class EventClock:
         newest = float(ts.max())
         now, ttl = self.time, self.ttl
         kept = [lead for lead in self.leaders if not (lead[0] - now > ttl and now - lead[2] >= ttl)]
-        merged = sorted([*((t, sensor, now) for t, sensor in _newest_sensors(sensor_ids, rows, ts)),
+        # Readings more than a TTL past the clock (or, before it has a time, past this batch's
+        # median) are ahead of the fleet: its newest within that are looked for as well.
+        plausible = (now if np.isfinite(now) else float(np.median(ts))) + ttl
+        merged = sorted([*((t, sensor, now)
+                           for t, sensor in _newest_sensors(sensor_ids, rows, ts, plausible)),
                          *kept], key=lambda lead: -lead[0])
         found: dict[str, tuple[float, str, float]] = {}
         for lead in merged:
             found.setdefault(lead[1], lead)
-        self.leaders = list(found.values())[:LEADERS]
-        clock = max(now, _agreed([lead[0] for lead in self.leaders], ttl))
+        ordered = list(found.values())
+        agreed = _agreed([lead[0] for lead in ordered], ttl)
+        # The newest sensors on each side of the agreed time: those ahead of it wait to be
+        # corroborated, those at or behind it find the next agreement. Kept apart, sensors
+        # ahead by different amounts (devices on different local times) cannot crowd the
+        # fleet out of the list and leave the clock to follow one of them.
+        self.leaders = ([lead for lead in ordered if lead[0] > agreed][:LEADERS]
+                        + [lead for lead in ordered if lead[0] <= agreed][:LEADERS])
+        clock = max(now, agreed)
         if clock > now:  # sensors agree on a newer time
             self.held = -np.inf
         elif self.held == np.inf and newest - clock <= ttl:  # along with a lone sensor
@@ -101,22 +114,37 @@ def _agreed(times: list[float], ttl: float) -> float:
     return -np.inf
 
 
-def _newest_sensors(sensor_ids: Sequence[str], rows: np.ndarray,
-                    ts: np.ndarray) -> list[tuple[float, str]]:
+def _newest_sensors(sensor_ids: Sequence[str], rows: np.ndarray, ts: np.ndarray,
+                    plausible: float) -> list[tuple[float, str]]:
     """This micro-batch's LEADERS newest distinct sensors (their newest time, id), newest
-    first: read off its few newest readings, or, when those are all of fewer sensors (one
-    sensor far ahead of the others here), off all of them."""
+    first, and with them its LEADERS newest at or before ``plausible``: read off its few
+    newest readings, or, when those are all of fewer sensors (a few sensors far ahead of the
+    others here, several readings each), off all of them, newest first."""
     few = min(len(ts), 4 * LEADERS)
     top = np.argpartition(-ts, few - 1)[:few]
-    found: dict[str, float] = {}
-    for i in top[np.argsort(-ts[top], kind="stable")].tolist():
-        found.setdefault(sensor_ids[rows[i]], float(ts[i]))
-    if len(found) < LEADERS and few < len(ts):
-        ids = np.array([sensor_ids[r] for r in rows.tolist()], dtype=object)
-        left = ts.copy()
-        found = {}
-        while len(found) < LEADERS and np.isfinite(left).any():
-            i = int(np.argmax(left))
-            found[ids[i]] = float(ts[i])
-            left[ids == ids[i]] = -np.inf
+    found = _distinct(sensor_ids, rows, ts, top[np.argsort(-ts[top], kind="stable")], plausible)
+    if found is None:  # the usual case ends above: the newest readings are of enough sensors
+        found = _distinct(sensor_ids, rows, ts, np.argsort(-ts, kind="stable"), plausible,
+                          complete=True)
     return sorted(((t, sensor) for sensor, t in found.items()), key=lambda pair: -pair[0])
+
+
+def _distinct(sensor_ids: Sequence[str], rows: np.ndarray, ts: np.ndarray, order: np.ndarray,
+              plausible: float, complete: bool = False) -> dict[str, float] | None:
+    """The first LEADERS distinct sensors of readings ``order`` (newest first) and the first
+    LEADERS at or before ``plausible``, with their newest times; None where ``order`` ends
+    before both are found, unless it is ``complete`` (every reading)."""
+    found: dict[str, float] = {}
+    newest = behind = 0
+    for i in order.tolist():
+        sensor = sensor_ids[rows[i]]
+        if sensor in found:
+            continue
+        t = float(ts[i])
+        if newest < LEADERS or (t <= plausible and behind < LEADERS):
+            found[sensor] = t
+            newest += 1
+            behind += t <= plausible
+        if newest >= LEADERS and behind >= LEADERS:
+            return found
+    return found if complete else None

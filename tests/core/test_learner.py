@@ -194,6 +194,35 @@ def test_one_sensor_dated_a_year_ahead_does_not_make_the_fleet_idle(small_config
     assert learner.table.slot_for("s0") is None and learner.n_sensors == 30
 
 
+@pytest.mark.parametrize("per", [1, 4])
+@pytest.mark.parametrize("ahead", [
+    (0.1 * 3.15e7, 0.2 * 3.15e7, 0.3 * 3.15e7),  # three clocks set months ahead, none alike
+    (3 * 3600.0, 6 * 3600.0, 9 * 3600.0),  # three devices on local time, UTC+3, +6 and +9
+    (3 * 3600.0, 5.5 * 3600.0, 8 * 3600.0, 10.5 * 3600.0, 13 * 3600.0),  # five: +3 to +13
+])
+def test_sensors_ahead_by_different_amounts_do_not_make_the_fleet_idle(small_config, ahead,
+                                                                      per):
+    # A replay, TTL two hours: ten sensors every 10 minutes and some ahead of them, no two
+    # within a TTL of each other, fed in two micro-batches a round (``per`` readings of each
+    # sensor in each). Those ahead filled the clock's list of newest sensors (and, with several
+    # readings each, a micro-batch's newest readings), the fleet could no longer agree on a
+    # time, and the clock went on with the one furthest ahead: the fleet evicted every round.
+    cfg = LearnerConfig(**{**small_config.to_dict(), **NO_TRAINING, "sensor_ttl_seconds": 7200.0})
+    learner, evicted = Learner(cfg), 0
+    for k in range(60 // per):
+        for half in (0, 1):
+            part = []
+            for r in range(per):
+                t = 1.7e9 + 600.0 * (k * per + r)
+                part += [(f"s{i}", t + i) for i in range(5 * half, 5 * half + 5)]
+                part += [(f"a{j}", t + lead + 300.0 * half) for j, lead in enumerate(ahead)]
+            ids, ts = zip(*part)
+            evicted += learner.step(Batch.from_arrays(list(ids), np.array(ts),
+                                                      np.zeros(len(ts)))).evicted_sensors
+    assert evicted == 0 and learner.n_sensors == 10 + len(ahead)
+    assert learner.clock.time <= 1.7e9 + 600.0 * 59 + 9
+
+
 def _half_fleets(learner: Learner, batch: Batch) -> tuple[int, int]:
     """Fed six readings at a time (half of a 12-sensor fleet: the other half, not being fed,
     can be evicted); evicted and restarted sensors."""
