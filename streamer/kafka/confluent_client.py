@@ -158,6 +158,7 @@ class ConfluentClient:
         if self._undecodable is not None:  # found by the previous poll, after its records
             error, self._undecodable = self._undecodable, None
             raise error
+        self._await_commit(timeout_s)
         self._seeked.clear()
         try:
             messages = self._consumer.consume(num_messages=max_records, timeout=timeout_s)
@@ -243,6 +244,18 @@ class ConfluentClient:
             raise convert(error, "committing offsets") from error
         if error is not None:
             raise error
+
+    def _await_commit(self, timeout_s: float) -> None:
+        """While a commit that gave up is still waiting, every call on the consumer waits
+        with it (measured: poll, assignment and lag blocked as long as the broker did not
+        answer): give it ``timeout_s`` more, then raise, so that the caller reconnects with
+        a new consumer instead of hanging on this one."""
+        if self._committing is None or not self._committing.is_alive():
+            return
+        self._committing.join(timeout_s)
+        if self._committing.is_alive():
+            raise BrokerUnavailable("polling: the consumer is still waiting for the answer to "
+                                    "a commit that gave up")
 
     def seek(self, offsets: Mapping[PartitionId, int]) -> None:
         """Read these assigned partitions from these offsets on the next poll."""
@@ -350,11 +363,22 @@ class ConfluentClient:
         if committing is not None:
             committing.join(timeout_s)
             if committing.is_alive():
-                # Closing would free the handle under it; the consumer is left to be freed
-                # once the commit returns (its thread holds the last reference).
-                log.warning("closing the consumer skipped: a commit is still waiting for the "
-                            "coordinator")
+                # Closing would free the handle under it: a thread of its own closes the
+                # consumer once the commit returns (left to the garbage collector, it would
+                # stay in the group, heartbeating, until a collection found it; a process
+                # exiting meanwhile leaves the group to expire it after its session timeout).
+                log.warning("closing the consumer waits for a commit still waiting for the "
+                            "coordinator; it is closed when that returns")
+                threading.Thread(target=self._close_after, args=(committing,),
+                                 name="streamer-close", daemon=True).start()
                 return
+        self._close_consumer()
+
+    def _close_after(self, committing: threading.Thread) -> None:
+        committing.join()
+        self._close_consumer()
+
+    def _close_consumer(self) -> None:
         try:
             self._consumer.close()
         # KafkaClientError: a revoke callback run by close() read the assignment of a handle

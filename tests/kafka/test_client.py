@@ -353,6 +353,59 @@ def test_a_commit_to_a_broker_that_stopped_answering_gives_up_at_its_timeout(
             again.close(timeout_s=1.0)
 
 
+def test_a_confluent_client_whose_commit_gave_up_raises_on_poll_and_closes_once_it_returns(
+    consumer_timeouts, poll_until
+):
+    # While librdkafka's commit waits for a broker that stopped answering, every call on the
+    # consumer waits too: the worker's next poll hung as long as the broker did. It raises
+    # now, so the worker closes the client and reconnects. The consumer was then left to the
+    # garbage collector (it and the client refer to each other), so it stayed in the group,
+    # heartbeating, with nobody serving its rebalances; it is closed once the commit returns.
+    with LocalBroker() as broker:
+        ensure_topics(broker.bootstrap, {"readings": 1})
+        connection = KafkaConnection(broker.bootstrap, bootstrap_timeout_s=2.0)
+        settings = ConsumerSettings("worker", **consumer_timeouts)
+        client = open_client("confluent", connection, settings, ProducerSettings())
+        client.subscribe(["readings"])
+        client.wait(client.send([OutputRecord("readings", b"k", b"v")] * 3), 5)
+        assert len(poll_until(client, 3)) == 3
+        broker.freeze()
+        try:
+            with pytest.raises(BrokerUnavailable, match="committing offsets"):
+                client.commit({("readings", 0): 2}, timeout_s=1)
+            raised: list[BaseException] = []
+            poll = threading.Thread(target=_raised, args=(raised, client.poll_batch, 10, 0.5),
+                                    daemon=True)  # blocked, it would wait for the thaw below
+            poll.start()
+            poll.join(5)
+            assert len(raised) == 1 and isinstance(raised[0], BrokerUnavailable), raised
+            assert "waiting for the answer to a commit" in str(raised[0])
+            started = time.monotonic()
+            client.close(timeout_s=1.0)
+            assert time.monotonic() - started < 5  # never waits for the broker to answer
+        finally:
+            broker.thaw()
+        deadline = time.monotonic() + 30
+        while _consumer_open(client) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _consumer_open(client)
+
+
+def _raised(raised: list[BaseException], call, *args) -> None:
+    try:
+        call(*args)
+    except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+        raised.append(exc)
+
+
+def _consumer_open(client) -> bool:
+    try:
+        client._consumer.assignment()
+        return True
+    except RuntimeError:  # "Consumer closed"
+        return False
+
+
 def test_auto_offset_reset_latest_skips_what_came_before_a_new_group(
         topic_factory, group_id, client_factory, produce_raw, poll_until):
     topic = topic_factory(1)
