@@ -74,6 +74,7 @@ class Loopback:
 
     def __init__(self, bus: list[Loopback]):
         self.bus, self.inbox, self.failures, self.published = bus, deque(), 0, 0
+        self.weights_published = 0
         self.caught_up = True  # no history
         bus.append(self)
 
@@ -82,6 +83,7 @@ class Loopback:
 
     def publish(self, key: bytes, value: bytes | None, headers) -> None:
         self.published += 1
+        self.weights_published += value is not None
         for other in self.bus:
             if other is not self:
                 now = time.time()  # arrived now, in publish order (no offsets needed)

@@ -70,6 +70,7 @@ class ModelTopic:
         self._thread = threading.Thread(target=self._run, name="model-topic", daemon=True)
         self._failures = 0  # read by the serving thread (an int: no lock needed)
         self.published = 0  # records acknowledged by the broker
+        self.weights_published = 0  # of which weights (not tombstones)
         # Every record written before this connection started reading has been handed over
         # (set after the last of them joined the inbox; cleared at each (re)connect).
         self.caught_up = False
@@ -167,6 +168,7 @@ class ModelTopic:
                     producer.send(self.topic, key=key, value=value, headers=headers,
                                   partition=0).get(timeout=CLOSE_TIMEOUT_S if stopping else 30.0)
                     self.published += 1
+                    self.weights_published += value is not None
                 except MessageSizeTooLargeError as exc:  # never fits: drop it, say so
                     log.error("model topic %s: a record of %s does not fit (%s); not sent",
                               self.topic, key, exc)

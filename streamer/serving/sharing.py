@@ -274,7 +274,8 @@ class ModelSharing:
             self._tombstone_departed()
         if self.board.erased:
             self._republish()
-        failures, published = self.topic.failures, self.topic.published
+        # Weights only: tombstoning departed workers is not this worker sharing what it learned.
+        failures, published = self.topic.failures, self.topic.weights_published
         if failures > self._failures_seen:
             self.metrics.observe_model_sync_failures(failures - self._failures_seen)
             self._failures_seen = failures
