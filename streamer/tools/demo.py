@@ -56,9 +56,10 @@ def run_demo(readings: Batch, source: str, pace: Pace, duration: float | None,
                             k.input_topic, pace, loop=True, stop=stop, settings=k.producer())
         worker_thread.start()
         producer.start()
+        metrics_url = f"http://{_url_host(settings.metrics.host)}:{port}/metrics"
         print(f"streamer demo: broker {broker.bootstrap}, {len(readings):,} readings of "
               f"{len(set(readings.sensor_ids))} sensors from {source} at {pace.rate:g}/s, metrics "
-              f"http://127.0.0.1:{port}/metrics. Ctrl-C stops.", flush=True)
+              f"{metrics_url}. Ctrl-C stops.", flush=True)
         started = time.monotonic()
         status = StatusLine(worker)
         while not stop.wait(STATUS_EVERY_S):
@@ -86,6 +87,11 @@ def bindable_port(host: str, port: int) -> int:
             raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}; "
                               "choose another --metrics-port (0 picks a free one)") from exc
         return int(probe.getsockname()[1])
+
+
+def _url_host(host: str) -> str:
+    """Where a browser on this machine reaches a server bound to ``host``."""
+    return "127.0.0.1" if host in ("", "0.0.0.0") else host
 
 
 def _watched(name: str, stop: threading.Event, failures: list[tuple[str, Exception]],

@@ -22,8 +22,9 @@ from streamer.tools.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _demo(*args: str, python: tuple[str, ...] = ("-m", "streamer")) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _demo(*args: str, python: tuple[str, ...] = ("-m", "streamer"),
+          env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen(
         [sys.executable, *python, "demo", "--metrics-port", str(free_port()), *args],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -121,16 +122,21 @@ def test_the_demo_stops_with_exit_2_when_its_worker_dies(broker, taken_port) -> 
 
 
 @pytest.mark.broker
-def test_metrics_port_0_prints_the_port_the_metrics_are_served_on(broker) -> None:
-    demo = _demo("--metrics-port", "0", "--duration", "60")
+@pytest.mark.parametrize(("host", "shown"), [(None, "127.0.0.1"), ("127.0.0.2", "127.0.0.2")])
+def test_metrics_port_0_prints_the_address_the_metrics_are_served_on(broker, host,
+                                                                     shown) -> None:
+    # Bound to every address (the default), the banner names this machine's; bound to one
+    # address, that one (the only one it answers on).
+    demo = _demo("--metrics-port", "0", "--duration", "60",
+                 env={"STREAMER_METRICS__HOST": host} if host else None)
     try:
         banner = demo.stdout.readline()
-        port = int(re.search(r"metrics http://127\.0\.0\.1:(\d+)/metrics", banner)[1])
+        port = int(re.search(rf"metrics http://{re.escape(shown)}:(\d+)/metrics", banner)[1])
         assert port != 0, banner
         deadline, body = time.monotonic() + 30, ""
         while time.monotonic() < deadline and not body:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                with urllib.request.urlopen(f"http://{shown}:{port}/metrics", timeout=2) as r:
                     body = r.read().decode()
             except OSError:
                 time.sleep(0.5)
