@@ -208,12 +208,17 @@ def score(sensor_ids: Sequence[str], values: np.ndarray, forecasts: np.ndarray,
 
 def _interval_figures(tested: np.ndarray, covered: np.ndarray, width: np.ndarray,
                       flagged: np.ndarray) -> dict[str, float | int]:
-    """Coverage, mean width and flags over the pairs whose next reading was interval-scored."""
+    """Coverage, mean width and flags over the pairs whose next reading was interval-scored.
+    The width is averaged over the finite ones (coverage counts every pair): a flat sensor
+    that jumps by 1e295 has an interval too wide for a float in its own units, which made the
+    fleet's mean inf; each is divided before they are added, so near-overflow ones cannot."""
     n, flags = int(tested.sum()), int(flagged.sum())
+    widths = width[tested]
+    widths = widths[np.isfinite(widths)]
     return {
         "interval_scored": n,
         "coverage": float(covered[tested].mean()) if n else NAN,
-        "interval_width": float(width[tested].mean()) if n else NAN,
+        "interval_width": float(np.sum(widths / len(widths))) if len(widths) else NAN,
         "anomalies": flags,
         "anomalies_per_1000": 1000.0 * flags / n if n else NAN,
     }

@@ -176,6 +176,23 @@ def test_score_of_a_model_without_intervals_leaves_the_interval_figures_empty():
     assert all(np.isnan(s.coverage) and np.isnan(s.interval_width) for s in report.sensors)
 
 
+def test_an_interval_too_wide_for_a_float_leaves_the_mean_width_finite():
+    # A flat sensor that jumps to 1e295 gets an interval wider than a float can hold in units
+    # of its own (tiny) persistence error: the fleet's mean width is taken over the others,
+    # and near-overflow ones add up to no inf either.
+    ids = ["a", "b"] * 4
+    values = np.arange(8.0)[:, None]
+    width = np.array([np.inf, 1e308, np.inf, 1e308, 1.0, 2.0, 3.0, 4.0])
+    report = score(ids, values, values + 1.0, np.zeros(8, dtype=np.int8),
+                   inside=np.ones(8, dtype=np.int8), interval_width=width,
+                   anomaly=np.zeros(8, dtype=bool))
+    assert report.interval_scored == 6
+    # Each reading is scored against the interval made at the sensor's reading before it.
+    assert report.interval_width == pytest.approx(1e308 / 2 + 3.0 / 4)
+    by_name = {s.sensor_id: s.interval_width for s in report.sensors}
+    assert by_name == {"a": pytest.approx(1.0), "b": pytest.approx(1e308 / 3 * 2 + 2.0 / 3)}
+
+
 def test_plot_writes_a_png_of_the_expected_size_with_the_flagged_spike_in_red(spiked_replay):
     data = spiked_replay["png"].read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
