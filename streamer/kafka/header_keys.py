@@ -16,18 +16,27 @@ only when the strict read fails does the wrapper rewrite the failing keys in the
 
 from __future__ import annotations
 
-import functools
 import logging
+import threading
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 _ASCII_FOR = bytes(b if b < 0x80 else ord("?") for b in range(256))
+_installed = False
+_install_lock = threading.Lock()  # the model topic's thread and the worker's may both install
 
 
-@functools.cache
 def read_header_keys_leniently() -> None:
     """Install the wrapper (once per process; later calls do nothing)."""
+    global _installed
+    with _install_lock:
+        if not _installed:
+            _install()
+            _installed = True
+
+
+def _install() -> None:
     from kafka.record import default_records
     from kafka.record.util import decode_varint
 

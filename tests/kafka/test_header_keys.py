@@ -39,3 +39,16 @@ def test_a_record_whose_framing_does_not_add_up_still_fails_its_batch():
     buffer[-2] = 4  # the value's length says 2: the record ends before its last header does
     with pytest.raises(CorruptRecordError, match="utf-8"):  # as without the wrapper
         _read(buffer)
+
+
+def test_installing_again_from_any_thread_leaves_the_reader_wrapped_once():
+    import threading
+
+    read_header_keys_leniently()
+    installed = DefaultRecordBatch._read_msg
+    threads = [threading.Thread(target=read_header_keys_leniently) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert DefaultRecordBatch._read_msg is installed
