@@ -88,7 +88,8 @@ def produce_with_header_key(bootstrap: str, topic: str, partition: int, raw_key:
         offsets = [f.get(timeout=10).offset for f in futures]
     finally:
         producer.close(timeout=2)
-    assert offsets == list(range(offsets[0], offsets[0] + len(values))), "expected one batch"
+    # One produce request's batch: every record's future hangs off the same one.
+    assert len({id(f._produce_future) for f in futures}) == 1, "expected one batch"
     return offsets[0]
 
 
