@@ -119,6 +119,7 @@ class ConfluentClient:
         self._warned_headers = False  # a record's unreadable headers were logged
         self._lock = threading.Lock()  # guards lazy producer (re)creation
         self._committing: threading.Thread | None = None  # the latest commit's thread
+        self._in_callback = False  # a rebalance callback is running (on the polling thread)
         self._consumer = Consumer({
             **connection.librdkafka_config(),
             "group.id": consumer.group_id,
@@ -217,6 +218,8 @@ class ConfluentClient:
         it runs on a thread of its own here, and after ``timeout_s`` BrokerUnavailable is
         raised while it goes on. Until it returns, a later commit raises at once rather than
         queue behind it (offsets are only ever committed again, newer, with the next one).
+        Inside a rebalance callback it runs on the calling thread, unbounded, as librdkafka
+        needs there.
         """
         if not offsets:
             return
@@ -224,6 +227,15 @@ class ConfluentClient:
             raise BrokerUnavailable("committing offsets failed: the previous commit has not "
                                     "returned yet")
         partitions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        if self._in_callback:
+            # Inside a rebalance callback (the last commit before a revocation) the commit
+            # must run on this thread: from another one it got no answer until the callback
+            # returned (every revocation cost the timeout, then a reconnect).
+            try:
+                self._consumer.commit(offsets=partitions, asynchronous=False)
+            except KafkaException as exc:
+                raise convert(exc, "committing offsets") from exc
+            return
         outcome: list[BaseException | None] = []
 
         def run() -> None:
@@ -414,11 +426,14 @@ class ConfluentClient:
 
     def _call(self, callback: PartitionsCallback | None, ids: list[PartitionId]) -> None:
         """Run a rebalance callback; what it raises is kept for poll_batch to raise."""
+        self._in_callback = True
         try:
             if callback is not None and ids:
                 callback(ids)
         except BaseException as exc:  # noqa: BLE001 - raised by poll_batch, on its thread
             self._callback_error = self._callback_error or exc
+        finally:
+            self._in_callback = False
 
     def _poll_error(self, message: Any, error: KafkaError) -> KafkaClientError:
         tp = (message.topic(), message.partition())

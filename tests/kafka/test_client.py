@@ -160,11 +160,17 @@ def test_seek_rewinds_an_assigned_partition(
 class PollingMember:
     """A group member polling on its own thread, as each worker process does."""
 
-    def __init__(self, client, topic: str) -> None:
+    def __init__(self, client, topic: str, on_revoke=None) -> None:
         self.client = client
         self.events: list[tuple[str, list]] = []
+
+        def revoked(parts) -> None:
+            self.events.append(("revoke", parts))
+            if on_revoke is not None:
+                on_revoke(parts)
+
         client.subscribe([topic], on_assign=lambda parts: self.events.append(("assign", parts)),
-                         on_revoke=lambda parts: self.events.append(("revoke", parts)))
+                         on_revoke=revoked)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -211,6 +217,35 @@ def test_second_member_splits_partitions_and_callbacks_report_each_move(
     assert wait_for(lambda: len(a.events) == 2)
     a.stop()
     assert a.events == [("revoke", a_half), ("assign", everything)]
+
+
+@pytest.mark.parametrize("client_kind", ["confluent"])  # kafka-python's revoke is replayed
+def test_a_commit_inside_the_revoke_callback_is_answered_there(  # after the fact: no commit
+    topic_factory, group_id, client_factory
+):
+    # The worker's last commit before a revocation runs inside the callback. librdkafka
+    # answers a commit made there from another thread only after the callback returned:
+    # every revocation cost the commit's timeout, then a reconnect (the confluent client's
+    # commit runs on a thread of its own elsewhere, to be bounded).
+    topic = topic_factory(partitions=2)
+    commits: list[tuple[str, float]] = []
+
+    def commit_before_revoking(parts) -> None:
+        started = time.monotonic()
+        try:
+            a.client.commit(dict.fromkeys(parts, 0), timeout_s=5)
+            commits.append(("committed", time.monotonic() - started))
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            commits.append((repr(exc), time.monotonic() - started))
+
+    a = PollingMember(client_factory(group_id), topic, on_revoke=commit_before_revoking)
+    assert wait_for(lambda: len(a.events) == 1)
+    b = PollingMember(client_factory(group_id), topic)
+    assert wait_for(lambda: len(a.events) == 3 and len(b.events) == 1)
+    a.stop()
+    b.stop()
+    assert [outcome for outcome, _ in commits] == ["committed"], commits
+    assert commits[0][1] < 4
 
 
 def test_closing_a_client_runs_no_rebalance_callback(topic_factory, group_id, client_factory):
