@@ -53,6 +53,9 @@ _LEARNER_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fiel
 # record that long after it was sent); it must stay well inside the 120 s in which the loop has
 # to come round to count as alive (serving/worker.py LIVENESS_TIMEOUT_S, /healthz).
 MAX_PRODUCE_TIMEOUT_S = 60.0
+# Bounds far past any real use, so that a typo is a setting error, not an allocation failure
+# or an overflow deep in torch (a 1e12-slot table, 1e9 layers building for ever).
+MAX_SENSORS = 100_000_000
 
 # Kafka's own rule for topic names (kafka.common.internals.Topic).
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
@@ -160,13 +163,15 @@ class KafkaSettings(_Section):
         None, description="Private key (PEM) of the client certificate."
     )
     session_timeout_ms: int = Field(
-        45_000, ge=1, description="A consumer silent this long is removed from the group."
+        45_000, ge=1, le=3_600_000,
+        description="A consumer silent this long is removed from the group."
     )
     heartbeat_interval_ms: int = Field(
         3_000, ge=1, description="Heartbeat period; must be below a third of the session timeout."
     )
     fetch_max_wait_ms: int = Field(
-        500, ge=0, description="How long a broker may hold a fetch while waiting for data."
+        500, ge=0, le=10_000,
+        description="How long a broker may hold a fetch while waiting for data."
     )
     max_poll_records: int = Field(
         500, ge=1, description="Micro-batch size: the most records one poll returns."
@@ -337,6 +342,9 @@ class KafkaSettings(_Section):
             path = getattr(self, name)
             if path is None:
                 continue
+            if path.is_fifo():  # open() would wait for a writer, for ever
+                problems.append(f"{_named('kafka.' + name)}: {str(path)!r} is a pipe, not a file")
+                continue
             try:
                 with open(path, "rb"):
                     pass
@@ -373,13 +381,13 @@ class ModelSettings(_Section):
     """The shape of each sensor's LSTM."""
 
     n_features: int = Field(
-        _LEARNER_DEFAULTS["n_features"], ge=1, description="Numbers per reading (F)."
+        _LEARNER_DEFAULTS["n_features"], ge=1, le=1024, description="Numbers per reading (F)."
     )
     hidden_size: int = Field(
-        _LEARNER_DEFAULTS["hidden_size"], ge=1, description="LSTM hidden units per layer."
+        _LEARNER_DEFAULTS["hidden_size"], ge=1, le=4096, description="LSTM hidden units per layer."
     )
     num_layers: int = Field(
-        _LEARNER_DEFAULTS["num_layers"], ge=1, description="Stacked LSTM layers."
+        _LEARNER_DEFAULTS["num_layers"], ge=1, le=16, description="Stacked LSTM layers."
     )
 
 
@@ -389,6 +397,7 @@ class TrainingSettings(_Section):
     tbptt_steps: int = Field(
         _LEARNER_DEFAULTS["tbptt_steps"],
         ge=1,
+        le=4096,
         description="Truncated-BPTT window length, in steps.",
     )
     train_every: int = Field(
@@ -418,6 +427,7 @@ class TrainingSettings(_Section):
     warmup_readings: int = Field(
         _LEARNER_DEFAULTS["warmup_readings"],
         ge=1,
+        le=1_000_000_000,
         description="A new sensor's forecast is its last value until it has this many readings.",
     )
     clip_z: float = Field(
@@ -452,7 +462,7 @@ class TrainingSettings(_Section):
         "only the last day / week.",
     )
     seed: int = Field(
-        _LEARNER_DEFAULTS["seed"], ge=0, description="Seed of the weight initialization."
+        _LEARNER_DEFAULTS["seed"], ge=0, lt=2**63, description="Seed of the weight initialization."
     )
 
 
@@ -499,11 +509,13 @@ class SensorSettings(_Section):
     """The table of per-sensor state."""
 
     max_sensors: int = Field(
-        _LEARNER_DEFAULTS["max_sensors"], ge=1, description="Most sensors held at once."
+        _LEARNER_DEFAULTS["max_sensors"], ge=1, le=MAX_SENSORS,
+        description="Most sensors held at once."
     )
     initial_capacity: int = Field(
         _LEARNER_DEFAULTS["initial_capacity"],
         ge=1,
+        le=MAX_SENSORS,
         description="Sensor slots allocated up front; the table grows up to max_sensors.",
     )
     idle_ttl_seconds: float | None = Field(
@@ -569,6 +581,13 @@ class CheckpointSettings(_Section):
         "(corrupt, another model configuration); when off, start-up fails instead (exit 1). A "
         "first start, with no checkpoint files, starts fresh either way.",
     )
+
+    @field_validator("dir", mode="before")
+    @classmethod
+    def _dir_named(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():  # Path("") is the current directory
+            raise ValueError("must not be empty (write . for the current directory)")
+        return value
 
     @model_validator(mode="after")
     def _some_interval(self) -> CheckpointSettings:
@@ -682,6 +701,7 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         1,
         ge=1,
+        le=1024,
         description="CPU threads torch may use (empty: torch's default, every core it sees). "
         "1 by default: the worker shares its cores with the Kafka client's network thread, "
         "and an oversubscribed torch measured 5-60x slower; raise it on dedicated cores.",

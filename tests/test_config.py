@@ -609,3 +609,35 @@ def test_sharing_needs_peers_to_outlive_the_intervals_they_publish_at() -> None:
     assert load_settings({"checkpoint.interval_seconds": "3600",
                           "checkpoint.interval_readings": "60"}).sharing.enabled
     assert "kafka.model_topic" in error_message({"kafka.model_topic": "sensor-forecasts"})
+
+
+@pytest.mark.parametrize(("dotted", "value"), [
+    ("model.hidden_size", "100000"),  # tried to allocate 160 GB
+    ("model.num_layers", "1000000000"),  # built layers for ever
+    ("model.n_features", "1000000000"),
+    ("training.tbptt_steps", "1000000000"),
+    ("training.warmup_readings", str(2**63)),  # overflowed mid-replay
+    ("training.seed", str(2**64)),  # overflowed in torch.manual_seed
+    ("torch_threads", str(2**31)),
+    ("sensors.max_sensors", "1000000000000"),
+    ("sensors.initial_capacity", "1000000000000"),  # MemoryError allocating the table
+    ("kafka.session_timeout_ms", "3600001"),  # librdkafka: invalid argument, a traceback
+    ("kafka.fetch_max_wait_ms", "30000"),  # kafka-python: above its request timeout, for ever
+])
+def test_a_size_or_time_far_past_any_real_use_is_a_setting_error(dotted: str,
+                                                                 value: str) -> None:
+    assert error_message({dotted: value}).startswith(f"invalid configuration: {dotted} ")
+
+
+def test_an_empty_checkpoint_dir_is_refused_not_read_as_the_current_directory() -> None:
+    assert "must not be empty" in error_message({"checkpoint.dir": ""})
+    assert load_settings({"checkpoint.dir": "."}).checkpoint.dir == Path(".")
+
+
+def test_a_tls_file_that_is_a_pipe_is_refused_without_waiting_for_a_writer(tmp_path) -> None:
+    import os
+
+    pipe = tmp_path / "ca.pem"
+    os.mkfifo(pipe)
+    message = error_message({"kafka.security_protocol": "SSL", "kafka.ssl_cafile": str(pipe)})
+    assert f"{str(pipe)!r} is a pipe, not a file" in message

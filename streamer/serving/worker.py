@@ -7,6 +7,7 @@ import gc
 import logging
 import math
 import socket
+import tempfile
 import threading
 import time
 from collections import deque
@@ -83,7 +84,10 @@ class Worker:
         try:
             self.durability = Durability(self.learner, self.ledger, c, self.worker_id,
                                          self.metrics, listener=self.sharing)
-        except OSError as exc:  # the directory cannot be created or listed
+            # Written to: a read-only one failed every checkpoint, and no offset was committed.
+            with tempfile.NamedTemporaryFile(dir=c.dir, prefix=".streamer-probe-"):
+                pass
+        except OSError as exc:  # the directory cannot be created, listed or written to
             # (mkdir says "File exists" of a file: say what is wrong with it)
             why = "a file, not a directory" if c.dir.is_file() else exc.strerror or exc
             raise ConfigError(f"invalid configuration: {setting_name('checkpoint.dir')}: cannot "

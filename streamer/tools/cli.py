@@ -147,7 +147,7 @@ def _check_device(name: str) -> None:
 
     try:
         resolve_device(name)
-    except ValueError as exc:
+    except (ValueError, RuntimeError) as exc:  # torch: "Could not parse device index"
         raise ConfigError(f"invalid configuration: {setting_name('device')}: {exc}") from exc
 
 
@@ -359,8 +359,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     readings = _sendable_readings(path)
     if not len(readings):
         raise ConfigError(f"no readings to send in {path}")
+    from streamer.config import load_settings
     from streamer.tools.demo import run_demo  # torch: seconds
 
+    _check_device(load_settings().device)  # before the broker starts, as `run` does
     return run_demo(readings, path.name, pace, duration=args.duration,
                     metrics_port=args.metrics_port)
 

@@ -27,6 +27,7 @@ FLUSH_MARGIN_S = 5.0  # past the delivery timeout, when every record has failed 
 # IO thread (a logged AttributeError). After a failure, pending records are aborted sooner.
 CLOSE_TIMEOUT_S = 10.0
 CLOSE_FAILED_TIMEOUT_S = 1.0
+MIN_PACE = 1e-6  # readings/s, or times the data's own speed
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,9 @@ class Pace:
             raise ValueError("give either --rate or --speedup, not both")
         for name in ("rate", "speedup"):
             value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"--{name} must be > 0, got {value}")
+            # (below one reading in ~12 days the pacing wait overflowed the platform's time_t)
+            if value is not None and not value >= MIN_PACE:
+                raise ValueError(f"--{name} must be at least {MIN_PACE:g}, got {value}")
 
 
 def encode_reading(sensor_id: str, ts: float, values: np.ndarray) -> bytes:

@@ -697,16 +697,22 @@ def test_invalid_config_exits_2_naming_the_field():
     ({}, ["--checkpoint-dir", "/proc/nope/ck"],
      "invalid configuration: checkpoint.dir (STREAMER_CHECKPOINT__DIR / --checkpoint-dir): "
      "cannot use '/proc/nope/ck': No such file or directory"),
+    ({}, ["--device", "cuda:99999999999999999999"],  # torch cannot parse the index
+     "invalid configuration: device (STREAMER_DEVICE / --device): "),
     ({}, ["--checkpoint-dir", "/proc/version"],
      "invalid configuration: checkpoint.dir (STREAMER_CHECKPOINT__DIR / --checkpoint-dir): "
      "cannot use '/proc/version': a file, not a directory"),
+    ({}, ["--checkpoint-dir", "/proc/1"],  # a directory no file can be written to
+     "invalid configuration: checkpoint.dir (STREAMER_CHECKPOINT__DIR / --checkpoint-dir): "
+     "cannot use '/proc/1': "),
     ({}, ["--metrics-port", "{taken}"],
      "invalid configuration: metrics.port (STREAMER_METRICS__PORT / --metrics-port): cannot "
      "listen on 0.0.0.0:{taken}: Address already in use"),
     ({}, ["--metrics-host", "192.0.2.1", "--metrics-port", "9"],  # TEST-NET: not ours
      "invalid configuration: metrics.host (STREAMER_METRICS__HOST / --metrics-host): cannot "
      "listen on 192.0.2.1:9: Cannot assign requested address"),
-], ids=["section-not-json", "device-missing", "checkpoint-dir-impossible", "checkpoint-dir-a-file",
+], ids=["section-not-json", "device-missing", "device-index-unparsable",
+        "checkpoint-dir-impossible", "checkpoint-dir-a-file", "checkpoint-dir-not-writable",
         "metrics-port-taken", "metrics-host-not-ours"])
 def test_settings_that_fail_at_start_exit_2_naming_the_setting_without_a_traceback(
         env, args, message, tmp_path):

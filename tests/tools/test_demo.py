@@ -164,11 +164,22 @@ def test_a_demo_file_or_rate_that_cannot_be_used_is_a_one_line_error_before_anyt
     cases = [(["--file", str(tmp_path / "missing.csv")], "cannot read readings from"),
              (["--file", str(wrong)], "expected a header 'sensor_id,ts,value'"),
              (["--file", str(header_only)], "no readings to send in"),
-             (["--rate", "0"], "--rate must be > 0, got 0.0")]
+             (["--rate", "0"], "--rate must be at least 1e-06, got 0.0"),
+             # slower than one reading in ~12 days: the pacing wait overflowed time_t
+             (["--rate", "1e-10"], "--rate must be at least 1e-06, got 1e-10")]
     for args, message in cases:
         code = main(["demo", *args])
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("streamer demo: ") and message in err, (args, err)
+    assert demo_runs == []
+
+
+def test_a_device_the_machine_lacks_stops_the_demo_before_anything_starts(
+        demo_runs, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("STREAMER_DEVICE", "cuda:99")  # no CUDA, or not 100 devices
+    assert main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("streamer demo: invalid configuration: device (STREAMER_DEVICE"), err
     assert demo_runs == []
 
 
