@@ -258,10 +258,10 @@ def _check_writable(*paths: Path | None) -> None:
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
-    overrides = {}
-    if args.bootstrap_servers:
+    overrides = {}  # an empty one given is checked as the setting would be, not skipped
+    if args.bootstrap_servers is not None:
         overrides["kafka.bootstrap_servers"] = args.bootstrap_servers
-    if args.topic:
+    if args.topic is not None:
         overrides["kafka.input_topic"] = args.topic
     from streamer.config import load_settings
     from streamer.observability.logs import configure_logging
@@ -312,15 +312,22 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print("\nper step (relMAE: mean over sensors of MAE / the baseline's MAE; pairs count "
               "once the sensor has a week of history):")
         print(format_steps(steps))
-    if args.out:
-        write_forecasts(args.out, readings, outputs)
-    if args.horizon_out:
-        write_horizon(args.horizon_out, readings, outputs)
-    if args.json_out:
-        document = dataclasses.asdict(report)
-        if steps:
-            document["steps"] = [dataclasses.asdict(s) for s in steps]
-        args.json_out.write_text(json.dumps(json_safe(document), indent=2, allow_nan=False))
+    document = dataclasses.asdict(report)
+    if steps:
+        document["steps"] = [dataclasses.asdict(s) for s in steps]
+    writes = [(args.out, lambda path: write_forecasts(path, readings, outputs)),
+              (args.horizon_out, lambda path: write_horizon(path, readings, outputs)),
+              (args.json_out, lambda path: path.write_text(
+                  json.dumps(json_safe(document), indent=2, allow_nan=False)))]
+    for path, write in writes:
+        if not path:
+            continue
+        try:  # checked writable before the replay; a disk filling up shows only now
+            write(path)
+        except OSError as exc:
+            print(f"streamer replay: cannot write {path}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 1
     if args.plot:
         from streamer.tools.plot import plot_replay
 

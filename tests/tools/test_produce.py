@@ -132,3 +132,16 @@ def test_an_invalid_topic_names_a_flag_that_produce_has(tmp_path, capsys):
         assert code == 2 and "kafka.input_topic (STREAMER_KAFKA__INPUT_TOPIC / "\
             "--kafka-input-topic)" in err, err
 
+
+
+@pytest.mark.parametrize(("flag", "setting"), [("--bootstrap-servers", "kafka.bootstrap_servers"),
+                                               ("--topic", "kafka.input_topic")])
+def test_an_empty_server_or_topic_is_refused_not_replaced_by_the_default(
+        tmp_path, capsys, monkeypatch, flag, setting):
+    # It fell back to the environment or localhost:9092, and failed there (exit 1).
+    monkeypatch.delenv("STREAMER_KAFKA__BOOTSTRAP_SERVERS", raising=False)
+    path = tmp_path / "readings.csv"
+    path.write_text("sensor_id,ts,value\na,1717171717,1\n")
+    code = main(["produce", str(path), "--bootstrap-servers", "127.0.0.1:1", flag, ""])
+    err = capsys.readouterr().err
+    assert code == 2 and f"invalid configuration: {setting} " in err, err

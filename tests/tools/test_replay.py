@@ -337,3 +337,15 @@ def test_a_deployments_kafka_and_checkpoint_environment_does_not_stop_a_replay(
     monkeypatch.setenv("STREAMER_TRAINING__LR", "-1")  # what replay uses is still checked
     assert main(["replay", str(path), "--device", "cpu"]) == 2
     assert "STREAMER_TRAINING__LR" in capsys.readouterr().err
+
+
+def test_results_that_cannot_be_written_after_the_replay_are_a_one_line_error(tmp_path,
+                                                                               capsys):
+    # Writable when checked before the replay; a full disk shows only when written.
+    path = tmp_path / "readings.csv"
+    path.write_text("sensor_id,ts,value\n" + "".join(f"a,{1717171717 + 60 * i},{i % 7}\n"
+                                                     for i in range(40)))
+    code = main(["replay", str(path), "--json", "/dev/full"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    assert err.strip() == "streamer replay: cannot write /dev/full: No space left on device"
