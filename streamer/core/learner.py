@@ -135,7 +135,7 @@ class Learner:
         readings (otherwise every later reading of it here would be rejected as late). As
         with any cut, a sensor idle for a TTL that reads only after it can be evicted by the
         part before and start again in the part after."""
-        edge = max(self.clock.time, time.time()) + AHEAD_RESTART_S
+        edge = self._restart_edge(time.time())
         if not (batch.ts > edge).any():  # the usual case: nothing ahead, nothing to look for
             return []
         cuts, newest = [], {}
@@ -259,6 +259,11 @@ class Learner:
                       self.stats.last_ts, ok)
         return ok
 
+    def _restart_edge(self, wall: float) -> float:
+        """Past this, a sensor's last reading was dated ahead of both the fleet and the wall
+        clock (``_restart_returned``)."""
+        return max(self.clock.time, wall) + AHEAD_RESTART_S
+
     def _restart_returned(self, slots: np.ndarray, ts: np.ndarray, wall: float) -> int:
         """Restart sensors whose last reading is dated more than AHEAD_RESTART_S past both the
         fleet's event clock and the wall clock, and that now read within both again: their
@@ -269,7 +274,7 @@ class Learner:
         the fleet's, a device on local time) is rejected as before. Returns how many."""
         if not len(slots):
             return 0
-        edge = max(self.clock.time, wall) + AHEAD_RESTART_S
+        edge = self._restart_edge(wall)
         back = np.unique(slots[(self.stats.last_ts[slots] > edge) & (ts <= edge)])
         self._reset_slots(back)
         return len(back)

@@ -227,15 +227,6 @@ class ConfluentClient:
             raise BrokerUnavailable("committing offsets failed: the previous commit has not "
                                     "returned yet")
         partitions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
-        if self._in_callback:
-            # Inside a rebalance callback (the last commit before a revocation) the commit
-            # must run on this thread: from another one it got no answer until the callback
-            # returned (every revocation cost the timeout, then a reconnect).
-            try:
-                self._consumer.commit(offsets=partitions, asynchronous=False)
-            except KafkaException as exc:
-                raise convert(exc, "committing offsets") from exc
-            return
         outcome: list[BaseException | None] = []
 
         def run() -> None:
@@ -245,12 +236,19 @@ class ConfluentClient:
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
                 outcome.append(exc)
 
-        self._committing = threading.Thread(target=run, name="streamer-commit", daemon=True)
-        self._committing.start()
-        self._committing.join(timeout_s)
-        if not outcome:
-            raise BrokerUnavailable(f"committing offsets failed: no answer in {timeout_s:g} s "
-                                    "(the commit goes on in the background)")
+        if self._in_callback:
+            # Inside a rebalance callback (the last commit before a revocation) the commit
+            # must run on this thread: from another one it got no answer until the callback
+            # returned (every revocation cost the timeout, then a reconnect).
+            run()
+        else:
+            self._committing = threading.Thread(target=run, name="streamer-commit",
+                                                daemon=True)
+            self._committing.start()
+            self._committing.join(timeout_s)
+            if not outcome:
+                raise BrokerUnavailable(f"committing offsets failed: no answer in "
+                                        f"{timeout_s:g} s (the commit goes on in the background)")
         error = outcome[0]
         if isinstance(error, KafkaException):
             raise convert(error, "committing offsets") from error
