@@ -22,6 +22,9 @@ SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 # because of a bug in a coroutine: at 0.1 s every worker logged it over and over. Steps this
 # long still warn: they begin to threaten heartbeats and fetch deadlines.
 IO_STALL_WARNING_S = 1.0
+# How long closing a kafka-python client waits for its IO thread to finish the task step it is
+# in (steps are short: one wait for a socket or a timer); past it the close goes on regardless.
+IO_THREAD_STOP_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -137,8 +140,23 @@ class KafkaConnection:
 
 @functools.cache
 def _kafka_python_net_client() -> Any:
-    """kafka-python's network client with the IO stall warning at ``IO_STALL_WARNING_S``
-    (imported here: the settings import this module without a Kafka library)."""
+    """kafka-python's network client with the IO stall warning at ``IO_STALL_WARNING_S`` and
+    a close that stops its IO thread first (imported here: the settings import this module
+    without a Kafka library).
+
+    kafka-python 3.0.12 closes a client's connections from the calling thread while its IO
+    thread still runs their tasks: a task cancelled there in the moment the IO thread runs it
+    fails with "generator already executing", logged as a traceback (a Ctrl-C of the demo
+    printed one), and requests in flight fail as "Cancelled" errors mid-step. With the IO thread
+    stopped (joined) first, the close runs every remaining task on the calling thread alone,
+    kafka-python's own fallback when no IO thread runs. A client driven by its caller (the
+    producer's sender thread) has no IO thread: nothing to stop."""
     from kafka.net.compat import KafkaNetClient
 
-    return functools.partial(KafkaNetClient, slow_task_threshold_secs=IO_STALL_WARNING_S)
+    class NetClient(KafkaNetClient):
+        def close(self, node_id: int | None = None) -> None:
+            if node_id is None:
+                self._net.stop(timeout_ms=IO_THREAD_STOP_TIMEOUT_S * 1000)
+            super().close(node_id)
+
+    return functools.partial(NetClient, slow_task_threshold_secs=IO_STALL_WARNING_S)

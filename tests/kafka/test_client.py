@@ -528,6 +528,29 @@ def test_kafka_python_clients_warn_of_a_stalled_io_thread_only_past_a_second(bro
     assert IO_STALL_WARNING_S > 0.1  # kafka-python's own default
 
 
+@pytest.mark.parametrize("factory", ["KafkaConsumer", "KafkaAdminClient"])
+def test_kafka_python_clients_close_their_connections_only_once_their_io_thread_stopped(
+        broker, factory):
+    # kafka-python 3.0.12 closed them from the calling thread while its IO thread still ran
+    # their tasks: now and then one was cancelled as it ran ("generator already executing",
+    # a traceback on the demo's Ctrl-C), and requests in flight failed mid-step.
+    import kafka
+
+    client = KafkaConnection(broker.bootstrap).kafka_python(getattr(kafka, factory))
+    io_thread, manager = client._net._io_thread, client._client._manager
+    assert io_thread is not None and io_thread.is_alive()
+    io_thread_alive_at_close: list[bool] = []
+    close_connections = manager.close
+
+    def recording_close(*args, **kwargs):
+        io_thread_alive_at_close.append(io_thread.is_alive())
+        return close_connections(*args, **kwargs)
+
+    manager.close = recording_close
+    client.close()
+    assert io_thread_alive_at_close == [False]
+
+
 def test_connecting_to_no_broker_again_and_again_leaves_no_io_thread_behind():
     # kafka-python 3 starts a network thread before it bootstraps and kept it when that failed:
     # a worker retrying through an outage gained a thread (and a socket pair) per attempt.
