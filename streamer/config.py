@@ -8,6 +8,7 @@ The core never sees this module: ``Settings.learner_config()`` hands it a plain 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import ssl
 import typing
@@ -60,6 +61,8 @@ MAX_SENSORS = 100_000_000
 # Kafka's own rule for topic names (kafka.common.internals.Topic).
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(\d{1,5})$")
+# One label of a host name (RFC 1123, with the '_' that container and cluster names carry).
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
 SaslMechanism = Literal[SASL_MECHANISMS]  # type: ignore[valid-type]  # the edge's list
 SecurityProtocol = Literal[SECURITY_PROTOCOLS]  # type: ignore[valid-type]
 
@@ -116,6 +119,25 @@ class _Section(BaseModel):
     @classmethod
     def _empty_unsets(cls, data: Any) -> Any:
         return _empty_means_unset(cls, data)
+
+
+def _is_host(host: str) -> bool:
+    """A host name, an IPv4 address or a bracketed IPv6 one: anything else would have the
+    clients retry "Unable to bootstrap" for ever instead of a setting error at start."""
+    if host.startswith("["):
+        return _is_ip(host[1:-1], ipaddress.IPv6Address)
+    labels = host.removesuffix(".").split(".")
+    if all(label.isdigit() for label in labels):
+        return _is_ip(host, ipaddress.IPv4Address)
+    return len(host) <= 253 and all(_HOST_LABEL.match(label) for label in labels)
+
+
+def _is_ip(text: str, kind: type) -> bool:
+    try:
+        kind(text)
+    except ValueError:
+        return False
+    return True
 
 
 class KafkaSettings(_Section):
@@ -218,6 +240,9 @@ class KafkaSettings(_Section):
                 raise ValueError(
                     f"expected a comma-separated list of host:port, got entry {server!r}"
                 )
+            if not _is_host(match.group(1)):
+                raise ValueError(f"{match.group(1)!r} (in {server!r}) is neither a host name "
+                                 "nor an IP address")
         return ",".join(servers)
 
     @field_validator("input_topic", "output_topic", "dlq_topic", "anomaly_topic", "model_topic")

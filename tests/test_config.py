@@ -295,6 +295,21 @@ def test_bootstrap_servers_must_be_host_port_pairs() -> None:
     )
 
 
+@pytest.mark.parametrize("host", ["[...]", "[12345::1]", "[1.2.3.4]", "999.1.1.1", "1.2.3", "x..y",
+                                  ".", "-kafka", "kafka-", "k" * 64 + ".example"])
+def test_a_bootstrap_host_that_is_neither_a_name_nor_an_address_is_refused(host: str) -> None:
+    # The clients retried "Unable to bootstrap" for ever on these instead.
+    assert error_message({"kafka.bootstrap_servers": f"k1:9092,{host}:9093"}).endswith(
+        f"{host!r} (in '{host}:9093') is neither a host name nor an IP address")
+
+
+@pytest.mark.parametrize("host", ["localhost", "kafka_1", "10.0.0.1", "[::1]", "[2001:db8::7]",
+                                  "kafka-0.kafka-headless.streaming.svc.cluster.local."])
+def test_host_names_and_ip_addresses_are_bootstrap_hosts(host: str) -> None:
+    assert load_settings({"kafka.bootstrap_servers": f"{host}:9092"}).kafka.bootstrap_servers \
+        == f"{host}:9092"
+
+
 def test_topic_names_follow_kafka_rules() -> None:
     assert error_message({"kafka.input_topic": "sensor readings"}) == (
         "invalid configuration: kafka.input_topic (STREAMER_KAFKA__INPUT_TOPIC / "
