@@ -65,10 +65,26 @@ class RepeatFilter(logging.Filter):
         return True
 
 
+def _is_cancellation(arg: object) -> bool:
+    cls = type(arg)
+    return cls.__name__ == "Cancelled" and cls.__module__ == "kafka.errors"
+
+
+def drop_cancellations(record: logging.LogRecord) -> bool:
+    """False for the Kafka library's reports of a request it cancelled because its connection
+    was closed on purpose ("Metadata refresh: failed Cancelled", at ERROR): every clean stop
+    that caught a request in flight printed one. The close itself is logged (INFO)."""
+    if not (record.name == "kafka" or record.name.startswith("kafka.")):
+        return True
+    args = record.args.values() if isinstance(record.args, dict) else record.args or ()
+    return not any(_is_cancellation(arg) for arg in args)
+
+
 def configure_logging(level: str = "INFO", fmt: str = "plain") -> None:
     """Route all logs to stderr in the chosen format (idempotent), the Kafka library's
-    repeats thinned (``RepeatFilter``)."""
+    repeats thinned (``RepeatFilter``) and its cancellations left out (``drop_cancellations``)."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(drop_cancellations)
     handler.addFilter(RepeatFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())

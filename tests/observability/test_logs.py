@@ -1,10 +1,13 @@
-"""Logs: the Kafka library's repeated messages are thinned, streamer's own never."""
+"""Logs: the Kafka library's repeated messages are thinned and its cancellations left out,
+streamer's own never."""
 
 from __future__ import annotations
 
 import logging
 
-from streamer.observability.logs import RepeatFilter
+import kafka.errors as kerr
+
+from streamer.observability.logs import RepeatFilter, drop_cancellations
 
 
 def _record(name: str, msg: str, *args: object, level: int = logging.ERROR) -> logging.LogRecord:
@@ -43,3 +46,15 @@ def test_a_message_that_cannot_be_formatted_is_left_to_the_handler_not_raised_at
     # (a filter runs outside the handler's own guard: raising there reached kafka-python)
     assert RepeatFilter().filter(_record("kafka.conn", "%s and %s", "only one"))
 
+
+
+def test_the_librarys_reports_of_requests_cancelled_by_a_close_are_left_out():
+    # A clean stop that caught a metadata request in flight printed
+    # "ERROR kafka.cluster: Metadata refresh: failed Cancelled".
+    assert not drop_cancellations(_record("kafka.cluster", "Metadata refresh: failed %s",
+                                          kerr.Cancelled()))
+    assert not drop_cancellations(_record("kafka.coordinator", "%(e)s", {"e": kerr.Cancelled()}))
+    assert drop_cancellations(_record("kafka.cluster", "Metadata refresh: failed %s",
+                                      kerr.KafkaConnectionError("refused")))
+    assert drop_cancellations(_record("streamer.worker", "%s", kerr.Cancelled()))
+    assert drop_cancellations(_record("kafka.conn", "no arguments"))
