@@ -120,6 +120,18 @@ class _Section(BaseModel):
     def _empty_unsets(cls, data: Any) -> Any:
         return _empty_means_unset(cls, data)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """A JSON true or false is no number (pydantic would read it as 1 or 0: a section
+        given as JSON with `"hidden_size": true` got a model of width 1)."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and annotation is not bool \
+                and bool not in typing.get_args(annotation):
+            raise PydanticCustomError("bool_not_number", "expected a number, got {value}",
+                                      {"value": str(value).lower()})
+        return value
+
 
 def _is_host(host: str) -> bool:
     """A host name, an IPv4 address or a bracketed IPv6 one: anything else would have the

@@ -260,6 +260,21 @@ def test_a_section_set_whole_must_be_a_json_object(monkeypatch: pytest.MonkeyPat
     )
 
 
+def test_json_true_or_false_is_no_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    # pydantic reads them as 1 and 0: "hidden_size": true built a model of width 1.
+    monkeypatch.setenv("STREAMER_MODEL", '{"hidden_size": true}')
+    assert error_message() == (
+        "invalid configuration: model.hidden_size (STREAMER_MODEL__HIDDEN_SIZE / "
+        "--model-hidden-size): expected a number, got true")
+    monkeypatch.setenv("STREAMER_MODEL", "{}")
+    monkeypatch.setenv("STREAMER_TRAINING", '{"lr": false}')
+    assert error_message().endswith("training.lr (STREAMER_TRAINING__LR / --training-lr): "
+                                    "expected a number, got false")
+    monkeypatch.setenv("STREAMER_TRAINING", "{}")
+    monkeypatch.setenv("STREAMER_SHARING", '{"enabled": true}')  # a switch takes one
+    assert load_settings().sharing.enabled is True
+
+
 def test_unknown_streamer_env_vars_are_found_but_not_service_links_or_failpoints() -> None:
     environ = {
         "STREAMER_DEVCE": "cpu", "STREAMER_KAFKA_GROUP_ID": "g", "streamer_torch_thread": "2",
