@@ -179,6 +179,12 @@ class KafkaSettings(_Section):
     auto_offset_reset: Literal["earliest", "latest"] = Field(
         "earliest", description="Where a group with no committed offset starts reading."
     )
+    isolation_level: Literal["read_committed", "read_uncommitted"] = Field(
+        "read_committed",
+        description="read_committed: readings a transactional producer writes (Kafka Streams, "
+        "Flink exactly-once) are forecast once their transaction commits, never when it "
+        "aborts (they are sent again); read_uncommitted reads them all at once.",
+    )
     security_protocol: SecurityProtocol = Field(
         "PLAINTEXT", description="Protocol used to talk to the brokers."
     )
@@ -295,7 +301,7 @@ class KafkaSettings(_Section):
             group_id=self.group_id, session_timeout_ms=self.session_timeout_ms,
             heartbeat_interval_ms=self.heartbeat_interval_ms,
             fetch_max_wait_ms=self.fetch_max_wait_ms, max_poll_records=self.max_poll_records,
-            auto_offset_reset=self.auto_offset_reset,
+            auto_offset_reset=self.auto_offset_reset, isolation_level=self.isolation_level,
         )
 
     def producer(self) -> ProducerSettings:

@@ -61,6 +61,8 @@ def error_message(overrides: dict[str, object] | None = None) -> str:
         ("STREAMER_KAFKA__OUTPUT_TOPIC", "out", "kafka", "output_topic", "out"),
         ("STREAMER_KAFKA__DLQ_TOPIC", "dead", "kafka", "dlq_topic", "dead"),
         ("STREAMER_KAFKA__GROUP_ID", "group-7", "kafka", "group_id", "group-7"),
+        ("STREAMER_KAFKA__ISOLATION_LEVEL", "read_uncommitted", "kafka", "isolation_level",
+         "read_uncommitted"),
         ("STREAMER_METRICS__PORT", "9200", "metrics", "port", 9200),
         (
             "STREAMER_CHECKPOINT__DIR",
@@ -101,6 +103,7 @@ def test_defaults_come_from_learner_config() -> None:
 
 def test_documented_defaults() -> None:
     settings = load_settings()
+    assert settings.kafka.consumer().isolation_level == "read_committed"
     assert settings.kafka.bootstrap_servers == "localhost:9092"
     assert settings.kafka.input_topic == "sensor-readings"
     assert settings.kafka.output_topic == "sensor-forecasts"

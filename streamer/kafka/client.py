@@ -58,6 +58,9 @@ class Delivery:
     producer: Any  # the library's producer that holds them
 
 
+ISOLATION_LEVELS = ("read_committed", "read_uncommitted")
+
+
 @dataclass(frozen=True)
 class ConsumerSettings:
     """Consumer-group tuning; Kafka's defaults except where a streaming worker needs less."""
@@ -70,6 +73,9 @@ class ConsumerSettings:
     max_poll_interval_ms: int = 300_000
     # Where a partition with no committed offset (and no checkpoint) starts.
     auto_offset_reset: str = "earliest"
+    # read_committed: a transactional producer's readings are served once its transaction
+    # commits, and never when it aborts (librdkafka's default; Kafka's Java one reads them all).
+    isolation_level: str = "read_committed"
     # poll_batch raises BrokerUnavailable once no broker connection has been up for this long,
     # instead of returning empty batches forever (kafka-python reconnects silently).
     unreachable_after_s: float = 10.0
@@ -86,6 +92,9 @@ class ConsumerSettings:
             raise ValueError(
                 f"auto_offset_reset must be earliest or latest, got {self.auto_offset_reset!r}"
             )
+        if self.isolation_level not in ISOLATION_LEVELS:
+            raise ValueError(f"isolation_level must be one of {ISOLATION_LEVELS}, got "
+                             f"{self.isolation_level!r}")
         if self.max_poll_records < 1:
             raise ValueError(f"max_poll_records must be >= 1, got {self.max_poll_records}")
         if not self.unreachable_after_s > 0:

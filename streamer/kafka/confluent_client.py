@@ -126,6 +126,7 @@ class ConfluentClient:
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "auto.offset.reset": consumer.auto_offset_reset,
+            "isolation.level": consumer.isolation_level,
             "session.timeout.ms": consumer.session_timeout_ms,
             "heartbeat.interval.ms": consumer.heartbeat_interval_ms,
             "fetch.wait.max.ms": consumer.fetch_max_wait_ms,

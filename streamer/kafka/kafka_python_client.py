@@ -158,6 +158,7 @@ class KafkaPythonClient:
                 group_id=consumer.group_id,
                 enable_auto_commit=False,
                 auto_offset_reset=consumer.auto_offset_reset,
+                isolation_level=consumer.isolation_level,
                 session_timeout_ms=consumer.session_timeout_ms,
                 heartbeat_interval_ms=consumer.heartbeat_interval_ms,
                 fetch_max_wait_ms=consumer.fetch_max_wait_ms,

@@ -53,6 +53,40 @@ def test_readings_compressed_by_librdkafka_with_each_codec_are_all_forecast(
     assert worker.metric("streamer_undecodable_batches_total") == 0
 
 
+def test_readings_of_a_transaction_are_forecast_once_it_commits_not_while_it_is_open(
+        broker, topic_factory, group_id, worker_factory, consume_raw):
+    # kafka-python read a transactional producer's records before their transaction ended:
+    # readings a Flink or Kafka Streams job aborts and sends again were forecast twice.
+    # (Aborted ones are left out by the clients from the brokers' list of aborted
+    # transactions, which Apache Kafka sends with each fetch and the local broker does not.)
+    from confluent_kafka import Producer
+
+    inp, out, dlq = topic_factory(1), topic_factory(1), topic_factory(1)
+    worker = worker_factory(inp, out, dlq, group_id).start()
+    worker.wait_ready()
+    producer = Producer({"bootstrap.servers": broker.bootstrap, "transactional.id": inp})
+    producer.init_transactions(10)
+    stream = [reading(f"s{i % 3}", 1.7e9 + 60.0 * i, math.sin(i / 3)) for i in range(12)]
+
+    def write(records) -> None:
+        producer.begin_transaction()
+        for key, value in records:
+            producer.produce(inp, key=key, value=value)
+        producer.flush(10)
+
+    write(stream[:8])
+    producer.commit_transaction(10)
+    write(stream[8:])  # flushed to the log, its transaction open
+    committed = consume_raw(out, 8, timeout_s=30)
+    assert len(committed) == 8, worker.log()
+    assert len(consume_raw(out, 9, timeout_s=3)) == 8  # the open transaction is not served
+
+    producer.commit_transaction(10)
+    got = forecasts_by_source(consume_raw(out, 12, timeout_s=30))
+    assert len(got) == 12 and all(len(f) == 1 for f in got.values()), worker.log()
+    assert sorted(f[0]["_key"] for f in got.values()) == sorted(k.decode() for k, _ in stream)
+
+
 def test_undecodable_batch_holds_its_partition_not_ready_while_the_others_are_served(
         broker, topic_factory, group_id, worker_factory, consume_raw):
     inp, out, dlq = topic_factory(2), topic_factory(2), topic_factory(1)
