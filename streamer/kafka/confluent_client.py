@@ -488,6 +488,9 @@ class ConfluentClient:
         return Producer({
             **self._connection.librdkafka_config(),
             "acks": "all",
+            # As kafka-python's producer by default: its own retries can neither duplicate a
+            # forecast nor reorder a sensor's (librdkafka's default is neither).
+            "enable.idempotence": True,
             "linger.ms": settings.linger_ms,
             "batch.size": settings.batch_size_bytes,
             "compression.type": settings.compression_type or "none",

@@ -82,6 +82,28 @@ def test_every_valid_reading_gets_exactly_one_forecast_with_its_source(
     assert worker.metric("streamer_sensors_limit") == 5000
 
 
+def test_forecasts_are_written_by_an_idempotent_producer_with_either_client(
+        topic_factory, group_id, worker_factory, produce_raw, consume_raw, monkeypatch):
+    # An idempotent producer's retries can neither duplicate a forecast nor reorder a
+    # sensor's; librdkafka's producer is not one unless asked (kafka-python's is by default).
+    from kafka.record.default_records import DefaultRecordBatch
+
+    producer_ids: list[int] = []
+    batch_records = DefaultRecordBatch.__iter__
+
+    def recording(batch):
+        producer_ids.append(batch.producer_id)
+        return batch_records(batch)
+
+    monkeypatch.setattr(DefaultRecordBatch, "__iter__", recording)
+    inp, out, dlq = _topics(topic_factory)
+    worker = worker_factory(inp, out, dlq, group_id).start()
+    worker.wait_ready()
+    placed = produce_raw(inp, _stream(4, 5))
+    assert len(consume_raw(out, len(placed), timeout_s=30)) == len(placed), worker.log()
+    assert producer_ids and all(pid >= 0 for pid in producer_ids), producer_ids
+
+
 def _lag_series(worker) -> dict[int, float]:
     """partition -> the worker's exported consumer lag."""
     _, text = worker.get("/metrics")
