@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import random
 import signal
 import socket
 import subprocess
@@ -25,6 +26,9 @@ _HOST = "127.0.0.1"
 # An auto-chosen port can be taken between probing it and the broker binding it; a few retries
 # make that race harmless. A port the caller asked for is never swapped for another.
 _AUTO_PORT_ATTEMPTS = 5
+# free_port picks among the ports from here to the ephemeral range, trying this many.
+_PICK_FROM = 20000
+_PICKS = 50
 
 
 def resolve_broker_binary() -> str:
@@ -40,10 +44,29 @@ def resolve_broker_binary() -> str:
 
 
 def free_port() -> int:
-    """A loopback TCP port that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((_HOST, 0))
-        return int(sock.getsockname()[1])
+    """A loopback TCP port that was free a moment ago, picked at random below the kernel's
+    ephemeral range: one from that range (what binding port 0 gives) can be taken by any
+    outgoing connection before its caller binds it; a test worker's metrics port was, while
+    the tests around it opened Kafka connections by the hundred."""
+    low = _ephemeral_ports_start()
+    for _ in range(_PICKS):
+        port = random.randrange(_PICK_FROM, low) if low - _PICK_FROM >= 1000 else 0
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((_HOST, port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise OSError(f"no free port found on {_HOST} in {_PICKS} tries")
+
+
+def _ephemeral_ports_start() -> int:
+    """Where the ports the kernel hands to outgoing connections begin (Linux; else 32768, the
+    usual start, and IANA's 49152 elsewhere is above it)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 class LocalBroker:

