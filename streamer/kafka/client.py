@@ -59,6 +59,13 @@ class Delivery:
 
 
 ISOLATION_LEVELS = ("read_committed", "read_uncommitted")
+# The worker's clients never ask the brokers to create a topic they look up.
+# Brokers that allow it (Apache Kafka's default) would make a missing input topic, or an output
+# topic they lost, with their default partition count (1), which cannot be taken back: a
+# worker creates the topics it writes to itself, with the input's partition count, and waits
+# for a missing input topic (README, "Running the stack"). librdkafka's consumer asks for none
+# by default; kafka-python's clients and librdkafka's producer did.
+AUTO_CREATE_TOPICS = False
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from confluent_kafka import (
 )
 
 from streamer.kafka.client import (
+    AUTO_CREATE_TOPICS,
     ConsumerSettings,
     Delivery,
     InputRecord,
@@ -127,6 +128,7 @@ class ConfluentClient:
             "enable.auto.offset.store": False,
             "auto.offset.reset": consumer.auto_offset_reset,
             "isolation.level": consumer.isolation_level,
+            "allow.auto.create.topics": AUTO_CREATE_TOPICS,
             "session.timeout.ms": consumer.session_timeout_ms,
             "heartbeat.interval.ms": consumer.heartbeat_interval_ms,
             "fetch.wait.max.ms": consumer.fetch_max_wait_ms,
@@ -491,6 +493,7 @@ class ConfluentClient:
             # As kafka-python's producer by default: its own retries can neither duplicate a
             # forecast nor reorder a sensor's (librdkafka's default is neither).
             "enable.idempotence": True,
+            "allow.auto.create.topics": AUTO_CREATE_TOPICS,
             "linger.ms": settings.linger_ms,
             "batch.size": settings.batch_size_bytes,
             "compression.type": settings.compression_type or "none",

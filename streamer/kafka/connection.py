@@ -140,9 +140,9 @@ class KafkaConnection:
 
 @functools.cache
 def _kafka_python_net_client() -> Any:
-    """kafka-python's network client with the IO stall warning at ``IO_STALL_WARNING_S`` and
-    a close that stops its IO thread first (imported here: the settings import this module
-    without a Kafka library).
+    """kafka-python's network client with the IO stall warning at ``IO_STALL_WARNING_S``,
+    its client's ``allow_auto_create_topics`` honoured, and a close that stops its IO thread
+    first (imported here: the settings import this module without a Kafka library).
 
     kafka-python 3.0.12 closes a client's connections from the calling thread while its IO
     thread still runs their tasks: a task cancelled there in the moment the IO thread runs it
@@ -154,6 +154,13 @@ def _kafka_python_net_client() -> Any:
     from kafka.net.compat import KafkaNetClient
 
     class NetClient(KafkaNetClient):
+        def __init__(self, **configs: Any) -> None:
+            super().__init__(**configs)
+            # kafka-python 3.0.12 builds its metadata without this setting of its client's:
+            # every metadata request asked the brokers to create the topics it named.
+            self._manager.cluster.config["allow_auto_create_topics"] = configs.get(
+                "allow_auto_create_topics", True)
+
         def close(self, node_id: int | None = None) -> None:
             if node_id is None:
                 self._net.stop(timeout_ms=IO_THREAD_STOP_TIMEOUT_S * 1000)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -21,6 +22,7 @@ from kafka.cluster import ClusterMetadata
 from kafka.partitioner.default import DefaultPartitioner, murmur2
 
 from streamer.kafka.client import (
+    AUTO_CREATE_TOPICS,
     ConsumerSettings,
     Delivery,
     InputRecord,
@@ -39,6 +41,8 @@ from streamer.kafka.errors import (
 )
 
 log = logging.getLogger(__name__)
+# How often the metadata is asked for again while a topic subscribed to is not in it.
+MISSING_TOPIC_RECHECK_S = 5.0
 
 
 def producer_config(settings: ProducerSettings) -> dict[str, Any]:
@@ -151,6 +155,8 @@ class KafkaPythonClient:
         self._seeked: set[PartitionId] = set()
         self._stalled: dict[PartitionId, UndecodableBatch] = {}
         self._unreachable_since: float | None = None
+        self._missing_checked_at = -math.inf  # monotonic: when a missing topic was looked for
+        self._missing_topic = False  # the metadata lacked a topic subscribed to (then or now)
         self._lock = threading.Lock()  # guards lazy producer (re)creation
         with converted_errors("connecting the consumer"):
             self._consumer = connection.kafka_python(
@@ -159,6 +165,7 @@ class KafkaPythonClient:
                 enable_auto_commit=False,
                 auto_offset_reset=consumer.auto_offset_reset,
                 isolation_level=consumer.isolation_level,
+                allow_auto_create_topics=AUTO_CREATE_TOPICS,
                 session_timeout_ms=consumer.session_timeout_ms,
                 heartbeat_interval_ms=consumer.heartbeat_interval_ms,
                 fetch_max_wait_ms=consumer.fetch_max_wait_ms,
@@ -182,6 +189,7 @@ class KafkaPythonClient:
         self._on_assign, self._on_revoke = on_assign, on_revoke
         with converted_errors("subscribing"):
             self._consumer.subscribe(sorted(topics), listener=self._listener)
+        self._consumer._client.cluster.add_listener(self._on_metadata)
 
     def poll_batch(self, max_records: int, timeout_s: float) -> list[InputRecord]:
         """Up to ``max_records`` records; rebalance callbacks run first, on this thread.
@@ -208,7 +216,37 @@ class KafkaPythonClient:
             for r in batch
         ]
         self._check_reachable(got_records=bool(fetched))
+        self._look_for_missing_topics(assigned)
         return records
+
+    def _on_metadata(self, cluster: Any) -> None:
+        """(kafka-python's IO thread, after each metadata update.)"""
+        subscribed = self._consumer.subscription() or ()
+        if any(cluster.partitions_for_topic(t) is None for t in subscribed):
+            self._missing_topic = True
+
+    def _look_for_missing_topics(self, assigned: Collection[TopicPartition]) -> None:
+        """While a topic subscribed to is missing from the metadata, ask for it again every
+        MISSING_TOPIC_RECHECK_S; once it is there, raise BrokerUnavailable so that a new
+        consumer joins the group. The brokers are never asked to create it
+        (AUTO_CREATE_TOPICS), and kafka-python 3.0.12 looks again only when its metadata is 5
+        minutes old, and even then leaves a member that joined without the topic with no
+        partitions of it (measured on the local broker: none after 40 s)."""
+        if not self._missing_topic:
+            return
+        cluster = self._consumer._client.cluster
+        missing = [t for t in self._consumer.subscription() or ()
+                   if cluster.partitions_for_topic(t) is None]
+        if not missing:
+            self._missing_topic = False
+            if assigned:  # the group gave us partitions all the same
+                return
+            raise BrokerUnavailable("the topic subscribed to exists now: joining the group "
+                                    "again to be assigned its partitions")
+        now = time.monotonic()
+        if now - self._missing_checked_at >= MISSING_TOPIC_RECHECK_S:
+            self._missing_checked_at = now
+            cluster.request_update()
 
     def send(self, records: Sequence[OutputRecord]) -> Delivery:
         """Start sending; the returned Delivery is waited on with ``wait``."""
@@ -306,6 +344,7 @@ class KafkaPythonClient:
     def close(self, timeout_s: float = 5.0) -> None:
         """Leave the group and release connections; never raises."""
         self._discard_producer(timeout_s)
+        self._consumer._client.cluster.remove_listener(self._on_metadata)
         try:
             self._consumer.close(autocommit=False, timeout_ms=int(timeout_s * 1000))
         except kerr.KafkaError as exc:
@@ -383,7 +422,8 @@ class KafkaPythonClient:
         with converted_errors("connecting the producer"):
             return self._connection.kafka_python(
                 KafkaProducer, **producer_config(self._producer_settings),
-                partitioner=_KeyHashCachingPartitioner())
+                partitioner=_KeyHashCachingPartitioner(),
+                allow_auto_create_topics=AUTO_CREATE_TOPICS)
 
     def _current_producer(self) -> KafkaProducer:
         with self._lock:

@@ -19,6 +19,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import MessageSizeTooLargeError
 
 from streamer.kafka.admin import ensure_topics
+from streamer.kafka.client import AUTO_CREATE_TOPICS
 from streamer.kafka.connection import KafkaConnection
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ class ModelTopic:
                 # skipped what peers wrote to it meanwhile.
                 consumer = self.connection.kafka_python(
                     KafkaConsumer, group_id=None, enable_auto_commit=False,
-                    auto_offset_reset="none",
+                    auto_offset_reset="none", allow_auto_create_topics=AUTO_CREATE_TOPICS,
                     fetch_max_wait_ms=int(POLL_S * 1000),
                     max_partition_fetch_bytes=self.max_message_bytes * 2)
                 partition = TopicPartition(self.topic, 0)
@@ -141,6 +142,7 @@ class ModelTopic:
                 self.caught_up = False
                 producer = self.connection.kafka_python(
                     KafkaProducer, acks="all", linger_ms=0,
+                    allow_auto_create_topics=AUTO_CREATE_TOPICS,
                     max_request_size=self.max_message_bytes)
                 self._serve(consumer, producer, partition, live_from)
                 return

@@ -48,6 +48,31 @@ def test_poll_batch_returns_exactly_the_produced_records(
     assert all(before_ms <= r.timestamp_ms <= time.time() * 1000 for r in records)
 
 
+def test_no_client_asks_the_brokers_to_create_a_topic_it_looks_up(
+    group_id, client_factory, client_kind, monkeypatch
+):
+    # Brokers that allow it (Apache Kafka's default) made a missing input topic, or an output
+    # topic they lost, with their default partition count: kafka-python asked for that, and
+    # librdkafka's producer. (The local broker creates them whatever it is asked.)
+    if client_kind == "kafka-python":
+        client = client_factory(group_id)
+        for cluster in (client._consumer._client.cluster, client._current_producer()._metadata):
+            cluster.set_topics(["sensor-readings"])
+            assert cluster.metadata_request().allow_auto_topic_creation is False
+        return
+    import confluent_kafka
+
+    from streamer.kafka import confluent_client
+
+    configs: list[dict] = []
+    for name in ("Consumer", "Producer"):
+        made = getattr(confluent_kafka, name)
+        monkeypatch.setattr(confluent_client, name,
+                            lambda config, made=made: configs.append(config) or made(config))
+    client_factory(group_id)._current_producer()
+    assert [c.get("allow.auto.create.topics") for c in configs] == [False, False]
+
+
 def test_records_acknowledged_are_all_readable_in_key_order(
     topic_factory, group_id, client_factory, consume_raw
 ):

@@ -574,6 +574,30 @@ def test_an_error_retrying_may_fix_while_creating_topics_is_retried_not_a_config
     assert raised.value is error
 
 
+def test_an_input_topic_created_after_the_worker_started_is_read_not_made_by_the_worker(
+        broker, group_id, worker_factory, produce_raw, consume_raw):
+    # Its clients asked the brokers to create the topics they looked up (kafka-python's
+    # default): a missing input topic was made with the brokers' default partition count.
+    # Without that, kafka-python did not read one made later for 5 minutes.
+    inp = f"late-{group_id}"
+    out, dlq = f"{inp}-out", f"{inp}-dlq"
+    worker = worker_factory(inp, out, dlq, group_id).start()
+    try:
+        worker.wait_ready()
+        wait_for(lambda: "does not exist" in worker.log(), 30, "the missing input noticed",
+                 worker.log)
+        time.sleep(2)  # polling, joined, looking it up
+        assert partition_counts(broker.bootstrap, [inp]).get(inp, 0) == 0, worker.log()
+        ensure_topics(broker.bootstrap, {inp: 3})
+        placed = produce_raw(inp, _stream(3, 3))
+        got = consume_raw(out, len(placed), timeout_s=30)
+        assert len(got) == len(placed), worker.log()
+        assert partition_counts(broker.bootstrap, [out, dlq]) == {out: 3, dlq: 3}
+    finally:
+        worker.stop()
+        delete_topics(broker.bootstrap, [inp, out, dlq, f"{out}-anomalies", f"{out}-model"])
+
+
 def test_output_topics_are_left_alone_with_a_warning_while_the_input_topic_is_missing(
         monkeypatch, caplog):
     monkeypatch.setattr(worker_module, "create_missing_topics", _refusing(
