@@ -126,8 +126,8 @@ class _Section(BaseModel):
         """A JSON true or false is no number (pydantic would read it as 1 or 0: a section
         given as JSON with `"hidden_size": true` got a model of width 1)."""
         annotation = cls.model_fields[info.field_name].annotation
-        if isinstance(value, bool) and annotation is not bool \
-                and bool not in typing.get_args(annotation):
+        kinds = {annotation, *typing.get_args(annotation)}
+        if isinstance(value, bool) and bool not in kinds and kinds & {int, float}:
             raise PydanticCustomError("bool_not_number", "expected a number, got {value}",
                                       {"value": str(value).lower()})
         return value

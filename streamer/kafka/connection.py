@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 # kafka-python can only be configured for these from plain values (OAUTHBEARER needs a token
@@ -162,8 +164,14 @@ def _kafka_python_net_client() -> Any:
                 "allow_auto_create_topics", True)
 
         def close(self, node_id: int | None = None) -> None:
-            if node_id is None:
+            io_thread = self._net._io_thread
+            if node_id is None and io_thread is not None:
                 self._net.stop(timeout_ms=IO_THREAD_STOP_TIMEOUT_S * 1000)
+                if io_thread.is_alive():  # closing beside it is the race above, or a raise
+                    log.warning("kafka-python's IO thread %s did not stop within %.0f s; its "
+                                "connections are left to it", io_thread.name,
+                                IO_THREAD_STOP_TIMEOUT_S)
+                    return
             super().close(node_id)
 
     return functools.partial(NetClient, slow_task_threshold_secs=IO_STALL_WARNING_S)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import deque
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import kafka.errors as kerr
@@ -41,8 +40,6 @@ from streamer.kafka.errors import (
 )
 
 log = logging.getLogger(__name__)
-# How often the metadata is asked for again while a topic subscribed to is not in it.
-MISSING_TOPIC_RECHECK_S = 5.0
 
 
 def producer_config(settings: ProducerSettings) -> dict[str, Any]:
@@ -88,13 +85,18 @@ class _RecordingListener(ConsumerRebalanceListener):
     commits only with its checkpoints, and the next owner resumes from the newest of those.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, topic_missing: Callable[[], bool]) -> None:
         self.events: deque[tuple[str, list[PartitionId]]] = deque()
+        self._topic_missing = topic_missing
+        # The last join happened while a topic subscribed to was not in the metadata (written
+        # on kafka-python's IO thread only).
+        self.joined_without_topic = False
 
     def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
         self.events.append(("revoke", _ids(revoked)))
 
     def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
+        self.joined_without_topic = self._topic_missing()
         self.events.append(("assign", _ids(assigned)))
 
     def on_partitions_lost(self, lost: Collection[TopicPartition]) -> None:
@@ -149,14 +151,12 @@ class KafkaPythonClient:
         self._connection = connection
         self._settings = consumer
         self._producer_settings = producer or ProducerSettings()
-        self._listener = _RecordingListener()
+        self._listener = _RecordingListener(lambda: self._subscribed_topic_missing())
         self._on_assign: PartitionsCallback | None = None
         self._on_revoke: PartitionsCallback | None = None
         self._seeked: set[PartitionId] = set()
         self._stalled: dict[PartitionId, UndecodableBatch] = {}
         self._unreachable_since: float | None = None
-        self._missing_checked_at = -math.inf  # monotonic: when a missing topic was looked for
-        self._missing_topic = False  # the metadata lacked a topic subscribed to (then or now)
         self._lock = threading.Lock()  # guards lazy producer (re)creation
         with converted_errors("connecting the consumer"):
             self._consumer = connection.kafka_python(
@@ -189,7 +189,6 @@ class KafkaPythonClient:
         self._on_assign, self._on_revoke = on_assign, on_revoke
         with converted_errors("subscribing"):
             self._consumer.subscribe(sorted(topics), listener=self._listener)
-        self._consumer._client.cluster.add_listener(self._on_metadata)
 
     def poll_batch(self, max_records: int, timeout_s: float) -> list[InputRecord]:
         """Up to ``max_records`` records; rebalance callbacks run first, on this thread.
@@ -216,37 +215,25 @@ class KafkaPythonClient:
             for r in batch
         ]
         self._check_reachable(got_records=bool(fetched))
-        self._look_for_missing_topics(assigned)
+        self._rejoin_for_a_new_topic(assigned)
         return records
 
-    def _on_metadata(self, cluster: Any) -> None:
-        """(kafka-python's IO thread, after each metadata update.)"""
-        subscribed = self._consumer.subscription() or ()
-        if any(cluster.partitions_for_topic(t) is None for t in subscribed):
-            self._missing_topic = True
-
-    def _look_for_missing_topics(self, assigned: Collection[TopicPartition]) -> None:
-        """While a topic subscribed to is missing from the metadata, ask for it again every
-        MISSING_TOPIC_RECHECK_S; once it is there, raise BrokerUnavailable so that a new
-        consumer joins the group. The brokers are never asked to create it
-        (AUTO_CREATE_TOPICS), and kafka-python 3.0.12 looks again only when its metadata is 5
-        minutes old, and even then leaves a member that joined without the topic with no
-        partitions of it (measured on the local broker: none after 40 s)."""
-        if not self._missing_topic:
-            return
+    def _subscribed_topic_missing(self) -> bool:
         cluster = self._consumer._client.cluster
-        missing = [t for t in self._consumer.subscription() or ()
-                   if cluster.partitions_for_topic(t) is None]
-        if not missing:
-            self._missing_topic = False
-            if assigned:  # the group gave us partitions all the same
-                return
+        return any(cluster.partitions_for_topic(t) is None
+                   for t in self._consumer.subscription() or ())
+
+    def _rejoin_for_a_new_topic(self, assigned: Collection[TopicPartition]) -> None:
+        """BrokerUnavailable, so that a new consumer joins the group, when this one joined while
+        a topic subscribed to did not exist, is still without partitions, and the topic exists
+        now. kafka-python 3.0.12 leaves such a member with none of the topic's partitions
+        (measured on the local broker: none 40 s after the topic was made, its metadata known
+        within 2 s); an input topic created after the worker started was never read. (The
+        brokers are never asked to create it: AUTO_CREATE_TOPICS.)"""
+        if self._listener.joined_without_topic and not assigned \
+                and not self._subscribed_topic_missing():
             raise BrokerUnavailable("the topic subscribed to exists now: joining the group "
                                     "again to be assigned its partitions")
-        now = time.monotonic()
-        if now - self._missing_checked_at >= MISSING_TOPIC_RECHECK_S:
-            self._missing_checked_at = now
-            cluster.request_update()
 
     def send(self, records: Sequence[OutputRecord]) -> Delivery:
         """Start sending; the returned Delivery is waited on with ``wait``."""
@@ -344,11 +331,10 @@ class KafkaPythonClient:
     def close(self, timeout_s: float = 5.0) -> None:
         """Leave the group and release connections; never raises."""
         self._discard_producer(timeout_s)
-        self._consumer._client.cluster.remove_listener(self._on_metadata)
         try:
             self._consumer.close(autocommit=False, timeout_ms=int(timeout_s * 1000))
-        except kerr.KafkaError as exc:
-            log.warning("closing the consumer failed: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - never raises: the library's own errors too
+            log.warning("closing the consumer failed: %s: %s", type(exc).__name__, exc)
 
     def _replay_rebalance_events(self, fetched: Mapping[TopicPartition, Any]) -> None:
         events = self._listener.events

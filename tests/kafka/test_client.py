@@ -73,6 +73,29 @@ def test_no_client_asks_the_brokers_to_create_a_topic_it_looks_up(
     assert [c.get("allow.auto.create.topics") for c in configs] == [False, False]
 
 
+def test_a_member_a_full_group_leaves_without_partitions_stays_in_it(
+    topic_factory, group_id, client_factory, produce_raw, poll_until
+):
+    # A member that joined while its topic was missing joins again once the topic exists
+    # (kafka-python gave it none of the topic's partitions); one that joined with the topic
+    # there and got none (more members than partitions) must not churn the group.
+    topic = topic_factory(partitions=1)
+    produce_raw(topic, [(b"s1", b"1.0")])
+    first, second = client_factory(group_id), client_factory(group_id)
+    for client in (first, second):
+        client.subscribe([topic])
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and len(first.assignment() | second.assignment()) < 1:
+        poll_until(first, 1, timeout_s=0.2)
+        poll_until(second, 1, timeout_s=0.2)
+    idle = first if not first.assignment() else second
+    assert not idle.assignment() and (first.assignment() | second.assignment())
+    for _ in range(10):  # raises BrokerUnavailable if it were made to join again
+        poll_until(first, 1, timeout_s=0.2)
+        poll_until(second, 1, timeout_s=0.2)
+    assert not idle.assignment()
+
+
 def test_records_acknowledged_are_all_readable_in_key_order(
     topic_factory, group_id, client_factory, consume_raw
 ):
