@@ -183,7 +183,12 @@ class StreamClient(Protocol):
         ...
 
     def highwater(self, partition: PartitionId) -> int | None:
-        """The partition's end offset as of the last fetch; None if not fetched yet."""
+        """The partition's end offset as of the last fetch that returned records of it since
+        it was last assigned; None before one. Both libraries keep a partition's end across
+        assignments: one given back reported where its log ended when this member last held
+        it, below the offset the worker had restored from a newer checkpoint, and the worker
+        took it for a recreated topic and read it all again (CI, the sharing SIGKILL test:
+        every reading of it dead-lettered as not after the sensor's last)."""
         ...
 
     def lag(self) -> dict[PartitionId, int]:

@@ -111,6 +111,9 @@ class ConfluentClient:
         # (kafka-python's callbacks run after the change; librdkafka's before it).
         self._changing: set[PartitionId] | None = None
         self._seeked: set[PartitionId] = set()
+        # Partitions this client handed records of since their latest assignment: only their
+        # cached high watermark is from this assignment (see highwater).
+        self._fetched: set[PartitionId] = set()
         self._stalled: dict[PartitionId, UndecodableBatch] = {}
         self._down_since: float | None = None  # all brokers down, per librdkafka
         # What a rebalance callback raised, kept to be raised by poll_batch: an exception
@@ -193,6 +196,7 @@ class ConfluentClient:
                 raise failure
             self._undecodable = failure
         self._check_reachable(got_records=bool(messages))
+        self._fetched.update((r.topic, r.partition) for r in records)
         return records
 
     def _headers(self, m: Message) -> list[tuple[str, bytes | None]]:
@@ -293,7 +297,10 @@ class ConfluentClient:
             raise convert(exc, "reading the assignment") from exc
 
     def highwater(self, partition: PartitionId) -> int | None:
-        """The partition's end offset from the last fetch response; None before any fetch."""
+        """See StreamClient.highwater."""
+        return self._cached_highwater(partition) if partition in self._fetched else None
+
+    def _cached_highwater(self, partition: PartitionId) -> int | None:
         try:
             _, high = self._consumer.get_watermark_offsets(TopicPartition(*partition),
                                                            cached=True)
@@ -309,7 +316,7 @@ class ConfluentClient:
             return {}
         lags = {}
         for tp in positions:
-            high = self.highwater((tp.topic, tp.partition))
+            high = self._cached_highwater((tp.topic, tp.partition))
             if high is not None and tp.offset >= 0:
                 lags[(tp.topic, tp.partition)] = max(high - tp.offset, 0)
         return lags
@@ -406,6 +413,7 @@ class ConfluentClient:
         committed offsets); taken even when on_assign raised (the error reaches the caller of
         poll_batch, whose retry then reads them), as kafka-python's client does."""
         ids = sorted((tp.topic, tp.partition) for tp in partitions)
+        self._fetched.difference_update(ids)
         self._assigning, self._changing = {}, set(ids)
         try:
             self._call(self._on_assign, ids)

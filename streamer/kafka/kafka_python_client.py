@@ -155,6 +155,8 @@ class KafkaPythonClient:
         self._on_assign: PartitionsCallback | None = None
         self._on_revoke: PartitionsCallback | None = None
         self._seeked: set[PartitionId] = set()
+        # Partitions this client handed records of since their latest assignment (highwater).
+        self._fetched: set[PartitionId] = set()
         self._stalled: dict[PartitionId, UndecodableBatch] = {}
         self._unreachable_since: float | None = None
         self._lock = threading.Lock()  # guards lazy producer (re)creation
@@ -216,6 +218,7 @@ class KafkaPythonClient:
         ]
         self._check_reachable(got_records=bool(fetched))
         self._rejoin_for_a_new_topic(assigned)
+        self._fetched.update((r.topic, r.partition) for r in records)
         return records
 
     def _subscribed_topic_missing(self) -> bool:
@@ -297,6 +300,8 @@ class KafkaPythonClient:
         Exact on every broker (unlike end_offsets(), which Tansu answers with the last batch's
         base offset + 1), but only as fresh as the last fetch.
         """
+        if partition not in self._fetched:  # see StreamClient.highwater
+            return None
         return self._consumer.highwater(TopicPartition(*partition))
 
     def lag(self) -> dict[PartitionId, int]:
@@ -341,6 +346,8 @@ class KafkaPythonClient:
         try:
             while events:
                 kind, partitions = events.popleft()
+                if kind == "assign":
+                    self._fetched.difference_update(partitions)
                 callback = self._on_assign if kind == "assign" else self._on_revoke
                 # kafka-python reports an empty revocation on the first join: not an event.
                 if callback is not None and partitions:

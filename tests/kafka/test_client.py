@@ -81,19 +81,48 @@ def test_a_member_a_full_group_leaves_without_partitions_stays_in_it(
     # there and got none (more members than partitions) must not churn the group.
     topic = topic_factory(partitions=1)
     produce_raw(topic, [(b"s1", b"1.0")])
-    first, second = client_factory(group_id), client_factory(group_id)
-    for client in (first, second):
-        client.subscribe([topic])
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and len(first.assignment() | second.assignment()) < 1:
+    first = client_factory(group_id)
+    first.subscribe([topic])
+    assert len(poll_until(first, 1, timeout_s=15)) == 1
+    second = client_factory(group_id)
+    second.subscribe([topic])
+    for _ in range(25):  # a join again would raise BrokerUnavailable here
         poll_until(first, 1, timeout_s=0.2)
         poll_until(second, 1, timeout_s=0.2)
-    idle = first if not first.assignment() else second
-    assert not idle.assignment() and (first.assignment() | second.assignment())
-    for _ in range(10):  # raises BrokerUnavailable if it were made to join again
+    assert len(first.assignment() | second.assignment()) == 1
+
+
+def test_a_partition_given_back_reports_no_end_from_when_it_was_held_before(
+    topic_factory, group_id, client_factory, produce_raw, poll_until
+):
+    # Both libraries kept a partition's end across assignments: given back, it reported
+    # where the log ended when this member last held it, below the offset the worker restored
+    # from a newer checkpoint, and the worker read the partition all over again as recreated.
+    topic = topic_factory(partitions=2)
+    keys = [f"s{i}".encode() for i in range(20)]
+    placed = produce_raw(topic, [(k, b"1") for k in keys])
+    first, ends_at_assignment = client_factory(group_id), []
+    first.subscribe([topic], on_assign=lambda ids: ends_at_assignment.append(
+        {tp: first.highwater(tp) for tp in ids}))
+    assert len(poll_until(first, 20)) == 20
+
+    second = client_factory(group_id)
+    second.subscribe([topic])
+    deadline = time.monotonic() + 20
+    while not second.assignment() and time.monotonic() < deadline:
         poll_until(first, 1, timeout_s=0.2)
         poll_until(second, 1, timeout_s=0.2)
-    assert not idle.assignment()
+    (tp,) = second.assignment()
+    before = sum(1 for p, _ in placed if p == tp[1])  # its end while the first one held it
+    assert first.highwater(tp) is None or first.highwater(tp) == before
+    produce_raw(topic, [(k, b"2") for k, (p, _) in zip(keys, placed) if p == tp[1]])
+    poll_until(second, before)  # read by the other one: the end moves on, unseen by the first
+    second.close(timeout_s=2.0)
+    deadline = time.monotonic() + 20
+    while tp not in first.assignment() and time.monotonic() < deadline:
+        poll_until(first, 1, timeout_s=0.2)
+    assert tp in first.assignment()
+    assert ends_at_assignment[-1][tp] in (None, 2 * before)  # never `before`
 
 
 def test_records_acknowledged_are_all_readable_in_key_order(
