@@ -41,7 +41,12 @@ from streamer.core.config import (
 )
 
 # The Kafka edge's interface modules (no Kafka library): its rules are stated there, once.
-from streamer.kafka.client import ConsumerSettings, ProducerSettings, heartbeat_fits
+from streamer.kafka.client import (
+    ISOLATION_LEVELS,
+    ConsumerSettings,
+    ProducerSettings,
+    heartbeat_fits,
+)
 from streamer.kafka.connection import SASL_MECHANISMS, SECURITY_PROTOCOLS, KafkaConnection
 
 ENV_PREFIX = "STREAMER_"
@@ -65,6 +70,7 @@ _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(\d{1,5})$")
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
 SaslMechanism = Literal[SASL_MECHANISMS]  # type: ignore[valid-type]  # the edge's list
 SecurityProtocol = Literal[SECURITY_PROTOCOLS]  # type: ignore[valid-type]
+IsolationLevel = Literal[ISOLATION_LEVELS]  # type: ignore[valid-type]
 
 
 class ConfigError(ValueError):
@@ -179,7 +185,7 @@ class KafkaSettings(_Section):
     auto_offset_reset: Literal["earliest", "latest"] = Field(
         "earliest", description="Where a group with no committed offset starts reading."
     )
-    isolation_level: Literal["read_committed", "read_uncommitted"] = Field(
+    isolation_level: IsolationLevel = Field(
         "read_committed",
         description="read_committed: readings a transactional producer writes (Kafka Streams, "
         "Flink exactly-once) are forecast once their transaction commits, never when it "

@@ -151,7 +151,7 @@ class KafkaPythonClient:
         self._connection = connection
         self._settings = consumer
         self._producer_settings = producer or ProducerSettings()
-        self._listener = _RecordingListener(lambda: self._subscribed_topic_missing())
+        self._listener = _RecordingListener(self._subscribed_topic_missing)
         self._on_assign: PartitionsCallback | None = None
         self._on_revoke: PartitionsCallback | None = None
         self._seeked: set[PartitionId] = set()

@@ -46,7 +46,7 @@ class RepeatFilter(logging.Filter):
         self._seen: dict[tuple, list] = {}  # key -> [when shown, how many held since]
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not (record.name == self.prefix or record.name.startswith(self.prefix + ".")):
+        if not _from(record, self.prefix):
             return True
         try:
             key = (record.name, record.levelno, _NUMBERS.sub("#", record.getMessage()))
@@ -65,6 +65,11 @@ class RepeatFilter(logging.Filter):
         return True
 
 
+def _from(record: logging.LogRecord, library: str) -> bool:
+    """Logged by ``library`` (its top-level logger or one below it)."""
+    return record.name == library or record.name.startswith(library + ".")
+
+
 def _is_cancellation(arg: object) -> bool:
     cls = type(arg)
     return cls.__name__ == "Cancelled" and cls.__module__ == "kafka.errors"
@@ -74,7 +79,7 @@ def drop_cancellations(record: logging.LogRecord) -> bool:
     """False for the Kafka library's reports of a request it cancelled because its connection
     was closed on purpose ("Metadata refresh: failed Cancelled", at ERROR): every clean stop
     that caught a request in flight printed one. The close itself is logged (INFO)."""
-    if not (record.name == "kafka" or record.name.startswith("kafka.")):
+    if not _from(record, "kafka"):
         return True
     args = record.args.values() if isinstance(record.args, dict) else record.args or ()
     return not any(_is_cancellation(arg) for arg in args)

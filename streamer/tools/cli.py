@@ -312,13 +312,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print("\nper step (relMAE: mean over sensors of MAE / the baseline's MAE; pairs count "
               "once the sensor has a week of history):")
         print(format_steps(steps))
-    document = dataclasses.asdict(report)
-    if steps:
-        document["steps"] = [dataclasses.asdict(s) for s in steps]
+
+    def write_json(path: Path) -> None:
+        document = dataclasses.asdict(report)
+        if steps:
+            document["steps"] = [dataclasses.asdict(s) for s in steps]
+        path.write_text(json.dumps(json_safe(document), indent=2, allow_nan=False))
+
     writes = [(args.out, lambda path: write_forecasts(path, readings, outputs)),
               (args.horizon_out, lambda path: write_horizon(path, readings, outputs)),
-              (args.json_out, lambda path: path.write_text(
-                  json.dumps(json_safe(document), indent=2, allow_nan=False)))]
+              (args.json_out, write_json)]
     for path, write in writes:
         if not path:
             continue
