@@ -61,6 +61,13 @@ _MEMBERSHIP = {KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION,
 # Per-partition errors meaning the fetched bytes cannot be turned into records.
 _UNDECODABLE = {KafkaError._BAD_MSG, KafkaError._BAD_COMPRESSION, KafkaError.INVALID_MSG,
                 KafkaError.INVALID_RECORD, KafkaError.UNSUPPORTED_COMPRESSION_TYPE}
+# Events that are no failure: the end of a partition (not enabled), and a subscribed topic that
+# does not exist (yet, or any more), which librdkafka reports at each metadata refresh and
+# whose partitions it assigns once it exists, as kafka-python waits without a word. No
+# reconnection can fix that; taken for broker trouble, it rejoined the group every few seconds.
+METADATA_REFRESH_MS = 10_000
+_NOT_FAILURES = {KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART,
+                 KafkaError._UNKNOWN_TOPIC}
 
 
 def convert(exc: KafkaException | KafkaError, action: str) -> KafkaClientError:
@@ -136,6 +143,10 @@ class ConfluentClient:
             "heartbeat.interval.ms": consumer.heartbeat_interval_ms,
             "fetch.wait.max.ms": consumer.fetch_max_wait_ms,
             "max.poll.interval.ms": consumer.max_poll_interval_ms,
+            # How soon an input topic created after the worker started is read (librdkafka
+            # looks a missing subscribed topic up again only at this refresh, 5 minutes by
+            # default; kafka-python within seconds), and partitions added to one are too.
+            "topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS,
             "error_cb": self._on_error,
         })
         try:
@@ -175,7 +186,7 @@ class ConfluentClient:
         for m in messages:
             error = m.error()
             if error is not None:
-                if error.code() != KafkaError._PARTITION_EOF:  # (not enabled)
+                if error.code() not in _NOT_FAILURES:
                     failure = failure or self._poll_error(m, error)
                 continue
             if (m.topic(), m.partition()) in self._seeked:

@@ -206,12 +206,16 @@ class Worker:
             self._unassigned_since = None
         elif self._unassigned_since is None:
             self._unassigned_since = now
-        elif now - self._unassigned_since >= UNASSIGNED_WARN_S:
+        elif (idle := now - self._unassigned_since) >= UNASSIGNED_WARN_S:
+            self._unassigned_since = math.inf  # once per idle stretch (inf: warned)
+            if not self._topics_ready:  # still no input topic: says so (again), not this
+                self._topics_ready = self._output_topics()
+                if not self._topics_ready:
+                    return
             log.warning("no partition of %s assigned to this worker for %.0f s: group %s may "
                         "have more workers than the topic has partitions (this one idles until "
-                        "one is free)", self.settings.kafka.input_topic,
-                        now - self._unassigned_since, self.settings.kafka.group_id)
-            self._unassigned_since = math.inf  # once per idle stretch (inf: warned)
+                        "one is free)", self.settings.kafka.input_topic, idle,
+                        self.settings.kafka.group_id)
 
     def _connected(self) -> StreamClient:
         if self._client is None:
@@ -489,8 +493,10 @@ def _create_output_topics(settings: Settings) -> bool:
         create_missing_topics(k.connection(), [t for t in named.values() if t],
                               like=k.input_topic)
     except TopicMissing as exc:  # the input may yet be created (by an operator, auto-creation)
-        log.warning("%s; they will be created once the input topic %r has records (create it "
-                    "before the worker to have them at start-up)", exc, k.input_topic)
+        log.warning("the input topic %r does not exist: waiting for it (named by %s). %s; "
+                    "they will be created once the input topic has records (create it before "
+                    "the worker to have them at start-up)", k.input_topic,
+                    setting_name("kafka.input_topic"), exc)
         return False
     except Unfixable as exc:  # refused, unauthorized, unsupported: retrying cannot help
         # (any other KafkaClientError propagates: the loop backs off and tries again)
