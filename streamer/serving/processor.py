@@ -27,7 +27,8 @@ _LEARNER_DETAIL = {
     Reason.TIMESTAMP_NOT_AFTER_LAST: "timestamp is not after the sensor's previous reading",
     Reason.TABLE_FULL: "sensor table is full (max_sensors) and no sensor is idle long enough",
     Reason.VALUE_OUT_OF_RANGE: f"a value's magnitude exceeds {MAX_ABS_VALUE:g} or the "
-                               f"timestamp's {MAX_ABS_TS:g} s, beyond what the model holds",
+                               f"timestamp's {MAX_ABS_TS:g} s, beyond what the model holds "
+                               "(ts is in seconds: epoch milliseconds are 1,000 times that)",
 }
 
 
