@@ -97,7 +97,8 @@ def produce_with_librdkafka(
     bootstrap: str, topic: str, records: Sequence[tuple], compression: str = "none",
     **config: object,
 ) -> list[tuple[int, int]]:
-    """Produce ``(key, value[, headers[, partition]])`` with confluent-kafka; (partition, offset).
+    """Produce ``(key, value[, headers[, partition[, timestamp_ms]]])`` with confluent-kafka;
+    (partition, offset) of each (a partition or timestamp of None: the producer's choice).
 
     A second client, so tests see what producers other than kafka-python write.
     """
@@ -119,7 +120,8 @@ def produce_with_librdkafka(
     for i, record in enumerate(records):
         key, value = record[0], record[1]
         headers = record[2] if len(record) > 2 else None
-        extra = {"partition": record[3]} if len(record) > 3 else {}
+        extra = {name: given for name, given in zip(("partition", "timestamp"), record[3:])
+                 if given is not None}
         producer.produce(topic, key=key, value=value, headers=headers, on_delivery=report(i),
                          **extra)
         producer.poll(0)

@@ -3,8 +3,9 @@ events and rejected records (to the dead-letter topic) out.
 
 Input record: key = sensor id (UTF-8, optional; an empty key counts as absent), value = JSON
 ``{"sensor_id": str?, "ts": <epoch seconds> | "<RFC 3339 with offset>", "value": number}`` or
-``"values": [numbers]`` instead of ``value``. Other fields are ignored. Decoding never raises on
-bad data: each record becomes a ``Reading`` or a ``Rejection``.
+``"values": [numbers]`` instead of ``value``; without ``ts`` the record's own timestamp stands
+in. Other fields are ignored. Decoding never raises on bad data: each record becomes a
+``Reading`` or a ``Rejection``.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ _STRICT = ConfigDict(strict=True, extra="ignore")
 @with_config(_STRICT)
 class _ReadingBody(TypedDict):
     sensor_id: NotRequired[str]
-    ts: float | Rfc3339Time
+    ts: NotRequired[float | Rfc3339Time]
     value: NotRequired[float]
     values: NotRequired[list[float]]
 
@@ -135,8 +136,6 @@ def _clip(text: str, limit: int = 80) -> str:
 
 def _describe_ts_errors(errors: list[Any]) -> str:
     types = {error["type"] for error in errors}
-    if "missing" in types:
-        return "ts: Field required"
     if "timezone_aware" in types:
         return "ts: RFC 3339 timestamp must carry a timezone (Z or +hh:mm)"
     if "rfc3339" in types:
@@ -165,8 +164,10 @@ def _schema_rejection(err: ValidationError) -> Rejection:
     return Rejection(Reason.SCHEMA_VIOLATION, "; ".join(parts))
 
 
-def decode_reading(key: bytes | None, value: bytes | None) -> Reading | Rejection:
-    """Decode one record's key and value into a reading, or say why not."""
+def decode_reading(key: bytes | None, value: bytes | None,
+                   record_timestamp_ms: float = -1) -> Reading | Rejection:
+    """Decode one record's key and value into a reading, or say why not. A body without
+    ``ts`` takes the record's timestamp (milliseconds, as Kafka keeps it; none when <= 0)."""
     if value is None:
         return Rejection(Reason.NOT_JSON, "record has no value")
     try:
@@ -201,11 +202,17 @@ def decode_reading(key: bytes | None, value: bytes | None) -> Reading | Rejectio
     else:
         return Rejection(Reason.SCHEMA_VIOLATION, "give exactly one of value and values")
 
-    ts = body["ts"]
-    if isinstance(ts, datetime):
-        ts = ts.timestamp()
-    elif not math.isfinite(ts):
-        return Rejection(Reason.NON_FINITE, "ts is not finite")
+    if "ts" in body:
+        ts = body["ts"]
+        if isinstance(ts, datetime):
+            ts = ts.timestamp()
+        elif not math.isfinite(ts):
+            return Rejection(Reason.NON_FINITE, "ts is not finite")
+    elif record_timestamp_ms > 0:  # Kafka's: the producer's send time or the broker's append time
+        ts = record_timestamp_ms / 1000.0
+    else:  # -1: none (0 from librdkafka when not available)
+        return Rejection(Reason.SCHEMA_VIOLATION,
+                         "ts: Field required (the record has no timestamp to stand in)")
     if not all(map(math.isfinite, values)):
         return Rejection(
             Reason.NON_FINITE,
@@ -215,14 +222,17 @@ def decode_reading(key: bytes | None, value: bytes | None) -> Reading | Rejectio
 
 
 def decode_batch(
-    records: Sequence[tuple[bytes | None, bytes | None]], n_features: int
+    records: Sequence[tuple[bytes | None, bytes | None]], n_features: int,
+    timestamps_ms: Sequence[float] | None = None,
 ) -> DecodedBatch:
-    """Decode (key, value) records into a ``Batch`` of the good ones plus the rejections."""
+    """Decode (key, value) records into a ``Batch`` of the good ones plus the rejections;
+    ``timestamps_ms``, the records' own, stand in for a missing ``ts``."""
     readings: list[Reading] = []
     index: list[int] = []
     rejections: list[tuple[int, Reason, str]] = []
-    for position, (key, value) in enumerate(records):
-        decoded = decode_reading(key, value)
+    stamps = [-1.0] * len(records) if timestamps_ms is None else timestamps_ms
+    for position, ((key, value), stamp) in enumerate(zip(records, stamps, strict=True)):
+        decoded = decode_reading(key, value, stamp)
         if isinstance(decoded, Reading):
             readings.append(decoded)
             index.append(position)

@@ -59,7 +59,8 @@ class BatchProcessor:
     def process(self, fresh: Sequence[InputRecord]) -> Processed:
         """One batch of records not applied before, in poll order."""
         n_f = self.learner.config.n_features
-        decoded = decode_batch([(r.key, r.value) for r in fresh], n_f)
+        decoded = decode_batch([(r.key, r.value) for r in fresh], n_f,
+                               [r.timestamp_ms for r in fresh])
         result = self.learner.step(decoded.batch)
         outputs: list[OutputRecord] = []
 

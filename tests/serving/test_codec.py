@@ -39,7 +39,8 @@ GOOD = b'{"sensor_id": "s1", "ts": 1700000000.5, "value": 21.5}'
         (b"s1", None, Reason.NOT_JSON, "record has no value"),
         (b"s1", b"[1, 2]", Reason.SCHEMA_VIOLATION, "body must be a JSON object"),
         (b"s1", b'"s1"', Reason.SCHEMA_VIOLATION, "body must be a JSON object"),
-        (b"s1", b'{"value": 1}', Reason.SCHEMA_VIOLATION, "ts: Field required"),
+        (b"s1", b'{"value": 1}', Reason.SCHEMA_VIOLATION,
+         "ts: Field required (the record has no timestamp to stand in)"),
         (
             b"s1",
             b'{"ts": 1, "value": true}',
@@ -130,6 +131,19 @@ def test_bad_record_is_rejected_with_its_reason(
         assert rejection.detail.startswith("Invalid JSON: ")
     else:
         assert rejection.detail == detail
+
+
+def test_a_body_without_ts_takes_its_records_timestamp_and_a_body_ts_wins_over_it() -> None:
+    assert decode_reading(b"s1", b'{"value": 2}', 1_700_000_000_500) == Reading(
+        "s1", 1700000000.5, (2.0,))
+    assert decode_reading(b"s1", b'{"ts": 5, "value": 2}', 1_700_000_000_500) == Reading(
+        "s1", 5.0, (2.0,))
+    for none in (-1, 0):  # kafka-python's and librdkafka's "no timestamp"
+        assert decode_reading(b"s1", b'{"value": 2}', none).reason is Reason.SCHEMA_VIOLATION
+    decoded = decode_batch([(b"s1", b'{"value": 1}'), (b"s2", b'{"value": 2}')], 1,
+                           [1_000, -1])
+    assert decoded.batch.ts.tolist() == [1.0] and decoded.index.tolist() == [0]
+    assert [reason for _, reason, _ in decoded.rejections] == [Reason.SCHEMA_VIOLATION]
 
 
 def test_key_and_body_that_agree_give_the_reading() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import signal
 import time
@@ -51,6 +52,21 @@ def test_readings_compressed_by_librdkafka_with_each_codec_are_all_forecast(
     assert sorted(got) == sorted(placed), worker.log()
     assert all(len(forecasts) == 1 for forecasts in got.values())
     assert worker.metric("streamer_undecodable_batches_total") == 0
+
+
+def test_readings_without_ts_are_forecast_at_their_records_timestamps(
+        broker, topic_factory, group_id, worker_factory, consume_raw):
+    # Producers that leave the time to Kafka (as Kafka Streams and Flink read it by default):
+    # the record's timestamp, in milliseconds, stands in for the body's ts.
+    inp, out, dlq = topic_factory(1), topic_factory(1), topic_factory(1)
+    worker = worker_factory(inp, out, dlq, group_id).start()
+    worker.wait_ready()
+    stamps_ms = [1_765_000_000_000 + 60_000 * t + 7 for t in range(20)]
+    records = [(b"s1", json.dumps({"value": math.sin(t)}).encode(), None, 0, stamp)
+               for t, stamp in enumerate(stamps_ms)]
+    placed = produce_with_librdkafka(broker.bootstrap, inp, records)
+    got = consume_raw(out, len(placed), timeout_s=30)
+    assert [json.loads(r.value)["ts"] for r in got] == [s / 1000 for s in stamps_ms], worker.log()
 
 
 def test_readings_of_a_transaction_are_forecast_once_it_commits_not_while_it_is_open(
