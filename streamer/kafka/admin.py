@@ -114,20 +114,21 @@ def create_missing_topics(
 
     Only missing topics are asked for, so a cluster whose ACLs allow writing to a topic but not
     creating one never refuses a start-up whose topics exist. TopicMissing (nothing created)
-    when some are missing and ``like`` is missing too: its partition count is not known, and a
-    topic's partitions cannot be taken back once created. TopicCreationRefused when the
-    cluster will not create one (permissions, policy, replication factor).
+    when ``like`` is missing, whether or not any of ``names`` are: their partition count is
+    not known, and a topic's partitions cannot be taken back once created. TopicCreationRefused
+    when the cluster will not create one (permissions, policy, replication factor).
     """
     wanted = list(dict.fromkeys(names))
     with admin_client(KafkaConnection.of(connection)) as admin:
         with converted_errors("listing topics"):
             existing = set(admin.list_topics())
         missing = [name for name in wanted if name not in existing]
+        if like not in existing:  # (a topic these credentials may not describe is not listed)
+            raise TopicMissing(f"topic {like!r} does not exist" + (
+                f", so {missing} were not created (they take its partition count)"
+                if missing else ""))
         if not missing:
             return []
-        if like not in existing:
-            raise TopicMissing(f"topic {like!r} does not exist, so {missing} were not created "
-                               "(they take its partition count)")
         with converted_errors("describing topics"):
             described = admin.describe_topics([like])
         partitions = max((len(t.get("partitions") or ()) for t in described), default=0)

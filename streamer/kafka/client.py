@@ -36,7 +36,7 @@ class InputRecord:
     offset: int
     key: bytes | None
     value: bytes | None
-    timestamp_ms: int
+    timestamp_ms: int  # the record's Kafka timestamp; <= 0 when it has none
     headers: list[tuple[str, bytes]] = field(default_factory=list)
 
 

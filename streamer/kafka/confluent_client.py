@@ -61,13 +61,18 @@ _MEMBERSHIP = {KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION,
 # Per-partition errors meaning the fetched bytes cannot be turned into records.
 _UNDECODABLE = {KafkaError._BAD_MSG, KafkaError._BAD_COMPRESSION, KafkaError.INVALID_MSG,
                 KafkaError.INVALID_RECORD, KafkaError.UNSUPPORTED_COMPRESSION_TYPE}
-# Events that are no failure: the end of a partition (not enabled), and a subscribed topic that
-# does not exist (yet, or any more), which librdkafka reports at each metadata refresh and
-# whose partitions it assigns once it exists, as kafka-python waits without a word. No
-# reconnection can fix that; taken for broker trouble, it rejoined the group every few seconds.
+# The end of a partition: an event, not a failure (and not enabled).
+_NOT_FAILURES = {KafkaError._PARTITION_EOF}
+# A subscribed topic that does not exist (yet, or any more), which librdkafka reports on the
+# topic's partition 0 whether or not it is assigned. For a partition not held it is no failure:
+# librdkafka assigns the topic's partitions once it exists, as kafka-python waits without a
+# word; taken for broker trouble, it made the worker rejoin its group every few seconds. For a
+# partition held it is (a topic deleted under the worker): reconnecting looks it up afresh.
+_TOPIC_MISSING = {KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC}
+# How soon an input topic created after the worker started is read, and partitions added to
+# one are: librdkafka looks a missing subscribed topic up again only at this refresh (5
+# minutes by default; kafka-python within seconds).
 METADATA_REFRESH_MS = 10_000
-_NOT_FAILURES = {KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART,
-                 KafkaError._UNKNOWN_TOPIC}
 
 
 def convert(exc: KafkaException | KafkaError, action: str) -> KafkaClientError:
@@ -143,9 +148,6 @@ class ConfluentClient:
             "heartbeat.interval.ms": consumer.heartbeat_interval_ms,
             "fetch.wait.max.ms": consumer.fetch_max_wait_ms,
             "max.poll.interval.ms": consumer.max_poll_interval_ms,
-            # How soon an input topic created after the worker started is read (librdkafka
-            # looks a missing subscribed topic up again only at this refresh, 5 minutes by
-            # default; kafka-python within seconds), and partitions added to one are too.
             "topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS,
             "error_cb": self._on_error,
         })
@@ -186,7 +188,7 @@ class ConfluentClient:
         for m in messages:
             error = m.error()
             if error is not None:
-                if error.code() not in _NOT_FAILURES:
+                if error.code() not in _NOT_FAILURES and not self._awaited(m, error):
                     failure = failure or self._poll_error(m, error)
                 continue
             if (m.topic(), m.partition()) in self._seeked:
@@ -454,6 +456,11 @@ class ConfluentClient:
             self._callback_error = self._callback_error or exc
         finally:
             self._in_callback = False
+
+    def _awaited(self, message: Any, error: KafkaError) -> bool:
+        """A topic that does not exist, reported for a partition this consumer does not hold."""
+        return (error.code() in _TOPIC_MISSING
+                and (message.topic(), message.partition()) not in self.assignment())
 
     def _poll_error(self, message: Any, error: KafkaError) -> KafkaClientError:
         tp = (message.topic(), message.partition())

@@ -135,6 +135,13 @@ class _KeyHashCachingPartitioner(DefaultPartitioner):
         return sorted(partitions)[hashed % len(partitions)]
 
 
+def input_record(r: Any) -> InputRecord:
+    """A kafka-python ConsumerRecord as an InputRecord; a record of the oldest format (magic
+    0) has no timestamp (None), which is -1 here, as the type says."""
+    return InputRecord(r.topic, r.partition, r.offset, r.key, r.value,
+                       -1 if r.timestamp is None else r.timestamp, list(r.headers or ()))
+
+
 def _ids(partitions: Collection[TopicPartition]) -> list[PartitionId]:
     return sorted((tp.topic, tp.partition) for tp in partitions)
 
@@ -209,8 +216,7 @@ class KafkaPythonClient:
             self._consumer.pause(*(TopicPartition(*tp) for tp in self.stalled()))
         assigned = self._consumer.assignment()
         records = [
-            InputRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp,
-                        list(r.headers or ()))
+            input_record(r)
             for tp, batch in fetched.items()
             # A callback may have moved a partition away or seeked it: those records are stale.
             if tp in assigned and (tp.topic, tp.partition) not in self._seeked

@@ -165,7 +165,7 @@ def _schema_rejection(err: ValidationError) -> Rejection:
 
 
 def decode_reading(key: bytes | None, value: bytes | None,
-                   record_timestamp_ms: float = -1) -> Reading | Rejection:
+                   record_timestamp_ms: int = -1) -> Reading | Rejection:
     """Decode one record's key and value into a reading, or say why not. A body without
     ``ts`` takes the record's timestamp (milliseconds, as Kafka keeps it; none when <= 0)."""
     if value is None:
@@ -223,14 +223,14 @@ def decode_reading(key: bytes | None, value: bytes | None,
 
 def decode_batch(
     records: Sequence[tuple[bytes | None, bytes | None]], n_features: int,
-    timestamps_ms: Sequence[float] | None = None,
+    timestamps_ms: Sequence[int] | None = None,
 ) -> DecodedBatch:
     """Decode (key, value) records into a ``Batch`` of the good ones plus the rejections;
     ``timestamps_ms``, the records' own, stand in for a missing ``ts``."""
     readings: list[Reading] = []
     index: list[int] = []
     rejections: list[tuple[int, Reason, str]] = []
-    stamps = [-1.0] * len(records) if timestamps_ms is None else timestamps_ms
+    stamps = [-1] * len(records) if timestamps_ms is None else timestamps_ms
     for position, ((key, value), stamp) in enumerate(zip(records, stamps, strict=True)):
         decoded = decode_reading(key, value, stamp)
         if isinstance(decoded, Reading):

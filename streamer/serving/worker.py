@@ -199,7 +199,8 @@ class Worker:
     def _watch_assignment(self, assigned: set[PartitionId]) -> None:
         """Export how many partitions this worker holds; warn once when it has held none for
         UNASSIGNED_WARN_S (a group with more workers than the topic has partitions: this one
-        idles, ready, until another leaves)."""
+        idles, ready, until another leaves), or every UNASSIGNED_WARN_S while the input topic
+        does not exist."""
         self.metrics.set_assigned_partitions(len(assigned))
         now = time.monotonic()
         if assigned:
@@ -208,10 +209,10 @@ class Worker:
             self._unassigned_since = now
         elif (idle := now - self._unassigned_since) >= UNASSIGNED_WARN_S:
             self._unassigned_since = math.inf  # once per idle stretch (inf: warned)
-            if not self._topics_ready:  # still no input topic: says so (again), not this
-                self._topics_ready = self._output_topics()
-                if not self._topics_ready:
-                    return
+            self._topics_ready = self._output_topics()  # is the input topic there at all?
+            if not self._topics_ready:  # it said so: again every UNASSIGNED_WARN_S meanwhile
+                self._unassigned_since = now
+                return
             log.warning("no partition of %s assigned to this worker for %.0f s: group %s may "
                         "have more workers than the topic has partitions (this one idles until "
                         "one is free)", self.settings.kafka.input_topic, idle,
@@ -493,10 +494,8 @@ def _create_output_topics(settings: Settings) -> bool:
         create_missing_topics(k.connection(), [t for t in named.values() if t],
                               like=k.input_topic)
     except TopicMissing as exc:  # the input may yet be created (by an operator, auto-creation)
-        log.warning("the input topic %r does not exist: waiting for it (named by %s). %s; "
-                    "they will be created once the input topic has records (create it before "
-                    "the worker to have them at start-up)", k.input_topic,
-                    setting_name("kafka.input_topic"), exc)
+        log.warning("waiting for the input topic, named by %s: %s (a topic these credentials "
+                    "may not describe looks missing too)", setting_name("kafka.input_topic"), exc)
         return False
     except Unfixable as exc:  # refused, unauthorized, unsupported: retrying cannot help
         # (any other KafkaClientError propagates: the loop backs off and tries again)

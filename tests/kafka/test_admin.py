@@ -85,6 +85,15 @@ def test_nothing_is_created_while_the_topic_they_follow_is_missing(broker):
     assert name not in topics_at(broker.bootstrap)
 
 
+def test_the_topic_they_follow_is_reported_missing_even_when_none_of_them_is(broker):
+    # The worker's one look at its input topic: made beforehand, its outputs exist already.
+    name = f"out-{uuid.uuid4().hex[:8]}"
+    ensure_topics(broker.bootstrap, {name: 1})
+    with pytest.raises(TopicMissing, match=f"topic 'no-{name}' does not exist$"):
+        create_missing_topics(broker.bootstrap, [name], like=f"no-{name}")
+    delete_topics(broker.bootstrap, [name])
+
+
 @pytest.mark.parametrize(("code", "error"), [
     (29, TopicCreationRefused),  # TOPIC_AUTHORIZATION_FAILED: an operator must act
     (38, TopicCreationRefused),  # INVALID_REPLICATION_FACTOR: too few brokers

@@ -643,3 +643,17 @@ def test_connecting_to_no_broker_again_and_again_leaves_no_io_thread_behind():
             open_client("kafka-python", connection, ConsumerSettings(group_id="g"),
                         ProducerSettings())
     assert io_threads() == before
+
+
+def test_a_kafka_python_record_without_a_timestamp_becomes_one_stamped_minus_one():
+    # The oldest record format (magic 0) has none: None compared with 0 raised in the codec.
+    from kafka.consumer.fetcher import ConsumerRecord
+
+    from streamer.kafka.kafka_python_client import input_record
+
+    fields = dict.fromkeys(ConsumerRecord._fields)
+    old = ConsumerRecord(**{**fields, "topic": "t", "partition": 0, "offset": 7,
+                            "timestamp": None, "key": b"s1", "value": b"{}", "headers": []})
+    assert input_record(old).timestamp_ms == -1
+    assert input_record(old._replace(timestamp=1_765_000_000_000)).timestamp_ms == (
+        1_765_000_000_000)

@@ -157,7 +157,7 @@ def test_a_worker_holding_no_partition_warns_once_per_idle_stretch(monkeypatch, 
     monkeypatch.setattr(worker_module, "UNASSIGNED_WARN_S", 0.0)
     metrics = Metrics(CollectorRegistry(), max_grad_norm=1.0, device="cpu", coverage_target=0.9)
     idle = SimpleNamespace(settings=Settings(), metrics=metrics, _unassigned_since=None,
-                           _topics_ready=True)
+                           _topics_ready=True, _output_topics=lambda: True)
     watch = functools.partial(worker_module.Worker._watch_assignment, idle)
     with caplog.at_level(logging.WARNING, logger="streamer.worker"):
         watch(set())  # idle from now
@@ -174,10 +174,18 @@ def test_a_worker_holding_no_partition_warns_once_per_idle_stretch(monkeypatch, 
 
 def test_a_worker_idle_for_want_of_its_input_topic_says_so_not_that_the_group_is_too_large(
         monkeypatch, caplog):
+    # Also when the topics it writes to exist already (made beforehand, as the compose job
+    # does): the input topic is looked up on its own.
     monkeypatch.setattr(worker_module, "UNASSIGNED_WARN_S", 0.0)
-    monkeypatch.setattr(worker_module, "create_missing_topics", _refusing(
-        TopicMissing("topic 'sensor-readings' does not exist, so ['sensor-forecasts'] were "
-                     "not created")))
+    created: list[str] = []
+
+    def input_missing_twice(connection, names, like):
+        created.append(like)
+        if len(created) <= 2:
+            raise TopicMissing(f"topic {like!r} does not exist")
+        return []
+
+    monkeypatch.setattr(worker_module, "create_missing_topics", input_missing_twice)
     metrics = Metrics(CollectorRegistry(), max_grad_norm=1.0, device="cpu", coverage_target=0.9)
     settings = Settings()
     idle = SimpleNamespace(settings=settings, metrics=metrics, _unassigned_since=None,
@@ -185,14 +193,19 @@ def test_a_worker_idle_for_want_of_its_input_topic_says_so_not_that_the_group_is
                            _output_topics=lambda: worker_module._create_output_topics(settings))
     watch = functools.partial(worker_module.Worker._watch_assignment, idle)
     with caplog.at_level(logging.WARNING, logger="streamer.worker"):
-        watch(set())
-        watch(set())  # idle for UNASSIGNED_WARN_S: looked the input topic up again
+        watch(set())  # idle from now
+        watch(set())  # for UNASSIGNED_WARN_S: the input topic looked up, still missing
+        watch(set())  # ... and again, every UNASSIGNED_WARN_S while it is
+        watch(set())  # there now: what is left to say is that the group is too large
         watch(set())
     messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 1, messages
-    assert messages[0].startswith("the input topic 'sensor-readings' does not exist: waiting "
-                                  "for it (named by kafka.input_topic (STREAMER_KAFKA__INPUT")
-    assert not idle._topics_ready
+    assert len(messages) == 3, messages
+    for message in messages[:2]:
+        assert message.startswith("waiting for the input topic, named by kafka.input_topic "
+                                  "(STREAMER_KAFKA__INPUT_TOPIC"), message
+        assert "topic 'sensor-readings' does not exist" in message
+    assert "more workers than the topic has partitions" in messages[2]
+    assert idle._topics_ready
 
 
 def test_forecasts_carry_an_interval_and_a_spike_becomes_an_anomaly_event(
@@ -275,7 +288,7 @@ def test_each_bad_message_lands_in_the_dlq_with_its_reason_and_the_worker_goes_o
     worker.wait_ready()
     bad = [
         (b"a", b"not json {", "not_json"),
-        (b"a", b'{"sensor_id": "a", "value": 1.0}', "schema_violation"),
+        (b"a", b'{"sensor_id": "a", "ts": 1}', "schema_violation"),
         (b"a", b'{"sensor_id": "b", "ts": 1, "value": 1.0}', "key_mismatch"),
         (b"a", b'{"sensor_id": "a", "ts": 1, "value": NaN}', "non_finite"),
         (b"a", b'{"sensor_id": "a", "ts": 1, "values": [1.0, 2.0]}', "wrong_feature_count"),
@@ -643,9 +656,15 @@ def test_an_input_topic_deleted_and_made_again_while_the_worker_runs_is_read_who
         time.sleep(3)  # the worker polls a topic that is gone
         assert worker.proc.poll() is None, worker.log()
         ensure_topics(broker.bootstrap, {inp: 2})
-        again = produce_raw(inp, _stream(3, 4, t0=1.8e9))  # fewer: its log ends before ours
+        # More than before: the new log passes our offsets, so only its id tells it apart.
+        later = _stream(3, 14, t0=1.8e9)
+        again = produce_raw(inp, later)
         got = consume_raw(out, len(first) + len(again), timeout_s=60)
         assert len(got) == len(first) + len(again), worker.log()
+        forecast_for = {(json.loads(r.value)["sensor_id"], json.loads(r.value)["ts"])
+                        for r in got}
+        assert {(json.loads(v)["sensor_id"], json.loads(v)["ts"]) for _, v in later} <= (
+            forecast_for)
     finally:
         worker.stop()
         delete_topics(broker.bootstrap, [inp, out, dlq, f"{out}-anomalies", f"{out}-model"])
@@ -659,7 +678,7 @@ def test_output_topics_are_left_alone_with_a_warning_while_the_input_topic_is_mi
     with caplog.at_level(logging.WARNING, logger="streamer.worker"):
         done = worker_module._create_output_topics(load_settings())  # no error: serving goes on
     assert not done  # tried again once the input topic has records
-    assert "does not exist" in caplog.text and "once the input topic" in caplog.text
+    assert "waiting for the input topic" in caplog.text and "does not exist" in caplog.text
 
 
 def test_output_topics_are_created_once_an_input_topic_missing_at_start_has_records(
