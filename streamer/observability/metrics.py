@@ -156,6 +156,11 @@ class Metrics:
             "streamer_stalled_partitions",
             "Assigned partitions held at a batch that could not be decoded.", registry=r,
         )
+        self.input_topic_missing = Gauge(
+            "streamer_input_topic_missing",
+            "1 while the input topic does not exist (or these credentials may not describe "
+            "it): the worker waits for it and forecasts nothing.", registry=r,
+        )
 
         # Training.
         self.updates = Counter(
@@ -557,6 +562,10 @@ class Metrics:
     def set_stalled_partitions(self, n: int) -> None:
         """Publish how many assigned partitions are held at an undecodable batch."""
         self.stalled_partitions.set(n)
+
+    def set_input_topic_missing(self, missing: bool) -> None:
+        """Publish whether the input topic was missing at the latest look."""
+        self.input_topic_missing.set(1.0 if missing else 0.0)
 
     def observe_broker_error(self) -> None:
         """Count a Kafka client error."""

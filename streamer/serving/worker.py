@@ -367,6 +367,7 @@ class Worker:
             if not self._outputs_seen:
                 raise
             raise BrokerUnavailable(f"{exc} (they existed before: retrying)") from exc
+        self.metrics.set_input_topic_missing(not ready)
         self._outputs_seen = self._outputs_seen or ready
         return ready
 

@@ -267,6 +267,16 @@ def test_undecodable_batches_and_stalled_partitions(
     assert value(registry, "streamer_stalled_partitions") == 2.0
 
 
+def test_a_missing_input_topic_is_one_and_zero_once_it_exists(
+    registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    assert value(registry, "streamer_input_topic_missing") == 0.0
+    metrics.set_input_topic_missing(True)
+    assert value(registry, "streamer_input_topic_missing") == 1.0
+    metrics.set_input_topic_missing(False)
+    assert value(registry, "streamer_input_topic_missing") == 0.0
+
+
 def test_skipped_update_counts_without_poisoning_histograms(
     registry: CollectorRegistry, metrics: Metrics
 ) -> None:

@@ -629,11 +629,13 @@ def test_an_input_topic_created_after_the_worker_started_is_read_not_made_by_the
         # metadata refresh made the worker reconnect (and rejoin its group) every few seconds.
         assert "broker trouble" not in worker.log(), worker.log()
         assert worker.log().count("connected to") == 1, worker.log()
+        assert worker.metric("streamer_input_topic_missing") == 1
         ensure_topics(broker.bootstrap, {inp: 3})
         placed = produce_raw(inp, _stream(3, 3))
         got = consume_raw(out, len(placed), timeout_s=30)
         assert len(got) == len(placed), worker.log()
         assert partition_counts(broker.bootstrap, [out, dlq]) == {out: 3, dlq: 3}
+        assert worker.metric("streamer_input_topic_missing") == 0
     finally:
         worker.stop()
         delete_topics(broker.bootstrap, [inp, out, dlq, f"{out}-anomalies", f"{out}-model"])
