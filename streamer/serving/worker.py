@@ -208,11 +208,11 @@ class Worker:
         elif self._unassigned_since is None:
             self._unassigned_since = now
         elif (idle := now - self._unassigned_since) >= UNASSIGNED_WARN_S:
-            self._unassigned_since = math.inf  # once per idle stretch (inf: warned)
             self._topics_ready = self._output_topics()  # is the input topic there at all?
             if not self._topics_ready:  # it said so: again every UNASSIGNED_WARN_S meanwhile
                 self._unassigned_since = now
                 return
+            self._unassigned_since = math.inf  # once per idle stretch (inf: warned)
             log.warning("no partition of %s assigned to this worker for %.0f s: group %s may "
                         "have more workers than the topic has partitions (this one idles until "
                         "one is free)", self.settings.kafka.input_topic, idle,
