@@ -85,11 +85,27 @@ def drop_cancellations(record: logging.LogRecord) -> bool:
     return not any(_is_cancellation(arg) for arg in args)
 
 
+_TOPIC_NOT_FOUND = "Topic %s not found in cluster metadata"
+
+
+def missing_topic_as_warning(record: logging.LogRecord) -> bool:
+    """The Kafka library's "Topic ... not found in cluster metadata", logged at ERROR every
+    time it looks a missing topic up, as a WARNING: a worker waiting for its input topic says
+    so itself (and exports streamer_input_topic_missing); an ERROR a minute from a state the
+    worker handles would page whoever alerts on error logs."""
+    if (record.levelno == logging.ERROR and _from(record, "kafka")
+            and record.msg == _TOPIC_NOT_FOUND):
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return True
+
+
 def configure_logging(level: str = "INFO", fmt: str = "plain") -> None:
     """Route all logs to stderr in the chosen format (idempotent), the Kafka library's
-    repeats thinned (``RepeatFilter``) and its cancellations left out (``drop_cancellations``)."""
+    repeats thinned (``RepeatFilter``), its cancellations left out (``drop_cancellations``)
+    and a missing topic a warning (``missing_topic_as_warning``)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(drop_cancellations)
+    handler.addFilter(missing_topic_as_warning)
     handler.addFilter(RepeatFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())

@@ -7,7 +7,11 @@ import logging
 
 import kafka.errors as kerr
 
-from streamer.observability.logs import RepeatFilter, drop_cancellations
+from streamer.observability.logs import (
+    RepeatFilter,
+    drop_cancellations,
+    missing_topic_as_warning,
+)
 
 
 def _record(name: str, msg: str, *args: object, level: int = logging.ERROR) -> logging.LogRecord:
@@ -58,3 +62,15 @@ def test_the_librarys_reports_of_requests_cancelled_by_a_close_are_left_out():
                                       kerr.KafkaConnectionError("refused")))
     assert drop_cancellations(_record("streamer.worker", "%s", kerr.Cancelled()))
     assert drop_cancellations(_record("kafka.conn", "no arguments"))
+
+
+def test_the_librarys_missing_topic_error_is_a_warning_and_everything_else_is_left_as_it_is():
+    # kafka-python logs it at ERROR at each lookup while the worker waits for its input topic.
+    missing = _record("kafka.cluster", "Topic %s not found in cluster metadata", "readings")
+    assert missing_topic_as_warning(missing)
+    assert (missing.levelno, missing.levelname) == (logging.WARNING, "WARNING")
+    other = _record("kafka.cluster", "Metadata refresh: failed %s", "x")
+    own = _record("streamer.worker", "Topic %s not found in cluster metadata", "readings")
+    for record in (other, own):
+        assert missing_topic_as_warning(record)
+        assert (record.levelno, record.levelname) == (logging.ERROR, "ERROR")
