@@ -28,6 +28,7 @@ REQUIRED_ALERTS = {
     "StreamerDeadLetterFlood",
     "StreamerSensorTableNearlyFull",
     "StreamerBrokerTrouble",
+    "StreamerInputTopicMissing",
 }
 
 
