@@ -86,16 +86,18 @@ def drop_cancellations(record: logging.LogRecord) -> bool:
 
 
 _TOPIC_NOT_FOUND = "Topic %s not found in cluster metadata"
+KAFKA_METADATA_LOGGER = "kafka.cluster"  # the one that logs it
 
 
 def missing_topic_as_warning(record: logging.LogRecord) -> bool:
     """The Kafka library's "Topic ... not found in cluster metadata", logged at ERROR every
-    time it looks a missing topic up, as a WARNING: a worker waiting for its input topic says
-    so itself (and exports streamer_input_topic_missing); an ERROR a minute from a state the
-    worker handles would page whoever alerts on error logs."""
-    if (record.levelno == logging.ERROR and _from(record, "kafka")
-            and record.msg == _TOPIC_NOT_FOUND):
+    time it looks a missing topic up, as a WARNING (left out where warnings are): a worker
+    waiting for its input topic says so itself (and exports streamer_input_topic_missing); an
+    ERROR a minute from a state the worker handles would page whoever alerts on error logs.
+    A filter of the library's logger, so that every handler sees the same level."""
+    if record.levelno == logging.ERROR and record.msg == _TOPIC_NOT_FOUND:
         record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return logging.getLogger(record.name).isEnabledFor(logging.WARNING)
     return True
 
 
@@ -105,7 +107,6 @@ def configure_logging(level: str = "INFO", fmt: str = "plain") -> None:
     and a missing topic a warning (``missing_topic_as_warning``)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(drop_cancellations)
-    handler.addFilter(missing_topic_as_warning)
     handler.addFilter(RepeatFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -115,3 +116,4 @@ def configure_logging(level: str = "INFO", fmt: str = "plain") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("kafka").setLevel(max(logging.WARNING, root.level))
+    logging.getLogger(KAFKA_METADATA_LOGGER).addFilter(missing_topic_as_warning)  # (once)

@@ -203,8 +203,9 @@ class Worker:
         does not exist."""
         self.metrics.set_assigned_partitions(len(assigned))
         now = time.monotonic()
-        if assigned:
+        if assigned:  # so the input topic exists, whatever the latest look found
             self._unassigned_since = None
+            self.metrics.set_input_topic_missing(False)
         elif self._unassigned_since is None:
             self._unassigned_since = now
         elif (idle := now - self._unassigned_since) >= UNASSIGNED_WARN_S:

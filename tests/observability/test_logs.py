@@ -4,11 +4,15 @@ streamer's own never."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import kafka.errors as kerr
+import pytest
 
 from streamer.observability.logs import (
+    KAFKA_METADATA_LOGGER,
     RepeatFilter,
+    configure_logging,
     drop_cancellations,
     missing_topic_as_warning,
 )
@@ -70,7 +74,28 @@ def test_the_librarys_missing_topic_error_is_a_warning_and_everything_else_is_le
     assert missing_topic_as_warning(missing)
     assert (missing.levelno, missing.levelname) == (logging.WARNING, "WARNING")
     other = _record("kafka.cluster", "Metadata refresh: failed %s", "x")
-    own = _record("streamer.worker", "Topic %s not found in cluster metadata", "readings")
-    for record in (other, own):
-        assert missing_topic_as_warning(record)
-        assert (record.levelno, record.levelname) == (logging.ERROR, "ERROR")
+    assert missing_topic_as_warning(other)
+    assert (other.levelno, other.levelname) == (logging.ERROR, "ERROR")
+
+
+@pytest.fixture
+def logging_restored() -> Iterator[None]:
+    root, metadata = logging.getLogger(), logging.getLogger(KAFKA_METADATA_LOGGER)
+    kept = (root.handlers[:], root.level, logging.getLogger("kafka").level, metadata.filters[:])
+    yield
+    root.handlers[:], level, kafka_level, metadata.filters[:] = kept
+    root.setLevel(level)
+    logging.getLogger("kafka").setLevel(kafka_level)
+
+
+@pytest.mark.parametrize(("level", "shown"), [("INFO", ["WARNING"]), ("ERROR", [])])
+def test_configured_logging_shows_every_handler_the_missing_topic_as_a_warning_or_not_at_all(
+        logging_restored, level, shown):
+    configure_logging(level)
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.levelname)  # type: ignore[method-assign]
+    logging.getLogger().addHandler(handler)
+    logging.getLogger(KAFKA_METADATA_LOGGER).error("Topic %s not found in cluster metadata",
+                                                   "readings")
+    assert seen == shown

@@ -206,6 +206,9 @@ def test_a_worker_idle_for_want_of_its_input_topic_says_so_not_that_the_group_is
         assert "topic 'sensor-readings' does not exist" in message
     assert "more workers than the topic has partitions" in messages[2]
     assert idle._topics_ready
+    metrics.set_input_topic_missing(True)  # as a look just before the topic was made had found
+    watch({("sensor-readings", 0)})  # a partition held: the topic exists
+    assert metrics.input_topic_missing._value.get() == 0
 
 
 def test_forecasts_carry_an_interval_and_a_spike_becomes_an_anomaly_event(
@@ -631,6 +634,10 @@ def test_an_input_topic_created_after_the_worker_started_is_read_not_made_by_the
         assert worker.log().count("connected to") == 1, worker.log()
         assert worker.metric("streamer_input_topic_missing") == 1
         ensure_topics(broker.bootstrap, {inp: 3})
+        # Held before any reading: the gauge says the topic exists as soon as partitions do.
+        wait_for(lambda: worker.metric("streamer_assigned_partitions") == 3, 30,
+                 "the new topic's partitions held", worker.log)
+        assert worker.metric("streamer_input_topic_missing") == 0
         placed = produce_raw(inp, _stream(3, 3))
         got = consume_raw(out, len(placed), timeout_s=30)
         assert len(got) == len(placed), worker.log()
