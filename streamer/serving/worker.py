@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import gc
 import logging
-import math
 import socket
 import tempfile
 import threading
@@ -106,7 +105,8 @@ class Worker:
         self._backoff = BACKOFF_START_S
         self._heartbeat = time.monotonic()
         self._not_ready_reason = "not connected to the broker yet"
-        self._unassigned_since: float | None = None  # monotonic; inf once warned
+        self._unassigned_since: float | None = None  # monotonic: the latest look, idle
+        self._idle_warned = False  # "more workers than partitions", once per idle stretch
         self._stalled_reason = ""  # partitions held at an undecodable batch, if any
 
     # -- the loop (one screen) --------------------------------------------------------------
@@ -197,27 +197,26 @@ class Worker:
         return min(full, IN_FLIGHT_POLL_TIMEOUT_S) if self._in_flight else full
 
     def _watch_assignment(self, assigned: set[PartitionId]) -> None:
-        """Export how many partitions this worker holds; warn once when it has held none for
-        UNASSIGNED_WARN_S (a group with more workers than the topic has partitions: this one
-        idles, ready, until another leaves), or every UNASSIGNED_WARN_S while the input topic
-        does not exist."""
+        """Export how many partitions this worker holds. While it holds none, look at the
+        input topic every UNASSIGNED_WARN_S: warn (again each time) while it does not exist,
+        else once per idle stretch (a group with more workers than the topic has partitions:
+        this one idles, ready, until another leaves)."""
         self.metrics.set_assigned_partitions(len(assigned))
         now = time.monotonic()
         if assigned:  # so the input topic exists, whatever the latest look found
-            self._unassigned_since = None
+            self._unassigned_since, self._idle_warned = None, False
             self.metrics.set_input_topic_missing(False)
         elif self._unassigned_since is None:
             self._unassigned_since = now
         elif (idle := now - self._unassigned_since) >= UNASSIGNED_WARN_S:
-            self._topics_ready = self._output_topics()  # is the input topic there at all?
-            if not self._topics_ready:  # it said so: again every UNASSIGNED_WARN_S meanwhile
-                self._unassigned_since = now
-                return
-            self._unassigned_since = math.inf  # once per idle stretch (inf: warned)
-            log.warning("no partition of %s assigned to this worker for %.0f s: group %s may "
-                        "have more workers than the topic has partitions (this one idles until "
-                        "one is free)", self.settings.kafka.input_topic, idle,
-                        self.settings.kafka.group_id)
+            self._topics_ready = self._output_topics()  # warns while the input topic is missing
+            self._unassigned_since = now  # (not when that raised: looked at again next turn)
+            if self._topics_ready and not self._idle_warned:
+                self._idle_warned = True
+                log.warning("no partition of %s assigned to this worker for %.0f s: group %s "
+                            "may have more workers than the topic has partitions (this one "
+                            "idles until one is free)", self.settings.kafka.input_topic, idle,
+                            self.settings.kafka.group_id)
 
     def _connected(self) -> StreamClient:
         if self._client is None:

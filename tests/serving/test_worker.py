@@ -157,7 +157,7 @@ def test_a_worker_holding_no_partition_warns_once_per_idle_stretch(monkeypatch, 
     monkeypatch.setattr(worker_module, "UNASSIGNED_WARN_S", 0.0)
     metrics = Metrics(CollectorRegistry(), max_grad_norm=1.0, device="cpu", coverage_target=0.9)
     idle = SimpleNamespace(settings=Settings(), metrics=metrics, _unassigned_since=None,
-                           _topics_ready=True, _output_topics=lambda: True)
+                           _idle_warned=False, _topics_ready=True, _output_topics=lambda: True)
     watch = functools.partial(worker_module.Worker._watch_assignment, idle)
     with caplog.at_level(logging.WARNING, logger="streamer.worker"):
         watch(set())  # idle from now
@@ -179,9 +179,9 @@ def test_a_worker_idle_for_want_of_its_input_topic_says_so_not_that_the_group_is
     monkeypatch.setattr(worker_module, "UNASSIGNED_WARN_S", 0.0)
     created: list[str] = []
 
-    def input_missing_twice(connection, names, like):
+    def input_missing_twice(connection, names, like):  # and deleted again at the 5th look
         created.append(like)
-        if len(created) <= 2:
+        if len(created) <= 2 or len(created) == 5:
             raise TopicMissing(f"topic {like!r} does not exist")
         return []
 
@@ -189,25 +189,26 @@ def test_a_worker_idle_for_want_of_its_input_topic_says_so_not_that_the_group_is
     metrics = Metrics(CollectorRegistry(), max_grad_norm=1.0, device="cpu", coverage_target=0.9)
     settings = Settings()
     idle = SimpleNamespace(settings=settings, metrics=metrics, _unassigned_since=None,
-                           _topics_ready=False,
-                           _output_topics=lambda: worker_module._create_output_topics(settings))
+                           _idle_warned=False, _topics_ready=False, _outputs_seen=True)
+    idle._output_topics = functools.partial(worker_module.Worker._output_topics, idle)
     watch = functools.partial(worker_module.Worker._watch_assignment, idle)
     with caplog.at_level(logging.WARNING, logger="streamer.worker"):
         watch(set())  # idle from now
         watch(set())  # for UNASSIGNED_WARN_S: the input topic looked up, still missing
         watch(set())  # ... and again, every UNASSIGNED_WARN_S while it is
         watch(set())  # there now: what is left to say is that the group is too large
-        watch(set())
+        watch(set())  # (once per idle stretch)
+        watch(set())  # deleted: said again, and exported
     messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 3, messages
-    for message in messages[:2]:
+    assert len(messages) == 4, messages
+    assert metrics.input_topic_missing._value.get() == 1
+    for message in [*messages[:2], messages[3]]:
         assert message.startswith("waiting for the input topic, named by kafka.input_topic "
                                   "(STREAMER_KAFKA__INPUT_TOPIC"), message
         assert "topic 'sensor-readings' does not exist" in message
     assert "more workers than the topic has partitions" in messages[2]
-    assert idle._topics_ready
-    metrics.set_input_topic_missing(True)  # as a look just before the topic was made had found
-    watch({("sensor-readings", 0)})  # a partition held: the topic exists
+    assert not idle._topics_ready
+    watch({("sensor-readings", 0)})  # a partition held: the topic exists (made again)
     assert metrics.input_topic_missing._value.get() == 0
 
 
