@@ -25,6 +25,7 @@ from pydantic import (
     AwareDatetime,
     BeforeValidator,
     ConfigDict,
+    Field,
     Strict,
     TypeAdapter,
     ValidationError,
@@ -81,7 +82,7 @@ _STRICT = ConfigDict(strict=True, extra="ignore")
 # rejected afterwards as NON_FINITE, which is the more useful reason; 1e999 parses as inf.
 @with_config(_STRICT)
 class _ReadingBody(TypedDict):
-    sensor_id: NotRequired[str | int]
+    sensor_id: NotRequired[Annotated[str | int, Field(union_mode="left_to_right")]]
     ts: NotRequired[float | Rfc3339Time]
     value: NotRequired[float]
     values: NotRequired[list[float]]
