@@ -60,7 +60,10 @@ as ``1 - p`` with ``p`` a two-sided tail probability of its residual against the
 residual distribution: inside the interval ``p`` falls linearly from 1 at its centre to alpha
 at its edge; beyond it, ``p = alpha * P(excess)`` under a generalized Pareto tail fitted to
 the running moments of the excesses over the bound (peaks over threshold, as SPOT: Siffer et
-al., "Anomaly detection in streams with extreme value theory", KDD 2017). A stuck sensor is
+al., "Anomaly detection in streams with extreme value theory", KDD 2017), one tail per side:
+a count, a load or a flow has a long upper tail and a short lower one (pooled, the lower
+excesses thinned the fit of the upper ones: 5.4 false flags per 1,000 on iid lognormal
+readings at 0.999, 1.8 per side; docs/benchmarks/intervals.md). A stuck sensor is
 scored too: the same reading ``k`` times in a row has probability ``P(repeat) * P(repeat after
 a repeat) ** (k - 1)``, both running shares of this sensor's own readings (once it has varied
 since it was first scored: one constant since then has no habit to be stuck against). As in
@@ -111,10 +114,11 @@ flagged readings back cost coverage (they are exactly the misses the quantiles m
 model itself trains on every reading (its targets are winsorized at clip_z). The forecast
 always lies inside its own interval, and the bounds are always finite.
 
-State: per slot and feature 3 float32, 4 uint16 and ``N_BUCKETS`` + 3 int16 (42 bytes); per
-slot 5 float32 and 2 uint8 (22 bytes): 64 bytes per sensor at one feature. The place in the
-range needs no state of its own: the normalizer gives the level and its spread as they were
-at the previous reading (the same floats), so ``z`` is computed again when a reading is scored.
+State: per slot and feature 3 float32, 4 uint16 and ``N_BUCKETS`` + 5 int16 (46 bytes); per
+slot 3 float32, 2 uint16 and 2 uint8 (18 bytes): 64 bytes per sensor at one feature. The place
+in the range needs no state of its own: the normalizer gives the level and its spread as they
+were at the previous reading (the same floats), so ``z`` is computed again when a reading is
+scored.
 """
 
 from __future__ import annotations
@@ -224,7 +228,13 @@ assert MAX_LATE_CODE < 1 << (8 - LATE_SHIFT)  # the three fields share one uint8
 # 2**16 residual units; below 2**-32 is 0 for the tail's fit).
 LOG_STEP, TAIL_LOG_STEP = 2048.0, 1024.0
 MAX_EXCESS = 20.0  # an exceedance counts at most this many widths in the tail's moments
-TAIL_ALPHA = 0.1  # weight of the newest exceedance in the tail's running moments
+# Weight of the newest exceedance in its side's running moments: about the last 65 (one in ~20
+# readings falls beyond a side's bound, so ~1,300 readings). The fit reads P = 1e-3 / alpha
+# (1 %) of the excesses off them: from the last ~20 (0.1) its noise alone, through the
+# convexity of the tail, flagged iid N(0, 1) readings 0.87 times per 1,000 instead of ~0.5
+# (0.40 at 0.03; ECG windows flagged up to a threshold of 0.999999 instead of 0.9998, at 0.1
+# false flags per 1,000; docs/benchmarks/intervals.md).
+TAIL_ALPHA = 0.03
 # A flagged reading's exceedance enters the tail's moments no further out than
 # the excess the tail gave a flag's probability: a spike of 15 sd counted as 20 widths took the
 # second moment from 2.3 to 6.7 times the first's square, the shape to its cap, and the next
@@ -255,7 +265,9 @@ MIN_SURPRISE_MEAN = 0.25
 MAX_SURPRISE = 30.0  # -ln p is capped here (p = 1e-13): one reading cannot swamp the average
 # Repeated readings: the share of readings equal to the one before, and of those after a repeat
 # (priors, and the weight of the newest reading). A sensor that never repeats a value and then
-# does is flagged at once; one that sits at 0 for hours at night is not.
+# does is flagged at once; one that sits at 0 for hours at night is not. Both are kept in
+# uint16 steps of 1 / WEIGHT_STEPS, rounded with a dither (unbiased: a step of 1 % of a share
+# of 0.001 still counts on average), which pays for the second tail within 64 bytes.
 REPEAT_PRIOR, REPEAT_AGAIN_PRIOR, REPEAT_ALPHA = 0.1, 0.5, 0.01
 MAX_RUN = MAX_LEARN_AFTER  # flagged-in-a-row counts saturate here (a uint8)
 MAX_REPEATS = 32_767
@@ -324,8 +336,8 @@ class Calibration:
     """Per-slot interval and anomaly state (host memory); see the module docstring."""
 
     _PER_FEATURE = ("q_lo", "q_hi", "integral")  # (C, F) float32
-    _PER_SLOT = ("short", "long_mean", "long_var", "repeat", "repeat_again")  # (C,) float32
-    _ALL = (*_PER_FEATURE, *_PER_SLOT, "tail", "tail_sq", "spread", "spread_weight",
+    _PER_SLOT = ("short", "long_mean", "long_var")  # (C,) float32
+    _ALL = (*_PER_FEATURE, *_PER_SLOT, "repeat", "tail", "tail_sq", "spread", "spread_weight",
             "profile_weight", "level_weight", "repeat_run", "profile", "flag_run", "last_bucket")
 
     def __init__(self, capacity: int, n_features: int, coverage: float, threshold: float,
@@ -343,9 +355,12 @@ class Calibration:
         f = self.n_features
         arrays = {name: np.zeros((capacity, f), dtype=np.float32) for name in self._PER_FEATURE}
         arrays |= {name: np.zeros(capacity, dtype=np.float32) for name in self._PER_SLOT}
-        # The tail's running moments, as int16 log2 (TAIL_LOG_STEP).
-        arrays["tail"] = np.zeros((capacity, f), dtype=np.int16)
-        arrays["tail_sq"] = np.zeros((capacity, f), dtype=np.int16)
+        # The repeat shares, of all readings (0) and after a repeat (1), in uint16 steps of
+        # 1 / WEIGHT_STEPS (rounded with a dither).
+        arrays["repeat"] = np.zeros((capacity, 2), dtype=np.uint16)
+        # The tails' running moments, below (0) and above (1), as int16 log2 (TAIL_LOG_STEP).
+        arrays["tail"] = np.zeros((capacity, f, 2), dtype=np.int16)
+        arrays["tail_sq"] = np.zeros((capacity, f, 2), dtype=np.int16)
         arrays["spread"] = np.zeros((capacity, f), dtype=np.uint16)  # SPREAD_STEPS
         arrays["spread_weight"] = np.zeros((capacity, f), dtype=np.uint16)  # WEIGHT_STEPS
         arrays["profile_weight"] = np.zeros((capacity, f), dtype=np.uint16)
@@ -379,7 +394,8 @@ class Calibration:
         self.profile_weight[slots] = weight_codes(PROFILE_WEIGHT, MAX_PROFILE_WEIGHT, ())
         self.level_weight[slots] = level_weight_codes(LEVEL_WEIGHT, ())
         self.short[slots], self.long_mean[slots], self.long_var[slots] = 1.0, 1.0, SHORT_VAR
-        self.repeat[slots], self.repeat_again[slots] = REPEAT_PRIOR, REPEAT_AGAIN_PRIOR
+        self.repeat[slots, 0] = weight_codes(REPEAT_PRIOR, 1.0, ())
+        self.repeat[slots, 1] = weight_codes(REPEAT_AGAIN_PRIOR, 1.0, ())
         self.profile[slots] = 0  # log2 1: errors of about one typical change at every hour
         self.flag_run[slots], self.last_bucket[slots] = 0, 0
 
@@ -433,7 +449,6 @@ class Calibration:
             self.q_lo, self.q_hi, self.integral, self.tail, self.tail_sq, self.spread,
             self.spread_weight, self.profile_weight, self.level_weight, self.repeat_run,
             self.profile, self.short, self.long_mean, self.long_var, self.repeat,
-            self.repeat_again,
             self.flag_run, self.last_bucket,
             out.lower, out.upper, out.score, out.anomaly, out.inside,
             out.expected_lower, out.expected_upper,
@@ -562,6 +577,13 @@ def _weight_code(value, maximum, dither):  # pragma: no cover - compiled
     lost where a miss, about -9 x step, was not, and a weight drifted for no reason)."""
     code = math.floor(min(max(value, 0.0), maximum) * WEIGHT_STEPS / maximum + dither)
     return min(code, WEIGHT_STEPS)
+
+
+@kernel
+def _share(code):  # pragma: no cover - compiled
+    """A share in (0, 1] from its stored uint16 code (``_weight_code`` with maximum 1), at
+    least half a code: a share that rounds to 0 is small, not impossible (a repeat scored 1)."""
+    return max(code, 0.5) / WEIGHT_STEPS
 
 
 @kernel
@@ -694,7 +716,7 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
                learn_after, gain, q_lo, q_hi, integral, tail, tail_sq, spread, spread_weight,
                profile_weight, level_weight, repeat_run, profile, short,
                long_mean, long_var,
-               repeat, repeat_again, flag_run, last_bucket,
+               repeat, flag_run, last_bucket,
                lower, upper, score, anomaly, inside, expected_lower,
                expected_upper):  # pragma: no cover - compiled
     """The per-reading recurrence of ``Calibration.calibrate`` (state updated in place)."""
@@ -745,8 +767,9 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
                 if widen > expected:
                     r = (values[i, j] - prev_forecast[i, j]) / (unit * widen)
                     low, high = published_bounds(prev_forecast[i, j], lo, hi, unit * widen)
-                p = _reading_p(values[i, j], r, lo, hi, w, low, high, alpha, tail[s, j],
-                               tail_sq[s, j])
+                side = 1 if values[i, j] >= 0.5 * low + 0.5 * high else 0
+                p = _reading_p(values[i, j], r, lo, hi, w, low, high, alpha, tail[s, j, side],
+                               tail_sq[s, j, side])
                 p_inst = min(p_inst, f * p)  # the least likely feature, Bonferroni-corrected
                 same = same and values[i, j] == prev_value[i, j]
             run_before = repeat_run[s, 0]  # readings in a row equal in every feature
@@ -757,7 +780,7 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
             # reading it has been scored on equals the one before (it has no habit of varying
             # to compare with: a door sensor closed since it was installed got ~360 flags).
             if same and k < n_scored[i]:
-                p_inst = min(p_inst, repeat[s] * repeat_again[s] ** (k - 1))
+                p_inst = min(p_inst, _share(repeat[s, 0]) * _share(repeat[s, 1]) ** (k - 1))
             # Short-run surprise against its own long-run distribution (HTM's likelihood). One
             # reading adds at most a flag's worth (-ln(1 - threshold)): a spike's surprise of up
             # to 30 decayed by only 0.8 a reading and flagged the next 1-3 readings, inside
@@ -797,12 +820,15 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
                         r = resid[j]
                         excess = min(max((lo - r) if miss_lo[j] else (r - hi), 0.0),
                                      MAX_EXCESS * w)
-                        m1, m2 = _log_value(tail[s, j]), _log_value(tail_sq[s, j])
+                        side = 1 if miss_hi[j] else 0
+                        m1 = _log_value(tail[s, j, side])
+                        m2 = _log_value(tail_sq[s, j, side])
                         if flagged:  # counted no further out than a flag (at TAIL_ALPHA)
                             excess = min(excess, _tail_quantile((1.0 - threshold) / alpha, m1,
                                                                 m2))
-                        tail[s, j] = _log_code(m1 + TAIL_ALPHA * (excess - m1))
-                        tail_sq[s, j] = _log_code(m2 + TAIL_ALPHA * (excess * excess - m2))
+                        tail[s, j, side] = _log_code(m1 + TAIL_ALPHA * (excess - m1))
+                        tail_sq[s, j, side] = _log_code(m2 + TAIL_ALPHA * (excess * excess
+                                                                          - m2))
                     if not recovering:
                         error = abs(values[i, j] - prev_forecast[i, j]) / (
                             prev_scale[i, j] * made_with)
@@ -812,10 +838,10 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
                 d = run - long_mean[s]
                 long_mean[s] += a * d
                 long_var[s] = (1.0 - a) * (long_var[s] + a * d * d)
-                if run_before > 0:
-                    repeat_again[s] += REPEAT_ALPHA * (same - repeat_again[s])
-                else:
-                    repeat[s] += REPEAT_ALPHA * (same - repeat[s])
+                again = 1 if run_before > 0 else 0
+                now = _share(repeat[s, again])
+                repeat[s, again] = _weight_code(now + REPEAT_ALPHA * (same - now), 1.0,
+                                                _dither(again, n_scored[i], 4))
             for j in range(f):
                 repeated = values[i, j] == prev_value[i, j]
                 repeat_run[s, j] = min(repeat_run[s, j] + 1, MAX_REPEATS) if repeated else 0

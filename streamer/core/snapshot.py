@@ -23,6 +23,7 @@ from streamer.core.intervals import (
     MAX_SPREAD,
     MAX_SPREAD_WEIGHT,
     SPREAD_STEPS,
+    WEIGHT_STEPS,
     Calibration,
     level_weight_codes,
     tail_codes,
@@ -48,13 +49,15 @@ from streamer.core.windows import slot_axis, stagger
 # 13: a tenth horizon expert, "cycle" (the horizon's ``err`` and ``pending``); 14: the width's
 # weight of the forecast's place in the sensor's range (``level_weight``); 15: the calibration's
 # last_bucket keeps its run count in 2 bits (saturating at intervals.RECOVERY_RUN) and above it
-# the code of how late the next reading is expected (intervals.LATE_SHIFT).
-FORMAT = "streamer.learner/15"
+# the code of how late the next reading is expected (intervals.LATE_SHIFT); 16: a tail per side
+# (``tail``, ``tail_sq``: (C, F, 2), below and above) and the two repeat shares as uint16 codes
+# in one (C, 2) ``repeat``.
+FORMAT = "streamer.learner/16"
 PREVIOUS_FORMATS = ("streamer.learner/4", "streamer.learner/5", "streamer.learner/6",
                     "streamer.learner/7", "streamer.learner/8", "streamer.learner/9",
                     "streamer.learner/10", "streamer.learner/11",
                     "streamer.learner/12", "streamer.learner/13",
-                    "streamer.learner/14")  # read through upgrade()
+                    "streamer.learner/14", "streamer.learner/15")  # read through upgrade()
 # Until format 11 every sensor's width weighed the experts' spread by 2 and the profile by 1:
 # upgraded sensors keep those, which their quantiles were learned with, and go on from there.
 FIXED_SPREAD_WEIGHT, FIXED_PROFILE_WEIGHT = 2.0, 1.0
@@ -82,7 +85,8 @@ def upgrade(state: dict) -> dict:
     6: before staggered first windows; 7: before outlier runs; 8: spread as float32, one
     repeat run per sensor; 9: repeat runs per sensor and per feature; 10: fixed weights of the
     width, tail moments as float32; 11: before cycles; 12: before the horizon's cycle; 13:
-    before the level's weight of the width) in this one: what it lacks starts from the prior,
+    before the level's weight of the width; 14: before the late code; 15: one tail for both
+    sides, repeat shares as float32) in this one: what it lacks starts from the prior,
     as for new sensors (calibration; a horizon of one step; no outlier run; each feature's
     repeat run the sensor's; no cycle seen, the cycle experts' records persistence's; the
     level's weight 0, the width of before), or from what the older version used (the width's
@@ -121,11 +125,15 @@ def upgrade(state: dict) -> dict:
         state = {**state, "calibration": {**calibration, "level_weight": torch.from_numpy(
             level_weight_codes(LEVEL_WEIGHT, shape))}}
     calibration = state.get("calibration")
-    if calibration is not None:  # 5 to 14: a run count of up to 31 above the bucket, no code
+    if calibration is not None and state["format"] != "streamer.learner/15":  # 5 to 14: a run
+        # count of up to 31 above the bucket, no code
         last = calibration["last_bucket"].to(torch.int32)
         runs = torch.clamp(last >> BUCKET_SHIFT, max=MAX_FAST_RUN)
         state = {**state, "calibration": {**calibration, "last_bucket": (
             (last & ((1 << BUCKET_SHIFT) - 1)) | (runs << BUCKET_SHIFT)).to(torch.uint8)}}
+    calibration = state.get("calibration")
+    if calibration is not None and calibration["tail"].dim() == 2:  # 5 to 15
+        state = {**state, "calibration": _with_two_tails(calibration)}
     if state["format"] not in ("streamer.learner/4", "streamer.learner/5", "streamer.learner/6"):
         return {**state, "format": FORMAT}  # 7 and later lack nothing more
     ids = state["table"]["ids"]
@@ -190,6 +198,23 @@ def _with_fixed_weights(calibration: dict) -> dict:
             weight_codes(FIXED_SPREAD_WEIGHT, MAX_SPREAD_WEIGHT, shape)),
         "profile_weight": torch.from_numpy(
             weight_codes(FIXED_PROFILE_WEIGHT, MAX_PROFILE_WEIGHT, shape)),
+    }
+
+
+def _with_two_tails(calibration: dict) -> dict:
+    """A calibration of format 15 or before in format 16: both sides start from the one tail
+    both shared; the two repeat shares, side by side, rounded to their codes."""
+    def share_codes(shares: torch.Tensor) -> torch.Tensor:
+        codes = torch.round(shares.double().clamp(0.0, 1.0) * WEIGHT_STEPS)
+        return codes.to(torch.int32).to(torch.uint16)
+
+    rest = {k: v for k, v in calibration.items() if k != "repeat_again"}
+    return {
+        **rest,
+        "tail": calibration["tail"][..., None].expand(-1, -1, 2).clone(),
+        "tail_sq": calibration["tail_sq"][..., None].expand(-1, -1, 2).clone(),
+        "repeat": share_codes(torch.stack([calibration["repeat"], calibration["repeat_again"]],
+                                          dim=1)),
     }
 
 

@@ -20,6 +20,8 @@ from streamer.core import snapshot as snap
 from streamer.core.experts import EXPERTS
 from streamer.core.horizon import HORIZON_EXPERTS
 from streamer.core.intervals import (
+    BUCKET_SHIFT,
+    LATE_SHIFT,
     MAX_PROFILE_WEIGHT,
     MAX_SPREAD,
     MAX_SPREAD_WEIGHT,
@@ -108,7 +110,7 @@ def test_a_checkpoint_of_an_older_snapshot_format_is_refused_with_the_reason(tmp
     CheckpointStore(tmp_path, "w1", CFG.fingerprint()).save(old, {TP: 5}, {TP: []})
     with caplog.at_level(logging.ERROR):
         assert CheckpointStore(tmp_path, "w1", CFG.fingerprint()).latest() is None
-    assert ("learner snapshot format 'streamer.learner/3' is not 'streamer.learner/15' "
+    assert (f"learner snapshot format 'streamer.learner/3' is not {snap.FORMAT!r} "
             "(written by another streamer version)") in caplog.text
 
 
@@ -233,6 +235,33 @@ def test_a_checkpoint_with_fixed_width_weights_resumes_with_them_and_its_tail_mo
     assert resumed.stats.guard_err.shape == learner.stats.guard_err.shape
     assert not resumed.memory.cycle_n.any()
     batch = sine_fleet(4, 3, seed=5)  # and it goes on
+    later = resumed.step(Batch.from_arrays(batch.sensor_ids, batch.ts + 1e6, batch.values))
+    assert np.isfinite(later.forecasts).all() and np.isfinite(later.upper).all()
+
+
+def test_a_checkpoint_with_one_tail_resumes_with_it_on_both_sides_and_its_repeat_shares(tmp_path):
+    learner = _learner(40)
+    old = learner.snapshot()
+    calibration = old["calibration"]
+    pooled = calibration["tail"][:, :, 1].clone(), calibration["tail_sq"][:, :, 1].clone()
+    calibration["tail"], calibration["tail_sq"] = pooled  # format 15: one tail, (C, F)
+    codes = learner.calibration.repeat.copy()
+    shares = torch.from_numpy((codes / WEIGHT_STEPS).astype(np.float32))
+    calibration["repeat"], calibration["repeat_again"] = shares[:, 0], shares[:, 1]
+    # A next reading expected 8 typical gaps later, over a run count of 1, as format 15 kept it.
+    late = (3 << LATE_SHIFT) | (1 << BUCKET_SHIFT) | 2
+    calibration["last_bucket"] = torch.full_like(calibration["last_bucket"], late)
+    old["format"] = "streamer.learner/15"
+    resumed = _resumed_from(tmp_path, old)
+    restored = resumed.calibration
+    for side in (0, 1):
+        np.testing.assert_array_equal(restored.tail[:, :, side], pooled[0].numpy())
+        np.testing.assert_array_equal(restored.tail_sq[:, :, side], pooled[1].numpy())
+    np.testing.assert_array_equal(restored.repeat, codes)
+    # Format 15's late codes above the run count are kept, not read as a run count of 5 to 14.
+    assert (restored.last_bucket == late).all()
+    assert "repeat_again" not in resumed.snapshot()["calibration"]
+    batch = sine_fleet(5, 3, seed=5)  # and it goes on
     later = resumed.step(Batch.from_arrays(batch.sensor_ids, batch.ts + 1e6, batch.values))
     assert np.isfinite(later.forecasts).all() and np.isfinite(later.upper).all()
 
