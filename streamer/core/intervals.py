@@ -776,6 +776,7 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
             for j in range(1, f):
                 run_before = min(run_before, repeat_run[s, j])
             k = run_before + 1
+            p_reading = p_inst  # how unlikely the reading's value is, apart from repeating
             # Stuck: k equal readings in a row, against this sensor's habits; not while every
             # reading it has been scored on equals the one before (it has no habit of varying
             # to compare with: a door sensor closed since it was installed got ~360 flags).
@@ -785,8 +786,11 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
             # reading adds at most a flag's worth (-ln(1 - threshold)): a spike's surprise of up
             # to 30 decayed by only 0.8 a reading and flagged the next 1-3 readings, inside
             # their interval (2.2 per spike on N(0, 1); 0.1 now), while a run of readings each
-            # a little unlikely still adds up.
-            surprise = min(-math.log(max(p_inst, 1e-300)), MAX_SURPRISE,
+            # a little unlikely still adds up. The value's surprise only: a run of repeats
+            # already has its own probability, the whole run's, and averaging that in as well
+            # counted each run twice (iid 0/1 readings were flagged 7.6 times per 1,000 at
+            # 0.999, Poisson(0.5) counts 10.5; now 1.1 and 2.6; docs/benchmarks/intervals.md).
+            surprise = min(-math.log(max(p_reading, 1e-300)), MAX_SURPRISE,
                            -math.log(1.0 - threshold))
             run = short[s] + SHORT_ALPHA * (surprise - short[s])
             p_run = _gamma_tail(run, long_mean[s], max(long_var[s], SHORT_VAR))

@@ -300,6 +300,18 @@ def test_a_skewed_sensors_ordinary_readings_are_flagged_about_as_rarely_as_a_sym
     assert _flags_per_1000(errors) < 2.5
 
 
+@pytest.mark.parametrize("kind", ["0/1", "Poisson(0.5)", "Poisson(3)"])
+def test_a_discrete_sensors_ordinary_repeats_are_not_a_surprising_run(kind):
+    # iid 0/1 readings repeat half the time, and runs of 6-9 equal readings are ordinary. The
+    # run's probability is the stuck test's to judge; averaged into the short-run surprise too,
+    # each run counted twice: 7.6 flags per 1,000 at 0.999 (Poisson(0.5): 10.5, (3): 3.8).
+    rng = np.random.default_rng(0)
+    errors = {"0/1": lambda: rng.integers(0, 2, size=40_000) - 0.5,
+              "Poisson(0.5)": lambda: rng.poisson(0.5, size=40_000) - 0.5,
+              "Poisson(3)": lambda: rng.poisson(3.0, size=40_000) - 3.0}[kind]()
+    assert _flags_per_1000(errors.astype(np.float64)) < 3.0
+
+
 def test_a_stuck_sensor_is_flagged_within_five_readings():
     values = _sine(1500)
     values[1000:1040] = values[1000]
