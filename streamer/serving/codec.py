@@ -4,9 +4,8 @@ events and rejected records (to the dead-letter topic) out.
 Input record: key = sensor id (UTF-8, optional; an empty key counts as absent), value = JSON
 ``{"sensor_id": str?, "ts": <epoch seconds> | "<RFC 3339 with offset>", "value": number}`` or
 ``"values": [numbers]`` instead of ``value``; without ``ts`` the record's own timestamp stands
-in. An integer ``sensor_id`` is the sensor named by its decimal digits (17 is "17", the key a
-producer would give it). Other fields are ignored. Decoding never raises on bad data: each
-record becomes a ``Reading`` or a ``Rejection``.
+in. Other fields are ignored. Decoding never raises on bad data: each record becomes a
+``Reading`` or a ``Rejection``.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ from pydantic import (
     AwareDatetime,
     BeforeValidator,
     ConfigDict,
-    Field,
     Strict,
     TypeAdapter,
     ValidationError,
@@ -82,7 +80,7 @@ _STRICT = ConfigDict(strict=True, extra="ignore")
 # rejected afterwards as NON_FINITE, which is the more useful reason; 1e999 parses as inf.
 @with_config(_STRICT)
 class _ReadingBody(TypedDict):
-    sensor_id: NotRequired[Annotated[str | int, Field(union_mode="left_to_right")]]
+    sensor_id: NotRequired[str]
     ts: NotRequired[float | Rfc3339Time]
     value: NotRequired[float]
     values: NotRequired[list[float]]
@@ -149,9 +147,6 @@ def _describe_ts_errors(errors: list[Any]) -> str:
     return "ts: must be epoch seconds (a number) or an RFC 3339 string"
 
 
-_SENSOR_ID_TYPE = "sensor_id: must be a string or an integer"
-
-
 def _schema_rejection(err: ValidationError) -> Rejection:
     errors = err.errors(include_url=False, include_input=False)
     if errors[0]["type"] == "json_invalid":
@@ -162,9 +157,8 @@ def _schema_rejection(err: ValidationError) -> Rejection:
         loc = error["loc"]
         if not loc:
             parts.append("body must be a JSON object")
-        elif loc[0] == "sensor_id":  # one message, not one per member of ``str | int``
-            if _SENSOR_ID_TYPE not in parts:
-                parts.append(_SENSOR_ID_TYPE)
+        elif loc[0] == "sensor_id":  # the contract's id is text; say how to send a number
+            parts.append('sensor_id: must be a string (write a numeric id as "17")')
         elif loc[0] != "ts":
             parts.append(".".join(str(part) for part in loc) + ": " + error["msg"])
     if ts_errors:
@@ -184,8 +178,6 @@ def decode_reading(key: bytes | None, value: bytes | None,
         return _schema_rejection(err)
 
     body_id = body.get("sensor_id")
-    if isinstance(body_id, int):  # strict: never a bool
-        body_id = str(body_id)
     if key:
         try:
             sensor_id = key.decode("utf-8")

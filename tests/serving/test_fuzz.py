@@ -45,7 +45,7 @@ def _malformed(rng: random.Random, n: int) -> list[tuple[bytes | None, bytes | N
     def wrong_type():
         body = rng.choice([{"sensor_id": "v5", "ts": True, "value": 1.0},
                            {"sensor_id": "v5", "ts": T0, "value": "1.0"},
-                           {"sensor_id": 5.0, "ts": T0, "value": 1.0},
+                           {"sensor_id": 5, "ts": T0, "value": 1.0},
                            {"sensor_id": "v5", "ts": T0, "values": "abc"},
                            [1, 2, 3], "a string", 42, None])
         return b"v5", json.dumps(body).encode(), "schema_violation"
