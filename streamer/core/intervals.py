@@ -269,6 +269,7 @@ MAX_SURPRISE = 30.0  # -ln p is capped here (p = 1e-13): one reading cannot swam
 # uint16 steps of 1 / WEIGHT_STEPS, rounded with a dither (unbiased: a step of 1 % of a share
 # of 0.001 still counts on average), which pays for the second tail within 64 bytes.
 REPEAT_PRIOR, REPEAT_AGAIN_PRIOR, REPEAT_ALPHA = 0.1, 0.5, 0.01
+MIN_STUCK_P = 1e-12
 MAX_RUN = MAX_LEARN_AFTER  # flagged-in-a-row counts saturate here (a uint8)
 MAX_REPEATS = 32_767
 MAX_LATE_WIDENING = 1e6  # a late reading's interval is at most this many times as wide
@@ -581,9 +582,8 @@ def _weight_code(value, maximum, dither):  # pragma: no cover - compiled
 
 @kernel
 def _share(code):  # pragma: no cover - compiled
-    """A share in (0, 1] from its stored uint16 code (``_weight_code`` with maximum 1), at
-    least half a code: a share that rounds to 0 is small, not impossible (a repeat scored 1)."""
-    return max(code, 0.5) / WEIGHT_STEPS
+    """A share in [0, 1] from its stored uint16 code (``_weight_code`` with maximum 1)."""
+    return code / WEIGHT_STEPS
 
 
 @kernel
@@ -781,7 +781,9 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
             # reading it has been scored on equals the one before (it has no habit of varying
             # to compare with: a door sensor closed since it was installed got ~360 flags).
             if same and k < n_scored[i]:
-                p_inst = min(p_inst, _share(repeat[s, 0]) * _share(repeat[s, 1]) ** (k - 1))
+                # (A share that rounded to 0 is small, not impossible: no repeat scores 1.)
+                stuck = _share(repeat[s, 0]) * _share(repeat[s, 1]) ** (k - 1)
+                p_inst = min(p_inst, max(stuck, MIN_STUCK_P))
             # Short-run surprise against its own long-run distribution (HTM's likelihood). One
             # reading adds at most a flag's worth (-ln(1 - threshold)): a spike's surprise of up
             # to 30 decayed by only 0.8 a reading and flagged the next 1-3 readings, inside

@@ -125,8 +125,8 @@ def upgrade(state: dict) -> dict:
         state = {**state, "calibration": {**calibration, "level_weight": torch.from_numpy(
             level_weight_codes(LEVEL_WEIGHT, shape))}}
     calibration = state.get("calibration")
-    if calibration is not None and state["format"] != "streamer.learner/15":  # 5 to 14: a run
-        # count of up to 31 above the bucket, no code
+    if calibration is not None and _version(state) <= 14:  # 5 to 14: a run count of up to 31
+        # above the bucket, no code
         last = calibration["last_bucket"].to(torch.int32)
         runs = torch.clamp(last >> BUCKET_SHIFT, max=MAX_FAST_RUN)
         state = {**state, "calibration": {**calibration, "last_bucket": (
@@ -199,6 +199,11 @@ def _with_fixed_weights(calibration: dict) -> dict:
         "profile_weight": torch.from_numpy(
             weight_codes(FIXED_PROFILE_WEIGHT, MAX_PROFILE_WEIGHT, shape)),
     }
+
+
+def _version(state: dict) -> int:
+    """The N of a snapshot's format "streamer.learner/N"."""
+    return int(state["format"].rsplit("/", 1)[1])
 
 
 def _with_two_tails(calibration: dict) -> dict:

@@ -319,14 +319,17 @@ def test_a_stuck_sensor_is_flagged_within_five_readings():
     assert out.anomaly[1001:1006].any()
 
 
-def test_a_sensor_that_never_repeats_a_value_is_flagged_when_it_does():
+@pytest.mark.parametrize("threshold", [0.999, 0.999999])
+def test_a_sensor_that_never_repeats_a_value_is_flagged_when_it_does(threshold):
     # A noisy random walk: persistence forecasts it well, so a stuck reading is inside its
-    # interval; only its repeating the value gives it away.
+    # interval; only its repeating the value gives it away, however strict the threshold (its
+    # share of repeats, kept in steps of 1.5e-5, has fallen to 0, a probability of 1e-12).
     rng = np.random.default_rng(8)
-    values = 50 + np.cumsum(rng.normal(size=1500))
-    values[1000:1020] = values[1000]
-    out = _one_sensor(values)
-    assert out.inside[1001] == 1 and out.anomaly[1001]
+    values = 50 + np.cumsum(rng.normal(size=3000))
+    values[2500:2520] = values[2500]
+    out = _one_sensor(values, LearnerConfig(device="cpu", anomaly_threshold=threshold))
+    assert out.inside[2501] == 1 and out.anomaly[2501]
+    assert out.anomaly_score[2501] < 1.0
 
 
 def test_a_sensor_that_often_sits_at_zero_is_not_flagged_for_it():

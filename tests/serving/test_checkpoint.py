@@ -215,9 +215,11 @@ def test_a_checkpoint_with_fixed_width_weights_resumes_with_them_and_its_tail_mo
     learner = _learner(4)
     old = learner.snapshot()
     calibration = old["calibration"]
-    for name in ("tail", "tail_sq"):  # float32 moments, as format 10 stored them
-        moments = 2.0 ** (calibration[name].numpy() / TAIL_LOG_STEP)
+    for name in ("tail", "tail_sq"):  # one tail of float32 moments, as format 10 stored it
+        moments = 2.0 ** (calibration[name][:, :, 1].numpy() / TAIL_LOG_STEP)
         calibration[name] = torch.from_numpy(moments.astype(np.float32))
+    shares = torch.from_numpy((learner.calibration.repeat / WEIGHT_STEPS).astype(np.float32))
+    calibration["repeat"], calibration["repeat_again"] = shares[:, 0], shares[:, 1]
     del calibration["spread_weight"], calibration["profile_weight"], calibration["level_weight"]
     # ... eleven experts and no cycles (format 11 added those): all of format 10 at once.
     for name in ("guard_err", "last_experts"):
@@ -227,8 +229,11 @@ def test_a_checkpoint_with_fixed_width_weights_resumes_with_them_and_its_tail_mo
     old["format"] = "streamer.learner/10"
     resumed = _resumed_from(tmp_path, old)
     restored = resumed.calibration
-    np.testing.assert_array_equal(restored.tail, learner.calibration.tail)
-    np.testing.assert_array_equal(restored.tail_sq, learner.calibration.tail_sq)
+    for side in (0, 1):  # both from the one tail
+        np.testing.assert_array_equal(restored.tail[:, :, side], learner.calibration.tail[:, :, 1])
+        np.testing.assert_array_equal(restored.tail_sq[:, :, side],
+                                      learner.calibration.tail_sq[:, :, 1])
+    np.testing.assert_array_equal(restored.repeat, learner.calibration.repeat)
     # The weights every sensor's width had until format 11: the experts' spread 2, profile 1.
     assert (restored.spread_weight * MAX_SPREAD_WEIGHT / WEIGHT_STEPS == 2.0).all()
     assert (restored.profile_weight * MAX_PROFILE_WEIGHT / WEIGHT_STEPS == 1.0).all()
