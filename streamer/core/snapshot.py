@@ -134,13 +134,13 @@ def upgrade(state: dict) -> dict:
     calibration = state.get("calibration")
     if calibration is not None and calibration["tail"].dim() == 2:  # 5 to 15
         state = {**state, "calibration": _with_two_tails(calibration)}
-    if state["format"] not in ("streamer.learner/4", "streamer.learner/5", "streamer.learner/6"):
+    if _version(state) >= 7:
         return {**state, "format": FORMAT}  # 7 and later lack nothing more
     ids = state["table"]["ids"]
     k = int(state["config"].get("tbptt_steps", LearnerConfig.tbptt_steps))
     free = torch.tensor([i is None for i in ids], dtype=torch.bool)
     short = torch.where(free, torch.from_numpy(stagger(range(len(ids)), k)), 0)
-    if state["format"] == "streamer.learner/6":
+    if _version(state) == 6:
         return {**state, "format": FORMAT, "short": short}
     config = {**LearnerConfig().to_dict(), **state["config"], "horizon": 1}
     capacity, n_features = len(state["stats"]["count"]), int(config["n_features"])
