@@ -85,21 +85,31 @@ class _RecordingListener(ConsumerRebalanceListener):
     commits only with its checkpoints, and the next owner resumes from the newest of those.
     """
 
-    def __init__(self, topic_missing: Callable[[], bool]) -> None:
+    def __init__(self, assigned_without_topic: Callable[[], bool]) -> None:
         self.events: deque[tuple[str, list[PartitionId]]] = deque()
-        self._topic_missing = topic_missing
-        # The last join happened while a topic subscribed to was not in the metadata (written
-        # on kafka-python's IO thread only).
+        self._assigned_without_topic = assigned_without_topic
+        # Written on kafka-python's IO thread only. A join since this member last had
+        # partitions was assigned without a topic subscribed to (a later join that gives none
+        # leaves it so: see _rejoin_for_a_new_topic) ...
         self.joined_without_topic = False
+        # ... and a join is under way: from kafka-python's notice before it (a revocation,
+        # empty or not, or a loss) to the assignment after it.
+        self.joining = False
 
     def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
+        self.joining = True
         self.events.append(("revoke", _ids(revoked)))
 
     def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
-        self.joined_without_topic = self._topic_missing()
+        if self._assigned_without_topic():
+            self.joined_without_topic = True
+        elif assigned:
+            self.joined_without_topic = False
+        self.joining = False
         self.events.append(("assign", _ids(assigned)))
 
     def on_partitions_lost(self, lost: Collection[TopicPartition]) -> None:
+        self.joining = True
         self.events.append(("revoke", _ids(lost)))
 
 
@@ -158,7 +168,7 @@ class KafkaPythonClient:
         self._connection = connection
         self._settings = consumer
         self._producer_settings = producer or ProducerSettings()
-        self._listener = _RecordingListener(self._subscribed_topic_missing)
+        self._listener = _RecordingListener(self._assigned_without_topic)
         self._on_assign: PartitionsCallback | None = None
         self._on_revoke: PartitionsCallback | None = None
         self._seeked: set[PartitionId] = set()
@@ -232,15 +242,30 @@ class KafkaPythonClient:
         return any(cluster.partitions_for_topic(t) is None
                    for t in self._consumer.subscription() or ())
 
+    def _assigned_without_topic(self) -> bool:
+        """Whether the join that just ended may have been assigned without a topic subscribed
+        to: one missing from the metadata now, or, where this member is the group's leader,
+        from the metadata it assigned with (the topic's can come between the two)."""
+        assigned_with = getattr(self._consumer._coordinator, "_assignment_snapshot", None)
+        return self._subscribed_topic_missing() or any(
+            not partitions for partitions in (assigned_with or {}).values())
+
     def _rejoin_for_a_new_topic(self, assigned: Collection[TopicPartition]) -> None:
         """BrokerUnavailable, so that a new consumer joins the group, when this one joined while
-        a topic subscribed to did not exist, is still without partitions, and the topic exists
-        now. kafka-python 3.0.12 leaves such a member with none of the topic's partitions
-        (measured on the local broker: none 40 s after the topic was made, its metadata known
-        within 2 s); an input topic created after the worker started was never read. (The
-        brokers are never asked to create it: AUTO_CREATE_TOPICS.)"""
-        if self._listener.joined_without_topic and not assigned \
-                and not self._subscribed_topic_missing():
+        a topic subscribed to did not exist, is still without partitions, the topic exists now,
+        and no join is under way. Once the topic's metadata comes, kafka-python's group leader
+        joins again by itself; the local broker then answers with the generation it had and
+        that generation's empty assignment, leaving the member with none of the topic's
+        partitions for good (an input topic created after the worker started was never read).
+        Not while that join is under way: the leave request of the closing consumer queued
+        behind it on the coordinator's connection, timed out, and the member it left behind
+        kept the new consumer's joins waiting for minutes (the topic made 40 s after the start;
+        made 3 s after, before the first join ended, this worked). A member that gets no
+        partition of a topic that existed at its join (more members than partitions) never
+        joins again from here. (The brokers are never asked to create the topic:
+        AUTO_CREATE_TOPICS.)"""
+        if self._listener.joined_without_topic and not self._listener.joining \
+                and not assigned and not self._subscribed_topic_missing():
             raise BrokerUnavailable("the topic subscribed to exists now: joining the group "
                                     "again to be assigned its partitions")
 

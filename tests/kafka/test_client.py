@@ -15,6 +15,7 @@ from streamer.kafka import (
     OutputRecord,
     ProducerSettings,
     UndecodableBatch,
+    delete_topics,
     ensure_topics,
     open_client,
 )
@@ -90,6 +91,39 @@ def test_a_member_a_full_group_leaves_without_partitions_stays_in_it(
         poll_until(first, 1, timeout_s=0.2)
         poll_until(second, 1, timeout_s=0.2)
     assert len(first.assignment() | second.assignment()) == 1
+
+
+def test_a_topic_made_after_the_member_joined_without_it_is_assigned_to_it(
+    broker, group_id, client_factory, produce_raw, poll_until
+):
+    # The worker's input topic made once its first join had ended without it. kafka-python's
+    # leader joins again when the topic's metadata comes, and the local broker answers with the
+    # old generation's empty assignment; the client then has a new consumer join (the worker
+    # reconnects on BrokerUnavailable). It did so while that join was under way: the closing
+    # consumer's leave request timed out behind it, and the member left behind kept every join
+    # of the new one waiting for minutes.
+    topic = f"{group_id}-late"
+    # The worker's default timeouts: the local broker holds a join about half the session
+    # timeout, and with 10 s instead of 45 the member left behind was gone soon enough.
+    timeouts = {"session_timeout_ms": 45_000, "heartbeat_interval_ms": 3_000}
+    client = client_factory(group_id, **timeouts)
+    client.subscribe([topic])
+    poll_until(client, 1, timeout_s=30)  # the first join (~23 s) ends without the topic
+    ensure_topics(broker.bootstrap, {topic: 2})
+    try:
+        produce_raw(topic, [(b"s1", b"1.0")])
+        deadline, records = time.monotonic() + 120, []  # ~50 s: two joins
+        while not records and time.monotonic() < deadline:
+            try:
+                records = client.poll_batch(10, timeout_s=0.5)
+            except BrokerUnavailable:
+                client.close(timeout_s=5.0)
+                client = client_factory(group_id, **timeouts)
+                client.subscribe([topic])
+        assert [r.value for r in records] == [b"1.0"]
+        assert client.assignment() == {(topic, 0), (topic, 1)}
+    finally:
+        delete_topics(broker.bootstrap, [topic])
 
 
 def test_a_partition_given_back_reports_no_end_from_when_it_was_held_before(
