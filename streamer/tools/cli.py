@@ -186,12 +186,15 @@ def _read_readings(path: Path, limit: int | None = None):
 def _sendable_readings(path: Path):
     """The CSV's readings a producer can send (``well_formed``); the others are counted on
     stderr."""
+    from streamer.core.normalizer import MAX_ABS_TS, MAX_ABS_VALUE
     from streamer.tools.readings_csv import well_formed
 
     readings, skipped = well_formed(_read_readings(path))
     if skipped:
         print(f"skipping {skipped} rows with an empty or non-numeric value, an unreadable "
-              "timestamp, or more or fewer values than the header", file=sys.stderr)
+              "timestamp, a timestamp or value beyond what the worker holds (|ts| > "
+              f"{MAX_ABS_TS:g}, |value| > {MAX_ABS_VALUE:g}), or more or fewer values than the "
+              "header", file=sys.stderr)
     return readings
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from streamer.core.batch import Batch
+from streamer.core.normalizer import MAX_ABS_TS, MAX_ABS_VALUE
 from streamer.serving.codec import timestamp_from_text
 
 
@@ -71,10 +72,14 @@ def read_csv(path: str | Path, limit: int | None = None) -> Batch:
 
 def well_formed(batch: Batch) -> tuple[Batch, int]:
     """The readings whose rows had as many values as the header, each a number, and a
-    timestamp that could be read, and how many did not: what a producer skips rather than send
-    a row cut or padded to a width the file did not give, or a NaN that is not JSON."""
-    good = (batch.n_values == batch.values.shape[1]) & np.isfinite(batch.ts)
-    good &= np.isfinite(batch.values).all(axis=1)
+    timestamp that could be read, all within what the worker holds (MAX_ABS_TS,
+    MAX_ABS_VALUE), and how many did not: what a producer skips rather than send a row cut or
+    padded to a width the file did not give, a NaN that is not JSON, or a reading the worker
+    would refuse. One epoch-milliseconds typo (ts 1e12) was sent, refused, and moved every other
+    row of a looped file (``produce --loop``, the demo's ``--file``) a first round's shift of
+    -1e12 s back, so that every reading of every round was refused too."""
+    good = (batch.n_values == batch.values.shape[1]) & (np.abs(batch.ts) <= MAX_ABS_TS)
+    good &= (np.abs(batch.values) <= MAX_ABS_VALUE).all(axis=1)
     return batch.take(np.flatnonzero(good)), int(len(batch) - good.sum())
 
 

@@ -80,6 +80,20 @@ def test_rows_whose_timestamp_the_worker_would_reject_are_rejected_and_not_sent(
     assert skipped == 3 and sendable.ts.tolist() == [1717171717.0, 1717171837.0]
 
 
+def test_rows_the_worker_would_refuse_as_out_of_range_are_not_sent(tmp_path):
+    # A ts in epoch milliseconds (1e12 s) or a value beyond 1e300: the worker refuses both
+    # (value_out_of_range). Sent, the ts also set a looped file's first-round shift.
+    path = tmp_path / "readings.csv"
+    path.write_text("sensor_id,ts,value\na,1717171717,1\na,1717171717000,2\n"
+                    "a,1717171777,1e301\na,1717171837,-1e300\n")
+    readings = read_csv(path)
+    status = backtest(readings, LearnerConfig(device="cpu"))[0].status
+    assert [Reason(int(s)).label for s in status] == [
+        "accepted", "value_out_of_range", "value_out_of_range", "accepted"]
+    sendable, skipped = well_formed(readings)  # what `streamer produce` sends
+    assert skipped == 2 and sendable.values[:, 0].tolist() == [1.0, -1e300]
+
+
 def test_a_value_with_digit_groups_is_rejected_not_read_as_its_digits(tmp_path):
     path = tmp_path / "readings.csv"
     path.write_text("sensor_id,ts,value\na,1717171717,1_000\na,1717171777,1000\n")
