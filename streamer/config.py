@@ -565,7 +565,8 @@ class SensorSettings(_Section):
         _LEARNER_DEFAULTS["initial_capacity"],
         ge=1,
         le=MAX_SENSORS,
-        description="Sensor slots allocated up front; the table grows up to max_sensors.",
+        description="Sensor slots allocated up front; the table grows up to max_sensors. "
+        "Unset, it is never above max_sensors.",
     )
     idle_ttl_seconds: float | None = Field(
         _LEARNER_DEFAULTS["sensor_ttl_seconds"],
@@ -581,6 +582,10 @@ class SensorSettings(_Section):
     @model_validator(mode="after")
     def _capacity_within_max(self) -> SensorSettings:
         if self.initial_capacity > self.max_sensors:
+            if "initial_capacity" not in self.model_fields_set:
+                # The default (1024) is no conflict: a small max_sensors alone is valid.
+                object.__setattr__(self, "initial_capacity", self.max_sensors)
+                return self
             raise _conflict(
                 f"{_named('sensors.initial_capacity')} is {self.initial_capacity} but must not "
                 f"exceed {_named('sensors.max_sensors')}, which is {self.max_sensors}"

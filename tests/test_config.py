@@ -472,6 +472,15 @@ def test_initial_capacity_must_not_exceed_max_sensors() -> None:
     )
 
 
+def test_a_max_sensors_below_the_default_initial_capacity_alone_is_valid(monkeypatch) -> None:
+    # It refused to start: the unset initial capacity (1024) exceeded it.
+    assert load_settings({"sensors.max_sensors": 40}).sensors.initial_capacity == 40
+    monkeypatch.setenv("STREAMER_SENSORS__MAX_SENSORS", "40")
+    settings = load_settings()
+    assert (settings.sensors.max_sensors, settings.sensors.initial_capacity) == (40, 40)
+    assert settings.learner_config().initial_capacity == 40
+
+
 def test_checkpoints_need_an_interval_by_time_or_by_count() -> None:
     assert error_message({"checkpoint.interval_seconds": ""}) == (
         "invalid configuration: checkpoint.interval_seconds "
