@@ -162,6 +162,7 @@ class CheckpointStore:
         mine = [seq for w, seq, _ in self._manifests() if w == worker]
         self._next_seq = max(mine, default=0) + 1
         self._verified: dict[str, bool] = {}  # manifest name -> its data file verifies
+        self._damaged: set[str] = set()  # manifest names found unreadable (logged once)
 
     def save(self, state: dict, offsets: dict[PartitionId, int],
              sensors: dict[PartitionId, list[str]], created: float | None = None,
@@ -239,16 +240,23 @@ class CheckpointStore:
                 if "offsets" in manifest
                 and (partition is None or _key(partition) in manifest["offsets"])]
 
-    @staticmethod
-    def _parsed(listed: list[tuple[str, int, Path]]) -> list[tuple[str, float, Path, dict]]:
+    def _parsed(self, listed: list[tuple[str, int, Path]]) -> list[tuple[str, float, Path, dict]]:
         """(worker, created, path, manifest) of those of ``listed`` that can be read now and
-        have a creation time; the others are skipped (being replaced, damaged)."""
+        have a creation time; the others are skipped: gone since listed (pruned), or damaged,
+        which is logged once per manifest (a checkpoint an operator may have expected to be
+        restored from)."""
         found = []
         for worker, _, path in listed:
             try:
                 manifest = json.loads(path.read_text())
                 created = float(manifest["created"])
-            except (OSError, ValueError, KeyError, TypeError):
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                if path.name not in self._damaged:
+                    self._damaged.add(path.name)
+                    log.error("checkpoint manifest %s unreadable, skipped: %s: %s", path.name,
+                              type(exc).__name__, exc)
                 continue
             found.append((worker, created, path, manifest))
         return found

@@ -96,6 +96,17 @@ def test_a_damaged_checkpoint_is_reported_and_the_previous_one_used(tmp_path, ca
     assert "w1-0000000002.json unusable" in caplog.text and "checksum mismatch" in caplog.text
 
 
+def test_a_damaged_manifest_is_reported_once_and_the_previous_checkpoint_used(tmp_path, caplog):
+    # It was skipped without a word, where a damaged data file is reported.
+    store = CheckpointStore(tmp_path, "w1", CFG.fingerprint())
+    _save(store, _learner(4), 10)
+    _save(store, _learner(8), 20).path.with_suffix(".json").write_text("{not json")
+    with caplog.at_level(logging.ERROR):
+        assert store.latest().offsets == {TP: 10}
+        assert store.latest().offsets == {TP: 10}
+    assert caplog.text.count("checkpoint manifest w1-0000000002.json unreadable") == 1
+
+
 def test_a_checkpoint_from_another_model_shape_is_refused_with_the_reason(tmp_path, caplog):
     CheckpointStore(tmp_path, "w1", "0123456789abcdef").save(
         _learner(4).snapshot(), {TP: 5}, {TP: []})
