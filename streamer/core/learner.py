@@ -21,11 +21,11 @@ from streamer.core.memory import Recalled, SensorMemory
 from streamer.core.model import Forecaster
 from streamer.core.normalizer import (
     MAX_ABS_TS,
-    MAX_ABS_VALUE,
     SECONDS_PER_DAY,
     Encoded,
     SensorStats,
     input_size,
+    within_range,
 )
 from streamer.core.rejections import Reason
 from streamer.core.slots import SlotTable
@@ -227,8 +227,7 @@ class Learner:
         finite = np.isfinite(batch.ts) & np.isfinite(batch.values).all(axis=1)
         status[ok & ~finite] = Reason.NON_FINITE
         ok = status == 0
-        huge = (np.abs(batch.values) > MAX_ABS_VALUE).any(axis=1) | (np.abs(batch.ts) > MAX_ABS_TS)
-        status[ok & huge] = Reason.VALUE_OUT_OF_RANGE
+        status[ok & ~within_range(batch.ts, batch.values)] = Reason.VALUE_OUT_OF_RANGE
         ok = status == 0
         wall = time.time()
         if ok.any():

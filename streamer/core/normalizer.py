@@ -42,6 +42,12 @@ MAX_ABS_TS = 1e11
 ESCALATE_AFTER, MAX_ESCALATION = 2, 40  # doublings at most
 
 
+def within_range(ts: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """(N,) whether a reading's timestamp and every value are within what the model holds
+    (MAX_ABS_TS, MAX_ABS_VALUE); never for a NaN or an infinity."""
+    return (np.abs(ts) <= MAX_ABS_TS) & (np.abs(values) <= MAX_ABS_VALUE).all(axis=1)
+
+
 def input_size(n_features: int) -> int:
     """Model input width: level z-score and change z-score per feature, calendar, gap (from
     here), then the day and week seasonal forecasts relative to the last value (memory.py)."""

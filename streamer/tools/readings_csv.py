@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from streamer.core.batch import Batch
-from streamer.core.normalizer import MAX_ABS_TS, MAX_ABS_VALUE
+from streamer.core.normalizer import within_range
 from streamer.serving.codec import timestamp_from_text
 
 
@@ -78,8 +78,7 @@ def well_formed(batch: Batch) -> tuple[Batch, int]:
     would refuse. One epoch-milliseconds typo (ts 1e12) was sent, refused, and moved every other
     row of a looped file (``produce --loop``, the demo's ``--file``) a first round's shift of
     -1e12 s back, so that every reading of every round was refused too."""
-    good = (batch.n_values == batch.values.shape[1]) & (np.abs(batch.ts) <= MAX_ABS_TS)
-    good &= (np.abs(batch.values) <= MAX_ABS_VALUE).all(axis=1)
+    good = (batch.n_values == batch.values.shape[1]) & within_range(batch.ts, batch.values)
     return batch.take(np.flatnonzero(good)), int(len(batch) - good.sum())
 
 
