@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import kafka.errors as kerr
 from kafka import KafkaAdminClient
+from kafka.admin import MemberToRemove
 
 from streamer.kafka.connection import KafkaConnection
 from streamer.kafka.errors import (
@@ -26,10 +29,11 @@ _NO_TOPIC_ID = "00000000-0000-0000-0000-000000000000"  # what a broker without t
 
 
 @contextmanager
-def admin_client(connection: KafkaConnection) -> Iterator[KafkaAdminClient]:
-    """A connected admin client, closed on exit; BrokerUnavailable if none answers."""
+def admin_client(connection: KafkaConnection, **settings: Any) -> Iterator[KafkaAdminClient]:
+    """A connected admin client (``settings``: KafkaAdminClient's), closed on exit;
+    BrokerUnavailable if none answers."""
     with converted_errors("connecting the admin client"):
-        admin = connection.kafka_python(KafkaAdminClient)
+        admin = connection.kafka_python(KafkaAdminClient, **settings)
     try:
         yield admin
     finally:
@@ -167,3 +171,41 @@ def delete_topics(
         if code not in (0, _UNKNOWN_TOPIC):
             error = kerr.for_code(code)
             raise KafkaClientError(f"deleting topic {topic['name']!r} failed: {error.__name__}")
+
+
+def remove_member(
+    connection: KafkaConnection, group_id: str, member_id: str, *, reason: str,
+    timeout_s: float = 5.0,
+) -> None:
+    """Take one member out of its consumer group, on connections of its own.
+
+    A consumer sends its own leave request on its connection to the group coordinator, where
+    the broker answers requests in order: behind a JoinGroup the broker is holding (until every
+    member has joined, or its rebalance delay) the leave waits as long, and a consumer closing
+    then gave up on it and left its member in the group, holding up the next member's join.
+    This request is answered at once; Apache Kafka completes the held join without the member.
+    KafkaClientError when the broker refuses (a member already gone: UnknownMemberIdError)."""
+    bounded = dataclasses.replace(
+        connection, bootstrap_timeout_s=min(connection.bootstrap_timeout_s, timeout_s))
+    with admin_client(bounded, request_timeout_ms=int(timeout_s * 1000)) as admin:
+        with converted_errors(f"leaving group {group_id!r}"):
+            results = admin.remove_group_members(
+                group_id, [MemberToRemove(member_id=member_id, reason=reason)])
+    error = next(iter(results.values()), kerr.NoError)
+    if error is not kerr.NoError:
+        raise KafkaClientError(f"leaving group {group_id!r} failed: {error.__name__}")
+
+
+def leave_during_a_join(
+    connection: KafkaConnection, group_id: str, member_id: str, timeout_s: float
+) -> bool:
+    """remove_member for a consumer closing while its join is under way; whether the broker
+    took the member out. Logs what went wrong; never raises."""
+    try:
+        remove_member(connection, group_id, member_id, reason="the consumer is closing",
+                      timeout_s=timeout_s)
+    except Exception as exc:  # noqa: BLE001 - the consumer's own close still tries to leave
+        log.warning("leaving group %s during its join failed: %s", group_id, exc)
+        return False
+    log.info("left group %s during its join (member %s)", group_id, member_id)
+    return True

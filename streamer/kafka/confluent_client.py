@@ -34,6 +34,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from streamer.kafka.admin import leave_during_a_join
 from streamer.kafka.client import (
     AUTO_CREATE_TOPICS,
     ConsumerSettings,
@@ -402,16 +403,17 @@ class ConfluentClient:
                 # exiting meanwhile leaves the group to expire it after its session timeout).
                 log.warning("closing the consumer waits for a commit still waiting for the "
                             "coordinator; it is closed when that returns")
-                threading.Thread(target=self._close_after, args=(committing,),
+                threading.Thread(target=self._close_after, args=(committing, timeout_s),
                                  name="streamer-close", daemon=True).start()
                 return
-        self._close_consumer()
+        self._close_consumer(timeout_s)
 
-    def _close_after(self, committing: threading.Thread) -> None:
+    def _close_after(self, committing: threading.Thread, timeout_s: float) -> None:
         committing.join()
-        self._close_consumer()
+        self._close_consumer(timeout_s)
 
-    def _close_consumer(self) -> None:
+    def _close_consumer(self, timeout_s: float) -> None:
+        self._leave_during_a_join(timeout_s)
         try:
             self._consumer.close()
         # KafkaClientError: a revoke callback run by close() read the assignment of a handle
@@ -419,6 +421,19 @@ class ConfluentClient:
         # CI, tests/serving/test_sharing_workers.py, after its last checkpoint was written).
         except (KafkaException, KafkaClientError, RuntimeError) as exc:
             log.warning("closing the consumer failed: %s", exc)
+
+    def _leave_during_a_join(self, timeout_s: float) -> None:
+        """Leave the group through an admin client while a join may be under way (a member
+        with no partitions): librdkafka's own leave request would wait behind the join the
+        broker holds (see admin.remove_member), time out after 5 s, and leave the member in
+        the group."""
+        try:
+            member = self._consumer.memberid() if not self._consumer.assignment() else None
+        except (KafkaException, RuntimeError):  # a handle already closed
+            return
+        if member:
+            leave_during_a_join(self._connection, self._settings.group_id, member,
+                                timeout_s)
 
     # -- internals -------------------------------------------------------------------------------
     def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

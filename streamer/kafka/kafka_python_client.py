@@ -20,6 +20,7 @@ from kafka import (
 from kafka.cluster import ClusterMetadata
 from kafka.partitioner.default import DefaultPartitioner, murmur2
 
+from streamer.kafka.admin import leave_during_a_join
 from streamer.kafka.client import (
     AUTO_CREATE_TOPICS,
     ConsumerSettings,
@@ -369,10 +370,27 @@ class KafkaPythonClient:
     def close(self, timeout_s: float = 5.0) -> None:
         """Leave the group and release connections; never raises."""
         self._discard_producer(timeout_s)
+        self._leave_during_a_join(timeout_s)
         try:
             self._consumer.close(autocommit=False, timeout_ms=int(timeout_s * 1000))
         except Exception as exc:  # noqa: BLE001 - never raises: the library's own errors too
             log.warning("closing the consumer failed: %s: %s", type(exc).__name__, exc)
+
+    def _leave_during_a_join(self, timeout_s: float) -> None:
+        """Leave the group through an admin client while a join is under way: kafka-python's
+        own leave request would wait behind the join the broker holds (~23 s on the local
+        broker: see admin.remove_member), time out after 5 s with an ERROR, and leave the
+        member in the group. The member's generation is then reset, so that kafka-python's
+        close sends no second request. Reads two fields of kafka-python 3's coordinator
+        (pinned by tests/kafka/test_client.py). Never raises."""
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        generation = getattr(coordinator, "_generation", None)
+        if (coordinator is None or generation is None or not coordinator.rebalance_in_progress()
+                or not generation.has_member_id()):
+            return
+        if leave_during_a_join(self._connection, self._settings.group_id,
+                               generation.member_id, timeout_s):
+            coordinator.reset_generation()
 
     def _replay_rebalance_events(self, fetched: Mapping[TopicPartition, Any]) -> None:
         events = self._listener.events
