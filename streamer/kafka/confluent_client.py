@@ -427,6 +427,8 @@ class ConfluentClient:
         with no partitions): librdkafka's own leave request would wait behind the join the
         broker holds (see admin.remove_member), time out after 5 s, and leave the member in
         the group."""
+        if self._down_since is not None:  # every broker down, per librdkafka: none to answer
+            return
         try:
             member = self._consumer.memberid() if not self._consumer.assignment() else None
         except (KafkaException, RuntimeError):  # a handle already closed
