@@ -107,6 +107,7 @@ class Worker:
         self._not_ready_reason = "not connected to the broker yet"
         self._unassigned_since: float | None = None  # monotonic: the latest look, idle
         self._idle_warned = False  # "more workers than partitions", once per idle stretch
+        self._client_since = 0.0  # monotonic: when the current consumer was opened (it joins)
         self._stalled_reason = ""  # partitions held at an undecodable batch, if any
 
     # -- the loop (one screen) --------------------------------------------------------------
@@ -200,7 +201,9 @@ class Worker:
         """Export how many partitions this worker holds. While it holds none, look at the
         input topic every UNASSIGNED_WARN_S: warn (again each time) while it does not exist,
         else once per idle stretch (a group with more workers than the topic has partitions:
-        this one idles, ready, until another leaves)."""
+        this one idles, ready, until another leaves), once the current consumer has had
+        UNASSIGNED_WARN_S to join (a consumer opened again, after broker trouble or for an
+        input topic made later, was said to idle while its join was still under way)."""
         self.metrics.set_assigned_partitions(len(assigned))
         now = time.monotonic()
         if assigned:  # so the input topic exists, whatever the latest look found
@@ -211,7 +214,8 @@ class Worker:
         elif (idle := now - self._unassigned_since) >= UNASSIGNED_WARN_S:
             self._topics_ready = self._output_topics()  # warns while the input topic is missing
             self._unassigned_since = now  # (not when that raised: looked at again next turn)
-            if self._topics_ready and not self._idle_warned:
+            joined_for = now - self._client_since
+            if self._topics_ready and not self._idle_warned and joined_for >= UNASSIGNED_WARN_S:
                 self._idle_warned = True
                 log.warning("no partition of %s assigned to this worker for %.0f s: group %s "
                             "may have more workers than the topic has partitions (this one "
@@ -224,6 +228,7 @@ class Worker:
             if not self._topics_ready:  # else again once the input topic has records
                 self._topics_ready = self._output_topics()
             self._client = open_client(k.client, k.connection(), k.consumer(), k.producer())
+            self._client_since = time.monotonic()
             self._client.subscribe([k.input_topic], on_assign=self._on_assign,
                                    on_revoke=self._on_revoke)
             for pending in self._in_flight:  # unacknowledged: send again
