@@ -27,6 +27,9 @@ IO_STALL_WARNING_S = 1.0
 # How long closing a kafka-python client waits for its IO thread to finish the task step it is
 # in (steps are short: one wait for a socket or a timer); past it the close goes on regardless.
 IO_THREAD_STOP_TIMEOUT_S = 5.0
+# librdkafka's own log lines go to this Python logger (as kafka-python's go to "kafka"), so that
+# they take the worker's format (plain or JSON) and thinning, not librdkafka's own stderr lines.
+LIBRDKAFKA_LOGGER = "librdkafka"
 
 
 @dataclass(frozen=True)
@@ -121,12 +124,15 @@ class KafkaConnection:
             raise
 
     def librdkafka_config(self) -> dict[str, Any]:
-        """The same settings as librdkafka properties (confluent-kafka's clients)."""
+        """The same settings as librdkafka properties (confluent-kafka's clients), its log
+        lines to the LIBRDKAFKA_LOGGER logger."""
         config: dict[str, Any] = {
             "bootstrap.servers": self.bootstrap_servers,
             "client.id": self.client_id,
             "security.protocol": self.security_protocol.lower(),
             "socket.connection.setup.timeout.ms": max(int(self.bootstrap_timeout_s * 1000), 1000),
+            # (served on the thread that polls the client, as its callbacks are)
+            "logger": logging.getLogger(LIBRDKAFKA_LOGGER),
         }
         optional = {
             "sasl.mechanism": self.sasl_mechanism,

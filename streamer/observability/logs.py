@@ -31,22 +31,26 @@ class JsonFormatter(logging.Formatter):
 # kafka-python logs every failed connection attempt, at ERROR, several lines each: a worker
 # that could not reach its brokers for 20 s wrote 84 such lines against its own 9.
 REPEAT_WINDOW_S = 60.0
+# kafka-python's loggers, and the one librdkafka's lines go to (streamer.kafka.connection: with
+# STREAMER_KAFKA__CLIENT=confluent, a 35 s outage printed 320 of them, 20 a second).
+KAFKA_LIBRARIES = ("kafka", "librdkafka")
 _NUMBERS = re.compile(r"\d+(\.\d+)?")
 
 
 class RepeatFilter(logging.Filter):
-    """Lets through one of the library's messages that differ only in their numbers (ports,
-    node ids, backoffs) per REPEAT_WINDOW_S, the next one saying how many were left out; a
-    different message (another cause) always passes. Streamer's own logs are never held."""
+    """Lets through one of the Kafka libraries' messages that differ only in their numbers
+    (ports, node ids, backoffs) per REPEAT_WINDOW_S, the next one saying how many were left
+    out; a different message (another cause) always passes. Streamer's own logs are never
+    held."""
 
-    def __init__(self, prefix: str = "kafka", window_s: float = REPEAT_WINDOW_S,
-                 clock=time.monotonic):
+    def __init__(self, prefixes: tuple[str, ...] = KAFKA_LIBRARIES,
+                 window_s: float = REPEAT_WINDOW_S, clock=time.monotonic):
         super().__init__()
-        self.prefix, self.window_s, self.clock = prefix, window_s, clock
+        self.prefixes, self.window_s, self.clock = prefixes, window_s, clock
         self._seen: dict[tuple, list] = {}  # key -> [when shown, how many held since]
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not _from(record, self.prefix):
+        if not any(_from(record, prefix) for prefix in self.prefixes):
             return True
         try:
             key = (record.name, record.levelno, _NUMBERS.sub("#", record.getMessage()))
@@ -102,7 +106,7 @@ def missing_topic_as_warning(record: logging.LogRecord) -> bool:
 
 
 def configure_logging(level: str = "INFO", fmt: str = "plain") -> None:
-    """Route all logs to stderr in the chosen format (idempotent), the Kafka library's
+    """Route all logs to stderr in the chosen format (idempotent), the Kafka libraries'
     repeats thinned (``RepeatFilter``), its cancellations left out (``drop_cancellations``)
     and a missing topic a warning (``missing_topic_as_warning``)."""
     handler = logging.StreamHandler(sys.stderr)
@@ -115,5 +119,6 @@ def configure_logging(level: str = "INFO", fmt: str = "plain") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    logging.getLogger("kafka").setLevel(max(logging.WARNING, root.level))
+    for library in KAFKA_LIBRARIES:
+        logging.getLogger(library).setLevel(max(logging.WARNING, root.level))
     logging.getLogger(KAFKA_METADATA_LOGGER).addFilter(missing_topic_as_warning)  # (once)

@@ -465,6 +465,24 @@ def test_client_without_a_broker_raises_broker_unavailable_quickly(consumer_time
     assert time.monotonic() - started < 5
 
 
+def test_the_clients_log_lines_go_through_python_logging_not_straight_to_stderr(
+    consumer_timeouts, client_kind, capfd, caplog
+):
+    # librdkafka printed its own lines to stderr ("%3|...|FAIL|...| Connect to ... failed"):
+    # not in the worker's format, not JSON with STREAMER_LOG__FORMAT=json, never thinned (320
+    # in a 35 s outage). They now reach the "librdkafka" logger, as kafka-python's reach "kafka".
+    caplog.set_level(logging.WARNING)
+    connection = KafkaConnection(f"127.0.0.1:{free_port()}", bootstrap_timeout_s=0.5)
+    with pytest.raises(BrokerUnavailable):
+        open_client(client_kind, connection, ConsumerSettings("g", **consumer_timeouts),
+                    ProducerSettings())
+    library = "kafka" if client_kind == "kafka-python" else "librdkafka"
+    refused = [r for r in caplog.records if r.name.split(".")[0] == library
+               and "refused" in r.getMessage().lower()]
+    assert refused, [(r.name, r.getMessage()) for r in caplog.records]
+    assert "refused" not in capfd.readouterr().err.lower()
+
+
 def test_outage_surfaces_broker_unavailable_and_client_recovers_after_restart(
     consumer_timeouts, poll_until, client_kind
 ):

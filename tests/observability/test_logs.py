@@ -40,6 +40,14 @@ def test_the_librarys_repeats_pass_once_a_minute_saying_how_many_were_left_out()
     assert again.getMessage().endswith("(49 more like it in the last 60 s not shown)")
 
 
+def test_librdkafkas_repeats_are_thinned_as_kafka_pythons_are():
+    kept = RepeatFilter(clock=lambda: 0.0)
+    failed = ("FAIL", "rdkafka#consumer-1", "[thrd:127.0.0.1:9/bootstrap]: Connect to "
+              "ipv4#127.0.0.1:9 failed: Connection refused (after 0ms in state CONNECT)")
+    shown = [kept.filter(_record("librdkafka", "%s [%s] %s", *failed)) for _ in range(20)]
+    assert shown == [True] + [False] * 19
+
+
 def test_another_cause_and_streamers_own_messages_always_pass():
     kept = RepeatFilter(clock=lambda: 0.0)
     assert kept.filter(_record("kafka.net.connection", "%s: Connection lost: %s", "a", "111"))
