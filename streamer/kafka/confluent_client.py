@@ -127,6 +127,9 @@ class ConfluentClient:
         # Partitions this client handed records of since their latest assignment: only their
         # cached high watermark is from this assignment (see highwater).
         self._fetched: set[PartitionId] = set()
+        # Where each assigned partition was last put (assigned at, or seeked to): librdkafka
+        # reports no position until a record is read there.
+        self._starts: dict[PartitionId, int] = {}
         self._stalled: dict[PartitionId, UndecodableBatch] = {}
         self._down_since: float | None = None  # all brokers down, per librdkafka
         # What a rebalance callback raised, kept to be raised by poll_batch: an exception
@@ -299,6 +302,7 @@ class ConfluentClient:
         except KafkaException as exc:
             raise convert(exc, "seeking") from exc
         self._seeked.update(offsets)
+        self._starts.update(offsets)
 
     def assignment(self) -> set[PartitionId]:
         """Partitions currently assigned to this member (inside a rebalance callback: once
@@ -323,16 +327,20 @@ class ConfluentClient:
         return high if high >= 0 else None
 
     def lag(self) -> dict[PartitionId, int]:
-        """highwater - position per assigned partition that has been fetched from."""
+        """highwater - position per assigned partition that has been fetched from; before a
+        record is read there, the position it was put at (a worker resumed at the end of its
+        input had no lag series at all)."""
         try:
             positions = self._consumer.position(self._consumer.assignment())
         except KafkaException:
             return {}
         lags = {}
         for tp in positions:
-            high = self._cached_highwater((tp.topic, tp.partition))
-            if high is not None and tp.offset >= 0:
-                lags[(tp.topic, tp.partition)] = max(high - tp.offset, 0)
+            partition = (tp.topic, tp.partition)
+            high = self._cached_highwater(partition)
+            position = tp.offset if tp.offset >= 0 else self._starts.get(partition, -1)
+            if high is not None and position >= 0:
+                lags[partition] = max(high - position, 0)
         return lags
 
     def stalled(self) -> dict[PartitionId, UndecodableBatch]:
@@ -449,6 +457,7 @@ class ConfluentClient:
             self._call(self._on_assign, ids)
         finally:
             starts, self._assigning, self._changing = self._assigning, None, None
+            self._starts = dict(starts)
             consumer.assign([TopicPartition(t, p, starts.get((t, p), OFFSET_INVALID))
                              for t, p in ids])
             stalled = [TopicPartition(t, p) for t, p in ids if (t, p) in self._stalled]

@@ -433,6 +433,22 @@ def test_lag_is_highwater_minus_position(
     assert client.lag() == {(topic, 0): 4}
 
 
+def test_a_partition_resumed_at_its_end_reports_no_lag_before_any_record(
+    topic_factory, group_id, client_factory, produce_raw
+):
+    # A worker restarted on a caught-up input: its checkpoint seeks each partition to the end.
+    # librdkafka reports no position until a record is read, so the lag gauge had no series
+    # for any partition (kafka-python's: 0).
+    topic = topic_factory(partitions=1)
+    produce_raw(topic, [(None, b"x")] * 10)
+    client = client_factory(group_id)
+    client.subscribe([topic], on_assign=lambda parts: client.seek({p: 10 for p in parts}))
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not client.lag():
+        assert client.poll_batch(10, timeout_s=0.2) == []
+    assert client.lag() == {(topic, 0): 0}
+
+
 def test_failing_on_assign_hands_the_same_records_out_again(
     topic_factory, group_id, client_factory, produce_raw, poll_until
 ):
