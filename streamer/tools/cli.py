@@ -165,6 +165,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             worker = Worker(settings)  # seconds: torch, the compiled loops, the model
             worker.install_signal_handlers()
             if stopping.is_set():  # asked to stop while starting: restore, then leave at once
+                # (said here too: a signal before the logging was set up was not logged)
+                logging.getLogger("streamer.worker").info(
+                    "asked to stop while starting: stopping once started")
                 worker.stop()
             return worker.run()
         except CheckpointError as exc:

@@ -32,6 +32,7 @@ from streamer.kafka.errors import (
     TopicMissing,
     convert,
 )
+from streamer.observability.logs import KAFKA_LIBRARIES
 from streamer.observability.metrics import Metrics
 from streamer.serving import signals
 from streamer.serving import worker as worker_module
@@ -771,23 +772,23 @@ def _run_in_process(monkeypatch, tmp_path) -> int:
                         "STREAMER_CHECKPOINT__DIR": str(tmp_path), "STREAMER_METRICS__PORT": "0",
                         "STREAMER_SHARING__ENABLED": "false", "STREAMER_DEVICE": "cpu"}.items():
         monkeypatch.setenv(name, value)
-    root, kafka_log = logging.getLogger(), logging.getLogger("kafka")
-    handlers, levels = root.handlers[:], (root.level, kafka_log.level)
+    root, libraries = logging.getLogger(), [logging.getLogger(n) for n in KAFKA_LIBRARIES]
+    handlers, levels = root.handlers[:], [root.level, *(lib.level for lib in libraries)]
     signals = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     threads = torch.get_num_threads()
     try:
         return cli.main(["run"])
     finally:
         root.handlers[:] = handlers
-        root.setLevel(levels[0])
-        kafka_log.setLevel(levels[1])
+        for logger, level in zip([root, *libraries], levels, strict=True):
+            logger.setLevel(level)
         for sig, handler in signals.items():
             signal.signal(sig, handler)
         torch.set_num_threads(threads)
 
 
 def test_a_sigterm_during_the_workers_construction_stops_it_cleanly_with_exit_0(
-        monkeypatch, tmp_path):
+        monkeypatch, tmp_path, capsys):
     built = worker_module.Worker.__init__
 
     def signalled_while_building(self, settings):
@@ -802,6 +803,8 @@ def test_a_sigterm_during_the_workers_construction_stops_it_cleanly_with_exit_0(
     monkeypatch.setattr(worker_module.Worker, "__init__", signalled_while_building)
     monkeypatch.setattr(worker_module.Worker, "_connected", connecting)
     assert _run_in_process(monkeypatch, tmp_path) == 0
+    # and says why it stops (a signal before the logging was set up was not logged)
+    assert "asked to stop while starting" in capsys.readouterr().err
 
 
 def test_streamer_run_refusing_its_config_leaves_the_signal_handlers_as_they_were(monkeypatch):
