@@ -19,7 +19,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import MessageSizeTooLargeError
 
 from streamer.kafka.admin import ensure_topics
-from streamer.kafka.client import AUTO_CREATE_TOPICS
+from streamer.kafka.client import AUTO_CREATE_TOPICS, ProducerSettings
 from streamer.kafka.connection import KafkaConnection
 
 log = logging.getLogger(__name__)
@@ -140,10 +140,13 @@ class ModelTopic:
                     start = consumer.beginning_offsets([partition])[partition]
                     consumer.seek(partition, max(self._next_offset, start))
                 self.caught_up = False
+                # max_block_ms: a topic the brokers lost held a send 60 s (kafka-python's
+                # default) waiting for its metadata before the reconnect that makes it again.
                 producer = self.connection.kafka_python(
                     KafkaProducer, acks="all", linger_ms=0,
                     allow_auto_create_topics=AUTO_CREATE_TOPICS,
-                    max_request_size=self.max_message_bytes)
+                    max_request_size=self.max_message_bytes,
+                    max_block_ms=ProducerSettings.max_block_ms)
                 self._serve(consumer, producer, partition, live_from)
                 return
             except Exception as exc:  # noqa: BLE001 - any Kafka trouble: count, wait, reconnect

@@ -9,7 +9,8 @@ from kafka import KafkaConsumer, KafkaProducer
 
 from streamer.core import Learner, LearnerConfig
 from streamer.core import weights as w
-from streamer.kafka import delete_topics, ensure_topics
+from streamer.kafka import KafkaConnection, delete_topics, ensure_topics
+from streamer.kafka.broker import LocalBroker
 from streamer.kafka.model_topic import ModelRecord, ModelTopic
 from streamer.serving.sharing import (
     DEPARTED_AFTER_S,
@@ -182,3 +183,24 @@ def test_a_reader_of_a_remade_topic_reads_its_new_log_as_another_log(
         assert [(r.value, r.offset, r.log) for r in remade] == [(b"new", 0, 1)]
     finally:
         reader.close()
+
+
+def test_a_record_published_after_the_brokers_lost_the_topic_reaches_it_made_again():
+    # A broker restart (the local one keeps nothing): the next publish waited 60 s for the
+    # lost topic's metadata (kafka-python's max_block_ms) before the reconnect that makes it.
+    with LocalBroker() as broker:
+        topic = ModelTopic(KafkaConnection(broker.bootstrap, bootstrap_timeout_s=2.0),
+                           "model", 1_000_000)
+        topic.start()
+        try:
+            topic.publish(b"g/a", b"before", [])
+            assert [r.value for r in _received(topic, 1)] == [b"before"]
+            broker.kill()
+            broker.start()  # same port, no topics
+            time.sleep(5)  # the topic's clients connected to it again, the topic still missing
+            started = time.monotonic()
+            topic.publish(b"g/a", b"after", [])
+            assert [r.value for r in _received(topic, 1, timeout_s=90.0)] == [b"after"]
+            assert time.monotonic() - started < 45.0  # not a 60 s wait, then the reconnect
+        finally:
+            topic.close()
