@@ -118,7 +118,7 @@ class Durability:
         the directory is read as it will stay, pruning included."""
         if self.writer.in_flight:
             raise RuntimeError("adopt() with a checkpoint write in flight: finish it first")
-        seeks, read = {}, {}
+        seeks, read, unheld = {}, {}, []
         for tp in partitions:
             checkpoint = self.store.latest_for(tp, newer_than=self.ledger.current_at(tp),
                                                read=read)
@@ -134,6 +134,12 @@ class Durability:
             offset = self.ledger.next_offset(tp)
             if offset is not None:
                 seeks[tp] = offset
+            else:
+                unheld.append(tp)
+        if unheld:  # (every worker of a group must see the others' checkpoints: README)
+            log.info("%s: no checkpoint holds %s: read from the group's committed offsets, "
+                     "else as kafka.auto_offset_reset says, their sensors starting fresh",
+                     partition_names(unheld), "it" if len(unheld) == 1 else "them")
         return seeks
 
     def release(self, partitions: list[PartitionId]) -> None:

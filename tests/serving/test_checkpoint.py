@@ -577,6 +577,27 @@ def test_adopting_many_partitions_of_one_checkpoint_reads_and_verifies_it_once(
     durability.close()
 
 
+def test_adopting_partitions_no_checkpoint_holds_says_where_they_are_read_from(
+        tmp_path, caplog):
+    # Workers of one group with checkpoint directories of their own: a partition moving to
+    # another worker began afresh there without a word.
+    from streamer.config import CheckpointSettings
+    from streamer.serving.durability import Durability
+    from streamer.serving.ledger import PartitionLedger
+
+    held, unheld = ("readings", 0), [("readings", 1), ("readings", 2)]
+    learner = _learner(4)
+    CheckpointStore(tmp_path, "pod-a", CFG.fingerprint()).save(
+        learner.snapshot(), {held: 7}, {held: ["s0"]}, created=100.0)
+    durability = Durability(Learner(CFG), PartitionLedger(0.0),
+                            CheckpointSettings(dir=tmp_path), "pod-b", unscraped_metrics())
+    with caplog.at_level(logging.INFO, logger="streamer.worker"):
+        assert durability.adopt([held, *unheld]) == {held: 7}
+    said = [r.getMessage() for r in caplog.records if "no checkpoint holds" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("readings[1], readings[2]: no checkpoint")
+    durability.close()
+
+
 def _files_around_a_failing_save(tmp_path, monkeypatch, name: str, failing) -> tuple[set, set]:
     """The directory's files before and after a second save that fails in ``failing``, put
     in the place of ``streamer.serving.checkpoint.<name>``."""
