@@ -176,36 +176,46 @@ def delete_topics(
 def remove_member(
     connection: KafkaConnection, group_id: str, member_id: str, *, reason: str,
     timeout_s: float = 5.0,
-) -> None:
-    """Take one member out of its consumer group, on connections of its own.
+) -> bool:
+    """Take one member out of its consumer group, on connections of its own; False when it
+    was gone already.
 
     A consumer sends its own leave request on its connection to the group coordinator, where
     the broker answers requests in order: behind a JoinGroup the broker is holding (until every
     member has joined, or its rebalance delay) the leave waits as long, and a consumer closing
     then gave up on it and left its member in the group, holding up the next member's join.
     This request is answered at once; Apache Kafka completes the held join without the member.
-    KafkaClientError when the broker refuses (a member already gone: UnknownMemberIdError)."""
+    KafkaClientError when the broker refuses for another reason.
+    ``timeout_s`` bounds the whole: a third each to connect, find the coordinator and leave."""
+    step_s = timeout_s / 3
     bounded = dataclasses.replace(
-        connection, bootstrap_timeout_s=min(connection.bootstrap_timeout_s, timeout_s))
-    with admin_client(bounded, request_timeout_ms=int(timeout_s * 1000)) as admin:
+        connection, bootstrap_timeout_s=min(connection.bootstrap_timeout_s, step_s))
+    with admin_client(bounded, request_timeout_ms=max(int(step_s * 1000), 1)) as admin:
         with converted_errors(f"leaving group {group_id!r}"):
             results = admin.remove_group_members(
                 group_id, [MemberToRemove(member_id=member_id, reason=reason)])
     error = next(iter(results.values()), kerr.NoError)
+    if error is kerr.UnknownMemberIdError:
+        return False
     if error is not kerr.NoError:
         raise KafkaClientError(f"leaving group {group_id!r} failed: {error.__name__}")
+    return True
 
 
 def leave_during_a_join(
     connection: KafkaConnection, group_id: str, member_id: str, timeout_s: float
 ) -> bool:
-    """remove_member for a consumer closing while its join is under way; whether the broker
-    took the member out. Logs what went wrong; never raises."""
+    """remove_member for a consumer closing while its join may be under way; whether the
+    member is out of the group now (taken out, or gone already). Logs what went wrong; never
+    raises."""
     try:
-        remove_member(connection, group_id, member_id, reason="the consumer is closing",
-                      timeout_s=timeout_s)
+        removed = remove_member(connection, group_id, member_id,
+                                reason="the consumer is closing", timeout_s=timeout_s)
     except Exception as exc:  # noqa: BLE001 - the consumer's own close still tries to leave
-        log.warning("leaving group %s during its join failed: %s", group_id, exc)
+        log.warning("leaving group %s through an admin connection failed: %s", group_id, exc)
         return False
-    log.info("left group %s during its join (member %s)", group_id, member_id)
+    if removed:
+        log.info("left group %s through an admin connection (member %s)", group_id, member_id)
+    else:  # (librdkafka's own leave went first: a member that was not joining)
+        log.debug("member %s of group %s was gone already", member_id, group_id)
     return True

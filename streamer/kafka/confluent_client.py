@@ -431,14 +431,17 @@ class ConfluentClient:
             log.warning("closing the consumer failed: %s", exc)
 
     def _leave_during_a_join(self, timeout_s: float) -> None:
-        """Leave the group through an admin client while a join may be under way (a member
-        with no partitions): librdkafka's own leave request would wait behind the join the
-        broker holds (see admin.remove_member), time out after 5 s, and leave the member in
-        the group."""
+        """Leave the group through an admin client too while a join may be under way (a
+        member holding no partition; librdkafka does not say more): librdkafka's own leave
+        request waits behind the join the broker holds (see admin.remove_member). Unsubscribed
+        first, so that librdkafka does not join again when the broker answers that held join
+        with the member removed (Apache Kafka does at once); its own leave then follows."""
         if self._down_since is not None:  # every broker down, per librdkafka: none to answer
             return
         try:
             member = self._consumer.memberid() if not self._consumer.assignment() else None
+            if member:
+                self._consumer.unsubscribe()
         except (KafkaException, RuntimeError):  # a handle already closed
             return
         if member:
