@@ -188,6 +188,9 @@ class ConfluentClient:
             messages = self._consumer.consume(num_messages=max_records, timeout=timeout_s)
         except KafkaException as exc:
             raise convert(exc, "polling") from exc
+        producer = self._producer
+        if producer is not None:  # its log lines, and acks, served while nothing is sent too
+            producer.poll(0)
         records, failure = [], None
         for m in messages:
             error = m.error()

@@ -8,6 +8,8 @@ import re
 import sys
 import time
 
+from streamer.kafka.connection import LIBRDKAFKA_LOGGER
+
 _STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
 
@@ -33,7 +35,7 @@ class JsonFormatter(logging.Formatter):
 REPEAT_WINDOW_S = 60.0
 # kafka-python's loggers, and the one librdkafka's lines go to (streamer.kafka.connection: with
 # STREAMER_KAFKA__CLIENT=confluent, a 35 s outage printed 320 of them, 20 a second).
-KAFKA_LIBRARIES = ("kafka", "librdkafka")
+KAFKA_LIBRARIES = ("kafka", LIBRDKAFKA_LOGGER)
 _NUMBERS = re.compile(r"\d+(\.\d+)?")
 
 

@@ -535,6 +535,35 @@ def test_outage_surfaces_broker_unavailable_and_client_recovers_after_restart(
             client.close(timeout_s=1.0)
 
 
+@pytest.mark.parametrize("client_kind", ["confluent"])  # kafka-python logs on its IO thread
+def test_librdkafkas_producer_lines_come_while_the_worker_only_polls(
+    consumer_timeouts, client_kind, caplog
+):
+    # librdkafka serves a client's log lines when that client is polled; the producer was
+    # polled only while sending, so an idle worker's producer said nothing of an outage.
+    caplog.set_level(logging.WARNING)
+
+    def producer_lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.name == "librdkafka" and "#producer" in r.getMessage()]
+
+    with LocalBroker() as broker:
+        ensure_topics(broker.bootstrap, {"readings": 1})
+        connection = KafkaConnection(broker.bootstrap, bootstrap_timeout_s=2.0)
+        settings = ConsumerSettings("worker", **consumer_timeouts, unreachable_after_s=60.0)
+        client = open_client(client_kind, connection, settings, ProducerSettings())
+        try:
+            client.subscribe(["readings"])
+            client.wait(client.send([OutputRecord("readings", b"k", b"v")]), 5)
+            broker.kill()
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and not producer_lines():
+                client.poll_batch(10, 0.2)
+            assert producer_lines()
+        finally:
+            client.close(timeout_s=1.0)
+
+
 def test_a_commit_to_a_broker_that_stopped_answering_gives_up_at_its_timeout(
     consumer_timeouts, poll_until, client_kind
 ):
