@@ -336,7 +336,10 @@ class KafkaPythonClient:
         """
         if partition not in self._fetched:  # see StreamClient.highwater
             return None
-        return self._consumer.highwater(TopicPartition(*partition))
+        try:
+            return self._consumer.highwater(TopicPartition(*partition))
+        except kerr.IllegalStateError:  # taken away by a join whose events are not replayed
+            return None  # yet (kafka-python raises for a partition it does not hold)
 
     def lag(self) -> dict[PartitionId, int]:
         """highwater - position per assigned partition that has been fetched from.
