@@ -503,14 +503,20 @@ def test_the_clients_log_lines_go_through_python_logging_not_straight_to_stderr(
     assert "refused" not in capfd.readouterr().err.lower()
 
 
+def _client_of_readings(broker: LocalBroker, client_kind: str, timeouts: dict[str, int],
+                        unreachable_after_s: float):
+    """A client of group "worker" on ``broker``, whose topic "readings" (1 partition) exists."""
+    ensure_topics(broker.bootstrap, {"readings": 1})
+    connection = KafkaConnection(broker.bootstrap, bootstrap_timeout_s=2.0)
+    settings = ConsumerSettings("worker", **timeouts, unreachable_after_s=unreachable_after_s)
+    return open_client(client_kind, connection, settings, ProducerSettings())
+
+
 def test_outage_surfaces_broker_unavailable_and_client_recovers_after_restart(
     consumer_timeouts, poll_until, client_kind
 ):
     with LocalBroker() as broker:
-        ensure_topics(broker.bootstrap, {"readings": 1})
-        connection = KafkaConnection(broker.bootstrap, bootstrap_timeout_s=2.0)
-        settings = ConsumerSettings("worker", **consumer_timeouts, unreachable_after_s=1.0)
-        client = open_client(client_kind, connection, settings, ProducerSettings())
+        client = _client_of_readings(broker, client_kind, consumer_timeouts, 1.0)
         try:
             client.subscribe(["readings"])
             client.wait(client.send([OutputRecord("readings", b"k", b"before")]), 5)
@@ -550,10 +556,7 @@ def test_librdkafkas_producer_lines_come_while_the_worker_only_polls(
                 if r.name == "librdkafka" and "#producer" in r.getMessage()]
 
     with LocalBroker() as broker:
-        ensure_topics(broker.bootstrap, {"readings": 1})
-        connection = KafkaConnection(broker.bootstrap, bootstrap_timeout_s=2.0)
-        settings = ConsumerSettings("worker", **consumer_timeouts, unreachable_after_s=60.0)
-        client = open_client(client_kind, connection, settings, ProducerSettings())
+        client = _client_of_readings(broker, client_kind, consumer_timeouts, 60.0)
         try:
             client.subscribe(["readings"])
             client.wait(client.send([OutputRecord("readings", b"k", b"v")]), 5)
