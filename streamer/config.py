@@ -452,7 +452,8 @@ class TrainingSettings(_Section):
     train_every: int = Field(
         _LEARNER_DEFAULTS["train_every"],
         ge=1,
-        description="Run one weight update after this many accepted readings.",
+        description="Try a weight update after this many accepted readings; it runs once "
+        "STREAMER_TRAINING__MIN_UPDATE_WINDOWS full TBPTT windows are queued.",
     )
     min_update_windows: int = Field(
         _LEARNER_DEFAULTS["min_update_windows"],
