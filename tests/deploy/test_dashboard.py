@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
+import yaml
 from dashboard_queries import (
+    REPO,
     iter_panels,
     load_dashboard,
     metric_names,
@@ -18,7 +21,12 @@ from prometheus_client import CollectorRegistry
 
 from streamer.observability.metrics import Metrics
 
-DATASOURCE_UID = "streamer-prometheus"
+# The provisioned datasource: the datasource variable's default.
+PROVISIONED = REPO / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+DATASOURCE_UID = yaml.safe_load(PROVISIONED.read_text())["datasources"][0]["uid"]
+# What every panel, target and query variable names: the datasource variable, so that the
+# dashboard imported into another Grafana runs on whichever Prometheus is picked there.
+DATASOURCE_REF = {"type": "prometheus", "uid": "${datasource}"}
 # Series Prometheus itself adds to every target; not exported by the worker.
 PROMETHEUS_SERIES = {"up"}
 
@@ -49,10 +57,22 @@ def test_job_and_instance_are_label_values_query_variables(dashboard: dict) -> N
         assert variables[name]["type"] == "query"
         assert variables[name]["includeAll"] is True
         assert variables[name]["allValue"] == ".*"
-        assert variables[name]["datasource"]["uid"] == DATASOURCE_UID
+        assert variables[name]["datasource"] == DATASOURCE_REF
     selectors = variable_selectors(dashboard)
     assert selectors["job"] == ("streamer_build_info", "job")
     assert selectors["instance"] == ('streamer_build_info{job=~".*"}', "instance")
+
+
+def test_the_datasource_is_a_variable_defaulting_to_the_provisioned_prometheus(
+    dashboard: dict,
+) -> None:
+    variables = dashboard["templating"]["list"]
+    assert variables[0]["name"] == "datasource"  # first: the others' queries run on it
+    assert variables[0]["type"] == "datasource"
+    assert variables[0]["query"] == "prometheus"
+    assert variables[0]["current"]["value"] == DATASOURCE_UID
+    text = json.dumps(dashboard)
+    assert DATASOURCE_UID not in text.replace(json.dumps(variables[0]), "")
 
 
 def test_rows_cover_every_area(dashboard: dict) -> None:
@@ -61,14 +81,14 @@ def test_rows_cover_every_area(dashboard: dict) -> None:
                     "Process"]
 
 
-def test_every_panel_has_targets_on_the_provisioned_datasource(dashboard: dict) -> None:
+def test_every_panel_has_targets_on_the_datasource_variable(dashboard: dict) -> None:
     panels = list(iter_panels(dashboard))
     assert len(panels) >= 20
     for panel in panels:
         assert panel["targets"], panel["title"]
-        assert panel["datasource"]["uid"] == DATASOURCE_UID, panel["title"]
+        assert panel["datasource"] == DATASOURCE_REF, panel["title"]
         for target in panel["targets"]:
-            assert target["datasource"]["uid"] == DATASOURCE_UID, panel["title"]
+            assert target["datasource"] == DATASOURCE_REF, panel["title"]
 
 
 def test_panel_ids_are_unique(dashboard: dict) -> None:
