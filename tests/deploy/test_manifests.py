@@ -229,7 +229,9 @@ def test_grafana_provisioning_paths_match_the_mounts() -> None:
     panel_uids = {
         p["datasource"]["uid"] for p in dashboard["panels"] if p.get("type") != "row"
     }
-    assert panel_uids == {datasource["uid"]}
+    assert panel_uids == {"${datasource}"}  # the variable, by default the provisioned one
+    (variable,) = [v for v in dashboard["templating"]["list"] if v["name"] == "datasource"]
+    assert variable["current"]["value"] == datasource["uid"]
 
 
 def test_grafana_allows_anonymous_viewers_only() -> None:
