@@ -428,6 +428,15 @@ def test_podmonitor_scrapes_the_metrics_port_of_the_worker_pods() -> None:
     assert pod_labels[monitor["spec"]["jobLabel"]] == "streamer"
 
 
+def test_prometheusrule_carries_exactly_the_alerts_promtool_checks() -> None:
+    rule = k8s_kind("PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert "prometheusrule.yaml" in load_yaml(K8S / "base" / "kustomization.yaml")["resources"]
+    assert rule["spec"] == load_yaml(DEPLOY / "prometheus" / "alerts.yml"), (
+        "deploy/k8s/base/prometheusrule.yaml differs from deploy/prometheus/alerts.yml: "
+        "regenerate it with the command in its header")
+
+
 def test_gpu_overlay_patches_image_and_gpu_limit() -> None:
     overlay = load_yaml(K8S / "gpu" / "kustomization.yaml")
     (image,) = overlay["images"]
