@@ -195,7 +195,8 @@ class KafkaSettings(_Section):
         "PLAINTEXT", description="Protocol used to talk to the brokers."
     )
     sasl_mechanism: SaslMechanism | None = Field(
-        None, description="SASL mechanism; required with SASL_PLAINTEXT or SASL_SSL."
+        None, description="SASL mechanism (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512); required "
+        "with SASL_PLAINTEXT or SASL_SSL."
     )
     sasl_username: str | None = Field(None, description="SASL user name.")
     sasl_password: SecretStr | None = Field(
@@ -206,7 +207,8 @@ class KafkaSettings(_Section):
     )
     ssl_certfile: Path | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
     ssl_keyfile: Path | None = Field(
-        None, description="Private key (PEM) of the client certificate."
+        None, description="Private key (PEM, unencrypted: there is no key password setting) "
+        "of the client certificate."
     )
     session_timeout_ms: int = Field(
         45_000, ge=1, le=3_600_000,
