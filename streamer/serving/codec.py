@@ -273,6 +273,9 @@ def encode_forecasts(
     (``float.__repr__`` is JSON's shortest round-trip form; non-finite numbers become null).
     """
     escape = json.encoder.encode_basestring  # type: ignore[attr-defined]  # C-accelerated
+    if not (forecasts.ndim == 2 and np.shape(lower) == np.shape(upper) == forecasts.shape):
+        raise ValueError(f"expected forecasts and bounds of one (N, F) shape, got "
+                         f"{forecasts.shape}, {np.shape(lower)} and {np.shape(upper)}")
     numbers, field = _render(forecasts)
     lows, _ = _render(lower)
     highs, _ = _render(upper)
@@ -286,7 +289,7 @@ def encode_forecasts(
         (template % row).encode()
         for row in zip(map(escape, sensor_ids), map(repr, ts.astype(np.float64).tolist()),
                        numbers, lows, highs, scores, flags, partitions, offsets,
-                       np.asarray(update_counts).tolist(), ahead)
+                       np.asarray(update_counts).tolist(), ahead, strict=True)
     ]
 
 

@@ -248,10 +248,29 @@ def _bounds(f: int, score: float = 0.25, anomaly: bool = False) -> dict:
     return {"lower": [-1.0] * f, "upper": [1.0] * f, "anomaly_score": score, "anomaly": anomaly}
 
 
+def _encoded(sensor_id: str, ts: float, values, partition: int, offset: int, updates: int, *,
+             lower, upper, anomaly_score: float, anomaly: bool) -> bytes:
+    """One forecast through the hot path's ``encode_forecasts``, checked equal to the plain
+    reference (tests/serving/forecast_reference.py) on the same input."""
+    from streamer.serving.codec import encode_forecasts
+
+    values = np.asarray(values, dtype=np.float64)
+    (encoded,) = encode_forecasts([sensor_id], np.array([ts]), values[None], [partition],
+                                  [offset], np.array([updates]),
+                                  lower=np.asarray(lower, dtype=np.float64)[None],
+                                  upper=np.asarray(upper, dtype=np.float64)[None],
+                                  anomaly_scores=np.array([anomaly_score]),
+                                  anomalies=np.array([anomaly]))
+    assert encoded == encode_forecast(sensor_id, ts, values, partition, offset, updates,
+                                      len(values), lower=lower, upper=upper,
+                                      anomaly_score=anomaly_score, anomaly=anomaly)
+    return encoded
+
+
 def test_single_feature_forecast_is_exact_json() -> None:
-    encoded = encode_forecast("s1", 1700000000.5, np.array([21.75]), 3, 42, np.int64(7), 1,
-                              lower=np.array([20.5]), upper=[23.0],
-                              anomaly_score=np.float64(0.99912345678), anomaly=np.bool_(True))
+    encoded = _encoded("s1", 1700000000.5, np.array([21.75]), 3, 42, np.int64(7),
+                       lower=np.array([20.5]), upper=[23.0],
+                       anomaly_score=np.float64(0.99912345678), anomaly=np.bool_(True))
     assert encoded == (
         b'{"sensor_id":"s1","ts":1700000000.5,"value":21.75,"lower":20.5,"upper":23.0,'
         b'"anomaly_score":0.99912345678,"anomaly":true,"partition":3,"offset":42,'
@@ -260,9 +279,9 @@ def test_single_feature_forecast_is_exact_json() -> None:
 
 
 def test_multi_feature_forecast_round_trips_through_json() -> None:
-    encoded = encode_forecast("Kühlhaus-3", 12.0, [1.5, -2.25, 1e-7], 0, 9, 0, 3,
-                              lower=[1.0, -3.0, 0.0], upper=[2.0, -2.0, 1e-6],
-                              anomaly_score=1e-9, anomaly=False)
+    encoded = _encoded("Kühlhaus-3", 12.0, [1.5, -2.25, 1e-7], 0, 9, 0,
+                       lower=[1.0, -3.0, 0.0], upper=[2.0, -2.0, 1e-6],
+                       anomaly_score=1e-9, anomaly=False)
     assert json.loads(encoded) == {
         "sensor_id": "Kühlhaus-3",
         "ts": 12.0,
@@ -278,18 +297,37 @@ def test_multi_feature_forecast_round_trips_through_json() -> None:
 
 
 def test_non_finite_forecast_numbers_are_written_as_null() -> None:
-    encoded = encode_forecast("s1", 1.0, [np.nan, 2.0], 0, 1, 1, 2, lower=[np.nan, 1.0],
-                              upper=[np.inf, 3.0], anomaly_score=0.0, anomaly=False)
+    encoded = _encoded("s1", 1.0, [np.nan, 2.0], 0, 1, 1, lower=[np.nan, 1.0],
+                       upper=[np.inf, 3.0], anomaly_score=0.0, anomaly=False)
     body = json.loads(encoded)
     assert (body["values"], body["lower"], body["upper"]) == ([None, 2.0], [None, 1.0],
                                                                [None, 3.0])
 
 
-def test_forecast_with_the_wrong_number_of_values_is_a_programming_error() -> None:
+def test_forecasts_and_bounds_that_do_not_match_are_a_programming_error() -> None:
+    from streamer.serving.codec import encode_forecasts
+
+    def encode(forecasts: np.ndarray, lower: np.ndarray, upper: np.ndarray, n: int = 1,
+               ) -> list[bytes]:
+        return encode_forecasts(["s"] * n, np.ones(n), forecasts, [0] * n, list(range(n)),
+                                np.zeros(n, int), lower=lower, upper=upper,
+                                anomaly_scores=np.zeros(n), anomalies=np.zeros(n, bool))
+
+    one, two = np.ones((1, 1)), np.ones((1, 2))
+    assert len(encode(one, one, one)) == 1
+    # a feature too many in the bounds, or one too few: never "value" beside a list of bounds
+    with pytest.raises(ValueError, match=r"one \(N, F\) shape, got \(1, 1\), \(1, 2\)"):
+        encode(one, two, two)
+    with pytest.raises(ValueError, match=r"got \(1, 2\), \(1, 1\) and \(1, 2\)"):
+        encode(two, one, two)
+    # bounds for fewer rows than forecasts, or a row's metadata missing: never a row dropped
+    with pytest.raises(ValueError):
+        encode(np.ones((2, 1)), one, one, n=2)
+    with pytest.raises(ValueError):
+        encode(np.ones((2, 1)), np.ones((2, 1)), np.ones((2, 1)), n=1)
+    # (the plain reference refuses the same)
     with pytest.raises(ValueError, match="expected 2 forecast values and bounds, got 1, 2"):
         encode_forecast("s1", 1.0, [1.0], 0, 1, 1, 2, **_bounds(2))
-    with pytest.raises(ValueError, match="got 2, 1 and 2"):
-        encode_forecast("s1", 1.0, [1.0, 2.0], 0, 1, 1, 2, **{**_bounds(2), "lower": [0.0]})
 
 
 def test_anomaly_event_carries_the_reading_what_was_expected_and_the_score() -> None:
