@@ -380,13 +380,21 @@ def test_partition_state_moves_between_learners_through_a_checkpoint(tmp_path):
 
 
 def test_a_background_checkpoint_holds_the_state_when_it_was_begun(tmp_path):
+    class Slow(CheckpointWriter):
+        def _write(self, *args):
+            time.sleep(0.5)  # written after the step below: a live state saved would show it
+            return super()._write(*args)
+
     store = CheckpointStore(tmp_path, "w1", CFG.fingerprint())
-    writer = CheckpointWriter(store)
+    writer = Slow(store)
     learner = _learner(20)
     expected = learner.snapshot()
     assert writer.begin(learner, {TP: 7}, {TP: ["s0"]}) >= 0
     assert writer.in_flight
-    learner.step(sine_fleet(5, 10, seed=2).take(np.arange(5)))  # serving goes on meanwhile
+    # Serving goes on meanwhile: the next two readings of every sensor, all applied.
+    assert (learner.step(sine_fleet(5, 22, seed=1).take(np.arange(100, 110))).status == 0).all()
+    with pytest.raises(AssertionError):
+        _assert_same_state(expected, learner.snapshot())  # the live state has moved on
     written = writer.finished(wait=True)
     assert written.error is None and written.offsets == {TP: 7} and not writer.in_flight
     assert writer.finished(wait=True) is None  # taken once
