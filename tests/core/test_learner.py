@@ -56,10 +56,16 @@ def test_other_sensors_readings_never_change_a_sensors_forecasts(small_config):
 def test_one_reading_at_a_time_equals_all_at_once(small_config):
     cfg = LearnerConfig(**{**small_config.to_dict(), **NO_TRAINING, "warmup_readings": 1})
     stream = sine_fleet(5, 30, log10_scale=(0, 0))
-    # Shuffle arrival order across sensors but keep each sensor's order: ragged ranks.
-    order = np.argsort(np.random.default_rng(0).permutation(len(stream)) % 7 * 1000
-                       + np.arange(len(stream)) // 5, kind="stable")
-    stream = stream.take(np.sort(order))
+    # Sensors out of step with one another (each its own lead, up to 9 readings), each in its
+    # own order: one step of the whole stream holds ragged runs per sensor.
+    row = np.arange(len(stream))
+    lead = np.random.default_rng(0).integers(0, 10, 5)
+    order = np.argsort(row // 5 + lead[row % 5], kind="stable")
+    assert (order != row).any()
+    stream = stream.take(order)
+    for sensor in set(stream.sensor_ids):
+        mine = [i for i, x in enumerate(stream.sensor_ids) if x == sensor]
+        assert (np.diff(stream.ts[mine]) > 0).all()
     _perturb_weights(learner_a := Learner(cfg))
     _perturb_weights(learner_b := Learner(cfg))
     together = learner_a.step(stream).forecasts
