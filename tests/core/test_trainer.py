@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from streamer.core import Batch, Learner, LearnerConfig
-from streamer.core.trainer import masked_mse
+from streamer.core.windows import WindowBatch
 from tests.core.conftest import sine_fleet
 
 
@@ -60,12 +60,22 @@ def test_update_gradient_equals_hand_written_tbptt_reference(ready_learner):
 
 
 def test_window_start_state_is_a_constant_so_earlier_history_does_not_matter(ready_learner):
-    window = ready_learner.state.queue
-    h0 = window.h0.clone().requires_grad_(True)
-    pred, _ = ready_learner.model(window.inputs, (h0, window.c0))
-    masked_mse(pred, window.targets, window.mask).backward()
-    assert h0.grad is not None  # gradient would reach h0 only if it were made a leaf on purpose
-    assert ready_learner.state.h0.grad is None and not ready_learner.state.h0.requires_grad
+    window, model, trainer = ready_learner.state.queue, ready_learner.model, ready_learner.trainer
+    assert window.h0.grad_fn is None and window.c0.grad_fn is None  # no graph behind them
+    loss, _, _ = trainer.backward(window)
+    grads = [p.grad.clone() for p in model.parameters()]
+    # The same windows starting from plain copies of their start state, with no history at all:
+    # the very same loss and gradient, so nothing flowed past the window start.
+    trainer.optimizer.zero_grad()
+    plain = WindowBatch(window.slots, window.inputs.clone(), window.targets.clone(),
+                        window.mask.clone(), window.h0.detach().clone(),
+                        window.c0.detach().clone())
+    again, _, _ = trainer.backward(plain)
+    assert torch.equal(loss, again)
+    for before, p in zip(grads, model.parameters(), strict=True):
+        assert torch.equal(before, p.grad)
+    assert any(g.abs().sum() > 0 for g in grads)
+    assert not ready_learner.state.h0.requires_grad and ready_learner.state.h0.grad is None
 
 
 def test_clipping_scales_the_gradient_to_max_norm_keeping_its_direction(ready_learner):
