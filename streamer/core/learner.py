@@ -447,8 +447,9 @@ class Learner:
         scored = enc.target_valid  # the previous reading was past warm-up: a model forecast
         # Errors in units of the sensor's typical change, capped like the inputs so a jump out of
         # a flat stretch (a tiny scale) cannot swamp every other sensor's contribution.
-        model_err = np.minimum(np.abs(values - prev_forecast) / enc.prev_scale, cap)
-        naive_err = np.minimum(np.abs(values - enc.prev_value) / enc.prev_scale, cap)
+        with np.errstate(over="ignore"):  # a reading near the range limit: capped, as meant
+            model_err = np.minimum(np.abs(values - prev_forecast) / enc.prev_scale, cap)
+            naive_err = np.minimum(np.abs(values - enc.prev_value) / enc.prev_scale, cap)
         result.forecasts[rows] = forecast
         result.update_count[rows] = self.updates
         result.model_error[rows] = np.where(scored, model_err.mean(axis=1), np.nan)
@@ -582,8 +583,9 @@ class Learner:
         prev_experts = _previous(slots, g, experts, stats.last_experts)  # (M, F, K)
         # Capped like the quality metrics: one wild miss counts, but cannot decide alone.
         cap = self.config.clip_z
-        errors = np.minimum(np.abs(values[..., None] - prev_experts)
-                            / enc.prev_scale[..., None], cap)
+        with np.errstate(over="ignore"):  # (overflows only to be capped)
+            errors = np.minimum(np.abs(values[..., None] - prev_experts)
+                                / enc.prev_scale[..., None], cap)
         # After a spike: did "it was a one-off, back to the value before" beat persistence?
         after_spike = _previous(slots, g, enc.outlier, stats.last_outlier) > 0
         before_spike = _previous(slots, g, enc.prev_value, stats.before_last_value)

@@ -108,9 +108,9 @@ def missing_topic_as_warning(record: logging.LogRecord) -> bool:
 
 
 def configure_logging(level: str = "INFO", fmt: str = "plain") -> None:
-    """Route all logs to stderr in the chosen format (idempotent), the Kafka libraries'
-    repeats thinned (``RepeatFilter``), its cancellations left out (``drop_cancellations``)
-    and a missing topic a warning (``missing_topic_as_warning``)."""
+    """Route all logs, Python's warnings too, to stderr in the chosen format (idempotent),
+    the Kafka libraries' repeats thinned (``RepeatFilter``), its cancellations left out
+    (``drop_cancellations``) and a missing topic a warning (``missing_topic_as_warning``)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(drop_cancellations)
     handler.addFilter(RepeatFilter())
@@ -121,6 +121,9 @@ def configure_logging(level: str = "INFO", fmt: str = "plain") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Python's warnings (a library's DeprecationWarning, numpy's RuntimeWarning) through the
+    # same handler: written raw to stderr, one broke a JSON log's one object per line.
+    logging.captureWarnings(True)
     for library in KAFKA_LIBRARIES:
         logging.getLogger(library).setLevel(max(logging.WARNING, root.level))
     logging.getLogger(KAFKA_METADATA_LOGGER).addFilter(missing_topic_as_warning)  # (once)

@@ -3,7 +3,9 @@ streamer's own never."""
 
 from __future__ import annotations
 
+import json
 import logging
+import warnings
 from collections.abc import Iterator
 
 import kafka.errors as kerr
@@ -91,6 +93,7 @@ def logging_restored() -> Iterator[None]:
     root, metadata = logging.getLogger(), logging.getLogger(KAFKA_METADATA_LOGGER)
     kept = (root.handlers[:], root.level, logging.getLogger("kafka").level, metadata.filters[:])
     yield
+    logging.captureWarnings(False)
     root.handlers[:], level, kafka_level, metadata.filters[:] = kept
     root.setLevel(level)
     logging.getLogger("kafka").setLevel(kafka_level)
@@ -107,3 +110,13 @@ def test_configured_logging_shows_every_handler_the_missing_topic_as_a_warning_o
     logging.getLogger(KAFKA_METADATA_LOGGER).error("Topic %s not found in cluster metadata",
                                                    "readings")
     assert seen == shown
+
+
+def test_python_warnings_are_logged_in_the_chosen_format(logging_restored, capsys):
+    configure_logging("INFO", "json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("overflow encountered somewhere", RuntimeWarning, stacklevel=1)
+    (entry,) = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert entry["level"] == "warning" and entry["logger"] == "py.warnings"
+    assert "RuntimeWarning: overflow encountered somewhere" in entry["event"]
