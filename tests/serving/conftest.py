@@ -45,14 +45,18 @@ class WorkerProcess:
         except OSError:
             return 0, ""
 
-    def metric(self, name: str, **labels: str) -> float:
-        """The first sample of ``name`` with these labels (0.0 when there is none)."""
-        _, text = self.get("/metrics")
+    def metric(self, name: str, *, required: bool = False, **labels: str) -> float:
+        """The first sample of ``name`` with these labels (0.0 when there is none, or when
+        /metrics does not answer; ``required``: an AssertionError then, so that a check that
+        a value is 0 cannot pass on a metric renamed or a worker gone)."""
+        status, text = self.get("/metrics")
         wanted = [f'{k}="{v}"' for k, v in labels.items()]
         for line in text.splitlines():
             if line.startswith(name + " ") or line.startswith(name + "{"):
                 if all(label in line for label in wanted):
                     return float(line.rsplit(" ", 1)[1])
+        assert not required, (f"no sample of {name}{labels or ''} (/metrics answered {status})"
+                              f"\n{self.log()}")
         return 0.0
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:

@@ -134,5 +134,5 @@ def test_seeded_fuzz_of_malformed_records_among_valid_readings(
         assert record.headers[0] == headers[placed.index(source)]
     assert sorted(dead_sources) == sorted(set(expected) - valid)
     assert worker.proc.poll() is None and worker.log().count("started on") == 1
-    assert worker.metric("streamer_broker_errors_total") == 0
-    assert worker.metric("streamer_undecodable_batches_total") == 0
+    assert worker.metric("streamer_broker_errors_total", required=True) == 0
+    assert worker.metric("streamer_undecodable_batches_total", required=True) == 0

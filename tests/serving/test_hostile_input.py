@@ -51,7 +51,7 @@ def test_readings_compressed_by_librdkafka_with_each_codec_are_all_forecast(
     got = forecasts_by_source(consume_raw(out, len(placed), timeout_s=30))
     assert sorted(got) == sorted(placed), worker.log()
     assert all(len(forecasts) == 1 for forecasts in got.values())
-    assert worker.metric("streamer_undecodable_batches_total") == 0
+    assert worker.metric("streamer_undecodable_batches_total", required=True) == 0
 
 
 def test_readings_without_ts_are_forecast_at_their_records_timestamps(
@@ -124,7 +124,7 @@ def test_undecodable_batch_holds_its_partition_not_ready_while_the_others_are_se
     assert worker.get("/healthz")[0] == 200  # alive: a restart would not help
     assert worker.metric("streamer_undecodable_batches_total") >= 1
     assert worker.metric("streamer_stalled_partitions") == 1
-    assert worker.metric("streamer_ready") == 0
+    assert worker.metric("streamer_ready", required=True) == 0
     assert f"ERROR streamer.worker: cannot decode the record batch of partition {where}" \
         in worker.log()
     assert worker.proc.poll() is None
@@ -171,7 +171,7 @@ def test_a_record_whose_header_key_is_not_utf8_is_dead_lettered_and_its_batch_fo
     kept = [("é", b"1"), ("?id", b"v")] if client_kind == "kafka-python" else []
     assert dead.value == b"{broken" and dead.headers[:len(kept) + 1] == [
         *kept, (DLQ_REASON, b"not_json")]
-    assert worker.metric("streamer_stalled_partitions") == 0
+    assert worker.metric("streamer_stalled_partitions", required=True) == 0
     assert worker.get("/readyz")[0] == 200
 
 

@@ -355,6 +355,8 @@ def test_sigkill_mid_stream_then_restart_loses_no_reading(
     deadline = time.monotonic() + 20
     while first.metric("streamer_forecasts_produced_total") < 200 and time.monotonic() < deadline:
         time.sleep(0.05)
+    # killed mid-stream: with forecasts out (the second half of the stream is not sent yet)
+    assert first.metric("streamer_forecasts_produced_total", required=True) >= 200, first.log()
     first.signal(signal.SIGKILL)
     first.wait(5)
     placed += produce_raw(inp, stream[600:])
@@ -662,12 +664,12 @@ def test_an_input_topic_created_after_the_worker_started_is_read_not_made_by_the
         # Held before any reading: the gauge says the topic exists as soon as partitions do.
         wait_for(lambda: worker.metric("streamer_assigned_partitions") == 3, 30,
                  "the new topic's partitions held", worker.log)
-        assert worker.metric("streamer_input_topic_missing") == 0
+        assert worker.metric("streamer_input_topic_missing", required=True) == 0
         placed = produce_raw(inp, _stream(3, 3))
         got = consume_raw(out, len(placed), timeout_s=30)
         assert len(got) == len(placed), worker.log()
         assert partition_counts(broker.bootstrap, [out, dlq]) == {out: 3, dlq: 3}
-        assert worker.metric("streamer_input_topic_missing") == 0
+        assert worker.metric("streamer_input_topic_missing", required=True) == 0
     finally:
         worker.stop()
         delete_topics(broker.bootstrap, [inp, out, dlq, f"{out}-anomalies", f"{out}-model"])
