@@ -50,6 +50,15 @@ def _save(store: CheckpointStore, learner: Learner, offset: int):
     return store.save(learner.snapshot(), {TP: offset}, {TP: ["s0", "s1", "s2", "s3", "s4"]})
 
 
+class _SlowWriter(CheckpointWriter):
+    """Writes half a second after it was begun: what the serving thread does meanwhile (or the
+    clock) is after the state the checkpoint holds."""
+
+    def _write(self, *args):
+        time.sleep(0.5)
+        return super()._write(*args)
+
+
 def _assert_same_state(a: dict, b: dict) -> None:
     assert a["table"] == b["table"] and a["counters"] == b["counters"]
     for group in ("model", "stats", "memory", "slot_tensors", "queue"):
@@ -380,13 +389,8 @@ def test_partition_state_moves_between_learners_through_a_checkpoint(tmp_path):
 
 
 def test_a_background_checkpoint_holds_the_state_when_it_was_begun(tmp_path):
-    class Slow(CheckpointWriter):
-        def _write(self, *args):
-            time.sleep(0.5)  # written after the step below: a live state saved would show it
-            return super()._write(*args)
-
     store = CheckpointStore(tmp_path, "w1", CFG.fingerprint())
-    writer = Slow(store)
+    writer = _SlowWriter(store)
     learner = _learner(20)
     expected = learner.snapshot()
     assert writer.begin(learner, {TP: 7}, {TP: ["s0"]}) >= 0
@@ -448,13 +452,8 @@ def test_a_write_failing_in_serialization_is_reported_and_leaves_no_file(tmp_pat
 
 
 def test_a_checkpoint_is_dated_when_its_state_was_copied_not_when_it_became_durable(tmp_path):
-    class Slow(CheckpointWriter):
-        def _write(self, *args):
-            time.sleep(0.5)  # a long write: the state it holds is older than its end
-            return super()._write(*args)
-
     store = CheckpointStore(tmp_path, "w1", CFG.fingerprint())
-    writer = Slow(store)
+    writer = _SlowWriter(store)
     learner = _learner(5)
     before = time.time()
     writer.begin(learner, {TP: 3}, {TP: []})
