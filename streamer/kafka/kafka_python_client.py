@@ -114,6 +114,19 @@ class _RecordingListener(ConsumerRebalanceListener):
         self.events.append(("revoke", _ids(lost)))
 
 
+class _FinishedJoin:
+    """A join task that has finished, reading as still in flight (``_keep_a_finished_join``):
+    kafka-python awaits it with add_callback/add_errback, which run at once on a done future."""
+
+    is_done = False
+
+    def __init__(self, task: Any) -> None:
+        self._task = task
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._task, name)
+
+
 class _KeyHashCachingPartitioner(DefaultPartitioner):
     """kafka-python's DefaultPartitioner placement, hashing each key once.
 
@@ -216,6 +229,7 @@ class KafkaPythonClient:
         Raises UndecodableBatch (its partition paused at the batch) when a fetched batch cannot
         be decoded; the next poll goes on with the other partitions.
         """
+        self._keep_a_finished_join()
         try:
             fetched = self._consumer.poll(timeout_ms=int(timeout_s * 1000),
                                           max_records=max_records)
@@ -237,6 +251,17 @@ class KafkaPythonClient:
         self._rejoin_for_a_new_topic(assigned)
         self._fetched.update((r.topic, r.partition) for r in records)
         return records
+
+    def _keep_a_finished_join(self) -> None:
+        """kafka-python 3.0.12 starts a new JoinGroup when the one a poll left in flight has
+        finished before the next poll (``join_group_async``: ``_join_task.is_done``), its
+        assignment never read: a caller busy between polls (a worker stepping the model, any
+        loaded machine) joined again and again, never assigned. Shown finished-as-pending, the
+        task is awaited by the next poll, which reads its result (or its error) at once."""
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        task = getattr(coordinator, "_join_task", None)
+        if task is not None and task.is_done and not isinstance(task, _FinishedJoin):
+            coordinator._join_task = _FinishedJoin(task)
 
     def _subscribed_topic_missing(self) -> bool:
         cluster = self._consumer._client.cluster

@@ -814,3 +814,19 @@ def test_a_kafka_python_record_without_a_timestamp_becomes_one_stamped_minus_one
     assert input_record(old).timestamp_ms == -1
     assert input_record(old._replace(timestamp=1_765_000_000_000)).timestamp_ms == (
         1_765_000_000_000)
+
+
+def test_a_join_that_finishes_between_two_polls_is_not_thrown_away(
+    topic_factory, group_id, client_factory, client_kind
+):
+    # kafka-python 3.0.12 replaced a join task that had finished while the caller was between
+    # two polls with a new JoinGroup, its assignment never read: a worker busy between polls
+    # (stepping the model) or a loaded machine joined again and again, never assigned.
+    topic = topic_factory(partitions=2)
+    client = client_factory(group_id)  # tests' session: the broker holds a join ~1 s
+    client.subscribe([topic])
+    deadline = time.monotonic() + 30
+    while not client.assignment() and time.monotonic() < deadline:
+        client.poll_batch(10, timeout_s=0.05)  # returns before the broker answers the join
+        time.sleep(2.0)  # busy: the join finishes meanwhile
+    assert client.assignment() == {(topic, 0), (topic, 1)}
