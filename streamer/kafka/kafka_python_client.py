@@ -262,6 +262,19 @@ class KafkaPythonClient:
         task = getattr(coordinator, "_join_task", None)
         if task is not None and task.is_done and not isinstance(task, _FinishedJoin):
             coordinator._join_task = _FinishedJoin(task)
+        self._keep_a_begun_join_needed(coordinator)
+
+    @staticmethod
+    def _keep_a_begun_join_needed(coordinator: Any) -> None:
+        """kafka-python 3.0.12 polls a join under way only while ``need_rejoin()``; a group
+        leader's join begun for new metadata (a topic made, partitions added) is needed only
+        until its own assignment updates the snapshot it compares with, before the broker
+        answers that assignment. A poll that returned before that answer left the join
+        unread for good: no assignment, no heartbeat (off during a join), the member idle
+        and soon out of its group. A join begun (``rejoining``) is needed until it is read."""
+        if getattr(coordinator, "rejoining", False) and not coordinator.rejoin_needed:
+            with coordinator._lock:
+                coordinator.rejoin_needed = True
 
     def _subscribed_topic_missing(self) -> bool:
         cluster = self._consumer._client.cluster

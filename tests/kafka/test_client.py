@@ -146,6 +146,38 @@ def test_a_topic_made_after_the_member_joined_without_it_is_assigned_to_it(
         delete_topics(broker.bootstrap, [topic])
 
 
+def test_a_join_begun_for_a_topic_made_later_is_read_by_a_member_busy_between_polls(
+    broker, group_id, client_factory, caplog
+):
+    # kafka-python 3.0.12 reads a join under way only while it "needs" one; its leader's join
+    # for a topic made later stopped being needed at its own assignment, before the broker
+    # answered: a member between two polls then (a worker stepping its model, a loaded
+    # machine) never read it, and sat without partitions or heartbeats for good.
+    caplog.set_level(logging.INFO, logger="kafka.coordinator")
+    topic = f"{group_id}-late"
+    client = client_factory(group_id)
+    client.subscribe([topic])
+    deadline = time.monotonic() + 5  # the first join (~1 s here) ends without the topic
+    while time.monotonic() < deadline:
+        client.poll_batch(10, timeout_s=0.2)
+    assert client.assignment() == set()
+    ensure_topics(broker.bootstrap, {topic: 2})
+    try:
+        new_consumers, deadline = 0, time.monotonic() + 60
+        while client.assignment() != {(topic, 0), (topic, 1)} and time.monotonic() < deadline:
+            try:
+                client.poll_batch(10, timeout_s=0.05)  # returns before the broker answers
+            except BrokerUnavailable:  # (the client's own way to a join that gives the topic)
+                new_consumers += 1
+                client.close(timeout_s=5.0)
+                client = client_factory(group_id)
+                client.subscribe([topic])
+            time.sleep(2.0)  # busy: the join goes on meanwhile
+        assert client.assignment() == {(topic, 0), (topic, 1)}, (new_consumers, caplog.text)
+    finally:
+        delete_topics(broker.bootstrap, [topic])
+
+
 def test_a_partition_given_back_reports_no_end_from_when_it_was_held_before(
     topic_factory, group_id, client_factory, produce_raw, poll_until
 ):
