@@ -60,6 +60,17 @@ def free_port() -> int:
     raise OSError(f"no free port found on {_HOST} in {_PICKS} tries")
 
 
+def _threads_stopped(pid: int) -> bool | None:
+    """Whether every thread of ``pid`` is stopped (state T), or None where /proc cannot say
+    (another system, or the process gone)."""
+    try:
+        states = [(task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                  for task in Path(f"/proc/{pid}/task").iterdir()]
+    except (OSError, IndexError):
+        return None
+    return all(state in ("T", "t") for state in states) if states else None
+
+
 def _ephemeral_ports_start() -> int:
     """Where the ports the kernel hands to outgoing connections begin (Linux; else 32768, the
     usual start, and IANA's 49152 elsewhere is above it)."""
@@ -132,15 +143,26 @@ class LocalBroker:
         """SIGKILL the broker at once, as a crash would."""
         self._terminate(signal.SIGKILL)
 
-    def freeze(self) -> None:
-        """Stop the broker answering (SIGSTOP), keeping its data, as a hung broker would."""
-        if self._proc is not None:
-            self._proc.send_signal(signal.SIGSTOP)
+    def freeze(self, timeout_s: float = 5.0) -> None:
+        """Stop the broker answering (SIGSTOP), keeping its data, as a hung broker would;
+        returns once every thread of it is stopped (a signal is delivered asynchronously)."""
+        self._signal_and_wait(signal.SIGSTOP, stopped=True, timeout_s=timeout_s)
 
-    def thaw(self) -> None:
-        """Let a frozen broker answer again (SIGCONT)."""
-        if self._proc is not None:
-            self._proc.send_signal(signal.SIGCONT)
+    def thaw(self, timeout_s: float = 5.0) -> None:
+        """Let a frozen broker answer again (SIGCONT); returns once it is no longer stopped."""
+        self._signal_and_wait(signal.SIGCONT, stopped=False, timeout_s=timeout_s)
+
+    def _signal_and_wait(self, sig: signal.Signals, *, stopped: bool, timeout_s: float) -> None:
+        if self._proc is None:
+            return
+        self._proc.send_signal(sig)
+        deadline = time.monotonic() + timeout_s
+        while self.running and _threads_stopped(self._proc.pid) not in (stopped, None):
+            if time.monotonic() > deadline:
+                raise LocalBrokerError(f"broker (pid {self._proc.pid}) not "
+                                       f"{'stopped' if stopped else 'running'} {timeout_s} s "
+                                       f"after {sig.name}")
+            time.sleep(0.005)
 
     def restart(self, *, crash: bool = False) -> None:
         """Stop (or kill, if ``crash``) and start again on the same port; all data is lost."""

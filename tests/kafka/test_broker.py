@@ -117,3 +117,26 @@ def test_free_ports_come_from_below_the_range_outgoing_connections_take_theirs_f
             assert broker_module._PICK_FROM <= port < start
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", port))  # and free
+
+
+def test_a_frozen_broker_has_every_thread_stopped_when_freeze_returns_and_answers_once_thawed():
+    # SIGSTOP is delivered asynchronously: tests that freeze the broker and then expect a
+    # request to go unanswered must not race the broker's last moments of running.
+    with LocalBroker() as broker:
+        broker.freeze()
+        try:
+            assert broker_module._threads_stopped(broker._proc.pid) is True
+            with socket.create_connection(("127.0.0.1", broker.port), timeout=2) as sock:
+                # ApiVersions v0 (key 18), correlation id 7, client id "t"
+                body = b"\x00\x12\x00\x00\x00\x00\x00\x07\x00\x01t"
+                sock.sendall(len(body).to_bytes(4, "big") + body)
+                sock.settimeout(0.5)
+                with pytest.raises(TimeoutError):
+                    sock.recv(4)
+                broker.thaw()
+                assert broker_module._threads_stopped(broker._proc.pid) is False
+                sock.settimeout(5)
+                assert int.from_bytes(sock.recv(4), "big") > 0  # the answer, once thawed
+        finally:
+            broker.thaw()
+        assert cluster_id_at(broker.bootstrap) == broker.cluster_id
