@@ -9,6 +9,7 @@ import time
 import pytest
 from kafka.partitioner.default import murmur2
 
+import streamer.kafka.broker as broker_module
 from streamer.kafka import (
     BrokerUnavailable,
     ConsumerSettings,
@@ -629,9 +630,15 @@ def test_a_commit_to_a_broker_that_stopped_answering_gives_up_at_its_timeout(
 
             broker.freeze()
             try:
-                started = time.monotonic()
-                with pytest.raises(BrokerUnavailable, match="committing offsets"):
+                started, error = time.monotonic(), None
+                try:
                     client.commit({("readings", 0): 2}, timeout_s=1)
+                except BrokerUnavailable as exc:
+                    error = exc
+                # (It returned twice in CI, once per client, not reproduced here: say how.)
+                assert error is not None and "committing offsets" in str(error), (
+                    f"the commit returned {error!r} after {time.monotonic() - started:.2f} s; "
+                    f"broker stopped: {broker_module._threads_stopped(broker._proc.pid)}")
                 assert time.monotonic() - started < 10
             finally:
                 broker.thaw()
