@@ -207,8 +207,12 @@ class KafkaSettings(_Section):
     )
     ssl_certfile: Path | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
     ssl_keyfile: Path | None = Field(
-        None, description="Private key (PEM, unencrypted: there is no key password setting) "
-        "of the client certificate."
+        None, description="Private key (PEM) of the client certificate; an encrypted one "
+        "needs kafka.ssl_key_password."
+    )
+    ssl_key_password: SecretStr | None = Field(
+        None, description="Password of an encrypted client private key (kafka.ssl_keyfile, "
+        "or the key inside kafka.ssl_certfile); prefer the env var."
     )
     session_timeout_ms: int = Field(
         45_000, ge=1, le=3_600_000,
@@ -333,6 +337,8 @@ class KafkaSettings(_Section):
             ssl_cafile=str(self.ssl_cafile) if self.ssl_cafile else None,
             ssl_certfile=str(self.ssl_certfile) if self.ssl_certfile else None,
             ssl_keyfile=str(self.ssl_keyfile) if self.ssl_keyfile else None,
+            ssl_key_password=(self.ssl_key_password.get_secret_value()
+                              if self.ssl_key_password else None),
         )
 
     def _check_topics_distinct(self) -> None:
@@ -371,7 +377,7 @@ class KafkaSettings(_Section):
                 )
 
     def _check_ssl(self) -> None:
-        ssl_fields = ("ssl_cafile", "ssl_certfile", "ssl_keyfile")
+        ssl_fields = ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_key_password")
         if self.security_protocol not in ("SSL", "SASL_SSL"):
             given = [name for name in ssl_fields if getattr(self, name) is not None]
             if given:
@@ -380,11 +386,12 @@ class KafkaSettings(_Section):
                     f"is {self.security_protocol}; set the protocol to SSL or SASL_SSL, or unset "
                     "the SSL files"
                 )
-        if self.ssl_keyfile is not None and self.ssl_certfile is None:
-            raise _conflict(
-                f"{_named('kafka.ssl_keyfile')} is set without {_named('kafka.ssl_certfile')}; "
-                "a private key is only used together with its client certificate"
-            )
+        for name in ("ssl_keyfile", "ssl_key_password"):
+            if getattr(self, name) is not None and self.ssl_certfile is None:
+                raise _conflict(
+                    f"{_named('kafka.' + name)} is set without {_named('kafka.ssl_certfile')}; "
+                    "a private key is only used together with its client certificate"
+                )
 
     def _check_ssl_files_readable(self) -> None:
         # Found here, not as a client that retries "Unable to bootstrap" for ever.
@@ -419,13 +426,22 @@ class KafkaSettings(_Section):
                                 f"no PEM CA certificate ({exc.reason or exc})") from None
         if self.ssl_certfile is not None:
             key = str(self.ssl_keyfile) if self.ssl_keyfile is not None else None
-            try:  # no password setting: an encrypted key cannot be used (and never prompts)
-                context.load_cert_chain(str(self.ssl_certfile), key, password=lambda: b"")
+            password = (self.ssl_key_password.get_secret_value().encode()
+                        if self.ssl_key_password is not None else b"")
+            try:  # (with no password given, an encrypted key fails here: it never prompts)
+                context.load_cert_chain(str(self.ssl_certfile), key, password=lambda: password)
             except ssl.SSLError as exc:
                 names = _named("kafka.ssl_certfile") + (
                     f" and {_named('kafka.ssl_keyfile')}" if key else "")
-                raise _conflict(f"{names}: not a PEM client certificate with its unencrypted "
-                                f"private key ({exc.reason or exc})") from None
+                if self.ssl_key_password is None:
+                    raise _conflict(
+                        f"{names}: not a PEM client certificate with its unencrypted private key "
+                        f"({exc.reason or exc}); an encrypted key needs "
+                        f"{_named('kafka.ssl_key_password')}") from None
+                raise _conflict(
+                    f"{names}: not a PEM client certificate with its private key, or "
+                    f"{_named('kafka.ssl_key_password')} does not decrypt that key "
+                    f"({exc.reason or exc})") from None
 
 
 class ModelSettings(_Section):

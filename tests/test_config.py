@@ -427,6 +427,38 @@ def test_ssl_files_are_loaded_at_start_as_the_client_loads_them(tls_files, tmp_p
     assert settings.kafka.connection().ssl_keyfile == str(tls_files["key"])
 
 
+def test_an_encrypted_client_key_is_loaded_with_its_password_and_refused_without(
+    tls_files, tmp_path
+) -> None:
+    encrypted = tmp_path / "encrypted.pem"
+    subprocess.run(["openssl", "pkey", "-in", str(tls_files["key"]), "-aes256", "-passout",
+                    "pass:s3cret", "-out", str(encrypted)], check=True, capture_output=True)
+    mtls = {"kafka.security_protocol": "SSL", "kafka.ssl_certfile": str(tls_files["cert"]),
+            "kafka.ssl_keyfile": str(encrypted)}
+    names = ("invalid configuration: kafka.ssl_certfile (STREAMER_KAFKA__SSL_CERTFILE / "
+             "--kafka-ssl-certfile) and kafka.ssl_keyfile (STREAMER_KAFKA__SSL_KEYFILE / "
+             "--kafka-ssl-keyfile): ")
+    password = ("kafka.ssl_key_password (STREAMER_KAFKA__SSL_KEY_PASSWORD / "
+                "--kafka-ssl-key-password)")
+    without = error_message(mtls)
+    assert without.startswith(names + "not a PEM client certificate with its unencrypted ")
+    assert without.endswith(f"; an encrypted key needs {password}")
+    assert error_message({**mtls, "kafka.ssl_key_password": "wrong"}).startswith(
+        names + f"not a PEM client certificate with its private key, or {password} does not "
+        "decrypt that key (")
+    connection = load_settings({**mtls, "kafka.ssl_key_password": "s3cret"}).kafka.connection()
+    assert connection.ssl_key_password == "s3cret" and "s3cret" not in repr(connection)
+    assert connection.kafka_python_config()["ssl_password"] == "s3cret"
+    assert connection.librdkafka_config()["ssl.key.password"] == "s3cret"
+    assert error_message({"kafka.security_protocol": "SSL",
+                          "kafka.ssl_key_password": "s3cret"}) == (
+        f"invalid configuration: {password} is set without kafka.ssl_certfile "
+        "(STREAMER_KAFKA__SSL_CERTFILE / --kafka-ssl-certfile); a private key is only used "
+        "together with its client certificate")
+    assert error_message({"kafka.ssl_key_password": "s3cret"}).startswith(
+        f"invalid configuration: {password} is set but kafka.security_protocol")
+
+
 def test_ssl_files_must_be_readable_at_load(tls_files, tmp_path: Path) -> None:
     ca = tls_files["cert"]
     overrides = {"kafka.security_protocol": "SSL", "kafka.ssl_cafile": str(ca),

@@ -45,6 +45,7 @@ class KafkaConnection:
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    ssl_key_password: str | None = field(default=None, repr=False)
     # kafka-python waits 30 s by default for a first broker; a worker would rather fail fast
     # with BrokerUnavailable and retry on its own schedule (and report not-ready meanwhile).
     bootstrap_timeout_s: float = 10.0
@@ -91,6 +92,7 @@ class KafkaConnection:
             "ssl_cafile": self.ssl_cafile,
             "ssl_certfile": self.ssl_certfile,
             "ssl_keyfile": self.ssl_keyfile,
+            "ssl_password": self.ssl_key_password,
         }
         config.update({key: value for key, value in optional.items() if value is not None})
         return config
@@ -141,6 +143,7 @@ class KafkaConnection:
             "ssl.ca.location": self.ssl_cafile,
             "ssl.certificate.location": self.ssl_certfile,
             "ssl.key.location": self.ssl_keyfile,
+            "ssl.key.password": self.ssl_key_password,
         }
         config.update({key: value for key, value in optional.items() if value is not None})
         return config

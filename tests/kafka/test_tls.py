@@ -1,0 +1,68 @@
+"""Both clients over real TLS (tests/tls_proxy.py): mutual TLS with an encrypted client key."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from streamer.kafka import (
+    BrokerUnavailable,
+    ConsumerSettings,
+    KafkaConnection,
+    OutputRecord,
+    ProducerSettings,
+    ensure_topics,
+    open_client,
+)
+from tests.tls_proxy import TlsBroker, make_tls_files
+
+pytestmark = pytest.mark.broker
+
+KEY_PASSWORD = "s3cret-key"
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory):
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    return make_tls_files(tmp_path_factory.mktemp("tls"), KEY_PASSWORD)
+
+
+def test_both_clients_read_and_write_over_mutual_tls_with_an_encrypted_client_key(
+    tls_files, client_kind, group_id, consumer_timeouts, poll_until
+):
+    with TlsBroker(tls_files) as broker:
+        connection = KafkaConnection(
+            broker.bootstrap, security_protocol="SSL", ssl_cafile=str(tls_files["ca"]),
+            ssl_certfile=str(tls_files["client"]), ssl_keyfile=str(tls_files["client_key"]),
+            ssl_key_password=KEY_PASSWORD, bootstrap_timeout_s=5.0)
+        ensure_topics(connection, {"readings": 1})
+        client = open_client(client_kind, connection,
+                             ConsumerSettings(group_id, **consumer_timeouts), ProducerSettings())
+        try:
+            client.subscribe(["readings"])
+            client.wait(client.send([OutputRecord("readings", b"s1", b"over tls")]), 10)
+            assert [r.value for r in poll_until(client, 1, timeout_s=20)] == [b"over tls"]
+        finally:
+            client.close(timeout_s=5.0)
+        assert broker.client_names and set(broker.client_names) == {"streamer-client"}
+        assert broker.refused == []
+
+
+def test_a_client_without_the_ca_of_the_brokers_certificate_is_refused(
+    tls_files, client_kind, group_id, consumer_timeouts
+):
+    # ...so the test above did verify the broker: the system CAs do not know the test CA.
+    with TlsBroker(tls_files) as broker:
+        connection = KafkaConnection(
+            broker.bootstrap, security_protocol="SSL", ssl_certfile=str(tls_files["client"]),
+            ssl_keyfile=str(tls_files["client_key"]), ssl_key_password=KEY_PASSWORD,
+            bootstrap_timeout_s=2.0)
+        with pytest.raises(BrokerUnavailable):
+            client = open_client(client_kind, connection,
+                                 ConsumerSettings(group_id, **consumer_timeouts),
+                                 ProducerSettings())
+            client.close(timeout_s=1.0)  # (if it came this far: librdkafka connects lazily)
+            raise AssertionError("connected without trusting the broker's certificate")
+        assert broker.client_names == []
