@@ -62,12 +62,17 @@ def free_port() -> int:
 
 def _threads_stopped(pid: int) -> bool | None:
     """Whether every thread of ``pid`` is stopped (state T), or None where /proc cannot say
-    (another system, or the process gone)."""
+    (another system, or the process gone). A thread that exits while it is read is skipped."""
     try:
-        states = [(task / "stat").read_text().rsplit(")", 1)[1].split()[0]
-                  for task in Path(f"/proc/{pid}/task").iterdir()]
-    except (OSError, IndexError):
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
         return None
+    states = []
+    for task in tasks:
+        try:
+            states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        except (OSError, IndexError):
+            continue
     return all(state in ("T", "t") for state in states) if states else None
 
 
@@ -159,6 +164,8 @@ class LocalBroker:
         deadline = time.monotonic() + timeout_s
         while self.running and _threads_stopped(self._proc.pid) not in (stopped, None):
             if time.monotonic() > deadline:
+                if stopped:  # not left half-stopped for the caller's stop() to wait on
+                    self._proc.send_signal(signal.SIGCONT)
                 raise LocalBrokerError(f"broker (pid {self._proc.pid}) not "
                                        f"{'stopped' if stopped else 'running'} {timeout_s} s "
                                        f"after {sig.name}")

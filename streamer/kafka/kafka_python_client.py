@@ -229,7 +229,9 @@ class KafkaPythonClient:
         Raises UndecodableBatch (its partition paused at the batch) when a fetched batch cannot
         be decoded; the next poll goes on with the other partitions.
         """
-        self._keep_a_finished_join()
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        self._keep_a_finished_join(coordinator)
+        self._keep_a_begun_join_needed(coordinator)
         try:
             fetched = self._consumer.poll(timeout_ms=int(timeout_s * 1000),
                                           max_records=max_records)
@@ -252,17 +254,21 @@ class KafkaPythonClient:
         self._fetched.update((r.topic, r.partition) for r in records)
         return records
 
-    def _keep_a_finished_join(self) -> None:
+    @staticmethod
+    def _keep_a_finished_join(coordinator: Any) -> None:
         """kafka-python 3.0.12 starts a new JoinGroup when the one a poll left in flight has
         finished before the next poll (``join_group_async``: ``_join_task.is_done``), its
         assignment never read: a caller busy between polls (a worker stepping the model, any
         loaded machine) joined again and again, never assigned. Shown finished-as-pending, the
-        task is awaited by the next poll, which reads its result (or its error) at once."""
-        coordinator = getattr(self._consumer, "_coordinator", None)
+        task is awaited by the next poll, which reads its result (or its Kafka error) at once.
+        One that failed otherwise is dropped, as kafka-python would: it leaves such a task in
+        place, and awaited again it would raise the same error at every poll."""
         task = getattr(coordinator, "_join_task", None)
-        if task is not None and task.is_done and not isinstance(task, _FinishedJoin):
-            coordinator._join_task = _FinishedJoin(task)
-        self._keep_a_begun_join_needed(coordinator)
+        if task is None or not task.is_done or isinstance(task, _FinishedJoin):
+            return
+        failed_otherwise = task.exception is not None and not isinstance(task.exception,
+                                                                          kerr.KafkaError)
+        coordinator._join_task = None if failed_otherwise else _FinishedJoin(task)
 
     @staticmethod
     def _keep_a_begun_join_needed(coordinator: Any) -> None:
@@ -271,9 +277,13 @@ class KafkaPythonClient:
         until its own assignment updates the snapshot it compares with, before the broker
         answers that assignment. A poll that returned before that answer left the join
         unread for good: no assignment, no heartbeat (off during a join), the member idle
-        and soon out of its group. A join begun (``rejoining``) is needed until it is read."""
-        if getattr(coordinator, "rejoining", False) and not coordinator.rejoin_needed:
-            with coordinator._lock:
+        and soon out of its group. A join begun (``rejoining``) stays needed until one
+        completes (which clears both flags, on kafka-python's IO thread inside a poll; other
+        threads only ever set ``rejoin_needed``)."""
+        if coordinator is None:
+            return
+        with coordinator._lock:
+            if coordinator.rejoining:
                 coordinator.rejoin_needed = True
 
     def _subscribed_topic_missing(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from kafka import KafkaAdminClient
@@ -119,6 +120,7 @@ def test_free_ports_come_from_below_the_range_outgoing_connections_take_theirs_f
             sock.bind(("127.0.0.1", port))  # and free
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc")
 def test_a_frozen_broker_has_every_thread_stopped_when_freeze_returns_and_answers_once_thawed():
     # SIGSTOP is delivered asynchronously: tests that freeze the broker and then expect a
     # request to go unanswered must not race the broker's last moments of running.
