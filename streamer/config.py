@@ -384,13 +384,14 @@ class KafkaSettings(_Section):
                 raise _conflict(
                     f"{_named('kafka.' + given[0])} is set but {_named('kafka.security_protocol')} "
                     f"is {self.security_protocol}; set the protocol to SSL or SASL_SSL, or unset "
-                    "the SSL files"
+                    "the SSL settings"
                 )
         for name in ("ssl_keyfile", "ssl_key_password"):
             if getattr(self, name) is not None and self.ssl_certfile is None:
                 raise _conflict(
                     f"{_named('kafka.' + name)} is set without {_named('kafka.ssl_certfile')}; "
-                    "a private key is only used together with its client certificate"
+                    "a private key (and its password) is only used together with its client "
+                    "certificate"
                 )
 
     def _check_ssl_files_readable(self) -> None:

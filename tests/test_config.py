@@ -380,7 +380,7 @@ def test_ssl_files_without_ssl_protocol_are_refused() -> None:
         "invalid configuration: kafka.ssl_cafile (STREAMER_KAFKA__SSL_CAFILE / "
         "--kafka-ssl-cafile) is set but kafka.security_protocol "
         "(STREAMER_KAFKA__SECURITY_PROTOCOL / --kafka-security-protocol) is PLAINTEXT; "
-        "set the protocol to SSL or SASL_SSL, or unset the SSL files"
+        "set the protocol to SSL or SASL_SSL, or unset the SSL settings"
     )
 
 
@@ -389,7 +389,8 @@ def test_ssl_key_needs_its_certificate() -> None:
     assert error_message(overrides) == (
         "invalid configuration: kafka.ssl_keyfile (STREAMER_KAFKA__SSL_KEYFILE / "
         "--kafka-ssl-keyfile) is set without kafka.ssl_certfile (STREAMER_KAFKA__SSL_CERTFILE / "
-        "--kafka-ssl-certfile); a private key is only used together with its client certificate"
+        "--kafka-ssl-certfile); a private key (and its password) is only used together with its "
+        "client certificate"
     )
 
 
@@ -453,8 +454,8 @@ def test_an_encrypted_client_key_is_loaded_with_its_password_and_refused_without
     assert error_message({"kafka.security_protocol": "SSL",
                           "kafka.ssl_key_password": "s3cret"}) == (
         f"invalid configuration: {password} is set without kafka.ssl_certfile "
-        "(STREAMER_KAFKA__SSL_CERTFILE / --kafka-ssl-certfile); a private key is only used "
-        "together with its client certificate")
+        "(STREAMER_KAFKA__SSL_CERTFILE / --kafka-ssl-certfile); a private key (and its "
+        "password) is only used together with its client certificate")
     assert error_message({"kafka.ssl_key_password": "s3cret"}).startswith(
         f"invalid configuration: {password} is set but kafka.security_protocol")
 

@@ -10,11 +10,13 @@ proxy's address. What each client presented is recorded for the test to check.
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import ssl
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from streamer.kafka.broker import free_port, resolve_broker_binary
@@ -51,58 +53,89 @@ def make_tls_files(folder: Path, key_password: str) -> dict[str, Path]:
 class TlsBroker:
     """A Tansu broker reached only through a TLS proxy: ``bootstrap`` is the proxy's."""
 
-    def __init__(self, files: dict[str, Path], *, mutual: bool = True) -> None:
+    def __init__(self, files: dict[str, Path], log_path: Path, *, mutual: bool = True) -> None:
         self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._context.load_cert_chain(files["server"], files["server_key"])
         if mutual:
             self._context.verify_mode = ssl.CERT_REQUIRED
             self._context.load_verify_locations(files["ca"])
-        self._listener = socket.create_server(("127.0.0.1", free_port()))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
         self.port = self._listener.getsockname()[1]
-        self._upstream = free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
+        self.log_path = log_path
         self.client_names: list[str] = []  # the CN of each client certificate accepted
         self.refused: list[str] = []  # why each failed handshake failed
+        self._upstream = 0
+        self._closed = threading.Event()
         self._sockets: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> TlsBroker:
-        self._proc = subprocess.Popen(
-            [resolve_broker_binary(), "broker", "--cluster-id", f"tls-{self.port}",
-             "--listener-url", f"tcp://127.0.0.1:{self._upstream}",
-             "--advertised-listener-url", f"tcp://127.0.0.1:{self.port}",
-             "--storage-engine", "memory://tansu/"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15
-        while not _accepts(self._upstream):
-            if time.monotonic() > deadline or self._proc.poll() is not None:
-                self.__exit__(None, None, None)
-                raise RuntimeError(f"the broker behind the TLS proxy did not start on "
-                                   f"{self._upstream}")
-            time.sleep(0.05)
-        threading.Thread(target=self._accept, daemon=True, name="tls-proxy").start()
-        return self
+        for _ in range(5):  # Tansu exits when its port is taken: another port, as LocalBroker
+            if self._start_broker(free_port()):
+                self._spawn(self._accept)
+                return self
+        self.__exit__()
+        raise RuntimeError(f"the broker behind the TLS proxy did not start; see {self.log_path}")
 
     def __exit__(self, *_: object) -> None:
-        self._listener.close()
+        self._closed.set()
         with self._lock:
-            for sock in self._sockets:
-                with contextlib.suppress(OSError):
-                    sock.close()
-        if self._proc is not None:
+            sockets = [self._listener, *self._sockets]
+        for sock in sockets:  # shutdown wakes a thread blocked on it; close alone does not
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait(timeout=5)
 
+    def _start_broker(self, port: int) -> bool:
+        self._upstream = port
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                [resolve_broker_binary(), "broker", "--cluster-id", f"tls-{self.port}",
+                 "--listener-url", f"tcp://127.0.0.1:{port}",
+                 "--advertised-listener-url", f"tcp://127.0.0.1:{self.port}",
+                 "--storage-engine", "memory://tansu/"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while self._proc.poll() is None and time.monotonic() < deadline:
+            if _accepts(port):
+                time.sleep(0.2)  # (one that lost the port to another process exits at once)
+                return self._proc.poll() is None
+            time.sleep(0.05)
+        return False
+
+    def _spawn(self, target: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True, name="tls-proxy")
+        with self._lock:
+            self._threads.append(thread)
+        thread.start()
+
+    def _track(self, sock: socket.socket) -> bool:
+        with self._lock:
+            self._sockets.append(sock)
+        return not self._closed.is_set()
+
     def _accept(self) -> None:
-        while True:
+        while not self._closed.is_set():
             try:
                 raw, _ = self._listener.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 return  # closed
-            threading.Thread(target=self._serve, args=(raw,), daemon=True).start()
+            if self._track(raw):
+                self._spawn(self._serve, raw)
 
     def _serve(self, raw: socket.socket) -> None:
+        """One connection, both directions on this one thread (an SSL socket is not for two)."""
         raw.settimeout(10)
         try:
             client = self._context.wrap_socket(raw, server_side=True)
@@ -110,26 +143,34 @@ class TlsBroker:
             self.refused.append(str(exc))
             raw.close()
             return
-        client.settimeout(None)
-        peer = client.getpeercert() or {}
-        names = [v for rdn in peer.get("subject", ()) for k, v in rdn if k == "commonName"]
-        self.client_names.extend(names)
-        upstream = socket.create_connection(("127.0.0.1", self._upstream))
-        with self._lock:
-            self._sockets += [client, upstream]
-        threading.Thread(target=_pump, args=(upstream, client), daemon=True).start()
-        _pump(client, upstream)
-
-
-def _pump(source: socket.socket, sink: socket.socket) -> None:
-    try:
-        while chunk := source.recv(65536):
-            sink.sendall(chunk)
-    except OSError:
-        pass
-    for sock in (source, sink):
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
+        self.client_names += [value for rdn in (client.getpeercert() or {}).get("subject", ())
+                              for key, value in rdn if key == "commonName"]
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self._upstream), timeout=5)
+        except OSError:
+            client.close()
+            return
+        client.settimeout(30)
+        upstream.settimeout(30)
+        if not all([self._track(client), self._track(upstream)]):  # (both tracked)
+            client.close()
+            upstream.close()
+            return
+        peer = {client: upstream, upstream: client}
+        try:
+            while not self._closed.is_set():
+                ready = [client] if client.pending() else select.select(list(peer), [], [],
+                                                                          0.2)[0]
+                for sock in ready:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return
+                    peer[sock].sendall(chunk)
+        except (OSError, ValueError):
+            return  # a side closed (or the proxy, at its exit)
+        finally:
+            for sock in peer:
+                sock.close()
 
 
 def _accepts(port: int) -> bool:

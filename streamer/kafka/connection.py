@@ -92,7 +92,9 @@ class KafkaConnection:
             "ssl_cafile": self.ssl_cafile,
             "ssl_certfile": self.ssl_certfile,
             "ssl_keyfile": self.ssl_keyfile,
-            "ssl_password": self.ssl_key_password,
+            # (None would let OpenSSL prompt on the terminal for an encrypted key's password)
+            "ssl_password": self.ssl_key_password if self.ssl_key_password is not None
+            else ("" if self.ssl_certfile else None),
         }
         config.update({key: value for key, value in optional.items() if value is not None})
         return config
@@ -142,7 +144,9 @@ class KafkaConnection:
             "sasl.password": self.sasl_plain_password,
             "ssl.ca.location": self.ssl_cafile,
             "ssl.certificate.location": self.ssl_certfile,
-            "ssl.key.location": self.ssl_keyfile,
+            # librdkafka reads no key from the certificate file unless told to, as Python's
+            # ssl (kafka-python) does: a key kept beside the certificate is read from there.
+            "ssl.key.location": self.ssl_keyfile or self.ssl_certfile,
             "ssl.key.password": self.ssl_key_password,
         }
         config.update({key: value for key, value in optional.items() if value is not None})

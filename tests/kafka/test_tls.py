@@ -26,17 +26,25 @@ KEY_PASSWORD = "s3cret-key"
 def tls_files(tmp_path_factory: pytest.TempPathFactory):
     if shutil.which("openssl") is None:
         pytest.skip("needs the openssl command")
-    return make_tls_files(tmp_path_factory.mktemp("tls"), KEY_PASSWORD)
+    files = make_tls_files(tmp_path_factory.mktemp("tls"), KEY_PASSWORD)
+    combined = files["client"].with_name("client_with_key.pem")  # one file, as some ship them
+    combined.write_bytes(files["client"].read_bytes() + files["client_key"].read_bytes())
+    return {**files, "client_with_key": combined}
 
 
+@pytest.mark.parametrize("key_where", ["own file", "certificate file"])
 def test_both_clients_read_and_write_over_mutual_tls_with_an_encrypted_client_key(
-    tls_files, client_kind, group_id, consumer_timeouts, poll_until
+    tls_files, key_where, client_kind, group_id, consumer_timeouts, poll_until, tmp_path
 ):
-    with TlsBroker(tls_files) as broker:
+    if key_where == "own file":
+        certificate = {"ssl_certfile": str(tls_files["client"]),
+                       "ssl_keyfile": str(tls_files["client_key"])}
+    else:  # (librdkafka read no key from there unless told to)
+        certificate = {"ssl_certfile": str(tls_files["client_with_key"])}
+    with TlsBroker(tls_files, tmp_path / "broker.log") as broker:
         connection = KafkaConnection(
             broker.bootstrap, security_protocol="SSL", ssl_cafile=str(tls_files["ca"]),
-            ssl_certfile=str(tls_files["client"]), ssl_keyfile=str(tls_files["client_key"]),
-            ssl_key_password=KEY_PASSWORD, bootstrap_timeout_s=5.0)
+            ssl_key_password=KEY_PASSWORD, bootstrap_timeout_s=5.0, **certificate)
         ensure_topics(connection, {"readings": 1})
         client = open_client(client_kind, connection,
                              ConsumerSettings(group_id, **consumer_timeouts), ProducerSettings())
@@ -51,10 +59,10 @@ def test_both_clients_read_and_write_over_mutual_tls_with_an_encrypted_client_ke
 
 
 def test_a_client_without_the_ca_of_the_brokers_certificate_is_refused(
-    tls_files, client_kind, group_id, consumer_timeouts
+    tls_files, client_kind, group_id, consumer_timeouts, tmp_path
 ):
     # ...so the test above did verify the broker: the system CAs do not know the test CA.
-    with TlsBroker(tls_files) as broker:
+    with TlsBroker(tls_files, tmp_path / "broker.log") as broker:
         connection = KafkaConnection(
             broker.bootstrap, security_protocol="SSL", ssl_certfile=str(tls_files["client"]),
             ssl_keyfile=str(tls_files["client_key"]), ssl_key_password=KEY_PASSWORD,
@@ -66,3 +74,5 @@ def test_a_client_without_the_ca_of_the_brokers_certificate_is_refused(
             client.close(timeout_s=1.0)  # (if it came this far: librdkafka connects lazily)
             raise AssertionError("connected without trusting the broker's certificate")
         assert broker.client_names == []
+        assert broker.refused and all("UNKNOWN_CA" in why for why in broker.refused), (
+            broker.refused)
