@@ -19,7 +19,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from streamer.kafka.broker import free_port, resolve_broker_binary
+from streamer.kafka.broker import (
+    broker_command,
+    free_port,
+    port_accepts,
+    resolve_broker_binary,
+)
 
 
 def make_tls_files(folder: Path, key_password: str) -> dict[str, Path]:
@@ -99,14 +104,11 @@ class TlsBroker:
         self._upstream = port
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
-                [resolve_broker_binary(), "broker", "--cluster-id", f"tls-{self.port}",
-                 "--listener-url", f"tcp://127.0.0.1:{port}",
-                 "--advertised-listener-url", f"tcp://127.0.0.1:{self.port}",
-                 "--storage-engine", "memory://tansu/"],
+                broker_command(resolve_broker_binary(), f"tls-{self.port}", port, self.port),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 15
         while self._proc.poll() is None and time.monotonic() < deadline:
-            if _accepts(port):
+            if port_accepts(port, timeout_s=0.5):
                 time.sleep(0.2)  # (one that lost the port to another process exits at once)
                 return self._proc.poll() is None
             time.sleep(0.05)
@@ -172,8 +174,3 @@ class TlsBroker:
             for sock in peer:
                 sock.close()
 
-
-def _accepts(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0

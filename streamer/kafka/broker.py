@@ -60,6 +60,23 @@ def free_port() -> int:
     raise OSError(f"no free port found on {_HOST} in {_PICKS} tries")
 
 
+def port_accepts(port: int, timeout_s: float = 0.2) -> bool:
+    """Whether something accepts TCP connections on the loopback ``port`` now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        return sock.connect_ex((_HOST, port)) == 0
+
+
+def broker_command(binary: str, cluster_id: str, port: int,
+                   advertised_port: int | None = None) -> list[str]:
+    """The command line of a Tansu broker with memory storage on the loopback ``port``,
+    advertising ``advertised_port`` (something in front of it: a proxy) when given."""
+    return [binary, "broker", "--cluster-id", cluster_id,
+            "--listener-url", f"tcp://{_HOST}:{port}",
+            "--advertised-listener-url", f"tcp://{_HOST}:{advertised_port or port}",
+            "--storage-engine", "memory://tansu/"]
+
+
 def _threads_stopped(pid: int) -> bool | None:
     """Whether every thread of ``pid`` is stopped (state T), or None where /proc cannot say
     (another system, or the process gone). A thread that exits while it is read is skipped."""
@@ -189,12 +206,9 @@ class LocalBroker:
 
     def _spawn_and_wait(self, binary: str) -> bool:
         """Spawn the broker; True once it is ours and ready, False if it exited (port taken)."""
-        url = f"tcp://{_HOST}:{self._port}"
         self._log_file = self.log_path.open("ab")
         self._proc = subprocess.Popen(
-            [binary, "broker", "--cluster-id", self.cluster_id,
-             "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
+            broker_command(binary, self.cluster_id, self._port),
             stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
             # Its own session: a Ctrl-C in the terminal goes to our process group only, so the
             # clients stop first and this broker is stopped by its owner afterwards (killed
@@ -218,10 +232,8 @@ class LocalBroker:
         )
 
     def _answers_with_our_cluster_id(self) -> bool:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.settimeout(0.2)
-            if sock.connect_ex((_HOST, self._port)) != 0:
-                return False
+        if not port_accepts(self._port):
+            return False
         try:
             admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, bootstrap_timeout_ms=1000,
                                      request_timeout_ms=2000)

@@ -12,7 +12,7 @@ from kafka import KafkaAdminClient
 
 import streamer.kafka.broker as broker_module
 from streamer.kafka import ensure_topics
-from streamer.kafka.broker import LocalBroker, resolve_broker_binary
+from streamer.kafka.broker import LocalBroker, port_accepts, resolve_broker_binary
 from streamer.kafka.errors import LocalBrokerError
 
 pytestmark = pytest.mark.broker
@@ -32,12 +32,6 @@ def topics_at(bootstrap: str) -> set[str]:
         return set(admin.list_topics())
     finally:
         admin.close()
-
-
-def port_accepts(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_started_broker_answers_with_its_own_cluster_id(broker):
@@ -86,7 +80,7 @@ def test_kill_stops_the_broker_at_once_and_start_brings_it_back():
         local.kill()
         assert time.monotonic() - started < 1.0
         assert not local.running
-        assert not port_accepts(local.port)
+        assert not port_accepts(local.port, timeout_s=0.5)
 
         local.restart(crash=True)  # also works from the stopped state
         assert cluster_id_at(local.bootstrap) == local.cluster_id
@@ -95,10 +89,10 @@ def test_kill_stops_the_broker_at_once_and_start_brings_it_back():
 def test_leaving_the_context_stops_the_broker():
     with LocalBroker() as local:
         port = local.port
-        assert port_accepts(port)
+        assert port_accepts(port, timeout_s=0.5)
 
     assert not local.running
-    assert not port_accepts(port)
+    assert not port_accepts(port, timeout_s=0.5)
 
 
 def test_missing_optional_extra_says_how_to_install_it(monkeypatch):

@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from streamer.kafka.broker import free_port
+from streamer.kafka.broker import free_port, port_accepts
 from streamer.tools.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _answers(port: int) -> bool:
-    with socket.socket() as probe:
-        probe.settimeout(1.0)
-        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 @pytest.mark.broker
@@ -33,14 +26,14 @@ def test_the_broker_stops_with_the_command_on_sigterm_or_ctrl_c(sig):
                                text=True, start_new_session=True)
     try:
         assert "broker listening on" in command.stdout.readline()
-        assert _answers(port)
+        assert port_accepts(port, timeout_s=1.0)
         os.kill(command.pid, sig)
         _, err = command.communicate(timeout=20)
     finally:
         if command.poll() is None:
             command.kill()
     assert command.returncode == 0 and "Traceback" not in err, err
-    assert not _answers(port)
+    assert not port_accepts(port, timeout_s=1.0)
 
 
 @pytest.mark.parametrize("port", ["0", "65536", "-1", "x"])
