@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -33,6 +35,24 @@ from streamer.kafka import (  # noqa: E402
 
 if TYPE_CHECKING:
     from streamer.kafka.broker import LocalBroker
+
+
+TLS_KEY_PASSWORD = "s3cret-key"  # of the client key in tls_files
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A test CA, a server certificate for 127.0.0.1 and a client certificate it signed, the
+    client key encrypted under TLS_KEY_PASSWORD, in its own file and, with the certificate,
+    in "client_with_key" (tests/broker_proxy.py's make_tls_files; needs openssl)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    from tests.broker_proxy import make_tls_files
+
+    files = make_tls_files(tmp_path_factory.mktemp("tls"), TLS_KEY_PASSWORD)
+    combined = files["client"].with_name("client_with_key.pem")  # one file, as some ship them
+    combined.write_bytes(files["client"].read_bytes() + files["client_key"].read_bytes())
+    return {**files, "client_with_key": combined}
 
 
 @pytest.fixture(autouse=True)

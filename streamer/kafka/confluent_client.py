@@ -47,6 +47,7 @@ from streamer.kafka.client import (
 )
 from streamer.kafka.connection import KafkaConnection
 from streamer.kafka.errors import (
+    AuthenticationFailed,
     BrokerUnavailable,
     CommitFailed,
     KafkaClientError,
@@ -84,6 +85,9 @@ def convert(exc: KafkaException | KafkaError, action: str) -> KafkaClientError:
         return KafkaClientError(message)
     if error.code() in _MEMBERSHIP:
         return CommitFailed(message)
+    if error.code() in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED,
+                        KafkaError.UNSUPPORTED_SASL_MECHANISM):
+        return AuthenticationFailed(message)
     if error.retriable() or error.code() in (KafkaError._TRANSPORT, KafkaError._TIMED_OUT,
                                               KafkaError._ALL_BROKERS_DOWN,
                                               KafkaError._MSG_TIMED_OUT,
@@ -132,6 +136,7 @@ class ConfluentClient:
         self._starts: dict[PartitionId, int] = {}
         self._stalled: dict[PartitionId, UndecodableBatch] = {}
         self._down_since: float | None = None  # all brokers down, per librdkafka
+        self._refused: str | None = None  # the brokers' latest refusal of our credentials
         # What a rebalance callback raised, kept to be raised by poll_batch: an exception
         # escaping into librdkafka leaves its rebalance unfinished (close() then hangs).
         self._callback_error: BaseException | None = None
@@ -518,13 +523,15 @@ class ConfluentClient:
     def _on_error(self, error: KafkaError) -> None:  # librdkafka's thread: only records
         if error.code() == KafkaError._ALL_BROKERS_DOWN and self._down_since is None:
             self._down_since = time.monotonic()
+        if error.code() == KafkaError._AUTHENTICATION:  # (it tries again, without end)
+            self._refused = error.str()
 
     def _check_reachable(self, got_records: bool) -> None:
         since = self._down_since
         if since is None:
             return
         if got_records:
-            self._down_since = None
+            self._down_since = self._refused = None
             return
         down_for = time.monotonic() - since
         if down_for < self._settings.unreachable_after_s:
@@ -532,16 +539,26 @@ class ConfluentClient:
         try:  # back up without records to show for it (an idle input)?
             self._consumer.list_topics(timeout=1.0)
         except KafkaException:
+            self._raise_if_refused(f"no connection to {self._connection.bootstrap_servers}")
             raise BrokerUnavailable(f"no connection to {self._connection.bootstrap_servers} "
                                     f"for {down_for:.1f} s") from None
-        self._down_since = None
+        self._down_since = self._refused = None
 
     def _metadata(self, action: str) -> None:
         try:
             self._consumer.list_topics(timeout=self._connection.bootstrap_timeout_s)
         except KafkaException as exc:
+            self._consumer.poll(0)  # (serves the error callback: not subscribed, reads nothing)
+            self._raise_if_refused(f"{action} failed")
             raise BrokerUnavailable(f"{action} failed: no broker answered at "
                                     f"{self._connection.bootstrap_servers}: {exc}") from exc
+
+    def _raise_if_refused(self, failure: str) -> None:
+        """A connection that failed because the brokers refused our credentials, which
+        librdkafka reports only to the error callback (the call itself: "transport failure")."""
+        if self._refused is not None:
+            raise AuthenticationFailed(f"{failure}: the brokers refused the credentials: "
+                                       f"{self._refused}")
 
     def _new_producer(self) -> Producer:
         settings = self._producer_settings

@@ -6,6 +6,7 @@ client interface in streamer.kafka.client) stay importable without it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -25,6 +26,10 @@ class CommitFailed(KafkaClientError):
 class Unfixable(KafkaClientError):
     """Only an operator can fix it (no permission, failed authentication, a broker too old for
     the request, a cluster policy): retrying the same call will not help."""
+
+
+class AuthenticationFailed(Unfixable):
+    """The brokers refused the client's SASL credentials (or its mechanism): a setting to fix."""
 
 
 class TopicCreationRefused(Unfixable):
@@ -63,14 +68,15 @@ def convert(exc: Exception, action: str) -> KafkaClientError:
     membership = (kerr.CommitFailedError, kerr.RebalanceInProgressError,
                   kerr.IllegalGenerationError, kerr.UnknownMemberIdError)
     # Errors that say who we are or what the cluster allows, not how it is doing right now.
-    unfixable = (kerr.AuthorizationError, kerr.SaslAuthenticationFailedError,
-                 kerr.UnsupportedSaslMechanismError, kerr.UnsupportedVersionError,
+    unfixable = (kerr.AuthorizationError, kerr.UnsupportedVersionError,
                  kerr.PolicyViolationError, kerr.InvalidReplicationFactorError,
                  kerr.KafkaConfigurationError)
     # kafka-python errors already start their str() with the class name.
     message = f"{action} failed: {exc}"
     if isinstance(exc, membership):
         return CommitFailed(message)
+    if isinstance(exc, _refusals()):
+        return AuthenticationFailed(message)
     if isinstance(exc, unfixable):
         return Unfixable(message)
     # Every retriable kafka-python error (timeouts, lost connections, leader moves, coordinator
@@ -95,3 +101,44 @@ def converted_errors(action: str) -> Iterator[None]:
         if "controller" not in str(exc):
             raise
         raise BrokerUnavailable(f"{action} failed: {exc}") from exc
+
+
+def _refusals() -> tuple[type[Exception], ...]:
+    import kafka.errors as kerr
+
+    return kerr.SaslAuthenticationFailedError, kerr.UnsupportedSaslMechanismError
+
+
+class _Refusals(logging.Handler):
+    """Keeps the SASL refusals kafka-python reports while a client bootstraps: it logs each
+    (a WARNING of kafka.net.manager, the error as an argument), tries again until its
+    bootstrap timeout and then raises a bare KafkaTimeoutError, "Unable to bootstrap"."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args if isinstance(record.args, tuple) else ()
+        self.seen += [str(arg) for arg in args if isinstance(arg, _refusals())]
+
+
+@contextmanager
+def connecting(action: str) -> Iterator[None]:
+    """``converted_errors`` around a kafka-python client's construction (its bootstrap), with
+    a bootstrap that timed out while the brokers refused the credentials raised as
+    AuthenticationFailed with the brokers' reason: a wrong password is a setting to fix, not
+    "no broker answered" to retry for ever. (Read from kafka-python's log records: at a log
+    level above WARNING they are not made, and a refusal stays BrokerUnavailable.)"""
+    refusals, library = _Refusals(), logging.getLogger("kafka")
+    library.addHandler(refusals)
+    try:
+        with converted_errors(action):
+            yield
+    except BrokerUnavailable as exc:
+        if not refusals.seen:
+            raise
+        raise AuthenticationFailed(f"{action} failed: the brokers refused the credentials: "
+                                   f"{refusals.seen[-1]}") from exc
+    finally:
+        library.removeHandler(refusals)

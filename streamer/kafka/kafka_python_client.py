@@ -36,6 +36,7 @@ from streamer.kafka.errors import (
     BrokerUnavailable,
     KafkaClientError,
     UndecodableBatch,
+    connecting,
     convert,
     converted_errors,
 )
@@ -191,7 +192,7 @@ class KafkaPythonClient:
         self._stalled: dict[PartitionId, UndecodableBatch] = {}
         self._unreachable_since: float | None = None
         self._lock = threading.Lock()  # guards lazy producer (re)creation
-        with converted_errors("connecting the consumer"):
+        with connecting("connecting the consumer"):
             self._consumer = connection.kafka_python(
                 KafkaConsumer,
                 group_id=consumer.group_id,
@@ -514,7 +515,7 @@ class KafkaPythonClient:
             )
 
     def _new_producer(self) -> KafkaProducer:
-        with converted_errors("connecting the producer"):
+        with connecting("connecting the producer"):
             return self._connection.kafka_python(
                 KafkaProducer, **producer_config(self._producer_settings),
                 partitioner=_KeyHashCachingPartitioner(),

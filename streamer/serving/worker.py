@@ -29,6 +29,7 @@ from streamer.kafka.client import (
     partition_names,
 )
 from streamer.kafka.errors import (
+    AuthenticationFailed,
     BrokerUnavailable,
     KafkaClientError,
     TopicMissing,
@@ -179,6 +180,8 @@ class Worker:
                 self._share()
             except UndecodableBatch as exc:  # that partition is paused; the others go on
                 self._undecodable(exc)
+            except AuthenticationFailed:  # a setting to fix (exit 2), not an outage to wait out
+                raise
             except KafkaClientError as exc:
                 self._broker_trouble(exc)
 
@@ -503,6 +506,8 @@ def _create_output_topics(settings: Settings) -> bool:
         log.warning("waiting for the input topic, named by %s: %s (a topic these credentials "
                     "may not describe looks missing too)", setting_name("kafka.input_topic"), exc)
         return False
+    except AuthenticationFailed:  # the credentials, not the topics: said as such (cli.main)
+        raise
     except Unfixable as exc:  # refused, unauthorized, unsupported: retrying cannot help
         # (any other KafkaClientError propagates: the loop backs off and tries again)
         settings_named = ", ".join(f"{topic!r}: {setting_name(key)}"

@@ -93,13 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from streamer.kafka.errors import KafkaClientError, LocalBrokerError  # imports no Kafka
+    from streamer.kafka.errors import (  # imports no Kafka
+        AuthenticationFailed,
+        KafkaClientError,
+        LocalBrokerError,
+    )
 
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:
         print(f"streamer {args.command}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except AuthenticationFailed as exc:  # wrong credentials are a setting to fix, not an outage
+        names = ", ".join(setting_name(f"kafka.{name}") for name in
+                          ("sasl_mechanism", "sasl_username", "sasl_password"))
+        print(f"streamer {args.command}: invalid configuration: {names}: {exc}",
+              file=sys.stderr)
         return EXIT_CONFIG
     except (KafkaClientError, LocalBrokerError) as exc:
         print(f"streamer {args.command}: {exc}", file=sys.stderr)

@@ -1,8 +1,6 @@
-"""Both clients over real TLS (tests/tls_proxy.py): mutual TLS with an encrypted client key."""
+"""Both clients over real TLS (tests/broker_proxy.py): mutual TLS with an encrypted client key."""
 
 from __future__ import annotations
-
-import shutil
 
 import pytest
 
@@ -15,21 +13,10 @@ from streamer.kafka import (
     ensure_topics,
     open_client,
 )
-from tests.tls_proxy import TlsBroker, make_tls_files
+from tests.broker_proxy import ProxiedBroker
+from tests.conftest import TLS_KEY_PASSWORD
 
 pytestmark = pytest.mark.broker
-
-KEY_PASSWORD = "s3cret-key"
-
-
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory):
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command")
-    files = make_tls_files(tmp_path_factory.mktemp("tls"), KEY_PASSWORD)
-    combined = files["client"].with_name("client_with_key.pem")  # one file, as some ship them
-    combined.write_bytes(files["client"].read_bytes() + files["client_key"].read_bytes())
-    return {**files, "client_with_key": combined}
 
 
 @pytest.mark.parametrize("key_where", ["own file", "certificate file"])
@@ -41,10 +28,10 @@ def test_both_clients_read_and_write_over_mutual_tls_with_an_encrypted_client_ke
                        "ssl_keyfile": str(tls_files["client_key"])}
     else:  # (librdkafka read no key from there unless told to)
         certificate = {"ssl_certfile": str(tls_files["client_with_key"])}
-    with TlsBroker(tls_files, tmp_path / "broker.log") as broker:
+    with ProxiedBroker(tmp_path / "broker.log", tls_files=tls_files) as broker:
         connection = KafkaConnection(
             broker.bootstrap, security_protocol="SSL", ssl_cafile=str(tls_files["ca"]),
-            ssl_key_password=KEY_PASSWORD, bootstrap_timeout_s=5.0, **certificate)
+            ssl_key_password=TLS_KEY_PASSWORD, bootstrap_timeout_s=5.0, **certificate)
         ensure_topics(connection, {"readings": 1})
         client = open_client(client_kind, connection,
                              ConsumerSettings(group_id, **consumer_timeouts), ProducerSettings())
@@ -62,10 +49,10 @@ def test_a_client_without_the_ca_of_the_brokers_certificate_is_refused(
     tls_files, client_kind, group_id, consumer_timeouts, tmp_path
 ):
     # ...so the test above did verify the broker: the system CAs do not know the test CA.
-    with TlsBroker(tls_files, tmp_path / "broker.log") as broker:
+    with ProxiedBroker(tmp_path / "broker.log", tls_files=tls_files) as broker:
         connection = KafkaConnection(
             broker.bootstrap, security_protocol="SSL", ssl_certfile=str(tls_files["client"]),
-            ssl_keyfile=str(tls_files["client_key"]), ssl_key_password=KEY_PASSWORD,
+            ssl_keyfile=str(tls_files["client_key"]), ssl_key_password=TLS_KEY_PASSWORD,
             bootstrap_timeout_s=2.0)
         with pytest.raises(BrokerUnavailable):
             client = open_client(client_kind, connection,

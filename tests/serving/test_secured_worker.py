@@ -1,0 +1,94 @@
+"""The worker against a cluster that requires SASL (tests/broker_proxy.py in front of the local
+broker): it forecasts through SCRAM over TLS, and credentials the brokers refuse stop it at
+start-up with a configuration error (exit 2) instead of being retried as an outage."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer
+
+from streamer.kafka import KafkaConnection, ensure_topics
+from tests.broker_proxy import ProxiedBroker
+from tests.serving.conftest import WorkerProcess, reading, wait_for, worker_env
+
+pytestmark = pytest.mark.broker
+
+USERS = {"streamer": "pw-streamer"}
+TOPICS = ("secured-in", "secured-out", "secured-dlq")
+
+
+def _worker(broker: ProxiedBroker, client_kind: str, tls_files, password: str, tmp_path,
+            group: str) -> WorkerProcess:
+    env = worker_env(broker.bootstrap, client_kind, TOPICS, group, "w1",
+                     tmp_path / "checkpoints",
+                     STREAMER_KAFKA__SECURITY_PROTOCOL="SASL_SSL",
+                     STREAMER_KAFKA__SSL_CAFILE=str(tls_files["ca"]),
+                     STREAMER_KAFKA__SASL_MECHANISM="SCRAM-SHA-512",
+                     STREAMER_KAFKA__SASL_USERNAME="streamer",
+                     STREAMER_KAFKA__SASL_PASSWORD=password)
+    return WorkerProcess(env, tmp_path / "worker.log")
+
+
+def test_a_worker_forecasts_through_a_cluster_that_requires_scram_over_tls(
+        tls_files, client_kind, group_id, tmp_path):
+    with ProxiedBroker(tmp_path / "broker.log", tls_files=tls_files, mutual=False,
+                       sasl_users=USERS) as broker:
+        connection = KafkaConnection(
+            broker.bootstrap, security_protocol="SASL_SSL", ssl_cafile=str(tls_files["ca"]),
+            sasl_mechanism="SCRAM-SHA-512", sasl_plain_username="streamer",
+            sasl_plain_password=USERS["streamer"])
+        ensure_topics(connection, {TOPICS[0]: 2})
+        worker = _worker(broker, client_kind, tls_files, USERS["streamer"], tmp_path,
+                         group_id).start()
+        try:
+            worker.wait_ready()
+            producer = connection.kafka_python(KafkaProducer, acks="all")
+            for i in range(30):
+                key, value = reading(f"s{i % 3}", 1.7e9 + 60.0 * (i // 3), float(i % 7))
+                producer.send(TOPICS[0], key=key, value=value)
+            producer.flush(10)
+            producer.close()
+            consumer = connection.kafka_python(KafkaConsumer,
+                                               auto_offset_reset="earliest",
+                                               enable_auto_commit=False)
+            consumer.subscribe([TOPICS[1]])
+            forecasts: list[dict] = []
+
+            def all_forecast() -> bool:
+                for batch in consumer.poll(timeout_ms=200).values():
+                    forecasts.extend(json.loads(r.value) for r in batch)
+                return len(forecasts) >= 30
+
+            try:
+                wait_for(all_forecast, 60, "30 forecasts", worker.log)
+            finally:
+                consumer.close()
+        finally:
+            worker.stop()
+        assert sorted((f["partition"], f["offset"]) for f in forecasts) == sorted(
+            {(f["partition"], f["offset"]) for f in forecasts})  # each reading once
+        assert {f["sensor_id"] for f in forecasts} == {"s0", "s1", "s2"}
+        assert set(broker.authenticated) == {("SCRAM-SHA-512", "streamer")}
+        assert broker.refused == []
+
+
+def test_a_worker_whose_credentials_the_brokers_refuse_exits_with_a_configuration_error(
+        tls_files, client_kind, group_id, tmp_path):
+    with ProxiedBroker(tmp_path / "broker.log", tls_files=tls_files, mutual=False,
+                       sasl_users=USERS) as broker:
+        worker = _worker(broker, client_kind, tls_files, "not-the-password", tmp_path,
+                         group_id).start()
+        started = time.monotonic()
+        try:
+            status = worker.wait(timeout_s=60)  # the 10 s bootstrap timeout, then out
+        finally:
+            worker.stop()
+        log = worker.log()
+        assert status == 2, log
+        assert "invalid configuration" in log and "STREAMER_KAFKA__SASL_PASSWORD" in log, log
+        assert "refused the credentials" in log and "Authentication failed" in log, log
+        assert broker.authenticated == [] and broker.refused
+        print(f"exited {time.monotonic() - started:.1f} s after start")
