@@ -83,8 +83,8 @@ def _exactly(sock: socket.socket, n: int) -> bytes:
     data = bytearray()
     while len(data) < n:
         chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise _Refused("the client closed the connection during authentication")
+        if not chunk:  # the client went away (gave up, or closed): no refusal of ours
+            raise ConnectionResetError("the client closed the connection")
         data += chunk
     return bytes(data)
 
@@ -172,7 +172,7 @@ def _plain(users: dict[str, str], token: bytes) -> str:
         _, user, password = token.decode().split("\0")
     except ValueError:
         raise _Refused("Authentication failed: malformed PLAIN token") from None
-    if user not in users or not hmac.compare_digest(users[user], password):
+    if user not in users or not hmac.compare_digest(users[user].encode(), password.encode()):
         raise _Refused("Authentication failed: Invalid username or password")
     return user
 
@@ -191,9 +191,14 @@ class _Scram:
 
     def step(self, token: bytes) -> tuple[bytes, bool]:
         """The server's answer to ``token``, and whether the exchange is complete."""
+        try:
+            return self._step(token.decode())
+        except (ValueError, KeyError, IndexError) as exc:  # (UnicodeDecodeError, binascii)
+            raise _Refused(f"Authentication failed: malformed SCRAM message ({exc})") from None
+
+    def _step(self, text: str) -> tuple[bytes, bool]:
         failed = ("Authentication failed during authentication due to invalid credentials "
                   f"with SASL mechanism {self.mechanism}")
-        text = token.decode()
         if self._expected is None:  # client-first: gs2 header, n=user, r=client nonce
             flag, authzid, bare = text.split(",", 2)
             attrs = dict(item.split("=", 1) for item in bare.split(","))
@@ -295,6 +300,15 @@ class ProxiedBroker:
             self._threads.append(thread)
         thread.start()
 
+    def drop_connections(self) -> None:
+        """Cut every client's connection (as a broker restart does): each must connect, and
+        authenticate, again."""
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
     def _track(self, sock: socket.socket) -> bool:
         with self._lock:
             self._sockets.append(sock)
@@ -349,7 +363,7 @@ class ProxiedBroker:
                     peer[sock].sendall(chunk)
         except _Refused as exc:
             self.refused.append(str(exc))
-        except (OSError, ValueError):
+        except (OSError, ValueError, struct.error):
             return  # a side closed (or the proxy, at its exit)
         finally:
             for sock in peer:

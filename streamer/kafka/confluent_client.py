@@ -136,7 +136,8 @@ class ConfluentClient:
         self._starts: dict[PartitionId, int] = {}
         self._stalled: dict[PartitionId, UndecodableBatch] = {}
         self._down_since: float | None = None  # all brokers down, per librdkafka
-        self._refused: str | None = None  # the brokers' latest refusal of our credentials
+        # When the brokers last refused our credentials (monotonic), and what they said.
+        self._refused: tuple[float, str] | None = None
         # What a rebalance callback raised, kept to be raised by poll_batch: an exception
         # escaping into librdkafka leaves its rebalance unfinished (close() then hangs).
         self._callback_error: BaseException | None = None
@@ -520,18 +521,21 @@ class ConfluentClient:
             if (topic, partition) in assigned and (topic, partition) not in self._stalled:
                 self._consumer.seek(TopicPartition(topic, partition, offset))
 
-    def _on_error(self, error: KafkaError) -> None:  # librdkafka's thread: only records
+    def _on_error(self, error: KafkaError) -> None:  # served inside poll: only records
         if error.code() == KafkaError._ALL_BROKERS_DOWN and self._down_since is None:
             self._down_since = time.monotonic()
-        if error.code() == KafkaError._AUTHENTICATION:  # (it tries again, without end)
-            self._refused = error.str()
+        # The brokers' answer to our credentials or mechanism (librdkafka tries again without
+        # end); not a handshake cut short by the connection or a timeout ("Local: ..."),
+        # which it reports with the same code.
+        if error.code() == KafkaError._AUTHENTICATION and "Local:" not in error.str():
+            self._refused = (time.monotonic(), error.str())
 
     def _check_reachable(self, got_records: bool) -> None:
+        if got_records:  # a connection works: what was refused or down before is over
+            self._down_since = self._refused = None
+            return
         since = self._down_since
         if since is None:
-            return
-        if got_records:
-            self._down_since = self._refused = None
             return
         down_for = time.monotonic() - since
         if down_for < self._settings.unreachable_after_s:
@@ -539,7 +543,8 @@ class ConfluentClient:
         try:  # back up without records to show for it (an idle input)?
             self._consumer.list_topics(timeout=1.0)
         except KafkaException:
-            self._raise_if_refused(f"no connection to {self._connection.bootstrap_servers}")
+            self._raise_if_refused(f"no connection to {self._connection.bootstrap_servers}",
+                                   since=since)
             raise BrokerUnavailable(f"no connection to {self._connection.bootstrap_servers} "
                                     f"for {down_for:.1f} s") from None
         self._down_since = self._refused = None
@@ -553,12 +558,13 @@ class ConfluentClient:
             raise BrokerUnavailable(f"{action} failed: no broker answered at "
                                     f"{self._connection.bootstrap_servers}: {exc}") from exc
 
-    def _raise_if_refused(self, failure: str) -> None:
-        """A connection that failed because the brokers refused our credentials, which
-        librdkafka reports only to the error callback (the call itself: "transport failure")."""
-        if self._refused is not None:
+    def _raise_if_refused(self, failure: str, since: float = 0.0) -> None:
+        """A connection that failed because the brokers refused our credentials (at or after
+        ``since``, monotonic), which librdkafka reports only to the error callback (the call
+        itself: "transport failure")."""
+        if self._refused is not None and self._refused[0] >= since:
             raise AuthenticationFailed(f"{failure}: the brokers refused the credentials: "
-                                       f"{self._refused}")
+                                       f"{self._refused[1]}")
 
     def _new_producer(self) -> Producer:
         settings = self._producer_settings

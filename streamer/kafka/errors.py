@@ -7,6 +7,7 @@ client interface in streamer.kafka.client) stay importable without it.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -112,13 +113,17 @@ def _refusals() -> tuple[type[Exception], ...]:
 class _Refusals(logging.Handler):
     """Keeps the SASL refusals kafka-python reports while a client bootstraps: it logs each
     (a WARNING of kafka.net.manager, the error as an argument), tries again until its
-    bootstrap timeout and then raises a bare KafkaTimeoutError, "Unable to bootstrap"."""
+    bootstrap timeout and then raises a bare KafkaTimeoutError, "Unable to bootstrap". Only
+    records of threads started since (the client's IO thread), not another client's."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.seen: list[str] = []
+        self._older = {thread.ident for thread in threading.enumerate()}
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.thread in self._older:
+            return
         args = record.args if isinstance(record.args, tuple) else ()
         self.seen += [str(arg) for arg in args if isinstance(arg, _refusals())]
 
@@ -129,7 +134,8 @@ def connecting(action: str) -> Iterator[None]:
     a bootstrap that timed out while the brokers refused the credentials raised as
     AuthenticationFailed with the brokers' reason: a wrong password is a setting to fix, not
     "no broker answered" to retry for ever. (Read from kafka-python's log records: at a log
-    level above WARNING they are not made, and a refusal stays BrokerUnavailable.)"""
+    level above WARNING they are not made, and a refusal stays BrokerUnavailable. Reading
+    them needs no private attribute: the library keeps the reason nowhere else.)"""
     refusals, library = _Refusals(), logging.getLogger("kafka")
     library.addHandler(refusals)
     try:

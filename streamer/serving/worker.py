@@ -109,6 +109,7 @@ class Worker:
         self._unassigned_since: float | None = None  # monotonic: the latest look, idle
         self._idle_warned = False  # "more workers than partitions", once per idle stretch
         self._client_since = 0.0  # monotonic: when the current consumer was opened (it joins)
+        self._connected_once = False  # a client was opened: the credentials worked then
         self._stalled_reason = ""  # partitions held at an undecodable batch, if any
 
     # -- the loop (one screen) --------------------------------------------------------------
@@ -180,10 +181,10 @@ class Worker:
                 self._share()
             except UndecodableBatch as exc:  # that partition is paused; the others go on
                 self._undecodable(exc)
-            except AuthenticationFailed:  # a setting to fix (exit 2), not an outage to wait out
-                raise
             except KafkaClientError as exc:
-                self._broker_trouble(exc)
+                if isinstance(exc, AuthenticationFailed) and not self._connected_once:
+                    raise  # refused from the start: a setting to fix (exit 2), not an outage
+                self._broker_trouble(exc)  # (refused later: credentials rotated? retried)
 
     def stop(self, *_: object) -> None:
         """Ask the loop to finish the batch in flight and exit (signal-handler safe)."""
@@ -232,6 +233,7 @@ class Worker:
                 self._topics_ready = self._output_topics()
             self._client = open_client(k.client, k.connection(), k.consumer(), k.producer())
             self._client_since = time.monotonic()
+            self._connected_once = True
             self._client.subscribe([k.input_topic], on_assign=self._on_assign,
                                    on_revoke=self._on_revoke)
             for pending in self._in_flight:  # unacknowledged: send again
