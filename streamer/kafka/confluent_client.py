@@ -138,6 +138,7 @@ class ConfluentClient:
         self._down_since: float | None = None  # all brokers down, per librdkafka
         # When the brokers last refused our credentials (monotonic), and what they said.
         self._refused: tuple[float, str] | None = None
+        self._last_error = ""  # librdkafka's latest error report, for a failure to connect
         # What a rebalance callback raised, kept to be raised by poll_batch: an exception
         # escaping into librdkafka leaves its rebalance unfinished (close() then hangs).
         self._callback_error: BaseException | None = None
@@ -524,6 +525,8 @@ class ConfluentClient:
     def _on_error(self, error: KafkaError) -> None:  # served inside poll: only records
         if error.code() == KafkaError._ALL_BROKERS_DOWN and self._down_since is None:
             self._down_since = time.monotonic()
+        if error.code() != KafkaError._ALL_BROKERS_DOWN:  # (that says no more than "down")
+            self._last_error = error.str()
         # The brokers' answer to our credentials or mechanism (librdkafka tries again without
         # end); not a handshake cut short by the connection or a timeout ("Local: ..."),
         # which it reports with the same code.
@@ -555,8 +558,9 @@ class ConfluentClient:
         except KafkaException as exc:
             self._consumer.poll(0)  # (serves the error callback: not subscribed, reads nothing)
             self._raise_if_refused(f"{action} failed")
+            why = f" (the last attempt: {self._last_error})" if self._last_error else ""
             raise BrokerUnavailable(f"{action} failed: no broker answered at "
-                                    f"{self._connection.bootstrap_servers}: {exc}") from exc
+                                    f"{self._connection.bootstrap_servers}: {exc}{why}") from exc
 
     def _raise_if_refused(self, failure: str, since: float = 0.0) -> None:
         """A connection that failed because the brokers refused our credentials (at or after

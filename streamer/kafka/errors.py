@@ -110,22 +110,33 @@ def _refusals() -> tuple[type[Exception], ...]:
     return kerr.SaslAuthenticationFailedError, kerr.UnsupportedSaslMechanismError
 
 
-class _Refusals(logging.Handler):
-    """Keeps the SASL refusals kafka-python reports while a client bootstraps: it logs each
-    (a WARNING of kafka.net.manager, the error as an argument), tries again until its
-    bootstrap timeout and then raises a bare KafkaTimeoutError, "Unable to bootstrap". Only
-    records of threads started since (the client's IO thread), not another client's."""
+def _timeout() -> type[Exception]:
+    import kafka.errors as kerr
+
+    return kerr.KafkaTimeoutError
+
+
+class _BootstrapFailures(logging.Handler):
+    """Keeps why kafka-python's bootstrap attempts failed: it logs each (a WARNING of
+    kafka.net.manager, the error as an argument), tries again until its bootstrap timeout and
+    then raises a bare KafkaTimeoutError, "Unable to bootstrap". Only records of threads
+    started since (the client's IO thread), not another client's."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
-        self.seen: list[str] = []
+        self.refused: list[str] = []  # the brokers refused the credentials
+        self.last = ""  # the latest failure of any kind (a TLS handshake, a refused connection)
         self._older = {thread.ident for thread in threading.enumerate()}
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.thread in self._older:
             return
         args = record.args if isinstance(record.args, tuple) else ()
-        self.seen += [str(arg) for arg in args if isinstance(arg, _refusals())]
+        for arg in args:
+            if isinstance(arg, _refusals()):
+                self.refused.append(str(arg))
+            if isinstance(arg, Exception) and not isinstance(arg, _timeout()):  # (its end)
+                self.last = str(arg)
 
 
 @contextmanager
@@ -133,18 +144,21 @@ def connecting(action: str) -> Iterator[None]:
     """``converted_errors`` around a kafka-python client's construction (its bootstrap), with
     a bootstrap that timed out while the brokers refused the credentials raised as
     AuthenticationFailed with the brokers' reason: a wrong password is a setting to fix, not
-    "no broker answered" to retry for ever. (Read from kafka-python's log records: at a log
-    level above WARNING they are not made, and a refusal stays BrokerUnavailable. Reading
-    them needs no private attribute: the library keeps the reason nowhere else.)"""
-    refusals, library = _Refusals(), logging.getLogger("kafka")
-    library.addHandler(refusals)
+    "no broker answered" to retry for ever; any other timeout says why the last attempt failed
+    (a certificate not trusted, a connection refused). (Read from kafka-python's log records:
+    the library keeps the reason nowhere else. At a log level above WARNING the refusals are not
+    logged, and a refusal stays BrokerUnavailable.)"""
+    failures, library = _BootstrapFailures(), logging.getLogger("kafka")
+    library.addHandler(failures)
     try:
         with converted_errors(action):
             yield
     except BrokerUnavailable as exc:
-        if not refusals.seen:
-            raise
-        raise AuthenticationFailed(f"{action} failed: the brokers refused the credentials: "
-                                   f"{refusals.seen[-1]}") from exc
+        if failures.refused:
+            raise AuthenticationFailed(f"{action} failed: the brokers refused the credentials: "
+                                       f"{failures.refused[-1]}") from exc
+        if failures.last and failures.last not in str(exc):
+            raise BrokerUnavailable(f"{exc} (the last attempt: {failures.last})") from exc
+        raise
     finally:
-        library.removeHandler(refusals)
+        library.removeHandler(failures)

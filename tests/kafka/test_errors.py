@@ -1,0 +1,75 @@
+"""errors.connecting: why kafka-python's bootstrap failed, read from what it logged (its own
+exception says only "Unable to bootstrap"). No broker: the library's records are made here as
+its IO thread makes them (tests/kafka/test_sasl.py and test_tls.py have the real ones)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import kafka.errors as kerr
+import pytest
+
+from streamer.kafka.errors import AuthenticationFailed, BrokerUnavailable, connecting
+
+MANAGER = logging.getLogger("kafka.net.manager")
+REFUSED = kerr.SaslAuthenticationFailedError("Authentication failed: Invalid username or password")
+UNTRUSTED = kerr.KafkaConnectionError("Handshake failed: [SSL: CERTIFICATE_VERIFY_FAILED]")
+
+
+def _logged_on_a_new_thread(*failures: Exception) -> None:
+    """As kafka-python's IO thread, started by the client being built, logs them."""
+    def log() -> None:
+        for failure in failures:
+            MANAGER.warning("Bootstrap connection to %s failed: %s", "bootstrap-0", failure)
+        MANAGER.error("Bootstrap failed: %s", kerr.KafkaTimeoutError("Unable to bootstrap"))
+
+    thread = threading.Thread(target=log)
+    thread.start()
+    thread.join()
+
+
+def test_a_bootstrap_timeout_while_the_brokers_refused_the_credentials_is_their_refusal():
+    with pytest.raises(AuthenticationFailed, match="refused the credentials: .*Invalid username"):
+        with connecting("connecting the consumer"):
+            _logged_on_a_new_thread(UNTRUSTED, REFUSED)
+            raise kerr.KafkaTimeoutError("Unable to bootstrap from b:9092")
+
+
+def test_a_refusal_logged_by_another_clients_thread_is_not_taken_for_this_clients():
+    def other_client() -> None:  # a thread that was there before this client was built
+        started.set()
+        go.wait()
+        MANAGER.warning("Bootstrap connection to %s failed: %s", "bootstrap-0", REFUSED)
+
+    started, go = threading.Event(), threading.Event()
+    other = threading.Thread(target=other_client)
+    other.start()
+    started.wait()
+    with pytest.raises(BrokerUnavailable) as raised:
+        with connecting("connecting the consumer"):
+            go.set()
+            other.join()
+            raise kerr.KafkaTimeoutError("Unable to bootstrap from b:9092")
+    assert not isinstance(raised.value, AuthenticationFailed)
+
+
+def test_a_bootstrap_timeout_says_why_its_last_attempt_failed():
+    with pytest.raises(BrokerUnavailable) as raised:
+        with connecting("connecting the admin client"):
+            _logged_on_a_new_thread(kerr.KafkaConnectionError("111 ECONNREFUSED"), UNTRUSTED)
+            raise kerr.KafkaTimeoutError("Unable to bootstrap from b:9092")
+    assert str(raised.value) == (
+        "connecting the admin client failed: KafkaTimeoutError: Unable to bootstrap from "
+        "b:9092 (the last attempt: KafkaConnectionError: Handshake failed: "
+        "[SSL: CERTIFICATE_VERIFY_FAILED])")
+    assert not isinstance(raised.value, AuthenticationFailed)
+
+
+def test_what_connecting_watches_is_let_go_afterwards():
+    handlers = list(logging.getLogger("kafka").handlers)
+    with pytest.raises(BrokerUnavailable), connecting("connecting the producer"):
+        raise kerr.KafkaTimeoutError("Unable to bootstrap from b:9092")
+    with connecting("connecting the producer"):
+        pass
+    assert logging.getLogger("kafka").handlers == handlers
