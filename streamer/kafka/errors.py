@@ -119,14 +119,16 @@ def _timeout() -> type[Exception]:
 class _BootstrapFailures(logging.Handler):
     """Keeps why kafka-python's bootstrap attempts failed: it logs each (a WARNING of
     kafka.net.manager, the error as an argument), tries again until its bootstrap timeout and
-    then raises a bare KafkaTimeoutError, "Unable to bootstrap". Only records of threads
-    started since (the client's IO thread), not another client's."""
+    then raises a bare KafkaTimeoutError, "Unable to bootstrap". Only records of the thread
+    building the client or of threads started since (its IO thread: the library bootstraps on
+    one or the other), not another client's."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.refused: list[str] = []  # the brokers refused the credentials
         self.last = ""  # the latest failure of any kind (a TLS handshake, a refused connection)
-        self._older = {thread.ident for thread in threading.enumerate()}
+        self._older = {thread.ident for thread in threading.enumerate()} - {
+            threading.get_ident()}
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.thread in self._older:

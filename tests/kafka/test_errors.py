@@ -36,6 +36,13 @@ def test_a_bootstrap_timeout_while_the_brokers_refused_the_credentials_is_their_
             raise kerr.KafkaTimeoutError("Unable to bootstrap from b:9092")
 
 
+def test_a_refusal_logged_on_the_thread_that_builds_the_client_is_its_refusal():
+    with pytest.raises(AuthenticationFailed, match="Invalid username"):
+        with connecting("connecting the producer"):  # (a producer bootstraps on it)
+            MANAGER.warning("Bootstrap connection to %s failed: %s", "bootstrap-0", REFUSED)
+            raise kerr.KafkaTimeoutError("Unable to bootstrap from b:9092")
+
+
 def test_a_refusal_logged_by_another_clients_thread_is_not_taken_for_this_clients():
     def other_client() -> None:  # a thread that was there before this client was built
         started.set()

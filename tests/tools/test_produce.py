@@ -16,6 +16,7 @@ from streamer.kafka.broker import LocalBroker
 from streamer.kafka.errors import KafkaClientError
 from streamer.tools.cli import main
 from streamer.tools.produce import Pace, produce
+from tests.broker_proxy import ProxiedBroker
 
 
 @pytest.fixture
@@ -120,6 +121,24 @@ def test_a_broker_that_cannot_be_reached_is_a_one_line_error_with_exit_1(tmp_pat
     assert code == 1 and "Traceback" not in err, err
     assert last.startswith("streamer produce: connecting the producer failed: ") and \
         "127.0.0.1:1" in last, err
+
+
+@pytest.mark.broker
+def test_credentials_the_brokers_refuse_are_a_one_line_configuration_error_with_exit_2(
+        tmp_path, capsys, monkeypatch):
+    path = tmp_path / "readings.csv"
+    path.write_text("sensor_id,ts,value\na,1717171717,1\n")
+    settings = {"SECURITY_PROTOCOL": "SASL_PLAINTEXT", "SASL_MECHANISM": "SCRAM-SHA-256",
+                "SASL_USERNAME": "streamer", "SASL_PASSWORD": "not-the-password"}
+    for name, value in settings.items():
+        monkeypatch.setenv(f"STREAMER_KAFKA__{name}", value)
+    with ProxiedBroker(tmp_path / "broker.log", sasl_users={"streamer": "pw"}) as secured:
+        code = main(["produce", str(path), "--bootstrap-servers", secured.bootstrap])
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]
+    assert code == 2 and "Traceback" not in err, err
+    assert last.startswith("streamer produce: invalid configuration: kafka.sasl_mechanism"), err
+    assert "STREAMER_KAFKA__SASL_PASSWORD" in last and "refused the credentials" in last, err
 
 
 def test_an_invalid_topic_names_a_flag_that_produce_has(tmp_path, capsys):
