@@ -117,28 +117,40 @@ def _timeout() -> type[Exception]:
 
 
 class _BootstrapFailures(logging.Handler):
-    """Keeps why kafka-python's bootstrap attempts failed: it logs each (a WARNING of
-    kafka.net.manager, the error as an argument), tries again until its bootstrap timeout and
-    then raises a bare KafkaTimeoutError, "Unable to bootstrap". Only records of the thread
-    building the client or of threads started since (its IO thread: the library bootstraps on
-    one or the other), not another client's."""
+    """Keeps why kafka-python's bootstrap attempts failed: it logs each (the error as an
+    argument: "Bootstrap connection to %s failed: %s" at WARNING, "Abort (%s)" at ERROR), tries
+    again until its bootstrap timeout and then raises a bare KafkaTimeoutError, "Unable to
+    bootstrap". Only records of the thread building the client or of threads started since
+    (its IO thread: the library bootstraps on one or the other; another client started in
+    the same moment would count too), and none after that final timeout."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.refused: list[str] = []  # the brokers refused the credentials
         self.last = ""  # the latest failure of any kind (a TLS handshake, a refused connection)
-        self._older = {thread.ident for thread in threading.enumerate()} - {
-            threading.get_ident()}
+        self._ended = False  # the final "Unable to bootstrap" was logged
+        self._older = set(threading.enumerate()) - {threading.current_thread()}
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.thread in self._older:
-            return
-        args = record.args if isinstance(record.args, tuple) else ()
-        for arg in args:
-            if isinstance(arg, _refusals()):
-                self.refused.append(str(arg))
-            if isinstance(arg, Exception) and not isinstance(arg, _timeout()):  # (its end)
-                self.last = str(arg)
+    def emit(self, record: logging.LogRecord) -> None:  # on the thread that logged it
+        try:
+            if self._ended or threading.current_thread() in self._older:
+                return
+            for arg in record.args if isinstance(record.args, tuple) else ():
+                if _gave_up(arg):
+                    self._ended = True
+                elif isinstance(arg, _refusals()):
+                    self.refused.append(str(arg))
+                    self.last = str(arg)
+                elif isinstance(arg, Exception):
+                    self.last = str(arg)
+        except Exception:  # noqa: BLE001 - never into the library's own error handling
+            self.handleError(record)
+
+
+def _gave_up(error: object) -> bool:
+    """kafka-python's end of a bootstrap: KafkaTimeoutError "Unable to bootstrap from ..."
+    (the same class also ends single attempts: a connection or a SASL exchange timed out)."""
+    return isinstance(error, _timeout()) and "Unable to bootstrap" in str(error)
 
 
 @contextmanager
@@ -146,20 +158,22 @@ def connecting(action: str) -> Iterator[None]:
     """``converted_errors`` around a kafka-python client's construction (its bootstrap), with
     a bootstrap that timed out while the brokers refused the credentials raised as
     AuthenticationFailed with the brokers' reason: a wrong password is a setting to fix, not
-    "no broker answered" to retry for ever; any other timeout says why the last attempt failed
-    (a certificate not trusted, a connection refused). (Read from kafka-python's log records:
-    the library keeps the reason nowhere else. At a log level above WARNING the refusals are not
-    logged, and a refusal stays BrokerUnavailable.)"""
+    "no broker answered" to retry for ever; any other bootstrap timeout says why the last
+    attempt failed (a certificate not trusted, a connection refused, a name not resolved).
+    (Read from kafka-python's log records, those at ERROR included: the library keeps the
+    reason nowhere else.)"""
     failures, library = _BootstrapFailures(), logging.getLogger("kafka")
     library.addHandler(failures)
     try:
         with converted_errors(action):
             yield
     except BrokerUnavailable as exc:
+        if not _gave_up(exc.__cause__):  # another failure: its own message says what
+            raise
         if failures.refused:
             raise AuthenticationFailed(f"{action} failed: the brokers refused the credentials: "
                                        f"{failures.refused[-1]}") from exc
-        if failures.last and failures.last not in str(exc):
+        if failures.last:
             raise BrokerUnavailable(f"{exc} (the last attempt: {failures.last})") from exc
         raise
     finally:

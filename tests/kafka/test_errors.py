@@ -17,6 +17,11 @@ REFUSED = kerr.SaslAuthenticationFailedError("Authentication failed: Invalid use
 UNTRUSTED = kerr.KafkaConnectionError("Handshake failed: [SSL: CERTIFICATE_VERIFY_FAILED]")
 
 
+@pytest.fixture(autouse=True)
+def _library_logging_at_warning(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="kafka")  # as configure_logging sets it at INFO
+
+
 def _logged_on_a_new_thread(*failures: Exception) -> None:
     """As kafka-python's IO thread, started by the client being built, logs them."""
     def log() -> None:
@@ -80,3 +85,38 @@ def test_what_connecting_watches_is_let_go_afterwards():
     with connecting("connecting the producer"):
         pass
     assert logging.getLogger("kafka").handlers == handlers
+
+
+def test_an_attempt_that_timed_out_is_named_and_not_taken_for_the_end_of_the_bootstrap():
+    timed_out = kerr.KafkaTimeoutError("Connection timed out")  # (the class of the end, too)
+    with pytest.raises(BrokerUnavailable, match=r"the last attempt: KafkaTimeoutError: "
+                                                r"Connection timed out\)$"):
+        with connecting("connecting the consumer"):
+            _logged_on_a_new_thread(kerr.KafkaConnectionError("111 ECONNREFUSED"), timed_out)
+            raise kerr.KafkaTimeoutError("Unable to bootstrap from b:9092")
+
+
+def test_a_failure_other_than_the_bootstrap_timeout_keeps_its_own_message():
+    # (a refusal from an earlier attempt, then connected: what failed after is what to say)
+    with pytest.raises(BrokerUnavailable) as raised:
+        with connecting("connecting the admin client"):
+            _logged_on_a_new_thread(REFUSED)
+            raise kerr.NodeNotReadyError("controller")
+    assert not isinstance(raised.value, AuthenticationFailed)
+    assert str(raised.value) == ("connecting the admin client failed: NodeNotReadyError: "
+                                 "controller")
+
+
+def test_a_refusal_is_seen_at_log_level_error_too(caplog):
+    caplog.set_level(logging.ERROR, logger="kafka")  # STREAMER_LOG__LEVEL=ERROR
+
+    def io_thread() -> None:  # what kafka-python logs at ERROR as it drops the connection
+        logging.getLogger("kafka.net.transport").warning("not made at ERROR: %s", REFUSED)
+        logging.getLogger("kafka.net.transport").error("%s: Abort (%s)", "transport", REFUSED)
+
+    with pytest.raises(AuthenticationFailed, match="Invalid username"):
+        with connecting("connecting the consumer"):
+            thread = threading.Thread(target=io_thread)
+            thread.start()
+            thread.join()
+            raise kerr.KafkaTimeoutError("Unable to bootstrap from b:9092")
