@@ -138,7 +138,8 @@ class ConfluentClient:
         self._down_since: float | None = None  # all brokers down, per librdkafka
         # When the brokers last refused our credentials (monotonic), and what they said.
         self._refused: tuple[float, str] | None = None
-        self._last_error = ""  # librdkafka's latest error report, for a failure to connect
+        # librdkafka's latest error report (monotonic time, text), to say why it cannot connect
+        self._last_error: tuple[float, str] | None = None
         # What a rebalance callback raised, kept to be raised by poll_batch: an exception
         # escaping into librdkafka leaves its rebalance unfinished (close() then hangs).
         self._callback_error: BaseException | None = None
@@ -526,7 +527,7 @@ class ConfluentClient:
         if error.code() == KafkaError._ALL_BROKERS_DOWN and self._down_since is None:
             self._down_since = time.monotonic()
         if error.code() != KafkaError._ALL_BROKERS_DOWN:  # (that says no more than "down")
-            self._last_error = error.str()
+            self._last_error = (time.monotonic(), error.str())
         # The brokers' answer to our credentials or mechanism (librdkafka tries again without
         # end); not a handshake cut short by the connection or a timeout ("Local: ..."),
         # which it reports with the same code.
@@ -549,7 +550,7 @@ class ConfluentClient:
             self._raise_if_refused(f"no connection to {self._connection.bootstrap_servers}",
                                    since=since)
             raise BrokerUnavailable(f"no connection to {self._connection.bootstrap_servers} "
-                                    f"for {down_for:.1f} s") from None
+                                    f"for {down_for:.1f} s{self._why(since)}") from None
         self._down_since = self._refused = None
 
     def _metadata(self, action: str) -> None:
@@ -558,9 +559,17 @@ class ConfluentClient:
         except KafkaException as exc:
             self._consumer.poll(0)  # (serves the error callback: not subscribed, reads nothing)
             self._raise_if_refused(f"{action} failed")
-            why = f" (the last attempt: {self._last_error})" if self._last_error else ""
             raise BrokerUnavailable(f"{action} failed: no broker answered at "
-                                    f"{self._connection.bootstrap_servers}: {exc}{why}") from exc
+                                    f"{self._connection.bootstrap_servers}: {exc}"
+                                    f"{self._why()}") from exc
+
+    def _why(self, since: float = 0.0) -> str:
+        """`` (the last attempt: ...)``: librdkafka's latest error report at or after
+        ``since`` (monotonic), if any: why a connection failed, which the failed call does
+        not say ("Broker transport failure")."""
+        if self._last_error is None or self._last_error[0] < since:
+            return ""
+        return f" (the last attempt: {self._last_error[1]})"
 
     def _raise_if_refused(self, failure: str, since: float = 0.0) -> None:
         """A connection that failed because the brokers refused our credentials (at or after
