@@ -6,9 +6,11 @@ topics; tests/kafka/test_sasl.py has each client's own.)"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import time
+from collections.abc import Iterator
 
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
@@ -33,6 +35,24 @@ def _worker(broker: ProxiedBroker, client_kind: str, tls_files, password: str, t
                      STREAMER_KAFKA__SASL_USERNAME="streamer",
                      STREAMER_KAFKA__SASL_PASSWORD=password)
     return WorkerProcess(env, tmp_path / "worker.log")
+
+
+@contextlib.contextmanager
+def _secured_worker(tls_files, client_kind: str, group: str, tmp_path, users: dict[str, str],
+                    partitions: int) -> Iterator[tuple[ProxiedBroker, KafkaConnection,
+                                                       WorkerProcess]]:
+    """A broker that requires SCRAM over TLS of ``users`` (changes to the dict apply to the
+    next logins), its input topic, the test's own connection, and a worker started with the
+    password of USERS."""
+    with ProxiedBroker(tmp_path / "broker.log", tls_files=tls_files, mutual=False,
+                       sasl_users=users) as broker:
+        connection = KafkaConnection(
+            broker.bootstrap, security_protocol="SASL_SSL", ssl_cafile=str(tls_files["ca"]),
+            sasl_mechanism="SCRAM-SHA-512", sasl_plain_username="streamer",
+            sasl_plain_password=USERS["streamer"])
+        ensure_topics(connection, {TOPICS[0]: partitions})
+        yield broker, connection, _worker(broker, client_kind, tls_files, USERS["streamer"],
+                                          tmp_path, group).start()
 
 
 def _produce(connection: KafkaConnection, numbers) -> None:
@@ -65,15 +85,8 @@ class _Forecasts:
 
 def test_a_worker_forecasts_through_a_cluster_that_requires_scram_over_tls(
         tls_files, client_kind, group_id, tmp_path):
-    with ProxiedBroker(tmp_path / "broker.log", tls_files=tls_files, mutual=False,
-                       sasl_users=USERS) as broker:
-        connection = KafkaConnection(
-            broker.bootstrap, security_protocol="SASL_SSL", ssl_cafile=str(tls_files["ca"]),
-            sasl_mechanism="SCRAM-SHA-512", sasl_plain_username="streamer",
-            sasl_plain_password=USERS["streamer"])
-        ensure_topics(connection, {TOPICS[0]: 2})
-        worker = _worker(broker, client_kind, tls_files, USERS["streamer"], tmp_path,
-                         group_id).start()
+    with _secured_worker(tls_files, client_kind, group_id, tmp_path, USERS,
+                         partitions=2) as (broker, connection, worker):
         try:
             worker.wait_ready()
             _produce(connection, range(30))
@@ -118,15 +131,8 @@ def test_credentials_refused_after_the_worker_connected_are_retried_until_accept
     # Passwords rotated on the brokers before the worker's: an outage to ride out (not ready,
     # saying why), not an exit; it forecasts again once its credentials are accepted.
     users = dict(USERS)
-    with ProxiedBroker(tmp_path / "broker.log", tls_files=tls_files, mutual=False,
-                       sasl_users=users) as broker:
-        connection = KafkaConnection(
-            broker.bootstrap, security_protocol="SASL_SSL", ssl_cafile=str(tls_files["ca"]),
-            sasl_mechanism="SCRAM-SHA-512", sasl_plain_username="streamer",
-            sasl_plain_password=USERS["streamer"])
-        ensure_topics(connection, {TOPICS[0]: 1})
-        worker = _worker(broker, client_kind, tls_files, USERS["streamer"], tmp_path,
-                         group_id).start()
+    with _secured_worker(tls_files, client_kind, group_id, tmp_path, users,
+                         partitions=1) as (broker, connection, worker):
         try:
             worker.wait_ready()
             _produce(connection, range(0, 9))
