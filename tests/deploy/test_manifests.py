@@ -335,6 +335,29 @@ def test_k8s_default_build_speaks_plaintext_and_loads_credentials_only_if_presen
     assert ref == {"name": k8s_kind("Secret")["metadata"]["name"], "optional": True}
 
 
+def test_k8s_mounts_the_kafka_tls_files_read_only_and_only_if_present() -> None:
+    # A private CA or a client certificate must reach the worker as files; the Secret that
+    # holds them is the operator's, so the pod starts without it (a plaintext cluster).
+    (mount,) = [m for m in worker_container()["volumeMounts"] if m["name"] == "kafka-tls"]
+    assert mount["readOnly"] is True
+    volumes = k8s_kind("Deployment")["spec"]["template"]["spec"]["volumes"]
+    (volume,) = [v for v in volumes if v["name"] == "kafka-tls"]
+    assert volume["secret"]["optional"] is True
+    assert volume["secret"]["defaultMode"] == 0o440
+    # The example Secret names files where the mount puts them, and they are real settings.
+    example = (K8S / "base" / "secret.yaml").read_text()
+    named = re.findall(r"(STREAMER_KAFKA__SSL_\w+): (/\S+)", example)
+    assert {name for name, _ in named} == {"STREAMER_KAFKA__SSL_CAFILE",
+                                           "STREAMER_KAFKA__SSL_CERTFILE",
+                                           "STREAMER_KAFKA__SSL_KEYFILE"}
+    assert all(path.startswith(mount["mountPath"] + "/") for _, path in named)
+    from streamer.config import setting_fields
+
+    settings = {field.env_var for field in setting_fields()}
+    assert {name for name, _ in named} | {"STREAMER_KAFKA__SSL_KEY_PASSWORD"} <= settings
+    assert volume["secret"]["secretName"] in example
+
+
 def test_probes_hit_readyz_and_healthz_on_the_metrics_port() -> None:
     container = worker_container()
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
