@@ -29,12 +29,35 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from streamer.kafka import (
+    ConsumerSettings,
+    KafkaConnection,
+    OutputRecord,
+    ProducerSettings,
+    ensure_topics,
+    open_client,
+)
 from streamer.kafka.broker import (
     broker_command,
     free_port,
     port_accepts,
     resolve_broker_binary,
 )
+
+
+def round_trip(connection: KafkaConnection, client_kind: str, group_id: str,
+               consumer_timeouts: dict[str, int], poll_until, value: bytes) -> list[bytes]:
+    """Through ``connection``, one client of ``client_kind`` makes topic "readings", sends
+    ``value`` to it and reads back what it holds: what each secured-connection test does."""
+    ensure_topics(connection, {"readings": 1})
+    client = open_client(client_kind, connection,
+                         ConsumerSettings(group_id, **consumer_timeouts), ProducerSettings())
+    try:
+        client.subscribe(["readings"])
+        client.wait(client.send([OutputRecord("readings", b"s1", value)]), 10)
+        return [r.value for r in poll_until(client, 1, timeout_s=20)]
+    finally:
+        client.close(timeout_s=5.0)
 
 
 def make_tls_files(folder: Path, key_password: str) -> dict[str, Path]:

@@ -5,18 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from streamer.kafka import (
-    ConsumerSettings,
-    KafkaConnection,
-    OutputRecord,
-    ProducerSettings,
-    ensure_topics,
-    open_client,
-)
+from streamer.kafka import ConsumerSettings, KafkaConnection, ProducerSettings, open_client
 from streamer.kafka.admin import admin_client
 from streamer.kafka.connection import SASL_MECHANISMS
 from streamer.kafka.errors import AuthenticationFailed
-from tests.broker_proxy import ProxiedBroker
+from tests.broker_proxy import ProxiedBroker, round_trip
 
 pytestmark = pytest.mark.broker
 
@@ -31,26 +24,13 @@ def _sasl(broker: ProxiedBroker, mechanism: str, password: str = USERS["streamer
         bootstrap_timeout_s=3.0, **tls)
 
 
-def _round_trip(connection: KafkaConnection, client_kind: str, group_id: str,
-                consumer_timeouts: dict[str, int], poll_until) -> list[bytes]:
-    ensure_topics(connection, {"readings": 1})
-    client = open_client(client_kind, connection,
-                         ConsumerSettings(group_id, **consumer_timeouts), ProducerSettings())
-    try:
-        client.subscribe(["readings"])
-        client.wait(client.send([OutputRecord("readings", b"s1", b"authenticated")]), 10)
-        return [r.value for r in poll_until(client, 1, timeout_s=20)]
-    finally:
-        client.close(timeout_s=5.0)
-
-
 @pytest.mark.parametrize("mechanism", SASL_MECHANISMS)
 def test_both_clients_read_and_write_through_each_sasl_mechanism(
     mechanism, client_kind, group_id, consumer_timeouts, poll_until, tmp_path
 ):
     with ProxiedBroker(tmp_path / "broker.log", sasl_users=USERS) as broker:
-        values = _round_trip(_sasl(broker, mechanism), client_kind, group_id,
-                             consumer_timeouts, poll_until)
+        values = round_trip(_sasl(broker, mechanism), client_kind, group_id,
+                            consumer_timeouts, poll_until, b"authenticated")
         assert values == [b"authenticated"]
         # Every connection (admin, consumer, producer, each broker connection) logged in so.
         assert broker.authenticated and set(broker.authenticated) == {(mechanism, "streamer")}
@@ -63,7 +43,8 @@ def test_both_clients_read_and_write_through_scram_over_tls(
     with ProxiedBroker(tmp_path / "broker.log", tls_files=tls_files, mutual=False,
                        sasl_users=USERS) as broker:
         connection = _sasl(broker, "SCRAM-SHA-512", ssl_cafile=str(tls_files["ca"]))
-        values = _round_trip(connection, client_kind, group_id, consumer_timeouts, poll_until)
+        values = round_trip(connection, client_kind, group_id, consumer_timeouts, poll_until,
+                            b"authenticated")
         assert values == [b"authenticated"]
         assert set(broker.authenticated) == {("SCRAM-SHA-512", "streamer")}
         assert broker.refused == []

@@ -8,12 +8,10 @@ from streamer.kafka import (
     BrokerUnavailable,
     ConsumerSettings,
     KafkaConnection,
-    OutputRecord,
     ProducerSettings,
-    ensure_topics,
     open_client,
 )
-from tests.broker_proxy import ProxiedBroker
+from tests.broker_proxy import ProxiedBroker, round_trip
 from tests.conftest import TLS_KEY_PASSWORD
 
 pytestmark = pytest.mark.broker
@@ -32,15 +30,9 @@ def test_both_clients_read_and_write_over_mutual_tls_with_an_encrypted_client_ke
         connection = KafkaConnection(
             broker.bootstrap, security_protocol="SSL", ssl_cafile=str(tls_files["ca"]),
             ssl_key_password=TLS_KEY_PASSWORD, bootstrap_timeout_s=5.0, **certificate)
-        ensure_topics(connection, {"readings": 1})
-        client = open_client(client_kind, connection,
-                             ConsumerSettings(group_id, **consumer_timeouts), ProducerSettings())
-        try:
-            client.subscribe(["readings"])
-            client.wait(client.send([OutputRecord("readings", b"s1", b"over tls")]), 10)
-            assert [r.value for r in poll_until(client, 1, timeout_s=20)] == [b"over tls"]
-        finally:
-            client.close(timeout_s=5.0)
+        values = round_trip(connection, client_kind, group_id, consumer_timeouts, poll_until,
+                            b"over tls")
+        assert values == [b"over tls"]
         assert broker.client_names and set(broker.client_names) == {"streamer-client"}
         assert broker.refused == []
 
