@@ -219,7 +219,7 @@ class KafkaSettings(_Section):
         description="A consumer silent this long is removed from the group."
     )
     heartbeat_interval_ms: int = Field(
-        3_000, ge=1, description="Heartbeat period; must be below a third of the session timeout."
+        3_000, ge=1, description="Heartbeat period; at most a third of the session timeout."
     )
     fetch_max_wait_ms: int = Field(
         500, ge=0, le=10_000,
@@ -301,7 +301,7 @@ class KafkaSettings(_Section):
         if not heartbeat_fits(self.heartbeat_interval_ms, self.session_timeout_ms):
             raise _conflict(
                 f"{_named('kafka.heartbeat_interval_ms')} is {self.heartbeat_interval_ms} but must "
-                f"be below a third of {_named('kafka.session_timeout_ms')}, which is "
+                f"be at most a third of {_named('kafka.session_timeout_ms')}, which is "
                 f"{self.session_timeout_ms}; lower the heartbeat interval or raise the session "
                 "timeout"
             )

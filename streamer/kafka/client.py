@@ -18,7 +18,7 @@ HEARTBEATS_PER_SESSION = 3
 
 def heartbeat_fits(heartbeat_interval_ms: int, session_timeout_ms: int) -> bool:
     """Whether heartbeats this often keep a consumer in its group (the rule, stated once)."""
-    return heartbeat_interval_ms * HEARTBEATS_PER_SESSION < session_timeout_ms
+    return heartbeat_interval_ms * HEARTBEATS_PER_SESSION <= session_timeout_ms
 PartitionsCallback = Callable[[list[PartitionId]], None]
 
 
@@ -92,7 +92,7 @@ class ConsumerSettings:
             raise ValueError("group_id must not be empty")
         if not heartbeat_fits(self.heartbeat_interval_ms, self.session_timeout_ms):
             raise ValueError(
-                f"heartbeat_interval_ms ({self.heartbeat_interval_ms}) must be below a third of "
+                f"heartbeat_interval_ms ({self.heartbeat_interval_ms}) must be at most a third of "
                 f"session_timeout_ms ({self.session_timeout_ms})"
             )
         if self.auto_offset_reset not in ("earliest", "latest"):
