@@ -203,11 +203,11 @@ class CheckpointStore:
         self._prune()
         return SaveStats(data_path, size, time.perf_counter() - started)
 
-    def latest(self, worker: str | None = None) -> Checkpoint | None:
-        """The newest checkpoint (of ``worker``, or of anyone) that verifies; None if none."""
-        candidates = [(created, path) for w, created, path in self._by_time()
-                      if worker is None or w == worker]
-        for _, path in sorted(candidates, reverse=True):
+    def latest(self, prefer: str | None = None) -> Checkpoint | None:
+        """The newest checkpoint that verifies, ``prefer``'s own before any other worker's;
+        None if none. Each is read (and an unusable one logged) once."""
+        candidates = [(w == prefer, created, path) for w, created, path in self._by_time()]
+        for _, _, path in sorted(candidates, reverse=True):
             checkpoint = self._read(path)
             if checkpoint is not None:
                 return checkpoint

@@ -17,7 +17,7 @@ import logging
 import time
 from typing import Protocol
 
-from streamer.config import CheckpointSettings
+from streamer.config import CheckpointSettings, setting_name
 from streamer.core import Learner
 from streamer.core import snapshot as snap
 from streamer.kafka.client import PartitionId, partition_names
@@ -54,12 +54,12 @@ class Durability:
 
     def restore_on_start(self) -> None:
         """Resume from our newest valid checkpoint (else anyone's, for the weights)."""
-        found = self.store.latest(self.worker_id) or self.store.latest()
+        found = self.store.latest(prefer=self.worker_id)
         if found is None:
             if self.store.has_any() and not self.settings.allow_fresh_start:
                 raise CheckpointError(
                     f"no usable checkpoint in {self.store.directory} and "
-                    "checkpoint.allow_fresh_start is off (STREAMER_CHECKPOINT__ALLOW_FRESH_START)"
+                    f"{setting_name('checkpoint.allow_fresh_start')} is off"
                 )
             log.info("no checkpoint found in %s: starting fresh", self.store.directory)
             return

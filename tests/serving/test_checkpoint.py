@@ -105,6 +105,23 @@ def test_a_damaged_checkpoint_is_reported_and_the_previous_one_used(tmp_path, ca
     assert "w1-0000000002.json unusable" in caplog.text and "checksum mismatch" in caplog.text
 
 
+def test_a_worker_prefers_its_own_checkpoint_and_reads_each_unusable_one_once(tmp_path, caplog):
+    # Start-up looked for its own, then for anyone's, and read (and reported) its own
+    # unusable checkpoints twice.
+    CheckpointStore(tmp_path, "w2", CFG.fingerprint()).save(  # newer, but another worker's
+        _learner(4).snapshot(), {TP: 30}, {TP: []}, created=time.time() + 3600)
+    mine = CheckpointStore(tmp_path, "w1", CFG.fingerprint())
+    _save(mine, _learner(4), 10)
+    damaged = _save(mine, _learner(4), 20).path
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with caplog.at_level(logging.ERROR):
+        assert mine.latest(prefer="w1").offsets == {TP: 10}
+        assert mine.latest(prefer="w9").offsets == {TP: 30}  # none of its own: the newest
+    assert caplog.text.count("w1-0000000002.json unusable") == 1
+    (tmp_path / "w1-0000000001.ckpt").write_bytes(b"")
+    assert mine.latest(prefer="w1").offsets == {TP: 30}  # none of its own usable: anyone's
+
+
 def test_a_damaged_manifest_is_reported_once_and_the_previous_checkpoint_used(tmp_path, caplog):
     # It was skipped without a word, where a damaged data file is reported.
     store = CheckpointStore(tmp_path, "w1", CFG.fingerprint())

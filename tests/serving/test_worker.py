@@ -967,4 +967,5 @@ def test_worker_refuses_to_start_fresh_over_unusable_checkpoints_when_told_to(
                             STREAMER_CHECKPOINT__ALLOW_FRESH_START="false").start()
     assert worker.wait(60) == 1
     assert "no usable checkpoint" in worker.log()
-    assert "STREAMER_CHECKPOINT__ALLOW_FRESH_START" in worker.log()
+    assert ("checkpoint.allow_fresh_start (STREAMER_CHECKPOINT__ALLOW_FRESH_START / "
+            "--checkpoint-allow-fresh-start) is off") in worker.log()
