@@ -10,11 +10,12 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 
 from streamer import __version__
-from streamer.config import ConfigError, setting_name, unknown_env_vars
+from streamer.config import ConfigError, env_var_name, setting_name, unknown_env_vars
 from streamer.tools.cli_options import add_settings_arguments, settings_from_args
 
 EXIT_CONFIG = 2
@@ -118,13 +119,17 @@ def main(argv: list[str] | None = None) -> int:
 
 # What `streamer replay` never uses: a deployment's environment for them (a bootstrap server
 # only its pods resolve, say) must not stop a backtest run in the same shell.
-NOT_REPLAYED = ("kafka", "metrics", "checkpoint", "sharing")
+NOT_REPLAYED = ("kafka", "metrics", "checkpoint", "sharing", "log")
+# What `streamer produce` never uses (it sends with kafka-python whatever kafka.client says).
+NOT_PRODUCED = ("model", "training", "sensors", "forecast", "anomaly", "metrics", "checkpoint",
+                "sharing", "device", "torch_threads", "kafka.client")
 
 
 @contextlib.contextmanager
-def _environ_without(sections: tuple[str, ...]):
-    """os.environ without the STREAMER_ variables of ``sections``, inside."""
-    names = tuple(f"STREAMER_{section.upper()}" for section in sections)
+def _environ_without(settings: Iterable[str]):
+    """os.environ without the STREAMER_ variables of ``settings`` (sections or settings,
+    dotted: "kafka", "kafka.group_id", "device"), inside."""
+    names = tuple(env_var_name(tuple(dotted.split("."))) for dotted in settings)
     hidden = {k: v for k, v in os.environ.items()  # read case-insensitively, as Settings does
               if any(k.upper() == n or k.upper().startswith(n + "__") for n in names)}
     for k in hidden:
@@ -283,7 +288,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
     from streamer.observability.logs import configure_logging
     from streamer.tools.produce import produce
 
-    settings = load_settings(overrides)
+    with _environ_without(NOT_PRODUCED):
+        settings = load_settings(overrides)
     configure_logging(settings.log.level, settings.log.format)
     pace = _pace(args.rate, args.speedup)
     readings = _sendable_readings(args.file or sample_dataset())
@@ -386,11 +392,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not len(readings):
         raise ConfigError(f"no readings to send in {path}")
     from streamer.config import load_settings
-    from streamer.tools.demo import run_demo  # torch: seconds
+    from streamer.tools.demo import SET_BY_DEMO, run_demo  # torch: seconds
 
-    _check_device(load_settings().device)  # before the broker starts, as `run` does
-    return run_demo(readings, path.name, pace, duration=args.duration,
-                    metrics_port=args.metrics_port)
+    with _environ_without(SET_BY_DEMO):
+        _check_device(load_settings().device)  # before the broker starts, as `run` does
+        return run_demo(readings, path.name, pace, duration=args.duration,
+                        metrics_port=args.metrics_port)
 
 
 COMMANDS = {"run": cmd_run, "produce": cmd_produce, "replay": cmd_replay, "broker": cmd_broker,

@@ -20,6 +20,16 @@ from streamer.serving.worker import Worker
 from streamer.tools.produce import Pace, produce
 
 STATUS_EVERY_S = 1.0
+# What the demo sets for its own broker and worker. These, the port, the feature count, the
+# broker's address and the checkpoint directory are the demo's: their STREAMER_* variables
+# (a deployment's bootstrap servers, say, in the same shell) are not read (SET_BY_DEMO).
+DEMO_SETTINGS = {
+    "kafka.group_id": "streamer-demo", "kafka.session_timeout_ms": "6000",
+    "kafka.heartbeat_interval_ms": "1000", "kafka.fetch_max_wait_ms": "100",
+    "checkpoint.interval_seconds": "30",
+}
+SET_BY_DEMO = (*DEMO_SETTINGS, "metrics.port", "model.n_features", "kafka.bootstrap_servers",
+               "checkpoint.dir")
 EXIT_FAILED = 2  # the worker or the producer died: the demo stops rather than run on without
 
 
@@ -30,9 +40,7 @@ def run_demo(readings: Batch, source: str, pace: Pace, duration: float | None,
     exit status 2); returns the exit status."""
     configure_logging("WARNING")
     overrides = {
-        "kafka.group_id": "streamer-demo", "kafka.session_timeout_ms": "6000",
-        "kafka.heartbeat_interval_ms": "1000", "kafka.fetch_max_wait_ms": "100",
-        "metrics.port": str(metrics_port), "checkpoint.interval_seconds": "30",
+        **DEMO_SETTINGS, "metrics.port": str(metrics_port),
         # As many features as the file has value columns: the model fits the file.
         "model.n_features": str(readings.values.shape[1]),
     }

@@ -183,6 +183,24 @@ def test_a_device_the_machine_lacks_stops_the_demo_before_anything_starts(
     assert demo_runs == []
 
 
+def test_the_demo_reads_no_environment_for_what_it_sets_itself_and_checks_the_rest(
+        demo_runs, capsys, monkeypatch) -> None:
+    # A deployment's bootstrap servers or checkpoint directory in the shell stopped it (exit 2),
+    # though the demo runs its own broker and a temporary directory.
+    seen: list[str | None] = []
+    monkeypatch.setattr(demo_module, "run_demo", lambda *args, **kwargs: seen.append(
+        os.environ.get("STREAMER_KAFKA__BOOTSTRAP_SERVERS")) or 0)
+    monkeypatch.setenv("STREAMER_KAFKA__BOOTSTRAP_SERVERS", "not a server")
+    monkeypatch.setenv("STREAMER_CHECKPOINT__DIR", "")
+    monkeypatch.setenv("STREAMER_KAFKA__GROUP_ID", "")
+    assert main(["demo"]) == 0, capsys.readouterr().err
+    assert seen == [None]  # nor while it runs
+    assert os.environ["STREAMER_KAFKA__BOOTSTRAP_SERVERS"] == "not a server"  # back after it
+    monkeypatch.setenv("STREAMER_MODEL__HIDDEN_SIZE", "0")  # what the demo's worker uses
+    assert main(["demo"]) == 2
+    assert "STREAMER_MODEL__HIDDEN_SIZE" in capsys.readouterr().err
+
+
 def test_the_demo_skips_and_counts_rows_it_cannot_send_as_produce_does(
         tmp_path, demo_runs, capsys) -> None:
     path = tmp_path / "ragged.csv"

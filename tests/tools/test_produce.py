@@ -14,6 +14,7 @@ from streamer.core import Batch
 from streamer.kafka import KafkaConnection, ProducerSettings, ensure_topics
 from streamer.kafka.broker import LocalBroker
 from streamer.kafka.errors import KafkaClientError
+from streamer.tools import produce as produce_module
 from streamer.tools.cli import main
 from streamer.tools.produce import Pace, produce
 from tests.broker_proxy import ProxiedBroker
@@ -164,3 +165,21 @@ def test_an_empty_server_or_topic_is_refused_not_replaced_by_the_default(
     code = main(["produce", str(path), "--bootstrap-servers", "127.0.0.1:1", flag, ""])
     err = capsys.readouterr().err
     assert code == 2 and f"invalid configuration: {setting} " in err, err
+
+
+def test_settings_produce_does_not_use_do_not_stop_it(tmp_path, capsys, monkeypatch):
+    # The model's, the checkpoints' or kafka.client's variables, invalid or naming a client
+    # that is not installed, stopped it with exit 2 naming a flag produce does not have.
+    sent: list[str] = []
+    monkeypatch.setattr(produce_module, "produce",
+                        lambda readings, connection, topic, *a, **k: sent.append(topic) or 1)
+    path = tmp_path / "readings.csv"
+    path.write_text("sensor_id,ts,value\na,1717171717,1\n")
+    for name, value in {"STREAMER_MODEL__HIDDEN_SIZE": "0", "STREAMER_CHECKPOINT__DIR": "",
+                        "STREAMER_KAFKA__CLIENT": "bogus", "STREAMER_DEVICE": "cuda:99"}.items():
+        monkeypatch.setenv(name, value)
+    assert main(["produce", str(path), "--topic", "t1"]) == 0, capsys.readouterr().err
+    assert sent == ["t1"]
+    monkeypatch.setenv("STREAMER_KAFKA__COMPRESSION_TYPE", "bogus")  # what it uses: checked
+    assert main(["produce", str(path), "--topic", "t1"]) == 2
+    assert "STREAMER_KAFKA__COMPRESSION_TYPE" in capsys.readouterr().err

@@ -323,7 +323,7 @@ def test_a_file_of_more_value_columns_than_the_model_reads_is_refused_naming_the
 
 
 
-def test_a_deployments_kafka_and_checkpoint_environment_does_not_stop_a_replay(
+def test_a_deployments_kafka_checkpoint_and_log_environment_does_not_stop_a_replay(
         tmp_path, monkeypatch, capsys):
     # (replay needs no Kafka, metrics, checkpoints or sharing: their variables, invalid here,
     # stopped it with exit 2 naming a flag replay does not have)
@@ -333,6 +333,7 @@ def test_a_deployments_kafka_and_checkpoint_environment_does_not_stop_a_replay(
     monkeypatch.setenv("STREAMER_CHECKPOINT", "not json")
     monkeypatch.setenv("STREAMER_METRICS__PORT", "-1")
     monkeypatch.setenv("streamer_sharing__peer_ttl_seconds", "-1")  # read case-insensitively
+    monkeypatch.setenv("STREAMER_LOG__LEVEL", "bogus")  # (named --log-level, which it lacks)
     assert main(["replay", str(path), "--device", "cpu"]) == 0, capsys.readouterr().err
     monkeypatch.setenv("STREAMER_TRAINING__LR", "-1")  # what replay uses is still checked
     assert main(["replay", str(path), "--device", "cpu"]) == 2
