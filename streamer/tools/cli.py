@@ -16,6 +16,7 @@ from pathlib import Path
 
 from streamer import __version__
 from streamer.config import ConfigError, env_var_name, setting_name, unknown_env_vars
+from streamer.tools import stdout
 from streamer.tools.cli_options import add_settings_arguments, settings_from_args
 
 EXIT_CONFIG = 2
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     pace.add_argument("--speedup", type=float, help="speed relative to the data's timestamps")
     produce.add_argument("--limit", type=_positive_int, help="stop after this many readings")
     produce.add_argument("--loop", action="store_true",
-                         help="repeat the file forever, shifting timestamps forward each round")
+                         help="repeat the file forever, its first round moved to end now "
+                         "and each next one after it, so that timestamps keep increasing")
     # Also under the worker's names, which an invalid value's message names.
     produce.add_argument("--bootstrap-servers", "--kafka-bootstrap-servers",
                          dest="bootstrap_servers",
@@ -115,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     except (KafkaClientError, LocalBrokerError) as exc:
         print(f"streamer {args.command}: {exc}", file=sys.stderr)
         return EXIT_KAFKA
+    except BrokenPipeError as exc:  # what was asked is done (files first); its report was cut
+        if not stdout.reader_gone(exc):
+            raise
+        stdout.silence()
+        return stdout.EXIT_READER_GONE
 
 
 # What `streamer replay` never uses: a deployment's environment for them (a bootstrap server
@@ -301,14 +308,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     settings = _settings(args, unused=NOT_REPLAYED)
-    from streamer.tools.horizon_eval import format_steps, score_steps
-    from streamer.tools.replay import (
-        backtest,
-        format_report,
-        json_safe,
-        write_forecasts,
-        write_horizon,
-    )
+    from streamer.tools.horizon_eval import score_steps
+    from streamer.tools.replay import backtest, json_safe, write_forecasts, write_horizon
 
     if args.horizon_out and settings.forecast.horizon < 2:
         raise ConfigError("--horizon-out needs a horizon of 2 or more steps (--horizon H)")
@@ -326,14 +327,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
                           f"{features} per reading: set {setting_name('model.n_features')} "
                           f"to {columns}")
     outputs, report = backtest(readings, settings.learner_config(), args.batch_size)
-    print(format_report(report, top=args.top))
     steps = []
     if outputs.horizon is not None:
         steps = score_steps(readings.sensor_ids, readings.ts, readings.values, outputs.status,
                             outputs.horizon)
-        print("\nper step (relMAE: mean over sensors of MAE / the baseline's MAE; pairs count "
-              "once the sensor has a week of history):")
-        print(format_steps(steps))
 
     def write_json(path: Path) -> None:
         document = dataclasses.asdict(report)
@@ -341,6 +338,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
             document["steps"] = [dataclasses.asdict(s) for s in steps]
         path.write_text(json.dumps(json_safe(document), indent=2, allow_nan=False))
 
+    # The files first, the report after them: a reader of the report that leaves early
+    # (`| head`) cuts the report short, not the files.
     writes = [(args.out, lambda path: write_forecasts(path, readings, outputs)),
               (args.horizon_out, lambda path: write_horizon(path, readings, outputs)),
               (args.json_out, write_json)]
@@ -350,6 +349,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         try:  # checked writable before the replay; a disk filling up shows only now
             write(path)
         except OSError as exc:
+            _print_replay_report(report, steps, args.top)
             print(f"streamer replay: cannot write {path}: {exc.strerror or exc}",
                   file=sys.stderr)
             return 1
@@ -365,7 +365,19 @@ def cmd_replay(args: argparse.Namespace) -> int:
                   f"{args.file}; " + ("plotting the others" if chosen else
                                       "plotting the worst sensors instead"), file=sys.stderr)
         plot_replay(args.plot, readings, outputs, report, sensors=chosen)
+    _print_replay_report(report, steps, args.top)
     return 0
+
+
+def _print_replay_report(report, steps: list, top: int) -> None:
+    from streamer.tools.horizon_eval import format_steps
+    from streamer.tools.replay import format_report
+
+    print(format_report(report, top=top))
+    if steps:
+        print("\nper step (relMAE: mean over sensors of MAE / the baseline's MAE; pairs count "
+              "once the sensor has a week of history):")
+        print(format_steps(steps))
 
 
 def cmd_broker(args: argparse.Namespace) -> int:

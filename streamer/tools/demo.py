@@ -17,6 +17,7 @@ from streamer.kafka.broker import LocalBroker
 from streamer.observability.logs import configure_logging
 from streamer.serving.signals import set_on_signals
 from streamer.serving.worker import Worker
+from streamer.tools import stdout
 from streamer.tools.produce import Pace, produce
 
 STATUS_EVERY_S = 1.0
@@ -71,7 +72,13 @@ def run_demo(readings: Batch, source: str, pace: Pace, duration: float | None,
         started = time.monotonic()
         status = StatusLine(worker)
         while not stop.wait(STATUS_EVERY_S):
-            status.print()
+            try:
+                status.print()
+            except BrokenPipeError as exc:  # its reader left (`| head`): stop, as Ctrl-C does
+                if not stdout.reader_gone(exc):
+                    raise
+                stdout.silence()
+                stop.set()
             if duration is not None and time.monotonic() - started >= duration:
                 stop.set()
         producer.join(timeout=10)

@@ -350,3 +350,27 @@ def test_results_that_cannot_be_written_after_the_replay_are_a_one_line_error(tm
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err, err
     assert err.strip() == "streamer replay: cannot write /dev/full: No space left on device"
+
+
+def test_a_report_reader_that_leaves_early_cuts_the_report_not_the_files(tmp_path):
+    # `streamer replay ... | head`: a BrokenPipeError traceback, exit 1, and the files, written
+    # after the report, never were.
+    path = tmp_path / "r.csv"
+    path.write_text("sensor_id,ts,value\na,1717171717,1\na,1717171777,2\nb,1717171717,5\n")
+    out, report = tmp_path / "f.csv", tmp_path / "r.json"
+    replay = subprocess.Popen([sys.executable, "-m", "streamer", "replay", str(path), "--device",
+                               "cpu", "--out", str(out), "--json", str(report)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    replay.stdout.close()  # the reader is gone before the report is printed (torch loads first)
+    _, err = replay.communicate(timeout=120)
+    assert replay.returncode == 141 and not err, err.decode()  # as a shell's `yes | head`
+    assert json.loads(report.read_text())["readings"] == 3
+    assert len(out.read_text().splitlines()) == 4
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_not_taken_for_a_reader_gone():
+    check = ("from streamer.tools import stdout; "
+             "print(stdout.reader_gone(BrokenPipeError()), stdout.reader_gone(OSError()))")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                          check=True)  # stdout: a pipe whose reader is here
+    assert done.stdout == "False False\n"
