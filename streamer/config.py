@@ -231,7 +231,8 @@ class KafkaSettings(_Section):
     poll_timeout_ms: int = Field(
         1_000, ge=0, le=5_000,
         description="How long one poll waits for records before returning empty (at most 5 s: "
-        "a SIGTERM is acted on after the current poll).",
+        "a SIGTERM is acted on after the current poll; while no broker answers, after the "
+        "connection attempt in progress, up to 10 s).",
     )
     produce_timeout_s: float = Field(
         30.0, gt=0, le=MAX_PRODUCE_TIMEOUT_S,
