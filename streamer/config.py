@@ -96,6 +96,14 @@ def setting_name(dotted: str) -> str:
 _named = setting_name  # the short form the validators below use
 
 
+def table_too_large(detail: object) -> ConfigError:
+    """The error for a sensor table that would not fit in memory (found by the core, which
+    knows what a slot holds, when the learner is built)."""
+    return ConfigError(f"invalid configuration: {_named('sensors.initial_capacity')}: {detail}; "
+                       f"lower it (the table grows as sensors appear, up to "
+                       f"{_named('sensors.max_sensors')})")
+
+
 def _conflict(message: str) -> PydanticCustomError:
     """A cross-field error whose message already names the fields involved."""
     return PydanticCustomError("config_conflict", "{detail}", {"detail": message})
@@ -587,7 +595,8 @@ class SensorSettings(_Section):
         ge=1,
         le=MAX_SENSORS,
         description="Sensor slots allocated up front; the table grows up to max_sensors. "
-        "Unset, it is never above max_sensors.",
+        "Unset, it is never above max_sensors. More than the process's memory (the machine's, "
+        "or its container's limit) holds is refused at start-up (exit 2).",
     )
     idle_ttl_seconds: float | None = Field(
         _LEARNER_DEFAULTS["sensor_ttl_seconds"],

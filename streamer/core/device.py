@@ -1,6 +1,9 @@
-"""Choosing the torch device once, from the configured name."""
+"""Choosing the torch device once, from the configured name; the memory the process may use."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 
@@ -22,3 +25,21 @@ def resolve_device(name: str) -> torch.device:
                 f"device {name!r} requested but only {torch.cuda.device_count()} CUDA devices exist"
             )
     return device
+
+
+# The container's limit: cgroup v2, else v1 (whose "no limit" is a number near 2**63).
+_CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"),
+                  Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+
+
+def memory_limit_bytes() -> int:
+    """The memory this process may use: the machine's, or its container's limit if lower."""
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in _CGROUP_LIMITS:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limit = min(limit, int(text))
+    return limit

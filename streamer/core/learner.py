@@ -12,7 +12,7 @@ from streamer.core.batch import Batch, HorizonResult, StepResult, UpdateStats
 from streamer.core.clock import EventClock
 from streamer.core.compiled import kernel
 from streamer.core.config import MAX_WINDOWS_PER_UPDATE, LearnerConfig
-from streamer.core.device import resolve_device
+from streamer.core.device import memory_limit_bytes, resolve_device
 from streamer.core.experts import N_EXPERTS, PERSISTENCE, expert_forecasts, weigh_experts
 from streamer.core.grouping import Groups, group_by_slot
 from streamer.core.horizon import N_HORIZON_EXPERTS, HorizonState, horizon_experts
@@ -50,6 +50,16 @@ MIN_HORIZON_ALPHA = 0.02
 AHEAD_RESTART_S = 86400.0
 
 
+class StateTooLarge(ValueError):
+    """The sensor table asked for up front would not fit in memory."""
+
+
+def _held_bytes(part: object) -> int:
+    """Bytes of the arrays and tensors ``part`` holds as attributes."""
+    return sum(v.nbytes if isinstance(v, np.ndarray) else v.element_size() * v.numel()
+               for v in vars(part).values() if isinstance(v, np.ndarray | torch.Tensor))
+
+
 class Learner:
     """Keeps one LSTM state per sensor (batch slot i is sensor i), forecasts, and learns.
 
@@ -69,22 +79,40 @@ class Learner:
         self.model = model.to(self.device)
         self.trainer = Trainer(self.model, config.lr, config.max_grad_norm)
         self.table = SlotTable(config.initial_capacity, config.max_sensors)
-        self.stats = SensorStats(self.table.capacity, config.n_features, config.norm_alpha,
-                                 config.warmup_readings, config.clip_z, config.robust_stats)
-        self.memory = SensorMemory(self.table.capacity, config.n_features, config.seasonal_alpha,
-                                   recent=config.horizon > 1)
-        self.calibration = Calibration(self.table.capacity, config.n_features, config.coverage,
-                                       config.anomaly_threshold, config.anomaly_learn_after)
-        self.horizon = HorizonState(self.table.capacity, config.n_features, config.horizon,
-                                    config.coverage)
-        self.state = SlotTensors(self.table.capacity, config.num_layers, config.hidden_size,
-                                 config.tbptt_steps, n_inputs, config.n_features, self.device,
-                                 limit=MAX_WINDOWS_PER_UPDATE)
+        self._check_fits(self.table.capacity)
+        self.stats, self.memory, self.calibration, self.horizon, self.state = self._slot_state(
+            self.table.capacity)
         self.accepted_total = 0  # accepted readings ever: drives the training trigger
         # The fleet's event time: for idle eviction, and to tell a sensor whose clock ran ahead
         # from readings that come late (without a TTL, sensors a day apart do not agree).
         self.clock = EventClock(config.sensor_ttl_seconds or AHEAD_RESTART_S)
         self._compile()
+
+    def _slot_state(self, capacity: int) -> tuple[SensorStats, SensorMemory, Calibration,
+                                                  HorizonState, SlotTensors]:
+        """The per-sensor state of ``capacity`` slots, zeroed."""
+        c = self.config
+        return (SensorStats(capacity, c.n_features, c.norm_alpha, c.warmup_readings, c.clip_z,
+                            c.robust_stats),
+                SensorMemory(capacity, c.n_features, c.seasonal_alpha, recent=c.horizon > 1),
+                Calibration(capacity, c.n_features, c.coverage, c.anomaly_threshold,
+                            c.anomaly_learn_after),
+                HorizonState(capacity, c.n_features, c.horizon, c.coverage),
+                SlotTensors(capacity, c.num_layers, c.hidden_size, c.tbptt_steps,
+                            input_size(c.n_features), c.n_features, self.device,
+                            limit=MAX_WINDOWS_PER_UPDATE))
+
+    def _check_fits(self, capacity: int) -> None:
+        """Refuse a table whose zeroed state alone is more than the process may hold (a typo
+        in initial_capacity), before allocating it: with memory overcommitted, the allocation
+        itself succeeds and the kernel kills the process once it is written."""
+        per_slot = sum(_held_bytes(part) for part in self._slot_state(1))
+        need, limit = per_slot * capacity, memory_limit_bytes()
+        if need > limit:
+            raise StateTooLarge(
+                f"{capacity:,} sensor slots up front need about {need / 2**30:,.1f} GiB "
+                f"({per_slot:,} bytes a slot), more than the {limit / 2**30:,.1f} GiB this "
+                "process may use (the machine's memory, or its container's limit)")
 
     def _compile(self) -> None:
         """Compile (or load from the cache) the per-reading loops now, at start-up, rather than

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import torch
 from prometheus_client import CollectorRegistry
 
-from streamer.config import ConfigError, Settings, setting_name
+from streamer.config import ConfigError, Settings, setting_name, table_too_large
 from streamer.core import Learner
 from streamer.core.failpoints import failpoint
+from streamer.core.learner import StateTooLarge
 from streamer.kafka.admin import create_missing_topics, topic_ids
 from streamer.kafka.client import (
     Delivery,
@@ -63,7 +64,10 @@ class Worker:
         self.settings, k = settings, settings.kafka
         if settings.torch_threads is not None:
             torch.set_num_threads(settings.torch_threads)
-        self.learner = Learner(settings.learner_config())
+        try:
+            self.learner = Learner(settings.learner_config())
+        except StateTooLarge as exc:
+            raise table_too_large(exc) from exc
         self.processor = BatchProcessor(self.learner, k.output_topic, k.dlq_topic,
                                         k.anomaly_topic)
         self.registry = registry or CollectorRegistry()

@@ -308,6 +308,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     settings = _settings(args, unused=NOT_REPLAYED)
+    from streamer.config import table_too_large
+    from streamer.core.learner import StateTooLarge
     from streamer.tools.horizon_eval import score_steps
     from streamer.tools.replay import backtest, json_safe, write_forecasts, write_horizon
 
@@ -326,7 +328,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.file} has {columns} value columns but the model reads "
                           f"{features} per reading: set {setting_name('model.n_features')} "
                           f"to {columns}")
-    outputs, report = backtest(readings, settings.learner_config(), args.batch_size)
+    try:
+        outputs, report = backtest(readings, settings.learner_config(), args.batch_size)
+    except StateTooLarge as exc:
+        raise table_too_large(exc) from exc
     steps = []
     if outputs.horizon is not None:
         steps = score_steps(readings.sensor_ids, readings.ts, readings.values, outputs.status,

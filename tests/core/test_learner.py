@@ -91,6 +91,34 @@ def test_state_survives_capacity_growth_bitwise(small_config):
     np.testing.assert_array_equal(grown.step(later).forecasts, roomy.step(later).forecasts)
 
 
+def test_a_table_too_large_for_memory_is_refused_before_it_is_allocated(small_config,
+                                                                        monkeypatch):
+    # 20M slots up front (a typo) allocated ~70 GB: a raw numpy MemoryError under a memory
+    # limit, else the kernel's OOM kill once the zeroed state was written.
+    from streamer.core import learner as learner_module
+
+    per_slot = sum(learner_module._held_bytes(part)
+                   for part in Learner(small_config)._slot_state(1))
+    monkeypatch.setattr(learner_module, "memory_limit_bytes", lambda: per_slot * 100)
+    Learner(LearnerConfig(**{**small_config.to_dict(), "initial_capacity": 64}))  # fits
+    with pytest.raises(learner_module.StateTooLarge, match=(
+            rf"101 sensor slots up front need about .* GiB \({per_slot:,} bytes a slot\), more "
+            r"than the .* GiB this process may use")):
+        Learner(LearnerConfig(**{**small_config.to_dict(), "initial_capacity": 101,
+                                 "max_sensors": 128}))
+    # The default model: a little under 4 kB a slot.
+    default = sum(learner_module._held_bytes(part) for part in Learner(LearnerConfig(
+        device="cpu", initial_capacity=1))._slot_state(1))
+    assert 3_000 < default < 5_000
+
+
+def test_the_memory_limit_is_the_machines_or_lower():
+    import os
+
+    from streamer.core.device import memory_limit_bytes
+    assert 0 < memory_limit_bytes() <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def test_evicted_slot_is_reused_with_zeroed_state(small_config):
     cfg = LearnerConfig(**{**small_config.to_dict(), **NO_TRAINING, "initial_capacity": 2,
                            "max_sensors": 2, "sensor_ttl_seconds": 3600.0})

@@ -969,3 +969,14 @@ def test_worker_refuses_to_start_fresh_over_unusable_checkpoints_when_told_to(
     assert "no usable checkpoint" in worker.log()
     assert ("checkpoint.allow_fresh_start (STREAMER_CHECKPOINT__ALLOW_FRESH_START / "
             "--checkpoint-allow-fresh-start) is off") in worker.log()
+
+
+def test_a_sensor_table_too_large_for_memory_stops_the_worker_as_a_configuration_error(
+        tmp_path):
+    settings = load_settings({"device": "cpu", "checkpoint.dir": str(tmp_path),
+                              "sensors.max_sensors": "100000000",
+                              "sensors.initial_capacity": "100000000"})
+    with pytest.raises(ConfigError, match=r"^invalid configuration: sensors.initial_capacity "
+                       r"\(STREAMER_SENSORS__INITIAL_CAPACITY / --sensors-initial-capacity\): "
+                       r"100,000,000 sensor slots up front need about "):
+        worker_module.Worker(settings)

@@ -374,3 +374,17 @@ def test_a_broken_pipe_that_is_not_stdout_is_not_taken_for_a_reader_gone():
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
                           check=True)  # stdout: a pipe whose reader is here
     assert done.stdout == "False False\n"
+
+
+def test_a_sensor_table_too_large_for_memory_is_a_configuration_error(tmp_path, capsys):
+    # It allocated ~370 GB up front: a numpy MemoryError traceback, or the OOM killer.
+    path = tmp_path / "r.csv"
+    path.write_text("sensor_id,ts,value\na,1717171717,1\n")
+    code = main(["replay", str(path), "--device", "cpu", "--sensors-max-sensors", "100000000",
+                 "--sensors-initial-capacity", "100000000"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(
+        "streamer replay: invalid configuration: sensors.initial_capacity "
+        "(STREAMER_SENSORS__INITIAL_CAPACITY / --sensors-initial-capacity): 100,000,000 sensor "
+        "slots up front need about "), err
+    assert "lower it (the table grows as sensors appear, up to sensors.max_sensors" in err
