@@ -43,3 +43,8 @@ def memory_limit_bytes() -> int:
         if text.isdigit():
             limit = min(limit, int(text))
     return limit
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """The memory of a CUDA device, all of it (other processes' share included)."""
+    return torch.cuda.mem_get_info(device)[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -12,7 +13,7 @@ from streamer.core.batch import Batch, HorizonResult, StepResult, UpdateStats
 from streamer.core.clock import EventClock
 from streamer.core.compiled import kernel
 from streamer.core.config import MAX_WINDOWS_PER_UPDATE, LearnerConfig
-from streamer.core.device import memory_limit_bytes, resolve_device
+from streamer.core.device import device_memory_bytes, memory_limit_bytes, resolve_device
 from streamer.core.experts import N_EXPERTS, PERSISTENCE, expert_forecasts, weigh_experts
 from streamer.core.grouping import Groups, group_by_slot
 from streamer.core.horizon import N_HORIZON_EXPERTS, HorizonState, horizon_experts
@@ -54,10 +55,17 @@ class StateTooLarge(ValueError):
     """The sensor table asked for up front would not fit in memory."""
 
 
-def _held_bytes(part: object) -> int:
-    """Bytes of the arrays and tensors ``part`` holds as attributes."""
-    return sum(v.nbytes if isinstance(v, np.ndarray) else v.element_size() * v.numel()
-               for v in vars(part).values() if isinstance(v, np.ndarray | torch.Tensor))
+def held_bytes(parts: Iterable[object]) -> tuple[int, int]:
+    """Bytes of the arrays and tensors ``parts`` hold as attributes: (in host memory, on a
+    GPU)."""
+    host = gpu = 0
+    for value in (v for part in parts for v in vars(part).values()):
+        if isinstance(value, np.ndarray):
+            host += value.nbytes
+        elif isinstance(value, torch.Tensor):
+            size = value.element_size() * value.numel()
+            host, gpu = (host + size, gpu) if value.device.type == "cpu" else (host, gpu + size)
+    return host, gpu
 
 
 class Learner:
@@ -105,14 +113,19 @@ class Learner:
     def _check_fits(self, capacity: int) -> None:
         """Refuse a table whose zeroed state alone is more than the process may hold (a typo
         in initial_capacity), before allocating it: with memory overcommitted, the allocation
-        itself succeeds and the kernel kills the process once it is written."""
-        per_slot = sum(_held_bytes(part) for part in self._slot_state(1))
-        need, limit = per_slot * capacity, memory_limit_bytes()
-        if need > limit:
-            raise StateTooLarge(
-                f"{capacity:,} sensor slots up front need about {need / 2**30:,.1f} GiB "
-                f"({per_slot:,} bytes a slot), more than the {limit / 2**30:,.1f} GiB this "
-                "process may use (the machine's memory, or its container's limit)")
+        itself succeeds and the kernel kills the process once it is written. Host memory and
+        the GPU's (the LSTM state, on a CUDA device) are checked each on its own."""
+        host, gpu = held_bytes(self._slot_state(1))
+        limits = [(host, memory_limit_bytes(), "this process may use (the machine's memory, "
+                   "or its container's limit)")]
+        if gpu:
+            limits.append((gpu, device_memory_bytes(self.device), f"{self.device} has"))
+        for per_slot, limit, where in limits:
+            if per_slot * capacity > limit:
+                raise StateTooLarge(
+                    f"{capacity:,} sensor slots up front need about "
+                    f"{per_slot * capacity / 2**30:,.1f} GiB ({per_slot:,} bytes a slot), more "
+                    f"than the {limit / 2**30:,.1f} GiB {where}")
 
     def _compile(self) -> None:
         """Compile (or load from the cache) the per-reading loops now, at start-up, rather than

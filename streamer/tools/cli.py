@@ -13,11 +13,16 @@ import sys
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from streamer import __version__
 from streamer.config import ConfigError, env_var_name, setting_name, unknown_env_vars
 from streamer.tools import stdout
 from streamer.tools.cli_options import add_settings_arguments, settings_from_args
+
+if TYPE_CHECKING:  # torch: the commands that need them import them
+    from streamer.tools.horizon_eval import StepScore
+    from streamer.tools.replay import ReplayReport
 
 EXIT_CONFIG = 2
 EXIT_KAFKA = 1  # the broker could not be reached, or refused what was asked of it
@@ -104,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # here, not at exit: a reader gone (`| head`) is caught below
+        return code
     except ConfigError as exc:
         print(f"streamer {args.command}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -354,9 +361,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
         try:  # checked writable before the replay; a disk filling up shows only now
             write(path)
         except OSError as exc:
-            _print_replay_report(report, steps, args.top)
             print(f"streamer replay: cannot write {path}: {exc.strerror or exc}",
                   file=sys.stderr)
+            _print_replay_report(report, steps, args.top)
             return 1
     if args.plot:
         from streamer.tools.plot import plot_replay
@@ -374,7 +381,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_replay_report(report, steps: list, top: int) -> None:
+def _print_replay_report(report: ReplayReport, steps: list[StepScore], top: int) -> None:
+    """The replay's report on stdout: overall and per sensor (``top`` worst), then per step."""
     from streamer.tools.horizon_eval import format_steps
     from streamer.tools.replay import format_report
 

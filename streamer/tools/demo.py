@@ -66,25 +66,23 @@ def run_demo(readings: Batch, source: str, pace: Pace, duration: float | None,
         worker_thread.start()
         producer.start()
         metrics_url = f"http://{_url_host(settings.metrics.host)}:{port}/metrics"
-        print(f"streamer demo: broker {broker.bootstrap}, {len(readings):,} readings of "
-              f"{len(set(readings.sensor_ids))} sensors from {source} at {pace.rate:g}/s, metrics "
-              f"{metrics_url}. Ctrl-C stops.", flush=True)
+        banner = (f"streamer demo: broker {broker.bootstrap}, {len(readings):,} readings of "
+                  f"{len(set(readings.sensor_ids))} sensors from {source} at {pace.rate:g}/s, "
+                  f"metrics {metrics_url}. Ctrl-C stops.")
         started = time.monotonic()
         status = StatusLine(worker)
+        # A reader of stdout that leaves (`| head`) stops the demo, as Ctrl-C does.
+        if not stdout.shown(lambda: print(banner, flush=True)):
+            stop.set()
         while not stop.wait(STATUS_EVERY_S):
-            try:
-                status.print()
-            except BrokenPipeError as exc:  # its reader left (`| head`): stop, as Ctrl-C does
-                if not stdout.reader_gone(exc):
-                    raise
-                stdout.silence()
+            if not stdout.shown(status.print):
                 stop.set()
             if duration is not None and time.monotonic() - started >= duration:
                 stop.set()
         producer.join(timeout=10)
         worker.stop()
         worker_thread.join(timeout=15)
-        status.print(final=True)
+        stdout.shown(lambda: status.print(final=True))
     for name, exc in failures:
         print(f"streamer demo: the {name} failed, so the demo stopped: {exc}", file=sys.stderr)
     logging.getLogger("streamer").info("demo stopped")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import select
 import sys
+from collections.abc import Callable
 
 # What a shell reports for a program that a closed pipe stopped (128 + SIGPIPE), as `yes | head`.
 EXIT_READER_GONE = 141
@@ -32,3 +33,15 @@ def silence() -> None:
         os.dup2(devnull, sys.stdout.fileno())
     finally:
         os.close(devnull)
+
+
+def shown(write: Callable[[], object]) -> bool:
+    """Run ``write`` (printing to stdout); False, stdout silenced, when its reader has left."""
+    try:
+        write()
+    except BrokenPipeError as exc:
+        if not reader_gone(exc):
+            raise
+        silence()
+        return False
+    return True

@@ -97,8 +97,8 @@ def test_a_table_too_large_for_memory_is_refused_before_it_is_allocated(small_co
     # limit, else the kernel's OOM kill once the zeroed state was written.
     from streamer.core import learner as learner_module
 
-    per_slot = sum(learner_module._held_bytes(part)
-                   for part in Learner(small_config)._slot_state(1))
+    per_slot, on_gpu = learner_module.held_bytes(Learner(small_config)._slot_state(1))
+    assert on_gpu == 0  # on the CPU
     monkeypatch.setattr(learner_module, "memory_limit_bytes", lambda: per_slot * 100)
     Learner(LearnerConfig(**{**small_config.to_dict(), "initial_capacity": 64}))  # fits
     with pytest.raises(learner_module.StateTooLarge, match=(
@@ -107,16 +107,26 @@ def test_a_table_too_large_for_memory_is_refused_before_it_is_allocated(small_co
         Learner(LearnerConfig(**{**small_config.to_dict(), "initial_capacity": 101,
                                  "max_sensors": 128}))
     # The default model: a little under 4 kB a slot.
-    default = sum(learner_module._held_bytes(part) for part in Learner(LearnerConfig(
+    default, _ = learner_module.held_bytes(Learner(LearnerConfig(
         device="cpu", initial_capacity=1))._slot_state(1))
     assert 3_000 < default < 5_000
 
 
-def test_the_memory_limit_is_the_machines_or_lower():
+def test_the_memory_limit_is_the_containers_when_it_has_one_else_the_machines(tmp_path,
+                                                                           monkeypatch):
     import os
 
-    from streamer.core.device import memory_limit_bytes
-    assert 0 < memory_limit_bytes() <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    from streamer.core import device
+
+    machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    monkeypatch.setattr(device, "_CGROUP_LIMITS", (v2, v1))
+    assert device.memory_limit_bytes() == machine  # no cgroup files
+    v2.write_text("max\n")  # cgroup v2 without a limit
+    v1.write_text("9223372036854771712\n")  # cgroup v1 without a limit
+    assert device.memory_limit_bytes() == machine
+    v2.write_text("536870912\n")
+    assert device.memory_limit_bytes() == 512 * 2**20
 
 
 def test_evicted_slot_is_reused_with_zeroed_state(small_config):

@@ -119,7 +119,11 @@ def test_a_worker_prefers_its_own_checkpoint_and_reads_each_unusable_one_once(tm
         assert mine.latest(prefer="w9").offsets == {TP: 30}  # none of its own: the newest
     assert caplog.text.count("w1-0000000002.json unusable") == 1
     (tmp_path / "w1-0000000001.ckpt").write_bytes(b"")
-    assert mine.latest(prefer="w1").offsets == {TP: 30}  # none of its own usable: anyone's
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert mine.latest(prefer="w1").offsets == {TP: 30}  # none of its own usable: anyone's
+    assert caplog.text.count("w1-0000000001.json unusable") == 1
+    assert caplog.text.count("w1-0000000002.json unusable") == 1
 
 
 def test_a_damaged_manifest_is_reported_once_and_the_previous_checkpoint_used(tmp_path, caplog):

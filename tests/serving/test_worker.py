@@ -972,7 +972,10 @@ def test_worker_refuses_to_start_fresh_over_unusable_checkpoints_when_told_to(
 
 
 def test_a_sensor_table_too_large_for_memory_stops_the_worker_as_a_configuration_error(
-        tmp_path):
+        tmp_path, monkeypatch):
+    from streamer.core import learner
+
+    monkeypatch.setattr(learner, "memory_limit_bytes", lambda: 2**30)  # whatever the host has
     settings = load_settings({"device": "cpu", "checkpoint.dir": str(tmp_path),
                               "sensors.max_sensors": "100000000",
                               "sensors.initial_capacity": "100000000"})

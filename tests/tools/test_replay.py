@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import os
 import subprocess
 import sys
 from collections import defaultdict
@@ -358,9 +359,10 @@ def test_a_report_reader_that_leaves_early_cuts_the_report_not_the_files(tmp_pat
     path = tmp_path / "r.csv"
     path.write_text("sensor_id,ts,value\na,1717171717,1\na,1717171777,2\nb,1717171717,5\n")
     out, report = tmp_path / "f.csv", tmp_path / "r.json"
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # (CI sets it)
     replay = subprocess.Popen([sys.executable, "-m", "streamer", "replay", str(path), "--device",
                                "cpu", "--out", str(out), "--json", str(report)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=buffered)
     replay.stdout.close()  # the reader is gone before the report is printed (torch loads first)
     _, err = replay.communicate(timeout=120)
     assert replay.returncode == 141 and not err, err.decode()  # as a shell's `yes | head`
@@ -376,8 +378,12 @@ def test_a_broken_pipe_that_is_not_stdout_is_not_taken_for_a_reader_gone():
     assert done.stdout == "False False\n"
 
 
-def test_a_sensor_table_too_large_for_memory_is_a_configuration_error(tmp_path, capsys):
+def test_a_sensor_table_too_large_for_memory_is_a_configuration_error(tmp_path, capsys,
+                                                                     monkeypatch):
     # It allocated ~370 GB up front: a numpy MemoryError traceback, or the OOM killer.
+    from streamer.core import learner
+
+    monkeypatch.setattr(learner, "memory_limit_bytes", lambda: 2**30)  # whatever the host has
     path = tmp_path / "r.csv"
     path.write_text("sensor_id,ts,value\na,1717171717,1\n")
     code = main(["replay", str(path), "--device", "cpu", "--sensors-max-sensors", "100000000",
