@@ -596,7 +596,8 @@ class SensorSettings(_Section):
         le=MAX_SENSORS,
         description="Sensor slots allocated up front; the table grows up to max_sensors. "
         "Unset, it is never above max_sensors. More than the process's memory (the machine's, "
-        "or its container's limit) holds is refused at start-up (exit 2).",
+        "or its container's limit; on a CUDA device, the GPU's for the LSTM state) holds is "
+        "refused at start-up (exit 2).",
     )
     idle_ttl_seconds: float | None = Field(
         _LEARNER_DEFAULTS["sensor_ttl_seconds"],
