@@ -470,6 +470,35 @@ def test_gpu_overlay_patches_image_and_gpu_limit() -> None:
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
+def test_each_overlay_names_its_own_image_and_the_base_none() -> None:
+    # The base renamed the image (newName set there, as the README said): the gpu overlay's
+    # transform, matching "streamer", then missed it and GPU pods ran the CPU image.
+    assert "images" not in load_yaml(K8S / "base" / "kustomization.yaml")
+    for overlay, tag in ((K8S, "0.1.0"), (K8S / "gpu", "0.1.0-cuda")):
+        (image,) = load_yaml(overlay / "kustomization.yaml")["images"]
+        assert (image["name"], image["newTag"]) == ("streamer", tag)
+
+
+def test_a_registry_set_as_the_readme_says_reaches_both_images(tmp_path: Path) -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed")
+    copy = tmp_path / "k8s"
+    shutil.copytree(K8S, copy)
+    for overlay in (copy, copy / "gpu"):
+        kustomization = overlay / "kustomization.yaml"
+        kustomization.write_text(kustomization.read_text().replace(
+            "  - name: streamer\n",
+            "  - name: streamer\n    newName: registry.example.com/streamer\n"))
+    for overlay, image in ((copy, "registry.example.com/streamer:0.1.0"),
+                           (copy / "gpu", "registry.example.com/streamer:0.1.0-cuda")):
+        proc = run_tool([kubectl, "kustomize", str(overlay)])
+        assert proc.returncode == 0, proc.stderr
+        (deployment,) = [d for d in yaml.safe_load_all(proc.stdout) if d and
+                         d["kind"] == "Deployment"]
+        assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == image
+
+
 @pytest.mark.parametrize("overlay", [K8S, K8S / "gpu"], ids=["cpu", "gpu"])
 def test_kustomize_builds(overlay: Path) -> None:
     kubectl = shutil.which("kubectl")
