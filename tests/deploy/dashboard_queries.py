@@ -17,7 +17,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "streamer.json"
 
-# What Grafana would put in place of each variable when "All" is selected and the range is short.
+# What Grafana would put in place of each variable when "All" is selected and the range is short
+# (for job and instance the values their queries list, as a regex: `.*` stands in for them where
+# only streamer is scraped; all_selected() gives the real ones).
 DEFAULT_VARIABLES: Mapping[str, str] = {
     "job": ".*",
     "instance": ".*",
@@ -92,13 +94,16 @@ def variable_selectors(
     """For each ``label_values(selector, label)`` variable: (substituted selector, label)."""
     found: dict[str, tuple[str, str]] = {}
     for var in dashboard.get("templating", {}).get("list", []):
-        query = var.get("query")
-        text = query.get("query", "") if isinstance(query, dict) else str(query or "")
-        match = _LABEL_VALUES.match(text)
+        match = _LABEL_VALUES.match(_query_text(var))
         if match:
             selector = substitute(match.group("selector") or "", variables)
             found[var["name"]] = (selector, match.group("label"))
     return found
+
+
+def _query_text(var: Mapping) -> str:
+    query = var.get("query")
+    return query.get("query", "") if isinstance(query, dict) else str(query or "")
 
 
 # PromQL words that are not metric names.
@@ -132,11 +137,35 @@ def query(base: str, promql: str) -> dict:
         return json.load(resp)
 
 
+def all_selected(base: str, dashboard: Mapping) -> dict[str, str]:
+    """The variables as Grafana sets them with "All" selected in each, against the Prometheus at
+    ``base``: the variable's allValue if it has one, else a regex of every value its query
+    lists."""
+    variables = dict(DEFAULT_VARIABLES)
+    for var in dashboard.get("templating", {}).get("list", []):  # each after those it names
+        match = _LABEL_VALUES.match(_query_text(var))
+        if not match:
+            continue
+        if "allValue" in var:
+            variables[var["name"]] = var["allValue"]
+            continue
+        selector = substitute(match.group("selector") or "", variables)
+        url = (f"{base}/api/v1/label/{match.group('label')}/values?"
+               f"{urllib.parse.urlencode({'match[]': selector})}")
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            values = json.load(resp)["data"]
+        # Regex-escaped, then escaped again for a PromQL string, as Grafana does.
+        variables[var["name"]] = "(" + "|".join(re.escape(v).replace("\\", "\\\\")
+                                                for v in values) + ")"
+    return variables
+
+
 def panels_without_data(base: str) -> list[str]:
-    """Run every dashboard query against ``base``; each must succeed. Returns the
-    ``panel/refId`` of those that returned no series."""
+    """Run every dashboard query against ``base``, "All" selected as Grafana selects it; each
+    must succeed. Returns the ``panel/refId`` of those that returned no series."""
     empty = []
-    for where, promql in runnable_queries(load_dashboard()):
+    dashboard = load_dashboard()
+    for where, promql in runnable_queries(dashboard, all_selected(base, dashboard)):
         response = query(base, promql)
         assert response["status"] == "success", f"{where}: {promql}: {response}"
         if not response["data"]["result"]:

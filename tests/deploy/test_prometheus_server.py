@@ -17,7 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from dashboard_queries import panels_without_data, query
+from dashboard_queries import (
+    all_selected,
+    load_dashboard,
+    panels_without_data,
+    query,
+    runnable_queries,
+)
 from prometheus_client import CollectorRegistry
 from test_prometheus_rules import alert_rules
 
@@ -119,6 +125,7 @@ def prometheus(
     if binary is None:
         pytest.skip("prometheus not installed (apt-get install prometheus)")
     tmp_path = tmp_path_factory.mktemp("prometheus")
+    port = free_port()
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(ALERTS)],
@@ -126,12 +133,15 @@ def prometheus(
             {
                 "job_name": "streamer",
                 "static_configs": [{"targets": [f"127.0.0.1:{worker_target.port}"]}],
-            }
+            },
+            {   # itself, as in the compose stack: a target that is no worker
+                "job_name": "prometheus",
+                "static_configs": [{"targets": [f"127.0.0.1:{port}"]}],
+            },
         ],
     }
     config_file = tmp_path / "prometheus.yml"
     config_file.write_text(yaml.safe_dump(config))
-    port = free_port()
     log = (tmp_path / "prometheus.log").open("wb")
     proc = subprocess.Popen(
         [
@@ -181,6 +191,21 @@ def test_every_dashboard_query_runs_and_returns_data(prometheus: str) -> None:
     wait_for_samples(prometheus, samples=5)
     # Each query names exported metrics with the right labels, so each must return series.
     assert panels_without_data(prometheus) == []
+
+
+def test_with_all_selected_the_panels_count_only_streamer_workers(prometheus: str) -> None:
+    # allValue ".*" matched every target: "Workers up" read 2 with one worker and Prometheus
+    # scraping itself (the compose stack), the CPU and memory panels showed Prometheus too.
+    wait_for_samples(prometheus, samples=2)
+    dashboard = load_dashboard()
+    variables = all_selected(prometheus, dashboard)
+    assert variables["job"] == "(streamer)"
+    for where, promql in runnable_queries(dashboard, variables):
+        if where.split("/")[0] in ("Workers up", "CPU", "Resident memory"):
+            result = query(prometheus, promql)["data"]["result"]
+            assert len(result) == 1, (where, result)
+            if where.startswith("Workers up"):
+                assert float(result[0]["value"][1]) == 1.0
 
 
 def test_scraped_values_match_what_the_worker_observed(prometheus: str) -> None:
