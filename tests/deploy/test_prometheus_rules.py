@@ -24,6 +24,7 @@ REQUIRED_ALERTS = {
     "StreamerNoForecasts",
     "StreamerCheckpointStale",
     "StreamerWorkerDown",
+    "StreamerWorkersAbsent",
     "StreamerPartitionStalled",
     "StreamerDeadLetterFlood",
     "StreamerSensorTableNearlyFull",
