@@ -48,3 +48,19 @@ def memory_limit_bytes() -> int:
 def device_memory_bytes(device: torch.device) -> int:
     """The memory of a CUDA device, all of it (other processes' share included)."""
     return torch.cuda.mem_get_info(device)[1]
+
+
+def use_full_precision(device: torch.device) -> None:
+    """On CUDA, full float32 and deterministic kernels, as on the CPU. torch runs cuDNN's LSTM
+    in TF32 by default (a 10-bit mantissa: forecasts ~1e-3 off the CPU's, a GPU and a CPU
+    worker of one group, or a checkpoint moved between them, disagreeing) and lets cuDNN and
+    cuBLAS pick kernels whose sums differ from run to run. Process-wide settings, set through
+    torch's newer precision API only (reading the legacy ``allow_tf32`` afterwards raises)."""
+    if device.type != "cuda":
+        return
+    # cuBLAS reads this when it makes its first handle: before any CUDA work of the process.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.rnn.fp32_precision = "ieee"
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False

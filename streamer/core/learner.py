@@ -13,7 +13,12 @@ from streamer.core.batch import Batch, HorizonResult, StepResult, UpdateStats
 from streamer.core.clock import EventClock
 from streamer.core.compiled import kernel
 from streamer.core.config import MAX_WINDOWS_PER_UPDATE, LearnerConfig
-from streamer.core.device import device_memory_bytes, memory_limit_bytes, resolve_device
+from streamer.core.device import (
+    device_memory_bytes,
+    memory_limit_bytes,
+    resolve_device,
+    use_full_precision,
+)
 from streamer.core.experts import N_EXPERTS, PERSISTENCE, expert_forecasts, weigh_experts
 from streamer.core.grouping import Groups, group_by_slot
 from streamer.core.horizon import N_HORIZON_EXPERTS, HorizonState, horizon_experts
@@ -80,6 +85,7 @@ class Learner:
     def __init__(self, config: LearnerConfig):
         self.config = config
         self.device = resolve_device(config.device)
+        use_full_precision(self.device)
         n_inputs = input_size(config.n_features)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
