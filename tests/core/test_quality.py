@@ -27,4 +27,5 @@ def test_no_sensor_loses_to_persistence_on_a_mixed_fleet_with_sentinels_and_rand
     assert worst.rel_mae <= 1.1, worst
     assert report.rel_mae < 0.9, report.rel_mae
     sentinel_sensors = [s for s in report.sensors if s.sensor_id.startswith(("q00", "q08"))]
+    assert len(sentinel_sensors) == 2, [s.sensor_id for s in report.sensors]
     assert all(s.rel_mae < 1.0 for s in sentinel_sensors), sentinel_sensors

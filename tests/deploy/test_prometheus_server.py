@@ -200,12 +200,15 @@ def test_with_all_selected_the_panels_count_only_streamer_workers(prometheus: st
     dashboard = load_dashboard()
     variables = all_selected(prometheus, dashboard)
     assert variables["job"] == "(streamer)"
+    checked = set()
     for where, promql in runnable_queries(dashboard, variables):
         if where.split("/")[0] in ("Workers up", "CPU", "Resident memory"):
+            checked.add(where.split("/")[0])
             result = query(prometheus, promql)["data"]["result"]
             assert len(result) == 1, (where, result)
             if where.startswith("Workers up"):
                 assert float(result[0]["value"][1]) == 1.0
+    assert checked == {"Workers up", "CPU", "Resident memory"}
 
 
 def test_scraped_values_match_what_the_worker_observed(prometheus: str) -> None:

@@ -148,8 +148,8 @@ def test_a_worker_with_no_partition_to_hold_exports_zero_assigned_and_its_peer_o
              first.log)
     second = worker_factory(inp, out, dlq, group_id, name="w2").start()
     second.wait_ready()  # ready: it idles, waiting for a partition
-    wait_for(lambda: second.metric("streamer_assigned_partitions") == 0, 30, "w2 idle",
-             second.log)
+    wait_for(lambda: second.metric("streamer_assigned_partitions", required=True) == 0, 30,
+             "w2 idle", second.log)
     wait_for(lambda: first.metric("streamer_assigned_partitions") == 1, 30, "w1 still holding",
              first.log)  # (a rebalance may have moved it; then w2 holds it and w1 idles)
 

@@ -56,6 +56,18 @@ def test_demo_forecasts_the_bundled_sample_and_stops_after_its_duration(broker) 
 
 
 @pytest.mark.broker
+def test_a_reader_of_its_output_that_leaves_stops_the_demo_as_ctrl_c_does(broker) -> None:
+    # `streamer demo | head -1`: a BrokenPipeError traceback left the broker to a dying process.
+    demo = _demo("--rate", "500")
+    assert demo.stdout.readline().startswith("streamer demo: broker ")
+    demo.stdout.close()  # the next status line finds no reader
+    demo.wait(timeout=90)
+    err = demo.stderr.read()
+    assert demo.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err[-3000:]
+
+
+@pytest.mark.broker
 def test_ctrl_c_stops_the_demo_cleanly_without_broker_errors(broker) -> None:
     demo = _demo("--rate", "500")
     serving = time.monotonic() + 15  # broker, topics, worker, first forecasts
