@@ -18,7 +18,6 @@ from streamer.kafka.errors import (
     KafkaClientError,
     TopicCreationRefused,
     TopicMissing,
-    connecting,
     converted_errors,
 )
 
@@ -33,8 +32,7 @@ _NO_TOPIC_ID = "00000000-0000-0000-0000-000000000000"  # what a broker without t
 def admin_client(connection: KafkaConnection, **settings: Any) -> Iterator[KafkaAdminClient]:
     """A connected admin client (``settings``: KafkaAdminClient's), closed on exit;
     BrokerUnavailable if none answers."""
-    with connecting("connecting the admin client"):
-        admin = connection.kafka_python(KafkaAdminClient, **settings)
+    admin = connection.kafka_python(KafkaAdminClient, "connecting the admin client", **settings)
     try:
         yield admin
     finally:

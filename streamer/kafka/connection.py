@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from streamer.kafka.errors import connecting
+
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -99,14 +101,17 @@ class KafkaConnection:
         config.update({key: value for key, value in optional.items() if value is not None})
         return config
 
-    def kafka_python(self, factory: Callable[..., T], **settings: Any) -> T:
+    def kafka_python(self, factory: Callable[..., T], action: str = "connecting to the brokers",
+                     **settings: Any) -> T:
         """``factory(**kafka_python_config(), **settings)`` (KafkaConsumer, KafkaProducer,
         KafkaAdminClient) on kafka-python's network client with the IO stall warning at
         ``IO_STALL_WARNING_S``. kafka-python 3 starts that client, with its own IO thread,
         before it bootstraps, and leaves both behind when bootstrapping fails: a worker retrying
         through an outage would gain a thread and a socket pair per attempt. Those of a failed
-        construction are closed here. Records whose header key is not UTF-8 are read, not
-        failed (streamer.kafka.header_keys)."""
+        construction are closed here. Its errors are converted as ``connecting(action)`` does
+        (BrokerUnavailable saying why the last attempt failed, AuthenticationFailed for refused
+        credentials). Records whose header key is not UTF-8 are read, not failed
+        (streamer.kafka.header_keys)."""
         from streamer.kafka.header_keys import read_header_keys_leniently
 
         read_header_keys_leniently()
@@ -118,14 +123,15 @@ class KafkaConnection:
             made.append(client)
             return client
 
-        try:
-            return factory(**{**self.kafka_python_config(), "kafka_client": tracked,
-                              **settings})
-        except BaseException:
-            for client in made:
-                with contextlib.suppress(Exception):
-                    client.close()
-            raise
+        with connecting(action):
+            try:
+                return factory(**{**self.kafka_python_config(), "kafka_client": tracked,
+                                  **settings})
+            except BaseException:
+                for client in made:
+                    with contextlib.suppress(Exception):
+                        client.close()
+                raise
 
     def librdkafka_config(self) -> dict[str, Any]:
         """The same settings as librdkafka properties (confluent-kafka's clients), its log

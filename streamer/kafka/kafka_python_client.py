@@ -36,7 +36,6 @@ from streamer.kafka.errors import (
     BrokerUnavailable,
     KafkaClientError,
     UndecodableBatch,
-    connecting,
     convert,
     converted_errors,
 )
@@ -192,20 +191,20 @@ class KafkaPythonClient:
         self._stalled: dict[PartitionId, UndecodableBatch] = {}
         self._unreachable_since: float | None = None
         self._lock = threading.Lock()  # guards lazy producer (re)creation
-        with connecting("connecting the consumer"):
-            self._consumer = connection.kafka_python(
-                KafkaConsumer,
-                group_id=consumer.group_id,
-                enable_auto_commit=False,
-                auto_offset_reset=consumer.auto_offset_reset,
-                isolation_level=consumer.isolation_level,
-                allow_auto_create_topics=AUTO_CREATE_TOPICS,
-                session_timeout_ms=consumer.session_timeout_ms,
-                heartbeat_interval_ms=consumer.heartbeat_interval_ms,
-                fetch_max_wait_ms=consumer.fetch_max_wait_ms,
-                max_poll_records=consumer.max_poll_records,
-                max_poll_interval_ms=consumer.max_poll_interval_ms,
-            )
+        self._consumer = connection.kafka_python(
+            KafkaConsumer,
+            "connecting the consumer",
+            group_id=consumer.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset=consumer.auto_offset_reset,
+            isolation_level=consumer.isolation_level,
+            allow_auto_create_topics=AUTO_CREATE_TOPICS,
+            session_timeout_ms=consumer.session_timeout_ms,
+            heartbeat_interval_ms=consumer.heartbeat_interval_ms,
+            fetch_max_wait_ms=consumer.fetch_max_wait_ms,
+            max_poll_records=consumer.max_poll_records,
+            max_poll_interval_ms=consumer.max_poll_interval_ms,
+        )
         self._producer: KafkaProducer | None = None
         try:
             self._producer = self._new_producer()
@@ -515,11 +514,9 @@ class KafkaPythonClient:
             )
 
     def _new_producer(self) -> KafkaProducer:
-        with connecting("connecting the producer"):
-            return self._connection.kafka_python(
-                KafkaProducer, **producer_config(self._producer_settings),
-                partitioner=_KeyHashCachingPartitioner(),
-                allow_auto_create_topics=AUTO_CREATE_TOPICS)
+        return self._connection.kafka_python(
+            KafkaProducer, "connecting the producer", **producer_config(self._producer_settings),
+            partitioner=_KeyHashCachingPartitioner(), allow_auto_create_topics=AUTO_CREATE_TOPICS)
 
     def _current_producer(self) -> KafkaProducer:
         with self._lock:

@@ -21,7 +21,6 @@ from kafka.errors import MessageSizeTooLargeError
 from streamer.kafka.admin import ensure_topics
 from streamer.kafka.client import AUTO_CREATE_TOPICS, ProducerSettings
 from streamer.kafka.connection import KafkaConnection
-from streamer.kafka.errors import connecting
 
 log = logging.getLogger(__name__)
 # The newest record per worker is what counts: compacted, and segments rolled hourly so that
@@ -120,12 +119,12 @@ class ModelTopic:
                 # again, or the brokers lost it) is an error, so that we reconnect and read the
                 # new log from its start, instead of kafka-python's reset to its end, which
                 # skipped what peers wrote to it meanwhile.
-                with connecting("connecting the model topic's consumer"):  # (says why not)
-                    consumer = self.connection.kafka_python(
-                        KafkaConsumer, group_id=None, enable_auto_commit=False,
-                        auto_offset_reset="none", allow_auto_create_topics=AUTO_CREATE_TOPICS,
-                        fetch_max_wait_ms=int(POLL_S * 1000),
-                        max_partition_fetch_bytes=self.max_message_bytes * 2)
+                consumer = self.connection.kafka_python(
+                    KafkaConsumer, "connecting the model topic's consumer", group_id=None,
+                    enable_auto_commit=False, auto_offset_reset="none",
+                    allow_auto_create_topics=AUTO_CREATE_TOPICS,
+                    fetch_max_wait_ms=int(POLL_S * 1000),
+                    max_partition_fetch_bytes=self.max_message_bytes * 2)
                 partition = TopicPartition(self.topic, 0)
                 consumer.assign([partition])
                 # Below this offset is history (written before we were reading): its age can
@@ -144,12 +143,11 @@ class ModelTopic:
                 self.caught_up = False
                 # max_block_ms: a topic the brokers lost held a send 60 s (kafka-python's
                 # default) waiting for its metadata before the reconnect that makes it again.
-                with connecting("connecting the model topic's producer"):
-                    producer = self.connection.kafka_python(
-                        KafkaProducer, acks="all", linger_ms=0,
-                        allow_auto_create_topics=AUTO_CREATE_TOPICS,
-                        max_request_size=self.max_message_bytes,
-                        max_block_ms=ProducerSettings.max_block_ms)
+                producer = self.connection.kafka_python(
+                    KafkaProducer, "connecting the model topic's producer", acks="all",
+                    linger_ms=0, allow_auto_create_topics=AUTO_CREATE_TOPICS,
+                    max_request_size=self.max_message_bytes,
+                    max_block_ms=ProducerSettings.max_block_ms)
                 self._serve(consumer, producer, partition, live_from)
                 return
             except Exception as exc:  # noqa: BLE001 - any Kafka trouble: count, wait, reconnect

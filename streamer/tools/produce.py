@@ -16,7 +16,7 @@ from kafka.errors import KafkaTimeoutError
 from streamer.core import Batch
 from streamer.kafka.client import ProducerSettings
 from streamer.kafka.connection import KafkaConnection
-from streamer.kafka.errors import connecting, converted_errors
+from streamer.kafka.errors import converted_errors
 from streamer.kafka.kafka_python_client import close_producer, producer_config
 
 log = logging.getLogger("streamer.produce")
@@ -79,8 +79,8 @@ def produce(readings: Batch, connection: KafkaConnection, topic: str, pace: Pace
     span = loop_span(finite)
     shift = time.time() - float(finite.max()) if time_shift and loop and len(finite) else 0.0
     settings = settings or ProducerSettings()
-    with connecting("connecting the producer"):
-        producer = connection.kafka_python(KafkaProducer, **producer_config(settings))
+    producer = connection.kafka_python(KafkaProducer, "connecting the producer",
+                                       **producer_config(settings))
     sent, started = 0, time.monotonic()
     unacked: deque = deque()  # send futures in order, dropped once acknowledged
     first_ts = float(finite[0]) if len(finite) else 0.0
