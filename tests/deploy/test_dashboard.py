@@ -104,6 +104,14 @@ def test_every_rate_uses_rate_interval(dashboard: dict) -> None:
             assert call.group(1) == "$__rate_interval", f"{query.panel}: {query.expr}"
 
 
+def test_event_counts_are_rates_whatever_the_zoom(dashboard: dict) -> None:
+    # increase() over $__rate_interval counts events in a window that widens as the panel
+    # zooms out (and overlaps the next point's), so "3 failures" meant nothing on its own; a
+    # rate, shown per minute or per second as its legend says, reads the same at every zoom.
+    for query in panel_queries(dashboard):
+        assert not re.search(r"\bincrease\s*\(", query.expr), f"{query.panel}: {query.expr}"
+
+
 def test_every_selector_filters_on_job_and_instance(dashboard: dict) -> None:
     for query in panel_queries(dashboard):
         expr = re.sub(r"\b(?:by|without|on)\s*\([^)]*\)", "", query.expr)
