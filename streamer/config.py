@@ -8,11 +8,13 @@ The core never sees this module: ``Settings.learner_config()`` hands it a plain 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
+import os
 import re
 import ssl
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -94,6 +96,11 @@ def setting_name(dotted: str) -> str:
 
 
 _named = setting_name  # the short form the validators below use
+
+
+def _lower(value: Any) -> Any:
+    """A choice as its lower-case name: GZIP, Latest, CUDA are what the user meant."""
+    return value.lower() if isinstance(value, str) else value
 
 
 def table_too_large(detail: object) -> ConfigError:
@@ -300,6 +307,12 @@ class KafkaSettings(_Section):
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("auto_offset_reset", "isolation_level", "compression_type", "client",
+                     mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return _lower(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> KafkaSettings:
@@ -819,6 +832,11 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device_lower(cls, value: Any) -> Any:
+        return _lower(value)
+
     @field_validator("device")
     @classmethod
     def _device_name(cls, value: str) -> str:
@@ -939,8 +957,24 @@ def _format_settings_error(err: SettingsError) -> str:
 
 
 # STREAMER_* variables that are no settings on purpose: the test failpoints, and what Kubernetes
-# sets for a Service named streamer (STREAMER_PORT_9100_TCP_ADDR, STREAMER_SERVICE_HOST, ...).
-_NOT_SETTINGS = re.compile(rf"^{ENV_PREFIX}(FAILPOINTS$|PORT|SERVICE_)")
+# sets for a Service named streamer (STREAMER_SERVICE_HOST, STREAMER_SERVICE_PORT[_<NAME>],
+# STREAMER_PORT_9100_TCP[_ADDR|_PORT|_PROTO], and STREAMER_PORT=tcp://...: below). Only those
+# shapes: STREAMER_PORT=8080 or STREAMER_PORTS is a misspelt setting like any other.
+_NOT_SETTINGS = re.compile(
+    rf"^{ENV_PREFIX}(FAILPOINTS|SERVICE_HOST|SERVICE_PORT(_\w+)?"
+    r"|PORT_\d+_(TCP|UDP|SCTP)(_(ADDR|PORT|PROTO))?)$")
+_SERVICE_LINK = re.compile(r"^(tcp|udp|sctp)://", re.IGNORECASE)
+
+
+def _not_a_setting(upper: str, value: str) -> bool:
+    return bool(_NOT_SETTINGS.match(upper)) or (
+        upper == f"{ENV_PREFIX}PORT" and bool(_SERVICE_LINK.match(value)))
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """`` (did you mean X?)`` for the closest of ``choices`` to a misspelt ``name``, or ``""``."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def unknown_env_vars(environ: Mapping[str, str]) -> list[str]:
@@ -951,13 +985,19 @@ def unknown_env_vars(environ: Mapping[str, str]) -> list[str]:
                 if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)}
     leaves = {field.env_var for field in setting_fields()}
     unknown = []
-    for name in environ:
+    for name, value in environ.items():
         upper = name.upper()  # the settings read their variables whatever the case
-        if not upper.startswith(ENV_PREFIX) or upper in leaves or _NOT_SETTINGS.match(upper):
+        if not upper.startswith(ENV_PREFIX) or upper in leaves or _not_a_setting(upper, value):
             continue
         if upper[len(ENV_PREFIX):].split(ENV_NESTED_DELIMITER, 1)[0] not in sections:
             unknown.append(name)
     return sorted(unknown)
+
+
+def describe_unknown_env_var(name: str) -> str:
+    """``name`` with the setting it most likely meant: ``STREAMER_DEVCE (did you mean
+    STREAMER_DEVICE?)``."""
+    return name + did_you_mean(name.upper(), (field.env_var for field in setting_fields()))
 
 
 def _describe_location(loc: tuple[int | str, ...]) -> str | None:
@@ -970,20 +1010,67 @@ def _describe_location(loc: tuple[int | str, ...]) -> str | None:
     return None
 
 
-def format_validation_error(err: ValidationError) -> str:
-    """One line naming every invalid field by its env var and CLI flag, and what is wrong."""
+def _set_by(path: tuple[str, ...], environ: Mapping[str, str]) -> list[str]:
+    """The variables of ``environ`` that reached ``path``: its own, one below it (a deeper name
+    than there is), or a section's JSON above it."""
+    own = env_var_name(path)
+    above = {env_var_name(path[:end]) for end in range(1, len(path))}
+    return sorted(name for name in environ
+                  if (upper := name.upper()) == own or upper in above
+                  or upper.startswith(own + ENV_NESTED_DELIMITER))
+
+
+def _unknown_setting(path: tuple[str, ...], environ: Mapping[str, str]) -> str:
+    """``kafka.group (set by STREAMER_KAFKA__GROUP__ID): unknown setting (did you mean
+    kafka.group_id?)``: the variable the user wrote, not the one the name would have."""
+    own, set_by = env_var_name(path), _set_by(path, environ)
+    origin = own if {name.upper() for name in set_by} <= {own} else f"set by {', '.join(set_by)}"
+    siblings = (field.dotted for field in setting_fields() if field.path[:-1] == path[:-1])
+    return (f"{'.'.join(path)} ({origin}): unknown setting"
+            + did_you_mean(".".join(path).lower(), siblings))
+
+
+def _is_secret(loc: tuple[int | str, ...]) -> bool:
+    names = tuple(part for part in loc if isinstance(part, str))
+    return any(field.path == names[:len(field.path)] and "SecretStr" in str(field.info.annotation)
+               for field in setting_fields())
+
+
+def _what_was_read(loc: tuple[int | str, ...], value: Any, environ: Mapping[str, str]) -> str:
+    """``, got '45s'`` (never a secret's value); for a leaf given sub-settings by a deeper
+    variable, the variables that did it."""
+    if _is_secret(loc):
+        return ""
+    if isinstance(value, dict):
+        names = tuple(part for part in loc if isinstance(part, str))
+        deeper = [name for name in _set_by(names, environ)
+                  if name.upper().startswith(env_var_name(names) + ENV_NESTED_DELIMITER)]
+        if deeper:
+            return f", got sub-settings from {', '.join(deeper)}, which sets no setting"
+    text = repr(value)
+    return f", got {text if len(text) <= 80 else text[:77] + '...'}"
+
+
+def format_validation_error(err: ValidationError, environ: Mapping[str, str] | None = None) -> str:
+    """One line naming every invalid field by its env var and CLI flag, what is wrong, and the
+    value read (secrets left out). ``environ`` (``os.environ`` by default) names the variables
+    a misspelt nested name came from."""
+    environ = os.environ if environ is None else environ
     problems: list[str] = []
-    for error in err.errors(include_url=False, include_input=False):
+    for error in err.errors(include_url=False):
         message = error["msg"].removeprefix("Value error, ")
         loc = tuple(error["loc"])
         if error["type"] == "extra_forbidden":
-            path = tuple(str(part) for part in loc)
-            problems.append(f"{'.'.join(path)} ({env_var_name(path)}): unknown setting")
+            problems.append(_unknown_setting(tuple(str(part) for part in loc), environ))
             continue
         if error["type"] == "model_type" and len(loc) == 1:  # a section set whole, not an object
             problems.append(f"{loc[0]} ({env_var_name((str(loc[0]),))}): expected a JSON object "
                             "of its settings")
             continue
         where = _describe_location(loc)
+        # This module's validators say what they got where it helps; pydantic's own do not.
+        if (where and error["type"] != "value_error" and ", got " not in message
+                and "input" in error):
+            message += _what_was_read(loc, error["input"], environ)
         problems.append(f"{where}: {message}" if where else message)
     return "invalid configuration: " + "; ".join(problems)

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from streamer.config import (
     ConfigError,
     Settings,
+    describe_unknown_env_var,
     load_settings,
     setting_fields,
     unknown_env_vars,
@@ -212,7 +213,7 @@ def test_invalid_env_value_names_env_var_and_flag(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("STREAMER_KAFKA__GROUP_ID", "")
     assert error_message() == (
         "invalid configuration: kafka.group_id (STREAMER_KAFKA__GROUP_ID / --kafka-group-id): "
-        "String should have at least 1 character"
+        "String should have at least 1 character, got ''"
     )
 
 
@@ -221,7 +222,7 @@ def test_invalid_flag_value_names_env_var_and_flag() -> None:
         settings_from_args(parse("--metrics-port", "http"))
     assert str(caught.value) == (
         "invalid configuration: metrics.port (STREAMER_METRICS__PORT / --metrics-port): "
-        "Input should be a valid integer, unable to parse string as an integer"
+        "Input should be a valid integer, unable to parse string as an integer, got 'http'"
     )
 
 
@@ -229,7 +230,7 @@ def test_every_invalid_field_is_reported_in_one_message() -> None:
     assert error_message({"metrics.port": 70000, "device": "gpu"}) == (
         "invalid configuration: "
         "metrics.port (STREAMER_METRICS__PORT / --metrics-port): "
-        "Input should be less than or equal to 65535; "
+        "Input should be less than or equal to 65535, got 70000; "
         "device (STREAMER_DEVICE / --device): expected auto, cpu, cuda or cuda:N, got 'gpu'"
     )
 
@@ -240,12 +241,51 @@ def test_config_error_keeps_the_validation_error_as_its_cause() -> None:
     assert isinstance(caught.value.__cause__, ValidationError)
 
 
-def test_misspelt_nested_env_var_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_misspelt_nested_env_var_is_reported_with_the_setting_it_resembles(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("STREAMER_KAFKA__BOOTSTRAP_SERVER", "k1:9092")
     assert error_message() == (
         "invalid configuration: kafka.bootstrap_server (STREAMER_KAFKA__BOOTSTRAP_SERVER): "
-        "unknown setting"
+        "unknown setting (did you mean kafka.bootstrap_servers?)"
     )
+
+
+def test_a_name_nested_too_deep_is_reported_by_the_variable_the_user_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Named by what pydantic saw (STREAMER_KAFKA__GROUP, STREAMER_KAFKA__GROUP_ID), the user
+    # looked for a variable they never set.
+    monkeypatch.setenv("STREAMER_KAFKA__GROUP__ID", "g")
+    assert error_message() == (
+        "invalid configuration: kafka.group (set by STREAMER_KAFKA__GROUP__ID): unknown setting "
+        "(did you mean kafka.group_id?)"
+    )
+    monkeypatch.delenv("STREAMER_KAFKA__GROUP__ID")
+    monkeypatch.setenv("STREAMER_KAFKA__GROUP_ID__X", "1")
+    assert error_message() == (
+        "invalid configuration: kafka.group_id (STREAMER_KAFKA__GROUP_ID / --kafka-group-id): "
+        "Input should be a valid string, got sub-settings from STREAMER_KAFKA__GROUP_ID__X, "
+        "which sets no setting"
+    )
+
+
+def test_a_misspelt_name_in_a_section_json_names_that_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("STREAMER_MODEL", '{"hiden_size": 16}')
+    assert error_message() == (
+        "invalid configuration: model.hiden_size (set by STREAMER_MODEL): unknown setting "
+        "(did you mean model.hidden_size?)"
+    )
+
+
+def test_a_secret_value_is_never_echoed_in_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMER_KAFKA", '{"sasl_password": 271828, "client_id": 314159}')
+    message = error_message()
+    assert "kafka.sasl_password (STREAMER_KAFKA__SASL_PASSWORD" in message
+    assert "271828" not in message
+    assert "got 314159" in message  # what is no secret is shown
 
 
 def test_a_section_set_whole_must_be_a_json_object(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -284,11 +324,25 @@ def test_unknown_streamer_env_vars_are_found_but_not_service_links_or_failpoints
         "STREAMER_DEVICE": "cpu", "streamer_torch_threads": "2", "STREAMER_KAFKA": "{}",
         "STREAMER_KAFKA__GROUP_ID": "g", "STREAMER_KAFKA__GROUP": "refused elsewhere",
         "STREAMER_FAILPOINTS": "after_step", "STREAMER_PORT": "tcp://10.0.0.1:9100",
-        "STREAMER_PORT_9100_TCP_ADDR": "10.0.0.1", "STREAMER_SERVICE_HOST": "10.0.0.1",
+        "STREAMER_PORT_9100_TCP": "tcp://10.0.0.1:9100", "STREAMER_PORT_9100_TCP_ADDR": "10.0.0.1",
+        "STREAMER_PORT_9100_TCP_PORT": "9100", "STREAMER_PORT_9100_TCP_PROTO": "tcp",
+        "STREAMER_SERVICE_HOST": "10.0.0.1", "STREAMER_SERVICE_PORT": "9100",
         "STREAMER_SERVICE_PORT_METRICS": "9100", "PATH": "/usr/bin",
     }
     assert unknown_env_vars(environ) == [
         "STREAMER_DEVCE", "STREAMER_KAFKA_GROUP_ID", "streamer_torch_thread"]
+
+
+def test_a_port_that_is_no_kubernetes_service_link_is_an_unknown_setting() -> None:
+    # Only Kubernetes' shapes are let through: STREAMER_PORT=8080 meant a metrics port.
+    environ = {"STREAMER_PORT": "8080", "STREAMER_PORTS": "9100", "STREAMER_PORT_X": "1"}
+    assert unknown_env_vars(environ) == ["STREAMER_PORT", "STREAMER_PORTS", "STREAMER_PORT_X"]
+
+
+def test_an_unknown_env_var_is_shown_with_the_setting_it_resembles() -> None:
+    assert describe_unknown_env_var("STREAMER_DEVCE") == (
+        "STREAMER_DEVCE (did you mean STREAMER_DEVICE?)")
+    assert describe_unknown_env_var("STREAMER_COLOUR") == "STREAMER_COLOUR"
 
 
 def test_unknown_override_is_refused() -> None:
@@ -342,6 +396,14 @@ def test_case_of_enumerated_values_does_not_matter() -> None:
     )
     assert (settings.log.level, settings.log.format) == ("DEBUG", "json")
     assert settings.kafka.security_protocol == "SSL"
+    settings = load_settings({
+        "kafka.compression_type": "GZIP", "kafka.auto_offset_reset": "Latest",
+        "kafka.isolation_level": "READ_UNCOMMITTED", "kafka.client": "Kafka-Python",
+        "device": "CPU",
+    })
+    assert (settings.kafka.compression_type, settings.kafka.auto_offset_reset,
+            settings.kafka.isolation_level, settings.kafka.client, settings.device) == (
+        "gzip", "latest", "read_uncommitted", "kafka-python", "cpu")
 
 
 def test_sasl_protocol_requires_a_mechanism() -> None:
@@ -581,7 +643,7 @@ def test_min_update_windows_beyond_what_one_update_trains_is_refused() -> None:
     assert error_message({"training.min_update_windows": 8193}) == (
         "invalid configuration: training.min_update_windows "
         "(STREAMER_TRAINING__MIN_UPDATE_WINDOWS / --training-min-update-windows): "
-        "Input should be less than or equal to 8192"
+        "Input should be less than or equal to 8192, got 8193"
     )
     with pytest.raises(ValueError, match="min_update_windows must be <= 8192"):
         LearnerConfig(min_update_windows=8193)
@@ -635,7 +697,7 @@ def test_infinite_seconds_and_rates_are_refused_with_a_message_naming_the_settin
     assert FLOAT_SETTINGS  # the parametrized test above ran over something
     assert error_message({"training.lr": "inf"}) == (
         "invalid configuration: training.lr (STREAMER_TRAINING__LR / --training-lr): "
-        "Input should be a finite number"
+        "Input should be a finite number, got 'inf'"
     )
     assert "Input should be a finite number" in error_message(
         {"sensors.idle_ttl_seconds": "inf"})
@@ -652,7 +714,7 @@ def test_the_producer_retries_a_record_as_long_as_the_worker_waits_for_its_ack()
     assert delivery_timeout_ms("1.5") == 10_006
     assert error_message({"kafka.produce_timeout_s": "61"}) == (
         "invalid configuration: kafka.produce_timeout_s (STREAMER_KAFKA__PRODUCE_TIMEOUT_S / "
-        "--kafka-produce-timeout-s): Input should be less than or equal to 60"
+        "--kafka-produce-timeout-s): Input should be less than or equal to 60, got '61'"
     )
 
 

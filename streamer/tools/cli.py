@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from streamer import __version__
-from streamer.config import ConfigError, env_var_name, setting_name, unknown_env_vars
+from streamer.config import (
+    ConfigError,
+    describe_unknown_env_var,
+    env_var_name,
+    setting_name,
+    unknown_env_vars,
+)
 from streamer.tools import stdout
 from streamer.tools.cli_options import add_settings_arguments, settings_from_args
 
@@ -165,7 +171,7 @@ def _settings(args: argparse.Namespace, unused: tuple[str, ...] = ()):
     if unknown:
         logging.getLogger("streamer").warning(
             "ignoring %s: no such setting (misspelt? `streamer run --help` lists them all)",
-            ", ".join(unknown))
+            ", ".join(describe_unknown_env_var(name) for name in unknown))
     return settings
 
 
