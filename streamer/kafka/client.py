@@ -108,6 +108,12 @@ class ConsumerSettings:
             raise ValueError(f"unreachable_after_s must be > 0, got {self.unreachable_after_s}")
 
 
+# A partition's log ending before our position this long is a new log (the topic deleted and
+# made again, or the brokers lost it); for a shorter while, a new leader's high watermark still
+# catching up after a failover, which an empty fetch reports too.
+LOG_ENDED_AFTER_S = 5.0
+
+
 @dataclass(frozen=True)
 class ProducerSettings:
     """Producer tuning: acks=all always; small linger to batch a poll's worth of outputs."""
@@ -150,7 +156,10 @@ class StreamClient(Protocol):
         on_assign: PartitionsCallback | None = None,
         on_revoke: PartitionsCallback | None = None,
     ) -> None:
-        """Join the group for ``topics``; callbacks run inside ``poll_batch`` on its thread."""
+        """Join the group for ``topics``; callbacks run inside ``poll_batch`` on its thread.
+        ``on_assign`` ends every join, with no partition too (a group with more members than
+        partitions): what the member held before, under a consumer closed since, is another
+        member's now. ``on_revoke`` runs only for partitions held."""
         ...
 
     def poll_batch(self, max_records: int, timeout_s: float) -> list[InputRecord]:

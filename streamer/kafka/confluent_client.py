@@ -468,7 +468,7 @@ class ConfluentClient:
         self._fetched.difference_update(ids)
         self._assigning, self._changing = {}, set(ids)
         try:
-            self._call(self._on_assign, ids)
+            self._call(self._on_assign, ids, even_none=True)  # none: the join ended all the same
         finally:
             starts, self._assigning, self._changing = self._assigning, None, None
             self._starts = dict(starts)
@@ -486,11 +486,13 @@ class ConfluentClient:
         finally:
             self._changing = None
 
-    def _call(self, callback: PartitionsCallback | None, ids: list[PartitionId]) -> None:
-        """Run a rebalance callback; what it raises is kept for poll_batch to raise."""
+    def _call(self, callback: PartitionsCallback | None, ids: list[PartitionId],
+              even_none: bool = False) -> None:
+        """Run a rebalance callback (for no partition only ``even_none``); what it raises is
+        kept for poll_batch to raise."""
         self._in_callback = True
         try:
-            if callback is not None and ids:
+            if callback is not None and (ids or even_none):
                 callback(ids)
         except BaseException as exc:  # noqa: BLE001 - raised by poll_batch, on its thread
             self._callback_error = self._callback_error or exc

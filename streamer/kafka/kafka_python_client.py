@@ -452,7 +452,8 @@ class KafkaPythonClient:
                     self._fetched.difference_update(partitions)
                 callback = self._on_assign if kind == "assign" else self._on_revoke
                 # kafka-python reports an empty revocation on the first join: not an event.
-                if callback is not None and partitions:
+                # An empty assignment is one: the join ended with nothing for this member.
+                if callback is not None and (partitions or kind == "assign"):
                     callback(partitions)
         except BaseException:
             # The records were taken from the consumer's position already: rewind so a retry

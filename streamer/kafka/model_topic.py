@@ -19,7 +19,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import MessageSizeTooLargeError
 
 from streamer.kafka.admin import ensure_topics
-from streamer.kafka.client import AUTO_CREATE_TOPICS, ProducerSettings
+from streamer.kafka.client import AUTO_CREATE_TOPICS, LOG_ENDED_AFTER_S, ProducerSettings
 from streamer.kafka.connection import KafkaConnection
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,6 @@ TOPIC_CONFIG = {"cleanup.policy": "compact", "segment.ms": "3600000"}
 POLL_S = 0.2
 BACKOFF_START_S, BACKOFF_MAX_S = 1.0, 30.0
 CLOSE_TIMEOUT_S = 5.0
-LOG_ENDED_AFTER_S = 5.0  # the log ending before our position this long: a new log
 
 
 class LogEnded(Exception):

@@ -350,6 +350,34 @@ def encode_anomalies(
     ]
 
 
+# The longest text float.__repr__ gives (-2.2250738585072014e-308): every number of a record
+# at its longest, for its largest size.
+_LONGEST_NUMBER = -2.2250738585072014e-308
+
+
+def largest_output_bytes(n_features: int, horizon: int, max_sensor_id_length: int) -> int:
+    """The most bytes (key and value) a forecast or anomaly event can take with these
+    settings: every number at its longest, a sensor id of the longest length in the characters
+    that take most room (6 in JSON's \\u escape, 4 in the key's UTF-8), the largest partition,
+    offset and update count. The worker refuses settings whose records the producer would
+    refuse (a record refused is sent again and again: nothing would be forecast again)."""
+    n, f, h = 1, n_features, horizon
+    worst = np.full((n, f), _LONGEST_NUMBER)
+    at = np.full(n, _LONGEST_NUMBER)
+    sensor_ids = ["\x01" * max_sensor_id_length]
+    largest = 2**63 - 1
+    ahead = None if h == 1 else HorizonResult(
+        np.full((n, h, f), _LONGEST_NUMBER), np.full((n, h, f), _LONGEST_NUMBER),
+        np.full((n, h, f), _LONGEST_NUMBER), np.full((n, h), _LONGEST_NUMBER),
+        np.empty((n, 0)), np.empty(0, dtype=np.int64))
+    forecast = encode_forecasts(sensor_ids, at, worst, [2**31 - 1], [largest],
+                                np.array([largest]), lower=worst, upper=worst,
+                                anomaly_scores=at, anomalies=np.ones(n, bool), horizon=ahead)
+    event = encode_anomalies(sensor_ids, at, worst, worst, worst, worst, at, [2**31 - 1],
+                             [largest])
+    return 4 * max_sensor_id_length + max(len(forecast[0]), len(event[0]))
+
+
 def forecast_key(sensor_id: str) -> bytes:
     """The output record's key: the sensor id, so one sensor's forecasts share a partition."""
     return sensor_id.encode("utf-8")

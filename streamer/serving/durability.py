@@ -82,6 +82,7 @@ class Durability:
         """Take a checkpoint (the learner's copy and the ledger's offsets) to be written in the
         background; every applied reading's outputs must be acknowledged."""
         offsets = self.ledger.offsets()
+        self.ledger.forget_sensors_not_in(self.learner.table)
         copy_seconds = self.writer.begin(self.learner, offsets, self.ledger.sensors(offsets),
                                          self.ledger.topic_ids())
         self._covered = self.ledger.checkpoint_taken(time.monotonic())

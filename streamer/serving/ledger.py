@@ -11,7 +11,7 @@ tested without a broker (tests/serving/test_ledger.py).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 
 from streamer.kafka.client import InputRecord, PartitionId
 
@@ -23,6 +23,7 @@ class PartitionLedger:
         self._sensors: dict[PartitionId, set[str]] = {}
         self._current_at: dict[PartitionId, float] = {}  # wall-clock seconds (time.time())
         self._topic_id: dict[PartitionId, str] = {}  # the topic id our offset is in, if known
+        self._behind_since: dict[PartitionId, float] = {}  # monotonic: its log ends before us
         self._since_checkpoint = 0
         self._checkpoint_taken_at = now  # monotonic seconds
 
@@ -66,6 +67,14 @@ class PartitionLedger:
             self._sensors.setdefault(tp, set()).add(sensor_id)
         self._next.update(next_offsets)
 
+    def forget_sensors_not_in(self, held: Container[str]) -> None:
+        """Forget the sensors the learner no longer holds (evicted when idle): each
+        partition's set stays within the sensor table, however many ids come and go, and so
+        do the checkpoints that list them."""
+        for sensors in self._sensors.values():
+            gone = [sensor_id for sensor_id in sensors if sensor_id not in held]
+            sensors.difference_update(gone)
+
     def acknowledged(self, next_offsets: Mapping[PartitionId, int], readings: int,
                      wall_time: float) -> None:
         """A batch's outputs are all acknowledged: our state of its partitions is current."""
@@ -104,6 +113,7 @@ class PartitionLedger:
         self._next[tp] = next_offset
         self._sensors[tp] = set(sensor_ids)
         self._current_at[tp] = current_at
+        self._behind_since.pop(tp, None)
         if topic_id is None:
             self._topic_id.pop(tp, None)
         else:
@@ -118,35 +128,58 @@ class PartitionLedger:
             self._next.pop(tp, None)
             self._current_at.pop(tp, None)
             self._topic_id.pop(tp, None)
+            self._behind_since.pop(tp, None)
             released |= self._sensors.pop(tp, set())
         still_fed = set().union(*self._sensors.values()) if self._sensors else set()
         return sorted(released - still_fed)
 
-    def recreated(self, ends: Mapping[PartitionId, int | None]) -> dict[PartitionId, int]:
-        """Partitions whose log now ends before our next offset (deleted and recreated, or the
-        broker lost its data): they hold new readings, so their offset is forgotten (returned)
-        and they are read from their start. ``ends``: each partition's end offset or None."""
-        reset = {tp: self._next[tp] for tp, end in ends.items()
-                 if end is not None and tp in self._next and end < self._next[tp]}
+    def recreated(self, ends: Mapping[PartitionId, int | None], now: float,
+                  after_s: float) -> dict[PartitionId, int]:
+        """Partitions whose log has ended before our next offset for ``after_s`` (deleted and
+        recreated, or the brokers lost its data): they hold new readings, so their offset is
+        forgotten (returned) and they are read from their start. Ending before us for a
+        shorter while is a new leader's high watermark still catching up after a failover,
+        not a new log: read again from its start, the partition's whole retained log would be
+        applied twice. ``ends``: each partition's end offset or None; ``now``: monotonic."""
+        for tp, end in ends.items():
+            if end is not None and tp in self._next and end < self._next[tp]:
+                self._behind_since.setdefault(tp, now)
+            else:
+                self._behind_since.pop(tp, None)
+        reset = {tp: self._next[tp] for tp in ends  # (read just now: still behind)
+                 if tp in self._behind_since and now - self._behind_since[tp] >= after_s}
         for tp in reset:
-            del self._next[tp]
+            del self._next[tp], self._behind_since[tp]
             self._topic_id.pop(tp, None)  # the new log's id is learnt at the next assignment
         return reset
 
-    def replaced(self, partitions: Iterable[PartitionId],
-                 topic_ids: Mapping[str, str]) -> dict[PartitionId, int]:
+    def behind_for(self, tp: PartitionId, now: float) -> float | None:
+        """How long ``tp``'s log has been found ending before our offset (``recreated``): 0
+        when first found so at ``now``, None when it is not."""
+        since = self._behind_since.get(tp)
+        return None if since is None else now - since
+
+    def replaced(self, partitions: Iterable[PartitionId], topic_ids: Mapping[str, str],
+                 missing_is_gone: bool = False) -> dict[PartitionId, int]:
         """Of ``partitions``, those whose offset is in a topic other than the one of that name
         now (``topic_ids``: each topic's current id, where known): the topic was deleted and
         recreated, or the brokers lost their data, even if its new log has already grown past
         our offset. Their offset is forgotten (returned) and they are read from their start.
-        The others are now known to be in the current topic."""
+        The others are now known to be in the current topic. With ``missing_is_gone`` (for
+        partitions whose log ends before our offset), a topic the brokers gave an id before
+        and give none now was deleted: its offsets are void whatever is made in its place."""
         reset = {}
         for tp in partitions:
             now = topic_ids.get(tp[0])
-            if now is None:
-                continue
             was = self._topic_id.get(tp)
+            if now is None:
+                if missing_is_gone and was is not None and tp in self._next:
+                    reset[tp] = self._next.pop(tp)
+                    self._behind_since.pop(tp, None)
+                    del self._topic_id[tp]  # the new topic's is learnt when it is there
+                continue
             if was is not None and was != now and tp in self._next:
                 reset[tp] = self._next.pop(tp)
+                self._behind_since.pop(tp, None)
             self._topic_id[tp] = now
         return reset

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import gc
 import logging
+import math
 import socket
 import tempfile
 import threading
@@ -23,6 +24,7 @@ from streamer.core.failpoints import failpoint
 from streamer.core.learner import StateTooLarge
 from streamer.kafka.admin import create_missing_topics, topic_ids
 from streamer.kafka.client import (
+    LOG_ENDED_AFTER_S,
     Delivery,
     PartitionId,
     StreamClient,
@@ -40,6 +42,7 @@ from streamer.kafka.errors import (
 from streamer.kafka.model_topic import ModelTopic
 from streamer.observability.health import HealthServer
 from streamer.observability.metrics import Metrics
+from streamer.serving.codec import largest_output_bytes
 from streamer.serving.durability import Durability
 from streamer.serving.ledger import PartitionLedger
 from streamer.serving.processor import BatchProcessor, Processed, latency_seconds
@@ -48,6 +51,9 @@ from streamer.serving.signals import stop_on_signals
 
 log = logging.getLogger("streamer.worker")
 BACKOFF_START_S, BACKOFF_MAX_S = 0.5, 30.0
+# While a partition's log ends before our offset, its topic's id is looked up this often: a
+# topic deleted (no id) or made again (a new one) is read from its start at once.
+ID_LOOKUP_EVERY_S = 1.0
 LIVENESS_TIMEOUT_S = 120.0  # the loop must come round at least this often to count as alive
 UPDATE_LOG_EVERY = 50
 GC_GEN0_THRESHOLD = 20_000  # net new container objects before a young collection
@@ -62,6 +68,7 @@ class Worker:
 
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None):
         self.settings, k = settings, settings.kafka
+        _check_outputs_fit(settings)
         if settings.torch_threads is not None:
             torch.set_num_threads(settings.torch_threads)
         try:
@@ -102,6 +109,13 @@ class Worker:
         # Whether partitions were ever assigned: until then the ledger holds what the restore
         # read (maybe another worker's partitions), which is no state of ours to checkpoint.
         self._assigned = False
+        # Whether the current consumer's join has ended (an assignment, maybe of nothing). A
+        # consumer opened again after broker trouble may find the partitions it held given to
+        # another worker meanwhile: until its join says which it holds, nothing is committed
+        # or checkpointed, which would move their new owner's offsets back or date our stale
+        # state of them as new.
+        self._joined = False
+        self._ids_looked_up_at = -math.inf  # monotonic: input topic ids, for a log behind us
         # Stepped batches whose outputs are not acknowledged yet, oldest first. A batch joins
         # before its outputs are handed to the producer and leaves only once every one of them
         # is acknowledged: state and offsets never move past output that could still be lost.
@@ -236,7 +250,7 @@ class Worker:
             if not self._topics_ready:  # else again once the input topic has records
                 self._topics_ready = self._output_topics()
             self._client = open_client(k.client, k.connection(), k.consumer(), k.producer())
-            self._client_since = time.monotonic()
+            self._client_since, self._joined = time.monotonic(), False
             self._connected_once = True
             self._client.subscribe([k.input_topic], on_assign=self._on_assign,
                                    on_revoke=self._on_revoke)
@@ -254,15 +268,38 @@ class Worker:
         return processed
 
     def _reset_recreated(self, client: StreamClient, partitions: set[PartitionId]) -> None:
-        """Read a partition again from its start when its log now ends before our offset."""
+        """Read a partition again from its start when its log now ends before our offset: at
+        once when its topic's id changed or it has none (looked up every ID_LOOKUP_EVERY_S
+        meanwhile), else once it has for LOG_ENDED_AFTER_S (a failover's lagging high
+        watermark is no new log)."""
+        now = time.monotonic()
         ends = {tp: client.highwater(tp) for tp in partitions}
-        reset = self.ledger.recreated(ends)
+        reset = self.ledger.recreated(ends, now, LOG_ENDED_AFTER_S)
         for tp, offset in reset.items():
             log.warning("partition %s ends at %d, before our offset %d: it was recreated or "
                         "lost its data; reading it from its start", partition_names([tp]), ends[tp],
                         offset)
+        behind = [tp for tp in ends if self.ledger.behind_for(tp, now) is not None]
+        if behind and now - self._ids_looked_up_at >= ID_LOOKUP_EVERY_S:
+            # Before its new log grows past our offset, which would hide it.
+            self._ids_looked_up_at = now
+            try:
+                reset.update(self._replaced(behind, missing_is_gone=True))
+            except KafkaClientError as exc:  # the end-offset rule still holds
+                log.info("could not read the input topic's id (%s)", exc)
         if reset:  # out of range on a log that starts later: the client resets
             client.seek(dict.fromkeys(reset, 0))
+
+    def _replaced(self, partitions: list[PartitionId],
+                  missing_is_gone: bool = False) -> dict[PartitionId, int]:
+        """Of ``partitions``, those whose topic's id changed since our offset (forgotten, to be
+        read from their start), with a warning each (``PartitionLedger.replaced``)."""
+        replaced = self.ledger.replaced(partitions, self._topic_ids(partitions), missing_is_gone)
+        for tp, offset in replaced.items():
+            log.warning("partition %s: its topic was deleted and recreated, or the brokers lost "
+                        "their data, since our offset %d (the topic's id changed, or it has none "
+                        "now: deleted); reading it from its start", partition_names([tp]), offset)
+        return replaced
 
     def _complete(self, client: StreamClient, keep: int) -> None:
         """Wait for the acks of all but the newest ``keep`` in-flight batches."""
@@ -314,7 +351,7 @@ class Worker:
 
     def _maybe_checkpoint(self, client: StreamClient) -> None:
         self._commit(self.durability.written(wait=False))
-        if self.durability.due():
+        if self._joined and self.durability.due():
             self._complete(client, keep=0)  # a checkpoint never covers unacknowledged outputs
             self.durability.begin()
 
@@ -342,7 +379,7 @@ class Worker:
         for partitions still held: one given to another worker meanwhile (a reconnect without
         a revocation) must not have its new owner's offset moved back."""
         offsets = {tp: offset for tp, offset in offsets.items() if tp in self.ledger}
-        if self._client is not None and offsets:
+        if self._client is not None and self._joined and offsets:
             try:
                 self._client.commit(offsets)
             except KafkaClientError as exc:  # e.g. after a rebalance: the checkpoint has them
@@ -350,24 +387,26 @@ class Worker:
 
     # -- partitions coming and going ---------------------------------------------------------
     def _on_assign(self, partitions: list[PartitionId]) -> None:
-        """Adopt each partition's newest state (ours or a checkpoint's) and seek to it."""
-        log.info("assigned %s", partition_names(partitions))
-        self._assigned = True
+        """Adopt each partition's newest state (ours or a checkpoint's) and seek to it. Called
+        at the end of every join, with no partition too: what we held and this join did not
+        give us (a consumer opened again after broker trouble) is another worker's now."""
+        self._joined = True
         durable = self.durability.written(wait=True)  # no write in flight while adopting
         client = self._client
         current = client.assignment() if client is not None else set(partitions)
         stale = [tp for tp in self.ledger.partitions() if tp not in current]
         if stale:
+            log.info("released %s: given to another worker", partition_names(stale))
             self.durability.release(stale)
         self._commit(durable)  # after the release: only for partitions we still hold
-        seeks = self.durability.adopt(partitions)
-        for tp, offset in self.ledger.replaced(partitions, self._topic_ids(partitions)).items():
-            log.warning("partition %s: its topic was deleted and recreated, or the brokers lost "
-                        "their data, since our offset %d (the topic id changed); reading it "
-                        "from its start", partition_names([tp]), offset)
-            seeks[tp] = 0  # out of range on a log that starts later: the client resets
-        if seeks and client is not None:
-            client.seek(seeks)
+        if partitions:
+            log.info("assigned %s", partition_names(partitions))
+            self._assigned = True
+            seeks = self.durability.adopt(partitions)
+            # (out of range on a log that starts later: the client resets)
+            seeks.update(dict.fromkeys(self._replaced(partitions), 0))
+            if seeks and client is not None:
+                client.seek(seeks)
         if client is not None:  # a stalled partition may have left, or come back paused
             self._track_stalled(client)
 
@@ -418,7 +457,7 @@ class Worker:
             # Never assigned: nothing was applied since the restore, whose checkpoint is on disk
             # already. Writing it again would date another worker's restored partitions as
             # new, to be adopted over (and prune) their owner's newer checkpoints.
-            if self._assigned:
+            if self._assigned and self._joined:  # (not joined: see _joined)
                 self.checkpoint()
         finally:  # leave the group at once, whatever happened: its partitions move on
             self._close()
@@ -523,6 +562,29 @@ def _create_output_topics(settings: Settings) -> bool:
             f"({settings_named}; an empty anomaly topic disables anomaly events)"
         ) from exc
     return True
+
+
+# What a record takes in a produce request besides its key and value (batch and record
+# headers, with room to spare).
+RECORD_OVERHEAD_BYTES = 512
+
+
+def _check_outputs_fit(settings: Settings) -> None:
+    """ConfigError for settings whose largest forecast the producer would refuse: it would be
+    sent again and again, and nothing forecast after it (found at start-up, not at the first
+    reading whose numbers are long enough)."""
+    limit = settings.kafka.producer().max_request_bytes - RECORD_OVERHEAD_BYTES
+    size = largest_output_bytes(settings.model.n_features, settings.forecast.horizon,
+                                settings.sensors.max_sensor_id_length)
+    if size > limit:
+        raise ConfigError(
+            f"invalid configuration: a forecast can take {size:,} bytes with "
+            f"{setting_name('model.n_features')} = {settings.model.n_features}, "
+            f"{setting_name('forecast.horizon')} = {settings.forecast.horizon} and "
+            f"{setting_name('sensors.max_sensor_id_length')} = "
+            f"{settings.sensors.max_sensor_id_length}, above the {limit:,} a record may take "
+            "(Kafka's default max.request.size, 1 MiB, less the record's overhead): lower one "
+            "of them")
 
 
 def _sharing(settings: Settings, learner: Learner, worker_id: str,

@@ -386,6 +386,28 @@ def test_second_member_splits_partitions_and_callbacks_report_each_move(
     assert a.events == [("revoke", a_half), ("assign", everything)]
 
 
+def test_a_member_whose_join_gives_it_no_partition_hears_of_it(
+    topic_factory, group_id, client_factory
+):
+    # Its on_assign with none is how a worker whose consumer was opened again (after broker
+    # trouble) learns that the partitions it held are another member's now.
+    topic = topic_factory(partitions=1)
+    a = PollingMember(client_factory(group_id), topic)
+    try:
+        assert wait_for(lambda: a.events == [("assign", [(topic, 0)])])
+        b = PollingMember(client_factory(group_id), topic)
+        try:
+            assert wait_for(lambda: len(a.events) == 3 and len(b.events) == 1, 30), (
+                a.events, b.events)
+        finally:
+            b.stop()
+    finally:
+        a.stop()
+    # (eager: a gives its partition back, then one of the two gets it)
+    assert sorted([a.events[2], b.events[0]]) == [("assign", []), ("assign", [(topic, 0)])], (
+        a.events, b.events)
+
+
 @pytest.mark.parametrize("client_kind", ["confluent"])  # kafka-python's revoke is replayed
 def test_a_commit_inside_the_revoke_callback_is_answered_there(  # after the fact: no commit
     topic_factory, group_id, client_factory

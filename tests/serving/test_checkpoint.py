@@ -629,6 +629,34 @@ def test_adopting_partitions_no_checkpoint_holds_says_where_they_are_read_from(
     durability.close()
 
 
+def test_a_checkpoint_lists_only_the_sensors_the_learner_still_holds(tmp_path):
+    # Ids that churn with an idle TTL: the learner evicts them, and the partition's list of
+    # sensors (checkpointed, copied at every hand-over) shrank with it instead of growing
+    # for ever.
+    from streamer.config import CheckpointSettings
+    from streamer.serving.durability import Durability
+    from streamer.serving.ledger import PartitionLedger
+
+    learner = Learner(dataclasses.replace(CFG, sensor_ttl_seconds=60.0))
+    ledger = PartitionLedger(0.0)
+    durability = Durability(learner, ledger, CheckpointSettings(dir=tmp_path), "pod-a",
+                            unscraped_metrics())
+    ids = [f"churn-{i}" for i in range(40)]
+    for i, sensor_id in enumerate(ids):  # one reading each, 10 minutes apart
+        learner.step(Batch([sensor_id], np.array([1.7e9 + 600.0 * i]), np.ones((1, 1)),
+                           np.ones(1, dtype=np.int64)))
+        ledger.advance({TP: i + 1}, [(TP, sensor_id)])
+        ledger.acknowledged({TP: i + 1}, 1, time.time())
+    assert len(learner.table) < len(ids)  # evicted meanwhile
+    durability.begin()
+    assert durability.written(wait=True) == {TP: len(ids)}
+    held = sorted(sensor_id for sensor_id, _ in learner.table.items())
+    assert ledger.sensors([TP]) == {TP: held}
+    restored = CheckpointStore(tmp_path, "pod-b", CFG.fingerprint())
+    assert restored.latest_for(TP).sensors == {TP: held}  # what the next owner adopts
+    durability.close()
+
+
 def _files_around_a_failing_save(tmp_path, monkeypatch, name: str, failing) -> tuple[set, set]:
     """The directory's files before and after a second save that fails in ``failing``, put
     in the place of ``streamer.serving.checkpoint.<name>``."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 
 import numpy as np
@@ -22,7 +23,9 @@ from streamer.serving.codec import (
     decode_reading,
     dlq_headers,
     encode_anomalies,
+    encode_forecasts,
     forecast_key,
+    largest_output_bytes,
 )
 from tests.serving.forecast_reference import encode_forecast
 
@@ -345,6 +348,37 @@ def test_anomaly_event_carries_the_reading_what_was_expected_and_the_score() -> 
     body = json.loads(two)
     assert (body["values"], body["forecast"], body["lower"], body["upper"]) == (
         [1.0, 2.0], [1.5, None], [1.0, 1.0], [2.0, 3.0])
+
+
+@pytest.mark.parametrize(("n_features", "horizon", "id_length"), [(1, 1, 16), (3, 12, 256),
+                                                                 (2, 40, 1)])
+def test_no_forecast_or_anomaly_event_is_larger_than_the_largest_output_bound(
+        n_features: int, horizon: int, id_length: int) -> None:
+    bound = largest_output_bytes(n_features, horizon, id_length)
+    rng = np.random.default_rng(0)
+    nasty = np.array([-2.2250738585072014e-308, -1.7976931348623157e+308, -1e-300, 0.1 + 0.2,
+                      -123456789.12345678, math.pi * 1e-200, math.nan, -math.inf])
+    largest, n = 0, 64
+
+    def pick(*shape: int) -> np.ndarray:
+        return rng.choice(nasty, size=shape)
+
+    for sensor_id in ["\x01" * id_length, "\U0001f600" * id_length, "é" * id_length]:
+        ahead = None if horizon == 1 else HorizonResult(
+            pick(n, horizon, n_features), pick(n, horizon, n_features),
+            pick(n, horizon, n_features), pick(n, horizon), np.empty((n, 0)),
+            np.empty(0, dtype=np.int64))
+        forecasts = encode_forecasts(
+            [sensor_id] * n, pick(n), pick(n, n_features), [2**31 - 1] * n, [2**63 - 1] * n,
+            np.full(n, 2**63 - 1), lower=pick(n, n_features), upper=pick(n, n_features),
+            anomaly_scores=pick(n), anomalies=rng.random(n) < 0.5, horizon=ahead)
+        events = encode_anomalies([sensor_id] * n, pick(n),
+                                  *(pick(n, n_features) for _ in range(4)), pick(n),
+                                  [2**31 - 1] * n, [2**63 - 1] * n)
+        key = len(forecast_key(sensor_id))
+        largest = max(largest, *(key + len(v) for v in forecasts + events))
+    assert largest <= bound
+    assert largest > 0.6 * bound  # a bound, not a guess far above what is written
 
 
 def test_forecast_key_is_the_utf8_sensor_id() -> None:

@@ -98,12 +98,72 @@ def test_a_partition_whose_log_ends_before_our_offset_is_read_from_its_start():
     ledger = PartitionLedger(now=0.0)
     _applied(ledger, A, range(0, 50), ["s1"])
     _applied(ledger, B, range(0, 10), ["s2"])
-    # A was recreated (ends at 3 < 50); B's end is unknown or beyond: kept.
-    assert ledger.recreated({A: 3, B: None}) == {A: 50}
-    assert ledger.recreated({B: 10}) == {}
+    # A was recreated (ends at 3 < 50, for 5 s); B's end is unknown or beyond: kept.
+    assert ledger.recreated({A: 3, B: None}, now=100.0, after_s=5.0) == {}
+    assert ledger.recreated({A: 3, B: None}, now=105.0, after_s=5.0) == {A: 50}
+    assert ledger.recreated({B: 10}, now=200.0, after_s=0.0) == {}
     assert ledger.next_offset(A) is None and ledger.next_offset(B) == 10
     assert len(ledger.fresh(_records(A, range(0, 3)))) == 3
     assert ledger.sensors([A]) == {A: ["s1"]}  # its sensors stay: their state is still ours
+
+
+def test_sensors_the_learner_no_longer_holds_are_forgotten_by_their_partitions():
+    # With ids that churn and an idle TTL, the learner evicts sensors the ledger never heard
+    # of leaving: its sets (and every checkpoint listing them) grew without bound.
+    ledger = PartitionLedger(now=0.0)
+    _applied(ledger, A, range(0, 3), ["s1", "s2", "s3"])
+    _applied(ledger, B, range(0, 2), ["s4", "s5"])
+    ledger.forget_sensors_not_in({"s2", "s5", "s9"})
+    assert ledger.sensors([A, B]) == {A: ["s2"], B: ["s5"]}
+    assert ledger.release([A, B]) == ["s2", "s5"]
+
+
+def test_a_log_ending_before_our_offset_only_for_a_while_is_a_failover_not_a_new_log():
+    # A new leader's high watermark lags the old one's until its followers catch up; an
+    # empty fetch meanwhile reports it below our offset. Read from its start, the whole
+    # retained log would be applied again (every old reading a dead letter).
+    ledger = PartitionLedger(now=0.0)
+    _applied(ledger, A, range(0, 50), ["s1"])
+    assert ledger.recreated({A: 40}, now=100.0, after_s=5.0) == {}
+    assert ledger.recreated({A: 45}, now=104.0, after_s=5.0) == {}
+    assert ledger.recreated({A: 50}, now=104.5, after_s=5.0) == {}  # caught up
+    assert ledger.recreated({A: 40}, now=106.0, after_s=5.0) == {}  # behind again: anew
+    assert ledger.recreated({A: 40}, now=110.0, after_s=5.0) == {}
+    assert ledger.recreated({}, now=111.0, after_s=5.0) == {}  # its end not read again
+    assert ledger.recreated({A: 40}, now=111.0, after_s=5.0) == {A: 50}
+    assert ledger.next_offset(A) is None
+
+
+def test_a_partition_first_found_behind_says_so_for_its_topic_id_to_be_looked_up():
+    ledger = PartitionLedger(now=0.0)
+    ledger.adopt(A, 50, ["s1"], 0.0, topic_id="id-1")
+    assert ledger.behind_for(A, 100.0) is None
+    assert ledger.recreated({A: 0}, now=100.0, after_s=5.0) == {}
+    assert ledger.behind_for(A, 100.0) == 0.0  # just now: look its topic's id up
+    assert ledger.behind_for(A, 101.0) == 1.0
+    assert ledger.replaced([A], {"in": "id-2"}) == {A: 50}  # made again: read from its start
+    assert ledger.behind_for(A, 102.0) is None
+
+
+def test_a_partition_behind_us_whose_topic_has_no_id_now_was_deleted():
+    ledger = PartitionLedger(now=0.0)
+    ledger.adopt(A, 50, ["s1"], 0.0, topic_id="id-1")
+    ledger.adopt(B, 10, ["s2"], 0.0)  # its topic's id never known: a broker without ids
+    assert ledger.replaced([A, B], {}) == {}  # (at an assignment: nothing known)
+    assert ledger.replaced([A, B], {}, missing_is_gone=True) == {A: 50}
+    assert ledger.next_offset(A) is None and ledger.next_offset(B) == 10
+    assert ledger.replaced([A], {"in": "id-2"}) == {}  # made again: learnt, read from 0
+    assert ledger.topic_ids() == {}  # (A's offset is none yet)
+
+
+def test_a_partition_released_while_behind_starts_afresh_when_held_again():
+    ledger = PartitionLedger(now=0.0)
+    _applied(ledger, A, range(0, 50), ["s1"])
+    assert ledger.recreated({A: 3}, now=100.0, after_s=5.0) == {}
+    ledger.release([A])
+    ledger.adopt(A, 50, ["s1"], 0.0)
+    assert ledger.recreated({A: 3}, now=106.0, after_s=5.0) == {}  # behind since 106 only
+    assert ledger.recreated({A: 3}, now=111.0, after_s=5.0) == {A: 50}
 
 
 def test_a_partition_of_a_topic_whose_id_changed_is_read_from_its_start_however_long_its_log():
@@ -123,7 +183,7 @@ def test_a_partition_of_a_topic_whose_id_changed_is_read_from_its_start_however_
 def test_a_partition_found_recreated_by_its_end_learns_its_new_topic_id_afresh():
     ledger = PartitionLedger(now=0.0)
     ledger.adopt(A, 50, ["s1"], 0.0, topic_id="id-1")
-    assert ledger.recreated({A: 3}) == {A: 50}
+    assert ledger.recreated({A: 3}, now=0.0, after_s=0.0) == {A: 50}
     _applied(ledger, A, range(0, 10), ["s1"])
     assert ledger.replaced([A], {"in": "id-2"}) == {}  # not read from its start again
     assert ledger.topic_ids() == {A: "id-2"}

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from streamer.config import ConfigError, Settings, load_settings
 from streamer.core import Learner, LearnerConfig
+from streamer.kafka import ConsumerSettings, KafkaConnection, ProducerSettings, open_client
 from streamer.kafka.admin import delete_topics, ensure_topics
 from streamer.kafka.broker import LocalBroker, free_port
 from streamer.kafka.errors import (
@@ -565,7 +566,7 @@ def test_worker_survives_a_broker_that_comes_back_empty_and_reads_the_new_log_wh
         outputs = ["out-l", "dlq-l", "out-l-anomalies"]
         assert partition_counts(own.bootstrap, outputs) == dict.fromkeys(outputs, 2), worker.log()
         assert len(consume_from(own.bootstrap, "out-l", 36, timeout_s=60)) == 36, worker.log()
-        assert "the topic id changed" in worker.log()
+        assert "the topic's id changed" in worker.log()
         assert worker.proc.poll() is None
         assert worker.get("/readyz")[0] == 200
 
@@ -763,6 +764,78 @@ def test_output_topics_are_created_once_an_input_topic_missing_at_start_has_reco
         delete_topics(broker.bootstrap, [out, dlq])
 
 
+def test_a_worker_whose_consumer_comes_back_to_find_its_partition_taken_lets_it_go(
+        topic_factory, group_id, broker, monkeypatch, tmp_path, caplog):
+    # Broker trouble closes a worker's consumer (it leaves the group) without a revocation;
+    # another member takes its partition meanwhile, and the worker's next join gives it none.
+    # It must drop the partition: a checkpoint of it (here: the one taken at stop) committed
+    # its old offset over the new owner's, which then re-read or skipped readings.
+    inp = topic_factory(1)
+    out, dlq, tp = f"{inp}-out", f"{inp}-dlq", (inp, 0)
+    monkeypatch.setattr(worker_module, "BACKOFF_START_S", 8.0)  # for the other to take it
+    settings = load_settings({
+        "kafka.bootstrap_servers": broker.bootstrap, "kafka.input_topic": inp,
+        "kafka.output_topic": out, "kafka.dlq_topic": dlq, "kafka.anomaly_topic": "",
+        "kafka.group_id": group_id, "kafka.poll_timeout_ms": 200, "kafka.client": "kafka-python",
+        **{f"kafka.{k}": v for k, v in TEST_CONSUMER_TIMEOUTS.items()},
+        "metrics.enabled": False, "metrics.host": "127.0.0.1", "metrics.port": 0,
+        "sharing.enabled": False, "checkpoint.interval_seconds": 1,
+        "checkpoint.dir": str(tmp_path), "device": "cpu"})
+    # Its member id sorts before the worker's ("streamer-..."): the range assignor gives it
+    # the one partition when both are in the group.
+    other = open_client("kafka-python", KafkaConnection(broker.bootstrap, client_id="a-first"),
+                        ConsumerSettings(group_id, **TEST_CONSUMER_TIMEOUTS), ProducerSettings())
+    offsets = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=group_id,
+                            enable_auto_commit=False)
+    threads = torch.get_num_threads()
+    worker = worker_module.Worker(settings)
+    serving = threading.Thread(target=worker.run)
+    polling, stop_polling = threading.Thread(target=lambda: None), threading.Event()
+    caplog.set_level(logging.INFO, logger="streamer")
+    try:
+        serving.start()
+        produce_to(broker.bootstrap, inp, _stream(3, 3))
+        assert len(consume_from(broker.bootstrap, out, 9, timeout_s=60)) == 9
+        wait_for(lambda: offsets.committed(TopicPartition(inp, 0)) == 9, 30, "offset 9 committed")
+        client = worker._client
+        real_poll = client.poll_batch
+
+        def lost_connection(*args, **kwargs):
+            client.poll_batch = real_poll
+            raise BrokerUnavailable("test: connection lost")
+
+        client.poll_batch = lost_connection
+        wait_for(lambda: worker._client is None, 30, "the worker's consumer closed")
+        other.subscribe([inp])
+        deadline = time.monotonic() + 30
+        while other.assignment() != {tp} and time.monotonic() < deadline:
+            other.poll_batch(100, 0.2)  # (the worker is backing off meanwhile)
+        assert other.assignment() == {tp}
+        other.commit({tp: 3})  # its own offset: it reads from 3 (say, a checkpoint of its own)
+
+        def keep_polling() -> None:
+            while not stop_polling.is_set():
+                other.poll_batch(100, 0.2)
+
+        polling = threading.Thread(target=keep_polling, daemon=True)
+        polling.start()
+        wait_for(lambda: "released" in caplog.text, 60, "the partition released",
+                 lambda: caplog.text)
+        assert worker.ledger.partitions() == set()
+        assert other.assignment() == {tp}
+    finally:
+        worker.stop()
+        serving.join(60)
+        stop_polling.set()
+        polling.join(10)
+        other.close(timeout_s=1.0)
+        torch.set_num_threads(threads)
+    assert offsets.committed(TopicPartition(inp, 0)) == 3, caplog.text  # not moved back
+    offsets.close()
+    assert not serving.is_alive()
+    delete_topics(broker.bootstrap, [out, dlq])
+
+
 def _run_in_process(monkeypatch, tmp_path) -> int:
     """``streamer run`` in this process against a port nobody listens on (sharing off), with
     the logging, signal handlers and torch threads it sets restored afterwards."""
@@ -896,7 +969,8 @@ def test_unknown_streamer_env_vars_are_named_in_a_warning_at_start():
         [sys.executable, "-m", "streamer", "run", "--checkpoint-dir", "/proc/nope/ck",
          "--device", "cpu"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
-    assert ("ignoring STREAMER_DEVCE, STREAMER_KAFKA_GROUP_ID: no such setting (misspelt? "
+    assert ("ignoring STREAMER_DEVCE (did you mean STREAMER_DEVICE?), STREAMER_KAFKA_GROUP_ID "
+            "(did you mean STREAMER_KAFKA__GROUP_ID?): no such setting (misspelt? "
             "`streamer run --help` lists them all)") in done.stderr
 
 
@@ -969,6 +1043,19 @@ def test_worker_refuses_to_start_fresh_over_unusable_checkpoints_when_told_to(
     assert "no usable checkpoint" in worker.log()
     assert ("checkpoint.allow_fresh_start (STREAMER_CHECKPOINT__ALLOW_FRESH_START / "
             "--checkpoint-allow-fresh-start) is off") in worker.log()
+
+
+def test_settings_whose_largest_forecast_the_producer_would_refuse_stop_the_worker(tmp_path):
+    # A record over the producer's max.request.size was refused at every send, and the worker
+    # retried that batch for ever: no forecast, checkpoint or commit after it.
+    settings = load_settings({"device": "cpu", "checkpoint.dir": str(tmp_path),
+                              "model.n_features": "64", "forecast.horizon": "256",
+                              "sharing.enabled": "false"})
+    with pytest.raises(ConfigError, match=r"^invalid configuration: a forecast can take "
+                       r"1,2\d\d,\d\d\d bytes with model.n_features \(STREAMER_MODEL__N_FEATURES"
+                       r".* = 64, forecast.horizon .* = 256 and sensors.max_sensor_id_length "
+                       r".* = 256, above the 1,048,064 a record may take"):
+        worker_module.Worker(settings)
 
 
 def test_a_sensor_table_too_large_for_memory_stops_the_worker_as_a_configuration_error(
