@@ -304,6 +304,11 @@ class Metrics:
             "streamer_checkpoint_last_success_timestamp_seconds",
             "Unix time of the last successful checkpoint.", registry=r,
         )
+        self.checkpoint_interval = Gauge(
+            "streamer_checkpoint_interval_seconds",
+            "checkpoint.interval_seconds: how often a checkpoint is taken while readings come "
+            "(0: by readings alone, checkpoint.interval_readings).", registry=r,
+        )
         self.checkpoint_duration = Histogram(
             "streamer_checkpoint_duration_seconds", "Wall time to write a checkpoint.",
             buckets=CHECKPOINT_DURATION_BUCKETS, registry=r,
@@ -527,6 +532,9 @@ class Metrics:
     def observe_checkpoint_copy(self, seconds: float) -> None:
         """Record the serving thread's stall for one checkpoint (the learner's copy)."""
         self.checkpoint_copy.observe(seconds)
+
+    def set_checkpoint_interval(self, seconds: float | None) -> None:
+        self.checkpoint_interval.set(seconds or 0.0)
 
     def set_model_sync_interval(self, seconds: float) -> None:
         self.model_sync_interval.set(seconds)

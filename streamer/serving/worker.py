@@ -89,6 +89,7 @@ class Worker:
                                    readiness=self._readiness, host=settings.metrics.host,
                                    port=settings.metrics.port)
         c = settings.checkpoint
+        self.metrics.set_checkpoint_interval(c.interval_seconds)
         self.worker_id = c.worker_id or _host_worker_id()
         self.ledger = PartitionLedger(time.monotonic())
         self.sharing = _sharing(settings, self.learner, self.worker_id, self.metrics)

@@ -417,6 +417,10 @@ def test_sensors_checkpoint_ready_and_broker_errors(
     assert value(registry, "streamer_ready") == 1.0
     metrics.set_ready(False)
     assert value(registry, "streamer_ready") == 0.0
+    metrics.set_checkpoint_interval(10.0)  # what the checkpoint alerts scale with
+    assert value(registry, "streamer_checkpoint_interval_seconds") == 10.0
+    metrics.set_checkpoint_interval(None)  # by readings alone
+    assert value(registry, "streamer_checkpoint_interval_seconds") == 0.0
 
 
 def test_the_sensor_limit_is_one_series_of_the_configured_max_sensors(
