@@ -141,17 +141,24 @@ def create_missing_topics(
         return _create(admin, dict.fromkeys(missing, partitions))
 
 
-def topic_ids(connection: KafkaConnection | str, names: Iterable[str]) -> dict[str, str]:
+def topic_ids(connection: KafkaConnection | str, names: Iterable[str]) -> dict[str, str | None]:
     """The id of each of the topics ``names`` that exists and has one (brokers since Kafka 2.8;
-    a topic deleted and recreated under the same name gets a new one)."""
+    a topic deleted and recreated under the same name gets a new one), and None for each the
+    brokers say does not exist. Left out: those they say nothing certain of (no id, another
+    error such as an authorization refusal)."""
     wanted = sorted(set(names))
     if not wanted:
         return {}
     with admin_client(KafkaConnection.of(connection)) as admin:
         with converted_errors("describing topics"):
             described = admin.describe_topics(wanted)
-    return {t["name"]: str(t["topic_id"]) for t in described
-            if t.get("error_code") == 0 and t.get("topic_id") not in (None, _NO_TOPIC_ID)}
+    ids: dict[str, str | None] = {}
+    for t in described:
+        if t.get("error_code") == _UNKNOWN_TOPIC:
+            ids[t["name"]] = None
+        elif t.get("error_code") == 0 and t.get("topic_id") not in (None, _NO_TOPIC_ID):
+            ids[t["name"]] = str(t["topic_id"])
+    return ids
 
 
 def delete_topics(

@@ -159,19 +159,21 @@ class PartitionLedger:
         since = self._behind_since.get(tp)
         return None if since is None else now - since
 
-    def replaced(self, partitions: Iterable[PartitionId], topic_ids: Mapping[str, str],
+    def replaced(self, partitions: Iterable[PartitionId], topic_ids: Mapping[str, str | None],
                  missing_is_gone: bool = False) -> dict[PartitionId, int]:
         """Of ``partitions``, those whose offset is in a topic other than the one of that name
-        now (``topic_ids``: each topic's current id, where known): the topic was deleted and
-        recreated, or the brokers lost their data, even if its new log has already grown past
-        our offset. Their offset is forgotten (returned) and they are read from their start.
-        The others are now known to be in the current topic. With ``missing_is_gone`` (for
-        partitions whose log ends before our offset), a topic the brokers gave an id before
-        and give none now was deleted: its offsets are void whatever is made in its place."""
+        now (``topic_ids``: each topic's current id where known, None where the brokers say
+        it does not exist): the topic was deleted and recreated, or the brokers lost their
+        data, even if its new log has already grown past our offset. Their offset is forgotten
+        (returned) and they are read from their start. The others are now known to be in the
+        current topic. With ``missing_is_gone`` (for partitions whose log ends before our
+        offset), a topic that had an id and does not exist now was deleted: its offsets are
+        void whatever is made in its place."""
         reset = {}
         for tp in partitions:
-            now = topic_ids.get(tp[0])
-            was = self._topic_id.get(tp)
+            if tp[0] not in topic_ids:  # the brokers said nothing certain
+                continue
+            now, was = topic_ids[tp[0]], self._topic_id.get(tp)
             if now is None:
                 if missing_is_gone and was is not None and tp in self._next:
                     reset[tp] = self._next.pop(tp)

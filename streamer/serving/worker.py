@@ -116,6 +116,7 @@ class Worker:
         # or checkpointed, which would move their new owner's offsets back or date our stale
         # state of them as new.
         self._joined = False
+        self._uncommitted: dict[PartitionId, int] = {}  # durable while not joined: see _commit
         self._ids_looked_up_at = -math.inf  # monotonic: input topic ids, for a log behind us
         # Stepped batches whose outputs are not acknowledged yet, oldest first. A batch joins
         # before its outputs are handed to the producer and leaves only once every one of them
@@ -182,8 +183,9 @@ class Worker:
                     self._topics_ready = self._output_topics() or True
                 assigned = client.assignment()
                 self._watch_assignment(assigned)
+                # (every partition held: one found behind is looked at again on every turn)
                 self._reset_recreated(client, {(r.topic, r.partition) for r in records}
-                                      or assigned)
+                                      | assigned)
                 if records:
                     pending = _Pending(self._process(records))  # decode, step, train
                     self._in_flight.append(pending)  # from here on: sent until acknowledged
@@ -379,8 +381,13 @@ class Worker:
         """Commit offsets of a durable checkpoint: here and only here do offsets move. Only
         for partitions still held: one given to another worker meanwhile (a reconnect without
         a revocation) must not have its new owner's offset moved back."""
-        offsets = {tp: offset for tp, offset in offsets.items() if tp in self.ledger}
-        if self._client is not None and self._joined and offsets:
+        if not self._joined:  # kept for when the join ends (_on_assign)
+            self._uncommitted.update(offsets)
+            return
+        offsets = {tp: offset for tp, offset in {**self._uncommitted, **offsets}.items()
+                   if tp in self.ledger}
+        self._uncommitted = {}
+        if self._client is not None and offsets:
             try:
                 self._client.commit(offsets)
             except KafkaClientError as exc:  # e.g. after a rebalance: the checkpoint has them
@@ -425,8 +432,9 @@ class Worker:
         self._outputs_seen = self._outputs_seen or ready
         return ready
 
-    def _topic_ids(self, partitions: list[PartitionId]) -> dict[str, str]:
-        """The current id of the partitions' topics; none known when the brokers cannot say
+    def _topic_ids(self, partitions: list[PartitionId]) -> dict[str, str | None]:
+        """The current id of the partitions' topics (None: no such topic, ``topic_ids``); none
+        known when the brokers cannot say
         (a broker without ids, or one that refuses: the end-offset rule still holds). A broker
         that did not answer raises (BrokerUnavailable, from the rebalance callback to the
         loop), so that the lookup is made again at the next assignment, not skipped."""
@@ -475,6 +483,7 @@ class Worker:
         log.info("stopped")
 
     def _close_client(self) -> None:
+        self._joined = False  # left the group: what we hold may be another worker's soon
         if self._client is not None:
             self._client.close()
             self._client = None

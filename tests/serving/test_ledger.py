@@ -149,8 +149,9 @@ def test_a_partition_behind_us_whose_topic_has_no_id_now_was_deleted():
     ledger = PartitionLedger(now=0.0)
     ledger.adopt(A, 50, ["s1"], 0.0, topic_id="id-1")
     ledger.adopt(B, 10, ["s2"], 0.0)  # its topic's id never known: a broker without ids
-    assert ledger.replaced([A, B], {}) == {}  # (at an assignment: nothing known)
-    assert ledger.replaced([A, B], {}, missing_is_gone=True) == {A: 50}
+    assert ledger.replaced([A, B], {}, missing_is_gone=True) == {}  # nothing certain
+    assert ledger.replaced([A, B], {"in": None}) == {}  # (at an assignment)
+    assert ledger.replaced([A, B], {"in": None}, missing_is_gone=True) == {A: 50}
     assert ledger.next_offset(A) is None and ledger.next_offset(B) == 10
     assert ledger.replaced([A], {"in": "id-2"}) == {}  # made again: learnt, read from 0
     assert ledger.topic_ids() == {}  # (A's offset is none yet)
