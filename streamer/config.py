@@ -311,7 +311,7 @@ class KafkaSettings(_Section):
     @field_validator("auto_offset_reset", "isolation_level", "compression_type", "client",
                      mode="before")
     @classmethod
-    def _lower(cls, value: Any) -> Any:
+    def _lower_choices(cls, value: Any) -> Any:
         return _lower(value)
 
     @model_validator(mode="after")
@@ -1042,20 +1042,19 @@ def _what_was_read(loc: tuple[int | str, ...], value: Any, environ: Mapping[str,
     if _is_secret(loc):
         return ""
     if isinstance(value, dict):
-        names = tuple(part for part in loc if isinstance(part, str))
-        deeper = [name for name in _set_by(names, environ)
-                  if name.upper().startswith(env_var_name(names) + ENV_NESTED_DELIMITER)]
+        below = env_var_name(tuple(part for part in loc if isinstance(part, str)))
+        deeper = sorted(name for name in environ
+                        if name.upper().startswith(below + ENV_NESTED_DELIMITER))
         if deeper:
             return f", got sub-settings from {', '.join(deeper)}, which sets no setting"
     text = repr(value)
     return f", got {text if len(text) <= 80 else text[:77] + '...'}"
 
 
-def format_validation_error(err: ValidationError, environ: Mapping[str, str] | None = None) -> str:
+def format_validation_error(err: ValidationError) -> str:
     """One line naming every invalid field by its env var and CLI flag, what is wrong, and the
-    value read (secrets left out). ``environ`` (``os.environ`` by default) names the variables
-    a misspelt nested name came from."""
-    environ = os.environ if environ is None else environ
+    value read (secrets left out); a misspelt nested name by the variables it came from."""
+    environ = os.environ
     problems: list[str] = []
     for error in err.errors(include_url=False):
         message = error["msg"].removeprefix("Value error, ")

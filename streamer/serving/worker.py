@@ -434,10 +434,10 @@ class Worker:
 
     def _topic_ids(self, partitions: list[PartitionId]) -> dict[str, str | None]:
         """The current id of the partitions' topics (None: no such topic, ``topic_ids``); none
-        known when the brokers cannot say
-        (a broker without ids, or one that refuses: the end-offset rule still holds). A broker
-        that did not answer raises (BrokerUnavailable, from the rebalance callback to the
-        loop), so that the lookup is made again at the next assignment, not skipped."""
+        known when the brokers cannot say (a broker without ids, or one that refuses: the
+        end-offset rule still holds). A broker that did not answer raises (BrokerUnavailable,
+        from the rebalance callback to the loop), so that the lookup is made again at the next
+        assignment, not skipped."""
         try:
             return topic_ids(self.settings.kafka.connection(), {t for t, _ in partitions})
         except Unfixable as exc:
