@@ -82,6 +82,13 @@ def test_horizon_benchmark_quick_run_scores_every_step_the_rollout_and_the_cost(
     assert "feedback rollout's MAE" in out and "readings/s at H = 1" in out
 
 
+def test_level_shift_benchmark_quick_run_prints_both_runs_of_four_sensors() -> None:
+    out = _run("-m", "tests.bench_level_shift", "--fleets", "sample", timeout_s=240)
+    rows = [line for line in out.splitlines() if line.startswith("| sample |")]
+    assert [row.split("|")[3].strip() for row in rows] == ["as it is", "shifted"] * 4, out
+    assert all(np.isfinite(_number(row.split("|")[4])) for row in rows), out
+
+
 @pytest.mark.broker
 @pytest.mark.timeout(450)  # its script may take 400 s; pyproject's 300 s would cut it first
 def test_e2e_benchmark_quick_run_drains_the_backlog_through_streamer_and_ceiling(broker) -> None:

@@ -39,11 +39,31 @@ EXPERTS = ("lstm", "lstm x1.25", "lstm x0.75", "lstm x0.5", "lstm x0.25", "persi
 N_EXPERTS = len(EXPERTS)
 PERSISTENCE = EXPERTS.index("persistence")
 REVERT_ALPHA = 0.25  # weight of the latest spike in deciding whether this sensor's spikes revert
+# Every expert's forecast is kept within this many of the sensor's spreads (the normalizer's:
+# the level's standard deviation, at least its change scale) of the last value. The weights
+# come from errors capped at ``clip`` change scales, so an expert that is wildly off keeps a
+# small weight; unbounded, its forecast then moved the aggregate by that weight times its miss.
+# After a level shift (a counter reset from 5e6 to 45) the day and week profiles, whose level
+# had not followed yet, forecast 5e6 for a few readings and the aggregate 3.5e6, 6.4e5, 4.0e4.
+# A forecast that is right stays well inside: a profile's deviations are stored within Z_LIMIT
+# (6) spreads of its level, so this reach cuts one only where the reading is itself more than
+# six spreads from the level the profile forecasts from.
+REACH = 12.0
+
+
+def within_reach(forecasts: np.ndarray, values: np.ndarray, spread: np.ndarray) -> np.ndarray:
+    """``forecasts`` (M, F, ...) of the readings after ``values`` (M, F), each kept within
+    ``REACH`` of the sensor's ``spread`` (M, F) of the value."""
+    extra = (None,) * (forecasts.ndim - values.ndim)
+    here, reach = values[(..., *extra)], REACH * spread[(..., *extra)]
+    with np.errstate(over="ignore"):  # near the range limit the bounds overflow: no bound
+        return np.clip(forecasts, here - reach, here + reach)
 
 
 def expert_forecasts(values: np.ndarray, lstm_change: np.ndarray, recalled: Recalled,
-                     scale: np.ndarray, clip: float) -> np.ndarray:
-    """(M, F, K) every expert's forecast of the next reading (order of ``EXPERTS``).
+                     scale: np.ndarray, spread: np.ndarray, clip: float) -> np.ndarray:
+    """(M, F, K) every expert's forecast of the next reading (order of ``EXPERTS``), within
+    reach of the value (``within_reach``).
 
     "seasonal day" is the day profile at the next reading's time; "seasonal day change" is the
     last value plus the profile's change from now to then (it keeps the current level). A
@@ -56,7 +76,8 @@ def expert_forecasts(values: np.ndarray, lstm_change: np.ndarray, recalled: Reca
     seasonal = np.where(np.isnan(seasonal), values[..., None], seasonal)
     linear = values + scale * np.clip(recalled.ar_change, -clip, clip)  # (M, F)
     cycle = values + scale * np.clip(recalled.cycle_change, -clip, clip)
-    return np.concatenate([lstm, seasonal, linear[..., None], cycle[..., None]], axis=-1)
+    experts = np.concatenate([lstm, seasonal, linear[..., None], cycle[..., None]], axis=-1)
+    return within_reach(experts, values, spread)
 
 
 def weigh_experts(

@@ -53,6 +53,7 @@ from statistics import NormalDist
 import numpy as np
 
 from streamer.core.compiled import kernel
+from streamer.core.experts import within_reach
 from streamer.core.intervals import published_bounds
 from streamer.core.memory import Recalled
 
@@ -96,9 +97,10 @@ class HorizonForecast:
 
 
 def horizon_experts(values: np.ndarray, step_one: np.ndarray, scale: np.ndarray,
-                    recalled: Recalled, clip: float) -> np.ndarray:
+                    spread: np.ndarray, recalled: Recalled, clip: float) -> np.ndarray:
     """(M, F, H, K) every horizon expert's forecast of each of the next H readings (order of
-    ``HORIZON_EXPERTS``; step 1 is the first of H)."""
+    ``HORIZON_EXPERTS``; step 1 is the first of H), within reach of the value (experts.py's
+    ``within_reach``)."""
     m, f = values.shape
     h = recalled.seasonal_ahead.shape[2]
     held = np.broadcast_to(step_one[..., None], (m, f, h))
@@ -126,7 +128,8 @@ def horizon_experts(values: np.ndarray, step_one: np.ndarray, scale: np.ndarray,
     experts = np.stack([held, here, level[..., 0], level[..., 1], change[..., 0],
                         change[..., 1], linear, naive[..., 0], naive[..., 1], cycle], axis=-1)
     # An expert that overflowed (a sensor near 1e300) forecasts the held step 1 instead.
-    return np.where(np.isfinite(experts), experts, held[..., None])
+    experts = np.where(np.isfinite(experts), experts, held[..., None])
+    return within_reach(experts, values, spread)
 
 
 class HorizonState:

@@ -482,7 +482,7 @@ class Learner:
         change = self._forward(slots, g, features, enc).clip(-cap, cap)  # (M, F)
 
         raw = np.where(enc.warm[:, None], enc.scale * change, 0.0)  # (M, F) predicted change
-        experts = expert_forecasts(values, raw, mem, enc.scale, cap)  # (M, F, K)
+        experts = expert_forecasts(values, raw, mem, enc.scale, enc.spread, cap)  # (M, F, K)
         experts = np.where(enc.warm[:, None, None], experts, values[..., None])  # warm-up
         n_scored = self._n_scored(slots, g)
         forecast, spread, naive_mae, base = self._aggregate(slots, g, values, experts, enc,
@@ -537,7 +537,7 @@ class Learner:
         changes none of it. ``base`` is the reading the steps start from: the value before a
         spike that step 1 expects to revert (experts.py), else the reading itself."""
         cfg = self.config
-        experts = horizon_experts(base, forecast, enc.scale, mem, cfg.clip_z)
+        experts = horizon_experts(base, forecast, enc.scale, enc.spread, mem, cfg.clip_z)
         experts = np.where(enc.warm[:, None, None, None], experts, values[..., None, None])
         number = self._n_before(slots, g) + 1  # each reading's number in its slot
         ahead = self.horizon.forecast(slots, number, values, enc.warm, enc.outlier.any(axis=1),

@@ -18,11 +18,16 @@ from streamer.core.experts import N_EXPERTS
 N_CALENDAR = 4  # sin/cos of time of day, sin/cos of day of week
 SECONDS_PER_DAY = 86_400.0
 GAP_CLIP = 3.0  # |log(dt / typical dt)| is clipped here: a 20x gap looks like any long gap
-# Floors of a sensor's change scale (besides a share of its spread): a share of its level's
-# magnitude, where float64 still resolves a change by hundreds of ulps, and an absolute one below
-# any unit a reading comes in. Not higher: a sensor in units of 1e-15 (farads, amperes) or read
-# on an offset of 5e9 with changes of 1 (a northing in mm, a large counter) had its scale set by
-# the floor, every change looked like none, and it was forecast worse than persistence.
+# Floors of a sensor's change scale: a share of its level's magnitude, where float64 still
+# resolves a change by hundreds of ulps, and an absolute one below any unit a reading comes in.
+# Not higher: a sensor in units of 1e-15 (farads, amperes) or read on an offset of 5e9 with
+# changes of 1 (a northing in mm, a large counter) had its scale set by the floor, every change
+# looked like none, and it was forecast worse than persistence. Not a share of the level's spread
+# either (it was 1e-3 of it): after a level shift (a counter reset from 5e6 to 20) the spread
+# grows to millions while the mean follows, and decays for thousands of readings; the change
+# scale went with it from 0.05 to 2,000, every expert's error looked like none, and the
+# forecasts of a sensor changing by 0.1 a reading were off by 10 (250x persistence's error) for
+# a day. On the shared fleets that floor never bound (their forecasts moved by < 1e-4).
 SCALE_FLOOR_REL, SCALE_FLOOR_ABS = 1e-13, 1e-30
 # The largest magnitude a reading may have. Differences of two such readings, the spreads
 # (updated with hypot, never squared) and forecasts of up to ~10 scales beyond them all stay
@@ -247,10 +252,9 @@ def _encode(slots, ts, values, alpha, warmup, clip, robust_stats,
             rms = change_rms[s, j]
             if prev:  # rms^2 = (1 - w) rms_old^2 + w change^2, as above
                 rms = math.hypot(math.sqrt(1.0 - a_prev) * rms, math.sqrt(a_prev) * change_w)
-            # The change scale has floors so a flat stretch cannot shrink it to zero: a share of
-            # the level's spread, a relative share of its magnitude, and an absolute minimum.
-            sc = max(max(rms, 1e-3 * sd_new),
-                     max(SCALE_FLOOR_REL * abs(m_new), SCALE_FLOOR_ABS))
+            # The change scale has floors so a flat stretch cannot shrink it to zero: a relative
+            # share of its magnitude and an absolute minimum (see SCALE_FLOOR_REL).
+            sc = max(rms, SCALE_FLOOR_REL * abs(m_new), SCALE_FLOOR_ABS)
             sp = max(sd_new, sc)
             spread[i, j], scale[i, j], level[i, j], sd_out[i, j] = sp, sc, m_new, sd_new
             features[i, j] = (v - m_new) / sp

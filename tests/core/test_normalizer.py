@@ -67,3 +67,15 @@ def test_a_readings_lateness_is_its_gap_in_typical_gaps_before_it():
     assert enc.late[2:50] == pytest.approx(1.0)
     assert enc.late[50] == pytest.approx(10.0)  # ten minutes after the one before
     assert 0.9 < enc.late[51] < 1.0  # the typical gap grew a little with the long one
+
+
+def test_the_change_scale_stays_that_of_the_changes_after_a_level_shift():
+    # A counter reset from 5e6 to 20: the level's spread grows to millions while its mean
+    # follows. The change scale was at least 1e-3 of that spread, so it went from 0.05 to
+    # ~2,000 and every forecast's error looked like none for thousands of readings.
+    rng = np.random.default_rng(2)
+    walk = 20 + np.cumsum(0.05 * rng.normal(size=3000))
+    walk[:1000] += 5e6
+    scale = _scales(walk)
+    before = scale[999]
+    assert scale[1000:].max() < 2.0 * before, scale[1000:].max() / before
