@@ -8,7 +8,9 @@ import pytest
 from streamer.core import Batch, Learner, LearnerConfig
 from streamer.core.experts import EXPERTS, REACH
 from streamer.core.memory import CYCLE_KNOWN, DAY_BUCKETS, SensorMemory
+from streamer.tools.readings_csv import read_csv
 from streamer.tools.replay import replay, score
+from tests.bench_fleets import sample_dataset
 from tests.bench_quality import seasonal_naive_forecasts
 from tests.synthetic_fleet import DAY, START, _sensor, weekday_fleet
 
@@ -224,3 +226,26 @@ def test_a_counter_reset_never_sends_a_forecast_far_from_the_readings():
     ahead = result.horizon.forecast[cut : n - 6, 0, :]  # (T, 6) steps 1..6
     truth = np.stack([values[cut + k : n - 6 + k] for k in range(1, 7)], axis=1)
     assert np.abs(ahead - truth).max() < reach
+
+
+@pytest.mark.parametrize("sensor", ["T1", "RH_5"])
+def test_a_sensor_whose_units_change_to_a_thousandth_is_forecast_as_well_as_persistence_soon(
+        sensor):
+    # Its change scale stays 1,000x the new changes for hundreds of readings; with the experts
+    # weighed on errors in those scales every running error fell to ~0.01, the weights went
+    # flat and the LSTM's change (1,000x too large) held a share: 16x and 224x persistence's
+    # error 50-200 readings after the change, 1.7x and 2.3x for the next 1,300. The weights
+    # now compare errors in units of persistence's own (experts.relative_errors).
+    batch = read_csv(sample_dataset())
+    rows = np.flatnonzero(np.asarray(batch.sensor_ids) == sensor)
+    cut = len(rows) // 2
+    values = batch.values.copy()
+    values[rows[cut:], 0] *= 1e-3
+    forecasts, _, _ = replay(Batch.from_arrays(batch.sensor_ids, batch.ts, values),
+                             LearnerConfig(device="cpu"))
+    made, met = rows[cut:-1], rows[cut + 1 :]
+    miss = np.abs(forecasts[made, 0] - values[met, 0])
+    naive = np.abs(values[made, 0] - values[met, 0])
+    soon, later = slice(50, 200), slice(200, None)
+    assert miss[soon].sum() < 1.5 * naive[soon].sum(), miss[soon].sum() / naive[soon].sum()
+    assert miss[later].sum() < 1.05 * naive[later].sum(), miss[later].sum() / naive[later].sum()
