@@ -41,15 +41,16 @@ EXPERTS = ("lstm", "lstm x1.25", "lstm x0.75", "lstm x0.5", "lstm x0.25", "persi
 N_EXPERTS = len(EXPERTS)
 PERSISTENCE = EXPERTS.index("persistence")
 REVERT_ALPHA = 0.25  # weight of the latest spike in deciding whether this sensor's spikes revert
-# Every expert's forecast is kept within this many of the sensor's spreads (the normalizer's:
-# the level's standard deviation, at least its change scale) of the last value. The weights
-# come from errors capped at ``clip`` change scales, so an expert that is wildly off keeps a
-# small weight; unbounded, its forecast then moved the aggregate by that weight times its miss.
-# After a level shift (a counter reset from 5e6 to 45) the day and week profiles, whose level
-# had not followed yet, forecast 5e6 for a few readings and the aggregate 3.5e6, 6.4e5, 4.0e4.
-# A forecast that is right stays well inside: a profile's deviations are stored within Z_LIMIT
-# (6) spreads of its level, so this reach cuts one only where the reading is itself more than
-# six spreads from the level the profile forecasts from.
+# Where a reading is more than ``clip`` spreads (the normalizer's: the level's standard
+# deviation, at least its change scale) from the level before it, the level is in question (a
+# shift or a spike) and every expert's forecast is kept within this many spreads of the
+# reading. The weights come from errors capped at ``clip`` change scales, so an expert that is
+# wildly off keeps a small weight; unbounded, its forecast then moved the aggregate by that
+# weight times its miss. After a level shift (a counter reset from 5e6 to 45) the day and week
+# profiles, whose level had not followed yet, forecast 5e6 for a few readings and the
+# aggregate 3.5e6, 6.4e5, 4.0e4. Not on every reading: after a weekend of zeros the spread has
+# decayed to a fraction of a weekday load's, and Monday morning's day-ago and week-ago
+# readings, which are right, were cut to a tenth of the load.
 REACH = 12.0
 # Hedge compares the experts' running errors in units of persistence's own (times the typical
 # value of that, in change scales): scale-free even where the change scale is far from the
@@ -61,20 +62,33 @@ REACH = 12.0
 # synthetic fleets 0.1-0.3 % better; 0.6 and 0.8 instead of 0.7 are each worse on some fleet,
 # and so are plain etas of 22 and 40 (docs/benchmarks/quality.md).
 NAIVE_TYPICAL = 0.7
-MIN_NAIVE_ERROR = 1e-3  # change scales: a sensor persistence forecast exactly for long
+# Persistence's running error is floored at this many change scales where it is divided by (a
+# sensor persistence forecast exactly for long): here, and for the width of an interval in
+# persistence MAEs (learner.py).
+MIN_NAIVE_ERROR = 1e-3
 
 
-def within_reach(forecasts: np.ndarray, values: np.ndarray, spread: np.ndarray) -> np.ndarray:
+def expert_reach(values: np.ndarray, prev_level: np.ndarray, prev_spread: np.ndarray,
+                 spread: np.ndarray, has_prev: np.ndarray, clip: float) -> np.ndarray:
+    """(M, F) how far from each value its experts may forecast: ``REACH`` spreads where the
+    reading is more than ``clip`` of the spreads before it from the level before it, else
+    unbounded (inf)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # near the range limit: no bound
+        far = has_prev[:, None] & (np.abs(values - prev_level) > clip * prev_spread)
+        return np.where(far, REACH * spread, np.inf)
+
+
+def within_reach(forecasts: np.ndarray, values: np.ndarray, reach: np.ndarray) -> np.ndarray:
     """``forecasts`` (M, F, ...) of the readings after ``values`` (M, F), each kept within
-    ``REACH`` of the sensor's ``spread`` (M, F) of the value."""
+    ``reach`` (M, F, from ``expert_reach``) of the value."""
     extra = (None,) * (forecasts.ndim - values.ndim)
-    here, reach = values[(..., *extra)], REACH * spread[(..., *extra)]
-    with np.errstate(over="ignore"):  # near the range limit the bounds overflow: no bound
-        return np.clip(forecasts, here - reach, here + reach)
+    here, bound = values[(..., *extra)], reach[(..., *extra)]
+    with np.errstate(over="ignore", invalid="ignore"):  # near the range limit: no bound
+        return np.clip(forecasts, here - bound, here + bound)
 
 
 def expert_forecasts(values: np.ndarray, lstm_change: np.ndarray, recalled: Recalled,
-                     scale: np.ndarray, spread: np.ndarray, clip: float) -> np.ndarray:
+                     scale: np.ndarray, reach: np.ndarray, clip: float) -> np.ndarray:
     """(M, F, K) every expert's forecast of the next reading (order of ``EXPERTS``), within
     reach of the value (``within_reach``).
 
@@ -90,7 +104,7 @@ def expert_forecasts(values: np.ndarray, lstm_change: np.ndarray, recalled: Reca
     linear = values + scale * np.clip(recalled.ar_change, -clip, clip)  # (M, F)
     cycle = values + scale * np.clip(recalled.cycle_change, -clip, clip)
     experts = np.concatenate([lstm, seasonal, linear[..., None], cycle[..., None]], axis=-1)
-    return within_reach(experts, values, spread)
+    return within_reach(experts, values, reach)
 
 
 def weigh_experts(

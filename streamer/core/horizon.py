@@ -97,7 +97,7 @@ class HorizonForecast:
 
 
 def horizon_experts(values: np.ndarray, step_one: np.ndarray, scale: np.ndarray,
-                    spread: np.ndarray, recalled: Recalled, clip: float) -> np.ndarray:
+                    reach: np.ndarray, recalled: Recalled, clip: float) -> np.ndarray:
     """(M, F, H, K) every horizon expert's forecast of each of the next H readings (order of
     ``HORIZON_EXPERTS``; step 1 is the first of H), within reach of the value (experts.py's
     ``within_reach``)."""
@@ -129,7 +129,7 @@ def horizon_experts(values: np.ndarray, step_one: np.ndarray, scale: np.ndarray,
                         change[..., 1], linear, naive[..., 0], naive[..., 1], cycle], axis=-1)
     # An expert that overflowed (a sensor near 1e300) forecasts the held step 1 instead.
     experts = np.where(np.isfinite(experts), experts, held[..., None])
-    return within_reach(experts, values, spread)
+    return within_reach(experts, values, reach)
 
 
 class HorizonState:

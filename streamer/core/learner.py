@@ -19,7 +19,14 @@ from streamer.core.device import (
     resolve_device,
     use_full_precision,
 )
-from streamer.core.experts import N_EXPERTS, PERSISTENCE, expert_forecasts, weigh_experts
+from streamer.core.experts import (
+    MIN_NAIVE_ERROR,
+    N_EXPERTS,
+    PERSISTENCE,
+    expert_forecasts,
+    expert_reach,
+    weigh_experts,
+)
 from streamer.core.grouping import Groups, group_by_slot
 from streamer.core.horizon import N_HORIZON_EXPERTS, HorizonState, horizon_experts
 from streamer.core.intervals import Calibrated, Calibration, late_reach, level_position
@@ -45,8 +52,6 @@ from streamer.core.windows import SlotTensors, WindowBatch
 # readings/s with 2-window updates).
 RAMP_UPDATES = 16
 MIN_READY_PER_SENSORS, MIN_READY_MAX = 16, 64
-# Interval widths are reported in persistence MAEs, floored at this many change scales.
-MIN_NAIVE_MAE = 1e-3
 # The horizon's experts keep running errors even with the step-1 guard off (guard_alpha 0).
 MIN_HORIZON_ALPHA = 0.02
 # A sensor whose last reading is dated more than this past the fleet's event clock and the
@@ -482,7 +487,9 @@ class Learner:
         change = self._forward(slots, g, features, enc).clip(-cap, cap)  # (M, F)
 
         raw = np.where(enc.warm[:, None], enc.scale * change, 0.0)  # (M, F) predicted change
-        experts = expert_forecasts(values, raw, mem, enc.scale, enc.spread, cap)  # (M, F, K)
+        reach = expert_reach(values, enc.prev_level, enc.prev_spread, enc.spread, enc.has_prev,
+                             cap)  # (M, F)
+        experts = expert_forecasts(values, raw, mem, enc.scale, reach, cap)  # (M, F, K)
         experts = np.where(enc.warm[:, None, None], experts, values[..., None])  # warm-up
         n_scored = self._n_scored(slots, g)
         forecast, spread, naive_mae, base = self._aggregate(slots, g, values, experts, enc,
@@ -516,14 +523,14 @@ class Learner:
         result.inside[rows] = cal.inside
         # Width in units of the sensor's running persistence MAE: 2 is twice the typical error
         # of "no change" (floored: a sensor that never changed has none).
-        unit = enc.scale * np.maximum(naive_mae, MIN_NAIVE_MAE)
+        unit = enc.scale * np.maximum(naive_mae, MIN_NAIVE_ERROR)
         result.interval_width[rows] = ((cal.upper - cal.lower) / unit).mean(axis=1)
         result.expected[rows] = np.where(scored[:, None], prev_forecast, np.nan)
         result.expected_lower[rows] = cal.expected_lower
         result.expected_upper[rows] = cal.expected_upper
         if result.horizon is not None:
             self._look_ahead(slots, g, values, ts, base, enc, mem, forecast, cal,
-                             result.horizon, rows)
+                             result.horizon, rows, reach)
         last = np.flatnonzero(pos == g.counts[g.member] - 1)
         self.stats.last_forecast[slots[last]] = forecast[last]
         self.stats.last_experts[slots[last]] = experts[last]
@@ -532,12 +539,13 @@ class Learner:
 
     def _look_ahead(self, slots: np.ndarray, g: Groups, values: np.ndarray, ts: np.ndarray,
                     base: np.ndarray, enc: Encoded, mem: Recalled, forecast: np.ndarray,
-                    cal: Calibrated, out: HorizonResult, rows: np.ndarray) -> None:
+                    cal: Calibrated, out: HorizonResult, rows: np.ndarray,
+                    reach: np.ndarray) -> None:
         """Forecast the next H readings at each reading (horizon.py): reads the live state,
         changes none of it. ``base`` is the reading the steps start from: the value before a
         spike that step 1 expects to revert (experts.py), else the reading itself."""
         cfg = self.config
-        experts = horizon_experts(base, forecast, enc.scale, enc.spread, mem, cfg.clip_z)
+        experts = horizon_experts(base, forecast, enc.scale, reach, mem, cfg.clip_z)
         experts = np.where(enc.warm[:, None, None, None], experts, values[..., None, None])
         number = self._n_before(slots, g) + 1  # each reading's number in its slot
         ahead = self.horizon.forecast(slots, number, values, enc.warm, enc.outlier.any(axis=1),

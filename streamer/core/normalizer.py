@@ -27,7 +27,7 @@ GAP_CLIP = 3.0  # |log(dt / typical dt)| is clipped here: a 20x gap looks like a
 # grows to millions while the mean follows, and decays for thousands of readings; the change
 # scale went with it from 0.05 to 2,000, every expert's error looked like none, and the
 # forecasts of a sensor changing by 0.1 a reading were off by 10 (250x persistence's error) for
-# a day. On the shared fleets that floor never bound (their forecasts moved by < 1e-4).
+# a day. On the shared fleets it hardly bound (their relMAE moved by < 2e-4).
 SCALE_FLOOR_REL, SCALE_FLOOR_ABS = 1e-13, 1e-30
 # The largest magnitude a reading may have. Differences of two such readings, the spreads
 # (updated with hypot, never squared) and forecasts of up to ~10 scales beyond them all stay

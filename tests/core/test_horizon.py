@@ -296,3 +296,21 @@ def test_a_steps_interval_across_a_nightly_gap_covers_the_mornings_reading():
     assert np.concatenate([np.concatenate(v) for v in across.values()]).mean() > 0.72
     assert np.concatenate(within).mean() > 0.88
 
+
+
+def test_a_weekday_loads_monday_morning_is_forecast_from_the_days_before_despite_a_weekend_off():
+    # 100 from 08:00 to 16:00 on weekdays, 0 otherwise, every 5 minutes. Over the weekend's
+    # zeros the level's spread decays to a fraction of the load; the experts were once kept
+    # within 12 of those spreads of every reading, which cut Monday's day-ago and week-ago
+    # readings (right: ~100 from 08:00) to 4-5 at 07:30. The reach now applies only where a
+    # reading is far from its level (a shift, a spike: experts.expert_reach).
+    start = 1_704_067_200.0  # 2024-01-01 00:00 UTC, a Monday
+    n = 21 * 288
+    ts = start + 300.0 * np.arange(n)
+    hour, weekday = (ts % 86_400) / 3600, ((ts // 86_400) + 3) % 7 < 5
+    on = (hour >= 8) & (hour < 16) & weekday
+    values = np.where(on, 100 + np.random.default_rng(0).normal(size=n), 0.0)
+    result = Learner(LearnerConfig(device="cpu", horizon=12)).step(
+        Batch.from_arrays(["load"] * n, ts, values))
+    at = 14 * 288 + 90  # the third Monday, 07:30: steps 6-12 fall at 08:00-08:30
+    assert result.horizon.forecast[at, 5:, 0].min() > 15, result.horizon.forecast[at, :, 0]
