@@ -26,7 +26,8 @@ reading arrives (one pending forecast per scored step, so a sensor's state grows
 not H; the next is made 0 or 1 readings later, pseudo-randomly, so that every phase of a
 periodic pattern is sampled), then every expert's error and the aggregate's are scored:
 errors in change scales / sqrt(k), so the steps' errors are comparable (a random walk's k-step
-error grows as sqrt(k)).
+error grows as sqrt(k)); the weights compare them relative to persistence's at the same step,
+as at step 1 (experts.relative_errors).
 Why these experts and not a feedback rollout of the LSTM: docs/benchmarks/horizon.md.
 
 **Intervals per step.** Per scored step, the aggregate's running MAE in that unit and two
@@ -53,7 +54,7 @@ from statistics import NormalDist
 import numpy as np
 
 from streamer.core.compiled import kernel
-from streamer.core.experts import within_reach
+from streamer.core.experts import MIN_NAIVE_ERROR, NAIVE_TYPICAL, within_reach
 from streamer.core.intervals import published_bounds
 from streamer.core.memory import Recalled
 
@@ -61,6 +62,7 @@ HORIZON_EXPERTS = ("step one", "persistence", "seasonal day", "seasonal week",
                    "seasonal day change", "seasonal week change", "local linear", "day before",
                    "week before", "cycle")
 N_HORIZON_EXPERTS = len(HORIZON_EXPERTS)
+PERSISTENCE_AHEAD = HORIZON_EXPERTS.index("persistence")
 # Quantile tracking step (x the interval's width), per scored forecast; a step 2^g forecast is
 # scored once every 2^g readings, so its step is larger to adapt about as fast in readings.
 TRACK_LR = 0.02
@@ -303,12 +305,15 @@ def _advance(slots, number, values, warm, outlier, scale, experts, step_one, low
                 best = err[s, j, p, 0]
                 for e in range(1, k_all):
                     best = min(best, err[s, j, p, e])
+                # Compared in units of persistence's own running error (experts.py's
+                # relative_errors), as at step 1.
+                unit = NAIVE_TYPICAL / max(err[s, j, p, PERSISTENCE_AHEAD], MIN_NAIVE_ERROR)
                 norm = 0.0
                 for e in range(k_all):
                     if math.isinf(eta):
                         weights[p, e] = 1.0 if err[s, j, p, e] == best and norm == 0.0 else 0.0
                     else:
-                        weights[p, e] = math.exp(-eta * (err[s, j, p, e] - best))
+                        weights[p, e] = math.exp(-eta * unit * (err[s, j, p, e] - best))
                     norm += weights[p, e]
                 for e in range(k_all):
                     weights[p, e] /= norm
