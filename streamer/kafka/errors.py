@@ -59,6 +59,15 @@ class LocalBrokerError(Exception):
     """The local test broker could not be started or stopped."""
 
 
+def describe(exc: BaseException) -> str:
+    """``Type: message`` for any exception, the type said once: kafka-python's errors already
+    start their str() with their class name, and one raised without a message says "None"."""
+    name, text = type(exc).__name__, str(exc)
+    if text.startswith(name):
+        text = text[len(name):].lstrip(":").strip()
+    return name if text in ("", "None") else f"{name}: {text}"
+
+
 def convert(exc: Exception, action: str) -> KafkaClientError:
     """The project's exception for a kafka-python error raised while doing ``action``."""
     import kafka.errors as kerr
@@ -72,8 +81,7 @@ def convert(exc: Exception, action: str) -> KafkaClientError:
     unfixable = (kerr.AuthorizationError, kerr.UnsupportedVersionError,
                  kerr.PolicyViolationError, kerr.InvalidReplicationFactorError,
                  kerr.KafkaConfigurationError)
-    # kafka-python errors already start their str() with the class name.
-    message = f"{action} failed: {exc}"
+    message = f"{action} failed: {describe(exc)}"
     if isinstance(exc, membership):
         return CommitFailed(message)
     if isinstance(exc, _refusals()):

@@ -38,6 +38,7 @@ from streamer.kafka.errors import (
     UndecodableBatch,
     convert,
     converted_errors,
+    describe,
 )
 
 log = logging.getLogger(__name__)
@@ -425,7 +426,7 @@ class KafkaPythonClient:
         try:
             self._consumer.close(autocommit=False, timeout_ms=int(timeout_s * 1000))
         except Exception as exc:  # noqa: BLE001 - never raises: the library's own errors too
-            log.warning("closing the consumer failed: %s: %s", type(exc).__name__, exc)
+            log.warning("closing the consumer failed: %s", describe(exc))
 
     def _leave_during_a_join(self, timeout_s: float) -> None:
         """Leave the group through an admin client while a join is under way: kafka-python's
@@ -471,10 +472,9 @@ class KafkaPythonClient:
         if where is None:
             if isinstance(exc, kerr.KafkaError):
                 return convert(exc, "polling")
-            return KafkaClientError(f"polling failed: {type(exc).__name__}: {exc}")
+            return KafkaClientError(f"polling failed: {describe(exc)}")
         tp, offset = where
-        error = UndecodableBatch((tp.topic, tp.partition), offset,
-                                 f"{type(exc).__name__}: {exc}")
+        error = UndecodableBatch((tp.topic, tp.partition), offset, describe(exc))
         # Pause, then seek: kafka-python parks the failed batch of a paused partition and
         # fetches the others; without both its next poll spins on the failed batch forever.
         self._consumer.pause(tp)

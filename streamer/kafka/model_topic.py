@@ -21,6 +21,8 @@ from kafka.errors import MessageSizeTooLargeError
 from streamer.kafka.admin import ensure_topics
 from streamer.kafka.client import AUTO_CREATE_TOPICS, LOG_ENDED_AFTER_S, ProducerSettings
 from streamer.kafka.connection import KafkaConnection
+from streamer.kafka.errors import describe
+from streamer.kafka.kafka_python_client import close_producer
 
 log = logging.getLogger(__name__)
 # The newest record per worker is what counts: compacted, and segments rolled hourly so that
@@ -152,8 +154,8 @@ class ModelTopic:
             except Exception as exc:  # noqa: BLE001 - any Kafka trouble: count, wait, reconnect
                 self._failures += 1
                 created = False  # checked again on reconnecting: the brokers may have lost it
-                log.warning("model topic %s: %s: %s; retrying in %.0f s", self.topic,
-                            type(exc).__name__, exc, backoff)
+                log.warning("model topic %s: %s; retrying in %.0f s", self.topic,
+                            describe(exc), backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
             finally:
@@ -209,8 +211,11 @@ class ModelTopic:
 
 
 def _close_quietly(client) -> None:
+    if isinstance(client, KafkaProducer):  # (a plain close() left a record pending in a
+        close_producer(client, timeout_s=1.0)  # broker outage to raise again from __del__)
+        return
     try:
-        client.close(timeout=1) if isinstance(client, KafkaProducer) else client.close()
+        client.close()
     except Exception:  # noqa: BLE001 - closing after an error: nothing more to do
         pass
 

@@ -10,7 +10,13 @@ import threading
 import kafka.errors as kerr
 import pytest
 
-from streamer.kafka.errors import AuthenticationFailed, BrokerUnavailable, connecting
+from streamer.kafka.errors import (
+    AuthenticationFailed,
+    BrokerUnavailable,
+    connecting,
+    convert,
+    describe,
+)
 
 MANAGER = logging.getLogger("kafka.net.manager")
 REFUSED = kerr.SaslAuthenticationFailedError("Authentication failed: Invalid username or password")
@@ -120,3 +126,17 @@ def test_a_refusal_is_seen_at_log_level_error_too(caplog):
             thread.start()
             thread.join()
             raise kerr.KafkaTimeoutError("Unable to bootstrap from b:9092")
+
+
+def test_an_error_is_described_by_its_type_once_and_never_as_none():
+    # kafka-python's errors start their str() with their class name, and one raised without a
+    # message says "None": logs read "KafkaTimeoutError: KafkaTimeoutError: ..." and
+    # "committing offsets failed: KafkaTimeoutError: None".
+    assert describe(kerr.KafkaTimeoutError("Timeout after 5.0 secs")) == \
+        "KafkaTimeoutError: Timeout after 5.0 secs"
+    assert describe(kerr.KafkaTimeoutError()) == "KafkaTimeoutError"
+    assert describe(kerr.KafkaTimeoutError(None)) == "KafkaTimeoutError"
+    assert describe(ValueError("bad")) == "ValueError: bad"
+    assert describe(OSError()) == "OSError"
+    assert str(convert(kerr.KafkaTimeoutError(), "committing offsets")) == \
+        "committing offsets failed: KafkaTimeoutError"
