@@ -4,7 +4,9 @@ events and rejected records (to the dead-letter topic) out.
 Input record: key = sensor id (UTF-8, optional; an empty key counts as absent), value = JSON
 ``{"sensor_id": str?, "ts": <epoch seconds> | "<RFC 3339 with offset>", "value": number}`` or
 ``"values": [numbers]`` instead of ``value``; without ``ts`` the record's own timestamp stands
-in. Other fields are ignored. Decoding never raises on bad data: each record becomes a
+in. Other fields are ignored, and a field written as null counts as absent, except that a
+null reading (``value``, or one of ``values``) is a missing one, rejected as a NaN is.
+Decoding never raises on bad data: each record becomes a
 ``Reading`` or a ``Rejection``.
 """
 
@@ -14,6 +16,7 @@ import hashlib
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -78,12 +81,14 @@ _STRICT = ConfigDict(strict=True, extra="ignore")
 
 # Strict: booleans and numeric strings are not numbers. NaN and +-inf pass the schema and are
 # rejected afterwards as NON_FINITE, which is the more useful reason; 1e999 parses as inf.
+# null: a field written as null is absent (serializers of optional fields write them so), and a
+# null reading is a missing one, NON_FINITE as NaN is (pandas' to_json writes NaN as null).
 @with_config(_STRICT)
 class _ReadingBody(TypedDict):
-    sensor_id: NotRequired[str]
-    ts: NotRequired[float | Rfc3339Time]
-    value: NotRequired[float]
-    values: NotRequired[list[float]]
+    sensor_id: NotRequired[str | None]
+    ts: NotRequired[float | Rfc3339Time | None]
+    value: NotRequired[float | None]
+    values: NotRequired[list[float | None] | None]
 
 
 _READING_BODY = TypeAdapter(_ReadingBody)
@@ -166,6 +171,13 @@ def _schema_rejection(err: ValidationError) -> Rejection:
     return Rejection(Reason.SCHEMA_VIOLATION, "; ".join(parts))
 
 
+def _mismatch(key_id: str, body_id: str) -> str:
+    show = repr
+    if unicodedata.normalize("NFKC", key_id) == unicodedata.normalize("NFKC", body_id):
+        show = ascii  # "café" composed and decomposed: they look the same; show code points
+    return f"key {show(_clip(key_id))} differs from body sensor_id {show(_clip(body_id))}"
+
+
 def decode_reading(key: bytes | None, value: bytes | None,
                    record_timestamp_ms: int = -1) -> Reading | Rejection:
     """Decode one record's key and value into a reading, or say why not. A body without
@@ -184,28 +196,30 @@ def decode_reading(key: bytes | None, value: bytes | None,
         except UnicodeDecodeError:
             return Rejection(Reason.SCHEMA_VIOLATION, "key is not valid UTF-8")
         if body_id is not None and body_id != sensor_id:
-            return Rejection(
-                Reason.KEY_MISMATCH,
-                f"key {_clip(sensor_id)!r} differs from body sensor_id {_clip(body_id)!r}",
-            )
+            return Rejection(Reason.KEY_MISMATCH, _mismatch(sensor_id, body_id))
     elif body_id is None:
         return Rejection(Reason.SCHEMA_VIOLATION, "sensor_id: required when the record has no key")
     else:
         sensor_id = body_id
 
-    if "value" in body:
-        if "values" in body:
+    value, many = body.get("value"), body.get("values")
+    if value is not None:
+        if many is not None:
             return Rejection(
                 Reason.SCHEMA_VIOLATION, "give exactly one of value and values, not both"
             )
-        values: tuple[float, ...] = (body["value"],)
-    elif "values" in body:
-        values = tuple(body["values"])
+        values: tuple[float, ...] = (value,)
+    elif many is not None:
+        if None in many:
+            return Rejection(Reason.NON_FINITE, "values hold a null (a missing reading)")
+        values = tuple(many)
+    elif "value" in body or "values" in body:
+        return Rejection(Reason.NON_FINITE, "value is null (a missing reading)")
     else:
         return Rejection(Reason.SCHEMA_VIOLATION, "give exactly one of value and values")
 
-    if "ts" in body:
-        ts = body["ts"]
+    ts = body.get("ts")
+    if ts is not None:
         if isinstance(ts, datetime):
             ts = ts.timestamp()
         elif not math.isfinite(ts):
@@ -218,7 +232,7 @@ def decode_reading(key: bytes | None, value: bytes | None,
     if not all(map(math.isfinite, values)):
         return Rejection(
             Reason.NON_FINITE,
-            "value is not finite" if "value" in body else "values hold a non-finite number",
+            "value is not finite" if value is not None else "values hold a non-finite number",
         )
     return Reading(sensor_id, ts, values)
 

@@ -149,6 +149,44 @@ def test_a_body_without_ts_takes_its_records_timestamp_and_a_body_ts_wins_over_i
     assert [reason for _, reason, _ in decoded.rejections] == [Reason.SCHEMA_VIOLATION]
 
 
+def test_a_field_written_as_null_counts_as_absent() -> None:
+    # Serializers of optional fields (Jackson, dataclasses.asdict, pydantic) write them null:
+    # such a producer's every reading was dead-lettered as a schema violation.
+    assert decode_reading(b"s1", b'{"sensor_id": null, "ts": 5, "value": 2}') == Reading(
+        "s1", 5.0, (2.0,))
+    assert decode_reading(b"s1", b'{"ts": null, "value": 2}', 7_000) == Reading(
+        "s1", 7.0, (2.0,))
+    assert decode_reading(b"s1", b'{"ts": 5, "value": 2, "values": null}') == Reading(
+        "s1", 5.0, (2.0,))
+    assert decode_reading(b"s1", b'{"ts": 5, "value": null, "values": [1, 2]}') == Reading(
+        "s1", 5.0, (1.0, 2.0))
+    no_id = decode_reading(None, b'{"sensor_id": null, "ts": 5, "value": 2}')
+    assert no_id == Rejection(Reason.SCHEMA_VIOLATION,
+                              "sensor_id: required when the record has no key")
+    no_ts = decode_reading(b"s1", b'{"ts": null, "value": 2}')
+    assert no_ts.reason is Reason.SCHEMA_VIOLATION and no_ts.detail.startswith("ts: Field")
+
+
+def test_a_null_reading_is_a_missing_one_rejected_as_a_nan_is() -> None:
+    # pandas' to_json writes NaN as null: the reason says what happened, not "not a number".
+    assert decode_reading(b"s1", b'{"ts": 5, "value": null}') == Rejection(
+        Reason.NON_FINITE, "value is null (a missing reading)")
+    assert decode_reading(b"s1", b'{"ts": 5, "value": null, "values": null}') == Rejection(
+        Reason.NON_FINITE, "value is null (a missing reading)")
+    assert decode_reading(b"s1", b'{"ts": 5, "values": [1, null]}') == Rejection(
+        Reason.NON_FINITE, "values hold a null (a missing reading)")
+
+
+def test_a_key_mismatch_between_ids_that_look_alike_shows_their_code_points() -> None:
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    rejection = decode_reading(composed.encode(), json.dumps(
+        {"sensor_id": decomposed, "ts": 1, "value": 1}, ensure_ascii=False).encode())
+    assert rejection == Rejection(
+        Reason.KEY_MISMATCH, "key 'caf\\xe9' differs from body sensor_id 'cafe\\u0301'")
+    unlike = decode_reading("caf\u00e9".encode(), b'{"sensor_id": "tea", "ts": 1, "value": 1}')
+    assert unlike.detail == "key 'caf\u00e9' differs from body sensor_id 'tea'"
+
+
 def test_key_and_body_that_agree_give_the_reading() -> None:
     assert decode_reading(b"s1", GOOD) == Reading("s1", 1700000000.5, (21.5,))
 
