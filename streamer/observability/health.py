@@ -104,6 +104,9 @@ class HealthServer:
                 else:
                     _reply(self, HTTPStatus.NOT_FOUND, "not found\n")
 
+            # Uptime checkers and load balancers probe with HEAD: the same status and headers.
+            do_HEAD = do_GET
+
             def log_message(self, format: str, *args: object) -> None:
                 # Probes hit these endpoints every few seconds; keep them out of the worker log.
                 log.debug("%s " + format, self.address_string(), *args)
@@ -147,10 +150,11 @@ def _reply(
     body: str | bytes,
     content_type: str = "text/plain; charset=utf-8",
 ) -> None:
-    """Write a complete response."""
+    """Write a complete response (its headers only, to a HEAD request)."""
     data = body.encode() if isinstance(body, str) else body
     handler.send_response(status)
     handler.send_header("Content-Type", content_type)
     handler.send_header("Content-Length", str(len(data)))
     handler.end_headers()
-    handler.wfile.write(data)
+    if handler.command != "HEAD":
+        handler.wfile.write(data)

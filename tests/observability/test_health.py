@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import threading
 import urllib.error
 import urllib.request
@@ -79,6 +80,28 @@ def test_readyz_reports_the_reason_until_readiness_flips(
     with flags.lock:
         flags.ready = True
     assert get(server, "/readyz")[0::2] == (200, "ready\n")
+
+
+def test_head_gets_the_status_and_headers_of_get_without_a_body(
+    server: HealthServer, flags: Flags
+) -> None:
+    # Uptime checkers and load balancers probe with HEAD; http.server answers 501 to it.
+    def head(path: str) -> tuple[int, str | None, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+        try:
+            conn.request("HEAD", path)
+            resp = conn.getresponse()
+            return resp.status, resp.headers["Content-Length"], resp.read()
+        finally:
+            conn.close()
+
+    assert head("/healthz") == (200, "3", b"")
+    assert head("/readyz")[::2] == (503, b"")
+    with flags.lock:
+        flags.ready = True
+    assert head("/readyz") == (200, "6", b"")
+    assert head("/metrics")[0] == 200 and head("/metrics")[2] == b""
+    assert get(server, "/healthz")[0::2] == (200, "ok\n")  # the connection left usable
 
 
 def test_readyz_is_503_when_the_readiness_check_raises(flags: Flags) -> None:
