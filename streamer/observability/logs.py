@@ -107,11 +107,21 @@ def missing_topic_as_warning(record: logging.LogRecord) -> bool:
     return True
 
 
-def configure_logging(level: str = "INFO", fmt: str = "plain") -> None:
+def from_a_kafka_library(record: logging.LogRecord) -> bool:
+    return any(_from(record, library) for library in KAFKA_LIBRARIES)
+
+
+def configure_logging(level: str = "INFO", fmt: str = "plain",
+                      libraries_shown: bool = True) -> None:
     """Route all logs, Python's warnings too, to stderr in the chosen format (idempotent),
     the Kafka libraries' repeats thinned (``RepeatFilter``), its cancellations left out
-    (``drop_cancellations``) and a missing topic a warning (``missing_topic_as_warning``)."""
+    (``drop_cancellations``) and a missing topic a warning (``missing_topic_as_warning``).
+    ``libraries_shown`` False leaves the Kafka libraries' lines out of stderr (a command that
+    reports its own failure in one line); they are still logged, for handlers that read them
+    (``kafka.errors.connecting``)."""
     handler = logging.StreamHandler(sys.stderr)
+    if not libraries_shown:
+        handler.addFilter(lambda record: not from_a_kafka_library(record))
     handler.addFilter(drop_cancellations)
     handler.addFilter(RepeatFilter())
     if fmt == "json":

@@ -310,7 +310,9 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
     with _environ_without(NOT_PRODUCED):
         settings = load_settings(overrides)
-    configure_logging(settings.log.level, settings.log.format)
+    # Its failures are one line of its own; the client's retries, only when asked (DEBUG).
+    configure_logging(settings.log.level, settings.log.format,
+                      libraries_shown=settings.log.level == "DEBUG")
     pace = _pace(args.rate, args.speedup)
     readings = _sendable_readings(args.file or sample_dataset())
     sent = produce(readings, settings.kafka.connection(), settings.kafka.input_topic, pace,
