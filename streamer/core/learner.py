@@ -494,6 +494,15 @@ class Learner:
         n_scored = self._n_scored(slots, g)
         forecast, spread, naive_mae, base = self._aggregate(slots, g, values, experts, enc,
                                                             n_scored)
+        # A spike not reverted: the next reading may well be back at the value before it, and
+        # the interval spans that too (intervals.py), so that a one-off's return is not
+        # flagged as a second anomaly. Kept as the spike's code (2; 1: reverted).
+        reverted = base != values
+        spike = np.where(enc.outlier, np.where(reverted, 1.0, 2.0), 0.0)  # (M, F)
+        alt = np.where(spike == 2.0, enc.prev_value, np.nan)
+        prev_alt = np.where(_previous(slots, g, spike, self.stats.last_outlier) == 2.0,
+                            _previous(slots, g, enc.prev_value, self.stats.before_last_value),
+                            np.nan)
         # Finite by construction (bounded inputs and statistics); should the weights ever go
         # non-finite, every valid reading still gets a number: persistence.
         forecast = np.where(np.isfinite(forecast), forecast, values)
@@ -517,7 +526,7 @@ class Learner:
                                          enc.late,
                                          late_reach(prev_forecast, enc.prev_level, enc.prev_sd),
                                          _next_lateness(mem.next_ts, ts, enc.next_gap),
-                                         late_reach(forecast, enc.level, enc.sd))
+                                         late_reach(forecast, enc.level, enc.sd), prev_alt, alt)
         result.lower[rows], result.upper[rows] = cal.lower, cal.upper
         result.anomaly_score[rows], result.anomaly[rows] = cal.score, cal.anomaly
         result.inside[rows] = cal.inside
@@ -534,7 +543,7 @@ class Learner:
         last = np.flatnonzero(pos == g.counts[g.member] - 1)
         self.stats.last_forecast[slots[last]] = forecast[last]
         self.stats.last_experts[slots[last]] = experts[last]
-        self.stats.last_outlier[slots[last]] = enc.outlier[last]
+        self.stats.last_outlier[slots[last]] = spike[last]
         self.stats.before_last_value[slots[last]] = enc.prev_value[last]
 
     def _look_ahead(self, slots: np.ndarray, g: Groups, values: np.ndarray, ts: np.ndarray,

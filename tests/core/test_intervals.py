@@ -186,6 +186,31 @@ def test_the_readings_just_after_a_spike_inside_their_interval_are_not_flagged()
             assert out.anomaly[at] and not (out.anomaly[after] & (out.inside[after] == 1)).any()
 
 
+@pytest.mark.parametrize("height", [100.0, 1e3, -1e6])
+def test_a_one_off_spike_is_one_anomaly_and_its_return_is_not_a_second(height):
+    # The first spike a sensor shows (a reading over clip_z of its level's spreads from its
+    # level, and from its last value): the forecast made at it follows it (whether this
+    # sensor's spikes revert is not known yet), and its interval was around the spike alone, so
+    # the normal reading after it was flagged too (two alerts per one-point glitch). The
+    # interval made at a spike spans the value before it as well.
+    for seed in range(4):
+        values = _sine(1500, seed)
+        before = values[999]
+        values[1000] = before + height
+        out = _one_sensor(values)
+        assert out.anomaly[1000] and not out.anomaly[1001:1100].any(), seed
+        assert out.lower[1000, 0] <= before <= out.upper[1000, 0]
+        assert out.inside[1001] == 1
+
+
+def test_a_level_shift_is_flagged_at_the_shift_and_its_next_reading_is_inside():
+    for seed in range(4):
+        values = _sine(1500, seed)
+        values[1000:] += 500.0  # for good
+        out = _one_sensor(values)
+        assert out.anomaly[1000] and out.inside[1001] == 1
+
+
 def _outage(kind: str, seed: int, missed: int = 100, n: int = 1500) -> tuple[np.ndarray, Batch]:
     """A sensor read every minute that misses ``missed`` readings after its 1,200th; the
     readings it sent, and where it is back (index 1200)."""
