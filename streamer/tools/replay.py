@@ -30,11 +30,12 @@ class SensorScore:
     persistence_mae: float
     rel_mae: float  # mae / persistence_mae (nan when persistence is exact)
     # Readings scored against the interval made before them (past warm-up), the share of them
-    # inside it (per feature), and those intervals' mean width in the sensor's persistence MAEs;
-    # nan when there are none or no intervals were given.
+    # inside it (per feature), and those intervals' mean and median width in the sensor's
+    # persistence MAEs; nan when there are none or no intervals were given.
     interval_scored: int = 0
     coverage: float = NAN
     interval_width: float = NAN
+    interval_width_median: float = NAN
     anomalies: int = 0  # readings flagged
     anomalies_per_1000: float = NAN  # per 1,000 interval-scored readings
 
@@ -51,11 +52,14 @@ class ReplayReport:
     mae: float  # mean over sensors
     persistence_mae: float
     # Intervals and flags over all sensors' interval-scored readings pooled (not a mean over
-    # sensors): coverage is the share of every scored reading, whatever its sensor.
+    # sensors): coverage is the share of every scored reading, whatever its sensor. The
+    # median width is the one to read: a sensor that rarely changes has a persistence MAE near
+    # 0 and a width of thousands of those, which can swamp the mean.
     target_coverage: float = NAN
     interval_scored: int = 0
     coverage: float = NAN
     interval_width: float = NAN
+    interval_width_median: float = NAN
     anomalies: int = 0
     anomalies_per_1000: float = NAN
     sensors: list[SensorScore] = field(default_factory=list)
@@ -208,10 +212,11 @@ def score(sensor_ids: Sequence[str], values: np.ndarray, forecasts: np.ndarray,
 
 def _interval_figures(tested: np.ndarray, covered: np.ndarray, width: np.ndarray,
                       flagged: np.ndarray) -> dict[str, float | int]:
-    """Coverage, mean width and flags over the pairs whose next reading was interval-scored.
-    The width is averaged over the finite ones (coverage counts every pair): a flat sensor
-    that jumps by 1e295 has an interval too wide for a float in its own units, which made the
-    fleet's mean inf; each is divided before they are added, so near-overflow ones cannot."""
+    """Coverage, mean and median width and flags over the pairs whose next reading was
+    interval-scored. The width is taken over the finite ones (coverage counts every pair): a
+    flat sensor that jumps by 1e295 has an interval too wide for a float in its own units,
+    which made the fleet's mean inf; each is divided before they are added, so near-overflow
+    ones cannot."""
     n, flags = int(tested.sum()), int(flagged.sum())
     widths = width[tested]
     widths = widths[np.isfinite(widths)]
@@ -219,6 +224,7 @@ def _interval_figures(tested: np.ndarray, covered: np.ndarray, width: np.ndarray
         "interval_scored": n,
         "coverage": float(covered[tested].mean()) if n else NAN,
         "interval_width": float(np.sum(widths / len(widths))) if len(widths) else NAN,
+        "interval_width_median": float(np.median(widths)) if len(widths) else NAN,
         "anomalies": flags,
         "anomalies_per_1000": 1000.0 * flags / n if n else NAN,
     }
@@ -276,6 +282,15 @@ def write_horizon(path: str | Path, readings: Batch, outputs: ReplayOutputs) -> 
                                  *[repr(float(x)) for x in horizon.upper[i, k]]])
 
 
+def _rated(sensors: list[SensorScore]) -> str:
+    """"N sensors", or "N of M sensors (K never changed)": a sensor whose readings never
+    changed has no persistence error to compare with, and no relMAE."""
+    rated = sum(np.isfinite(s.rel_mae) for s in sensors)
+    if rated == len(sensors):
+        return f"{rated} sensors"
+    return f"{rated} of {len(sensors)} sensors ({len(sensors) - rated} never changed)"
+
+
 def format_report(report: ReplayReport, top: int = 10) -> str:
     """A human-readable summary: overall figures and the per-sensor table (worst first)."""
     lines = [
@@ -283,11 +298,11 @@ def format_report(report: ReplayReport, top: int = 10) -> str:
         f"rejected {sum(report.rejected.values()):,} {report.rejected or ''}".rstrip(),
         f"updates {report.updates:,}  time {report.seconds:.2f} s  "
         f"throughput {report.readings_per_second:,.0f} readings/s",
-        f"relMAE {report.rel_mae:.4f} (mean over {len(report.sensors)} sensors of MAE / "
+        f"relMAE {report.rel_mae:.4f} (mean over {_rated(report.sensors)} of MAE / "
         f"persistence MAE; < 1 beats persistence)",
         f"intervals: coverage {report.coverage:.3f} (target {report.target_coverage:.3f}) of "
-        f"{report.interval_scored:,} scored readings, mean width {report.interval_width:.3g} "
-        f"persistence MAEs",
+        f"{report.interval_scored:,} scored readings, width {report.interval_width_median:.3g} "
+        f"persistence MAEs (median; mean {report.interval_width:.3g})",
         f"anomalies: {report.anomalies:,} flagged ({report.anomalies_per_1000:.2f} per 1,000 "
         f"scored readings)",
         "",

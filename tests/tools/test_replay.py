@@ -17,7 +17,7 @@ import pytest
 from streamer.core import LearnerConfig, Reason
 from streamer.tools.cli import main
 from streamer.tools.readings_csv import read_csv, well_formed
-from streamer.tools.replay import backtest, forecasts_header, score
+from streamer.tools.replay import backtest, forecasts_header, format_report, score
 from tests.core.conftest import sine_fleet
 
 WARMUP = LearnerConfig().warmup_readings
@@ -192,6 +192,27 @@ def test_an_interval_too_wide_for_a_float_leaves_the_mean_width_finite():
     assert report.interval_width == pytest.approx(1e308 / 2 + 3.0 / 4)
     by_name = {s.sensor_id: s.interval_width for s in report.sensors}
     assert by_name == {"a": pytest.approx(1.0), "b": pytest.approx(1e308 / 3 * 2 + 2.0 / 3)}
+
+
+def test_a_sensor_that_never_changes_neither_swamps_the_width_nor_counts_as_rated(tmp_path):
+    # A constant sensor's persistence MAE is 0: its interval is thousands of those wide, which
+    # made the fleet's mean width 761 where the others' were 5 and 90, and its relMAE is nan,
+    # so "mean over 3 sensors" was a mean over 2 (a black-box audit).
+    rng = np.random.default_rng(0)
+    rows = ["sensor_id,ts,value"]
+    for i in range(2000):
+        ts = 1_700_000_000 + 60 * i
+        rows += [f"noisy{k},{ts},{rng.normal():.6f}" for k in range(4)]
+        rows += [f"flat,{ts},5", f"mostly_flat,{ts},{6 if i % 200 == 0 else 5}"]
+    path = tmp_path / "flat.csv"
+    path.write_text("\n".join(rows) + "\n")
+    _, report = backtest(read_csv(path), LearnerConfig(device="cpu"))
+    text = format_report(report)
+    assert "mean over 5 of 6 sensors (1 never changed)" in text, text
+    noisy = max(s.interval_width for s in report.sensors if s.sensor_id.startswith("noisy"))
+    assert report.interval_width_median < noisy < 10
+    assert report.interval_width > 100  # the mean, swamped by the two that barely change
+    assert f"width {report.interval_width_median:.3g} persistence MAEs (median; " in text
 
 
 def test_plot_writes_a_png_of_the_expected_size_with_the_flagged_spike_in_red(spiked_replay):
