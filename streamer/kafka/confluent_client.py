@@ -52,6 +52,7 @@ from streamer.kafka.errors import (
     CommitFailed,
     KafkaClientError,
     UndecodableBatch,
+    describe,
 )
 
 log = logging.getLogger(__name__)
@@ -439,7 +440,7 @@ class ConfluentClient:
         # already being destroyed (_DESTROY); a SIGTERM'd worker then exited 1 (seen once in
         # CI, tests/serving/test_sharing_workers.py, after its last checkpoint was written).
         except (KafkaException, KafkaClientError, RuntimeError) as exc:
-            log.warning("closing the consumer failed: %s", exc)
+            log.warning("closing the consumer failed: %s", describe(exc))
 
     def _leave_during_a_join(self, timeout_s: float) -> None:
         """Leave the group through an admin client too while a join may be under way (a

@@ -63,8 +63,8 @@ def describe(exc: BaseException) -> str:
     """``Type: message`` for any exception, the type said once: kafka-python's errors already
     start their str() with their class name, and one raised without a message says "None"."""
     name, text = type(exc).__name__, str(exc)
-    if text.startswith(name):
-        text = text[len(name):].lstrip(":").strip()
+    if text == name or text.startswith(name + ":"):
+        text = text[len(name) + 1:].strip()
     return name if text in ("", "None") else f"{name}: {text}"
 
 

@@ -71,9 +71,9 @@ def close_producer(producer: KafkaProducer, timeout_s: float) -> None:
         try:
             producer.close(timeout=1.0)
         except kerr.KafkaError as exc:
-            log.warning("force-closing the producer failed: %s", exc)
+            log.warning("force-closing the producer failed: %s", describe(exc))
     except kerr.KafkaError as exc:
-        log.warning("closing the producer failed: %s", exc)
+        log.warning("closing the producer failed: %s", describe(exc))
 
 
 class _RecordingListener(ConsumerRebalanceListener):

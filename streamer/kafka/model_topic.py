@@ -211,11 +211,11 @@ class ModelTopic:
 
 
 def _close_quietly(client) -> None:
-    if isinstance(client, KafkaProducer):  # (a plain close() left a record pending in a
-        close_producer(client, timeout_s=1.0)  # broker outage to raise again from __del__)
-        return
     try:
-        client.close()
+        if isinstance(client, KafkaProducer):  # (a plain close() left a record pending in a
+            close_producer(client, timeout_s=1.0)  # broker outage to raise from __del__)
+        else:
+            client.close()
     except Exception:  # noqa: BLE001 - closing after an error: nothing more to do
         pass
 

@@ -108,6 +108,7 @@ def missing_topic_as_warning(record: logging.LogRecord) -> bool:
 
 
 def from_a_kafka_library(record: logging.LogRecord) -> bool:
+    """Logged by kafka-python or librdkafka (``KAFKA_LIBRARIES``)."""
     return any(_from(record, library) for library in KAFKA_LIBRARIES)
 
 

@@ -202,19 +202,20 @@ def decode_reading(key: bytes | None, value: bytes | None,
     else:
         sensor_id = body_id
 
-    value, many = body.get("value"), body.get("values")
-    if value is not None:
+    one, many = body.get("value"), body.get("values")
+    if one is not None:
         if many is not None:
             return Rejection(
                 Reason.SCHEMA_VIOLATION, "give exactly one of value and values, not both"
             )
-        values: tuple[float, ...] = (value,)
+        values: tuple[float, ...] = (one,)
     elif many is not None:
         if None in many:
             return Rejection(Reason.NON_FINITE, "values hold a null (a missing reading)")
         values = tuple(many)
     elif "value" in body or "values" in body:
-        return Rejection(Reason.NON_FINITE, "value is null (a missing reading)")
+        null = "value" if "value" in body else "values"
+        return Rejection(Reason.NON_FINITE, f"{null} is null (a missing reading)")
     else:
         return Rejection(Reason.SCHEMA_VIOLATION, "give exactly one of value and values")
 
@@ -232,7 +233,7 @@ def decode_reading(key: bytes | None, value: bytes | None,
     if not all(map(math.isfinite, values)):
         return Rejection(
             Reason.NON_FINITE,
-            "value is not finite" if value is not None else "values hold a non-finite number",
+            "value is not finite" if one is not None else "values hold a non-finite number",
         )
     return Reading(sensor_id, ts, values)
 

@@ -137,6 +137,7 @@ def test_an_error_is_described_by_its_type_once_and_never_as_none():
     assert describe(kerr.KafkaTimeoutError()) == "KafkaTimeoutError"
     assert describe(kerr.KafkaTimeoutError(None)) == "KafkaTimeoutError"
     assert describe(ValueError("bad")) == "ValueError: bad"
+    assert describe(ValueError("ValueErrorish")) == "ValueError: ValueErrorish"
     assert describe(OSError()) == "OSError"
     assert str(convert(kerr.KafkaTimeoutError(), "committing offsets")) == \
         "committing offsets failed: KafkaTimeoutError"

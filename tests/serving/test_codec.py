@@ -175,6 +175,8 @@ def test_a_null_reading_is_a_missing_one_rejected_as_a_nan_is() -> None:
         Reason.NON_FINITE, "value is null (a missing reading)")
     assert decode_reading(b"s1", b'{"ts": 5, "values": [1, null]}') == Rejection(
         Reason.NON_FINITE, "values hold a null (a missing reading)")
+    assert decode_reading(b"s1", b'{"ts": 5, "values": null}') == Rejection(
+        Reason.NON_FINITE, "values is null (a missing reading)")
 
 
 def test_a_key_mismatch_between_ids_that_look_alike_shows_their_code_points() -> None:
