@@ -102,14 +102,17 @@ class _NoIntervals(_Shadow):
 
 class _OnTime(_Shadow):
     """The learner's calibration, with a twin that scores every reading as if it came on time
-    (how late each came, and how far the sensor reaches, left out)."""
+    (how late each came, and how far the sensor reaches, left out; the rest as given)."""
 
     def calibrate(self, *args) -> Calibrated:
-        self.outputs.append(self.shadow.calibrate(*args[:LATENESS_ARG]))
+        on_time = (None,) * LATENESS_ARGS
+        self.outputs.append(self.shadow.calibrate(*args[:LATENESS_ARG], *on_time,
+                                                  *args[LATENESS_ARG + LATENESS_ARGS:]))
         return self.real.calibrate(*args)
 
 
-LATENESS_ARG = 14  # Calibration.calibrate's arguments from ``late`` on
+# Calibration.calibrate's arguments from ``late`` on: late, reach, next_late, next_reach.
+LATENESS_ARG, LATENESS_ARGS = 14, 4
 
 
 def run(batch: Batch, config: LearnerConfig, batch_size: int = 2048, shadow: bool = False,

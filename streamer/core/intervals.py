@@ -109,12 +109,14 @@ spikes of a sensor whose spikes have reverted before) may be a one-off: the inte
 with it spans the interval around that forecast and the same around the value before the
 spike, whose part is widened as for a reading one gap late (that value is two readings old
 when the next one comes). The next reading is inside or not as that span says, and its
-residual, score and error are taken from the part whose value it is nearer. A first glitch's
+residual, score and error are taken from the part whose value it is nearer; inside the span its
+``p`` is at least what its place in the whole span gives (a reading inside the interval users
+got is not flagged for its value). A first glitch's
 return was flagged as a second anomaly (a sine with one reading 1,000 off: flags at the spike
 and the two readings after it; now at the spike only); a level shift is flagged where it
 happens as before. On the shared fleets coverage, Winkler and flags per 1,000 are unchanged
 within 0.001 (docs/benchmarks/intervals.md). No state of its own: the spike's code in the
-normalizer's ``last_outlier`` (2: not reverted) and the value before it.
+sensor statistics' ``last_outlier`` (2: not reverted; learner.py) and the value before it.
 
 With several features each has its own interval at the coverage, and the least
 likely one counts, Bonferroni-corrected (times the number of features).
@@ -803,15 +805,22 @@ def _calibrate(slots, ts, gap, values, prev_value, prev_forecast, prev_scale, sc
                 n_in += not (miss_lo[j] or miss_hi[j])
                 # Scored against that interval, widened for a reading that came late; where it
                 # spans two values, against the part around the one the reading is nearer (a
-                # spike's return near the value before it is as usual as any reading there).
-                widen = max(_late_widening(unit, late[i], prev_scale[i, j], reach[i, j]),
-                            expected)
-                near_unit *= widen / expected
+                # spike's return near the value before it is as usual as any reading there),
+                # and as no less likely than where it lies in the whole span (inside the
+                # interval users got, a reading is not flagged for its value).
+                widen = _late_widening(unit, late[i], prev_scale[i, j], reach[i, j])
+                if widen > expected:
+                    low, high, _, near_unit = _spanning(
+                        prev_forecast[i, j], prev_alt[i, j], values[i, j], lo, hi,
+                        unit * widen, prev_scale[i, j], reach[i, j])
                 r = (values[i, j] - near[j]) / near_unit
-                low, high = published_bounds(near[j], lo, hi, near_unit)
-                side = 1 if values[i, j] >= 0.5 * low + 0.5 * high else 0
-                p = _reading_p(values[i, j], r, lo, hi, w, low, high, alpha, tail[s, j, side],
-                               tail_sq[s, j, side])
+                part_low, part_high = published_bounds(near[j], lo, hi, near_unit)
+                side = 1 if values[i, j] >= 0.5 * part_low + 0.5 * part_high else 0
+                p = _reading_p(values[i, j], r, lo, hi, w, part_low, part_high, alpha,
+                               tail[s, j, side], tail_sq[s, j, side])
+                if low <= values[i, j] <= high:
+                    p = max(p, _reading_p(values[i, j], r, lo, hi, w, low, high, alpha,
+                                          tail[s, j, side], tail_sq[s, j, side]))
                 p_inst = min(p_inst, f * p)  # the least likely feature, Bonferroni-corrected
                 same = same and values[i, j] == prev_value[i, j]
             run_before = repeat_run[s, 0]  # readings in a row equal in every feature

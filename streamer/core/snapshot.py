@@ -51,7 +51,9 @@ from streamer.core.windows import slot_axis, stagger
 # last_bucket keeps its run count in 2 bits (saturating at intervals.RECOVERY_RUN) and above it
 # the code of how late the next reading is expected (intervals.LATE_SHIFT); 16: a tail per side
 # (``tail``, ``tail_sq``: (C, F, 2), below and above) and the two repeat shares as uint16 codes
-# in one (C, 2) ``repeat``.
+# in one (C, 2) ``repeat``. Within 16, the stats' ``last_outlier`` holds 2 (no longer only 1)
+# for a spike whose forecast followed it (intervals._spanning); a 1 from before reads as a
+# spike reverted, whose interval did not span, as published: either code reads either way.
 FORMAT = "streamer.learner/16"
 PREVIOUS_FORMATS = ("streamer.learner/4", "streamer.learner/5", "streamer.learner/6",
                     "streamer.learner/7", "streamer.learner/8", "streamer.learner/9",
