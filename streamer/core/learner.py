@@ -492,8 +492,10 @@ class Learner:
         experts = expert_forecasts(values, raw, mem, enc.scale, reach, cap)  # (M, F, K)
         experts = np.where(enc.warm[:, None, None], experts, values[..., None])  # warm-up
         n_scored = self._n_scored(slots, g)
+        # The value before each reading's previous one (before a spike, if that was one).
+        before_prev = _previous(slots, g, enc.prev_value, self.stats.before_last_value)
         forecast, spread, naive_mae, base = self._aggregate(slots, g, values, experts, enc,
-                                                            n_scored)
+                                                            n_scored, before_prev)
         # A spike not reverted: the next reading may well be back at the value before it, and
         # the interval spans that too (intervals.py), so that a one-off's return is not
         # flagged as a second anomaly. Kept as the spike's code (2; 1: reverted).
@@ -501,8 +503,7 @@ class Learner:
         spike = np.where(enc.outlier, np.where(reverted, 1.0, 2.0), 0.0)  # (M, F)
         alt = np.where(spike == 2.0, enc.prev_value, np.nan)
         prev_alt = np.where(_previous(slots, g, spike, self.stats.last_outlier) == 2.0,
-                            _previous(slots, g, enc.prev_value, self.stats.before_last_value),
-                            np.nan)
+                            before_prev, np.nan)
         # Finite by construction (bounded inputs and statistics); should the weights ever go
         # non-finite, every valid reading still gets a number: persistence.
         forecast = np.where(np.isfinite(forecast), forecast, values)
@@ -634,10 +635,11 @@ class Learner:
 
     def _aggregate(self, slots: np.ndarray, g: Groups, values: np.ndarray,
                    experts: np.ndarray, enc: Encoded,
-                   n_scored: np.ndarray,
+                   n_scored: np.ndarray, before_prev: np.ndarray,
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(M, F) forecasts: the experts weighed by how each did on this sensor, or a spike
-        reverted (experts.py); (M, F) the experts' weighted spread around the weighted
+        reverted to ``before_prev`` (M, F), the value before each reading's previous one
+        (experts.py); (M, F) the experts' weighted spread around the weighted
         forecast, and (M, F) persistence's running mean absolute error, both in change scales
         (with the guard off, which keeps no running errors: 0 and 1, the change scale's RMS);
         (M, F) each reading, or the value before it where a spike is expected to revert."""
@@ -652,8 +654,7 @@ class Learner:
                                 / enc.prev_scale[..., None], cap)
         # After a spike: did "it was a one-off, back to the value before" beat persistence?
         after_spike = _previous(slots, g, enc.outlier, stats.last_outlier) > 0
-        before_spike = _previous(slots, g, enc.prev_value, stats.before_last_value)
-        gain = np.sign(np.abs(values - enc.prev_value) - np.abs(values - before_spike))
+        gain = np.sign(np.abs(values - enc.prev_value) - np.abs(values - before_prev))
         weights, revert, running = weigh_experts(
             stats.guard_err, stats.revert_score, slots, errors, enc.target_valid, n_scored,
             self.config.guard_alpha, self.config.expert_eta, np.where(after_spike, gain, np.nan),
