@@ -52,7 +52,7 @@ class RepeatFilter(logging.Filter):
         self._seen: dict[tuple, list] = {}  # key -> [when shown, how many held since]
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not any(_from(record, prefix) for prefix in self.prefixes):
+        if not _from(record, *self.prefixes):
             return True
         try:
             key = (record.name, record.levelno, _NUMBERS.sub("#", record.getMessage()))
@@ -71,9 +71,10 @@ class RepeatFilter(logging.Filter):
         return True
 
 
-def _from(record: logging.LogRecord, library: str) -> bool:
-    """Logged by ``library`` (its top-level logger or one below it)."""
-    return record.name == library or record.name.startswith(library + ".")
+def _from(record: logging.LogRecord, *libraries: str) -> bool:
+    """Logged by one of ``libraries`` (its top-level logger or one below it)."""
+    return any(record.name == library or record.name.startswith(library + ".")
+               for library in libraries)
 
 
 def _is_cancellation(arg: object) -> bool:
@@ -107,11 +108,6 @@ def missing_topic_as_warning(record: logging.LogRecord) -> bool:
     return True
 
 
-def from_a_kafka_library(record: logging.LogRecord) -> bool:
-    """Logged by kafka-python or librdkafka (``KAFKA_LIBRARIES``)."""
-    return any(_from(record, library) for library in KAFKA_LIBRARIES)
-
-
 def configure_logging(level: str = "INFO", fmt: str = "plain",
                       libraries_shown: bool = True) -> None:
     """Route all logs, Python's warnings too, to stderr in the chosen format (idempotent),
@@ -122,7 +118,7 @@ def configure_logging(level: str = "INFO", fmt: str = "plain",
     (``kafka.errors.connecting``)."""
     handler = logging.StreamHandler(sys.stderr)
     if not libraries_shown:
-        handler.addFilter(lambda record: not from_a_kafka_library(record))
+        handler.addFilter(lambda record: not _from(record, *KAFKA_LIBRARIES))
     handler.addFilter(drop_cancellations)
     handler.addFilter(RepeatFilter())
     if fmt == "json":
