@@ -70,6 +70,8 @@ def _rfc3339_shape(value: Any) -> str:
         raise PydanticCustomError("timestamp_type", "not a number or a string")
     if not _RFC3339.fullmatch(value):
         raise PydanticCustomError("rfc3339", "not an RFC 3339 timestamp")
+    if value[17:19] == "60":  # a leap second, which RFC 3339 allows and epoch time lacks
+        return value[:17] + "59" + value[19:]  # read as the second before, as Java's Instant is
     return value
 
 

@@ -307,13 +307,13 @@ def format_report(report: ReplayReport, top: int = 10) -> str:
         f"scored readings)",
         "",
         f"{'sensor':<24} {'scored':>8} {'MAE':>12} {'persist MAE':>12} {'relMAE':>8} "
-        f"{'coverage':>8} {'width':>8} {'flags':>6}",
+        f"{'coverage':>8} {'width p50':>9} {'flags':>6}",
     ]
     ranked = sorted(report.sensors, key=lambda s: -s.rel_mae if np.isfinite(s.rel_mae) else 0)
     for s in ranked[: top if top > 0 else None]:
         lines.append(f"{s.sensor_id[:24]:<24} {s.scored:>8} {s.mae:>12.5g} "
                      f"{s.persistence_mae:>12.5g} {s.rel_mae:>8.4f} {s.coverage:>8.3f} "
-                     f"{s.interval_width:>8.3g} {s.anomalies:>6}")
+                     f"{s.interval_width_median:>9.3g} {s.anomalies:>6}")
     if 0 < top < len(ranked):
         lines.append(f"... {len(ranked) - top} more sensors (use --top 0 for all)")
     return "\n".join(lines)

@@ -297,7 +297,6 @@ def test_a_steps_interval_across_a_nightly_gap_covers_the_mornings_reading():
     assert np.concatenate(within).mean() > 0.88
 
 
-
 def test_a_weekday_loads_monday_morning_is_forecast_from_the_days_before_despite_a_weekend_off():
     # 100 from 08:00 to 16:00 on weekdays, 0 otherwise, every 5 minutes. Over the weekend's
     # zeros the level's spread decays to a fraction of the load; the experts were once kept

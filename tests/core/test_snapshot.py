@@ -104,7 +104,6 @@ def test_loading_never_unpickles_arbitrary_objects():
         loads(buffer.getvalue())
 
 
-
 def test_loading_into_a_used_learner_replaces_all_its_state(small_config):
     stream = sine_fleet(6, 40, seed=3)
     first, second = stream.take(np.arange(120)), stream.take(np.arange(120, len(stream)))

@@ -122,7 +122,6 @@ def test_a_controller_moving_during_creation_is_broker_unavailable_not_a_crash(b
         ensure_topics(broker.bootstrap, {f"t-{uuid.uuid4().hex[:8]}": 1})
 
 
-
 def test_existing_topics_are_never_asked_for_again(broker, monkeypatch):
     # A cluster whose ACLs allow using a topic but not creating one answers a CreateTopics
     # for it with TOPIC_AUTHORIZATION_FAILED, existing or not: so none may be sent for it.

@@ -65,7 +65,6 @@ def test_a_message_that_cannot_be_formatted_is_left_to_the_handler_not_raised_at
     assert RepeatFilter().filter(_record("kafka.conn", "%s and %s", "only one"))
 
 
-
 def test_the_librarys_reports_of_requests_cancelled_by_a_close_are_left_out():
     # A clean stop that caught a metadata request in flight printed
     # "ERROR kafka.cluster: Metadata refresh: failed Cancelled".

@@ -228,6 +228,9 @@ def test_integers_are_numbers_and_values_keep_their_count() -> None:
         ("2024-03-10 09:00:15.25z", 1710061215.25),
         ("2024-03-10T09:00:15-00:00", 1710061215.0),
         ("1970-01-01T00:00:00Z", 0.0),
+        # A leap second is the second before it (epoch time has none), as Java's Instant reads it
+        ("2016-12-31T23:59:60.5Z", 1483228799.5),
+        ("2017-01-01T08:59:60+09:00", 1483228799.0),
     ],
 )
 def test_rfc3339_timestamp_with_offset_becomes_exact_epoch_seconds(ts: str, epoch: float) -> None:

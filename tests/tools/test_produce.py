@@ -80,7 +80,6 @@ def test_rows_with_an_empty_value_or_bad_timestamp_are_skipped_and_counted_not_s
     assert "skipping 5 rows" in err, err
 
 
-
 @pytest.mark.broker
 def test_readings_a_hung_broker_never_acknowledges_are_an_error_not_counted_as_sent():
     # The broker stops answering mid-file. Unchecked, produce returned the whole count as sent
@@ -150,7 +149,6 @@ def test_an_invalid_topic_names_a_flag_that_produce_has(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and "kafka.input_topic (STREAMER_KAFKA__INPUT_TOPIC / "\
             "--kafka-input-topic)" in err, err
-
 
 
 @pytest.mark.parametrize(("flag", "setting"), [("--bootstrap-servers", "kafka.bootstrap_servers"),

@@ -213,6 +213,11 @@ def test_a_sensor_that_never_changes_neither_swamps_the_width_nor_counts_as_rate
     assert report.interval_width_median < noisy < 10
     assert report.interval_width > 100  # the mean, swamped by the two that barely change
     assert f"width {report.interval_width_median:.3g} persistence MAEs (median; " in text
+    # The per-sensor column is the median too: the mostly flat sensor's mean is its 199 flat
+    # readings' thousands of persistence MAEs.
+    mostly = next(s for s in report.sensors if s.sensor_id == "mostly_flat")
+    row = next(line for line in text.splitlines() if line.startswith("mostly_flat "))
+    assert "width p50" in text and row.split()[-2] == f"{mostly.interval_width_median:.3g}"
 
 
 def test_plot_writes_a_png_of_the_expected_size_with_the_flagged_spike_in_red(spiked_replay):
@@ -342,7 +347,6 @@ def test_a_file_of_more_value_columns_than_the_model_reads_is_refused_naming_the
         f"streamer replay: {path} has 2 value columns but the model reads 1 per reading: set "
         "model.n_features (STREAMER_MODEL__N_FEATURES / --model-n-features) to 2\n")
     assert main(["replay", str(path), "--device", "cpu", "--model-n-features", "2"]) == 0
-
 
 
 def test_a_deployments_kafka_checkpoint_and_log_environment_does_not_stop_a_replay(
