@@ -82,6 +82,14 @@ def test_horizon_benchmark_quick_run_scores_every_step_the_rollout_and_the_cost(
     assert "feedback rollout's MAE" in out and "readings/s at H = 1" in out
 
 
+def test_kinds_benchmark_quick_run_compares_every_kind_with_the_simple_forecasters() -> None:
+    out = _run("-m", "tests.bench_kinds", "--sensors", "1", "--readings", "400", "--skip",
+               "100", timeout_s=300)
+    for kind in ("white noise", "random walk", "clean daily cycle"):
+        row = _row(out, kind)
+        assert len(row) == 7 and all(_number(cell) > 0 for cell in row[1:]), row
+
+
 def test_level_shift_benchmark_quick_run_prints_both_runs_of_four_sensors() -> None:
     out = _run("-m", "tests.bench_level_shift", "--fleets", "sample", timeout_s=240)
     rows = [line for line in out.splitlines() if line.startswith("| sample |")]

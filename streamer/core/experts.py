@@ -11,7 +11,9 @@ available. For every reading a few *experts* forecast the next one:
   value (which keeps the current level);
 - its local linear (AR) model's predicted change;
 - its cycle (memory.py): the last value plus the change that the changes one and two cycles
-  (of readings) before the next agree on.
+  (of readings) before the next agree on;
+- its pull to the level (memory.py): the last value plus the change its deviation from its
+  running mean has been followed by (a noisy sensor's next reading is nearer its level).
 
 Every slot keeps an exponentially weighted mean absolute error of each expert, in units of its
 typical change, and forecasts with the exponentially weighted average of the experts (Hedge /
@@ -19,7 +21,7 @@ EWA): weight ``exp(-eta * (E_k - min E))``, the errors taken relative to persist
 (``relative_errors``: scale-free even while the typical change is far from the changes, as
 after a change of units). With ``eta = inf`` this is follow the leader. The guarantee
 (tests/core/test_memory.py pins it on a mixed fleet): the aggregate's loss tracks the best
-expert's within ``ln(K) / eta`` per reading in these units (0.08 at the defaults: 0.12 of
+expert's within ``ln(K) / eta`` per reading in these units (0.09 at the defaults: 0.12 of
 persistence's running error), so after warm-up no sensor does much worse than its best single
 expert, persistence included.
 
@@ -38,7 +40,7 @@ from streamer.core.memory import Recalled
 LSTM_SHRINKS = np.array([1.0, 1.25, 0.75, 0.5, 0.25, 0.0])
 EXPERTS = ("lstm", "lstm x1.25", "lstm x0.75", "lstm x0.5", "lstm x0.25", "persistence",
            "seasonal day", "seasonal week", "seasonal day change", "seasonal week change",
-           "local linear", "cycle")
+           "local linear", "cycle", "level pull")
 N_EXPERTS = len(EXPERTS)
 PERSISTENCE = EXPERTS.index("persistence")
 REVERT_ALPHA = 0.25  # weight of the latest spike in deciding whether this sensor's spikes revert
@@ -105,7 +107,9 @@ def expert_forecasts(values: np.ndarray, lstm_change: np.ndarray, recalled: Reca
     seasonal = np.where(np.isnan(seasonal), values[..., None], seasonal)
     linear = values + scale * np.clip(recalled.ar_change, -clip, clip)  # (M, F)
     cycle = values + scale * np.clip(recalled.cycle_change, -clip, clip)
-    experts = np.concatenate([lstm, seasonal, linear[..., None], cycle[..., None]], axis=-1)
+    pull = values + scale * np.clip(recalled.pull_change, -clip, clip)
+    experts = np.concatenate([lstm, seasonal, linear[..., None], cycle[..., None],
+                              pull[..., None]], axis=-1)
     return within_reach(experts, values, reach)
 
 

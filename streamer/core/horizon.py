@@ -17,7 +17,10 @@ start from it and need no further pass of the LSTM, so producing them changes no
   hour of the week as step k's time (seasonal naive; memory.py keeps them with a horizon);
 - "cycle": the reading plus the sensor's cycle counted in readings (memory.py): the change
   over the same k readings one and two cycles before (a heartbeat's or a duty cycle's next k
-  changes).
+  changes);
+- "level pull": the reading pulled toward its level as the pull to the level (memory.py)
+  would pull it k times over (a noisy sensor: the level; an oscillation around a set point: a
+  decaying one).
 
 Each sensor weighs them per step with Hedge (as experts.py does for step 1) on running errors
 scored at steps 2, 4, 8, ... and H (``scored_steps``); a step between two scored ones mixes
@@ -56,11 +59,11 @@ import numpy as np
 from streamer.core.compiled import kernel
 from streamer.core.experts import MIN_NAIVE_ERROR, NAIVE_TYPICAL, within_reach
 from streamer.core.intervals import published_bounds
-from streamer.core.memory import Recalled
+from streamer.core.memory import AR_DEVIATION, AR_ORDER, Recalled
 
 HORIZON_EXPERTS = ("step one", "persistence", "seasonal day", "seasonal week",
                    "seasonal day change", "seasonal week change", "local linear", "day before",
-                   "week before", "cycle")
+                   "week before", "cycle", "level pull")
 N_HORIZON_EXPERTS = len(HORIZON_EXPERTS)
 PERSISTENCE_AHEAD = HORIZON_EXPERTS.index("persistence")
 # Quantile tracking step (x the interval's width), per scored forecast; a step 2^g forecast is
@@ -113,8 +116,8 @@ def horizon_experts(values: np.ndarray, step_one: np.ndarray, scale: np.ndarray,
     change = np.where(np.isnan(change), held[..., None], change)
     # The AR model rolled forward from the step-1 change (change scales, clipped like its own).
     x = np.concatenate([np.clip((step_one - values) / scale, -clip, clip)[..., None],
-                        recalled.ar_x[..., :-1]], axis=-1).astype(np.float64)  # newest first
-    w = recalled.ar_w.astype(np.float64)
+                        recalled.ar_x[..., : AR_ORDER - 1]], axis=-1).astype(np.float64)
+    w = recalled.ar_w[..., :AR_ORDER].astype(np.float64)
     linear = np.empty((m, f, h))
     total = np.zeros((m, f))
     linear[..., 0] = step_one
@@ -123,12 +126,23 @@ def horizon_experts(values: np.ndarray, step_one: np.ndarray, scale: np.ndarray,
         total += nxt
         linear[..., k] = step_one + scale * total
         x = np.concatenate([nxt[..., None], x[..., :-1]], axis=-1)
+    # The pull to the level rolled forward from the reading, its deviation moving with each
+    # step's change (the level held): an AR(1) around the level, k steps on.
+    pull_w = recalled.ar_w[..., AR_DEVIATION].astype(np.float64)
+    deviation = recalled.ar_x[..., AR_DEVIATION].astype(np.float64)
+    pull = np.empty((m, f, h))
+    moved = np.zeros((m, f))
+    for k in range(h):
+        nxt = np.clip(pull_w * (deviation + moved), -clip, clip)
+        moved += nxt
+        pull[..., k] = values + scale * moved
     naive = recalled.naive_ahead.transpose(0, 3, 2, 1)  # (M, F, H, 2) day, week
     naive = np.where(np.isnan(naive), held[..., None], naive)
     # The cycle counted in readings (memory.py): the change over the same readings a cycle ago.
     cycle = here + scale[..., None] * recalled.cycle_ahead.transpose(0, 2, 1)
     experts = np.stack([held, here, level[..., 0], level[..., 1], change[..., 0],
-                        change[..., 1], linear, naive[..., 0], naive[..., 1], cycle], axis=-1)
+                        change[..., 1], linear, naive[..., 0], naive[..., 1], cycle, pull],
+                       axis=-1)
     # An expert that overflowed (a sensor near 1e300) forecasts the held step 1 instead.
     experts = np.where(np.isfinite(experts), experts, held[..., None])
     return within_reach(experts, values, reach)

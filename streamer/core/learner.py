@@ -478,12 +478,16 @@ class Learner:
         pos = g.pos
         values, ts = batch.values[rows], batch.ts[rows]
         enc = self.stats.encode(slots, ts, values)
+        cap = self.config.clip_z
+        with np.errstate(over="ignore"):  # near the range limit: at the input limit
+            deviation = np.clip((values - enc.level) / enc.scale, -cap, cap)
+        after_spike = _previous(slots, g, enc.outlier, self.stats.last_outlier) > 0  # (M, F)
         mem = self.memory.advance(slots, ts, values, enc.spread, enc.next_gap, enc.targets,
                                   enc.has_prev, enc.outlier, self.config.horizon, enc.since,
-                                  _read_for_a_day(self._n_before(slots, g), enc.next_gap))
+                                  _read_for_a_day(self._n_before(slots, g), enc.next_gap),
+                                  deviation, after_spike)
         features = np.concatenate([enc.features, self._seasonal_inputs(values, mem, enc)], 1)
 
-        cap = self.config.clip_z
         change = self._forward(slots, g, features, enc).clip(-cap, cap)  # (M, F)
 
         raw = np.where(enc.warm[:, None], enc.scale * change, 0.0)  # (M, F) predicted change
@@ -495,7 +499,7 @@ class Learner:
         # The value before each reading's previous one (before a spike, if that was one).
         before_prev = _previous(slots, g, enc.prev_value, self.stats.before_last_value)
         forecast, spread, naive_mae, base = self._aggregate(slots, g, values, experts, enc,
-                                                            n_scored, before_prev)
+                                                            n_scored, before_prev, after_spike)
         # A spike not reverted: the next reading may well be back at the value before it, and
         # the interval spans that too (intervals.py), so that a one-off's return is not
         # flagged as a second anomaly. Kept as the spike's code (2; 1: reverted).
@@ -635,14 +639,15 @@ class Learner:
 
     def _aggregate(self, slots: np.ndarray, g: Groups, values: np.ndarray,
                    experts: np.ndarray, enc: Encoded,
-                   n_scored: np.ndarray, before_prev: np.ndarray,
+                   n_scored: np.ndarray, before_prev: np.ndarray, after_spike: np.ndarray,
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(M, F) forecasts: the experts weighed by how each did on this sensor, or a spike
         reverted to ``before_prev`` (M, F), the value before each reading's previous one
-        (experts.py); (M, F) the experts' weighted spread around the weighted
-        forecast, and (M, F) persistence's running mean absolute error, both in change scales
-        (with the guard off, which keeps no running errors: 0 and 1, the change scale's RMS);
-        (M, F) each reading, or the value before it where a spike is expected to revert."""
+        (experts.py; ``after_spike`` (M, F): whether that previous one was a spike); (M, F)
+        the experts' weighted spread around the weighted forecast, and (M, F) persistence's
+        running mean absolute error, both in change scales (with the guard off, which keeps no
+        running errors: 0 and 1, the change scale's RMS); (M, F) each reading, or the value
+        before it where a spike is expected to revert."""
         if self.config.guard_alpha == 0.0:  # the LSTM's own forecast
             return experts[..., 0], np.zeros(values.shape), np.ones(values.shape), values
         stats = self.stats
@@ -653,7 +658,6 @@ class Learner:
             errors = np.minimum(np.abs(values[..., None] - prev_experts)
                                 / enc.prev_scale[..., None], cap)
         # After a spike: did "it was a one-off, back to the value before" beat persistence?
-        after_spike = _previous(slots, g, enc.outlier, stats.last_outlier) > 0
         gain = np.sign(np.abs(values - enc.prev_value) - np.abs(values - before_prev))
         weights, revert, running = weigh_experts(
             stats.guard_err, stats.revert_score, slots, errors, enc.target_valid, n_scored,

@@ -17,6 +17,17 @@ changes in units of its typical change, learned online by normalized LMS (Widrow
 captures slope continuation (interpolated series) and short autocorrelation that a global model
 shares poorly across sensors. Its weights start at zero (persistence).
 
+**Pull to the level.** Per sensor and feature, one more weight learned the same way: the next
+change as a multiple of the reading's deviation from its level (the normalizer's running mean),
+in change scales, clipped at the model's input limit: an AR(1) around the level (an
+error-correction term). A reading of a noisy sensor is mostly noise, and the best forecast of
+the next is nearer the level than the reading (white noise: the level itself, at 0.71 of
+persistence's error where the AR model on changes, which can only average the last four
+readings, stays at 0.79); a controlled process (a thermostat, a pressure regulator) oscillates
+back to its set point; on a random walk the weight stays near 0. It is an expert of its own
+(experts.py), not an input of the AR model: there it added its noise to the slopes an
+interpolated series continues almost exactly (appliances' weather series 4-8 % worse).
+
 **Cycles counted in readings.** Per sensor and feature, its last ``CYCLE_KEPT`` changes (in
 units of its typical change) and, for every lag ``k`` of 2 to ``CYCLE_LAGS`` readings, a running
 mean absolute error of "the next change is the change ``k`` readings before it". The lag with
@@ -29,7 +40,7 @@ half-hourly in the daytime (~18 readings a day) is forecast 11 % better
 (docs/benchmarks/quality.md). The cycle says
 nothing until the sensor has had ``CYCLE_KNOWN`` changes, and forecasts no change before.
 
-Memory per sensor and feature: (96 + 168 + 2 x 3 + 48 + 23) float32 + 2 float64 = 1,380 bytes,
+Memory per sensor and feature: (96 + 168 + 2 x 4 + 48 + 23) float32 + 2 float64 = 1,388 bytes,
 and 4 bytes per sensor (how many changes it has had).
 """
 
@@ -46,6 +57,10 @@ DAY, WEEK = 86_400.0, 604_800.0
 DAY_BUCKETS = 96  # 15 minutes
 WEEK_BUCKETS = 168  # 1 hour
 AR_ORDER = 3
+# After the AR model's AR_ORDER changes, ``ar_x`` and ``ar_w`` hold the pull to the level: the
+# reading's deviation from its level and that deviation's weight.
+AR_DEVIATION = AR_ORDER
+AR_INPUTS = AR_ORDER + 1
 AR_STEP = 0.05  # NLMS step size (stable for any step in (0, 2))
 _AR_EPS = 1.0  # NLMS regularizer, in squared change-scale units
 # Deviations are stored clipped to this many spreads: a bucket filled while the spread was tiny
@@ -96,13 +111,14 @@ class Recalled:
     ahead_ts: np.ndarray  # (M, H)
     seasonal_ahead: np.ndarray  # (M, 2, H, F); NaN where empty
     naive_ahead: np.ndarray  # (M, 2, H, F) the last reading one day / week before; NaN: none
-    ar_w: np.ndarray  # (M, F, AR_ORDER) weights
-    ar_x: np.ndarray  # (M, F, AR_ORDER) recent changes, newest first
+    ar_w: np.ndarray  # (M, F, AR_INPUTS) weights
+    ar_x: np.ndarray  # (M, F, AR_INPUTS) recent changes, newest first, then the deviation
     cycle_ahead: np.ndarray  # (M, H, F) the cycle's total change to each of the next H; 0: none
     # (M,) when the next reading is expected at the typical gap the caller gives, past the hours
     # the sensor never reports in once it has been read for a day (``_expected_times``; NaN
     # while the gap is unknown)
     next_ts: np.ndarray
+    pull_change: np.ndarray  # (M, F) the pull to the level's forecast of the next change
 
 
 class SensorMemory:
@@ -131,8 +147,9 @@ class SensorMemory:
             # (C, F, day buckets + week buckets) z-scores; NaN: never filled.
             "profile": np.full((capacity, f, DAY_BUCKETS + WEEK_BUCKETS), nan, np.float32),
             "level": np.full((capacity, 2, f), nan, np.float64),  # day and week profile levels
-            "ar_x": np.zeros((capacity, f, AR_ORDER), np.float32),  # newest change first
-            "ar_w": np.zeros((capacity, f, AR_ORDER), np.float32),
+            # The last AR_ORDER changes, newest first, then the deviation (AR_DEVIATION).
+            "ar_x": np.zeros((capacity, f, AR_INPUTS), np.float32),
+            "ar_w": np.zeros((capacity, f, AR_INPUTS), np.float32),
             # The last reading in each bucket (NaN: never filled).
             "recent": np.full((capacity, f, self.n_recent), nan, np.float64),
             # Median log gap (NaN: none yet), gaps seen, first reading's time (NaN: none).
@@ -178,7 +195,8 @@ class SensorMemory:
         self, slots: np.ndarray, ts: np.ndarray, values: np.ndarray, spread: np.ndarray,
         next_gap: np.ndarray, changes: np.ndarray, has_change: np.ndarray, outlier: np.ndarray,
         horizon: int = 1, since: np.ndarray | None = None,
-        day_seen: np.ndarray | None = None,
+        day_seen: np.ndarray | None = None, deviation: np.ndarray | None = None,
+        after_outlier: np.ndarray | None = None,
     ) -> Recalled:
         """Learn from a chunk of readings (arrival order) and recall, after each, what to
         expect next.
@@ -192,26 +210,31 @@ class SensorMemory:
         ``_expected_times``), recalls the profiles at those times, and the AR model after each
         reading. ``next_ts`` is when the next reading is expected at ``next_gap``, past the
         hours the sensor never reports in where ``day_seen`` (M,) says it has been read for a
-        day (None: for none). The compiled loop walks the readings in order, so the result does
-        not depend on chunking.
+        day (None: for none). ``deviation`` (M, F) is each reading's distance from its level in
+        change scales, the pull to the level's input (None: 0, no pull), and ``after_outlier``
+        (M, F) whether the reading before was a spike (None: none was). The compiled loop walks
+        the readings in order, so the result does not depend on chunking.
         """
         m, f = values.shape
         h = horizon if horizon > 1 else 0
-        p = AR_ORDER if h else 0
+        p = AR_INPUTS if h else 0
         out = Recalled(np.empty((m, 2, f)), np.empty((m, 2, f)), np.empty((m, f)),
                        np.empty((m, f)), np.empty((m, h)), np.empty((m, 2, h, f)),
                        np.empty((m, 2, h, f)), np.empty((m, f, p), np.float32),
-                       np.empty((m, f, p), np.float32), np.empty((m, h, f)), np.empty(m))
+                       np.empty((m, f, p), np.float32), np.empty((m, h, f)), np.empty(m),
+                       np.empty((m, f)))
         _advance(
             slots.astype(np.int64), ts, np.zeros(m) if since is None else since, buckets(ts),
             buckets(ts + next_gap), next_gap,
             np.zeros(m, dtype=np.bool_) if day_seen is None else day_seen, values,
-            spread, changes, has_change, outlier, np.float32(self.seasonal_alpha),
+            spread, changes, np.zeros((m, f)) if deviation is None else deviation, has_change,
+            outlier, np.zeros((m, f), np.bool_) if after_outlier is None else after_outlier,
+            np.float32(self.seasonal_alpha),
             self.profile, self.level, self.ar_x, self.ar_w,
             self.recent, self.timing, self.cycle, self.cycle_err, self.cycle_n,
             out.seasonal, out.seasonal_now, out.ar_change, out.cycle_change, out.ahead_ts,
             out.seasonal_ahead, out.naive_ahead, out.ar_w, out.ar_x, out.cycle_ahead,
-            out.next_ts,
+            out.next_ts, out.pull_change,
         )
         return out
 
@@ -338,13 +361,13 @@ def _cycle_ahead(cycle, cycle_err, s, j, n, out):  # pragma: no cover - compiled
 
 
 @kernel
-def _advance(slots, ts, since, here, nxt, next_gap, day_seen, values, spread, changes, has_change,
-             outlier, alpha,
+def _advance(slots, ts, since, here, nxt, next_gap, day_seen, values, spread, changes, deviation,
+             has_change, outlier, after_outlier, alpha,
              profile, level, ar_x, ar_w, recent, timing, cycle, cycle_err, cycle_n, seasonal,
              seasonal_now, ar_change, cycle_change, ahead_ts, seasonal_ahead, naive_ahead,
-             ar_w_out, ar_x_out, cycle_ahead, next_ts):  # pragma: no cover
+             ar_w_out, ar_x_out, cycle_ahead, next_ts, pull_change):  # pragma: no cover
     """The per-reading recurrence of ``SensorMemory.advance`` (state updated in place)."""
-    f, p = values.shape[1], ar_x.shape[2]
+    f, p = values.shape[1], ar_x.shape[2] - 1  # the changes; ar_x[..., p] is the deviation
     h = ahead_ts.shape[1]
     next_change = np.zeros(1)  # the cycle's forecast of one change ahead, without a horizon
     one = np.zeros(1)
@@ -370,23 +393,35 @@ def _advance(slots, ts, since, here, nxt, next_gap, day_seen, values, spread, ch
                 seasonal[i, k, j] = lv + sp * np.float64(profile[s, j, nxt[i, k]])
                 seasonal_now[i, k, j] = lv + sp * np.float64(profile[s, j, b])
 
-            # The AR model is float32 throughout, like its state.
+            # The AR model and the pull to the level are float32 throughout, like their state.
+            # The change into a spike (a sentinel) and the one after it (its return, or the
+            # first at a new level) are no dynamics: neither is learned, and both are kept as no
+            # change, as the cycle keeps the first. Whether a sensor's spikes come back is the
+            # experts' spike rule's to learn (experts.py); fed to the AR model, the jump and
+            # its return had it forecast a jump again (4 change scales off, a false alarm).
             c = changes[i, j]
+            quiet = outlier[i, j] or after_outlier[i, j]
             if has_change[i]:
-                fit, energy = np.float32(0.0), np.float32(0.0)
-                for q in range(p):
-                    fit += ar_w[s, j, q] * ar_x[s, j, q]
-                    energy += ar_x[s, j, q] * ar_x[s, j, q]
-                step = np.float32(AR_STEP) * (c - fit) / (np.float32(_AR_EPS) + energy)
-                for q in range(p):
-                    ar_w[s, j, q] += step * ar_x[s, j, q]
+                if not quiet:
+                    fit, energy = np.float32(0.0), np.float32(0.0)
+                    for q in range(p):
+                        fit += ar_w[s, j, q] * ar_x[s, j, q]
+                        energy += ar_x[s, j, q] * ar_x[s, j, q]
+                    step = np.float32(AR_STEP) * (c - fit) / (np.float32(_AR_EPS) + energy)
+                    for q in range(p):
+                        ar_w[s, j, q] += step * ar_x[s, j, q]
+                    d = ar_x[s, j, p]
+                    ar_w[s, j, p] += np.float32(AR_STEP) * (c - ar_w[s, j, p] * d) * d / (
+                        np.float32(_AR_EPS) + d * d)
                 for q in range(p - 1, 0, -1):
                     ar_x[s, j, q] = ar_x[s, j, q - 1]
-                ar_x[s, j, 0] = c
+                ar_x[s, j, 0] = 0.0 if quiet else c
+            ar_x[s, j, p] = 0.0 if outlier[i, j] else deviation[i, j]
             forecast = np.float32(0.0)
             for q in range(p):
                 forecast += ar_w[s, j, q] * ar_x[s, j, q]
             ar_change[i, j] = forecast
+            pull_change[i, j] = ar_w[s, j, p] * ar_x[s, j, p]  # the next change, pulled
             for q in range(ar_w_out.shape[2]):
                 ar_w_out[i, j, q], ar_x_out[i, j, q] = ar_w[s, j, q], ar_x[s, j, q]
             n = _learn_cycle(cycle, cycle_err, cycle_n, s, j, c, has_change[i], outlier[i, j])

@@ -29,7 +29,7 @@ from streamer.core.intervals import (
     tail_codes,
     weight_codes,
 )
-from streamer.core.memory import CYCLE_KEPT, CYCLE_LAGS
+from streamer.core.memory import AR_INPUTS, CYCLE_KEPT, CYCLE_LAGS
 from streamer.core.windows import slot_axis, stagger
 
 # 2: guard and spike state in the stats; 3: spreads as deviations (sd, change_rms), and the
@@ -54,12 +54,15 @@ from streamer.core.windows import slot_axis, stagger
 # in one (C, 2) ``repeat``. Within 16, the stats' ``last_outlier`` holds 2 (no longer only 1)
 # for a spike whose forecast followed it (intervals._spanning); a 1 from before reads as a
 # spike reverted, whose interval did not span, as published: either code reads either way.
-FORMAT = "streamer.learner/16"
+# 17: the memory's pull to the level (a fourth column of ``ar_x`` and ``ar_w``: the deviation and
+# its weight) and its expert, "level pull", the stats' thirteenth and the horizon's eleventh.
+FORMAT = "streamer.learner/17"
 PREVIOUS_FORMATS = ("streamer.learner/4", "streamer.learner/5", "streamer.learner/6",
                     "streamer.learner/7", "streamer.learner/8", "streamer.learner/9",
                     "streamer.learner/10", "streamer.learner/11",
                     "streamer.learner/12", "streamer.learner/13",
-                    "streamer.learner/14", "streamer.learner/15")  # read through upgrade()
+                    "streamer.learner/14", "streamer.learner/15",
+                    "streamer.learner/16")  # read through upgrade()
 # Until format 11 every sensor's width weighed the experts' spread by 2 and the profile by 1:
 # upgraded sensors keep those, which their quantiles were learned with, and go on from there.
 FIXED_SPREAD_WEIGHT, FIXED_PROFILE_WEIGHT = 2.0, 1.0
@@ -88,12 +91,13 @@ def upgrade(state: dict) -> dict:
     repeat run per sensor; 9: repeat runs per sensor and per feature; 10: fixed weights of the
     width, tail moments as float32; 11: before cycles; 12: before the horizon's cycle; 13:
     before the level's weight of the width; 14: before the late code; 15: one tail for both
-    sides, repeat shares as float32) in this one: what it lacks starts from the prior,
-    as for new sensors (calibration; a horizon of one step; no outlier run; each feature's
-    repeat run the sensor's; no cycle seen, the cycle experts' records persistence's; the
-    level's weight 0, the width of before), or from what the older version used (the width's
-    other weights); the windows being filled keep their full length, free slots stagger as in a new
-    learner; weights, statistics and memory carry over. Any other format is returned as it is
+    sides, repeat shares as float32; 16: before the pull to the level) in this one: what it
+    lacks starts from the prior, as for new sensors (calibration; a horizon of one step; no
+    outlier run; each feature's repeat run the sensor's; no cycle seen and no pull learned,
+    the new experts' records persistence's; the level's weight 0, the width of before), or
+    from what the older version used (the width's other weights); the windows being filled
+    keep their full length, free slots stagger as in a new learner; weights, statistics and
+    memory carry over. Any other format is returned as it is
     (``check_compatible`` names it)."""
     if not isinstance(state, dict) or state.get("format") not in PREVIOUS_FORMATS:
         return state
@@ -112,12 +116,15 @@ def upgrade(state: dict) -> dict:
                 torch.int32)
             runs = calibration["repeat_run"][:, None].expand(spread.shape).clone()
         state = {**state, "calibration": {**calibration, "repeat_run": runs}}
-    if stats["guard_err"].shape[-1] < N_EXPERTS:  # before 12: no cycle expert
-        state = {**state, "stats": _with_cycle_expert(state["stats"]),
-                 "memory": _with_cycles(state["memory"])}
+    if stats["guard_err"].shape[-1] < N_EXPERTS:  # before 17: no level pull (12: no cycle)
+        state = {**state, "stats": _with_new_experts(state["stats"])}
+    if "cycle" not in state["memory"]:  # before 12
+        state = {**state, "memory": _with_cycles(state["memory"])}
+    if state["memory"]["ar_w"].shape[-1] < AR_INPUTS:  # before 17
+        state = {**state, "memory": _with_level_pull(state["memory"])}
     horizon = state.get("horizon")
-    if horizon is not None and horizon["err"].shape[-1] < N_HORIZON_EXPERTS:  # 6 to 12
-        state = {**state, "horizon": _with_horizon_cycle(horizon)}
+    if horizon is not None and horizon["err"].shape[-1] < N_HORIZON_EXPERTS:  # 6 to 16
+        state = {**state, "horizon": _with_new_horizon_experts(horizon)}
     calibration = state.get("calibration")
     if calibration is not None and "spread_weight" not in calibration:  # 5 to 10
         state = {**state, "calibration": _with_fixed_weights(calibration)}
@@ -158,18 +165,19 @@ def upgrade(state: dict) -> dict:
     return upgraded
 
 
-def _with_cycle_expert(stats: dict) -> dict:
-    """Stats of format 11 or before: the cycle expert's running error and last forecast start as
-    persistence's (until a sensor has a cycle its forecast is persistence's)."""
+def _with_new_experts(stats: dict) -> dict:
+    """Stats of format 16 or before: the experts added since (the cycle in 12, the level pull in
+    17) start with persistence's running error and last forecast (their forecast until a sensor
+    has a cycle, or a pull learned)."""
     missing = N_EXPERTS - stats["guard_err"].shape[-1]
     return {**stats, **{
         name: torch.cat([stats[name], stats[name][..., [PERSISTENCE] * missing]], -1)
         for name in ("guard_err", "last_experts")}}
 
 
-def _with_horizon_cycle(horizon: dict) -> dict:
-    """A horizon of format 12 or before: the cycle expert's running errors and pending
-    forecasts start as persistence's (its forecast until a sensor has a cycle)."""
+def _with_new_horizon_experts(horizon: dict) -> dict:
+    """A horizon of format 16 or before: the experts added since (the cycle in 13, the level
+    pull in 17) start with persistence's running errors and pending forecasts."""
     persistence = HORIZON_EXPERTS.index("persistence")
     err, pending = horizon["err"], horizon["pending"]
     k = err.shape[-1]
@@ -187,6 +195,16 @@ def _with_cycles(memory: dict) -> dict:
             "cycle": torch.zeros((capacity, n_features, CYCLE_KEPT), dtype=torch.float32),
             "cycle_err": torch.zeros((capacity, n_features, CYCLE_LAGS - 1), dtype=torch.float32),
             "cycle_n": torch.zeros(capacity, dtype=torch.int32)}
+
+
+def _with_level_pull(memory: dict) -> dict:
+    """Memory of format 16 or before: no pull to the level learned yet (weight 0: its forecast
+    is persistence's, as its expert's record starts)."""
+    return {**memory, **{
+        name: torch.cat([memory[name], torch.zeros(
+            (*memory[name].shape[:-1], AR_INPUTS - memory[name].shape[-1]),
+            dtype=memory[name].dtype)], -1)
+        for name in ("ar_x", "ar_w")}}
 
 
 def _with_fixed_weights(calibration: dict) -> dict:

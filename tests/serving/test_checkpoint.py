@@ -219,6 +219,22 @@ def test_a_checkpoint_from_before_outlier_runs_resumes_with_none(tmp_path):
     np.testing.assert_array_equal(restored.calibration.q_hi, learner.calibration.q_hi)
 
 
+def _without_the_level_pull(old: dict) -> dict:
+    """``old`` as format 16 kept it: twelve experts, ten horizon experts, an AR model of three
+    changes and no pull to the level (format 17 added those, each the last of its kind)."""
+    for name in ("guard_err", "last_experts"):
+        old["stats"][name] = old["stats"][name][..., :-1].clone()
+    for name in ("ar_x", "ar_w"):
+        old["memory"][name] = old["memory"][name][..., :-1].clone()
+    k = len(HORIZON_EXPERTS)
+    horizon = old["horizon"]
+    horizon["err"] = horizon["err"][..., :-1].clone()
+    horizon["pending"] = torch.cat([horizon["pending"][..., : k - 1],
+                                    horizon["pending"][..., k:]], -1)
+    old["format"] = "streamer.learner/16"
+    return old
+
+
 def _resumed_from(tmp_path, old: dict):
     CheckpointStore(tmp_path, "w1", CFG.fingerprint()).save(old, {TP: 5}, {TP: []})
     return Learner.restore(CheckpointStore(tmp_path, "w1", CFG.fingerprint()).latest().state, CFG)
@@ -264,6 +280,7 @@ def test_a_checkpoint_with_fixed_width_weights_resumes_with_them_and_its_tail_mo
     calibration["repeat"], calibration["repeat_again"] = shares[:, 0], shares[:, 1]
     del calibration["spread_weight"], calibration["profile_weight"], calibration["level_weight"]
     # ... eleven experts and no cycles (format 11 added those): all of format 10 at once.
+    _without_the_level_pull(old)
     for name in ("guard_err", "last_experts"):
         old["stats"][name] = old["stats"][name][..., :-1].clone()
     for name in ("cycle", "cycle_err", "cycle_n"):
@@ -316,7 +333,7 @@ def test_a_checkpoint_with_one_tail_resumes_with_it_on_both_sides_and_its_repeat
 def test_a_checkpoint_from_before_cycles_resumes_with_none_seen_and_the_cycle_expert_at_persistence(
         tmp_path):
     learner = _learner(4)
-    old = learner.snapshot()
+    old = _without_the_level_pull(learner.snapshot())
     for name in ("guard_err", "last_experts"):  # eleven experts, as format 11 had
         old["stats"][name] = old["stats"][name][..., :-1].clone()
     for name in ("cycle", "cycle_err", "cycle_n"):
@@ -324,11 +341,12 @@ def test_a_checkpoint_from_before_cycles_resumes_with_none_seen_and_the_cycle_ex
     old["format"] = "streamer.learner/11"
     restored = _resumed_from(tmp_path, old)
     persistence = EXPERTS.index("persistence")
-    for name in ("guard_err", "last_experts"):
+    for name in ("guard_err", "last_experts"):  # the cycle and the level pull: persistence's
         kept = getattr(learner.stats, name)
-        np.testing.assert_array_equal(getattr(restored.stats, name)[..., :-1], kept[..., :-1])
-        np.testing.assert_array_equal(getattr(restored.stats, name)[..., -1],
-                                      kept[..., persistence])
+        np.testing.assert_array_equal(getattr(restored.stats, name)[..., :-2], kept[..., :-2])
+        for added in (-2, -1):
+            np.testing.assert_array_equal(getattr(restored.stats, name)[..., added],
+                                          kept[..., persistence])
     assert not restored.memory.cycle_n.any() and not restored.memory.cycle.any()
     np.testing.assert_array_equal(restored.memory.profile, learner.memory.profile)
 
@@ -337,22 +355,55 @@ def test_a_checkpoint_from_before_the_horizons_cycle_resumes_with_it_at_persiste
     ahead = dataclasses.replace(CFG, horizon=6)
     learner = Learner(ahead)
     learner.step(sine_fleet(4, 300, seed=3))
-    old = learner.snapshot()
+    old = _without_the_level_pull(learner.snapshot())
     k = len(HORIZON_EXPERTS)
     horizon = old["horizon"]
     horizon["err"] = horizon["err"][..., :-1].clone()  # nine experts, as format 12 had
-    horizon["pending"] = torch.cat([horizon["pending"][..., : k - 1],
-                                    horizon["pending"][..., k:]], -1)
+    horizon["pending"] = torch.cat([horizon["pending"][..., : k - 2],
+                                    horizon["pending"][..., k - 1 :]], -1)
     old["format"] = "streamer.learner/12"
     CheckpointStore(tmp_path, "w1", ahead.fingerprint()).save(old, {TP: 5}, {TP: []})
     state = CheckpointStore(tmp_path, "w1", ahead.fingerprint()).latest().state
     restored = Learner.restore(state, ahead).horizon
     persistence = HORIZON_EXPERTS.index("persistence")
-    np.testing.assert_array_equal(restored.err[..., :-1], learner.horizon.err[..., :-1])
-    np.testing.assert_array_equal(restored.err[..., -1], learner.horizon.err[..., persistence])
+    np.testing.assert_array_equal(restored.err[..., :-2], learner.horizon.err[..., :-2])
     np.testing.assert_array_equal(restored.pending[..., k:], learner.horizon.pending[..., k:])
-    np.testing.assert_array_equal(restored.pending[..., k - 1],
-                                  learner.horizon.pending[..., persistence])
+    for added in (k - 2, k - 1):  # the cycle and the level pull
+        np.testing.assert_array_equal(restored.err[..., added],
+                                      learner.horizon.err[..., persistence])
+        np.testing.assert_array_equal(restored.pending[..., added],
+                                      learner.horizon.pending[..., persistence])
+
+
+def test_a_checkpoint_from_before_the_pull_to_the_level_resumes_with_none_learned(tmp_path):
+    ahead = dataclasses.replace(CFG, horizon=6)
+    learner = Learner(ahead)
+    learner.step(sine_fleet(4, 300, seed=3))
+    old = _without_the_level_pull(learner.snapshot())
+    CheckpointStore(tmp_path, "w1", ahead.fingerprint()).save(old, {TP: 5}, {TP: []})
+    state = CheckpointStore(tmp_path, "w1", ahead.fingerprint()).latest().state
+    restored = Learner.restore(state, ahead)
+    k = len(HORIZON_EXPERTS)
+    # Everything else carried over; no pull learned (weight 0: its forecast is persistence's,
+    # as its experts' records start).
+    np.testing.assert_array_equal(restored.memory.ar_w[..., :-1], learner.memory.ar_w[..., :-1])
+    np.testing.assert_array_equal(restored.memory.ar_x[..., :-1], learner.memory.ar_x[..., :-1])
+    assert not restored.memory.ar_w[..., -1].any() and not restored.memory.ar_x[..., -1].any()
+    persistence, ahead_persistence = EXPERTS.index("persistence"), HORIZON_EXPERTS.index(
+        "persistence")
+    for name in ("guard_err", "last_experts"):
+        kept = getattr(learner.stats, name)
+        np.testing.assert_array_equal(getattr(restored.stats, name)[..., :-1], kept[..., :-1])
+        np.testing.assert_array_equal(getattr(restored.stats, name)[..., -1],
+                                      kept[..., persistence])
+    np.testing.assert_array_equal(restored.horizon.err[..., :-1], learner.horizon.err[..., :-1])
+    np.testing.assert_array_equal(restored.horizon.err[..., -1],
+                                  learner.horizon.err[..., ahead_persistence])
+    np.testing.assert_array_equal(restored.horizon.pending[..., k - 1],
+                                  learner.horizon.pending[..., ahead_persistence])
+    batch = sine_fleet(4, 3, seed=5)  # and it goes on
+    later = restored.step(Batch.from_arrays(batch.sensor_ids, batch.ts + 1e6, batch.values))
+    assert np.isfinite(later.forecasts).all() and np.isfinite(later.horizon.forecast).all()
 
 
 def test_a_checkpoint_from_before_the_levels_weight_resumes_with_it_at_0(tmp_path):
