@@ -439,6 +439,7 @@ class Learner:
         ids = list(exported["ids"])
         if not ids:
             return 0
+        self._check_importable(exported)
         self.drop_sensors(ids)
         slots, grew_to = self.table.allocate(ids)
         if grew_to is not None:
@@ -461,6 +462,22 @@ class Learner:
         self.state.place_rows(slots, exported["slot_tensors"], exported["seen"].numpy(),
                               exported["short"].numpy())
         return len(ids)
+
+    def _check_importable(self, exported: dict) -> None:
+        """ValueError, before any state changes, for an export whose per-sensor arrays have
+        other shapes than this learner's (another snapshot format that skipped
+        snapshot.upgrade): it would be half-imported. The memory's last readings per bucket
+        and timing may differ (they exist only with a horizon), and so may the horizon."""
+        for part in snap.PER_SENSOR_PARTS:
+            if part == "horizon":
+                continue
+            for name, rows in exported[part].items():
+                target = getattr(getattr(self, part), name)
+                if (target.shape[1:] != rows.shape[1:]
+                        and (part, name) not in (("memory", "recent"), ("memory", "timing"))):
+                    raise ValueError(
+                        f"cannot import {part}.{name} of shape {tuple(rows.shape)} into "
+                        f"{tuple(target.shape)}: an export of another snapshot format")
 
     def drop_sensors(self, sensor_ids: list[str]) -> int:
         """Forget those sensors (a partition moved away); their slots become free."""

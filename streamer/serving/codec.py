@@ -71,8 +71,20 @@ def _rfc3339_shape(value: Any) -> str:
     if not _RFC3339.fullmatch(value):
         raise PydanticCustomError("rfc3339", "not an RFC 3339 timestamp")
     if value[17:19] == "60":  # a leap second, which RFC 3339 allows and epoch time lacks
-        return value[:17] + "59" + value[19:]  # read as the second before, as Java's Instant is
+        if _utc_minute(value) != 23 * 60 + 59:
+            raise PydanticCustomError("leap_second", "second 60 outside a leap second")
+        return value[:17] + "59" + value[19:]  # read as the second before it
     return value
+
+
+def _utc_minute(value: str) -> int:
+    """The minute of the UTC day of an RFC 3339-shaped string (its offset applied; none: UTC)."""
+    minute = int(value[11:13]) * 60 + int(value[14:16])
+    offset = re.search(r"[+-]\d{2}:\d{2}$", value)
+    if offset:
+        sign = 1 if offset.group()[0] == "+" else -1
+        minute -= sign * (int(offset.group()[1:3]) * 60 + int(offset.group()[4:6]))
+    return minute % (24 * 60)
 
 
 # A ts string: lax datetime parsing of a string that already has RFC 3339's shape (the
@@ -147,6 +159,8 @@ def _describe_ts_errors(errors: list[Any]) -> str:
         return "ts: RFC 3339 timestamp must carry a timezone (Z or +hh:mm)"
     if "rfc3339" in types:
         return "ts: string is not an RFC 3339 timestamp"
+    if "leap_second" in types:
+        return "ts: second 60 outside a leap second (only 23:59:60 UTC is one)"
     for error in errors:
         if error["type"] in ("datetime_parsing", "datetime_from_date_parsing"):
             reason = error.get("ctx", {}).get("error", error["msg"])

@@ -319,13 +319,13 @@ def test_every_step_of_a_sensor_swinging_around_its_level_is_forecast_back_towar
     # x' - 10 = 0.8 (x - 10) + noise: k steps on, the best forecast has come 1 - 0.8^k of the way
     # back to the level (step 12: 0.73 of k-step persistence's error). Without the horizon's
     # pull to the level, steps 8-12 stayed at 0.90-0.93 of it; with it 0.78-0.81. White noise,
-    # the level at every step: 0.74-0.77 without, 0.71-0.74 with.
+    # the level at every step: 0.74-0.77 without (above 0.75 at four steps), 0.71-0.74 with.
     rng = np.random.default_rng(8)
     noise = 20.0 + rng.normal(size=4000)
     x = np.zeros(4000)
     for t in range(1, len(x)):
         x[t] = 0.8 * x[t - 1] + rng.normal()
-    for values, steps, limit in ((noise, slice(0, H), 0.745), (10.0 + x, slice(7, H), 0.85)):
+    for values, steps, limit in ((noise, slice(0, H), 0.75), (10.0 + x, slice(7, H), 0.85)):
         forecast, truth = _one_sensor(values)
         ratio = (np.abs(forecast - truth)[1000:-H].mean(axis=0)
                  / np.abs(values[1000:-H, None] - truth[1000:-H]).mean(axis=0))

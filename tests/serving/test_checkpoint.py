@@ -461,6 +461,22 @@ def test_partition_state_moves_between_learners_through_a_checkpoint(tmp_path):
     np.testing.assert_allclose(got.anomaly_score, expected.anomaly_score, atol=1e-6)
 
 
+def test_sensors_exported_in_another_format_are_refused_before_any_state_changes():
+    # An export that skipped snap.upgrade (twelve experts, as format 16 had) would leave the
+    # moved sensors with half their state; refused whole, the sensors held here untouched.
+    source, target = _learner(20), _learner(20)
+    exported = snap.sensors_of(source.snapshot(), ["s0", "s1"])
+    exported["stats"]["guard_err"] = exported["stats"]["guard_err"][..., :-1].clone()
+    before = target.snapshot()
+    with pytest.raises(ValueError, match=r"stats\.guard_err of shape \(2, 1, 12\)"):
+        target.import_sensors(exported)
+    after = target.snapshot()
+    for part in ("stats", "memory", "calibration"):
+        for name, kept in before[part].items():
+            np.testing.assert_array_equal(after[part][name], kept, err_msg=f"{part}.{name}")
+    assert after["table"] == before["table"]
+
+
 def test_a_background_checkpoint_holds_the_state_when_it_was_begun(tmp_path):
     store = CheckpointStore(tmp_path, "w1", CFG.fingerprint())
     writer = _SlowWriter(store)

@@ -228,9 +228,10 @@ def test_integers_are_numbers_and_values_keep_their_count() -> None:
         ("2024-03-10 09:00:15.25z", 1710061215.25),
         ("2024-03-10T09:00:15-00:00", 1710061215.0),
         ("1970-01-01T00:00:00Z", 0.0),
-        # A leap second is the second before it (epoch time has none), as Java's Instant reads it
+        # A leap second (23:59:60 UTC) is the second before it: epoch time has none.
         ("2016-12-31T23:59:60.5Z", 1483228799.5),
         ("2017-01-01T08:59:60+09:00", 1483228799.0),
+        ("2016-12-31T18:29:60-05:30", 1483228799.0),
     ],
 )
 def test_rfc3339_timestamp_with_offset_becomes_exact_epoch_seconds(ts: str, epoch: float) -> None:
@@ -238,6 +239,14 @@ def test_rfc3339_timestamp_with_offset_becomes_exact_epoch_seconds(ts: str, epoc
     reading = decode_reading(b"s1", value)
     assert isinstance(reading, Reading)
     assert reading.ts == epoch
+
+
+@pytest.mark.parametrize("ts", ["2024-03-10T12:34:60Z", "2016-12-31T23:59:60+01:00",
+                                "2016-12-31T23:58:60Z"])
+def test_a_second_60_that_is_no_leap_second_is_a_schema_violation(ts: str) -> None:
+    rejection = decode_reading(b"s1", json.dumps({"ts": ts, "value": 1.0}).encode())
+    assert isinstance(rejection, Rejection) and rejection.reason == Reason.SCHEMA_VIOLATION
+    assert "second 60 outside a leap second" in rejection.detail, rejection.detail
 
 
 def test_decode_batch_keeps_good_readings_in_order_with_their_input_positions() -> None:
