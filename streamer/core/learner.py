@@ -455,8 +455,8 @@ class Learner:
                 continue
             for name, rows in exported[part].items():
                 target = getattr(getattr(self, part), name)
-                # The memory's last readings per bucket exist only with a horizon: they stay
-                # fresh when the sender had none, or this learner has none.
+                # SensorMemory.HORIZON_ONLY, the only shapes _check_importable lets differ,
+                # stay fresh when the sender had no horizon, or this learner has none.
                 if target.shape[1:] == rows.shape[1:]:
                     target[slots] = rows.numpy()
         self.state.place_rows(slots, exported["slot_tensors"], exported["seen"].numpy(),
@@ -474,7 +474,7 @@ class Learner:
             for name, rows in exported[part].items():
                 target = getattr(getattr(self, part), name)
                 if (target.shape[1:] != rows.shape[1:]
-                        and (part, name) not in (("memory", "recent"), ("memory", "timing"))):
+                        and not (part == "memory" and name in SensorMemory.HORIZON_ONLY)):
                     raise ValueError(
                         f"cannot import {part}.{name} of shape {tuple(rows.shape)} into "
                         f"{tuple(target.shape)}: an export of another snapshot format")

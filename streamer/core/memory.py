@@ -133,6 +133,9 @@ class SensorMemory:
 
     _ARRAYS = ("profile", "level", "ar_x", "ar_w", "recent", "timing", "cycle", "cycle_err",
                "cycle_n")
+    # Kept only with a horizon: their shapes differ between learners with and without one, and
+    # a snapshot or hand-over between the two starts them empty.
+    HORIZON_ONLY = ("recent", "timing")
 
     def __init__(self, capacity: int, n_features: int, seasonal_alpha: float,
                  recent: bool = False):
@@ -185,9 +188,9 @@ class SensorMemory:
         for name in self._ARRAYS:
             mine = getattr(self, name)
             saved = arrays.get(name)
-            if name in ("recent", "timing", "cycle", "cycle_err", "cycle_n") and (
+            if name in (*self.HORIZON_ONLY, "cycle", "cycle_err", "cycle_n") and (
                     saved is None or saved.shape[1:] != mine.shape[1:]):
-                fill = np.nan if name in ("recent", "timing") else 0
+                fill = np.nan if name in self.HORIZON_ONLY else 0
                 saved = np.full((capacity, *mine.shape[1:]), fill, dtype=mine.dtype)
             setattr(self, name, np.array(saved, dtype=mine.dtype))
 
