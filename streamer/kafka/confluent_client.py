@@ -47,7 +47,9 @@ from streamer.kafka.client import (
 )
 from streamer.kafka.connection import KafkaConnection
 from streamer.kafka.errors import (
+    CERTIFICATE_NOT_VERIFIED,
     AuthenticationFailed,
+    BrokerNotTrusted,
     BrokerUnavailable,
     CommitFailed,
     KafkaClientError,
@@ -575,12 +577,17 @@ class ConfluentClient:
         return f" (the last attempt: {self._last_error[1]})"
 
     def _raise_if_refused(self, failure: str, since: float = 0.0) -> None:
-        """A connection that failed because the brokers refused our credentials (at or after
-        ``since``, monotonic), which librdkafka reports only to the error callback (the call
-        itself: "transport failure")."""
+        """A connection that failed because the brokers refused our credentials, or, in its
+        latest attempt, because their certificate was not trusted (at or after ``since``,
+        monotonic), which librdkafka reports only to the error callback (the call itself:
+        "transport failure")."""
         if self._refused is not None and self._refused[0] >= since:
             raise AuthenticationFailed(f"{failure}: the brokers refused the credentials: "
                                        f"{self._refused[1]}")
+        last = self._last_error
+        if last is not None and last[0] >= since and CERTIFICATE_NOT_VERIFIED in last[1]:
+            raise BrokerNotTrusted(f"{failure}: the brokers' TLS certificate was not trusted: "
+                                   f"{last[1]}")
 
     def _new_producer(self) -> Producer:
         settings = self._producer_settings

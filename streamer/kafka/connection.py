@@ -110,8 +110,8 @@ class KafkaConnection:
         through an outage would gain a thread and a socket pair per attempt. Those of a failed
         construction are closed here. Its errors are converted as ``connecting(action)`` does
         (BrokerUnavailable saying why the last attempt failed, AuthenticationFailed for refused
-        credentials). Records whose header key is not UTF-8 are read, not failed
-        (streamer.kafka.header_keys)."""
+        credentials, BrokerNotTrusted for a brokers' certificate not trusted). Records whose
+        header key is not UTF-8 are read, not failed (streamer.kafka.header_keys)."""
         from streamer.kafka.header_keys import read_header_keys_leniently
 
         read_header_keys_leniently()

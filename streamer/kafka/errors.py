@@ -33,6 +33,17 @@ class AuthenticationFailed(Unfixable):
     """The brokers refused the client's SASL credentials (or its mechanism): a setting to fix."""
 
 
+class BrokerNotTrusted(AuthenticationFailed):
+    """The client could not verify the brokers' TLS certificate (signed by a CA it was not
+    given, or issued for another host name): a setting to fix, as the Java client's
+    SslAuthenticationException is an authentication failure."""
+
+
+# How OpenSSL ends a verification of the peer's certificate that failed (librdkafka reports
+# it in that text only; kafka-python raises ssl.SSLCertVerificationError, whose text it is too).
+CERTIFICATE_NOT_VERIFIED = "certificate verify failed"
+
+
 class TopicCreationRefused(Unfixable):
     """The cluster refused to create a topic (no permission, a policy, too few brokers for the
     replication factor): retrying will not help, an operator must create it or fix the setting."""
@@ -136,6 +147,7 @@ class _BootstrapFailures(logging.Handler):
         super().__init__(logging.WARNING)
         self.refused: list[str] = []  # the brokers refused the credentials
         self.last = ""  # the latest failure of any kind (a TLS handshake, a refused connection)
+        self.last_untrusted = False  # ...and it was the brokers' certificate, not verified
         self._ended = False  # the final "Unable to bootstrap" was logged
         self._older = set(threading.enumerate()) - {threading.current_thread()}
 
@@ -151,8 +163,18 @@ class _BootstrapFailures(logging.Handler):
                     self.last = str(arg)
                 elif isinstance(arg, Exception):
                     self.last = str(arg)
+                    self.last_untrusted = _not_verified(arg)
         except Exception:  # noqa: BLE001 - never into the library's own error handling
             self.handleError(record)
+
+
+def _not_verified(error: BaseException) -> bool:
+    """kafka-python's KafkaConnectionError "Handshake failed: ..." raised while handling an
+    ssl.SSLCertVerificationError (the brokers' certificate not trusted), or that error itself."""
+    import ssl
+
+    return isinstance(error, ssl.SSLCertVerificationError) or isinstance(
+        error.__context__, ssl.SSLCertVerificationError)
 
 
 def _gave_up(error: object) -> bool:
@@ -166,8 +188,9 @@ def connecting(action: str) -> Iterator[None]:
     """``converted_errors`` around a kafka-python client's construction (its bootstrap), with
     a bootstrap that timed out while the brokers refused the credentials raised as
     AuthenticationFailed with the brokers' reason: a wrong password is a setting to fix, not
-    "no broker answered" to retry for ever; any other bootstrap timeout says why the last
-    attempt failed (a certificate not trusted, a connection refused, a name not resolved).
+    "no broker answered" to retry for ever; so is a brokers' certificate this client does not
+    trust when that was why the last attempt failed (BrokerNotTrusted); any other bootstrap
+    timeout says why the last attempt failed (a connection refused, a name not resolved).
     (Read from kafka-python's log records, those at ERROR included: the library keeps the
     reason nowhere else.)"""
     failures, library = _BootstrapFailures(), logging.getLogger("kafka")
@@ -181,6 +204,9 @@ def connecting(action: str) -> Iterator[None]:
         if failures.refused:
             raise AuthenticationFailed(f"{action} failed: the brokers refused the credentials: "
                                        f"{failures.refused[-1]}") from exc
+        if failures.last_untrusted:
+            raise BrokerNotTrusted(f"{action} failed: the brokers' TLS certificate was not "
+                                   f"trusted: {failures.last}") from exc
         if failures.last:
             raise BrokerUnavailable(f"{exc} (the last attempt: {failures.last})") from exc
         raise

@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from streamer.kafka.errors import (  # imports no Kafka
         AuthenticationFailed,
+        BrokerNotTrusted,
         KafkaClientError,
         LocalBrokerError,
     )
@@ -122,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"streamer {args.command}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except AuthenticationFailed as exc:  # wrong credentials are a setting to fix, not an outage
-        names = ", ".join(setting_name(f"kafka.{name}") for name in
-                          ("sasl_mechanism", "sasl_username", "sasl_password"))
+        fields = (("ssl_cafile", "bootstrap_servers") if isinstance(exc, BrokerNotTrusted)
+                  else ("sasl_mechanism", "sasl_username", "sasl_password"))
+        names = ", ".join(setting_name(f"kafka.{name}") for name in fields)
         print(f"streamer {args.command}: invalid configuration: {names}: {exc}",
               file=sys.stderr)
         return EXIT_CONFIG

@@ -5,6 +5,7 @@ its IO thread makes them (tests/kafka/test_sasl.py and test_tls.py have the real
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 
 import kafka.errors as kerr
@@ -12,6 +13,7 @@ import pytest
 
 from streamer.kafka.errors import (
     AuthenticationFailed,
+    BrokerNotTrusted,
     BrokerUnavailable,
     connecting,
     convert,
@@ -20,7 +22,23 @@ from streamer.kafka.errors import (
 
 MANAGER = logging.getLogger("kafka.net.manager")
 REFUSED = kerr.SaslAuthenticationFailedError("Authentication failed: Invalid username or password")
-UNTRUSTED = kerr.KafkaConnectionError("Handshake failed: [SSL: CERTIFICATE_VERIFY_FAILED]")
+
+
+def _handshake_failed(error: ssl.SSLError) -> kerr.KafkaConnectionError:
+    """As kafka-python raises it: while handling the ssl module's error (net/manager.py)."""
+    try:
+        try:
+            raise error
+        except ssl.SSLError as exc:
+            raise kerr.KafkaConnectionError(f"Handshake failed: {exc}")  # noqa: B904 - as it is
+    except kerr.KafkaConnectionError as exc:
+        return exc
+
+
+UNTRUSTED = _handshake_failed(ssl.SSLCertVerificationError(
+    1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: self-signed certificate"))
+# TLS spoken to a plaintext listener: a handshake that failed, but no verdict on a certificate.
+WRONG_VERSION = _handshake_failed(ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version"))
 
 
 @pytest.fixture(autouse=True)
@@ -75,13 +93,38 @@ def test_a_refusal_logged_by_another_clients_thread_is_not_taken_for_this_client
 def test_a_bootstrap_timeout_says_why_its_last_attempt_failed():
     with pytest.raises(BrokerUnavailable) as raised:
         with connecting("connecting the admin client"):
-            _logged_on_a_new_thread(kerr.KafkaConnectionError("111 ECONNREFUSED"), UNTRUSTED)
+            _logged_on_a_new_thread(kerr.KafkaConnectionError("111 ECONNREFUSED"), WRONG_VERSION)
             raise kerr.KafkaTimeoutError("Unable to bootstrap from b:9092")
     assert str(raised.value) == (
         "connecting the admin client failed: KafkaTimeoutError: Unable to bootstrap from "
         "b:9092 (the last attempt: KafkaConnectionError: Handshake failed: "
-        "[SSL: CERTIFICATE_VERIFY_FAILED])")
+        "[SSL: WRONG_VERSION_NUMBER] wrong version)")
     assert not isinstance(raised.value, AuthenticationFailed)
+
+
+def test_a_bootstrap_whose_last_attempt_did_not_trust_the_brokers_certificate_is_refused():
+    # A setting to fix (the CA file, or the host the certificate names), as refused
+    # credentials are: not an outage to retry for ever.
+    with pytest.raises(BrokerNotTrusted) as raised:
+        with connecting("connecting the admin client"):
+            _logged_on_a_new_thread(kerr.KafkaConnectionError("111 ECONNREFUSED"), UNTRUSTED)
+            raise kerr.KafkaTimeoutError("Unable to bootstrap from b:9092")
+    assert str(raised.value) == (
+        "connecting the admin client failed: the brokers' TLS certificate was not trusted: "
+        "KafkaConnectionError: Handshake failed: [SSL: CERTIFICATE_VERIFY_FAILED] certificate "
+        "verify failed: self-signed certificate")
+    assert isinstance(raised.value, AuthenticationFailed)  # (what the worker exits 2 on)
+
+
+def test_a_certificate_not_trusted_before_a_later_failure_is_not_the_reason():
+    # (a broker being replaced: the old one's certificate, then the new one down for now)
+    with pytest.raises(BrokerUnavailable) as raised:
+        with connecting("connecting the consumer"):
+            _logged_on_a_new_thread(UNTRUSTED, kerr.KafkaConnectionError("111 ECONNREFUSED"))
+            raise kerr.KafkaTimeoutError("Unable to bootstrap from b:9092")
+    assert not isinstance(raised.value, AuthenticationFailed)
+    assert raised.value.args[0].endswith("(the last attempt: KafkaConnectionError: "
+                                         "111 ECONNREFUSED)")
 
 
 def test_what_connecting_watches_is_let_go_afterwards():

@@ -11,12 +11,14 @@ import json
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
 from streamer.kafka import KafkaConnection, ensure_topics
-from tests.broker_proxy import ProxiedBroker
+from tests.broker_proxy import ProxiedBroker, make_tls_files
+from tests.conftest import TLS_KEY_PASSWORD
 from tests.serving.conftest import WorkerProcess, reading, wait_for, worker_env
 
 pytestmark = pytest.mark.broker
@@ -26,11 +28,11 @@ TOPICS = ("secured-in", "secured-out", "secured-dlq")
 
 
 def _worker(broker: ProxiedBroker, client_kind: str, tls_files, password: str, tmp_path,
-            group: str) -> WorkerProcess:
+            group: str, cafile: Path | None = None) -> WorkerProcess:
     env = worker_env(broker.bootstrap, client_kind, TOPICS, group, "w1",
                      tmp_path / "checkpoints",
                      STREAMER_KAFKA__SECURITY_PROTOCOL="SASL_SSL",
-                     STREAMER_KAFKA__SSL_CAFILE=str(tls_files["ca"]),
+                     STREAMER_KAFKA__SSL_CAFILE=str(cafile or tls_files["ca"]),
                      STREAMER_KAFKA__SASL_MECHANISM="SCRAM-SHA-512",
                      STREAMER_KAFKA__SASL_USERNAME="streamer",
                      STREAMER_KAFKA__SASL_PASSWORD=password)
@@ -124,6 +126,31 @@ def test_a_worker_whose_credentials_the_brokers_refuse_exits_with_a_configuratio
         assert "refused the credentials" in log and "Authentication failed" in log, log
         assert broker.authenticated == [] and broker.refused
         print(f"exited {time.monotonic() - started:.1f} s after start")
+
+
+def test_a_worker_that_does_not_trust_the_brokers_certificate_exits_with_a_configuration_error(
+        tls_files, client_kind, group_id, tmp_path):
+    # Its CA file holds another CA than the one that signed the brokers' certificate.
+    (tmp_path / "other").mkdir()
+    other_ca = make_tls_files(tmp_path / "other", TLS_KEY_PASSWORD)["ca"]
+    with ProxiedBroker(tmp_path / "broker.log", tls_files=tls_files, mutual=False,
+                       sasl_users=USERS) as broker:
+        worker = _worker(broker, client_kind, tls_files, USERS["streamer"], tmp_path,
+                         group_id, cafile=other_ca).start()
+        try:
+            status = worker.wait(timeout_s=60)  # the 10 s bootstrap timeout, then out
+        except subprocess.TimeoutExpired:
+            status = None  # still retrying
+        finally:
+            worker.stop()
+        log = worker.log()
+        assert status == 2, f"exit status {status}\n{log}"
+        assert "invalid configuration" in log and "STREAMER_KAFKA__SSL_CAFILE" in log, log
+        assert "TLS certificate was not trusted" in log, log
+        assert "certificate verify failed" in log.lower(), log
+        assert broker.authenticated == []  # (no further than the TLS handshake)
+        assert broker.refused and all("UNKNOWN_CA" in why for why in broker.refused), (
+            broker.refused)
 
 
 def test_credentials_refused_after_the_worker_connected_are_retried_until_accepted_again(
