@@ -737,7 +737,8 @@ class LogSettings(_Section):
 
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         "INFO", description="Lowest level logged (the Kafka library's at WARNING at least, "
-        "and each of its messages once a minute, saying how many like it were left out)."
+        "and each of its messages once a minute, saying how many like it were left out; its "
+        "reports of a broker connection failed or lost are warnings: the worker handles it)."
     )
     format: Literal["plain", "json"] = Field(
         "plain", description="plain for people, json for log collectors."

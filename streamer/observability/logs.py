@@ -108,11 +108,46 @@ def missing_topic_as_warning(record: logging.LogRecord) -> bool:
     return True
 
 
+# What the Kafka libraries log at ERROR for a broker they cannot reach or lost: kafka-python's
+# errors of these classes among a record's arguments (each attempt, each connection lost, the
+# bootstrap's end), librdkafka's lines of its FAIL facility.
+_CONNECTION_ERRORS = ("KafkaConnectionError", "KafkaTimeoutError", "NodeNotReadyError")
+_DISCONNECTED = "%s: socket disconnected"  # kafka-python's transport (its only argument)
+
+
+def _is_kafka_error(arg: object, names: tuple[str, ...]) -> bool:
+    return any(c.__module__ == "kafka.errors" and c.__name__ in names
+               for c in type(arg).__mro__)
+
+
+def connection_failure_as_warning(record: logging.LogRecord) -> bool:
+    """A Kafka library's report of a broker connection that failed or was lost, logged at
+    ERROR (kafka-python: 6-8 lines as an outage begins, again each minute, ``RepeatFilter``
+    thinning them; librdkafka: a FAIL line per connection), as a WARNING (left out where
+    warnings are). The worker rides an outage out and says so itself: its WARNING "broker
+    trouble" with the reason, /readyz, streamer_broker_errors_total and the
+    StreamerBrokerTrouble alert. An ERROR line is for what it did not handle: whoever alerts on
+    error logs was paged for every broker restart."""
+    if record.levelno != logging.ERROR:
+        return True
+    args = record.args.values() if isinstance(record.args, dict) else record.args or ()
+    if _from(record, "kafka"):
+        failed = (record.msg == _DISCONNECTED
+                  or any(_is_kafka_error(arg, _CONNECTION_ERRORS) for arg in args))
+    else:
+        failed = _from(record, LIBRDKAFKA_LOGGER) and next(iter(args), None) == "FAIL"
+    if not failed:
+        return True
+    record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return logging.getLogger(record.name).isEnabledFor(logging.WARNING)
+
+
 def configure_logging(level: str = "INFO", fmt: str = "plain",
                       libraries_shown: bool = True) -> None:
     """Route all logs, Python's warnings too, to stderr in the chosen format (idempotent),
     the Kafka libraries' repeats thinned (``RepeatFilter``), its cancellations left out
-    (``drop_cancellations``) and a missing topic a warning (``missing_topic_as_warning``).
+    (``drop_cancellations``), a missing topic and a failed connection a warning
+    (``missing_topic_as_warning``, ``connection_failure_as_warning``).
     ``libraries_shown`` False leaves the Kafka libraries' lines out of stderr (a command that
     reports its own failure in one line); they are still logged, for handlers that read them
     (``kafka.errors.connecting``)."""
@@ -120,6 +155,7 @@ def configure_logging(level: str = "INFO", fmt: str = "plain",
     if not libraries_shown:
         handler.addFilter(lambda record: not _from(record, *KAFKA_LIBRARIES))
     handler.addFilter(drop_cancellations)
+    handler.addFilter(connection_failure_as_warning)
     handler.addFilter(RepeatFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())

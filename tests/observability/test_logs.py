@@ -15,6 +15,7 @@ from streamer.observability.logs import (
     KAFKA_METADATA_LOGGER,
     RepeatFilter,
     configure_logging,
+    connection_failure_as_warning,
     drop_cancellations,
     missing_topic_as_warning,
 )
@@ -87,6 +88,37 @@ def test_the_librarys_missing_topic_error_is_a_warning_and_everything_else_is_le
     assert (other.levelno, other.levelname) == (logging.ERROR, "ERROR")
 
 
+def test_the_librarys_reports_of_a_failed_or_lost_connection_are_warnings_and_nothing_else():
+    # (what kafka-python and librdkafka logged at ERROR while a worker rode an outage out:
+    # tests/serving/test_worker.py has them from the real libraries)
+    failed = [
+        _record("kafka.net.manager", "Connection failed: %s",
+                kerr.KafkaConnectionError("111 ECONNREFUSED")),
+        _record("kafka.net.transport", "%s: socket disconnected", "<KafkaTCPTransport>"),
+        _record("kafka.net.manager", "Bootstrap failed: %s",
+                kerr.KafkaTimeoutError("Unable to bootstrap from b:9092")),
+        _record("kafka.coordinator", "Error sending %s to node %s [%s]", "FindCoordinator", 1,
+                kerr.NodeNotReadyError(1)),
+        _record("librdkafka", "%s [%s] %s", "FAIL", "streamer#consumer-1",
+                "b:9092/1: Connect to ipv4#127.0.0.1:9092 failed: Connection refused"),
+    ]
+    for record in failed:
+        assert connection_failure_as_warning(record)
+        assert (record.levelno, record.levelname) == (logging.WARNING, "WARNING"), record.msg
+    kept = [
+        _record("kafka.coordinator", "Error: %s", kerr.SaslAuthenticationFailedError("no")),
+        _record("kafka.consumer.fetcher", "Failed to decode %s", "a batch"),
+        _record("librdkafka", "%s [%s] %s", "ERROR", "streamer#consumer-1", "something else"),
+        _record("streamer.worker", "%s", kerr.KafkaConnectionError("ours: said as we mean it")),
+    ]
+    for record in kept:
+        assert connection_failure_as_warning(record)
+        assert record.levelno == logging.ERROR, record.msg
+    warning = _record("kafka.net.manager", "Connection failed: %s",
+                      kerr.KafkaConnectionError("x"), level=logging.WARNING)
+    assert connection_failure_as_warning(warning) and warning.levelno == logging.WARNING
+
+
 @pytest.fixture
 def logging_restored() -> Iterator[None]:
     root, metadata = logging.getLogger(), logging.getLogger(KAFKA_METADATA_LOGGER)
@@ -109,6 +141,15 @@ def test_configured_logging_shows_every_handler_the_missing_topic_as_a_warning_o
     logging.getLogger(KAFKA_METADATA_LOGGER).error("Topic %s not found in cluster metadata",
                                                    "readings")
     assert seen == shown
+
+
+@pytest.mark.parametrize(("level", "shown"), [("INFO", ["WARNING"]), ("ERROR", [])])
+def test_configured_logging_shows_a_failed_connection_as_a_warning_or_not_at_all(
+        logging_restored, capsys, level, shown):
+    configure_logging(level)
+    logging.getLogger("kafka.net.manager").error("Connection failed: %s",
+                                                 kerr.KafkaConnectionError("111 ECONNREFUSED"))
+    assert [line.split()[2] for line in capsys.readouterr().err.splitlines()] == shown
 
 
 def test_python_warnings_are_logged_in_the_chosen_format(logging_restored, capsys):
