@@ -110,7 +110,8 @@ def missing_topic_as_warning(record: logging.LogRecord) -> bool:
 
 # What the Kafka libraries log at ERROR for a broker they cannot reach or lost: kafka-python's
 # errors of these classes among a record's arguments (each attempt, each connection lost, the
-# bootstrap's end), librdkafka's lines of its FAIL facility.
+# bootstrap's end) or the socket's own error as the record's exception, librdkafka's lines of
+# its FAIL facility.
 _CONNECTION_ERRORS = ("KafkaConnectionError", "KafkaTimeoutError", "NodeNotReadyError")
 _DISCONNECTED = "%s: socket disconnected"  # kafka-python's transport (its only argument)
 
@@ -131,9 +132,11 @@ def connection_failure_as_warning(record: logging.LogRecord) -> bool:
     if record.levelno != logging.ERROR:
         return True
     args = record.args.values() if isinstance(record.args, dict) else record.args or ()
-    if _from(record, "kafka"):
+    if _from(record, "kafka"):  # (a connection reset while reading: logged with its traceback)
         failed = (record.msg == _DISCONNECTED
-                  or any(_is_kafka_error(arg, _CONNECTION_ERRORS) for arg in args))
+                  or any(_is_kafka_error(arg, _CONNECTION_ERRORS) for arg in args)
+                  or isinstance(record.exc_info and record.exc_info[1],
+                                (ConnectionError, TimeoutError)))
     else:
         failed = _from(record, LIBRDKAFKA_LOGGER) and next(iter(args), None) == "FAIL"
     if not failed:

@@ -21,8 +21,10 @@ from streamer.observability.logs import (
 )
 
 
-def _record(name: str, msg: str, *args: object, level: int = logging.ERROR) -> logging.LogRecord:
-    return logging.LogRecord(name, level, __file__, 1, msg, args, None)
+def _record(name: str, msg: str, *args: object, level: int = logging.ERROR,
+            exc: BaseException | None = None) -> logging.LogRecord:
+    exc_info = (type(exc), exc, None) if exc is not None else None
+    return logging.LogRecord(name, level, __file__, 1, msg, args, exc_info)
 
 
 def test_the_librarys_repeats_pass_once_a_minute_saying_how_many_were_left_out():
@@ -101,6 +103,8 @@ def test_the_librarys_reports_of_a_failed_or_lost_connection_are_warnings_and_no
                 kerr.NodeNotReadyError(1)),
         _record("librdkafka", "%s [%s] %s", "FAIL", "streamer#consumer-1",
                 "b:9092/1: Connect to ipv4#127.0.0.1:9092 failed: Connection refused"),
+        _record("kafka.net.transport", "%s: Error receiving network data closing socket",
+                "<KafkaTCPTransport>", exc=ConnectionResetError(104, "Connection reset by peer")),
     ]
     for record in failed:
         assert connection_failure_as_warning(record)
@@ -108,6 +112,8 @@ def test_the_librarys_reports_of_a_failed_or_lost_connection_are_warnings_and_no
     kept = [
         _record("kafka.coordinator", "Error: %s", kerr.SaslAuthenticationFailedError("no")),
         _record("kafka.consumer.fetcher", "Failed to decode %s", "a batch"),
+        _record("kafka.net.transport", "%s: Error receiving network data closing socket",
+                "<KafkaTCPTransport>", exc=ValueError("a bug of the library's")),
         _record("librdkafka", "%s [%s] %s", "ERROR", "streamer#consumer-1", "something else"),
         _record("streamer.worker", "%s", kerr.KafkaConnectionError("ours: said as we mean it")),
     ]
