@@ -77,9 +77,11 @@ def _from(record: logging.LogRecord, *libraries: str) -> bool:
                for library in libraries)
 
 
-def _is_cancellation(arg: object) -> bool:
-    cls = type(arg)
-    return cls.__name__ == "Cancelled" and cls.__module__ == "kafka.errors"
+def _is_kafka_error(arg: object, names: tuple[str, ...]) -> bool:
+    """An instance of kafka.errors' classes ``names`` (or of a subclass), told without
+    importing kafka-python (the confluent backend does without it)."""
+    return any(c.__module__ == "kafka.errors" and c.__name__ in names
+               for c in type(arg).__mro__)
 
 
 def drop_cancellations(record: logging.LogRecord) -> bool:
@@ -89,7 +91,7 @@ def drop_cancellations(record: logging.LogRecord) -> bool:
     if not _from(record, "kafka"):
         return True
     args = record.args.values() if isinstance(record.args, dict) else record.args or ()
-    return not any(_is_cancellation(arg) for arg in args)
+    return not any(_is_kafka_error(arg, ("Cancelled",)) for arg in args)
 
 
 _TOPIC_NOT_FOUND = "Topic %s not found in cluster metadata"
@@ -114,11 +116,6 @@ def missing_topic_as_warning(record: logging.LogRecord) -> bool:
 # its FAIL facility.
 _CONNECTION_ERRORS = ("KafkaConnectionError", "KafkaTimeoutError", "NodeNotReadyError")
 _DISCONNECTED = "%s: socket disconnected"  # kafka-python's transport (its only argument)
-
-
-def _is_kafka_error(arg: object, names: tuple[str, ...]) -> bool:
-    return any(c.__module__ == "kafka.errors" and c.__name__ in names
-               for c in type(arg).__mro__)
 
 
 def connection_failure_as_warning(record: logging.LogRecord) -> bool:
