@@ -671,7 +671,8 @@ class CheckpointSettings(_Section):
         None,
         pattern=r"^[A-Za-z0-9_.-]+$",
         description="Name of this worker's checkpoint files in a directory shared by the "
-        "group; defaults to the host name (the pod name on Kubernetes).",
+        "group; defaults to the host name (the pod name on Kubernetes). Two running workers "
+        "with one id in one directory are refused (exit 2).",
     )
     allow_fresh_start: bool = Field(
         True,

@@ -4,6 +4,7 @@ Layout of the checkpoint directory (shared by the workers of one group):
 
     <worker>-<seq>.ckpt   torch.save of tensors and plain data (loaded with weights_only=True)
     <worker>-<seq>.json   manifest: sha256 and size of the .ckpt, config fingerprint, offsets
+    .<worker>.lock        held (flock) while a process writes as that worker: one at a time
 
 A manifest is written (atomically) only after its data file is durable, so a manifest
 always names a complete file; the checksum catches later corruption.
@@ -26,12 +27,14 @@ number, but one during our own deletion is not.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +46,7 @@ log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^(?P<worker>[A-Za-z0-9_.-]+)-(?P<seq>\d{10})\.json$")
 _DATA = re.compile(r"^\.?(?P<worker>[A-Za-z0-9_.-]+)-(?P<seq>\d{10})\.(ckpt|json)(\.tmp)?$")
+_LOCK = re.compile(r"^\.(?P<worker>[A-Za-z0-9_.-]+)\.lock$")  # _WorkerLock's
 # A data or temporary file without a manifest is left this long (seconds since it was last
 # written) before it is deleted: a live writer is past it well before.
 ORPHAN_AGE_S = 3600.0
@@ -50,6 +54,62 @@ ORPHAN_AGE_S = 3600.0
 
 class CheckpointError(Exception):
     """No usable checkpoint where one was required."""
+
+
+class WorkerIdInUse(Exception):
+    """Another running process writes checkpoints under this worker id in this directory."""
+
+
+class _WorkerLock:
+    """An exclusive lock (flock) on ``.<worker>.lock`` in the directory, held while any store
+    of this process for that worker and directory lives: two processes numbering the same
+    worker's checkpoints each from its own count overwrote and pruned each other's files (two
+    workers on one host, the host name their default id). The kernel drops it with the process
+    (a SIGKILL leaves no stale lock). Where the file system has no locks (some network file
+    systems), a warning, and no check."""
+
+    _held: dict[tuple[str, str], weakref.ReferenceType[_WorkerLock]] = {}
+
+    @classmethod
+    def take(cls, directory: Path, worker: str) -> _WorkerLock:
+        key = (os.path.realpath(directory), worker)
+        held = cls._held.get(key)
+        lock = held() if held is not None else None
+        if lock is None:  # (another store of this process shares it: a restart in process)
+            lock = cls(directory / f".{worker}.lock", worker)
+            cls._held[key] = weakref.ref(lock)
+        return lock
+
+    def __init__(self, path: Path, worker: str):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise WorkerIdInUse(f"another running worker writes its checkpoints in "
+                                f"{str(path.parent)!r} as {worker!r}") from None
+        except OSError as exc:  # ENOLCK, EOPNOTSUPP: a file system without locks
+            log.warning("cannot lock %s (%s): a second worker with the id %r would not be "
+                        "refused", path, exc.strerror or exc, worker)
+        weakref.finalize(self, os.close, fd)
+
+    @staticmethod
+    def delete_if_free(path: Path) -> None:
+        """Delete a gone worker's lock file (no checkpoint of its left) once old, unless a
+        process holds it: a Deployment's pods each leave one otherwise."""
+        try:
+            if time.time() - path.stat().st_mtime <= ORPHAN_AGE_S:
+                return
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            path.unlink(missing_ok=True)  # (while held: no process holds it then)
+        except OSError:  # held (a worker of that id is back), or no locks here
+            pass
+        finally:
+            os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -159,6 +219,7 @@ class CheckpointStore:
         self.directory = Path(directory)
         self.worker, self.fingerprint, self.keep = worker, fingerprint, keep
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock = _WorkerLock.take(self.directory, worker)  # WorkerIdInUse
         mine = [seq for w, seq, _ in self._manifests() if w == worker]
         self._next_seq = max(mine, default=0) + 1
         self._verified: dict[str, bool] = {}  # manifest name -> its data file verifies
@@ -384,6 +445,11 @@ class CheckpointStore:
                     path.unlink()
             except FileNotFoundError:
                 pass
+        workers = {w for w, _, _ in self._manifests()}  # (after the deletions above)
+        for path in self.directory.glob(".*.lock"):
+            match = _LOCK.match(path.name)
+            if match is not None and match["worker"] not in workers | {self.worker}:
+                _WorkerLock.delete_if_free(path)
 
     def _intact(self, manifest_path: Path, manifest: dict) -> bool:
         """Whether the data file has the manifest's size and sha256 (cached per manifest:

@@ -42,6 +42,7 @@ from streamer.kafka.errors import (
 from streamer.kafka.model_topic import ModelTopic
 from streamer.observability.health import HealthServer
 from streamer.observability.metrics import Metrics
+from streamer.serving.checkpoint import WorkerIdInUse
 from streamer.serving.codec import largest_output_bytes
 from streamer.serving.durability import Durability
 from streamer.serving.ledger import PartitionLedger
@@ -99,6 +100,10 @@ class Worker:
             # Written to: a read-only one failed every checkpoint, and no offset was committed.
             with tempfile.NamedTemporaryFile(dir=c.dir, prefix=".streamer-probe-"):
                 pass
+        except WorkerIdInUse as exc:
+            raise ConfigError(f"invalid configuration: {setting_name('checkpoint.worker_id')}: "
+                              f"{exc} (the id defaults to the host name: give each worker "
+                              f"on one host its own)") from exc
         except OSError as exc:  # the directory cannot be created, listed or written to
             # (mkdir says "File exists" of a file: say what is wrong with it)
             why = "a file, not a directory" if c.dir.is_file() else exc.strerror or exc

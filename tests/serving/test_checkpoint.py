@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 import threading
 import time
 
@@ -31,7 +34,7 @@ from streamer.core.intervals import (
     WEIGHT_STEPS,
     level_weights,
 )
-from streamer.serving.checkpoint import CheckpointStore
+from streamer.serving.checkpoint import ORPHAN_AGE_S, CheckpointStore
 from streamer.serving.checkpoint_writer import WRITER_NICENESS, CheckpointWriter
 from tests.conftest import unscraped_metrics
 from tests.core.conftest import sine_fleet
@@ -45,6 +48,11 @@ def _learner(steps: int) -> Learner:
     learner = Learner(CFG)
     learner.step(sine_fleet(5, steps, seed=1))
     return learner
+
+
+def _files(directory) -> set[str]:
+    """The checkpoint files (not the workers' lock files: _WorkerLock)."""
+    return {p.name for p in directory.iterdir() if not p.name.endswith(".lock")}
 
 
 def _save(store: CheckpointStore, learner: Learner, offset: int):
@@ -84,7 +92,7 @@ def test_only_the_last_k_checkpoints_are_kept(tmp_path):
     learner = _learner(4)
     for offset in (10, 20, 30):
         _save(store, learner, offset)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+    assert sorted(_files(tmp_path)) == [
         "w1-0000000002.ckpt", "w1-0000000002.json", "w1-0000000003.ckpt", "w1-0000000003.json"]
     assert CheckpointStore(tmp_path, "w1", CFG.fingerprint()).latest().offsets == {TP: 30}
 
@@ -528,7 +536,7 @@ def test_a_write_failing_in_serialization_is_reported_and_leaves_no_file(tmp_pat
     # (pickle says so with an AttributeError for a local lambda, a PicklingError otherwise)
     with pytest.raises((AttributeError, pickle.PicklingError), match="Can't pickle"):
         store.save({**learner.snapshot(), "oops": lambda: None}, {TP: 1}, {TP: []})
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary file left
+    assert _files(tmp_path) == set()  # no temporary file left
 
     class Unsaveable(CheckpointWriter):
         def _write(self, state, *rest):
@@ -581,8 +589,6 @@ def test_the_manifest_checksum_is_the_data_files_sha256(tmp_path):
     assert manifest["sha256"] == hashlib.sha256(data).hexdigest()
 
 
-def _files(directory) -> set[str]:
-    return {p.name for p in directory.iterdir()}
 
 
 def test_a_gone_workers_checkpoint_is_deleted_once_newer_ones_hold_all_its_partitions(tmp_path):
@@ -596,6 +602,57 @@ def test_a_gone_workers_checkpoint_is_deleted_once_newer_ones_hold_all_its_parti
                created=300.0)
     assert not {"pod-a-0000000001.json", "pod-a-0000000001.ckpt"} & _files(tmp_path)
     assert alive.latest_for(other).worker == "pod-b"
+
+
+_TAKE_IN_ANOTHER_PROCESS = """
+import sys
+from streamer.serving.checkpoint import CheckpointStore, WorkerIdInUse
+try:
+    CheckpointStore(sys.argv[1], sys.argv[2], "fp")
+except WorkerIdInUse as exc:
+    print("refused:", exc)
+else:
+    print("taken")
+"""
+
+
+def _taken_by_another_process(directory, worker: str) -> str:
+    return subprocess.run([sys.executable, "-c", _TAKE_IN_ANOTHER_PROCESS, str(directory),
+                           worker], capture_output=True, text=True, check=True,
+                          timeout=60).stdout.strip()
+
+
+def test_a_second_process_writing_as_the_same_worker_in_the_same_directory_is_refused(tmp_path):
+    # Each numbered its files from its own count: they overwrote and pruned each other's
+    # checkpoints (two workers on one host, whose name is their default id).
+    store = CheckpointStore(tmp_path, "vm", "fp")
+    assert _taken_by_another_process(tmp_path, "vm") == (
+        f"refused: another running worker writes its checkpoints in {str(tmp_path)!r} as 'vm'")
+    assert _taken_by_another_process(tmp_path, "vm-2") == "taken"  # another id: its own
+    assert _taken_by_another_process(tmp_path / "elsewhere", "vm") == "taken"
+    CheckpointStore(tmp_path, "vm", "fp")  # this process's own again (a restart in process)
+    del store
+    gc.collect()  # every store of this process for it gone: the lock with them
+    assert _taken_by_another_process(tmp_path, "vm") == "taken"
+
+
+def test_a_gone_workers_lock_file_is_deleted_with_its_last_checkpoint_once_old(tmp_path):
+    learner = _learner(12)
+    gone = CheckpointStore(tmp_path, "pod-a", "fp")
+    gone.save(learner.snapshot(), {TP: 5}, {TP: ["s0"]}, created=100.0)
+    del gone
+    gc.collect()  # (its process gone)
+    old = time.time() - ORPHAN_AGE_S - 60
+    os.utime(tmp_path / ".pod-a.lock", (old, old))
+    alive = CheckpointStore(tmp_path, "pod-b", "fp")
+    alive.save(learner.snapshot(), {TP: 9}, {TP: ["s0"]}, created=200.0)
+    assert not (tmp_path / ".pod-a.lock").exists()
+    assert (tmp_path / ".pod-b.lock").exists()
+    # ...but not one a live process holds (its id back, before its first checkpoint)
+    back = CheckpointStore(tmp_path, "pod-c", "fp")
+    os.utime(tmp_path / ".pod-c.lock", (old, old))
+    alive.save(learner.snapshot(), {TP: 10}, {TP: ["s0"]}, created=300.0)
+    assert (tmp_path / ".pod-c.lock").exists() and back.worker == "pod-c"
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip_one_byte"])

@@ -960,6 +960,23 @@ def test_settings_that_fail_at_start_exit_2_naming_the_setting_without_a_traceba
     assert "Traceback" not in done.stderr
 
 
+def test_a_worker_whose_id_another_running_worker_writes_checkpoints_under_exits_2(tmp_path):
+    # Two workers on one host share its name as their default id: their checkpoints, numbered
+    # each from its own count, overwrote and pruned each other's.
+    running = CheckpointStore(tmp_path, "vm", "fp")  # (held by this process: the other one)
+    own = {k: v for k, v in os.environ.items() if not k.startswith("STREAMER_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "streamer", "run", "--kafka-bootstrap-servers", "127.0.0.1:1",
+         "--device", "cpu", "--checkpoint-dir", str(tmp_path), "--checkpoint-worker-id", "vm"],
+        env=own, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert ("streamer run: invalid configuration: checkpoint.worker_id "
+            "(STREAMER_CHECKPOINT__WORKER_ID / --checkpoint-worker-id): another running worker "
+            f"writes its checkpoints in {str(tmp_path)!r} as 'vm' (the id defaults to the host "
+            "name: give each worker on one host its own)") in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and running.worker == "vm"
+
+
 def test_unknown_streamer_env_vars_are_named_in_a_warning_at_start():
     own = {k: v for k, v in os.environ.items() if not k.startswith("STREAMER_")}
     env = {**own, "STREAMER_DEVCE": "cpu", "STREAMER_KAFKA_GROUP_ID": "g",
