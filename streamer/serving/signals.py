@@ -36,10 +36,12 @@ def set_on_signals(event: threading.Event) -> None:
         signal.signal(sig, lambda _signum, _frame: _set_soon(event))
 
 
-def stop_on_signals(stopping: threading.Event) -> None:
+def stop_on_signals(stopping: threading.Event,
+                    doing: str = "flush, checkpoint, leave the group") -> None:
     """Make SIGTERM and SIGINT set ``stopping``; one arriving while it is set already (a
     second Ctrl-C, an impatient ``kill``), more than SAME_REQUEST_S after the signal that set
-    it, ends the process at once with 128 + its number."""
+    it, ends the process at once with 128 + its number. ``doing``: what a clean stop does,
+    for the log line that says so."""
 
     first_at: float | None = None  # monotonic time of the stop request by signal, if any
 
@@ -53,8 +55,7 @@ def stop_on_signals(stopping: threading.Event) -> None:
                         "the next start)", name)
             os._exit(128 + signum)
         first_at = now
-        log.info("%s: stopping cleanly (flush, checkpoint, leave the group); %s again "
-                 "exits at once", name, name)
+        log.info("%s: stopping cleanly (%s); %s again exits at once", name, doing, name)
         _set_soon(stopping)
 
     for sig in STOP_SIGNALS:
@@ -62,7 +63,9 @@ def stop_on_signals(stopping: threading.Event) -> None:
 
 
 @contextmanager
-def stop_requests(exit_on_second: bool = True) -> Iterator[threading.Event]:
+def stop_requests(exit_on_second: bool = True,
+                  doing: str = "flush, checkpoint, leave the group",
+                  ) -> Iterator[threading.Event]:
     """Inside: an event that SIGTERM and SIGINT set (``stop_on_signals``, or with
     ``exit_on_second`` off ``set_on_signals``: a process that must clean up, as the local
     broker's, never exits at once; whoever installs handlers inside may take them over); after:
@@ -70,7 +73,10 @@ def stop_requests(exit_on_second: bool = True) -> Iterator[threading.Event]:
     keeps its Ctrl-C)."""
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     requested = threading.Event()
-    (stop_on_signals if exit_on_second else set_on_signals)(requested)
+    if exit_on_second:
+        stop_on_signals(requested, doing)
+    else:
+        set_on_signals(requested)
     try:
         yield requested
     finally:

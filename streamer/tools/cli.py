@@ -317,9 +317,16 @@ def cmd_produce(args: argparse.Namespace) -> int:
                       libraries_shown=settings.log.level == "DEBUG")
     pace = _pace(args.rate, args.speedup)
     readings = _sendable_readings(args.file or sample_dataset())
-    sent = produce(readings, settings.kafka.connection(), settings.kafka.input_topic, pace,
-                   limit=args.limit, loop=args.loop, settings=settings.kafka.producer())
-    print(f"sent {sent} readings to {settings.kafka.input_topic}")
+    from streamer.serving.signals import stop_requests
+
+    # Ctrl-C (the way to end --loop or a paced run) or SIGTERM: what was sent is flushed and
+    # counted, exit 0; a second one exits at once. (It printed a traceback and no count.)
+    with stop_requests(doing="the readings sent are flushed") as stop:
+        sent = produce(readings, settings.kafka.connection(), settings.kafka.input_topic,
+                       pace, limit=args.limit, loop=args.loop, stop=stop,
+                       settings=settings.kafka.producer())
+    stopped = " (stopped by a signal)" if stop.is_set() else ""
+    print(f"sent {sent} readings to {settings.kafka.input_topic}{stopped}")
     return 0
 
 

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -180,3 +185,28 @@ def test_settings_produce_does_not_use_do_not_stop_it(tmp_path, capsys, monkeypa
     monkeypatch.setenv("STREAMER_KAFKA__COMPRESSION_TYPE", "bogus")  # what it uses: checked
     assert main(["produce", str(path), "--topic", "t1"]) == 2
     assert "STREAMER_KAFKA__COMPRESSION_TYPE" in capsys.readouterr().err
+
+
+@pytest.mark.broker
+def test_ctrl_c_stops_a_looped_run_cleanly_with_every_reading_counted_acknowledged(
+        broker, topic_factory, consume_raw):
+    # The way to end --loop or a paced run: it printed a 21-line traceback and no count.
+    topic = topic_factory()
+    own = {k: v for k, v in os.environ.items() if not k.startswith("STREAMER_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamer", "produce", "--loop", "--rate", "200",
+         "--bootstrap-servers", broker.bootstrap, "--topic", topic],
+        env=own, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60  # (the interpreter and its imports first)
+        while not consume_raw(topic, 1, timeout_s=1) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err, err
+    sent = int(re.fullmatch(rf"sent (\d+) readings to {topic} \(stopped by a signal\)\n",
+                            out)[1])
+    assert sent == len(consume_raw(topic, sent + 100, timeout_s=5)) > 0
