@@ -61,6 +61,9 @@ _LEARNER_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fiel
 # record that long after it was sent); it must stay well inside the 120 s in which the loop has
 # to come round to count as alive (serving/worker.py LIVENESS_TIMEOUT_S, /healthz).
 MAX_PRODUCE_TIMEOUT_S = 60.0
+# ...and at least this long: with 1 ms (accepted before) no batch was ever acknowledged in
+# time, and the worker reconnected for ever against a healthy broker.
+MIN_PRODUCE_TIMEOUT_S = 1.0
 # Bounds far past any real use, so that a typo is a setting error, not an allocation failure
 # or an overflow deep in torch (a 1e12-slot table, 1e9 layers building for ever).
 MAX_SENSORS = 100_000_000
@@ -250,11 +253,11 @@ class KafkaSettings(_Section):
         "connection attempt in progress, up to 10 s).",
     )
     produce_timeout_s: float = Field(
-        30.0, gt=0, le=MAX_PRODUCE_TIMEOUT_S,
+        30.0, ge=MIN_PRODUCE_TIMEOUT_S, le=MAX_PRODUCE_TIMEOUT_S,
         description="How long to wait for the brokers to acknowledge produced records; the "
         "producer gives up on a record after as long, but no sooner than its request timeout "
-        "allows (about 10 s; at most 60 s: a loop waiting longer would look hung to /healthz, "
-        "which allows 120 s).",
+        "allows (about 10 s; 1 s at least; at most 60 s: a loop waiting longer would look "
+        "hung to /healthz, which allows 120 s).",
     )
     compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
         "none", description="Compression of the batches streamer produces; input batches are "

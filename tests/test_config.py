@@ -716,6 +716,11 @@ def test_the_producer_retries_a_record_as_long_as_the_worker_waits_for_its_ack()
         "invalid configuration: kafka.produce_timeout_s (STREAMER_KAFKA__PRODUCE_TIMEOUT_S / "
         "--kafka-produce-timeout-s): Input should be less than or equal to 60, got '61'"
     )
+    # No batch was ever acknowledged within 1 ms: the worker reconnected for ever.
+    assert error_message({"kafka.produce_timeout_s": "0.001"}) == (
+        "invalid configuration: kafka.produce_timeout_s (STREAMER_KAFKA__PRODUCE_TIMEOUT_S / "
+        "--kafka-produce-timeout-s): Input should be greater than or equal to 1, got '0.001'"
+    )
 
 
 def test_the_settings_and_the_kafka_edge_state_the_same_consumer_defaults_and_rule() -> None:
