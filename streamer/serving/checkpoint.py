@@ -338,16 +338,16 @@ class CheckpointStore:
         """Verify and load one checkpoint; log and return None when it is unusable."""
         try:
             manifest = json.loads(manifest_path.read_text())
+            if manifest["fingerprint"] != self.fingerprint:  # not damage: a setting changed
+                log.warning("checkpoint %s is of another model configuration (fingerprint %s, "
+                            "this worker's %s: model shape settings changed), not restored",
+                            manifest_path.name, manifest["fingerprint"], self.fingerprint)
+                return None
             data = (self.directory / manifest["data"]).read_bytes()
             if len(data) != manifest["size"] or hashlib.sha256(data).hexdigest() != manifest[
                 "sha256"
             ]:
                 raise ValueError("checksum mismatch: the file is truncated or corrupt")
-            if manifest["fingerprint"] != self.fingerprint:
-                raise ValueError(
-                    f"config fingerprint {manifest['fingerprint']} differs from this worker's "
-                    f"{self.fingerprint} (model shape settings changed)"
-                )
             state = snap.upgrade(snap.loads(data))
             if not isinstance(state, dict) or state.get("format") != snap.FORMAT:
                 found = state.get("format") if isinstance(state, dict) else type(state).__name__

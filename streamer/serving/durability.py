@@ -61,7 +61,12 @@ class Durability:
                     f"no usable checkpoint in {self.store.directory} and "
                     f"{setting_name('checkpoint.allow_fresh_start')} is off"
                 )
-            log.info("no checkpoint found in %s: starting fresh", self.store.directory)
+            if self.store.has_any():  # (each one said why above)
+                log.warning("no usable checkpoint in %s (each is of another model "
+                            "configuration or damaged, above): starting fresh",
+                            self.store.directory)
+            else:
+                log.info("no checkpoint in %s: starting fresh", self.store.directory)
             return
         self.learner.load(found.state)
         if self.listener is not None:
