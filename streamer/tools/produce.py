@@ -14,9 +14,10 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaTimeoutError
 
 from streamer.core import Batch
-from streamer.kafka.client import ProducerSettings
+from streamer.kafka.admin import topic_ids
+from streamer.kafka.client import AUTO_CREATE_TOPICS, ProducerSettings
 from streamer.kafka.connection import KafkaConnection
-from streamer.kafka.errors import converted_errors
+from streamer.kafka.errors import TopicMissing, converted_errors
 from streamer.kafka.kafka_python_client import close_producer, producer_config
 
 log = logging.getLogger("streamer.produce")
@@ -80,12 +81,18 @@ def produce(readings: Batch, connection: KafkaConnection, topic: str, pace: Pace
     shift = time.time() - float(finite.max()) if time_shift and loop and len(finite) else 0.0
     settings = settings or ProducerSettings()
     producer = connection.kafka_python(KafkaProducer, "connecting the producer",
+                                       allow_auto_create_topics=AUTO_CREATE_TOPICS,
                                        **producer_config(settings))
     sent, started = 0, time.monotonic()
     unacked: deque = deque()  # send futures in order, dropped once acknowledged
     first_ts = float(finite[0]) if len(finite) else 0.0
     close_timeout_s = CLOSE_FAILED_TIMEOUT_S
     try:
+        # Never created here: a broker's auto-creation would give the input topic its default
+        # partition count (1 on Apache Kafka), for good (a typo in --topic made one so).
+        if topic_ids(connection, [topic]).get(topic, "") is None:
+            raise TopicMissing(f"topic {topic!r} does not exist: create it with the partitions "
+                               f"the group's workers are to share (nothing here creates it)")
         with converted_errors(f"sending readings to {topic}"):
             while not stop.is_set():
                 for i in range(n):

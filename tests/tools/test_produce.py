@@ -17,6 +17,7 @@ import pytest
 
 from streamer.core import Batch
 from streamer.kafka import KafkaConnection, ProducerSettings, ensure_topics
+from streamer.kafka.admin import topic_ids
 from streamer.kafka.broker import LocalBroker
 from streamer.kafka.errors import KafkaClientError
 from streamer.tools import produce as produce_module
@@ -210,3 +211,18 @@ def test_ctrl_c_stops_a_looped_run_cleanly_with_every_reading_counted_acknowledg
     sent = int(re.fullmatch(rf"sent (\d+) readings to {topic} \(stopped by a signal\)\n",
                             out)[1])
     assert sent == len(consume_raw(topic, sent + 100, timeout_s=5)) > 0
+
+
+@pytest.mark.broker
+def test_a_topic_that_does_not_exist_is_a_one_line_error_and_is_not_created(
+        broker, tmp_path, capsys):
+    # A broker's auto-creation gave it its default partition count, for good (a typo).
+    path = tmp_path / "readings.csv"
+    path.write_text("sensor_id,ts,value\na,1717171717,1\n")
+    topic = f"never-made-{os.getpid()}-{time.monotonic_ns()}"
+    code = main(["produce", str(path), "--bootstrap-servers", broker.bootstrap, "--topic", topic])
+    err = capsys.readouterr().err
+    assert code == 1 and err == (f"streamer produce: topic {topic!r} does not exist: create it "
+                                 "with the partitions the group's workers are to share "
+                                 "(nothing here creates it)\n"), err
+    assert topic_ids(broker.bootstrap, [topic]) == {topic: None}
