@@ -225,7 +225,7 @@ def _read_readings(path: Path, limit: int | None = None):
 
 def _sendable_readings(path: Path):
     """The CSV's readings a producer can send (``well_formed``); the others are counted on
-    stderr."""
+    stderr. None at all is the user's input error (exit 2), not "sent 0 readings"."""
     from streamer.core.normalizer import MAX_ABS_TS, MAX_ABS_VALUE
     from streamer.tools.readings_csv import well_formed
 
@@ -235,6 +235,10 @@ def _sendable_readings(path: Path):
               "timestamp, a timestamp or value beyond what the worker holds (|ts| > "
               f"{MAX_ABS_TS:g}, |value| > {MAX_ABS_VALUE:g}), or more or fewer values than the "
               "header", file=sys.stderr)
+    if not len(readings):
+        raise ConfigError(f"no readings to send in {path}" + (
+            f": its {skipped} rows were all skipped (a timestamp is epoch seconds, or RFC 3339 "
+            "with a time zone: 2024-01-01T00:00:00Z)" if skipped else ""))
     return readings
 
 
@@ -431,8 +435,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     path = args.file or sample_dataset()
     pace = _pace(args.rate)
     readings = _sendable_readings(path)
-    if not len(readings):
-        raise ConfigError(f"no readings to send in {path}")
     from streamer.config import load_settings
     from streamer.tools.demo import SET_BY_DEMO, run_demo  # torch: seconds
 

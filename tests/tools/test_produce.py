@@ -226,3 +226,15 @@ def test_a_topic_that_does_not_exist_is_a_one_line_error_and_is_not_created(
                                  "with the partitions the group's workers are to share "
                                  "(nothing here creates it)\n"), err
     assert topic_ids(broker.bootstrap, [topic]) == {topic: None}
+
+
+def test_a_file_none_of_whose_rows_can_be_sent_is_an_input_error_not_sent_0(tmp_path, capsys):
+    # Local times without a zone: every row skipped, and it said "sent 0 readings", exit 0.
+    path = tmp_path / "readings.csv"
+    path.write_text("sensor_id,ts,value\na,2024-01-01 00:00:00,1\na,2024-01-01 00:10:00,2\n")
+    code = main(["produce", str(path), "--bootstrap-servers", "127.0.0.1:1"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.splitlines()[-1] == (
+        f"streamer produce: no readings to send in {path}: its 2 rows were all skipped (a "
+        "timestamp is epoch seconds, or RFC 3339 with a time zone: 2024-01-01T00:00:00Z)")
