@@ -349,7 +349,10 @@ class Worker:
 
     def _broker_trouble(self, exc: KafkaClientError) -> None:
         """Log, report not ready, drop the client and wait before reconnecting."""
-        log.warning("broker trouble (%s); retrying in %.1f s", exc, self._backoff)
+        if self._stop.is_set():  # (asked to stop meanwhile: no retry is coming)
+            log.warning("broker trouble (%s); stopping", exc)
+        else:
+            log.warning("broker trouble (%s); retrying in %.1f s", exc, self._backoff)
         self.metrics.observe_broker_error()
         self._set_ready(False, f"broker unavailable: {exc}")
         self._topics_ready = False  # checked again on reconnecting: the brokers may have lost them

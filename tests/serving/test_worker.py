@@ -1041,6 +1041,19 @@ def test_worker_waits_for_a_broker_that_is_down_at_start(tmp_path, worker_factor
         assert "WARNING kafka" in log or "WARNING librdkafka" in log, log
 
 
+def test_a_worker_stopped_while_its_first_connection_attempt_hangs_exits_without_a_retry(
+        worker_factory, group_id):
+    worker = worker_factory("in-h", "out-h", "dlq-h", group_id,
+                            STREAMER_KAFKA__BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}").start()
+    wait_for(lambda: worker.get("/readyz")[0] == 503, 30, "/readyz to answer", worker.log)
+    worker.signal(signal.SIGTERM)  # (within the attempt's 10 s bootstrap timeout, or between)
+    assert worker.wait(30) == 0, worker.log()
+    after = worker.log().split("stopping cleanly", 1)[1].splitlines()
+    # (it said "retrying in 4.0 s", and then did not)
+    assert not [line for line in after if "streamer.worker: broker trouble" in line
+                and "retrying in" in line], worker.log()
+
+
 def test_a_worker_stopped_before_any_assignment_writes_no_checkpoint_over_a_peers(
         tmp_path, worker_factory, group_id):
     checkpoints = tmp_path / "shared"
