@@ -107,6 +107,18 @@ def test_a_worker_forecasts_through_a_cluster_that_requires_scram_over_tls(
         assert broker.refused == []
 
 
+def _exit_status_and_log(worker: WorkerProcess) -> tuple[int | None, str]:
+    """How the worker exited within a minute (the 10 s bootstrap timeout, then out; None: still
+    retrying, then stopped), and its log."""
+    try:
+        status = worker.wait(timeout_s=60)
+    except subprocess.TimeoutExpired:
+        status = None
+    finally:
+        worker.stop()
+    return status, worker.log()
+
+
 def test_a_worker_whose_credentials_the_brokers_refuse_exits_with_a_configuration_error(
         tls_files, client_kind, group_id, tmp_path):
     with ProxiedBroker(tmp_path / "broker.log", tls_files=tls_files, mutual=False,
@@ -114,13 +126,7 @@ def test_a_worker_whose_credentials_the_brokers_refuse_exits_with_a_configuratio
         worker = _worker(broker, client_kind, tls_files, "not-the-password", tmp_path,
                          group_id).start()
         started = time.monotonic()
-        try:
-            status = worker.wait(timeout_s=60)  # the 10 s bootstrap timeout, then out
-        except subprocess.TimeoutExpired:
-            status = None  # still retrying
-        finally:
-            worker.stop()
-        log = worker.log()
+        status, log = _exit_status_and_log(worker)
         assert status == 2, f"exit status {status}\n{log}"
         assert "invalid configuration" in log and "STREAMER_KAFKA__SASL_PASSWORD" in log, log
         assert "refused the credentials" in log and "Authentication failed" in log, log
@@ -137,13 +143,7 @@ def test_a_worker_that_does_not_trust_the_brokers_certificate_exits_with_a_confi
                        sasl_users=USERS) as broker:
         worker = _worker(broker, client_kind, tls_files, USERS["streamer"], tmp_path,
                          group_id, cafile=other_ca).start()
-        try:
-            status = worker.wait(timeout_s=60)  # the 10 s bootstrap timeout, then out
-        except subprocess.TimeoutExpired:
-            status = None  # still retrying
-        finally:
-            worker.stop()
-        log = worker.log()
+        status, log = _exit_status_and_log(worker)
         assert status == 2, f"exit status {status}\n{log}"
         assert "invalid configuration" in log and "STREAMER_KAFKA__SSL_CAFILE" in log, log
         assert "TLS certificate was not trusted" in log, log
