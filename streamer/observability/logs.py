@@ -114,7 +114,10 @@ def missing_topic_as_warning(record: logging.LogRecord) -> bool:
 # errors of these classes among a record's arguments (each attempt, each connection lost, the
 # bootstrap's end) or the socket's own error as the record's exception, librdkafka's lines of
 # its FAIL facility.
-_CONNECTION_ERRORS = ("KafkaConnectionError", "KafkaTimeoutError", "NodeNotReadyError")
+# (A refusal of the credentials too, as librdkafka's FAIL lines include it: the worker says
+# that itself, exit 2 at start-up, "broker trouble" later.)
+_CONNECTION_ERRORS = ("KafkaConnectionError", "KafkaTimeoutError", "NodeNotReadyError",
+                      "SaslAuthenticationFailedError")
 _DISCONNECTED = "%s: socket disconnected"  # kafka-python's transport (its only argument)
 
 
@@ -139,6 +142,9 @@ def connection_failure_as_warning(record: logging.LogRecord) -> bool:
     if not failed:
         return True
     record.levelno, record.levelname = logging.WARNING, "WARNING"
+    if record.exc_info:  # a connection reset's traceback says no more than its one line
+        record.msg, record.args = f"{record.getMessage()} ({record.exc_info[1]!r})", None
+        record.exc_info = record.exc_text = None
     return logging.getLogger(record.name).isEnabledFor(logging.WARNING)
 
 

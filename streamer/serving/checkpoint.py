@@ -64,11 +64,13 @@ class _WorkerLock:
     """An exclusive lock (flock) on ``.<worker>.lock`` in the directory, held while any store
     of this process for that worker and directory lives: two processes numbering the same
     worker's checkpoints each from its own count overwrote and pruned each other's files (two
-    workers on one host, the host name their default id). The kernel drops it with the process
-    (a SIGKILL leaves no stale lock). Where the file system has no locks (some network file
-    systems), a warning, and no check."""
+    workers on one host, the host name their default id). On a local file system the kernel
+    drops it with the process (a SIGKILL leaves no stale lock); on a network one, as its lock
+    service does (NFS: once the lease of a crashed host ends). Where the file system has no
+    locks, a warning, and no check."""
 
     _held: dict[tuple[str, str], weakref.ReferenceType[_WorkerLock]] = {}
+    ATTEMPTS = 20  # a pruner deleting the file (delete_if_free) holds it for microseconds
 
     @classmethod
     def take(cls, directory: Path, worker: str) -> _WorkerLock:
@@ -81,35 +83,52 @@ class _WorkerLock:
         return lock
 
     def __init__(self, path: Path, worker: str):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        for _ in range(self.ATTEMPTS):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                time.sleep(0.01)
+                continue
+            except OSError as exc:  # ENOLCK, EOPNOTSUPP: a file system without locks
+                log.warning("cannot lock %s (%s): a second worker with the id %r would not be "
+                            "refused", path, exc.strerror or exc, worker)
+            if _same_file(fd, path):  # not one a pruner deleted between our open and lock
+                weakref.finalize(self, os.close, fd)
+                return
             os.close(fd)
-            raise WorkerIdInUse(f"another running worker writes its checkpoints in "
-                                f"{str(path.parent)!r} as {worker!r}") from None
-        except OSError as exc:  # ENOLCK, EOPNOTSUPP: a file system without locks
-            log.warning("cannot lock %s (%s): a second worker with the id %r would not be "
-                        "refused", path, exc.strerror or exc, worker)
-        weakref.finalize(self, os.close, fd)
+        raise WorkerIdInUse(f"another running worker writes its checkpoints in "
+                            f"{str(path.parent)!r} as {worker!r}")
 
     @staticmethod
     def delete_if_free(path: Path) -> None:
         """Delete a gone worker's lock file (no checkpoint of its left) once old, unless a
-        process holds it: a Deployment's pods each leave one otherwise."""
+        process holds it: a Deployment's pods each leave one otherwise. Never raises: a lock
+        file it cannot open (another user's, a directory) stays."""
         try:
             if time.time() - path.stat().st_mtime <= ORPHAN_AGE_S:
                 return
             fd = os.open(path, os.O_RDWR)
-        except FileNotFoundError:
+        except OSError:
             return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            path.unlink(missing_ok=True)  # (while held: no process holds it then)
+            if _same_file(fd, path):  # (while held: no process holds it then)
+                path.unlink(missing_ok=True)
         except OSError:  # held (a worker of that id is back), or no locks here
             pass
         finally:
             os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``fd`` is still the file at ``path`` (not deleted or replaced since)."""
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 @dataclass(frozen=True)

@@ -237,8 +237,8 @@ def _sendable_readings(path: Path):
               "header", file=sys.stderr)
     if not len(readings):
         raise ConfigError(f"no readings to send in {path}" + (
-            f": its {skipped} rows were all skipped (a timestamp is epoch seconds, or RFC 3339 "
-            "with a time zone: 2024-01-01T00:00:00Z)" if skipped else ""))
+            f": its {skipped} rows were all skipped (above; a timestamp, for one, is epoch "
+            "seconds or RFC 3339 with a time zone: 2024-01-01T00:00:00Z)" if skipped else ""))
     return readings
 
 

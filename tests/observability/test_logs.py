@@ -105,12 +105,18 @@ def test_the_librarys_reports_of_a_failed_or_lost_connection_are_warnings_and_no
                 "b:9092/1: Connect to ipv4#127.0.0.1:9092 failed: Connection refused"),
         _record("kafka.net.transport", "%s: Error receiving network data closing socket",
                 "<KafkaTCPTransport>", exc=ConnectionResetError(104, "Connection reset by peer")),
+        _record("kafka.net.connection", "%s: Abort (%s)", "<KafkaConnection>",
+                kerr.SaslAuthenticationFailedError("Invalid username or password")),
     ]
     for record in failed:
         assert connection_failure_as_warning(record)
         assert (record.levelno, record.levelname) == (logging.WARNING, "WARNING"), record.msg
+    # (the reset's traceback left out: its one line says as much)
+    assert failed[5].getMessage() == ("<KafkaTCPTransport>: Error receiving network data closing "
+                                      "socket (ConnectionResetError(104, 'Connection reset by "
+                                      "peer'))") and failed[5].exc_info is None
     kept = [
-        _record("kafka.coordinator", "Error: %s", kerr.SaslAuthenticationFailedError("no")),
+        _record("kafka.coordinator", "Error: %s", kerr.UnknownTopicOrPartitionError("no")),
         _record("kafka.consumer.fetcher", "Failed to decode %s", "a batch"),
         _record("kafka.net.transport", "%s: Error receiving network data closing socket",
                 "<KafkaTCPTransport>", exc=ValueError("a bug of the library's")),
