@@ -659,6 +659,15 @@ def test_a_gone_workers_lock_file_is_deleted_with_its_last_checkpoint_once_old(t
     assert (tmp_path / ".pod-c.lock").exists() and back.worker == "pod-c"
 
 
+def test_a_lock_file_that_cannot_be_opened_stays_and_fails_no_checkpoint(tmp_path):
+    (tmp_path / ".pod-x.lock").mkdir()  # (or another user's file: os.open refuses it)
+    old = time.time() - ORPHAN_AGE_S - 60
+    os.utime(tmp_path / ".pod-x.lock", (old, old))
+    store = CheckpointStore(tmp_path, "pod-b", "fp")
+    store.save(_learner(4).snapshot(), {TP: 9}, {TP: ["s0"]})
+    assert store.latest().offsets == {TP: 9} and (tmp_path / ".pod-x.lock").is_dir()
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip_one_byte"])
 def test_a_newer_checkpoint_with_a_damaged_data_file_does_not_supersede_an_older_one(
         tmp_path, damage):
