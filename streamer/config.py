@@ -279,6 +279,15 @@ class KafkaSettings(_Section):
                                  "pip install 'streamer[fast]'") from None
         return value
 
+    @field_validator("group_id", "client_id")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        # Kafka takes any string, but one of blanks (or with blanks around it) is a slip of
+        # the pen, and a group's members must all name it exactly: its log line showed none.
+        if value != value.strip() or not value:
+            raise ValueError(f"must not be blank or start or end with a blank, got {value!r}")
+        return value
+
     @field_validator("bootstrap_servers")
     @classmethod
     def _host_port_list(cls, value: str) -> str:

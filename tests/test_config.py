@@ -217,6 +217,16 @@ def test_invalid_env_value_names_env_var_and_flag(monkeypatch: pytest.MonkeyPatc
     )
 
 
+@pytest.mark.parametrize("value", [" ", "group ", " group"])
+def test_a_group_or_client_id_of_or_around_blanks_is_refused(value: str) -> None:
+    # (" " was accepted, and logged invisibly: "connected ... as group  ")
+    assert error_message({"kafka.group_id": value}) == (
+        "invalid configuration: kafka.group_id (STREAMER_KAFKA__GROUP_ID / --kafka-group-id): "
+        f"must not be blank or start or end with a blank, got {value!r}")
+    assert "kafka.client_id" in error_message({"kafka.client_id": value})
+    assert load_settings({"kafka.group_id": "my group"}).kafka.group_id == "my group"
+
+
 def test_invalid_flag_value_names_env_var_and_flag() -> None:
     with pytest.raises(ConfigError) as caught:
         settings_from_args(parse("--metrics-port", "http"))
