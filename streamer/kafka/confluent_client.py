@@ -582,12 +582,10 @@ class ConfluentClient:
         monotonic), which librdkafka reports only to the error callback (the call itself:
         "transport failure")."""
         if self._refused is not None and self._refused[0] >= since:
-            raise AuthenticationFailed(f"{failure}: the brokers refused the credentials: "
-                                       f"{self._refused[1]}")
+            raise AuthenticationFailed.refused(failure, self._refused[1])
         last = self._last_error
         if last is not None and last[0] >= since and CERTIFICATE_NOT_VERIFIED in last[1]:
-            raise BrokerNotTrusted(f"{failure}: the brokers' TLS certificate was not trusted: "
-                                   f"{last[1]}")
+            raise BrokerNotTrusted.untrusted(failure, last[1])
 
     def _new_producer(self) -> Producer:
         settings = self._producer_settings

@@ -32,11 +32,21 @@ class Unfixable(KafkaClientError):
 class AuthenticationFailed(Unfixable):
     """The brokers refused the client's SASL credentials (or its mechanism): a setting to fix."""
 
+    @classmethod
+    def refused(cls, failure: str, reason: str) -> AuthenticationFailed:
+        """Said alike by both clients: ``failure`` (what failed), the brokers' ``reason``."""
+        return cls(f"{failure}: the brokers refused the credentials: {reason}")
+
 
 class BrokerNotTrusted(AuthenticationFailed):
     """The client could not verify the brokers' TLS certificate (signed by a CA it was not
     given, or issued for another host name): a setting to fix, as the Java client's
     SslAuthenticationException is an authentication failure."""
+
+    @classmethod
+    def untrusted(cls, failure: str, reason: str) -> BrokerNotTrusted:
+        """Said alike by both clients: ``failure`` (what failed), the handshake's ``reason``."""
+        return cls(f"{failure}: the brokers' TLS certificate was not trusted: {reason}")
 
 
 # How OpenSSL ends a verification of the peer's certificate that failed (librdkafka reports
@@ -202,11 +212,9 @@ def connecting(action: str) -> Iterator[None]:
         if not _gave_up(exc.__cause__):  # another failure: its own message says what
             raise
         if failures.refused:
-            raise AuthenticationFailed(f"{action} failed: the brokers refused the credentials: "
-                                       f"{failures.refused[-1]}") from exc
+            raise AuthenticationFailed.refused(f"{action} failed", failures.refused[-1]) from exc
         if failures.last_untrusted:
-            raise BrokerNotTrusted(f"{action} failed: the brokers' TLS certificate was not "
-                                   f"trusted: {failures.last}") from exc
+            raise BrokerNotTrusted.untrusted(f"{action} failed", failures.last) from exc
         if failures.last:
             raise BrokerUnavailable(f"{exc} (the last attempt: {failures.last})") from exc
         raise
