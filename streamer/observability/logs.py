@@ -7,6 +7,7 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Iterable
 
 from streamer.kafka.connection import LIBRDKAFKA_LOGGER
 
@@ -84,13 +85,18 @@ def _is_kafka_error(arg: object, names: tuple[str, ...]) -> bool:
                for c in type(arg).__mro__)
 
 
+def _args(record: logging.LogRecord) -> Iterable[object]:
+    """A record's arguments, given as a tuple or as a mapping."""
+    return record.args.values() if isinstance(record.args, dict) else record.args or ()
+
+
 def drop_cancellations(record: logging.LogRecord) -> bool:
     """False for the Kafka library's reports of a request it cancelled because its connection
     was closed on purpose ("Metadata refresh: failed Cancelled", at ERROR): every clean stop
     that caught a request in flight printed one. The close itself is logged (INFO)."""
     if not _from(record, "kafka"):
         return True
-    args = record.args.values() if isinstance(record.args, dict) else record.args or ()
+    args = _args(record)
     return not any(_is_kafka_error(arg, ("Cancelled",)) for arg in args)
 
 
@@ -131,7 +137,7 @@ def connection_failure_as_warning(record: logging.LogRecord) -> bool:
     error logs was paged for every broker restart."""
     if record.levelno != logging.ERROR:
         return True
-    args = record.args.values() if isinstance(record.args, dict) else record.args or ()
+    args = _args(record)
     if _from(record, "kafka"):  # (a connection reset while reading: logged with its traceback)
         failed = (record.msg == _DISCONNECTED
                   or any(_is_kafka_error(arg, _CONNECTION_ERRORS) for arg in args)

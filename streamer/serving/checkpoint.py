@@ -44,9 +44,10 @@ from streamer.kafka.client import PartitionId
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^(?P<worker>[A-Za-z0-9_.-]+)-(?P<seq>\d{10})\.json$")
-_DATA = re.compile(r"^\.?(?P<worker>[A-Za-z0-9_.-]+)-(?P<seq>\d{10})\.(ckpt|json)(\.tmp)?$")
-_LOCK = re.compile(r"^\.(?P<worker>[A-Za-z0-9_.-]+)\.lock$")  # _WorkerLock's
+_WORKER = r"[A-Za-z0-9_.-]+"  # a worker id (config.CheckpointSettings.worker_id's pattern)
+_NAME = re.compile(rf"^(?P<worker>{_WORKER})-(?P<seq>\d{{10}})\.json$")
+_DATA = re.compile(rf"^\.?(?P<worker>{_WORKER})-(?P<seq>\d{{10}})\.(ckpt|json)(\.tmp)?$")
+_LOCK = re.compile(rf"^\.(?P<worker>{_WORKER})\.lock$")  # _WorkerLock's
 # A data or temporary file without a manifest is left this long (seconds since it was last
 # written) before it is deleted: a live writer is past it well before.
 ORPHAN_AGE_S = 3600.0
@@ -233,7 +234,7 @@ class CheckpointStore:
     """Writes this worker's checkpoints and reads anyone's back, newest valid first."""
 
     def __init__(self, directory: str | Path, worker: str, fingerprint: str, keep: int = 3):
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", worker):
+        if not re.fullmatch(_WORKER, worker):
             raise ValueError(f"worker id must be letters, digits, '_', '.', '-': {worker!r}")
         self.directory = Path(directory)
         self.worker, self.fingerprint, self.keep = worker, fingerprint, keep

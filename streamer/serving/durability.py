@@ -56,12 +56,13 @@ class Durability:
         """Resume from our newest valid checkpoint (else anyone's, for the weights)."""
         found = self.store.latest(prefer=self.worker_id)
         if found is None:
-            if self.store.has_any() and not self.settings.allow_fresh_start:
+            unusable = self.store.has_any()  # (each one said why, reading it)
+            if unusable and not self.settings.allow_fresh_start:
                 raise CheckpointError(
                     f"no usable checkpoint in {self.store.directory} and "
                     f"{setting_name('checkpoint.allow_fresh_start')} is off"
                 )
-            if self.store.has_any():  # (each one said why above)
+            if unusable:
                 log.warning("no usable checkpoint in %s (each is of another model "
                             "configuration or damaged, above): starting fresh",
                             self.store.directory)

@@ -19,6 +19,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # A second signal this soon after the first is the same request delivered twice (a terminal's
 # Ctrl-C reaches a wrapper that forwards it as well as its child): not "now".
 SAME_REQUEST_S = 0.5
+WORKER_STOP = "flush, checkpoint, leave the group"  # what the worker's clean stop does
 
 
 def _set_soon(event: threading.Event) -> None:
@@ -37,7 +38,7 @@ def set_on_signals(event: threading.Event) -> None:
 
 
 def stop_on_signals(stopping: threading.Event,
-                    doing: str = "flush, checkpoint, leave the group") -> None:
+                    doing: str = WORKER_STOP) -> None:
     """Make SIGTERM and SIGINT set ``stopping``; one arriving while it is set already (a
     second Ctrl-C, an impatient ``kill``), more than SAME_REQUEST_S after the signal that set
     it, ends the process at once with 128 + its number. ``doing``: what a clean stop does,
@@ -64,7 +65,7 @@ def stop_on_signals(stopping: threading.Event,
 
 @contextmanager
 def stop_requests(exit_on_second: bool = True,
-                  doing: str = "flush, checkpoint, leave the group",
+                  doing: str = WORKER_STOP,
                   ) -> Iterator[threading.Event]:
     """Inside: an event that SIGTERM and SIGINT set (``stop_on_signals``, or with
     ``exit_on_second`` off ``set_on_signals``: a process that must clean up, as the local
