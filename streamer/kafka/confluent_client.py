@@ -55,6 +55,7 @@ from streamer.kafka.errors import (
     KafkaClientError,
     UndecodableBatch,
     describe,
+    listener_hint,
 )
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,23 @@ class _Acks:
                 self.error = error
 
 
+class _LibrdkafkaLog:
+    """Where a client's librdkafka log lines go (its ``logger`` setting, called as
+    ``log(level, format, facility, client name, line)``): the connection's logger, and each
+    FAIL line (a broker connection that failed, and why) to ``on_failure`` as well. librdkafka
+    tells its error callback why a connection failed for some failures only (a refused
+    connection, not a TLS handshake that timed out)."""
+
+    def __init__(self, logger: logging.Logger, on_failure: Any) -> None:
+        self._logger, self._on_failure = logger, on_failure
+
+    def log(self, level: int, fmt: str, *args: Any) -> None:  # served inside poll
+        if args and args[0] == "FAIL":
+            line = str(args[-1])  # "[thrd:...]: host:port/id: why"
+            self._on_failure(line.split("]: ", 1)[-1] if line.startswith("[thrd:") else line)
+        self._logger.log(level, fmt, *args)
+
+
 class ConfluentClient:
     """A StreamClient backed by confluent-kafka; BrokerUnavailable if no broker answers at
     start."""
@@ -152,7 +170,7 @@ class ConfluentClient:
         self._committing: threading.Thread | None = None  # the latest commit's thread
         self._in_callback = False  # a rebalance callback is running (on the polling thread)
         self._consumer = Consumer({
-            **connection.librdkafka_config(),
+            **self._librdkafka_config(),
             "group.id": consumer.group_id,
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
@@ -528,6 +546,14 @@ class ConfluentClient:
             if (topic, partition) in assigned and (topic, partition) not in self._stalled:
                 self._consumer.seek(TopicPartition(topic, partition, offset))
 
+    def _librdkafka_config(self) -> dict[str, Any]:
+        """The connection's librdkafka settings, its FAIL log lines kept as the latest error."""
+        config = self._connection.librdkafka_config()
+        return {**config, "logger": _LibrdkafkaLog(config["logger"], self._on_failure)}
+
+    def _on_failure(self, why: str) -> None:
+        self._last_error = (time.monotonic(), why)
+
     def _on_error(self, error: KafkaError) -> None:  # served inside poll: only records
         if error.code() == KafkaError._ALL_BROKERS_DOWN and self._down_since is None:
             self._down_since = time.monotonic()
@@ -574,7 +600,9 @@ class ConfluentClient:
         not say ("Broker transport failure")."""
         if self._last_error is None or self._last_error[0] < since:
             return ""
-        return f" (the last attempt: {self._last_error[1]})"
+        why = self._last_error[1]
+        return (f" (the last attempt: {why})"
+                f"{listener_hint(self._connection.security_protocol, why)}")
 
     def _raise_if_refused(self, failure: str, since: float = 0.0) -> None:
         """A connection that failed because the brokers refused our credentials, or, in its
@@ -590,7 +618,7 @@ class ConfluentClient:
     def _new_producer(self) -> Producer:
         settings = self._producer_settings
         return Producer({
-            **self._connection.librdkafka_config(),
+            **self._librdkafka_config(),
             "acks": "all",
             # As kafka-python's producer by default: its own retries can neither duplicate a
             # forecast nor reorder a sensor's (librdkafka's default is neither).

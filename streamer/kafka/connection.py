@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -123,7 +124,7 @@ class KafkaConnection:
             made.append(client)
             return client
 
-        with connecting(action):
+        with connecting(action, self.security_protocol):
             try:
                 return factory(**{**self.kafka_python_config(), "kafka_client": tracked,
                                   **settings})
@@ -140,7 +141,9 @@ class KafkaConnection:
             "bootstrap.servers": self.bootstrap_servers,
             "client.id": self.client_id,
             "security.protocol": self.security_protocol.lower(),
-            "socket.connection.setup.timeout.ms": max(int(self.bootstrap_timeout_s * 1000), 1000),
+            # (half the bootstrap's time, so that an attempt that hangs, a TLS handshake with
+            # a listener that does not speak TLS, fails and says why within it)
+            "socket.connection.setup.timeout.ms": max(int(self.bootstrap_timeout_s * 500), 1000),
             # (served on the thread that polls the client, as its callbacks are)
             "logger": logging.getLogger(LIBRDKAFKA_LOGGER),
         }
@@ -173,10 +176,14 @@ def _kafka_python_net_client() -> Any:
     kafka-python's own fallback when no IO thread runs. A client driven by its caller (the
     producer's sender thread) has no IO thread: nothing to stop."""
     from kafka.net.compat import KafkaNetClient
+    from kafka.net.selector import NetworkSelector
+
+    manager_class = _bounded_handshake_manager()
 
     class NetClient(KafkaNetClient):
         def __init__(self, **configs: Any) -> None:
-            super().__init__(**configs)
+            net = NetworkSelector(**configs)
+            super().__init__(net=net, manager=manager_class(net, **configs), **configs)
             # kafka-python 3.0.12 builds its metadata without this setting of its client's:
             # every metadata request asked the brokers to create the topics it named.
             self._manager.cluster.config["allow_auto_create_topics"] = configs.get(
@@ -194,3 +201,65 @@ def _kafka_python_net_client() -> Any:
             super().close(node_id)
 
     return functools.partial(NetClient, slow_task_threshold_secs=IO_STALL_WARNING_S)
+
+
+def _bounded_handshake_manager() -> Any:
+    """kafka-python's connection manager with its TLS handshake bounded: by the connection's
+    setup timeout (``socket_connection_setup_timeout_ms``) or the attempt's deadline, whichever
+    is later.
+
+    kafka-python 3.0.12 waits for the brokers' half of the handshake with no deadline: a client
+    set to SSL against a listener that does not speak TLS (a PLAINTEXT port, which reads the
+    client's hello as the length of a request hundreds of megabytes long and waits for the
+    rest) waited for ever, its bootstrap timeout never reached, the worker deaf to SIGTERM.
+    Here the wait ends at that bound as a failed connection attempt; the bootstrap then
+    times out as for any broker that does not answer, saying so (``errors.connecting``)."""
+    import ssl
+
+    import kafka.errors as kerr
+    from kafka.net.inet import create_connection
+    from kafka.net.manager import KafkaConnectionManager
+    from kafka.net.transport import KafkaSSLTransport, KafkaTCPTransport
+
+    class Manager(KafkaConnectionManager):
+        async def _build_transport(self, node: Any, timeout_at: float | None = None) -> Any:
+            # (kafka-python 3.0.12's own, but for the deadline on the handshake)
+            sock = await create_connection(self._net, node.host, node.port,
+                                           self.config["socket_options"],
+                                           proxy_url=self.config["proxy_url"],
+                                           timeout_at=timeout_at)
+            if not self.ssl_enabled:
+                transport = KafkaTCPTransport(self._net, sock, host=node.host)
+                await transport.handshake()  # (nothing to wait for: logs "connected")
+                return transport
+            ssl_configs = {key: value for key, value in self.config.items()
+                           if key.startswith("ssl_")}
+            try:
+                transport = KafkaSSLTransport(self._net, sock, host=node.host, **ssl_configs)
+            except BaseException:
+                sock.close()
+                raise
+            # (not cut at the bootstrap's own deadline, which an attempt begun late in it would
+            # reach first: its handshake would end as "no answer" where it was going to say
+            # why, the brokers' certificate not trusted)
+            by = max(timeout_at or 0.0, time.monotonic()
+                     + self.config["socket_connection_setup_timeout_ms"] / 1000)
+            try:
+                while True:
+                    try:
+                        transport._sock.do_handshake()
+                        return transport
+                    except ssl.SSLWantReadError:
+                        await self._net.wait_read(transport._sock, by)
+                    except ssl.SSLWantWriteError:
+                        await self._net.wait_write(transport._sock, by)
+            except kerr.KafkaTimeoutError:
+                transport.close()
+                raise kerr.KafkaConnectionError(
+                    f"Handshake failed: no TLS answer from {node.host}:{node.port}: timed out"
+                ) from None
+            except Exception as exc:
+                transport.close()
+                raise kerr.KafkaConnectionError(f"Handshake failed: {exc}") from exc
+
+    return Manager

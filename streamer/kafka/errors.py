@@ -193,14 +193,38 @@ def _gave_up(error: object) -> bool:
     return isinstance(error, _timeout()) and "Unable to bootstrap" in str(error)
 
 
+def listener_hint(security_protocol: str, reason: str) -> str:
+    """`` (what to check)`` where ``reason``, why connecting failed, is what a listener of the
+    other kind gives. To a TLS client: a handshake that got no answer (a plaintext listener
+    that reads the client's hello as the length of a request some 369 MB long and waits for
+    the rest), was cut off (Apache Kafka closes a connection whose request is over its
+    ``socket.request.max.bytes``) or was answered in something not TLS. To a client that does
+    not speak TLS: a connection reset or closed before any answer (a TLS listener drops what
+    is not a hello). Else ""."""
+    text, tls = reason.lower(), security_protocol.upper().endswith("SSL")
+    if tls:
+        in_handshake = "handshake" in text or "no tls answer" in text
+        cut_short = ("timed out", "eof", "wrong version", "wrong_version", "closed", "reset",
+                     "disconnected")
+        if in_handshake and any(said in text for said in cut_short):
+            return (f" (does that listener speak TLS? STREAMER_KAFKA__SECURITY_PROTOCOL is "
+                    f"{security_protocol})")
+    elif any(said in text for said in ("reset by peer", "disconnected", "closed by peer")):
+        return (f" (if that listener speaks TLS, STREAMER_KAFKA__SECURITY_PROTOCOL must be SSL "
+                f"or SASL_SSL, not {security_protocol})")
+    return ""
+
+
 @contextmanager
-def connecting(action: str) -> Iterator[None]:
+def connecting(action: str, security_protocol: str = "PLAINTEXT") -> Iterator[None]:
     """``converted_errors`` around a kafka-python client's construction (its bootstrap), with
     a bootstrap that timed out while the brokers refused the credentials raised as
     AuthenticationFailed with the brokers' reason: a wrong password is a setting to fix, not
     "no broker answered" to retry for ever; so is a brokers' certificate this client does not
     trust when that was why the last attempt failed (BrokerNotTrusted); any other bootstrap
-    timeout says why the last attempt failed (a connection refused, a name not resolved).
+    timeout says why the last attempt failed (a connection refused, a name not resolved), and
+    what to check where that is what a listener of the other kind gives (``listener_hint``:
+    the client's ``security_protocol``).
     (Read from kafka-python's log records, those at ERROR included: the library keeps the
     reason nowhere else.)"""
     failures, library = _BootstrapFailures(), logging.getLogger("kafka")
@@ -216,7 +240,8 @@ def connecting(action: str) -> Iterator[None]:
         if failures.last_untrusted:
             raise BrokerNotTrusted.untrusted(f"{action} failed", failures.last) from exc
         if failures.last:
-            raise BrokerUnavailable(f"{exc} (the last attempt: {failures.last})") from exc
+            raise BrokerUnavailable(f"{exc} (the last attempt: {failures.last})"
+                                    f"{listener_hint(security_protocol, failures.last)}") from exc
         raise
     finally:
         library.removeHandler(failures)

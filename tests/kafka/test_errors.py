@@ -18,6 +18,7 @@ from streamer.kafka.errors import (
     connecting,
     convert,
     describe,
+    listener_hint,
 )
 
 MANAGER = logging.getLogger("kafka.net.manager")
@@ -184,3 +185,61 @@ def test_an_error_is_described_by_its_type_once_and_never_as_none():
     assert describe(OSError()) == "OSError"
     assert str(convert(kerr.KafkaTimeoutError(), "committing offsets")) == \
         "committing offsets failed: KafkaTimeoutError"
+
+
+TLS_HINT = " (does that listener speak TLS? STREAMER_KAFKA__SECURITY_PROTOCOL is SSL)"
+PLAINTEXT_HINT = (" (if that listener speaks TLS, STREAMER_KAFKA__SECURITY_PROTOCOL must be SSL "
+                  "or SASL_SSL, not PLAINTEXT)")
+
+
+@pytest.mark.parametrize("reason", [
+    # kafka-python (streamer.kafka.connection's bounded handshake; Python's ssl module)
+    "KafkaConnectionError: Handshake failed: no TLS answer from b:9092: timed out",
+    "KafkaConnectionError: Handshake failed: EOF occurred in violation of protocol (_ssl.c:1006)",
+    "KafkaConnectionError: Handshake failed: [SSL: WRONG_VERSION_NUMBER] wrong version number",
+    # librdkafka's FAIL lines
+    "ssl://b:9092/bootstrap: Connection setup timed out in state SSL_HANDSHAKE (after 5005ms "
+    "in state SSL_HANDSHAKE)",
+    "ssl://b:9092/bootstrap: SSL handshake failed: Disconnected: connection closed by peer "
+    "(after 3ms in state SSL_HANDSHAKE)",
+])
+def test_a_tls_handshake_cut_short_or_unanswered_asks_whether_the_listener_speaks_tls(reason):
+    assert listener_hint("SSL", reason) == TLS_HINT
+    assert listener_hint("SASL_SSL", reason).startswith(" (does that listener speak TLS?")
+
+
+@pytest.mark.parametrize("reason", [
+    "KafkaConnectionError: [Errno 104] Connection reset by peer",
+    "KafkaConnectionError: socket disconnected",
+    "b:9092/bootstrap: Disconnected: connection reset by peer (after 0ms in state "
+    "APIVERSION_QUERY)",
+])
+def test_a_connection_dropped_before_any_answer_names_tls_to_a_plaintext_client(reason):
+    assert listener_hint("PLAINTEXT", reason) == PLAINTEXT_HINT
+    assert "not SASL_PLAINTEXT)" in listener_hint("SASL_PLAINTEXT", reason)
+
+
+@pytest.mark.parametrize(("protocol", "reason"), [
+    ("SSL", "KafkaConnectionError: 111 ECONNREFUSED"),  # nothing listens: not a kind of listener
+    ("SSL", "b:9092/bootstrap: Connect to ipv4#10.0.0.1:9092 failed: Connection refused"),
+    ("SSL", "KafkaConnectionError: Handshake failed: [SSL: CERTIFICATE_VERIFY_FAILED] "
+            "certificate verify failed: self-signed certificate"),
+    ("SSL", "KafkaConnectionError: Connection reset by peer"),  # after its handshake
+    ("PLAINTEXT", "KafkaConnectionError: 111 ECONNREFUSED"),
+    ("PLAINTEXT", "b:9092/bootstrap: Failed to resolve 'b:9092': Name or service not known"),
+])
+def test_other_connection_failures_get_no_hint_about_the_listener(protocol, reason):
+    assert listener_hint(protocol, reason) == ""
+
+
+def test_a_bootstrap_timeout_adds_the_hint_for_its_clients_security_protocol():
+    reset = kerr.KafkaConnectionError("[Errno 104] Connection reset by peer")
+    for protocol, hint in (("PLAINTEXT", PLAINTEXT_HINT), ("SSL", "")):
+        with pytest.raises(BrokerUnavailable) as raised:
+            with connecting("connecting the admin client", protocol):
+                _logged_on_a_new_thread(reset)
+                raise kerr.KafkaTimeoutError("Unable to bootstrap from b:9092")
+        assert str(raised.value) == (
+            "connecting the admin client failed: KafkaTimeoutError: Unable to bootstrap from "
+            "b:9092 (the last attempt: KafkaConnectionError: [Errno 104] Connection reset by "
+            f"peer){hint}")

@@ -10,7 +10,7 @@ from streamer.kafka import (
     ProducerSettings,
     open_client,
 )
-from streamer.kafka.errors import BrokerNotTrusted
+from streamer.kafka.errors import BrokerNotTrusted, BrokerUnavailable
 from tests.broker_proxy import ProxiedBroker, round_trip
 from tests.conftest import TLS_KEY_PASSWORD
 
@@ -59,3 +59,40 @@ def test_a_client_without_the_ca_of_the_brokers_certificate_is_refused(
         assert broker.client_names == []
         assert broker.refused and all("UNKNOWN_CA" in why for why in broker.refused), (
             broker.refused)
+
+
+@pytest.mark.timeout(60)
+def test_a_tls_client_against_a_plaintext_listener_gives_up_in_its_bootstrap_time_saying_what_to_check(  # noqa: E501
+    broker, client_kind, group_id, consumer_timeouts
+):
+    # The local broker's listener is plaintext: it reads the client's hello as the length of a
+    # request of some 369 MB and waits for the rest. kafka-python waited for the brokers' half
+    # of the handshake without a deadline (for ever, its bootstrap timeout never reached, the
+    # worker deaf to SIGTERM); librdkafka gave up saying only "Broker transport failure".
+    connection = KafkaConnection(broker.bootstrap, security_protocol="SSL",
+                                 bootstrap_timeout_s=4.0)
+    with pytest.raises(BrokerUnavailable) as raised:
+        client = open_client(client_kind, connection,
+                             ConsumerSettings(group_id, **consumer_timeouts), ProducerSettings())
+        client.close(timeout_s=1.0)
+        raise AssertionError("connected over TLS to a plaintext listener")
+    said = str(raised.value)
+    assert "does that listener speak TLS? STREAMER_KAFKA__SECURITY_PROTOCOL is SSL" in said, said
+    assert "timed out" in said, said
+
+
+def test_a_plaintext_client_against_a_tls_listener_is_told_to_set_the_security_protocol(
+    tls_files, client_kind, group_id, consumer_timeouts, tmp_path
+):
+    with ProxiedBroker(tmp_path / "broker.log", tls_files=tls_files, mutual=False) as broker:
+        connection = KafkaConnection(broker.bootstrap, bootstrap_timeout_s=3.0)
+        with pytest.raises(BrokerUnavailable) as raised:
+            client = open_client(client_kind, connection,
+                                 ConsumerSettings(group_id, **consumer_timeouts),
+                                 ProducerSettings())
+            client.close(timeout_s=1.0)
+            raise AssertionError("connected in plaintext to a TLS listener")
+        said = str(raised.value)
+        assert ("if that listener speaks TLS, STREAMER_KAFKA__SECURITY_PROTOCOL must be SSL or "
+                "SASL_SSL, not PLAINTEXT") in said, said
+        assert broker.refused, "the listener saw no handshake"
