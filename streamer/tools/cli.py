@@ -227,18 +227,21 @@ def _sendable_readings(path: Path):
     """The CSV's readings a producer can send (``well_formed``); the others are counted on
     stderr. None at all is the user's input error (exit 2), not "sent 0 readings"."""
     from streamer.core.normalizer import MAX_ABS_TS, MAX_ABS_VALUE
-    from streamer.tools.readings_csv import well_formed
+    from streamer.tools.readings_csv import timestamps_refused, well_formed
 
-    readings, skipped = well_formed(_read_readings(path))
+    everything = _read_readings(path)
+    readings, skipped = well_formed(everything)
     if skipped:
         print(f"skipping {skipped} rows with an empty or non-numeric value, an unreadable "
               "timestamp, a timestamp or value beyond what the worker holds (|ts| > "
               f"{MAX_ABS_TS:g}, |value| > {MAX_ABS_VALUE:g}), or more or fewer values than the "
               "header", file=sys.stderr)
     if not len(readings):
+        why = timestamps_refused(everything) or (
+            "a timestamp, for one, is epoch seconds or RFC 3339 with a time zone: "
+            "2024-01-01T00:00:00Z")
         raise ConfigError(f"no readings to send in {path}" + (
-            f": its {skipped} rows were all skipped (above; a timestamp, for one, is epoch "
-            "seconds or RFC 3339 with a time zone: 2024-01-01T00:00:00Z)" if skipped else ""))
+            f": its {skipped} rows were all skipped (above); {why}" if skipped else ""))
     return readings
 
 
@@ -339,6 +342,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from streamer.config import table_too_large
     from streamer.core.learner import StateTooLarge
     from streamer.tools.horizon_eval import score_steps
+    from streamer.tools.readings_csv import timestamps_refused
     from streamer.tools.replay import backtest, json_safe, write_forecasts, write_horizon
 
     if args.horizon_out and settings.forecast.horizon < 2:
@@ -360,6 +364,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
         outputs, report = backtest(readings, settings.learner_config(), args.batch_size)
     except StateTooLarge as exc:
         raise table_too_large(exc) from exc
+    refused = timestamps_refused(readings)
+    if len(readings) and not report.accepted:  # (a report of nan, and files of nothing)
+        raise ConfigError(f"no reading of {args.file} was accepted (rejected: "
+                          f"{report.rejected})" + (f"; {refused}" if refused else ""))
+    if refused:
+        print(f"streamer replay: {refused}; those rows were rejected", file=sys.stderr)
     steps = []
     if outputs.horizon is not None:
         steps = score_steps(readings.sensor_ids, readings.ts, readings.values, outputs.status,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from streamer.core.batch import Batch
-from streamer.core.normalizer import within_range
+from streamer.core.normalizer import MAX_ABS_TS, within_range
 from streamer.serving.codec import timestamp_from_text
 
 
@@ -80,6 +80,25 @@ def well_formed(batch: Batch) -> tuple[Batch, int]:
     -1e12 s back, so that every reading of every round was refused too."""
     good = (batch.n_values == batch.values.shape[1]) & within_range(batch.ts, batch.values)
     return batch.take(np.flatnonzero(good)), int(len(batch) - good.sum())
+
+
+def timestamps_refused(batch: Batch) -> str:
+    """What is wrong with the timestamps the worker would refuse, in one sentence, or "" where
+    none is: how many could not be read (a local time without a zone, a date that is not RFC
+    3339) and how many are beyond MAX_ABS_TS (epoch milliseconds or microseconds), and the
+    rule. Every row of such a file was refused, the replay's report saying only nan."""
+    unreadable = int(np.isnan(batch.ts).sum())
+    beyond = int((np.abs(batch.ts) > MAX_ABS_TS).sum())  # (inf too; nan is neither)
+    said = []
+    if unreadable:
+        said.append(f"{unreadable:,} could not be read (a local time without a zone?)")
+    if beyond:
+        said.append(f"{beyond:,} {'is' if beyond == 1 else 'are'} beyond +-{MAX_ABS_TS:g} s "
+                    "(epoch milliseconds?)")
+    if not said:
+        return ""
+    return (f"of {len(batch):,} timestamps, {' and '.join(said)}: a timestamp is epoch seconds "
+            "or RFC 3339 with a time zone (2024-01-01T00:00:00Z), as the worker reads it")
 
 
 def iter_chunks(batch: Batch, size: int) -> Iterator[Batch]:

@@ -237,5 +237,6 @@ def test_a_file_none_of_whose_rows_can_be_sent_is_an_input_error_not_sent_0(tmp_
     assert code == 2, err
     assert err.splitlines()[-1] == (
         f"streamer produce: no readings to send in {path}: its 2 rows were all skipped "
-        "(above; a timestamp, for one, is epoch seconds or RFC 3339 with a time zone: "
-        "2024-01-01T00:00:00Z)")
+        "(above); of 2 timestamps, 2 could not be read (a local time without a zone?): a "
+        "timestamp is epoch seconds or RFC 3339 with a time zone (2024-01-01T00:00:00Z), as "
+        "the worker reads it")

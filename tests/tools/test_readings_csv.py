@@ -11,7 +11,7 @@ import pytest
 
 from streamer.core import LearnerConfig, Reason
 from streamer.serving.codec import Reading, decode_reading
-from streamer.tools.readings_csv import read_csv, well_formed
+from streamer.tools.readings_csv import read_csv, timestamps_refused, well_formed
 from streamer.tools.replay import backtest
 
 TIMESTAMPS = ["1717171717", "1717171717.5", "-347155200", "1.7e9", "2024-05-31T16:08:37Z",
@@ -101,3 +101,16 @@ def test_a_value_with_digit_groups_is_rejected_not_read_as_its_digits(tmp_path):
     assert math.isnan(readings.values[0, 0]) and readings.values[1, 0] == 1000.0
     sendable, skipped = well_formed(readings)  # what `streamer produce` sends
     assert skipped == 1 and sendable.values[:, 0].tolist() == [1000.0]
+
+
+def test_the_timestamps_the_worker_would_refuse_are_counted_by_what_is_wrong(tmp_path):
+    path = tmp_path / "readings.csv"
+    path.write_text("sensor_id,ts,value\na,1600000000,1\na,2024-01-01 00:00:00,2\n"
+                    "a,1600000600000,3\na,1600000600000000,4\na,2024-01-01T00:00:00Z,5\n")
+    assert timestamps_refused(read_csv(path)) == (
+        "of 5 timestamps, 1 could not be read (a local time without a zone?) and 2 are beyond "
+        "+-1e+11 s (epoch milliseconds?): a timestamp is epoch seconds or RFC 3339 with a time "
+        "zone (2024-01-01T00:00:00Z), as the worker reads it")
+    path.write_text("sensor_id,ts,value\na,1600000000,1\na,2024-01-01T00:00:00+01:00,2\n"
+                    "a,1600000600,nan\n")  # (a value the worker refuses is not a timestamp's)
+    assert timestamps_refused(read_csv(path)) == ""

@@ -419,3 +419,36 @@ def test_a_sensor_table_too_large_for_memory_is_a_configuration_error(tmp_path, 
         "(STREAMER_SENSORS__INITIAL_CAPACITY / --sensors-initial-capacity): 100,000,000 sensor "
         "slots up front need about "), err
     assert "lower it (the table grows as sensors appear, up to sensors.max_sensors" in err
+
+
+@pytest.mark.parametrize(("stamp", "why"), [
+    (lambda i: str(1_700_000_000_000 + 60_000 * i),  # epoch milliseconds
+     "of 40 timestamps, 40 are beyond +-1e+11 s (epoch milliseconds?)"),
+    (lambda i: f"2024-01-01T{i // 4:02d}:{15 * (i % 4):02d}:00",  # local times, no zone
+     "of 40 timestamps, 40 could not be read (a local time without a zone?)"),
+])
+def test_a_file_none_of_whose_readings_is_accepted_is_an_input_error_saying_why(
+        tmp_path, capsys, stamp, why):
+    # It printed a report of nan and exit 0 (operator pass): a script took that for a result.
+    path = tmp_path / "readings.csv"
+    path.write_text("sensor_id,ts,value\n" + "".join(f"a,{stamp(i)},{i % 7}\n"
+                                                     for i in range(40)))
+    code, err = _main_stderr(capsys, str(path), "--out", str(tmp_path / "out.csv"))
+    assert code == 2, err
+    assert err.startswith(f"streamer replay: no reading of {path} was accepted (rejected: "), err
+    assert f"; {why}: a timestamp is epoch seconds or RFC 3339 with a time zone " in err, err
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_rows_rejected_for_their_timestamps_are_named_beside_the_report(tmp_path, capsys):
+    path = tmp_path / "readings.csv"
+    path.write_text("sensor_id,ts,value\n" + "".join(f"a,{1_600_000_000 + 60 * i},{i % 7}\n"
+                                                     for i in range(40))
+                    + "a,1600099000000,3\n")  # one typed in milliseconds
+    code = main(["replay", str(path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "accepted 40  rejected 1 {'value_out_of_range': 1}" in out
+    assert err == ("streamer replay: of 41 timestamps, 1 is beyond +-1e+11 s (epoch "
+                   "milliseconds?): a timestamp is epoch seconds or RFC 3339 with a time zone "
+                   "(2024-01-01T00:00:00Z), as the worker reads it; those rows were rejected\n")
