@@ -66,9 +66,12 @@ def run_demo(readings: Batch, source: str, pace: Pace, duration: float | None,
         worker_thread.start()
         producer.start()
         metrics_url = f"http://{_url_host(settings.metrics.host)}:{port}/metrics"
+        # (looped: a file of a few rows comes round again every few milliseconds, and its
+        # skill is that of forecasting a repeat; operator pass)
         banner = (f"streamer demo: broker {broker.bootstrap}, {len(readings):,} readings of "
-                  f"{len(set(readings.sensor_ids))} sensors from {source} at {pace.rate:g}/s, "
-                  f"metrics {metrics_url}. Ctrl-C stops.")
+                  f"{len(set(readings.sensor_ids))} sensors from {source} at {pace.rate:g}/s "
+                  f"(looped: they come round again every {_duration(len(readings) / pace.rate)}"
+                  f"), metrics {metrics_url}. Ctrl-C stops.")
         started = time.monotonic()
         status = StatusLine(worker)
         # A reader of stdout that leaves (`| head`) stops the demo, as Ctrl-C does.
@@ -87,6 +90,13 @@ def run_demo(readings: Batch, source: str, pace: Pace, duration: float | None,
         print(f"streamer demo: the {name} failed, so the demo stopped: {exc}", file=sys.stderr)
     logging.getLogger("streamer").info("demo stopped")
     return EXIT_FAILED if failures else 0
+
+
+def _duration(seconds: float) -> str:
+    """``0.002 s``, ``56 s``, ``1.2 h``: how long a round of the looped file takes."""
+    if seconds < 100:
+        return f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 6000 else f"{seconds / 3600:.1f} h"
 
 
 def bindable_port(host: str, port: int) -> int:

@@ -17,7 +17,8 @@ import pytest
 
 from streamer.kafka.broker import free_port
 from streamer.tools import demo as demo_module
-from streamer.tools.cli import main
+from streamer.tools.cli import main, sample_dataset
+from streamer.tools.readings_csv import read_csv
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,6 +53,10 @@ def test_demo_forecasts_the_bundled_sample_and_stops_after_its_duration(broker) 
     out, err = demo.communicate(timeout=120)
     assert demo.returncode == 0, err[-3000:]
     assert _produced(out) > 1000, out[-2000:]
+    # ...saying that the file loops, and how soon it comes round again
+    rows = len(read_csv(sample_dataset()))
+    assert (f"{rows:,} readings of 26 sensors from {sample_dataset().name} at 500/s (looped: "
+            f"they come round again every {round(rows / 500 / 60)} min), metrics") in out, out[:500]
     assert "Traceback" not in err, err[-3000:]
 
 
