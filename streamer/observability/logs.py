@@ -112,8 +112,14 @@ def missing_topic_as_warning(record: logging.LogRecord) -> bool:
     A filter of the library's logger, so that every handler sees the same level."""
     if record.levelno == logging.ERROR and record.msg == _TOPIC_NOT_FOUND:
         record.levelno, record.levelname = logging.WARNING, "WARNING"
-        return logging.getLogger(record.name).isEnabledFor(logging.WARNING)
+        return _warnings_shown()
     return True
+
+
+def _warnings_shown() -> bool:
+    """Whether the level chosen (the root logger's: configure_logging) shows warnings; the
+    Kafka libraries' own loggers stay at WARNING whatever it is (configure_logging)."""
+    return logging.getLogger().isEnabledFor(logging.WARNING)
 
 
 # What the Kafka libraries log at ERROR for a broker they cannot reach or lost: kafka-python's
@@ -151,7 +157,7 @@ def connection_failure_as_warning(record: logging.LogRecord) -> bool:
     if record.exc_info:  # a connection reset's traceback says no more than its one line
         record.msg, record.args = f"{record.getMessage()} ({record.exc_info[1]!r})", None
         record.exc_info = record.exc_text = None
-    return logging.getLogger(record.name).isEnabledFor(logging.WARNING)
+    return _warnings_shown()
 
 
 def configure_logging(level: str = "INFO", fmt: str = "plain",
@@ -164,6 +170,7 @@ def configure_logging(level: str = "INFO", fmt: str = "plain",
     reports its own failure in one line); they are still logged, for handlers that read them
     (``kafka.errors.connecting``)."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(level)  # (the Kafka libraries' loggers pass WARNING at every level)
     if not libraries_shown:
         handler.addFilter(lambda record: not _from(record, *KAFKA_LIBRARIES))
     handler.addFilter(drop_cancellations)
@@ -179,6 +186,12 @@ def configure_logging(level: str = "INFO", fmt: str = "plain",
     # Python's warnings (a library's DeprecationWarning, numpy's RuntimeWarning) through the
     # same handler: written raw to stderr, one broke a JSON log's one object per line.
     logging.captureWarnings(True)
+    # The Kafka libraries at WARNING whatever the level shown: never below (kafka-python's
+    # INFO is a line per connection and request), and never above, for their records are
+    # read as well as shown: errors.connecting reads why a bootstrap failed from them (at
+    # STREAMER_LOG__LEVEL=CRITICAL credentials the brokers refused were retried for ever,
+    # where they stop the worker with exit 2). The handler above leaves out what is below
+    # the level shown.
     for library in KAFKA_LIBRARIES:
-        logging.getLogger(library).setLevel(max(logging.WARNING, root.level))
+        logging.getLogger(library).setLevel(logging.WARNING)
     logging.getLogger(KAFKA_METADATA_LOGGER).addFilter(missing_topic_as_warning)  # (once)

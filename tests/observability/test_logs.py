@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import warnings
 from collections.abc import Iterator
 
 import kafka.errors as kerr
 import pytest
 
+from streamer.kafka.errors import AuthenticationFailed, connecting
 from streamer.observability.logs import (
     KAFKA_METADATA_LOGGER,
     RepeatFilter,
@@ -155,13 +157,16 @@ def test_configured_logging_shows_every_handler_the_missing_topic_as_a_warning_o
     assert seen == shown
 
 
-@pytest.mark.parametrize(("level", "shown"), [("INFO", ["WARNING"]), ("ERROR", [])])
+@pytest.mark.parametrize(("level", "shown"), [("INFO", ["WARNING"]), ("ERROR", []),
+                                              ("CRITICAL", [])])
 def test_configured_logging_shows_a_failed_connection_as_a_warning_or_not_at_all(
         logging_restored, capsys, level, shown):
     configure_logging(level)
     logging.getLogger("kafka.net.manager").error("Connection failed: %s",
                                                  kerr.KafkaConnectionError("111 ECONNREFUSED"))
-    assert [line.split()[2] for line in capsys.readouterr().err.splitlines()] == shown
+    logging.getLogger("kafka.net.manager").warning("Bootstrap %s not ready; waiting %.2f secs",
+                                                   "bootstrap-0", 0.5)
+    assert [line.split()[2] for line in capsys.readouterr().err.splitlines()] == shown * 2
 
 
 def test_python_warnings_are_logged_in_the_chosen_format(logging_restored, capsys):
@@ -172,3 +177,28 @@ def test_python_warnings_are_logged_in_the_chosen_format(logging_restored, capsy
     (entry,) = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     assert entry["level"] == "warning" and entry["logger"] == "py.warnings"
     assert "RuntimeWarning: overflow encountered somewhere" in entry["event"]
+
+
+@pytest.mark.parametrize("level", ["INFO", "ERROR", "CRITICAL"])
+def test_why_a_bootstrap_failed_is_read_from_the_library_whatever_the_level_shown(
+        logging_restored, capsys, level):
+    # At CRITICAL the library's loggers were set to CRITICAL: its WARNING records, the only
+    # place it says the brokers refused the credentials, were never made, and the worker
+    # retried a wrong password for ever instead of stopping with exit 2.
+    configure_logging(level)
+    refused = kerr.SaslAuthenticationFailedError("Authentication failed: Invalid password")
+
+    def library_io_thread() -> None:  # (connecting reads the threads the client starts)
+        manager = logging.getLogger("kafka.net.manager")
+        manager.warning("Bootstrap connection to %s failed: %s", "bootstrap-0", refused)
+        manager.error("Bootstrap failed: %s", kerr.KafkaTimeoutError("Unable to bootstrap"))
+
+    with pytest.raises(AuthenticationFailed) as raised:
+        with connecting("connecting the consumer"):
+            thread = threading.Thread(target=library_io_thread)
+            thread.start()
+            thread.join()
+            raise kerr.KafkaTimeoutError("Unable to bootstrap from b:9092")
+    assert "Invalid password" in str(raised.value)
+    shown = [line.split()[2] for line in capsys.readouterr().err.splitlines()]
+    assert shown == {"INFO": ["WARNING", "WARNING"], "ERROR": [], "CRITICAL": []}[level]

@@ -28,9 +28,9 @@ TOPICS = ("secured-in", "secured-out", "secured-dlq")
 
 
 def _worker(broker: ProxiedBroker, client_kind: str, tls_files, password: str, tmp_path,
-            group: str, cafile: Path | None = None) -> WorkerProcess:
+            group: str, cafile: Path | None = None, **more: str) -> WorkerProcess:
     env = worker_env(broker.bootstrap, client_kind, TOPICS, group, "w1",
-                     tmp_path / "checkpoints",
+                     tmp_path / "checkpoints", **more,
                      STREAMER_KAFKA__SECURITY_PROTOCOL="SASL_SSL",
                      STREAMER_KAFKA__SSL_CAFILE=str(cafile or tls_files["ca"]),
                      STREAMER_KAFKA__SASL_MECHANISM="SCRAM-SHA-512",
@@ -119,12 +119,14 @@ def _exit_status_and_log(worker: WorkerProcess) -> tuple[int | None, str]:
     return status, worker.log()
 
 
+@pytest.mark.parametrize("log_level", ["INFO", "CRITICAL"])
 def test_a_worker_whose_credentials_the_brokers_refuse_exits_with_a_configuration_error(
-        tls_files, client_kind, group_id, tmp_path):
+        tls_files, client_kind, group_id, tmp_path, log_level):
+    # (at CRITICAL, kafka-python's records that say why were not made: retried for ever)
     with ProxiedBroker(tmp_path / "broker.log", tls_files=tls_files, mutual=False,
                        sasl_users=USERS) as broker:
         worker = _worker(broker, client_kind, tls_files, "not-the-password", tmp_path,
-                         group_id).start()
+                         group_id, STREAMER_LOG__LEVEL=log_level).start()
         started = time.monotonic()
         status, log = _exit_status_and_log(worker)
         assert status == 2, f"exit status {status}\n{log}"
