@@ -13,13 +13,28 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
-log = logging.getLogger("streamer.worker")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # A second signal this soon after the first is the same request delivered twice (a terminal's
 # Ctrl-C reaches a wrapper that forwards it as well as its child): not "now".
 SAME_REQUEST_S = 0.5
-WORKER_STOP = "flush, checkpoint, leave the group"  # what the worker's clean stop does
+
+
+@dataclass(frozen=True)
+class CleanStop:
+    """What a process's clean stop does and what exiting at once leaves, for the lines that
+    say so, and the logger they are logged to."""
+
+    logger: str
+    doing: str
+    left: str
+
+
+WORKER_STOP = CleanStop("streamer.worker", "flush, checkpoint, leave the group",
+                        "anything not checkpointed is replayed on the next start")
+PRODUCE_STOP = CleanStop("streamer.produce", "the readings sent are flushed",
+                         "readings not acknowledged yet may not have been sent")
 
 
 def _set_soon(event: threading.Event) -> None:
@@ -37,14 +52,14 @@ def set_on_signals(event: threading.Event) -> None:
         signal.signal(sig, lambda _signum, _frame: _set_soon(event))
 
 
-def stop_on_signals(stopping: threading.Event,
-                    doing: str = WORKER_STOP) -> None:
+def stop_on_signals(stopping: threading.Event, stop: CleanStop = WORKER_STOP) -> None:
     """Make SIGTERM and SIGINT set ``stopping``; one arriving while it is set already (a
     second Ctrl-C, an impatient ``kill``), more than SAME_REQUEST_S after the signal that set
-    it, ends the process at once with 128 + its number. ``doing``: what a clean stop does,
-    for the log line that says so."""
+    it, ends the process at once with 128 + its number. ``stop``: what the lines that say so
+    say, and their logger."""
 
     first_at: float | None = None  # monotonic time of the stop request by signal, if any
+    log = logging.getLogger(stop.logger)
 
     def on_signal(signum: int, _frame: object) -> None:
         nonlocal first_at
@@ -52,11 +67,10 @@ def stop_on_signals(stopping: threading.Event,
         if stopping.is_set() or first_at is not None:
             if first_at is not None and now - first_at < SAME_REQUEST_S:
                 return
-            log.warning("%s again: exiting at once (anything not checkpointed is replayed on "
-                        "the next start)", name)
+            log.warning("%s again: exiting at once (%s)", name, stop.left)
             os._exit(128 + signum)
         first_at = now
-        log.info("%s: stopping cleanly (%s); %s again exits at once", name, doing, name)
+        log.info("%s: stopping cleanly (%s); %s again exits at once", name, stop.doing, name)
         _set_soon(stopping)
 
     for sig in STOP_SIGNALS:
@@ -65,7 +79,7 @@ def stop_on_signals(stopping: threading.Event,
 
 @contextmanager
 def stop_requests(exit_on_second: bool = True,
-                  doing: str = WORKER_STOP,
+                  stop: CleanStop = WORKER_STOP,
                   ) -> Iterator[threading.Event]:
     """Inside: an event that SIGTERM and SIGINT set (``stop_on_signals``, or with
     ``exit_on_second`` off ``set_on_signals``: a process that must clean up, as the local
@@ -75,7 +89,7 @@ def stop_requests(exit_on_second: bool = True,
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     requested = threading.Event()
     if exit_on_second:
-        stop_on_signals(requested, doing)
+        stop_on_signals(requested, stop)
     else:
         set_on_signals(requested)
     try:

@@ -324,11 +324,11 @@ def cmd_produce(args: argparse.Namespace) -> int:
                       libraries_shown=settings.log.level == "DEBUG")
     pace = _pace(args.rate, args.speedup)
     readings = _sendable_readings(args.file or sample_dataset())
-    from streamer.serving.signals import stop_requests
+    from streamer.serving.signals import PRODUCE_STOP, stop_requests
 
     # Ctrl-C (the way to end --loop or a paced run) or SIGTERM: what was sent is flushed and
     # counted, exit 0; a second one exits at once. (It printed a traceback and no count.)
-    with stop_requests(doing="the readings sent are flushed") as stop:
+    with stop_requests(stop=PRODUCE_STOP) as stop:
         sent = produce(readings, settings.kafka.connection(), settings.kafka.input_topic,
                        pace, limit=args.limit, loop=args.loop, stop=stop,
                        settings=settings.kafka.producer())

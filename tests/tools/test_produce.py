@@ -208,6 +208,9 @@ def test_ctrl_c_stops_a_looped_run_cleanly_with_every_reading_counted_acknowledg
         proc.kill()
     assert proc.returncode == 0, err
     assert "Traceback" not in err, err
+    # ...and says so as itself (its stop line was logged as the worker's)
+    assert "INFO streamer.produce: SIGINT: stopping cleanly (the readings sent are flushed)" in err
+    assert "streamer.worker" not in err, err
     sent = int(re.fullmatch(rf"sent (\d+) readings to {topic} \(stopped by a signal\)\n",
                             out)[1])
     assert sent == len(consume_raw(topic, sent + 100, timeout_s=5)) > 0
