@@ -133,7 +133,10 @@ class Worker:
         self._not_ready_reason = "not connected to the broker yet"
         self._unassigned_since: float | None = None  # monotonic: the latest look, idle
         self._idle_warned = False  # "more workers than partitions", once per idle stretch
-        self._client_since = 0.0  # monotonic: when the current consumer was opened (it joins)
+        # monotonic: when the join under way began (a consumer opened, partitions revoked for
+        # a rebalance); None once it has ended (_on_assign)
+        self._join_since: float | None = None
+        self._join_warned = False  # "the join has not ended", once per join
         self._connected_once = False  # a client was opened: the credentials worked then
         self._stalled_reason = ""  # partitions held at an undecodable batch, if any
 
@@ -231,9 +234,10 @@ class Worker:
         """Export how many partitions this worker holds. While it holds none, look at the
         input topic every UNASSIGNED_WARN_S: warn (again each time) while it does not exist,
         else once per idle stretch (a group with more workers than the topic has partitions:
-        this one idles, ready, until another leaves), once the current consumer has had
-        UNASSIGNED_WARN_S to join (a consumer opened again, after broker trouble or for an
-        input topic made later, was said to idle while its join was still under way)."""
+        this one idles, ready, until another leaves) once a join has ended giving it nothing,
+        or once per join that has gone on for UNASSIGNED_WARN_S (the coordinator holds a join
+        until every member has rejoined: one slow to poll holds the group; this worker was
+        said to idle for want of partitions while its join was under way)."""
         self.metrics.set_assigned_partitions(len(assigned))
         now = time.monotonic()
         if assigned:  # so the input topic exists, whatever the latest look found
@@ -244,13 +248,23 @@ class Worker:
         elif (idle := now - self._unassigned_since) >= UNASSIGNED_WARN_S:
             self._topics_ready = self._output_topics()  # warns while the input topic is missing
             self._unassigned_since = now  # (not when that raised: looked at again next turn)
-            joined_for = now - self._client_since
-            if self._topics_ready and not self._idle_warned and joined_for >= UNASSIGNED_WARN_S:
+            k = self.settings.kafka
+            if not self._topics_ready:
+                return
+            if self._join_since is None and not self._idle_warned:
                 self._idle_warned = True
                 log.warning("no partition of %s assigned to this worker for %.0f s: group %s "
                             "may have more workers than the topic has partitions (this one "
-                            "idles until one is free)", self.settings.kafka.input_topic, idle,
-                            self.settings.kafka.group_id)
+                            "idles until one is free)", k.input_topic, idle, k.group_id)
+            elif (self._join_since is not None and not self._join_warned
+                  and (joining := now - self._join_since) >= UNASSIGNED_WARN_S):
+                self._join_warned = True
+                log.warning("this worker's join to group %s has not ended after %.0f s, and it "
+                            "holds no partition of %s meanwhile: the group's coordinator waits "
+                            "for every member to rejoin, up to the rebalance timeout "
+                            "(max.poll.interval.ms, %.0f s), so a member slow to poll holds "
+                            "the whole group", k.group_id, joining, k.input_topic,
+                            k.consumer().max_poll_interval_ms / 1000)
 
     def _connected(self) -> StreamClient:
         if self._client is None:
@@ -258,7 +272,8 @@ class Worker:
             if not self._topics_ready:  # else again once the input topic has records
                 self._topics_ready = self._output_topics()
             self._client = open_client(k.client, k.connection(), k.consumer(), k.producer())
-            self._client_since, self._joined = time.monotonic(), False
+            self._joined = False
+            self._join_since, self._join_warned = time.monotonic(), False
             self._connected_once = True
             self._client.subscribe([k.input_topic], on_assign=self._on_assign,
                                    on_revoke=self._on_revoke)
@@ -406,7 +421,7 @@ class Worker:
         """Adopt each partition's newest state (ours or a checkpoint's) and seek to it. Called
         at the end of every join, with no partition too: what we held and this join did not
         give us (a consumer opened again after broker trouble) is another worker's now."""
-        self._joined = True
+        self._joined, self._join_since = True, None
         durable = self.durability.written(wait=True)  # no write in flight while adopting
         client = self._client
         current = client.assignment() if client is not None else set(partitions)
@@ -455,6 +470,8 @@ class Worker:
 
     def _on_revoke(self, partitions: list[PartitionId]) -> None:
         log.info("revoked %s", partition_names(partitions))
+        if self._join_since is None:  # a rebalance: its join ends with _on_assign
+            self._join_since, self._join_warned = time.monotonic(), False
         if self._client is not None:
             self._complete(self._client, keep=0)
         self.checkpoint()  # the next owner starts from here

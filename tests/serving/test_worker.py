@@ -160,7 +160,7 @@ def test_a_worker_holding_no_partition_warns_once_per_idle_stretch(monkeypatch, 
     metrics = Metrics(CollectorRegistry(), max_grad_norm=1.0, device="cpu", coverage_target=0.9)
     idle = SimpleNamespace(settings=Settings(), metrics=metrics, _unassigned_since=None,
                            _idle_warned=False, _topics_ready=True, _output_topics=lambda: True,
-                           _client_since=0.0)
+                           _join_since=None, _join_warned=False)
     watch = functools.partial(worker_module.Worker._watch_assignment, idle)
     with caplog.at_level(logging.WARNING, logger="streamer.worker"):
         watch(set())  # idle from now
@@ -175,25 +175,35 @@ def test_a_worker_holding_no_partition_warns_once_per_idle_stretch(monkeypatch, 
     assert idle.metrics.assigned_partitions._value.get() == 0
 
 
-def test_a_worker_whose_new_consumer_is_still_joining_is_not_said_to_idle(monkeypatch, caplog):
+def test_a_worker_whose_join_is_under_way_is_said_to_be_joining_not_to_idle(monkeypatch, caplog):
     # Idle for want of its input topic, then reconnected once the topic was made: the next
     # look found the topic and said "more workers than partitions" while the new consumer's
-    # join was still under way (the idle stretch counted from before the reconnect).
+    # join was still under way (the idle stretch counted from before the reconnect); and a
+    # join the coordinator held for over a minute (a member slow to rejoin) was said so too.
     monkeypatch.setattr(worker_module, "UNASSIGNED_WARN_S", 30.0)
     metrics = Metrics(CollectorRegistry(), max_grad_norm=1.0, device="cpu", coverage_target=0.9)
     now = time.monotonic()
     idle = SimpleNamespace(settings=Settings(), metrics=metrics, _unassigned_since=now - 40,
                            _idle_warned=False, _topics_ready=True, _output_topics=lambda: True,
-                           _client_since=now - 5)  # the consumer opened again 5 s ago
+                           _join_since=now - 5, _join_warned=False)  # opened again 5 s ago
     watch = functools.partial(worker_module.Worker._watch_assignment, idle)
     with caplog.at_level(logging.WARNING, logger="streamer.worker"):
         watch(set())  # the topic looked at, the consumer joining: nothing said
         assert not caplog.records
-        idle._unassigned_since -= 40  # the next look, and the consumer 45 s old: said
-        idle._client_since -= 40
+        idle._unassigned_since -= 40  # the next look: the join 45 s old, held
+        idle._join_since -= 40
         watch(set())
-    assert ["more workers than the topic has partitions" in r.getMessage()
-            for r in caplog.records] == [True]
+        idle._unassigned_since -= 40  # ... and again: said once per join
+        watch(set())
+        idle._join_since = None  # the join ended, giving it nothing (_on_assign)
+        idle._unassigned_since -= 40
+        watch(set())
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2, messages
+    assert messages[0].startswith("this worker's join to group streamer has not ended after "
+                                  "45 s, and it holds no partition of sensor-readings "), messages
+    assert "rebalance timeout (max.poll.interval.ms, 300 s)" in messages[0]
+    assert "more workers than the topic has partitions" in messages[1]
 
 
 def test_a_worker_idle_for_want_of_its_input_topic_says_so_not_that_the_group_is_too_large(
@@ -214,7 +224,7 @@ def test_a_worker_idle_for_want_of_its_input_topic_says_so_not_that_the_group_is
     settings = Settings()
     idle = SimpleNamespace(settings=settings, metrics=metrics, _unassigned_since=None,
                            _idle_warned=False, _topics_ready=False, _outputs_seen=True,
-                           _client_since=0.0)
+                           _join_since=None, _join_warned=False)
     idle._output_topics = functools.partial(worker_module.Worker._output_topics, idle)
     watch = functools.partial(worker_module.Worker._watch_assignment, idle)
     with caplog.at_level(logging.WARNING, logger="streamer.worker"):
