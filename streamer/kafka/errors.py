@@ -200,7 +200,7 @@ def listener_hint(security_protocol: str, reason: str) -> str:
     the rest), was cut off (Apache Kafka closes a connection whose request is over its
     ``socket.request.max.bytes``) or was answered in something not TLS. To a client that does
     not speak TLS: a connection reset or closed before any answer (a TLS listener drops what
-    is not a hello). Else ""."""
+    is not a hello), not one lost after it worked (a broker restarting). Else ""."""
     text, tls = reason.lower(), security_protocol.upper().endswith("SSL")
     if tls:
         in_handshake = "handshake" in text or "no tls answer" in text
@@ -209,7 +209,8 @@ def listener_hint(security_protocol: str, reason: str) -> str:
         if in_handshake and any(said in text for said in cut_short):
             return (f" (does that listener speak TLS? STREAMER_KAFKA__SECURITY_PROTOCOL is "
                     f"{security_protocol})")
-    elif any(said in text for said in ("reset by peer", "disconnected", "closed by peer")):
+    elif (any(said in text for said in ("reset by peer", "disconnected", "closed by peer"))
+          and "in state up" not in text):  # (librdkafka: a connection lost once it worked)
         return (f" (if that listener speaks TLS, STREAMER_KAFKA__SECURITY_PROTOCOL must be SSL "
                 f"or SASL_SSL, not {security_protocol})")
     return ""

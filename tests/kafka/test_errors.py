@@ -226,6 +226,8 @@ def test_a_connection_dropped_before_any_answer_names_tls_to_a_plaintext_client(
             "certificate verify failed: self-signed certificate"),
     ("SSL", "KafkaConnectionError: Connection reset by peer"),  # after its handshake
     ("PLAINTEXT", "KafkaConnectionError: 111 ECONNREFUSED"),
+    ("PLAINTEXT", "b:9092/1: Disconnected: connection closed by peer: receive 0 after POLLIN "
+                  "(after 5454ms in state UP)"),  # a broker restarting, after it answered
     ("PLAINTEXT", "b:9092/bootstrap: Failed to resolve 'b:9092': Name or service not known"),
 ])
 def test_other_connection_failures_get_no_hint_about_the_listener(protocol, reason):
