@@ -31,6 +31,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -48,6 +49,7 @@ _WORKER = r"[A-Za-z0-9_.-]+"  # a worker id (config.CheckpointSettings.worker_id
 _NAME = re.compile(rf"^(?P<worker>{_WORKER})-(?P<seq>\d{{10}})\.json$")
 _DATA = re.compile(rf"^\.?(?P<worker>{_WORKER})-(?P<seq>\d{{10}})\.(ckpt|json)(\.tmp)?$")
 _LOCK = re.compile(rf"^\.(?P<worker>{_WORKER})\.lock$")  # _WorkerLock's
+_PARTITION_KEY = re.compile(r"[A-Za-z0-9._-]+:\d+")  # _key's: a topic name, its partition
 # A data or temporary file without a manifest is left this long (seconds since it was last
 # written) before it is deleted: a live writer is past it well before.
 ORPHAN_AGE_S = 3600.0
@@ -230,6 +232,35 @@ def _unkey(text: str) -> PartitionId:
     return topic, int(partition)
 
 
+def _checked(manifest: object) -> dict:
+    """``manifest`` (parsed JSON) if its fields are of the kinds ``save`` writes, else
+    ValueError saying which is not. A damaged or hand-edited manifest is skipped as a damaged
+    checkpoint is: an offset of "abc" or null crashed every start-up with a traceback (every
+    new worker id of the group, which starts from the group's newest checkpoint), and one of
+    -5 was restored and crashed the seek at the next assignment (operator pass)."""
+    if not isinstance(manifest, dict):
+        raise ValueError(f"a manifest is a JSON object, not {type(manifest).__name__}")
+    offsets = manifest.get("offsets")
+    if not isinstance(offsets, dict):
+        raise ValueError(f"offsets: an object of topic:partition to offset, not {offsets!r}")
+    for key, offset in offsets.items():
+        if not _PARTITION_KEY.fullmatch(key):
+            raise ValueError(f"offsets: {key!r} is not topic:partition")
+        if type(offset) is not int or offset < 0:
+            raise ValueError(f"offsets: {key}: {offset!r} is not an offset (a whole number "
+                             f">= 0)")
+    for name, kind in (("worker", str), ("seq", int), ("created", (int, float))):
+        value = manifest.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(f"{name}: {value!r} is not a {name}")
+    if not math.isfinite(manifest["created"]):
+        raise ValueError(f"created: {manifest['created']!r} is not a time")
+    topic_ids = manifest.get("topic_ids") or {}
+    if not isinstance(topic_ids, dict) or not all(map(_PARTITION_KEY.fullmatch, topic_ids)):
+        raise ValueError(f"topic_ids: not an object of topic:partition to id: {topic_ids!r}")
+    return manifest
+
+
 class CheckpointStore:
     """Writes this worker's checkpoints and reads anyone's back, newest valid first."""
 
@@ -329,7 +360,7 @@ class CheckpointStore:
         found = []
         for worker, _, path in listed:
             try:
-                manifest = json.loads(path.read_text())
+                manifest = _checked(json.loads(path.read_text()))
                 created = float(manifest["created"])
             except FileNotFoundError:
                 continue
@@ -357,7 +388,7 @@ class CheckpointStore:
     def _read(self, manifest_path: Path) -> Checkpoint | None:
         """Verify and load one checkpoint; log and return None when it is unusable."""
         try:
-            manifest = json.loads(manifest_path.read_text())
+            manifest = _checked(json.loads(manifest_path.read_text()))
             if manifest["fingerprint"] != self.fingerprint:  # not damage: a setting changed
                 log.warning("checkpoint %s is of another model configuration (fingerprint %s, "
                             "this worker's %s: model shape settings changed), not restored",
@@ -373,24 +404,25 @@ class CheckpointStore:
                 found = state.get("format") if isinstance(state, dict) else type(state).__name__
                 raise ValueError(f"learner snapshot format {found!r} is not {snap.FORMAT!r} "
                                  "(written by another streamer version)")
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            partitions = state.pop("partitions", {})
+            return Checkpoint(
+                path=manifest_path,
+                worker=manifest["worker"],
+                seq=manifest["seq"],
+                created=float(manifest["created"]),
+                state=state,
+                offsets={_unkey(k): v for k, v in manifest["offsets"].items()},
+                sensors={_unkey(k): list(v) for k, v in partitions.items()},
+                topic_ids={_unkey(k): str(v)
+                           for k, v in (manifest.get("topic_ids") or {}).items()},
+            )
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             log.error("checkpoint %s unusable, trying an older one: %s", manifest_path.name, exc)
             return None
         except Exception as exc:  # noqa: BLE001 - unpickling errors of many kinds: never fatal
             log.error("checkpoint %s unreadable, trying an older one: %s", manifest_path.name,
                       exc)
             return None
-        partitions = state.pop("partitions", {})
-        return Checkpoint(
-            path=manifest_path,
-            worker=manifest["worker"],
-            seq=int(manifest["seq"]),
-            created=float(manifest["created"]),
-            state=state,
-            offsets={_unkey(k): int(v) for k, v in manifest["offsets"].items()},
-            sensors={_unkey(k): list(v) for k, v in partitions.items()},
-            topic_ids={_unkey(k): str(v) for k, v in (manifest.get("topic_ids") or {}).items()},
-        )
 
     def _prune(self) -> None:
         listed = self._manifests()

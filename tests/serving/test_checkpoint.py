@@ -146,6 +146,44 @@ def test_a_damaged_manifest_is_reported_once_and_the_previous_checkpoint_used(tm
     assert caplog.text.count("checkpoint manifest w1-0000000002.json unreadable") == 1
 
 
+@pytest.mark.parametrize(("field", "value", "said"), [
+    ("offsets", {"t:0": "abc"}, "offsets: t:0: 'abc' is not an offset"),
+    ("offsets", {"t:0": None}, "offsets: t:0: None is not an offset"),
+    ("offsets", {"t:0": -5}, "offsets: t:0: -5 is not an offset"),
+    ("offsets", {"t:0": 1.5}, "offsets: t:0: 1.5 is not an offset"),
+    ("offsets", {"t:0": True}, "offsets: t:0: True is not an offset"),
+    ("offsets", {"t": 3}, "offsets: 't' is not topic:partition"),
+    ("offsets", 7, "offsets: an object of topic:partition to offset, not 7"),
+    ("offsets", None, "offsets: an object of topic:partition to offset, not None"),
+    ("created", "yesterday", "created: 'yesterday' is not a created"),
+    ("seq", "2", "seq: '2' is not a seq"),
+    ("topic_ids", ["x"], "topic_ids: not an object of topic:partition to id"),
+])
+def test_a_manifest_with_a_field_of_the_wrong_kind_is_skipped_saying_which(
+        tmp_path, caplog, field, value, said):
+    # An offset of "abc" or null crashed every start-up with a traceback, and one of -5 was
+    # restored and crashed the seek at the next assignment (operator pass): damaged or
+    # hand-edited, a manifest is skipped as a damaged data file is, whoever wrote it.
+    mine = CheckpointStore(tmp_path, "w1", CFG.fingerprint())
+    _save(mine, _learner(4), 10)
+    peer = CheckpointStore(tmp_path, "w7", CFG.fingerprint())  # the group's newest
+    other = (TP[0], TP[1] + 1)  # (were it TP, the peer's would supersede and delete ours)
+    manifest = peer.save(_learner(4).snapshot(), {other: 30}, {other: []},
+                         created=time.time() + 60).path.with_suffix(".json")
+    edited = json.loads(manifest.read_text())
+    edited[field] = value
+    manifest.write_text(json.dumps(edited))
+    with caplog.at_level(logging.ERROR):
+        assert mine.latest(prefer="w8").offsets == {TP: 10}  # a new worker id: anyone's newest
+        assert mine.latest_for(TP).offsets == {TP: 10}
+        assert mine.latest_for(other) is None
+        _save(mine, _learner(4), 20)  # ...and pruning reads it too
+    assert f"checkpoint manifest w7-0000000001.json unreadable, skipped: ValueError: {said}" in (
+        caplog.text), caplog.text
+    assert caplog.text.count("w7-0000000001.json") == 1  # (once)
+    assert manifest.exists()  # left for an operator to look at, as a damaged one is
+
+
 def test_a_checkpoint_from_another_model_shape_is_refused_with_the_reason(tmp_path, caplog):
     CheckpointStore(tmp_path, "w1", "0123456789abcdef").save(
         _learner(4).snapshot(), {TP: 5}, {TP: []})
