@@ -27,6 +27,7 @@ number, but one during our own deletion is not.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -34,6 +35,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -49,6 +51,9 @@ _WORKER = r"[A-Za-z0-9_.-]+"  # a worker id (config.CheckpointSettings.worker_id
 _NAME = re.compile(rf"^(?P<worker>{_WORKER})-(?P<seq>\d{{10}})\.json$")
 _DATA = re.compile(rf"^\.?(?P<worker>{_WORKER})-(?P<seq>\d{{10}})\.(ckpt|json)(\.tmp)?$")
 _LOCK = re.compile(rf"^\.(?P<worker>{_WORKER})\.lock$")  # _WorkerLock's
+# A checkpoint write that failed having written within this of the room its directory has
+# (what it wrote is deleted by then) failed for want of room (_no_room).
+NO_ROOM_SLACK_BYTES = 1 << 20
 _PARTITION_KEY = re.compile(r"[A-Za-z0-9._-]+:\d+")  # _key's: a topic name, its partition
 # A data or temporary file without a manifest is left this long (seconds since it was last
 # written) before it is deleted: a live writer is past it well before.
@@ -98,11 +103,24 @@ class _WorkerLock:
                 log.warning("cannot lock %s (%s): a second worker with the id %r would not be "
                             "refused", path, exc.strerror or exc, worker)
             if _same_file(fd, path):  # not one a pruner deleted between our open and lock
+                self._fd, self.path = fd, path
                 weakref.finalize(self, os.close, fd)
                 return
             os.close(fd)
         raise WorkerIdInUse(f"another running worker writes its checkpoints in "
                             f"{str(path.parent)!r} as {worker!r}")
+
+    def holds(self) -> bool:
+        """Whether the lock file is still the one locked (not deleted with its directory)."""
+        return _same_file(self._fd, self.path)
+
+    @classmethod
+    def again(cls, directory: Path, worker: str) -> _WorkerLock:
+        """A new lock for a lock file that is gone (``holds`` False); WorkerIdInUse if
+        another process took the worker id meanwhile."""
+        lock = cls(directory / f".{worker}.lock", worker)
+        cls._held[(os.path.realpath(directory), worker)] = weakref.ref(lock)
+        return lock
 
     @staticmethod
     def delete_if_free(path: Path) -> None:
@@ -182,6 +200,7 @@ def _save_atomic(path: Path, state: dict) -> tuple[int, str]:
     snapshot at 100k sensors).
     """
     tmp = path.with_name(f".{path.name}.tmp")
+    hashing = None
     try:
         with open(tmp, "wb") as handle:
             hashing = _HashingWriter(handle)
@@ -189,11 +208,31 @@ def _save_atomic(path: Path, state: dict) -> tuple[int, str]:
             handle.flush()
             failpoint("checkpoint_data_unsynced")
             os.fsync(handle.fileno())
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)  # a failed attempt leaves no 340 MB file behind
+        if isinstance(exc, Exception) and (full := _no_room(path.parent, exc, hashing)):
+            raise OSError(errno.ENOSPC, full) from exc
         raise
     _publish(tmp, path)
     return hashing.size, hashing.digest.hexdigest()
+
+
+def _no_room(directory: Path, exc: Exception, hashing: _HashingWriter | None) -> str:
+    """What to say where a checkpoint failed for want of room in ``directory``, else "".
+    torch's writer reports a write that failed there as "[enforce fail at
+    inline_container.cc:672] . unexpected pos 394496 vs 394384", which said nothing of the
+    disk (operator pass): it is taken for one when what had been written by then (now
+    deleted; torch goes on writing into its buffer past the failure) is as much as the room
+    the directory has, or when the error is ENOSPC."""
+    written = hashing.size if hashing is not None else 0
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return ""
+    if getattr(exc, "errno", None) != errno.ENOSPC and written < free - NO_ROOM_SLACK_BYTES:
+        return ""
+    size = f", and this checkpoint is at least {written:,} bytes" if written else ""
+    return f"no room for a checkpoint in {directory}: {free:,} bytes free{size} ({exc})"
 
 
 class _HashingWriter:
@@ -284,6 +323,11 @@ class CheckpointStore:
         ``created``: the wall time the state was current (when it was copied; default now):
         what ``latest_for(newer_than=...)`` compares when partitions move."""
         started = time.perf_counter()
+        if not self._lock.holds():  # (the directory deleted, say: no lock and no check then)
+            if not self.directory.is_dir():
+                log.warning("checkpoint directory %s is gone: making it again", self.directory)
+                self.directory.mkdir(parents=True, exist_ok=True)
+            self._lock = _WorkerLock.again(self.directory, self.worker)  # WorkerIdInUse
         seq, self._next_seq = self._next_seq, self._next_seq + 1
         stem = f"{self.worker}-{seq:010d}"
         payload = dict(state)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gc
 import hashlib
 import json
@@ -34,7 +35,7 @@ from streamer.core.intervals import (
     WEIGHT_STEPS,
     level_weights,
 )
-from streamer.serving.checkpoint import ORPHAN_AGE_S, CheckpointStore
+from streamer.serving.checkpoint import ORPHAN_AGE_S, CheckpointStore, _HashingWriter
 from streamer.serving.checkpoint_writer import WRITER_NICENESS, CheckpointWriter
 from tests.conftest import unscraped_metrics
 from tests.core.conftest import sine_fleet
@@ -564,7 +565,8 @@ def test_a_second_checkpoint_cannot_begin_while_one_is_in_flight(tmp_path):
 def test_a_background_write_that_fails_is_reported_with_its_error(tmp_path):
     store = CheckpointStore(tmp_path / "ckpt", "w1", CFG.fingerprint())
     writer = CheckpointWriter(store)
-    shutil.rmtree(tmp_path / "ckpt")  # the volume went away
+    shutil.rmtree(tmp_path / "ckpt")  # the volume went away, a file where it was
+    (tmp_path / "ckpt").write_text("")
     writer.begin(_learner(5), {TP: 3}, {TP: []})
     written = writer.finished(wait=True)
     assert isinstance(written.error, OSError) and written.saved is None
@@ -676,6 +678,76 @@ def test_a_second_process_writing_as_the_same_worker_in_the_same_directory_is_re
     del store
     gc.collect()  # every store of this process for it gone: the lock with them
     assert _taken_by_another_process(tmp_path, "vm") == "taken"
+
+
+def test_a_checkpoint_directory_deleted_while_running_is_made_again_and_locked_again(
+        tmp_path, caplog):
+    # Every checkpoint failed ("No such file or directory") until an operator made it again,
+    # and the lock file was gone for good: a second worker with this id was not refused.
+    directory = tmp_path / "ck"
+    store = CheckpointStore(directory, "vm", CFG.fingerprint())
+    _save(store, _learner(4), 10)
+    shutil.rmtree(directory)
+    assert _taken_by_another_process(directory, "vm") == "taken"  # (no lock: nothing refused)
+    shutil.rmtree(directory)
+    with caplog.at_level(logging.WARNING):
+        _save(store, _learner(4), 20)
+    assert f"checkpoint directory {directory} is gone: making it again" in caplog.text
+    assert store.latest().offsets == {TP: 20}
+    assert _taken_by_another_process(directory, "vm").startswith("refused: ")
+
+
+def test_a_checkpoint_that_finds_no_room_says_so_and_where(tmp_path):
+    # torch's own words for it: "[enforce fail at inline_container.cc:672] . unexpected pos
+    # 394496 vs 394384", every interval (operator pass, a full tmpfs).
+    store = CheckpointStore(tmp_path, "w1", CFG.fingerprint())
+    learner = _learner(4)
+    size = _save(store, learner, 10).size_bytes
+    limit = size // 3  # a disk with room for a third of it, as the file grows
+    real_write = _HashingWriter.write
+
+    def write(self, data):
+        if self.size + memoryview(data).nbytes > limit:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    room = shutil.disk_usage(tmp_path)._replace(free=limit)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_HashingWriter, "write", write)
+        patch.setattr(shutil, "disk_usage", lambda _: room)
+        with pytest.raises(OSError) as raised:  # (torch's writer swallows the OSError)
+            _save(store, learner, 20)
+    assert raised.value.errno == errno.ENOSPC
+    assert str(raised.value).startswith(
+        f"[Errno 28] no room for a checkpoint in {tmp_path}: {limit:,} bytes free, and this "
+        f"checkpoint is at least "), raised.value
+    assert store.latest().offsets == {TP: 10}  # and nothing of it left behind
+    assert sorted(_files(tmp_path)) == ["w1-0000000001.ckpt", "w1-0000000001.json"]
+
+
+def test_a_checkpoint_on_a_full_file_system_says_there_is_no_room(tmp_path):
+    # The same on a real one: a tmpfs with room for a third of a checkpoint (root only).
+    small = tmp_path / "small"
+    small.mkdir()
+    size = _save(CheckpointStore(tmp_path, "w0", CFG.fingerprint()), _learner(4), 1).size_bytes
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size // 3}", "tmpfs",
+                              str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+
+    def attempt() -> str:  # (returns no frame that holds the store and its lock file open)
+        try:
+            _save(CheckpointStore(small, "w1", CFG.fingerprint()), _learner(4), 20)
+        except OSError as exc:
+            return str(exc)
+        return "saved"
+
+    try:
+        said = attempt()
+        gc.collect()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    assert said.startswith(f"[Errno 28] no room for a checkpoint in {small}: "), said
 
 
 def test_a_gone_workers_lock_file_is_deleted_with_its_last_checkpoint_once_old(tmp_path):
