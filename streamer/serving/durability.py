@@ -51,6 +51,7 @@ class Durability:
                                      settings.keep)
         self.writer = CheckpointWriter(self.store)
         self._covered = 0  # readings the checkpoint in flight covers
+        self.failed = False  # the latest checkpoint write failed (none has been durable since)
 
     def restore_on_start(self) -> None:
         """Resume from our newest valid checkpoint (else anyone's, for the weights)."""
@@ -102,6 +103,7 @@ class Durability:
         written = self.writer.finished(wait)
         if written is None:
             return {}
+        self.failed = written.error is not None
         if written.error is not None:
             log.error("checkpoint failed: %s", written.error)
             self.metrics.observe_checkpoint_failure()

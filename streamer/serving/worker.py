@@ -177,8 +177,7 @@ class Worker:
         except BaseException:  # a topic we write to cannot be created, before any batch was
             self._close()  # applied (ConfigError, _output_topics), or a defect: no checkpoint
             raise  # (it would date restored state as new), the clients closed
-        self._shutdown()
-        return 0
+        return self._shutdown()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -480,21 +479,31 @@ class Worker:
         self.metrics.forget_lag(partitions)  # or a moved partition is counted twice
 
     # -- start and stop ----------------------------------------------------------------------
-    def _shutdown(self) -> None:
+    def _shutdown(self) -> int:
+        """Flush, checkpoint, leave; the exit status: 1 where the last checkpoint failed (a
+        supervisor saw a clean stop with nothing said: operator pass, a full disk)."""
         log.info("stopping: flushing and checkpointing")
         if self._client is not None:
             try:
                 self._complete(self._client, keep=0)
             except KafkaClientError as exc:
                 log.error("could not deliver the last batches (they will be re-read): %s", exc)
+        status = 0
         try:
             # Never assigned: nothing was applied since the restore, whose checkpoint is on disk
             # already. Writing it again would date another worker's restored partitions as
             # new, to be adopted over (and prune) their owner's newer checkpoints.
             if self._assigned and self._joined:  # (not joined: see _joined)
                 self.checkpoint()
+                if self.durability.failed:
+                    status = 1
+                    log.warning("stopping without a final checkpoint (it failed: above): what "
+                                "was read since the last durable one is read again by the "
+                                "next owner of its partitions (nothing is lost: its offsets "
+                                "were not committed); exit status 1")
         finally:  # leave the group at once, whatever happened: its partitions move on
             self._close()
+        return status
 
     def _close(self) -> None:
         """Stop the checkpoint writer, leave the group, then the model topic and health."""

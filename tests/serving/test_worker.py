@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -1082,6 +1083,26 @@ def test_a_worker_stopped_before_any_assignment_writes_no_checkpoint_over_a_peer
     assert worker.wait(30) == 0, worker.log()
     # the peer's partition, restored but never assigned here, was not re-dated as ours
     assert sorted(p.name for p in checkpoints.glob("*.json")) == ["peer-0000000001.json"]
+
+
+def test_a_worker_whose_last_checkpoint_fails_says_so_and_exits_1_not_0(
+        tmp_path, topic_factory, group_id, worker_factory, produce_raw, consume_raw):
+    # A full or vanished checkpoint volume at SIGTERM: "checkpoint failed", then "stopped" and
+    # exit 0, as a clean stop (operator pass). Nothing is lost (the offsets are not committed).
+    checkpoints = tmp_path / "ck"
+    inp, out, dlq = _topics(topic_factory)
+    worker = worker_factory(inp, out, dlq, group_id, STREAMER_CHECKPOINT__DIR=str(checkpoints),
+                            STREAMER_CHECKPOINT__INTERVAL_SECONDS="120").start()
+    worker.wait_ready()
+    placed = produce_raw(inp, _stream(4, 5))
+    assert len(consume_raw(out, len(placed), timeout_s=30)) == len(placed), worker.log()
+    shutil.rmtree(checkpoints)
+    checkpoints.write_text("")  # the volume gone, a file where it was
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 1, worker.log()
+    log = worker.log()
+    assert "checkpoint failed: " in log and "stopping without a final checkpoint" in log, log
+    assert log.index("stopping without a final checkpoint") < log.index("stopped\n"), log
 
 
 def test_worker_refuses_to_start_fresh_over_unusable_checkpoints_when_told_to(
