@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from streamer.config import setting_name
 from streamer.core import Learner, Reason, StepResult
 from streamer.core.normalizer import MAX_ABS_TS, MAX_ABS_VALUE
 from streamer.kafka.client import InputRecord, OutputRecord, PartitionId
@@ -30,6 +31,14 @@ _LEARNER_DETAIL = {
                                f"timestamp's {MAX_ABS_TS:g} s, beyond what the model holds "
                                "(ts is in seconds: epoch milliseconds are 1,000 times that)",
 }
+
+
+def _bad_sensor_id(sensor_id: str, limit: int) -> str:
+    """The DLQ detail of a sensor id the learner refused: empty, or how long against what."""
+    if not sensor_id:
+        return "sensor id is empty"
+    return (f"sensor id is {len(sensor_id):,} characters long, over the maximum of {limit:,} "
+            f"set by {setting_name('sensors.max_sensor_id_length')}")
 
 
 @dataclass
@@ -76,7 +85,11 @@ class BatchProcessor:
         accepted = np.flatnonzero(result.status == 0)
         for i in np.flatnonzero(result.status != 0).tolist():
             reason = Reason(int(result.status[i]))
-            reject(fresh[int(decoded.index[i])], reason, _LEARNER_DETAIL[reason])
+            detail = _LEARNER_DETAIL[reason]
+            if reason is Reason.BAD_SENSOR_ID:  # which of the two, and by how much
+                detail = _bad_sensor_id(decoded.batch.sensor_ids[i],
+                                        self.learner.config.max_sensor_id_length)
+            reject(fresh[int(decoded.index[i])], reason, detail)
         batch = decoded.batch
         sources = [fresh[i] for i in decoded.index[accepted].tolist()]
         ids = [batch.sensor_ids[i] for i in accepted.tolist()]

@@ -15,11 +15,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from prometheus_client import CollectorRegistry
 
 from streamer.config import ConfigError, Settings, setting_name, table_too_large
-from streamer.core import Learner
+from streamer.core import Learner, LearnerConfig, Reason
 from streamer.core.failpoints import failpoint
 from streamer.core.learner import StateTooLarge
 from streamer.kafka.admin import create_missing_topics, topic_ids
@@ -61,6 +62,7 @@ GC_GEN0_THRESHOLD = 20_000  # net new container objects before a young collectio
 # A worker holding no partition this long says so once (it is ready, and idles: a group with
 # more workers than the topic has partitions); `streamer_assigned_partitions` shows it always.
 UNASSIGNED_WARN_S = 60.0
+TABLE_FULL_WARN_EVERY_S = 60.0  # readings dead-lettered for a full sensor table: said this often
 IN_FLIGHT_POLL_TIMEOUT_S = 0.005  # about the producer's linger: the acks come no sooner
 
 
@@ -137,6 +139,7 @@ class Worker:
         # a rebalance); None once it has ended (_on_assign)
         self._join_since: float | None = None
         self._join_warned = False  # "the join has not ended", once per join
+        self._table_full = _TableFullWarning(self.learner.config)
         self._connected_once = False  # a client was opened: the credentials worked then
         self._stalled_reason = ""  # partitions held at an undecodable batch, if any
 
@@ -339,6 +342,7 @@ class Worker:
         for reason, count in processed.decode_rejected.items():
             m.observe_dlq(reason, count)
         m.observe_step(processed.result)
+        self._table_full.add(int(np.count_nonzero(processed.result.status == Reason.TABLE_FULL)))
         m.observe_flagged(processed.flagged_sensors, time.time())
         self._log_updates(processed)
         m.set_sensors(self.learner.n_sensors, self.learner.capacity)
@@ -657,3 +661,29 @@ def _sharing(settings: Settings, learner: Learner, worker_id: str,
 
 def _host_worker_id() -> str:
     return "".join(ch if ch.isalnum() or ch in "_.-" else "-" for ch in socket.gethostname())
+
+
+class _TableFullWarning:
+    """Readings of new sensors dead-lettered for want of a slot (TABLE_FULL), said in a
+    WARNING at most once every TABLE_FULL_WARN_EVERY_S: every new sensor of a full table is
+    dead-lettered for good unless slots of idle sensors are freed, and the log said nothing
+    (operator pass; the metrics and alerts did)."""
+
+    def __init__(self, config: LearnerConfig) -> None:
+        self.config = config
+        self.count, self.warned_at = 0, -math.inf
+
+    def add(self, count: int) -> None:
+        self.count += count
+        now = time.monotonic()
+        if not self.count or now - self.warned_at < TABLE_FULL_WARN_EVERY_S:
+            return
+        c = self.config
+        ttl = setting_name("sensors.idle_ttl_seconds")
+        freed = (f"a sensor idle {c.sensor_ttl_seconds:g} s frees its slot ({ttl})"
+                 if c.sensor_ttl_seconds is not None
+                 else f"no idle sensor frees its slot, {ttl} being unset")
+        log.warning("the sensor table is full (%d sensors): %d readings of new sensors "
+                    "dead-lettered (table_full) since this was last said; %s; raise %s",
+                    c.max_sensors, self.count, freed, setting_name("sensors.max_sensors"))
+        self.count, self.warned_at = 0, now

@@ -176,6 +176,39 @@ def test_a_worker_holding_no_partition_warns_once_per_idle_stretch(monkeypatch, 
     assert idle.metrics.assigned_partitions._value.get() == 0
 
 
+def test_readings_dead_lettered_for_a_full_sensor_table_are_said_at_most_once_a_minute(
+        monkeypatch, caplog):
+    # Every new sensor of a full table was dead-lettered for good, the log silent.
+    clock = [1000.0]
+    monkeypatch.setattr(worker_module.time, "monotonic", lambda: clock[0])
+    said = worker_module._TableFullWarning(LearnerConfig(max_sensors=5, initial_capacity=2))
+    with caplog.at_level(logging.WARNING, logger="streamer.worker"):
+        said.add(0)  # nothing refused: nothing said
+        said.add(3)  # said at once...
+        clock[0] += 30
+        said.add(4)  # ...then counted for the next minute
+        clock[0] += 31
+        said.add(0)
+        said.add(2)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "the sensor table is full (5 sensors): 3 readings of new sensors dead-lettered "
+        "(table_full) since this was last said; no idle sensor frees its slot, "
+        "sensors.idle_ttl_seconds (STREAMER_SENSORS__IDLE_TTL_SECONDS / "
+        "--sensors-idle-ttl-seconds) being unset; raise sensors.max_sensors "
+        "(STREAMER_SENSORS__MAX_SENSORS / --sensors-max-sensors)",
+        "the sensor table is full (5 sensors): 4 readings of new sensors dead-lettered "
+        "(table_full) since this was last said; no idle sensor frees its slot, "
+        "sensors.idle_ttl_seconds (STREAMER_SENSORS__IDLE_TTL_SECONDS / "
+        "--sensors-idle-ttl-seconds) being unset; raise sensors.max_sensors "
+        "(STREAMER_SENSORS__MAX_SENSORS / --sensors-max-sensors)"], messages
+    with_ttl = worker_module._TableFullWarning(LearnerConfig(sensor_ttl_seconds=3600))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="streamer.worker"):
+        with_ttl.add(1)
+    assert "; a sensor idle 3600 s frees its slot (sensors.idle_ttl_seconds" in caplog.text
+
+
 def test_a_worker_whose_join_is_under_way_is_said_to_be_joining_not_to_idle(monkeypatch, caplog):
     # Idle for want of its input topic, then reconnected once the topic was made: the next
     # look found the topic and said "more workers than partitions" while the new consumer's
