@@ -97,8 +97,10 @@ class Learner:
             model = Forecaster(n_inputs, config.n_features, config.hidden_size, config.num_layers)
         self.model = model.to(self.device)
         self.trainer = Trainer(self.model, config.lr, config.max_grad_norm)
+        # (checked before the slot table too: its lists of 10^8 slots took 20 s to build
+        # before a refusal; operator pass)
+        self._check_fits(min(config.initial_capacity, config.max_sensors))
         self.table = SlotTable(config.initial_capacity, config.max_sensors)
-        self._check_fits(self.table.capacity)
         self.stats, self.memory, self.calibration, self.horizon, self.state = self._slot_state(
             self.table.capacity)
         self.accepted_total = 0  # accepted readings ever: drives the training trigger
