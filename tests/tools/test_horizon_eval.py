@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
 from streamer.core import Reason
@@ -22,20 +20,20 @@ def test_steps_score_no_pairs_when_no_reading_was_accepted():
     assert all(np.isnan(s.vs_persistence) and np.isnan(s.coverage) for s in steps)
 
 
-def test_replay_with_a_horizon_writes_its_outputs_when_every_reading_is_rejected(tmp_path):
+def test_replay_with_a_horizon_of_a_file_whose_every_reading_is_rejected_writes_nothing(
+        tmp_path, capsys):
+    # (It wrote a header-only file and a report of nulls, exit 0; the scoring of no pairs
+    # itself is pinned above.) Every reading refused is the user's input error: exit 2, why.
     readings = tmp_path / "ms.csv"  # millisecond timestamps: all out of range
     readings.write_text("sensor_id,ts,value\na,1717171717000,1\na,1717171777000,2\n"
                         "b,1717171717000,3\n")
     out, report = tmp_path / "out.csv", tmp_path / "report.json"
     code = main(["replay", str(readings), "--horizon", "3", "--device", "cpu",
                  "--out", str(out), "--json", str(report)])
-    assert code == 0
-    assert out.read_text().splitlines() == ["sensor_id,ts,forecast,lower,upper,anomaly_score,"
-                                            "anomaly"]
-    document = json.loads(report.read_text())
-    assert document["accepted"] == 0 and document["rejected"] == {"value_out_of_range": 3}
-    assert [(s["step"], s["pairs"], s["vs_persistence"]) for s in document["steps"]] == [
-        (1, 0, None), (2, 0, None), (3, 0, None)]
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "no reading of" in err and "(epoch milliseconds?)" in err, err
+    assert not out.exists() and not report.exists()
 
 
 def test_steps_report_coverage_over_the_readings_across_a_gap_apart():
