@@ -161,6 +161,7 @@ class ConfluentClient:
         self._refused: tuple[float, str] | None = None
         # librdkafka's latest error report (monotonic time, text), to say why it cannot connect
         self._last_error: tuple[float, str] | None = None
+        self._untrusted: tuple[float, str] | None = None  # ...of an untrusted certificate
         # What a rebalance callback raised, kept to be raised by poll_batch: an exception
         # escaping into librdkafka leaves its rebalance unfinished (close() then hangs).
         self._callback_error: BaseException | None = None
@@ -552,13 +553,21 @@ class ConfluentClient:
         return {**config, "logger": _LibrdkafkaLog(config["logger"], self._on_failure)}
 
     def _on_failure(self, why: str) -> None:
-        self._last_error = (time.monotonic(), why)
+        """A connection failed, saying ``why``: the latest error, and the latest untrusted
+        certificate unless an attempt that got an answer failed otherwise since (one that
+        timed out says nothing against it: errors._BootstrapFailures)."""
+        now = time.monotonic()
+        self._last_error = (now, why)
+        if CERTIFICATE_NOT_VERIFIED in why:
+            self._untrusted = (now, why)
+        elif "timed out" not in why.lower():
+            self._untrusted = None
 
     def _on_error(self, error: KafkaError) -> None:  # served inside poll: only records
         if error.code() == KafkaError._ALL_BROKERS_DOWN and self._down_since is None:
             self._down_since = time.monotonic()
         if error.code() != KafkaError._ALL_BROKERS_DOWN:  # (that says no more than "down")
-            self._last_error = (time.monotonic(), error.str())
+            self._on_failure(error.str())
         # The brokers' answer to our credentials or mechanism (librdkafka tries again without
         # end); not a handshake cut short by the connection or a timeout ("Local: ..."),
         # which it reports with the same code.
@@ -606,14 +615,15 @@ class ConfluentClient:
 
     def _raise_if_refused(self, failure: str, since: float = 0.0) -> None:
         """A connection that failed because the brokers refused our credentials, or, in its
-        latest attempt, because their certificate was not trusted (at or after ``since``,
+        latest attempt that got an answer, because their certificate was not trusted (at or
+        after ``since``,
         monotonic), which librdkafka reports only to the error callback (the call itself:
         "transport failure")."""
         if self._refused is not None and self._refused[0] >= since:
             raise AuthenticationFailed.refused(failure, self._refused[1])
-        last = self._last_error
-        if last is not None and last[0] >= since and CERTIFICATE_NOT_VERIFIED in last[1]:
-            raise BrokerNotTrusted.untrusted(failure, last[1])
+        untrusted = self._untrusted
+        if untrusted is not None and untrusted[0] >= since:
+            raise BrokerNotTrusted.untrusted(failure, untrusted[1])
 
     def _new_producer(self) -> Producer:
         settings = self._producer_settings

@@ -157,7 +157,11 @@ class _BootstrapFailures(logging.Handler):
         super().__init__(logging.WARNING)
         self.refused: list[str] = []  # the brokers refused the credentials
         self.last = ""  # the latest failure of any kind (a TLS handshake, a refused connection)
-        self.last_untrusted = False  # ...and it was the brokers' certificate, not verified
+        # The latest failure that was the brokers' certificate not verified, unless an attempt
+        # that got an answer failed otherwise since: one that timed out says nothing against
+        # it (the last attempt of a short bootstrap, begun late in it, timed out connecting
+        # to a busy TLS listener: "no broker answered" where the certificate was the reason).
+        self.untrusted = ""
         self._ended = False  # the final "Unable to bootstrap" was logged
         self._older = set(threading.enumerate()) - {threading.current_thread()}
 
@@ -173,7 +177,10 @@ class _BootstrapFailures(logging.Handler):
                     self.last = str(arg)
                 elif isinstance(arg, Exception):
                     self.last = str(arg)
-                    self.last_untrusted = _not_verified(arg)
+                    if _not_verified(arg):
+                        self.untrusted = str(arg)
+                    elif not _no_answer(arg):
+                        self.untrusted = ""
         except Exception:  # noqa: BLE001 - never into the library's own error handling
             self.handleError(record)
 
@@ -185,6 +192,12 @@ def _not_verified(error: BaseException) -> bool:
 
     return isinstance(error, ssl.SSLCertVerificationError) or isinstance(
         error.__context__, ssl.SSLCertVerificationError)
+
+
+def _no_answer(error: BaseException) -> bool:
+    """An attempt that timed out (connecting, or waiting for a TLS handshake's answer): it
+    says nothing of why earlier ones failed."""
+    return isinstance(error, _timeout()) or "timed out" in str(error).lower()
 
 
 def _gave_up(error: object) -> bool:
@@ -238,8 +251,8 @@ def connecting(action: str, security_protocol: str = "PLAINTEXT") -> Iterator[No
             raise
         if failures.refused:
             raise AuthenticationFailed.refused(f"{action} failed", failures.refused[-1]) from exc
-        if failures.last_untrusted:
-            raise BrokerNotTrusted.untrusted(f"{action} failed", failures.last) from exc
+        if failures.untrusted:
+            raise BrokerNotTrusted.untrusted(f"{action} failed", failures.untrusted) from exc
         if failures.last:
             raise BrokerUnavailable(f"{exc} (the last attempt: {failures.last})"
                                     f"{listener_hint(security_protocol, failures.last)}") from exc

@@ -128,6 +128,21 @@ def test_a_certificate_not_trusted_before_a_later_failure_is_not_the_reason():
                                          "111 ECONNREFUSED)")
 
 
+def test_a_certificate_not_trusted_before_an_attempt_that_timed_out_is_still_the_reason():
+    # The last attempt of a 2 s bootstrap, begun late in it, timed out connecting to a busy
+    # TLS listener: "no broker answered" where the certificate was why (a CI flake of
+    # test_tls). An attempt that got no answer says nothing against the certificate.
+    for timed_out in (kerr.KafkaConnectionError("Connection timed out"),
+                      kerr.KafkaTimeoutError("Connection timed out"),
+                      kerr.KafkaConnectionError("Handshake failed: no TLS answer from b:9092: "
+                                                "timed out")):
+        with pytest.raises(BrokerNotTrusted) as raised:
+            with connecting("connecting the consumer"):
+                _logged_on_a_new_thread(UNTRUSTED, timed_out)
+                raise kerr.KafkaTimeoutError("Unable to bootstrap from b:9092")
+        assert "certificate verify failed: self-signed certificate" in str(raised.value)
+
+
 def test_what_connecting_watches_is_let_go_afterwards():
     handlers = list(logging.getLogger("kafka").handlers)
     with pytest.raises(BrokerUnavailable), connecting("connecting the producer"):
