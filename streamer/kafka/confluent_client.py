@@ -55,6 +55,7 @@ from streamer.kafka.errors import (
     KafkaClientError,
     UndecodableBatch,
     describe,
+    got_no_answer,
     listener_hint,
 )
 
@@ -560,7 +561,7 @@ class ConfluentClient:
         self._last_error = (now, why)
         if CERTIFICATE_NOT_VERIFIED in why:
             self._untrusted = (now, why)
-        elif "timed out" not in why.lower():
+        elif not got_no_answer(why):
             self._untrusted = None
 
     def _on_error(self, error: KafkaError) -> None:  # served inside poll: only records

@@ -179,7 +179,7 @@ class _BootstrapFailures(logging.Handler):
                     self.last = str(arg)
                     if _not_verified(arg):
                         self.untrusted = str(arg)
-                    elif not _no_answer(arg):
+                    elif not got_no_answer(arg):
                         self.untrusted = ""
         except Exception:  # noqa: BLE001 - never into the library's own error handling
             self.handleError(record)
@@ -194,10 +194,11 @@ def _not_verified(error: BaseException) -> bool:
         error.__context__, ssl.SSLCertVerificationError)
 
 
-def _no_answer(error: BaseException) -> bool:
-    """An attempt that timed out (connecting, or waiting for a TLS handshake's answer): it
-    says nothing of why earlier ones failed."""
-    return isinstance(error, _timeout()) or "timed out" in str(error).lower()
+def got_no_answer(failure: BaseException | str) -> bool:
+    """A connection attempt that timed out (connecting, or waiting for a TLS handshake's
+    answer), by its error (kafka-python) or its text (librdkafka's FAIL lines): it says
+    nothing against why earlier ones failed (an untrusted certificate)."""
+    return isinstance(failure, _timeout()) or "timed out" in str(failure).lower()
 
 
 def _gave_up(error: object) -> bool:

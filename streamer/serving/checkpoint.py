@@ -85,7 +85,9 @@ class _WorkerLock:
         key = (os.path.realpath(directory), worker)
         held = cls._held.get(key)
         lock = held() if held is not None else None
-        if lock is None:  # (another store of this process shares it: a restart in process)
+        # (another store of this process shares it: a restart in process; unless its file is
+        # gone, deleted with the directory: then locked again)
+        if lock is None or not lock.holds():
             lock = cls(directory / f".{worker}.lock", worker)
             cls._held[key] = weakref.ref(lock)
         return lock
@@ -113,14 +115,6 @@ class _WorkerLock:
     def holds(self) -> bool:
         """Whether the lock file is still the one locked (not deleted with its directory)."""
         return _same_file(self._fd, self.path)
-
-    @classmethod
-    def again(cls, directory: Path, worker: str) -> _WorkerLock:
-        """A new lock for a lock file that is gone (``holds`` False); WorkerIdInUse if
-        another process took the worker id meanwhile."""
-        lock = cls(directory / f".{worker}.lock", worker)
-        cls._held[(os.path.realpath(directory), worker)] = weakref.ref(lock)
-        return lock
 
     @staticmethod
     def delete_if_free(path: Path) -> None:
@@ -327,7 +321,7 @@ class CheckpointStore:
             if not self.directory.is_dir():
                 log.warning("checkpoint directory %s is gone: making it again", self.directory)
                 self.directory.mkdir(parents=True, exist_ok=True)
-            self._lock = _WorkerLock.again(self.directory, self.worker)  # WorkerIdInUse
+            self._lock = _WorkerLock.take(self.directory, self.worker)  # WorkerIdInUse
         seq, self._next_seq = self._next_seq, self._next_seq + 1
         stem = f"{self.worker}-{seq:010d}"
         payload = dict(state)
